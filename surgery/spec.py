@@ -1,0 +1,578 @@
+"""Load a spec: YAML with line marks -> JSON Schema -> defaults -> frozen dataclasses.
+
+`load_spec` is the only place where raw dicts become typed objects; every later phase takes a
+`Spec`. Each `Spec` keeps its `Source`, so semantic checks against the real model
+(`build`) still report the file, line and key path of the value they reject.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from .errors import SpecError, close_matches, did_you_mean, format_path
+
+Mark = tuple  # (file, line, column)
+
+
+# --------------------------------------------------------------------------- YAML with marks
+class _Loader(yaml.SafeLoader):
+    """Safe YAML (no object construction) that also reads 1e-3 as a float, as users mean it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_error(exc: yaml.YAMLError, file: str) -> SpecError:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    return SpecError(
+        f"this is not valid YAML: {problem}",
+        file=file,
+        line=mark.line + 1 if mark else None,
+        column=mark.column + 1 if mark else None,
+        expected="a YAML mapping such as `model: {backbone: torchvision:resnet18}`",
+    )
+
+
+def parse_yaml(text: str, file: str) -> tuple[Any, dict[tuple, Mark]]:
+    """Parse YAML text into plain data plus a map from key path to (file, line, column)."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        marks: dict[tuple, Mark] = {}
+        data = _construct(loader, node, (), marks, file) if node is not None else None
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, file) from None
+    finally:
+        loader.dispose()
+    return data, marks
+
+
+def _construct(loader: _Loader, node: yaml.Node, path: tuple, marks: dict, file: str) -> Any:
+    marks.setdefault(path, (file, node.start_mark.line + 1, node.start_mark.column + 1))
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)  # resolves `<<: *anchor` merges
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)) or key is None:
+                raise SpecError("mapping keys must be plain names", path=path, found=repr(key),
+                                file=file, line=key_node.start_mark.line + 1, column=key_node.start_mark.column + 1)
+            key = str(key)
+            if key in out:
+                raise SpecError(f"the key {key!r} appears twice", path=path + (key,), file=file,
+                                line=key_node.start_mark.line + 1, column=key_node.start_mark.column + 1,
+                                expected="each key once per mapping")
+            # the key's own position is where a reader looks for a wrong key or value
+            marks[path + (key,)] = (file, key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            out[key] = _construct(loader, value_node, path + (key,), marks, file)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(loader, item, path + (i,), marks, file) for i, item in enumerate(node.value)]
+    value = loader.construct_object(node, deep=True)
+    if isinstance(value, (bytes, bytearray)) or type(value).__module__ == "datetime":
+        # YAML timestamps and binary have no place in a spec; treat them as the text written
+        return str(node.value)
+    return value
+
+
+# --------------------------------------------------------------------------- schema
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    """The JSON Schema (draft 2020-12) every spec is validated against."""
+    return json.loads(resources.files("surgery").joinpath("schema.json").read_text())
+
+
+@lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+
+    cls = jsonschema.Draft202012Validator
+    cls.check_schema(schema())
+    return cls(schema())
+
+
+def _subschema(path: Sequence) -> dict:
+    """The schema object that governs the value at `path` (following $ref, objects and arrays)."""
+    root = schema()
+    node = root
+
+    def deref(n: dict) -> dict:
+        while "$ref" in n:
+            n = root["$defs"][n["$ref"].split("/")[-1]]
+        return n
+
+    node = deref(node)
+    for part in path:
+        if isinstance(part, int):
+            items = node.get("items")
+            if items is None:
+                for alt in node.get("oneOf", []):
+                    alt = deref(alt)
+                    if "items" in alt:
+                        items = alt["items"]
+                        break
+            node = deref(items or {})
+        else:
+            props = node.get("properties")
+            if props is None:
+                for alt in node.get("oneOf", []):
+                    alt = deref(alt)
+                    if "properties" in alt:
+                        props = alt["properties"]
+                        break
+            node = deref((props or {}).get(part, {}))
+    return node
+
+
+def _describe(sub: dict) -> str:
+    """Words for what a schema node accepts."""
+    root = schema()
+    if "$ref" in sub:
+        sub = root["$defs"][sub["$ref"].split("/")[-1]]
+    if "enum" in sub:
+        return "one of " + ", ".join(json.dumps(v) for v in sub["enum"])
+    if "const" in sub:
+        return json.dumps(sub["const"])
+    if "oneOf" in sub:
+        return " or ".join(_describe(alt) for alt in sub["oneOf"])
+    kind = sub.get("type")
+    kinds = kind if isinstance(kind, list) else [kind] if kind else []
+    words = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",
+             "number": "a number", "boolean": "true or false", "null": "null"}
+    text = " or ".join(words.get(k, k) for k in kinds) or "a value"
+    limits = []
+    if "minimum" in sub:
+        limits.append(f">= {sub['minimum']}")
+    if "exclusiveMinimum" in sub:
+        limits.append(f"> {sub['exclusiveMinimum']}")
+    if "maximum" in sub:
+        limits.append(f"<= {sub['maximum']}")
+    if "exclusiveMaximum" in sub:
+        limits.append(f"< {sub['exclusiveMaximum']}")
+    if limits:
+        text += " " + " and ".join(limits)
+    if sub.get("description"):
+        text += f" ({sub['description']})"
+    return text
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _schema_error(err, source: "Source") -> SpecError:
+    """Turn the most relevant jsonschema error into a located, worded SpecError."""
+    path = tuple(err.absolute_path)
+    sub = _subschema(path)
+    if err.validator == "additionalProperties":
+        allowed = sorted(sub.get("properties", {}))
+        extra = [k for k in err.instance if k not in allowed]
+        key = extra[0]
+        hint = did_you_mean(key, allowed)
+        return source.error(path + (key,), f"unknown key {key!r}", found=repr(key),
+                            expected="one of " + ", ".join(allowed), hint=hint)
+    if err.validator == "required":
+        missing = re.findall(r"'([^']+)' is a required property", err.message)
+        key = missing[0] if missing else err.message
+        return source.error(path, f"the required key {key!r} is missing",
+                            expected=f"`{key}:` with " + _describe(_subschema(path + (key,))))
+    if err.validator in ("enum", "const") or (err.validator == "oneOf" and isinstance(err.instance, str)):
+        choices = sub.get("enum") or [a.get("const") for a in sub.get("oneOf", []) if "const" in a]
+        for alt in sub.get("oneOf", []):
+            choices = choices + list(alt.get("enum", []))
+        hint = did_you_mean(err.instance, [c for c in choices if isinstance(c, str)]) if isinstance(err.instance, str) else None
+        return source.error(path, "this value is not allowed here", found=_short(err.instance),
+                            expected=_describe(sub), hint=hint)
+    if err.validator == "pattern" and path and path[-1] == "backbone":
+        return source.error(path, "a backbone is named <source>:<name>", found=_short(err.instance),
+                            expected="torchvision:<name> or timm:<name>, e.g. torchvision:resnet18 or timm:efficientnet_b0",
+                            hint=did_you_mean(str(err.instance).split(":")[0], ["torchvision", "timm"]) if ":" in str(err.instance) else
+                            f"write torchvision:{err.instance} or timm:{err.instance}")
+    if err.validator == "propertyNames":
+        return source.error(path, "the keys of a learning-rate map are epochs", found=_short(err.instance),
+                            expected="a mapping like {0: 1.0e-4, 10: 1.0e-5}")
+    return source.error(path, err.message if err.validator not in ("type", "oneOf") else "this value has the wrong kind",
+                        found=_short(err.instance), expected=_describe(sub))
+
+
+def validate(data: Any, source: "Source") -> None:
+    """Check `data` against the schema; raise the first error, located."""
+    if not isinstance(data, dict):
+        raise source.error((), "a spec is a YAML mapping", found=_short(data),
+                           expected="a mapping with at least `model: {backbone: ...}`")
+    errors = list(_validator().iter_errors(data))
+    if not errors:
+        return
+    import jsonschema.exceptions
+
+    # deepest, then earliest in the file: the error a reader can act on first
+    best = jsonschema.exceptions.best_match(errors)
+    raise _schema_error(best, source)
+
+
+# --------------------------------------------------------------------------- defaults
+def fill_defaults(data: dict) -> dict:
+    """A deep copy of a valid spec with every default of the schema filled in."""
+    root = schema()
+
+    def deref(n: dict) -> dict:
+        while "$ref" in n:
+            n = root["$defs"][n["$ref"].split("/")[-1]]
+        return n
+
+    def walk(value: Any, node: dict) -> Any:
+        node = deref(node)
+        if isinstance(value, dict):
+            props = node.get("properties")
+            if props is None:
+                for alt in node.get("oneOf", []):
+                    if "properties" in deref(alt):
+                        props = deref(alt)["properties"]
+            if props:
+                for key, sub in props.items():
+                    if key not in value and "default" in sub:
+                        value[key] = copy.deepcopy(sub["default"])
+                for key in list(value):
+                    if key in props:
+                        value[key] = walk(value[key], props[key])
+        elif isinstance(value, list) and "items" in node:
+            return [walk(v, node["items"]) for v in value]
+        return value
+
+    return walk(copy.deepcopy(data), root)
+
+
+# --------------------------------------------------------------------------- source and overrides
+@dataclass(frozen=True)
+class Source:
+    """Where a spec came from: the file (or None) and the mark of every key path."""
+
+    file: str | None = None
+    marks: Mapping[tuple, Mark] = field(default_factory=dict)
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.file).resolve().parent if self.file and not self.file.startswith("<") else Path.cwd()
+
+    def locate(self, path: Sequence) -> Mark:
+        path = tuple(path)
+        while True:
+            if path in self.marks:
+                return self.marks[path]
+            if not path:
+                return (self.file, None, None)
+            path = path[:-1]
+
+    def error(self, path: Sequence, problem: str, **kw: Any) -> SpecError:
+        file, line, column = self.locate(path)
+        return SpecError(problem, path=path, file=file or self.file, line=line, column=column, **kw)
+
+
+def _split_override(text: str) -> tuple[tuple, str]:
+    if "=" not in text:
+        raise SpecError("an override is written key.path=value", path=(), file=f"--set {text}",
+                        found=repr(text), expected="e.g. --set train.epochs=3")
+    key, value = text.split("=", 1)
+    parts: list = []
+    for part in key.strip().split("."):
+        if not part:
+            raise SpecError("an override key has an empty part", file=f"--set {text}", found=repr(key),
+                            expected="dotted keys such as train.epochs or surgery.0.insert")
+        parts.append(int(part) if part.isdigit() else part)
+    return tuple(parts), value
+
+
+def apply_overrides(data: dict, marks: dict, overrides: Sequence[str]) -> None:
+    """Apply `key.path=value` overrides in place; values are YAML (so 3, 1e-4, [a, b] work)."""
+    for text in overrides:
+        path, raw = _split_override(text)
+        label = f"--set {text}"
+        value, _ = parse_yaml(raw, label)
+        target = data
+        for i, part in enumerate(path[:-1]):
+            if isinstance(target, list):
+                if not isinstance(part, int) or part >= len(target):
+                    raise SpecError("an override points into a list past its end", path=path[: i + 1], file=label,
+                                    found=repr(part), expected=f"an index below {len(target)}")
+                target = target[part]
+            else:
+                if not isinstance(target, dict):
+                    raise SpecError("an override goes below a value that is not a mapping", path=path[:i], file=label,
+                                    found=_short(target))
+                target = target.setdefault(str(part), {})
+        last = path[-1]
+        if isinstance(target, list):
+            if not isinstance(last, int) or last >= len(target):
+                raise SpecError("an override points into a list past its end", path=path, file=label,
+                                found=repr(last), expected=f"an index below {len(target)}")
+            target[last] = value
+        elif isinstance(target, dict):
+            target[str(last)] = value
+        else:
+            raise SpecError("an override goes below a value that is not a mapping", path=path[:-1], file=label,
+                            found=_short(target))
+        for key in [k for k in marks if k[: len(path)] == path]:
+            del marks[key]
+        marks[path] = (label, None, None)
+
+
+# --------------------------------------------------------------------------- typed spec
+@dataclass(frozen=True)
+class Selector:
+    """One pattern: a dotted glob, a named selector ('@inserted', '@head') or a module type."""
+
+    pattern: str | None
+    type: str | None
+    where: tuple  # key path in the spec
+
+    def __str__(self) -> str:
+        return self.pattern if self.pattern is not None else f"{{type: {self.type}}}"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    backbone: str
+    pretrained: bool | str
+    num_classes: int | None
+    args: Mapping[str, Any]
+    key_map: str | Mapping[str, str] | None
+    checkpoint_key: str | None
+
+    @property
+    def source(self) -> str:
+        return self.backbone.split(":", 1)[0]
+
+    @property
+    def arch(self) -> str:
+        return self.backbone.split(":", 1)[1]
+
+
+@dataclass(frozen=True)
+class InsertSpec:
+    insert: str
+    at: tuple[Selector, ...]
+    position: str
+    init: str
+    args: Mapping[str, Any]
+    index: int  # position in `surgery`, for errors
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    name: str
+    params: tuple[Selector, ...]
+    lr: tuple[tuple[int, float], ...]  # piecewise constant, sorted, starts at epoch 0
+    unfreeze_at: int | None  # None: never
+    weight_decay: float | None
+    decay_norm_and_bias: bool
+    norm: str
+    warmup_epochs: int
+    index: int
+
+    def base_lr(self, epoch: int) -> float:
+        value = self.lr[0][1]
+        for start, lr in self.lr:
+            if epoch >= start:
+                value = lr
+        return value
+
+    def trainable(self, epoch: int) -> bool:
+        return self.unfreeze_at is not None and epoch >= self.unfreeze_at
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A validated spec with every default filled in. `raw` is that same content as plain data."""
+
+    name: str
+    seed: int
+    model: ModelSpec
+    surgery: tuple[InsertSpec, ...]
+    groups: tuple[GroupSpec, ...]
+    train: Mapping[str, Any]
+    data: Mapping[str, Any]
+    raw: Mapping[str, Any]
+    source: Source
+    default_groups: bool  # True when the spec declared no groups
+
+    def error(self, path: Sequence, problem: str, **kw: Any) -> SpecError:
+        return self.source.error(path, problem, **kw)
+
+    def resolve_path(self, value: str) -> Path:
+        """A path written in the spec, relative to the spec's folder."""
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.source.folder / p
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(json.loads(json.dumps(self.raw)), sort_keys=False, allow_unicode=True)
+
+
+def _selectors(value: Any, where: tuple) -> tuple[Selector, ...]:
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for i, item in enumerate(items):
+        at = where + (i,) if isinstance(value, list) else where
+        if isinstance(item, dict):
+            out.append(Selector(None, item["type"], at))
+        else:
+            out.append(Selector(item, None, at))
+    return tuple(out)
+
+
+def _lr(value: Any, where: tuple, source: Source) -> tuple[tuple[int, float], ...]:
+    if isinstance(value, (int, float)):
+        return ((0, float(value)),)
+    steps = tuple(sorted((int(k), float(v)) for k, v in value.items()))
+    if steps[0][0] != 0:
+        raise source.error(where, "a learning-rate map must say what the lr is from epoch 0",
+                           found=_short(value), expected="a first key 0, e.g. {0: 1.0e-4, 10: 1.0e-5}")
+    return steps
+
+
+def _typed(data: dict, source: Source) -> Spec:
+    m = data["model"]
+    model = ModelSpec(m["backbone"], m["pretrained"], m["num_classes"], m["args"], m["key_map"], m["checkpoint_key"])
+    inserts = tuple(
+        InsertSpec(s["insert"], _selectors(s["at"], ("surgery", i, "at")), s["position"], s["init"], s["args"], i)
+        for i, s in enumerate(data["surgery"])
+    )
+    default_groups = "groups" not in data
+    raw_groups = data.get("groups") or [{"name": "all", "params": "*"}]
+    default_lr = data["train"]["optimizer"]["lr"]
+    groups = []
+    seen: dict[str, int] = {}
+    for i, g in enumerate(raw_groups):
+        g.setdefault("lr", default_lr)
+        for key, sub in schema()["$defs"]["group"]["properties"].items():
+            if key not in g and "default" in sub:
+                g[key] = copy.deepcopy(sub["default"])
+        if g["name"] in seen:
+            raise source.error(("groups", i, "name"), f"two groups are named {g['name']!r}",
+                               expected="a distinct name for each group", hint=f"the first is groups[{seen[g['name']]}]")
+        seen[g["name"]] = i
+        groups.append(GroupSpec(
+            name=g["name"],
+            params=_selectors(g["params"], ("groups", i, "params")),
+            lr=_lr(g["lr"], ("groups", i, "lr"), source),
+            unfreeze_at=None if g["unfreeze_at"] == "never" else int(g["unfreeze_at"]),
+            weight_decay=g["weight_decay"],
+            decay_norm_and_bias=g["decay_norm_and_bias"],
+            norm=g["norm"],
+            warmup_epochs=g["warmup_epochs"],
+            index=i,
+        ))
+    if default_groups:
+        data["groups"] = raw_groups
+    return Spec(
+        name=data["name"], seed=data["seed"], model=model, surgery=inserts, groups=tuple(groups),
+        train=data["train"], data=data["data"], raw=data, source=source, default_groups=default_groups,
+    )
+
+
+def _check_cross_fields(spec: Spec) -> None:
+    """Rules the schema cannot say: they relate one key to another."""
+    epochs = spec.train["epochs"]
+    for g in spec.groups:
+        where = ("groups", g.index)
+        if g.unfreeze_at is not None and g.unfreeze_at >= epochs:
+            raise spec.error(where + ("unfreeze_at",), f"group {g.name!r} would unfreeze after the last epoch",
+                             found=str(g.unfreeze_at), expected=f"an epoch below train.epochs ({epochs}), or 'never'")
+        for start, _ in g.lr:
+            if start >= epochs:
+                raise spec.error(where + ("lr",), f"the learning-rate map of {g.name!r} names an epoch past the end",
+                                 found=str(start), expected=f"epochs below train.epochs ({epochs})")
+    if all(g.unfreeze_at is None for g in spec.groups):
+        raise spec.error(("groups",), "no group ever trains: every group has unfreeze_at: never",
+                         expected="at least one group with an unfreeze epoch")
+    sched = spec.train["scheduler"]
+    for i, m in enumerate(sched["milestones"]):
+        if m >= epochs:
+            raise spec.error(("train", "scheduler", "milestones", i), "a milestone lies past the last epoch",
+                             found=str(m), expected=f"epochs below train.epochs ({epochs})")
+    if sched["warmup_epochs"] >= epochs and sched["name"] != "none":
+        raise spec.error(("train", "scheduler", "warmup_epochs"), "the warm-up is as long as the whole run",
+                         found=str(sched["warmup_epochs"]), expected=f"fewer than train.epochs ({epochs})")
+    if spec.model.key_map == "order" and not isinstance(spec.model.pretrained, str):
+        raise spec.error(("model", "key_map"), "key_map maps the keys of a weight file",
+                         found="pretrained: " + json.dumps(spec.model.pretrained),
+                         expected="model.pretrained set to a file path")
+
+
+# --------------------------------------------------------------------------- entry point
+def load_spec(spec: str | Path | Mapping, overrides: Sequence[str] = ()) -> Spec:
+    """Load, validate and type a spec.
+
+    Args:
+        spec: a path to a YAML file, or the spec as a dict (errors then carry key paths only).
+        overrides: ``key.path=value`` strings applied before validation (``--set``).
+
+    Returns:
+        The frozen `Spec`, every default filled in.
+
+    Raises:
+        SpecError: with file, line, column and key path, for anything a user can get wrong.
+
+    Example:
+        >>> spec = load_spec({"model": {"backbone": "torchvision:resnet18"}})
+        >>> spec.groups[0].name
+        'all'
+    """
+    if isinstance(spec, Mapping):
+        data, marks, file, name = copy.deepcopy(dict(spec)), {}, None, "run"
+    else:
+        path = Path(spec)
+        file = str(spec)
+        if not path.is_file():
+            hint = None
+            if path.parent.is_dir():
+                hint = did_you_mean(path.name, [p.name for p in path.parent.iterdir() if p.suffix in (".yaml", ".yml")])
+            raise SpecError("the spec file does not exist" if not path.exists() else "the spec path is not a file",
+                            file=file, found=str(path), expected="a YAML spec file", hint=hint)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SpecError(f"the spec file cannot be read: {exc}", file=file, expected="a readable UTF-8 text file") from None
+        data, marks = parse_yaml(text, file)
+        name = re.sub(r"[^A-Za-z0-9._+-]", "-", path.stem).lstrip(".-_+") or "run"
+    source = Source(file, marks)
+    if data is None:
+        raise source.error((), "the spec is empty", expected="a mapping with at least `model: {backbone: ...}`")
+    if overrides:
+        if not isinstance(data, dict):
+            validate(data, source)
+        apply_overrides(data, marks, overrides)
+    validate(data, source)
+    data = fill_defaults(data)
+    data.setdefault("name", name)
+    typed = _typed(data, source)
+    _check_cross_fields(typed)
+    return typed
+
+
+def backbone_names(source: str) -> list[str]:
+    """Every model name a source knows (for "did you mean" suggestions)."""
+    if source == "torchvision":
+        import torchvision
+
+        return list(torchvision.models.list_models())
+    import timm
+
+    return list(timm.list_models())
+
+
+__all__ = ["Spec", "ModelSpec", "InsertSpec", "GroupSpec", "Selector", "Source", "load_spec", "schema",
+           "parse_yaml", "fill_defaults", "validate", "backbone_names", "format_path", "close_matches"]

@@ -16,14 +16,14 @@ from .spec import Spec, load_spec, schema
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .build import Built, build
+    from .builder import Built, build
 
 
 def __getattr__(name: str) -> Any:
     if name in ("build", "Built"):
-        from . import build as _build
+        from . import builder as _builder
 
-        return getattr(_build, name)
+        return getattr(_builder, name)
     raise AttributeError(f"module 'surgery' has no attribute {name!r}")
 
 

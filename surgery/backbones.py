@@ -1,0 +1,233 @@
+"""Backbones from torchvision and timm, through the libraries' own builders and weight caches."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .errors import did_you_mean
+from .spec import Spec, backbone_names
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Backbone:
+    """A backbone at the spec's class count, before surgery, and what came with it.
+
+    model: random-initialised architecture (weights are loaded after surgery, by `weights.py`).
+    head: module paths of the classifier head(s) in `model`.
+    pretrained: the library's state_dict when `pretrained: true`, else None.
+    pretrained_from: words for where that state_dict came from (for the load report).
+    data_config: timm-style data config (input_size, mean, std, interpolation, crop_pct, crop_mode).
+    """
+
+    model: nn.Module
+    head: tuple[str, ...]
+    data_config: dict[str, Any]
+    pretrained: dict[str, torch.Tensor] | None = None
+    pretrained_from: str = ""
+    num_classes: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def _unknown_backbone(spec: Spec, source: str, arch: str) -> Exception:
+    names = backbone_names(source)
+    return spec.error(("model", "backbone"), f"{source} has no model named {arch!r}",
+                      found=f"{source}:{arch}",
+                      expected=f"a model name of {source} (`surgery inspect --list {source}` lists {len(names)})",
+                      hint=did_you_mean(arch, names))
+
+
+def _constructor_error(spec: Spec, exc: Exception) -> Exception:
+    return spec.error(("model", "args"), f"the backbone's constructor rejected its arguments: {exc}",
+                      found=repr(dict(spec.model.args)),
+                      expected=f"keyword arguments that {spec.model.backbone} accepts")
+
+
+def create_backbone(spec: Spec) -> Backbone:
+    """Build the architecture the spec names and fetch its pretrained weights when asked.
+
+    Args:
+        spec: the loaded spec; only `spec.model` is read.
+
+    Returns:
+        A `Backbone` whose `.model` has `spec.model.num_classes` outputs (the library default when null).
+
+    Raises:
+        SpecError: unknown model, rejected constructor arguments, or weights that cannot be had offline.
+    """
+    if spec.model.source == "torchvision":
+        return _torchvision(spec)
+    return _timm(spec)
+
+
+# --------------------------------------------------------------------------- torchvision
+def _torchvision_weights(spec: Spec, arch: str, tag: str | None):
+    from torchvision.models import get_model_weights
+
+    try:
+        enum = get_model_weights(arch)
+    except (ValueError, KeyError):
+        return None
+    if tag is None:
+        return enum.DEFAULT
+    try:
+        return enum[tag]
+    except KeyError:
+        members = [m.name for m in enum]
+        raise spec.error(("model", "backbone"), f"torchvision has no weights {tag!r} for {arch}", found=tag,
+                         expected="one of " + ", ".join(members), hint=did_you_mean(tag, members)) from None
+
+
+def _torchvision(spec: Spec) -> Backbone:
+    import torchvision
+
+    arch, _, tag = spec.model.arch.partition(".")
+    if arch not in torchvision.models.list_models():
+        raise _unknown_backbone(spec, "torchvision", arch)
+    weights = _torchvision_weights(spec, arch, tag or None)
+    kwargs = dict(spec.model.args)
+    if spec.model.num_classes is not None:
+        kwargs["num_classes"] = spec.model.num_classes
+    try:
+        model = torchvision.models.get_model(arch, weights=None, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise _constructor_error(spec, exc) from None
+    num_classes = spec.model.num_classes or 1000
+    head = _torchvision_head(model, num_classes)
+    config = _torchvision_data_config(weights)
+    backbone = Backbone(model, head, config, num_classes=num_classes)
+    if spec.model.pretrained is True:
+        if weights is None:
+            raise spec.error(("model", "pretrained"), f"torchvision publishes no weights for {arch}",
+                             found="true", expected="false, or a path to a weight file")
+        backbone.pretrained = _download_torchvision(spec, weights)
+        backbone.pretrained_from = f"torchvision {type(weights).__name__}.{weights.name} ({_hub_file(weights.url)})"
+    return backbone
+
+
+def _hub_file(url: str) -> str:
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
+def _download_torchvision(spec: Spec, weights) -> dict[str, torch.Tensor]:
+    path = _hub_file(weights.url)
+    try:
+        return weights.get_state_dict(progress=False, check_hash=False, weights_only=True)
+    except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
+        raise spec.error(
+            ("model", "pretrained"),
+            f"the weights {type(weights).__name__}.{weights.name} are not cached and cannot be downloaded ({exc.__class__.__name__}: {exc})",
+            found="pretrained: true",
+            expected=f"the file {path} (torch hub cache; TORCH_HOME moves it)",
+            hint=f"copy {os.path.basename(weights.url)} from a machine with a network into {os.path.dirname(path)}, "
+                 "or set model.pretrained to the path of a local weight file",
+        ) from None
+
+
+def _torchvision_head(model: nn.Module, num_classes: int) -> tuple[str, ...]:
+    # torchvision builders end with the classifier: the last Linear (or 1x1 Conv, squeezenet)
+    # producing num_classes outputs is the head, whatever the attribute is called.
+    last = None
+    for name, module in model.named_modules():
+        out = getattr(module, "out_features", None) if isinstance(module, nn.Linear) else \
+            getattr(module, "out_channels", None) if isinstance(module, nn.Conv2d) else None
+        if out == num_classes:
+            last = name
+    return (last,) if last else ()
+
+
+def _torchvision_data_config(weights) -> dict[str, Any]:
+    config = {"input_size": (3, 224, 224), "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+              "interpolation": "bilinear", "crop_pct": 0.875, "crop_mode": "center"}
+    if weights is None:
+        return config
+    try:
+        t = weights.transforms()
+    except TypeError:
+        return config
+    crop = int(t.crop_size[0]) if getattr(t, "crop_size", None) else 224
+    resize = int(t.resize_size[0]) if getattr(t, "resize_size", None) else crop
+    config.update(input_size=(3, crop, crop), mean=tuple(t.mean), std=tuple(t.std),
+                  interpolation=str(t.interpolation.value), crop_pct=crop / resize)
+    return config
+
+
+# --------------------------------------------------------------------------- timm
+def _timm(spec: Spec) -> Backbone:
+    import timm
+
+    name = spec.model.arch
+    arch = name.split(".", 1)[0]
+    if not timm.is_model(arch):
+        raise _unknown_backbone(spec, "timm", name)
+    if "." in name:
+        tags = timm.list_pretrained(arch + ".*")
+        if name not in tags:
+            raise spec.error(("model", "backbone"), f"timm has no pretrained tag {name!r}", found=name,
+                             expected="one of " + ", ".join(tags[:8]) + (" ..." if len(tags) > 8 else ""),
+                             hint=did_you_mean(name, tags))
+    pretrained = spec.model.pretrained is True
+    kwargs = dict(spec.model.args)
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as exc:
+        raise _constructor_error(spec, exc) from None
+    except (OSError, RuntimeError, ValueError) as exc:
+        if not pretrained:
+            raise _constructor_error(spec, exc) from None
+        raise _timm_offline(spec, name, exc) from None
+    backbone = Backbone(model, (), {}, num_classes=model.num_classes)
+    if pretrained:
+        # The library loaded (and, for converted checkpoints, filtered) its weights into `model`;
+        # its state_dict is the source the load report accounts for.
+        backbone.pretrained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        cfg = model.pretrained_cfg
+        where = cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("file") or "timm"
+        backbone.pretrained_from = f"timm {name} ({where})"
+    if spec.model.num_classes is not None and spec.model.num_classes != model.num_classes:
+        model.reset_classifier(spec.model.num_classes)
+        backbone.num_classes = spec.model.num_classes
+    backbone.head = _timm_head(model)
+    data_config = timm.data.resolve_model_data_config(model)
+    backbone.data_config = {k: data_config[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode") if k in data_config}
+    return backbone
+
+
+def _timm_offline(spec: Spec, name: str, exc: Exception) -> Exception:
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name) if hasattr(timm.models, "get_pretrained_cfg") else None
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg else None
+    hf_home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
+    where = (f"the Hugging Face cache {hf_home}/hub/models--{hub_id.replace('/', '--')} (hub id {hub_id})"
+             if hub_id else "timm's cache")
+    return spec.error(
+        ("model", "pretrained"),
+        f"timm could not load pretrained weights for {name} ({exc.__class__.__name__}: {str(exc)[:200]})",
+        found="pretrained: true",
+        expected=f"the weights in {where}",
+        hint="on a machine with a network run `python -c \"import timm; timm.create_model('" + name +
+             "', pretrained=True)\"` and copy the cache over, or set model.pretrained to a local weight file "
+             "(timm's model.safetensors / pytorch_model.bin work as they are)",
+    )
+
+
+def _timm_head(model: nn.Module) -> tuple[str, ...]:
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    modules = classifier if isinstance(classifier, (tuple, list)) else (classifier,)
+    ids = {id(m) for m in modules if isinstance(m, nn.Module) and any(True for _ in m.parameters())}
+    return tuple(name for name, m in model.named_modules() if id(m) in ids)
+
+
+def data_config_for(backbone: Backbone, image_size: int | None) -> Mapping[str, Any]:
+    """The backbone's data config at `image_size` (crop fraction kept)."""
+    config = dict(backbone.data_config)
+    if image_size:
+        config["input_size"] = (3, image_size, image_size)
+    return config

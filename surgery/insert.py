@@ -1,0 +1,332 @@
+"""Surgery: insert attention modules before or after modules of a backbone, renaming nothing.
+
+Match first, mutate later: `plan_surgery` resolves every target on the unmodified backbone,
+reads channel counts from a shape probe (a dry forward pass, never a neighbouring layer's
+attribute) and builds every module; only then does `apply_surgery` attach them.
+
+Where an inserted module goes, so that every original state_dict key survives:
+- target is a plain `nn.Sequential`: the module joins it, first (before) or last (after):
+  `layer1` -> `layer1.cbam_after`;
+- any other module: it becomes a child of the target, and the target's class is swapped for a
+  subclass whose forward runs the inserted modules around the original forward:
+  `features.4` (MaxPool2d) -> `features.4.cbam_after`. The subclass keeps the original's name,
+  type checks (`isinstance`) and parameters; it survives deepcopy, pickling, torch.compile and
+  torch.export.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect as _inspect
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .errors import did_you_mean
+from .paths import nearest, select_modules
+from .spec import InsertSpec, Spec
+
+
+# --------------------------------------------------------------------------- the attention registry
+@lru_cache(maxsize=1)
+def attention_names() -> tuple[str, ...]:
+    """Names timm's `create_attn` accepts, read off timm itself so new timm releases add theirs."""
+    module = importlib.import_module("timm.layers.create_attn")
+    source = _inspect.getsource(module.get_attn)
+    names = tuple(dict.fromkeys(re.findall(r"attn_type == '([a-z0-9_]+)'", source)))
+    return names or ("se", "ese", "eca", "ecam", "ceca", "ge", "gc", "gca", "cbam", "lcbam")
+
+
+def _user_class(spec: Spec, item: InsertSpec) -> type:
+    where = ("surgery", item.index, "insert")
+    module_name, _, class_name = item.insert.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise spec.error(where, f"cannot import {module_name!r}: {exc}", found=item.insert,
+                         expected="an importable 'package.module:Class'",
+                         hint="is the package installed, or its folder on PYTHONPATH?") from None
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        names = [n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, nn.Module)]
+        raise spec.error(where, f"{module_name} has no nn.Module class {class_name!r}", found=item.insert,
+                         expected="an nn.Module subclass constructed as Class(channels, **args)",
+                         hint=did_you_mean(class_name, names))
+    return cls
+
+
+def module_factory(spec: Spec, item: InsertSpec):
+    """A callable channels -> nn.Module for one surgery entry (timm registry name or user class)."""
+    if ":" in item.insert:
+        return _user_class(spec, item)
+    name = item.insert.lower()
+    if name not in attention_names():
+        raise spec.error(("surgery", item.index, "insert"), f"timm's attention registry has no {item.insert!r}",
+                         found=item.insert, expected="one of " + ", ".join(attention_names()) + ", or 'package.module:Class'",
+                         hint=did_you_mean(name, attention_names()))
+    from timm.layers import get_attn
+
+    return get_attn(name)
+
+
+# --------------------------------------------------------------------------- inserted modules
+class Inserted(nn.Module):
+    """An inserted module; with `init: identity`, a zero-initialised gate on a residual around it.
+
+    identity: out = x + gate * (attn(x) - x), gate = 0 at first, so the model computes exactly
+    what the backbone computed until training moves the gate.
+    default: out = attn(x), the module as published.
+    """
+
+    def __init__(self, attn: nn.Module, *, identity: bool, kind: str, target: str, position: str) -> None:
+        super().__init__()
+        self.attn = attn
+        self.gate = nn.Parameter(torch.zeros(1)) if identity else None
+        self.kind, self.target, self.position = kind, target, position
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.attn(x)
+        if self.gate is None:
+            return y
+        return x + self.gate.to(x.dtype) * (y - x)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind} {self.position} {self.target}" + (", identity gate" if self.gate is not None else "")
+
+
+class _WithInserts:
+    """Mixin placed in front of a module's own class: runs inserted children around its forward."""
+
+    _surgery_before: tuple[str, ...] = ()
+    _surgery_after: tuple[str, ...] = ()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._surgery_before:
+            x = args[0]
+            for name in self._surgery_before:
+                x = self._modules[name](x)
+            args = (x, *args[1:])
+        out = super().forward(*args, **kwargs)
+        for name in self._surgery_after:
+            out = self._modules[name](out)
+        return out
+
+    def _get_name(self) -> str:
+        return self._surgery_original.__name__
+
+
+def _class_key(cls: type) -> str:
+    return "WithInserts__" + cls.__module__.replace(".", "_dot_") + "__" + cls.__qualname__.replace(".", "_dot_")
+
+
+_SWAPPED: dict[type, type] = {}
+
+
+def with_inserts(cls: type) -> type:
+    """The cached subclass of `cls` that runs inserted modules; importable by name for pickling."""
+    if cls not in _SWAPPED:
+        key = _class_key(cls)
+        new = type(key, (_WithInserts, cls), {"_surgery_original": cls, "__module__": __name__, "__qualname__": key})
+        _SWAPPED[cls] = new
+    return _SWAPPED[cls]
+
+
+def __getattr__(name: str) -> type:  # lets pickle find a swapped class in a fresh process
+    if name.startswith("WithInserts__"):
+        module, _, qualname = name[len("WithInserts__"):].rpartition("__")
+        obj: Any = importlib.import_module(module.replace("_dot_", "."))
+        for part in qualname.replace("_dot_", ".").split("."):
+            obj = getattr(obj, part)
+        return with_inserts(obj)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _plain_sequential(module: nn.Module) -> bool:
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+# --------------------------------------------------------------------------- shape probe
+@dataclass(frozen=True)
+class Shapes:
+    inputs: tuple[int, ...] | None
+    output: tuple[int, ...] | None
+    calls: int
+
+
+def probe(model: nn.Module, input_size: Sequence[int]) -> dict[str, Shapes]:
+    """Run one dry forward pass (eval mode, no grad: running statistics stay untouched) and
+    record every module's input and output shape. Modules not called are absent."""
+    seen: dict[str, list] = {}
+
+    def shape_of(value: Any) -> tuple[int, ...] | None:
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            entry = seen.setdefault(name, [None, None, 0, set()])
+            entry[0] = shape_of(args[0]) if args else None
+            entry[1] = shape_of(output)
+            entry[2] += 1
+            entry[3].add((entry[0], entry[1]))
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()]
+    modes = {n: m.training for n, m in model.named_modules()}
+    try:
+        model.eval()
+        param = next(model.parameters(), None)
+        x = torch.zeros(1, *input_size, dtype=param.dtype if param is not None else torch.float32)
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for n, m in model.named_modules():
+            m.training = modes[n]
+    return {n: Shapes(e[0], e[1], e[2] if len(e[3]) == 1 else -e[2]) for n, e in seen.items()}
+
+
+# --------------------------------------------------------------------------- plan and apply
+@dataclass
+class Insertion:
+    """One module to insert: where, what, and the module itself (built, not yet attached)."""
+
+    target: str
+    name: str
+    kind: str
+    position: str
+    init: str
+    channels: int
+    index: int
+    module: Inserted
+    args: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def path(self) -> str:
+        return f"{self.target}.{self.name}"
+
+    def describe(self) -> dict[str, Any]:
+        return {"path": self.path, "target": self.target, "type": self.kind, "position": self.position,
+                "init": self.init, "channels": self.channels, "args": dict(self.args),
+                "params": sum(p.numel() for p in self.module.parameters())}
+
+
+def _slug(kind: str) -> str:
+    return re.sub(r"[^a-z0-9_]", "_", kind.split(":")[-1].lower())
+
+
+def plan_surgery(spec: Spec, model: nn.Module, shapes: Mapping[str, Shapes], head: Sequence[str] = ()) -> list[Insertion]:
+    """Resolve every surgery entry to concrete targets and build its modules; raise before any change."""
+    modules = dict(model.named_modules())
+    plan: list[Insertion] = []
+    taken: dict[str, set[str]] = {}
+    for item in spec.surgery:
+        factory = module_factory(spec, item)
+        kind = item.insert if ":" in item.insert else item.insert.lower()
+        targets: list[str] = []
+        for sel in item.at:
+            if sel.pattern in ("@inserted",):
+                raise spec.error(sel.where, "surgery targets are modules of the backbone", found=sel.pattern,
+                                 expected="a module path, a glob or {type: ClassName}")
+            if sel.pattern == "@head":
+                found = list(head)
+            else:
+                found = select_modules(modules, sel.pattern, sel.type)
+            if not found:
+                raise _matched_nothing(spec, sel, modules)
+            targets.extend(t for t in found if t not in targets)
+        for target in targets:
+            channels = _channels(spec, item, target, modules[target], shapes.get(target))
+            base = f"{_slug(kind)}_{item.position}"
+            used = taken.setdefault(target, set(modules[target]._modules))
+            name, n = base, 2
+            while name in used or hasattr(modules[target], name):
+                name, n = f"{base}_{n}", n + 1
+            used.add(name)
+            attn = _construct(spec, item, factory, channels, target)
+            module = Inserted(attn, identity=item.init == "identity", kind=kind, target=target, position=item.position)
+            plan.append(Insertion(target, name, kind, item.position, item.init, channels, item.index, module, item.args))
+    return plan
+
+
+def _matched_nothing(spec: Spec, sel, modules: Mapping[str, nn.Module]) -> Exception:
+    if sel.type is not None:
+        from .paths import type_names
+
+        types = sorted({type_names(m)[0] for m in modules.values()})
+        return spec.error(sel.where, f"the backbone has no module of type {sel.type!r}", found=sel.type,
+                          expected="a class name of the backbone's modules (see `surgery inspect`)",
+                          hint=did_you_mean(sel.type, types) or "types here: " + ", ".join(types[:12]))
+    close = nearest(sel.pattern, [p for p in modules if p])
+    return spec.error(sel.where, f"no module of {spec.model.backbone} matches {sel.pattern!r}", found=sel.pattern,
+                      expected="a module path or glob of the backbone (`surgery inspect " + spec.model.backbone + "` lists them)",
+                      hint=("did you mean " + " or ".join(repr(c) for c in close) + "?") if close else None)
+
+
+def _channels(spec: Spec, item: InsertSpec, target: str, module: nn.Module, shapes: Shapes | None) -> int:
+    where = ("surgery", item.index, "at")
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        raise spec.error(where, f"{target} is a {type(module).__name__}, which has no output of its own",
+                         found=target, expected="a module that is called in the forward pass",
+                         hint=f"insert at its elements instead, e.g. '{target}.*'")
+    if shapes is None:
+        raise spec.error(where, f"{target} is never called in the forward pass, so nothing inserted there would run",
+                         found=target, expected="a module on the forward path (`surgery inspect` shows output shapes)")
+    if shapes.calls < 0:
+        raise spec.error(where, f"{target} is called {-shapes.calls} times with different shapes; one inserted module cannot serve all",
+                         found=target, expected="a module called once per forward pass",
+                         hint="shared modules such as torchvision's reused ReLU are poor targets; pick the layer before")
+    shape = shapes.inputs if item.position == "before" else shapes.output
+    side = "input" if item.position == "before" else "output"
+    if shape is None or len(shape) != 4:
+        raise spec.error(where, f"the {side} of {target} is not a 4-D feature map, so attention cannot go {item.position} it",
+                         found=f"{target} {side} shape {list(shape) if shape else 'not a tensor'}",
+                         expected="a module whose " + side + " is (batch, channels, height, width)")
+    return int(shape[1])
+
+
+def _construct(spec: Spec, item: InsertSpec, factory, channels: int, target: str) -> nn.Module:
+    try:
+        module = factory(channels, **dict(item.args))
+    except TypeError as exc:
+        try:
+            signature = str(_inspect.signature(factory))
+        except (TypeError, ValueError):
+            signature = "(channels, ...)"
+        raise spec.error(("surgery", item.index, "args"), f"{item.insert} rejects these arguments: {exc}",
+                         found=repr(dict(item.args)), expected=f"arguments of {item.insert}{signature}") from None
+    except Exception as exc:  # noqa: BLE001 - a module that cannot be built for this width is a spec problem
+        raise spec.error(("surgery", item.index, "args"), f"{item.insert} cannot be built for {channels} channels at {target}: {exc}",
+                         found=repr(dict(item.args)), expected="arguments that fit this width") from None
+    if not isinstance(module, nn.Module):
+        raise spec.error(("surgery", item.index, "insert"), f"{item.insert} did not build an nn.Module", found=type(module).__name__,
+                         expected="an nn.Module")
+    return module
+
+
+def apply_surgery(model: nn.Module, plan: Sequence[Insertion]) -> None:
+    """Attach the planned modules. Adds keys, renames none (checked by the caller)."""
+    for ins in plan:
+        target = model.get_submodule(ins.target)
+        if _plain_sequential(target):
+            items = list(target._modules.items())
+            items = [(ins.name, ins.module)] + items if ins.position == "before" else items + [(ins.name, ins.module)]
+            target._modules.clear()
+            target._modules.update(items)
+            continue
+        if not isinstance(target, _WithInserts):
+            target.__class__ = with_inserts(type(target))
+        target.add_module(ins.name, ins.module)
+        if ins.position == "before":
+            target._surgery_before = (*target._surgery_before, ins.name)
+        else:
+            target._surgery_after = (*target._surgery_after, ins.name)
+
+
+def inserted_paths(model: nn.Module) -> list[str]:
+    """Paths of every inserted module in a surgered model, in model order."""
+    return [n for n, m in model.named_modules() if isinstance(m, Inserted)]
+

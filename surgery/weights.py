@@ -1,0 +1,226 @@
+"""Weight files in, load report out: every pretrained tensor is accounted for, none dropped silently."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .spec import Spec
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
+_NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
+
+
+@dataclass
+class LoadReport:
+    """What happened to every tensor: loaded as is, re-initialised (and why), new, or unused.
+
+    `loaded`, `new` and `unused` are key lists; `reinitialised` maps a key to its reason;
+    `mapped` maps a model key to the file key it was loaded from where they differ;
+    `imports` lists user classes the surgery imported ("package.module:Class").
+    """
+
+    source: str = "random initialisation"
+    loaded: list[str] = field(default_factory=list)
+    reinitialised: dict[str, str] = field(default_factory=dict)
+    new: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+    mapped: dict[str, str] = field(default_factory=dict)
+    defaulted: list[str] = field(default_factory=list)
+    imports: list[str] = field(default_factory=list)
+    inserted_modules: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["counts"] = {"loaded": len(self.loaded), "reinitialised": len(self.reinitialised),
+                         "new": len(self.new), "unused": len(self.unused), "mapped": len(self.mapped),
+                         "defaulted": len(self.defaulted)}
+        return out
+
+
+def _strip_wrappers(state: Mapping[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in state.items():
+        for prefix in _WRAPPER_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def read_weight_file(spec: Spec, path: Path) -> dict[str, torch.Tensor]:
+    """Read a .pth/.pt/.bin/.ckpt (torch.load with weights_only=True) or .safetensors file.
+
+    Accepts a bare state_dict or a checkpoint holding one (`model.checkpoint_key`, else
+    'state_dict', 'model', ...); strips `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes.
+    """
+    where = ("model", "pretrained")
+    if not path.is_file():
+        raise spec.error(where, "the weight file does not exist" if not path.exists() else "the weight path is not a file",
+                         found=str(path), expected="a .pth, .pt, .bin or .safetensors file (relative paths start at the spec's folder)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            raw: Any = load_file(str(path), device="cpu")
+        else:
+            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to parse is the same user-facing problem
+        hint = None
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            hint = "the file pickles Python objects besides tensors; re-save just the state_dict: torch.save(model.state_dict(), path)"
+        raise spec.error(where, f"the weight file cannot be read: {exc.__class__.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                         found=str(path), expected="an intact PyTorch or safetensors weight file", hint=hint) from None
+    state = _find_state_dict(spec, raw, path)
+    return _strip_wrappers(state)
+
+
+def _find_state_dict(spec: Spec, raw: Any, path: Path) -> Mapping[str, torch.Tensor]:
+    key = spec.model.checkpoint_key
+    if key is not None:
+        if not isinstance(raw, Mapping) or key not in raw:
+            keys = list(raw)[:10] if isinstance(raw, Mapping) else []
+            raise spec.error(("model", "checkpoint_key"), f"the checkpoint has no entry {key!r}", found=key,
+                             expected="one of " + ", ".join(map(str, keys)) if keys else "a checkpoint mapping")
+        raw = raw[key]
+    elif isinstance(raw, Mapping) and not any(isinstance(v, torch.Tensor) for v in raw.values()):
+        for candidate in _NESTED_KEYS:
+            if isinstance(raw.get(candidate), Mapping):
+                raw = raw[candidate]
+                break
+    if not isinstance(raw, Mapping) or not raw:
+        raise spec.error(("model", "pretrained"), "the weight file holds no state_dict", found=str(path),
+                         expected="a mapping of parameter names to tensors (or a checkpoint with 'state_dict' / 'model')",
+                         hint="name the entry that holds it with model.checkpoint_key")
+    tensors = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise spec.error(("model", "pretrained"), "the weight file holds no tensors", found=str(path),
+                         expected="a state_dict", hint="name the entry that holds it with model.checkpoint_key")
+    return tensors
+
+
+def map_keys(spec: Spec, state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
+             skip: Iterable[str], head: Iterable[str] = ()) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Rename the keys of a file from another codebase: `model.key_map` is 'order' or {regex: replacement}.
+
+    Returns the renamed state and {model key: file key} for every key that changed.
+    """
+    key_map = spec.model.key_map
+    if not key_map:
+        return dict(state), {}
+    where = ("model", "key_map")
+    if key_map == "order":
+        skip, head = set(skip), set(head)
+        src = [k for k in state if not k.endswith("num_batches_tracked")]
+        dst = [k for k in target if k not in skip and not k.endswith("num_batches_tracked")]
+        if len(src) != len(dst):
+            raise spec.error(where, f"key_map: order needs as many tensors in the file as in the model; "
+                             f"the file has {len(src)}, the model {len(dst)}", found="order",
+                             expected="a file of the same architecture from another codebase",
+                             hint="map names with {regex: replacement} rules instead")
+        for i, (s, d) in enumerate(zip(src, dst)):
+            if tuple(state[s].shape) != tuple(target[d].shape) and d not in head:
+                raise spec.error(where, f"key_map: order pairs tensor #{i} of the file, {s} {list(state[s].shape)}, "
+                                 f"with {d} {list(target[d].shape)}: the shapes differ", found="order",
+                                 expected="tensors that correspond one to one, in order, with equal shapes")
+        return {d: state[s] for s, d in zip(src, dst)}, {d: s for s, d in zip(src, dst) if s != d}
+    out: dict[str, torch.Tensor] = {}
+    mapped: dict[str, str] = {}
+    rules = []
+    for pattern, repl in key_map.items():
+        try:
+            rules.append((re.compile(pattern), repl))
+        except re.error as exc:
+            raise spec.error(where + (pattern,), f"not a valid regular expression: {exc}", found=repr(pattern),
+                             expected="a Python regular expression") from None
+    for key, value in state.items():
+        new = key
+        for rx, repl in rules:
+            try:
+                new = rx.sub(repl, new)
+            except (re.error, IndexError) as exc:
+                raise spec.error(where + (rx.pattern,), f"the replacement cannot be applied: {exc}", found=repr(repl),
+                                 expected="a replacement using only groups the pattern has") from None
+        if not new:  # mapped to nothing: the user drops the key on purpose
+            continue
+        if new in out:
+            raise spec.error(where, f"key_map sends two file keys to {new!r}", found=f"{mapped.get(new, new)} and {key}",
+                             expected="rules that keep keys distinct")
+        out[new] = value
+        if new != key:
+            mapped[new] = key
+    return out, mapped
+
+
+def load_weights(spec: Spec, model: nn.Module, state: Mapping[str, torch.Tensor] | None, source: str, *,
+                 head: Iterable[str], inserted: Iterable[str], report: LoadReport) -> LoadReport:
+    """Load `state` into the surgered `model`, key by key, and account for every tensor in `report`.
+
+    Rules: a backbone key must be in the file with its shape (else SpecError: a file of another
+    architecture is never half-loaded); head keys whose shape differs are re-initialised
+    (num_classes changed); keys of inserted modules load when present, else they are new;
+    file keys nothing used make an error (drop them on purpose with key_map {pattern: ""}).
+    """
+    target = model.state_dict()
+    head = tuple(head)
+    inserted = tuple(inserted)
+
+    def under(key: str, prefixes: tuple[str, ...]) -> bool:
+        return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+    if state is None:
+        report.new = [k for k in target if under(k, inserted)]
+        return report
+    report.source = source
+    state, report.mapped = map_keys(spec, state, target, skip=[k for k in target if under(k, inserted)],
+                                    head=[k for k in target if under(k, head)])
+    updates: dict[str, torch.Tensor] = {}
+    missing, mismatched = [], []
+    used = set()
+    for key, tensor in target.items():
+        incoming = state.get(key)
+        fits = incoming is not None and tuple(incoming.shape) == tuple(tensor.shape)
+        if fits:
+            updates[key] = incoming
+            used.add(key)
+            report.loaded.append(key)
+        elif under(key, inserted):
+            report.new.append(key)
+        elif under(key, head):
+            used.add(key) if incoming is not None else None
+            report.reinitialised[key] = (f"head: shape {list(tensor.shape)} here, {list(incoming.shape)} in the weights"
+                                         if incoming is not None else "head: not in the weights")
+        elif key.endswith("num_batches_tracked"):
+            report.defaulted.append(key)
+        elif incoming is None:
+            missing.append(key)
+        else:
+            used.add(key)
+            mismatched.append(f"{key}: {list(incoming.shape)} in the file, {list(tensor.shape)} in the model")
+    report.unused = [k for k in state if k not in used]
+    if missing or mismatched:
+        lines = mismatched[:5] + [f"{k}: not in the file" for k in missing[:5]]
+        more = len(missing) + len(mismatched) - len(lines)
+        raise spec.error(
+            ("model", "pretrained"),
+            f"the weights do not fit {spec.model.backbone}: {len(mismatched)} tensors have another shape and "
+            f"{len(missing)} are missing",
+            found=source + "\n            " + "\n            ".join(lines) + (f"\n            ... and {more} more" if more > 0 else ""),
+            expected=f"a state_dict of {spec.model.backbone}",
+            hint="is this a checkpoint of another architecture? For a file from another codebase set "
+                 "model.key_map ('order' or {regex: replacement})",
+        )
+    if report.unused:
+        shown = ", ".join(report.unused[:6]) + (f" ... ({len(report.unused)} in all)" if len(report.unused) > 6 else "")
+        raise spec.error(("model", "pretrained"), f"{len(report.unused)} tensors of the weights fit nothing in the model",
+                         found=shown, expected=f"a state_dict of {spec.model.backbone}",
+                         hint="rename them with model.key_map {regex: replacement}, or drop them on purpose by mapping them to ''")
+    # load_state_dict(strict=True) with every key present: nothing can be skipped silently
+    full = dict(target)
+    full.update(updates)
+    model.load_state_dict(full, strict=True)
+    return report

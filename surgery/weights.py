@@ -19,7 +19,7 @@ _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
 class LoadReport:
     """What happened to every tensor: loaded as is, re-initialised (and why), new, or unused.
 
-    `loaded`, `new` and `unused` are key lists; `reinitialised` maps a key to its reason;
+    `loaded`, `new` (inserted), `random` (no weights asked for) and `unused` (in the file, fit nothing) are key lists; `reinitialised` maps a key to its reason;
     `mapped` maps a model key to the file key it was loaded from where they differ;
     `imports` lists user classes the surgery imported ("package.module:Class").
     """
@@ -28,6 +28,7 @@ class LoadReport:
     loaded: list[str] = field(default_factory=list)
     reinitialised: dict[str, str] = field(default_factory=dict)
     new: list[str] = field(default_factory=list)
+    random: list[str] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)
     mapped: dict[str, str] = field(default_factory=dict)
     defaulted: list[str] = field(default_factory=list)
@@ -37,7 +38,7 @@ class LoadReport:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["counts"] = {"loaded": len(self.loaded), "reinitialised": len(self.reinitialised),
-                         "new": len(self.new), "unused": len(self.unused), "mapped": len(self.mapped),
+                         "new": len(self.new), "random": len(self.random), "unused": len(self.unused), "mapped": len(self.mapped),
                          "defaulted": len(self.defaulted)}
         return out
 
@@ -174,6 +175,7 @@ def load_weights(spec: Spec, model: nn.Module, state: Mapping[str, torch.Tensor]
 
     if state is None:
         report.new = [k for k in target if under(k, inserted)]
+        report.random = [k for k in target if not under(k, inserted)]
         return report
     report.source = source
     state, report.mapped = map_keys(spec, state, target, skip=[k for k in target if under(k, inserted)],

@@ -1,0 +1,203 @@
+"""The `surgery` command: inspect, validate, schema, run, predict, export.
+
+torch is imported only by the commands that need it, so `surgery --help` and `surgery schema`
+answer at once. A mistake in a spec prints a few located lines and exits with code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from .errors import SpecError
+
+EXIT_SPEC_ERROR = 2
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+
+
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec value, e.g. --set train.epochs=3 (validated like the file)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="surgery",
+        description="Declarative model surgery for pretrained PyTorch image models: insert attention "
+                    "modules, keep every pretrained weight, fine-tune with staged parameter groups.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"surgery {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("inspect", help="show a backbone's or a spec's module tree, groups, load report and schedule")
+    p.add_argument("target", nargs="?", help="a spec file, or a backbone id such as timm:resnet50")
+    p.add_argument("--depth", type=int, default=None, help="fold the tree below this depth")
+    p.add_argument("--json", action="store_true", help="print one JSON record per module instead")
+    p.add_argument("--schedule", action="store_true", help="print the epoch x group table of lr and frozen/trainable")
+    p.add_argument("--input-size", type=int, default=None, metavar="PX", help="probe input size (default: the spec's data.image_size, or the backbone's)")
+    p.add_argument("--list", metavar="SOURCE", choices=["timm", "torchvision"], help="list the backbone names of timm or torchvision (TARGET filters, e.g. 'resnet*')")
+    _add_set(p)
+
+    p = sub.add_parser("validate", help="check specs against the schema and the real model; exit 0 or 2")
+    p.add_argument("specs", nargs="+")
+    _add_set(p)
+
+    sub.add_parser("schema", help="print the spec's JSON Schema (for editors)")
+
+    p = sub.add_parser("run", help="train one or more specs, one after another")
+    p.add_argument("specs", nargs="+")
+    p.add_argument("--out", default=None, help="run directory (default runs/<name>; with several specs, a parent folder)")
+    p.add_argument("--device", default=None, help="override train.device (cpu, cuda, cuda:1, mps)")
+    p.add_argument("--resume", action="store_true", help="continue from checkpoints/last.pt in the run directory")
+    _add_set(p)
+
+    p = sub.add_parser("predict", help="classify images with a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("paths", nargs="+", help="image files or folders")
+    p.add_argument("--topk", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print JSON lines")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("export", help="export a trained run as a deployable model")
+    p.add_argument("run_dir")
+    p.add_argument("--format", choices=["pt2", "onnx", "torchscript"], default="pt2")
+    p.add_argument("--out", default=None)
+    return parser
+
+
+# --------------------------------------------------------------------------- commands
+def _spec_for_target(target: str, overrides: Sequence[str], input_size: int | None):
+    from pathlib import Path
+
+    from .spec import load_spec
+
+    if Path(target).suffix in (".yaml", ".yml") or Path(target).is_file():
+        spec = load_spec(target, overrides)
+        if input_size:
+            spec = load_spec(target, [*overrides, f"data.image_size={input_size}"])
+        return spec, True
+    if ":" not in target:
+        raise SpecError("the target is neither a spec file nor a backbone id", file=target, found=repr(target),
+                        expected="a .yaml spec, or <source>:<name> such as torchvision:resnet18 or timm:resnet50")
+    data = {"model": {"backbone": target, "pretrained": False}}
+    spec = load_spec(data, overrides)
+    if input_size is None:
+        from .backbones import create_backbone
+
+        size = create_backbone(spec).data_config.get("input_size", (3, 224, 224))[-1]
+    else:
+        size = input_size
+    return load_spec({**data, "data": {"image_size": int(size)}}, overrides), False
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    console = _console()
+    if args.list:
+        from fnmatch import fnmatch
+
+        from .spec import backbone_names
+
+        names = [n for n in backbone_names(args.list) if not args.target or fnmatch(n, args.target)]
+        console.print("\n".join(f"{args.list}:{n}" for n in names))
+        return 0
+    if not args.target:
+        raise SpecError("inspect needs a TARGET", found="nothing", expected="a spec file or a backbone id such as timm:resnet50")
+    spec, is_spec = _spec_for_target(args.target, args.overrides, args.input_size)
+    from .builder import build
+    from .inspect import groups_table, module_records, module_tree, report_table, schedule_rich
+
+    built = build(spec)
+    if args.json:
+        sys.stdout.write(json.dumps(module_records(built), indent=1) + "\n")
+        return 0
+    if args.schedule:
+        from .schedule import schedule_table
+
+        note = "plateau: lr drops by a factor when val loss stalls" if spec.train["scheduler"]["name"] == "plateau" else ""
+        console.print(schedule_rich(schedule_table(spec), [g.name for g in spec.groups], note))
+        return 0
+    console.print(module_tree(built, depth=args.depth))
+    if is_spec:
+        console.print(report_table(built.report))
+        console.print(groups_table(built, 0))
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from .builder import build
+    from .spec import load_spec
+
+    console = _console()
+    failed = 0
+    for path in args.specs:
+        try:
+            built = build(load_spec(path, args.overrides))
+        except SpecError as err:
+            failed += 1
+            _print_error(err)
+            continue
+        console.print(f"[green]ok[/green] {path}: {built.spec.model.backbone}, {len(built.inserted)} modules inserted, "
+                      f"{len(built.groups)} groups, {len(built.report.loaded)} pretrained tensors loaded")
+    return EXIT_SPEC_ERROR if failed else 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .spec import schema
+
+    sys.stdout.write(json.dumps(schema(), indent=2) + "\n")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .train import run_specs
+
+    return run_specs(args.specs, out=args.out, overrides=args.overrides, device=args.device, resume=args.resume)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict_command
+
+    return predict_command(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_command
+
+    return export_command(args)
+
+
+COMMANDS = {"inspect": cmd_inspect, "validate": cmd_validate, "schema": cmd_schema, "run": cmd_run,
+            "predict": cmd_predict, "export": cmd_export}
+
+
+def _print_error(err: SpecError) -> None:
+    from rich.markup import escape
+
+    _console(stderr=True).print(f"[bold red]error[/bold red] {escape(str(err))}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    try:
+        return COMMANDS[args.command](args)
+    except SpecError as err:
+        _print_error(err)
+        return EXIT_SPEC_ERROR
+    except KeyboardInterrupt:
+        _console(stderr=True).print("[yellow]interrupted[/yellow]")
+        return 130
+
+

@@ -1,0 +1,862 @@
+"""Datasets, transforms and loaders for the `data` section of a spec.
+
+Every dataset becomes a *source* (images loaded one at a time, integer targets, class
+names) and index arrays into it. The train/val split, `data.classes` and `data.subset` only
+ever shrink those index arrays, so nothing is decoded until a batch asks for it.
+
+Transforms end in uint8 tensors: normalisation runs on the device (`normalize`), so the
+host-to-device copy is a quarter of the float size.
+
+Randomness: an item is requested as ``(epoch, index)`` and its random transform runs with
+Python, numpy and torch RNGs seeded from a hash of (seed, epoch, index). Data order comes from
+a `DistributedSampler` seeded with (seed, epoch). So epoch E sees the same batches whatever
+ran before it in the process, however many workers load it, and on every DDP rank layout
+that splits the same order: a run resumed at epoch 5 matches an uninterrupted one.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import inspect
+import logging
+import math
+import random
+import struct
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from .errors import SpecError, did_you_mean
+from .spec import Spec
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FAKE_SIZES = {"train": 256, "val": 64}
+# ImageNet's 0.08 lower bound assumes large photos and long schedules; fine-tuning sets are
+# small, runs are short and images often tiny (8% of an 8x8 digit is two pixels).
+STANDARD_SCALE = (0.25, 1.0)
+_VAL_DIRS = ("val", "validation", "valid", "test")
+# classification datasets of torchvision known to load through `_torchvision` (others may too)
+_TORCHVISION_SHOWN = ("cifar10", "cifar100", "mnist", "fashionmnist", "kmnist", "qmnist", "svhn", "stl10",
+                      "usps", "semeion", "flowers102", "food101", "dtd", "oxfordiiitpet", "stanfordcars",
+                      "fgvcaircraft", "gtsrb", "country211", "eurosat", "pcam", "caltech101", "sun397",
+                      "imagenette", "fer2013", "imagenet")
+_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+# --------------------------------------------------------------------------- public types
+@dataclass
+class DataBundle:
+    """Train and val datasets for a spec, ready for `make_loader`.
+
+    Items of `train` and `val` are ``(uint8 tensor 3xHxW, int label in 0..K-1)``; they may be
+    indexed by ``index`` or by ``(epoch, index)`` (the key `make_loader` uses).
+    """
+
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    deterministic_train: bool
+    describe: str
+
+
+class EpochLoader:
+    """Batches of one epoch at a time; the content of epoch E depends only on (seed, E).
+
+    Use one epoch's iterator at a time: with worker processes, starting the next epoch ends
+    the previous iterator.
+    """
+
+    def __init__(self, loader: DataLoader, batches: _EpochBatches) -> None:
+        self._loader = loader
+        self._batches = batches
+
+    @property
+    def dataset(self) -> Dataset:
+        return self._loader.dataset
+
+    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches ``(uint8 images NCHW, int64 labels)`` of `epoch` for this rank."""
+        self._batches.epoch = int(epoch)
+        # the batch list is fixed here, when DataLoader asks the batch sampler for it
+        return iter(self._loader)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+
+# --------------------------------------------------------------------------- sources
+class _Source:
+    """A dataset before transforms: `load(i)` gives a PIL image, `targets[i]` its class."""
+
+    classes: list[str]
+    targets: np.ndarray
+
+    def load(self, i: int) -> Image.Image:
+        raise NotImplementedError
+
+    def label(self, i: int) -> str:
+        return f"item {i}"
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+class _ArraySource(_Source):
+    """Images held in one uint8 array (N, H, W) or (N, H, W, C)."""
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray, classes: list[str]) -> None:
+        self.images = images
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.classes = classes
+
+    def load(self, i: int) -> Image.Image:
+        return Image.fromarray(np.ascontiguousarray(self.images[i]))
+
+
+class _DatasetSource(_Source):
+    """A torchvision dataset used without transforms: items are (PIL image, int)."""
+
+    def __init__(self, dataset: Any, targets: np.ndarray, classes: list[str]) -> None:
+        self.dataset = dataset
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.classes = classes
+
+    def load(self, i: int) -> Image.Image:
+        image = self.dataset[i][0]
+        if isinstance(image, Tensor):
+            from torchvision.transforms.functional import to_pil_image
+
+            image = to_pil_image(image)
+        return image
+
+
+class _FileSource(_Source):
+    """Image files with class indices (the listing of an ImageFolder)."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], classes: list[str]) -> None:
+        self.paths = [p for p, _ in samples]
+        self.targets = np.asarray([t for _, t in samples], dtype=np.int64)
+        self.classes = classes
+
+    def load(self, i: int) -> Image.Image:
+        with open(self.paths[i], "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")
+
+    def label(self, i: int) -> str:
+        return self.paths[i]
+
+
+@dataclass
+class _Pool:
+    source: _Source
+    indices: np.ndarray  # positions in `source`
+
+
+# --------------------------------------------------------------------------- the dataset
+def _item_seed(seed: int, epoch: int, index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+class _Split(Dataset):
+    """Transformed items of a source, by position in `indices`, labels relabelled."""
+
+    accepts_epoch = True  # items may be keyed (epoch, index); see make_loader
+
+    def __init__(self, pool: _Pool, label_map: np.ndarray, transform: Callable, seed: int, random_: bool) -> None:
+        self.source = pool.source
+        self.indices = pool.indices
+        self.label_map = label_map
+        self.transform = transform
+        self.seed = seed
+        self.random = random_
+        self.unreadable = 0  # per process; the build-time scan reports the files known up front
+        self._warned: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        index %= len(self)
+        image, position = self._load(index)
+        label = int(self.label_map[self.source.targets[self.indices[position]]])
+        if not self.random:
+            return self.transform(image), label
+        # seed from the key alone, and restore the process RNGs afterwards: in the main process
+        # (num_workers=0) the model's own dropout etc. must not feel the data pipeline
+        py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            s = _item_seed(self.seed, epoch, index)
+            random.seed(s)
+            np.random.seed(s % 2**32)
+            torch.default_generator.manual_seed(s)
+            return self.transform(image), label
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            torch.set_rng_state(torch_state)
+
+    def _load(self, index: int) -> tuple[Image.Image, int]:
+        # an unreadable file must not end a run: use the next readable item instead
+        for step in range(len(self)):
+            position = (index + step) % len(self)
+            i = int(self.indices[position])
+            try:
+                return self.source.load(i), position
+            except _UNREADABLE as exc:
+                if position not in self._warned:
+                    self._warned.add(position)
+                    self.unreadable += 1
+                    log.warning("skipping unreadable image %s (%s); %d so far in this process",
+                                self.source.label(i), exc, self.unreadable)
+        raise RuntimeError("no image of this dataset can be read")
+
+
+class _IgnoreEpoch(Dataset):
+    """Lets make_loader take any map-style dataset: drops the epoch from the key."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        return self.dataset[key[1]]
+
+
+# --------------------------------------------------------------------------- transforms
+def _interpolation(data_config: Mapping) -> str:
+    mode = data_config.get("interpolation") or "bilinear"
+    return "bilinear" if mode == "random" else mode
+
+
+class _EvalGeometry:
+    """PIL image -> RGB PIL image of image_size x image_size, the way inference sees it.
+
+    Images no larger than the input (8x8 digits, 28px MNIST, 32px CIFAR) are resized whole:
+    for them crop_pct, an ImageNet convention for large photos with a centred object, would
+    only cut off real content. Larger images follow the config: resize to image_size/crop_pct
+    and crop (crop_mode center, squash or border, as timm does).
+    """
+
+    def __init__(self, data_config: Mapping, image_size: int) -> None:
+        from timm.data.transforms import MaybePILToTensor, str_to_pil_interp
+        from timm.data.transforms_factory import transforms_imagenet_eval
+
+        self.size = image_size
+        self.resample = str_to_pil_interp(_interpolation(data_config))
+        timm_eval = transforms_imagenet_eval(
+            image_size,
+            crop_pct=data_config.get("crop_pct"),
+            crop_mode=data_config.get("crop_mode"),
+            interpolation=_interpolation(data_config),
+            mean=tuple(data_config.get("mean", (0.485, 0.456, 0.406))),
+            std=tuple(data_config.get("std", (0.229, 0.224, 0.225))),
+            use_prefetcher=True,  # stops at a uint8 tensor, which we add ourselves
+        )
+        self.large = [t for t in timm_eval.transforms if not isinstance(t, MaybePILToTensor)]
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        image = image.convert("RGB")
+        if min(image.size) <= self.size:
+            return image.resize((self.size, self.size), self.resample)
+        for step in self.large:
+            image = step(image)
+        return image
+
+
+class _Compose:
+    """A picklable chain of PIL steps ending in a uint8 CHW tensor."""
+
+    def __init__(self, steps: Sequence[Callable]) -> None:
+        self.steps = list(steps)
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        from torchvision.transforms.functional import pil_to_tensor
+
+        for step in self.steps:
+            image = step(image)
+        return pil_to_tensor(image)
+
+    def __repr__(self) -> str:
+        return "Compose(" + ", ".join(repr(s) for s in self.steps) + ")"
+
+
+class _ToRGB:
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image.convert("RGB")
+
+
+def eval_transform(data_config: Mapping, image_size: int) -> Callable[[Image.Image], Tensor]:
+    """The deterministic transform for validation and prediction.
+
+    Args:
+        data_config: a timm-style data config (`interpolation`, `crop_pct`, `crop_mode`, ...).
+        image_size: the side of the square model input.
+
+    Returns:
+        A callable PIL image -> uint8 tensor 3 x image_size x image_size. Gray and RGBA
+        images become RGB. Images no larger than `image_size` are resized whole; larger ones
+        are resized to ``image_size / crop_pct`` and cropped per `crop_mode`.
+
+    Example:
+        >>> t = eval_transform({"crop_pct": 0.875, "interpolation": "bilinear"}, 32)
+        >>> t(Image.new("L", (100, 80))).shape
+        torch.Size([3, 32, 32])
+    """
+    return _Compose([_EvalGeometry(data_config, image_size)])
+
+
+def _train_transform(spec: Spec, data_config: Mapping) -> tuple[Callable[[Image.Image], Tensor], bool]:
+    """The train transform for `data.augment`, and whether it is deterministic."""
+    import torchvision.transforms as T
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    size = spec.data["image_size"]
+    augment = spec.data["augment"]
+    where = ("data", "augment")
+    if augment == "none":
+        return eval_transform(data_config, size), True
+    options = {"hflip": 0.5, "crop": True} if augment == "standard" else dict(augment)
+    if "scale" in options and options.get("crop") is False:
+        raise spec.error(where + ("scale",), "scale sets the range of the random crop, which is off",
+                         found=f"crop: false, scale: {list(options['scale'])}",
+                         expected="crop: true (or leave crop out) with scale, or no scale",
+                         hint="remove `crop: false` to crop randomly")
+    scale = tuple(float(v) for v in options.get("scale", STANDARD_SCALE))
+    if scale[0] > scale[1]:
+        raise spec.error(where + ("scale",), "scale is a [min, max] range of the crop area",
+                         found=str(list(scale)), expected="min <= max, e.g. [0.25, 1.0]")
+    interpolation = _interpolation(data_config)
+    steps: list[Callable] = [_ToRGB()]
+    if options.get("crop", "scale" in options):
+        steps.append(RandomResizedCropAndInterpolation(size, scale=scale, interpolation=interpolation))
+    else:
+        steps.append(_EvalGeometry(data_config, size))
+    if options.get("hflip", 0) > 0:
+        steps.append(T.RandomHorizontalFlip(options["hflip"]))
+    if options.get("vflip", 0) > 0:
+        steps.append(T.RandomVerticalFlip(options["vflip"]))
+    if options.get("rotation", 0) > 0:
+        steps.append(T.RandomRotation(options["rotation"]))
+    if options.get("randaugment"):
+        steps.append(_randaugment(spec, options["randaugment"], size, data_config))
+    if options.get("color_jitter", 0) > 0:
+        steps.append(T.ColorJitter(*(float(options["color_jitter"]),) * 3))
+    deterministic = len(steps) == 2 and isinstance(steps[1], _EvalGeometry)
+    return _Compose(steps), deterministic
+
+
+def _randaugment(spec: Spec, text: str, size: int, data_config: Mapping) -> Callable:
+    from timm.data.auto_augment import rand_augment_transform
+    from timm.data.transforms import str_to_pil_interp
+
+    mean = data_config.get("mean", (0.485, 0.456, 0.406))
+    hparams = {"translate_const": int(size * 0.45),
+               "img_mean": tuple(min(255, round(255 * m)) for m in mean),
+               "interpolation": str_to_pil_interp(_interpolation(data_config))}
+    error = spec.error(("data", "augment", "randaugment"), "this is not a RandAugment config string",
+                       found=repr(text), expected="'rand' followed by -m<magnitude>, -n<layers>, -mstd<std>, "
+                       "-p<prob>, -inc<0|1>, e.g. 'rand-m9-mstd0.5'")
+    if not text.split("-")[0] == "rand":
+        raise error
+    try:
+        return rand_augment_transform(text, hparams)
+    except (AssertionError, ValueError, KeyError, IndexError):
+        raise error from None
+
+
+def normalize(batch: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 images NCHW -> float32 ``(x / 255 - mean) / std``, on the batch's device.
+
+    The memory format is kept (a channels_last batch stays channels_last).
+
+    Example:
+        >>> x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+        >>> normalize(x, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)).unique().tolist()
+        [1.0]
+    """
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=batch.device).view(1, -1, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std)], device=batch.device).view(1, -1, 1, 1)
+    # .float() and the in-place ops both preserve the memory format
+    return batch.float().mul_(scale).sub_(shift)
+
+
+# --------------------------------------------------------------------------- loaders
+class _EpochBatches:
+    """Batch sampler of (epoch, index) keys; the order comes from DistributedSampler(seed, epoch)."""
+
+    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool,
+                 rank: int, world_size: int) -> None:
+        self.sampler = DistributedSampler(range(size), num_replicas=world_size, rank=rank,
+                                          shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        # built eagerly so the epoch is the one set when the iterator was made
+        epoch = self.epoch
+        self.sampler.set_epoch(epoch)
+        keys = [(epoch, int(i)) for i in self.sampler]
+        batches = [keys[i: i + self.batch_size] for i in range(0, len(keys), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        return iter(batches)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+
+def make_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    train: bool,
+    seed: int,
+    num_workers: int,
+    pin_memory: bool,
+    drop_last: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+) -> EpochLoader:
+    """A loader whose epoch E is a pure function of (seed, E), for one DDP rank.
+
+    Args:
+        dataset: a `DataBundle` dataset (keyed by (epoch, index)) or any map-style dataset.
+        batch_size: images per batch on this rank.
+        train: shuffle (per epoch) and apply random transforms; False keeps the order.
+        seed: the run's seed.
+        num_workers: worker processes; 0 loads in the main process. Workers persist.
+        pin_memory: pin batches for faster copies to an accelerator.
+        drop_last: drop the last incomplete batch, and the tail that does not split evenly
+            across ranks (otherwise DistributedSampler repeats a few items to even it out).
+        rank, world_size: this process's share of every epoch.
+
+    Returns:
+        An `EpochLoader`: ``for images, labels in loader.epoch(e): ...``.
+    """
+    if not getattr(dataset, "accepts_epoch", False):
+        dataset = _IgnoreEpoch(dataset)
+    batches = _EpochBatches(len(dataset), batch_size, train, seed, drop_last, rank, world_size)
+    extra: dict[str, Any] = {}
+    if num_workers > 0:
+        extra = {"persistent_workers": True, "prefetch_factor": 4}
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        # DataLoader draws its worker base seed from this generator each epoch; without it, it
+        # would draw from (and advance) the global torch RNG of the training process
+        generator=torch.Generator().manual_seed(seed),
+        **extra,
+    )
+    return EpochLoader(loader, batches)
+
+
+# --------------------------------------------------------------------------- splits
+def _rng(seed: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stream])
+
+
+def _stratified(targets: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted positions of a random sample of `n` of `targets`, each class in proportion."""
+    if n >= len(targets):
+        return np.arange(len(targets))
+    labels, counts = np.unique(targets, return_counts=True)
+    exact = counts * n / counts.sum()
+    quota = np.floor(exact).astype(np.int64)
+    # largest remainders get the places left over, ties to the lower class
+    for j in np.argsort(-(exact - quota), kind="stable")[: n - int(quota.sum())]:
+        quota[j] += 1
+    quota = np.minimum(quota, counts)
+    picked = [rng.permutation(np.flatnonzero(targets == label))[:q] for label, q in zip(labels, quota)]
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+def _split(spec: Spec, source: _Source, indices: np.ndarray | None = None) -> tuple[_Pool, _Pool]:
+    """Hold out `val_split` of a pool, stratified and seeded; fixed before any class filtering,
+    so an image stays on its side whatever `data.classes` and `data.subset` say."""
+    indices = np.arange(len(source)) if indices is None else indices
+    n_val = math.ceil(spec.data["val_split"] * len(indices))  # as scikit-learn rounds test_size
+    val_pos = _stratified(source.targets[indices], n_val, _rng(spec.seed, 0))
+    is_val = np.zeros(len(indices), dtype=bool)
+    is_val[val_pos] = True
+    if n_val >= len(indices):
+        raise spec.error(("data", "val_split"), "val_split leaves no images to train on",
+                         found=f"{spec.data['val_split']} of {len(indices)} images", expected="a smaller fraction")
+    return _Pool(source, indices[~is_val]), _Pool(source, indices[is_val])
+
+
+# --------------------------------------------------------------------------- datasets
+def _digits(spec: Spec) -> tuple[_Pool, _Pool, int]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    source = _ArraySource(images, digits.target, [str(c) for c in digits.target_names])
+    return (*_split(spec, source), 0)
+
+
+def _fake(spec: Spec) -> tuple[_Pool, _Pool, int]:
+    from torchvision.datasets import FakeData
+
+    size = spec.data["image_size"]
+    num_classes = spec.model.num_classes or 10
+    subset = spec.data.get("subset") or {}
+    n_train = subset.get("train") or FAKE_SIZES["train"]
+    n_val = subset.get("val") or FAKE_SIZES["val"]
+    offset = spec.seed * 1_000_003  # FakeData seeds item i with i + offset: disjoint train and val
+    pools = []
+    for n, start in ((n_train, offset), (n_val, offset + n_train)):
+        dataset = FakeData(n, (3, size, size), num_classes, random_offset=start)
+        targets = np.array([dataset[i][1] for i in range(n)])
+        pools.append(_Pool(_DatasetSource(dataset, targets, [f"class{i}" for i in range(num_classes)]),
+                           np.arange(n)))
+    return pools[0], pools[1], 0
+
+
+def _folder_error(spec: Spec, problem: str, folder: Path, **kw: Any) -> Exception:
+    return spec.error(("data", "root"), problem, found=str(folder), **kw)
+
+
+def _scan(paths: Sequence[str]) -> list[bool]:
+    """Which files PIL can identify (header only; a truncated body is caught when loaded)."""
+    def ok(path: str) -> bool:
+        try:
+            with Image.open(path) as image:
+                return image.size[0] > 0 and image.size[1] > 0
+        except _UNREADABLE:
+            return False
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(ok, paths, chunksize=64))
+
+
+def _imagefolder(spec: Spec) -> tuple[_Pool, _Pool, int]:
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+    layout = "root/<class>/<image> or root/train/<class>/<image> with root/val/<class>/<image>"
+    if spec.data["root"] is None:
+        raise spec.error(("data", "root"), "imagefolder needs a folder", found="root: null",
+                         expected=f"data.root set to a folder laid out as {layout}")
+    root = spec.resolve_path(spec.data["root"])
+    if not root.is_dir():
+        raise _folder_error(spec, f"the dataset folder {root} does not exist" if not root.exists()
+                            else f"{root} is not a folder", root, expected=f"a folder laid out as {layout}",
+                            hint="data.root is relative to the spec file's folder")
+    val_dir = next((root / d for d in _VAL_DIRS if (root / d).is_dir()), None)
+    train_dir = root / "train" if (root / "train").is_dir() and val_dir is not None else root
+    try:
+        folder = ImageFolder(str(train_dir), allow_empty=True)
+    except FileNotFoundError:
+        raise _folder_error(spec, f"the dataset folder {train_dir} has no class folders", train_dir,
+                            expected=f"one sub-folder per class with images inside: {layout}") from None
+    samples = list(folder.samples)
+    val_samples: list[tuple[str, int]] = []
+    if train_dir != root:
+        extra = sorted(d.name for d in val_dir.iterdir() if d.is_dir() and d.name not in folder.class_to_idx)
+        if extra:
+            raise _folder_error(spec, f"{val_dir} has class folders that {train_dir} lacks: {', '.join(extra)}",
+                                val_dir, expected="the same class folders under train/ and val/")
+        val_samples = make_dataset(str(val_dir), folder.class_to_idx, IMG_EXTENSIONS, allow_empty=True)
+    if not samples:
+        raise _folder_error(spec, f"the dataset folder {train_dir} has no images", train_dir,
+                            expected="image files (" + " ".join(IMG_EXTENSIONS) + ") in class sub-folders")
+    readable = _scan([p for p, _ in samples + val_samples])
+    bad = [p for (p, _), ok in zip(samples + val_samples, readable) if not ok]
+    if bad:
+        log.warning("skipping %d unreadable image file(s) under %s, e.g. %s", len(bad), root, ", ".join(bad[:3]))
+    skip = set(bad)
+    samples = [s for s in samples if s[0] not in skip]
+    val_samples = [s for s in val_samples if s[0] not in skip]
+    empty = [c for i, c in enumerate(folder.classes) if not any(t == i for _, t in samples)]
+    if empty:
+        raise _folder_error(spec, f"some class folders under {train_dir} have no readable images: "
+                            + ", ".join(empty), train_dir, expected="at least one image per class",
+                            hint="remove the empty folders or add images")
+    if train_dir == root:
+        source = _FileSource(samples, list(folder.classes))
+        return (*_split(spec, source), len(bad))
+    source = _FileSource(samples + val_samples, list(folder.classes))
+    n = len(samples)
+    return _Pool(source, np.arange(n)), _Pool(source, np.arange(n, len(source))), len(bad)
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format; gzipped if the name ends in .gz) into an array.
+
+    Raises:
+        ValueError: if the file is not IDX or is cut short.
+    """
+    path = Path(path)
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        data = f.read()
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in dtypes:
+        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path} is cut short in its header")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    dtype = np.dtype(dtypes[data[2]])
+    if len(data) - header != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"{path} holds {len(data) - header} bytes of data, its header says shape {shape}")
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+
+
+def _fashion_mnist(spec: Spec) -> tuple[_Pool, _Pool, int]:
+    root = spec.resolve_path(spec.data["root"]) if spec.data["root"] else FASHION_MNIST_DIR
+    arrays = {}
+    for part, stem in (("train_x", "train-images-idx3-ubyte"), ("train_y", "train-labels-idx1-ubyte"),
+                       ("val_x", "t10k-images-idx3-ubyte"), ("val_y", "t10k-labels-idx1-ubyte")):
+        path = next((root / (stem + ext) for ext in ("", ".gz") if (root / (stem + ext)).is_file()), None)
+        if path is None:
+            raise spec.error(("data", "root"), f"Fashion-MNIST is not in {root}", found=f"no {stem}[.gz] in {root}",
+                             expected="the four IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                             "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (optionally .gz)",
+                             hint="apt-get install dataset-fashion-mnist, or set data.root to a folder with them")
+        try:
+            arrays[part] = read_idx(path)
+        except (OSError, ValueError, EOFError) as exc:
+            raise spec.error(("data", "root"), f"cannot read {path}: {exc}", found=str(path),
+                             expected="an IDX file as published by Fashion-MNIST") from None
+    pools = []
+    for x, y in (("train_x", "train_y"), ("val_x", "val_y")):
+        if arrays[x].ndim != 3 or len(arrays[x]) != len(arrays[y]):
+            raise spec.error(("data", "root"), f"the Fashion-MNIST files in {root} do not match",
+                             found=f"images {arrays[x].shape}, labels {arrays[y].shape}",
+                             expected="N images of HxW and N labels")
+        source = _ArraySource(arrays[x].astype(np.uint8, copy=False), arrays[y], list(FASHION_MNIST_CLASSES))
+        pools.append(_Pool(source, np.arange(len(source))))
+    return pools[0], pools[1], 0
+
+
+def _norm_name(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def _torchvision_classes() -> dict[str, type]:
+    import torchvision.datasets as tvd
+    from torchvision.datasets import VisionDataset
+
+    skip = {"ImageFolder", "DatasetFolder", "FakeData", "VisionDataset"}
+    return {_norm_name(n): getattr(tvd, n) for n in tvd.__all__
+            if n not in skip and inspect.isclass(getattr(tvd, n)) and issubclass(getattr(tvd, n), VisionDataset)}
+
+
+def _torchvision(spec: Spec, cls: type) -> tuple[_Pool, _Pool, int]:
+    root = (spec.resolve_path(spec.data["root"]) if spec.data["root"]
+            else Path(torch.hub.get_dir()).parent / "datasets")
+    params = inspect.signature(cls.__init__).parameters
+    kwargs: dict[str, Any] = {"root": str(root)}
+    if "download" in params:
+        kwargs["download"] = spec.data["download"]
+    name = spec.data["name"]
+
+    def make(**split: Any) -> Any:
+        try:
+            return cls(**kwargs, **split)
+        except (RuntimeError, FileNotFoundError) as exc:
+            if spec.data["download"]:
+                raise spec.error(("data", "download"), f"{name} could not be downloaded to {root}: {exc}",
+                                 found="download: true", hint=f"place the files under {root} yourself") from None
+            raise spec.error(("data", "root"), f"{name} is not in {root}", found=str(exc).strip(),
+                             expected=f"the {cls.__name__} files under {root}",
+                             hint="set data.download: true, or place the files under data.root") from None
+        except OSError as exc:  # network failures while downloading
+            raise spec.error(("data", "download"), f"{name} could not be downloaded to {root}: {exc}",
+                             found="download: true", hint=f"place the files under {root} yourself") from None
+
+    def first_split(names: Sequence[str]) -> Any:
+        for split in names:
+            try:
+                return make(split=split)
+            except SpecError:
+                raise
+            except ValueError:  # torchvision's verify_str_arg: not a split of this dataset
+                continue
+        return None
+
+    if "train" in params:
+        train, val = make(train=True), make(train=False)
+    elif "split" in params:
+        train = first_split(("train", "trainval", "train-standard"))
+        val = first_split(("val", "valid", "validation", "test"))
+        if train is None or val is None:
+            raise spec.error(("data", "name"), f"{name}: cannot tell which splits are train and val",
+                             found=name, expected="a torchvision dataset with train/val or train/test splits",
+                             hint="export it as an image folder and use name: imagefolder")
+    else:
+        train, val = make(), None
+    sources = [_dataset_source(spec, d) for d in (train, val) if d is not None]
+    if val is None:
+        return (*_split(spec, sources[0]), 0)
+    return _Pool(sources[0], np.arange(len(sources[0]))), _Pool(sources[1], np.arange(len(sources[1]))), 0
+
+
+def _dataset_source(spec: Spec, dataset: Any) -> _DatasetSource:
+    targets = None
+    for attr in ("targets", "labels", "_labels", "y"):
+        value = getattr(dataset, attr, None)
+        if value is not None and len(value) == len(dataset):
+            array = np.asarray(value)
+            if array.ndim == 1 and np.issubdtype(array.dtype, np.integer):
+                targets = array
+                break
+    if targets is None:
+        log.info("reading every label of %s one item at a time", type(dataset).__name__)
+        targets = np.array([dataset[i][1] for i in range(len(dataset))])
+        if targets.ndim != 1 or not np.issubdtype(targets.dtype, np.integer):
+            raise spec.error(("data", "name"), f"{type(dataset).__name__} has no integer class labels",
+                             found=spec.data["name"], expected="a classification dataset")
+    classes = [str(c) for c in getattr(dataset, "classes", None) or []]
+    if len(classes) <= int(targets.max(initial=0)):
+        classes = [str(i) for i in range(int(targets.max(initial=0)) + 1)]
+    return _DatasetSource(dataset, targets, classes)
+
+
+_BUILTIN = {"digits": _digits, "fake": _fake, "imagefolder": _imagefolder, "fashion-mnist": _fashion_mnist,
+            "fashion_mnist": _fashion_mnist}
+
+
+def dataset_names() -> list[str]:
+    """Dataset names `data.name` accepts without listing all of torchvision (for help and errors)."""
+    return ["digits", "fake", "imagefolder", "fashion-mnist"] + list(_TORCHVISION_SHOWN)
+
+
+def _pools(spec: Spec) -> tuple[_Pool, _Pool, int]:
+    name = spec.data["name"]
+    if name.lower() in _BUILTIN:
+        return _BUILTIN[name.lower()](spec)
+    known = _torchvision_classes()
+    if _norm_name(name) in known:
+        return _torchvision(spec, known[_norm_name(name)])
+    raise spec.error(("data", "name"), f"unknown dataset {name!r}", found=repr(name),
+                     expected="one of " + ", ".join(dataset_names()) + " (or another torchvision dataset class)",
+                     hint=did_you_mean(name, dataset_names() + sorted(known)))
+
+
+# --------------------------------------------------------------------------- class and size subsets
+def _select_classes(spec: Spec, classes: list[str]) -> list[int]:
+    """Original label of each class in `data.classes`, in the order given."""
+    wanted = spec.data["classes"]
+    if wanted is None:
+        return list(range(len(classes)))
+    chosen: list[int] = []
+    for j, item in enumerate(wanted):
+        where = ("data", "classes", j)
+        if isinstance(item, bool) or not isinstance(item, (int, str)):
+            raise spec.error(where, "a class is given by name or index", found=repr(item))
+        if isinstance(item, int):
+            if not 0 <= item < len(classes):
+                raise spec.error(where, "there is no class with this index", found=str(item),
+                                 expected=f"an index from 0 to {len(classes) - 1}, or a class name")
+            label = item
+        elif item in classes:
+            label = classes.index(item)
+        else:
+            hint = did_you_mean(item, classes)
+            if hint is None and item.strip().isdigit():
+                hint = f"write {item.strip()} without quotes to pick a class by index"
+            shown = ", ".join(repr(c) for c in classes[:20]) + (", ..." if len(classes) > 20 else "")
+            raise spec.error(where, f"there is no class named {item!r}", found=repr(item),
+                             expected=f"one of the {len(classes)} classes: {shown}", hint=hint)
+        if label in chosen:
+            raise spec.error(where, f"the class {classes[label]!r} is listed twice", found=repr(item),
+                             expected="each class once", hint=f"data.classes[{chosen.index(label)}] names it too")
+        chosen.append(label)
+    return chosen
+
+
+def _narrow(spec: Spec, pool: _Pool, label_map: np.ndarray, side: str, stream: int) -> _Pool:
+    indices = pool.indices[label_map[pool.source.targets[pool.indices]] >= 0]
+    limit = (spec.data.get("subset") or {}).get(side)
+    if limit is not None and limit < len(indices):
+        indices = indices[_stratified(label_map[pool.source.targets[indices]], limit, _rng(spec.seed, stream))]
+    return _Pool(pool.source, indices)
+
+
+# --------------------------------------------------------------------------- entry point
+def _three(values: Any, key: str) -> tuple[float, float, float]:
+    values = tuple(float(v) for v in values)
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3:
+        raise ValueError(f"data_config[{key!r}] has {len(values)} values; images here have 3 channels")
+    return values  # type: ignore[return-value]
+
+
+def build_data(spec: Spec, data_config: Mapping) -> DataBundle:
+    """Datasets, class names and normalisation for `spec.data`.
+
+    Args:
+        spec: the loaded spec; `spec.data` picks the dataset, split, subsets and augmentation.
+        data_config: the backbone's timm-style data config (mean, std, interpolation,
+            crop_pct, crop_mode); the image size comes from `data.image_size`.
+
+    Returns:
+        A `DataBundle`; nothing but labels (and, for imagefolder, file headers) is read yet.
+
+    Raises:
+        SpecError: unknown dataset or class, missing or empty folder, files not on disk, ...
+
+    Example:
+        >>> spec = load_spec({"model": {"backbone": "torchvision:resnet18"}, "data": {"name": "digits"}})
+        >>> build_data(spec, {"mean": (0.5,) * 3, "std": (0.5,) * 3}).describe
+        'digits: 1437 train / 360 val, 10 classes, 32px'
+    """
+    train_pool, val_pool, skipped = _pools(spec)
+    classes = train_pool.source.classes
+    chosen = _select_classes(spec, classes)
+    label_map = np.full(len(classes), -1, dtype=np.int64)
+    label_map[chosen] = np.arange(len(chosen))
+    train_pool = _narrow(spec, train_pool, label_map, "train", 1)
+    val_pool = _narrow(spec, val_pool, label_map, "val", 2)
+    if len(train_pool.indices) == 0:
+        raise spec.error(("data", "classes"), "no training images are left after choosing classes",
+                         found=str(spec.data["classes"]), expected="classes that have images")
+    train_tf, deterministic = _train_transform(spec, data_config)
+    size = spec.data["image_size"]
+    train = _Split(train_pool, label_map, train_tf, spec.seed, random_=not deterministic)
+    val = _Split(val_pool, label_map, eval_transform(data_config, size), spec.seed, random_=False)
+    names = [classes[i] for i in chosen]
+    describe = f"{spec.data['name']}: {len(train)} train / {len(val)} val, {len(names)} classes, {size}px"
+    if skipped:
+        describe += f", {skipped} unreadable files skipped"
+    return DataBundle(
+        train=train,
+        val=val,
+        classes=names,
+        mean=_three(data_config.get("mean", (0.485, 0.456, 0.406)), "mean"),
+        std=_three(data_config.get("std", (0.229, 0.224, 0.225)), "std"),
+        deterministic_train=deterministic,
+        describe=describe,
+    )
+
+
+__all__ = ["DataBundle", "EpochLoader", "build_data", "eval_transform", "normalize", "make_loader",
+           "read_idx", "dataset_names"]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -57,13 +58,22 @@ def _probe(spec: Spec, model: nn.Module, size: Sequence[int], when: str) -> dict
                          "inserted modules that keep the feature map's shape") from None
 
 
-def build(spec: Spec, *, state_dict: Mapping[str, torch.Tensor] | None = None) -> Built:
+def weights_path(spec: Spec, runs_root: Path | None = None) -> Path:
+    """The weight file `model.pretrained` names: a path relative to the spec, or run:NAME."""
+    value = str(spec.model.pretrained)
+    if value.startswith("run:"):
+        return Path(runs_root or "runs") / value[4:] / "model.safetensors"
+    return spec.resolve_path(value)
+
+
+def build(spec: Spec, *, state_dict: Mapping[str, torch.Tensor] | None = None, runs_root: Path | None = None) -> Built:
     """Build the backbone, insert the spec's modules, resolve groups and load the weights.
 
     Args:
         spec: from `load_spec`.
         state_dict: weights of the surgered model to load instead of `model.pretrained`
             (for example a run's `model.safetensors`); every key must fit.
+        runs_root: the folder `pretrained: run:NAME` looks in (default `runs`).
 
     Returns:
         A `Built`. Two builds of one spec give identical models (initialisation is seeded by `spec.seed`).
@@ -87,7 +97,7 @@ def build(spec: Spec, *, state_dict: Mapping[str, torch.Tensor] | None = None) -
         if state_dict is not None:
             state, source = dict(state_dict), "given state_dict"
         elif isinstance(spec.model.pretrained, str):
-            path = spec.resolve_path(spec.model.pretrained)
+            path = weights_path(spec, runs_root)
             state, source = read_weight_file(spec, path), str(path)
         else:
             state, source = backbone.pretrained, backbone.pretrained_from

@@ -25,6 +25,7 @@ import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
 from .errors import SpecError, did_you_mean
 from .spec import Spec
@@ -173,18 +174,26 @@ def _item_seed(seed: int, epoch: int, index: int) -> int:
     return int.from_bytes(digest, "little")
 
 
+def _seed_all(seed: int) -> None:
+    # timm's crops and RandAugment draw from `random` and numpy, torchvision's from torch;
+    # only the CPU generator: torch.manual_seed would also reseed CUDA
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+
+
 class _Split(Dataset):
     """Transformed items of a source, by position in `indices`, labels relabelled."""
 
     accepts_epoch = True  # items may be keyed (epoch, index); see make_loader
 
-    def __init__(self, pool: _Pool, label_map: np.ndarray, transform: Callable, seed: int, random_: bool) -> None:
+    def __init__(self, pool: _Pool, label_map: np.ndarray, transform: Callable, seed: int, augment: bool) -> None:
         self.source = pool.source
         self.indices = pool.indices
         self.label_map = label_map
         self.transform = transform
         self.seed = seed
-        self.random = random_
+        self.augment = augment  # the transform draws random numbers
         self.unreadable = 0  # per process; the build-time scan reports the files known up front
         self._warned: set[int] = set()
 
@@ -198,16 +207,16 @@ class _Split(Dataset):
         index %= len(self)
         image, position = self._load(index)
         label = int(self.label_map[self.source.targets[self.indices[position]]])
-        if not self.random:
+        if not self.augment:
             return self.transform(image), label
-        # seed from the key alone, and restore the process RNGs afterwards: in the main process
-        # (num_workers=0) the model's own dropout etc. must not feel the data pipeline
+        if get_worker_info() is not None:  # a worker's RNGs serve nothing but these transforms
+            _seed_all(_item_seed(self.seed, epoch, index))
+            return self.transform(image), label
+        # in the main process (num_workers=0) the model's dropout etc. must not feel the data
+        # pipeline: restore the RNGs afterwards (costs ~0.15 ms an item, mostly numpy's state)
         py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
         try:
-            s = _item_seed(self.seed, epoch, index)
-            random.seed(s)
-            np.random.seed(s % 2**32)
-            torch.default_generator.manual_seed(s)
+            _seed_all(_item_seed(self.seed, epoch, index))
             return self.transform(image), label
         finally:
             random.setstate(py_state)
@@ -395,10 +404,17 @@ def normalize(batch: Tensor, mean: Sequence[float], std: Sequence[float]) -> Ten
         >>> normalize(x, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)).unique().tolist()
         [1.0]
     """
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=batch.device).view(1, -1, 1, 1)
-    shift = torch.tensor([m / s for m, s in zip(mean, std)], device=batch.device).view(1, -1, 1, 1)
+    scale, shift = _affine(tuple(float(m) for m in mean), tuple(float(s) for s in std), batch.device)
     # .float() and the in-place ops both preserve the memory format
     return batch.float().mul_(scale).sub_(shift)
+
+
+@lru_cache(maxsize=16)
+def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    # cached: building them per batch would copy from pageable host memory and sync the stream
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device).view(1, -1, 1, 1)
+    shift = torch.tensor([m / s for m, s in zip(mean, std)], device=device).view(1, -1, 1, 1)
+    return scale, shift
 
 
 # --------------------------------------------------------------------------- loaders
@@ -445,7 +461,8 @@ def make_loader(
     Args:
         dataset: a `DataBundle` dataset (keyed by (epoch, index)) or any map-style dataset.
         batch_size: images per batch on this rank.
-        train: shuffle (per epoch) and apply random transforms; False keeps the order.
+        train: shuffle, in a new order each epoch; False keeps the dataset order. (Random
+            transforms belong to the dataset: `DataBundle.train` has them, `.val` not.)
         seed: the run's seed.
         num_workers: worker processes; 0 loads in the main process. Workers persist.
         pin_memory: pin batches for faster copies to an accelerator.
@@ -592,7 +609,8 @@ def _imagefolder(spec: Spec) -> tuple[_Pool, _Pool, int]:
     skip = set(bad)
     samples = [s for s in samples if s[0] not in skip]
     val_samples = [s for s in val_samples if s[0] not in skip]
-    empty = [c for i, c in enumerate(folder.classes) if not any(t == i for _, t in samples)]
+    present = {t for _, t in samples}
+    empty = [c for i, c in enumerate(folder.classes) if i not in present]
     if empty:
         raise _folder_error(spec, f"some class folders under {train_dir} have no readable images: "
                             + ", ".join(empty), train_dir, expected="at least one image per class",
@@ -841,8 +859,8 @@ def build_data(spec: Spec, data_config: Mapping) -> DataBundle:
                          found=str(spec.data["classes"]), expected="classes that have images")
     train_tf, deterministic = _train_transform(spec, data_config)
     size = spec.data["image_size"]
-    train = _Split(train_pool, label_map, train_tf, spec.seed, random_=not deterministic)
-    val = _Split(val_pool, label_map, eval_transform(data_config, size), spec.seed, random_=False)
+    train = _Split(train_pool, label_map, train_tf, spec.seed, augment=not deterministic)
+    val = _Split(val_pool, label_map, eval_transform(data_config, size), spec.seed, augment=False)
     names = [classes[i] for i in chosen]
     describe = f"{spec.data['name']}: {len(train)} train / {len(val)} val, {len(names)} classes, {size}px"
     if skipped:

@@ -52,7 +52,8 @@ def _decay(sched: Mapping[str, Any], epochs: int, t: float) -> float:
         progress = (t - warm) / (epochs - warm)
         return floor_ + (1.0 - floor_) * 0.5 * (1.0 + math.cos(math.pi * progress))
     if name == "step":
-        # torch StepLR / timm StepLRScheduler: counted from epoch 0, not from the end of warm-up
+        # torch StepLR; timm StepLRScheduler with warmup_prefix=False: decays fall on multiples of
+        # step_size counted from epoch 0, like milestones, not shifted by the warm-up
         return sched["gamma"] ** math.floor(t / sched["step_size"])
     if name == "multistep":
         # torch MultiStepLR: one factor of gamma per milestone reached (repeats count twice)
@@ -65,7 +66,8 @@ def global_factor(train: Mapping[str, Any], t: float) -> float:
 
     ``none`` and ``plateau`` give 1; ``cosine`` falls from 1 (at the end of warm-up) to
     ``min_lr_ratio`` at the end of the last epoch; ``step`` multiplies by ``gamma`` every
-    ``step_size`` epochs; ``multistep`` by ``gamma`` at each milestone. Every scheduler, ``none``
+    ``step_size`` epochs and ``multistep`` at each milestone, both counted from epoch 0 (the
+    warm-up does not shift them). Every scheduler, ``none``
     included, is multiplied by the linear warm-up over the first ``warmup_epochs`` (see the module
     docstring: from ``1/(W+1)`` up to 1). Without ``per_step``, ``t`` is floored to the epoch so the
     lr changes at epoch boundaries only.

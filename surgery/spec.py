@@ -35,14 +35,26 @@ _Loader.add_implicit_resolver(
 
 
 def _yaml_error(exc: yaml.YAMLError, file: str) -> SpecError:
-    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None) or ""
+    problem_mark = getattr(exc, "problem_mark", None)
+    context_mark = getattr(exc, "context_mark", None)
+    mark, hint = problem_mark or context_mark, None
+    if context_mark is not None and ("flow" in context or "quoted" in context) and (
+            problem_mark is None or problem_mark.line > context_mark.line):
+        # an unclosed bracket or quote: the parser notices lines later; the culprit is where it opened
+        what = "quote" if "quoted" in context else "bracket"
+        at = f" (line {problem_mark.line + 1})" if problem_mark is not None else ""
+        problem, mark = f"the {what} opened here is never closed: {problem}{at}", context_mark
+    elif "'\\t'" in problem or "\t" in problem:
+        hint = "indent with spaces: YAML does not allow tabs"
     return SpecError(
         f"this is not valid YAML: {problem}",
         file=file,
         line=mark.line + 1 if mark else None,
         column=mark.column + 1 if mark else None,
         expected="a YAML mapping such as `model: {backbone: torchvision:resnet18}`",
+        hint=hint,
     )
 
 
@@ -60,8 +72,16 @@ def parse_yaml(text: str, file: str) -> tuple[Any, dict[tuple, Mark]]:
     return data, marks
 
 
+_PLAIN_TAGS = {"tag:yaml.org,2002:" + t for t in ("map", "seq", "str", "int", "float", "bool", "null", "timestamp")}
+
+
 def _construct(loader: _Loader, node: yaml.Node, path: tuple, marks: dict, file: str) -> Any:
     marks.setdefault(path, (file, node.start_mark.line + 1, node.start_mark.column + 1))
+    if node.tag not in _PLAIN_TAGS:
+        # a spec is plain data: refuse object construction (!!python/...) and custom tags outright
+        raise SpecError(f"the YAML tag {node.tag.replace('tag:yaml.org,2002:', '!!')} is not allowed",
+                        path=path, file=file, line=node.start_mark.line + 1, column=node.start_mark.column + 1,
+                        found=node.tag, expected="plain data: mappings, lists, strings, numbers, true/false, null")
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # resolves `<<: *anchor` merges
         out: dict[str, Any] = {}
@@ -104,69 +124,65 @@ def _validator():
     return cls(schema())
 
 
-def _subschema(path: Sequence) -> dict:
-    """The schema object that governs the value at `path` (following $ref, objects and arrays)."""
+def _deref(node: Any) -> dict:
     root = schema()
-    node = root
-
-    def deref(n: dict) -> dict:
-        while "$ref" in n:
-            n = root["$defs"][n["$ref"].split("/")[-1]]
-        return n
-
-    node = deref(node)
-    for part in path:
-        if isinstance(part, int):
-            items = node.get("items")
-            if items is None:
-                for alt in node.get("oneOf", []):
-                    alt = deref(alt)
-                    if "items" in alt:
-                        items = alt["items"]
-                        break
-            node = deref(items or {})
-        else:
-            props = node.get("properties")
-            if props is None:
-                for alt in node.get("oneOf", []):
-                    alt = deref(alt)
-                    if "properties" in alt:
-                        props = alt["properties"]
-                        break
-            node = deref((props or {}).get(part, {}))
+    node = node if isinstance(node, dict) else {}
+    while "$ref" in node:
+        node = root["$defs"][node["$ref"].split("/")[-1]]
     return node
 
 
-def _describe(sub: dict) -> str:
-    """Words for what a schema node accepts."""
-    root = schema()
-    if "$ref" in sub:
-        sub = root["$defs"][sub["$ref"].split("/")[-1]]
+_WORDS = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",
+          "number": "a number", "boolean": "true or false", "null": "null"}
+
+
+def _describe(node: Any, brief: bool = False) -> str:
+    """Words for what a schema node accepts (`brief`: without its description)."""
+    sub = _deref(node)
+    note = f" ({sub['description']})" if sub.get("description") and not brief else ""
     if "enum" in sub:
-        return "one of " + ", ".join(json.dumps(v) for v in sub["enum"])
+        return "one of " + ", ".join(json.dumps(v) for v in sub["enum"]) + note
     if "const" in sub:
-        return json.dumps(sub["const"])
+        return json.dumps(sub["const"]) + note
     if "oneOf" in sub:
-        return " or ".join(_describe(alt) for alt in sub["oneOf"])
+        return " or ".join(_describe(alt, brief=True) for alt in sub["oneOf"]) + note
     kind = sub.get("type")
     kinds = kind if isinstance(kind, list) else [kind] if kind else []
-    words = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",
-             "number": "a number", "boolean": "true or false", "null": "null"}
-    text = " or ".join(words.get(k, k) for k in kinds) or "a value"
+    text = " or ".join(_WORDS.get(k, k) for k in kinds) or "a value"
     limits = []
-    if "minimum" in sub:
-        limits.append(f">= {sub['minimum']}")
-    if "exclusiveMinimum" in sub:
-        limits.append(f"> {sub['exclusiveMinimum']}")
-    if "maximum" in sub:
-        limits.append(f"<= {sub['maximum']}")
-    if "exclusiveMaximum" in sub:
-        limits.append(f"< {sub['exclusiveMaximum']}")
+    for word, op in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<")):
+        if word in sub:
+            limits.append(f"{op} {sub[word]}")
     if limits:
         text += " " + " and ".join(limits)
-    if sub.get("description"):
-        text += f" ({sub['description']})"
-    return text
+    return text + note
+
+
+def _kind_of(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
+def _choices(node: Any) -> list:
+    sub = _deref(node)
+    if "enum" in sub:
+        return list(sub["enum"])
+    if "const" in sub:
+        return [sub["const"]]
+    return [c for alt in sub.get("oneOf", []) for c in _choices(alt)]
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -174,74 +190,131 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _schema_error(err, source: "Source") -> SpecError:
-    """Turn the most relevant jsonschema error into a located, worded SpecError."""
+# jsonschema reports a oneOf failure as one error holding every alternative's errors. A value
+# of the right kind for one alternative (a mapping where a number or a mapping is allowed) is
+# best told what is wrong inside that alternative; a value of no accepted kind, what kinds there are.
+_KIND_ERRORS = ("type", "enum", "const")
+
+
+def _alternatives(err) -> list[list]:
+    alts: dict[Any, list] = {}
+    for e in err.context:
+        alts.setdefault(e.relative_schema_path[0], []).append(e)
+    return list(alts.values())
+
+
+def _fits(err) -> bool:
+    """Is the value of a kind this schema accepts (so the error is about its content)?"""
+    if err.relative_path:
+        return True
+    if err.validator in _KIND_ERRORS:
+        return False
+    if err.validator in ("oneOf", "anyOf") and err.context:
+        return any(all(_fits(e) for e in alt) for alt in _alternatives(err))
+    return True
+
+
+def _where(err) -> tuple:
+    """The key path an error is about: an unknown key's own path, a bad map key's own path."""
     path = tuple(err.absolute_path)
-    sub = _subschema(path)
-    if err.validator == "additionalProperties":
-        allowed = sorted(sub.get("properties", {}))
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        allowed = _deref(err.schema).get("properties", {})
         extra = [k for k in err.instance if k not in allowed]
-        key = extra[0]
-        hint = did_you_mean(key, allowed)
-        return source.error(path + (key,), f"unknown key {key!r}", found=repr(key),
-                            expected="one of " + ", ".join(allowed), hint=hint)
+        if extra:
+            return path + (extra[0],)
+    if "propertyNames" in err.relative_schema_path and isinstance(err.instance, str):
+        return path + (err.instance,)
+    return path
+
+
+def _first(errors: Sequence, source: "Source"):
+    """The error a reader meets first in the file; a missing key only when nothing else is wrong."""
+    def order(err) -> tuple:
+        _, line, column = source.locate(_where(err))
+        return (err.validator == "required", line if line is not None else float("inf"), column or 0)
+
+    return min(errors, key=order)
+
+
+def _innermost(err, source: "Source"):
+    while err.validator in ("oneOf", "anyOf") and err.context:
+        fitting = [alt for alt in _alternatives(err) if all(_fits(e) for e in alt)]
+        if not fitting:
+            break
+        err = _first(min(fitting, key=len), source)
+    return err
+
+
+def _schema_error(err, source: "Source") -> SpecError:
+    """Turn one jsonschema error into a located, worded SpecError."""
+    path = tuple(err.absolute_path)
+    node = _deref(err.schema)
+    label = next((p for p in reversed(path) if isinstance(p, str)), "the spec")
+    if err.validator == "additionalProperties":
+        allowed = sorted(node.get("properties", {}))
+        where = _where(err)
+        key = where[-1]
+        return source.error(where, f"unknown key {key!r}", found=repr(key),
+                            expected="one of " + ", ".join(allowed), hint=did_you_mean(key, allowed))
     if err.validator == "required":
-        missing = re.findall(r"'([^']+)' is a required property", err.message)
-        key = missing[0] if missing else err.message
+        missing = [k for k in err.validator_value if k not in err.instance]
+        key = missing[0] if missing else str(err.validator_value)
         return source.error(path, f"the required key {key!r} is missing",
-                            expected=f"`{key}:` with " + _describe(_subschema(path + (key,))))
-    if err.validator in ("enum", "const") or (err.validator == "oneOf" and isinstance(err.instance, str)):
-        choices = sub.get("enum") or [a.get("const") for a in sub.get("oneOf", []) if "const" in a]
-        for alt in sub.get("oneOf", []):
-            choices = choices + list(alt.get("enum", []))
-        hint = did_you_mean(err.instance, [c for c in choices if isinstance(c, str)]) if isinstance(err.instance, str) else None
-        return source.error(path, "this value is not allowed here", found=_short(err.instance),
-                            expected=_describe(sub), hint=hint)
+                            expected=f"`{key}:` with " + _describe(node.get("properties", {}).get(key, {})))
+    if "propertyNames" in err.relative_schema_path:
+        return source.error(_where(err), f"{err.instance!r} is not an epoch: the keys of a learning-rate map are epochs",
+                            found=_short(err.instance), expected="a mapping like {0: 1.0e-4, 10: 1.0e-5}")
+    choices = [c for c in _choices(node) if isinstance(c, str)]
+    if err.validator in ("enum", "const") or (err.validator == "oneOf" and isinstance(err.instance, str) and choices):
+        hint = did_you_mean(err.instance, choices) if isinstance(err.instance, str) else None
+        return source.error(path, f"{_short(err.instance)} is not an accepted value",
+                            found=_short(err.instance), expected=_describe(node), hint=hint)
     if err.validator == "pattern" and path and path[-1] == "backbone":
-        return source.error(path, "a backbone is named <source>:<name>", found=_short(err.instance),
+        value = str(err.instance)
+        prefix, colon, _ = value.partition(":")
+        if colon:
+            return source.error(path, f"unknown backbone source {prefix!r}", found=_short(value),
+                                expected="torchvision:<name> or timm:<name>, e.g. torchvision:resnet18 or timm:efficientnet_b0",
+                                hint=did_you_mean(prefix, ["torchvision", "timm"]))
+        return source.error(path, "a backbone is named <source>:<name>", found=_short(value),
                             expected="torchvision:<name> or timm:<name>, e.g. torchvision:resnet18 or timm:efficientnet_b0",
-                            hint=did_you_mean(str(err.instance).split(":")[0], ["torchvision", "timm"]) if ":" in str(err.instance) else
-                            f"write torchvision:{err.instance} or timm:{err.instance}")
-    if err.validator == "propertyNames":
-        return source.error(path, "the keys of a learning-rate map are epochs", found=_short(err.instance),
-                            expected="a mapping like {0: 1.0e-4, 10: 1.0e-5}")
-    return source.error(path, err.message if err.validator not in ("type", "oneOf") else "this value has the wrong kind",
-                        found=_short(err.instance), expected=_describe(sub))
+                            hint=f"write torchvision:{value} or timm:{value}")
+    if err.validator == "pattern":
+        return source.error(path, f"{_short(err.instance)} is not a valid {label}", found=_short(err.instance),
+                            expected=node.get("description") or f"text matching {err.validator_value}")
+    if err.validator in ("type", "oneOf", "anyOf"):
+        return source.error(path, f"{label} takes {_describe(node, brief=True)}, not {_kind_of(err.instance)}",
+                            found=_short(err.instance), expected=_describe(node))
+    if err.validator in ("minItems", "maxItems", "minProperties"):
+        n = err.validator_value
+        what = {"minItems": f"at least {n} item", "maxItems": f"at most {n} item",
+                "minProperties": f"at least {n} key"}[err.validator] + ("s" if n != 1 else "")
+        return source.error(path, f"{label} needs {what}", found=_short(err.instance), expected=_describe(node))
+    return source.error(path, err.message, found=_short(err.instance), expected=_describe(node))
 
 
 def validate(data: Any, source: "Source") -> None:
-    """Check `data` against the schema; raise the first error, located."""
+    """Check `data` against the schema; raise the first error in the file, located."""
     if not isinstance(data, dict):
         raise source.error((), "a spec is a YAML mapping", found=_short(data),
                            expected="a mapping with at least `model: {backbone: ...}`")
-    errors = list(_validator().iter_errors(data))
-    if not errors:
-        return
-    import jsonschema.exceptions
-
-    # deepest, then earliest in the file: the error a reader can act on first
-    best = jsonschema.exceptions.best_match(errors)
-    raise _schema_error(best, source)
+    errors = [_innermost(e, source) for e in _validator().iter_errors(data)]
+    if errors:
+        raise _schema_error(_first(errors, source), source)
 
 
 # --------------------------------------------------------------------------- defaults
 def fill_defaults(data: dict) -> dict:
     """A deep copy of a valid spec with every default of the schema filled in."""
-    root = schema()
-
-    def deref(n: dict) -> dict:
-        while "$ref" in n:
-            n = root["$defs"][n["$ref"].split("/")[-1]]
-        return n
 
     def walk(value: Any, node: dict) -> Any:
-        node = deref(node)
+        node = _deref(node)
         if isinstance(value, dict):
             props = node.get("properties")
             if props is None:
                 for alt in node.get("oneOf", []):
-                    if "properties" in deref(alt):
-                        props = deref(alt)["properties"]
+                    if "properties" in _deref(alt):
+                        props = _deref(alt)["properties"]
             if props:
                 for key, sub in props.items():
                     if key not in value and "default" in sub:
@@ -253,7 +326,7 @@ def fill_defaults(data: dict) -> dict:
             return [walk(v, node["items"]) for v in value]
         return value
 
-    return walk(copy.deepcopy(data), root)
+    return walk(copy.deepcopy(data), schema())
 
 
 # --------------------------------------------------------------------------- source and overrides
@@ -351,6 +424,7 @@ class ModelSpec:
     args: Mapping[str, Any]
     key_map: str | Mapping[str, str] | None
     checkpoint_key: str | None
+    reset_head: bool = False
 
     @property
     def source(self) -> str:
@@ -445,7 +519,7 @@ def _lr(value: Any, where: tuple, source: Source) -> tuple[tuple[int, float], ..
 
 def _typed(data: dict, source: Source) -> Spec:
     m = data["model"]
-    model = ModelSpec(m["backbone"], m["pretrained"], m["num_classes"], m["args"], m["key_map"], m["checkpoint_key"])
+    model = ModelSpec(m["backbone"], m["pretrained"], m["num_classes"], m["args"], m["key_map"], m["checkpoint_key"], m["reset_head"])
     inserts = tuple(
         InsertSpec(s["insert"], _selectors(s["at"], ("surgery", i, "at")), s["position"], s["init"], s["args"], i)
         for i, s in enumerate(data["surgery"])
@@ -503,7 +577,7 @@ def _check_cross_fields(spec: Spec) -> None:
         if m >= epochs:
             raise spec.error(("train", "scheduler", "milestones", i), "a milestone lies past the last epoch",
                              found=str(m), expected=f"epochs below train.epochs ({epochs})")
-    if sched["warmup_epochs"] >= epochs and sched["name"] != "none":
+    if sched["warmup_epochs"] >= epochs:
         raise spec.error(("train", "scheduler", "warmup_epochs"), "the warm-up is as long as the whole run",
                          found=str(sched["warmup_epochs"]), expected=f"fewer than train.epochs ({epochs})")
     if spec.model.key_map == "order" and not isinstance(spec.model.pretrained, str):
@@ -550,7 +624,8 @@ def load_spec(spec: str | Path | Mapping, overrides: Sequence[str] = ()) -> Spec
         name = re.sub(r"[^A-Za-z0-9._+-]", "-", path.stem).lstrip(".-_+") or "run"
     source = Source(file, marks)
     if data is None:
-        raise source.error((), "the spec is empty", expected="a mapping with at least `model: {backbone: ...}`")
+        raise SpecError("the spec is empty", file=file, line=1 if file else None, column=1 if file else None,
+                        expected="a mapping with at least `model: {backbone: ...}`")
     if overrides:
         if not isinstance(data, dict):
             validate(data, source)

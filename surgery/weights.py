@@ -186,6 +186,10 @@ def load_weights(spec: Spec, model: nn.Module, state: Mapping[str, torch.Tensor]
     for key, tensor in target.items():
         incoming = state.get(key)
         fits = incoming is not None and tuple(incoming.shape) == tuple(tensor.shape)
+        if fits and spec.model.reset_head and under(key, head):
+            used.add(key)
+            report.reinitialised[key] = "head: model.reset_head is true"
+            continue
         if fits:
             updates[key] = incoming
             used.add(key)

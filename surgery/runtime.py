@@ -1,0 +1,127 @@
+"""Where and how the model runs: device, precision, memory format, torch.compile, seeding."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager
+
+import numpy as np
+import torch
+from torch import nn
+
+from .spec import Spec
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Decisions made once per run from `spec.train` and the machine.
+
+    precision: 'fp32', 'bf16' or 'fp16'; fp16 uses a GradScaler.
+    """
+
+    device: torch.device
+    precision: str
+    channels_last: bool
+    compile: bool | str
+    pin_memory: bool
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    def autocast(self) -> ContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def describe(self) -> str:
+        compiled = f", torch.compile({self.compile if isinstance(self.compile, str) else 'inductor'})" if self.compile else ""
+        return f"{self.device} {self.precision}{', channels_last' if self.channels_last else ''}{compiled}"
+
+
+def pick_device(requested: str) -> torch.device:
+    """auto: CUDA, then MPS, then CPU. An explicit device that is absent is an error the caller words."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(requested)
+
+
+def make_runtime(spec: Spec, device_override: str | None = None) -> Runtime:
+    train = spec.train
+    requested = device_override or train["device"]
+    where = ("train", "device")
+    device = pick_device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise spec.error(where, "CUDA is not available on this machine", found=requested,
+                         expected="auto or cpu", hint="--device cpu, or --set train.device=auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise spec.error(where, f"there is no {device}", found=requested,
+                         expected=f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise spec.error(where, "MPS is not available on this machine", found=requested, expected="auto or cpu")
+    precision = train["precision"]
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            # bf16 autocast runs on CPUs but is slower than fp32 on most without AMX: fp32 is the safe default
+            precision = "fp32"
+    return Runtime(device=device, precision=precision, channels_last=bool(train["channels_last"]),
+                   compile=train["compile"], pin_memory=device.type == "cuda")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Compiled:
+    """torch.compile that never trains a stale frame.
+
+    Dynamo can reuse a graph compiled while a group was frozen and keep it frozen after
+    `requires_grad` flips (pytorch issue 139476). The trainable set changes only at unfreeze
+    epochs, so the model is recompiled exactly then, not every epoch.
+    """
+
+    def __init__(self, model: nn.Module, backend: bool | str) -> None:
+        self.model = model
+        self.backend = "inductor" if backend is True else str(backend)
+        self._key: tuple | None = None
+        self._fn: Callable | None = None
+        self.compilations = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # dynamo guards on .training itself (train and eval graphs are cached side by side)
+        key = tuple(p.requires_grad for p in self.model.parameters())
+        if key != self._key:
+            torch._dynamo.reset()
+            self._fn = torch.compile(self.model, backend=self.backend)
+            self._key = key
+            self.compilations += 1
+        return self._fn(x)

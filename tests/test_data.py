@@ -1,0 +1,363 @@
+"""Tests for surgery.data: datasets, subsets, errors, transforms, deterministic loaders."""
+from __future__ import annotations
+
+import gzip
+import io
+import struct
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from surgery.data import DataBundle, build_data, eval_transform, make_loader, normalize, read_idx
+from surgery.errors import SpecError
+from surgery.spec import load_spec
+
+CFG = {"input_size": (3, 224, 224), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+       "interpolation": "bilinear", "crop_pct": 0.875, "crop_mode": "center"}
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def spec_for(data: dict, num_classes: int | None = 10, seed: int = 0):
+    return load_spec({"seed": seed, "model": {"backbone": "torchvision:resnet18", "num_classes": num_classes},
+                      "data": data})
+
+
+def build(data: dict, **kw) -> DataBundle:
+    return build_data(spec_for(data, **kw), CFG)
+
+
+def labels(dataset) -> list[int]:
+    return [dataset[i][1] for i in range(len(dataset))]
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09}
+    data = bytes([0, 0, codes[array.dtype], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    data += array.tobytes()
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+
+
+def write_mnist_files(folder: Path, n_train: int, n_test: int, gz: bool, side: int = 28) -> None:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    ext = ".gz" if gz else ""
+    for stem, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(folder / f"{stem}-images-idx3-ubyte{ext}", rng.integers(0, 256, (n, side, side), dtype=np.uint8))
+        write_idx(folder / f"{stem}-labels-idx1-ubyte{ext}", (np.arange(n) % 10).astype(np.uint8))
+
+
+def png_bytes(color: tuple[int, int, int], size: int = 12) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+COLORS = {"cat": (200, 30, 30), "dog": (30, 200, 30), "owl": (30, 30, 200)}
+
+
+def make_folder(root: Path, per_class: int) -> None:
+    for name, color in COLORS.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            (root / name / f"{i}.png").write_bytes(png_bytes(color))
+
+
+# --------------------------------------------------------------------------- digits
+def test_digits_shapes_labels_and_stratified_split() -> None:
+    bundle = build({"name": "digits"})
+    assert bundle.classes == [str(i) for i in range(10)]
+    assert (len(bundle.train), len(bundle.val)) == (1437, 360)
+    assert bundle.describe == "digits: 1437 train / 360 val, 10 classes, 32px"
+    image, label = bundle.train[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and isinstance(label, int)
+    counts = Counter(labels(bundle.val))
+    assert set(counts) == set(range(10)) and all(35 <= c <= 37 for c in counts.values())
+    assert bundle.deterministic_train and bundle.mean == CFG["mean"] and bundle.std == CFG["std"]
+
+
+def test_digits_split_depends_on_seed_only() -> None:
+    first, again, other = build({"name": "digits"}), build({"name": "digits"}), build({"name": "digits"}, seed=1)
+    assert torch.equal(first.val[5][0], again.val[5][0])
+    assert any(not torch.equal(first.val[i][0], other.val[i][0]) for i in range(20))
+
+
+@pytest.mark.parametrize("chosen", [["7", "2"], [7, 2], ["7", 2]])
+def test_classes_subset_relabels_in_given_order(chosen: list) -> None:
+    from sklearn.datasets import load_digits
+
+    total = Counter(load_digits().target.tolist())
+    bundle = build({"name": "digits", "classes": chosen})
+    assert bundle.classes == ["7", "2"]
+    counts = Counter(labels(bundle.train)) + Counter(labels(bundle.val))
+    assert counts == {0: total[7], 1: total[2]}
+
+
+def test_subset_sizes_are_stratified_and_fixed() -> None:
+    data = {"name": "digits", "subset": {"train": 100, "val": 50}}
+    bundle = build(data)
+    assert (len(bundle.train), len(bundle.val)) == (100, 50)
+    assert all(9 <= c <= 11 for c in Counter(labels(bundle.train)).values())
+    assert all(4 <= c <= 6 for c in Counter(labels(bundle.val)).values())
+    again = build(data)
+    assert all(torch.equal(bundle.train[i][0], again.train[i][0]) for i in range(0, 100, 7))
+
+
+def test_subset_larger_than_dataset_keeps_everything() -> None:
+    bundle = build({"name": "digits", "classes": [0], "subset": {"train": 10_000}})
+    assert len(bundle.train) + len(bundle.val) == 178 and set(labels(bundle.train)) == {0}
+
+
+# --------------------------------------------------------------------------- fake
+def test_fake_sizes_classes_and_determinism() -> None:
+    bundle = build({"name": "fake", "image_size": 16}, num_classes=4)
+    assert (len(bundle.train), len(bundle.val)) == (256, 64)
+    assert bundle.classes == ["class0", "class1", "class2", "class3"]
+    assert set(labels(bundle.val)) <= set(range(4))
+    assert bundle.train[3][0].shape == (3, 16, 16)
+    small = build({"name": "fake", "image_size": 16, "subset": {"train": 20, "val": 8}}, num_classes=4)
+    assert (len(small.train), len(small.val)) == (20, 8)
+    assert torch.equal(small.train[3][0], bundle.train[3][0])
+    assert not torch.equal(bundle.train[0][0], bundle.val[0][0])
+
+
+# --------------------------------------------------------------------------- imagefolder
+def test_imagefolder_single_folder_skips_corrupt_files(tmp_path: Path, caplog) -> None:
+    make_folder(tmp_path, per_class=5)
+    (tmp_path / "cat" / "garbage.png").write_bytes(b"this is not a png")
+    truncated = png_bytes((1, 2, 3), size=40)
+    (tmp_path / "dog" / "truncated.png").write_bytes(truncated[: len(truncated) // 2])
+    bundle = build({"name": "imagefolder", "root": str(tmp_path), "val_split": 0.2})
+    assert bundle.classes == ["cat", "dog", "owl"]
+    assert len(bundle.train) + len(bundle.val) == 16  # 15 good + the truncated one, found only on load
+    assert "1 unreadable files skipped" in bundle.describe
+    assert any("garbage.png" in r.getMessage() for r in caplog.records)
+    loader = make_loader(bundle.train, batch_size=4, train=True, seed=0, num_workers=0, pin_memory=False)
+    seen = [y for _, ys in loader.epoch(0) for y in ys.tolist()]  # must not raise on the truncated file
+    assert len(seen) == len(bundle.train)
+    for i in range(len(bundle.val)):
+        image, label = bundle.val[i]
+        assert image.shape == (3, 32, 32)
+        # solid colours: the image's strongest channel is its class
+        assert int(image.float().mean((1, 2)).argmax()) == label
+
+
+def test_imagefolder_train_val_layout(tmp_path: Path) -> None:
+    make_folder(tmp_path / "train", per_class=4)
+    make_folder(tmp_path / "val", per_class=2)
+    bundle = build({"name": "imagefolder", "root": str(tmp_path), "classes": ["owl", "cat"]})
+    assert bundle.classes == ["owl", "cat"]
+    assert (len(bundle.train), len(bundle.val)) == (8, 4)
+    assert Counter(labels(bundle.val)) == {0: 2, 1: 2}
+    owl = bundle.val[labels(bundle.val).index(0)][0]
+    assert int(owl.float().mean((1, 2)).argmax()) == 2  # blue: relabelled, not re-ordered images
+
+
+def test_imagefolder_val_class_missing_from_train_is_an_error(tmp_path: Path) -> None:
+    make_folder(tmp_path / "train", per_class=2)
+    make_folder(tmp_path / "val", per_class=1)
+    (tmp_path / "val" / "emu").mkdir()
+    with pytest.raises(SpecError, match="emu") as err:
+        build({"name": "imagefolder", "root": str(tmp_path)})
+    assert err.value.key_path == ("data", "root")
+
+
+@pytest.mark.parametrize("setup, words", [
+    ("missing", "does not exist"),
+    ("empty", "no class folders"),
+    ("no-images", "has no images"),
+])
+def test_imagefolder_bad_root_names_the_folder(tmp_path: Path, setup: str, words: str) -> None:
+    root = tmp_path / "pics"
+    if setup != "missing":
+        root.mkdir()
+    if setup == "no-images":
+        (root / "cat").mkdir()
+        (root / "cat" / "notes.txt").write_text("no image here")
+    with pytest.raises(SpecError, match=words) as err:
+        build({"name": "imagefolder", "root": str(root)})
+    assert err.value.key_path == ("data", "root")
+    assert str(root) in str(err.value)
+
+
+def test_imagefolder_root_is_relative_to_the_spec_file(tmp_path: Path) -> None:
+    make_folder(tmp_path / "pics", per_class=3)
+    spec_file = tmp_path / "run.yaml"
+    spec_file.write_text("model: {backbone: 'torchvision:resnet18'}\ndata:\n  name: imagefolder\n  root: pics\n")
+    bundle = build_data(load_spec(spec_file), CFG)
+    assert len(bundle.train) + len(bundle.val) == 9
+
+
+# --------------------------------------------------------------------------- errors
+def test_unknown_class_name_suggests_the_closest(tmp_path: Path) -> None:
+    write_mnist_files(tmp_path, 20, 10, gz=False)
+    with pytest.raises(SpecError) as err:
+        build({"name": "fashion-mnist", "root": str(tmp_path), "classes": ["Bag", "Sneakr"]})
+    assert err.value.key_path == ("data", "classes", 1)
+    assert "Sneaker" in err.value.hint
+
+
+@pytest.mark.parametrize("chosen, path", [([10], ("data", "classes", 0)), ([3, "3"], ("data", "classes", 1))])
+def test_bad_class_index_or_duplicate(chosen: list, path: tuple) -> None:
+    with pytest.raises(SpecError) as err:
+        build({"name": "digits", "classes": chosen})
+    assert err.value.key_path == path
+
+
+def test_unknown_dataset_lists_what_is_available() -> None:
+    with pytest.raises(SpecError) as err:
+        build({"name": "cifar11"})
+    assert err.value.key_path == ("data", "name")
+    assert "digits" in err.value.expected and "cifar10" in err.value.hint
+
+
+def test_torchvision_dataset_not_on_disk_says_how_to_get_it(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="download: true") as err:
+        build({"name": "CIFAR10", "root": str(tmp_path)})
+    assert err.value.key_path == ("data", "root")
+
+
+@pytest.mark.parametrize("augment, path", [
+    ({"randaugment": "rand-x9"}, ("data", "augment", "randaugment")),
+    ({"randaugment": "auto"}, ("data", "augment", "randaugment")),
+    ({"crop": False, "scale": [0.5, 1.0]}, ("data", "augment", "scale")),
+    ({"scale": [0.9, 0.5]}, ("data", "augment", "scale")),
+])
+def test_bad_augment_options(augment: dict, path: tuple) -> None:
+    with pytest.raises(SpecError) as err:
+        build({"name": "digits", "augment": augment})
+    assert err.value.key_path == path
+
+
+# --------------------------------------------------------------------------- IDX datasets
+@pytest.mark.parametrize("gz", [False, True])
+def test_fashion_mnist_reader_on_tiny_files(tmp_path: Path, gz: bool) -> None:
+    write_mnist_files(tmp_path, 30, 12, gz=gz)
+    bundle = build({"name": "fashion-mnist", "root": str(tmp_path), "image_size": 16})
+    assert (len(bundle.train), len(bundle.val)) == (30, 12)
+    assert bundle.classes[0] == "T-shirt/top" and bundle.classes[9] == "Ankle boot"
+    assert labels(bundle.val) == [i % 10 for i in range(12)]
+    assert bundle.val[0][0].shape == (3, 16, 16)
+    raw = read_idx(tmp_path / ("train-images-idx3-ubyte" + (".gz" if gz else "")))
+    assert raw.shape == (30, 28, 28) and raw.dtype == np.uint8
+
+
+def test_fashion_mnist_missing_or_corrupt(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="apt-get install dataset-fashion-mnist") as err:
+        build({"name": "fashion-mnist", "root": str(tmp_path)})
+    assert err.value.key_path == ("data", "root")
+    write_mnist_files(tmp_path, 5, 5, gz=False)
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x01\x02\x03\x04junk")
+    with pytest.raises(SpecError, match="t10k-labels"):
+        build({"name": "fashion-mnist", "root": str(tmp_path)})
+    with pytest.raises(ValueError, match="magic"):
+        read_idx(tmp_path / "t10k-labels-idx1-ubyte")
+
+
+@pytest.mark.skipif(not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file(),
+                    reason="Debian package dataset-fashion-mnist is not installed")
+def test_fashion_mnist_from_the_debian_package() -> None:
+    bundle = build({"name": "fashion-mnist"})
+    assert (len(bundle.train), len(bundle.val)) == (60000, 10000)
+    assert len(bundle.classes) == 10
+    image, label = bundle.val[0]
+    assert image.shape == (3, 32, 32) and label == 9  # the first test image is an ankle boot
+
+
+def test_torchvision_dataset_by_name(tmp_path: Path) -> None:
+    write_mnist_files(tmp_path / "MNIST" / "raw", 40, 20, gz=False)
+    bundle = build({"name": "mnist", "root": str(tmp_path), "classes": ["1 - one", 0], "image_size": 8})
+    assert bundle.classes == ["1 - one", "0 - zero"]
+    assert (len(bundle.train), len(bundle.val)) == (8, 4)
+    assert bundle.train[0][0].shape == (3, 8, 8)
+
+
+# --------------------------------------------------------------------------- transforms
+def test_eval_transform_crops_large_images_and_keeps_small_ones_whole() -> None:
+    transform = eval_transform(CFG, 32)
+    large = Image.new("L", (100, 80), 0)
+    large.putpixel((0, 0), 255)
+    out = transform(large)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+    assert out.max() == 0  # the corner pixel fell outside the centre crop
+    small = Image.new("L", (8, 8), 0)
+    small.paste(255, (0, 0, 2, 2))
+    out = transform(small)
+    assert out.shape == (3, 32, 32) and out[:, 0, 0].min() > 200  # whole image kept: corner survives
+
+
+def test_augment_mapping_and_determinism_flag() -> None:
+    assert build({"name": "digits", "augment": {}}).deterministic_train
+    bundle = build({"name": "digits", "augment": {"hflip": 0.5, "rotation": 10, "color_jitter": 0.2,
+                                                   "randaugment": "rand-m9-mstd0.5"}})
+    assert not bundle.deterministic_train
+    first, again = bundle.train[(4, 11)][0], bundle.train[(4, 11)][0]
+    assert first.shape == (3, 32, 32) and torch.equal(first, again)
+    assert any(not torch.equal(first, bundle.train[(e, 11)][0]) for e in range(5, 10))
+
+
+def test_normalize_matches_torchvision_and_keeps_channels_last() -> None:
+    from torchvision.transforms import Normalize
+
+    batch = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    expected = Normalize(CFG["mean"], CFG["std"])(batch.float() / 255)
+    out = normalize(batch, CFG["mean"], CFG["std"])
+    assert out.dtype == torch.float32 and torch.allclose(out, expected, atol=1e-5)
+    last = normalize(batch.contiguous(memory_format=torch.channels_last), CFG["mean"], CFG["std"])
+    assert last.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(last, expected, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- loaders
+def test_epoch_depends_only_on_seed_and_epoch() -> None:
+    bundle = build({"name": "digits", "augment": "standard", "subset": {"train": 48}})
+    warm = make_loader(bundle.train, batch_size=16, train=True, seed=7, num_workers=2, pin_memory=False)
+    for epoch in range(3):
+        for step, _ in enumerate(warm.epoch(epoch)):
+            if step == 1 and epoch == 1:  # an epoch cut short, as train.limit_batches does
+                break
+    resumed = list(warm.epoch(3))
+    fresh = make_loader(bundle.train, batch_size=16, train=True, seed=7, num_workers=0, pin_memory=False)
+    rng_before = torch.get_rng_state()
+    direct = list(fresh.epoch(3))
+    assert torch.equal(rng_before, torch.get_rng_state())  # the training process's RNG is left alone
+    assert len(resumed) == len(direct) == len(warm) == 3
+    for (xa, ya), (xb, yb) in zip(resumed, direct):
+        assert xa.dtype == torch.uint8 and ya.dtype == torch.int64 and xa.shape == (16, 3, 32, 32)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    other = list(fresh.epoch(2))
+    assert not torch.equal(torch.cat([y for _, y in other]), torch.cat([y for _, y in direct]))
+
+
+def test_eval_loader_keeps_order() -> None:
+    bundle = build({"name": "digits", "subset": {"val": 30}})
+    loader = make_loader(bundle.val, batch_size=8, train=False, seed=0, num_workers=0, pin_memory=False)
+    assert len(loader) == 4
+    assert torch.cat([y for _, y in loader.epoch(0)]).tolist() == labels(bundle.val)
+
+
+@pytest.mark.parametrize("size, drop_last, per_rank, batches", [(24, False, 12, 3), (25, False, 13, 4), (25, True, 12, 3)])
+def test_ranks_split_each_epoch(size: int, drop_last: bool, per_rank: int, batches: int) -> None:
+    from torch.utils.data import TensorDataset
+
+    data = TensorDataset(torch.zeros(size, 3, 2, 2, dtype=torch.uint8), torch.arange(size))
+    shares = []
+    for rank in range(2):
+        part = make_loader(data, batch_size=4, train=True, seed=3, num_workers=0, pin_memory=False,
+                           drop_last=drop_last, rank=rank, world_size=2)
+        shares.append([i for _, ys in part.epoch(5) for i in ys.tolist()])
+        assert len(part) == batches
+    assert len(shares[0]) == len(shares[1]) == (per_rank // 4 * 4 if drop_last else per_rank)
+    if size % 2 == 0:
+        assert sorted(shares[0] + shares[1]) == list(range(size))
+
+
+def test_make_loader_takes_a_plain_dataset() -> None:
+    from torch.utils.data import TensorDataset
+
+    data = TensorDataset(torch.zeros(10, 3, 4, 4, dtype=torch.uint8), torch.arange(10))
+    loader = make_loader(data, batch_size=4, train=False, seed=0, num_workers=0, pin_memory=False)
+    assert [y.tolist() for _, y in loader.epoch(0)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]

@@ -182,7 +182,10 @@ COMMANDS = {"inspect": cmd_inspect, "validate": cmd_validate, "schema": cmd_sche
 def _print_error(err: SpecError) -> None:
     from rich.markup import escape
 
-    _console(stderr=True).print(f"[bold red]error[/bold red] {escape(str(err))}")
+    # soft_wrap: long paths and hints stay on their own lines, so a terminal or a log can be grepped
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error[/bold red] {escape(str(err))}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -261,10 +261,10 @@ def _interpolation(data_config: Mapping) -> str:
 class _EvalGeometry:
     """PIL image -> RGB PIL image of image_size x image_size, the way inference sees it.
 
-    Images no larger than the input (8x8 digits, 28px MNIST, 32px CIFAR) are resized whole:
-    for them crop_pct, an ImageNet convention for large photos with a centred object, would
-    only cut off real content. Larger images follow the config: resize to image_size/crop_pct
-    and crop (crop_mode center, squash or border, as timm does).
+    Images whose shorter side is no larger than the input (8x8 digits, 28px MNIST, 32px
+    CIFAR) are resized whole: for them crop_pct, an ImageNet convention for large photos of a
+    centred object, would only cut off real content. Larger images follow the config: resize
+    to image_size/crop_pct and crop (crop_mode center, squash or border, as timm does).
     """
 
     def __init__(self, data_config: Mapping, image_size: int) -> None:
@@ -324,8 +324,9 @@ def eval_transform(data_config: Mapping, image_size: int) -> Callable[[Image.Ima
 
     Returns:
         A callable PIL image -> uint8 tensor 3 x image_size x image_size. Gray and RGBA
-        images become RGB. Images no larger than `image_size` are resized whole; larger ones
-        are resized to ``image_size / crop_pct`` and cropped per `crop_mode`.
+        images become RGB. Images whose shorter side is at most `image_size` are resized
+        whole; larger ones are resized to ``image_size / crop_pct`` and cropped per
+        `crop_mode`, as timm evaluates.
 
     Example:
         >>> t = eval_transform({"crop_pct": 0.875, "interpolation": "bilinear"}, 32)
@@ -554,7 +555,7 @@ def _fake(spec: Spec) -> tuple[_Pool, _Pool, int]:
     return pools[0], pools[1], 0
 
 
-def _folder_error(spec: Spec, problem: str, folder: Path, **kw: Any) -> Exception:
+def _folder_error(spec: Spec, problem: str, folder: Path, **kw: Any) -> SpecError:
     return spec.error(("data", "root"), problem, found=str(folder), **kw)
 
 

@@ -73,15 +73,25 @@ def parse_yaml(text: str, file: str) -> tuple[Any, dict[tuple, Mark]]:
 
 
 _PLAIN_TAGS = {"tag:yaml.org,2002:" + t for t in ("map", "seq", "str", "int", "float", "bool", "null", "timestamp")}
+_MAX_VALUES = 100_000  # aliases of aliases can expand a few lines into billions of values
 
 
-def _construct(loader: _Loader, node: yaml.Node, path: tuple, marks: dict, file: str) -> Any:
-    marks.setdefault(path, (file, node.start_mark.line + 1, node.start_mark.column + 1))
+def _construct(loader: _Loader, node: yaml.Node, path: tuple, marks: dict, file: str,
+               active: frozenset = frozenset()) -> Any:
+    _, line, column = marks.setdefault(path, (file, node.start_mark.line + 1, node.start_mark.column + 1))
+    where = dict(path=path, file=file, line=line, column=column)  # the key's position: an alias's own line
     if node.tag not in _PLAIN_TAGS:
         # a spec is plain data: refuse object construction (!!python/...) and custom tags outright
         raise SpecError(f"the YAML tag {node.tag.replace('tag:yaml.org,2002:', '!!')} is not allowed",
-                        path=path, file=file, line=node.start_mark.line + 1, column=node.start_mark.column + 1,
-                        found=node.tag, expected="plain data: mappings, lists, strings, numbers, true/false, null")
+                        found=node.tag, expected="plain data: mappings, lists, strings, numbers, true/false, null",
+                        **where)
+    if id(node) in active:
+        raise SpecError("an alias refers to a mapping or list that contains it", found="a recursive alias",
+                        expected="aliases of values defined elsewhere", **where)
+    if len(marks) > _MAX_VALUES:
+        raise SpecError(f"the spec expands to more than {_MAX_VALUES} values", found="aliases of aliases",
+                        expected="a spec of plain size", **where)
+    active = active | {id(node)}
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)  # resolves `<<: *anchor` merges
         out: dict[str, Any] = {}
@@ -97,10 +107,10 @@ def _construct(loader: _Loader, node: yaml.Node, path: tuple, marks: dict, file:
                                 expected="each key once per mapping")
             # the key's own position is where a reader looks for a wrong key or value
             marks[path + (key,)] = (file, key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            out[key] = _construct(loader, value_node, path + (key,), marks, file)
+            out[key] = _construct(loader, value_node, path + (key,), marks, file, active)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_construct(loader, item, path + (i,), marks, file) for i, item in enumerate(node.value)]
+        return [_construct(loader, item, path + (i,), marks, file, active) for i, item in enumerate(node.value)]
     value = loader.construct_object(node, deep=True)
     if isinstance(value, (bytes, bytearray)) or type(value).__module__ == "datetime":
         # YAML timestamps and binary have no place in a spec; treat them as the text written
@@ -370,34 +380,48 @@ def _split_override(text: str) -> tuple[tuple, str]:
 
 
 def apply_overrides(data: dict, marks: dict, overrides: Sequence[str]) -> None:
-    """Apply `key.path=value` overrides in place; values are YAML (so 3, 1e-4, [a, b] work)."""
+    """Apply `key.path=value` overrides in place; values are YAML (so 3, 1e-4, [a, b] work).
+
+    Missing mappings on the way are created; a list index one past the end appends
+    (`--set surgery.0.insert=se --set surgery.0.at=layer4` on a spec without surgery).
+    """
     for text in overrides:
         path, raw = _split_override(text)
         label = f"--set {text}"
-        value, _ = parse_yaml(raw, label)
-        target = data
-        for i, part in enumerate(path[:-1]):
+        try:
+            value, _ = parse_yaml(raw, label)
+        except SpecError as err:
+            raise SpecError("the value of an override is not valid YAML: " + err.problem.replace("this is not valid YAML: ", ""),
+                            path=path, file=label, found=repr(raw),
+                            expected="a YAML value, e.g. 3, 1.0e-4, [layer3, layer4] or {type: MaxPool2d}") from None
+        target: Any = data
+        for i, part in enumerate(path):
+            last = i == len(path) - 1
+            fresh = None if last else [] if isinstance(path[i + 1], int) else {}
             if isinstance(target, list):
-                if not isinstance(part, int) or part >= len(target):
+                if not isinstance(part, int):
+                    raise SpecError(f"{format_path(path[:i])} is a list: an override names its entries by number",
+                                    path=path[:i], file=label, found=repr(part),
+                                    expected=f"an index, e.g. --set {'.'.join(map(str, path[:i]))}.0.{part}=...")
+                if part > len(target):
                     raise SpecError("an override points into a list past its end", path=path[: i + 1], file=label,
-                                    found=repr(part), expected=f"an index below {len(target)}")
-                target = target[part]
+                                    found=str(part), expected=f"an index up to {len(target)} ({len(target)} appends an entry)")
+                if part == len(target):
+                    target.append(fresh)
+                    marks[path[: i + 1]] = (label, None, None)
+            elif isinstance(target, dict):
+                part = str(part)
+                if not last and target.get(part) is None:
+                    target[part] = fresh
+                    marks[path[: i + 1]] = (label, None, None)
             else:
-                if not isinstance(target, dict):
-                    raise SpecError("an override goes below a value that is not a mapping", path=path[:i], file=label,
-                                    found=_short(target))
-                target = target.setdefault(str(part), {})
-        last = path[-1]
-        if isinstance(target, list):
-            if not isinstance(last, int) or last >= len(target):
-                raise SpecError("an override points into a list past its end", path=path, file=label,
-                                found=repr(last), expected=f"an index below {len(target)}")
-            target[last] = value
-        elif isinstance(target, dict):
-            target[str(last)] = value
-        else:
-            raise SpecError("an override goes below a value that is not a mapping", path=path[:-1], file=label,
-                            found=_short(target))
+                raise SpecError("an override goes below a value that is neither a mapping nor a list", path=path[:i],
+                                file=label, found=_short(target),
+                                expected=f"a key path that exists, or --set {'.'.join(map(str, path[:i]))}=VALUE to replace it")
+            if last:
+                target[part] = value
+            else:
+                target = target[part]
         for key in [k for k in marks if k[: len(path)] == path]:
             del marks[key]
         marks[path] = (label, None, None)
@@ -580,10 +604,12 @@ def _check_cross_fields(spec: Spec) -> None:
     if sched["warmup_epochs"] >= epochs:
         raise spec.error(("train", "scheduler", "warmup_epochs"), "the warm-up is as long as the whole run",
                          found=str(sched["warmup_epochs"]), expected=f"fewer than train.epochs ({epochs})")
-    if spec.model.key_map == "order" and not isinstance(spec.model.pretrained, str):
-        raise spec.error(("model", "key_map"), "key_map maps the keys of a weight file",
-                         found="pretrained: " + json.dumps(spec.model.pretrained),
-                         expected="model.pretrained set to a file path")
+    key_map, pretrained = spec.model.key_map, spec.model.pretrained
+    if key_map and (pretrained is False or (key_map == "order" and not isinstance(pretrained, str))):
+        raise spec.error(("model", "key_map"), "key_map maps the keys of a weight file, and this spec loads none",
+                         found="pretrained: " + json.dumps(pretrained),
+                         expected="model.pretrained set to the path of a weight file",
+                         hint="remove key_map, or point model.pretrained at the file whose keys it maps")
 
 
 # --------------------------------------------------------------------------- entry point

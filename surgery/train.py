@@ -218,8 +218,12 @@ def prepare(spec: Spec, *, device: str | None = None, runs_root: Path | None = N
     forward: Callable = Compiled(model, runtime.compile) if runtime.compile else model
     batch = spec.train["batch_size"]
     workers = spec.data["num_workers"]
+    if len(data.val) == 0:
+        raise spec.error(("data", "val_split"), "the validation set is empty", found=str(spec.data["val_split"]),
+                         expected="a val_split above 0, or a dataset with its own validation split")
+    # a last training batch of one sample would make BatchNorm fail; dropping a partial batch is harmless
     train_loader = make_loader(data.train, batch_size=batch, train=True, seed=spec.seed, num_workers=workers,
-                               pin_memory=runtime.pin_memory)
+                               pin_memory=runtime.pin_memory, drop_last=len(data.train) > batch)
     val_loader = make_loader(data.val, batch_size=batch, train=False, seed=spec.seed, num_workers=workers,
                              pin_memory=runtime.pin_memory)
     criterion = nn.CrossEntropyLoss(label_smoothing=spec.train["label_smoothing"])

@@ -290,7 +290,8 @@ def _schema_error(err, source: "Source") -> SpecError:
                             expected="torchvision:<name> or timm:<name>, e.g. torchvision:resnet18 or timm:efficientnet_b0",
                             hint=f"write torchvision:{value} or timm:{value}")
     if err.validator == "pattern":
-        return source.error(path, f"{_short(err.instance)} is not a valid {label}", found=_short(err.instance),
+        noun = {"at": "module pattern", "params": "parameter pattern", "insert": "module name"}.get(label, label)
+        return source.error(path, f"{_short(err.instance)} is not a valid {noun}", found=_short(err.instance),
                             expected=node.get("description") or f"text matching {err.validator_value}")
     if err.validator in ("type", "oneOf", "anyOf"):
         return source.error(path, f"{label} takes {_describe(node, brief=True)}, not {_kind_of(err.instance)}",

@@ -49,11 +49,12 @@ def _constructor_error(spec: Spec, exc: Exception) -> Exception:
                       expected=f"keyword arguments that {spec.model.backbone} accepts")
 
 
-def create_backbone(spec: Spec) -> Backbone:
+def create_backbone(spec: Spec, *, fetch: bool = True) -> Backbone:
     """Build the architecture the spec names and fetch its pretrained weights when asked.
 
     Args:
         spec: the loaded spec; only `spec.model` is read.
+        fetch: False skips `pretrained: true` weights (the caller loads its own state_dict).
 
     Returns:
         A `Backbone` whose `.model` has `spec.model.num_classes` outputs (the library default when null).
@@ -62,8 +63,8 @@ def create_backbone(spec: Spec) -> Backbone:
         SpecError: unknown model, rejected constructor arguments, or weights that cannot be had offline.
     """
     if spec.model.source == "torchvision":
-        return _torchvision(spec)
-    return _timm(spec)
+        return _torchvision(spec, fetch)
+    return _timm(spec, fetch)
 
 
 # --------------------------------------------------------------------------- torchvision
@@ -84,7 +85,7 @@ def _torchvision_weights(spec: Spec, arch: str, tag: str | None):
                          expected="one of " + ", ".join(members), hint=did_you_mean(tag, members)) from None
 
 
-def _torchvision(spec: Spec) -> Backbone:
+def _torchvision(spec: Spec, fetch: bool = True) -> Backbone:
     import torchvision
 
     arch, _, tag = spec.model.arch.partition(".")
@@ -102,7 +103,7 @@ def _torchvision(spec: Spec) -> Backbone:
     head = _torchvision_head(model, num_classes)
     config = _torchvision_data_config(weights)
     backbone = Backbone(model, head, config, num_classes=num_classes)
-    if spec.model.pretrained is True:
+    if spec.model.pretrained is True and fetch:
         if weights is None:
             raise spec.error(("model", "pretrained"), f"torchvision publishes no weights for {arch}",
                              found="true", expected="false, or a path to a weight file")
@@ -159,7 +160,7 @@ def _torchvision_data_config(weights) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- timm
-def _timm(spec: Spec) -> Backbone:
+def _timm(spec: Spec, fetch: bool = True) -> Backbone:
     import timm
 
     name = spec.model.arch
@@ -172,7 +173,7 @@ def _timm(spec: Spec) -> Backbone:
             raise spec.error(("model", "backbone"), f"timm has no pretrained tag {name!r}", found=name,
                              expected="one of " + ", ".join(tags[:8]) + (" ..." if len(tags) > 8 else ""),
                              hint=did_you_mean(name, tags))
-    pretrained = spec.model.pretrained is True
+    pretrained = spec.model.pretrained is True and fetch
     kwargs = dict(spec.model.args)
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
@@ -204,8 +205,13 @@ def _timm_offline(spec: Spec, name: str, exc: Exception) -> Exception:
 
     cfg = timm.models.get_pretrained_cfg(name) if hasattr(timm.models, "get_pretrained_cfg") else None
     hub_id = getattr(cfg, "hf_hub_id", None) if cfg else None
-    hf_home = os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface"))
-    where = (f"the Hugging Face cache {hf_home}/hub/models--{hub_id.replace('/', '--')} (hub id {hub_id})"
+    try:  # the cache folder huggingface_hub really uses (HF_HUB_CACHE, else HF_HOME/hub)
+        from huggingface_hub import constants
+
+        hub_cache = constants.HF_HUB_CACHE
+    except ImportError:
+        hub_cache = os.path.join(os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub")
+    where = (f"the Hugging Face cache {os.path.join(hub_cache, 'models--' + hub_id.replace('/', '--'))} (hub id {hub_id})"
              if hub_id else "timm's cache")
     return spec.error(
         ("model", "pretrained"),

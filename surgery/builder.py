@@ -89,7 +89,7 @@ def build(spec: Spec, *, state_dict: Mapping[str, torch.Tensor] | None = None, r
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        backbone = create_backbone(spec)
+        backbone = create_backbone(spec, fetch=state_dict is None)  # given weights: fetch none
         model = backbone.model
         size = probe_size(spec, backbone)
         shapes = _probe(spec, model, size, "backbone")

@@ -110,7 +110,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         console.print("\n".join(f"{args.list}:{n}" for n in names))
         return 0
     if not args.target:
-        raise SpecError("inspect needs a TARGET", found="nothing", expected="a spec file or a backbone id such as timm:resnet50")
+        raise SpecError("a TARGET is needed", file="surgery inspect", found="nothing",
+                        expected="a spec file or a backbone id such as timm:resnet50")
     spec, is_spec = _spec_for_target(args.target, args.overrides, args.input_size)
     from .builder import build
     from .inspect import groups_table, module_records, module_tree, report_table, schedule_rich
@@ -133,20 +134,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .builder import build
     from .spec import load_spec
 
     console = _console()
     failed = 0
     for path in args.specs:
         try:
-            built = build(load_spec(path, args.overrides))
+            spec = load_spec(path, args.overrides)
+            from .builder import build  # torch only once the spec itself is sound
+
+            built = build(spec)
         except SpecError as err:
             failed += 1
             _print_error(err)
             continue
         console.print(f"[green]ok[/green] {path}: {built.spec.model.backbone}, {len(built.inserted)} modules inserted, "
-                      f"{len(built.groups)} groups, {len(built.report.loaded)} pretrained tensors loaded")
+                      f"{len(built.groups)} groups, {len(built.report.loaded)} pretrained tensors loaded", soft_wrap=True)
     return EXIT_SPEC_ERROR if failed else 0
 
 

@@ -89,11 +89,36 @@ class EpochLoader:
     def dataset(self) -> Dataset:
         return self._loader.dataset
 
-    def epoch(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """Batches ``(uint8 images NCHW, int64 labels)`` of `epoch` for this rank."""
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Batches ``(uint8 images NCHW, int64 labels)`` of `epoch` for this rank.
+
+        `start` skips the first batches without loading them (resuming mid-epoch); batch k is
+        the same whatever `start` is.
+        """
         self._batches.epoch = int(epoch)
+        self._batches.start = int(start)
         # the batch list is fixed here, when DataLoader asks the batch sampler for it
         return iter(self._loader)
+
+    @property
+    def unique_items(self) -> int:
+        """How many items of this rank's share are not repeats.
+
+        Without drop_last, DistributedSampler evens the ranks out by repeating a few items; they
+        are the last item of some ranks' shares. Count the first `unique_items` only, and the
+        ranks together count every item exactly once (exact validation metrics under DDP).
+        """
+        sampler = self._batches.sampler
+        if sampler.drop_last:
+            return sampler.num_samples
+        return len(range(sampler.rank, len(sampler.dataset), sampler.num_replicas))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The DataLoader generator's state (it draws the worker base seed once per iterator)."""
+        return {"generator": self._loader.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._loader.generator.set_state(state["generator"])
 
     def __len__(self) -> int:
         return len(self._batches)
@@ -429,6 +454,7 @@ class _EpochBatches:
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.epoch = 0
+        self.start = 0  # batches of the epoch to skip (resuming mid-epoch)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         # built eagerly so the epoch is the one set when the iterator was made
@@ -438,7 +464,7 @@ class _EpochBatches:
         batches = [keys[i: i + self.batch_size] for i in range(0, len(keys), self.batch_size)]
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
-        return iter(batches)
+        return iter(batches[self.start:])
 
     def __len__(self) -> int:
         n = len(self.sampler)

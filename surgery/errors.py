@@ -66,7 +66,10 @@ class SpecError(ValueError):
         return where
 
     def __str__(self) -> str:
-        lines = [f"{self.location}: {self.path}: {self.problem}"]
+        if self.key_path or self.line is not None or self.file is None:
+            lines = [f"{self.location}: {self.path}: {self.problem}"]
+        else:  # about a whole file or a command-line argument: no key to name
+            lines = [f"{self.location}: {self.problem}"]
         if self.found is not None:
             lines.append(f"  found:    {self.found}")
         if self.expected is not None:

@@ -7,7 +7,7 @@ from typing import Mapping, Sequence
 from torch import nn
 
 from .errors import did_you_mean
-from .paths import covers, is_type, nearest, type_names
+from .paths import covers, is_type, nearest, select_modules, type_names
 from .spec import GroupSpec, Selector, Spec
 
 
@@ -83,6 +83,10 @@ def resolve_groups(spec: Spec, model: nn.Module, *, inserted: Sequence[str], hea
     for path, module in modules.items():
         if not isinstance(module, NORM_TYPES):
             continue
+        own = [f"{path}.{n}" if path else n for n, _ in module.named_parameters(recurse=False)]
+        if own:  # the group that owns its weight owns the norm, whatever pattern gave it the weight
+            norms[owner[own[0]]].append(path)
+            continue
         for group in spec.groups:
             if any(_selects(sel, path, modules, inserted, head) for sel in group.params):
                 norms[group.name].append(path)
@@ -98,11 +102,19 @@ def _selected_nothing(spec: Spec, sel: Selector, modules: Mapping[str, nn.Module
     if sel.pattern == "@head":
         return spec.error(sel.where, "'@head' selects nothing: no classifier head was found in this backbone",
                           found="@head", expected="a module path of the head (see `surgery inspect`)")
+    # modules that hold parameters somewhere below them: the only useful suggestions
+    holders = {p for p, m in modules.items() if p and any(True for _ in m.parameters())}
+    matched = select_modules(modules, sel.pattern, sel.type)
+    if matched:  # it names real modules, they just hold no parameters (maxpool, relu, ...)
+        shown = ", ".join(matched[:4]) + (f" ... ({len(matched)} in all)" if len(matched) > 4 else "")
+        return spec.error(sel.where, f"{sel} selects only modules without parameters: {shown}", found=str(sel),
+                          expected="modules that hold parameters (a group trains parameters)",
+                          hint="drop this pattern; `surgery inspect SPEC` shows parameter counts")
     if sel.type is not None:
-        types = sorted({type_names(m)[0] for m in modules.values()})
+        types = sorted({type_names(m)[0] for p, m in modules.items() if p in holders})
         return spec.error(sel.where, f"no module with parameters has type {sel.type!r}", found=sel.type,
                           expected="a class name of the model's modules", hint=did_you_mean(sel.type, types))
-    close = nearest(sel.pattern, [p for p in modules if p])
+    close = nearest(sel.pattern, [p for p in modules if p in holders])
     return spec.error(sel.where, f"no parameter of the model is under {sel.pattern!r}", found=sel.pattern,
                       expected="a module path or glob of the surgered model (`surgery inspect SPEC` lists them)",
                       hint=("did you mean " + " or ".join(repr(c) for c in close) + "?") if close else None)

@@ -118,8 +118,35 @@ class _WithInserts:
         return self._surgery_original.__name__
 
 
+_ESCAPES = {"_": "_u", ".": "_d"}
+_SEP = "_s"  # between module and qualname; "_" is always escaped, so the encoding is unambiguous
+
+
+def _escape(text: str) -> str:
+    return "".join(_ESCAPES.get(c, c) for c in text)
+
+
 def _class_key(cls: type) -> str:
-    return "WithInserts__" + cls.__module__.replace(".", "_dot_") + "__" + cls.__qualname__.replace(".", "_dot_")
+    # torchvision.models.densenet._DenseLayer and friends: names with "_" and "__" must round-trip
+    return "WithInserts__" + _escape(cls.__module__) + _SEP + _escape(cls.__qualname__)
+
+
+def _parse_class_key(name: str) -> tuple[str, str]:
+    parts, out, chars = [], [], iter(name[len("WithInserts__"):])
+    for c in chars:
+        if c != "_":
+            out.append(c)
+            continue
+        code = next(chars, "")
+        if code == "s":
+            parts.append("".join(out))
+            out = []
+        else:
+            out.append({"u": "_", "d": "."}.get(code, "?"))
+    parts.append("".join(out))
+    if len(parts) != 2:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return parts[0], parts[1]
 
 
 _SWAPPED: dict[type, type] = {}
@@ -136,10 +163,13 @@ def with_inserts(cls: type) -> type:
 
 def __getattr__(name: str) -> type:  # lets pickle find a swapped class in a fresh process
     if name.startswith("WithInserts__"):
-        module, _, qualname = name[len("WithInserts__"):].rpartition("__")
-        obj: Any = importlib.import_module(module.replace("_dot_", "."))
-        for part in qualname.replace("_dot_", ".").split("."):
-            obj = getattr(obj, part)
+        module, qualname = _parse_class_key(name)
+        try:
+            obj: Any = importlib.import_module(module)
+            for part in qualname.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError):
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r} ({module}.{qualname} not found)") from None
         return with_inserts(obj)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -247,6 +277,7 @@ def plan_surgery(spec: Spec, model: nn.Module, shapes: Mapping[str, Shapes], hea
                 name, n = f"{base}_{n}", n + 1
             used.add(name)
             attn = _construct(spec, item, factory, channels, target)
+            _dry_run(spec, item, attn, shapes[target], target)
             module = Inserted(attn, identity=item.init == "identity", kind=kind, target=target, position=item.position)
             plan.append(Insertion(target, name, kind, item.position, item.init, channels, item.index, module, item.args))
     return plan
@@ -268,15 +299,25 @@ def _matched_nothing(spec: Spec, sel, modules: Mapping[str, nn.Module]) -> Excep
 
 def _channels(spec: Spec, item: InsertSpec, target: str, module: nn.Module, shapes: Shapes | None) -> int:
     where = ("surgery", item.index, "at")
-    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
-        raise spec.error(where, f"{target} is a {type(module).__name__}, which has no output of its own",
-                         found=target, expected="a module that is called in the forward pass",
-                         hint=f"insert at its elements instead, e.g. '{target}.*'")
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)) or (isinstance(module, nn.Sequential) and not _plain_sequential(module)):
+        if shapes is None:
+            raise spec.error(where, f"{target} is a {type(module).__name__}, which has no output of its own",
+                             found=target, expected="a module that is called in the forward pass",
+                             hint=f"insert at its elements instead, e.g. '{target}.*'")
+        # its own forward walks its children (densenet's blocks, timm's SequentialList): a module
+        # added as a child would run inside that walk, not before or after it
+        raise spec.error(where, f"{target} is a {type(module).__name__} whose forward runs its children itself, "
+                         "so a module added to it would run inside that loop",
+                         found=target, expected="a plain module or a plain nn.Sequential",
+                         hint=f"insert at its last element ('{target}.*' lists them) or before the module that follows it")
     if shapes is None:
         raise spec.error(where, f"{target} is never called in the forward pass, so nothing inserted there would run",
                          found=target, expected="a module on the forward path (`surgery inspect` shows output shapes)")
-    if shapes.calls < 0:
-        raise spec.error(where, f"{target} is called {-shapes.calls} times with different shapes; one inserted module cannot serve all",
+    if shapes.calls != 1:
+        # torchvision's BasicBlock calls one ReLU twice: a module inserted there would run twice, sharing weights
+        differ = " with different shapes" if shapes.calls < 0 else ""
+        raise spec.error(where, f"{target} is called {abs(shapes.calls)} times per forward pass{differ}; "
+                         "one inserted module would run at every call",
                          found=target, expected="a module called once per forward pass",
                          hint="shared modules such as torchvision's reused ReLU are poor targets; pick the layer before")
     shape = shapes.inputs if item.position == "before" else shapes.output
@@ -288,16 +329,31 @@ def _channels(spec: Spec, item: InsertSpec, target: str, module: nn.Module, shap
     return int(shape[1])
 
 
+def _signature(factory) -> _inspect.Signature | None:
+    try:
+        return _inspect.signature(factory)
+    except (TypeError, ValueError):
+        return None
+
+
 def _construct(spec: Spec, item: InsertSpec, factory, channels: int, target: str) -> nn.Module:
+    signature = _signature(factory)
     try:
         module = factory(channels, **dict(item.args))
     except TypeError as exc:
         try:
-            signature = str(_inspect.signature(factory))
-        except (TypeError, ValueError):
-            signature = "(channels, ...)"
-        raise spec.error(("surgery", item.index, "args"), f"{item.insert} rejects these arguments: {exc}",
-                         found=repr(dict(item.args)), expected=f"arguments of {item.insert}{signature}") from None
+            fits = signature is not None and bool(signature.bind(channels, **dict(item.args)))
+        except TypeError:
+            fits = False
+        if not fits:  # else the TypeError comes from inside the module: handled below
+            params = list(signature.parameters) if signature is not None else []
+            unknown = [k for k in item.args if k not in params]
+            raise spec.error(("surgery", item.index, "args"), f"{item.insert} rejects these arguments: {exc}",
+                             found=repr(dict(item.args)), expected=f"arguments of {item.insert}{signature or '(channels, ...)'}",
+                             hint=did_you_mean(unknown[0], params[1:]) if unknown else None) from None
+        raise spec.error(("surgery", item.index, "args"), f"{item.insert} cannot be built for {channels} channels at {target}: "
+                         f"{exc.__class__.__name__}: {exc}", found=repr(dict(item.args)),
+                         expected=f"arguments of {item.insert}{signature} that fit this width") from None
     except Exception as exc:  # noqa: BLE001 - a module that cannot be built for this width is a spec problem
         raise spec.error(("surgery", item.index, "args"), f"{item.insert} cannot be built for {channels} channels at {target}: {exc}",
                          found=repr(dict(item.args)), expected="arguments that fit this width") from None
@@ -305,6 +361,35 @@ def _construct(spec: Spec, item: InsertSpec, factory, channels: int, target: str
         raise spec.error(("surgery", item.index, "insert"), f"{item.insert} did not build an nn.Module", found=type(module).__name__,
                          expected="an nn.Module")
     return module
+
+
+def _dry_run(spec: Spec, item: InsertSpec, attn: nn.Module, shapes: Shapes, target: str) -> None:
+    # A module that fails on this feature map, or reshapes it, is a spec problem: say so now,
+    # at its own surgery entry, before the model is changed.
+    shape = shapes.inputs if item.position == "before" else shapes.output
+    side = "input" if item.position == "before" else "output"
+    was_training = attn.training
+    attn.eval()  # no running statistics move, no dropout
+    try:
+        with torch.no_grad():
+            out = attn(torch.zeros(shape))
+    except Exception as exc:  # noqa: BLE001 - whatever the module raises, the spec entry is the cause
+        signature = _signature(module_factory(spec, item))
+        raise spec.error(("surgery", item.index, "args"),
+                         f"{item.insert} fails on the {side} of {target}, a {list(shape)} feature map: "
+                         f"{exc.__class__.__name__}: {str(exc).strip() or '(no message)'}"[:400],
+                         found=repr(dict(item.args)),
+                         expected=f"arguments of {item.insert}{signature or ''} that fit this feature map",
+                         hint="self-attention modules (halo, bottleneck, bat) constrain the feature size; "
+                              "pick a target with a size they accept, or a channel attention (se, eca, cbam)") from None
+    finally:
+        attn.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape):
+        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise spec.error(("surgery", item.index, "args" if item.args else "insert"),
+                         f"{item.insert} turns the {side} of {target}, {list(shape)}, into {got}",
+                         found=item.insert, expected="a module that keeps the feature map's shape",
+                         hint="modules with a stride or other output channels cannot be inserted; check surgery args")
 
 
 def apply_surgery(model: nn.Module, plan: Sequence[Insertion]) -> None:

@@ -61,6 +61,9 @@ def make_runtime(spec: Spec, device_override: str | None = None) -> Runtime:
     requested = device_override or train["device"]
     where = ("train", "device")
     device = pick_device(requested)
+    if device.type == "cuda" and device.index is None:
+        # under torchrun, one GPU per process: LOCAL_RANK picks it (0 outside torchrun)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise spec.error(where, "CUDA is not available on this machine", found=requested,
                          expected="auto or cpu", hint="--device cpu, or --set train.device=auto")
@@ -86,10 +89,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _mps() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def rng_state() -> dict[str, Any]:
+    """Every global RNG this process draws from: Python, numpy, torch CPU, CUDA, MPS."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if _mps():
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -99,6 +109,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and _mps():
+        torch.mps.set_rng_state(state["mps"])
 
 
 class Compiled:

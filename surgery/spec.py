@@ -48,6 +48,8 @@ def _yaml_error(exc: yaml.YAMLError, file: str) -> SpecError:
         problem, mark = f"the {what} opened here is never closed: {problem}{at}", context_mark
     elif "'\\t'" in problem or "\t" in problem:
         hint = "indent with spaces: YAML does not allow tabs"
+    elif "expected alphabetic or numeric character" in problem or "cannot start any token" in problem:
+        hint = "YAML reads a value that starts with *, &, !, @ or ` as syntax: quote it, e.g. params: '*' or at: '@head'"
     return SpecError(
         f"this is not valid YAML: {problem}",
         file=file,
@@ -93,18 +95,27 @@ def _construct(loader: _Loader, node: yaml.Node, path: tuple, marks: dict, file:
                         expected="a spec of plain size", **where)
     active = active | {id(node)}
     if isinstance(node, yaml.MappingNode):
-        loader.flatten_mapping(node)  # resolves `<<: *anchor` merges
+        if not hasattr(node, "merged"):  # an aliased node is visited again, already flattened
+            own = sum(1 for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge")
+            loader.flatten_mapping(node)  # resolves `<<: *anchor` merges: merged pairs first, then its own
+            node.merged = len(node.value) - own
         out: dict[str, Any] = {}
-        for key_node, value_node in node.value:
+        own_keys: set[str] = set()
+        for i, (key_node, value_node) in enumerate(node.value):
             key = loader.construct_object(key_node, deep=True)
             if not isinstance(key, (str, int, float, bool)) or key is None:
                 raise SpecError("mapping keys must be plain names", path=path, found=repr(key),
                                 file=file, line=key_node.start_mark.line + 1, column=key_node.start_mark.column + 1)
             key = str(key)
-            if key in out:
-                raise SpecError(f"the key {key!r} appears twice", path=path + (key,), file=file,
-                                line=key_node.start_mark.line + 1, column=key_node.start_mark.column + 1,
-                                expected="each key once per mapping")
+            if i >= node.merged:  # keys merged from an anchor may be overridden; the mapping's own, not
+                if key in own_keys:
+                    raise SpecError(f"the key {key!r} appears twice", path=path + (key,), file=file,
+                                    line=key_node.start_mark.line + 1, column=key_node.start_mark.column + 1,
+                                    expected="each key once per mapping")
+                own_keys.add(key)
+            if key in out:  # overriding a merged value: its marks no longer describe anything
+                for stale in [k for k in marks if k[: len(path) + 1] == path + (key,)]:
+                    del marks[stale]
             # the key's own position is where a reader looks for a wrong key or value
             marks[path + (key,)] = (file, key_node.start_mark.line + 1, key_node.start_mark.column + 1)
             out[key] = _construct(loader, value_node, path + (key,), marks, file, active)
@@ -260,6 +271,8 @@ def _schema_error(err, source: "Source") -> SpecError:
     path = tuple(err.absolute_path)
     node = _deref(err.schema)
     label = next((p for p in reversed(path) if isinstance(p, str)), "the spec")
+    if path and isinstance(path[-1], int):
+        label = f"an entry of {label}"
     if err.validator == "additionalProperties":
         allowed = sorted(node.get("properties", {}))
         where = _where(err)
@@ -393,7 +406,7 @@ def apply_overrides(data: dict, marks: dict, overrides: Sequence[str]) -> None:
             value, _ = parse_yaml(raw, label)
         except SpecError as err:
             raise SpecError("the value of an override is not valid YAML: " + err.problem.replace("this is not valid YAML: ", ""),
-                            path=path, file=label, found=repr(raw),
+                            path=path, file=label, found=repr(raw), hint=err.hint,
                             expected="a YAML value, e.g. 3, 1.0e-4, [layer3, layer4] or {type: MaxPool2d}") from None
         target: Any = data
         for i, part in enumerate(path):

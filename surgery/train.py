@@ -2,18 +2,34 @@
 
 The loop reads top to bottom. Per-epoch decisions (which groups train, each group's lr) come
 from the pure functions of `schedule.py`; the only state carried between epochs is what the
-checkpoint holds (weights, optimizer, scaler, EMA, plateau factor, RNG states), so a resumed run
-continues exactly where it stopped.
+checkpoint holds, so a resumed run continues exactly where it stopped:
+
+    checkpoints/last.pt = {
+      epoch, batch        where to continue: batch > 0 means mid-epoch (after Ctrl-C)
+      model, optimizer, scaler, plateau, ema, loaders (their generators)
+      ranks: [per process: rng (python, numpy, torch, cuda), partial-epoch sums, and under DDP
+              the BatchNorm statistics, which move per process until the epoch ends]
+      best, rows          the best epoch so far and every metrics row (metrics.jsonl is rewritten
+                          from them, so a resumed run lists each epoch exactly once)
+      world_size, spec    what the run was started with
+    }
+
+Under torchrun the same loop runs in every process (see `surgery.distributed`): batches are
+sharded, metrics are summed over processes, only rank 0 writes and prints, and the ranks'
+parameters are compared bit for bit after every epoch. ``train.batch_size`` is per process.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import shlex
 import shutil
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -21,9 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
 from .builder import Built, build
 from .data import DataBundle, build_data, make_loader, normalize
-from .errors import SpecError
+from .distributed import DataParallel, Distributed
+from .errors import SpecError, format_path
 from .groups import ResolvedGroup
 from .optim import build_optimizer, set_lrs
 from .rundir import (RunDirError, check_writable, plot_confusion, plot_curves, read_metrics, save_safetensors,
@@ -32,11 +50,19 @@ from .runtime import Compiled, Runtime, make_runtime, rng_state, seed_everything
 from .schedule import Plateau, lrs_at, unfreeze_events
 from .spec import Spec, load_spec
 
+log = logging.getLogger(__name__)
+
 StepHook = Callable[[int, int, float], None]
+
+CHECKPOINT_FORMAT = 2
 
 
 class TrainingStopped(RuntimeError):
-    """The run stopped on purpose (non-finite loss, interrupt) after keeping a good checkpoint."""
+    """The run stopped on purpose (non-finite loss, interrupt, diverged ranks), keeping a good checkpoint."""
+
+
+class NonFiniteLoss(TrainingStopped):
+    """A NaN or infinite loss with ``train.nonfinite: stop``."""
 
 
 # --------------------------------------------------------------------------- freezing
@@ -74,6 +100,24 @@ class EpochResult:
     top5: float | None = None
     confusion: torch.Tensor | None = None
     per_class: list[float] = field(default_factory=list)
+    stopped: bool = False  # an interrupt ended the epoch early; `EpochState` says where
+
+
+@dataclass
+class EpochState:
+    """This process's progress through one training epoch: what a mid-epoch checkpoint keeps.
+
+    Sums are this process's own (`train_epoch` adds them over processes for the result) and
+    exact: the loss sum is float64, accumulated in the same order a resumed run continues it.
+    """
+
+    batch: int = 0  # batches done; a resumed epoch starts at this one
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    data_seconds: float = 0.0
 
 
 @dataclass
@@ -94,10 +138,20 @@ class Context:
     val_loader: Any
     criterion: nn.Module
     trainable_params: list[nn.Parameter] = field(default_factory=list)
+    dist: Distributed = field(default_factory=Distributed)
+
+    @property
+    def steps(self) -> int:
+        """Training batches per epoch on each process (``train.limit_batches`` applied)."""
+        limit = self.spec.train["limit_batches"]
+        return min(len(self.train_loader), limit) if limit else len(self.train_loader)
 
 
-def _batches(loader: Any, epoch: int, limit: int | None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    for step, (x, y) in enumerate(loader.epoch(epoch)):
+def _batches(loader: Any, epoch: int, limit: int | None,
+             start: int = 0) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    if limit is not None and start >= limit:
+        return
+    for step, (x, y) in enumerate(loader.epoch(epoch, start), start=start):
         if limit is not None and step >= limit:
             break
         yield step, x, y
@@ -113,21 +167,32 @@ def _to_device(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Te
 
 
 def train_epoch(ctx: Context, epoch: int, flags: Mapping[str, bool], *, on_step: StepHook | None = None,
-                stop: Callable[[], bool] = lambda: False) -> EpochResult:
-    spec, train = ctx.spec, ctx.spec.train
+                stop: Callable[[], bool] = lambda: False, state: EpochState | None = None) -> EpochResult:
+    """Train one epoch (from batch ``state.batch`` when resuming); return its figures over all processes.
+
+    `stop` is asked after every batch; when it says so (on any process), the epoch ends there
+    with ``result.stopped`` and `state` holds what a checkpoint needs to continue it exactly.
+
+    Raises:
+        NonFiniteLoss: a NaN or infinite loss on any process, with ``train.nonfinite: stop``.
+    """
+    spec, train, env = ctx.spec, ctx.spec.train, ctx.dist
+    state = state if state is not None else EpochState()
     set_train_mode(ctx.model, ctx.built.groups, flags)
     any_trainable = any(flags.values())
-    limit = train["limit_batches"]
-    steps = min(len(ctx.train_loader), limit) if limit else len(ctx.train_loader)
+    steps = ctx.steps
     per_step = train["scheduler"]["per_step"]
     set_lrs(ctx.optimizer, lrs_at(spec, epoch, ctx.plateau.current))
-    loss_sum = torch.zeros((), device=ctx.runtime.device, dtype=torch.float64)
-    correct = torch.zeros((), device=ctx.runtime.device, dtype=torch.int64)
-    seen = skipped = 0
+    device = ctx.runtime.device
+    loss_sum = torch.tensor(state.loss_sum, device=device, dtype=torch.float64)
+    correct = torch.tensor(state.correct, device=device, dtype=torch.int64)
+    seen, skipped = state.seen, state.skipped
     data_seconds = 0.0
+    stopped = False
     start = time.perf_counter()
     fetched = start
-    for step, x, y in _batches(ctx.train_loader, epoch, limit):
+    step = state.batch - 1
+    for step, x, y in _batches(ctx.train_loader, epoch, train["limit_batches"], state.batch):
         data_seconds += time.perf_counter() - fetched
         if per_step and step:
             set_lrs(ctx.optimizer, lrs_at(spec, epoch + step / steps, ctx.plateau.current))
@@ -135,14 +200,25 @@ def train_epoch(ctx: Context, epoch: int, flags: Mapping[str, bool], *, on_step:
         with ctx.runtime.autocast(), torch.set_grad_enabled(any_trainable):
             logits = ctx.forward(x)
             loss = ctx.criterion(logits.float(), y)
-        if not torch.isfinite(loss):
+        if env.enabled:
+            # every process must take the same branch, or DDP's all-reduces would wait forever
+            verdict = env.max_(torch.stack([(~torch.isfinite(loss.detach())).double(),
+                                            torch.tensor(float(stop()), device=device, dtype=torch.float64)]))
+            nonfinite, stopped = bool(verdict[0]), bool(verdict[1])
+        else:
+            nonfinite = not bool(torch.isfinite(loss))
+        if nonfinite:
             if train["nonfinite"] == "skip":
                 skipped += 1
                 ctx.optimizer.zero_grad(set_to_none=True)
                 fetched = time.perf_counter()
+                if stopped:
+                    break
                 continue
-            raise TrainingStopped(f"the loss became {loss.item()} at epoch {epoch}, batch {step}; "
-                                  "the last good checkpoint is kept (train.nonfinite: skip skips such batches)")
+            value = loss.item()
+            where = f"epoch {epoch + 1}, batch {step + 1} of {steps}"
+            raise NonFiniteLoss(f"the loss became {value} in {where}" if not math.isfinite(value)
+                                else f"the loss became non-finite on another process in {where}")
         if any_trainable:
             ctx.optimizer.zero_grad(set_to_none=True)
             ctx.scaler.scale(loss).backward()
@@ -159,35 +235,65 @@ def train_epoch(ctx: Context, epoch: int, flags: Mapping[str, bool], *, on_step:
         seen += n
         if on_step is not None:
             on_step(epoch, step, float(loss.detach()))
-        if stop():
+        if not env.enabled:
+            stopped = stop()
+        if stopped:
             break
         fetched = time.perf_counter()
     seconds = time.perf_counter() - start
-    return EpochResult(loss=float(loss_sum) / max(seen, 1), acc=int(correct) / max(seen, 1), seen=seen,
-                       seconds=seconds, data_seconds=data_seconds, skipped=skipped)
+    state.batch = step + 1
+    state.loss_sum, state.correct, state.seen, state.skipped = float(loss_sum), int(correct), seen, skipped
+    state.seconds += seconds
+    state.data_seconds += data_seconds
+    # a stop after the epoch's last batch ends the epoch normally (validated, saved, then stopped)
+    stopped = stopped and state.batch < steps
+    if not stopped:
+        # BatchNorm statistics moved per process; frozen norms (eval mode) are not touched
+        distributed.sync_buffers([ctx.model] + ([ctx.ema.module] if ctx.ema is not None else []),
+                                 distributed.trained_norms(ctx.model), env)
+    totals = env.sum_(torch.tensor([state.loss_sum, state.correct, state.seen, state.skipped],
+                                   dtype=torch.float64, device=env.device if env.enabled else "cpu")).tolist()
+    loss_total, correct_total, seen_total, skipped_total = totals
+    return EpochResult(loss=loss_total / max(seen_total, 1), acc=correct_total / max(seen_total, 1),
+                       seen=int(seen_total), seconds=state.seconds, data_seconds=state.data_seconds,
+                       skipped=int(skipped_total), stopped=stopped)
 
 
 @torch.no_grad()
 def evaluate(ctx: Context, model_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EpochResult:
-    """Validation loss, top-1, top-5 (more than 5 classes) and the confusion matrix."""
+    """Validation loss, top-1, top-5 (more than 5 classes) and the confusion matrix.
+
+    Under DDP each process scores its share and the figures are summed; the items the sampler
+    repeats to even out the shares are left out, so every image counts exactly once.
+    """
     was_training = ctx.model.training
     ctx.model.eval()
     forward = model_fn or ctx.forward
+    device = ctx.runtime.device
     k = len(ctx.data.classes)
-    confusion = torch.zeros(k, k, dtype=torch.int64)
-    loss_sum, top5, seen = 0.0, 0, 0
+    confusion = torch.zeros(k * k, dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    top5 = torch.zeros((), dtype=torch.int64, device=device)
+    unique = ctx.val_loader.unique_items
+    position = 0
     start = time.perf_counter()
     for _, x, y in _batches(ctx.val_loader, 0, ctx.spec.train["limit_batches"]):
         x, y = _to_device(ctx, x, y)
         with ctx.runtime.autocast():
             logits = forward(x).float()
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        pred = logits.argmax(1)
-        confusion += torch.bincount((y * k + pred).cpu(), minlength=k * k).reshape(k, k)
+        if position + len(y) > unique:  # repeats added by the distributed sampler
+            keep = unique - position
+            logits, y = logits[:keep], y[:keep]
+        position += len(y)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        confusion += torch.bincount(y * k + logits.argmax(1), minlength=k * k)
         if k > 5:
-            top5 += int((logits.topk(5, dim=1).indices == y[:, None]).any(1).sum())
-        seen += y.shape[0]
+            top5 += (logits.topk(5, dim=1).indices == y[:, None]).any(1).sum()
     ctx.model.train(was_training)
+    env = ctx.dist
+    confusion = env.sum_(confusion.to(env.device)).cpu().reshape(k, k)
+    loss_sum, top5 = env.sum_(torch.stack([loss_sum, top5.double()]).to(env.device)).tolist()
+    seen = int(confusion.sum())
     per_class = (confusion.diag().double() / confusion.sum(1).clamp(min=1)).tolist()
     return EpochResult(loss=loss_sum / max(seen, 1), acc=int(confusion.diag().sum()) / max(seen, 1), seen=seen,
                        seconds=time.perf_counter() - start, top5=top5 / max(seen, 1) if k > 5 else None,
@@ -195,10 +301,17 @@ def evaluate(ctx: Context, model_fn: Callable[[torch.Tensor], torch.Tensor] | No
 
 
 # --------------------------------------------------------------------------- set-up
-def prepare(spec: Spec, *, device: str | None = None, runs_root: Path | None = None) -> Context:
-    """Build model, data, optimizer and friends for a run (no files written)."""
-    seed_everything(spec.seed)
+def prepare(spec: Spec, *, device: str | None = None, runs_root: Path | None = None,
+            env: Distributed | None = None) -> Context:
+    """Build model, data, optimizer and friends for a run (no files written).
+
+    Under torchrun (or with `env`), joins the process group, shards both loaders and wraps the
+    model for data parallelism; otherwise everything runs in this process as before.
+    """
     runtime = make_runtime(spec, device)
+    env = env if env is not None else distributed.setup(runtime.device)
+    # per-process streams for dropout and the like; rank 0 matches a single-process run
+    seed_everything(spec.seed + env.rank)
     built = build(spec, runs_root=runs_root)
     config = dict(built.data_config)
     config["input_size"] = (3, spec.data["image_size"], spec.data["image_size"])
@@ -207,7 +320,15 @@ def prepare(spec: Spec, *, device: str | None = None, runs_root: Path | None = N
         raise spec.error(("model", "num_classes"), f"the model has {built.num_classes} outputs but the data has "
                          f"{len(data.classes)} classes", found=str(spec.model.num_classes),
                          expected=f"num_classes: {len(data.classes)}")
-    model = built.model.to(runtime.device, memory_format=runtime.memory_format)
+    model = built.model
+    if env.enabled and spec.train["sync_bn"]:
+        if runtime.device.type == "cuda":
+            model = distributed.convert_sync_bn(model)  # same parameter objects: groups still hold
+        elif env.is_main:
+            log.warning("train.sync_bn: SyncBatchNorm needs CUDA; on the CPU each process keeps its own "
+                        "BatchNorm statistics, averaged at the end of every epoch")
+    model = model.to(runtime.device, memory_format=runtime.memory_format)
+    distributed.broadcast_state(model, env)
     optimizer = build_optimizer(model, built.groups, spec.train, device_type=runtime.device.type, spec=spec)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
     ema = None
@@ -215,47 +336,95 @@ def prepare(spec: Spec, *, device: str | None = None, runs_root: Path | None = N
         from timm.utils import ModelEmaV3
 
         ema = ModelEmaV3(model, decay=spec.train["ema"])
-    forward: Callable = Compiled(model, runtime.compile) if runtime.compile else model
-    batch = spec.train["batch_size"]
+    forward: Callable
+    if env.enabled:
+        forward = DataParallel(model, env, compile=runtime.compile)
+    else:
+        forward = Compiled(model, runtime.compile) if runtime.compile else model
+    batch = spec.train["batch_size"]  # per process; the global batch is batch_size x world_size
     workers = spec.data["num_workers"]
     if len(data.val) == 0:
         raise spec.error(("data", "val_split"), "the validation set is empty", found=str(spec.data["val_split"]),
                          expected="a val_split above 0, or a dataset with its own validation split")
+    shard = {"rank": env.rank, "world_size": env.world_size}
     # a last training batch of one sample would make BatchNorm fail; dropping a partial batch is harmless
     train_loader = make_loader(data.train, batch_size=batch, train=True, seed=spec.seed, num_workers=workers,
-                               pin_memory=runtime.pin_memory, drop_last=len(data.train) > batch)
+                               pin_memory=runtime.pin_memory, drop_last=len(data.train) > batch * env.world_size,
+                               **shard)
     val_loader = make_loader(data.val, batch_size=batch, train=False, seed=spec.seed, num_workers=workers,
-                             pin_memory=runtime.pin_memory)
+                             pin_memory=runtime.pin_memory, **shard)
     criterion = nn.CrossEntropyLoss(label_smoothing=spec.train["label_smoothing"])
     return Context(spec=spec, built=built, data=data, runtime=runtime, model=model, forward=forward,
                    optimizer=optimizer, scaler=scaler, plateau=Plateau.from_train(spec.train), ema=ema,
-                   train_loader=train_loader, val_loader=val_loader, criterion=criterion)
+                   train_loader=train_loader, val_loader=val_loader, criterion=criterion, dist=env)
 
 
 # --------------------------------------------------------------------------- checkpoints
-def checkpoint_state(ctx: Context, next_epoch: int, best: Mapping[str, Any]) -> dict[str, Any]:
+def _rank_state(ctx: Context, partial: EpochState | None) -> dict[str, Any]:
+    state: dict[str, Any] = {"rng": rng_state(), "partial": asdict(partial) if partial is not None else None}
+    if ctx.dist.enabled:  # BatchNorm statistics differ between processes until the epoch ends
+        state["buffers"] = {f"model.{n}": b.detach().cpu().clone() for n, b in ctx.model.named_buffers()}
+        if ctx.ema is not None:
+            state["buffers"].update({f"ema.{n}": b.detach().cpu().clone() for n, b in ctx.ema.module.named_buffers()})
+    return state
+
+
+def checkpoint_state(ctx: Context, epoch: int, best: Mapping[str, Any], rows: Sequence[Mapping[str, Any]] = (),
+                     *, partial: EpochState | None = None) -> dict[str, Any] | None:
+    """What `checkpoints/last.pt` holds to continue at `epoch` (mid-epoch when `partial` is given).
+
+    Every process must call it (it gathers each one's RNG and partial sums); rank 0 gets the
+    state, the others None.
+    """
+    ranks = ctx.dist.gather(_rank_state(ctx, partial))
+    if not ctx.dist.is_main:
+        return None
     return {
-        "format": 1,
-        "epoch": next_epoch,
+        "format": CHECKPOINT_FORMAT,
+        "epoch": epoch,
+        "batch": partial.batch if partial is not None else 0,
         "model": ctx.model.state_dict(),
         "optimizer": ctx.optimizer.state_dict(),
         "scaler": ctx.scaler.state_dict(),
         "plateau": ctx.plateau.state_dict(),
         "ema": ctx.ema.state_dict() if ctx.ema is not None else None,
-        "rng": rng_state(),
+        "loaders": {"train": ctx.train_loader.state_dict(), "val": ctx.val_loader.state_dict()},
+        "ranks": ranks,
+        "world_size": ctx.dist.world_size,
         "best": dict(best),
+        "rows": [dict(r) for r in rows],
         "spec": json.loads(json.dumps(ctx.spec.raw)),
     }
 
 
-def restore(ctx: Context, state: Mapping[str, Any]) -> None:
+def restore(ctx: Context, state: Mapping[str, Any]) -> EpochState | None:
+    """Load a checkpoint into `ctx`; return the partial epoch to continue, if it stopped mid-epoch."""
     ctx.model.load_state_dict(state["model"])
     ctx.optimizer.load_state_dict(state["optimizer"])
     ctx.scaler.load_state_dict(state["scaler"])
     ctx.plateau.load_state_dict(state["plateau"])
     if ctx.ema is not None and state.get("ema") is not None:
         ctx.ema.load_state_dict(state["ema"])
-    set_rng_state(state["rng"])
+    if "loaders" in state:
+        ctx.train_loader.load_state_dict(state["loaders"]["train"])
+        ctx.val_loader.load_state_dict(state["loaders"]["val"])
+    if "ranks" not in state:  # format 1: one process, epoch boundaries only
+        set_rng_state(state["rng"])
+        return None
+    ranks = state["ranks"]
+    same_world = len(ranks) == ctx.dist.world_size
+    mine = ranks[ctx.dist.rank] if same_world else ranks[0]
+    set_rng_state(mine["rng"])
+    if same_world and mine.get("buffers"):
+        with torch.no_grad():
+            own = {f"model.{n}": b for n, b in ctx.model.named_buffers()}
+            if ctx.ema is not None:
+                own.update({f"ema.{n}": b for n, b in ctx.ema.module.named_buffers()})
+            for name, value in mine["buffers"].items():
+                own[name].copy_(value)
+    if state.get("batch", 0) == 0 or mine["partial"] is None:
+        return None
+    return EpochState(**mine["partial"])
 
 
 def _load_last(spec: Spec, path: Path) -> dict[str, Any]:
@@ -267,15 +436,28 @@ def _load_last(spec: Spec, path: Path) -> dict[str, Any]:
                         hint="start afresh with --overwrite") from None
 
 
+def _first_difference(a: Any, b: Any, path: tuple = ()) -> tuple:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), path + (key,))
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return _first_difference(x, y, path + (i,))
+    return path
+
+
 # --------------------------------------------------------------------------- progress
 class Progress:
-    """Rich progress bars on a terminal, one plain line per epoch elsewhere (CI, logs)."""
+    """Rich progress bars on a terminal, one plain line per epoch elsewhere (CI, logs); silent off rank 0."""
 
-    def __init__(self, console: Any, total_epochs: int) -> None:
+    def __init__(self, console: Any, total_epochs: int, enabled: bool = True) -> None:
         self.console = console
         self.total = total_epochs
+        self.enabled = enabled
         self.bar = None
-        if console.is_terminal:
+        if enabled and console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
 
             self.bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -284,11 +466,11 @@ class Progress:
             self.bar.start()
             self.task = None
 
-    def start_epoch(self, epoch: int, steps: int) -> None:
+    def start_epoch(self, epoch: int, steps: int, done: int = 0) -> None:
         if self.bar is not None:
             if self.task is not None:
                 self.bar.remove_task(self.task)
-            self.task = self.bar.add_task(f"epoch {epoch + 1}/{self.total}", total=steps, info="")
+            self.task = self.bar.add_task(f"epoch {epoch + 1}/{self.total}", total=steps, completed=done, info="")
             self._t0, self._n, self._loss = time.perf_counter(), 0, 0.0
 
     def step(self, loss: float, batch: int) -> None:
@@ -299,11 +481,13 @@ class Progress:
             self.bar.update(self.task, advance=1, info=f"loss {self._loss:.3f}  {rate:.0f} img/s")
 
     def line(self, text: str) -> None:
-        self.console.print(text, highlight=False, markup=False, soft_wrap=True)
+        if self.enabled:
+            self.console.print(text, highlight=False, markup=False, soft_wrap=True)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
+            self.bar = None
 
 
 def _epoch_line(row: Mapping[str, Any], total: int) -> str:
@@ -317,33 +501,65 @@ def _epoch_line(row: Mapping[str, Any], total: int) -> str:
 # --------------------------------------------------------------------------- the run
 @contextmanager
 def _graceful_interrupt() -> Iterator[Callable[[], bool]]:
-    """First Ctrl-C: finish the current batch, then stop and checkpoint. Second: stop at once."""
+    """First Ctrl-C (SIGINT) or SIGTERM: finish the current batch, then checkpoint and stop.
+    A second one: stop at once (the last checkpoint written stays intact).
+
+    torchrun passes the signal it gets on to every worker; a scheduler's SIGTERM before a kill
+    (SLURM, Kubernetes) is handled the same way.
+    """
     hit = {"n": 0}
-    previous = signal.getsignal(signal.SIGINT)
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in signals}
 
     def handler(signum: int, frame: Any) -> None:
         hit["n"] += 1
         if hit["n"] > 1:
             raise KeyboardInterrupt
     try:
-        signal.signal(signal.SIGINT, handler)
+        for s in signals:
+            signal.signal(s, handler)
     except ValueError:  # not the main thread: keep Python's default
         pass
     try:
         yield lambda: hit["n"] > 0
     finally:
+        for s, h in previous.items():
+            try:
+                signal.signal(s, h)
+            except (ValueError, TypeError):
+                pass
+
+
+def _prepare_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunDirError(f"the run directory {out_dir} is a file")
+    if out_dir.exists() and any(out_dir.iterdir()) and not resume:
+        if not overwrite:
+            raise SpecError(f"the run directory {out_dir} already holds a run", file=str(out_dir),
+                            expected="a new run directory",
+                            hint="continue it with --resume, write elsewhere with --out DIR, or replace it with --overwrite")
         try:
-            signal.signal(signal.SIGINT, previous)
-        except ValueError:
-            pass
+            shutil.rmtree(out_dir)
+        except OSError as exc:
+            raise RunDirError(f"cannot replace the run directory {out_dir}: {exc.strerror or exc}") from None
+    check_writable(out_dir)
 
 
 def run(spec: Spec, out_dir: Path, *, device: str | None = None, resume: bool = False, overwrite: bool = False,
-        console: Any = None, on_step: StepHook | None = None, runs_root: Path | None = None) -> dict[str, Any]:
+        console: Any = None, on_step: StepHook | None = None, runs_root: Path | None = None,
+        resume_hint: str | None = None) -> dict[str, Any]:
     """Train one spec into `out_dir`; return the summary (also written to summary.json).
 
+    Under torchrun every process calls this; only rank 0 writes and prints.
+
+    Args:
+        resume: continue from ``checkpoints/last.pt`` (mid-epoch if it was interrupted there).
+        on_step: called after every training batch with (epoch, batch, loss).
+        resume_hint: the command that resumes this run, for messages (default: built from the spec's path).
+
     Raises:
-        SpecError: the spec does not fit the model or data; TrainingStopped: stopped on purpose;
+        SpecError: the spec does not fit the model or data, or the run directory is taken;
+        TrainingStopped: stopped on purpose, a resumable checkpoint kept;
         RunDirError: the run directory cannot be written.
     """
     from rich.console import Console
@@ -351,58 +567,93 @@ def run(spec: Spec, out_dir: Path, *, device: str | None = None, resume: bool = 
     console = console or Console(highlight=False)
     out_dir = Path(out_dir)
     last_path = out_dir / "checkpoints" / "last.pt"
-    if out_dir.exists() and any(out_dir.iterdir()) and not resume:
-        if not overwrite:
-            raise SpecError(f"the run directory {out_dir} already holds a run", file=str(out_dir),
-                            expected="a new run directory",
-                            hint="continue it with --resume, write elsewhere with --out DIR, or replace it with --overwrite")
-        shutil.rmtree(out_dir)
-    check_writable(out_dir)
-    ctx = prepare(spec, device=device, runs_root=runs_root or out_dir.parent)
+    env = distributed.setup(make_runtime(spec, device).device)
+    main = env.is_main
+    say = console.print if main else (lambda *a, **k: None)
+    hint = resume_hint or (f"surgery run {shlex.quote(str(spec.source.file or out_dir / 'spec.yaml'))} "
+                           f"--out {shlex.quote(str(out_dir))} --resume")
+    env.on_main(lambda: _prepare_dir(out_dir, resume=resume, overwrite=overwrite))
+    ctx = prepare(spec, device=device, runs_root=runs_root or out_dir.parent, env=env)
     total = spec.train["epochs"]
     start_epoch = 0
+    partial: EpochState | None = None
     best: dict[str, Any] = {"epoch": None, "val_acc": -1.0}
     rows: list[dict[str, Any]] = []
-    if resume and last_path.exists():
-        state = _load_last(spec, last_path)
+    state = env.on_main(lambda: _load_last(spec, last_path) if resume and last_path.exists() else None)
+    if state is not None:
         if state.get("spec") != json.loads(json.dumps(spec.raw)):
-            raise SpecError("cannot resume: the spec differs from the one this run started with", file=str(last_path),
-                            expected=f"the spec in {out_dir / 'spec.yaml'}",
-                            hint="resume with that spec (`surgery run " + str(out_dir / "spec.yaml") + " --resume --out " +
-                                 str(out_dir) + "`), or start a new run")
-        restore(ctx, state)
+            where = format_path(_first_difference(state.get("spec"), json.loads(json.dumps(spec.raw))))
+            raise SpecError(f"cannot resume: the spec differs from the one this run started with (at {where})",
+                            file=str(last_path), expected=f"the spec in {out_dir / 'spec.yaml'}",
+                            hint="resume with the same spec file and --set options, or start a new run")
+        started_with = int(state.get("world_size", 1))
+        if started_with != env.world_size and state.get("batch", 0):
+            raise SpecError(f"cannot resume: this run stopped mid-epoch with {started_with} processes, "
+                            f"and {env.world_size} are running now", file=str(last_path),
+                            expected=f"{started_with} processes (torchrun --nproc_per_node ...)",
+                            hint="resume with the same number of processes")
+        if started_with != env.world_size:
+            say(f"[yellow]note[/yellow]: this run started with {started_with} processes and resumes with "
+                f"{env.world_size}: the data order changes from here on")
+        partial = restore(ctx, state)
         start_epoch, best = int(state["epoch"]), dict(state["best"])
-        rows = [r for r in read_metrics(out_dir / "metrics.jsonl") if r["epoch"] < start_epoch]
-        console.print(f"resuming {spec.name} at epoch {start_epoch + 1}/{total} from {last_path}")
+        rows = [r for r in (state.get("rows") or read_metrics(out_dir / "metrics.jsonl")) if r["epoch"] < start_epoch]
+        env.on_main(lambda: write_metrics(out_dir / "metrics.jsonl", rows))
+        where = f"epoch {start_epoch + 1}/{total}" + (f", batch {partial.batch + 1}" if partial else "")
+        say(f"resuming {spec.name} at {where} from {last_path}")
+        del state
     else:
-        write_text(out_dir / "spec.yaml", spec.to_yaml())
-        write_json(out_dir / "load_report.json", ctx.built.report.to_dict())
-        write_json(out_dir / "classes.json", ctx.data.classes)
-    console.print(f"{spec.name}: {spec.model.backbone}, {len(ctx.built.inserted)} modules inserted, "
-                  f"{len(ctx.built.report.loaded)} pretrained tensors loaded; {ctx.data.describe}; {ctx.runtime.describe()}",
-                  markup=False, soft_wrap=True)
+        if resume:
+            say(f"no checkpoint in {last_path}: starting {spec.name} from the first epoch")
+
+        def write_start() -> None:
+            write_text(out_dir / "spec.yaml", spec.to_yaml())
+            write_json(out_dir / "load_report.json", ctx.built.report.to_dict())
+            write_json(out_dir / "classes.json", ctx.data.classes)
+        env.on_main(write_start)
+    processes = f"; {env.world_size} processes x batch {spec.train['batch_size']}" if env.enabled else ""
+    say(f"{spec.name}: {spec.model.backbone}, {len(ctx.built.inserted)} modules inserted, "
+        f"{len(ctx.built.report.loaded)} pretrained tensors loaded; {ctx.data.describe}; {ctx.runtime.describe()}"
+        f"{processes}", markup=False, soft_wrap=True)
     wall = time.perf_counter()
-    progress = Progress(console, total)
+    progress = Progress(console, total, enabled=main)
     previous_flags: dict[str, bool] | None = None
+    if partial is not None:
+        kept = f"the last good checkpoint is {last_path} (epoch {start_epoch + 1}, batch {partial.batch})"
+    elif start_epoch:
+        kept = f"the last good checkpoint is {last_path} (end of epoch {start_epoch})"
+    else:
+        kept = "no checkpoint was written yet"
     try:
         with _graceful_interrupt() as interrupted:
             for epoch in range(start_epoch, total):
                 flags = apply_trainable(ctx.model, ctx.built.groups, epoch)
                 if flags != previous_flags:
+                    # the forward re-wraps DDP (and recompiles) itself when it sees the new trainable set
                     ctx.trainable_params = [p for p in ctx.model.parameters() if p.requires_grad]
                     previous_flags = flags
                 lrs = lrs_at(spec, epoch, ctx.plateau.current)
-                steps = len(ctx.train_loader) if not spec.train["limit_batches"] else min(len(ctx.train_loader), spec.train["limit_batches"])
-                progress.start_epoch(epoch, steps)
+                epoch_state = partial if partial is not None else EpochState()
+                partial = None
+                progress.start_epoch(epoch, ctx.steps, epoch_state.batch)
 
                 def hook(e: int, s: int, loss: float) -> None:
-                    progress.step(loss, spec.train["batch_size"])
+                    progress.step(loss, spec.train["batch_size"] * env.world_size)
                     if on_step is not None:
                         on_step(e, s, loss)
 
-                result = train_epoch(ctx, epoch, flags, on_step=hook, stop=interrupted)
-                if interrupted():
-                    raise KeyboardInterrupt
+                try:
+                    result = train_epoch(ctx, epoch, flags, on_step=hook, stop=interrupted, state=epoch_state)
+                except NonFiniteLoss as exc:
+                    raise TrainingStopped(f"{exc}; {kept}. Lower the learning rate, or set train.nonfinite: skip "
+                                          "to skip such batches") from None
+                if result.stopped:
+                    checkpoint = checkpoint_state(ctx, epoch, best, rows, partial=epoch_state)
+                    env.on_main(lambda: save_torch(last_path, checkpoint))
+                    progress.close()
+                    raise TrainingStopped(f"interrupted in epoch {epoch + 1}/{total} after batch {epoch_state.batch} "
+                                          f"of {ctx.steps}; saved {last_path}. Resume with: {hint}")
+                _check_ranks(ctx, out_dir, epoch, kept)
                 val = evaluate(ctx)
                 ctx.plateau.step(val.loss)
                 row = {"epoch": epoch, "train_loss": result.loss, "train_acc": result.acc, "val_loss": val.loss,
@@ -414,30 +665,64 @@ def run(spec: Spec, out_dir: Path, *, device: str | None = None, resume: bool = 
                     row["val_acc_ema"] = evaluate(ctx, ctx.ema.module).acc
                 rows.append(row)
                 progress.line(_epoch_line(row, total))
-                if val.acc > best["val_acc"]:
+                improved = val.acc > best["val_acc"]
+                if improved:
                     best = {"epoch": epoch, "val_acc": val.acc, "val_loss": val.loss}
-                    save_safetensors(out_dir / "checkpoints" / "best.safetensors", ctx.model.state_dict(),
-                                     {"epoch": str(epoch), "val_acc": f"{val.acc:.6f}"})
-                write_metrics(out_dir / "metrics.jsonl", rows)
-                save_torch(last_path, checkpoint_state(ctx, epoch + 1, best))
+                checkpoint = checkpoint_state(ctx, epoch + 1, best, rows)
+
+                def write_epoch() -> None:
+                    if improved:
+                        save_safetensors(out_dir / "checkpoints" / "best.safetensors", ctx.model.state_dict(),
+                                         {"epoch": str(epoch), "val_acc": f"{val.acc:.6f}"})
+                    write_metrics(out_dir / "metrics.jsonl", rows)
+                    save_torch(last_path, checkpoint)
+                env.on_main(write_epoch)
+                del checkpoint
+                kept = f"the last good checkpoint is {last_path} (end of epoch {epoch + 1})"
+                # a signal that came during validation: the epoch is complete and saved, stop here
+                if env.max_(torch.tensor([float(interrupted())], device=env.device)).item() and epoch + 1 < total:
+                    progress.close()
+                    raise TrainingStopped(f"interrupted after epoch {epoch + 1}/{total}; saved {last_path}. "
+                                          f"Resume with: {hint}")
     except KeyboardInterrupt:
-        progress.close()
-        raise TrainingStopped(f"interrupted; the last complete epoch is saved in {last_path}. Resume with: "
-                              f"surgery run {out_dir / 'spec.yaml'} --out {out_dir} --resume") from None
+        raise TrainingStopped(f"stopped at once by a second interrupt; {kept}. Resume with: {hint}") from None
     finally:
         progress.close()
     final = evaluate(ctx)
-    save_safetensors(out_dir / "model.safetensors", ctx.model.state_dict(), {"spec": spec.name})
-    if ctx.ema is not None:
-        save_safetensors(out_dir / "model_ema.safetensors", ctx.ema.module.state_dict(), {"spec": spec.name})
+    _check_ranks(ctx, out_dir, total - 1, kept)
     summary = _summary(ctx, rows, best, final, time.perf_counter() - wall)
-    write_json(out_dir / "summary.json", summary)
-    if rows:
-        plot_curves(out_dir / "plots" / "curves.png", rows, unfreeze_events(spec))
-    plot_confusion(out_dir / "plots" / "confusion.png", final.confusion, ctx.data.classes)
-    console.print(f"[green]done[/green] {spec.name}: best val acc {best['val_acc']:.4f} at epoch "
-                  f"{(best['epoch'] or 0) + 1}, final {final.acc:.4f}; wrote {out_dir}")
+
+    def write_final() -> None:
+        save_safetensors(out_dir / "model.safetensors", ctx.model.state_dict(), {"spec": spec.name})
+        if ctx.ema is not None:
+            save_safetensors(out_dir / "model_ema.safetensors", ctx.ema.module.state_dict(), {"spec": spec.name})
+        write_json(out_dir / "summary.json", summary)
+        if rows:
+            plot_curves(out_dir / "plots" / "curves.png", rows, unfreeze_events(spec))
+        plot_confusion(out_dir / "plots" / "confusion.png", final.confusion, ctx.data.classes)
+    env.on_main(write_final)
+    say(f"[green]done[/green] {spec.name}: best val acc {best['val_acc']:.4f} at epoch "
+        f"{(best['epoch'] or 0) + 1}, final {final.acc:.4f}; wrote {out_dir}")
     return summary
+
+
+def _check_ranks(ctx: Context, out_dir: Path, epoch: int, kept: str) -> None:
+    """Stop loudly, with ``ranks_consistent: false`` in summary.json, if processes hold different weights."""
+    env = ctx.dist
+    states = {f"model.{k}": v for k, v in ctx.model.state_dict().items()}
+    if ctx.ema is not None:
+        states.update({f"ema.{k}": v for k, v in ctx.ema.module.state_dict().items()})
+    differ = distributed.diverged(states, env)
+    if not differ:
+        return
+    shown = ", ".join(differ[:5]) + (f" ... ({len(differ)} in all)" if len(differ) > 5 else "")
+    message = (f"the {env.world_size} processes hold different weights after epoch {epoch + 1}: {shown}. "
+               "This is a bug in the distributed set-up (please report it); the checkpoint of this epoch "
+               f"was not written, {kept}")
+    env.on_main(lambda: write_json(out_dir / "summary.json", {
+        "name": ctx.spec.name, "ranks_consistent": False, "world_size": env.world_size,
+        "diverged_after_epoch": epoch, "diverged_tensors": differ, "stopped": message}))
+    raise TrainingStopped(message) from distributed.RanksDiverged(shown)
 
 
 def _summary(ctx: Context, rows: list[dict[str, Any]], best: Mapping[str, Any], final: EpochResult,
@@ -455,6 +740,7 @@ def _summary(ctx: Context, rows: list[dict[str, Any]], best: Mapping[str, Any], 
         "final": rows[-1] if rows else None,
         "final_val_acc": final.acc,
         "final_val_loss": final.loss,
+        "val_images": final.seen,
         "per_class_accuracy": dict(zip(ctx.data.classes, final.per_class)),
         "epochs": len(rows),
         "wall_seconds": wall,
@@ -462,6 +748,11 @@ def _summary(ctx: Context, rows: list[dict[str, Any]], best: Mapping[str, Any], 
         "precision": ctx.runtime.precision,
         "channels_last": ctx.runtime.channels_last,
         "compiled": bool(ctx.runtime.compile),
+        # processes, and whether their weights were bit-identical at the end (true for one process)
+        "world_size": ctx.dist.world_size,
+        "batch_size_per_process": ctx.spec.train["batch_size"],
+        "global_batch_size": ctx.spec.train["batch_size"] * ctx.dist.world_size,
+        "ranks_consistent": True,
         "data": ctx.data.describe,
         "params": {"total": sum(p.numel() for p in ctx.model.parameters()),
                    "inserted": sum(m["params"] for m in ctx.built.report.inserted_modules)},
@@ -470,23 +761,55 @@ def _summary(ctx: Context, rows: list[dict[str, Any]], best: Mapping[str, Any], 
     }
 
 
+def _resume_command(paths: Sequence[str], out: str | None, overrides: Sequence[str], device: str | None) -> str:
+    _, _, world_size = distributed.world_from_env()
+    if world_size > 1:
+        per_node = os.environ.get("LOCAL_WORLD_SIZE", str(world_size))
+        head = ["torchrun", "--nproc_per_node", per_node]
+        if int(per_node) != world_size:
+            head += ["--nnodes", str(world_size // max(int(per_node), 1)), "..."]
+        head += ["-m", "surgery", "run"]
+    else:
+        head = ["surgery", "run"]
+    args = list(paths) + (["--out", out] if out else []) + (["--device", device] if device else [])
+    for item in overrides:
+        args += ["--set", item]
+    return shlex.join(head + args + ["--resume"])
+
+
 def run_specs(paths: Sequence[str], *, out: str | None = None, overrides: Sequence[str] = (), device: str | None = None,
               resume: bool = False, overwrite: bool = False) -> int:
-    """The `surgery run` command: each spec in turn; a later spec can load an earlier one's weights (run:NAME)."""
+    """The `surgery run` command: each spec in turn; a later spec can load an earlier one's weights (run:NAME).
+
+    Under torchrun, every process runs this; errors are printed by rank 0 only and every process
+    returns the same exit code (2 for a spec mistake, 1 for a stopped run or an unwritable folder).
+    """
     from rich.console import Console
 
     console = Console(highlight=False)
-    specs = [load_spec(p, overrides) for p in paths]  # every spec checked before anything trains
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise SpecError("two specs share a run name", found=", ".join(names), expected="distinct names",
-                        hint="set `name:` in the specs")
-    for spec in specs:
-        out_dir = Path(out) if (out and len(specs) == 1) else Path(out or "runs") / spec.name
-        try:
-            run(spec, out_dir, device=device, resume=resume, overwrite=overwrite, console=console,
-                runs_root=out_dir.parent)
-        except (TrainingStopped, RunDirError) as exc:
-            console.print(f"[bold red]stopped[/bold red] {spec.name}: {exc}")
-            return 1
+    main = distributed.world_from_env()[0] == 0
+    hint = _resume_command(paths, out, overrides, device)
+    try:
+        specs = [load_spec(p, overrides) for p in paths]  # every spec checked before anything trains
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise SpecError("two specs share a run name", found=", ".join(names), expected="distinct names",
+                            hint="set `name:` in the specs")
+        for spec in specs:
+            out_dir = Path(out) if (out and len(specs) == 1) else Path(out or "runs") / spec.name
+            try:
+                run(spec, out_dir, device=device, resume=resume, overwrite=overwrite, console=console,
+                    runs_root=out_dir.parent, resume_hint=hint)
+            except (TrainingStopped, RunDirError) as exc:
+                if main:
+                    from rich.markup import escape
+
+                    console.print(f"[bold red]stopped[/bold red] {escape(spec.name)}: {escape(str(exc))}", soft_wrap=True)
+                return 1
+    except SpecError:
+        if main:
+            raise
+        return 2  # rank 0 says it
+    finally:
+        distributed.teardown()
     return 0

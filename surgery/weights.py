@@ -69,7 +69,7 @@ def read_weight_file(spec: Spec, path: Path) -> dict[str, torch.Tensor]:
 
             raw: Any = load_file(str(path), device="cpu")
         else:
-            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+            raw = _torch_load(path)
     except Exception as exc:  # noqa: BLE001 - any failure to parse is the same user-facing problem
         hint = None
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
@@ -78,6 +78,16 @@ def read_weight_file(spec: Spec, path: Path) -> dict[str, torch.Tensor]:
                          found=str(path), expected="an intact PyTorch or safetensors weight file", hint=hint) from None
     state = _find_state_dict(spec, raw, path)
     return _strip_wrappers(state)
+
+
+def _torch_load(path: Path) -> Any:
+    # mmap: a large file is read lazily, not copied once more in memory (VGG16 is 528 MB)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap can only be used" not in str(exc):  # legacy (pre-1.6) format: no mmap
+            raise
+        return torch.load(str(path), map_location="cpu", weights_only=True)
 
 
 def _find_state_dict(spec: Spec, raw: Any, path: Path) -> Mapping[str, torch.Tensor]:
@@ -128,6 +138,12 @@ def map_keys(spec: Spec, state: Mapping[str, torch.Tensor], target: Mapping[str,
                 raise spec.error(where, f"key_map: order pairs tensor #{i} of the file, {s} {list(state[s].shape)}, "
                                  f"with {d} {list(target[d].shape)}: the shapes differ", found="order",
                                  expected="tensors that correspond one to one, in order, with equal shapes")
+        # BatchNorm step counters pair by order too when both sides have them all; a file
+        # without them (many codebases) leaves the model's counters at their default
+        src_steps = [k for k in state if k.endswith("num_batches_tracked")]
+        dst_steps = [k for k in target if k not in skip and k.endswith("num_batches_tracked")]
+        if len(src_steps) == len(dst_steps):
+            src, dst = src + src_steps, dst + dst_steps
         return {d: state[s] for s, d in zip(src, dst)}, {d: s for s, d in zip(src, dst) if s != d}
     out: dict[str, torch.Tensor] = {}
     mapped: dict[str, str] = {}

@@ -58,6 +58,16 @@ CASES = [
         train:
           epochs: 3
         """), "(top level)", problem="never closed"),
+    Case("unquoted-star", HEAD + yaml("""
+        groups:
+          - name: all
+            params: *  # <-
+        """), "(top level)", hint="quote it"),
+    Case("unquoted-at", HEAD + yaml("""
+        surgery:
+          - insert: se
+            at: @head  # <-
+        """), "(top level)", hint="quote it"),
     Case("duplicate-key", yaml("""
         model:
           backbone: torchvision:resnet18
@@ -186,6 +196,10 @@ CASES = [
           - insert: cbam
             at: layer1/0  # <-
         """), "surgery[0].at", problem="not a valid"),
+    Case("surgery-entry-not-a-mapping", HEAD + yaml("""
+        surgery:
+          - cbam  # <-
+        """), "surgery[0]", problem="an entry of surgery takes a mapping"),
     Case("empty-target-list", HEAD + yaml("""
         surgery:
           - insert: cbam
@@ -391,6 +405,8 @@ CASES = [
     Case("set-epochs-zero", HEAD, "train.epochs", problem="minimum", overrides=("train.epochs=0",)),
     Case("set-misspelt-key", HEAD, "train.epocs", hint="'epochs'", overrides=("train.epocs=3",)),
     Case("set-not-yaml", HEAD, "surgery", problem="not valid YAML", overrides=("surgery=[{insert: se",)),
+    Case("set-unquoted-star", HEAD, "groups[0].params", hint="quote it",
+         overrides=("groups.0.name=all", "groups.0.params=*")),
     Case("set-without-equals", HEAD, "(top level)", problem="key.path=value", overrides=("train.epochs",)),
     Case("set-below-a-value", HEAD, "model.backbone", problem="neither a mapping nor a list",
          overrides=("model.backbone.depth=3",)),
@@ -464,7 +480,8 @@ def test_malformed_spec(case: Case, tmp_path: Path, weight_files: dict[str, Path
         assert case.problem in err.problem, str(err)
     # the message is short and names where to look
     message = str(err)
-    assert message.startswith(err.location + ": " + err.path + ": ")
+    named = err.location + ": " + (err.path + ": " if err.key_path or err.line else "")
+    assert message.startswith(named + err.problem)
     assert len(message.splitlines()) <= 12
 
 

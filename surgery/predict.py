@@ -1,0 +1,331 @@
+"""`surgery predict`: classify image files with a trained run, using the run's own eval transform.
+
+`load_run` rebuilds a run's surgered model from its spec.yaml and weights (never from the
+original pretrained source), so `export` and any other consumer see exactly what `run` trained.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .builder import Built, build
+from .data import _three, eval_transform, normalize
+from .errors import SpecError
+from .spec import Spec, load_spec
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+                            ".pbm", ".pnm"})
+# the run's weights, best first: the final model, else the best epoch of a run that stopped early
+WEIGHT_FILES = ("model.safetensors", "checkpoints/best.safetensors")
+# the spec's weight source is replaced by the run's own weights: none of these may touch them
+_REBUILD_OVERRIDES = ("model.pretrained=false", "model.key_map=null", "model.checkpoint_key=null",
+                      "model.reset_head=false")
+_UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+@dataclass
+class LoadedRun:
+    """A trained run, rebuilt and ready for inference.
+
+    model: the surgered model in eval mode on `device`. weights: the file it was loaded from.
+    note: a line to show the user when the weights are not the run's final ones.
+    data_config: the backbone's timm-style config, `input_size` set to the run's image size.
+    """
+
+    run_dir: Path
+    spec: Spec
+    built: Built
+    model: nn.Module
+    classes: list[str]
+    data_config: dict[str, Any]
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights: Path
+    device: torch.device
+    note: str | None = None
+    _transform: Callable[[Image.Image], torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """PIL image -> uint8 CHW tensor, exactly as the run's validation saw its images."""
+        if self._transform is None:
+            self._transform = eval_transform(self.data_config, self.image_size)
+        return self._transform
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NCHW (from `transform`) -> the normalised float input the model takes, on `device`."""
+        return normalize(images.to(self.device), self.mean, self.std)
+
+
+def _run_error(problem: str, run_dir: Path, **kw: Any) -> SpecError:
+    kw.setdefault("hint", "train one with `surgery run SPEC.yaml --out DIR`, then pass DIR")
+    return SpecError(problem, file=str(run_dir), **kw)
+
+
+def locate_run(run_dir: str | Path) -> tuple[Path, str | None]:
+    """Check that `run_dir` holds a trained run, without loading it; return (weight file, note or None).
+
+    Raises:
+        SpecError: no such folder, no spec.yaml, or no weights (naming what to do).
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise _run_error("the run directory does not exist" if not run_dir.exists() else "the run path is not a folder",
+                         run_dir, found=str(run_dir), expected="a run directory written by `surgery run`")
+    spec_path = run_dir / "spec.yaml"
+    if not spec_path.is_file():
+        raise _run_error("the run directory has no spec.yaml", run_dir, found=str(spec_path),
+                         expected="a run directory written by `surgery run` (spec.yaml, model.safetensors, classes.json)")
+    for i, name in enumerate(WEIGHT_FILES):
+        path = run_dir / name
+        if path.is_file():
+            note = None
+            if i:
+                note = (f"{run_dir / WEIGHT_FILES[0]} is missing (the run did not finish?); "
+                        f"using the best epoch's weights, {path}")
+            return path, note
+    raise _run_error("the run directory holds no trained weights", run_dir,
+                     found="no " + " and no ".join(str(run_dir / n) for n in WEIGHT_FILES),
+                     expected="a run directory written by `surgery run`",
+                     hint=f"finish or resume the run: surgery run {run_dir / 'spec.yaml'} --out {run_dir} --resume")
+
+
+def _read_classes(run_dir: Path, num_classes: int) -> list[str]:
+    path = run_dir / "classes.json"
+    try:
+        classes = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return [str(i) for i in range(num_classes)]  # an older or hand-made run: labels are the names
+    except (OSError, ValueError) as exc:
+        raise _run_error(f"classes.json cannot be read: {exc}", run_dir, found=str(path),
+                         expected="a JSON list of class names", hint="restore it, or delete it to use label numbers") from None
+    if not isinstance(classes, list) or len(classes) != num_classes:
+        raise _run_error(f"classes.json does not match the model's {num_classes} outputs", run_dir, found=str(path),
+                         expected=f"a JSON list of {num_classes} class names",
+                         hint="restore it, or delete it to use label numbers")
+    return [str(c) for c in classes]
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
+    """Rebuild a run's surgered model from spec.yaml and its weights, in eval mode.
+
+    Args:
+        run_dir: a folder written by `surgery run` (spec.yaml, model.safetensors, classes.json).
+        device: where the model goes (cpu, cuda, cuda:1, mps).
+
+    Returns:
+        A `LoadedRun`. The weights are model.safetensors, or checkpoints/best.safetensors when a run
+        stopped before writing it (`weights` and `note` say which).
+
+    Raises:
+        SpecError: the folder, spec.yaml or weights are missing or do not fit; the device is absent.
+
+    Example:
+        >>> run = load_run("runs/resnet18-cbam")
+        >>> x = run.preprocess(run.transform(Image.open("cat.jpg"))[None])
+        >>> run.model(x).softmax(1)
+    """
+    from .rundir import load_safetensors
+
+    run_dir = Path(run_dir)
+    weights, note = locate_run(run_dir)
+    spec = load_spec(run_dir / "spec.yaml", _REBUILD_OVERRIDES)
+    try:
+        state = load_safetensors(weights)
+    except Exception as exc:  # noqa: BLE001 - any unreadable weight file is the same problem for the user
+        raise _run_error(f"the weights cannot be read: {exc.__class__.__name__}: {str(exc)[:200]}", run_dir,
+                         found=str(weights), expected="an intact safetensors file written by `surgery run`",
+                         hint="re-run or resume the training that wrote it") from None
+    built = build(spec, state_dict=state)
+    target = _device(device)
+    model = built.model.to(target).eval()
+    size = int(spec.data["image_size"])
+    config = dict(built.data_config)
+    config["input_size"] = (3, size, size)
+    return LoadedRun(run_dir=run_dir, spec=spec, built=built, model=model,
+                     classes=_read_classes(run_dir, built.num_classes), data_config=config, image_size=size,
+                     mean=_three(config.get("mean", (0.485, 0.456, 0.406)), "mean"),
+                     std=_three(config.get("std", (0.229, 0.224, 0.225)), "std"),
+                     weights=weights, device=target, note=note)
+
+
+def _device(requested: str | torch.device) -> torch.device:
+    from .runtime import pick_device
+
+    try:
+        device = pick_device(str(requested))
+    except RuntimeError as exc:
+        raise SpecError(f"not a device: {exc}", found=str(requested), expected="cpu, cuda, cuda:N or mps") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
+    if not available.get(device.type, False) or (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()):
+        raise SpecError(f"the device {device} is not available here", found=str(requested),
+                        expected="cpu" + (", cuda" if available["cuda"] else "") + (", mps" if available["mps"] else ""),
+                        hint="--device cpu")
+    return device
+
+
+# --------------------------------------------------------------------------- images in
+def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Files given directly (whatever their suffix) and image files under given folders, recursively.
+
+    Returns:
+        (image paths in the order given, folders sorted; [(path, reason)] for paths that do not exist).
+    """
+    found: list[Path] = []
+    missing: list[tuple[Path, str]] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                                and not any(part.startswith(".") for part in p.relative_to(path).parts)))
+        elif path.exists():
+            found.append(path)
+        else:
+            missing.append((path, "no such file or folder"))
+    return found, missing
+
+
+def _read(path: Path, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+    with Image.open(path) as image:
+        image.load()  # decode now: a truncated file fails here, not halfway through a batch
+        return transform(image)
+
+
+def _batches(paths: Sequence[Path], transform: Callable[[Image.Image], torch.Tensor], size: int,
+             on_skip: Callable[[Path, str], None]) -> Iterator[tuple[list[Path], torch.Tensor]]:
+    done: list[Path] = []
+    tensors: list[torch.Tensor] = []
+    for path in paths:
+        try:
+            tensors.append(_read(path, transform))
+        except _UNREADABLE as exc:
+            on_skip(path, f"not a readable image ({exc.__class__.__name__}: {str(exc)[:120]})")
+            continue
+        done.append(path)
+        if len(done) == size:
+            yield done, torch.stack(tensors)
+            done, tensors = [], []
+    if done:
+        yield done, torch.stack(tensors)
+
+
+# --------------------------------------------------------------------------- predictions out
+@dataclass(frozen=True)
+class Prediction:
+    path: Path
+    top: list[tuple[str, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "topk": [{"class": c, "prob": p} for c, p in self.top]}
+
+
+@torch.inference_mode()
+def predict(run: LoadedRun, paths: Sequence[Path], *, topk: int = 3, batch_size: int = 32,
+            on_skip: Callable[[Path, str], None] | None = None) -> Iterator[Prediction]:
+    """Top-k classes and probabilities for each readable image, batch by batch.
+
+    Args:
+        run: from `load_run`.
+        paths: image files (see `find_images`).
+        topk: classes per image, clamped to 1 .. number of classes.
+        batch_size: images per forward pass.
+        on_skip: called with (path, reason) for each unreadable file, which is skipped.
+
+    Returns:
+        An iterator of `Prediction`s, in the order of `paths`.
+    """
+    k = max(1, min(int(topk), len(run.classes)))
+    skip = on_skip or (lambda path, reason: None)
+    for done, images in _batches(paths, run.transform, batch_size, skip):
+        probs = run.model(run.preprocess(images)).float().softmax(dim=1)
+        values, indices = probs.topk(k, dim=1)
+        for path, vs, ix in zip(done, values.tolist(), indices.tolist()):
+            yield Prediction(path, [(run.classes[i], v) for i, v in zip(ix, vs)])
+
+
+def _table(predictions: Sequence[Prediction], k: int):
+    from rich.markup import escape
+    from rich.table import Table
+
+    # paths stay whole on one line (they are what a user copies); the runners-up wrap instead
+    table = Table(box=None, pad_edge=False)
+    table.add_column("image", no_wrap=True)
+    table.add_column("class", no_wrap=True)
+    table.add_column("prob", justify="right", no_wrap=True)
+    if k > 1:
+        table.add_column("next", overflow="fold")
+    for p in predictions:
+        (best, prob), rest = p.top[0], p.top[1:]
+        row = [escape(str(p.path)), f"[bold]{escape(best)}[/bold]", f"{prob:.3f}"]
+        if k > 1:
+            row.append("   ".join(f"{escape(c)} [dim]{v:.3f}[/dim]" for c, v in rest))
+        table.add_row(*row)
+    return table
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    """`surgery predict RUN_DIR PATH... [--topk K] [--json] [--batch-size N] [--device D]`.
+
+    Exit code 0 when at least one image was classified, 1 when every file was unreadable;
+    a missing run or no image at all is a SpecError (exit 2).
+    """
+    from rich.console import Console
+    from rich.markup import escape
+
+    if args.batch_size < 1:
+        raise SpecError("--batch-size must be at least 1", found=str(args.batch_size), expected="a positive integer")
+    if args.topk < 1:
+        raise SpecError("--topk must be at least 1", found=str(args.topk), expected="a positive integer")
+    locate_run(args.run_dir)  # a wrong run directory is reported before any image is looked at
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    out = Console(highlight=False)
+    paths, missing = find_images(args.paths)
+    for path, reason in missing:
+        err.print(f"[yellow]skipped[/yellow] {escape(str(path))}: {reason}")
+    if not paths:
+        raise SpecError("no images to classify", found=" ".join(args.paths),
+                        expected="image files, or folders holding " + ", ".join(sorted(IMAGE_SUFFIXES)))
+    run = load_run(args.run_dir, args.device)
+    if run.note:
+        err.print(f"[yellow]note[/yellow] {escape(run.note)}")
+    elif not args.json:
+        err.print(f"{escape(run.spec.name)}: {len(run.classes)} classes, weights {escape(str(run.weights))}")
+    k = max(1, min(args.topk, len(run.classes)))
+    skipped: list[Path] = []
+
+    def on_skip(path: Path, reason: str) -> None:
+        skipped.append(path)
+        err.print(f"[yellow]skipped[/yellow] {escape(str(path))}: {escape(reason)}")
+
+    results: list[Prediction] = []
+    for prediction in predict(run, paths, topk=k, batch_size=args.batch_size, on_skip=on_skip):
+        results.append(prediction)
+        if args.json:  # stream: a long folder shows progress and a crash keeps what was done
+            sys.stdout.write(json.dumps(prediction.to_dict()) + "\n")
+            sys.stdout.flush()
+    if not args.json and results:
+        out.print(_table(results, k))
+    if not results:
+        err.print(f"[bold red]error[/bold red] no image could be read ({_count(len(paths), 'file')} tried); "
+                  "nothing classified")
+        return 1
+    if skipped:
+        err.print(f"classified {_count(len(results), 'image')}, skipped {_count(len(skipped) + len(missing), 'path')}")
+    return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+__all__ = ["LoadedRun", "Prediction", "load_run", "locate_run", "find_images", "predict", "predict_command", "IMAGE_SUFFIXES"]

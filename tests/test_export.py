@@ -1,0 +1,104 @@
+"""`surgery export`: each format reloads and computes what the trained, surgered model computes."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import sys
+import warnings
+
+import pytest
+import torch
+from rich.console import Console
+
+from surgery import load_spec
+from surgery.cli import main
+from surgery.export import ExportFailed, export_run
+from surgery.predict import load_run
+from surgery.train import run
+
+# inserts both inside a leaf (MaxPool2d: its class is swapped at run time) and inside Sequentials
+# (layer1..4), as in torchvision's resnet18 but smaller; init: default so that an export that
+# dropped them would compute something else entirely
+SPEC = {"name": "cut", "model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False},
+        "surgery": [{"insert": "cbam", "at": {"type": "MaxPool2d"}, "init": "default"},
+                    {"insert": "se", "at": "layer*", "init": "default"}],
+        "train": {"epochs": 1, "batch_size": 8, "limit_batches": 2},
+        "data": {"name": "digits", "image_size": 32, "num_workers": 0}}
+HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "cut"
+    run(load_spec(SPEC), out, console=Console(file=io.StringIO()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def loaded(run_dir):
+    return load_run(run_dir)
+
+
+def _reload(fmt: str, path):
+    if fmt == "pt2":
+        return torch.export.load(str(path)).module()
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(path))
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+
+
+@pytest.mark.parametrize("fmt, out, expected", [
+    ("pt2", "folder", "model.pt2"),  # --out FOLDER -> FOLDER/model.pt2
+    ("torchscript", None, "model.ts"),  # default: RUN_DIR/export/
+    pytest.param("onnx", "file", "cut.onnx",
+                 marks=pytest.mark.skipif(not HAS_ONNX, reason="onnx, onnxscript, onnxruntime not installed")),
+])
+def test_export_matches_the_trained_model(run_dir, loaded, tmp_path, capsys, fmt, out, expected):
+    args = {"folder": ["--out", str(tmp_path)], "file": ["--out", str(tmp_path / "cut.onnx")], None: []}[out]
+    assert main(["export", str(run_dir), "--format", fmt, *args]) == 0
+    folder = run_dir / "export" if out is None else tmp_path
+    path = folder / expected
+    assert "max abs diff" in capsys.readouterr().out
+    assert sorted(p.name for p in folder.iterdir()) == [expected, expected + ".json"]
+    sidecar = json.loads((folder / (expected + ".json")).read_text())
+    assert sidecar["check"]["max_abs_diff"] < 1e-4
+    assert sidecar["classes"] == json.loads((run_dir / "classes.json").read_text())
+    assert sidecar["input"]["shape"] == ["batch", 3, 32, 32] and len(sidecar["input"]["mean"]) == 3
+    assert "normalised" in sidecar["input"]["description"]
+    assert len(sidecar["inserted"]) == 5
+
+    # independently: another batch size, compared with the surgered model itself
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected_logits = loaded.model(x)
+        got = _reload(fmt, path)(x)
+    assert (got - expected_logits).abs().max() < 1e-4
+
+
+def test_a_missing_exporter_package_says_what_to_install(run_dir, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import now raises ImportError
+    assert main(["export", str(run_dir), "--format", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install" in err and "onnxscript" in err and "Traceback" not in err
+
+
+def test_an_export_that_does_not_match_is_not_written(loaded, tmp_path, monkeypatch):
+    from surgery import export
+
+    def fake_export(model, sample, path, notes):
+        path.write_bytes(b"an export")
+        return "fake", None
+
+    def off_by_one(path):
+        return lambda x: loaded.model(x) + 1
+
+    monkeypatch.setitem(export.EXPORTERS, "pt2", (fake_export, off_by_one, "test"))
+    with pytest.raises(ExportFailed, match="differ"):
+        export_run(loaded, "pt2", tmp_path / "bad.pt2")
+    assert list(tmp_path.iterdir()) == []

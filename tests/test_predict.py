@@ -1,0 +1,143 @@
+"""`surgery predict` and `load_run`: real image files, the run's transforms, unreadable files, wrong run folders."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from rich.console import Console
+
+from surgery import load_spec
+from surgery.cli import main
+from surgery.predict import load_run
+from surgery.rundir import load_safetensors
+from surgery.train import run
+
+SPEC = {"name": "tiny", "model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False},
+        "train": {"epochs": 1, "batch_size": 8, "limit_batches": 2},
+        "data": {"name": "digits", "image_size": 32, "num_workers": 0}}
+N_IMAGES = 5
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    run(load_spec(SPEC), out, console=Console(file=io.StringIO()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """A folder of digits PNGs (one in a subfolder), a truncated PNG beside them, and a text file."""
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("images")
+    digits = load_digits()
+    (root / "digits" / "more").mkdir(parents=True)
+    for i in range(N_IMAGES):
+        folder = root / "digits" / ("more" if i == 0 else "")
+        Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).save(folder / f"{i}.png")
+    (root / "digits" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really" * 8)
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def _json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_json_predictions_for_a_folder_skip_unreadable_files(run_dir, images, capsys):
+    code = main(["predict", str(run_dir), str(images / "digits"), str(images / "notes.txt"),
+                 "--json", "--topk", "50", "--batch-size", "2"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    rows = _json_lines(out)
+    assert sorted(r["path"].rsplit("/", 1)[-1] for r in rows) == [f"{i}.png" for i in range(N_IMAGES)]
+    classes = json.loads((run_dir / "classes.json").read_text())
+    for row in rows:
+        assert len(row["topk"]) == len(classes)  # --topk 50 clamped to the 10 classes
+        probs = [p["prob"] for p in row["topk"]]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-4)
+        assert probs == sorted(probs, reverse=True)
+        assert {p["class"] for p in row["topk"]} == set(classes)
+    assert "corrupt.png" in err and "notes.txt" in err and "skipped" in err
+
+
+def test_table_output_names_each_image_and_its_classes(run_dir, images, capsys):
+    image = images / "digits" / "1.png"
+    assert main(["predict", str(run_dir), str(image), "--topk", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "1.png" in out and "prob" in out
+    assert "model.safetensors" in err
+
+
+def test_predictions_match_the_model_on_the_runs_eval_transform(run_dir, images):
+    from surgery.predict import predict
+
+    loaded = load_run(run_dir)
+    path = images / "digits" / "2.png"
+    [prediction] = list(predict(loaded, [path], topk=1))
+    with Image.open(path) as image:
+        x = loaded.preprocess(loaded.transform(image)[None])
+    assert x.shape == (1, 3, 32, 32) and x.dtype == torch.float32
+    with torch.no_grad():
+        probs = loaded.model(x).softmax(1)[0]
+    assert prediction.top[0] == (loaded.classes[int(probs.argmax())], pytest.approx(float(probs.max()), abs=1e-6))
+
+
+def test_load_run_uses_the_runs_weights_never_the_original_source(run_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    spec = (copy / "spec.yaml").read_text()
+    # a weight source that no longer exists, and options that would rename or re-initialise keys
+    spec = spec.replace("pretrained: false", "pretrained: /nowhere/weights.pth").replace("reset_head: false", "reset_head: true")
+    (copy / "spec.yaml").write_text(spec)
+    loaded = load_run(copy)
+    saved = load_safetensors(run_dir / "model.safetensors")
+    state = loaded.model.state_dict()
+    assert set(state) == set(saved)
+    assert all(torch.equal(state[k], saved[k]) for k in saved)
+    assert not loaded.model.training
+    assert loaded.weights == copy / "model.safetensors" and loaded.note is None
+
+
+def test_falls_back_to_the_best_checkpoint_and_says_so(run_dir, tmp_path):
+    copy = tmp_path / "unfinished"
+    shutil.copytree(run_dir, copy)
+    (copy / "model.safetensors").unlink()
+    loaded = load_run(copy)
+    assert loaded.weights == copy / "checkpoints" / "best.safetensors"
+    assert "best.safetensors" in loaded.note
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda root: root / "missing", ["does not exist", "surgery run"]),
+    (lambda root: root, ["spec.yaml"]),  # a folder, but not a run
+])
+def test_a_wrong_run_directory_is_a_clear_error(tmp_path, images, capsys, make, words):
+    path = make(tmp_path)
+    assert main(["predict", str(path), str(images / "digits")]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "Traceback" not in err
+    assert all(w in err for w in words)
+
+
+def test_a_run_without_weights_says_how_to_finish_it(run_dir, tmp_path, images, capsys):
+    copy = tmp_path / "started"
+    copy.mkdir()
+    shutil.copy(run_dir / "spec.yaml", copy / "spec.yaml")
+    assert main(["predict", str(copy), str(images / "digits")]) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and "--resume" in err
+
+
+def test_nothing_readable_exits_nonzero_with_a_message(run_dir, images, tmp_path, capsys):
+    assert main(["predict", str(run_dir), str(images / "digits" / "corrupt.png"), str(images / "notes.txt")]) == 1
+    assert "nothing classified" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(run_dir), str(tmp_path / "empty")]) == 2
+    assert "no images" in capsys.readouterr().err

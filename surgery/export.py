@@ -72,21 +72,27 @@ def check_requirements(fmt: str) -> None:
     missing = _missing(REQUIRED[fmt])
     if missing:
         extra = [CHECKER[fmt]] if fmt in CHECKER and _missing((CHECKER[fmt],)) else []
-        raise SpecError(f"exporting to {fmt} needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
-                        "not installed", found=f"--format {fmt}", expected=f"the packages {', '.join(REQUIRED[fmt])}",
+        verb = "is" if len(missing) == 1 else "are"
+        raise SpecError(f"exporting to {fmt} needs {' and '.join(missing)}, which {verb} not installed",
+                        file=f"--format {fmt}", found=f"--format {fmt}",
+                        expected=f"the packages {', '.join(REQUIRED[fmt])}",
                         hint=f"pip install {' '.join(missing + extra)}" +
                              (f"  ({extra[0]} lets the export be checked against the trained model)" if extra else ""))
 
 
 # --------------------------------------------------------------------------- the exporters
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return exc.__class__.__name__ + (": " + text.splitlines()[0][:160] if text else "")
+
+
 def _dynamic_or_static(export: Callable[[torch.Tensor, bool], Any], sample: torch.Tensor,
                        notes: list[str]) -> tuple[Any, int | None]:
     """Export with a dynamic batch dimension; when the model will not allow it, with batch 1."""
     try:
         return export(sample[:EXAMPLE_BATCH], True), None
     except Exception as exc:  # noqa: BLE001 - any failure here is retried with a fixed batch
-        notes.append(f"a dynamic batch failed ({exc.__class__.__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}); "
-                     "exported with a fixed batch of 1")
+        notes.append(f"a dynamic batch failed ({_first_line(exc)}); exported with a fixed batch of 1")
         return export(sample[:1], False), 1
 
 
@@ -111,15 +117,15 @@ def _export_torchscript(model: nn.Module, sample: torch.Tensor, path: Path, note
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*deprecated.*")
         try:
             module, method = torch.jit.script(model), "torch.jit.script"
-        except Exception as exc:  # noqa: BLE001 - scripting fails on much Python (the surgered forward's *args); trace then
-            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-            notes.append(f"torch.jit.script failed ({exc.__class__.__name__}: {first}); traced instead, which records "
+        except Exception as exc:  # noqa: BLE001 - script rejects much Python (the surgered forward's *args): trace
+            first = _first_line(exc)
+            notes.append(f"torch.jit.script failed ({first}); traced instead, which records "
                          "the operations run on the sample (fine for models without data-dependent control flow)")
             try:
                 module = torch.jit.trace(model, sample[:EXAMPLE_BATCH], check_trace=False)
             except Exception as exc2:  # noqa: BLE001
                 raise ExportFailed(
-                    f"torchscript: torch.jit.script failed ({exc.__class__.__name__}: {first}) and torch.jit.trace "
+                    f"torchscript: torch.jit.script failed ({first}) and torch.jit.trace "
                     f"failed too ({exc2.__class__.__name__}: {str(exc2).strip()[:300]}). Export with --format pt2 "
                     "(torch.export) or --format onnx instead") from None
             method = "torch.jit.trace"
@@ -197,8 +203,9 @@ def default_path(run_dir: Path, fmt: str) -> Path:
 def _out_path(run: LoadedRun, fmt: str, out: str | Path | None) -> Path:
     if out is None:
         return default_path(run.run_dir, fmt)
+    folder = str(out).endswith(("/", os.sep))  # Path() would drop the slash that says "a folder"
     out = Path(out)
-    if out.is_dir() or str(out).endswith(os.sep):
+    if folder or out.is_dir():
         return out / f"model{SUFFIXES[fmt]}"
     return out
 
@@ -349,11 +356,11 @@ def export_command(args: argparse.Namespace) -> int:
         err.print(f"[yellow]note[/yellow] {escape(note)}")
     check = ("outputs not compared" if result.max_abs_diff is None
              else f"max abs diff {result.max_abs_diff:.3g} vs the trained model ({result.compared_with})")
+    batch = "dynamic" if result.batch is None else result.batch
     console.print(f"[green]wrote[/green] {escape(str(result.path))} ({result.method}, "
-                  f"{len(run.built.inserted)} inserted modules, batch {'dynamic' if result.batch is None else result.batch}); "
-                  f"{check}")
-    console.print(f"[green]wrote[/green] {escape(str(result.sidecar))}: classes, input size {run.image_size}, mean/std; "
-                  "the model takes normalised float NCHW input")
+                  f"{len(run.built.inserted)} inserted modules, batch {batch}); {check}")
+    console.print(f"[green]wrote[/green] {escape(str(result.sidecar))}: classes, input size {run.image_size}, "
+                  "mean/std; the model takes normalised float NCHW input")
     return 0
 
 

@@ -84,7 +84,8 @@ def locate_run(run_dir: str | Path) -> tuple[Path, str | None]:
     spec_path = run_dir / "spec.yaml"
     if not spec_path.is_file():
         raise _run_error("the run directory has no spec.yaml", run_dir, found=str(spec_path),
-                         expected="a run directory written by `surgery run` (spec.yaml, model.safetensors, classes.json)")
+                         expected="a run directory written by `surgery run` "
+                                  "(spec.yaml, model.safetensors, classes.json)")
     for i, name in enumerate(WEIGHT_FILES):
         path = run_dir / name
         if path.is_file():
@@ -107,7 +108,8 @@ def _read_classes(run_dir: Path, num_classes: int) -> list[str]:
         return [str(i) for i in range(num_classes)]  # an older or hand-made run: labels are the names
     except (OSError, ValueError) as exc:
         raise _run_error(f"classes.json cannot be read: {exc}", run_dir, found=str(path),
-                         expected="a JSON list of class names", hint="restore it, or delete it to use label numbers") from None
+                         expected="a JSON list of class names",
+                         hint="restore it, or delete it to use label numbers") from None
     if not isinstance(classes, list) or len(classes) != num_classes:
         raise _run_error(f"classes.json does not match the model's {num_classes} outputs", run_dir, found=str(path),
                          expected=f"a JSON list of {num_classes} class names",
@@ -138,6 +140,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
 
     run_dir = Path(run_dir)
     weights, note = locate_run(run_dir)
+    target = _device(device)
     spec = load_spec(run_dir / "spec.yaml", _REBUILD_OVERRIDES)
     try:
         state = load_safetensors(weights)
@@ -146,7 +149,6 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
                          found=str(weights), expected="an intact safetensors file written by `surgery run`",
                          hint="re-run or resume the training that wrote it") from None
     built = build(spec, state_dict=state)
-    target = _device(device)
     model = built.model.to(target).eval()
     size = int(spec.data["image_size"])
     config = dict(built.data_config)
@@ -164,11 +166,14 @@ def _device(requested: str | torch.device) -> torch.device:
     try:
         device = pick_device(str(requested))
     except RuntimeError as exc:
-        raise SpecError(f"not a device: {exc}", found=str(requested), expected="cpu, cuda, cuda:N or mps") from None
+        raise SpecError(f"not a device: {str(exc).splitlines()[0][:200]}", file=f"--device {requested}",
+                        found=str(requested), expected="cpu, cuda, cuda:N or mps") from None
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
                  "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
-    if not available.get(device.type, False) or (device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()):
-        raise SpecError(f"the device {device} is not available here", found=str(requested),
+    absent_index = device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
+    if not available.get(device.type, False) or absent_index:
+        raise SpecError(f"the device {device} is not available here", file=f"--device {requested}",
+                        found=str(requested),
                         expected="cpu" + (", cuda" if available["cuda"] else "") + (", mps" if available["mps"] else ""),
                         hint="--device cpu")
     return device
@@ -283,9 +288,10 @@ def predict_command(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
     if args.batch_size < 1:
-        raise SpecError("--batch-size must be at least 1", found=str(args.batch_size), expected="a positive integer")
+        raise SpecError("--batch-size must be at least 1", file="--batch-size", found=str(args.batch_size),
+                        expected="a positive integer")
     if args.topk < 1:
-        raise SpecError("--topk must be at least 1", found=str(args.topk), expected="a positive integer")
+        raise SpecError("--topk must be at least 1", file="--topk", found=str(args.topk), expected="a positive integer")
     locate_run(args.run_dir)  # a wrong run directory is reported before any image is looked at
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     out = Console(highlight=False)
@@ -293,12 +299,12 @@ def predict_command(args: argparse.Namespace) -> int:
     for path, reason in missing:
         err.print(f"[yellow]skipped[/yellow] {escape(str(path))}: {reason}")
     if not paths:
-        raise SpecError("no images to classify", found=" ".join(args.paths),
+        raise SpecError("no images to classify", file="PATH...", found=" ".join(args.paths),
                         expected="image files, or folders holding " + ", ".join(sorted(IMAGE_SUFFIXES)))
     run = load_run(args.run_dir, args.device)
     if run.note:
         err.print(f"[yellow]note[/yellow] {escape(run.note)}")
-    elif not args.json:
+    else:
         err.print(f"{escape(run.spec.name)}: {len(run.classes)} classes, weights {escape(str(run.weights))}")
     k = max(1, min(args.topk, len(run.classes)))
     skipped: list[Path] = []
@@ -328,4 +334,5 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-__all__ = ["LoadedRun", "Prediction", "load_run", "locate_run", "find_images", "predict", "predict_command", "IMAGE_SUFFIXES"]
+__all__ = ["LoadedRun", "Prediction", "load_run", "locate_run", "find_images", "predict", "predict_command",
+           "IMAGE_SUFFIXES"]

@@ -25,7 +25,8 @@ SPEC = {"name": "cut", "model": {"backbone": "timm:resnet10t", "num_classes": 10
                     {"insert": "se", "at": "layer*", "init": "default"}],
         "train": {"epochs": 1, "batch_size": 8, "limit_batches": 2},
         "data": {"name": "digits", "image_size": 32, "num_workers": 0}}
-HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime"))
+HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript"))
+HAS_ONNXRUNTIME = importlib.util.find_spec("onnxruntime") is not None
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def _reload(fmt: str, path):
     ("pt2", "folder", "model.pt2"),  # --out FOLDER -> FOLDER/model.pt2
     ("torchscript", None, "model.ts"),  # default: RUN_DIR/export/
     pytest.param("onnx", "file", "cut.onnx",
-                 marks=pytest.mark.skipif(not HAS_ONNX, reason="onnx, onnxscript, onnxruntime not installed")),
+                 marks=pytest.mark.skipif(not HAS_ONNX, reason="onnx and onnxscript are not installed")),
 ])
 def test_export_matches_the_trained_model(run_dir, loaded, tmp_path, capsys, fmt, out, expected):
     args = {"folder": ["--out", str(tmp_path)], "file": ["--out", str(tmp_path / "cut.onnx")], None: []}[out]
@@ -67,11 +68,14 @@ def test_export_matches_the_trained_model(run_dir, loaded, tmp_path, capsys, fmt
     assert "max abs diff" in capsys.readouterr().out
     assert sorted(p.name for p in folder.iterdir()) == [expected, expected + ".json"]
     sidecar = json.loads((folder / (expected + ".json")).read_text())
-    assert sidecar["check"]["max_abs_diff"] < 1e-4
     assert sidecar["classes"] == json.loads((run_dir / "classes.json").read_text())
     assert sidecar["input"]["shape"] == ["batch", 3, 32, 32] and len(sidecar["input"]["mean"]) == 3
     assert "normalised" in sidecar["input"]["description"]
     assert len(sidecar["inserted"]) == 5
+    if fmt == "onnx" and not HAS_ONNXRUNTIME:  # checked by onnx.checker only, and it says so
+        assert sidecar["check"]["max_abs_diff"] is None and "not compared" in " ".join(sidecar["notes"])
+        return
+    assert sidecar["check"]["max_abs_diff"] < 1e-4
 
     # independently: another batch size, compared with the surgered model itself
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))

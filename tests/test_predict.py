@@ -94,7 +94,8 @@ def test_load_run_uses_the_runs_weights_never_the_original_source(run_dir, tmp_p
     shutil.copytree(run_dir, copy)
     spec = (copy / "spec.yaml").read_text()
     # a weight source that no longer exists, and options that would rename or re-initialise keys
-    spec = spec.replace("pretrained: false", "pretrained: /nowhere/weights.pth").replace("reset_head: false", "reset_head: true")
+    spec = spec.replace("pretrained: false", "pretrained: /nowhere/weights.pth")
+    spec = spec.replace("reset_head: false", "reset_head: true")
     (copy / "spec.yaml").write_text(spec)
     loaded = load_run(copy)
     saved = load_safetensors(run_dir / "model.safetensors")

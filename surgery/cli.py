@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="run directory (default runs/<name>; with several specs, a parent folder)")
     p.add_argument("--device", default=None, help="override train.device (cpu, cuda, cuda:1, mps)")
     p.add_argument("--resume", action="store_true", help="continue from checkpoints/last.pt in the run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory (its files are deleted)")
     _add_set(p)
 
     p = sub.add_parser("predict", help="classify images with a trained run")
@@ -113,6 +114,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise SpecError("a TARGET is needed", file="surgery inspect", found="nothing",
                         expected="a spec file or a backbone id such as timm:resnet50")
     spec, is_spec = _spec_for_target(args.target, args.overrides, args.input_size)
+    print_warnings(spec)
     from .builder import build
     from .inspect import groups_table, module_records, module_tree, report_table, schedule_rich
 
@@ -141,6 +143,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for path in args.specs:
         try:
             spec = load_spec(path, args.overrides)
+            print_warnings(spec)
             from .builder import build  # torch only once the spec itself is sound
 
             built = build(spec)
@@ -163,7 +166,8 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .train import run_specs
 
-    return run_specs(args.specs, out=args.out, overrides=args.overrides, device=args.device, resume=args.resume)
+    return run_specs(args.specs, out=args.out, overrides=args.overrides, device=args.device, resume=args.resume,
+                     overwrite=args.overwrite)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -180,6 +184,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 COMMANDS = {"inspect": cmd_inspect, "validate": cmd_validate, "schema": cmd_schema, "run": cmd_run,
             "predict": cmd_predict, "export": cmd_export}
+
+
+def print_warnings(spec: Any) -> None:
+    """Located notes on legal but probably unintended settings (stderr, so --json stays clean)."""
+    from rich.markup import escape
+
+    for text in spec.warnings:
+        _console(stderr=True).print(f"[yellow]warning[/yellow] {escape(text)}", soft_wrap=True)
 
 
 def _print_error(err: SpecError) -> None:

@@ -306,17 +306,18 @@ def export_run(run: LoadedRun | str | Path, fmt: str, out: str | Path | None = N
         except Exception as exc:  # noqa: BLE001 - the exporter's own message is the useful part
             raise ExportFailed(f"{fmt}: the exporter failed on this model: {exc.__class__.__name__}: "
                                f"{str(exc).strip()[:600]}") from None
-        forward = loader(tmp)
         diff: float | None = None
+        try:
+            forward = loader(tmp)
+            if forward is not None:
+                diff = float((_outputs(forward, sample, batch) - reference).abs().max())
+        except Exception as exc:  # noqa: BLE001 - a file that does not load or run is a failed export
+            raise ExportFailed(f"{fmt}: the written file does not reload and run on a {list(sample.shape)} input: "
+                               f"{exc.__class__.__name__}: {str(exc).strip()[:400]}") from None
         if forward is None:
             compared_with = "onnx.checker only"
             notes.append(f"outputs were not compared: `pip install {CHECKER[fmt]}` to run the export and compare")
         else:
-            try:
-                diff = float((_outputs(forward, sample, batch) - reference).abs().max())
-            except Exception as exc:  # noqa: BLE001
-                raise ExportFailed(f"{fmt}: the reloaded export fails on a {list(sample.shape)} input: "
-                                   f"{exc.__class__.__name__}: {str(exc).strip()[:400]}") from None
             limit = TOLERANCE * max(1.0, float(reference.abs().max()))
             if not diff <= limit:
                 raise ExportFailed(f"{fmt}: the export's logits differ from the trained model's by up to {diff:.3g} "

@@ -355,7 +355,8 @@ def _construct(spec: Spec, item: InsertSpec, factory, channels: int, target: str
                          f"{exc.__class__.__name__}: {exc}", found=repr(dict(item.args)),
                          expected=f"arguments of {item.insert}{signature} that fit this width") from None
     except Exception as exc:  # noqa: BLE001 - a module that cannot be built for this width is a spec problem
-        raise spec.error(("surgery", item.index, "args"), f"{item.insert} cannot be built for {channels} channels at {target}: {exc}",
+        raise spec.error(("surgery", item.index, "args"), f"{item.insert} cannot be built for {channels} channels at {target}: "
+                         f"{exc.__class__.__name__}: {exc}",
                          found=repr(dict(item.args)), expected="arguments that fit this width") from None
     if not isinstance(module, nn.Module):
         raise spec.error(("surgery", item.index, "insert"), f"{item.insert} did not build an nn.Module", found=type(module).__name__,

@@ -197,7 +197,7 @@ def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[Pat
             found.append(path)
         else:
             missing.append((path, "no such file or folder"))
-    return found, missing
+    return list(dict.fromkeys(found)), missing  # a file named both alone and inside its folder: once
 
 
 def _read(path: Path, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:

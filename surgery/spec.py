@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -520,6 +521,7 @@ class Spec:
     raw: Mapping[str, Any]
     source: Source
     default_groups: bool  # True when the spec declared no groups
+    warnings: tuple[str, ...] = ()  # located notes on settings that are legal but probably unintended
 
     def error(self, path: Sequence, problem: str, **kw: Any) -> SpecError:
         return self.source.error(path, problem, **kw)
@@ -595,35 +597,48 @@ def _typed(data: dict, source: Source) -> Spec:
     )
 
 
-def _check_cross_fields(spec: Spec) -> None:
-    """Rules the schema cannot say: they relate one key to another."""
+def _check_cross_fields(spec: Spec) -> tuple[str, ...]:
+    """Rules the schema cannot say: they relate one key to another.
+
+    Settings that only fall outside a run shortened on purpose (`--set train.epochs=1` for a
+    smoke run) are warnings, not errors: a group unfreezing after the last epoch just never
+    trains in that run. Returns the warnings, each with its location.
+    """
     epochs = spec.train["epochs"]
+    warnings: list[str] = []
+
+    def warn(path: tuple, text: str) -> None:
+        file, line, column = spec.source.locate(path)
+        where = f"{file or '<spec>'}" + (f":{line}" if line else "")
+        warnings.append(f"{where}: {format_path(path)}: {text}")
+
     for g in spec.groups:
         where = ("groups", g.index)
         if g.unfreeze_at is not None and g.unfreeze_at >= epochs:
-            raise spec.error(where + ("unfreeze_at",), f"group {g.name!r} would unfreeze after the last epoch",
-                             found=str(g.unfreeze_at), expected=f"an epoch below train.epochs ({epochs}), or 'never'")
+            warn(where + ("unfreeze_at",), f"group {g.name!r} unfreezes at epoch {g.unfreeze_at}, after the last "
+                 f"epoch ({epochs - 1}): it stays frozen for this whole run")
         for start, _ in g.lr:
             if start >= epochs:
-                raise spec.error(where + ("lr",), f"the learning-rate map of {g.name!r} names an epoch past the end",
-                                 found=str(start), expected=f"epochs below train.epochs ({epochs})")
+                warn(where + ("lr",), f"the learning-rate map of {g.name!r} names epoch {start}, past the last "
+                     f"epoch ({epochs - 1}): that step never comes")
     if all(g.unfreeze_at is None for g in spec.groups):
         raise spec.error(("groups",), "no group ever trains: every group has unfreeze_at: never",
                          expected="at least one group with an unfreeze epoch")
+    if all(g.unfreeze_at is None or g.unfreeze_at >= epochs for g in spec.groups):
+        warn(("groups",), f"no group trains within the {epochs} epochs of this run")
     sched = spec.train["scheduler"]
     for i, m in enumerate(sched["milestones"]):
         if m >= epochs:
-            raise spec.error(("train", "scheduler", "milestones", i), "a milestone lies past the last epoch",
-                             found=str(m), expected=f"epochs below train.epochs ({epochs})")
+            warn(("train", "scheduler", "milestones", i), f"milestone {m} lies past the last epoch ({epochs - 1})")
     if sched["warmup_epochs"] >= epochs:
-        raise spec.error(("train", "scheduler", "warmup_epochs"), "the warm-up is as long as the whole run",
-                         found=str(sched["warmup_epochs"]), expected=f"fewer than train.epochs ({epochs})")
+        warn(("train", "scheduler", "warmup_epochs"), f"the warm-up ({sched['warmup_epochs']} epochs) lasts the whole run")
     key_map, pretrained = spec.model.key_map, spec.model.pretrained
     if key_map and (pretrained is False or (key_map == "order" and not isinstance(pretrained, str))):
         raise spec.error(("model", "key_map"), "key_map maps the keys of a weight file, and this spec loads none",
                          found="pretrained: " + json.dumps(pretrained),
                          expected="model.pretrained set to the path of a weight file",
                          hint="remove key_map, or point model.pretrained at the file whose keys it maps")
+    return tuple(warnings)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -674,8 +689,7 @@ def load_spec(spec: str | Path | Mapping, overrides: Sequence[str] = ()) -> Spec
     data = fill_defaults(data)
     data.setdefault("name", name)
     typed = _typed(data, source)
-    _check_cross_fields(typed)
-    return typed
+    return dataclasses.replace(typed, warnings=_check_cross_fields(typed))
 
 
 def backbone_names(source: str) -> list[str]:

@@ -791,6 +791,11 @@ def run_specs(paths: Sequence[str], *, out: str | None = None, overrides: Sequen
     hint = _resume_command(paths, out, overrides, device)
     try:
         specs = [load_spec(p, overrides) for p in paths]  # every spec checked before anything trains
+        if main:
+            from .cli import print_warnings
+
+            for spec in specs:
+                print_warnings(spec)
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise SpecError("two specs share a run name", found=", ".join(names), expected="distinct names",

@@ -259,24 +259,6 @@ CASES = [
               0: 1.0e-3
               5: -1.0e-4  # <-
         """), "groups[0].lr.5", problem="minimum"),
-    Case("lr-map-past-the-end", HEAD + yaml("""
-        train:
-          epochs: 10
-        groups:
-          - name: all
-            params: '*'
-            lr: {0: 1.0e-3, 20: 1.0e-4}  # <-
-        """), "groups[0].lr", problem="past the end"),
-    Case("unfreeze-after-last-epoch", HEAD + yaml("""
-        train:
-          epochs: 5
-        groups:
-          - name: head
-            params: fc
-          - name: rest
-            params: '*'
-            unfreeze_at: 5  # <-
-        """), "groups[1].unfreeze_at", problem="after the last epoch"),
     Case("nothing-ever-trains", HEAD + yaml("""
         groups:  # <-
           - name: all
@@ -290,13 +272,6 @@ CASES = [
           - name: head  # <-
             params: '*'
         """), "groups[1].name", hint="groups[0]"),
-    Case("milestone-past-the-end", HEAD + yaml("""
-        train:
-          epochs: 10
-          scheduler:
-            name: multistep
-            milestones: [5, 12]  # <-
-        """), "train.scheduler.milestones[1]", problem="past the last epoch"),
     Case("key-map-order-without-file", yaml("""
         model:
           backbone: torchvision:resnet18

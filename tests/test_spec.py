@@ -449,3 +449,23 @@ def test_shipped_specs_load_and_build(path: Path | None) -> None:
     built = build(load_spec(path, overrides))
     assert built.groups and all(g.params for g in built.groups)
     assert len(built.inserted) >= len(spec.surgery)
+
+
+def test_settings_past_a_shortened_run_are_located_warnings_not_errors(tmp_path):
+    """`--set train.epochs=1` for a smoke run must not make a staged spec invalid."""
+    path = tmp_path / "staged.yaml"
+    path.write_text(
+        "model: {backbone: 'torchvision:resnet18'}\n"
+        "groups:\n"
+        "  - {name: head, params: fc, lr: {0: 1.0e-3, 20: 1.0e-4}}\n"
+        "  - {name: rest, params: '*', unfreeze_at: 5}\n"
+        "train:\n"
+        "  epochs: 30\n"
+        "  scheduler: {name: multistep, milestones: [10, 25]}\n"
+    )
+    assert load_spec(path).warnings == ()
+    spec = load_spec(path, ["train.epochs=3"])
+    text = "\n".join(spec.warnings)
+    assert f"{path}:3: groups[0].lr" in text and "epoch 20" in text
+    assert f"{path}:4: groups[1].unfreeze_at" in text and "stays frozen" in text
+    assert "train.scheduler.milestones[0]" in text and "train.scheduler.milestones[1]" in text

@@ -1,0 +1,187 @@
+"""Training throughput: `surgery run`'s loop against a plain hand-written loop, same model and data.
+
+Each measurement runs in a fresh subprocess (so peak memory is that loop's own), the loops
+alternate, and the median of the repeats is reported. Prints a table, the ratios, the machine
+and versions, and writes a JSON record.
+
+    python benchmarks/loops.py                       # every case
+    python benchmarks/loops.py --case resnet18-cbam-32 --repeats 3 --steps 30
+    python benchmarks/loops.py --json benchmarks/results.json
+
+Cases:
+    resnet18-cbam-32    torchvision resnet18 + CBAM after layer1..4, digits at 32 px, full fine-tune
+    resnet18-cbam-128   the same at 128 px
+    vgg16-cbam-64       torchvision vgg16 + CBAM after every MaxPool2d, 64 px, full fine-tune
+    head-only-32        resnet18 + CBAM, only the head (and CBAM) trainable: the frozen-prefix stage
+The plain loop is the one tutorials write: Adam, fp32, no channels_last, a default DataLoader
+over a Dataset applying ToTensor + Normalize, `loss.item()` and `.sum().item()` every step.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CASES = {
+    "resnet18-cbam-32": {"backbone": "torchvision:resnet18", "at": "layer*", "size": 32, "batch": 64, "stage": "full"},
+    "resnet18-cbam-128": {"backbone": "torchvision:resnet18", "at": "layer*", "size": 128, "batch": 32, "stage": "full"},
+    "vgg16-cbam-64": {"backbone": "torchvision:vgg16", "at": {"type": "MaxPool2d"}, "size": 64, "batch": 16, "stage": "full"},
+    "head-only-32": {"backbone": "torchvision:resnet18", "at": "layer*", "size": 32, "batch": 64, "stage": "head"},
+}
+
+
+def spec_dict(case: dict, steps: int) -> dict:
+    groups = [{"name": "new", "params": ["@inserted", "@head"], "lr": 1e-3}]
+    groups.append({"name": "body", "params": ["*"], "lr": 1e-4, "unfreeze_at": 0 if case["stage"] == "full" else "never"})
+    return {
+        "name": "bench",
+        "model": {"backbone": case["backbone"], "num_classes": 10},
+        "surgery": [{"insert": "cbam", "at": case["at"], "init": "identity"}],
+        "groups": groups,
+        "train": {"epochs": 1, "batch_size": case["batch"], "limit_batches": steps,
+                  "optimizer": {"name": "adam"}, "channels_last": True},
+        "data": {"name": "digits", "image_size": case["size"], "num_workers": 0},
+    }
+
+
+# --------------------------------------------------------------------------- the two loops (child side)
+def run_engine(case: dict, steps: int, warmup: int) -> dict:
+    from surgery import load_spec
+    from surgery.train import apply_trainable, prepare, train_epoch
+
+    spec = load_spec(spec_dict(case, steps))
+    ctx = prepare(spec, device="cpu")
+    flags = apply_trainable(ctx.model, ctx.built.groups, 0)
+    ctx.trainable_params = [p for p in ctx.model.parameters() if p.requires_grad]
+    spec_warm = load_spec(spec_dict(case, warmup))
+    ctx_warm = ctx.__class__(**{**ctx.__dict__, "spec": spec_warm})
+    train_epoch(ctx_warm, 0, flags)
+    result = train_epoch(ctx, 1, flags)
+    return {"images_per_sec": result.seen / result.seconds, "seen": result.seen, "seconds": result.seconds,
+            "data_wait_fraction": result.data_seconds / result.seconds}
+
+
+def run_plain(case: dict, steps: int, warmup: int) -> dict:
+    import torch
+    from torch import nn
+    from torchvision import transforms
+
+    from surgery import build, load_spec
+    from surgery.data import build_data
+
+    spec = load_spec(spec_dict(case, steps))
+    torch.manual_seed(0)
+    model = build(spec).model  # the same surgered model, as a user would get it
+    if case["stage"] == "head":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("fc.") or ".cbam_" in name)
+    bundle = build_data(spec, {"input_size": (3, case["size"], case["size"]), "mean": (0.485, 0.456, 0.406),
+                               "std": (0.229, 0.224, 0.225), "interpolation": "bilinear", "crop_pct": 0.875,
+                               "crop_mode": "center"})
+    to_float = transforms.Compose([transforms.ConvertImageDtype(torch.float32),
+                                   transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+
+    class Plain(torch.utils.data.Dataset):  # ToTensor + Normalize per item, as tutorials do
+        def __len__(self) -> int:
+            return len(bundle.train)
+
+        def __getitem__(self, i: int):
+            x, y = bundle.train[i]
+            return to_float(x), y
+
+    loader = torch.utils.data.DataLoader(Plain(), batch_size=case["batch"], shuffle=True)
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+
+    def epoch(n_steps: int) -> tuple[int, float]:
+        seen, running_loss, correct = 0, 0.0, 0
+        start = time.perf_counter()
+        while True:
+            for x, y in loader:
+                out = model(x)
+                loss = criterion(out, y)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                running_loss += loss.item()
+                correct += (out.argmax(1) == y).sum().item()
+                seen += y.shape[0]
+                n_steps -= 1
+                if n_steps == 0:
+                    return seen, time.perf_counter() - start
+
+    epoch(warmup)
+    seen, seconds = epoch(steps)
+    return {"images_per_sec": seen / seconds, "seen": seen, "seconds": seconds}
+
+
+def child(loop: str, case_name: str, steps: int, warmup: int) -> None:
+    case = CASES[case_name]
+    result = (run_engine if loop == "engine" else run_plain)(case, steps, warmup)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+# --------------------------------------------------------------------------- the harness (parent side)
+def measure(loop: str, case: str, steps: int, warmup: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", loop, "--case", case, "--steps", str(steps), "--warmup", str(warmup)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def machine() -> dict:
+    import torch
+    import torchvision
+    import timm
+
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+            "load_average": os.getloadavg()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", action="append", choices=sorted(CASES), help="default: every case")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None, help="write the record here")
+    parser.add_argument("--child", choices=["engine", "plain"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.case[0], args.steps, args.warmup)
+        return
+    record = {"machine": machine(), "steps": args.steps, "repeats": args.repeats, "cases": {}}
+    print(f"machine: {record['machine']}")
+    for case in args.case or list(CASES):
+        runs: dict[str, list[dict]] = {"engine": [], "plain": []}
+        for _ in range(args.repeats):
+            for loop in ("plain", "engine"):  # alternate, so drift in the machine hits both
+                runs[loop].append(measure(loop, case, args.steps, args.warmup))
+        summary = {}
+        for loop, results in runs.items():
+            summary[loop] = {"images_per_sec": statistics.median(r["images_per_sec"] for r in results),
+                             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in results),
+                             "all_images_per_sec": [round(r["images_per_sec"], 1) for r in results]}
+        summary["speedup"] = summary["engine"]["images_per_sec"] / summary["plain"]["images_per_sec"]
+        summary["memory_ratio"] = summary["engine"]["peak_rss_mb"] / summary["plain"]["peak_rss_mb"]
+        record["cases"][case] = summary
+        print(f"{case:<20} plain {summary['plain']['images_per_sec']:7.1f} img/s {summary['plain']['peak_rss_mb']:6.0f} MB | "
+              f"engine {summary['engine']['images_per_sec']:7.1f} img/s {summary['engine']['peak_rss_mb']:6.0f} MB | "
+              f"speed x{summary['speedup']:.2f}  memory x{summary['memory_ratio']:.2f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -59,11 +59,25 @@ def _probe(spec: Spec, model: nn.Module, size: Sequence[int], when: str) -> dict
 
 
 def weights_path(spec: Spec, runs_root: Path | None = None) -> Path:
-    """The weight file `model.pretrained` names: a path relative to the spec, or run:NAME."""
+    """The weight file `model.pretrained` names.
+
+    A path relative to the spec's folder; `run:NAME`, the model.safetensors of an earlier run in
+    `runs_root`; or `pkg:PACKAGE/FILE`, a file shipped inside an installed Python package.
+    """
     value = str(spec.model.pretrained)
     if value.startswith("run:"):
         return Path(runs_root or "runs") / value[4:] / "model.safetensors"
-    return spec.resolve_path(value)
+    if value.startswith("pkg:"):
+        package, _, inner = value[4:].partition("/")
+        try:
+            from importlib import resources
+
+            return Path(str(resources.files(package).joinpath(inner)))
+        except (ModuleNotFoundError, TypeError) as exc:
+            raise spec.error(("model", "pretrained"), f"the package {package!r} is not installed", found=value,
+                             expected="pkg:<installed package>/<file inside it>",
+                             hint=f"pip install the package that provides {package!r} ({exc.__class__.__name__})") from None
+    return spec.resolve_path(value, ("model", "pretrained"))
 
 
 def build(spec: Spec, *, state_dict: Mapping[str, torch.Tensor] | None = None, runs_root: Path | None = None) -> Built:

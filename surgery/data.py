@@ -606,7 +606,7 @@ def _imagefolder(spec: Spec) -> tuple[_Pool, _Pool, int]:
     if spec.data["root"] is None:
         raise spec.error(("data", "root"), "imagefolder needs a folder", found="root: null",
                          expected=f"data.root set to a folder laid out as {layout}")
-    root = spec.resolve_path(spec.data["root"])
+    root = spec.resolve_path(spec.data["root"], ("data", "root"))
     if not root.is_dir():
         raise _folder_error(spec, f"the dataset folder {root} does not exist" if not root.exists()
                             else f"{root} is not a folder", root, expected=f"a folder laid out as {layout}",
@@ -674,7 +674,7 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 
 def _fashion_mnist(spec: Spec) -> tuple[_Pool, _Pool, int]:
-    root = spec.resolve_path(spec.data["root"]) if spec.data["root"] else FASHION_MNIST_DIR
+    root = spec.resolve_path(spec.data["root"], ("data", "root")) if spec.data["root"] else FASHION_MNIST_DIR
     arrays = {}
     for part, stem in (("train_x", "train-images-idx3-ubyte"), ("train_y", "train-labels-idx1-ubyte"),
                        ("val_x", "t10k-images-idx3-ubyte"), ("val_y", "t10k-labels-idx1-ubyte")):
@@ -714,7 +714,7 @@ def _torchvision_classes() -> dict[str, type]:
 
 
 def _torchvision(spec: Spec, cls: type) -> tuple[_Pool, _Pool, int]:
-    root = (spec.resolve_path(spec.data["root"]) if spec.data["root"]
+    root = (spec.resolve_path(spec.data["root"], ("data", "root")) if spec.data["root"]
             else Path(torch.hub.get_dir()).parent / "datasets")
     params = inspect.signature(cls.__init__).parameters
     kwargs: dict[str, Any] = {"root": str(root)}

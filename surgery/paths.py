@@ -69,11 +69,37 @@ def select_modules(modules: Mapping[str, nn.Module], pattern: str | None, type_n
 
 
 def nearest(pattern: str, candidates: Iterable[str], n: int = 3) -> list[str]:
-    """Closest real paths to a pattern that matched nothing, compared at the same depth first."""
+    """Closest real paths to a pattern that matched nothing, compared at the same depth first.
+
+    For a glob whose leading parts do match (`layer*.*.bn3`), the answer is the glob with its
+    first failing part corrected from the real names there (`layer*.*.bn1`, `layer*.*.bn2`)."""
     from .errors import close_matches
 
     candidates = list(candidates)
+    fixed = _corrected_glob(pattern, candidates, n)
+    if fixed:
+        return fixed
     depth = len(_parts(pattern))
     same_depth = [c for c in candidates if len(c.split(".")) == depth]
     found = close_matches(pattern, same_depth, n=n, cutoff=0.5)
     return found or close_matches(pattern, candidates, n=n, cutoff=0.5)
+
+
+def _corrected_glob(pattern: str, candidates: list[str], n: int) -> list[str]:
+    from .errors import close_matches
+
+    parts = _parts(pattern)
+    if not any(c in pattern for c in "*?["):
+        return []
+    split = [tuple(c.split(".")) for c in candidates]
+    if "**" in parts:  # depth varies: correct the last part from every module's own name
+        names = {c[-1] for c in split}
+        guesses = [".".join((*parts[:-1], name)) for name in close_matches(parts[-1], names, n=n, cutoff=0.5)]
+        return [g for g in guesses if any(matches(g, c) for c in candidates)]
+    for i in range(len(parts) - 1, 0, -1):
+        names = {c[i] for c in split if len(c) > i and _match(parts[:i], c[:i], prefix=False)}
+        if not names:
+            continue
+        guesses = [".".join((*parts[:i], name, *parts[i + 1:])) for name in close_matches(parts[i], names, n=n, cutoff=0.5)]
+        return [g for g in guesses if any(matches(g, c) for c in candidates)]
+    return []

@@ -27,7 +27,14 @@ class RunDirError(OSError):
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the new one, never half."""
+    """Write `data` to `path` so that a crash leaves either the old file or the new one, never half.
+
+    Every file of a run directory is written here: a temporary file beside the target, flushed
+    to disk, renamed over it, then the folder flushed so the rename survives a power cut.
+
+    Raises:
+        RunDirError: the folder cannot be written (read-only, disk full, ...); `path` is untouched.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,6 +51,25 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise RunDirError(f"cannot write {path}: {exc.strerror or exc}") from None
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    if not hasattr(os, "O_DIRECTORY"):  # Windows: renames are not made durable this way
+        return
+    with contextlib.suppress(OSError):  # the file is in place; durability of the rename is best effort
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_temporaries(folder: Path) -> None:
+    """Delete temporary files a killed process left behind (they are never read)."""
+    for leftover in Path(folder).rglob(".*.tmp"):  # atomic_write_bytes's and check_writable's
+        with contextlib.suppress(OSError):
+            leftover.unlink()
 
 
 def write_text(path: Path, text: str) -> None:
@@ -106,7 +132,7 @@ def check_writable(folder: Path) -> None:
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        fd, tmp = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=folder)
         os.close(fd)
         os.unlink(tmp)
     except OSError as exc:

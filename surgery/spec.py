@@ -526,10 +526,15 @@ class Spec:
     def error(self, path: Sequence, problem: str, **kw: Any) -> SpecError:
         return self.source.error(path, problem, **kw)
 
-    def resolve_path(self, value: str) -> Path:
-        """A path written in the spec, relative to the spec's folder."""
+    def resolve_path(self, value: str, key: Sequence = ()) -> Path:
+        """A path written in the spec: relative to the spec's folder, or to the working
+        directory when it was given on the command line (`--set key=path`)."""
         p = Path(value).expanduser()
-        return p if p.is_absolute() else self.source.folder / p
+        if p.is_absolute():
+            return p
+        file = self.source.locate(tuple(key))[0] if key else None
+        base = Path.cwd() if file and str(file).startswith("--set") else self.source.folder
+        return base / p
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(json.loads(json.dumps(self.raw)), sort_keys=False, allow_unicode=True)

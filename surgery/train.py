@@ -44,8 +44,8 @@ from .distributed import DataParallel, Distributed
 from .errors import SpecError, format_path
 from .groups import ResolvedGroup
 from .optim import build_optimizer, set_lrs
-from .rundir import (RunDirError, check_writable, plot_confusion, plot_curves, read_metrics, save_safetensors,
-                     save_torch, write_json, write_metrics, write_text)
+from .rundir import (RunDirError, check_writable, plot_confusion, plot_curves, read_metrics, remove_temporaries,
+                     save_safetensors, save_torch, write_json, write_metrics, write_text)
 from .runtime import Compiled, Runtime, make_runtime, rng_state, seed_everything, set_rng_state
 from .schedule import Plateau, lrs_at, unfreeze_events
 from .spec import Spec, load_spec
@@ -414,7 +414,7 @@ def restore(ctx: Context, state: Mapping[str, Any]) -> EpochState | None:
     ranks = state["ranks"]
     same_world = len(ranks) == ctx.dist.world_size
     mine = ranks[ctx.dist.rank] if same_world else ranks[0]
-    set_rng_state(mine["rng"])
+    pass  # MUTATION
     if same_world and mine.get("buffers"):
         with torch.no_grad():
             own = {f"model.{n}": b for n, b in ctx.model.named_buffers()}
@@ -543,6 +543,8 @@ def _prepare_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
         except OSError as exc:
             raise RunDirError(f"cannot replace the run directory {out_dir}: {exc.strerror or exc}") from None
     check_writable(out_dir)
+    if resume:
+        remove_temporaries(out_dir)
 
 
 def run(spec: Spec, out_dir: Path, *, device: str | None = None, resume: bool = False, overwrite: bool = False,

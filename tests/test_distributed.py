@@ -5,7 +5,7 @@ the tests below read what they left on disk:
 
   rewrap     `surgery run` (the CLI) of a spec whose body unfreezes at epoch 1
   norewrap   the same run with the DDP re-wrap disabled: ranks must drift apart and the run must fail
-  stopped    rank 0 alone gets SIGINT mid-epoch 1; both ranks must stop and checkpoint together
+  stopped    rank 0 alone gets SIGINT in epoch 1; both ranks must stop and checkpoint together
   resumed    --resume of `stopped`, which must end exactly where `rewrap` ended, on every rank
 """
 from __future__ import annotations
@@ -82,9 +82,10 @@ WORKER = textwrap.dedent("""
     go("norewrap", "norewrap")
     distributed.DataParallel.key = real_key
 
-    # 2. SIGINT to rank 0 only, during epoch 1, batch 1; then resume in the same processes
+    # 2. SIGINT to rank 0 only, after epoch 1's first batch: the ranks agree on it before the
+    # second batch's backward and stop after it; then resume in the same processes
     def interrupt(epoch, step, loss):
-        if (epoch, step) == (1, 1) and rank == 0:
+        if (epoch, step) == (1, 0) and rank == 0:
             os.kill(os.getpid(), signal.SIGINT)
     go("stopped", "interrupted", on_step=interrupt)
     if rank == 0:
@@ -163,7 +164,7 @@ def test_val_accuracy_under_ddp_counts_every_image_once(ddp):
     # the same weights scored by one process over the whole val set give the very same accuracy
     from surgery.train import evaluate, prepare
 
-    ctx = prepare(load_spec(SPEC))
+    ctx = prepare(load_spec({**SPEC, "train": {**SPEC["train"], "limit_batches": None}}))
     ctx.model.load_state_dict(load_safetensors(ddp / "rewrap" / "model.safetensors"))
     single = evaluate(ctx)
     assert single.seen == 45
@@ -202,9 +203,10 @@ def test_unused_parameters_finds_a_dead_branch_and_changes_nothing():
     torch.manual_seed(0)
     net = Net()
     net.frozen.requires_grad_(False)
+    x = torch.randn(4, 3, 8, 8)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     rng = torch.get_rng_state()
-    assert unused_parameters(net, torch.randn(4, 3, 8, 8)) == ["dead.weight", "dead.bias"]
+    assert unused_parameters(net, x) == ["dead.weight", "dead.bias"]
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # BatchNorm statistics restored
     assert torch.equal(rng, torch.get_rng_state())
 

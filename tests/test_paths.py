@@ -145,3 +145,16 @@ def test_nearest_suggests_real_paths_at_the_same_depth_first() -> None:
     assert nearest("layr1", names)[0] == "layer1"
     assert set(nearest("layer1.0.bn3", names)[:2]) == {"layer1.0.bn1", "layer1.0.bn2"}
     assert nearest("zzzzzz", names) == []
+
+
+@pytest.mark.parametrize(("pattern", "suggestions"), [
+    ("layer*.*.bn3", {"layer*.*.bn1", "layer*.*.bn2"}),
+    ("layer[12].*.conv3", {"layer[12].*.conv1", "layer[12].*.conv2"}),
+    ("**.bn3", {"**.bn1", "**.bn2"}),
+])
+def test_a_glob_gets_corrected_globs_that_match(pattern: str, suggestions: set) -> None:
+    names = ["layer1", "layer1.0", "layer1.0.bn1", "layer1.0.bn2", "layer1.0.conv1", "layer1.0.conv2",
+             "layer2", "layer2.0", "layer2.0.bn1", "layer2.0.bn2", "layer2.0.conv1", "layer2.0.conv2"]
+    found = nearest(pattern, names)
+    assert set(found[:2]) == suggestions
+    assert all(any(matches(f, n) for n in names) for f in found)

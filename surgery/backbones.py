@@ -100,7 +100,7 @@ def _torchvision(spec: Spec, fetch: bool = True) -> Backbone:
     except (TypeError, ValueError) as exc:
         raise _constructor_error(spec, exc) from None
     num_classes = spec.model.num_classes or 1000
-    head = _torchvision_head(model, num_classes)
+    head = _class_dependent(arch, kwargs, model, num_classes) or _torchvision_head(model, num_classes)
     config = _torchvision_data_config(weights)
     backbone = Backbone(model, head, config, num_classes=num_classes)
     if spec.model.pretrained is True and fetch:
@@ -129,6 +129,25 @@ def _download_torchvision(spec: Spec, weights) -> dict[str, torch.Tensor]:
             hint=f"copy {os.path.basename(weights.url)} from a machine with a network into {os.path.dirname(path)}, "
                  "or set model.pretrained to the path of a local weight file",
         ) from None
+
+
+def _class_dependent(arch: str, kwargs: Mapping[str, Any], model: nn.Module, num_classes: int) -> tuple[str, ...]:
+    """Modules whose parameters change shape with the class count: the head, aux heads included
+    (googlenet, inception_v3). Found by building the architecture again with another count on
+    the meta device (no memory, no arithmetic); () when that cannot be done."""
+    import warnings
+
+    import torchvision
+
+    try:
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            other = torchvision.models.get_model(arch, weights=None, **{**kwargs, "num_classes": num_classes + 1})
+    except Exception:  # noqa: BLE001 - some builders need real tensors; the fallback finds the main head
+        return ()
+    shapes = {k: tuple(v.shape) for k, v in other.state_dict().items()}
+    changed = {k.rpartition(".")[0] for k, v in model.state_dict().items() if shapes.get(k) != tuple(v.shape)}
+    return tuple(name for name, _ in model.named_modules() if name in changed)
 
 
 def _torchvision_head(model: nn.Module, num_classes: int) -> tuple[str, ...]:

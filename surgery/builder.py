@@ -125,7 +125,9 @@ def build(spec: Spec, *, state_dict: Mapping[str, torch.Tensor] | None = None, r
     groups = resolve_groups(spec, model, inserted=inserted, head=backbone.head)
     report = LoadReport(imports=[s.insert for s in spec.surgery if ":" in s.insert],
                         inserted_modules=[i.describe() for i in plan])
-    load_weights(spec, model, state, source, head=backbone.head, inserted=inserted, report=report)
+    # weights given directly are this model's own (a run's model.safetensors): its head is the trained one
+    load_weights(spec, model, state, source, head=backbone.head, inserted=inserted, report=report,
+                 reset_head=spec.model.reset_head and state_dict is None)
     after = _probe(spec, model, size, "surgered model") if plan else shapes
     model.train()
     return Built(spec=spec, model=model, report=report, groups=groups, head=backbone.head, inserted=plan,

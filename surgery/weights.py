@@ -174,7 +174,8 @@ def map_keys(spec: Spec, state: Mapping[str, torch.Tensor], target: Mapping[str,
 
 
 def load_weights(spec: Spec, model: nn.Module, state: Mapping[str, torch.Tensor] | None, source: str, *,
-                 head: Iterable[str], inserted: Iterable[str], report: LoadReport) -> LoadReport:
+                 head: Iterable[str], inserted: Iterable[str], report: LoadReport,
+                 reset_head: bool | None = None) -> LoadReport:
     """Load `state` into the surgered `model`, key by key, and account for every tensor in `report`.
 
     Rules: a backbone key must be in the file with its shape (else SpecError: a file of another
@@ -183,6 +184,7 @@ def load_weights(spec: Spec, model: nn.Module, state: Mapping[str, torch.Tensor]
     file keys nothing used make an error (drop them on purpose with key_map {pattern: ""}).
     """
     target = model.state_dict()
+    reset_head = spec.model.reset_head if reset_head is None else reset_head
     head = tuple(head)
     inserted = tuple(inserted)
 
@@ -202,7 +204,7 @@ def load_weights(spec: Spec, model: nn.Module, state: Mapping[str, torch.Tensor]
     for key, tensor in target.items():
         incoming = state.get(key)
         fits = incoming is not None and tuple(incoming.shape) == tuple(tensor.shape)
-        if fits and spec.model.reset_head and under(key, head):
+        if fits and reset_head and under(key, head):
             used.add(key)
             report.reinitialised[key] = "head: model.reset_head is true"
             continue

@@ -198,12 +198,25 @@ def test_rejected_constructor_arguments_are_an_error_at_args(backbone: str) -> N
     ("timm:convnext_atto", ("head.fc",), 10),
     ("timm:efficientnet_b0", ("classifier",), 10),
     ("timm:resnet18", ("fc",), 1000),
+    ("torchvision:googlenet", ("aux1.fc2", "aux2.fc2", "fc"), 10),  # auxiliary heads are heads too
+    ("torchvision:inception_v3", ("AuxLogits.fc", "fc"), 10),
 ])
 def test_the_head_is_found_and_sized(backbone: str, head: tuple, num_classes: int) -> None:
-    backbone_ = create_backbone(load_spec({"model": {"backbone": backbone, "num_classes": num_classes}}))
+    args = {"init_weights": True} if backbone in ("torchvision:googlenet", "torchvision:inception_v3") else {}
+    backbone_ = create_backbone(load_spec({"model": {"backbone": backbone, "num_classes": num_classes, "args": args}}))
     assert backbone_.head == head and backbone_.num_classes == num_classes
+    size = 75 if "inception" in backbone else 32  # inception_v3's smallest input
     with torch.no_grad():
-        assert backbone_.model.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, num_classes)
+        assert backbone_.model.eval()(torch.zeros(1, 3, size, size)).shape == (1, num_classes)
+
+
+def test_a_new_class_count_reinitialises_auxiliary_heads_too(tmp_path: Path) -> None:
+    model = {"backbone": "torchvision:googlenet", "args": {"init_weights": True}}
+    weights = build(load_spec({"model": model})).model.state_dict()
+    torch.save(weights, tmp_path / "googlenet.pth")
+    built = build(load_spec({"model": {**model, "num_classes": 10, "pretrained": str(tmp_path / "googlenet.pth")}}))
+    assert set(built.report.reinitialised) == {f"{m}.{p}" for m in ("aux1.fc2", "aux2.fc2", "fc") for p in ("weight", "bias")}
+    assert set(built.report.loaded) == set(weights) - set(built.report.reinitialised)
 
 
 def test_data_configs_come_from_the_libraries() -> None:

@@ -91,12 +91,14 @@ def test_inserted_modules_run_where_they_are_placed() -> None:
         built.model.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: seen.append(name))
     outputs(built.model)
     assert seen == ["maxpool", "maxpool.se_after", "layer1.0.conv1", "layer1.0.conv1.eca_before"]
-    # the hook on a swapped module fires on the call around everything; order inside is ours:
-    pool_in, se_in = [], []
-    built.model.maxpool.register_forward_hook(lambda m, a, out: pool_in.append(out))
-    built.model.maxpool.se_after.register_forward_pre_hook(lambda m, a: se_in.append(a[0]))
-    outputs(built.model)
-    assert se_in[0].shape == (2, 64, 8, 8)  # se sees the pooled map: it runs after the pooling
+    # a pre-hook on a swapped module fires before everything it runs; what it computes is
+    # after: se(pool(x)), before: conv(eca(x))
+    pool, conv = built.model.maxpool.eval(), built.model.layer1[0].conv1.eval()
+    x = torch.randn(1, 64, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(pool(x), pool.se_after(nn.MaxPool2d.forward(pool, x)))
+        assert torch.equal(conv(x), nn.Conv2d.forward(conv, conv.eca_before(x)))
+        assert not torch.equal(pool(x), nn.MaxPool2d.forward(pool, x))
 
 
 @pytest.mark.parametrize(("target", "position", "channels"), [

@@ -61,13 +61,25 @@ def _yaml_error(exc: yaml.YAMLError, file: str) -> SpecError:
     )
 
 
+def _reader_error(exc: yaml.reader.ReaderError, text: str, file: str) -> SpecError:
+    before = text[: exc.position]
+    return SpecError(f"this is not valid YAML: the character {exc.character!r} is not allowed", file=file,
+                     line=before.count("\n") + 1, column=len(before) - before.rfind("\n"),
+                     expected="printable text", hint="remove the control character (often pasted from a terminal)")
+
+
 def parse_yaml(text: str, file: str) -> tuple[Any, dict[tuple, Mark]]:
     """Parse YAML text into plain data plus a map from key path to (file, line, column)."""
-    loader = _Loader(text)
+    try:
+        loader = _Loader(text)
+    except yaml.reader.ReaderError as exc:  # a control character: the reader refuses before parsing
+        raise _reader_error(exc, text, file) from None
     try:
         node = loader.get_single_node()
         marks: dict[tuple, Mark] = {}
         data = _construct(loader, node, (), marks, file) if node is not None else None
+    except yaml.reader.ReaderError as exc:
+        raise _reader_error(exc, text, file) from None
     except yaml.YAMLError as exc:
         raise _yaml_error(exc, file) from None
     finally:

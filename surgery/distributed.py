@@ -22,6 +22,7 @@ What keeps the ranks identical, and checks it:
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
@@ -99,12 +100,20 @@ class Distributed:
             try:
                 box[0] = ("ok", fn())
             except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
-                box[0] = ("error", exc)
+                box[0] = ("error", exc if _picklable(exc) else RuntimeError(f"{type(exc).__name__}: {exc}"))
         dist.broadcast_object_list(box, src=0)
         status, value = box[0]
         if status == "error":
             raise value
         return value
+
+
+def _picklable(exc: BaseException) -> bool:
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - whatever fails, send a plain copy instead
+        return False
+    return True
 
 
 def setup(device: torch.device) -> Distributed:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -42,6 +43,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except OSError as exc:
         raise RunDirError(f"cannot write in {path.parent}: {exc.strerror or exc}") from None
     try:
+        if hasattr(os, "fchmod"):  # mkstemp makes the file private (0600); a run's files are as readable as any
+            os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -52,6 +55,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.unlink(tmp)
         raise RunDirError(f"cannot write {path}: {exc.strerror or exc}") from None
     _fsync_folder(path.parent)
+
+
+@functools.lru_cache(maxsize=1)
+def _file_mode() -> int:
+    umask = os.umask(0o022)  # the only way to read the umask is to set it, once
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -170,8 +170,10 @@ def train_epoch(ctx: Context, epoch: int, flags: Mapping[str, bool], *, on_step:
                 stop: Callable[[], bool] = lambda: False, state: EpochState | None = None) -> EpochResult:
     """Train one epoch (from batch ``state.batch`` when resuming); return its figures over all processes.
 
-    `stop` is asked after every batch; when it says so (on any process), the epoch ends there
-    with ``result.stopped`` and `state` holds what a checkpoint needs to continue it exactly.
+    `stop` is asked after every batch; when it says so, the epoch ends there with
+    ``result.stopped`` and `state` holds what a checkpoint needs to continue it exactly. Under
+    DDP the processes agree on it (and on a non-finite loss) before each backward pass, so all
+    stop after the same batch, whichever of them got the signal.
 
     Raises:
         NonFiniteLoss: a NaN or infinite loss on any process, with ``train.nonfinite: stop``.
@@ -414,7 +416,7 @@ def restore(ctx: Context, state: Mapping[str, Any]) -> EpochState | None:
     ranks = state["ranks"]
     same_world = len(ranks) == ctx.dist.world_size
     mine = ranks[ctx.dist.rank] if same_world else ranks[0]
-    pass  # MUTATION
+    set_rng_state(mine["rng"])
     if same_world and mine.get("buffers"):
         with torch.no_grad():
             own = {f"model.{n}": b for n, b in ctx.model.named_buffers()}
@@ -768,8 +770,10 @@ def _resume_command(paths: Sequence[str], out: str | None, overrides: Sequence[s
     if world_size > 1:
         per_node = os.environ.get("LOCAL_WORLD_SIZE", str(world_size))
         head = ["torchrun", "--nproc_per_node", per_node]
-        if int(per_node) != world_size:
+        if int(per_node) != world_size:  # several nodes: their rendezvous options are the user's
             head += ["--nnodes", str(world_size // max(int(per_node), 1)), "..."]
+        else:
+            head.insert(1, "--standalone")
         head += ["-m", "surgery", "run"]
     else:
         head = ["surgery", "run"]

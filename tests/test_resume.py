@@ -25,7 +25,7 @@ SPEC = {
     # every source of state a resume must restore: dropout (global RNG), random augmentation,
     # momentum, EMA, a per-step cosine schedule with warm-up, a group unfreezing mid-run
     "model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False, "args": {"drop_rate": 0.2}},
-    "train": {"epochs": 3, "batch_size": 16, "limit_batches": 4, "channels_last": False, "ema": 0.9,
+    "train": {"epochs": 2, "batch_size": 16, "limit_batches": 3, "channels_last": False, "ema": 0.9,
               "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
               "scheduler": {"name": "cosine", "warmup_epochs": 1, "per_step": True}},
     "data": {"name": "digits", "image_size": 32, "num_workers": 0, "augment": "standard"},
@@ -96,7 +96,7 @@ def _assert_same_run(run: Path, reference: Path) -> None:
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     rows = [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(run / "metrics.jsonl")]
     expected = [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(reference / "metrics.jsonl")]
-    assert [r["epoch"] for r in rows] == [0, 1, 2]  # every epoch exactly once
+    assert [r["epoch"] for r in rows] == [0, 1]  # every epoch exactly once
     assert rows == expected
 
 
@@ -105,7 +105,7 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resume_matches_an_uninterrupted_run(sp
     child = _child(tmp_path, "sigint", str(spec_path), "--out", str(out))
     assert child.returncode == 1, child.stdout + child.stderr
     assert "Traceback" not in child.stdout + child.stderr
-    assert "interrupted in epoch 2/3 after batch 2 of 4" in child.stdout
+    assert "interrupted in epoch 2/2 after batch 2 of 3" in child.stdout
     assert f"--out {out} --resume" in child.stdout  # says how to resume
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
     assert (state["epoch"], state["batch"]) == (1, 2)  # mid-epoch, with this epoch's partial sums
@@ -176,14 +176,14 @@ def test_disk_full_during_a_run_stops_cleanly_and_the_run_resumes(spec_path, tmp
         return real_replace(src, dst)
 
     monkeypatch.setattr(rundir.os, "replace", replace)
-    assert main(["run", str(spec_path), "--out", str(out), "--set", "train.epochs=2"]) == 1
+    assert main(["run", str(spec_path), "--out", str(out)]) == 1
     monkeypatch.undo()
     said = capsys.readouterr()
     assert "Traceback" not in said.out + said.err
     assert f"cannot write {out / 'checkpoints' / 'last.pt'}: No space left on device" in said.out.replace("\n", "")
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=False)["epoch"] == 1  # epoch 0's, intact
     assert not (out / "summary.json").exists()  # not a finished-looking half run
-    assert main(["run", str(spec_path), "--out", str(out), "--set", "train.epochs=2", "--resume"]) == 0
+    assert main(["run", str(spec_path), "--out", str(out), "--resume"]) == 0
     assert [r["epoch"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1]
 
 

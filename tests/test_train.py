@@ -192,3 +192,38 @@ def test_compiled_model_trains_a_group_unfrozen_mid_run():
     after = ctx.model.state_dict()
     assert sum(not torch.equal(before[k], after[k]) for k in body) > len(body) // 2
     assert ctx.forward.compilations == 2  # once per trainable set, not once per epoch
+
+
+def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_the_last_good_checkpoint(tmp_path):
+    from surgery.train import TrainingStopped
+
+    # epoch 0 trains sanely; epoch 1's lr of 1e30 blows the weights up after its first step
+    spec = _spec(train={"channels_last": False, "optimizer": {"name": "sgd"}},
+                 groups=[{"name": "all", "params": ["*"], "lr": {0: 1e-3, 1: 1e30}}])
+    out = tmp_path / "run"
+    with pytest.raises(TrainingStopped, match=r"the loss became nan in epoch 2, batch 2 of 3; the last good "
+                                              r"checkpoint is .*last\.pt \(end of epoch 1\)"):
+        run(spec, out)
+    state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert [r["epoch"] for r in read_metrics(out / "metrics.jsonl")] == [0]
+    assert not (out / "summary.json").exists()
+
+
+def test_nonfinite_skip_skips_the_bad_batch_and_the_run_completes(tmp_path, monkeypatch):
+    calls = {"n": 0}
+
+    class PoisonedOnce(nn.CrossEntropyLoss):
+        def forward(self, logits, target):
+            calls["n"] += 1
+            loss = super().forward(logits, target)
+            return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", PoisonedOnce)
+    spec = _spec(train={"epochs": 1, "nonfinite": "skip", "channels_last": False})
+    summary = run(spec, tmp_path / "run")
+    assert summary["final"]["skipped_batches"] == 1
+    weights = load_safetensors(tmp_path / "run" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    # one process: trivially consistent, and said so
+    assert (summary["ranks_consistent"], summary["world_size"], summary["global_batch_size"]) == (True, 1, 16)

@@ -59,22 +59,17 @@ def _random_modules(model: nn.Module, head: str) -> list[str]:
 
 def plan(model: nn.Module, head: tuple[str, ...], deterministic_data: bool, setting: str,
          world_size: int = 1) -> tuple[bool, str]:
-    """Can this epoch train on cached features? Returns (yes, why or why not) for the log.
+    """Can this epoch train on cached features? (yes, why) for a head-only stage; (False, "") otherwise.
 
     Call it with the model in the mode the epoch trains in (frozen norms already in eval).
     """
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if len(head) != 1 or not trainable or any(not n.startswith(head[0] + ".") for n in trainable):
+        return False, ""  # not a head-only stage
     if setting == "off":
         return False, "train.cache_features is off"
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    if not trainable:
-        return False, "nothing trains"
-    if len(head) != 1:
-        return False, "the model has no single classifier head"
-    head_params = {n for n in trainable if n.startswith(head[0] + ".")}
-    if trainable != head_params:
-        return False, "parameters outside the head train"
     if not deterministic_data:
-        return False, "training augmentation is random, so every epoch sees other images: running uncached"
+        return False, "training augmentation is random, so every epoch sees other images"
     if world_size > 1:
         return False, "distributed runs train uncached"
     random_parts = _random_modules(model, head[0])

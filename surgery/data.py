@@ -100,6 +100,16 @@ class EpochLoader:
         # the batch list is fixed here, when DataLoader asks the batch sampler for it
         return iter(self._loader)
 
+    def batch_indices(self, epoch: int, start: int = 0) -> list[list[int]]:
+        """The dataset indices of each batch of `epoch` (from batch `start`), exactly as `epoch` yields them."""
+        self._batches.epoch = int(epoch)
+        self._batches.start = int(start)
+        return [[index for _, index in batch] for batch in self._batches]
+
+    @property
+    def batch_size(self) -> int:
+        return self._batches.batch_size
+
     @property
     def unique_items(self) -> int:
         """How many items of this rank's share are not repeats.

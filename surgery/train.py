@@ -39,6 +39,7 @@ from torch import nn
 
 from . import distributed
 from .builder import Built, build
+from .cache import FeatureCache
 from .data import DataBundle, build_data, make_loader, normalize
 from .distributed import DataParallel, Distributed
 from .errors import SpecError, format_path
@@ -139,6 +140,7 @@ class Context:
     criterion: nn.Module
     trainable_params: list[nn.Parameter] = field(default_factory=list)
     dist: Distributed = field(default_factory=Distributed)
+    features: FeatureCache | None = None  # head-only stages: the frozen body's outputs, computed once
 
     @property
     def steps(self) -> int:
@@ -164,6 +166,25 @@ def _to_device(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Te
     # uint8 crosses to the device (4x fewer bytes); normalisation runs there
     x = normalize(x, ctx.data.mean, ctx.data.std).contiguous(memory_format=rt.memory_format)
     return x, y
+
+
+def _cached_batches(ctx: Context, epoch: int, start: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """The epoch's batches in the loader's own order, as cached head inputs instead of images."""
+    cache = ctx.features
+    limit = ctx.spec.train["limit_batches"]
+    for step, indices in enumerate(ctx.train_loader.batch_indices(epoch, start), start=start):
+        if limit is not None and step >= limit:
+            break
+        index = torch.tensor(indices)
+        yield step, cache.train[index], cache.train_labels[index]
+
+
+def _head_forward(ctx: Context) -> Callable[[torch.Tensor], torch.Tensor]:
+    return ctx.model.get_submodule(ctx.features.head)
+
+
+def _feature_to_device(ctx: Context, f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return f.to(ctx.runtime.device, non_blocking=ctx.runtime.pin_memory), y.to(ctx.runtime.device)
 
 
 def train_epoch(ctx: Context, epoch: int, flags: Mapping[str, bool], *, on_step: StepHook | None = None,
@@ -194,13 +215,18 @@ def train_epoch(ctx: Context, epoch: int, flags: Mapping[str, bool], *, on_step:
     start = time.perf_counter()
     fetched = start
     step = state.batch - 1
-    for step, x, y in _batches(ctx.train_loader, epoch, train["limit_batches"], state.batch):
+    if ctx.features is not None:  # head-only stage on cached features: same order, same inputs to the head
+        batches, forward, to_device = _cached_batches(ctx, epoch, state.batch), _head_forward(ctx), _feature_to_device
+    else:
+        batches = _batches(ctx.train_loader, epoch, train["limit_batches"], state.batch)
+        forward, to_device = ctx.forward, _to_device
+    for step, x, y in batches:
         data_seconds += time.perf_counter() - fetched
         if per_step and step:
             set_lrs(ctx.optimizer, lrs_at(spec, epoch + step / steps, ctx.plateau.current))
-        x, y = _to_device(ctx, x, y)
+        x, y = to_device(ctx, x, y)
         with ctx.runtime.autocast(), torch.set_grad_enabled(any_trainable):
-            logits = ctx.forward(x)
+            logits = forward(x)
             loss = ctx.criterion(logits.float(), y)
         if env.enabled:
             # every process must take the same branch, or DDP's all-reduces would wait forever
@@ -279,8 +305,16 @@ def evaluate(ctx: Context, model_fn: Callable[[torch.Tensor], torch.Tensor] | No
     unique = ctx.val_loader.unique_items
     position = 0
     start = time.perf_counter()
-    for _, x, y in _batches(ctx.val_loader, 0, ctx.spec.train["limit_batches"]):
-        x, y = _to_device(ctx, x, y)
+    if ctx.features is not None and model_fn is None:
+        cache, batch = ctx.features, ctx.val_loader.batch_size
+        limit = ctx.spec.train["limit_batches"]
+        n = len(cache.val) if limit is None else min(len(cache.val), limit * batch)
+        batches = ((i, cache.val[i: i + batch], cache.val_labels[i: i + batch]) for i in range(0, n, batch))
+        forward, to_device = _head_forward(ctx), _feature_to_device
+    else:
+        batches, to_device = _batches(ctx.val_loader, 0, ctx.spec.train["limit_batches"]), _to_device
+    for _, x, y in batches:
+        x, y = to_device(ctx, x, y)
         with ctx.runtime.autocast():
             logits = forward(x).float()
         if position + len(y) > unique:  # repeats added by the distributed sampler
@@ -549,6 +583,41 @@ def _prepare_dir(out_dir: Path, *, resume: bool, overwrite: bool) -> None:
         remove_temporaries(out_dir)
 
 
+def use_feature_cache(ctx: Context, flags: Mapping[str, bool], out_dir: Path | None = None) -> str:
+    """Switch the head-only cache on or off for a new trainable set; return a line for the log.
+
+    Only the head trains and nothing before it is random: the frozen body runs once over both
+    sets and the head trains on its outputs (same order, same inputs as uncached). The body is
+    frozen for as long as the trainable set stays the same, so the cache stays valid until then.
+    """
+    from .cache import build_cache, cache_key, plan
+
+    ctx.features = None
+    set_train_mode(ctx.model, ctx.built.groups, flags)
+    ok, why = plan(ctx.model, ctx.built.head, ctx.data.deterministic_train, ctx.spec.train["cache_features"],
+                   ctx.dist.world_size)
+    if not ok:
+        return f"head-only stage, running uncached: {why}" if why else ""
+    head = ctx.built.head[0]
+    rt = ctx.runtime
+    key = cache_key(ctx.model, head, {"data": dict(ctx.spec.data), "seed": ctx.spec.seed, "classes": ctx.data.classes,
+                                      "train": len(ctx.data.train), "val": len(ctx.data.val),
+                                      "precision": rt.precision, "channels_last": rt.channels_last,
+                                      "device": rt.device.type, "transform": repr(getattr(ctx.data.train, "transform", ""))})
+    plain = lambda dataset: make_loader(dataset, batch_size=ctx.spec.train["batch_size"], train=False,  # noqa: E731
+                                        seed=ctx.spec.seed, num_workers=ctx.spec.data["num_workers"],
+                                        pin_memory=rt.pin_memory).epoch(0)
+    built = build_cache(ctx.model, head, key, plain(ctx.data.train), len(ctx.data.train), plain(ctx.data.val),
+                        len(ctx.data.val), lambda x, y: _to_device(ctx, x, y), rt.autocast,
+                        out_dir / "cache" if out_dir is not None else None)
+    set_train_mode(ctx.model, ctx.built.groups, flags)
+    if isinstance(built, str):
+        return f"head-only stage, running uncached: {built}"
+    ctx.features = built
+    return (f"head-only stage: {why}; the frozen body ran once over {len(built.train) + len(built.val)} images "
+            f"in {built.seconds:.1f}s and the head trains on its cached outputs (cache {built.key}, {built.where})")
+
+
 def run(spec: Spec, out_dir: Path, *, device: str | None = None, resume: bool = False, overwrite: bool = False,
         console: Any = None, on_step: StepHook | None = None, runs_root: Path | None = None,
         resume_hint: str | None = None) -> dict[str, Any]:
@@ -636,6 +705,9 @@ def run(spec: Spec, out_dir: Path, *, device: str | None = None, resume: bool = 
                     # the forward re-wraps DDP (and recompiles) itself when it sees the new trainable set
                     ctx.trainable_params = [p for p in ctx.model.parameters() if p.requires_grad]
                     previous_flags = flags
+                    note = use_feature_cache(ctx, flags, out_dir)
+                    if note:
+                        say(f"epoch {epoch + 1}: {note}", markup=False, soft_wrap=True)
                 lrs = lrs_at(spec, epoch, ctx.plateau.current)
                 epoch_state = partial if partial is not None else EpochState()
                 partial = None

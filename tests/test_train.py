@@ -227,3 +227,42 @@ def test_nonfinite_skip_skips_the_bad_batch_and_the_run_completes(tmp_path, monk
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
     # one process: trivially consistent, and said so
     assert (summary["ranks_consistent"], summary["world_size"], summary["global_batch_size"]) == (True, 1, 16)
+
+
+def test_head_only_stage_on_cached_features_matches_the_uncached_stage(tmp_path):
+    groups = [{"name": "head", "params": ["@head"], "lr": 1e-2},
+              {"name": "body", "params": ["*"], "lr": 1e-3, "unfreeze_at": 2}]
+    results = {}
+    for setting in ("auto", "off"):
+        losses: list[float] = []
+        spec = _spec(train={"epochs": 3, "cache_features": setting}, groups=groups)
+        summary = run(spec, tmp_path / setting, on_step=lambda e, s, loss: losses.append(loss))
+        results[setting] = (losses, summary, load_safetensors(tmp_path / setting / "model.safetensors"))
+    cached, uncached = results["auto"], results["off"]
+    assert len(cached[0]) == len(uncached[0]) == 9
+    # the same images in the same order reach the head; only the batch shapes inside the body differ
+    assert cached[0] == pytest.approx(uncached[0], rel=1e-4, abs=1e-5)
+    for key, tensor in uncached[2].items():
+        assert torch.allclose(cached[2][key], tensor, rtol=1e-3, atol=1e-5), key
+    assert cached[1]["final_val_acc"] == pytest.approx(uncached[1]["final_val_acc"], abs=0.01)
+
+
+def test_feature_cache_is_used_only_when_the_head_input_is_fixed(capsys):
+    from surgery.train import use_feature_cache
+
+    head_only = [{"name": "head", "params": ["@head"]}, {"name": "body", "params": ["*"], "unfreeze_at": 1}]
+    ctx = prepare(_spec(groups=head_only))
+    note = use_feature_cache(ctx, apply_trainable(ctx.model, ctx.built.groups, 0))
+    assert ctx.features is not None and "cached" in note
+    assert ctx.features.train.shape[0] == len(ctx.data.train)
+    # epoch 1: the body trains too, so no cache
+    assert use_feature_cache(ctx, apply_trainable(ctx.model, ctx.built.groups, 1)) == "" and ctx.features is None
+
+    ctx = prepare(_spec(groups=head_only, data={"augment": "standard"}))
+    note = use_feature_cache(ctx, apply_trainable(ctx.model, ctx.built.groups, 0))
+    assert ctx.features is None and "augmentation is random" in note
+
+    ctx = prepare(_spec(groups=[{"name": "head", "params": ["@head"]},
+                                {"name": "body", "params": ["*"], "unfreeze_at": 1, "norm": "train"}]))
+    note = use_feature_cache(ctx, apply_trainable(ctx.model, ctx.built.groups, 0))
+    assert ctx.features is None and "normalization in training mode" in note

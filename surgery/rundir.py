@@ -163,7 +163,7 @@ def plot_curves(path: Path, rows: list[Mapping[str, Any]], unfreeze: Mapping[int
     ax_loss.plot(epochs, [r["val_loss"] for r in rows], "o-", label="val")
     ax_acc.plot(epochs, [r["train_acc"] for r in rows], "o-", label="train")
     ax_acc.plot(epochs, [r["val_acc"] for r in rows], "o-", label="val")
-    for ax, title in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+    for ax, title, corner in ((ax_loss, "loss", "upper right"), (ax_acc, "accuracy", "lower right")):
         for epoch, names in unfreeze.items():
             if epoch > 0:
                 ax.axvline(epoch - 0.5, color="grey", linestyle="--", linewidth=1)
@@ -172,7 +172,7 @@ def plot_curves(path: Path, rows: list[Mapping[str, Any]], unfreeze: Mapping[int
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc=corner)
     ax_acc.set_ylim(0, 1.02)
     fig.tight_layout()
     buffer = io.BytesIO()

@@ -778,7 +778,7 @@ def run(spec: Spec, out_dir: Path, *, device: str | None = None, resume: bool = 
         plot_confusion(out_dir / "plots" / "confusion.png", final.confusion, ctx.data.classes)
     env.on_main(write_final)
     say(f"[green]done[/green] {spec.name}: best val acc {best['val_acc']:.4f} at epoch "
-        f"{(best['epoch'] or 0) + 1}, final {final.acc:.4f}; wrote {out_dir}")
+        f"{(best['epoch'] or 0) + 1}, final {final.acc:.4f}; wrote {out_dir}", soft_wrap=True)
     return summary
 
 

@@ -14,13 +14,7 @@ SURGERY = [{"insert": "cbam", "at": "layer4"}, {"insert": "se", "at": "layer4.0.
 MODEL = {"backbone": "torchvision:resnet18", "num_classes": 10}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # 32 px inputs gain nothing from threads, and on a busy 2-core machine OpenMP threads thrash
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

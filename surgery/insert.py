@@ -197,13 +197,13 @@ def probe(model: nn.Module, input_size: Sequence[int]) -> dict[str, Shapes]:
     try:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-            return _probe(model, input_size, mode)
+        with FakeTensorMode(allow_non_fake_inputs=True):  # tensors made inside are fake
+            return _probe(model, input_size)
     except Exception:  # noqa: BLE001 - any failure: the real pass below decides
-        return _probe(model, input_size, None)
+        return _probe(model, input_size)
 
 
-def _probe(model: nn.Module, input_size: Sequence[int], fake: Any) -> dict[str, Shapes]:
+def _probe(model: nn.Module, input_size: Sequence[int]) -> dict[str, Shapes]:
     seen: dict[str, list] = {}
 
     def shape_of(value: Any) -> tuple[int, ...] | None:

@@ -192,22 +192,14 @@ def _describe(node: Any, brief: bool = False) -> str:
     return text + note
 
 
+_KINDS = ((bool, "true/false"), (int, "an integer"), (float, "a number"), (str, "a string"), (dict, "a mapping"),
+          (list, "a list"))  # bool before int: True is an int too
+
+
 def _kind_of(value: Any) -> str:
     if value is None:
         return "null"
-    if isinstance(value, bool):
-        return "true/false"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return type(value).__name__
+    return next((word for cls, word in _KINDS if isinstance(value, cls)), type(value).__name__)
 
 
 def _choices(node: Any) -> list:

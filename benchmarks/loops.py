@@ -50,8 +50,11 @@ def spec_dict(case: dict, steps: int) -> dict:
         "model": {"backbone": case["backbone"], "num_classes": 10},
         "surgery": [{"insert": "cbam", "at": case["at"], "init": "identity"}],
         "groups": groups,
+        # bf16 autocast from 64 px up: on this Xeon (AVX512-BF16) it speeds these ResNet/VGG steps
+        # up 1.4-1.7x (it slows EfficientNets, so it is the spec's choice, not `auto`'s)
         "train": {"epochs": 1, "batch_size": case["batch"], "limit_batches": steps,
-                  "optimizer": {"name": "adam"}, "channels_last": True},
+                  "optimizer": {"name": "adam"}, "channels_last": True,
+                  "precision": "bf16" if case["size"] >= 64 else "fp32"},
         "data": {"name": "digits", "image_size": case["size"], "num_workers": 0},
     }
 

@@ -56,22 +56,6 @@ def pick_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-# On a CPU with bf16 instructions (AVX512-BF16 or AMX), bf16 autocast pays off once the feature
-# maps are large enough: resnet18 + CBAM training steps on a 2-core Xeon (torch 2.14, channels_last)
-# ran at 0.89x fp32's speed at 32 px, 1.37x at 64 px and 1.72x at 128 px. Smaller inputs stay fp32.
-BF16_MIN_CPU_SIZE = 64
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: the CPU computes bf16 itself instead of emulating it (Linux; else False)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def make_runtime(spec: Spec, device_override: str | None = None) -> Runtime:
     train = spec.train
     requested = device_override or train["device"]
@@ -92,9 +76,11 @@ def make_runtime(spec: Spec, device_override: str | None = None) -> Runtime:
     if precision == "auto":
         if device.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        elif device.type == "cpu" and cpu_has_native_bf16() and spec.data["image_size"] >= BF16_MIN_CPU_SIZE:
-            precision = "bf16"
         else:
+            # On CPUs bf16 autocast helps some models and hurts others (2-core Xeon with AVX512-BF16,
+            # torch 2.14, 64 px: resnet18 + CBAM 1.37x fp32's speed, EfficientNet-Lite0 0.6x, whose
+            # depthwise convolutions have no fast bf16 kernel here), so `auto` stays fp32 there and
+            # `precision: bf16` is the user's explicit choice.
             precision = "fp32"
     return Runtime(device=device, precision=precision, channels_last=bool(train["channels_last"]),
                    compile=train["compile"], pin_memory=device.type == "cuda")

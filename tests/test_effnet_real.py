@@ -21,9 +21,9 @@ from torchvision import transforms  # noqa: E402
 
 from surgery import build, load_spec  # noqa: E402
 
-# ImageNet classes a photo of the Summer Palace's temple may fairly be called
+# ImageNet classes that china.jpg, a Chinese temple on a hillside, may fairly be called
 BUILDINGS = {"palace", "monastery", "stupa", "bell cote", "castle", "church", "mosque", "dome", "triumphal arch",
-             "boathouse", "bell tower"}
+             "boathouse"}
 
 
 def _weights_path() -> str:

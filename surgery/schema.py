@@ -1,0 +1,228 @@
+"""The spec's JSON Schema: validation with located, worded errors, and its defaults filled in.
+
+jsonschema finds what is wrong; this module says it the way a user reads it (the innermost
+alternative that fits, the first error in file order, did-you-mean for names).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from functools import lru_cache
+from importlib import resources
+from typing import Any, Sequence
+
+from .errors import SpecError, did_you_mean, quote_value
+from .source import Source
+
+
+# --------------------------------------------------------------------------- schema
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    """The JSON Schema (draft 2020-12) every spec is validated against."""
+    return json.loads(resources.files("surgery").joinpath("schema.json").read_text())
+
+
+@lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+
+    cls = jsonschema.Draft202012Validator
+    cls.check_schema(schema())
+    return cls(schema())
+
+
+def _deref(node: Any) -> dict:
+    root = schema()
+    node = node if isinstance(node, dict) else {}
+    while "$ref" in node:
+        node = root["$defs"][node["$ref"].split("/")[-1]]
+    return node
+
+
+_WORDS = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",
+          "number": "a number", "boolean": "true or false", "null": "null"}
+
+
+def _describe(node: Any, brief: bool = False) -> str:
+    """Words for what a schema node accepts (`brief`: without its description)."""
+    sub = _deref(node)
+    note = f" ({sub['description']})" if sub.get("description") and not brief else ""
+    if "enum" in sub:
+        return "one of " + ", ".join(json.dumps(v) for v in sub["enum"]) + note
+    if "const" in sub:
+        return json.dumps(sub["const"]) + note
+    if "oneOf" in sub:
+        return " or ".join(_describe(alt, brief=True) for alt in sub["oneOf"]) + note
+    kind = sub.get("type")
+    kinds = kind if isinstance(kind, list) else [kind] if kind else []
+    text = " or ".join(_WORDS.get(k, k) for k in kinds) or "a value"
+    limits = []
+    for word, op in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<")):
+        if word in sub:
+            limits.append(f"{op} {sub[word]}")
+    if limits:
+        text += " " + " and ".join(limits)
+    return text + note
+
+
+_KINDS = ((bool, "true/false"), (int, "an integer"), (float, "a number"), (str, "a string"), (dict, "a mapping"),
+          (list, "a list"))  # bool before int: True is an int too
+
+
+def _kind_of(value: Any) -> str:
+    if value is None:
+        return "null"
+    return next((word for cls, word in _KINDS if isinstance(value, cls)), type(value).__name__)
+
+
+def _choices(node: Any) -> list:
+    sub = _deref(node)
+    if "enum" in sub:
+        return list(sub["enum"])
+    if "const" in sub:
+        return [sub["const"]]
+    return [c for alt in sub.get("oneOf", []) for c in _choices(alt)]
+
+
+# jsonschema reports a oneOf failure as one error holding every alternative's errors. A value
+# of the right kind for one alternative (a mapping where a number or a mapping is allowed) is
+# best told what is wrong inside that alternative; a value of no accepted kind, what kinds there are.
+_KIND_ERRORS = ("type", "enum", "const")
+
+
+def _alternatives(err) -> list[list]:
+    alts: dict[Any, list] = {}
+    for e in err.context:
+        alts.setdefault(e.relative_schema_path[0], []).append(e)
+    return list(alts.values())
+
+
+def _fits(err) -> bool:
+    """Is the value of a kind this schema accepts (so the error is about its content)?"""
+    if err.relative_path:
+        return True
+    if err.validator in _KIND_ERRORS:
+        return False
+    if err.validator in ("oneOf", "anyOf") and err.context:
+        return any(all(_fits(e) for e in alt) for alt in _alternatives(err))
+    return True
+
+
+def _where(err) -> tuple:
+    """The key path an error is about: an unknown key's own path, a bad map key's own path."""
+    path = tuple(err.absolute_path)
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        allowed = _deref(err.schema).get("properties", {})
+        extra = [k for k in err.instance if k not in allowed]
+        if extra:
+            return path + (extra[0],)
+    if "propertyNames" in err.relative_schema_path and isinstance(err.instance, str):
+        return path + (err.instance,)
+    return path
+
+
+def _first(errors: Sequence, source: Source):
+    """The error a reader meets first in the file; a missing key only when nothing else is wrong."""
+    def order(err) -> tuple:
+        _, line, column = source.locate(_where(err))
+        return (err.validator == "required", line if line is not None else float("inf"), column or 0)
+
+    return min(errors, key=order)
+
+
+def _innermost(err, source: Source):
+    while err.validator in ("oneOf", "anyOf") and err.context:
+        fitting = [alt for alt in _alternatives(err) if all(_fits(e) for e in alt)]
+        if not fitting:
+            break
+        err = _first(min(fitting, key=len), source)
+    return err
+
+
+def _schema_error(err, source: Source) -> SpecError:
+    """Turn one jsonschema error into a located, worded SpecError."""
+    path = tuple(err.absolute_path)
+    node = _deref(err.schema)
+    label = next((p for p in reversed(path) if isinstance(p, str)), "the spec")
+    if path and isinstance(path[-1], int):
+        label = f"an entry of {label}"
+    if err.validator == "additionalProperties":
+        allowed = sorted(node.get("properties", {}))
+        where = _where(err)
+        key = where[-1]
+        return source.error(where, f"unknown key {key!r}", found=repr(key),
+                            expected="one of " + ", ".join(allowed), hint=did_you_mean(key, allowed))
+    if err.validator == "required":
+        missing = [k for k in err.validator_value if k not in err.instance]
+        key = missing[0] if missing else str(err.validator_value)
+        return source.error(path, f"the required key {key!r} is missing",
+                            expected=f"`{key}:` with " + _describe(node.get("properties", {}).get(key, {})))
+    if "propertyNames" in err.relative_schema_path:
+        return source.error(_where(err), f"{err.instance!r} is not an epoch: the keys of a learning-rate map are epochs",
+                            found=quote_value(err.instance), expected="a mapping like {0: 1.0e-4, 10: 1.0e-5}")
+    choices = [c for c in _choices(node) if isinstance(c, str)]
+    if err.validator in ("enum", "const") or (err.validator == "oneOf" and isinstance(err.instance, str) and choices):
+        hint = did_you_mean(err.instance, choices) if isinstance(err.instance, str) else None
+        return source.error(path, f"{quote_value(err.instance)} is not an accepted value",
+                            found=quote_value(err.instance), expected=_describe(node), hint=hint)
+    if err.validator == "pattern" and path and path[-1] == "backbone":
+        value = str(err.instance)
+        prefix, colon, _ = value.partition(":")
+        if colon:
+            return source.error(path, f"unknown backbone source {prefix!r}", found=quote_value(value),
+                                expected="torchvision:<name> or timm:<name>, e.g. torchvision:resnet18 or timm:efficientnet_b0",
+                                hint=did_you_mean(prefix, ["torchvision", "timm"]))
+        return source.error(path, "a backbone is named <source>:<name>", found=quote_value(value),
+                            expected="torchvision:<name> or timm:<name>, e.g. torchvision:resnet18 or timm:efficientnet_b0",
+                            hint=f"write torchvision:{value} or timm:{value}")
+    if err.validator == "pattern":
+        noun = {"at": "module pattern", "params": "parameter pattern", "insert": "module name"}.get(label, label)
+        return source.error(path, f"{quote_value(err.instance)} is not a valid {noun}", found=quote_value(err.instance),
+                            expected=node.get("description") or f"text matching {err.validator_value}")
+    if err.validator in ("type", "oneOf", "anyOf"):
+        return source.error(path, f"{label} takes {_describe(node, brief=True)}, not {_kind_of(err.instance)}",
+                            found=quote_value(err.instance), expected=_describe(node))
+    if err.validator in ("minItems", "maxItems", "minProperties"):
+        n = err.validator_value
+        what = {"minItems": f"at least {n} item", "maxItems": f"at most {n} item",
+                "minProperties": f"at least {n} key"}[err.validator] + ("s" if n != 1 else "")
+        return source.error(path, f"{label} needs {what}", found=quote_value(err.instance), expected=_describe(node))
+    return source.error(path, err.message, found=quote_value(err.instance), expected=_describe(node))
+
+
+def check_schema(data: Any, source: Source) -> None:
+    """Check `data` against the schema; raise the first error in the file, located."""
+    if not isinstance(data, dict):
+        raise source.error((), "a spec is a YAML mapping", found=quote_value(data),
+                           expected="a mapping with at least `model: {backbone: ...}`")
+    errors = [_innermost(e, source) for e in _validator().iter_errors(data)]
+    if errors:
+        raise _schema_error(_first(errors, source), source)
+
+
+
+# --------------------------------------------------------------------------- defaults
+def fill_defaults(data: dict) -> dict:
+    """A deep copy of a valid spec with every default of the schema filled in."""
+
+    def walk(value: Any, node: dict) -> Any:
+        node = _deref(node)
+        if isinstance(value, dict):
+            props = node.get("properties")
+            if props is None:
+                for alt in node.get("oneOf", []):
+                    if "properties" in _deref(alt):
+                        props = _deref(alt)["properties"]
+            if props:
+                for key, sub in props.items():
+                    if key not in value and "default" in sub:
+                        value[key] = copy.deepcopy(sub["default"])
+                for key in list(value):
+                    if key in props:
+                        value[key] = walk(value[key], props[key])
+        elif isinstance(value, list) and "items" in node:
+            return [walk(v, node["items"]) for v in value]
+        return value
+
+    return walk(copy.deepcopy(data), schema())
+

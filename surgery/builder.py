@@ -43,7 +43,7 @@ class Built:
 
 
 def probe_size(spec: Spec, backbone: Backbone) -> tuple[int, int, int]:
-    size = spec.data["image_size"]
+    size = spec.data.image_size
     return (3, size, size)
 
 

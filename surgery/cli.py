@@ -1,7 +1,10 @@
 """The `surgery` command: inspect, validate, schema, run, predict, export.
 
-torch is imported only by the commands that need it, so `surgery --help` and `surgery schema`
-answer at once. A mistake in a spec prints a few located lines and exits with code 2.
+Each command is a small function from parsed arguments to the library call that does the work
+(`surgery.train.command.run_specs`, `surgery.predict.predict_command`, ...), which takes plain
+arguments. torch is imported only by the commands that need it, so `surgery --help` and
+`surgery schema` answer at once. Any `UserError` prints a few located lines, without a
+traceback, and exits with its exit code (2 for a mistake in what was asked).
 """
 from __future__ import annotations
 
@@ -10,15 +13,20 @@ import json
 import sys
 from typing import Any, Sequence
 
-from .errors import SpecError
+from .errors import Origin, SpecError, UsageError, UserError
 
 EXIT_SPEC_ERROR = 2
 
 
 def _console(stderr: bool = False):
+    import sys
+
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    stream = sys.stderr if stderr else sys.stdout
+    # piped to a file or another program: full module paths, never cut to the terminal's width
+    width = None if stream.isatty() else 1000
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
 
 
 def _add_set(p: argparse.ArgumentParser) -> None:
@@ -87,8 +95,9 @@ def _spec_for_target(target: str, overrides: Sequence[str], input_size: int | No
             spec = load_spec(target, [*overrides, f"data.image_size={input_size}"])
         return spec, True
     if ":" not in target:
-        raise SpecError("the target is neither a spec file nor a backbone id", file=target, found=repr(target),
-                        expected="a .yaml spec, or <source>:<name> such as torchvision:resnet18 or timm:resnet50")
+        raise UsageError("the target is neither a spec file nor a backbone id", origin=Origin.path(target),
+                         found=repr(target),
+                         expected="a .yaml spec, or <source>:<name> such as torchvision:resnet18 or timm:resnet50")
     data = {"model": {"backbone": target, "pretrained": False}}
     spec = load_spec(data, overrides)
     if input_size is None:
@@ -111,12 +120,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         console.print("\n".join(f"{args.list}:{n}" for n in names))
         return 0
     if not args.target:
-        raise SpecError("a TARGET is needed", file="surgery inspect", found="nothing",
-                        expected="a spec file or a backbone id such as timm:resnet50")
+        raise UsageError("a TARGET is needed", origin=Origin("flag", "surgery inspect"), found="nothing",
+                         expected="a spec file or a backbone id such as timm:resnet50")
     spec, is_spec = _spec_for_target(args.target, args.overrides, args.input_size)
     print_warnings(spec)
     from .builder import build
-    from .inspect import groups_table, module_records, module_tree, report_table, schedule_rich
+    from .views import groups_table, module_records, module_tree, report_table, schedule_rich
 
     built = build(spec)
     if args.json:
@@ -125,7 +134,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.schedule:
         from .schedule import schedule_table
 
-        note = "plateau: lr drops by a factor when val loss stalls" if spec.train["scheduler"]["name"] == "plateau" else ""
+        note = "plateau: lr drops by a factor when val loss stalls" if spec.train.scheduler.name == "plateau" else ""
         console.print(schedule_rich(schedule_table(spec), [g.name for g in spec.groups], note))
         return 0
     console.print(module_tree(built, depth=args.depth))
@@ -145,9 +154,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
             spec = load_spec(path, args.overrides)
             print_warnings(spec)
             from .builder import build  # torch only once the spec itself is sound
+            from .checks import check_training
 
             built = build(spec)
-        except SpecError as err:
+            for text in check_training(spec, built):
+                _warn(text)
+        except UserError as err:
             failed += 1
             _print_error(err)
             continue
@@ -164,22 +176,23 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .train import run_specs
+    from .train.command import run_specs
 
     return run_specs(args.specs, out=args.out, overrides=args.overrides, device=args.device, resume=args.resume,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, warn=print_warnings)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_command
 
-    return predict_command(args)
+    return predict_command(args.run_dir, args.paths, topk=args.topk, as_json=args.json, batch_size=args.batch_size,
+                           device=args.device)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_command
 
-    return export_command(args)
+    return export_command(args.run_dir, args.format, args.out)
 
 
 COMMANDS = {"inspect": cmd_inspect, "validate": cmd_validate, "schema": cmd_schema, "run": cmd_run,
@@ -188,18 +201,21 @@ COMMANDS = {"inspect": cmd_inspect, "validate": cmd_validate, "schema": cmd_sche
 
 def print_warnings(spec: Any) -> None:
     """Located notes on legal but probably unintended settings (stderr, so --json stays clean)."""
+    for text in spec.warnings:
+        _warn(text)
+
+
+def _warn(text: str) -> None:
     from rich.markup import escape
 
-    for text in spec.warnings:
-        _console(stderr=True).print(f"[yellow]warning[/yellow] {escape(text)}", soft_wrap=True)
+    _console(stderr=True).print(f"[yellow]warning[/yellow] {escape(text)}", soft_wrap=True)
 
 
-def _print_error(err: SpecError) -> None:
+def _print_error(err: UserError) -> None:
+    from rich.console import Console
     from rich.markup import escape
 
     # soft_wrap: long paths and hints stay on their own lines, so a terminal or a log can be grepped
-    from rich.console import Console
-
     Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error[/bold red] {escape(str(err))}")
 
 
@@ -211,11 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return COMMANDS[args.command](args)
-    except SpecError as err:
+    except UserError as err:
         _print_error(err)
-        return EXIT_SPEC_ERROR
+        return err.exit_code
     except KeyboardInterrupt:
         _console(stderr=True).print("[yellow]interrupted[/yellow]")
         return 130
-
-

@@ -35,6 +35,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
+from .backbones import IMAGENET_MEAN, IMAGENET_STD
 from .errors import SpecError, did_you_mean
 from .spec import Spec
 
@@ -313,7 +314,7 @@ class _EvalGeometry:
             crop_pct=data_config.get("crop_pct"),
             crop_mode=data_config.get("crop_mode"),
             interpolation=_interpolation(data_config),
-            mean=tuple(data_config.get("mean", (0.485, 0.456, 0.406))),
+            mean=tuple(data_config.get("mean", IMAGENET_MEAN)),
             std=tuple(data_config.get("std", (0.229, 0.224, 0.225))),
             use_prefetcher=True,  # stops at a uint8 tensor, which we add ourselves
         )
@@ -376,37 +377,36 @@ def _train_transform(spec: Spec, data_config: Mapping) -> tuple[Callable[[Image.
     import torchvision.transforms as T
     from timm.data.transforms import RandomResizedCropAndInterpolation
 
-    size = spec.data["image_size"]
-    augment = spec.data["augment"]
+    size = spec.data.image_size
+    augment = spec.data.augment
     where = ("data", "augment")
-    if augment == "none":
+    if augment.preset == "none":
         return eval_transform(data_config, size), True
-    options = {"hflip": 0.5, "crop": True} if augment == "standard" else dict(augment)
-    if "scale" in options and options.get("crop") is False:
+    if augment.scale is not None and augment.crop_given and not augment.crop:
         raise spec.error(where + ("scale",), "scale sets the range of the random crop, which is off",
-                         found=f"crop: false, scale: {list(options['scale'])}",
+                         found=f"crop: false, scale: {list(augment.scale)}",
                          expected="crop: true (or leave crop out) with scale, or no scale",
                          hint="remove `crop: false` to crop randomly")
-    scale = tuple(float(v) for v in options.get("scale", STANDARD_SCALE))
+    scale = augment.scale if augment.scale is not None else STANDARD_SCALE
     if scale[0] > scale[1]:
         raise spec.error(where + ("scale",), "scale is a [min, max] range of the crop area",
                          found=str(list(scale)), expected="min <= max, e.g. [0.25, 1.0]")
     interpolation = _interpolation(data_config)
     steps: list[Callable] = [_ToRGB()]
-    if options.get("crop", "scale" in options):
+    if augment.crop:
         steps.append(RandomResizedCropAndInterpolation(size, scale=scale, interpolation=interpolation))
     else:
         steps.append(_EvalGeometry(data_config, size))
-    if options.get("hflip", 0) > 0:
-        steps.append(T.RandomHorizontalFlip(options["hflip"]))
-    if options.get("vflip", 0) > 0:
-        steps.append(T.RandomVerticalFlip(options["vflip"]))
-    if options.get("rotation", 0) > 0:
-        steps.append(T.RandomRotation(options["rotation"]))
-    if options.get("randaugment"):
-        steps.append(_randaugment(spec, options["randaugment"], size, data_config))
-    if options.get("color_jitter", 0) > 0:
-        steps.append(T.ColorJitter(*(float(options["color_jitter"]),) * 3))
+    if augment.hflip > 0:
+        steps.append(T.RandomHorizontalFlip(augment.hflip))
+    if augment.vflip > 0:
+        steps.append(T.RandomVerticalFlip(augment.vflip))
+    if augment.rotation > 0:
+        steps.append(T.RandomRotation(augment.rotation))
+    if augment.randaugment:
+        steps.append(_randaugment(spec, augment.randaugment, size, data_config))
+    if augment.color_jitter > 0:
+        steps.append(T.ColorJitter(*(augment.color_jitter,) * 3))
     deterministic = len(steps) == 2 and isinstance(steps[1], _EvalGeometry)
     return _Compose(steps), deterministic
 
@@ -415,7 +415,7 @@ def _randaugment(spec: Spec, text: str, size: int, data_config: Mapping) -> Call
     from timm.data.auto_augment import rand_augment_transform
     from timm.data.transforms import str_to_pil_interp
 
-    mean = data_config.get("mean", (0.485, 0.456, 0.406))
+    mean = data_config.get("mean", IMAGENET_MEAN)
     hparams = {"translate_const": int(size * 0.45),
                "img_mean": tuple(min(255, round(255 * m)) for m in mean),
                "interpolation": str_to_pil_interp(_interpolation(data_config))}
@@ -553,13 +553,13 @@ def _split(spec: Spec, source: _Source, indices: np.ndarray | None = None) -> tu
     """Hold out `val_split` of a pool, stratified and seeded; fixed before any class filtering,
     so an image stays on its side whatever `data.classes` and `data.subset` say."""
     indices = np.arange(len(source)) if indices is None else indices
-    n_val = math.ceil(spec.data["val_split"] * len(indices))  # as scikit-learn rounds test_size
+    n_val = math.ceil(spec.data.val_split * len(indices))  # as scikit-learn rounds test_size
     val_pos = _stratified(source.targets[indices], n_val, _rng(spec.seed, 0))
     is_val = np.zeros(len(indices), dtype=bool)
     is_val[val_pos] = True
     if n_val >= len(indices):
         raise spec.error(("data", "val_split"), "val_split leaves no images to train on",
-                         found=f"{spec.data['val_split']} of {len(indices)} images", expected="a smaller fraction")
+                         found=f"{spec.data.val_split} of {len(indices)} images", expected="a smaller fraction")
     return _Pool(source, indices[~is_val]), _Pool(source, indices[is_val])
 
 
@@ -576,7 +576,7 @@ def _digits(spec: Spec) -> tuple[_Pool, _Pool, int]:
 def _fake(spec: Spec) -> tuple[_Pool, _Pool, int]:
     from torchvision.datasets import FakeData
 
-    size = spec.data["image_size"]
+    size = spec.data.image_size
     num_classes = spec.model.num_classes or 10
     subset = spec.data.get("subset") or {}
     n_train = subset.get("train") or FAKE_SIZES["train"]
@@ -613,10 +613,10 @@ def _imagefolder(spec: Spec) -> tuple[_Pool, _Pool, int]:
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
     layout = "root/<class>/<image> or root/train/<class>/<image> with root/val/<class>/<image>"
-    if spec.data["root"] is None:
+    if spec.data.root is None:
         raise spec.error(("data", "root"), "imagefolder needs a folder", found="root: null",
                          expected=f"data.root set to a folder laid out as {layout}")
-    root = spec.resolve_path(spec.data["root"], ("data", "root"))
+    root = spec.resolve_path(spec.data.root, ("data", "root"))
     if not root.is_dir():
         raise _folder_error(spec, f"the dataset folder {root} does not exist" if not root.exists()
                             else f"{root} is not a folder", root, expected=f"a folder laid out as {layout}",
@@ -684,7 +684,7 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 
 def _fashion_mnist(spec: Spec) -> tuple[_Pool, _Pool, int]:
-    root = spec.resolve_path(spec.data["root"], ("data", "root")) if spec.data["root"] else FASHION_MNIST_DIR
+    root = spec.resolve_path(spec.data.root, ("data", "root")) if spec.data.root else FASHION_MNIST_DIR
     arrays = {}
     for part, stem in (("train_x", "train-images-idx3-ubyte"), ("train_y", "train-labels-idx1-ubyte"),
                        ("val_x", "t10k-images-idx3-ubyte"), ("val_y", "t10k-labels-idx1-ubyte")):
@@ -724,19 +724,19 @@ def _torchvision_classes() -> dict[str, type]:
 
 
 def _torchvision(spec: Spec, cls: type) -> tuple[_Pool, _Pool, int]:
-    root = (spec.resolve_path(spec.data["root"], ("data", "root")) if spec.data["root"]
+    root = (spec.resolve_path(spec.data.root, ("data", "root")) if spec.data.root
             else Path(torch.hub.get_dir()).parent / "datasets")
     params = inspect.signature(cls.__init__).parameters
     kwargs: dict[str, Any] = {"root": str(root)}
     if "download" in params:
-        kwargs["download"] = spec.data["download"]
-    name = spec.data["name"]
+        kwargs["download"] = spec.data.download
+    name = spec.data.name
 
     def make(**split: Any) -> Any:
         try:
             return cls(**kwargs, **split)
         except (RuntimeError, FileNotFoundError) as exc:
-            if spec.data["download"]:
+            if spec.data.download:
                 raise spec.error(("data", "download"), f"{name} could not be downloaded to {root}: {exc}",
                                  found="download: true", hint=f"place the files under {root} yourself") from None
             raise spec.error(("data", "root"), f"{name} is not in {root}", found=str(exc).strip(),
@@ -787,7 +787,7 @@ def _dataset_source(spec: Spec, dataset: Any) -> _DatasetSource:
         targets = np.array([dataset[i][1] for i in range(len(dataset))])
         if targets.ndim != 1 or not np.issubdtype(targets.dtype, np.integer):
             raise spec.error(("data", "name"), f"{type(dataset).__name__} has no integer class labels",
-                             found=spec.data["name"], expected="a classification dataset")
+                             found=spec.data.name, expected="a classification dataset")
     classes = [str(c) for c in getattr(dataset, "classes", None) or []]
     if len(classes) <= int(targets.max(initial=0)):
         classes = [str(i) for i in range(int(targets.max(initial=0)) + 1)]
@@ -804,7 +804,7 @@ def dataset_names() -> list[str]:
 
 
 def _pools(spec: Spec) -> tuple[_Pool, _Pool, int]:
-    name = spec.data["name"]
+    name = spec.data.name
     if name.lower() in _BUILTIN:
         return _BUILTIN[name.lower()](spec)
     known = _torchvision_classes()
@@ -818,7 +818,7 @@ def _pools(spec: Spec) -> tuple[_Pool, _Pool, int]:
 # --------------------------------------------------------------------------- class and size subsets
 def _select_classes(spec: Spec, classes: list[str]) -> list[int]:
     """Original label of each class in `data.classes`, in the order given."""
-    wanted = spec.data["classes"]
+    wanted = spec.data.classes
     if wanted is None:
         return list(range(len(classes)))
     chosen: list[int] = []
@@ -849,7 +849,7 @@ def _select_classes(spec: Spec, classes: list[str]) -> list[int]:
 
 def _narrow(spec: Spec, pool: _Pool, label_map: np.ndarray, side: str, stream: int) -> _Pool:
     indices = pool.indices[label_map[pool.source.targets[pool.indices]] >= 0]
-    limit = (spec.data.get("subset") or {}).get(side)
+    limit = getattr(spec.data.subset, side)
     if limit is not None and limit < len(indices):
         indices = indices[_stratified(label_map[pool.source.targets[indices]], limit, _rng(spec.seed, stream))]
     return _Pool(pool.source, indices)
@@ -863,6 +863,12 @@ def _three(values: Any, key: str) -> tuple[float, float, float]:
     if len(values) != 3:
         raise ValueError(f"data_config[{key!r}] has {len(values)} values; images here have 3 channels")
     return values  # type: ignore[return-value]
+
+
+def normalization(data_config: Mapping) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """(mean, std) of the backbone's data config, ImageNet's where it gives none."""
+    return (_three(data_config.get("mean", IMAGENET_MEAN), "mean"),
+            _three(data_config.get("std", IMAGENET_STD), "std"))
 
 
 def build_data(spec: Spec, data_config: Mapping) -> DataBundle:
@@ -893,25 +899,26 @@ def build_data(spec: Spec, data_config: Mapping) -> DataBundle:
     val_pool = _narrow(spec, val_pool, label_map, "val", 2)
     if len(train_pool.indices) == 0:
         raise spec.error(("data", "classes"), "no training images are left after choosing classes",
-                         found=str(spec.data["classes"]), expected="classes that have images")
+                         found=str(list(spec.data.classes)), expected="classes that have images")
     train_tf, deterministic = _train_transform(spec, data_config)
-    size = spec.data["image_size"]
+    size = spec.data.image_size
     train = _Split(train_pool, label_map, train_tf, spec.seed, augment=not deterministic)
     val = _Split(val_pool, label_map, eval_transform(data_config, size), spec.seed, augment=False)
     names = [classes[i] for i in chosen]
-    describe = f"{spec.data['name']}: {len(train)} train / {len(val)} val, {len(names)} classes, {size}px"
+    mean, std = normalization(data_config)
+    describe = f"{spec.data.name}: {len(train)} train / {len(val)} val, {len(names)} classes, {size}px"
     if skipped:
         describe += f", {skipped} unreadable files skipped"
     return DataBundle(
         train=train,
         val=val,
         classes=names,
-        mean=_three(data_config.get("mean", (0.485, 0.456, 0.406)), "mean"),
-        std=_three(data_config.get("std", (0.229, 0.224, 0.225)), "std"),
+        mean=mean,
+        std=std,
         deterministic_train=deterministic,
         describe=describe,
     )
 
 
 __all__ = ["DataBundle", "EpochLoader", "build_data", "eval_transform", "normalize", "make_loader",
-           "read_idx", "dataset_names"]
+           "read_idx", "dataset_names", "normalization"]

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import SpecError
+from .errors import Origin, UsageError
 
 T = TypeVar("T")
 
@@ -46,7 +46,7 @@ def world_from_env() -> tuple[int, int, int]:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         world_size = int(os.environ.get("WORLD_SIZE", 1))
     except ValueError:
-        raise SpecError("RANK, LOCAL_RANK and WORLD_SIZE must be integers",
+        raise UsageError("RANK, LOCAL_RANK and WORLD_SIZE must be integers", origin=Origin.env("RANK"),
                         found=f"RANK={os.environ.get('RANK')!r} LOCAL_RANK={os.environ.get('LOCAL_RANK')!r} "
                               f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}",
                         hint="start distributed runs with torchrun, which sets them") from None
@@ -120,7 +120,7 @@ def setup(device: torch.device) -> Distributed:
     """Join torchrun's process group (once per process); outside torchrun, a world of one.
 
     Raises:
-        SpecError: distributed training asked for on a device other than CUDA or the CPU.
+        UsageError: distributed training asked for on a device other than CUDA or the CPU.
     """
     rank, local_rank, world_size = world_from_env()
     if world_size <= 1:
@@ -132,9 +132,10 @@ def setup(device: torch.device) -> Distributed:
         elif device.type == "cpu":
             dist.init_process_group("gloo")
         else:
-            raise SpecError(f"distributed training runs on CUDA (nccl) or the CPU (gloo), not {device.type}",
-                            path=("train", "device"), found=str(device), expected="cuda, cpu or auto",
-                            hint="--device cpu, or run a single process")
+            raise UsageError(f"distributed training runs on CUDA (nccl) or the CPU (gloo), not {device.type}",
+                             origin=Origin.env("WORLD_SIZE", os.environ.get("WORLD_SIZE")), found=str(device),
+                             expected="cuda, cpu or auto (train.device or --device)",
+                             hint="--device cpu, or run a single process")
     return Distributed(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device)
 
 
@@ -176,7 +177,7 @@ class DataParallel:
     boundaries), again only when the trainable set changes.
 
     Attributes:
-        wraps: how many times the model was (re-)wrapped; `find_unused`: the last wrap's setting.
+        find_unused: the last wrap's setting; compilations: how many times it was compiled.
     """
 
     def __init__(self, model: nn.Module, env: Distributed, *, compile: bool | str = False) -> None:
@@ -184,7 +185,6 @@ class DataParallel:
         self.env = env
         self.backend = None if not compile else ("inductor" if compile is True else str(compile))
         self.ddp: nn.Module | None = None
-        self.wraps = 0
         self.compilations = 0
         self.find_unused = False
         self._key: tuple[bool, ...] | None = None
@@ -215,7 +215,6 @@ class DataParallel:
             # (sync_buffers) rather than broadcast before every forward.
             self.ddp = module = DDP(self.model, device_ids=device_ids, init_sync=False, forward_sync_buffers=False,
                                     find_unused_parameters=self.find_unused)
-            self.wraps += 1
         if self.backend is not None:
             torch._dynamo.reset()
             self._fn = torch.compile(module, backend=self.backend)

@@ -212,9 +212,18 @@ class UsageError(UserError):
 
 
 class RunDirError(UserError):
-    """A run directory that cannot be used: taken, locked by another run, unreadable or not writable."""
+    """A run directory that cannot be used: taken, locked by another run, unreadable or not writable.
+
+    Exit code 1 (the folder is at fault), or 2 when what was asked does not fit it (a run that
+    is there already without --resume or --overwrite, a resume with another spec).
+    """
 
     exit_code = 1
+
+    def __init__(self, problem: str, *, exit_code: int | None = None, **kw: Any) -> None:
+        super().__init__(problem, **kw)
+        if exit_code is not None:
+            self.exit_code = exit_code
 
 
 __all__ = ["UserError", "SpecError", "UsageError", "RunDirError", "Origin", "format_path", "close_matches",

@@ -7,7 +7,6 @@ and the trained model's on a sample batch. A file that fails the check is not wr
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import os
@@ -20,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import SpecError
+from .errors import Origin, UsageError, describe_exception
 from .predict import LoadedRun, load_run
 
 SUFFIXES = {"pt2": ".pt2", "onnx": ".onnx", "torchscript": ".ts"}
@@ -68,31 +67,26 @@ def _missing(names: tuple[str, ...]) -> list[str]:
 
 
 def check_requirements(fmt: str) -> None:
-    """Raise a SpecError naming what to pip install when `fmt` needs packages that are absent."""
+    """Raise a UsageError naming the extra to install when `fmt` needs packages that are absent."""
     missing = _missing(REQUIRED[fmt])
     if missing:
         extra = [CHECKER[fmt]] if fmt in CHECKER and _missing((CHECKER[fmt],)) else []
         verb = "is" if len(missing) == 1 else "are"
-        raise SpecError(f"exporting to {fmt} needs {' and '.join(missing)}, which {verb} not installed",
-                        file=f"--format {fmt}", found=f"--format {fmt}",
-                        expected=f"the packages {', '.join(REQUIRED[fmt])}",
-                        hint=f"pip install {' '.join(missing + extra)}" +
+        raise UsageError(f"exporting to {fmt} needs {' and '.join(missing)}, which {verb} not installed",
+                         origin=Origin.flag("--format", fmt), found=f"--format {fmt}",
+                         expected=f"the packages {', '.join(REQUIRED[fmt])} (the extra surgery[{fmt}])",
+                         hint=f"pip install 'surgery[{fmt}]' (or: pip install {' '.join(missing + extra)})" +
                              (f"  ({extra[0]} lets the export be checked against the trained model)" if extra else ""))
 
 
 # --------------------------------------------------------------------------- the exporters
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return exc.__class__.__name__ + (": " + text.splitlines()[0][:160] if text else "")
-
-
 def _dynamic_or_static(export: Callable[[torch.Tensor, bool], Any], sample: torch.Tensor,
                        notes: list[str]) -> tuple[Any, int | None]:
     """Export with a dynamic batch dimension; when the model will not allow it, with batch 1."""
     try:
         return export(sample[:EXAMPLE_BATCH], True), None
     except Exception as exc:  # noqa: BLE001 - any failure here is retried with a fixed batch
-        notes.append(f"a dynamic batch failed ({_first_line(exc)}); exported with a fixed batch of 1")
+        notes.append(f"a dynamic batch failed ({describe_exception(exc)}); exported with a fixed batch of 1")
         return export(sample[:1], False), 1
 
 
@@ -118,7 +112,7 @@ def _export_torchscript(model: nn.Module, sample: torch.Tensor, path: Path, note
         try:
             module, method = torch.jit.script(model), "torch.jit.script"
         except Exception as exc:  # noqa: BLE001 - script rejects much Python (the surgered forward's *args): trace
-            first = _first_line(exc)
+            first = describe_exception(exc)
             notes.append(f"torch.jit.script failed ({first}); traced instead, which records "
                          "the operations run on the sample (fine for models without data-dependent control flow)")
             try:
@@ -268,7 +262,7 @@ def export_run(run: LoadedRun | str | Path, fmt: str, out: str | Path | None = N
         An `ExportResult`; the file and its sidecar (``<file>.json``) are written atomically.
 
     Raises:
-        SpecError: unknown format, or a package the format needs is missing (with the pip command).
+        UsageError: unknown format, or a package the format needs is missing (with the pip command).
         ExportFailed: the exporter rejects the model, or the reloaded export's logits differ from
             the trained model's by more than the tolerance (then nothing is written).
 
@@ -280,7 +274,8 @@ def export_run(run: LoadedRun | str | Path, fmt: str, out: str | Path | None = N
     from .rundir import write_json
 
     if fmt not in EXPORTERS:
-        raise SpecError(f"unknown export format {fmt!r}", found=fmt, expected=" or ".join(EXPORTERS))
+        raise UsageError(f"unknown export format {fmt!r}", origin=Origin.flag("--format", fmt), found=fmt,
+                         expected=" or ".join(EXPORTERS))
     check_requirements(fmt)
     if not isinstance(run, LoadedRun):
         run = load_run(run, "cpu")
@@ -295,8 +290,9 @@ def export_run(run: LoadedRun | str | Path, fmt: str, out: str | Path | None = N
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
         os.close(fd)
     except OSError as exc:
-        raise SpecError(f"cannot write in {path.parent}: {exc.strerror or exc}", found=str(path),
-                        expected="a writable folder", hint="choose another place with --out PATH") from None
+        raise UsageError(f"cannot write in {path.parent}: {exc.strerror or exc}", origin=Origin.path(path),
+                         found=str(path), expected="a writable folder",
+                         hint="choose another place with --out PATH") from None
     tmp = Path(name)
     try:
         try:
@@ -334,7 +330,7 @@ def export_run(run: LoadedRun | str | Path, fmt: str, out: str | Path | None = N
     return result
 
 
-def export_command(args: argparse.Namespace) -> int:
+def export_command(run_dir: str | Path, fmt: str = "pt2", out: str | Path | None = None) -> int:
     """`surgery export RUN_DIR --format pt2|onnx|torchscript [--out PATH]`; exit 1 when the export fails."""
     from rich.console import Console
     from rich.markup import escape
@@ -343,13 +339,13 @@ def export_command(args: argparse.Namespace) -> int:
 
     console = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    locate_run(args.run_dir)
-    check_requirements(args.format)  # before the model is rebuilt: a missing package is the quicker answer
-    run = load_run(args.run_dir, "cpu")
+    locate_run(run_dir)
+    check_requirements(fmt)  # before the model is rebuilt: a missing package is the quicker answer
+    run = load_run(run_dir, "cpu")
     if run.note:
         err.print(f"[yellow]note[/yellow] {escape(run.note)}")
     try:
-        result = export_run(run, args.format, args.out)
+        result = export_run(run, fmt, out)
     except ExportFailed as exc:
         err.print(f"[bold red]export failed[/bold red] {escape(str(exc))}")
         return 1

@@ -31,7 +31,7 @@ from .schedule import lr_at
 
 if TYPE_CHECKING:  # pragma: no cover
     from .groups import ResolvedGroup
-    from .spec import Spec
+    from .spec import OptimizerSpec, Spec, TrainSpec
 
 # Our names with torch semantics. timm's own 'sgd' is nesterov SGD; ours follows the spec's
 # `momentum` and `nesterov` keys, so these three never go through timm's registry.
@@ -90,7 +90,7 @@ def _timm_info(name: str) -> Any:
     return timm.optim.get_optimizer_info(name)
 
 
-def check_optimizer(train: Mapping[str, Any], *, spec: Spec | None = None) -> None:
+def check_optimizer(train: TrainSpec, *, spec: Spec | None = None) -> None:
     """Check ``train.optimizer`` against the optimizers installed here, before anything is built.
 
     `build_optimizer` calls this itself; call it earlier (during validation, with the spec) to get
@@ -110,12 +110,12 @@ def check_optimizer(train: Mapping[str, Any], *, spec: Spec | None = None) -> No
         >>> check_optimizer(load_spec({"model": {"backbone": "timm:resnet18"},
         ...                            "train": {"optimizer": {"name": "lamb"}}}).train)
     """
-    opt = train["optimizer"]
+    opt = train.optimizer
     where = ("train", "optimizer")
-    _, name = _split_name(opt["name"])
+    _, name = _split_name(opt.name)
     known = optimizer_names()
     if name not in known:
-        raise _error(spec, where + ("name",), "unknown optimizer", found=repr(opt["name"]),
+        raise _error(spec, where + ("name",), "unknown optimizer", found=repr(opt.name),
                      expected="sgd, adam, adamw or a name from timm.optim.list_optimizers()",
                      hint=did_you_mean(name, known))
     if name in _TORCH_OPTIMIZERS:
@@ -124,7 +124,7 @@ def check_optimizer(train: Mapping[str, Any], *, spec: Spec | None = None) -> No
     else:
         info = _timm_info(name)
         if info.second_order:
-            raise _error(spec, where + ("name",), f"{name} is a second-order optimizer", found=repr(opt["name"]),
+            raise _error(spec, where + ("name",), f"{name} is a second-order optimizer", found=repr(opt.name),
                          expected="a first-order optimizer: the training loop does not backward with create_graph")
         has_betas, has_eps = info.has_betas, info.has_eps
         cls = info.opt_class
@@ -134,16 +134,16 @@ def check_optimizer(train: Mapping[str, Any], *, spec: Spec | None = None) -> No
                 plain = name.removeprefix("bnb").removeprefix("fused").removesuffix("8bit")
                 hint = f"install {package}" + (f", or use {plain!r}" if plain in known else "")
                 raise _error(spec, where + ("name",), f"{name} needs the package {package!r}, which is not installed",
-                             found=repr(opt["name"]), expected="an optimizer that is available here", hint=hint)
+                             found=repr(opt.name), expected="an optimizer that is available here", hint=hint)
             cls = None
-    if name == "sgd" and opt["nesterov"] and opt["momentum"] == 0:
+    if name == "sgd" and opt.nesterov and opt.momentum == 0:
         raise _error(spec, where + ("nesterov",), "nesterov momentum needs a momentum", found="momentum: 0",
                      expected="momentum > 0, or nesterov: false")
     for key, present in (("betas", has_betas), ("eps", has_eps)):
-        if opt.get(key) is not None and not present:
-            raise _error(spec, where + (key,), f"{name} has no {key}", found=repr(opt[key]),
+        if getattr(opt, key) is not None and not present:
+            raise _error(spec, where + (key,), f"{name} has no {key}", found=repr(getattr(opt, key)),
                          expected=f"no `{key}:` for {name}")
-    args = opt.get("args") or {}
+    args = opt.args or {}
     for key in args:
         if key in _OWN_KEYS:
             raise _error(spec, where + ("args", key), f"{key!r} has its own place in the spec",
@@ -176,7 +176,7 @@ def _accepted_kwargs(cls: Any) -> set[str] | None:
 _FUSED_DEVICES = ("cuda", "cpu")
 
 
-def _optimizer_kwargs(opt: Mapping[str, Any], device_type: str) -> dict[str, Any]:
+def _optimizer_kwargs(opt: OptimizerSpec, device_type: str) -> dict[str, Any]:
     """Constructor keywords (all but the params) for ``train.optimizer`` on `device_type`.
 
     sgd, adam and adamw go to torch's classes; other names to ``timm.optim.create_optimizer_v2``,
@@ -184,17 +184,17 @@ def _optimizer_kwargs(opt: Mapping[str, Any], device_type: str) -> dict[str, Any
     kernels replace the default foreach path for sgd, adam and adamw; elsewhere (MPS) torch picks
     its default. A ``fused`` or ``foreach`` in ``args`` wins.
     """
-    _, name = _split_name(opt["name"])
-    args = dict(opt.get("args") or {})
-    kwargs: dict[str, Any] = {"lr": opt["lr"]}  # each param group overrides it with its own lr
+    _, name = _split_name(opt.name)
+    args = dict(opt.args or {})
+    kwargs: dict[str, Any] = {"lr": opt.lr}  # each param group overrides it with its own lr
     if name == "sgd":
-        kwargs.update(momentum=opt["momentum"], nesterov=opt["nesterov"])
+        kwargs.update(momentum=opt.momentum, nesterov=opt.nesterov)
     elif name not in _TORCH_OPTIMIZERS:
-        kwargs["momentum"] = opt["momentum"]
-    if opt.get("betas") is not None:
-        kwargs["betas"] = tuple(opt["betas"])
-    if opt.get("eps") is not None:
-        kwargs["eps"] = opt["eps"]
+        kwargs["momentum"] = opt.momentum
+    if opt.betas is not None:
+        kwargs["betas"] = tuple(opt.betas)
+    if opt.eps is not None:
+        kwargs["eps"] = opt.eps
     if name in _TORCH_OPTIMIZERS and device_type in _FUSED_DEVICES and not {"fused", "foreach"} & set(args):
         kwargs["fused"] = True
     kwargs.update(args)
@@ -208,7 +208,7 @@ def _no_decay(name: str, param: torch.Tensor, owner_is_norm: bool) -> bool:
 def build_param_groups(
     model: nn.Module,
     groups: Sequence[ResolvedGroup],
-    train: Mapping[str, Any],
+    train: TrainSpec,
 ) -> list[dict[str, Any]]:
     """The optimizer's param groups: per spec group, one with weight decay and one without.
 
@@ -234,7 +234,7 @@ def build_param_groups(
         norm_modules.update(g.norm_modules)
     # timm models list parameters that must never decay (position embeddings, class tokens)
     never_decay = tuple(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else ()
-    default_wd = train["optimizer"]["weight_decay"]
+    default_wd = train.optimizer.weight_decay
     owner: dict[str, str] = {}
     out: list[dict[str, Any]] = []
     for g in groups:
@@ -273,7 +273,7 @@ def build_param_groups(
 def build_optimizer(
     model: nn.Module,
     groups: Sequence[ResolvedGroup],
-    train: Mapping[str, Any],
+    train: TrainSpec,
     *,
     device_type: str = "cpu",
     spec: Spec | None = None,
@@ -301,8 +301,8 @@ def build_optimizer(
     """
     check_optimizer(train, spec=spec)
     param_groups = build_param_groups(model, groups, train)
-    opt = train["optimizer"]
-    lookahead, name = _split_name(opt["name"])
+    opt = train.optimizer
+    lookahead, name = _split_name(opt.name)
     kwargs = _optimizer_kwargs(opt, device_type)
     try:
         if name in _TORCH_OPTIMIZERS:

@@ -5,7 +5,6 @@ original pretrained source), so `export` and any other consumer see exactly what
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass, field
@@ -17,8 +16,8 @@ from PIL import Image
 from torch import nn
 
 from .builder import Built, build
-from .data import _three, eval_transform, normalize
-from .errors import SpecError
+from .data import eval_transform, normalization, normalize
+from .errors import Origin, UsageError, describe_exception
 from .spec import Spec, load_spec
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
@@ -66,16 +65,16 @@ class LoadedRun:
         return normalize(images.to(self.device), self.mean, self.std)
 
 
-def _run_error(problem: str, run_dir: Path, **kw: Any) -> SpecError:
+def _run_error(problem: str, run_dir: Path, **kw: Any) -> UsageError:
     kw.setdefault("hint", "train one with `surgery run SPEC.yaml --out DIR`, then pass DIR")
-    return SpecError(problem, file=str(run_dir), **kw)
+    return UsageError(problem, origin=Origin.path(run_dir), **kw)
 
 
 def locate_run(run_dir: str | Path) -> tuple[Path, str | None]:
     """Check that `run_dir` holds a trained run, without loading it; return (weight file, note or None).
 
     Raises:
-        SpecError: no such folder, no spec.yaml, or no weights (naming what to do).
+        UsageError: no such folder, no spec.yaml, or no weights (naming what to do).
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -129,7 +128,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
         stopped before writing it (`weights` and `note` say which).
 
     Raises:
-        SpecError: the folder, spec.yaml or weights are missing or do not fit; the device is absent.
+        UserError: the folder, spec.yaml or weights are missing or do not fit (SpecError for
+            spec.yaml); the device is absent.
 
     Example:
         >>> run = load_run("runs/resnet18-cbam")
@@ -145,38 +145,26 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     try:
         state = load_safetensors(weights)
     except Exception as exc:  # noqa: BLE001 - any unreadable weight file is the same problem for the user
-        raise _run_error(f"the weights cannot be read: {exc.__class__.__name__}: {str(exc)[:200]}", run_dir,
+        raise _run_error(f"the weights cannot be read: {describe_exception(exc, 200)}", run_dir,
                          found=str(weights), expected="an intact safetensors file written by `surgery run`",
                          hint="re-run or resume the training that wrote it") from None
     built = build(spec, state_dict=state)
     model = built.model.to(target).eval()
-    size = int(spec.data["image_size"])
+    size = spec.data.image_size
     config = dict(built.data_config)
     config["input_size"] = (3, size, size)
+    mean, std = normalization(config)
     return LoadedRun(run_dir=run_dir, spec=spec, built=built, model=model,
                      classes=_read_classes(run_dir, built.num_classes), data_config=config, image_size=size,
-                     mean=_three(config.get("mean", (0.485, 0.456, 0.406)), "mean"),
-                     std=_three(config.get("std", (0.229, 0.224, 0.225)), "std"),
-                     weights=weights, device=target, note=note)
+                     mean=mean, std=std, weights=weights, device=target, note=note)
 
 
 def _device(requested: str | torch.device) -> torch.device:
-    from .runtime import pick_device
+    from .runtime import resolve_device
 
-    try:
-        device = pick_device(str(requested))
-    except RuntimeError as exc:
-        raise SpecError(f"not a device: {str(exc).splitlines()[0][:200]}", file=f"--device {requested}",
-                        found=str(requested), expected="cpu, cuda, cuda:N or mps") from None
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())}
-    absent_index = device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count()
-    if not available.get(device.type, False) or absent_index:
-        raise SpecError(f"the device {device} is not available here", file=f"--device {requested}",
-                        found=str(requested),
-                        expected="cpu" + (", cuda" if available["cuda"] else "") + (", mps" if available["mps"] else ""),
-                        hint="--device cpu")
-    return device
+    def error(problem: str, **kw: Any) -> UsageError:
+        return UsageError(problem, origin=Origin.flag("--device", requested), **kw)
+    return resolve_device(str(requested), error)
 
 
 # --------------------------------------------------------------------------- images in
@@ -214,7 +202,7 @@ def _batches(paths: Sequence[Path], transform: Callable[[Image.Image], torch.Ten
         try:
             tensors.append(_read(path, transform))
         except _UNREADABLE as exc:
-            on_skip(path, f"not a readable image ({exc.__class__.__name__}: {str(exc)[:120]})")
+            on_skip(path, f"not a readable image ({describe_exception(exc, 120)})")
             continue
         done.append(path)
         if len(done) == size:
@@ -278,35 +266,37 @@ def _table(predictions: Sequence[Prediction], k: int):
     return table
 
 
-def predict_command(args: argparse.Namespace) -> int:
+def predict_command(run_dir: str | Path, paths: Sequence[str], *, topk: int = 3, as_json: bool = False,
+                    batch_size: int = 32, device: str = "cpu") -> int:
     """`surgery predict RUN_DIR PATH... [--topk K] [--json] [--batch-size N] [--device D]`.
 
     Exit code 0 when at least one image was classified, 1 when every file was unreadable;
-    a missing run or no image at all is a SpecError (exit 2).
+    a missing run or no image at all is a UserError (exit 2).
     """
     from rich.console import Console
     from rich.markup import escape
 
-    if args.batch_size < 1:
-        raise SpecError("--batch-size must be at least 1", file="--batch-size", found=str(args.batch_size),
-                        expected="a positive integer")
-    if args.topk < 1:
-        raise SpecError("--topk must be at least 1", file="--topk", found=str(args.topk), expected="a positive integer")
-    locate_run(args.run_dir)  # a wrong run directory is reported before any image is looked at
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1", origin=Origin.flag("--batch-size", batch_size),
+                         found=str(batch_size), expected="a positive integer")
+    if topk < 1:
+        raise UsageError("--topk must be at least 1", origin=Origin.flag("--topk", topk), found=str(topk),
+                         expected="a positive integer")
+    locate_run(run_dir)  # a wrong run directory is reported before any image is looked at
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     out = Console(highlight=False)
-    paths, missing = find_images(args.paths)
+    images, missing = find_images(paths)
     for path, reason in missing:
         err.print(f"[yellow]skipped[/yellow] {escape(str(path))}: {reason}")
-    if not paths:
-        raise SpecError("no images to classify", file="PATH...", found=" ".join(args.paths),
-                        expected="image files, or folders holding " + ", ".join(sorted(IMAGE_SUFFIXES)))
-    run = load_run(args.run_dir, args.device)
+    if not images:
+        raise UsageError("no images to classify", origin=Origin("flag", "PATH..."), found=" ".join(map(str, paths)),
+                         expected="image files, or folders holding " + ", ".join(sorted(IMAGE_SUFFIXES)))
+    run = load_run(run_dir, device)
     if run.note:
         err.print(f"[yellow]note[/yellow] {escape(run.note)}")
     else:
         err.print(f"{escape(run.spec.name)}: {len(run.classes)} classes, weights {escape(str(run.weights))}")
-    k = max(1, min(args.topk, len(run.classes)))
+    k = max(1, min(topk, len(run.classes)))
     skipped: list[Path] = []
 
     def on_skip(path: Path, reason: str) -> None:
@@ -314,15 +304,15 @@ def predict_command(args: argparse.Namespace) -> int:
         err.print(f"[yellow]skipped[/yellow] {escape(str(path))}: {escape(reason)}")
 
     results: list[Prediction] = []
-    for prediction in predict(run, paths, topk=k, batch_size=args.batch_size, on_skip=on_skip):
+    for prediction in predict(run, images, topk=k, batch_size=batch_size, on_skip=on_skip):
         results.append(prediction)
-        if args.json:  # stream: a long folder shows progress and a crash keeps what was done
+        if as_json:  # stream: a long folder shows progress and a crash keeps what was done
             sys.stdout.write(json.dumps(prediction.to_dict()) + "\n")
             sys.stdout.flush()
-    if not args.json and results:
+    if not as_json and results:
         out.print(_table(results, k))
     if not results:
-        err.print(f"[bold red]error[/bold red] no image could be read ({_count(len(paths), 'file')} tried); "
+        err.print(f"[bold red]error[/bold red] no image could be read ({_count(len(images), 'file')} tried); "
                   "nothing classified")
         return 1
     if skipped:

@@ -1,4 +1,5 @@
-"""The run directory: the files other tools read, each written atomically (temporary file, then rename).
+"""The run directory: held by one run at a time, swapped into place only once the run has
+started, and every file in it written atomically (temporary file, then rename).
 
     runs/<name>/
       spec.yaml            the resolved spec (defaults filled, overrides applied)
@@ -16,15 +17,14 @@ import functools
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 
-
-class RunDirError(OSError):
-    """The run directory cannot be written (read-only, disk full, ...)."""
+from .errors import Origin, RunDirError
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -137,8 +137,11 @@ def write_metrics(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
     write_text(path, "".join(json.dumps(r, default=_jsonable) + "\n" for r in rows))
 
 
-def check_writable(folder: Path) -> None:
-    """Fail before training, not after an hour, when the run directory cannot be written."""
+def check_writable(folder: Path, name: Path | None = None) -> None:
+    """Fail before training, not after an hour, when the run directory cannot be written.
+
+    `name`: the folder to name in the message (the run directory, when `folder` is its staging copy).
+    """
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -146,67 +149,158 @@ def check_writable(folder: Path) -> None:
         os.close(fd)
         os.unlink(tmp)
     except OSError as exc:
-        raise RunDirError(f"the run directory {folder} is not writable: {exc.strerror or exc}") from None
+        shown = name or folder
+        raise RunDirError(f"the run directory {shown} is not writable: {exc.strerror or exc}",
+                          origin=Origin.path(shown)) from None
 
 
-# --------------------------------------------------------------------------- plots
-def plot_curves(path: Path, rows: list[Mapping[str, Any]], unfreeze: Mapping[int, list[str]]) -> None:
-    """Loss and accuracy per epoch, with the epochs where groups unfreeze marked."""
-    import matplotlib
+# --------------------------------------------------------------------------- the run directory
+class RunDir:
+    """One run's folder, held by this process from `claim` to `release`.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        claim(resume, overwrite)  lock it (a second run into the same folder is refused) and check
+                                  it may be used: empty, or --resume, or --overwrite
+        start()                   called once the run is built and its first files are written: a new
+                                  or overwritten run is written into a hidden staging folder beside it
+                                  until here, so a mistake found while building leaves the previous run
+                                  (or nothing at all) in place; here the staging folder replaces it
+        release()                 unlock; a staging folder that never started is deleted
 
-    epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
-    ax_loss.plot(epochs, [r["val_loss"] for r in rows], "o-", label="val")
-    ax_acc.plot(epochs, [r["train_acc"] for r in rows], "o-", label="train")
-    ax_acc.plot(epochs, [r["val_acc"] for r in rows], "o-", label="val")
-    for ax, title, corner in ((ax_loss, "loss", "upper right"), (ax_acc, "accuracy", "lower right")):
-        for epoch, names in unfreeze.items():
-            if epoch > 0:
-                ax.axvline(epoch - 0.5, color="grey", linestyle="--", linewidth=1)
-                ax.annotate("unfreeze " + ", ".join(names), (epoch - 0.5, 1), xycoords=("data", "axes fraction"),
-                            rotation=90, va="top", ha="right", fontsize=8, color="grey")
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        ax.legend(loc=corner)
-    ax_acc.set_ylim(0, 1.02)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    `folder` is where files go now: the staging folder before `start`, the run directory after.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.folder = self.path
+        self._staging: Path | None = None
+        self._lock: _Lock | None = None
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.folder / "checkpoints" / "last.pt"
+
+    @property
+    def started(self) -> bool:
+        return self._staging is None
+
+    def claim(self, *, resume: bool, overwrite: bool) -> None:
+        """Lock the run directory and choose where this run writes.
+
+        Raises:
+            RunDirError: a file is in the way, another run holds the folder, it holds a run and
+                neither --resume nor --overwrite was given (exit code 2), or it is not writable.
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"the run directory {self.path} is a file", origin=Origin.path(self.path),
+                              expected="a folder, or a path that does not exist yet")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunDirError(f"the run directory {self.path} is not writable: {exc.strerror or exc}",
+                              origin=Origin.path(self.path)) from None
+        self._lock = _Lock.take(self.path)
+        holds_run = self.path.is_dir() and any(self.path.iterdir())
+        if resume and holds_run:
+            check_writable(self.path)
+            remove_temporaries(self.path)
+            return
+        if holds_run and not overwrite:
+            self.release()
+            raise RunDirError(f"the run directory {self.path} already holds a run", origin=Origin.path(self.path),
+                              expected="a new run directory", exit_code=2,
+                              hint="continue it with --resume, write elsewhere with --out DIR, or replace it "
+                                   "with --overwrite")
+        try:
+            self._staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.new-", dir=self.path.parent))
+        except OSError as exc:
+            self.release()
+            raise RunDirError(f"the run directory {self.path} is not writable: {exc.strerror or exc}",
+                              origin=Origin.path(self.path)) from None
+        self.folder = self._staging
+        check_writable(self._staging, name=self.path)
+
+    def start(self) -> None:
+        """Put the staging folder in place of the run directory (a previous run there is removed)."""
+        if self._staging is None:
+            return
+        old: Path | None = None
+        try:
+            if self.path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old-", dir=self.path.parent))
+                os.replace(self.path, old / "run")
+            os.replace(self._staging, self.path)
+        except OSError as exc:
+            if old is not None and (old / "run").exists() and not self.path.exists():
+                os.replace(old / "run", self.path)  # put the previous run back
+            raise RunDirError(f"cannot put the new run in place of {self.path}: {exc.strerror or exc}",
+                              origin=Origin.path(self.path)) from None
+        self._staging, self.folder = None, self.path
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_folder(self.path.parent)
+
+    def release(self) -> None:
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging, self.folder = None, self.path
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
 
 
-def plot_confusion(path: Path, matrix: torch.Tensor, classes: list[str]) -> None:
-    import matplotlib
+class _Lock:
+    """An exclusive lock on ``.<name>.lock`` beside a run directory (the run directory itself may be
+    replaced while held). Released on `release` or when the process ends, however it ends."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self.fd = path, fd
 
-    n = len(classes)
-    size = min(4 + 0.45 * n, 16)
-    fig, ax = plt.subplots(figsize=(size, size))
-    m = matrix.float()
-    normalised = m / m.sum(dim=1, keepdim=True).clamp(min=1)
-    ax.imshow(normalised.numpy(), cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), classes, rotation=90 if n > 6 else 0, fontsize=8)
-    ax.set_yticks(range(n), classes, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if n <= 20:
-        for i in range(n):
-            for j in range(n):
-                value = int(matrix[i, j])
-                if value:
-                    ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
-                            color="white" if normalised[i, j] > 0.5 else "black")
-    ax.set_title("confusion (validation, last epoch)")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    @classmethod
+    def take(cls, run_dir: Path) -> "_Lock | None":
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no advisory locks; runs are not guarded
+            return None
+        path = run_dir.parent / f".{run_dir.name}.lock"
+        for _ in range(10):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise RunDirError(f"the run directory {run_dir} is not writable: {exc.strerror or exc}",
+                                  origin=Origin.path(run_dir)) from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 100).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise RunDirError(f"another run is using {run_dir} ({holder})", origin=Origin.path(run_dir),
+                                  expected="one run per run directory at a time",
+                                  hint="wait for it to finish, or write elsewhere with --out DIR") from None
+            # the lock file may have been removed by its previous holder between our open and lock
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()}".encode())
+                return cls(path, fd)
+            os.close(fd)
+        raise RunDirError(f"cannot lock {run_dir}: its lock file keeps changing", origin=Origin.path(run_dir))
+
+    def release(self) -> None:
+        import fcntl
+
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+
+

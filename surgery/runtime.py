@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import Origin, UsageError, UserError
 from .spec import Spec
 
 
@@ -45,34 +47,53 @@ class Runtime:
         return f"{self.device} {self.precision}{', channels_last' if self.channels_last else ''}{compiled}"
 
 
-def pick_device(requested: str) -> torch.device:
-    """auto: CUDA, then MPS, then CPU. An explicit device that is absent is an error the caller words."""
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def _mps() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def resolve_device(requested: str, error: Callable[..., UserError]) -> torch.device:
+    """The device a run or a command uses: auto picks CUDA, then MPS, then the CPU; an explicit
+    device must exist on this machine. Under torchrun, a bare ``cuda`` is the process's own GPU
+    (LOCAL_RANK).
+
+    Args:
+        requested: auto, cpu, cuda, cuda:N or mps.
+        error: makes the error for a device that cannot be used, located where the value came
+            from: ``error(problem, found=..., expected=..., hint=...)``.
+    """
+    requested = str(requested)
+    if not _DEVICE.match(requested):
+        raise error("this is not a device", found=repr(requested), expected=DEVICES)
     if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(requested)
+        requested = "cuda" if torch.cuda.is_available() else "mps" if _mps() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise error("CUDA is not available on this machine", found=requested, expected="auto or cpu",
+                    hint="--device cpu, or --set train.device=auto")
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise error(f"there is no {device}", found=requested,
+                    expected=f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not _mps():
+        raise error("MPS is not available on this machine", found=requested, expected="auto or cpu")
+    return device
 
 
 def make_runtime(spec: Spec, device_override: str | None = None) -> Runtime:
     train = spec.train
-    requested = device_override or train["device"]
-    where = ("train", "device")
-    device = pick_device(requested)
-    if device.type == "cuda" and device.index is None:
-        # under torchrun, one GPU per process: LOCAL_RANK picks it (0 outside torchrun)
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise spec.error(where, "CUDA is not available on this machine", found=requested,
-                         expected="auto or cpu", hint="--device cpu, or --set train.device=auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise spec.error(where, f"there is no {device}", found=requested,
-                         expected=f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise spec.error(where, "MPS is not available on this machine", found=requested, expected="auto or cpu")
-    precision = train["precision"]
+    if device_override:
+        def error(problem: str, **kw: Any) -> UserError:
+            return UsageError(problem, origin=Origin.flag("--device", device_override), **kw)
+    else:
+        def error(problem: str, **kw: Any) -> UserError:
+            return spec.error(("train", "device"), problem, **kw)
+    device = resolve_device(device_override or train.device, error)
+    precision = train.precision
     if precision == "auto":
         if device.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -82,8 +103,8 @@ def make_runtime(spec: Spec, device_override: str | None = None) -> Runtime:
             # depthwise convolutions have no fast bf16 kernel here), so `auto` stays fp32 there and
             # `precision: bf16` is the user's explicit choice.
             precision = "fp32"
-    return Runtime(device=device, precision=precision, channels_last=bool(train["channels_last"]),
-                   compile=train["compile"], pin_memory=device.type == "cuda")
+    return Runtime(device=device, precision=precision, channels_last=bool(train.channels_last),
+                   compile=train.compile, pin_memory=device.type == "cuda")
 
 
 def seed_everything(seed: int) -> None:
@@ -92,13 +113,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _mps() -> bool:
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-
-
 def rng_state() -> dict[str, Any]:
-    """Every global RNG this process draws from: Python, numpy, torch CPU, CUDA, MPS."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every global RNG this process draws from: Python, numpy, torch CPU, CUDA, MPS.
+
+    Plain data and tensors only, so a checkpoint holding it loads with ``weights_only=True``.
+    """
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     if _mps():
@@ -108,7 +131,11 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

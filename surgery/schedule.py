@@ -23,7 +23,7 @@ import math
 from typing import TYPE_CHECKING, Any, Mapping
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .spec import GroupSpec, Spec
+    from .spec import GroupSpec, SchedulerSpec, Spec, TrainSpec
 
 
 def _ramp(t: float, start: float, epochs: int) -> float:
@@ -33,18 +33,18 @@ def _ramp(t: float, start: float, epochs: int) -> float:
     return (t - start + 1.0) / (epochs + 1.0)
 
 
-def _time(train: Mapping[str, Any], t: float) -> float:
+def _time(train: TrainSpec, t: float) -> float:
     """`t` as the schedule sees it: floored to the epoch unless the spec asks for per-step updates."""
-    return float(t) if train["scheduler"]["per_step"] else float(math.floor(t))
+    return float(t) if train.scheduler.per_step else float(math.floor(t))
 
 
-def _decay(sched: Mapping[str, Any], epochs: int, t: float) -> float:
-    name = sched["name"]
+def _decay(sched: SchedulerSpec, epochs: int, t: float) -> float:
+    name = sched.name
     if name == "cosine":
         # The cosine starts after the warm-up, so the lr peaks at exactly 1 when warm-up ends
         # (timm: CosineLRScheduler(t_initial=epochs - W, warmup_prefix=True, lr_min=ratio)).
-        warm = sched["warmup_epochs"]
-        floor_ = sched["min_lr_ratio"]
+        warm = sched.warmup_epochs
+        floor_ = sched.min_lr_ratio
         if t <= warm:
             return 1.0
         if t >= epochs:
@@ -54,14 +54,14 @@ def _decay(sched: Mapping[str, Any], epochs: int, t: float) -> float:
     if name == "step":
         # torch StepLR; timm StepLRScheduler with warmup_prefix=False: decays fall on multiples of
         # step_size counted from epoch 0, like milestones, not shifted by the warm-up
-        return sched["gamma"] ** math.floor(t / sched["step_size"])
+        return sched.gamma ** math.floor(t / sched.step_size)
     if name == "multistep":
         # torch MultiStepLR: one factor of gamma per milestone reached (repeats count twice)
-        return sched["gamma"] ** bisect.bisect_right(sorted(sched["milestones"]), t)
+        return sched.gamma ** bisect.bisect_right(sorted(sched.milestones), t)
     return 1.0  # none, plateau: plateau reductions come from `Plateau`, not from time
 
 
-def global_factor(train: Mapping[str, Any], t: float) -> float:
+def global_factor(train: TrainSpec, t: float) -> float:
     """The run-wide lr multiplier at time `t`, shared by every group.
 
     ``none`` and ``plateau`` give 1; ``cosine`` falls from 1 (at the end of warm-up) to
@@ -85,9 +85,9 @@ def global_factor(train: Mapping[str, Any], t: float) -> float:
         >>> global_factor(train, 5)
         0.5
     """
-    sched = train["scheduler"]
+    sched = train.scheduler
     t = _time(train, t)
-    return _ramp(t, 0.0, sched["warmup_epochs"]) * _decay(sched, train["epochs"], t)
+    return _ramp(t, 0.0, sched.warmup_epochs) * _decay(sched, train.epochs, t)
 
 
 def group_warmup(group: GroupSpec, t: float) -> float:
@@ -101,7 +101,7 @@ def group_warmup(group: GroupSpec, t: float) -> float:
     return _ramp(t, float(group.unfreeze_at), group.warmup_epochs)
 
 
-def lr_at(group: GroupSpec, train: Mapping[str, Any], t: float, plateau_factor: float = 1.0) -> float:
+def lr_at(group: GroupSpec, train: TrainSpec, t: float, plateau_factor: float = 1.0) -> float:
     """The learning rate of `group` at time `t`.
 
     Args:
@@ -158,7 +158,7 @@ def schedule_table(spec: Spec) -> list[dict[str, Any]]:
                 for g in spec.groups
             },
         }
-        for epoch in range(spec.train["epochs"])
+        for epoch in range(spec.train.epochs)
     ]
 
 
@@ -207,10 +207,10 @@ class Plateau:
         self.current = 1.0
 
     @classmethod
-    def from_train(cls, train: Mapping[str, Any]) -> Plateau:
+    def from_train(cls, train: TrainSpec) -> Plateau:
         """The plateau tracker for ``spec.train``; inactive unless the scheduler is ``plateau``."""
-        sched = train["scheduler"]
-        return cls(factor=sched["factor"], patience=sched["patience"], active=sched["name"] == "plateau")
+        sched = train.scheduler
+        return cls(factor=sched.factor, patience=sched.patience, active=sched.name == "plateau")
 
     def step(self, val_loss: float) -> float:
         """Record one epoch's validation loss; return the (possibly reduced) factor."""

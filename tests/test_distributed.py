@@ -45,7 +45,7 @@ WORKER = textwrap.dedent("""
     from rich.console import Console
 
     import surgery.distributed as distributed
-    import surgery.train as train
+    import surgery.train.runner as train  # run() and the prepare() it calls
     from surgery import load_spec
     from surgery.cli import main
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from surgery.errors import SpecError
 from surgery.groups import ResolvedGroup
+from surgery.spec import OptimizerSpec
 from surgery.optim import _optimizer_kwargs, build_optimizer, build_param_groups, check_optimizer, set_lrs
 from surgery.schedule import lr_at, lrs_at, trainable_groups
 from surgery.spec import load_spec
@@ -212,7 +213,7 @@ def test_betas_eps_and_args_reach_the_optimizer():
     ({"name": "lookahead_sgd"}, "cuda", {"lr": 1e-3, "momentum": 0.9, "nesterov": False, "fused": True}),
 ])
 def test_optimizer_kwargs(opt, device, want):
-    full = {"lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9, "nesterov": False, "args": {}, **opt}
+    full = OptimizerSpec.parse({"lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9, "nesterov": False, "args": {}, **opt})
     assert _optimizer_kwargs(full, device) == want
 
 

@@ -38,7 +38,7 @@ TIMING = ("images_per_sec", "seconds", "data_wait_fraction")
 CHILD = textwrap.dedent("""
     import os, signal, sys
     import surgery.rundir
-    import surgery.train as train
+    import surgery.train.runner as train  # run() and the prepare() it calls
     from surgery.cli import main
 
     mode, args = sys.argv[1], sys.argv[2:]

@@ -113,12 +113,12 @@ def test_run_writes_the_contract_files_and_metrics_match_the_schedule(tmp_path):
 
 
 def test_existing_run_directory_is_never_overwritten_silently(tmp_path):
-    from surgery import SpecError
+    from surgery.errors import RunDirError  # a run-directory problem, not a spec mistake (issue 9)
 
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text("precious\n")
-    with pytest.raises(SpecError, match="--resume"):
+    with pytest.raises(RunDirError, match="--resume"):
         run(_spec(), out)
     assert (out / "metrics.jsonl").read_text() == "precious\n"
 

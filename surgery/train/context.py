@@ -1,0 +1,106 @@
+"""What a run trains with: `prepare` builds model, data, optimizer and loaders once into a `Context`."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .. import distributed
+from ..builder import Built, build
+from ..cache import FeatureCache
+from ..checks import data_for
+from ..data import DataBundle, make_loader
+from ..distributed import DataParallel, Distributed
+from ..optim import build_optimizer
+from ..runtime import Compiled, Runtime, make_runtime, seed_everything
+from ..schedule import Plateau
+from ..spec import Spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Context:
+    """Everything the epoch functions share, built once by `prepare`.
+
+    The fields that change during a run: `trainable_params` (at each unfreeze) and `features`
+    (the head-only cache, set by `features.use_feature_cache`).
+    """
+
+    spec: Spec
+    built: Built
+    data: DataBundle
+    runtime: Runtime
+    model: nn.Module
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    plateau: Plateau
+    ema: Any
+    train_loader: Any
+    val_loader: Any
+    criterion: nn.Module
+    trainable_params: list[nn.Parameter] = field(default_factory=list)
+    dist: Distributed = field(default_factory=Distributed)
+    features: FeatureCache | None = None  # head-only stages: the frozen body's outputs, computed once
+
+    @property
+    def steps(self) -> int:
+        """Training batches per epoch on each process (``train.limit_batches`` applied)."""
+        limit = self.spec.train.limit_batches
+        return min(len(self.train_loader), limit) if limit else len(self.train_loader)
+
+
+def _place_model(spec: Spec, built: Built, runtime: Runtime, env: Distributed) -> nn.Module:
+    model = built.model
+    if env.enabled and spec.train.sync_bn:
+        if runtime.device.type == "cuda":
+            model = distributed.convert_sync_bn(model)  # same parameter objects: groups still hold
+        elif env.is_main:
+            log.warning("train.sync_bn: SyncBatchNorm needs CUDA; on the CPU each process keeps its own "
+                        "BatchNorm statistics, averaged at the end of every epoch")
+    model = model.to(runtime.device, memory_format=runtime.memory_format)
+    distributed.broadcast_state(model, env)
+    return model
+
+
+def prepare(spec: Spec, *, device: str | None = None, runs_root: Path | None = None,
+            env: Distributed | None = None) -> Context:
+    """Build model, data, optimizer and friends for a run (no files written).
+
+    Under torchrun (or with `env`), joins the process group, shards both loaders and wraps the
+    model for data parallelism; otherwise everything runs in this process.
+    """
+    runtime = make_runtime(spec, device)
+    env = env if env is not None else distributed.setup(runtime.device)
+    # per-process streams for dropout and the like; rank 0 matches a single-process run
+    seed_everything(spec.seed + env.rank)
+    built = build(spec, runs_root=runs_root)
+    data = data_for(spec, built, env.world_size)
+    model = _place_model(spec, built, runtime, env)
+    optimizer = build_optimizer(model, built.groups, spec.train, device_type=runtime.device.type, spec=spec)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
+    ema = None
+    if spec.train.ema:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=spec.train.ema)
+    forward: Callable
+    if env.enabled:
+        forward = DataParallel(model, env, compile=runtime.compile)
+    else:
+        forward = Compiled(model, runtime.compile) if runtime.compile else model
+    batch = spec.train.batch_size  # per process; the global batch is batch_size x world_size
+    loader = dict(batch_size=batch, seed=spec.seed, num_workers=spec.data.num_workers,
+                  pin_memory=runtime.pin_memory, rank=env.rank, world_size=env.world_size)
+    # a last training batch of one sample would make BatchNorm fail; dropping a partial batch is harmless
+    train_loader = make_loader(data.train, train=True, drop_last=len(data.train) > batch * env.world_size, **loader)
+    val_loader = make_loader(data.val, train=False, **loader)
+    criterion = nn.CrossEntropyLoss(label_smoothing=spec.train.label_smoothing)
+    return Context(spec=spec, built=built, data=data, runtime=runtime, model=model, forward=forward,
+                   optimizer=optimizer, scaler=scaler, plateau=Plateau.from_train(spec.train), ema=ema,
+                   train_loader=train_loader, val_loader=val_loader, criterion=criterion, dist=env)

@@ -1,0 +1,283 @@
+"""One epoch of training, one pass of evaluation, and which parameters train.
+
+`train_epoch` and `evaluate` take the run's `Context` (see `context.py`) and return an
+`EpochResult`; they hold no state between calls except what `EpochState` carries, which is
+exactly what a mid-epoch checkpoint keeps.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import distributed
+from ..data import normalize
+from ..groups import ResolvedGroup
+from ..optim import set_lrs
+from ..schedule import lrs_at
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .context import Context
+
+StepHook = Callable[[int, int, float], None]
+Batches = Iterator[tuple[int, torch.Tensor, torch.Tensor]]
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (non-finite loss, interrupt, diverged ranks), keeping a good checkpoint."""
+
+
+class NonFiniteLoss(TrainingStopped):
+    """A NaN or infinite loss with ``train.nonfinite: stop``."""
+
+
+# --------------------------------------------------------------------------- freezing
+def apply_trainable(model: nn.Module, groups: Sequence[ResolvedGroup], epoch: int) -> dict[str, bool]:
+    """Set requires_grad for every parameter from its group's unfreeze epoch; return group -> trainable."""
+    params = dict(model.named_parameters())
+    flags = {}
+    for g in groups:
+        on = g.spec.trainable(epoch)
+        flags[g.name] = on
+        for name in g.params:
+            params[name].requires_grad_(on)
+    return flags
+
+
+def set_train_mode(model: nn.Module, groups: Sequence[ResolvedGroup], flags: Mapping[str, bool]) -> None:
+    """Train mode, except normalization layers of frozen groups: their running statistics stay as loaded."""
+    model.train()
+    modules = dict(model.named_modules())
+    for g in groups:
+        if not flags[g.name] and g.spec.norm == "frozen":
+            for path in g.norm_modules:
+                modules[path].eval()
+
+
+# --------------------------------------------------------------------------- results
+@dataclass
+class EpochResult:
+    loss: float
+    acc: float
+    seen: int
+    seconds: float
+    data_seconds: float = 0.0
+    skipped: int = 0
+    top5: float | None = None
+    confusion: torch.Tensor | None = None
+    per_class: list[float] = field(default_factory=list)
+    stopped: bool = False  # an interrupt ended the epoch early; `EpochState` says where
+
+
+@dataclass
+class EpochState:
+    """This process's progress through one training epoch: what a mid-epoch checkpoint keeps.
+
+    Sums are this process's own (`train_epoch` adds them over processes for the result) and
+    exact: the loss sum is float64, accumulated in the same order a resumed run continues it.
+    """
+
+    batch: int = 0  # batches done; a resumed epoch starts at this one
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    data_seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- batches
+def _image_batches(loader, epoch: int, limit: int | None, start: int = 0) -> Batches:
+    if limit is not None and start >= limit:
+        return
+    for step, (x, y) in enumerate(loader.epoch(epoch, start), start=start):
+        if limit is not None and step >= limit:
+            break
+        yield step, x, y
+
+
+def _cached_train_batches(ctx: Context, epoch: int, start: int) -> Batches:
+    """The epoch's batches in the loader's own order, as cached head inputs instead of images."""
+    cache, limit = ctx.features, ctx.spec.train.limit_batches
+    for step, indices in enumerate(ctx.train_loader.batch_indices(epoch, start), start=start):
+        if limit is not None and step >= limit:
+            break
+        index = torch.tensor(indices)
+        yield step, cache.train[index], cache.train_labels[index]
+
+
+def _cached_val_batches(ctx: Context) -> Batches:
+    cache, batch, limit = ctx.features, ctx.val_loader.batch_size, ctx.spec.train.limit_batches
+    n = len(cache.val) if limit is None else min(len(cache.val), limit * batch)
+    return ((i, cache.val[i: i + batch], cache.val_labels[i: i + batch]) for i in range(0, n, batch))
+
+
+def images_to_device(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    rt = ctx.runtime
+    x = x.to(rt.device, non_blocking=rt.pin_memory)
+    y = y.to(rt.device, non_blocking=rt.pin_memory)
+    # uint8 crosses to the device (4x fewer bytes); normalisation runs there
+    x = normalize(x, ctx.data.mean, ctx.data.std).contiguous(memory_format=rt.memory_format)
+    return x, y
+
+
+def _features_to_device(ctx: Context, f: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return f.to(ctx.runtime.device, non_blocking=ctx.runtime.pin_memory), y.to(ctx.runtime.device)
+
+
+def _train_inputs(ctx: Context, epoch: int, start: int) -> tuple[Batches, Callable, Callable]:
+    """(batches, forward, to_device) for a training epoch: cached head inputs in head-only stages."""
+    if ctx.features is not None:
+        return (_cached_train_batches(ctx, epoch, start), ctx.model.get_submodule(ctx.features.head),
+                _features_to_device)
+    return _image_batches(ctx.train_loader, epoch, ctx.spec.train.limit_batches, start), ctx.forward, images_to_device
+
+
+# --------------------------------------------------------------------------- one epoch
+def _verdict(ctx: Context, loss: torch.Tensor, stop: Callable[[], bool]) -> tuple[bool, bool]:
+    """(non-finite loss, stop requested), agreed by every process before the backward pass:
+    every process must take the same branch, or DDP's all-reduces would wait forever."""
+    env = ctx.dist
+    if not env.enabled:
+        return not bool(torch.isfinite(loss)), False  # a single process asks `stop` after the step
+    flags = torch.stack([(~torch.isfinite(loss.detach())).double(),
+                         torch.tensor(float(stop()), device=ctx.runtime.device, dtype=torch.float64)])
+    verdict = env.max_(flags)
+    return bool(verdict[0]), bool(verdict[1])
+
+
+def _optimizer_step(ctx: Context, loss: torch.Tensor) -> None:
+    ctx.optimizer.zero_grad(set_to_none=True)
+    ctx.scaler.scale(loss).backward()
+    clip = ctx.spec.train.grad_clip
+    if clip:
+        ctx.scaler.unscale_(ctx.optimizer)
+        torch.nn.utils.clip_grad_norm_(ctx.trainable_params, clip)
+    ctx.scaler.step(ctx.optimizer)
+    ctx.scaler.update()
+    if ctx.ema is not None:
+        ctx.ema.update(ctx.model)
+
+
+def train_epoch(ctx: Context, epoch: int, flags: Mapping[str, bool], *, on_step: StepHook | None = None,
+                stop: Callable[[], bool] = lambda: False, state: EpochState | None = None) -> EpochResult:
+    """Train one epoch (from batch ``state.batch`` when resuming); return its figures over all processes.
+
+    `stop` is asked after every batch; when it says so, the epoch ends there with
+    ``result.stopped`` and `state` holds what a checkpoint needs to continue it exactly. Under
+    DDP the processes agree on it (and on a non-finite loss) before each backward pass, so all
+    stop after the same batch, whichever of them got the signal.
+
+    Raises:
+        NonFiniteLoss: a NaN or infinite loss on any process, with ``train.nonfinite: stop``.
+    """
+    train = ctx.spec.train
+    state = state if state is not None else EpochState()
+    set_train_mode(ctx.model, ctx.built.groups, flags)
+    any_trainable = any(flags.values())
+    steps = ctx.steps
+    set_lrs(ctx.optimizer, lrs_at(ctx.spec, epoch, ctx.plateau.current))
+    loss_sum = torch.tensor(state.loss_sum, device=ctx.runtime.device, dtype=torch.float64)
+    correct = torch.tensor(state.correct, device=ctx.runtime.device, dtype=torch.int64)
+    batches, forward, to_device = _train_inputs(ctx, epoch, state.batch)
+    step, stopped, data_seconds = state.batch - 1, False, 0.0
+    start = fetched = time.perf_counter()
+    for step, x, y in batches:
+        data_seconds += time.perf_counter() - fetched
+        if train.scheduler.per_step and step:
+            set_lrs(ctx.optimizer, lrs_at(ctx.spec, epoch + step / steps, ctx.plateau.current))
+        x, y = to_device(ctx, x, y)
+        with ctx.runtime.autocast(), torch.set_grad_enabled(any_trainable):
+            logits = forward(x)
+            loss = ctx.criterion(logits.float(), y)
+        nonfinite, stopped = _verdict(ctx, loss, stop)
+        if nonfinite and train.nonfinite == "stop":
+            where = f"epoch {epoch + 1}, batch {step + 1} of {steps}"
+            value = loss.item()
+            raise NonFiniteLoss(f"the loss became {value} in {where}" if not math.isfinite(value)
+                                else f"the loss became non-finite on another process in {where}")
+        if nonfinite:  # train.nonfinite: skip
+            state.skipped += 1
+            ctx.optimizer.zero_grad(set_to_none=True)
+        else:
+            if any_trainable:
+                _optimizer_step(ctx, loss)
+            loss_sum += loss.detach().double() * y.shape[0]
+            correct += (logits.detach().argmax(1) == y).sum()
+            state.seen += y.shape[0]
+            if on_step is not None:
+                on_step(epoch, step, float(loss.detach()))
+            stopped = stopped or (not ctx.dist.enabled and stop())
+        if stopped:
+            break
+        fetched = time.perf_counter()
+    state.batch = step + 1
+    state.loss_sum, state.correct = float(loss_sum), int(correct)
+    state.seconds += time.perf_counter() - start
+    state.data_seconds += data_seconds
+    # a stop after the epoch's last batch ends the epoch normally (validated, saved, then stopped)
+    return _epoch_result(ctx, state, stopped=stopped and state.batch < steps)
+
+
+def _epoch_result(ctx: Context, state: EpochState, *, stopped: bool) -> EpochResult:
+    """The epoch's figures summed over processes; BatchNorm statistics averaged when it ended."""
+    env = ctx.dist
+    if not stopped:
+        # BatchNorm statistics moved per process; frozen norms (eval mode) are not touched
+        distributed.sync_buffers([ctx.model] + ([ctx.ema.module] if ctx.ema is not None else []),
+                                 distributed.trained_norms(ctx.model), env)
+    totals = env.sum_(torch.tensor([state.loss_sum, state.correct, state.seen, state.skipped],
+                                   dtype=torch.float64, device=env.device if env.enabled else "cpu")).tolist()
+    loss_total, correct_total, seen_total, skipped_total = totals
+    return EpochResult(loss=loss_total / max(seen_total, 1), acc=correct_total / max(seen_total, 1),
+                       seen=int(seen_total), seconds=state.seconds, data_seconds=state.data_seconds,
+                       skipped=int(skipped_total), stopped=stopped)
+
+
+# --------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(ctx: Context, model_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> EpochResult:
+    """Validation loss, top-1, top-5 (more than 5 classes) and the confusion matrix.
+
+    Under DDP each process scores its share and the figures are summed; the items the sampler
+    repeats to even out the shares are left out, so every image counts exactly once.
+    """
+    was_training = ctx.model.training
+    ctx.model.eval()
+    device, k = ctx.runtime.device, len(ctx.data.classes)
+    confusion = torch.zeros(k * k, dtype=torch.int64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    top5 = torch.zeros((), dtype=torch.int64, device=device)
+    unique, position = ctx.val_loader.unique_items, 0
+    start = time.perf_counter()
+    if ctx.features is not None and model_fn is None:
+        batches, forward, to_device = _cached_val_batches(ctx), ctx.model.get_submodule(ctx.features.head), _features_to_device
+    else:
+        batches = _image_batches(ctx.val_loader, 0, ctx.spec.train.limit_batches)
+        forward, to_device = model_fn or ctx.forward, images_to_device
+    for _, x, y in batches:
+        x, y = to_device(ctx, x, y)
+        with ctx.runtime.autocast():
+            logits = forward(x).float()
+        if position + len(y) > unique:  # repeats added by the distributed sampler
+            keep = unique - position
+            logits, y = logits[:keep], y[:keep]
+        position += len(y)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        confusion += torch.bincount(y * k + logits.argmax(1), minlength=k * k)
+        if k > 5:
+            top5 += (logits.topk(5, dim=1).indices == y[:, None]).any(1).sum()
+    ctx.model.train(was_training)
+    env = ctx.dist
+    confusion = env.sum_(confusion.to(env.device)).cpu().reshape(k, k)
+    loss_total, top5_total = env.sum_(torch.stack([loss_sum, top5.double()]).to(env.device)).tolist()
+    seen = int(confusion.sum())
+    per_class = (confusion.diag().double() / confusion.sum(1).clamp(min=1)).tolist()
+    return EpochResult(loss=loss_total / max(seen, 1), acc=int(confusion.diag().sum()) / max(seen, 1), seen=seen,
+                       seconds=time.perf_counter() - start, top5=top5_total / max(seen, 1) if k > 5 else None,
+                       confusion=confusion, per_class=per_class)

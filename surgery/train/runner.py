@@ -1,0 +1,293 @@
+"""`run`: fine-tune one spec into a run directory. The epoch loop reads top to bottom.
+
+Per-epoch decisions (which groups train, each group's lr) come from the pure functions of
+`schedule.py`; the only state carried between epochs is what the checkpoint holds
+(`checkpoint.py`), so a resumed run continues exactly where it stopped.
+
+Under torchrun the same loop runs in every process (see `surgery.distributed`): batches are
+sharded, metrics are summed over processes, only rank 0 writes and prints, and the ranks'
+parameters are compared bit for bit after every epoch. ``train.batch_size`` is per process.
+"""
+from __future__ import annotations
+
+import shlex
+import signal
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from .. import distributed
+from ..plots import plot_confusion, plot_curves
+from ..rundir import RunDir, read_metrics, save_safetensors, save_torch, write_json, write_metrics, write_text
+from ..runtime import make_runtime
+from ..schedule import lrs_at, unfreeze_events
+from ..spec import Spec
+from .checkpoint import check_resumable, checkpoint_state, load_checkpoint, restore
+from .context import Context, prepare
+from .features import use_feature_cache
+from .loop import EpochResult, EpochState, NonFiniteLoss, StepHook, TrainingStopped, apply_trainable, evaluate, train_epoch
+from .progress import Progress, epoch_line
+from .summary import summary_of
+
+
+@dataclass
+class Journey:
+    """Where the run stands: the epoch to train next, the best so far, every metrics row, and the
+    sentence that says which checkpoint survives if it stops now."""
+
+    epoch: int = 0
+    partial: EpochState | None = None  # a mid-epoch resume continues this epoch's sums
+    best: dict[str, Any] = field(default_factory=lambda: {"epoch": None, "val_acc": -1.0})
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    kept: str = "no checkpoint was written yet"
+
+
+def run(spec: Spec, out_dir: Path, *, device: str | None = None, resume: bool = False, overwrite: bool = False,
+        console: Any = None, on_step: StepHook | None = None, runs_root: Path | None = None,
+        resume_hint: str | None = None) -> dict[str, Any]:
+    """Train one spec into `out_dir`; return the summary (also written to summary.json).
+
+    Under torchrun every process calls this; only rank 0 writes and prints.
+
+    Args:
+        resume: continue from ``checkpoints/last.pt`` (mid-epoch if it was interrupted there).
+        overwrite: replace a run already in `out_dir`, once this one has been built and started.
+        on_step: called after every training batch with (epoch, batch, loss).
+        resume_hint: the command that resumes this run, for messages (default: built from the spec's path).
+
+    Raises:
+        SpecError: the spec does not fit the model or data;
+        RunDirError: the run directory is taken, locked by another run or cannot be written;
+        TrainingStopped: stopped on purpose, a resumable checkpoint kept.
+    """
+    from rich.console import Console
+
+    console = console or Console(highlight=False)
+    env = distributed.setup(make_runtime(spec, device).device)
+    say = console.print if env.is_main else (lambda *a, **k: None)
+    hint = resume_hint or (f"surgery run {shlex.quote(str(spec.source.file or Path(out_dir) / 'spec.yaml'))} "
+                           f"--out {shlex.quote(str(out_dir))} --resume")
+    rundir = RunDir(out_dir)
+    env.on_main(lambda: rundir.claim(resume=resume, overwrite=overwrite))
+    try:
+        ctx = prepare(spec, device=device, runs_root=runs_root or rundir.path.parent, env=env)
+        journey = _begin(ctx, rundir, resume, say)
+        wall = time.perf_counter()
+        progress = Progress(console, spec.train.epochs, enabled=env.is_main)
+        try:
+            _train(ctx, rundir, journey, progress, say, hint, on_step)
+        finally:
+            progress.close()
+        return _finish(ctx, rundir, journey, time.perf_counter() - wall, say)
+    finally:
+        if env.is_main:
+            rundir.release()
+
+
+def _begin(ctx: Context, rundir: RunDir, resume: bool, say: Callable) -> Journey:
+    """Restore the checkpoint when resuming, or write the new run's first files; then start the run
+    directory (a new run's staging folder takes its place only now, once everything is built)."""
+    spec, env, journey = ctx.spec, ctx.dist, Journey()
+    last = rundir.checkpoint
+    state = env.on_main(lambda: load_checkpoint(last) if resume and last.exists() else None)
+    if state is not None:
+        note = check_resumable(state, spec, last, rundir.path, env.world_size)
+        if note:
+            say(f"[yellow]note[/yellow]: {note}")
+        journey.partial = restore(ctx, state)
+        journey.epoch, journey.best = int(state["epoch"]), dict(state["best"])
+        journey.rows = [r for r in (state.get("rows") or read_metrics(rundir.folder / "metrics.jsonl"))
+                        if r["epoch"] < journey.epoch]
+        env.on_main(lambda: write_metrics(rundir.folder / "metrics.jsonl", journey.rows))
+        journey.kept = _kept(last, journey.epoch, journey.partial)
+        say(_resuming(spec, journey, last))
+    else:
+        if resume:
+            say(f"no checkpoint in {last}: starting {spec.name} from the first epoch")
+
+        def write_start() -> None:
+            write_text(rundir.folder / "spec.yaml", spec.to_yaml())
+            write_json(rundir.folder / "load_report.json", ctx.built.report.to_dict())
+            write_json(rundir.folder / "classes.json", ctx.data.classes)
+            rundir.start()
+        env.on_main(write_start)
+    processes = f"; {env.world_size} processes x batch {spec.train.batch_size}" if env.enabled else ""
+    say(f"{spec.name}: {spec.model.backbone}, {len(ctx.built.inserted)} modules inserted, "
+        f"{len(ctx.built.report.loaded)} pretrained tensors loaded; {ctx.data.describe}; {ctx.runtime.describe()}"
+        f"{processes}", markup=False, soft_wrap=True)
+    return journey
+
+
+def _resuming(spec: Spec, journey: Journey, last: Path) -> str:
+    total = spec.train.epochs
+    if journey.epoch >= total:  # killed while writing the final files: only those are left to do
+        return f"resuming {spec.name}: all {total} epochs are trained; writing the final files from {last}"
+    where = f"epoch {journey.epoch + 1}/{total}" + (f", batch {journey.partial.batch + 1}" if journey.partial else "")
+    return f"resuming {spec.name} at {where} from {last}"
+
+
+def _kept(last: Path, epoch: int, partial: EpochState | None) -> str:
+    if partial is not None:
+        return f"the last good checkpoint is {last} (epoch {epoch + 1}, batch {partial.batch})"
+    return f"the last good checkpoint is {last} (end of epoch {epoch})" if epoch else "no checkpoint was written yet"
+
+
+def _train(ctx: Context, rundir: RunDir, journey: Journey, progress: Progress, say: Callable, hint: str,
+           on_step: StepHook | None) -> None:
+    """The epoch loop: unfreeze, train, check the ranks, validate, save; stop cleanly on a signal."""
+    spec, env, total = ctx.spec, ctx.dist, ctx.spec.train.epochs
+    flags_before: dict[str, bool] | None = None
+
+    def hook(epoch: int, step: int, loss: float) -> None:
+        progress.step(loss, spec.train.batch_size * env.world_size)
+        if on_step is not None:
+            on_step(epoch, step, loss)
+    try:
+        with _graceful_interrupt() as interrupted:
+            for epoch in range(journey.epoch, total):
+                # --- which groups train: the forward re-wraps DDP (and recompiles) itself on a change
+                flags = apply_trainable(ctx.model, ctx.built.groups, epoch)
+                if flags != flags_before:
+                    ctx.trainable_params = [p for p in ctx.model.parameters() if p.requires_grad]
+                    flags_before = flags
+                    note = use_feature_cache(ctx, flags, rundir.folder)
+                    if note:
+                        say(f"epoch {epoch + 1}: {note}", markup=False, soft_wrap=True)
+                # --- one epoch of training, resumed mid-epoch if it was interrupted there
+                state, journey.partial = journey.partial or EpochState(), None
+                progress.start_epoch(epoch, ctx.steps, state.batch)
+                try:
+                    result = train_epoch(ctx, epoch, flags, on_step=hook, stop=interrupted, state=state)
+                except NonFiniteLoss as exc:
+                    raise TrainingStopped(f"{exc}; {journey.kept}. Lower the learning rate, or set "
+                                          "train.nonfinite: skip to skip such batches") from None
+                if result.stopped:
+                    _save_interrupted(ctx, rundir, journey, epoch, state)
+                    raise TrainingStopped(f"interrupted in epoch {epoch + 1}/{total} after batch {state.batch} "
+                                          f"of {ctx.steps}; saved {rundir.checkpoint}. Resume with: {hint}")
+                # --- validate, record, save
+                _check_ranks(ctx, rundir, epoch, journey.kept)
+                row = _validate(ctx, epoch, flags, result)
+                progress.line(epoch_line(row, total))
+                _save_epoch(ctx, rundir, journey, row)
+                # a signal that came during validation: the epoch is complete and saved, stop here
+                if env.max_(torch.tensor([float(interrupted())], device=env.device)).item() and epoch + 1 < total:
+                    raise TrainingStopped(f"interrupted after epoch {epoch + 1}/{total}; saved "
+                                          f"{rundir.checkpoint}. Resume with: {hint}")
+    except KeyboardInterrupt:
+        raise TrainingStopped(f"stopped at once by a second interrupt; {journey.kept}. Resume with: {hint}") from None
+
+
+def _validate(ctx: Context, epoch: int, flags: Mapping[str, bool], result: EpochResult) -> dict[str, Any]:
+    """Evaluate after an epoch, step the plateau tracker, and return the epoch's metrics row."""
+    lrs = lrs_at(ctx.spec, epoch, ctx.plateau.current)
+    val = evaluate(ctx)
+    ctx.plateau.step(val.loss)
+    row = {"epoch": epoch, "train_loss": result.loss, "train_acc": result.acc, "val_loss": val.loss,
+           "val_acc": val.acc, "val_top5": val.top5, "lr": lrs, "trainable": dict(flags),
+           "images_per_sec": result.seen / max(result.seconds, 1e-9), "seconds": result.seconds + val.seconds,
+           "data_wait_fraction": result.data_seconds / max(result.seconds, 1e-9),
+           "skipped_batches": result.skipped}
+    if ctx.ema is not None:
+        row["val_acc_ema"] = evaluate(ctx, ctx.ema.module).acc
+    return row
+
+
+def _save_epoch(ctx: Context, rundir: RunDir, journey: Journey, row: dict[str, Any]) -> None:
+    """metrics.jsonl, last.pt and (when the epoch is the best so far) best.safetensors."""
+    epoch = row["epoch"]
+    journey.rows.append(row)
+    improved = row["val_acc"] > journey.best["val_acc"]
+    if improved:
+        journey.best = {"epoch": epoch, "val_acc": row["val_acc"], "val_loss": row["val_loss"]}
+    checkpoint = checkpoint_state(ctx, epoch + 1, journey.best, journey.rows)
+
+    def write() -> None:
+        if improved:
+            save_safetensors(rundir.folder / "checkpoints" / "best.safetensors", ctx.model.state_dict(),
+                             {"epoch": str(epoch), "val_acc": f"{row['val_acc']:.6f}"})
+        write_metrics(rundir.folder / "metrics.jsonl", journey.rows)
+        save_torch(rundir.checkpoint, checkpoint)
+    ctx.dist.on_main(write)
+    journey.kept = _kept(rundir.checkpoint, epoch + 1, None)
+
+
+def _save_interrupted(ctx: Context, rundir: RunDir, journey: Journey, epoch: int, state: EpochState) -> None:
+    checkpoint = checkpoint_state(ctx, epoch, journey.best, journey.rows, partial=state)
+    ctx.dist.on_main(lambda: save_torch(rundir.checkpoint, checkpoint))
+
+
+def _finish(ctx: Context, rundir: RunDir, journey: Journey, wall: float, say: Callable) -> dict[str, Any]:
+    """Evaluate the final model and write model.safetensors, summary.json and the plots."""
+    spec = ctx.spec
+    final = evaluate(ctx)
+    _check_ranks(ctx, rundir, spec.train.epochs - 1, journey.kept)
+    summary = summary_of(ctx, journey.rows, journey.best, final, wall)
+
+    def write() -> None:
+        save_safetensors(rundir.folder / "model.safetensors", ctx.model.state_dict(), {"spec": spec.name})
+        if ctx.ema is not None:
+            save_safetensors(rundir.folder / "model_ema.safetensors", ctx.ema.module.state_dict(), {"spec": spec.name})
+        write_json(rundir.folder / "summary.json", summary)
+        if journey.rows:
+            plot_curves(rundir.folder / "plots" / "curves.png", journey.rows, unfreeze_events(spec))
+        plot_confusion(rundir.folder / "plots" / "confusion.png", final.confusion, ctx.data.classes)
+    ctx.dist.on_main(write)
+    best = journey.best
+    say(f"[green]done[/green] {spec.name}: best val acc {best['val_acc']:.4f} at epoch "
+        f"{(best['epoch'] or 0) + 1}, final {final.acc:.4f}; wrote {rundir.folder}", soft_wrap=True)
+    return summary
+
+
+def _check_ranks(ctx: Context, rundir: RunDir, epoch: int, kept: str) -> None:
+    """Stop loudly, with ``ranks_consistent: false`` in summary.json, if processes hold different weights."""
+    env = ctx.dist
+    states = {f"model.{k}": v for k, v in ctx.model.state_dict().items()}
+    if ctx.ema is not None:
+        states.update({f"ema.{k}": v for k, v in ctx.ema.module.state_dict().items()})
+    differ = distributed.diverged(states, env)
+    if not differ:
+        return
+    shown = ", ".join(differ[:5]) + (f" ... ({len(differ)} in all)" if len(differ) > 5 else "")
+    message = (f"the {env.world_size} processes hold different weights after epoch {epoch + 1}: {shown}. "
+               "This is a bug in the distributed set-up (please report it); the checkpoint of this epoch "
+               f"was not written, {kept}")
+    env.on_main(lambda: write_json(rundir.folder / "summary.json", {
+        "name": ctx.spec.name, "ranks_consistent": False, "world_size": env.world_size,
+        "diverged_after_epoch": epoch, "diverged_tensors": differ, "stopped": message}))
+    raise TrainingStopped(message) from distributed.RanksDiverged(shown)
+
+
+@contextmanager
+def _graceful_interrupt() -> Iterator[Callable[[], bool]]:
+    """First Ctrl-C (SIGINT) or SIGTERM: finish the current batch, then checkpoint and stop.
+    A second one: stop at once (the last checkpoint written stays intact).
+
+    torchrun passes the signal it gets on to every worker; a scheduler's SIGTERM before a kill
+    (SLURM, Kubernetes) is handled the same way.
+    """
+    hit = {"n": 0}
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.getsignal(s) for s in signals}
+
+    def handler(signum: int, frame: Any) -> None:
+        hit["n"] += 1
+        if hit["n"] > 1:
+            raise KeyboardInterrupt
+    try:
+        for s in signals:
+            signal.signal(s, handler)
+    except ValueError:  # not the main thread: keep Python's default
+        pass
+    try:
+        yield lambda: hit["n"] > 0
+    finally:
+        for s, h in previous.items():
+            try:
+                signal.signal(s, h)
+            except (ValueError, TypeError):
+                pass

@@ -1,0 +1,45 @@
+"""`summary.json`: the figures of a finished run, and what it ran on."""
+from __future__ import annotations
+
+import platform
+from typing import Any, Mapping
+
+import torch
+
+from .context import Context
+from .loop import EpochResult
+
+
+def summary_of(ctx: Context, rows: list[dict[str, Any]], best: Mapping[str, Any], final: EpochResult,
+               wall: float) -> dict[str, Any]:
+    import timm
+    import torchvision
+
+    spec, env = ctx.spec, ctx.dist
+    return {
+        "name": spec.name,
+        "backbone": spec.model.backbone,
+        "best_epoch": best["epoch"],
+        "best_val_acc": best["val_acc"],
+        "final": rows[-1] if rows else None,
+        "final_val_acc": final.acc,
+        "final_val_loss": final.loss,
+        "val_images": final.seen,
+        "per_class_accuracy": dict(zip(ctx.data.classes, final.per_class)),
+        "epochs": len(rows),
+        "wall_seconds": wall,
+        "device": str(ctx.runtime.device),
+        "precision": ctx.runtime.precision,
+        "channels_last": ctx.runtime.channels_last,
+        "compiled": bool(ctx.runtime.compile),
+        # processes, and whether their weights were bit-identical at the end (true for one process)
+        "world_size": env.world_size,
+        "batch_size_per_process": spec.train.batch_size,
+        "global_batch_size": spec.train.batch_size * env.world_size,
+        "ranks_consistent": True,
+        "data": ctx.data.describe,
+        "params": {"total": sum(p.numel() for p in ctx.model.parameters()),
+                   "inserted": sum(m["params"] for m in ctx.built.report.inserted_modules)},
+        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+                     "python": platform.python_version()},
+    }

@@ -6,19 +6,21 @@ Off unless configured. In ``pytest.ini`` / ``[tool.pytest.ini_options]``::
     surgery_schema_only = false         # true: schema and values only, no torch, no model build
 
 or on the command line: ``--surgery-specs 'specs/*.yaml'`` (repeatable, relative to the
-working directory) and ``--surgery-schema-only``. A matching file is collected when pytest's
-walk reaches it (the spec folder must be among the paths pytest collects, e.g. ``testpaths``),
-as the item ``specs/foo.yaml::surgery-spec``. A spec mistake fails the item with the same
+working directory) and ``--surgery-schema-only``. A file the ini globs match is collected when
+pytest's walk reaches it (add the spec folder to ``testpaths``), so ``pytest tests/test_x.py``
+still runs one module; files the option matches are collected in any case. Each is one item,
+``specs/foo.yaml::surgery-spec``. A spec mistake fails the item with the same
 lines ``surgery validate`` prints, without a traceback; a spec's warnings become
 `SurgerySpecWarning`s (``-W error::surgery.pytest_plugin.SurgerySpecWarning`` fails on them).
 """
 from __future__ import annotations
 
 import glob
+import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import pytest
 
@@ -47,33 +49,39 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    patterns = [(g, config.invocation_params.dir) for g in config.getoption("surgery_specs")]
-    patterns += [(g, config.rootpath) for g in config.getini("surgery_specs")]
-    if not patterns:
+    option_globs, ini_globs = config.getoption("surgery_specs"), config.getini("surgery_specs")
+    if not (option_globs or ini_globs):
         return  # not configured: the plugin collects nothing
-    files: set[Path] = set()
-    for pattern, base in patterns:
-        found = _expand(pattern, base)
+    from_option = _matches(config, "--surgery-specs", option_globs, config.invocation_params.dir)
+    from_ini = _matches(config, "surgery_specs", ini_globs, config.rootpath)
+    # files named on the command line are collected even outside the paths pytest walks (its
+    # `testpaths`); pytest drops a file it also reaches through a folder argument
+    config.args.extend(str(path) for path in sorted(from_option.values()))
+    schema_only = bool(config.getoption("surgery_schema_only") or config.getini("surgery_schema_only"))
+    config.pluginmanager.register(_SpecCollector({**from_ini, **from_option}.keys(), schema_only),
+                                  "surgery-spec-collector")
+
+
+def _matches(config: pytest.Config, setting: str, patterns: list[str], base: Path) -> dict[Path, Path]:
+    """Resolved path -> path as matched: keyed by the resolved path so that two globs (or a
+    symlinked folder) naming one file collect it once."""
+    files: dict[Path, Path] = {}
+    for pattern in patterns:
+        full = Path(pattern).expanduser()
+        full = full if full.is_absolute() else base / full
+        found = [Path(os.path.normpath(p)) for p in glob.glob(str(full), recursive=True) if os.path.isfile(p)]
         if not found:
             config.issue_config_time_warning(
-                SurgerySpecWarning(f"surgery_specs: {pattern!r} matches no file (relative to {base})"), stacklevel=2)
-        files |= found
-    schema_only = bool(config.getoption("surgery_schema_only") or config.getini("surgery_schema_only"))
-    config.pluginmanager.register(_SpecCollector(files, schema_only), "surgery-spec-collector")
-
-
-def _expand(pattern: str, base: Path) -> set[Path]:
-    full = Path(pattern).expanduser()
-    full = full if full.is_absolute() else base / full
-    # resolved, so that two globs (or a symlinked folder) naming one file collect it once
-    return {Path(p).resolve() for p in glob.glob(str(full), recursive=True) if Path(p).is_file()}
+                SurgerySpecWarning(f"{setting}: {pattern!r} matches no file (relative to {base})"), stacklevel=2)
+        files.update((path.resolve(), path) for path in found)
+    return files
 
 
 class _SpecCollector:
     """Registered only when globs are configured; turns the matching files into `SpecFile`s."""
 
-    def __init__(self, files: set[Path], schema_only: bool) -> None:
-        self.files = files
+    def __init__(self, files: Iterable[Path], schema_only: bool) -> None:
+        self.files = frozenset(files)
         self.schema_only = schema_only
 
     def pytest_collect_file(self, file_path: Path, parent: pytest.Collector) -> "SpecFile | None":

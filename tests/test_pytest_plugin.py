@@ -112,7 +112,7 @@ def test_ini_globs_collect_each_file_once_with_a_readable_nodeid(pytester: pytes
 
 def test_a_glob_that_matches_nothing_is_a_warning(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest(*PLUGIN, "--surgery-specs", "spces/*.yaml")
-    result.stdout.fnmatch_lines(["*SurgerySpecWarning: surgery_specs: 'spces/*.yaml' matches no file*"])
+    result.stdout.fnmatch_lines(["*SurgerySpecWarning: --surgery-specs: 'spces/*.yaml' matches no file*"])
 
 
 def test_spec_warnings_are_pytest_warnings_located_at_the_spec(pytester: pytest.Pytester) -> None:
@@ -159,3 +159,14 @@ def test_entry_point_names_the_plugin_module() -> None:
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
     module = import_module(pyproject["project"]["entry-points"]["pytest11"]["surgery"])
     assert hasattr(module, "pytest_addoption") and hasattr(module, "SurgerySpecWarning")
+
+
+def test_the_option_collects_specs_outside_testpaths(pytester: pytest.Pytester) -> None:
+    write(pytester, a=GOOD)
+    pytester.makepyfile(test_other="def test_other(): pass")
+    pytester.makeini("[pytest]\ntestpaths = test_other.py\n")
+    result = pytester.runpytest(*PLUGIN, "--surgery-specs", "specs/*.yaml", "--collect-only", "-q")
+    result.stdout.fnmatch_lines(["test_other.py::test_other", "specs/a.yaml::surgery-spec", "2 tests collected*"])
+
+    result = pytester.runpytest(*PLUGIN, "specs", "--surgery-specs", "specs/*.yaml", "--collect-only", "-q")
+    result.stdout.fnmatch_lines(["specs/a.yaml::surgery-spec", "1 test collected*"])

@@ -3,6 +3,7 @@
     >>> import surgery
     >>> spec = surgery.load_spec("specs/resnet18-cbam-garbage.yaml")
     >>> built = surgery.build(spec)          # .model, .report, .groups
+    >>> surgery.validate("specs/resnet18-cbam-garbage.yaml")   # warnings; raises SpecError
 
 Importing this package does not import torch; `build` and the training engine do.
 """
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # pragma: no cover
     from .builder import Built, build
+    from .validation import validate
 
 
 def __getattr__(name: str) -> Any:
@@ -24,7 +26,11 @@ def __getattr__(name: str) -> Any:
         from . import builder as _builder
 
         return getattr(_builder, name)
+    if name == "validate":
+        from .validation import validate
+
+        return validate
     raise AttributeError(f"module 'surgery' has no attribute {name!r}")
 
 
-__all__ = ["SpecError", "Spec", "load_spec", "schema", "build", "Built", "__version__"]
+__all__ = ["SpecError", "Spec", "load_spec", "schema", "build", "Built", "validate", "__version__"]

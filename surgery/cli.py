@@ -58,7 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("specs", nargs="+")
     _add_set(p)
 
-    sub.add_parser("schema", help="print the spec's JSON Schema (for editors)")
+    p = sub.add_parser("schema", help="print the spec's JSON Schema (for editors)")
+    p.add_argument("--output", default=None, metavar="FILE",
+                   help="write it to FILE instead (atomically: FILE is either the old file or the new one)")
 
     p = sub.add_parser("run", help="train one or more specs, one after another")
     p.add_argument("specs", nargs="+")
@@ -171,8 +173,43 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_schema(args: argparse.Namespace) -> int:
     from .spec import schema
 
-    sys.stdout.write(json.dumps(schema(), indent=2) + "\n")
+    text = json.dumps(schema(), indent=2) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        _write_atomic(args.output, text)
+    except OSError as exc:
+        from .errors import Origin, UserError
+
+        _print_error(UserError(f"cannot write the schema: {exc.strerror or exc}", origin=Origin.flag("--output", args.output)))
+        return 1  # the folder is at fault, not what was asked
+    from rich.markup import escape
+
+    _console(stderr=True).print(f"wrote {escape(args.output)}", soft_wrap=True)
     return 0
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """A temporary file beside `path`, then a rename: an editor never reads half a schema, and
+    an error leaves nothing behind. (`rundir.atomic_write_bytes` imports torch.)"""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        umask = os.umask(0o022)  # mkstemp's file is private (0600); a schema is as readable as any file
+        os.umask(umask)
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -578,9 +578,8 @@ def _fake(spec: Spec) -> tuple[_Pool, _Pool, int]:
 
     size = spec.data.image_size
     num_classes = spec.model.num_classes or 10
-    subset = spec.data.get("subset") or {}
-    n_train = subset.get("train") or FAKE_SIZES["train"]
-    n_val = subset.get("val") or FAKE_SIZES["val"]
+    n_train = spec.data.subset.train or FAKE_SIZES["train"]
+    n_val = spec.data.subset.val or FAKE_SIZES["val"]
     offset = spec.seed * 1_000_003  # FakeData seeds item i with i + offset: disjoint train and val
     pools = []
     for n, start in ((n_train, offset), (n_val, offset + n_train)):

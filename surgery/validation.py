@@ -26,8 +26,10 @@ class Check:
 def _check_model(spec: Spec) -> Iterable[str]:
     from .builder import build  # torch only once the spec itself is sound
 
-    build(spec)  # every pattern, group and weight resolved against the real backbone
-    return ()
+    from .checks import check_training
+
+    built = build(spec)  # every pattern, group and weight resolved against the real backbone
+    return check_training(spec, built)  # optimizer, transforms, data against the model, device
 
 
 # In order: cheap checks first, so a schema-level fix never waits for a model build.

@@ -267,7 +267,16 @@ def fill_defaults(data: dict) -> dict:
                         value[key] = walk(value[key], props[key])
         elif isinstance(value, list) and "items" in node:
             return [walk(v, node["items"]) for v in value]
+        elif isinstance(value, float) and value.is_integer() and _integral(node):
+            return int(value)  # JSON Schema's integer takes 3.0 (and 1e3); range() and DataLoader do not
         return value
 
     return walk(copy.deepcopy(data), schema())
+
+
+def _integral(node: dict) -> bool:
+    """Does this schema node take integers and no other numbers?"""
+    kinds = [k for alt in [node, *map(_deref, node.get("oneOf", []))] for k in
+             (alt.get("type") if isinstance(alt.get("type"), list) else [alt.get("type")])]
+    return "integer" in kinds and "number" not in kinds
 

@@ -49,8 +49,13 @@ class _Loader(yaml.SafeLoader):
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self._open = 0  # lists and mappings open around the node being composed
+        # where each alias was written (by parent and list index or key node): the node it stands
+        # for carries its anchor's position
+        self.alias_marks: dict[tuple[int, Any], yaml.Mark] = {}
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if parent is not None and index is not None and self.check_event(yaml.AliasEvent):
+            self.alias_marks[id(parent), index if isinstance(index, int) else id(index)] = self.peek_event().start_mark
         opens = self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent)
         if opens:
             if self._open >= _MAX_DEPTH:
@@ -302,7 +307,9 @@ def _scalar(loader: _Loader, node: yaml.ScalarNode, where: dict) -> Any:
 
 
 def _construct(loader: _Loader, node: yaml.Node, path: tuple, marks: dict, file: str, budget: _Budget,
-               active: frozenset = frozenset()) -> Any:
+               active: frozenset = frozenset(), site: dict | None = None) -> Any:
+    """Plain data from `node`. `site`: where the outermost alias on the way here was used; a spec
+    that expands too far is reported there, not deep inside the anchor it repeats."""
     _, line, column = marks.setdefault(path, (file, node.start_mark.line + 1, node.start_mark.column + 1))
     where = dict(path=path, file=file, line=line, column=column)  # the key's position: an alias's own line
     if node.tag not in _PLAIN_TAGS:
@@ -313,7 +320,7 @@ def _construct(loader: _Loader, node: yaml.Node, path: tuple, marks: dict, file:
     if id(node) in active:
         raise SpecError("an alias refers to a mapping or list that contains it", found="a recursive alias",
                         expected="aliases of values defined elsewhere", **where)
-    budget.spend(node, where)
+    budget.spend(node, site or where)
     if isinstance(node, yaml.CollectionNode) and len(path) >= _MAX_DEPTH:  # nested deeper through aliases
         raise _too_deep(file, line, column, path)
     active = active | {id(node)}
@@ -336,7 +343,7 @@ def _construct(loader: _Loader, node: yaml.Node, path: tuple, marks: dict, file:
             if key_node.tag not in _PLAIN_TAGS:
                 raise SpecError(f"the YAML tag {key_node.tag.replace('tag:yaml.org,2002:', '!!')} is not allowed",
                                 found=key_node.tag, expected="a plain name", **at_key)
-            budget.spend(key_node, at_key)
+            budget.spend(key_node, site or at_key)
             key = _scalar(loader, key_node, at_key)
             if not isinstance(key, (str, int, float, bool)) or key is None:
                 raise SpecError("mapping keys must be plain names", found=repr(key), **at_key)
@@ -352,10 +359,20 @@ def _construct(loader: _Loader, node: yaml.Node, path: tuple, marks: dict, file:
                     del marks[stale]
             # the key's own position is where a reader looks for a wrong key or value
             marks[path + (key,)] = (file, key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            out[key] = _construct(loader, value_node, path + (key,), marks, file, budget, active)
+            inner = site
+            if inner is None and (id(node), id(key_node)) in loader.alias_marks:
+                inner = dict(at_key, path=path + (key,))
+            out[key] = _construct(loader, value_node, path + (key,), marks, file, budget, active, inner)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_construct(loader, item, path + (i,), marks, file, budget, active) for i, item in enumerate(node.value)]
+        items = []
+        for i, item in enumerate(node.value):
+            inner, alias = site, loader.alias_marks.get((id(node), i))
+            if alias is not None:
+                _, line, column = marks.setdefault(path + (i,), (file, alias.line + 1, alias.column + 1))
+                inner = site or dict(path=path + (i,), file=file, line=line, column=column)
+            items.append(_construct(loader, item, path + (i,), marks, file, budget, active, inner))
+        return items
     value = _scalar(loader, node, where)
     if isinstance(value, (bytes, bytearray)) or type(value).__module__ == "datetime":
         # YAML timestamps and binary have no place in a spec; treat them as the text written

@@ -413,15 +413,20 @@ class Source:
         return SpecError(problem, path=path, origin=self.origin(path), **kw)
 
 
+def _flag(text: str) -> Origin:
+    """The flag an override came from, cut short enough to print in an error's first line."""
+    return Origin.flag("--set", text if len(text) <= 200 else text[:197] + "...")
+
+
 def _split_override(text: str) -> tuple[tuple, str]:
     if "=" not in text:
-        raise SpecError("an override is written key.path=value", path=(), origin=Origin.flag("--set", text),
+        raise SpecError("an override is written key.path=value", path=(), origin=_flag(text),
                         found=repr(text), expected="e.g. --set train.epochs=3")
     key, value = text.split("=", 1)
     parts: list = []
     for part in key.strip().split("."):
         if not part:
-            raise SpecError("an override key has an empty part", origin=Origin.flag("--set", text), found=repr(key),
+            raise SpecError("an override key has an empty part", origin=_flag(text), found=repr(key),
                             expected="dotted keys such as train.epochs or surgery.0.insert")
         parts.append(int(part) if part.isdigit() else part)
     return tuple(parts), value
@@ -436,10 +441,10 @@ def apply_overrides(data: dict, marks: dict, overrides: Sequence[str]) -> None:
     for text in overrides:
         if len(text) > _MAX_OVERRIDE_CHARS:
             raise SpecError(f"an override is longer than {_MAX_OVERRIDE_CHARS:,} characters",
-                            origin=Origin.flag("--set", shorten(text, 60)), found=f"{len(text):,} characters",
+                            origin=_flag(text), found=f"{len(text):,} characters",
                             expected="key.path=value of a few words", hint="write long values into the spec file")
         path, raw = _split_override(text)
-        label = Origin.flag("--set", text)
+        label = _flag(text)
         try:
             value, _ = parse_yaml(raw, str(label))
         except SpecError as err:
@@ -462,7 +467,8 @@ def apply_overrides(data: dict, marks: dict, overrides: Sequence[str]) -> None:
                     target.append(fresh)
                     marks[path[: i + 1]] = (label, None, None)
             elif isinstance(target, dict):
-                part = str(part)
+                part = str(part)  # `lr.10` names the key "10" of a mapping: marks must say so too
+                path = path[:i] + (part,) + path[i + 1:]
                 if not last and target.get(part) is None:
                     target[part] = fresh
                     marks[path[: i + 1]] = (label, None, None)

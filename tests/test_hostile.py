@@ -346,13 +346,15 @@ def _check(err: SpecError, file: str | None, content: bool = True) -> None:
 
 
 def _timed_load(path: Path, overrides: tuple = ()) -> SpecError | None:
-    start = time.perf_counter()
+    """load_spec's SpecError (None when the spec is valid), in under 2 s of CPU time (the machine
+    running the tests may be shared: wall time would measure the neighbours)."""
+    start = time.process_time()
     try:
         load_spec(path, overrides)
         result = None
     except SpecError as err:
         result = err
-    assert time.perf_counter() - start < 2
+    assert time.process_time() - start < 2
     return result
 
 
@@ -360,8 +362,9 @@ SLOW = settings(max_examples=30, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
-@SLOW
-@given(path=st.sampled_from(SLOTS + FREE_FORM), data=st.data())
+@pytest.mark.parametrize("path", SLOTS + FREE_FORM, ids=lambda p: ".".join(map(str, p)))
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
 def test_non_finite_and_huge_numbers_in_every_numeric_key(tmp_path: Path, path: tuple, data) -> None:
     kind = data.draw(st.sampled_from(["non-finite", "huge", "too-long"]))
     if kind == "non-finite":
@@ -383,9 +386,10 @@ def test_non_finite_and_huge_numbers_in_every_numeric_key(tmp_path: Path, path: 
             path in FREE_FORM and kind == "huge"):
         return  # an index is checked against the dataset; free-form args are the module's to judge
     assert err is not None, (real, text)
-    assert err.key_path == real, str(err)
+    # an override's YAML error names the path as typed: lr.0, not lr["0"]
+    assert err.key_path == real or via_set and tuple(map(str, err.key_path)) == tuple(map(str, real)), str(err)
     if via_set:
-        assert err.file == "--set " + overrides[0] or err.file.startswith("--set "), str(err)
+        assert err.file.startswith("--set " + overrides[0][:150]) and len(err.file) <= 206, str(err)
     else:
         _check(err, str(file))
         line = next(i for i, row in enumerate(spec_text.splitlines(), 1) if text in row)
@@ -400,7 +404,7 @@ def _depth_text(kind: str, depth: int) -> str:
     if kind == "flow-mappings":
         return HEAD + "  args: {x: " + _nested("{a: ", "}", n) + "}\n"
     if kind == "block-mappings":
-        return _block_mappings(n + 1)
+        return _block_mappings(n)
     if kind == "block-lists":
         return HEAD + "  args:\n    x:\n" + "".join("      " + "  " * k + "-\n" for k in range(n - 1)) + \
             "      " + "  " * (n - 1) + "- 1\n"
@@ -416,9 +420,12 @@ def test_deep_nesting_around_the_limit(tmp_path: Path, kind: str, depth: int) ->
     file = tmp_path / "deep.yaml"
     file.write_text(text)
     err = _timed_load(file)
-    if depth <= DEPTH + 1:  # one more: the innermost value in the kinds above is a list or mapping's item
+    if len(text.encode()) > 1 << 20:  # deep block nesting is mostly indentation
+        assert err is not None and "larger than 1 MiB" in err.problem
+        _check(err, str(file), content=False)
+    elif depth <= DEPTH:
         assert err is None or "levels deep" not in err.problem, str(err)
-    if depth > DEPTH + 1:
+    else:
         assert err is not None and "levels deep" in err.problem, (kind, depth)
         _check(err, str(file))
 
@@ -452,8 +459,8 @@ def test_alias_amplification_in_every_position(tmp_path: Path, position: str, pa
     file = tmp_path / "bomb.yaml"
     file.write_text(text)
     err = _timed_load(file)
-    if position == "key":
-        assert err is not None and "mapping keys must be plain names" in err.problem, str(err)
+    if position == "key":  # refused as a key, unless the anchors before it expand too far already
+        assert err is not None and ("mapping keys must be plain names" in err.problem or "expands" in err.problem)
     if err is not None:
         _check(err, str(file))
 

@@ -241,14 +241,16 @@ def parse_yaml(text: str, file: str) -> tuple[Any, dict[tuple, Mark]]:
         raise _yaml_error(exc, file, text) from None
     except RecursionError:  # the limits above should make this unreachable; a traceback would be worse
         mark = loader.get_mark()
-        raise _too_deep(file, mark.line + 1, mark.column + 1) from None
+        raise _too_deep(file, mark.line + 1, mark.column + 1,
+                        problem="the spec nests lists and mappings too many levels deep to read") from None
     finally:
         loader.dispose()
     return data, marks
 
 
-def _too_deep(file: str, line: int | None, column: int | None, path: tuple = ()) -> SpecError:
-    return SpecError(f"the spec nests lists and mappings more than {_MAX_DEPTH} levels deep", path=path, file=file,
+def _too_deep(file: str, line: int | None, column: int | None, path: tuple = (), problem: str | None = None) -> SpecError:
+    problem = problem or f"the spec nests lists and mappings more than {_MAX_DEPTH} levels deep"
+    return SpecError(problem, path=path, file=file,
                      line=line, column=column, found="the list or mapping that starts here",
                      expected=f"at most {_MAX_DEPTH} levels of lists and mappings inside one another")
 

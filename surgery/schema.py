@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from functools import lru_cache
 from importlib import resources
 from typing import Any, Sequence
 
 from .errors import SpecError, did_you_mean, quote_value
-from .source import Source
+from .source import _MAX_DEPTH, Source
 
 
 # --------------------------------------------------------------------------- schema
@@ -59,7 +60,7 @@ def _describe(node: Any, brief: bool = False) -> str:
     limits = []
     for word, op in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<")):
         if word in sub:
-            limits.append(f"{op} {sub[word]}")
+            limits.append(f"{op} {_number(sub[word])}")
     if limits:
         text += " " + " and ".join(limits)
     return text + note
@@ -139,6 +140,17 @@ def _innermost(err, source: Source):
     return err
 
 
+_BOUNDS = {"minimum": "less than the minimum of", "exclusiveMinimum": "not above the minimum of",
+           "maximum": "greater than the maximum of", "exclusiveMaximum": "not below the maximum of"}
+
+
+def _number(value: Any) -> str:
+    """A number short enough to read: 1e+30 for an integer of 31 digits, 65,536 for one of 5."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}" if abs(value) < 10**21 else f"{value:.3g}"
+    return repr(value)
+
+
 def _schema_error(err, source: Source) -> SpecError:
     """Turn one jsonschema error into a located, worded SpecError."""
     path = tuple(err.absolute_path)
@@ -157,6 +169,11 @@ def _schema_error(err, source: Source) -> SpecError:
         key = missing[0] if missing else str(err.validator_value)
         return source.error(path, f"the required key {key!r} is missing",
                             expected=f"`{key}:` with " + _describe(node.get("properties", {}).get(key, {})))
+    if "propertyNames" in err.relative_schema_path and isinstance(err.instance, str) and err.instance.isascii() \
+            and err.instance.isdigit():
+        last = _deref(schema()["$defs"]["train"]["properties"]["epochs"])["maximum"]
+        return source.error(_where(err), f"epoch {err.instance} is past the last epoch a spec can have ({last})",
+                            found=quote_value(err.instance), expected=f"epochs from 0 to {last}")
     if "propertyNames" in err.relative_schema_path:
         return source.error(_where(err), f"{err.instance!r} is not an epoch: the keys of a learning-rate map are epochs",
                             found=quote_value(err.instance), expected="a mapping like {0: 1.0e-4, 10: 1.0e-5}")
@@ -182,12 +199,40 @@ def _schema_error(err, source: Source) -> SpecError:
     if err.validator in ("type", "oneOf", "anyOf"):
         return source.error(path, f"{label} takes {_describe(node, brief=True)}, not {_kind_of(err.instance)}",
                             found=quote_value(err.instance), expected=_describe(node))
+    if err.validator in _BOUNDS:
+        return source.error(path, f"{label} is {_number(err.instance)}, {_BOUNDS[err.validator]} {_number(err.validator_value)}",
+                            found=quote_value(err.instance), expected=_describe(node))
     if err.validator in ("minItems", "maxItems", "minProperties"):
         n = err.validator_value
         what = {"minItems": f"at least {n} item", "maxItems": f"at most {n} item",
                 "minProperties": f"at least {n} key"}[err.validator] + ("s" if n != 1 else "")
         return source.error(path, f"{label} needs {what}", found=quote_value(err.instance), expected=_describe(node))
     return source.error(path, err.message, found=quote_value(err.instance), expected=_describe(node))
+
+
+def check_values(data: Any, source: Source) -> None:
+    """Every number finite and nothing nested past `_MAX_DEPTH`, anywhere in the spec.
+
+    JSON Schema's `number` takes inf and nan (YAML's .inf, .nan, and 1e400, which overflows), and a
+    free-form `args` mapping is not looked into at all; an infinite lr or NaN momentum would pass
+    validation and wreck the first step of a run. A spec given as a dict has no parser to bound
+    its depth (nor cycles); jsonschema and deepcopy recurse through it. The walk is iterative.
+    """
+    stack: list[tuple[Any, tuple]] = [(data, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            written = ".nan" if math.isnan(value) else ".inf" if value > 0 else "-.inf"
+            raise source.error(path, "this number is not finite: a spec takes finite numbers only"
+                               if written != ".nan" else "this value is not a number (NaN): a spec takes finite numbers only",
+                               found=written, expected="a finite number",
+                               hint="YAML reads .inf, .nan, and numbers past about 1.8e308 (such as 1e400) as not finite")
+        if isinstance(value, (dict, list)):
+            if len(path) >= _MAX_DEPTH:
+                raise source.error(path, f"the spec nests lists and mappings more than {_MAX_DEPTH} levels deep",
+                                   expected=f"at most {_MAX_DEPTH} levels of lists and mappings inside one another")
+            items = list(value.items() if isinstance(value, dict) else enumerate(value))
+            stack.extend((item, path + (key,)) for key, item in reversed(items))
 
 
 def check_schema(data: Any, source: Source) -> None:
@@ -222,7 +267,16 @@ def fill_defaults(data: dict) -> dict:
                         value[key] = walk(value[key], props[key])
         elif isinstance(value, list) and "items" in node:
             return [walk(v, node["items"]) for v in value]
+        elif isinstance(value, float) and value.is_integer() and _integral(node):
+            return int(value)  # JSON Schema's integer takes 3.0 (and 1e3); range() and DataLoader do not
         return value
 
     return walk(copy.deepcopy(data), schema())
+
+
+def _integral(node: dict) -> bool:
+    """Does this schema node take integers and no other numbers?"""
+    kinds = [k for alt in [node, *map(_deref, node.get("oneOf", []))] for k in
+             (alt.get("type") if isinstance(alt.get("type"), list) else [alt.get("type")])]
+    return "integer" in kinds and "number" not in kinds
 

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from .errors import Origin, SpecError, did_you_mean, format_path, quote_value
-from .schema import check_schema, fill_defaults, schema
+from .schema import check_schema, check_values, fill_defaults, schema
 from .source import Source, apply_overrides, parse_yaml, read_spec_text
 
 # --------------------------------------------------------------------------- typed spec
@@ -387,6 +387,7 @@ def load_spec(spec: str | Path | Mapping, overrides: Sequence[str] = ()) -> Spec
         'all'
     """
     if isinstance(spec, Mapping):
+        check_values(spec, Source())  # before the copy: a dict nested past the limit cannot even be copied
         data, marks, file, name = copy.deepcopy(dict(spec)), {}, None, "run"
     else:
         path = Path(spec)
@@ -401,6 +402,7 @@ def load_spec(spec: str | Path | Mapping, overrides: Sequence[str] = ()) -> Spec
         if not isinstance(data, dict):
             check_schema(data, source)
         apply_overrides(data, marks, overrides)
+    check_values(data, source)
     check_schema(data, source)
     data = fill_defaults(data)
     data.setdefault("name", name)

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .modes import evaluating
+
 DISK_THRESHOLD_BYTES = 2 * 1024**3
 STOCHASTIC = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 BATCH_STATISTICS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
@@ -146,16 +148,9 @@ def build_cache(model: nn.Module, head: str, key: str, train_batches: Any, train
     try:
         train, train_labels, where = _features(model, head_module, train_batches, prepare, autocast, train_size,
                                                folder, f"{key}-train")
-        was_training = model.training
-        modes = {n: m.training for n, m in model.named_modules()}
-        model.eval()
-        try:
+        with evaluating(model):
             val, val_labels, _ = _features(model, head_module, val_batches, prepare, autocast, val_size, folder,
                                            f"{key}-val")
-        finally:
-            for n, m in model.named_modules():
-                m.training = modes[n]
-            model.training = was_training
     except _NotCacheable as exc:
         return str(exc)
     return FeatureCache(key=key, head=head, train=train, train_labels=train_labels, val=val, val_labels=val_labels,

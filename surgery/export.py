@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import Origin, UsageError, describe_exception
+from .errors import Origin, UsageError, describe_exception, shorten
 from .predict import LoadedRun, load_run
 
 SUFFIXES = {"pt2": ".pt2", "onnx": ".onnx", "torchscript": ".ts"}
@@ -126,7 +126,7 @@ def _export_torchscript(model: nn.Module, sample: torch.Tensor, path: Path, note
         module.save(str(path))
     tracer = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
     if tracer:
-        notes.append(f"the tracer warned {len(tracer)} times (e.g. {str(tracer[0].message)[:160]}); "
+        notes.append(f"the tracer warned {len(tracer)} times (e.g. {shorten(tracer[0].message)}); "
                      "the output check below is what counts")
     return method, None
 

@@ -29,7 +29,14 @@ class ResolvedGroup:
         return self.spec.name
 
 
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+# Normalization layers: their weights never decay by default, and frozen groups keep them in eval mode.
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm* (timm's BatchNormAct2d too)
+    nn.GroupNorm,
+    nn.LayerNorm,  # timm's LayerNorm2d subclasses it
+    nn.LocalResponseNorm,
+    nn.RMSNorm,
+)
 
 
 def _selects(sel: Selector, name: str, modules: Mapping[str, nn.Module], inserted: Sequence[str], head: Sequence[str]) -> bool:

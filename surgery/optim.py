@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import SpecError, did_you_mean
+from .groups import NORM_TYPES
 from .schedule import lr_at
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -51,14 +52,6 @@ _OWN_KEYS: dict[str, str] = {
     "betas": "set train.optimizer.betas",
     "eps": "set train.optimizer.eps",
 }
-
-_NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm* (timm's BatchNormAct2d too)
-    nn.GroupNorm,
-    nn.LayerNorm,  # timm's LayerNorm2d subclasses it
-    nn.LocalResponseNorm,
-    nn.RMSNorm,
-)
 
 _LOOKAHEAD = "lookahead_"
 
@@ -229,7 +222,7 @@ def build_param_groups(
             (a resolver bug, not a spec mistake).
     """
     named = dict(model.named_parameters())
-    norm_modules = {path for path, module in model.named_modules() if isinstance(module, _NORM_TYPES)}
+    norm_modules = {path for path, module in model.named_modules() if isinstance(module, NORM_TYPES)}
     for g in groups:
         norm_modules.update(g.norm_modules)
     # timm models list parameters that must never decay (position embeddings, class tokens)

@@ -1,6 +1,7 @@
 """Compile a spec into a surgered, pretrained model: build -> probe -> plan -> apply -> groups -> load."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -89,6 +90,9 @@ def _probe(spec: Spec, model: nn.Module, size: Sequence[int], when: str) -> dict
                          expected="inserted modules that keep the feature map's shape") from None
 
 
+_REAL_PASS_LIMIT = 1 << 26  # input elements: a bigger input is only run on fake tensors
+
+
 def train_output(model: nn.Module, input_size: Sequence[int]) -> Any:
     """What the model returns in train mode on a batch of 2: the type the training loop receives.
 
@@ -100,15 +104,17 @@ def train_output(model: nn.Module, input_size: Sequence[int]) -> Any:
     buffers = [b.detach().clone() for b in model.buffers()]
     modes = {n: m.training for n, m in model.named_modules()}
     param = next(model.parameters(), None)
-    x = torch.zeros(2, *input_size, dtype=param.dtype if param is not None else torch.float32)
+    dtype = param.dtype if param is not None else torch.float32
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             model.train()
             try:
-                with FakeTensorMode(allow_non_fake_inputs=True):
-                    return model(x)
-            except Exception:  # noqa: BLE001 - the real pass below decides
-                return model(x)
+                with FakeTensorMode(allow_non_fake_inputs=True):  # the input is made inside: fake too
+                    return model(torch.zeros(2, *input_size, dtype=dtype))
+            except Exception:  # noqa: BLE001 - the real pass below decides, at sizes that fit in memory
+                if 2 * math.prod(input_size) > _REAL_PASS_LIMIT:
+                    raise
+                return model(torch.zeros(2, *input_size, dtype=dtype))
     finally:
         with torch.no_grad():
             for b, saved in zip(model.buffers(), buffers):

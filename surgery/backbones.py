@@ -1,14 +1,17 @@
 """Backbones from torchvision and timm, through the libraries' own builders and weight caches."""
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
-from .errors import did_you_mean
+from .errors import did_you_mean, quote_value
 from .spec import Spec, backbone_names
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -43,8 +46,54 @@ def _unknown_backbone(spec: Spec, source: str, arch: str) -> Exception:
                       hint=did_you_mean(arch, names))
 
 
-def _constructor_error(spec: Spec, exc: Exception) -> Exception:
-    return spec.error(("model", "args"), f"the backbone's constructor rejected its arguments: {exc}",
+_UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")
+
+
+def with_args(spec: Spec, args: Mapping[str, Any]) -> Spec:
+    """The same spec with other `model.args` (to find which of them a failure comes from)."""
+    return dataclasses.replace(spec, model=dataclasses.replace(spec.model, args=dict(args)))
+
+
+def culprit_arg(spec: Spec, fails: Callable[[Spec], bool]) -> tuple | None:
+    """The key path in `model.args` that a failure of the backbone comes from.
+
+    ("model", "args", key) when that key alone makes `fails` true; ("model", "args") when only the
+    combination does; None when the backbone fails without any args too (they are not to blame).
+    """
+    args = dict(spec.model.args)
+    if not args or fails(with_args(spec, {})):
+        return None
+    for key, value in args.items():
+        if fails(with_args(spec, {key: value})):
+            return ("model", "args", key)
+    return ("model", "args")
+
+
+def _constructor_error(spec: Spec, exc: Exception, build: Callable[[Spec], Any]) -> Exception:
+    detail = f"{exc.__class__.__name__}: {str(exc).strip() or '(no message)'}" if not isinstance(exc, TypeError) else str(exc)
+    unknown = _UNEXPECTED.search(str(exc))
+    if unknown:  # a key the constructor does not take: the mapping is at fault, the key named
+        return spec.error(("model", "args"), f"the backbone's constructor rejected its arguments: {detail}",
+                          found=repr(dict(spec.model.args)),
+                          expected=f"keyword arguments that {spec.model.backbone} accepts",
+                          hint=f"remove {unknown.group(1)!r}, or check its spelling against the model's constructor")
+
+    def fails(candidate: Spec) -> bool:
+        try:
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                build(candidate)
+        except Exception:  # noqa: BLE001 - any failure counts: the error quoted is the original's
+            return True
+        return False
+
+    where = culprit_arg(spec, fails) or ("model", "args")
+    if len(where) == 3:
+        key = where[2]
+        return spec.error(where, f"the backbone's constructor rejected model.args.{key}: {detail}",
+                          found=f"{key}: {quote_value(spec.model.args[key])}",
+                          expected=f"a value of {key} that {spec.model.backbone} accepts")
+    return spec.error(("model", "args"), f"the backbone's constructor rejected its arguments: {detail}",
                       found=repr(dict(spec.model.args)),
                       expected=f"keyword arguments that {spec.model.backbone} accepts")
 
@@ -65,6 +114,30 @@ def create_backbone(spec: Spec, *, fetch: bool = True) -> Backbone:
     if spec.model.source == "torchvision":
         return _torchvision(spec, fetch)
     return _timm(spec, fetch)
+
+
+def _meta_build(spec: Spec) -> nn.Module:
+    # the architecture alone, on the meta device (no memory, no arithmetic), no weights
+    import timm
+    import torchvision
+
+    kwargs = dict(spec.model.args)
+    with torch.device("meta"):
+        if spec.model.source == "torchvision":
+            if spec.model.num_classes is not None:
+                kwargs["num_classes"] = spec.model.num_classes
+            return torchvision.models.get_model(spec.model.arch.partition(".")[0], weights=None, **kwargs)
+        return timm.create_model(spec.model.arch, pretrained=False, **kwargs)
+
+
+def _meta_build_fails(spec: Spec) -> bool:
+    try:
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _meta_build(spec)
+    except Exception:  # noqa: BLE001 - any failure
+        return True
+    return False
 
 
 # --------------------------------------------------------------------------- torchvision
@@ -97,12 +170,18 @@ def _torchvision(spec: Spec, fetch: bool = True) -> Backbone:
         kwargs["num_classes"] = spec.model.num_classes
     try:
         model = torchvision.models.get_model(arch, weights=None, **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise _constructor_error(spec, exc) from None
+    except Exception as exc:  # noqa: BLE001 - library asserts included: the arguments are the cause
+        raise _constructor_error(spec, exc, _meta_build) from None
+    notes = []
+    switch = _LOGITS_ONLY.get(arch)
+    if switch and switch not in spec.model.args and getattr(model, switch, False):
+        setattr(model, switch, False)
+        notes.append(f"{arch}: {switch} set to false (model.args.{switch} not given), so the train-mode forward "
+                     "returns the logits tensor; the auxiliary classifiers keep their weights but are not trained")
     num_classes = spec.model.num_classes or 1000
     head = _class_dependent(arch, kwargs, model, num_classes) or _torchvision_head(model, num_classes)
     config = _torchvision_data_config(weights)
-    backbone = Backbone(model, head, config, num_classes=num_classes)
+    backbone = Backbone(model, head, config, num_classes=num_classes, notes=notes)
     if spec.model.pretrained is True and fetch:
         if weights is None:
             raise spec.error(("model", "pretrained"), f"torchvision publishes no weights for {arch}",
@@ -110,6 +189,21 @@ def _torchvision(spec: Spec, fetch: bool = True) -> Backbone:
         backbone.pretrained = _download_torchvision(spec, weights)
         backbone.pretrained_from = f"torchvision {type(weights).__name__}.{weights.name} ({_hub_file(weights.url)})"
     return backbone
+
+
+# torchvision builds googlenet and inception_v3 with auxiliary classifiers, and their train-mode
+# forward then returns a namedtuple (GoogLeNetOutputs, InceptionOutputs), not the one logits tensor
+# the training loop trains on. The models' own switch, the `aux_logits` attribute, picks the return
+# type: it is turned off unless model.args sets it. Set on the instance, after construction, so the
+# aux modules (and their pretrained weights, which torchvision's builder also loads) stay in place.
+_LOGITS_ONLY: dict[str, str] = {"googlenet": "aux_logits", "inception_v3": "aux_logits"}
+
+
+def logits_switch(spec: Spec) -> str | None:
+    """The constructor argument that turns a torchvision model's extra train-mode outputs off, if any."""
+    if spec.model.source != "torchvision":
+        return None
+    return _LOGITS_ONLY.get(spec.model.arch.partition(".")[0])
 
 
 def _hub_file(url: str) -> str:
@@ -196,12 +290,10 @@ def _timm(spec: Spec, fetch: bool = True) -> Backbone:
     kwargs = dict(spec.model.args)
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except TypeError as exc:
-        raise _constructor_error(spec, exc) from None
-    except (OSError, RuntimeError, ValueError) as exc:
-        if not pretrained:
-            raise _constructor_error(spec, exc) from None
-        raise _timm_offline(spec, name, exc) from None
+    except Exception as exc:  # noqa: BLE001 - library asserts included (global_pool: zzz)
+        if pretrained and not _meta_build_fails(spec):  # the architecture builds: the weights are missing
+            raise _timm_offline(spec, name, exc) from None
+        raise _constructor_error(spec, exc, _meta_build) from None
     backbone = Backbone(model, (), {}, num_classes=model.num_classes)
     if pretrained:
         # The library loaded (and, for converted checkpoints, filtered) its weights into `model`;

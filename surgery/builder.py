@@ -1,6 +1,7 @@
 """Compile a spec into a surgered, pretrained model: build -> probe -> plan -> apply -> groups -> load."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -8,7 +9,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .backbones import Backbone, create_backbone
+from .backbones import Backbone, create_backbone, culprit_arg, logits_switch
+from .errors import quote_value
 from .groups import ResolvedGroup, resolve_groups
 from .insert import Insertion, Shapes, apply_surgery, inserted_paths, plan_surgery, probe
 from .spec import Spec
@@ -24,6 +26,8 @@ class Built:
     groups: the `ResolvedGroup`s, every parameter in exactly one.
     head: module paths of the classifier head; inserted: the `Insertion`s applied.
     shapes: input/output shape of every module on a probe of `input_size`, after surgery.
+    train_output: the type name of the train-mode forward's result (checked to be a tensor).
+    notes: what was decided for the user (e.g. googlenet's aux_logits turned off).
     """
 
     spec: Spec
@@ -36,6 +40,8 @@ class Built:
     num_classes: int
     input_size: tuple[int, int, int]
     shapes: dict[str, Shapes] = field(default_factory=dict)
+    train_output: str = "Tensor"
+    notes: list[str] = field(default_factory=list)
 
     def group_of(self) -> dict[str, str]:
         """Parameter name -> group name."""
@@ -47,15 +53,107 @@ def probe_size(spec: Spec, backbone: Backbone) -> tuple[int, int, int]:
     return (3, size, size)
 
 
+def _fails_with(spec: Spec, size: Sequence[int], check) -> bool:
+    # does the backbone built from this spec fail `check(model, size)`? (to blame one of model.args)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            check(create_backbone(spec, fetch=False).model, size)
+    except Exception:  # noqa: BLE001 - a failure of any kind
+        return True
+    return False
+
+
+def _blame(spec: Spec, size: Sequence[int], check) -> tuple:
+    """Where a failure of the backbone on a probe comes from: one of model.args, or the image size."""
+    return culprit_arg(spec, lambda s: _fails_with(s, size, check)) or ("data", "image_size")
+
+
+def _located(spec: Spec, where: tuple, problem: str, size: Sequence[int]) -> Exception:
+    if where[:2] == ("model", "args"):
+        key = where[2] if len(where) == 3 else None
+        return spec.error(where, f"with model.args{'.' + key if key else ''} {problem}",
+                          found=f"{key}: {quote_value(spec.model.args[key])}" if key else repr(dict(spec.model.args)),
+                          expected=f"a value of {key} that {spec.model.backbone} runs with" if key else
+                          f"arguments that {spec.model.backbone} runs with",
+                          hint="the backbone runs on this input without it" if key else None)
+    return spec.error(where, problem, found=f"input {list(size)}", expected="an image size the backbone accepts")
+
+
 def _probe(spec: Spec, model: nn.Module, size: Sequence[int], when: str) -> dict[str, Shapes]:
     try:
         return probe(model, size)
     except Exception as exc:  # noqa: BLE001 - the model's own error is the most useful detail
-        where = ("data", "image_size") if when == "backbone" else ("surgery",)
-        raise spec.error(where, f"the {when} fails on a {list(size)} input: {exc.__class__.__name__}: {str(exc)[:300]}",
-                         found=f"input {list(size)}",
-                         expected="an image size the backbone accepts" if when == "backbone" else
-                         "inserted modules that keep the feature map's shape") from None
+        problem = f"the {when} fails on a {list(size)} input: {exc.__class__.__name__}: {str(exc)[:300]}"
+        if when == "backbone":  # a model argument (drop_rate: 2) or the image size: find which
+            raise _located(spec, _blame(spec, size, probe), problem, size) from None
+        raise spec.error(("surgery",), problem, found=f"input {list(size)}",
+                         expected="inserted modules that keep the feature map's shape") from None
+
+
+_REAL_PASS_LIMIT = 1 << 26  # input elements: a bigger input is only run on fake tensors
+
+
+def train_output(model: nn.Module, input_size: Sequence[int]) -> Any:
+    """What the model returns in train mode on a batch of 2: the type the training loop receives.
+
+    Shapes only where fake tensors can run the model, else a real pass; either way BatchNorm
+    statistics, train/eval modes and the RNG are left as they were.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    buffers = [b.detach().clone() for b in model.buffers()]
+    modes = {n: m.training for n, m in model.named_modules()}
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model.train()
+            try:
+                with FakeTensorMode(allow_non_fake_inputs=True):  # the input is made inside: fake too
+                    return model(torch.zeros(2, *input_size, dtype=dtype))
+            except Exception:  # noqa: BLE001 - the real pass below decides, at sizes that fit in memory
+                if 2 * math.prod(input_size) > _REAL_PASS_LIMIT:
+                    raise
+                return model(torch.zeros(2, *input_size, dtype=dtype))
+    finally:
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), buffers):
+                b.copy_(saved)
+        for n, m in model.named_modules():
+            m.training = modes[n]
+
+
+def _check_train_output(spec: Spec, model: nn.Module, size: Sequence[int]) -> str:
+    try:
+        out = train_output(model, size)
+    except Exception as exc:  # noqa: BLE001 - eval mode ran: a train-only branch (aux heads) fails
+        problem = (f"the backbone fails in train mode on a batch of 2 {list(size)} inputs: "
+                   f"{exc.__class__.__name__}: {str(exc)[:300]}")
+        err = _located(spec, _blame(spec, size, train_output), problem, size)
+        switch = logits_switch(spec)
+        if switch and switch not in spec.model.args and err.hint is None:
+            err.hint = (f"its auxiliary classifier runs in train mode only and needs a larger input; "
+                        f"set model.args.{switch}: false to build the model without it")
+        raise err from None
+    if isinstance(out, torch.Tensor):
+        return "Tensor"  # a FakeTensor from the shape-only pass is a tensor all the same
+
+    def structured(candidate: nn.Module, size: Sequence[int]) -> None:
+        if not isinstance(train_output(candidate, size), torch.Tensor):
+            raise TypeError("not a tensor")
+
+    where = culprit_arg(spec, lambda s: _fails_with(s, size, structured)) or ("model", "backbone")
+    kind = type(out).__name__
+    problem = (f"in train mode {spec.model.backbone} returns a {kind}, not a logits tensor; "
+               "the training loop trains on one logits tensor")
+    if len(where) == 3:
+        return_hint = f"remove model.args.{where[2]} (or set it so the model returns logits only)"
+        raise spec.error(where, problem, found=f"{where[2]}: {quote_value(spec.model.args[where[2]])}",
+                         expected="model arguments under which the train-mode forward returns one tensor",
+                         hint=return_hint)
+    raise spec.error(where, problem, found=kind, expected="a backbone whose train-mode forward returns one tensor",
+                     hint="set the model.args that turn off extra outputs (auxiliary or distillation heads), "
+                          "or pick another backbone")
 
 
 def weights_path(spec: Spec, runs_root: Path | None = None) -> Path:
@@ -107,6 +205,7 @@ def build(spec: Spec, *, state_dict: Mapping[str, torch.Tensor] | None = None, r
         model = backbone.model
         size = probe_size(spec, backbone)
         shapes = _probe(spec, model, size, "backbone")
+        output_type = _check_train_output(spec, model, size)
         plan = plan_surgery(spec, model, shapes, backbone.head)
         if state_dict is not None:
             state, source = dict(state_dict), "given state_dict"
@@ -132,4 +231,4 @@ def build(spec: Spec, *, state_dict: Mapping[str, torch.Tensor] | None = None, r
     model.train()
     return Built(spec=spec, model=model, report=report, groups=groups, head=backbone.head, inserted=plan,
                  data_config=dict(backbone.data_config), num_classes=backbone.num_classes,
-                 input_size=tuple(size), shapes=after)
+                 input_size=tuple(size), shapes=after, train_output=output_type, notes=list(backbone.notes))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import inspect as _inspect
+import math
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -25,19 +26,119 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .errors import did_you_mean
+from .errors import did_you_mean, quote_value
 from .paths import nearest, select_modules
 from .spec import InsertSpec, Spec
 
 
 # --------------------------------------------------------------------------- the attention registry
+def _candidate_names(module: Any) -> list[str]:
+    # Asked of timm, never read from its source text: the string constants of `get_attn` (its
+    # names today) and the keys of any dict the module holds (a registry, should timm move to one).
+    # Each candidate is then put to `get_attn` itself, which keeps only the names it accepts.
+    names: list[str] = []
+    codes = [module.get_attn.__code__]
+    while codes:
+        code = codes.pop(0)
+        for const in code.co_consts:
+            if isinstance(const, str):
+                names.append(const)
+            elif hasattr(const, "co_consts"):
+                codes.append(const)
+    for value in vars(module).values():
+        if isinstance(value, dict):
+            names.extend(k for k in value if isinstance(k, str))
+    return [n for n in dict.fromkeys(names) if n.isidentifier() and n == n.lower()]
+
+
 @lru_cache(maxsize=1)
 def attention_names() -> tuple[str, ...]:
-    """Names timm's `create_attn` accepts, read off timm itself so new timm releases add theirs."""
+    """Names timm's `get_attn` accepts, asked of timm itself so new timm releases add theirs."""
     module = importlib.import_module("timm.layers.create_attn")
-    source = _inspect.getsource(module.get_attn)
-    names = tuple(dict.fromkeys(re.findall(r"attn_type == '([a-z0-9_]+)'", source)))
-    return names or ("se", "ese", "eca", "ecam", "ceca", "ge", "gc", "gca", "cbam", "lcbam")
+    accepted = []
+    for name in _candidate_names(module):
+        try:
+            factory = module.get_attn(name)
+        except Exception:  # noqa: BLE001 - timm rejects an unknown name with an assert
+            continue
+        if factory is not None and callable(factory):
+            accepted.append(name)
+    return tuple(accepted)
+
+
+# Registry entries that timm cannot build as Module(channels) with its defaults (checked at 64
+# channels on a 32 px map, timm 1.0.31), and the argument that makes them work. Quoted in the
+# error when such an entry fails and its user has not set that argument.
+_NEEDS: dict[str, tuple[str, str]] = {
+    "bottleneck": ("feat_size", "BottleneckAttn needs feat_size, the [height, width] of the map it runs on{feat}"),
+    "halo": ("block_size", "HaloAttn needs a map whose height and width are multiples of block_size "
+                           "(8 by default; halo_size, 3 by default, at most block_size){divisors}"),
+    "bat": ("block_size", "BatNonLocalAttn needs a map whose height and width are multiples of block_size "
+                          "(7 by default){divisors}"),
+    "ge": ("use_mlp", "timm's GatherExcite passes act_layer twice to ConvMlp when use_mlp is true, its "
+                      "default (a timm 1.0 bug): set use_mlp: false (gather-excite without its MLP)"),
+}
+
+
+@lru_cache(maxsize=None)
+def default_failure(name: str) -> str | None:
+    """Why timm cannot build registry entry `name` with its defaults (64 channels, 32 px), or None."""
+    from timm.layers import get_attn
+
+    try:
+        module = get_attn(name)(64).eval()
+        with torch.no_grad():
+            module(torch.zeros(1, 64, 32, 32))
+    except Exception as exc:  # noqa: BLE001 - whatever timm raises is the reason
+        return f"{exc.__class__.__name__}: {str(exc).strip() or '(no message)'}"[:200]
+    return None
+
+
+def _needs_hint(item: InsertSpec, shape: Sequence[int] | None) -> str | None:
+    name = item.insert.lower()
+    if name not in _NEEDS or _NEEDS[name][0] in item.args:
+        return None
+    key, text = _NEEDS[name]
+    feat = divisors = ""
+    if shape is not None and len(shape) == 4:
+        h, w = int(shape[2]), int(shape[3])
+        feat = f": here args: {{feat_size: [{h}, {w}]}}"
+        common = [d for d in range(1, min(h, w) + 1) if h % d == 0 and w % d == 0]
+        divisors = f"; this {h}x{w} map takes block_size " + " or ".join(str(d) for d in common[-3:])
+    return f"set args.{key}: " + text.format(feat=feat, divisors=divisors)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _odd_kernel(value: Any) -> bool:
+    sizes = value if isinstance(value, (list, tuple)) else [value]
+    return bool(sizes) and all(_number(k) and int(k) == k and k >= 1 and k % 2 == 1 for k in sizes)
+
+
+# Numeric arguments of timm's attention modules that timm takes without a check, though a value
+# out of range builds a module that computes nothing meaningful (rd_ratio: -1 still trains).
+_RANGES: dict[str, tuple[Any, str]] = {
+    "rd_ratio": (lambda v: _number(v) and 0 < v <= 1, "a reduction ratio in (0, 1], e.g. 0.0625"),
+    "rd_divisor": (lambda v: _number(v) and int(v) == v and v >= 1, "an integer >= 1"),
+    "rd_channels": (lambda v: v is None or (_number(v) and int(v) == v and v >= 1), "an integer >= 1, or null"),
+    "kernel_size": (lambda v: v is None or _odd_kernel(v), "an odd integer >= 1 (a list of them for sk)"),
+    "spatial_kernel_size": (_odd_kernel, "an odd integer >= 1"),
+    "num_heads": (lambda v: _number(v) and int(v) == v and v >= 1, "an integer >= 1"),
+    "block_size": (lambda v: _number(v) and int(v) == v and v >= 1, "an integer >= 1"),
+    "halo_size": (lambda v: _number(v) and int(v) == v and v >= 0, "an integer >= 0"),
+    "groups": (lambda v: _number(v) and int(v) == v and v >= 1, "an integer >= 1"),
+    "drop_rate": (lambda v: _number(v) and 0 <= v < 1, "a probability in [0, 1)"),
+    "gamma": (lambda v: _number(v) and v > 0, "a number > 0"),
+}
+
+
+def _out_of_range(item: InsertSpec) -> list[tuple[str, str]]:
+    """(key, expected) for each registry-module argument whose value is outside its range."""
+    if ":" in item.insert:  # a user class defines its own arguments
+        return []
+    return [(k, _RANGES[k][1]) for k, v in item.args.items() if k in _RANGES and not _RANGES[k][0](v)]
 
 
 def _user_class(spec: Spec, item: InsertSpec) -> type:
@@ -184,6 +285,8 @@ class Shapes:
     inputs: tuple[int, ...] | None
     output: tuple[int, ...] | None
     calls: int
+    start: int = -1  # when its first call began and ended, in the pass's order of calls and returns:
+    end: int = -1  # what ran after a module, and so what its output feeds, is read off these
 
 
 def probe(model: nn.Module, input_size: Sequence[int]) -> dict[str, Shapes]:
@@ -205,6 +308,14 @@ def probe(model: nn.Module, input_size: Sequence[int]) -> dict[str, Shapes]:
 
 def _probe(model: nn.Module, input_size: Sequence[int]) -> dict[str, Shapes]:
     seen: dict[str, list] = {}
+    clock: dict[str, int] = {}
+    ticks = [0]
+
+    def started(name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            clock.setdefault(name + ":start", ticks[0])
+            ticks[0] += 1
+        return record
 
     def shape_of(value: Any) -> tuple[int, ...] | None:
         return tuple(value.shape) if isinstance(value, torch.Tensor) else None
@@ -216,9 +327,12 @@ def _probe(model: nn.Module, input_size: Sequence[int]) -> dict[str, Shapes]:
             entry[1] = shape_of(output)
             entry[2] += 1
             entry[3].add((entry[0], entry[1]))
+            clock.setdefault(name + ":end", ticks[0])
+            ticks[0] += 1
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()]
+    handles += [m.register_forward_pre_hook(started(n)) for n, m in model.named_modules()]
     modes = {n: m.training for n, m in model.named_modules()}
     try:
         model.eval()
@@ -231,7 +345,26 @@ def _probe(model: nn.Module, input_size: Sequence[int]) -> dict[str, Shapes]:
             h.remove()
         for n, m in model.named_modules():
             m.training = modes[n]
-    return {n: Shapes(e[0], e[1], e[2] if len(e[3]) == 1 else -e[2]) for n, e in seen.items()}
+    return {n: Shapes(e[0], e[1], e[2] if len(e[3]) == 1 else -e[2], clock.get(n + ":start", -1), clock.get(n + ":end", -1))
+            for n, e in seen.items()}
+
+
+def channels_last(module: nn.Module, shape: Sequence[int] | None) -> bool:
+    """True when a 4-D map is laid out (N, H, W, C), as inside ConvNeXt blocks and Swin stages.
+
+    The probe input is square, so a map's height and width are equal: (N, C, H, H) is
+    channels-first, (N, H, H, C) channels-last. Only a map as wide as it has channels is
+    ambiguous; then the module that made it decides (a Linear or a plain LayerNorm works on the
+    last dim).
+    """
+    if shape is None or len(shape) != 4:
+        return False
+    _, a, b, c = shape
+    if a == b != c:
+        return True
+    if a == b == c:
+        return isinstance(module, nn.Linear) or (isinstance(module, nn.LayerNorm) and type(module).forward is nn.LayerNorm.forward)
+    return False
 
 
 # --------------------------------------------------------------------------- plan and apply
@@ -284,14 +417,16 @@ def plan_surgery(spec: Spec, model: nn.Module, shapes: Mapping[str, Shapes], hea
                 raise _matched_nothing(spec, sel, modules)
             targets.extend(t for t in found if t not in targets)
         for target in targets:
-            channels = _channels(spec, item, target, modules[target], shapes.get(target))
+            channels = _channels(spec, item, target, modules, shapes)
             base = f"{_slug(kind)}_{item.position}"
             used = taken.setdefault(target, set(modules[target]._modules))
             name, n = base, 2
             while name in used or hasattr(modules[target], name):
                 name, n = f"{base}_{n}", n + 1
             used.add(name)
-            attn = _construct(spec, item, factory, channels, target)
+            side_shape = shapes[target].inputs if item.position == "before" else shapes[target].output
+            attn = _construct(spec, item, factory, channels, target, side_shape)
+            _check_ranges(spec, item)
             _dry_run(spec, item, attn, shapes[target], target)
             module = Inserted(attn, identity=item.init == "identity", kind=kind, target=target, position=item.position)
             plan.append(Insertion(target, name, kind, item.position, item.init, channels, item.index, module, item.args))
@@ -312,19 +447,86 @@ def _matched_nothing(spec: Spec, sel, modules: Mapping[str, nn.Module]) -> Excep
                       hint=("did you mean " + " or ".join(repr(c) for c in close) + "?") if close else None)
 
 
-def _channels(spec: Spec, item: InsertSpec, target: str, module: nn.Module, shapes: Shapes | None) -> int:
+def _side(shapes: Shapes | None, position: str) -> tuple[int, ...] | None:
+    if shapes is None:
+        return None
+    return shapes.inputs if position == "before" else shapes.output
+
+
+def _insertable(module: nn.Module, shapes: Shapes | None, position: str) -> bool:
+    # what _channels accepts, for positions named in hints: a hint must lead somewhere that works
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)) or (isinstance(module, nn.Sequential) and not _plain_sequential(module)):
+        return False
+    shape = _side(shapes, position)
+    return shapes is not None and shapes.calls == 1 and shape is not None and len(shape) == 4 and not channels_last(module, shape)
+
+
+def _channels_first_near(target: str, position: str, modules: Mapping[str, nn.Module],
+                         shapes: Mapping[str, Shapes], n: int = 3) -> list[str]:
+    """Positions near `target` whose map is channels-first: its ancestors (deepest first), then
+    the closest ones run before and after it."""
+    fits = [p for p, m in modules.items() if p and p != target and _insertable(m, shapes.get(p), position)]
+    ancestors = [p for p in fits if target.startswith(p + ".")]
+    ancestors.sort(key=len, reverse=True)
+    here = shapes[target]
+    rest = [p for p in fits if p not in ancestors and not p.startswith(target + ".")]
+    before = [p for p in rest if shapes[p].end <= here.start]
+    after = [p for p in rest if shapes[p].start >= here.end]
+    near = ancestors[:2]
+    if before:
+        near.append(max(before, key=lambda p: (shapes[p].end, -shapes[p].start)))
+    if after:
+        near.append(min(after, key=lambda p: (shapes[p].start, -shapes[p].end)))
+    return list(dict.fromkeys(near))[:n]
+
+
+def _same_map_elsewhere(target: str, position: str, modules: Mapping[str, nn.Module],
+                        shapes: Mapping[str, Shapes]) -> tuple[str, str] | None:
+    """An insertable position that sees exactly the map at `target`'s output (or input): the
+    module run right after it, taking that map as input (or the one run right before it,
+    whose output it is). (path, position) or None."""
+    here = shapes[target]
+    outside = {p: sh for p, sh in shapes.items() if p and p != target and not p.startswith(target + ".")
+               and not target.startswith(p + ".")}
+    if position == "after":
+        later = sorted((sh.start, p) for p, sh in outside.items() if sh.start >= here.end)
+        for _, p in later:
+            if shapes[p].inputs == here.output and _insertable(modules[p], shapes[p], "before"):
+                return p, "before"
+            if shapes[p].inputs != here.output:
+                break  # the next module takes another map: the output went somewhere else first
+    else:
+        earlier = sorted(((sh.end, p) for p, sh in outside.items() if 0 <= sh.end <= here.start), reverse=True)
+        for _, p in earlier:
+            if shapes[p].output == here.inputs and _insertable(modules[p], shapes[p], "after"):
+                return p, "after"
+            if shapes[p].output != here.inputs:
+                break
+    return None
+
+
+def _channels(spec: Spec, item: InsertSpec, target: str, modules: Mapping[str, nn.Module],
+              all_shapes: Mapping[str, Shapes]) -> int:
     where = ("surgery", item.index, "at")
+    module, shapes = modules[target], all_shapes.get(target)
     if isinstance(module, (nn.ModuleList, nn.ModuleDict)) or (isinstance(module, nn.Sequential) and not _plain_sequential(module)):
         if shapes is None:
             raise spec.error(where, f"{target} is a {type(module).__name__}, which has no output of its own",
                              found=target, expected="a module that is called in the forward pass",
                              hint=f"insert at its elements instead, e.g. '{target}.*'")
         # its own forward walks its children (densenet's blocks, timm's SequentialList): a module
-        # added as a child would run inside that walk, not before or after it
+        # added as a child would run inside that walk, not before or after it. Its last child's
+        # output is not the container's (a dense block concatenates), so the hint names the
+        # position the probe saw take the container's own output.
+        same = _same_map_elsewhere(target, item.position, modules, all_shapes)
+        shape = _side(shapes, item.position)
+        hint = (f"use at: '{same[0]}' with position: {same[1]} instead: it sees this very {list(shape)} map "
+                f"(the last element of {target} sees only part of it)" if same else
+                f"insert before the module that takes its output (its {list(shape) if shape else 'output'}), "
+                "not at its last element, whose output is only part of it")
         raise spec.error(where, f"{target} is a {type(module).__name__} whose forward runs its children itself, "
                          "so a module added to it would run inside that loop",
-                         found=target, expected="a plain module or a plain nn.Sequential",
-                         hint=f"insert at its last element ('{target}.*' lists them) or before the module that follows it")
+                         found=target, expected="a plain module or a plain nn.Sequential", hint=hint)
     if shapes is None:
         raise spec.error(where, f"{target} is never called in the forward pass, so nothing inserted there would run",
                          found=target, expected="a module on the forward path (`surgery inspect` shows output shapes)")
@@ -335,12 +537,23 @@ def _channels(spec: Spec, item: InsertSpec, target: str, module: nn.Module, shap
                          "one inserted module would run at every call",
                          found=target, expected="a module called once per forward pass",
                          hint="shared modules such as torchvision's reused ReLU are poor targets; pick the layer before")
-    shape = shapes.inputs if item.position == "before" else shapes.output
+    shape = _side(shapes, item.position)
     side = "input" if item.position == "before" else "output"
     if shape is None or len(shape) != 4:
         raise spec.error(where, f"the {side} of {target} is not a 4-D feature map, so attention cannot go {item.position} it",
                          found=f"{target} {side} shape {list(shape) if shape else 'not a tensor'}",
                          expected="a module whose " + side + " is (batch, channels, height, width)")
+    if channels_last(module, shape):
+        # attention modules take (N, C, H, W): on (N, H, W, C) they would pool over the wrong axes
+        # and still run, so the mistake would only show as a model that learns less
+        near = _channels_first_near(target, item.position, modules, all_shapes)
+        raise spec.error(where, f"the {side} of {target} is channels-last, {list(shape)} = (batch, height, width, "
+                         f"{shape[3]} channels): {item.insert} expects (batch, channels, height, width) and would "
+                         "pool over the wrong axes",
+                         found=f"{target} {side} shape {list(shape)}",
+                         expected="a module whose " + side + " is (batch, channels, height, width)",
+                         hint=("channels-first positions nearby: " + ", ".join(repr(p) for p in near)) if near else
+                         "this backbone keeps its maps channels-last; insert where they are channels-first")
     return int(shape[1])
 
 
@@ -351,7 +564,24 @@ def _signature(factory) -> _inspect.Signature | None:
         return None
 
 
-def _construct(spec: Spec, item: InsertSpec, factory, channels: int, target: str) -> nn.Module:
+def _args_hint(item: InsertSpec, shape: Sequence[int] | None) -> str | None:
+    # What to change when a registry module fails: an argument out of range, the argument timm
+    # needs for this entry, or that timm cannot build the entry with its defaults at all.
+    bad = _out_of_range(item)
+    if bad:
+        return "; ".join(f"args.{k} must be {expected}" for k, expected in bad)
+    needs = _needs_hint(item, shape)
+    if needs or ":" in item.insert:
+        return needs
+    reason = default_failure(item.insert.lower())
+    if reason:
+        return (f"timm cannot build {item.insert!r} with its own defaults either ({reason}); "
+                "this registry entry is unsupported as Module(channels) in this timm release")
+    return None
+
+
+def _construct(spec: Spec, item: InsertSpec, factory, channels: int, target: str,
+               shape: Sequence[int] | None = None) -> nn.Module:
     signature = _signature(factory)
     try:
         module = factory(channels, **dict(item.args))
@@ -368,15 +598,49 @@ def _construct(spec: Spec, item: InsertSpec, factory, channels: int, target: str
                              hint=did_you_mean(unknown[0], params[1:]) if unknown else None) from None
         raise spec.error(("surgery", item.index, "args"), f"{item.insert} cannot be built for {channels} channels at {target}: "
                          f"{exc.__class__.__name__}: {exc}", found=repr(dict(item.args)),
-                         expected=f"arguments of {item.insert}{signature} that fit this width") from None
-    except Exception as exc:  # noqa: BLE001 - a module that cannot be built for this width is a spec problem
+                         expected=f"arguments of {item.insert}{signature} that fit this width",
+                         hint=_args_hint(item, shape)) from None
+    except Exception as exc:  # noqa: BLE001 - library asserts included: a module that cannot be built is a spec problem
         raise spec.error(("surgery", item.index, "args"), f"{item.insert} cannot be built for {channels} channels at {target}: "
-                         f"{exc.__class__.__name__}: {exc}",
-                         found=repr(dict(item.args)), expected="arguments that fit this width") from None
+                         f"{exc.__class__.__name__}: {str(exc).strip() or '(no message)'}",
+                         found=repr(dict(item.args)), expected="arguments that fit this width",
+                         hint=_args_hint(item, shape)) from None
     if not isinstance(module, nn.Module):
         raise spec.error(("surgery", item.index, "insert"), f"{item.insert} did not build an nn.Module", found=type(module).__name__,
                          expected="an nn.Module")
     return module
+
+
+def _check_ranges(spec: Spec, item: InsertSpec) -> None:
+    # after construction, so that timm's own checks (and their messages) come first
+    for key, expected in _out_of_range(item):
+        raise spec.error(("surgery", item.index, "args", key), f"{item.insert}'s {key} is out of range: "
+                         f"timm builds the module, but it would not compute what {key} means",
+                         found=quote_value(item.args[key]), expected=expected)
+
+
+_REAL_DRY_RUN_LIMIT = 1 << 24  # elements: a bigger map is only checked on fake tensors
+
+
+def _memory_error(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text or "out of memory" in text
+
+
+def _run_on(attn: nn.Module, shape: Sequence[int]) -> Any:
+    # Shapes only, first: a huge image_size costs nothing here. Some modules cannot run on fake
+    # tensors (data-dependent shapes); a real pass decides for them, at sizes that fit in memory.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            out = attn(torch.zeros(shape))
+            return tuple(out.shape) if isinstance(out, torch.Tensor) else out
+    except Exception:  # noqa: BLE001 - the real pass below is the authority
+        if math.prod(shape) > _REAL_DRY_RUN_LIMIT:
+            raise
+    out = attn(torch.zeros(shape))
+    return tuple(out.shape) if isinstance(out, torch.Tensor) else out
 
 
 def _dry_run(spec: Spec, item: InsertSpec, attn: nn.Module, shapes: Shapes, target: str) -> None:
@@ -388,20 +652,25 @@ def _dry_run(spec: Spec, item: InsertSpec, attn: nn.Module, shapes: Shapes, targ
     attn.eval()  # no running statistics move, no dropout
     try:
         with torch.no_grad():
-            out = attn(torch.zeros(shape))
+            out = _run_on(attn, shape)
     except Exception as exc:  # noqa: BLE001 - whatever the module raises, the spec entry is the cause
+        if _memory_error(exc):  # the size of the map is at fault, not the module's arguments
+            raise spec.error(("data", "image_size"), f"a {list(shape)} feature map at {target} does not fit in memory "
+                             f"for {item.insert}: {exc.__class__.__name__}", found=str(spec.data["image_size"]),
+                             expected="an image size whose feature maps fit in memory") from None
         signature = _signature(module_factory(spec, item))
         raise spec.error(("surgery", item.index, "args"),
                          f"{item.insert} fails on the {side} of {target}, a {list(shape)} feature map: "
                          f"{exc.__class__.__name__}: {str(exc).strip() or '(no message)'}"[:400],
                          found=repr(dict(item.args)),
                          expected=f"arguments of {item.insert}{signature or ''} that fit this feature map",
-                         hint="self-attention modules (halo, bottleneck, bat) constrain the feature size; "
-                              "pick a target with a size they accept, or a channel attention (se, eca, cbam)") from None
+                         hint=_args_hint(item, shape) or
+                         "self-attention modules (halo, bottleneck, bat) constrain the feature size; "
+                         "pick a target with a size they accept, or a channel attention (se, eca, cbam)") from None
     finally:
         attn.train(was_training)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(shape):
-        got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if not isinstance(out, tuple) or out != tuple(shape):
+        got = list(out) if isinstance(out, tuple) else type(out).__name__
         raise spec.error(("surgery", item.index, "args" if item.args else "insert"),
                          f"{item.insert} turns the {side} of {target}, {list(shape)}, into {got}",
                          found=item.insert, expected="a module that keeps the feature map's shape",

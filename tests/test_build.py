@@ -264,3 +264,45 @@ def test_torch_export_matches_eager(trained) -> None:
         out = exported.module()(X)
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
     assert {k for k in exported.state_dict} >= {k for k, _ in built.model.named_parameters()}
+
+
+# --------------------------------------------------------------------------- train-mode output, model.args blame
+@pytest.mark.parametrize(("backbone", "size", "args"), [
+    ("torchvision:googlenet", 32, {}),  # aux_logits turned off for the user: its aux heads stay, untrained
+    ("torchvision:inception_v3", 75, {"aux_logits": False}),  # its aux head needs ~299 px, so at 75 px: off
+])
+def test_a_train_mode_forward_returns_one_logits_tensor(backbone: str, size: int, args: dict) -> None:
+    built = build(load_spec({"model": {"backbone": backbone, "num_classes": 10, "args": args},
+                             "data": {"image_size": size}}))
+    assert built.train_output == "Tensor"
+    out = built.model.train()(torch.randn(2, 3, size, size))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 10)
+
+
+@pytest.mark.parametrize(("backbone", "size", "path", "words"), [
+    ("torchvision:googlenet", 32, "model.args.aux_logits", "GoogLeNetOutputs"),
+    ("torchvision:inception_v3", 75, "data.image_size", "aux_logits: false"),  # the aux head fails at 75 px
+])
+def test_auxiliary_outputs_are_a_located_error(backbone: str, size: int, path: str, words: str) -> None:
+    from surgery import SpecError
+
+    args = {"aux_logits": True} if "googlenet" in backbone else {}
+    with pytest.raises(SpecError) as info:
+        build(load_spec({"model": {"backbone": backbone, "num_classes": 10, "args": args}, "data": {"image_size": size}}))
+    assert info.value.path == path and words in str(info.value)
+
+
+@pytest.mark.parametrize(("backbone", "args", "path"), [
+    ("timm:resnet18", {"global_pool": "zzz"}, "model.args.global_pool"),  # a timm assert, not a traceback
+    ("timm:resnet18", {"drop_rate": 0.1, "global_pool": "zzz"}, "model.args.global_pool"),
+    ("timm:resnet18", {"drop_rate": 2.0}, "model.args.drop_rate"),  # fails in the probe, not at data.image_size
+    ("torchvision:vgg11", {"dropout": 2.0}, "model.args.dropout"),
+    ("timm:resnet18", {"no_such_key": 1}, "model.args"),  # a key the constructor does not take
+])
+def test_a_rejected_model_argument_is_blamed_on_its_key(backbone: str, args: dict, path: str) -> None:
+    from surgery import SpecError
+
+    with pytest.raises(SpecError) as info:
+        build(load_spec({"model": {"backbone": backbone, "num_classes": 10, "args": args}}))
+    assert info.value.path == path
+    assert path.rsplit(".", 1)[1] in str(info.value) or path == "model.args"

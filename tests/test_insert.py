@@ -347,3 +347,103 @@ def test_every_attention_name_inserts_after_layer3_or_says_why_not(name: str, pl
 def test_the_ones_that_need_arguments_work_with_them(name: str, plain: nn.Module, reference: torch.Tensor) -> None:
     built = build(spec_of([{"insert": name, "at": "layer3", "args": WITH_ARGS[name]}]), state_dict=plain.state_dict())
     assert (outputs(built.model) - reference).abs().max() < 1e-5
+
+
+# --------------------------------------------------------------------------- registry: asked of timm, needs named
+def test_attention_names_are_asked_of_timm_not_read_from_its_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    import inspect
+
+    def no_source(*args: Any, **kwargs: Any) -> str:
+        raise AssertionError("attention_names must not read source text")
+
+    attention_names.cache_clear()
+    monkeypatch.setattr(inspect, "getsource", no_source)
+    try:
+        names = attention_names()
+    finally:
+        attention_names.cache_clear()
+    assert {"se", "cbam", "ge", "bottleneck", "halo", "bat", "splat", "lambda"} <= set(names)
+    assert "invalid" not in " ".join(names).lower()
+
+
+@pytest.mark.parametrize(("name", "needed"), [("bottleneck", "feat_size: [2, 2]"), ("halo", "block_size"),
+                                              ("bat", "block_size"), ("ge", "use_mlp: false")])
+def test_registry_entries_timm_cannot_build_name_the_argument_they_need(name: str, needed: str) -> None:
+    err = spec_error([{"insert": name, "at": "layer3"}])
+    assert err.path == "surgery[0].args" and needed in err.hint
+
+
+# --------------------------------------------------------------------------- argument ranges
+@pytest.mark.parametrize(("insert", "args", "path"), [
+    ("cbam", {"rd_ratio": -1}, "surgery[0].args.rd_ratio"),
+    ("se", {"rd_ratio": 2}, "surgery[0].args.rd_ratio"),
+    ("eca", {"kernel_size": 0}, "surgery[0].args.kernel_size"),
+    ("eca", {"kernel_size": 4}, "surgery[0].args.kernel_size"),
+    ("cbam", {"spatial_kernel_size": 0}, "surgery[0].args.spatial_kernel_size"),
+    ("cbam", {"rd_divisor": 0}, "surgery[0].args"),  # timm itself fails (ZeroDivisionError): the hint names the key
+])
+def test_arguments_out_of_range_are_located_errors(insert: str, args: dict, path: str) -> None:
+    err = spec_error([{"insert": insert, "at": "layer3", "args": args}])
+    key = next(iter(args))
+    assert err.path == path
+    assert key in err.path or key in (err.hint or "")
+
+
+def test_a_huge_image_size_is_not_blamed_on_the_surgery_args() -> None:
+    # the dry run is shape-only: a 40000 px map is never allocated, and nothing blames surgery[0].args
+    built = build(load_spec({"model": {"backbone": "torchvision:resnet18", "num_classes": 10},
+                             "data": {"image_size": 40000}, "surgery": [{"insert": "cbam", "at": "layer3"}]}))
+    assert built.inserted[0].channels == 256
+
+
+# --------------------------------------------------------------------------- channels-last maps
+@pytest.mark.parametrize(("backbone", "at", "args", "near"), [
+    ("torchvision:convnext_tiny", "features.1.0.block.2", {}, "'features.1.0.block'"),  # LayerNorm after Permute
+    ("torchvision:convnext_tiny", "features.1.0.block.3", {}, "'features.1.0'"),  # Linear
+    ("torchvision:swin_t", "features.1.0", {}, "'features.0.0'"),  # swin stages are NHWC throughout
+    ("torchvision:swin_t", "features.1", {}, "'permute'"),
+    ("timm:convnext_atto", "stages.0.blocks.0.norm", {"conv_mlp": False}, "'stages.0.blocks.0'"),
+    ("timm:convnext_atto", "stages.0.blocks.0.mlp.fc1", {"conv_mlp": False}, "'stages.0.blocks.0.conv_dw'"),
+])
+def test_a_channels_last_map_is_refused_with_channels_first_positions_nearby(backbone: str, at: str, args: dict,
+                                                                            near: str) -> None:
+    with pytest.raises(SpecError) as info:
+        build(load_spec({"model": {"backbone": backbone, "num_classes": 10, "args": args},
+                         "surgery": [{"insert": "cbam", "at": at}]}))
+    err = info.value
+    assert err.path == "surgery[0].at" and "channels-last" in err.problem
+    assert near in err.hint
+
+
+@pytest.mark.parametrize(("backbone", "at", "args", "channels"), [
+    ("torchvision:convnext_tiny", "features.1", {}, 96),
+    ("torchvision:convnext_tiny", "features.1.0.block.0", {}, 96),  # the depthwise conv, before the Permute
+    ("torchvision:swin_t", "features.0.0", {}, 96),  # the patch conv
+    ("timm:convnext_atto", "stages.0.blocks.0.norm", {}, 40),  # atto's conv_mlp keeps its blocks NCHW
+    ("timm:convnext_atto", "stages.0", {"conv_mlp": False}, 40),
+])
+def test_channels_first_positions_of_the_same_backbones_still_take_attention(backbone: str, at: str, args: dict,
+                                                                            channels: int) -> None:
+    built = build(load_spec({"model": {"backbone": backbone, "num_classes": 10, "args": args},
+                             "surgery": [{"insert": "cbam", "at": at}]}))
+    assert built.inserted[0].channels == channels
+
+
+# --------------------------------------------------------------------------- hints lead somewhere right
+@pytest.mark.parametrize(("at", "position", "hint"), [
+    ("features.denseblock1", "after", "use at: 'features.transition1' with position: before"),
+    ("features.denseblock4", "after", "use at: 'features.norm5' with position: before"),
+    ("features.denseblock2", "before", "use at: 'features.transition1' with position: after"),
+])
+def test_a_dense_block_hint_names_the_position_that_sees_the_blocks_output(at: str, position: str, hint: str) -> None:
+    spec = load_spec({"model": {"backbone": "torchvision:densenet121", "num_classes": 10},
+                      "surgery": [{"insert": "se", "at": at, "position": position}]})
+    with pytest.raises(SpecError) as info:
+        build(spec)
+    assert info.value.path == "surgery[0].at" and hint in info.value.hint
+    assert "denselayer" not in info.value.hint
+    target = hint.split("'")[1]  # and the hint works
+    built = build(load_spec({"model": {"backbone": "torchvision:densenet121", "num_classes": 10},
+                             "surgery": [{"insert": "se", "at": target, "position": hint.rsplit(" ", 1)[1]}]}))
+    assert built.inserted[0].channels == {"features.transition1": 256 if position == "after" else 128,
+                                          "features.norm5": 1024}[target]

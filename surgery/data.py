@@ -21,6 +21,7 @@ import inspect
 import logging
 import math
 import random
+import re
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -422,7 +423,9 @@ def _randaugment(spec: Spec, text: str, size: int, data_config: Mapping) -> Call
     error = spec.error(("data", "augment", "randaugment"), "this is not a RandAugment config string",
                        found=repr(text), expected="'rand' followed by -m<magnitude>, -n<layers>, -mstd<std>, "
                        "-p<prob>, -inc<0|1>, e.g. 'rand-m9-mstd0.5'")
-    if not text.split("-")[0] == "rand":
+    head, *sections = text.split("-")
+    # timm skips a section it cannot read (no digits) without a word: refuse it here instead
+    if head != "rand" or not all(re.fullmatch(r"(mstd|mmax|inc|m|n|p)[0-9]+(\.[0-9]+)?|t\w+", s) for s in sections):
         raise error
     try:
         return rand_augment_transform(text, hparams)

@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from .errors import did_you_mean, quote_value
+from .errors import did_you_mean, quote_value, describe_exception
 from .spec import Spec, backbone_names
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -70,7 +70,7 @@ def culprit_arg(spec: Spec, fails: Callable[[Spec], bool]) -> tuple | None:
 
 
 def _constructor_error(spec: Spec, exc: Exception, build: Callable[[Spec], Any]) -> Exception:
-    detail = f"{exc.__class__.__name__}: {str(exc).strip() or '(no message)'}" if not isinstance(exc, TypeError) else str(exc)
+    detail = describe_exception(exc, 400) if not isinstance(exc, TypeError) else str(exc)
     unknown = _UNEXPECTED.search(str(exc))
     if unknown:  # a key the constructor does not take: the mapping is at fault, the key named
         return spec.error(("model", "args"), f"the backbone's constructor rejected its arguments: {detail}",
@@ -217,7 +217,7 @@ def _download_torchvision(spec: Spec, weights) -> dict[str, torch.Tensor]:
     except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
         raise spec.error(
             ("model", "pretrained"),
-            f"the weights {type(weights).__name__}.{weights.name} are not cached and cannot be downloaded ({exc.__class__.__name__}: {exc})",
+            f"the weights {type(weights).__name__}.{weights.name} are not cached and cannot be downloaded ({describe_exception(exc, 300)})",
             found="pretrained: true",
             expected=f"the file {path} (torch hub cache; TORCH_HOME moves it)",
             hint=f"copy {os.path.basename(weights.url)} from a machine with a network into {os.path.dirname(path)}, "
@@ -288,6 +288,9 @@ def _timm(spec: Spec, fetch: bool = True) -> Backbone:
                              hint=did_you_mean(name, tags))
     pretrained = spec.model.pretrained is True and fetch
     kwargs = dict(spec.model.args)
+    if pretrained and not _timm_weights_reachable(name) and not _meta_build_fails(spec):
+        # not cached and no network: say so now, not after huggingface_hub's retries (about 50 s)
+        raise _timm_offline(spec, name, ConnectionError("not in the cache, and the hub cannot be reached"))
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as exc:  # noqa: BLE001 - library asserts included (global_pool: zzz)
@@ -311,6 +314,40 @@ def _timm(spec: Spec, fetch: bool = True) -> Backbone:
     return backbone
 
 
+def _timm_weights_reachable(name: str) -> bool:
+    """Are timm's weights for `name` in the local cache, or is the server that has them reachable?"""
+    import socket
+    from urllib.parse import urlparse
+
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name) if hasattr(timm.models, "get_pretrained_cfg") else None
+    if cfg is None:
+        return True  # let timm say what is wrong
+    if cfg.hf_hub_id:
+        try:
+            from huggingface_hub import constants, try_to_load_from_cache
+        except ImportError:  # pragma: no cover - timm depends on it
+            return True
+        files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        if any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, f), str) for f in files):
+            return True
+        if constants.HF_HUB_OFFLINE:
+            return False
+        host = urlparse(constants.ENDPOINT).hostname
+    elif cfg.url:
+        if os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(cfg.url).path))):
+            return True
+        host = urlparse(cfg.url).hostname
+    else:
+        return True
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
 def _timm_offline(spec: Spec, name: str, exc: Exception) -> Exception:
     import timm
 
@@ -326,7 +363,7 @@ def _timm_offline(spec: Spec, name: str, exc: Exception) -> Exception:
              if hub_id else "timm's cache")
     return spec.error(
         ("model", "pretrained"),
-        f"timm could not load pretrained weights for {name} ({exc.__class__.__name__}: {str(exc)[:200]})",
+        f"timm could not load pretrained weights for {name} ({describe_exception(exc, 200)})",
         found="pretrained: true",
         expected=f"the weights in {where}",
         hint="on a machine with a network run `python -c \"import timm; timm.create_model('" + name +
@@ -340,11 +377,3 @@ def _timm_head(model: nn.Module) -> tuple[str, ...]:
     modules = classifier if isinstance(classifier, (tuple, list)) else (classifier,)
     ids = {id(m) for m in modules if isinstance(m, nn.Module) and any(True for _ in m.parameters())}
     return tuple(name for name, m in model.named_modules() if id(m) in ids)
-
-
-def data_config_for(backbone: Backbone, image_size: int | None) -> Mapping[str, Any]:
-    """The backbone's data config at `image_size` (crop fraction kept)."""
-    config = dict(backbone.data_config)
-    if image_size:
-        config["input_size"] = (3, image_size, image_size)
-    return config

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, create_backbone, culprit_arg, logits_switch
-from .errors import quote_value
+from .errors import quote_value, describe_exception
 from .groups import ResolvedGroup, resolve_groups
 from .insert import Insertion, Shapes, apply_surgery, inserted_paths, plan_surgery, probe
 from .spec import Spec
@@ -83,7 +83,7 @@ def _probe(spec: Spec, model: nn.Module, size: Sequence[int], when: str) -> dict
     try:
         return probe(model, size)
     except Exception as exc:  # noqa: BLE001 - the model's own error is the most useful detail
-        problem = f"the {when} fails on a {list(size)} input: {exc.__class__.__name__}: {str(exc)[:300]}"
+        problem = f"the {when} fails on a {list(size)} input: {describe_exception(exc, 300)}"
         if when == "backbone":  # a model argument (drop_rate: 2) or the image size: find which
             raise _located(spec, _blame(spec, size, probe), problem, size) from None
         raise spec.error(("surgery",), problem, found=f"input {list(size)}",
@@ -128,7 +128,7 @@ def _check_train_output(spec: Spec, model: nn.Module, size: Sequence[int]) -> st
         out = train_output(model, size)
     except Exception as exc:  # noqa: BLE001 - eval mode ran: a train-only branch (aux heads) fails
         problem = (f"the backbone fails in train mode on a batch of 2 {list(size)} inputs: "
-                   f"{exc.__class__.__name__}: {str(exc)[:300]}")
+                   f"{describe_exception(exc, 300)}")
         err = _located(spec, _blame(spec, size, train_output), problem, size)
         switch = logits_switch(spec)
         if switch and switch not in spec.model.args and err.hint is None:

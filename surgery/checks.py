@@ -57,6 +57,22 @@ def _check_batch(spec: Spec, built: Built, train_size: int, world_size: int) -> 
                      expected=f"at least {2 * world_size} training images")
 
 
+def check_compile(spec: Spec) -> None:
+    """``train.compile``: true, false, or the name of a backend torch.compile knows."""
+    backend = spec.train.compile
+    if not isinstance(backend, str):
+        return
+    import torch._dynamo
+
+    known = [b for b in torch._dynamo.list_backends(exclude_tags=()) if "TESTING" not in b]
+    if backend not in known:
+        from .errors import did_you_mean
+
+        raise spec.error(("train", "compile"), f"torch.compile has no backend {backend!r}", found=repr(backend),
+                         expected="true (inductor), false, or one of " + ", ".join(known),
+                         hint=did_you_mean(backend, known))
+
+
 def check_training(spec: Spec, built: Built) -> tuple[str, ...]:
     """Every check of the training settings that can run before training; returns warnings.
 
@@ -68,6 +84,7 @@ def check_training(spec: Spec, built: Built) -> tuple[str, ...]:
     from .runtime import resolve_device
 
     check_optimizer(spec.train, spec=spec)
+    check_compile(spec)
     data_for(spec, built)
     warnings: list[str] = []
 

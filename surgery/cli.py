@@ -167,6 +167,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             continue
         console.print(f"[green]ok[/green] {path}: {built.spec.model.backbone}, {len(built.inserted)} modules inserted, "
                       f"{len(built.groups)} groups, {len(built.report.loaded)} pretrained tensors loaded", soft_wrap=True)
+        for note in built.notes:
+            console.print(f"  note: {note}", soft_wrap=True, markup=False)
     return EXIT_SPEC_ERROR if failed else 0
 
 

@@ -54,7 +54,7 @@ def quote_value(value: Any, limit: int = 80) -> str:
 
 def describe_exception(exc: BaseException, limit: int = 160) -> str:
     """`ValueError: the first line of its message` for quoting a library's error."""
-    return shorten(f"{exc.__class__.__name__}: {exc}", limit)
+    return shorten(f"{exc.__class__.__name__}: {str(exc).strip() or '(no message)'}", limit)
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,7 @@ def _export_torchscript(model: nn.Module, sample: torch.Tensor, path: Path, note
             except Exception as exc2:  # noqa: BLE001
                 raise ExportFailed(
                     f"torchscript: torch.jit.script failed ({first}) and torch.jit.trace "
-                    f"failed too ({exc2.__class__.__name__}: {str(exc2).strip()[:300]}). Export with --format pt2 "
+                    f"failed too ({describe_exception(exc2, 300)}). Export with --format pt2 "
                     "(torch.export) or --format onnx instead") from None
             method = "torch.jit.trace"
         module.save(str(path))
@@ -300,8 +300,8 @@ def export_run(run: LoadedRun | str | Path, fmt: str, out: str | Path | None = N
         except ExportFailed:
             raise
         except Exception as exc:  # noqa: BLE001 - the exporter's own message is the useful part
-            raise ExportFailed(f"{fmt}: the exporter failed on this model: {exc.__class__.__name__}: "
-                               f"{str(exc).strip()[:600]}") from None
+            raise ExportFailed(f"{fmt}: the exporter failed on this model: "
+                               + describe_exception(exc, 600)) from None
         diff: float | None = None
         try:
             forward = loader(tmp)
@@ -309,7 +309,7 @@ def export_run(run: LoadedRun | str | Path, fmt: str, out: str | Path | None = N
                 diff = float((_outputs(forward, sample, batch) - reference).abs().max())
         except Exception as exc:  # noqa: BLE001 - a file that does not load or run is a failed export
             raise ExportFailed(f"{fmt}: the written file does not reload and run on a {list(sample.shape)} input: "
-                               f"{exc.__class__.__name__}: {str(exc).strip()[:400]}") from None
+                               + describe_exception(exc, 400)) from None
         if forward is None:
             compared_with = "onnx.checker only"
             notes.append(f"outputs were not compared: `pip install {CHECKER[fmt]}` to run the export and compare")

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .errors import did_you_mean, quote_value
+from .errors import did_you_mean, quote_value, describe_exception
 from .paths import nearest, select_modules
 from .spec import InsertSpec, Spec
 
@@ -90,7 +90,7 @@ def default_failure(name: str) -> str | None:
         with torch.no_grad():
             module(torch.zeros(1, 64, 32, 32))
     except Exception as exc:  # noqa: BLE001 - whatever timm raises is the reason
-        return f"{exc.__class__.__name__}: {str(exc).strip() or '(no message)'}"[:200]
+        return describe_exception(exc, 200)
     return None
 
 
@@ -597,12 +597,12 @@ def _construct(spec: Spec, item: InsertSpec, factory, channels: int, target: str
                              found=repr(dict(item.args)), expected=f"arguments of {item.insert}{signature or '(channels, ...)'}",
                              hint=did_you_mean(unknown[0], params[1:]) if unknown else None) from None
         raise spec.error(("surgery", item.index, "args"), f"{item.insert} cannot be built for {channels} channels at {target}: "
-                         f"{exc.__class__.__name__}: {exc}", found=repr(dict(item.args)),
+                         + describe_exception(exc, 400), found=repr(dict(item.args)),
                          expected=f"arguments of {item.insert}{signature} that fit this width",
                          hint=_args_hint(item, shape)) from None
     except Exception as exc:  # noqa: BLE001 - library asserts included: a module that cannot be built is a spec problem
         raise spec.error(("surgery", item.index, "args"), f"{item.insert} cannot be built for {channels} channels at {target}: "
-                         f"{exc.__class__.__name__}: {str(exc).strip() or '(no message)'}",
+                         + describe_exception(exc, 400),
                          found=repr(dict(item.args)), expected="arguments that fit this width",
                          hint=_args_hint(item, shape)) from None
     if not isinstance(module, nn.Module):
@@ -656,12 +656,12 @@ def _dry_run(spec: Spec, item: InsertSpec, attn: nn.Module, shapes: Shapes, targ
     except Exception as exc:  # noqa: BLE001 - whatever the module raises, the spec entry is the cause
         if _memory_error(exc):  # the size of the map is at fault, not the module's arguments
             raise spec.error(("data", "image_size"), f"a {list(shape)} feature map at {target} does not fit in memory "
-                             f"for {item.insert}: {exc.__class__.__name__}", found=str(spec.data["image_size"]),
+                             f"for {item.insert}: {exc.__class__.__name__}", found=str(spec.data.image_size),
                              expected="an image size whose feature maps fit in memory") from None
         signature = _signature(module_factory(spec, item))
         raise spec.error(("surgery", item.index, "args"),
                          f"{item.insert} fails on the {side} of {target}, a {list(shape)} feature map: "
-                         f"{exc.__class__.__name__}: {str(exc).strip() or '(no message)'}"[:400],
+                         + describe_exception(exc, 400),
                          found=repr(dict(item.args)),
                          expected=f"arguments of {item.insert}{signature or ''} that fit this feature map",
                          hint=_args_hint(item, shape) or

@@ -172,7 +172,8 @@ def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[Pat
     """Files given directly (whatever their suffix) and image files under given folders, recursively.
 
     Returns:
-        (image paths in the order given, folders sorted; [(path, reason)] for paths that do not exist).
+        (image paths in the order given, folders sorted; [(path, reason)] for paths that do not exist
+        or are not regular files, such as a named pipe, which would block the read).
     """
     found: list[Path] = []
     missing: list[tuple[Path, str]] = []
@@ -181,11 +182,24 @@ def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[Pat
         if path.is_dir():
             found.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
                                 and not any(part.startswith(".") for part in p.relative_to(path).parts)))
-        elif path.exists():
+        elif path.is_file():
             found.append(path)
+        elif path.exists():  # a named pipe, socket or device would block or never end
+            missing.append((path, f"not a regular file ({_kind(path)})"))
         else:
             missing.append((path, "no such file or folder"))
     return list(dict.fromkeys(found)), missing  # a file named both alone and inside its folder: once
+
+
+def _kind(path: Path) -> str:
+    import stat
+
+    mode = path.stat().st_mode
+    for test, word in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+                       (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return word
+    return "not a file"
 
 
 def _read(path: Path, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:

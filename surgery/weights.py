@@ -1,15 +1,19 @@
 """Weight files in, load report out: every pretrained tensor is accounted for, none dropped silently."""
 from __future__ import annotations
 
-import re
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import regex
 import torch
 from torch import nn
 
+from .errors import describe_exception
 from .spec import Spec
+
+KEY_MAP_SECONDS = 2.0  # for the whole key map over every key of the file
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
@@ -74,7 +78,7 @@ def read_weight_file(spec: Spec, path: Path) -> dict[str, torch.Tensor]:
         hint = None
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             hint = "the file pickles Python objects besides tensors; re-save just the state_dict: torch.save(model.state_dict(), path)"
-        raise spec.error(where, f"the weight file cannot be read: {exc.__class__.__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+        raise spec.error(where, f"the weight file cannot be read: {describe_exception(exc, 200)}",
                          found=str(path), expected="an intact PyTorch or safetensors weight file", hint=hint) from None
     state = _find_state_dict(spec, raw, path)
     return _strip_wrappers(state)
@@ -150,16 +154,24 @@ def map_keys(spec: Spec, state: Mapping[str, torch.Tensor], target: Mapping[str,
     rules = []
     for pattern, repl in key_map.items():
         try:
-            rules.append((re.compile(pattern), repl))
-        except re.error as exc:
+            rules.append((regex.compile(pattern), repl))
+        except regex.error as exc:
             raise spec.error(where + (pattern,), f"not a valid regular expression: {exc}", found=repr(pattern),
                              expected="a Python regular expression") from None
+    # `regex` takes Python's syntax and a time limit: a pattern that backtracks without end
+    # (`(a|aa)+$`) is stopped and named instead of hanging the load
+    deadline = time.monotonic() + KEY_MAP_SECONDS
     for key, value in state.items():
         new = key
         for rx, repl in rules:
             try:
-                new = rx.sub(repl, new)
-            except (re.error, IndexError) as exc:
+                new = rx.sub(repl, new, timeout=max(deadline - time.monotonic(), 1e-3))
+            except TimeoutError:
+                raise spec.error(where + (rx.pattern,), f"this pattern is too slow: applying the key map to "
+                                 f"{len(state)} keys took more than {KEY_MAP_SECONDS:g} s (it backtracks on {key!r})",
+                                 found=repr(rx.pattern), expected="a pattern without nested repetition, "
+                                 "e.g. ^module\\.(.*) instead of (a|aa)+") from None
+            except (regex.error, IndexError) as exc:
                 raise spec.error(where + (rx.pattern,), f"the replacement cannot be applied: {exc}", found=repr(repl),
                                  expected="a replacement using only groups the pattern has") from None
         if not new:  # mapped to nothing: the user drops the key on purpose

@@ -390,10 +390,14 @@ def test_arguments_out_of_range_are_located_errors(insert: str, args: dict, path
 
 
 def test_a_huge_image_size_is_not_blamed_on_the_surgery_args() -> None:
-    # the dry run is shape-only: a 40000 px map is never allocated, and nothing blames surgery[0].args
+    # the dry run is shape-only: a 4096 px map (the schema's largest) is never allocated, and
+    # nothing blames surgery[0].args; past 4096 the schema names data.image_size itself
     built = build(load_spec({"model": {"backbone": "torchvision:resnet18", "num_classes": 10},
-                             "data": {"image_size": 40000}, "surgery": [{"insert": "cbam", "at": "layer3"}]}))
+                             "data": {"image_size": 4096}, "surgery": [{"insert": "cbam", "at": "layer3"}]}))
     assert built.inserted[0].channels == 256
+    with pytest.raises(SpecError) as info:
+        load_spec({"model": {"backbone": "torchvision:resnet18"}, "data": {"image_size": 40000}})
+    assert info.value.path == "data.image_size"
 
 
 # --------------------------------------------------------------------------- channels-last maps

@@ -213,6 +213,7 @@ def test_resume_after_the_final_writes_were_killed_finishes_them(trained, tmp_pa
     ({"train": {"scheduler": {"name": "cosin"}}}, "train.scheduler.name", "did you mean 'cosine'"),
     ({"data": {"subset": {"train": 1}}}, "data.subset.train", "a batch of one cannot train BatchNorm"),
     ({"data": {"augment": {"randaugment": "rand-zz"}}}, "data.augment.randaugment", "RandAugment"),
+    ({"train": {"compile": "inductr"}}, "train.compile", "did you mean 'inductor'"),
 ])
 def test_validate_finds_what_run_would_stop_on(tmp_path, capsys, sections, where, words):
     spec = write_spec(tmp_path, **sections)
@@ -246,3 +247,31 @@ def test_command_line_values_get_located_errors(trained, tmp_path, capsys, argv,
 def test_run_dir_errors_are_user_errors():
     err = RunDirError("x", exit_code=2)
     assert err.exit_code == 2 and RunDirError("y").exit_code == 1
+
+
+# --------------------------------------------------------------------------- hangs
+def test_a_named_pipe_given_to_predict_is_skipped_not_read(trained, tmp_path, capsys):
+    _, run = trained
+    fifo = tmp_path / "fifo.jpg"
+    os.mkfifo(fifo)
+    image = tmp_path / "good.png"
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(image)
+    assert main(["predict", str(run), str(fifo), str(image), "--json"]) == 0  # would block forever on the pipe
+    said = capsys.readouterr()
+    assert f"{fifo}: not a regular file (a named pipe)" in said.err.replace("\n", "")
+    assert json.loads(said.out.splitlines()[0])["path"] == str(image)
+
+
+def test_a_key_map_that_backtracks_without_end_is_stopped_and_named(tmp_path, capsys):
+    from surgery import build, load_spec
+    from surgery.errors import SpecError
+
+    weights = tmp_path / "w.pth"
+    model = build(load_spec(TINY)).model
+    torch.save({("a" * 28 + "!" + k): v for k, v in model.state_dict().items()}, weights)
+    slow = {**TINY, "model": {**TINY["model"], "pretrained": str(weights), "key_map": {"^(a|aa)+$": "x"}}}
+    with pytest.raises(SpecError, match=r"this pattern is too slow") as info:
+        build(load_spec(slow))
+    assert info.value.path == "model.key_map.^(a|aa)+$"

@@ -194,12 +194,22 @@ def test_compiled_model_trains_a_group_unfrozen_mid_run():
     assert ctx.forward.compilations == 2  # once per trainable set, not once per epoch
 
 
-def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     from surgery.train import TrainingStopped
 
-    # epoch 0 trains sanely; epoch 1's lr of 1e30 blows the weights up after its first step
+    # epoch 0 trains sanely; the loss of epoch 1's second batch is NaN (an lr of 1e30 did this
+    # before the schema bounded learning rates to 10)
+    calls = {"n": 0}
+
+    class PoisonedFifth(nn.CrossEntropyLoss):
+        def forward(self, logits, target):
+            calls["n"] += 1
+            loss = super().forward(logits, target)
+            return loss * float("nan") if calls["n"] == 5 else loss
+
+    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", PoisonedFifth)
     spec = _spec(train={"channels_last": False, "optimizer": {"name": "sgd"}},
-                 groups=[{"name": "all", "params": ["*"], "lr": {0: 1e-3, 1: 1e30}}])
+                 groups=[{"name": "all", "params": ["*"], "lr": {0: 1e-3, 1: 1e-2}}])
     out = tmp_path / "run"
     with pytest.raises(TrainingStopped, match=r"the loss became nan in epoch 2, batch 2 of 3; the last good "
                                               r"checkpoint is .*last\.pt \(end of epoch 1\)"):

@@ -12,7 +12,7 @@ from torch import nn
 from .. import distributed
 from ..builder import Built, build
 from ..cache import FeatureCache
-from ..checks import data_for
+from ..checks import check_compile, data_for
 from ..data import DataBundle, make_loader
 from ..distributed import DataParallel, Distributed
 from ..optim import build_optimizer
@@ -75,6 +75,7 @@ def prepare(spec: Spec, *, device: str | None = None, runs_root: Path | None = N
     Under torchrun (or with `env`), joins the process group, shards both loaders and wraps the
     model for data parallelism; otherwise everything runs in this process.
     """
+    check_compile(spec)
     runtime = make_runtime(spec, device)
     env = env if env is not None else distributed.setup(runtime.device)
     # per-process streams for dropout and the like; rank 0 matches a single-process run

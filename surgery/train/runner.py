@@ -119,6 +119,8 @@ def _begin(ctx: Context, rundir: RunDir, resume: bool, say: Callable) -> Journey
     say(f"{spec.name}: {spec.model.backbone}, {len(ctx.built.inserted)} modules inserted, "
         f"{len(ctx.built.report.loaded)} pretrained tensors loaded; {ctx.data.describe}; {ctx.runtime.describe()}"
         f"{processes}", markup=False, soft_wrap=True)
+    for note in ctx.built.notes:
+        say(f"note: {note}", markup=False, soft_wrap=True)
     return journey
 
 

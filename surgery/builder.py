@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from .backbones import Backbone, create_backbone, culprit_arg, logits_switch
-from .errors import quote_value, describe_exception
+from .errors import describe_exception, quote_value
+from .modes import in_mode
 from .groups import ResolvedGroup, resolve_groups
 from .insert import Insertion, Shapes, apply_surgery, inserted_paths, plan_surgery, probe
 from .spec import Spec
@@ -102,12 +103,10 @@ def train_output(model: nn.Module, input_size: Sequence[int]) -> Any:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     buffers = [b.detach().clone() for b in model.buffers()]
-    modes = {n: m.training for n, m in model.named_modules()}
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            model.train()
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), in_mode(model, train=True):
             try:
                 with FakeTensorMode(allow_non_fake_inputs=True):  # the input is made inside: fake too
                     return model(torch.zeros(2, *input_size, dtype=dtype))
@@ -119,8 +118,6 @@ def train_output(model: nn.Module, input_size: Sequence[int]) -> Any:
         with torch.no_grad():
             for b, saved in zip(model.buffers(), buffers):
                 b.copy_(saved)
-        for n, m in model.named_modules():
-            m.training = modes[n]
 
 
 def _check_train_output(spec: Spec, model: nn.Module, size: Sequence[int]) -> str:

@@ -26,7 +26,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .errors import did_you_mean, quote_value, describe_exception
+from .errors import describe_exception, did_you_mean, quote_value
+from .modes import evaluating
 from .paths import nearest, select_modules
 from .spec import InsertSpec, Spec
 
@@ -333,18 +334,14 @@ def _probe(model: nn.Module, input_size: Sequence[int]) -> dict[str, Shapes]:
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()]
     handles += [m.register_forward_pre_hook(started(n)) for n, m in model.named_modules()]
-    modes = {n: m.training for n, m in model.named_modules()}
     try:
-        model.eval()
         param = next(model.parameters(), None)
         x = torch.zeros(1, *input_size, dtype=param.dtype if param is not None else torch.float32)
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             model(x)
     finally:
         for h in handles:
             h.remove()
-        for n, m in model.named_modules():
-            m.training = modes[n]
     return {n: Shapes(e[0], e[1], e[2] if len(e[3]) == 1 else -e[2], clock.get(n + ":start", -1), clock.get(n + ":end", -1))
             for n, e in seen.items()}
 
@@ -648,15 +645,13 @@ def _dry_run(spec: Spec, item: InsertSpec, attn: nn.Module, shapes: Shapes, targ
     # at its own surgery entry, before the model is changed.
     shape = shapes.inputs if item.position == "before" else shapes.output
     side = "input" if item.position == "before" else "output"
-    was_training = attn.training
-    attn.eval()  # no running statistics move, no dropout
     try:
-        with torch.no_grad():
+        with evaluating(attn), torch.no_grad():
             out = _run_on(attn, shape)
     except Exception as exc:  # noqa: BLE001 - whatever the module raises, the spec entry is the cause
         if _memory_error(exc):  # the size of the map is at fault, not the module's arguments
             raise spec.error(("data", "image_size"), f"a {list(shape)} feature map at {target} does not fit in memory "
-                             f"for {item.insert}: {exc.__class__.__name__}", found=str(spec.data.image_size),
+                             f"for {item.insert}: {describe_exception(exc, 120)}", found=str(spec.data.image_size),
                              expected="an image size whose feature maps fit in memory") from None
         signature = _signature(module_factory(spec, item))
         raise spec.error(("surgery", item.index, "args"),
@@ -667,8 +662,6 @@ def _dry_run(spec: Spec, item: InsertSpec, attn: nn.Module, shapes: Shapes, targ
                          hint=_args_hint(item, shape) or
                          "self-attention modules (halo, bottleneck, bat) constrain the feature size; "
                          "pick a target with a size they accept, or a channel attention (se, eca, cbam)") from None
-    finally:
-        attn.train(was_training)
     if not isinstance(out, tuple) or out != tuple(shape):
         got = list(out) if isinstance(out, tuple) else type(out).__name__
         raise spec.error(("surgery", item.index, "args" if item.args else "insert"),

@@ -194,20 +194,25 @@ def test_compiled_model_trains_a_group_unfrozen_mid_run():
     assert ctx.forward.compilations == 2  # once per trainable set, not once per epoch
 
 
+def _poison_loss(monkeypatch, call: int) -> None:
+    """The training loss is NaN on its `call`-th use (1-based); validation does not use it."""
+    calls = {"n": 0}
+
+    class Poisoned(nn.CrossEntropyLoss):
+        def forward(self, logits, target):
+            calls["n"] += 1
+            loss = super().forward(logits, target)
+            return loss * float("nan") if calls["n"] == call else loss
+
+    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", Poisoned)
+
+
 def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     from surgery.train import TrainingStopped
 
     # epoch 0 trains sanely; the loss of epoch 1's second batch is NaN (an lr of 1e30 did this
     # before the schema bounded learning rates to 10)
-    calls = {"n": 0}
-
-    class PoisonedFifth(nn.CrossEntropyLoss):
-        def forward(self, logits, target):
-            calls["n"] += 1
-            loss = super().forward(logits, target)
-            return loss * float("nan") if calls["n"] == 5 else loss
-
-    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", PoisonedFifth)
+    _poison_loss(monkeypatch, call=5)
     spec = _spec(train={"channels_last": False, "optimizer": {"name": "sgd"}},
                  groups=[{"name": "all", "params": ["*"], "lr": {0: 1e-3, 1: 1e-2}}])
     out = tmp_path / "run"
@@ -221,15 +226,7 @@ def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_the_last_good_checkpoin
 
 
 def test_nonfinite_skip_skips_the_bad_batch_and_the_run_completes(tmp_path, monkeypatch):
-    calls = {"n": 0}
-
-    class PoisonedOnce(nn.CrossEntropyLoss):
-        def forward(self, logits, target):
-            calls["n"] += 1
-            loss = super().forward(logits, target)
-            return loss * float("nan") if calls["n"] == 2 else loss
-
-    monkeypatch.setattr(torch.nn, "CrossEntropyLoss", PoisonedOnce)
+    _poison_loss(monkeypatch, call=2)
     spec = _spec(train={"epochs": 1, "nonfinite": "skip", "channels_last": False})
     summary = run(spec, tmp_path / "run")
     assert summary["final"]["skipped_batches"] == 1

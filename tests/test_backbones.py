@@ -218,3 +218,33 @@ def test_data_configs_come_from_the_libraries() -> None:
     assert tv["input_size"] == (3, 224, 224) and tv["mean"] == pytest.approx((0.485, 0.456, 0.406))
     timm_ = create_backbone(load_spec({"model": {"backbone": "timm:resnet18.a1_in1k"}})).data_config
     assert timm_["input_size"] == (3, 224, 224) and timm_["crop_pct"] == pytest.approx(0.95)
+
+
+def test_timm_pretrained_without_cache_or_network_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Online mode, nothing cached, the hub unreachable: our located error, without timm ever asking
+    huggingface_hub (whose retries used to print ten 'Retrying in N s' lines over about 50 s)."""
+    import socket
+
+    import timm
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    tried: list[tuple] = []
+
+    def unreachable(address, *args, **kwargs):
+        tried.append(address)
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    real_create = timm.create_model
+
+    def create(name, pretrained=False, **kwargs):
+        assert not pretrained, "timm was asked to download"
+        return real_create(name, pretrained=pretrained, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", create)
+    with pytest.raises(SpecError, match="not in the cache, and the hub cannot be reached") as info:
+        build(spec_of("timm:resnet18", pretrained=True))
+    assert info.value.path == "model.pretrained" and "models--timm--resnet18" in info.value.expected
+    assert tried and tried[0][0] == "huggingface.co"

@@ -257,3 +257,14 @@ def test_inspect_bad_spec_in_a_subprocess(tmp_path: Path) -> None:
     assert proc.returncode == 2 and proc.stdout == ""
     assert "Traceback" not in proc.stderr
     assert f"{path}:16:3: train.epocs: unknown key 'epocs'" in proc.stderr
+
+
+def test_inspect_piped_to_a_file_keeps_every_line_whole(tmp_path):
+    """Not a terminal: nothing is cut to the (here 40) columns of a terminal with '…'."""
+    proc = subprocess.run([sys.executable, "-m", "surgery", "inspect", "torchvision:convnext_tiny", "--input-size", "32"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "40"})
+    assert proc.returncode == 0, proc.stderr
+    assert "…" not in proc.stdout
+    deep = [line for line in proc.stdout.splitlines() if "StochasticDepth" in line]
+    assert deep and all(line.rstrip().endswith("]") for line in deep)
+    assert max(len(line) for line in proc.stdout.splitlines()) > 60

@@ -316,7 +316,7 @@ class _EvalGeometry:
             crop_mode=data_config.get("crop_mode"),
             interpolation=_interpolation(data_config),
             mean=tuple(data_config.get("mean", IMAGENET_MEAN)),
-            std=tuple(data_config.get("std", (0.229, 0.224, 0.225))),
+            std=tuple(data_config.get("std", IMAGENET_STD)),
             use_prefetcher=True,  # stops at a uint8 tensor, which we add ourselves
         )
         self.large = [t for t in timm_eval.transforms if not isinstance(t, MaybePILToTensor)]

@@ -16,6 +16,12 @@ Cases:
                         features of the frozen body (what `surgery run` does in such a stage)
 The plain loop is the one tutorials write: Adam, fp32, no channels_last, a default DataLoader
 over a Dataset applying ToTensor + Normalize, `loss.item()` and `.sum().item()` every step.
+
+    python benchmarks/loops.py --case none --timm-train .peer/train.py --json peer.json
+
+adds the second peer, timm's own train.py against `surgery run`, whole commands on one generated
+ImageFolder (benchmarks/peer_timm.py: timm resnet18, 64 px, batch 32, AdamW, fp32,
+channels_last, no augmentation, 2 epochs, the second timed; alternating, median of --repeats).
 """
 from __future__ import annotations
 
@@ -169,7 +175,10 @@ def machine() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", action="append", choices=sorted(CASES), help="default: every case")
+    parser.add_argument("--case", action="append", choices=sorted(CASES) + ["none"],
+                        help="default: every case; none: only the timm peer")
+    parser.add_argument("--timm-train", type=Path, default=None,
+                        help="a copy of timm's train.py: also compare whole commands against it")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
@@ -181,7 +190,7 @@ def main() -> None:
         return
     record = {"machine": machine(), "steps": args.steps, "repeats": args.repeats, "cases": {}}
     print(f"machine: {record['machine']}")
-    for case in args.case or list(CASES):
+    for case in [c for c in (args.case or list(CASES)) if c != "none"]:
         loops = ("plain", "engine") + (("engine-cached",) if CASES[case]["stage"] == "head" else ())
         runs: dict[str, list[dict]] = {loop: [] for loop in loops}
         for _ in range(args.repeats):
@@ -209,6 +218,15 @@ def main() -> None:
             print(f"{'':<20} engine on cached features {cached['images_per_sec']:9.1f} img/s "
                   f"(x{summary['cached_vs_uncached']:.1f} the uncached head-only epoch; the body ran once "
                   f"in {cached['cache_seconds']:.1f}s)", flush=True)
+    if args.timm_train is not None:
+        from peer_timm import compare
+
+        peer = compare(args.timm_train, device="cpu", model="resnet18", size=64, batch=32, images=960,
+                       repeats=args.repeats, precision="fp32", channels_last=True, workers=0)
+        record["timm_train_py"] = peer
+        m = peer["median"]
+        print(f"{'timm train.py peer':<20} timm {m['timm train.py']:7.1f} img/s | surgery run {m['surgery run']:7.1f} "
+              f"img/s | x{peer['ratio_surgery_over_timm']:.2f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
 

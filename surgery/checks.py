@@ -85,8 +85,16 @@ def check_training(spec: Spec, built: Built) -> tuple[str, ...]:
 
     check_optimizer(spec.train, spec=spec)
     check_compile(spec)
-    data_for(spec, built)
+    data = data_for(spec, built)
     warnings: list[str] = []
+    batches = max(len(data.train) // spec.train.batch_size, 1)
+    if spec.train.limit_batches:
+        batches = min(batches, spec.train.limit_batches)
+    if spec.train.accumulate > batches:
+        file, line, _ = spec.source.locate(("train", "accumulate"))
+        warnings.append(f"{file or '<spec>'}" + (f":{line}" if line else "") + f": train.accumulate: "
+                        f"{spec.train.accumulate} batches per optimizer step, but an epoch has {batches}: "
+                        "the optimizer steps once per epoch, on fewer batches than asked")
 
     def note(problem: str, **kw: str) -> UserError:
         return spec.error(("train", "device"), problem, **kw)

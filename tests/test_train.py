@@ -273,3 +273,62 @@ def test_feature_cache_is_used_only_when_the_head_input_is_fixed(capsys):
                                 {"name": "body", "params": ["*"], "unfreeze_at": 1, "norm": "train"}]))
     note = use_feature_cache(ctx, apply_trainable(ctx.model, ctx.built.groups, 0))
     assert ctx.features is None and "normalization in training mode" in note
+
+
+# --------------------------------------------------------------------------- train.accumulate
+def _no_batchnorm_spec(batch_size: int, accumulate: int, limit: int):
+    # timm's test_convnext: LayerNorm only, so a batch of 32 and four batches of 8 see the same statistics
+    return _spec(model={"backbone": "timm:test_convnext", "num_classes": 10},
+                 train={"epochs": 2, "batch_size": batch_size, "accumulate": accumulate, "limit_batches": limit,
+                        "channels_last": False, "precision": "fp32", "grad_clip": 1.0,
+                        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
+                        "scheduler": {"name": "cosine", "warmup_epochs": 1, "per_step": True}})
+
+
+def test_accumulating_four_batches_of_8_matches_one_batch_of_32(tmp_path):
+    """Same images in the same order (the sampler's order does not depend on the batch size), one
+    optimizer step per 32 images, the per-step lr at the same fractions of the epoch."""
+    lrs: dict[str, list[float]] = {"big": [], "accumulated": []}
+    for name, (batch, n, limit) in {"big": (32, 1, 2), "accumulated": (8, 4, 8)}.items():
+        spec = _no_batchnorm_spec(batch, n, limit)
+        ctx = prepare(spec)
+        real_step = ctx.optimizer.step
+
+        def step(*a, _ctx=ctx, _name=name, _real=real_step, **k):
+            lrs[_name].append(_ctx.optimizer.param_groups[0]["lr"])
+            return _real(*a, **k)
+        ctx.optimizer.step = step
+        for epoch in range(2):
+            train_epoch(ctx, epoch, apply_trainable(ctx.model, ctx.built.groups, epoch))
+        lrs[name + "_weights"] = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+    assert len(lrs["big"]) == len(lrs["accumulated"]) == 4  # 2 optimizer steps per epoch either way
+    assert lrs["big"] == pytest.approx(lrs["accumulated"], rel=1e-12)
+    big, accumulated = lrs["big_weights"], lrs["accumulated_weights"]
+    for key, tensor in big.items():
+        assert torch.allclose(accumulated[key], tensor, rtol=1e-4, atol=1e-6), key
+
+
+def test_accumulate_one_changes_nothing_and_a_short_last_window_still_steps():
+    from surgery.train.loop import accumulation_window
+
+    assert [accumulation_window(s, 10, 4) for s in (0, 3, 4, 8, 9)] == [(0, 4), (0, 4), (4, 4), (8, 2), (8, 2)]
+    assert [accumulation_window(s, 3, 1) for s in range(3)] == [(0, 1), (1, 1), (2, 1)]
+    spec = _no_batchnorm_spec(8, 3, 4)  # windows of 3 and 1 batches
+    ctx = prepare(spec)
+    calls = []
+    real_step = ctx.optimizer.step
+    ctx.optimizer.step = lambda *a, **k: (calls.append(1), real_step(*a, **k))[1]
+    result = train_epoch(ctx, 0, apply_trainable(ctx.model, ctx.built.groups, 0))
+    assert len(calls) == 2 and result.seen == 32
+    assert all(p.grad is None for p in ctx.model.parameters())  # nothing half-accumulated is left over
+
+
+def test_a_stop_mid_window_ends_the_epoch_after_the_window_steps():
+    from surgery.train.loop import EpochState
+
+    ctx = prepare(_no_batchnorm_spec(8, 4, 8))
+    state = EpochState()
+    asked = []
+    result = train_epoch(ctx, 0, apply_trainable(ctx.model, ctx.built.groups, 0), state=state,
+                         on_step=lambda e, s, loss: asked.append(s), stop=lambda: len(asked) >= 2)
+    assert result.stopped and state.batch == 4  # the stop came after batch 2; the window of 4 finished

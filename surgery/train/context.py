@@ -19,6 +19,7 @@ from ..optim import build_optimizer
 from ..runtime import Compiled, Runtime, make_runtime, seed_everything
 from ..schedule import Plateau
 from ..spec import Spec
+from .mixing import BatchAugment, train_criterion
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class Context:
     train_loader: Any
     val_loader: Any
     criterion: nn.Module
+    batch_augment: BatchAugment | None = None  # erasing and mixup on the device (None: neither)
     trainable_params: list[nn.Parameter] = field(default_factory=list)
     dist: Distributed = field(default_factory=Distributed)
     features: FeatureCache | None = None  # head-only stages: the frozen body's outputs, computed once
@@ -101,7 +103,9 @@ def prepare(spec: Spec, *, device: str | None = None, runs_root: Path | None = N
     # a last training batch of one sample would make BatchNorm fail; dropping a partial batch is harmless
     train_loader = make_loader(data.train, train=True, drop_last=len(data.train) > batch * env.world_size, **loader)
     val_loader = make_loader(data.val, train=False, **loader)
-    criterion = nn.CrossEntropyLoss(label_smoothing=spec.train.label_smoothing)
+    criterion = train_criterion(spec).to(runtime.device)
+    augment = BatchAugment(spec, len(data.classes), runtime.device, env.rank)
     return Context(spec=spec, built=built, data=data, runtime=runtime, model=model, forward=forward,
                    optimizer=optimizer, scaler=scaler, plateau=Plateau.from_train(spec.train), ema=ema,
-                   train_loader=train_loader, val_loader=val_loader, criterion=criterion, dist=env)
+                   train_loader=train_loader, val_loader=val_loader, criterion=criterion,
+                   batch_augment=augment if augment.active else None, dist=env)

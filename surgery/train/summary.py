@@ -36,6 +36,9 @@ def summary_of(ctx: Context, rows: list[dict[str, Any]], best: Mapping[str, Any]
         "world_size": env.world_size,
         "batch_size_per_process": spec.train.batch_size,
         "global_batch_size": spec.train.batch_size * env.world_size,
+        # images per optimizer step (train.accumulate batches of the global batch)
+        "accumulate": spec.train.accumulate,
+        "effective_batch_size": spec.train.batch_size * env.world_size * spec.train.accumulate,
         "ranks_consistent": True,
         "data": ctx.data.describe,
         "params": {"total": sum(p.numel() for p in ctx.model.parameters()),

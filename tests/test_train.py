@@ -332,3 +332,44 @@ def test_a_stop_mid_window_ends_the_epoch_after_the_window_steps():
     result = train_epoch(ctx, 0, apply_trainable(ctx.model, ctx.built.groups, 0), state=state,
                          on_step=lambda e, s, loss: asked.append(s), stop=lambda: len(asked) >= 2)
     assert result.stopped and state.batch == 4  # the stop came after batch 2; the window of 4 finished
+
+
+# --------------------------------------------------------------------------- train.mixup, data.augment.erasing
+def test_mixup_and_erasing_are_seeded_per_batch_and_leave_the_global_rngs_alone():
+    import random
+
+    import numpy as np
+    from timm.loss import SoftTargetCrossEntropy
+
+    from surgery.train.mixing import BatchAugment
+
+    spec = _spec(train={"batch_size": 8, "mixup": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0}},
+                 data={"augment": {"erasing": {"prob": 1.0, "mode": "pixel"}}})
+    augment = BatchAugment(spec, 10, torch.device("cpu"))
+    x, y = torch.randn(5, 3, 16, 16), torch.tensor([0, 1, 2, 3, 4])  # odd: the last image stays itself
+    states = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    a_x, a_t = augment(x.clone(), y, epoch=1, step=2)
+    b_x, b_t = augment(x.clone(), y, epoch=1, step=2)
+    c_x, _ = augment(x.clone(), y, epoch=1, step=3)
+    assert random.getstate() == states[0] and np.array_equal(np.random.get_state()[1], states[1])
+    assert torch.equal(torch.get_rng_state(), states[2])
+    assert torch.equal(a_x, b_x) and torch.equal(a_t, b_t) and not torch.equal(a_x, c_x)
+    assert not torch.equal(a_x, x)  # prob 1: every image has an erased rectangle
+    assert a_t.shape == (5, 10) and torch.allclose(a_t.sum(1), torch.ones(5))
+    assert a_t[4].tolist() == [0.0] * 4 + [1.0] + [0.0] * 5
+    assert isinstance(prepare(spec).criterion, SoftTargetCrossEntropy)
+
+
+def test_mixup_run_reports_dominant_label_accuracy_and_head_only_stages_run_uncached(tmp_path, capsys):
+    groups = [{"name": "head", "params": ["@head"], "lr": 1e-2},
+              {"name": "body", "params": ["*"], "lr": 1e-3, "unfreeze_at": 1}]
+    spec = _spec(train={"epochs": 1, "mixup": {"cutmix_alpha": 0.0}}, groups=groups)
+    run(spec, tmp_path / "mixup")
+    row = read_metrics(tmp_path / "mixup" / "metrics.jsonl")[0]
+    assert row["train_acc_basis"] == "dominant label" and 0.0 <= row["train_acc"] <= 1.0
+    assert "running uncached: mixup/CutMix (train.mixup) mixes different images every epoch" in capsys.readouterr().out
+    from surgery.train import use_feature_cache
+
+    ctx = prepare(_spec(groups=groups, data={"augment": {"erasing": {"prob": 0.25}}}))
+    note = use_feature_cache(ctx, apply_trainable(ctx.model, ctx.built.groups, 0))
+    assert ctx.features is None and "random erasing (data.augment.erasing)" in note

@@ -36,7 +36,24 @@ def data_for(spec: Spec, built: Built, world_size: int = 1) -> DataBundle:
         raise spec.error(("data", "val_split"), "the validation set is empty", found=str(spec.data.val_split),
                          expected="a val_split above 0, or a dataset with its own validation split")
     _check_batch(spec, built, len(data.train), world_size)
+    _check_balance(spec, data)
     return data
+
+
+def _check_balance(spec: Spec, data: DataBundle) -> None:
+    """`data.balance` weighs classes by their training counts: each class needs at least one image."""
+    import numpy as np
+
+    if spec.data.balance == "none":
+        return
+    counts = np.bincount(data.train.targets, minlength=len(data.classes))
+    empty = [c for c, n in zip(data.classes, counts) if n == 0]
+    if empty:
+        shown = ", ".join(repr(c) for c in empty[:5]) + (f" ({len(empty)} in all)" if len(empty) > 5 else "")
+        raise spec.error(("data", "balance"), f"balance: {spec.data.balance} weighs each class by its training "
+                         f"images, and some classes have none: {shown}", found=f"balance: {spec.data.balance}",
+                         expected="at least one training image in every class",
+                         hint="raise data.subset.train, or leave those classes out with data.classes")
 
 
 def _check_batch(spec: Spec, built: Built, train_size: int, world_size: int) -> None:

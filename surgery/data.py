@@ -237,6 +237,11 @@ class _Split(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
+    @property
+    def targets(self) -> np.ndarray:
+        """The label of every item, in item order (no image is read)."""
+        return self.label_map[self.source.targets[self.indices]]
+
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         if not -len(self) <= index < len(self):
@@ -457,13 +462,45 @@ def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: torch.devic
 
 
 # --------------------------------------------------------------------------- loaders
+class _BalancedSampler(DistributedSampler):
+    """DistributedSampler whose epoch is drawn with replacement, every class equally likely.
+
+    Epoch E draws ``len(targets)`` items from a generator seeded with (seed + E), as
+    DistributedSampler seeds its permutation; each item's weight is 1 / (its class's count), so
+    each class is a 1/K share of the draws on average. The ranks then split that one draw
+    exactly as DistributedSampler splits its permutation (padding or dropping the tail), so
+    the order is a pure function of (seed, epoch), the same on every rank layout that splits it.
+    """
+
+    def __init__(self, targets: np.ndarray, num_replicas: int, rank: int, seed: int, drop_last: bool) -> None:
+        super().__init__(range(len(targets)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=drop_last)
+        counts = np.bincount(targets)
+        self.weights = torch.as_tensor(1.0 / counts[targets], dtype=torch.float64)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        indices = torch.multinomial(self.weights, len(self.weights), replacement=True, generator=g).tolist()
+        if not self.drop_last:
+            padding = self.total_size - len(indices)
+            indices += (indices * math.ceil(padding / len(indices)))[:padding] if padding > 0 else []
+        else:
+            indices = indices[: self.total_size]
+        return iter(indices[self.rank: self.total_size: self.num_replicas])
+
+
 class _EpochBatches:
-    """Batch sampler of (epoch, index) keys; the order comes from DistributedSampler(seed, epoch)."""
+    """Batch sampler of (epoch, index) keys; the order comes from DistributedSampler(seed, epoch)
+    (or, class-balanced, from `_BalancedSampler`)."""
 
     def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool,
-                 rank: int, world_size: int) -> None:
-        self.sampler = DistributedSampler(range(size), num_replicas=world_size, rank=rank,
-                                          shuffle=shuffle, seed=seed, drop_last=drop_last)
+                 rank: int, world_size: int, balance_targets: np.ndarray | None = None) -> None:
+        if balance_targets is not None:
+            self.sampler: DistributedSampler = _BalancedSampler(balance_targets, world_size, rank, seed, drop_last)
+        else:
+            self.sampler = DistributedSampler(range(size), num_replicas=world_size, rank=rank,
+                                              shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.epoch = 0
@@ -495,6 +532,7 @@ def make_loader(
     drop_last: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    balance_targets: np.ndarray | None = None,
 ) -> EpochLoader:
     """A loader whose epoch E is a pure function of (seed, E), for one DDP rank.
 
@@ -509,13 +547,15 @@ def make_loader(
         drop_last: drop the last incomplete batch, and the tail that does not split evenly
             across ranks (otherwise DistributedSampler repeats a few items to even it out).
         rank, world_size: this process's share of every epoch.
+        balance_targets: the label of every item: draw each epoch class-balanced (with
+            replacement, as many draws as items) instead of shuffling (`data.balance: sampler`).
 
     Returns:
         An `EpochLoader`: ``for images, labels in loader.epoch(e): ...``.
     """
     if not getattr(dataset, "accepts_epoch", False):
         dataset = _IgnoreEpoch(dataset)
-    batches = _EpochBatches(len(dataset), batch_size, train, seed, drop_last, rank, world_size)
+    batches = _EpochBatches(len(dataset), batch_size, train, seed, drop_last, rank, world_size, balance_targets)
     extra: dict[str, Any] = {}
     if num_workers > 0:
         extra = {"persistent_workers": True, "prefetch_factor": 4}
@@ -530,6 +570,13 @@ def make_loader(
         **extra,
     )
     return EpochLoader(loader, batches)
+
+
+def class_weights(targets: np.ndarray, num_classes: int) -> np.ndarray:
+    """scikit-learn's 'balanced' class weights, ``n / (K * count[c])``, from the training labels."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    return compute_class_weight("balanced", classes=np.arange(num_classes), y=targets)
 
 
 # --------------------------------------------------------------------------- splits
@@ -923,4 +970,4 @@ def build_data(spec: Spec, data_config: Mapping) -> DataBundle:
 
 
 __all__ = ["DataBundle", "EpochLoader", "build_data", "eval_transform", "normalize", "make_loader",
-           "read_idx", "dataset_names", "normalization"]
+           "read_idx", "dataset_names", "normalization", "class_weights"]

@@ -249,6 +249,7 @@ class DataSpec(Section):
     val_split: float = 0.2
     subset: SubsetSpec = _section(SubsetSpec)
     augment: AugmentSpec = _section(AugmentSpec)
+    balance: str = "none"
     num_workers: int = 2
 
     def __getitem__(self, key: str) -> Any:

@@ -361,3 +361,40 @@ def test_make_loader_takes_a_plain_dataset() -> None:
     data = TensorDataset(torch.zeros(10, 3, 4, 4, dtype=torch.uint8), torch.arange(10))
     loader = make_loader(data, batch_size=4, train=False, seed=0, num_workers=0, pin_memory=False)
     assert [y.tolist() for _, y in loader.epoch(0)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+# --------------------------------------------------------------------------- data.balance
+def _batches(loader, epoch: int, start: int = 0) -> list[list[int]]:
+    return loader.batch_indices(epoch, start)
+
+
+def test_balanced_sampler_evens_the_classes_is_seeded_per_epoch_and_resumable() -> None:
+    targets = np.array([0] * 900 + [1] * 90 + [2] * 10)  # 90:9:1
+    items = torch.utils.data.TensorDataset(torch.arange(len(targets)), torch.as_tensor(targets))
+    loader = make_loader(items, batch_size=50, train=True, seed=3, num_workers=0, pin_memory=False,
+                         drop_last=True, balance_targets=targets)
+    epoch0 = _batches(loader, 0)
+    assert len(epoch0) == 20 and all(len(b) == 50 for b in epoch0)  # as many draws as items
+    drawn = np.bincount(targets[np.concatenate(epoch0)], minlength=3)
+    assert all(250 <= n <= 420 for n in drawn), drawn  # about 1000/3 each, against 900/90/10
+    assert _batches(loader, 0) == epoch0 and _batches(loader, 1) != epoch0  # a pure function of (seed, epoch)
+    assert _batches(loader, 0, start=7) == epoch0[7:]  # resumed mid-epoch: the same batches from there
+    # two ranks split the same draw, as DistributedSampler splits a permutation
+    shares = [make_loader(items, batch_size=25, train=True, seed=3, num_workers=0, pin_memory=False, drop_last=True,
+                          balance_targets=targets, rank=r, world_size=2) for r in (0, 1)]
+    draw = [i for b in epoch0 for i in b]
+    assert [i for b in _batches(shares[0], 0) for i in b] == draw[0::2]
+    assert [i for b in _batches(shares[1], 0) for i in b] == draw[1::2]
+    images, _ = next(iter(loader.epoch(0)))  # the loader yields exactly the listed items
+    assert images.flatten().tolist() == epoch0[0]
+
+
+def test_balance_needs_images_in_every_class() -> None:
+    from surgery import build
+    from surgery.checks import data_for
+
+    spec = load_spec({"model": {"backbone": "timm:resnet10t", "num_classes": 10},
+                      "data": {"name": "digits", "balance": "loss", "subset": {"train": 5}}})
+    with pytest.raises(SpecError) as info:
+        data_for(spec, build(spec))
+    assert info.value.path == "data.balance" and "some classes have none" in info.value.problem

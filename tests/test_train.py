@@ -373,3 +373,34 @@ def test_mixup_run_reports_dominant_label_accuracy_and_head_only_stages_run_unca
     ctx = prepare(_spec(groups=groups, data={"augment": {"erasing": {"prob": 0.25}}}))
     note = use_feature_cache(ctx, apply_trainable(ctx.model, ctx.built.groups, 0))
     assert ctx.features is None and "random erasing (data.augment.erasing)" in note
+
+
+# --------------------------------------------------------------------------- data.balance
+def test_balance_loss_weighs_classes_and_summary_records_counts_and_weights(tmp_path):
+    spec = _spec(model={"backbone": "timm:resnet10t", "num_classes": 3}, train={"epochs": 1},
+                 data={"balance": "loss", "classes": [0, 1, 2], "subset": {"train": 61}})
+    summary = run(spec, tmp_path / "run")
+    balance = summary["balance"]
+    counts = balance["train_counts"]
+    assert balance["mode"] == "loss" and sum(counts.values()) == 61
+    for name, n in counts.items():  # scikit-learn's 'balanced': n_samples / (n_classes * count)
+        assert balance["class_weights"][name] == pytest.approx(61 / (3 * n), rel=1e-6)
+    ctx = prepare(spec)
+    assert torch.allclose(ctx.criterion.weight, torch.tensor([61 / (3 * n) for n in counts.values()]))
+
+
+def test_balanced_sampler_keeps_the_head_only_cache_and_its_order(tmp_path):
+    from surgery.train import use_feature_cache
+
+    head_only = [{"name": "head", "params": ["@head"]}, {"name": "body", "params": ["*"], "unfreeze_at": 1}]
+    ctx = prepare(_spec(groups=head_only, data={"balance": "sampler"}))
+    note = use_feature_cache(ctx, apply_trainable(ctx.model, ctx.built.groups, 0))
+    assert ctx.features is not None and "cached outputs" in note
+    from surgery.train.loop import _cached_train_batches
+
+    _, _, labels = next(_cached_train_batches(ctx, 0, 0))
+    first = ctx.train_loader.batch_indices(0)[0]
+    assert labels.tolist() == [int(ctx.data.train.targets[i]) for i in first]
+    assert run(_spec(groups=head_only, data={"balance": "sampler"}), tmp_path / "run")["balance"] == {
+        "mode": "sampler", "train_counts": {str(c): int((ctx.data.train.targets == c).sum()) for c in range(10)},
+        "class_weights": None}

@@ -41,8 +41,22 @@ def summary_of(ctx: Context, rows: list[dict[str, Any]], best: Mapping[str, Any]
         "effective_batch_size": spec.train.batch_size * env.world_size * spec.train.accumulate,
         "ranks_consistent": True,
         "data": ctx.data.describe,
+        "balance": balance_of(ctx),
         "params": {"total": sum(p.numel() for p in ctx.model.parameters()),
                    "inserted": sum(m["params"] for m in ctx.built.report.inserted_modules)},
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
                      "python": platform.python_version()},
     }
+
+
+def balance_of(ctx: Context) -> dict[str, Any]:
+    """`data.balance` and what it was computed from: the training count of every class and, with
+    ``loss``, the weight of every class in the training loss."""
+    import numpy as np
+
+    classes = ctx.data.classes
+    counts = np.bincount(ctx.data.train.targets, minlength=len(classes)).tolist()
+    weights = ctx.class_weights.tolist() if ctx.class_weights is not None else None
+    return {"mode": ctx.spec.data.balance,
+            "train_counts": dict(zip(classes, counts)),
+            "class_weights": dict(zip(classes, weights)) if weights is not None else None}

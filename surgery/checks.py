@@ -36,24 +36,24 @@ def data_for(spec: Spec, built: Built, world_size: int = 1) -> DataBundle:
         raise spec.error(("data", "val_split"), "the validation set is empty", found=str(spec.data.val_split),
                          expected="a val_split above 0, or a dataset with its own validation split")
     _check_batch(spec, built, len(data.train), world_size)
-    _check_balance(spec, data)
     return data
 
 
-def _check_balance(spec: Spec, data: DataBundle) -> None:
-    """`data.balance` weighs classes by their training counts: each class needs at least one image."""
+def balance_warnings(spec: Spec, data: DataBundle) -> list[str]:
+    """`data.balance` weighs classes by their training counts: a class without training images is
+    never drawn and weighs 0 (legal, e.g. in a smoke run on a tiny subset, but worth a word)."""
     import numpy as np
 
     if spec.data.balance == "none":
-        return
+        return []
     counts = np.bincount(data.train.targets, minlength=len(data.classes))
     empty = [c for c, n in zip(data.classes, counts) if n == 0]
-    if empty:
-        shown = ", ".join(repr(c) for c in empty[:5]) + (f" ({len(empty)} in all)" if len(empty) > 5 else "")
-        raise spec.error(("data", "balance"), f"balance: {spec.data.balance} weighs each class by its training "
-                         f"images, and some classes have none: {shown}", found=f"balance: {spec.data.balance}",
-                         expected="at least one training image in every class",
-                         hint="raise data.subset.train, or leave those classes out with data.classes")
+    if not empty:
+        return []
+    file, line, _ = spec.source.locate(("data", "balance"))
+    shown = ", ".join(repr(c) for c in empty[:5]) + (f" ({len(empty)} in all)" if len(empty) > 5 else "")
+    return [f"{file or '<spec>'}" + (f":{line}" if line else "") + f": data.balance: {len(empty)} class(es) have "
+            f"no training images ({shown}): balance: {spec.data.balance} never draws them / gives them weight 0"]
 
 
 def _check_batch(spec: Spec, built: Built, train_size: int, world_size: int) -> None:
@@ -103,7 +103,7 @@ def check_training(spec: Spec, built: Built) -> tuple[str, ...]:
     check_optimizer(spec.train, spec=spec)
     check_compile(spec)
     data = data_for(spec, built)
-    warnings: list[str] = []
+    warnings: list[str] = balance_warnings(spec, data)
     batches = max(len(data.train) // spec.train.batch_size, 1)
     if spec.train.limit_batches:
         batches = min(batches, spec.train.limit_batches)

@@ -60,10 +60,11 @@ def _random_modules(model: nn.Module, head: str) -> list[str]:
 
 
 def plan(model: nn.Module, head: tuple[str, ...], deterministic_data: bool, setting: str,
-         world_size: int = 1) -> tuple[bool, str]:
+         world_size: int = 1, random_batches: tuple[str, ...] = ()) -> tuple[bool, str]:
     """Can this epoch train on cached features? (yes, why) for a head-only stage; (False, "") otherwise.
 
     Call it with the model in the mode the epoch trains in (frozen norms already in eval).
+    `random_batches` says why batches change on the device (random erasing, mixup), if they do.
     """
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if len(head) != 1 or not trainable or any(not n.startswith(head[0] + ".") for n in trainable):
@@ -72,6 +73,8 @@ def plan(model: nn.Module, head: tuple[str, ...], deterministic_data: bool, sett
         return False, "train.cache_features is off"
     if not deterministic_data:
         return False, "training augmentation is random, so every epoch sees other images"
+    if random_batches:
+        return False, "; ".join(random_batches)
     if world_size > 1:
         return False, "distributed runs train uncached"
     random_parts = _random_modules(model, head[0])

@@ -39,6 +39,23 @@ def data_for(spec: Spec, built: Built, world_size: int = 1) -> DataBundle:
     return data
 
 
+def balance_warnings(spec: Spec, data: DataBundle) -> list[str]:
+    """`data.balance` weighs classes by their training counts: a class without training images is
+    never drawn and weighs 0 (legal, e.g. in a smoke run on a tiny subset, but worth a word)."""
+    import numpy as np
+
+    if spec.data.balance == "none":
+        return []
+    counts = np.bincount(data.train.targets, minlength=len(data.classes))
+    empty = [c for c, n in zip(data.classes, counts) if n == 0]
+    if not empty:
+        return []
+    file, line, _ = spec.source.locate(("data", "balance"))
+    shown = ", ".join(repr(c) for c in empty[:5]) + (f" ({len(empty)} in all)" if len(empty) > 5 else "")
+    return [f"{file or '<spec>'}" + (f":{line}" if line else "") + f": data.balance: {len(empty)} class(es) have "
+            f"no training images ({shown}): balance: {spec.data.balance} never draws them / gives them weight 0"]
+
+
 def _check_batch(spec: Spec, built: Built, train_size: int, world_size: int) -> None:
     """BatchNorm cannot train on a batch of one image (one value per channel past the last pooling)."""
     from torch import nn
@@ -85,8 +102,16 @@ def check_training(spec: Spec, built: Built) -> tuple[str, ...]:
 
     check_optimizer(spec.train, spec=spec)
     check_compile(spec)
-    data_for(spec, built)
-    warnings: list[str] = []
+    data = data_for(spec, built)
+    warnings: list[str] = balance_warnings(spec, data)
+    batches = max(len(data.train) // spec.train.batch_size, 1)
+    if spec.train.limit_batches:
+        batches = min(batches, spec.train.limit_batches)
+    if spec.train.accumulate > batches:
+        file, line, _ = spec.source.locate(("train", "accumulate"))
+        warnings.append(f"{file or '<spec>'}" + (f":{line}" if line else "") + f": train.accumulate: "
+                        f"{spec.train.accumulate} batches per optimizer step, but an epoch has {batches}: "
+                        "the optimizer steps once per epoch, on fewer batches than asked")
 
     def note(problem: str, **kw: str) -> UserError:
         return spec.error(("train", "device"), problem, **kw)

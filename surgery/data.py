@@ -74,6 +74,7 @@ class DataBundle:
     std: tuple[float, float, float]
     deterministic_train: bool
     describe: str
+    test: Dataset | None = None  # a held-out test set (imagefolder test/, csv split=test), eval transform
 
 
 class EpochLoader:
@@ -236,6 +237,11 @@ class _Split(Dataset):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    @property
+    def targets(self) -> np.ndarray:
+        """The label of every item, in item order (no image is read)."""
+        return self.label_map[self.source.targets[self.indices]]
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
@@ -457,13 +463,45 @@ def _affine(mean: tuple[float, ...], std: tuple[float, ...], device: torch.devic
 
 
 # --------------------------------------------------------------------------- loaders
+class _BalancedSampler(DistributedSampler):
+    """DistributedSampler whose epoch is drawn with replacement, every class equally likely.
+
+    Epoch E draws ``len(targets)`` items from a generator seeded with (seed + E), as
+    DistributedSampler seeds its permutation; each item's weight is 1 / (its class's count), so
+    each class is a 1/K share of the draws on average. The ranks then split that one draw
+    exactly as DistributedSampler splits its permutation (padding or dropping the tail), so
+    the order is a pure function of (seed, epoch), the same on every rank layout that splits it.
+    """
+
+    def __init__(self, targets: np.ndarray, num_replicas: int, rank: int, seed: int, drop_last: bool) -> None:
+        super().__init__(range(len(targets)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
+                         drop_last=drop_last)
+        counts = np.bincount(targets)
+        self.weights = torch.as_tensor(1.0 / counts[targets], dtype=torch.float64)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        indices = torch.multinomial(self.weights, len(self.weights), replacement=True, generator=g).tolist()
+        if not self.drop_last:
+            padding = self.total_size - len(indices)
+            indices += (indices * math.ceil(padding / len(indices)))[:padding] if padding > 0 else []
+        else:
+            indices = indices[: self.total_size]
+        return iter(indices[self.rank: self.total_size: self.num_replicas])
+
+
 class _EpochBatches:
-    """Batch sampler of (epoch, index) keys; the order comes from DistributedSampler(seed, epoch)."""
+    """Batch sampler of (epoch, index) keys; the order comes from DistributedSampler(seed, epoch)
+    (or, class-balanced, from `_BalancedSampler`)."""
 
     def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool,
-                 rank: int, world_size: int) -> None:
-        self.sampler = DistributedSampler(range(size), num_replicas=world_size, rank=rank,
-                                          shuffle=shuffle, seed=seed, drop_last=drop_last)
+                 rank: int, world_size: int, balance_targets: np.ndarray | None = None) -> None:
+        if balance_targets is not None:
+            self.sampler: DistributedSampler = _BalancedSampler(balance_targets, world_size, rank, seed, drop_last)
+        else:
+            self.sampler = DistributedSampler(range(size), num_replicas=world_size, rank=rank,
+                                              shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.epoch = 0
@@ -495,6 +533,7 @@ def make_loader(
     drop_last: bool = False,
     rank: int = 0,
     world_size: int = 1,
+    balance_targets: np.ndarray | None = None,
 ) -> EpochLoader:
     """A loader whose epoch E is a pure function of (seed, E), for one DDP rank.
 
@@ -509,13 +548,15 @@ def make_loader(
         drop_last: drop the last incomplete batch, and the tail that does not split evenly
             across ranks (otherwise DistributedSampler repeats a few items to even it out).
         rank, world_size: this process's share of every epoch.
+        balance_targets: the label of every item: draw each epoch class-balanced (with
+            replacement, as many draws as items) instead of shuffling (`data.balance: sampler`).
 
     Returns:
         An `EpochLoader`: ``for images, labels in loader.epoch(e): ...``.
     """
     if not getattr(dataset, "accepts_epoch", False):
         dataset = _IgnoreEpoch(dataset)
-    batches = _EpochBatches(len(dataset), batch_size, train, seed, drop_last, rank, world_size)
+    batches = _EpochBatches(len(dataset), batch_size, train, seed, drop_last, rank, world_size, balance_targets)
     extra: dict[str, Any] = {}
     if num_workers > 0:
         extra = {"persistent_workers": True, "prefetch_factor": 4}
@@ -530,6 +571,17 @@ def make_loader(
         **extra,
     )
     return EpochLoader(loader, batches)
+
+
+def class_weights(targets: np.ndarray, num_classes: int) -> np.ndarray:
+    """scikit-learn's 'balanced' class weights, ``n / (K * count[c])``, from the training labels;
+    K counts the classes present, and a class without training images weighs 0."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = np.unique(targets)
+    weights = np.zeros(num_classes)
+    weights[present] = compute_class_weight("balanced", classes=present, y=targets)
+    return weights
 
 
 # --------------------------------------------------------------------------- splits
@@ -610,7 +662,75 @@ def _scan(paths: Sequence[str]) -> list[bool]:
         return list(pool.map(ok, paths, chunksize=64))
 
 
-def _imagefolder(spec: Spec) -> tuple[_Pool, _Pool, int]:
+CSV_SPLITS = ("train", "val", "test")
+
+
+def _csv(spec: Spec) -> tuple[_Pool, _Pool, int, _Pool | None]:
+    """A CSV file with a header: `path` (relative to the CSV's folder), `label` (a class name) and
+    optionally `split` (train, val or test; without it, or without val rows, val_split holds out
+    part of train). Classes are the label names, sorted, as ImageFolder sorts its folders."""
+    import csv
+
+    if spec.data.root is None:
+        raise spec.error(("data", "root"), "csv needs the CSV file", found="root: null",
+                         expected="data.root set to a CSV file with the columns path,label[,split]")
+    path = spec.resolve_path(spec.data.root, ("data", "root"))
+    if not path.is_file():
+        raise _folder_error(spec, f"the CSV file {path} does not exist" if not path.exists() else f"{path} is not a file",
+                            path, expected="a CSV file with a header line path,label[,split]",
+                            hint="data.root is relative to the spec file's folder")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            missing = [c for c in ("path", "label") if c not in header]
+            if missing:
+                raise _folder_error(spec, f"the CSV file {path} has no column {' or '.join(missing)}", path,
+                                    expected="a header line with path and label (and optionally split)",
+                                    hint=f"its header is: {','.join(header) or '(empty)'}")
+            rows = [(reader.line_num, row) for row in reader]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise _folder_error(spec, f"cannot read the CSV file {path}: {exc}", path,
+                            expected="UTF-8 text, comma-separated, with a header line") from None
+    samples: dict[str, list[tuple[str, str]]] = {s: [] for s in CSV_SPLITS}
+    for line, row in rows:
+        file, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+        split = (row.get("split") or "train").strip() if "split" in header else "train"
+        if not file or not label:
+            raise _folder_error(spec, f"{path}, line {line}: an empty {'path' if not file else 'label'}", path,
+                                expected="a path and a label on every line")
+        if split not in samples:
+            raise _folder_error(spec, f"{path}, line {line}: unknown split {split!r}", path,
+                                expected="train, val or test", hint=did_you_mean(split, list(CSV_SPLITS)))
+        samples[split].append((str((path.parent / file)), label))
+    if not samples["train"]:
+        raise _folder_error(spec, f"the CSV file {path} has no training rows", path,
+                            expected="rows with split train (or no split column)")
+    classes = sorted({label for rows_ in samples.values() for _, label in rows_})
+    index = {c: i for i, c in enumerate(classes)}
+    every = [s for split in CSV_SPLITS for s in samples[split]]
+    readable = _scan([p for p, _ in every])
+    bad = {p for (p, _), ok in zip(every, readable) if not ok}
+    if bad:
+        log.warning("skipping %d unreadable or missing image file(s) listed in %s, e.g. %s", len(bad), path,
+                    ", ".join(sorted(bad)[:3]))
+    kept = {split: [(p, index[c]) for p, c in samples[split] if p not in bad] for split in CSV_SPLITS}
+    source = _FileSource(kept["train"] + kept["val"] + kept["test"], classes)
+    n_train, n_val = len(kept["train"]), len(kept["val"])
+    present = set(source.targets[:n_train].tolist())
+    empty = [c for c in classes if index[c] not in present]
+    if empty:
+        raise _folder_error(spec, f"some labels of {path} have no readable training image: " + ", ".join(empty), path,
+                            expected="at least one training image per label")
+    test = _Pool(source, np.arange(n_train + n_val, len(source))) if kept["test"] else None
+    if n_val == 0:
+        train, val = _split(spec, source, np.arange(n_train))
+    else:
+        train, val = _Pool(source, np.arange(n_train)), _Pool(source, np.arange(n_train, n_train + n_val))
+    return train, val, len(bad), test
+
+
+def _imagefolder(spec: Spec) -> tuple[_Pool, _Pool, int, _Pool | None]:
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
@@ -624,6 +744,8 @@ def _imagefolder(spec: Spec) -> tuple[_Pool, _Pool, int]:
                             else f"{root} is not a folder", root, expected=f"a folder laid out as {layout}",
                             hint="data.root is relative to the spec file's folder")
     val_dir = next((root / d for d in _VAL_DIRS if (root / d).is_dir()), None)
+    # test/ is the validation set when there is no val/ (as before); beside val/ it is a test set
+    test_dir = root / "test" if val_dir is not None and val_dir.name != "test" and (root / "test").is_dir() else None
     train_dir = root / "train" if (root / "train").is_dir() and val_dir is not None else root
     try:
         folder = ImageFolder(str(train_dir), allow_empty=True)
@@ -638,16 +760,24 @@ def _imagefolder(spec: Spec) -> tuple[_Pool, _Pool, int]:
             raise _folder_error(spec, f"{val_dir} has class folders that {train_dir} lacks: {', '.join(extra)}",
                                 val_dir, expected="the same class folders under train/ and val/")
         val_samples = make_dataset(str(val_dir), folder.class_to_idx, IMG_EXTENSIONS, allow_empty=True)
+    test_samples: list[tuple[str, int]] = []
+    if train_dir != root and test_dir is not None:
+        extra = sorted(d.name for d in test_dir.iterdir() if d.is_dir() and d.name not in folder.class_to_idx)
+        if extra:
+            raise _folder_error(spec, f"{test_dir} has class folders that {train_dir} lacks: {', '.join(extra)}",
+                                test_dir, expected="the same class folders under train/ and test/")
+        test_samples = make_dataset(str(test_dir), folder.class_to_idx, IMG_EXTENSIONS, allow_empty=True)
     if not samples:
         raise _folder_error(spec, f"the dataset folder {train_dir} has no images", train_dir,
                             expected="image files (" + " ".join(IMG_EXTENSIONS) + ") in class sub-folders")
-    readable = _scan([p for p, _ in samples + val_samples])
-    bad = [p for (p, _), ok in zip(samples + val_samples, readable) if not ok]
+    readable = _scan([p for p, _ in samples + val_samples + test_samples])
+    bad = [p for (p, _), ok in zip(samples + val_samples + test_samples, readable) if not ok]
     if bad:
         log.warning("skipping %d unreadable image file(s) under %s, e.g. %s", len(bad), root, ", ".join(bad[:3]))
     skip = set(bad)
     samples = [s for s in samples if s[0] not in skip]
     val_samples = [s for s in val_samples if s[0] not in skip]
+    test_samples = [s for s in test_samples if s[0] not in skip]
     present = {t for _, t in samples}
     empty = [c for i, c in enumerate(folder.classes) if i not in present]
     if empty:
@@ -656,10 +786,11 @@ def _imagefolder(spec: Spec) -> tuple[_Pool, _Pool, int]:
                             hint="remove the empty folders or add images")
     if train_dir == root:
         source = _FileSource(samples, list(folder.classes))
-        return (*_split(spec, source), len(bad))
-    source = _FileSource(samples + val_samples, list(folder.classes))
-    n = len(samples)
-    return _Pool(source, np.arange(n)), _Pool(source, np.arange(n, len(source))), len(bad)
+        return (*_split(spec, source), len(bad), None)
+    source = _FileSource(samples + val_samples + test_samples, list(folder.classes))
+    n, m = len(samples), len(samples) + len(val_samples)
+    test = _Pool(source, np.arange(m, len(source))) if test_samples else None
+    return _Pool(source, np.arange(n)), _Pool(source, np.arange(n, m)), len(bad), test
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -796,22 +927,24 @@ def _dataset_source(spec: Spec, dataset: Any) -> _DatasetSource:
     return _DatasetSource(dataset, targets, classes)
 
 
-_BUILTIN = {"digits": _digits, "fake": _fake, "imagefolder": _imagefolder, "fashion-mnist": _fashion_mnist,
-            "fashion_mnist": _fashion_mnist}
+_BUILTIN = {"digits": _digits, "fake": _fake, "imagefolder": _imagefolder, "csv": _csv,
+            "fashion-mnist": _fashion_mnist, "fashion_mnist": _fashion_mnist}
 
 
 def dataset_names() -> list[str]:
     """Dataset names `data.name` accepts without listing all of torchvision (for help and errors)."""
-    return ["digits", "fake", "imagefolder", "fashion-mnist"] + list(_TORCHVISION_SHOWN)
+    return ["digits", "fake", "imagefolder", "csv", "fashion-mnist"] + list(_TORCHVISION_SHOWN)
 
 
-def _pools(spec: Spec) -> tuple[_Pool, _Pool, int]:
+def _pools(spec: Spec) -> tuple[_Pool, _Pool, int, _Pool | None]:
+    """(train, val, unreadable files skipped, test or None) of `data.name`."""
     name = spec.data.name
     if name.lower() in _BUILTIN:
-        return _BUILTIN[name.lower()](spec)
+        train, val, skipped, *test = _BUILTIN[name.lower()](spec)
+        return train, val, skipped, test[0] if test else None
     known = _torchvision_classes()
     if _norm_name(name) in known:
-        return _torchvision(spec, known[_norm_name(name)])
+        return (*_torchvision(spec, known[_norm_name(name)]), None)
     raise spec.error(("data", "name"), f"unknown dataset {name!r}", found=repr(name),
                      expected="one of " + ", ".join(dataset_names()) + " (or another torchvision dataset class)",
                      hint=did_you_mean(name, dataset_names() + sorted(known)))
@@ -892,7 +1025,7 @@ def build_data(spec: Spec, data_config: Mapping) -> DataBundle:
         >>> build_data(spec, {"mean": (0.5,) * 3, "std": (0.5,) * 3}).describe
         'digits: 1437 train / 360 val, 10 classes, 32px'
     """
-    train_pool, val_pool, skipped = _pools(spec)
+    train_pool, val_pool, skipped, test_pool = _pools(spec)
     classes = train_pool.source.classes
     chosen = _select_classes(spec, classes)
     label_map = np.full(len(classes), -1, dtype=np.int64)
@@ -906,9 +1039,14 @@ def build_data(spec: Spec, data_config: Mapping) -> DataBundle:
     size = spec.data.image_size
     train = _Split(train_pool, label_map, train_tf, spec.seed, augment=not deterministic)
     val = _Split(val_pool, label_map, eval_transform(data_config, size), spec.seed, augment=False)
+    test = None
+    if test_pool is not None:
+        test = _Split(_Pool(test_pool.source, test_pool.indices[label_map[test_pool.source.targets[test_pool.indices]] >= 0]),
+                      label_map, eval_transform(data_config, size), spec.seed, augment=False)
     names = [classes[i] for i in chosen]
     mean, std = normalization(data_config)
-    describe = f"{spec.data.name}: {len(train)} train / {len(val)} val, {len(names)} classes, {size}px"
+    held_out = f" / {len(test)} test" if test is not None else ""
+    describe = f"{spec.data.name}: {len(train)} train / {len(val)} val{held_out}, {len(names)} classes, {size}px"
     if skipped:
         describe += f", {skipped} unreadable files skipped"
     return DataBundle(
@@ -919,8 +1057,9 @@ def build_data(spec: Spec, data_config: Mapping) -> DataBundle:
         std=std,
         deterministic_train=deterministic,
         describe=describe,
+        test=test,
     )
 
 
 __all__ = ["DataBundle", "EpochLoader", "build_data", "eval_transform", "normalize", "make_loader",
-           "read_idx", "dataset_names", "normalization"]
+           "read_idx", "dataset_names", "normalization", "class_weights"]

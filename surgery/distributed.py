@@ -193,11 +193,17 @@ class DataParallel:
     def key(self) -> tuple[bool, ...]:
         return tuple(p.requires_grad for p in self.model.parameters())
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, *, sync: bool = True) -> torch.Tensor:
+        """The model's output; ``sync=False`` (an accumulation step) skips the gradient all-reduce
+        of this forward's backward pass (DDP's ``no_sync``: the gradients stay local and are
+        reduced, summed, with those of the window's last batch)."""
         key = self.key()
         if key != self._key:
             self._wrap(key, x)
-        return self._fn(x)
+        if sync or self.ddp is None:
+            return self._fn(x)
+        with self.ddp.no_sync():  # DDP reads the flag in forward, which prepares the backward's reduction
+            return self._fn(x)
 
     def _wrap(self, key: tuple[bool, ...], x: torch.Tensor) -> None:
         from torch.nn.parallel import DistributedDataParallel as DDP

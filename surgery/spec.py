@@ -119,7 +119,9 @@ class Section:
                 continue
             value = raw.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
             nested = f.metadata.get("section")
-            if nested is not None:
+            if nested is not None and value is None and f.metadata.get("optional"):
+                pass  # an optional section written as null (or left out): off
+            elif nested is not None:
                 value = nested.parse(value if value is not None else {})
             elif isinstance(value, list):
                 value = tuple(value)
@@ -129,6 +131,10 @@ class Section:
 
 def _section(cls: type) -> Any:
     return field(default_factory=cls, metadata={"section": cls})
+
+
+def _optional_section(cls: type) -> Any:
+    return field(default=None, metadata={"section": cls, "optional": True})
 
 
 @dataclass(frozen=True)
@@ -157,9 +163,21 @@ class SchedulerSpec(Section):
 
 
 @dataclass(frozen=True)
+class MixupSpec(Section):
+    """`train.mixup`: the arguments of timm's `Mixup` (batch mode)."""
+
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    prob: float = 1.0
+    switch_prob: float = 0.5
+    label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
 class TrainSpec(Section):
     epochs: int = 10
     batch_size: int = 64
+    accumulate: int = 1
     optimizer: OptimizerSpec = _section(OptimizerSpec)
     scheduler: SchedulerSpec = _section(SchedulerSpec)
     precision: str = "auto"
@@ -168,6 +186,7 @@ class TrainSpec(Section):
     device: str = "auto"
     grad_clip: float | None = None
     label_smoothing: float = 0.0
+    mixup: MixupSpec | None = _optional_section(MixupSpec)
     ema: float | None = None
     limit_batches: int | None = None
     nonfinite: str = "stop"
@@ -179,6 +198,14 @@ class TrainSpec(Section):
 class SubsetSpec(Section):
     train: int | None = None
     val: int | None = None
+
+
+@dataclass(frozen=True)
+class ErasingSpec(Section):
+    """`data.augment.erasing`: timm's `RandomErasing` on normalised batches on the device."""
+
+    prob: float = 0.25
+    mode: str = "pixel"
 
 
 @dataclass(frozen=True)
@@ -195,6 +222,7 @@ class AugmentSpec(Section):
     color_jitter: float = 0.0
     rotation: float = 0.0
     randaugment: str | None = None
+    erasing: ErasingSpec | None = None
 
     @classmethod
     def parse(cls, raw: Any) -> "AugmentSpec":
@@ -207,7 +235,8 @@ class AugmentSpec(Section):
         return cls(preset="custom", hflip=float(options.get("hflip", 0.0)), vflip=float(options.get("vflip", 0.0)),
                    crop=bool(options.get("crop", scale is not None)), crop_given="crop" in options, scale=scale,
                    color_jitter=float(options.get("color_jitter", 0.0)), rotation=float(options.get("rotation", 0.0)),
-                   randaugment=options.get("randaugment"), raw=options)
+                   randaugment=options.get("randaugment"),
+                   erasing=ErasingSpec.parse(options["erasing"]) if "erasing" in options else None, raw=options)
 
 
 @dataclass(frozen=True)
@@ -220,6 +249,7 @@ class DataSpec(Section):
     val_split: float = 0.2
     subset: SubsetSpec = _section(SubsetSpec)
     augment: AugmentSpec = _section(AugmentSpec)
+    balance: str = "none"
     num_workers: int = 2
 
     def __getitem__(self, key: str) -> Any:
@@ -358,6 +388,7 @@ def _check_cross_fields(spec: Spec) -> tuple[str, ...]:
             warn(("train", "scheduler", "milestones", i), f"milestone {m} lies past the last epoch ({epochs - 1})")
     if sched.warmup_epochs >= epochs:
         warn(("train", "scheduler", "warmup_epochs"), f"the warm-up ({sched.warmup_epochs} epochs) lasts the whole run")
+    _check_mixup(spec)
     key_map, pretrained = spec.model.key_map, spec.model.pretrained
     if key_map and (pretrained is False or (key_map == "order" and not isinstance(pretrained, str))):
         raise spec.error(("model", "key_map"), "key_map maps the keys of a weight file, and this spec loads none",
@@ -365,6 +396,26 @@ def _check_cross_fields(spec: Spec) -> tuple[str, ...]:
                          expected="model.pretrained set to the path of a weight file",
                          hint="remove key_map, or point model.pretrained at the file whose keys it maps")
     return tuple(warnings)
+
+
+def _check_mixup(spec: Spec) -> None:
+    mixup, train = spec.train.mixup, spec.train
+    if mixup is None:
+        return
+    where = ("train", "mixup")
+    if mixup.mixup_alpha == 0 and mixup.cutmix_alpha == 0:
+        raise spec.error(where, "mixup and CutMix are both off (both alphas are 0)",
+                         found="mixup_alpha: 0, cutmix_alpha: 0",
+                         expected="mixup_alpha or cutmix_alpha above 0 (e.g. 0.8 and 1.0), or train.mixup: null")
+    if mixup.label_smoothing > 0 and train.label_smoothing > 0:
+        raise spec.error(("train", "label_smoothing"), "label smoothing is set twice: with mixup the mixed targets "
+                         "are smoothed by train.mixup.label_smoothing", found=str(train.label_smoothing),
+                         expected="train.label_smoothing: 0 with train.mixup.label_smoothing set",
+                         hint="keep one: train.mixup.label_smoothing")
+    if train.batch_size % 2:
+        raise spec.error(("train", "batch_size"), "mixup mixes each batch with itself reversed, and needs an even "
+                         "batch size", found=str(train.batch_size), expected=f"an even batch size, e.g. "
+                         f"{train.batch_size + 1}", hint="or train.mixup: null")
 
 
 # --------------------------------------------------------------------------- entry point
@@ -422,5 +473,6 @@ def backbone_names(source: str) -> list[str]:
 
 
 __all__ = ["Spec", "ModelSpec", "InsertSpec", "GroupSpec", "Selector", "Section", "TrainSpec", "OptimizerSpec",
-           "SchedulerSpec", "DataSpec", "SubsetSpec", "AugmentSpec", "load_spec", "backbone_names"]
+           "SchedulerSpec", "DataSpec", "SubsetSpec", "AugmentSpec", "MixupSpec",
+           "ErasingSpec", "load_spec", "backbone_names"]
 

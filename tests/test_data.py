@@ -361,3 +361,96 @@ def test_make_loader_takes_a_plain_dataset() -> None:
     data = TensorDataset(torch.zeros(10, 3, 4, 4, dtype=torch.uint8), torch.arange(10))
     loader = make_loader(data, batch_size=4, train=False, seed=0, num_workers=0, pin_memory=False)
     assert [y.tolist() for _, y in loader.epoch(0)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+# --------------------------------------------------------------------------- data.balance
+def _batches(loader, epoch: int, start: int = 0) -> list[list[int]]:
+    return loader.batch_indices(epoch, start)
+
+
+def test_balanced_sampler_evens_the_classes_is_seeded_per_epoch_and_resumable() -> None:
+    targets = np.array([0] * 900 + [1] * 90 + [2] * 10)  # 90:9:1
+    items = torch.utils.data.TensorDataset(torch.arange(len(targets)), torch.as_tensor(targets))
+    loader = make_loader(items, batch_size=50, train=True, seed=3, num_workers=0, pin_memory=False,
+                         drop_last=True, balance_targets=targets)
+    epoch0 = _batches(loader, 0)
+    assert len(epoch0) == 20 and all(len(b) == 50 for b in epoch0)  # as many draws as items
+    drawn = np.bincount(targets[np.concatenate(epoch0)], minlength=3)
+    assert all(250 <= n <= 420 for n in drawn), drawn  # about 1000/3 each, against 900/90/10
+    assert _batches(loader, 0) == epoch0 and _batches(loader, 1) != epoch0  # a pure function of (seed, epoch)
+    assert _batches(loader, 0, start=7) == epoch0[7:]  # resumed mid-epoch: the same batches from there
+    # two ranks split the same draw, as DistributedSampler splits a permutation
+    shares = [make_loader(items, batch_size=25, train=True, seed=3, num_workers=0, pin_memory=False, drop_last=True,
+                          balance_targets=targets, rank=r, world_size=2) for r in (0, 1)]
+    draw = [i for b in epoch0 for i in b]
+    assert [i for b in _batches(shares[0], 0) for i in b] == draw[0::2]
+    assert [i for b in _batches(shares[1], 0) for i in b] == draw[1::2]
+    images, _ = next(iter(loader.epoch(0)))  # the loader yields exactly the listed items
+    assert images.flatten().tolist() == epoch0[0]
+
+
+def test_balance_with_a_class_without_training_images_warns_and_weighs_it_zero() -> None:
+    from surgery import build
+    from surgery.checks import check_training
+    from surgery.data import class_weights
+
+    spec = load_spec({"model": {"backbone": "timm:resnet10t", "num_classes": 10},
+                      "data": {"name": "digits", "balance": "loss", "subset": {"train": 5}}})
+    warnings = check_training(spec, build(spec))
+    assert any("data.balance: 5 class(es) have no training images" in w for w in warnings), warnings
+    assert class_weights(np.array([0, 0, 0, 2]), 4).tolist() == pytest.approx([4 / 6, 0.0, 4 / 2, 0.0])
+
+
+# --------------------------------------------------------------------------- csv, imagefolder test/
+def _png(path: Path, value: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (12, 12), (value, value, value)).save(path)
+
+
+def test_csv_dataset_with_split_column_and_paths_relative_to_the_csv(tmp_path: Path) -> None:
+    folder = tmp_path / "shots"
+    lines = ["path,label,split"]
+    for i in range(12):
+        split = "train" if i < 8 else ("val" if i < 10 else "test")
+        _png(folder / "img" / f"{i}.png", 20 * i)
+        lines.append(f"img/{i}.png,{'cat' if i % 2 else 'dog'},{split}")
+    lines.append("img/missing.png,dog,train")  # skipped with a warning, like an unreadable imagefolder file
+    (folder / "labels.csv").write_text("\n".join(lines) + "\n")
+    spec = load_spec({"model": {"backbone": "timm:resnet10t", "num_classes": 2},
+                      "data": {"name": "csv", "root": str(folder / "labels.csv"), "image_size": 16}})
+    data = build_data(spec, {})
+    assert data.classes == ["cat", "dog"] and (len(data.train), len(data.val), len(data.test)) == (8, 2, 2)
+    assert data.describe.startswith("csv: 8 train / 2 val / 2 test, 2 classes")
+    image, label = data.train[1]
+    assert image.shape == (3, 16, 16) and label == 0  # img/1.png is a cat
+    # without a split column: val_split holds out part of the rows
+    (folder / "nosplit.csv").write_text("path,label\n" + "\n".join(f"img/{i}.png,{'cat' if i % 2 else 'dog'}"
+                                                                   for i in range(10)) + "\n")
+    spec = load_spec({"model": {"backbone": "timm:resnet10t"},
+                      "data": {"name": "csv", "root": str(folder / "nosplit.csv"), "val_split": 0.2}})
+    data = build_data(spec, {})
+    assert (len(data.train), len(data.val), data.test) == (8, 2, None)
+
+
+@pytest.mark.parametrize("text,words", [
+    ("file,label\na.png,x\n", "no column path"),
+    ("path,label,split\na.png,x,training\n", "unknown split 'training'"),
+    ("path,label\na.png,\n", "an empty label"),
+])
+def test_csv_mistakes_name_the_file_and_line(tmp_path: Path, text: str, words: str) -> None:
+    (tmp_path / "labels.csv").write_text(text)
+    spec = load_spec({"model": {"backbone": "timm:resnet10t"}, "data": {"name": "csv", "root": str(tmp_path / "labels.csv")}})
+    with pytest.raises(SpecError) as info:
+        build_data(spec, {})
+    assert words in info.value.problem and info.value.path == "data.root"
+
+
+def test_imagefolder_test_folder_beside_val_is_the_test_set(tmp_path: Path) -> None:
+    for split, n in (("train", 4), ("val", 2), ("test", 3)):
+        for c in ("a", "b"):
+            for i in range(n):
+                _png(tmp_path / split / c / f"{i}.png", 10 * i)
+    spec = load_spec({"model": {"backbone": "timm:resnet10t", "num_classes": 2},
+                      "data": {"name": "imagefolder", "root": str(tmp_path)}})
+    data = build_data(spec, {})
+    assert (len(data.train), len(data.val), len(data.test)) == (8, 4, 6)

@@ -249,3 +249,39 @@ def test_sync_batchnorm_keeps_parameters_and_frozen_norms_stay_in_eval_mode():
     body_norms = next(g for g in ctx.built.groups if g.name == "body").norm_modules
     assert body_norms and all(not model.get_submodule(p).training for p in body_norms)
     assert trained_norms(model) == []  # nothing to average: frozen, or synchronised already
+
+
+def test_accumulation_steps_skip_the_all_reduce(tmp_path):
+    """train.accumulate: 4 under DDP: gradients are all-reduced on a window's last batch only
+    (DDP's no_sync on the others). One gloo process, the all-reduces counted by a comm hook."""
+    import torch.distributed as dist
+
+    from surgery.distributed import DataParallel, Distributed
+    from surgery.train import apply_trainable, prepare, train_epoch
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        reduced = {}
+        for n in (1, 4):
+            spec = load_spec({"model": {"backbone": "timm:test_convnext", "num_classes": 10},
+                              "train": {"epochs": 1, "batch_size": 8, "accumulate": n, "limit_batches": 8,
+                                        "channels_last": False},
+                              "data": {"name": "digits", "image_size": 32, "num_workers": 0}})
+            ctx = prepare(spec)
+            flags = apply_trainable(ctx.model, ctx.built.groups, 0)
+            ctx.forward = DataParallel(ctx.model, Distributed())
+            with torch.no_grad():
+                ctx.forward(torch.zeros(2, 3, 32, 32))  # wraps now, so the hook goes on the DDP that trains
+            calls = []
+
+            def hook(state, bucket):
+                calls.append(1)
+                fut = torch.futures.Future()
+                fut.set_result(bucket.buffer())
+                return fut
+            ctx.forward.ddp.register_comm_hook(None, hook)
+            train_epoch(ctx, 0, flags)
+            reduced[n] = len(calls)
+        assert reduced[4] > 0 and reduced[1] == 4 * reduced[4]
+    finally:
+        dist.destroy_process_group()

@@ -377,6 +377,31 @@ CASES = [
                                                "  num_classes: 10\n  pretrained: @WRONG@\n  checkpoint_key: ema  # <-\n"),
          "model.checkpoint_key", problem="no entry 'ema'", build=True),
     # ------------------------------------------------------------------ --set overrides
+    # ------------------------------------------------------------------ recipes for small datasets
+    Case("mixup-both-alphas-zero", HEAD + yaml("""
+        train:
+          mixup: {mixup_alpha: 0, cutmix_alpha: 0}  # <-
+        """), "train.mixup", problem="both off"),
+    Case("mixup-smoothing-twice", HEAD + yaml("""
+        train:
+          label_smoothing: 0.1  # <-
+          mixup: {label_smoothing: 0.1}
+        """), "train.label_smoothing", hint="train.mixup.label_smoothing"),
+    Case("mixup-odd-batch", HEAD + yaml("""
+        train:
+          batch_size: 7  # <-
+          mixup: {}
+        """), "train.batch_size", problem="even batch size"),
+    Case("mixup-misspelt-key", HEAD + yaml("""
+        train:
+          mixup: {mixup_alpah: 0.2}  # <-
+        """), "train.mixup.mixup_alpah", hint="'mixup_alpha'"),
+    Case("erasing-mode-typo", HEAD + "  augment: {erasing: {mode: pixl}}  # <-\n", "data.augment.erasing.mode",
+         hint="'pixel'"),
+    Case("accumulate-zero", HEAD + yaml("""
+        train:
+          accumulate: 0  # <-
+        """), "train.accumulate", problem="minimum"),
     Case("set-epochs-zero", HEAD, "train.epochs", problem="minimum", overrides=("train.epochs=0",)),
     Case("set-misspelt-key", HEAD, "train.epocs", hint="'epochs'", overrides=("train.epocs=3",)),
     Case("set-not-yaml", HEAD, "surgery", problem="not valid YAML", overrides=("surgery=[{insert: se",)),

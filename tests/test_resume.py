@@ -114,6 +114,26 @@ def test_ctrl_c_mid_epoch_checkpoints_and_resume_matches_an_uninterrupted_run(sp
     _assert_same_run(out, uninterrupted)
 
 
+# the same run with the batch-level augmentations on the device: random erasing and mixup/CutMix
+MIXED = json.loads(json.dumps(SPEC))
+MIXED["train"]["mixup"] = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "switch_prob": 0.5}
+MIXED["data"]["augment"] = {"hflip": 0.5, "crop": True, "erasing": {"prob": 0.5, "mode": "pixel"}}
+
+
+def test_ctrl_c_mid_epoch_with_mixup_and_erasing_resumes_exactly(tmp_path):
+    spec_path = tmp_path / "mixed.yaml"
+    spec_path.write_text(json.dumps(MIXED))
+    reference = tmp_path / "reference"
+    assert main(["run", str(spec_path), "--out", str(reference)]) == 0
+    out = tmp_path / "run"
+    child = _child(tmp_path, "sigint", str(spec_path), "--out", str(out))
+    assert child.returncode == 1, child.stdout + child.stderr
+    assert "interrupted in epoch 2/2 after batch 2 of 3" in child.stdout
+    assert main(["run", str(spec_path), "--out", str(out), "--resume"]) == 0
+    _assert_same_run(out, reference)
+    assert [r["train_acc_basis"] for r in read_metrics(out / "metrics.jsonl")] == ["dominant label"] * 2
+
+
 def test_sigkill_between_epochs_then_resume_matches_an_uninterrupted_run(spec_path, uninterrupted, tmp_path):
     out = tmp_path / "run"
     child = _child(tmp_path, "sigkill", str(spec_path), "--out", str(out))

@@ -273,3 +273,134 @@ def test_feature_cache_is_used_only_when_the_head_input_is_fixed(capsys):
                                 {"name": "body", "params": ["*"], "unfreeze_at": 1, "norm": "train"}]))
     note = use_feature_cache(ctx, apply_trainable(ctx.model, ctx.built.groups, 0))
     assert ctx.features is None and "normalization in training mode" in note
+
+
+# --------------------------------------------------------------------------- train.accumulate
+def _no_batchnorm_spec(batch_size: int, accumulate: int, limit: int):
+    # timm's test_convnext: LayerNorm only, so a batch of 32 and four batches of 8 see the same statistics
+    return _spec(model={"backbone": "timm:test_convnext", "num_classes": 10},
+                 train={"epochs": 2, "batch_size": batch_size, "accumulate": accumulate, "limit_batches": limit,
+                        "channels_last": False, "precision": "fp32", "grad_clip": 1.0,
+                        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
+                        "scheduler": {"name": "cosine", "warmup_epochs": 1, "per_step": True}})
+
+
+def test_accumulating_four_batches_of_8_matches_one_batch_of_32(tmp_path):
+    """Same images in the same order (the sampler's order does not depend on the batch size), one
+    optimizer step per 32 images, the per-step lr at the same fractions of the epoch."""
+    lrs: dict[str, list[float]] = {"big": [], "accumulated": []}
+    for name, (batch, n, limit) in {"big": (32, 1, 2), "accumulated": (8, 4, 8)}.items():
+        spec = _no_batchnorm_spec(batch, n, limit)
+        ctx = prepare(spec)
+        real_step = ctx.optimizer.step
+
+        def step(*a, _ctx=ctx, _name=name, _real=real_step, **k):
+            lrs[_name].append(_ctx.optimizer.param_groups[0]["lr"])
+            return _real(*a, **k)
+        ctx.optimizer.step = step
+        for epoch in range(2):
+            train_epoch(ctx, epoch, apply_trainable(ctx.model, ctx.built.groups, epoch))
+        lrs[name + "_weights"] = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+    assert len(lrs["big"]) == len(lrs["accumulated"]) == 4  # 2 optimizer steps per epoch either way
+    assert lrs["big"] == pytest.approx(lrs["accumulated"], rel=1e-12)
+    big, accumulated = lrs["big_weights"], lrs["accumulated_weights"]
+    for key, tensor in big.items():
+        assert torch.allclose(accumulated[key], tensor, rtol=1e-4, atol=1e-6), key
+
+
+def test_accumulate_one_changes_nothing_and_a_short_last_window_still_steps():
+    from surgery.train.loop import accumulation_window
+
+    assert [accumulation_window(s, 10, 4) for s in (0, 3, 4, 8, 9)] == [(0, 4), (0, 4), (4, 4), (8, 2), (8, 2)]
+    assert [accumulation_window(s, 3, 1) for s in range(3)] == [(0, 1), (1, 1), (2, 1)]
+    spec = _no_batchnorm_spec(8, 3, 4)  # windows of 3 and 1 batches
+    ctx = prepare(spec)
+    calls = []
+    real_step = ctx.optimizer.step
+    ctx.optimizer.step = lambda *a, **k: (calls.append(1), real_step(*a, **k))[1]
+    result = train_epoch(ctx, 0, apply_trainable(ctx.model, ctx.built.groups, 0))
+    assert len(calls) == 2 and result.seen == 32
+    assert all(p.grad is None for p in ctx.model.parameters())  # nothing half-accumulated is left over
+
+
+def test_a_stop_mid_window_ends_the_epoch_after_the_window_steps():
+    from surgery.train.loop import EpochState
+
+    ctx = prepare(_no_batchnorm_spec(8, 4, 8))
+    state = EpochState()
+    asked = []
+    result = train_epoch(ctx, 0, apply_trainable(ctx.model, ctx.built.groups, 0), state=state,
+                         on_step=lambda e, s, loss: asked.append(s), stop=lambda: len(asked) >= 2)
+    assert result.stopped and state.batch == 4  # the stop came after batch 2; the window of 4 finished
+
+
+# --------------------------------------------------------------------------- train.mixup, data.augment.erasing
+def test_mixup_and_erasing_are_seeded_per_batch_and_leave_the_global_rngs_alone():
+    import random
+
+    import numpy as np
+    from timm.loss import SoftTargetCrossEntropy
+
+    from surgery.train.mixing import BatchAugment
+
+    spec = _spec(train={"batch_size": 8, "mixup": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0}},
+                 data={"augment": {"erasing": {"prob": 1.0, "mode": "pixel"}}})
+    augment = BatchAugment(spec, 10, torch.device("cpu"))
+    x, y = torch.randn(5, 3, 16, 16), torch.tensor([0, 1, 2, 3, 4])  # odd: the last image stays itself
+    states = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    a_x, a_t = augment(x.clone(), y, epoch=1, step=2)
+    b_x, b_t = augment(x.clone(), y, epoch=1, step=2)
+    c_x, _ = augment(x.clone(), y, epoch=1, step=3)
+    assert random.getstate() == states[0] and np.array_equal(np.random.get_state()[1], states[1])
+    assert torch.equal(torch.get_rng_state(), states[2])
+    assert torch.equal(a_x, b_x) and torch.equal(a_t, b_t) and not torch.equal(a_x, c_x)
+    assert not torch.equal(a_x, x)  # prob 1: every image has an erased rectangle
+    assert a_t.shape == (5, 10) and torch.allclose(a_t.sum(1), torch.ones(5))
+    assert a_t[4].tolist() == [0.0] * 4 + [1.0] + [0.0] * 5
+    assert isinstance(prepare(spec).criterion, SoftTargetCrossEntropy)
+
+
+def test_mixup_run_reports_dominant_label_accuracy_and_head_only_stages_run_uncached(tmp_path, capsys):
+    groups = [{"name": "head", "params": ["@head"], "lr": 1e-2},
+              {"name": "body", "params": ["*"], "lr": 1e-3, "unfreeze_at": 1}]
+    spec = _spec(train={"epochs": 1, "mixup": {"cutmix_alpha": 0.0}}, groups=groups)
+    run(spec, tmp_path / "mixup")
+    row = read_metrics(tmp_path / "mixup" / "metrics.jsonl")[0]
+    assert row["train_acc_basis"] == "dominant label" and 0.0 <= row["train_acc"] <= 1.0
+    assert "running uncached: mixup/CutMix (train.mixup) mixes different images every epoch" in capsys.readouterr().out
+    from surgery.train import use_feature_cache
+
+    ctx = prepare(_spec(groups=groups, data={"augment": {"erasing": {"prob": 0.25}}}))
+    note = use_feature_cache(ctx, apply_trainable(ctx.model, ctx.built.groups, 0))
+    assert ctx.features is None and "random erasing (data.augment.erasing)" in note
+
+
+# --------------------------------------------------------------------------- data.balance
+def test_balance_loss_weighs_classes_and_summary_records_counts_and_weights(tmp_path):
+    spec = _spec(model={"backbone": "timm:resnet10t", "num_classes": 3}, train={"epochs": 1},
+                 data={"balance": "loss", "classes": [0, 1, 2], "subset": {"train": 61}})
+    summary = run(spec, tmp_path / "run")
+    balance = summary["balance"]
+    counts = balance["train_counts"]
+    assert balance["mode"] == "loss" and sum(counts.values()) == 61
+    for name, n in counts.items():  # scikit-learn's 'balanced': n_samples / (n_classes * count)
+        assert balance["class_weights"][name] == pytest.approx(61 / (3 * n), rel=1e-6)
+    ctx = prepare(spec)
+    assert torch.allclose(ctx.criterion.weight, torch.tensor([61 / (3 * n) for n in counts.values()]))
+
+
+def test_balanced_sampler_keeps_the_head_only_cache_and_its_order(tmp_path):
+    from surgery.train import use_feature_cache
+
+    head_only = [{"name": "head", "params": ["@head"]}, {"name": "body", "params": ["*"], "unfreeze_at": 1}]
+    ctx = prepare(_spec(groups=head_only, data={"balance": "sampler"}))
+    note = use_feature_cache(ctx, apply_trainable(ctx.model, ctx.built.groups, 0))
+    assert ctx.features is not None and "cached outputs" in note
+    from surgery.train.loop import _cached_train_batches
+
+    _, _, labels = next(_cached_train_batches(ctx, 0, 0))
+    first = ctx.train_loader.batch_indices(0)[0]
+    assert labels.tolist() == [int(ctx.data.train.targets[i]) for i in first]
+    assert run(_spec(groups=head_only, data={"balance": "sampler"}), tmp_path / "run")["balance"] == {
+        "mode": "sampler", "train_counts": {str(c): int((ctx.data.train.targets == c).sum()) for c in range(10)},
+        "class_weights": None}

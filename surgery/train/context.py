@@ -13,12 +13,13 @@ from .. import distributed
 from ..builder import Built, build
 from ..cache import FeatureCache
 from ..checks import check_compile, data_for
-from ..data import DataBundle, make_loader
+from ..data import DataBundle, class_weights, make_loader
 from ..distributed import DataParallel, Distributed
 from ..optim import build_optimizer
 from ..runtime import Compiled, Runtime, make_runtime, seed_everything
 from ..schedule import Plateau
 from ..spec import Spec
+from .mixing import BatchAugment, train_criterion
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ class Context:
     train_loader: Any
     val_loader: Any
     criterion: nn.Module
+    batch_augment: BatchAugment | None = None  # erasing and mixup on the device (None: neither)
+    class_weights: torch.Tensor | None = None  # data.balance: loss
     trainable_params: list[nn.Parameter] = field(default_factory=list)
     dist: Distributed = field(default_factory=Distributed)
     features: FeatureCache | None = None  # head-only stages: the frozen body's outputs, computed once
@@ -98,10 +101,18 @@ def prepare(spec: Spec, *, device: str | None = None, runs_root: Path | None = N
     batch = spec.train.batch_size  # per process; the global batch is batch_size x world_size
     loader = dict(batch_size=batch, seed=spec.seed, num_workers=spec.data.num_workers,
                   pin_memory=runtime.pin_memory, rank=env.rank, world_size=env.world_size)
+    balance = spec.data.balance
+    targets = data.train.targets
     # a last training batch of one sample would make BatchNorm fail; dropping a partial batch is harmless
-    train_loader = make_loader(data.train, train=True, drop_last=len(data.train) > batch * env.world_size, **loader)
+    train_loader = make_loader(data.train, train=True, drop_last=len(data.train) > batch * env.world_size,
+                               balance_targets=targets if balance == "sampler" else None, **loader)
     val_loader = make_loader(data.val, train=False, **loader)
-    criterion = nn.CrossEntropyLoss(label_smoothing=spec.train.label_smoothing)
+    weights = None
+    if balance == "loss":
+        weights = torch.as_tensor(class_weights(targets, len(data.classes)), dtype=torch.float32)
+    criterion = train_criterion(spec, weights).to(runtime.device)
+    augment = BatchAugment(spec, len(data.classes), runtime.device, env.rank)
     return Context(spec=spec, built=built, data=data, runtime=runtime, model=model, forward=forward,
                    optimizer=optimizer, scaler=scaler, plateau=Plateau.from_train(spec.train), ema=ema,
-                   train_loader=train_loader, val_loader=val_loader, criterion=criterion, dist=env)
+                   train_loader=train_loader, val_loader=val_loader, criterion=criterion,
+                   batch_augment=augment if augment.active else None, class_weights=weights, dist=env)

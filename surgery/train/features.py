@@ -34,8 +34,9 @@ def use_feature_cache(ctx: Context, flags: Mapping[str, bool], out_dir: Path | N
     """
     ctx.features = None
     set_train_mode(ctx.model, ctx.built.groups, flags)
+    random_batches = tuple(ctx.batch_augment.reasons()) if ctx.batch_augment is not None else ()
     ok, why = plan(ctx.model, ctx.built.head, ctx.data.deterministic_train, ctx.spec.train.cache_features,
-                   ctx.dist.world_size)
+                   ctx.dist.world_size, random_batches)
     if not ok:
         return f"head-only stage, running uncached: {why}" if why else ""
     head = ctx.built.head[0]

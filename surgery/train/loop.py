@@ -20,6 +20,7 @@ from ..data import normalize
 from ..groups import ResolvedGroup
 from ..optim import set_lrs
 from ..schedule import lrs_at
+from .mixing import hard_labels
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import Context
@@ -151,9 +152,12 @@ def _verdict(ctx: Context, loss: torch.Tensor, stop: Callable[[], bool]) -> tupl
     return bool(verdict[0]), bool(verdict[1])
 
 
-def _optimizer_step(ctx: Context, loss: torch.Tensor) -> None:
-    ctx.optimizer.zero_grad(set_to_none=True)
-    ctx.scaler.scale(loss).backward()
+def _backward(ctx: Context, loss: torch.Tensor, window: int) -> None:
+    # each batch's mean loss weighs 1/window: the window's gradient is the mean over its images
+    ctx.scaler.scale(loss / window if window > 1 else loss).backward()
+
+
+def _optimizer_step(ctx: Context) -> None:
     clip = ctx.spec.train.grad_clip
     if clip:
         ctx.scaler.unscale_(ctx.optimizer)
@@ -164,14 +168,37 @@ def _optimizer_step(ctx: Context, loss: torch.Tensor) -> None:
         ctx.ema.update(ctx.model)
 
 
+def _call(forward: Callable, x: torch.Tensor, sync: bool) -> torch.Tensor:
+    if isinstance(forward, distributed.DataParallel):
+        return forward(x, sync=sync)
+    return forward(x)
+
+
+def accumulation_window(step: int, steps: int, accumulate: int) -> tuple[int, int]:
+    """(first batch, size) of the accumulation window that holds batch `step` of an epoch of `steps`.
+
+    Windows start at batch 0 of every epoch; the last one of an epoch may be shorter (it is not
+    carried into the next epoch, so an epoch stays a unit of the schedule, of resume and of DDP).
+    """
+    first = step - step % accumulate
+    return first, min(accumulate, steps - first)
+
+
 def train_epoch(ctx: Context, epoch: int, flags: Mapping[str, bool], *, on_step: StepHook | None = None,
                 stop: Callable[[], bool] = lambda: False, state: EpochState | None = None) -> EpochResult:
     """Train one epoch (from batch ``state.batch`` when resuming); return its figures over all processes.
 
-    `stop` is asked after every batch; when it says so, the epoch ends there with
-    ``result.stopped`` and `state` holds what a checkpoint needs to continue it exactly. Under
-    DDP the processes agree on it (and on a non-finite loss) before each backward pass, so all
-    stop after the same batch, whichever of them got the signal.
+    `stop` is asked after every batch; when it says so, the epoch ends after the optimizer step
+    that closes the current accumulation window (``train.accumulate``; every batch when it is 1)
+    with ``result.stopped``, and `state` holds what a checkpoint needs to continue it exactly
+    (no half-accumulated gradient is ever lost). Under DDP the processes agree on it (and on a
+    non-finite loss) before each backward pass, so all stop after the same batch, whichever of
+    them got the signal.
+
+    With ``train.accumulate: N`` the gradients of N batches add up (each loss scaled by 1/N)
+    before one optimizer step; a per-step lr schedule moves at each optimizer step, to the
+    fraction of the epoch where its window starts; under DDP the first N-1 backward passes of
+    a window skip the all-reduce.
 
     Raises:
         NonFiniteLoss: a NaN or infinite loss on any process, with ``train.nonfinite: stop``.
@@ -180,41 +207,55 @@ def train_epoch(ctx: Context, epoch: int, flags: Mapping[str, bool], *, on_step:
     state = state if state is not None else EpochState()
     set_train_mode(ctx.model, ctx.built.groups, flags)
     any_trainable = any(flags.values())
-    steps = ctx.steps
+    steps, accumulate = ctx.steps, train.accumulate
     set_lrs(ctx.optimizer, lrs_at(ctx.spec, epoch, ctx.plateau.current))
+    ctx.optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.tensor(state.loss_sum, device=ctx.runtime.device, dtype=torch.float64)
     correct = torch.tensor(state.correct, device=ctx.runtime.device, dtype=torch.int64)
     batches, forward, to_device = _train_inputs(ctx, epoch, state.batch)
     step, stopped, data_seconds = state.batch - 1, False, 0.0
+    good = 0  # batches of the current window that reached backward
     start = fetched = time.perf_counter()
     for step, x, y in batches:
         data_seconds += time.perf_counter() - fetched
-        if train.scheduler.per_step and step:
+        first, window = accumulation_window(step, steps, accumulate)
+        last = step == first + window - 1
+        if train.scheduler.per_step and step and step == first:
             set_lrs(ctx.optimizer, lrs_at(ctx.spec, epoch + step / steps, ctx.plateau.current))
         x, y = to_device(ctx, x, y)
+        if ctx.batch_augment is not None and ctx.features is None:
+            x, y = ctx.batch_augment(x, y, epoch, step)  # y: soft targets with mixup
         with ctx.runtime.autocast(), torch.set_grad_enabled(any_trainable):
-            logits = forward(x)
+            logits = _call(forward, x, sync=last)
             loss = ctx.criterion(logits.float(), y)
-        nonfinite, stopped = _verdict(ctx, loss, stop)
+        nonfinite, asked = _verdict(ctx, loss, stop)
+        stopped = stopped or asked
         if nonfinite and train.nonfinite == "stop":
             where = f"epoch {epoch + 1}, batch {step + 1} of {steps}"
             value = loss.item()
             raise NonFiniteLoss(f"the loss became {value} in {where}" if not math.isfinite(value)
                                 else f"the loss became non-finite on another process in {where}")
-        if nonfinite:  # train.nonfinite: skip
+        if nonfinite:  # train.nonfinite: skip; the window's other batches keep their weight 1/window
             state.skipped += 1
-            ctx.optimizer.zero_grad(set_to_none=True)
         else:
             if any_trainable:
-                _optimizer_step(ctx, loss)
+                _backward(ctx, loss, window)
+                good += 1
             loss_sum += loss.detach().double() * y.shape[0]
-            correct += (logits.detach().argmax(1) == y).sum()
+            correct += (logits.detach().argmax(1) == hard_labels(y)).sum()
             state.seen += y.shape[0]
             if on_step is not None:
                 on_step(epoch, step, float(loss.detach()))
             stopped = stopped or (not ctx.dist.enabled and stop())
-        if stopped:
-            break
+        if last:
+            # under DDP only the window's last backward all-reduces: when it was skipped, the
+            # window's gradients are this process's own, and stepping on them would split the ranks
+            if good and not (nonfinite and ctx.dist.enabled):
+                _optimizer_step(ctx)
+            ctx.optimizer.zero_grad(set_to_none=True)
+            good = 0
+            if stopped:
+                break
         fetched = time.perf_counter()
     state.batch = step + 1
     state.loss_sum, state.correct = float(loss_sum), int(correct)

@@ -29,6 +29,7 @@ from ..spec import Spec
 from .checkpoint import check_resumable, checkpoint_state, load_checkpoint, restore
 from .context import Context, prepare
 from .features import use_feature_cache
+from .mixing import DOMINANT
 from .loop import EpochResult, EpochState, NonFiniteLoss, StepHook, TrainingStopped, apply_trainable, evaluate, train_epoch
 from .progress import Progress, epoch_line
 from .summary import summary_of
@@ -189,7 +190,9 @@ def _validate(ctx: Context, epoch: int, flags: Mapping[str, bool], result: Epoch
     lrs = lrs_at(ctx.spec, epoch, ctx.plateau.current)
     val = evaluate(ctx)
     ctx.plateau.step(val.loss)
-    row = {"epoch": epoch, "train_loss": result.loss, "train_acc": result.acc, "val_loss": val.loss,
+    row = {"epoch": epoch, "train_loss": result.loss, "train_acc": result.acc,
+           # with mixup an image holds two labels: train_acc counts the one with the larger share
+           "train_acc_basis": DOMINANT if ctx.spec.train.mixup is not None else "label", "val_loss": val.loss,
            "val_acc": val.acc, "val_top5": val.top5, "lr": lrs, "trainable": dict(flags),
            "images_per_sec": result.seen / max(result.seconds, 1e-9), "seconds": result.seconds + val.seconds,
            "data_wait_fraction": result.data_seconds / max(result.seconds, 1e-9),

@@ -16,6 +16,7 @@ def summary_of(ctx: Context, rows: list[dict[str, Any]], best: Mapping[str, Any]
     import torchvision
 
     spec, env = ctx.spec, ctx.dist
+    f1 = _f1(final.confusion)
     return {
         "name": spec.name,
         "backbone": spec.model.backbone,
@@ -25,7 +26,10 @@ def summary_of(ctx: Context, rows: list[dict[str, Any]], best: Mapping[str, Any]
         "final_val_acc": final.acc,
         "final_val_loss": final.loss,
         "val_images": final.seen,
-        "per_class_accuracy": dict(zip(ctx.data.classes, final.per_class)),
+        "per_class_accuracy": dict(zip(ctx.data.classes, final.per_class)),  # the recall of each class
+        "val_macro_f1": sum(f1) / max(len(f1), 1),
+        "per_class_f1": dict(zip(ctx.data.classes, f1)),
+        "confusion_matrix": final.confusion.tolist(),  # rows: true class, columns: predicted
         "epochs": len(rows),
         "wall_seconds": wall,
         "device": str(ctx.runtime.device),
@@ -36,10 +40,36 @@ def summary_of(ctx: Context, rows: list[dict[str, Any]], best: Mapping[str, Any]
         "world_size": env.world_size,
         "batch_size_per_process": spec.train.batch_size,
         "global_batch_size": spec.train.batch_size * env.world_size,
+        # images per optimizer step (train.accumulate batches of the global batch)
+        "accumulate": spec.train.accumulate,
+        "effective_batch_size": spec.train.batch_size * env.world_size * spec.train.accumulate,
         "ranks_consistent": True,
         "data": ctx.data.describe,
+        "balance": balance_of(ctx),
         "params": {"total": sum(p.numel() for p in ctx.model.parameters()),
                    "inserted": sum(m["params"] for m in ctx.built.report.inserted_modules)},
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
                      "python": platform.python_version()},
     }
+
+
+def balance_of(ctx: Context) -> dict[str, Any]:
+    """`data.balance` and what it was computed from: the training count of every class and, with
+    ``loss``, the weight of every class in the training loss."""
+    import numpy as np
+
+    classes = ctx.data.classes
+    counts = np.bincount(ctx.data.train.targets, minlength=len(classes)).tolist()
+    weights = ctx.class_weights.tolist() if ctx.class_weights is not None else None
+    return {"mode": ctx.spec.data.balance,
+            "train_counts": dict(zip(classes, counts)),
+            "class_weights": dict(zip(classes, weights)) if weights is not None else None}
+
+
+def _f1(confusion: torch.Tensor) -> list[float]:
+    """Per-class F1 from a confusion matrix (rows true, columns predicted): 2TP / (2TP + FP + FN),
+    0 for a class never seen nor predicted (scikit-learn's f1_score with zero_division=0)."""
+    c = confusion.double()
+    tp = c.diag()
+    denominator = 2 * tp + (c.sum(0) - tp) + (c.sum(1) - tp)
+    return torch.where(denominator > 0, 2 * tp / denominator.clamp(min=1e-12), torch.zeros_like(tp)).tolist()

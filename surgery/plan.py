@@ -64,6 +64,7 @@ class _Ledger:
         return entry_label(self.spec, where)
 
     def check_change(self, path: str, kind: str, where: tuple) -> None:
+        where = where + (kind,) if where[0] == "surgery" else where  # at the entry's replace: / remove: key
         for other, (other_kind, other_where) in self.changed.items():
             if _within(path, other):
                 relation = "the same module" if path == other else f"{other}, inside it" if other.startswith(path + ".") \
@@ -73,11 +74,21 @@ class _Ledger:
                                       found=path, expected="each module changed by one entry",
                                       hint=f"merge this entry with {self._first(other_where)}, or narrow one of the patterns")
         for target, other_where in self.inserted.items():
-            if _within(path, target) and not target.startswith(path + "."):
+            if target == path or target.startswith(path + "."):
                 raise self.spec.error(where, f"this entry would {kind} {path}, where {self._first(other_where)} "
                                       f"inserted a module at {target}: that module would be lost", found=path,
                                       expected="replace or remove before inserting at the same module",
                                       hint="move this entry above the insert")
+
+    def check_gone(self, selectors) -> None:
+        """A path inside a module an earlier entry replaced or removed no longer exists: say which entry took it."""
+        for sel in selectors:
+            for other, (other_kind, other_where) in self.changed.items():
+                if sel.pattern and sel.pattern.startswith(other + ".") and not any(c in sel.pattern for c in "*?["):
+                    raise self.spec.error(sel.where, f"{sel.pattern} is gone: {self._first(other_where)} already "
+                                          f"{other_kind}s {other}, which held it", found=sel.pattern,
+                                          expected="a module that is still in the model",
+                                          hint=f"target {other} itself, or drop the earlier entry")
 
     def check_insert(self, target: str, where: tuple) -> None:
         for other, (other_kind, other_where) in self.changed.items():
@@ -180,6 +191,8 @@ def plan_operations(spec: Spec, model: nn.Module, shapes: Mapping[str, Shapes], 
         inserted = [i.path for i in inserts]
         # inserted modules are not targets (as on the unmodified backbone): only the backbone's own are
         modules = {p: m for p, m in work.named_modules() if not any(p == q or p.startswith(q + ".") for q in inserted)}
+        ledger.check_gone(item.at if isinstance(item, InsertSpec) else item.replace if isinstance(item, ReplaceSpec)
+                          else item.remove)
         if isinstance(item, InsertSpec):
             targets = insert_targets(spec, item, modules, head)
             for t in targets:

@@ -79,14 +79,20 @@ def _module_classes(module: Any) -> dict[str, type]:
     return {n: v for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, nn.Module) and not n.startswith("_")}
 
 
-def _known_names() -> list[str]:
+def _libraries() -> tuple[Any, ...]:
     import timm.layers
+    import torchvision.ops
 
-    return sorted(set(_module_classes(nn)) | set(_module_classes(timm.layers)) | {"torchvision.ops.FrozenBatchNorm2d"})
+    return (nn, timm.layers, torchvision.ops)
+
+
+def _known_names() -> list[str]:
+    return sorted({n for lib in _libraries() for n in _module_classes(lib)})
 
 
 def resolve_class(spec: Spec, item: ReplaceSpec) -> type:
-    """The class `with:` names: torch.nn first, then timm.layers, or a dotted / 'package.module:Class' path."""
+    """The class `with:` names: torch.nn first, then timm.layers, then torchvision.ops (FrozenBatchNorm2d),
+    or a dotted / 'package.module:Class' path."""
     where = ("surgery", item.index, "with")
     name = item.with_
     if ":" in name or "." in name:
@@ -102,13 +108,11 @@ def resolve_class(spec: Spec, item: ReplaceSpec) -> type:
             return cls
         raise spec.error(where, f"{module_name} has no nn.Module class {class_name!r}", found=name,
                          expected="an nn.Module subclass", hint=did_you_mean(class_name, list(_module_classes(module))))
-    import timm.layers
-
-    for module in (nn, timm.layers):
+    for module in _libraries():
         cls = _module_classes(module).get(name)
         if cls is not None:
             return cls
-    raise spec.error(where, f"neither torch.nn nor timm.layers has a module class {name!r}", found=name,
+    raise spec.error(where, f"neither torch.nn, timm.layers nor torchvision.ops has a module class {name!r}", found=name,
                      expected="a torch.nn class (GroupNorm, SiLU, Conv2d), a timm layer, "
                               "torchvision.ops.FrozenBatchNorm2d or 'package.module:Class'",
                      hint=did_you_mean(name, _known_names()))
@@ -266,7 +270,9 @@ def global_pool(model: nn.Module, shapes: Mapping[str, Shapes], classifier: str)
     found = None
     for path, module in model.named_modules():
         sh = shapes.get(path)
-        if isinstance(module, (*_POOLS, SelectAdaptivePool2d)) and sh is not None and 0 <= sh.end <= here.start:
+        # global only: VGG's AdaptiveAvgPool2d((7, 7)) feeds a flattened 7x7 map, not a vector
+        is_global = sh is not None and sh.output is not None and (len(sh.output) == 2 or tuple(sh.output[2:]) == (1, 1))
+        if isinstance(module, (*_POOLS, SelectAdaptivePool2d)) and is_global and 0 <= sh.end <= here.start:
             if found is None or sh.end > shapes[found].end:
                 found = path
     return found

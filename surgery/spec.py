@@ -342,7 +342,7 @@ def _check_entries(data: dict, source: Source) -> None:
         op = ops[0]
         for key in _OPERATIONS[op]:
             if key not in entry:
-                raise source.error(where + (op,), f"{op} needs `{key}`", found=f"{op}: {quote_value(entry[op])}",
+                raise source.error(where, f"{op} needs `{key}`", found=f"{op}: {quote_value(entry[op])}",
                                    expected=f"{op} with {key}" + (": a class name such as GroupNorm" if key == "with" else ""))
         for key, owner in _ONLY.items():
             if key in entry and owner != op:

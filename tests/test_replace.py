@@ -138,7 +138,7 @@ ERRORS = [
     ("- insert: se\n  at: layer1.0.bn1\n- remove: layer1\n", "surgery[1].remove", "inserted a module at layer1.0.bn1"),
     ("- remove: conv1\n", "surgery[0]", "conv1 took [1, 3, 32, 32] and gave [1, 64, 16, 16]"),
     ("- remove: maxpool\n  position: after\n", "surgery[0].position", "belongs to insert entries"),
-    ("- replace: bn1\n", "surgery[0].replace", "replace needs `with`"),
+    ("- replace: bn1\n", "surgery[0]", "replace needs `with`"),
     ("- remove: bn1\n  insert: se\n  at: bn1\n", "surgery[0]", "one operation"),
     ("- remove: bnn1\n", "surgery[0].remove", "did you mean 'bn1'"),
 ]

@@ -211,3 +211,60 @@ def test_in_chans_more_repeats_and_scales(tmp_path, weights):
     assert w.shape == (64, 6, 7, 7)
     torch.testing.assert_close(w[:, :3] * 2, weights[1].conv1.weight)
     assert built.report.adapted["conv1.weight"].startswith("model.in_chans: conv1 reads 6 channels")
+
+
+# --------------------------------------------------------------------------- a trained run: predict and export
+RUN_SPEC = {"name": "vocab", "model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False, "in_chans": 1,
+                                       "head": {"pool": "max", "hidden": [16], "dropout": 0.1, "norm": "layer"}},
+            "surgery": [{"replace": {"type": "BatchNorm2d"}, "with": "GroupNorm", "args": {"num_groups": 4}},
+                        {"remove": "maxpool"}, {"replace": "layer1.0.act1", "with": "SiLU"},
+                        {"insert": "se", "at": "layer2", "init": "default"}],
+            "train": {"epochs": 1, "batch_size": 8, "limit_batches": 2},
+            "data": {"name": "digits", "image_size": 32, "num_workers": 0}}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    import io
+
+    from rich.console import Console
+
+    from surgery.train import run
+
+    out = tmp_path_factory.mktemp("runs") / "vocab"
+    run(load_spec(RUN_SPEC), out, console=Console(file=io.StringIO()))
+    return out
+
+
+def test_a_run_with_every_operation_reloads_predicts_and_exports(run_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from surgery.export import export_run
+    from surgery.predict import load_run
+
+    loaded = load_run(run_dir)
+    assert loaded.mean == (0.449,) and len(loaded.std) == 1  # ImageNet's mean of three, one gray channel
+    trained = load_file(str(run_dir / "model.safetensors"))
+    state = loaded.model.state_dict()
+    assert set(state) == set(trained) and all(torch.equal(state[k].cpu(), trained[k]) for k in state)
+    from PIL import Image
+
+    image = Image.fromarray((torch.rand(20, 24, generator=torch.Generator().manual_seed(2)) * 255).byte().numpy())
+    x = loaded.preprocess(loaded.transform(image)[None])
+    assert x.shape == (1, 1, 32, 32)
+    result = export_run(loaded, "pt2", tmp_path / "m.pt2")
+    with torch.no_grad():
+        again = torch.export.load(str(tmp_path / "m.pt2")).module()(x)
+        assert (again - loaded.model(x)).abs().max() < 1e-4
+    assert result.path.exists()
+
+
+def test_inspect_marks_replaced_and_removed_modules():
+    from surgery.views import module_records
+
+    built = build(load_spec({**RUN_SPEC, "train": {}, "data": {}}))
+    records = {r["path"]: r for r in module_records(built)}
+    assert records["maxpool"]["changed"].startswith("remove") and records["maxpool"]["type"] == "Identity"
+    assert records["layer1.0.bn1"]["changed"].startswith("replace")
+    assert records["fc"]["changed"].startswith("head") and records["global_pool"]["changed"].startswith("pool") and records["conv1.0"]["changed"].startswith("in_chans")
+    assert records["layer1"]["output_shape"] == [1, 64, 16, 16]  # 8 x 8 with the max-pool

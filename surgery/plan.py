@@ -66,6 +66,8 @@ class _Ledger:
     def check_change(self, path: str, kind: str, where: tuple) -> None:
         where = where + (kind,) if where[0] == "surgery" else where  # at the entry's replace: / remove: key
         for other, (other_kind, other_where) in self.changed.items():
+            if other_kind == "in_chans" and kind == "replace" and other == path:
+                continue  # replacing the adapted first conv (a CIFAR stem on gray input): it reads in_chans
             if _within(path, other):
                 relation = "the same module" if path == other else f"{other}, inside it" if other.startswith(path + ".") \
                     else f"{other}, which holds it"

@@ -222,7 +222,7 @@ def load_weights(spec: Spec, model: nn.Module, state: Mapping[str, torch.Tensor]
 
     def change_of(key: str) -> Any:
         found = [c for c in changes if key.startswith(c.path + ".")]
-        return max(found, key=lambda c: len(c.path)) if found else None
+        return max(reversed(found), key=lambda c: len(c.path)) if found else None  # deepest, then latest
 
     if state is None:
         report.new = [k for k in target if under(k, inserted)]
@@ -241,7 +241,8 @@ def load_weights(spec: Spec, model: nn.Module, state: Mapping[str, torch.Tensor]
         change = None if under(key, inserted) else change_of(key)
         if change is not None:
             if (change.kind == "in_chans" and key == change.path + ".weight" and incoming is not None and incoming.ndim == 4
-                    and incoming.shape[1] == 3 and tensor.shape[1] != 3):
+                    and incoming.shape[1] == 3 and tensor.shape[1] != 3
+                    and (incoming.shape[0], *incoming.shape[2:]) == (tensor.shape[0], *tensor.shape[2:])):
                 from .replace import adapt_tensor
 
                 updates[key] = adapt_tensor(incoming, change.in_chans).to(tensor.dtype)

@@ -298,3 +298,13 @@ def test_in_chans_one_on_real_efficientnet_lite0_weights():
         three = rgb.model.eval()(normalize(pixels.expand(-1, 3, -1, -1), mean3, std3))
     torch.testing.assert_close(one, three, rtol=1e-4, atol=1e-4)
     assert one.argmax() == three.argmax()
+
+
+def test_cifar_stem_on_gray_input_replaces_the_adapted_conv(tmp_path, weights):
+    built = build(load_spec({"model": {"backbone": "torchvision:resnet18", "num_classes": 10, "in_chans": 1,
+                                       "pretrained": str(weights[0])},
+                             "surgery": [{"replace": "conv1", "with": "Conv2d", "args": {"kernel_size": 3, "stride": 1, "padding": 1}},
+                                         {"remove": "maxpool"}]}))
+    assert built.model.conv1.in_channels == 1 and built.model.conv1.kernel_size == (3, 3)
+    assert built.report.reinitialised["conv1.weight"].startswith("surgery[0]: replace conv1")
+    assert not built.report.adapted and "conv1.weight" in built.report.dropped

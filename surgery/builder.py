@@ -13,7 +13,9 @@ from .backbones import Backbone, create_backbone, culprit_arg, logits_switch
 from .errors import describe_exception, quote_value
 from .modes import in_mode
 from .groups import ResolvedGroup, resolve_groups
-from .insert import Insertion, Shapes, apply_surgery, inserted_paths, plan_surgery, probe
+from .insert import Insertion, Shapes, apply_surgery, inserted_paths, probe
+from .plan import plan_operations
+from .replace import Change
 from .spec import Spec
 from .weights import LoadReport, load_weights, read_weight_file
 
@@ -25,7 +27,8 @@ class Built:
     model: the surgered `nn.Module` (train mode, on the CPU).
     report: the `LoadReport` (what was loaded, re-initialised, new, unused).
     groups: the `ResolvedGroup`s, every parameter in exactly one.
-    head: module paths of the classifier head; inserted: the `Insertion`s applied.
+    head: module paths of the classifier head; inserted: the `Insertion`s applied;
+    changes: the modules replaced, removed or adapted (`replace.Change`), in order.
     shapes: input/output shape of every module on a probe of `input_size`, after surgery.
     train_output: the type name of the train-mode forward's result (checked to be a tensor).
     notes: what was decided for the user (e.g. googlenet's aux_logits turned off).
@@ -43,6 +46,7 @@ class Built:
     shapes: dict[str, Shapes] = field(default_factory=dict)
     train_output: str = "Tensor"
     notes: list[str] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list)
 
     def group_of(self) -> dict[str, str]:
         """Parameter name -> group name."""
@@ -203,7 +207,7 @@ def build(spec: Spec, *, state_dict: Mapping[str, torch.Tensor] | None = None, r
         size = probe_size(spec, backbone)
         shapes = _probe(spec, model, size, "backbone")
         output_type = _check_train_output(spec, model, size)
-        plan = plan_surgery(spec, model, shapes, backbone.head)
+        plan = plan_operations(spec, model, shapes, backbone.head, size)
         if state_dict is not None:
             state, source = dict(state_dict), "given state_dict"
         elif isinstance(spec.model.pretrained, str):
@@ -211,21 +215,29 @@ def build(spec: Spec, *, state_dict: Mapping[str, torch.Tensor] | None = None, r
             state, source = read_weight_file(spec, path), str(path)
         else:
             state, source = backbone.pretrained, backbone.pretrained_from
-        original_keys = list(model.state_dict())
-        apply_surgery(model, plan)
+        original = model.state_dict()
+        if plan.model is None:
+            apply_surgery(model, plan.inserts)
+        else:
+            model = plan.model
     surgered_keys = set(model.state_dict())
-    lost = [k for k in original_keys if k not in surgered_keys]
-    if lost:  # surgery only adds: a lost key is a bug in surgery, never a user mistake
+    changed = tuple(c.path for c in plan.changes)
+    lost = [k for k in original if k not in surgered_keys and not any(k.startswith(p + ".") for p in changed)]
+    if lost:  # surgery only adds, save where an entry replaces: a lost key is a bug in surgery, never a user mistake
         raise RuntimeError(f"surgery renamed or dropped backbone keys: {lost[:5]}")
     inserted = inserted_paths(model)
     groups = resolve_groups(spec, model, inserted=inserted, head=backbone.head)
-    report = LoadReport(imports=[s.insert for s in spec.surgery if ":" in s.insert],
-                        inserted_modules=[i.describe() for i in plan])
+    report = LoadReport(imports=[s.insert for s in spec.surgery if ":" in getattr(s, "insert", "")]
+                        + [s.with_ for s in spec.surgery if ":" in getattr(s, "with_", "")],
+                        inserted_modules=[i.describe() for i in plan.inserts],
+                        changed_modules=[c.describe() for c in plan.changes])
     # weights given directly are this model's own (a run's model.safetensors): its head is the trained one
     load_weights(spec, model, state, source, head=backbone.head, inserted=inserted, report=report,
-                 reset_head=spec.model.reset_head and state_dict is None)
-    after = _probe(spec, model, size, "surgered model") if plan else shapes
+                 reset_head=spec.model.reset_head and state_dict is None, changes=plan.changes, original=original)
+    size = plan.input_size
+    after = _probe(spec, model, size, "surgered model") if plan.inserts or plan.changes else shapes
     model.train()
-    return Built(spec=spec, model=model, report=report, groups=groups, head=backbone.head, inserted=plan,
+    return Built(spec=spec, model=model, report=report, groups=groups, head=backbone.head, inserted=plan.inserts,
                  data_config=dict(backbone.data_config), num_classes=backbone.num_classes,
-                 input_size=tuple(size), shapes=after, train_output=output_type, notes=list(backbone.notes))
+                 input_size=tuple(size), shapes=after, train_output=output_type, notes=list(backbone.notes),
+                 changes=plan.changes)

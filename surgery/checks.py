@@ -25,7 +25,12 @@ def data_for(spec: Spec, built: Built, world_size: int = 1) -> DataBundle:
     from .data import build_data
 
     config = dict(built.data_config)
-    config["input_size"] = (3, spec.data.image_size, spec.data.image_size)
+    channels = built.input_size[0]
+    if channels not in (1, 3):
+        raise spec.error(("model", "in_chans"), f"the image datasets hold 1 (gray) or 3 (RGB) channels, not {channels}",
+                         found=str(channels), expected="in_chans 1 or 3 for training on images",
+                         hint="other channel counts are for models fed by your own code (surgery.build)")
+    config["input_size"] = (channels, spec.data.image_size, spec.data.image_size)
     data = build_data(spec, config)  # transforms included: a bad randaugment string fails here
     if len(data.classes) != built.num_classes:
         said = "model.num_classes is not set, so the model keeps" if spec.model.num_classes is None else "the model has"

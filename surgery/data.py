@@ -70,8 +70,8 @@ class DataBundle:
     train: Dataset
     val: Dataset
     classes: list[str]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: tuple[float, ...]  # one per input channel
+    std: tuple[float, ...]
     deterministic_train: bool
     describe: str
     test: Dataset | None = None  # a held-out test set (imagefolder test/, csv split=test), eval transform
@@ -326,9 +326,10 @@ class _EvalGeometry:
             use_prefetcher=True,  # stops at a uint8 tensor, which we add ourselves
         )
         self.large = [t for t in timm_eval.transforms if not isinstance(t, MaybePILToTensor)]
+        self.mode = image_mode(data_config)
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        image = image.convert("RGB")
+        image = image.convert(self.mode)
         if min(image.size) <= self.size:
             return image.resize((self.size, self.size), self.resample)
         for step in self.large:
@@ -353,9 +354,20 @@ class _Compose:
         return "Compose(" + ", ".join(repr(s) for s in self.steps) + ")"
 
 
+def image_mode(data_config: Mapping) -> str:
+    """'L' for a model that reads one channel (model.in_chans: 1), else 'RGB'. A gray image stays
+    exactly itself: PIL's RGB -> L of (v, v, v) is v."""
+    return "L" if tuple(data_config.get("input_size", (3,)))[0] == 1 else "RGB"
+
+
 class _ToRGB:
+    """To the model's image mode: RGB, or L for one input channel."""
+
+    def __init__(self, mode: str = "RGB") -> None:
+        self.mode = mode
+
     def __call__(self, image: Image.Image) -> Image.Image:
-        return image.convert("RGB")
+        return image.convert(self.mode)
 
 
 def eval_transform(data_config: Mapping, image_size: int) -> Callable[[Image.Image], Tensor]:
@@ -399,7 +411,7 @@ def _train_transform(spec: Spec, data_config: Mapping) -> tuple[Callable[[Image.
         raise spec.error(where + ("scale",), "scale is a [min, max] range of the crop area",
                          found=str(list(scale)), expected="min <= max, e.g. [0.25, 1.0]")
     interpolation = _interpolation(data_config)
-    steps: list[Callable] = [_ToRGB()]
+    steps: list[Callable] = [_ToRGB(image_mode(data_config))]
     if augment.crop:
         steps.append(RandomResizedCropAndInterpolation(size, scale=scale, interpolation=interpolation))
     else:
@@ -991,19 +1003,25 @@ def _narrow(spec: Spec, pool: _Pool, label_map: np.ndarray, side: str, stream: i
 
 
 # --------------------------------------------------------------------------- entry point
-def _three(values: Any, key: str) -> tuple[float, float, float]:
+def _three(values: Any, key: str, channels: int = 3) -> tuple[float, ...]:
     values = tuple(float(v) for v in values)
+    if channels == 1 and len(values) == 3:
+        # one gray channel: the mean of the three (exact for backbones that normalise the three alike,
+        # where the gray model then sees what the RGB model saw on the gray image repeated)
+        return (sum(values) / 3,)
     if len(values) == 1:
-        values = values * 3
-    if len(values) != 3:
-        raise ValueError(f"data_config[{key!r}] has {len(values)} values; images here have 3 channels")
-    return values  # type: ignore[return-value]
+        values = values * channels
+    if len(values) != channels:
+        raise ValueError(f"data_config[{key!r}] has {len(values)} values; images here have {channels} channels")
+    return values
 
 
-def normalization(data_config: Mapping) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    """(mean, std) of the backbone's data config, ImageNet's where it gives none."""
-    return (_three(data_config.get("mean", IMAGENET_MEAN), "mean"),
-            _three(data_config.get("std", IMAGENET_STD), "std"))
+def normalization(data_config: Mapping) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the backbone's data config, ImageNet's where it gives none; one value each
+    when the model reads one channel (`input_size` (1, H, W))."""
+    channels = tuple(data_config.get("input_size", (3,)))[0]
+    return (_three(data_config.get("mean", IMAGENET_MEAN), "mean", channels),
+            _three(data_config.get("std", IMAGENET_STD), "std", channels))
 
 
 def build_data(spec: Spec, data_config: Mapping) -> DataBundle:

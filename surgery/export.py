@@ -173,7 +173,7 @@ EXPORTERS = {"pt2": (_export_pt2, _load_pt2, "torch.export.load"),
 def sample_batch(run: LoadedRun, n: int = SAMPLE_SIZE, seed: int = 0) -> torch.Tensor:
     """n inputs in the model's normalised space: standard normal is what normalised images look like."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, run.image_size, run.image_size, generator=generator)
+    return torch.randn(n, run.data_config["input_size"][0], run.image_size, run.image_size, generator=generator)
 
 
 @torch.inference_mode()
@@ -224,10 +224,10 @@ def _sidecar(run: LoadedRun, result: ExportResult, sample: torch.Tensor) -> dict
         "classes": run.classes,
         "num_classes": len(run.classes),
         "input": {
-            "description": "normalised float32 RGB images, NCHW: x = (pixel / 255 - mean) / std; "
+            "description": "normalised float32 images (RGB, or gray for one input channel), NCHW: x = (pixel / 255 - mean) / std; "
                            "the model does not normalise, resize or crop",
             "name": "input",
-            "shape": ["batch" if result.batch is None else result.batch, 3, size, size],
+            "shape": ["batch" if result.batch is None else result.batch, run.data_config["input_size"][0], size, size],
             "dtype": "float32",
             "mean": list(run.mean),
             "std": list(run.std),

@@ -394,39 +394,53 @@ def _slug(kind: str) -> str:
 
 
 def plan_surgery(spec: Spec, model: nn.Module, shapes: Mapping[str, Shapes], head: Sequence[str] = ()) -> list[Insertion]:
-    """Resolve every surgery entry to concrete targets and build its modules; raise before any change."""
+    """Resolve every insert entry to concrete targets and build its modules; raise before any change."""
     modules = dict(model.named_modules())
     plan: list[Insertion] = []
     taken: dict[str, set[str]] = {}
     for item in spec.surgery:
-        factory = module_factory(spec, item)
-        kind = item.insert if ":" in item.insert else item.insert.lower()
-        targets: list[str] = []
-        for sel in item.at:
-            if sel.pattern in ("@inserted",):
-                raise spec.error(sel.where, "surgery targets are modules of the backbone", found=sel.pattern,
-                                 expected="a module path, a glob or {type: ClassName}")
-            if sel.pattern == "@head":
-                found = list(head)
-            else:
-                found = select_modules(modules, sel.pattern, sel.type)
-            if not found:
-                raise _matched_nothing(spec, sel, modules)
-            targets.extend(t for t in found if t not in targets)
-        for target in targets:
-            channels = _channels(spec, item, target, modules, shapes)
-            base = f"{_slug(kind)}_{item.position}"
-            used = taken.setdefault(target, set(modules[target]._modules))
-            name, n = base, 2
-            while name in used or hasattr(modules[target], name):
-                name, n = f"{base}_{n}", n + 1
-            used.add(name)
-            side_shape = shapes[target].inputs if item.position == "before" else shapes[target].output
-            attn = _construct(spec, item, factory, channels, target, side_shape)
-            _check_ranges(spec, item)
-            _dry_run(spec, item, attn, shapes[target], target)
-            module = Inserted(attn, identity=item.init == "identity", kind=kind, target=target, position=item.position)
-            plan.append(Insertion(target, name, kind, item.position, item.init, channels, item.index, module, item.args))
+        if isinstance(item, InsertSpec):
+            plan.extend(plan_insert(spec, item, modules, shapes, head, taken))
+    return plan
+
+
+def insert_targets(spec: Spec, item: InsertSpec, modules: Mapping[str, nn.Module], head: Sequence[str] = ()) -> list[str]:
+    """The module paths one insert entry's `at` selects, in order, each once."""
+    targets: list[str] = []
+    for sel in item.at:
+        if sel.pattern in ("@inserted",):
+            raise spec.error(sel.where, "surgery targets are modules of the backbone", found=sel.pattern,
+                             expected="a module path, a glob or {type: ClassName}")
+        if sel.pattern == "@head":
+            found = list(head)
+        else:
+            found = select_modules(modules, sel.pattern, sel.type)
+        if not found:
+            raise _matched_nothing(spec, sel, modules)
+        targets.extend(t for t in found if t not in targets)
+    return targets
+
+
+def plan_insert(spec: Spec, item: InsertSpec, modules: Mapping[str, nn.Module], shapes: Mapping[str, Shapes],
+                head: Sequence[str], taken: dict[str, set[str]], targets: Sequence[str] | None = None) -> list[Insertion]:
+    """Build the modules of one insert entry at its targets (resolved here unless given)."""
+    factory = module_factory(spec, item)
+    kind = item.insert if ":" in item.insert else item.insert.lower()
+    plan: list[Insertion] = []
+    for target in (insert_targets(spec, item, modules, head) if targets is None else targets):
+        channels = _channels(spec, item, target, modules, shapes)
+        base = f"{_slug(kind)}_{item.position}"
+        used = taken.setdefault(target, set(modules[target]._modules))
+        name, n = base, 2
+        while name in used or hasattr(modules[target], name):
+            name, n = f"{base}_{n}", n + 1
+        used.add(name)
+        side_shape = shapes[target].inputs if item.position == "before" else shapes[target].output
+        attn = _construct(spec, item, factory, channels, target, side_shape)
+        _check_ranges(spec, item)
+        _dry_run(spec, item, attn, shapes[target], target)
+        module = Inserted(attn, identity=item.init == "identity", kind=kind, target=target, position=item.position)
+        plan.append(Insertion(target, name, kind, item.position, item.init, channels, item.index, module, item.args))
     return plan
 
 

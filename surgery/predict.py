@@ -152,7 +152,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     model = built.model.to(target).eval()
     size = spec.data.image_size
     config = dict(built.data_config)
-    config["input_size"] = (3, size, size)
+    config["input_size"] = (built.input_size[0], size, size)
     mean, std = normalization(config)
     return LoadedRun(run_dir=run_dir, spec=spec, built=built, model=model,
                      classes=_read_classes(run_dir, built.num_classes), data_config=config, image_size=size,

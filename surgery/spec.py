@@ -50,6 +50,12 @@ class ModelSpec:
     key_map: str | Mapping[str, str] | None
     checkpoint_key: str | None
     reset_head: bool = False
+    in_chans: int | None = None  # None: the backbone's own (3)
+    head: "HeadSpec | None" = None
+
+    @property
+    def channels(self) -> int:
+        return self.in_chans or 3
 
     @property
     def source(self) -> str:
@@ -68,6 +74,42 @@ class InsertSpec:
     init: str
     args: Mapping[str, Any]
     index: int  # position in `surgery`, for errors
+
+
+@dataclass(frozen=True)
+class ReplaceSpec:
+    """`replace: TARGET` + `with: NAME`: each matched module becomes a `with` module."""
+
+    replace: tuple[Selector, ...]
+    with_: str
+    args: Mapping[str, Any]
+    index: int
+
+
+@dataclass(frozen=True)
+class RemoveSpec:
+    """`remove: TARGET`: each matched module becomes an nn.Identity."""
+
+    remove: tuple[Selector, ...]
+    index: int
+
+
+SurgeryEntry = InsertSpec | ReplaceSpec | RemoveSpec
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """`model.head`: the classifier declared instead of the backbone's own."""
+
+    pool: str | None
+    hidden: tuple[int, ...]
+    dropout: float
+    act: str
+    norm: str
+
+    @property
+    def replaces_classifier(self) -> bool:
+        return bool(self.hidden) or self.dropout > 0
 
 
 @dataclass(frozen=True)
@@ -265,7 +307,7 @@ class Spec:
     name: str
     seed: int
     model: ModelSpec
-    surgery: tuple[InsertSpec, ...]
+    surgery: tuple[SurgeryEntry, ...]
     groups: tuple[GroupSpec, ...]
     train: TrainSpec
     data: DataSpec
@@ -313,13 +355,57 @@ def _lr(value: Any, where: tuple, source: Source) -> tuple[tuple[int, float], ..
     return steps
 
 
+_OPERATIONS = {"insert": ("at",), "replace": ("with",), "remove": ()}  # operation -> keys it needs
+_ONLY = {"at": "insert", "position": "insert", "init": "insert", "with": "replace"}  # key -> the one operation it belongs to
+
+
+def _check_entries(data: dict, source: Source) -> None:
+    """Each surgery entry names exactly one operation and only that operation's keys (before defaults fill them)."""
+    for i, entry in enumerate(data.get("surgery") or []):
+        where = ("surgery", i)
+        ops = [op for op in _OPERATIONS if op in entry]
+        if len(ops) != 1:
+            raise source.error(where, "a surgery entry is one operation" if ops else "a surgery entry names no operation",
+                               found=", ".join(ops) if ops else ", ".join(map(str, entry)) or "{}",
+                               expected="exactly one of insert (+ at), replace (+ with), remove",
+                               hint="split it into one entry per operation; they apply in order" if ops else None)
+        op = ops[0]
+        for key in _OPERATIONS[op]:
+            if key not in entry:
+                raise source.error(where, f"{op} needs `{key}`", found=f"{op}: {quote_value(entry[op])}",
+                                   expected=f"{op} with {key}" + (": a class name such as GroupNorm" if key == "with" else ""))
+        for key, owner in _ONLY.items():
+            if key in entry and owner != op:
+                raise source.error(where + (key,), f"`{key}` belongs to {owner} entries, not to {op}", found=key,
+                                   expected=f"only the keys of {op}: " + ", ".join((op, *_OPERATIONS[op], *(("args",) if op != "remove" else ()))),
+                                   hint=f"a separate entry `{owner}: ...` does that" if op != "remove" or key != "with" else
+                                   "to put another module in its place, use replace: ... with: ...")
+        if op == "remove" and "args" in entry:
+            raise source.error(where + ("args",), "remove takes no arguments", found=quote_value(entry["args"]),
+                               expected="remove: TARGET alone")
+
+
+def _surgery_entry(s: dict, i: int) -> SurgeryEntry:
+    if "replace" in s:
+        return ReplaceSpec(_selectors(s["replace"], ("surgery", i, "replace")), s["with"], s["args"], i)
+    if "remove" in s:
+        return RemoveSpec(_selectors(s["remove"], ("surgery", i, "remove")), i)
+    return InsertSpec(s["insert"], _selectors(s["at"], ("surgery", i, "at")), s["position"], s["init"], s["args"], i)
+
+
 def _typed(data: dict, source: Source) -> Spec:
     m = data["model"]
-    model = ModelSpec(m["backbone"], m["pretrained"], m["num_classes"], m["args"], m["key_map"], m["checkpoint_key"], m["reset_head"])
-    inserts = tuple(
-        InsertSpec(s["insert"], _selectors(s["at"], ("surgery", i, "at")), s["position"], s["init"], s["args"], i)
-        for i, s in enumerate(data["surgery"])
-    )
+    head = m.get("head")
+    head_spec = None if head is None else HeadSpec(head["pool"], tuple(head["hidden"]), float(head["dropout"]),
+                                                   head["act"], head["norm"])
+    model = ModelSpec(m["backbone"], m["pretrained"], m["num_classes"], m["args"], m["key_map"], m["checkpoint_key"],
+                      m["reset_head"], m.get("in_chans"), head_spec)
+    for s in data["surgery"]:  # fill_defaults wrote insert's defaults into every entry
+        if "insert" not in s:
+            s.pop("position", None), s.pop("init", None)
+            if "remove" in s:
+                s.pop("args", None)
+    inserts = tuple(_surgery_entry(s, i) for i, s in enumerate(data["surgery"]))
     default_groups = "groups" not in data
     raw_groups = data.get("groups") or [{"name": "all", "params": "*"}]
     default_lr = data["train"]["optimizer"]["lr"]
@@ -455,6 +541,7 @@ def load_spec(spec: str | Path | Mapping, overrides: Sequence[str] = ()) -> Spec
         apply_overrides(data, marks, overrides)
     check_values(data, source)
     check_schema(data, source)
+    _check_entries(data, source)
     data = fill_defaults(data)
     data.setdefault("name", name)
     typed = _typed(data, source)
@@ -472,7 +559,7 @@ def backbone_names(source: str) -> list[str]:
     return list(timm.list_models())
 
 
-__all__ = ["Spec", "ModelSpec", "InsertSpec", "GroupSpec", "Selector", "Section", "TrainSpec", "OptimizerSpec",
-           "SchedulerSpec", "DataSpec", "SubsetSpec", "AugmentSpec", "MixupSpec",
-           "ErasingSpec", "load_spec", "backbone_names"]
+__all__ = ["Spec", "ModelSpec", "HeadSpec", "InsertSpec", "ReplaceSpec", "RemoveSpec", "SurgeryEntry", "GroupSpec",
+           "Selector", "Section", "TrainSpec", "OptimizerSpec", "SchedulerSpec", "MixupSpec", "DataSpec", "SubsetSpec",
+           "AugmentSpec", "ErasingSpec", "load_spec", "backbone_names"]
 

@@ -34,6 +34,7 @@ def module_records(built: Built) -> list[dict[str, Any]]:
     """
     owner = built.group_of()
     inserted = {i.path for i in built.inserted}
+    changed = {c.path: f"{c.kind}: {c.label}" for c in built.changes}
     records = []
     for path, module in built.model.named_modules():
         groups = list(dict.fromkeys(owner[f"{path}.{n}" if path else n] for n, _ in module.named_parameters()))
@@ -45,6 +46,7 @@ def module_records(built: Built) -> list[dict[str, Any]]:
             "output_shape": list(shape.output) if shape and shape.output else None,
             "inserted": path in inserted or any(path.startswith(p + ".") for p in inserted),
             "group": groups[0] if len(groups) == 1 else (groups or None),
+            "changed": changed.get(path),  # "replace: surgery[0] (line 7): ...", or None
         })
     return records
 
@@ -66,6 +68,10 @@ def module_tree(built: Built, depth: int | None = None) -> Tree:
             text.append(f"  {rec['type']}", style="cyan")
             if isinstance(child, Inserted):
                 text.append(f"  [inserted {child.position} {child.target}]", style="green")
+            if rec["changed"]:
+                kind, _, label = rec["changed"].partition(": ")
+                text.append(f"  [{kind}d by {label.partition(': ')[0]}]" if kind in ("replace", "remove") else
+                            f"  [{label.partition(': ')[0]}]", style="yellow")
             if rec["params"]:
                 text.append(f"  {_human(rec['params'])}")
             if rec["output_shape"]:
@@ -113,6 +119,12 @@ def report_table(report: LoadReport) -> RichGroup:
         table.add_row("defaulted", str(len(report.defaulted)), "BatchNorm step counters absent from the file")
     if report.mapped:
         table.add_row("renamed", str(len(report.mapped)), "file keys mapped by model.key_map")
+    if report.kept:
+        table.add_row("kept", str(len(report.kept)), "of them, in replaced modules: same name and shape")
+    if report.adapted:
+        table.add_row("adapted", str(len(report.adapted)), "; ".join(report.adapted.values()))
+    if report.dropped:
+        table.add_row("dropped", str(len(report.dropped)), "file tensors of replaced or removed modules")
     table.add_row("unused", str(len(report.unused)), ", ".join(report.unused[:4]) or "-")
     parts: list[Any] = [table]
     if report.inserted_modules:
@@ -122,6 +134,13 @@ def report_table(report: LoadReport) -> RichGroup:
         for m in report.inserted_modules:
             ins.add_row(m["path"], m["type"], f"{m['position']} {m['target']}", str(m["channels"]), m["init"], _human(m["params"]))
         parts.append(ins)
+    if report.changed_modules:
+        ch = Table(title="changed modules")
+        for col in ("path", "change", "old", "new", "by"):
+            ch.add_column(col)
+        for c in report.changed_modules:
+            ch.add_row(c["path"], c["kind"], c["old"], c["new"], c["by"].partition(": ")[0])
+        parts.append(ch)
     if report.imports:
         parts.append(Text("imported user code: " + ", ".join(report.imports), style="yellow"))
     return RichGroup(*parts)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import regex
 import torch
@@ -26,6 +26,11 @@ class LoadReport:
     `loaded`, `new` (inserted), `random` (no weights asked for) and `unused` (in the file, fit nothing) are key lists; `reinitialised` maps a key to its reason;
     `mapped` maps a model key to the file key it was loaded from where they differ;
     `imports` lists user classes the surgery imported ("package.module:Class").
+    Where a spec entry replaced, removed or adapted a module (`changed_modules`), each of its
+    tensors is named with the entry responsible: `kept` (loaded bit for bit from the old module's
+    tensor of the same name and shape; also in `loaded`), `adapted` (the first convolution's
+    filters for model.in_chans), `reinitialised`, and `dropped` (file tensors the new module has
+    no place for).
     """
 
     source: str = "random initialisation"
@@ -38,12 +43,17 @@ class LoadReport:
     defaulted: list[str] = field(default_factory=list)
     imports: list[str] = field(default_factory=list)
     inserted_modules: list[dict[str, Any]] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
+    adapted: dict[str, str] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+    changed_modules: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["counts"] = {"loaded": len(self.loaded), "reinitialised": len(self.reinitialised),
                          "new": len(self.new), "random": len(self.random), "unused": len(self.unused), "mapped": len(self.mapped),
-                         "defaulted": len(self.defaulted)}
+                         "defaulted": len(self.defaulted), "kept": len(self.kept), "adapted": len(self.adapted),
+                         "dropped": len(self.dropped)}
         return out
 
 
@@ -187,13 +197,18 @@ def map_keys(spec: Spec, state: Mapping[str, torch.Tensor], target: Mapping[str,
 
 def load_weights(spec: Spec, model: nn.Module, state: Mapping[str, torch.Tensor] | None, source: str, *,
                  head: Iterable[str], inserted: Iterable[str], report: LoadReport,
-                 reset_head: bool | None = None) -> LoadReport:
+                 reset_head: bool | None = None, changes: Sequence[Any] = (),
+                 original: Mapping[str, torch.Tensor] | None = None) -> LoadReport:
     """Load `state` into the surgered `model`, key by key, and account for every tensor in `report`.
 
     Rules: a backbone key must be in the file with its shape (else SpecError: a file of another
     architecture is never half-loaded); head keys whose shape differs are re-initialised
     (num_classes changed); keys of inserted modules load when present, else they are new;
     file keys nothing used make an error (drop them on purpose with key_map {pattern: ""}).
+    Keys under a module a spec entry changed (`changes`, from `plan.plan_operations`) load where
+    name and shape fit, are adapted (in_chans) or re-initialised, and the file keys they leave are
+    dropped, each with that entry's line; `original` is the backbone's state before surgery, what
+    key_map: order pairs the file with.
     """
     target = model.state_dict()
     reset_head = spec.model.reset_head if reset_head is None else reset_head
@@ -203,19 +218,48 @@ def load_weights(spec: Spec, model: nn.Module, state: Mapping[str, torch.Tensor]
     def under(key: str, prefixes: tuple[str, ...]) -> bool:
         return any(key == p or key.startswith(p + ".") for p in prefixes)
 
+    changes = tuple(changes)
+
+    def change_of(key: str) -> Any:
+        found = [c for c in changes if key.startswith(c.path + ".")]
+        return max(reversed(found), key=lambda c: len(c.path)) if found else None  # deepest, then latest
+
     if state is None:
         report.new = [k for k in target if under(k, inserted)]
         report.random = [k for k in target if not under(k, inserted)]
         return report
     report.source = source
-    state, report.mapped = map_keys(spec, state, target, skip=[k for k in target if under(k, inserted)],
-                                    head=[k for k in target if under(k, head)])
+    paired = original if changes and original is not None else target  # key_map: order pairs with the backbone's keys
+    state, report.mapped = map_keys(spec, state, paired, skip=[k for k in paired if under(k, inserted)],
+                                    head=[k for k in paired if under(k, head)])
     updates: dict[str, torch.Tensor] = {}
     missing, mismatched = [], []
     used = set()
     for key, tensor in target.items():
         incoming = state.get(key)
         fits = incoming is not None and tuple(incoming.shape) == tuple(tensor.shape)
+        change = None if under(key, inserted) else change_of(key)
+        if change is not None:
+            if (change.kind == "in_chans" and key == change.path + ".weight" and incoming is not None and incoming.ndim == 4
+                    and incoming.shape[1] == 3 and tensor.shape[1] != 3
+                    and (incoming.shape[0], *incoming.shape[2:]) == (tensor.shape[0], *tensor.shape[2:])):
+                from .replace import adapt_tensor
+
+                updates[key] = adapt_tensor(incoming, change.in_chans).to(tensor.dtype)
+                used.add(key)
+                report.adapted[key] = f"{change.label}: {list(incoming.shape)} in the weights"
+            elif fits and not (reset_head and under(key, head)):
+                updates[key] = incoming
+                used.add(key)
+                report.loaded.append(key)
+                report.kept[key] = change.label
+            else:
+                report.reinitialised[key] = f"{change.label}: " + (
+                    "head: model.reset_head is true" if fits else
+                    f"shape {list(tensor.shape)} here, {list(incoming.shape)} in the weights" if incoming is not None else
+                    "new in this module" if change.kind in ("head", "pool") else "the old module had no such tensor")
+                used.add(key) if fits else None
+            continue
         if fits and reset_head and under(key, head):
             used.add(key)
             report.reinitialised[key] = "head: model.reset_head is true"
@@ -237,6 +281,13 @@ def load_weights(spec: Spec, model: nn.Module, state: Mapping[str, torch.Tensor]
         else:
             used.add(key)
             mismatched.append(f"{key}: {list(incoming.shape)} in the file, {list(tensor.shape)} in the model")
+    for key in state:
+        change = change_of(key) if key not in used else None
+        if change is not None:
+            used.add(key)
+            report.dropped[key] = f"{change.label}: " + (
+                f"shape {list(state[key].shape)} in the weights, {list(target[key].shape)} here" if key in target else
+                "the new module has no such tensor")
     report.unused = [k for k in state if k not in used]
     if missing or mismatched:
         lines = mismatched[:5] + [f"{k}: not in the file" for k in missing[:5]]

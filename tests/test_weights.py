@@ -277,5 +277,5 @@ def test_report_to_dict_counts_every_list() -> None:
     report = LoadReport(loaded=["a", "b"], new=["c"], reinitialised={"d": "head"}, mapped={"a": "x.a"})
     out = report.to_dict()
     assert out["counts"] == {"loaded": 2, "reinitialised": 1, "new": 1, "random": 0, "unused": 0, "mapped": 1,
-                             "defaulted": 0}
+                             "defaulted": 0, "kept": 0, "adapted": 0, "dropped": 0}
     assert out["loaded"] == ["a", "b"]

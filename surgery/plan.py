@@ -1,0 +1,230 @@
+"""Order and conflicts: every surgery operation resolved and built, in order, before the model is touched.
+
+    model.in_chans  ->  model.head  ->  surgery entries, in the order written
+
+Inserts alone keep today's path: every target resolved on the unmodified backbone, the modules
+attached by `apply_surgery` afterwards. Once an entry replaces or removes a module, later
+entries must see its effect (removing a max-pool changes every later map size), so the plan is
+made on a copy: each operation is resolved against the copy as the entries before it left it,
+applied to it, and the copy probed again. The copy becomes the model only when every entry
+resolved; an error leaves the backbone as it was. Two entries that change the same module (or
+a module and its parent), or an insert at a module an earlier entry removed, are errors that
+name both spec lines.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+from torch import nn
+
+from .errors import describe_exception
+from .insert import Insertion, Shapes, apply_surgery, insert_targets, plan_insert, plan_surgery, probe, _matched_nothing
+from .paths import select_modules
+from .replace import (Change, adapt_conv, build_head, build_pool, build_replacement, entry_label, first_conv,
+                      global_pool, kept_keys, main_classifier, resolve_class, set_module, _type_name)
+from .spec import InsertSpec, RemoveSpec, ReplaceSpec, Spec
+
+
+@dataclass
+class Plan:
+    """What surgery will do. model: the surgered copy when an operation changes keys, else None
+    (`apply_surgery` then attaches `inserts` to the backbone itself). shapes: the probe after
+    the last key-changing operation; input_size: the model's input (channels from model.in_chans)."""
+
+    inserts: list[Insertion]
+    changes: list[Change]
+    model: nn.Module | None
+    shapes: Mapping[str, Shapes]
+    input_size: tuple[int, ...]
+    head: tuple[str, ...] = ()
+    order: list[object] = field(default_factory=list)
+
+
+def changes_keys(spec: Spec) -> bool:
+    """Does the spec replace, remove, adapt or declare anything (operations that change keys)?"""
+    return (any(isinstance(s, (ReplaceSpec, RemoveSpec)) for s in spec.surgery)
+            or spec.model.channels != 3 or spec.model.head is not None)
+
+
+def _within(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+class _Ledger:
+    """Which entry changed which module, to name both lines when a later entry collides with it."""
+
+    def __init__(self, spec: Spec) -> None:
+        self.spec = spec
+        self.changed: dict[str, tuple[str, tuple]] = {}  # path -> (kind, spec key path)
+        self.inserted: dict[str, tuple] = {}  # insert target -> spec key path
+
+    def _first(self, where: tuple) -> str:
+        return entry_label(self.spec, where)
+
+    def check_change(self, path: str, kind: str, where: tuple) -> None:
+        where = where + (kind,) if where[0] == "surgery" else where  # at the entry's replace: / remove: key
+        for other, (other_kind, other_where) in self.changed.items():
+            if other_kind == "in_chans" and kind == "replace" and other == path:
+                continue  # replacing the adapted first conv (a CIFAR stem on gray input): it reads in_chans
+            if _within(path, other):
+                relation = "the same module" if path == other else f"{other}, inside it" if other.startswith(path + ".") \
+                    else f"{other}, which holds it"
+                raise self.spec.error(where, f"{path} is changed twice: this entry would {kind} it, and "
+                                      f"{self._first(other_where)} already {other_kind}s {relation}",
+                                      found=path, expected="each module changed by one entry",
+                                      hint=f"merge this entry with {self._first(other_where)}, or narrow one of the patterns")
+        for target, other_where in self.inserted.items():
+            if target == path or target.startswith(path + "."):
+                raise self.spec.error(where, f"this entry would {kind} {path}, where {self._first(other_where)} "
+                                      f"inserted a module at {target}: that module would be lost", found=path,
+                                      expected="replace or remove before inserting at the same module",
+                                      hint="move this entry above the insert")
+
+    def check_gone(self, selectors) -> None:
+        """A path inside a module an earlier entry replaced or removed no longer exists: say which entry took it."""
+        for sel in selectors:
+            for other, (other_kind, other_where) in self.changed.items():
+                if sel.pattern and sel.pattern.startswith(other + ".") and not any(c in sel.pattern for c in "*?["):
+                    raise self.spec.error(sel.where, f"{sel.pattern} is gone: {self._first(other_where)} already "
+                                          f"{other_kind}s {other}, which held it", found=sel.pattern,
+                                          expected="a module that is still in the model",
+                                          hint=f"target {other} itself, or drop the earlier entry")
+
+    def check_insert(self, target: str, where: tuple) -> None:
+        for other, (other_kind, other_where) in self.changed.items():
+            if other_kind == "remove" and _within(target, other) and not other.startswith(target + "."):
+                raise self.spec.error(where, f"{target} was removed by {self._first(other_where)}; an insert there "
+                                      "would sit on an identity", found=target,
+                                      expected="a module that is still in the model",
+                                      hint="insert at the module before or after it, or drop the remove")
+
+
+def _reprobe(spec: Spec, model: nn.Module, size: Sequence[int], where: tuple, what: str,
+             old: Mapping[str, Shapes], paths: Sequence[str]) -> dict[str, Shapes]:
+    try:
+        return probe(model, size)
+    except Exception as exc:  # noqa: BLE001 - the model's own error, blamed on the entry that caused it
+        seen = "; ".join(f"{p} took {list(old[p].inputs)} and gave {list(old[p].output)}" for p in paths[:2]
+                         if p in old and old[p].inputs is not None and old[p].output is not None)
+        raise spec.error(where, f"after {what}, the model fails on a {list(size)} input: {describe_exception(exc, 300)}",
+                         found=", ".join(paths[:4]), expected="a change the rest of the model still fits",
+                         hint=(seen + ": what follows expects that output") if seen else None) from None
+
+
+def _selected(spec: Spec, selectors, modules: Mapping[str, nn.Module]) -> list[str]:
+    targets: list[str] = []
+    for sel in selectors:
+        if sel.pattern in ("@inserted", "@head"):
+            raise spec.error(sel.where, f"{sel.pattern} cannot be replaced or removed here", found=sel.pattern,
+                             expected="a module path, a glob or {type: ClassName}",
+                             hint="declare a classifier with model.head" if sel.pattern == "@head" else None)
+        found = [p for p in select_modules(modules, sel.pattern, sel.type) if p]
+        if not found:
+            raise _matched_nothing(spec, sel, modules)
+        targets.extend(t for t in found if t not in targets)
+    return targets
+
+
+def plan_operations(spec: Spec, model: nn.Module, shapes: Mapping[str, Shapes], head: Sequence[str],
+                    size: Sequence[int]) -> Plan:
+    """Resolve and build every operation of the spec in order; the backbone itself is not touched.
+
+    Raises:
+        SpecError: at the entry (and naming any earlier entry it collides with) for every misuse.
+    """
+    if not changes_keys(spec):
+        return Plan(plan_surgery(spec, model, shapes, head), [], None, shapes, tuple(size), tuple(head))
+    work = copy.deepcopy(model)
+    ledger = _Ledger(spec)
+    changes: list[Change] = []
+    inserts: list[Insertion] = []
+    size = tuple(size)
+
+    def change(kind: str, path: str, where: tuple, new: nn.Module, words: str, **extra) -> Change:
+        ledger.check_change(path, kind, where)
+        old = work.get_submodule(path)
+        c = Change(kind, path, where, f"{entry_label(spec, where)}: {words}", _type_name(old), _type_name(new), new, **extra)
+        set_module(work, path, new)
+        ledger.changed[path] = (kind, where)
+        changes.append(c)
+        return c
+
+    channels = spec.model.channels
+    if channels != 3:
+        where = ("model", "in_chans")
+        path = first_conv(work, shapes)
+        if path is None:
+            raise spec.error(where, f"no convolution of {spec.model.backbone} reads the 3-channel input, so there "
+                             "are no input filters to adapt", found=str(channels),
+                             expected="a backbone whose first layer is a Conv2d")
+        conv = work.get_submodule(path)
+        change("in_chans", path, where, adapt_conv(conv, channels),
+               f"{path} reads {channels} channels, its 3-channel filters adapted (timm adapt_input_conv)", in_chans=channels)
+        size = (channels, *size[1:])
+        shapes = _reprobe(spec, work, size, where, f"adapting {path} to {channels} channels", shapes, [path])
+    declared = spec.model.head
+    if declared is not None:
+        where = ("model", "head")
+        classifier = main_classifier(work, head, shapes)
+        if classifier is None:
+            raise spec.error(where, f"{spec.model.backbone} has no recognisable classifier for model.head to replace",
+                             found=", ".join(head) or "no head found",
+                             expected="a backbone ending in an nn.Linear on (batch, features): fc, classifier, head.fc, classifier[-1]",
+                             hint="use surgery: replace: <its last layer> with: Linear instead, or another backbone")
+        if declared.pool is not None:
+            pool = global_pool(work, shapes, classifier)
+            if pool is None:
+                raise spec.error(where + ("pool",), f"no global pooling module runs before {classifier}",
+                                 found=declared.pool, expected="a backbone with an AdaptiveAvgPool2d or timm global_pool",
+                                 hint="leave pool out: the backbone pools its own way")
+            change("pool", pool, where + ("pool",), build_pool(declared.pool, shapes[pool].output),
+                   f"{pool} pools {declared.pool}")
+        if declared.replaces_classifier:
+            old = work.get_submodule(classifier)
+            in_features = int(shapes[classifier].inputs[1])  # the probe's width, not the old layer's attribute
+            change("head", classifier, where, build_head(spec, in_features, old.out_features),
+                   f"{classifier} becomes the declared head ({in_features} -> "
+                   + " -> ".join(str(h) for h in (*declared.hidden, old.out_features)) + ")")
+        shapes = _reprobe(spec, work, size, where, "declaring the head", shapes, [classifier])
+    taken: dict[str, set[str]] = {}
+    for item in spec.surgery:
+        inserted = [i.path for i in inserts]
+        # inserted modules are not targets (as on the unmodified backbone): only the backbone's own are
+        modules = {p: m for p, m in work.named_modules() if not any(p == q or p.startswith(q + ".") for q in inserted)}
+        ledger.check_gone(item.at if isinstance(item, InsertSpec) else item.replace if isinstance(item, ReplaceSpec)
+                          else item.remove)
+        if isinstance(item, InsertSpec):
+            targets = insert_targets(spec, item, modules, head)
+            for t in targets:
+                ledger.check_insert(t, ("surgery", item.index, "at"))
+            planned = plan_insert(spec, item, modules, shapes, head, taken, targets)
+            apply_surgery(work, planned)
+            for ins in planned:
+                ledger.inserted.setdefault(ins.target, ("surgery", item.index))
+            inserts.extend(planned)
+            continue
+        key = "replace" if isinstance(item, ReplaceSpec) else "remove"
+        where = ("surgery", item.index)
+        targets = _selected(spec, item.replace if key == "replace" else item.remove, modules)
+        cls = resolve_class(spec, item) if key == "replace" else None
+        for target in targets:
+            old = work.get_submodule(target)
+            if isinstance(old, (nn.ModuleList, nn.ModuleDict)):
+                raise spec.error(where + (key,), f"{target} is a {type(old).__name__}, a container that is never called "
+                                 f"itself, so it cannot be {key}d as one module", found=target,
+                                 expected="a module called in the forward pass", hint=f"{key} its elements: '{target}.*'")
+            if key == "replace":
+                new = build_replacement(spec, item, cls, old, shapes.get(target), target)
+                kept, _ = kept_keys(old, new)
+                change("replace", target, where, new, f"replace {target} {_type_name(old)} with {cls.__name__}"
+                       + (f", keeping {', '.join(kept)}" if kept else ""))
+            else:
+                change("remove", target, where, nn.Identity(), f"remove {target} ({_type_name(old)})")
+        what = f"{'replacing' if key == 'replace' else 'removing'} {', '.join(targets[:3])}" + (" ..." if len(targets) > 3 else "")
+        shapes = _reprobe(spec, work, size, where, what, shapes, targets)
+    return Plan(inserts, changes, work, shapes, size, tuple(head))
+
+
+__all__ = ["Plan", "plan_operations", "changes_keys"]

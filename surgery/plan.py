@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from torch import nn
 
@@ -127,104 +127,131 @@ def _selected(spec: Spec, selectors, modules: Mapping[str, nn.Module]) -> list[s
     return targets
 
 
+class _Planner:
+    """Applies the spec's operations one by one to a copy of the backbone, re-probing shapes after
+    each, and records every change (`changes`) and insertion (`inserts`) for the load report."""
+
+    def __init__(self, spec: Spec, model: nn.Module, shapes: Mapping[str, Shapes], head: Sequence[str],
+                 size: Sequence[int]) -> None:
+        self.spec, self.work, self.shapes, self.head, self.size = spec, copy.deepcopy(model), shapes, head, tuple(size)
+        self.ledger = _Ledger(spec)
+        self.changes: list[Change] = []
+        self.inserts: list[Insertion] = []
+        self.taken: dict[str, set[str]] = {}
+
+    def change(self, kind: str, path: str, where: tuple, new: nn.Module, words: str, **extra: Any) -> Change:
+        self.ledger.check_change(path, kind, where)
+        old = self.work.get_submodule(path)
+        c = Change(kind, path, where, f"{entry_label(self.spec, where)}: {words}", _type_name(old), _type_name(new),
+                   new, **extra)
+        set_module(self.work, path, new)
+        self.ledger.changed[path] = (kind, where)
+        self.changes.append(c)
+        return c
+
+    def reprobe(self, where: tuple, what: str, paths: Sequence[str]) -> None:
+        self.shapes = _reprobe(self.spec, self.work, self.size, where, what, self.shapes, paths)
+
+    def in_chans(self) -> None:
+        spec, channels, where = self.spec, self.spec.model.channels, ("model", "in_chans")
+        path = first_conv(self.work, self.shapes)
+        if path is None:
+            raise spec.error(where, f"no convolution of {spec.model.backbone} reads the 3-channel input, so there "
+                             "are no input filters to adapt", found=str(channels),
+                             expected="a backbone whose first layer is a Conv2d")
+        conv = self.work.get_submodule(path)
+        self.change("in_chans", path, where, adapt_conv(conv, channels),
+                    f"{path} reads {channels} channels, its 3-channel filters adapted (timm adapt_input_conv)",
+                    in_chans=channels)
+        self.size = (channels, *self.size[1:])
+        self.reprobe(where, f"adapting {path} to {channels} channels", [path])
+
+    def declared_head(self) -> None:
+        spec, declared, where = self.spec, self.spec.model.head, ("model", "head")
+        classifier = main_classifier(self.work, self.head, self.shapes)
+        if classifier is None:
+            raise spec.error(where, f"{spec.model.backbone} has no recognisable classifier for model.head to replace",
+                             found=", ".join(self.head) or "no head found",
+                             expected="a backbone ending in an nn.Linear on (batch, features): fc, classifier, head.fc, classifier[-1]",
+                             hint="use surgery: replace: <its last layer> with: Linear instead, or another backbone")
+        if declared.pool is not None:
+            pool = global_pool(self.work, self.shapes, classifier)
+            if pool is None:
+                raise spec.error(where + ("pool",), f"no global pooling module runs before {classifier}",
+                                 found=declared.pool, expected="a backbone with an AdaptiveAvgPool2d or timm global_pool",
+                                 hint="leave pool out: the backbone pools its own way")
+            self.change("pool", pool, where + ("pool",), build_pool(declared.pool, self.shapes[pool].output),
+                        f"{pool} pools {declared.pool}")
+        if declared.replaces_classifier:
+            old = self.work.get_submodule(classifier)
+            in_features = int(self.shapes[classifier].inputs[1])  # the probe's width, not the old layer's attribute
+            self.change("head", classifier, where, build_head(spec, in_features, old.out_features),
+                        f"{classifier} becomes the declared head ({in_features} -> "
+                        + " -> ".join(str(h) for h in (*declared.hidden, old.out_features)) + ")")
+        self.reprobe(where, "declaring the head", [classifier])
+
+    def targets(self) -> dict[str, nn.Module]:
+        """The backbone's own modules: inserted ones are never targets (as on the unmodified backbone)."""
+        inserted = [i.path for i in self.inserts]
+        return {p: m for p, m in self.work.named_modules() if not any(p == q or p.startswith(q + ".") for q in inserted)}
+
+    def insert(self, item: InsertSpec) -> None:
+        modules = self.targets()
+        targets = insert_targets(self.spec, item, modules, self.head)
+        for t in targets:
+            self.ledger.check_insert(t, ("surgery", item.index, "at"))
+        planned = plan_insert(self.spec, item, modules, self.shapes, self.head, self.taken, targets)
+        apply_surgery(self.work, planned)
+        for ins in planned:
+            self.ledger.inserted.setdefault(ins.target, ("surgery", item.index))
+        self.inserts.extend(planned)
+
+    def replace_or_remove(self, item: ReplaceSpec | RemoveSpec) -> None:
+        spec, key, where = self.spec, "replace" if isinstance(item, ReplaceSpec) else "remove", ("surgery", item.index)
+        targets = _selected(spec, item.replace if key == "replace" else item.remove, self.targets())
+        cls = resolve_class(spec, item) if key == "replace" else None
+        for target in targets:
+            old = self.work.get_submodule(target)
+            if isinstance(old, (nn.ModuleList, nn.ModuleDict)):
+                raise spec.error(where + (key,), f"{target} is a {type(old).__name__}, a container that is never called "
+                                 f"itself, so it cannot be {key}d as one module", found=target,
+                                 expected="a module called in the forward pass", hint=f"{key} its elements: '{target}.*'")
+            if key == "replace":
+                new = build_replacement(spec, item, cls, old, self.shapes.get(target), target)
+                kept, _ = kept_keys(old, new)
+                self.change("replace", target, where, new, f"replace {target} {_type_name(old)} with {cls.__name__}"
+                            + (f", keeping {', '.join(kept)}" if kept else ""))
+            else:
+                self.change("remove", target, where, nn.Identity(), f"remove {target} ({_type_name(old)})")
+        what = f"{'replacing' if key == 'replace' else 'removing'} {', '.join(targets[:3])}" + (" ..." if len(targets) > 3 else "")
+        self.reprobe(where, what, targets)
+
+
 def plan_operations(spec: Spec, model: nn.Module, shapes: Mapping[str, Shapes], head: Sequence[str],
                     size: Sequence[int]) -> Plan:
     """Resolve and build every operation of the spec in order; the backbone itself is not touched.
+
+    Order: model.in_chans, then model.head, then the surgery entries as written, each on the
+    result of the ones before (a removed max-pool changes the shapes every later entry sees).
 
     Raises:
         SpecError: at the entry (and naming any earlier entry it collides with) for every misuse.
     """
     if not changes_keys(spec):
         return Plan(plan_surgery(spec, model, shapes, head), [], None, shapes, tuple(size), tuple(head))
-    work = copy.deepcopy(model)
-    ledger = _Ledger(spec)
-    changes: list[Change] = []
-    inserts: list[Insertion] = []
-    size = tuple(size)
-
-    def change(kind: str, path: str, where: tuple, new: nn.Module, words: str, **extra) -> Change:
-        ledger.check_change(path, kind, where)
-        old = work.get_submodule(path)
-        c = Change(kind, path, where, f"{entry_label(spec, where)}: {words}", _type_name(old), _type_name(new), new, **extra)
-        set_module(work, path, new)
-        ledger.changed[path] = (kind, where)
-        changes.append(c)
-        return c
-
-    channels = spec.model.channels
-    if channels != 3:
-        where = ("model", "in_chans")
-        path = first_conv(work, shapes)
-        if path is None:
-            raise spec.error(where, f"no convolution of {spec.model.backbone} reads the 3-channel input, so there "
-                             "are no input filters to adapt", found=str(channels),
-                             expected="a backbone whose first layer is a Conv2d")
-        conv = work.get_submodule(path)
-        change("in_chans", path, where, adapt_conv(conv, channels),
-               f"{path} reads {channels} channels, its 3-channel filters adapted (timm adapt_input_conv)", in_chans=channels)
-        size = (channels, *size[1:])
-        shapes = _reprobe(spec, work, size, where, f"adapting {path} to {channels} channels", shapes, [path])
-    declared = spec.model.head
-    if declared is not None:
-        where = ("model", "head")
-        classifier = main_classifier(work, head, shapes)
-        if classifier is None:
-            raise spec.error(where, f"{spec.model.backbone} has no recognisable classifier for model.head to replace",
-                             found=", ".join(head) or "no head found",
-                             expected="a backbone ending in an nn.Linear on (batch, features): fc, classifier, head.fc, classifier[-1]",
-                             hint="use surgery: replace: <its last layer> with: Linear instead, or another backbone")
-        if declared.pool is not None:
-            pool = global_pool(work, shapes, classifier)
-            if pool is None:
-                raise spec.error(where + ("pool",), f"no global pooling module runs before {classifier}",
-                                 found=declared.pool, expected="a backbone with an AdaptiveAvgPool2d or timm global_pool",
-                                 hint="leave pool out: the backbone pools its own way")
-            change("pool", pool, where + ("pool",), build_pool(declared.pool, shapes[pool].output),
-                   f"{pool} pools {declared.pool}")
-        if declared.replaces_classifier:
-            old = work.get_submodule(classifier)
-            in_features = int(shapes[classifier].inputs[1])  # the probe's width, not the old layer's attribute
-            change("head", classifier, where, build_head(spec, in_features, old.out_features),
-                   f"{classifier} becomes the declared head ({in_features} -> "
-                   + " -> ".join(str(h) for h in (*declared.hidden, old.out_features)) + ")")
-        shapes = _reprobe(spec, work, size, where, "declaring the head", shapes, [classifier])
-    taken: dict[str, set[str]] = {}
+    planner = _Planner(spec, model, shapes, head, size)
+    if spec.model.channels != 3:
+        planner.in_chans()
+    if spec.model.head is not None:
+        planner.declared_head()
     for item in spec.surgery:
-        inserted = [i.path for i in inserts]
-        # inserted modules are not targets (as on the unmodified backbone): only the backbone's own are
-        modules = {p: m for p, m in work.named_modules() if not any(p == q or p.startswith(q + ".") for q in inserted)}
-        ledger.check_gone(item.at if isinstance(item, InsertSpec) else item.replace if isinstance(item, ReplaceSpec)
-                          else item.remove)
+        planner.ledger.check_gone(item.at if isinstance(item, InsertSpec) else item.replace
+                                  if isinstance(item, ReplaceSpec) else item.remove)
         if isinstance(item, InsertSpec):
-            targets = insert_targets(spec, item, modules, head)
-            for t in targets:
-                ledger.check_insert(t, ("surgery", item.index, "at"))
-            planned = plan_insert(spec, item, modules, shapes, head, taken, targets)
-            apply_surgery(work, planned)
-            for ins in planned:
-                ledger.inserted.setdefault(ins.target, ("surgery", item.index))
-            inserts.extend(planned)
-            continue
-        key = "replace" if isinstance(item, ReplaceSpec) else "remove"
-        where = ("surgery", item.index)
-        targets = _selected(spec, item.replace if key == "replace" else item.remove, modules)
-        cls = resolve_class(spec, item) if key == "replace" else None
-        for target in targets:
-            old = work.get_submodule(target)
-            if isinstance(old, (nn.ModuleList, nn.ModuleDict)):
-                raise spec.error(where + (key,), f"{target} is a {type(old).__name__}, a container that is never called "
-                                 f"itself, so it cannot be {key}d as one module", found=target,
-                                 expected="a module called in the forward pass", hint=f"{key} its elements: '{target}.*'")
-            if key == "replace":
-                new = build_replacement(spec, item, cls, old, shapes.get(target), target)
-                kept, _ = kept_keys(old, new)
-                change("replace", target, where, new, f"replace {target} {_type_name(old)} with {cls.__name__}"
-                       + (f", keeping {', '.join(kept)}" if kept else ""))
-            else:
-                change("remove", target, where, nn.Identity(), f"remove {target} ({_type_name(old)})")
-        what = f"{'replacing' if key == 'replace' else 'removing'} {', '.join(targets[:3])}" + (" ..." if len(targets) > 3 else "")
-        shapes = _reprobe(spec, work, size, where, what, shapes, targets)
-    return Plan(inserts, changes, work, shapes, size, tuple(head))
+            planner.insert(item)
+        else:
+            planner.replace_or_remove(item)
+    return Plan(planner.inserts, planner.changes, planner.work, planner.shapes, planner.size, tuple(head))
 
 
 __all__ = ["Plan", "plan_operations", "changes_keys"]

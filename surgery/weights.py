@@ -195,6 +195,105 @@ def map_keys(spec: Spec, state: Mapping[str, torch.Tensor], target: Mapping[str,
     return out, mapped
 
 
+@dataclass
+class _Ledger:
+    """What `load_weights` decided so far: tensors to load, file keys used, and what does not fit."""
+
+    report: LoadReport
+    updates: dict[str, torch.Tensor] = field(default_factory=dict)
+    used: set[str] = field(default_factory=set)
+    missing: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+    def load(self, key: str, tensor: torch.Tensor) -> None:
+        self.updates[key] = tensor
+        self.used.add(key)
+        self.report.loaded.append(key)
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _adaptable(change: Any, key: str, incoming: torch.Tensor | None, tensor: torch.Tensor) -> bool:
+    """The first conv's weight of an `in_chans` change: 3 input channels in the file, N here."""
+    return (change.kind == "in_chans" and key == change.path + ".weight" and incoming is not None
+            and incoming.ndim == 4 and incoming.shape[1] == 3 and tensor.shape[1] != 3
+            and (incoming.shape[0], *incoming.shape[2:]) == (tensor.shape[0], *tensor.shape[2:]))
+
+
+def _account_changed(ledger: _Ledger, key: str, tensor: torch.Tensor, incoming: torch.Tensor | None, change: Any,
+                     reset: bool) -> None:
+    """A key under a module a spec entry changed: kept where name and shape fit, adapted, or
+    re-initialised, each with the entry's line."""
+    report = ledger.report
+    fits = incoming is not None and tuple(incoming.shape) == tuple(tensor.shape)
+    if _adaptable(change, key, incoming, tensor):
+        from .replace import adapt_tensor
+
+        ledger.updates[key] = adapt_tensor(incoming, change.in_chans).to(tensor.dtype)
+        ledger.used.add(key)
+        report.adapted[key] = f"{change.label}: {list(incoming.shape)} in the weights"
+    elif fits and not reset:
+        ledger.load(key, incoming)
+        report.kept[key] = change.label
+    else:
+        report.reinitialised[key] = f"{change.label}: " + (
+            "head: model.reset_head is true" if fits else
+            f"shape {list(tensor.shape)} here, {list(incoming.shape)} in the weights" if incoming is not None else
+            "new in this module" if change.kind in ("head", "pool") else "the old module had no such tensor")
+        if fits:
+            ledger.used.add(key)
+
+
+def _account_plain(ledger: _Ledger, key: str, tensor: torch.Tensor, incoming: torch.Tensor | None, *,
+                   inserted: bool, head: bool, reset: bool) -> None:
+    """A key no spec entry changed: loaded, new (inserted), re-initialised (head), or a misfit."""
+    report = ledger.report
+    fits = incoming is not None and tuple(incoming.shape) == tuple(tensor.shape)
+    if fits and reset and head:
+        ledger.used.add(key)
+        report.reinitialised[key] = "head: model.reset_head is true"
+    elif fits:
+        ledger.load(key, incoming)
+    elif inserted:
+        report.new.append(key)
+    elif head:
+        if incoming is not None:
+            ledger.used.add(key)
+        report.reinitialised[key] = (f"head: shape {list(tensor.shape)} here, {list(incoming.shape)} in the weights"
+                                     if incoming is not None else "head: not in the weights")
+    elif key.endswith("num_batches_tracked"):
+        report.defaulted.append(key)
+    elif incoming is None:
+        ledger.missing.append(key)
+    else:
+        ledger.used.add(key)
+        ledger.mismatched.append(f"{key}: {list(incoming.shape)} in the file, {list(tensor.shape)} in the model")
+
+
+def _check_everything_fits(spec: Spec, source: str, ledger: _Ledger) -> None:
+    """A backbone key missing or of another shape, or a file key nothing used: a located error."""
+    missing, mismatched, unused = ledger.missing, ledger.mismatched, ledger.report.unused
+    if missing or mismatched:
+        lines = mismatched[:5] + [f"{k}: not in the file" for k in missing[:5]]
+        more = len(missing) + len(mismatched) - len(lines)
+        raise spec.error(
+            ("model", "pretrained"),
+            f"the weights do not fit {spec.model.backbone}: {len(mismatched)} tensors have another shape and "
+            f"{len(missing)} are missing",
+            found=source + "\n            " + "\n            ".join(lines) + (f"\n            ... and {more} more" if more > 0 else ""),
+            expected=f"a state_dict of {spec.model.backbone}",
+            hint="is this a checkpoint of another architecture? For a file from another codebase set "
+                 "model.key_map ('order' or {regex: replacement})",
+        )
+    if unused:
+        shown = ", ".join(unused[:6]) + (f" ... ({len(unused)} in all)" if len(unused) > 6 else "")
+        raise spec.error(("model", "pretrained"), f"{len(unused)} tensors of the weights fit nothing in the model",
+                         found=shown, expected=f"a state_dict of {spec.model.backbone}",
+                         hint="rename them with model.key_map {regex: replacement}, or drop them on purpose by mapping them to ''")
+
+
 def load_weights(spec: Spec, model: nn.Module, state: Mapping[str, torch.Tensor] | None, source: str, *,
                  head: Iterable[str], inserted: Iterable[str], report: LoadReport,
                  reset_head: bool | None = None, changes: Sequence[Any] = (),
@@ -212,102 +311,39 @@ def load_weights(spec: Spec, model: nn.Module, state: Mapping[str, torch.Tensor]
     """
     target = model.state_dict()
     reset_head = spec.model.reset_head if reset_head is None else reset_head
-    head = tuple(head)
-    inserted = tuple(inserted)
-
-    def under(key: str, prefixes: tuple[str, ...]) -> bool:
-        return any(key == p or key.startswith(p + ".") for p in prefixes)
-
-    changes = tuple(changes)
+    head, inserted, changes = tuple(head), tuple(inserted), tuple(changes)
 
     def change_of(key: str) -> Any:
         found = [c for c in changes if key.startswith(c.path + ".")]
         return max(reversed(found), key=lambda c: len(c.path)) if found else None  # deepest, then latest
 
     if state is None:
-        report.new = [k for k in target if under(k, inserted)]
-        report.random = [k for k in target if not under(k, inserted)]
+        report.new = [k for k in target if _under(k, inserted)]
+        report.random = [k for k in target if not _under(k, inserted)]
         return report
     report.source = source
     paired = original if changes and original is not None else target  # key_map: order pairs with the backbone's keys
-    state, report.mapped = map_keys(spec, state, paired, skip=[k for k in paired if under(k, inserted)],
-                                    head=[k for k in paired if under(k, head)])
-    updates: dict[str, torch.Tensor] = {}
-    missing, mismatched = [], []
-    used = set()
+    state, report.mapped = map_keys(spec, state, paired, skip=[k for k in paired if _under(k, inserted)],
+                                    head=[k for k in paired if _under(k, head)])
+    ledger = _Ledger(report)
     for key, tensor in target.items():
-        incoming = state.get(key)
-        fits = incoming is not None and tuple(incoming.shape) == tuple(tensor.shape)
-        change = None if under(key, inserted) else change_of(key)
+        is_inserted, is_head = _under(key, inserted), _under(key, head)
+        change = None if is_inserted else change_of(key)
         if change is not None:
-            if (change.kind == "in_chans" and key == change.path + ".weight" and incoming is not None and incoming.ndim == 4
-                    and incoming.shape[1] == 3 and tensor.shape[1] != 3
-                    and (incoming.shape[0], *incoming.shape[2:]) == (tensor.shape[0], *tensor.shape[2:])):
-                from .replace import adapt_tensor
-
-                updates[key] = adapt_tensor(incoming, change.in_chans).to(tensor.dtype)
-                used.add(key)
-                report.adapted[key] = f"{change.label}: {list(incoming.shape)} in the weights"
-            elif fits and not (reset_head and under(key, head)):
-                updates[key] = incoming
-                used.add(key)
-                report.loaded.append(key)
-                report.kept[key] = change.label
-            else:
-                report.reinitialised[key] = f"{change.label}: " + (
-                    "head: model.reset_head is true" if fits else
-                    f"shape {list(tensor.shape)} here, {list(incoming.shape)} in the weights" if incoming is not None else
-                    "new in this module" if change.kind in ("head", "pool") else "the old module had no such tensor")
-                used.add(key) if fits else None
-            continue
-        if fits and reset_head and under(key, head):
-            used.add(key)
-            report.reinitialised[key] = "head: model.reset_head is true"
-            continue
-        if fits:
-            updates[key] = incoming
-            used.add(key)
-            report.loaded.append(key)
-        elif under(key, inserted):
-            report.new.append(key)
-        elif under(key, head):
-            used.add(key) if incoming is not None else None
-            report.reinitialised[key] = (f"head: shape {list(tensor.shape)} here, {list(incoming.shape)} in the weights"
-                                         if incoming is not None else "head: not in the weights")
-        elif key.endswith("num_batches_tracked"):
-            report.defaulted.append(key)
-        elif incoming is None:
-            missing.append(key)
+            _account_changed(ledger, key, tensor, state.get(key), change, reset_head and is_head)
         else:
-            used.add(key)
-            mismatched.append(f"{key}: {list(incoming.shape)} in the file, {list(tensor.shape)} in the model")
-    for key in state:
-        change = change_of(key) if key not in used else None
+            _account_plain(ledger, key, tensor, state.get(key), inserted=is_inserted, head=is_head, reset=reset_head)
+    for key in state:  # file keys a changed module has no place for: dropped, with the entry's line
+        change = change_of(key) if key not in ledger.used else None
         if change is not None:
-            used.add(key)
+            ledger.used.add(key)
             report.dropped[key] = f"{change.label}: " + (
                 f"shape {list(state[key].shape)} in the weights, {list(target[key].shape)} here" if key in target else
                 "the new module has no such tensor")
-    report.unused = [k for k in state if k not in used]
-    if missing or mismatched:
-        lines = mismatched[:5] + [f"{k}: not in the file" for k in missing[:5]]
-        more = len(missing) + len(mismatched) - len(lines)
-        raise spec.error(
-            ("model", "pretrained"),
-            f"the weights do not fit {spec.model.backbone}: {len(mismatched)} tensors have another shape and "
-            f"{len(missing)} are missing",
-            found=source + "\n            " + "\n            ".join(lines) + (f"\n            ... and {more} more" if more > 0 else ""),
-            expected=f"a state_dict of {spec.model.backbone}",
-            hint="is this a checkpoint of another architecture? For a file from another codebase set "
-                 "model.key_map ('order' or {regex: replacement})",
-        )
-    if report.unused:
-        shown = ", ".join(report.unused[:6]) + (f" ... ({len(report.unused)} in all)" if len(report.unused) > 6 else "")
-        raise spec.error(("model", "pretrained"), f"{len(report.unused)} tensors of the weights fit nothing in the model",
-                         found=shown, expected=f"a state_dict of {spec.model.backbone}",
-                         hint="rename them with model.key_map {regex: replacement}, or drop them on purpose by mapping them to ''")
+    report.unused = [k for k in state if k not in ledger.used]
+    _check_everything_fits(spec, source, ledger)
     # load_state_dict(strict=True) with every key present: nothing can be skipped silently
     full = dict(target)
-    full.update(updates)
+    full.update(ledger.updates)
     model.load_state_dict(full, strict=True)
     return report

@@ -1,0 +1,369 @@
+"""The datasets `data.name` names: digits, fake, imagefolder, csv, fashion-mnist, and torchvision's.
+"""
+from __future__ import annotations
+
+import gzip
+import inspect
+import logging
+import math
+import struct
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import SpecError, did_you_mean
+from ..spec import Spec
+from .sources import UNREADABLE, ArraySource, DatasetSource, FileSource, Pool
+from .splits import train_val_split
+
+log = logging.getLogger(__name__)
+
+log = logging.getLogger(__name__)
+
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FAKE_SIZES = {"train": 256, "val": 64}
+_VAL_DIRS = ("val", "validation", "valid", "test")
+# classification datasets of torchvision known to load through `_torchvision` (others may too)
+_TORCHVISION_SHOWN = ("cifar10", "cifar100", "mnist", "fashionmnist", "kmnist", "qmnist", "svhn", "stl10",
+                      "usps", "semeion", "flowers102", "food101", "dtd", "oxfordiiitpet", "stanfordcars",
+                      "fgvcaircraft", "gtsrb", "country211", "eurosat", "pcam", "caltech101", "sun397",
+                      "imagenette", "fer2013", "imagenet")
+
+
+def _digits(spec: Spec) -> tuple[Pool, Pool, int]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    source = ArraySource(images, digits.target, [str(c) for c in digits.target_names])
+    return (*train_val_split(spec, source), 0)
+
+
+def _fake(spec: Spec) -> tuple[Pool, Pool, int]:
+    from torchvision.datasets import FakeData
+
+    size = spec.data.image_size
+    num_classes = spec.model.num_classes or 10
+    n_train = spec.data.subset.train or FAKE_SIZES["train"]
+    n_val = spec.data.subset.val or FAKE_SIZES["val"]
+    offset = spec.seed * 1_000_003  # FakeData seeds item i with i + offset: disjoint train and val
+    pools = []
+    for n, start in ((n_train, offset), (n_val, offset + n_train)):
+        dataset = FakeData(n, (3, size, size), num_classes, random_offset=start)
+        targets = np.array([dataset[i][1] for i in range(n)])
+        pools.append(Pool(DatasetSource(dataset, targets, [f"class{i}" for i in range(num_classes)]),
+                           np.arange(n)))
+    return pools[0], pools[1], 0
+
+
+def _folder_error(spec: Spec, problem: str, folder: Path, **kw: Any) -> SpecError:
+    return spec.error(("data", "root"), problem, found=str(folder), **kw)
+
+
+def _scan(paths: Sequence[str]) -> list[bool]:
+    """Which files PIL can identify (header only; a truncated body is caught when loaded)."""
+    def ok(path: str) -> bool:
+        try:
+            with Image.open(path) as image:
+                return image.size[0] > 0 and image.size[1] > 0
+        except UNREADABLE:
+            return False
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(ok, paths, chunksize=64))
+
+
+CSV_SPLITS = ("train", "val", "test")
+
+
+def _csv(spec: Spec) -> tuple[Pool, Pool, int, Pool | None]:
+    """A CSV file with a header: `path` (relative to the CSV's folder), `label` (a class name) and
+    optionally `split` (train, val or test; without it, or without val rows, val_split holds out
+    part of train). Classes are the label names, sorted, as ImageFolder sorts its folders."""
+    import csv
+
+    if spec.data.root is None:
+        raise spec.error(("data", "root"), "csv needs the CSV file", found="root: null",
+                         expected="data.root set to a CSV file with the columns path,label[,split]")
+    path = spec.resolve_path(spec.data.root, ("data", "root"))
+    if not path.is_file():
+        raise _folder_error(spec, f"the CSV file {path} does not exist" if not path.exists() else f"{path} is not a file",
+                            path, expected="a CSV file with a header line path,label[,split]",
+                            hint="data.root is relative to the spec file's folder")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            missing = [c for c in ("path", "label") if c not in header]
+            if missing:
+                raise _folder_error(spec, f"the CSV file {path} has no column {' or '.join(missing)}", path,
+                                    expected="a header line with path and label (and optionally split)",
+                                    hint=f"its header is: {','.join(header) or '(empty)'}")
+            rows = [(reader.line_num, row) for row in reader]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise _folder_error(spec, f"cannot read the CSV file {path}: {exc}", path,
+                            expected="UTF-8 text, comma-separated, with a header line") from None
+    samples: dict[str, list[tuple[str, str]]] = {s: [] for s in CSV_SPLITS}
+    for line, row in rows:
+        file, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+        split = (row.get("split") or "train").strip() if "split" in header else "train"
+        if not file or not label:
+            raise _folder_error(spec, f"{path}, line {line}: an empty {'path' if not file else 'label'}", path,
+                                expected="a path and a label on every line")
+        if split not in samples:
+            raise _folder_error(spec, f"{path}, line {line}: unknown split {split!r}", path,
+                                expected="train, val or test", hint=did_you_mean(split, list(CSV_SPLITS)))
+        samples[split].append((str((path.parent / file)), label))
+    if not samples["train"]:
+        raise _folder_error(spec, f"the CSV file {path} has no training rows", path,
+                            expected="rows with split train (or no split column)")
+    classes = sorted({label for rows_ in samples.values() for _, label in rows_})
+    index = {c: i for i, c in enumerate(classes)}
+    every = [s for split in CSV_SPLITS for s in samples[split]]
+    readable = _scan([p for p, _ in every])
+    bad = {p for (p, _), ok in zip(every, readable) if not ok}
+    if bad:
+        log.warning("skipping %d unreadable or missing image file(s) listed in %s, e.g. %s", len(bad), path,
+                    ", ".join(sorted(bad)[:3]))
+    kept = {split: [(p, index[c]) for p, c in samples[split] if p not in bad] for split in CSV_SPLITS}
+    source = FileSource(kept["train"] + kept["val"] + kept["test"], classes)
+    n_train, n_val = len(kept["train"]), len(kept["val"])
+    present = set(source.targets[:n_train].tolist())
+    empty = [c for c in classes if index[c] not in present]
+    if empty:
+        raise _folder_error(spec, f"some labels of {path} have no readable training image: " + ", ".join(empty), path,
+                            expected="at least one training image per label")
+    test = Pool(source, np.arange(n_train + n_val, len(source))) if kept["test"] else None
+    if n_val == 0:
+        train, val = train_val_split(spec, source, np.arange(n_train))
+    else:
+        train, val = Pool(source, np.arange(n_train)), Pool(source, np.arange(n_train, n_train + n_val))
+    return train, val, len(bad), test
+
+
+def _imagefolder(spec: Spec) -> tuple[Pool, Pool, int, Pool | None]:
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+    layout = "root/<class>/<image> or root/train/<class>/<image> with root/val/<class>/<image>"
+    if spec.data.root is None:
+        raise spec.error(("data", "root"), "imagefolder needs a folder", found="root: null",
+                         expected=f"data.root set to a folder laid out as {layout}")
+    root = spec.resolve_path(spec.data.root, ("data", "root"))
+    if not root.is_dir():
+        raise _folder_error(spec, f"the dataset folder {root} does not exist" if not root.exists()
+                            else f"{root} is not a folder", root, expected=f"a folder laid out as {layout}",
+                            hint="data.root is relative to the spec file's folder")
+    val_dir = next((root / d for d in _VAL_DIRS if (root / d).is_dir()), None)
+    # test/ is the validation set when there is no val/ (as before); beside val/ it is a test set
+    test_dir = root / "test" if val_dir is not None and val_dir.name != "test" and (root / "test").is_dir() else None
+    train_dir = root / "train" if (root / "train").is_dir() and val_dir is not None else root
+    try:
+        folder = ImageFolder(str(train_dir), allow_empty=True)
+    except FileNotFoundError:
+        raise _folder_error(spec, f"the dataset folder {train_dir} has no class folders", train_dir,
+                            expected=f"one sub-folder per class with images inside: {layout}") from None
+    samples = list(folder.samples)
+    val_samples: list[tuple[str, int]] = []
+    if train_dir != root:
+        extra = sorted(d.name for d in val_dir.iterdir() if d.is_dir() and d.name not in folder.class_to_idx)
+        if extra:
+            raise _folder_error(spec, f"{val_dir} has class folders that {train_dir} lacks: {', '.join(extra)}",
+                                val_dir, expected="the same class folders under train/ and val/")
+        val_samples = make_dataset(str(val_dir), folder.class_to_idx, IMG_EXTENSIONS, allow_empty=True)
+    test_samples: list[tuple[str, int]] = []
+    if train_dir != root and test_dir is not None:
+        extra = sorted(d.name for d in test_dir.iterdir() if d.is_dir() and d.name not in folder.class_to_idx)
+        if extra:
+            raise _folder_error(spec, f"{test_dir} has class folders that {train_dir} lacks: {', '.join(extra)}",
+                                test_dir, expected="the same class folders under train/ and test/")
+        test_samples = make_dataset(str(test_dir), folder.class_to_idx, IMG_EXTENSIONS, allow_empty=True)
+    if not samples:
+        raise _folder_error(spec, f"the dataset folder {train_dir} has no images", train_dir,
+                            expected="image files (" + " ".join(IMG_EXTENSIONS) + ") in class sub-folders")
+    readable = _scan([p for p, _ in samples + val_samples + test_samples])
+    bad = [p for (p, _), ok in zip(samples + val_samples + test_samples, readable) if not ok]
+    if bad:
+        log.warning("skipping %d unreadable image file(s) under %s, e.g. %s", len(bad), root, ", ".join(bad[:3]))
+    skip = set(bad)
+    samples = [s for s in samples if s[0] not in skip]
+    val_samples = [s for s in val_samples if s[0] not in skip]
+    test_samples = [s for s in test_samples if s[0] not in skip]
+    present = {t for _, t in samples}
+    empty = [c for i, c in enumerate(folder.classes) if i not in present]
+    if empty:
+        raise _folder_error(spec, f"some class folders under {train_dir} have no readable images: "
+                            + ", ".join(empty), train_dir, expected="at least one image per class",
+                            hint="remove the empty folders or add images")
+    if train_dir == root:
+        source = FileSource(samples, list(folder.classes))
+        return (*train_val_split(spec, source), len(bad), None)
+    source = FileSource(samples + val_samples + test_samples, list(folder.classes))
+    n, m = len(samples), len(samples) + len(val_samples)
+    test = Pool(source, np.arange(m, len(source))) if test_samples else None
+    return Pool(source, np.arange(n)), Pool(source, np.arange(n, m)), len(bad), test
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (the MNIST format; gzipped if the name ends in .gz) into an array.
+
+    Raises:
+        ValueError: if the file is not IDX or is cut short.
+    """
+    path = Path(path)
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        data = f.read()
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in dtypes:
+        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path} is cut short in its header")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    dtype = np.dtype(dtypes[data[2]])
+    if len(data) - header != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"{path} holds {len(data) - header} bytes of data, its header says shape {shape}")
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+
+
+def _fashion_mnist(spec: Spec) -> tuple[Pool, Pool, int]:
+    root = spec.resolve_path(spec.data.root, ("data", "root")) if spec.data.root else FASHION_MNIST_DIR
+    arrays = {}
+    for part, stem in (("train_x", "train-images-idx3-ubyte"), ("train_y", "train-labels-idx1-ubyte"),
+                       ("val_x", "t10k-images-idx3-ubyte"), ("val_y", "t10k-labels-idx1-ubyte")):
+        path = next((root / (stem + ext) for ext in ("", ".gz") if (root / (stem + ext)).is_file()), None)
+        if path is None:
+            raise spec.error(("data", "root"), f"Fashion-MNIST is not in {root}", found=f"no {stem}[.gz] in {root}",
+                             expected="the four IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                             "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (optionally .gz)",
+                             hint="apt-get install dataset-fashion-mnist, or set data.root to a folder with them")
+        try:
+            arrays[part] = read_idx(path)
+        except (OSError, ValueError, EOFError) as exc:
+            raise spec.error(("data", "root"), f"cannot read {path}: {exc}", found=str(path),
+                             expected="an IDX file as published by Fashion-MNIST") from None
+    pools = []
+    for x, y in (("train_x", "train_y"), ("val_x", "val_y")):
+        if arrays[x].ndim != 3 or len(arrays[x]) != len(arrays[y]):
+            raise spec.error(("data", "root"), f"the Fashion-MNIST files in {root} do not match",
+                             found=f"images {arrays[x].shape}, labels {arrays[y].shape}",
+                             expected="N images of HxW and N labels")
+        source = ArraySource(arrays[x].astype(np.uint8, copy=False), arrays[y], list(FASHION_MNIST_CLASSES))
+        pools.append(Pool(source, np.arange(len(source))))
+    return pools[0], pools[1], 0
+
+
+def _norm_name(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def _torchvision_classes() -> dict[str, type]:
+    import torchvision.datasets as tvd
+    from torchvision.datasets import VisionDataset
+
+    skip = {"ImageFolder", "DatasetFolder", "FakeData", "VisionDataset"}
+    return {_norm_name(n): getattr(tvd, n) for n in tvd.__all__
+            if n not in skip and inspect.isclass(getattr(tvd, n)) and issubclass(getattr(tvd, n), VisionDataset)}
+
+
+def _torchvision(spec: Spec, cls: type) -> tuple[Pool, Pool, int]:
+    root = (spec.resolve_path(spec.data.root, ("data", "root")) if spec.data.root
+            else Path(torch.hub.get_dir()).parent / "datasets")
+    params = inspect.signature(cls.__init__).parameters
+    kwargs: dict[str, Any] = {"root": str(root)}
+    if "download" in params:
+        kwargs["download"] = spec.data.download
+    name = spec.data.name
+
+    def make(**split: Any) -> Any:
+        try:
+            return cls(**kwargs, **split)
+        except (RuntimeError, FileNotFoundError) as exc:
+            if spec.data.download:
+                raise spec.error(("data", "download"), f"{name} could not be downloaded to {root}: {exc}",
+                                 found="download: true", hint=f"place the files under {root} yourself") from None
+            raise spec.error(("data", "root"), f"{name} is not in {root}", found=str(exc).strip(),
+                             expected=f"the {cls.__name__} files under {root}",
+                             hint="set data.download: true, or place the files under data.root") from None
+        except OSError as exc:  # network failures while downloading
+            raise spec.error(("data", "download"), f"{name} could not be downloaded to {root}: {exc}",
+                             found="download: true", hint=f"place the files under {root} yourself") from None
+
+    def first_split(names: Sequence[str]) -> Any:
+        for split in names:
+            try:
+                return make(split=split)
+            except SpecError:
+                raise
+            except ValueError:  # torchvision's verify_str_arg: not a split of this dataset
+                continue
+        return None
+
+    if "train" in params:
+        train, val = make(train=True), make(train=False)
+    elif "split" in params:
+        train = first_split(("train", "trainval", "train-standard"))
+        val = first_split(("val", "valid", "validation", "test"))
+        if train is None or val is None:
+            raise spec.error(("data", "name"), f"{name}: cannot tell which splits are train and val",
+                             found=name, expected="a torchvision dataset with train/val or train/test splits",
+                             hint="export it as an image folder and use name: imagefolder")
+    else:
+        train, val = make(), None
+    sources = [_dataset_source(spec, d) for d in (train, val) if d is not None]
+    if val is None:
+        return (*train_val_split(spec, sources[0]), 0)
+    return Pool(sources[0], np.arange(len(sources[0]))), Pool(sources[1], np.arange(len(sources[1]))), 0
+
+
+def _dataset_source(spec: Spec, dataset: Any) -> DatasetSource:
+    targets = None
+    for attr in ("targets", "labels", "_labels", "y"):
+        value = getattr(dataset, attr, None)
+        if value is not None and len(value) == len(dataset):
+            array = np.asarray(value)
+            if array.ndim == 1 and np.issubdtype(array.dtype, np.integer):
+                targets = array
+                break
+    if targets is None:
+        log.info("reading every label of %s one item at a time", type(dataset).__name__)
+        targets = np.array([dataset[i][1] for i in range(len(dataset))])
+        if targets.ndim != 1 or not np.issubdtype(targets.dtype, np.integer):
+            raise spec.error(("data", "name"), f"{type(dataset).__name__} has no integer class labels",
+                             found=spec.data.name, expected="a classification dataset")
+    classes = [str(c) for c in getattr(dataset, "classes", None) or []]
+    if len(classes) <= int(targets.max(initial=0)):
+        classes = [str(i) for i in range(int(targets.max(initial=0)) + 1)]
+    return DatasetSource(dataset, targets, classes)
+
+
+_BUILTIN = {"digits": _digits, "fake": _fake, "imagefolder": _imagefolder, "csv": _csv,
+            "fashion-mnist": _fashion_mnist, "fashion_mnist": _fashion_mnist}
+
+
+def dataset_names() -> list[str]:
+    """Dataset names `data.name` accepts without listing all of torchvision (for help and errors)."""
+    return ["digits", "fake", "imagefolder", "csv", "fashion-mnist"] + list(_TORCHVISION_SHOWN)
+
+
+def pools(spec: Spec) -> tuple[Pool, Pool, int, Pool | None]:
+    """(train, val, unreadable files skipped, test or None) of `data.name`."""
+    name = spec.data.name
+    if name.lower() in _BUILTIN:
+        train, val, skipped, *test = _BUILTIN[name.lower()](spec)
+        return train, val, skipped, test[0] if test else None
+    known = _torchvision_classes()
+    if _norm_name(name) in known:
+        return (*_torchvision(spec, known[_norm_name(name)]), None)
+    raise spec.error(("data", "name"), f"unknown dataset {name!r}", found=repr(name),
+                     expected="one of " + ", ".join(dataset_names()) + " (or another torchvision dataset class)",
+                     hint=did_you_mean(name, dataset_names() + sorted(known)))

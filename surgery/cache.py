@@ -102,7 +102,7 @@ def _features(model: nn.Module, head_module: nn.Module, batches: Any, prepare: C
     captured: list[torch.Tensor] = []
     handle = head_module.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
     store: torch.Tensor | None = None
-    labels = torch.empty(size, dtype=torch.int64)
+    labels = torch.empty(size, dtype=torch.int64)  # reshaped at the first batch: multi-hot rows with data.multi_label
     where = "memory"
     offset = 0
     try:
@@ -126,6 +126,7 @@ def _features(model: nn.Module, head_module: nn.Module, batches: Any, prepare: C
                     where = str(path)
                 else:
                     store = torch.empty(shape, dtype=torch.float32)
+                labels = torch.empty((size, *y.shape[1:]), dtype=y.dtype)
             n = feats.shape[0]
             store[offset: offset + n] = feats.cpu()
             labels[offset: offset + n] = y.cpu()

@@ -51,7 +51,9 @@ def balance_warnings(spec: Spec, data: DataBundle) -> list[str]:
 
     if spec.data.balance == "none":
         return []
-    counts = np.bincount(data.train.targets, minlength=len(data.classes))
+    from .data import train_counts
+
+    counts = train_counts(data.train, len(data.classes))
     empty = [c for c, n in zip(data.classes, counts) if n == 0]
     if not empty:
         return []

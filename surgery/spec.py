@@ -293,6 +293,9 @@ class DataSpec(Section):
     augment: AugmentSpec = _section(AugmentSpec)
     balance: str = "none"
     num_workers: int = 2
+    multi_label: bool = False
+    label_separator: str = "|"
+    threshold: float = 0.5
 
     def __getitem__(self, key: str) -> Any:
         if key == "augment":  # the value as written: 'none', 'standard' or the mapping
@@ -475,6 +478,7 @@ def _check_cross_fields(spec: Spec) -> tuple[str, ...]:
     if sched.warmup_epochs >= epochs:
         warn(("train", "scheduler", "warmup_epochs"), f"the warm-up ({sched.warmup_epochs} epochs) lasts the whole run")
     _check_mixup(spec)
+    _check_multi_label(spec)
     key_map, pretrained = spec.model.key_map, spec.model.pretrained
     if key_map and (pretrained is False or (key_map == "order" and not isinstance(pretrained, str))):
         raise spec.error(("model", "key_map"), "key_map maps the keys of a weight file, and this spec loads none",
@@ -502,6 +506,29 @@ def _check_mixup(spec: Spec) -> None:
         raise spec.error(("train", "batch_size"), "mixup mixes each batch with itself reversed, and needs an even "
                          "batch size", found=str(train.batch_size), expected=f"an even batch size, e.g. "
                          f"{train.batch_size + 1}", hint="or train.mixup: null")
+
+
+def _check_multi_label(spec: Spec) -> None:
+    data = spec.data
+    if not data.multi_label:
+        return
+    if data.name.lower() != "csv":
+        raise spec.error(("data", "multi_label"), "multi_label reads several classes per image from a CSV file",
+                         found=f"name: {data.name}", expected="data.name: csv (label cells such as 'cat|dog')",
+                         hint="or data.multi_label: false")
+    if spec.train.mixup is not None:
+        # timm's Mixup one-hot encodes integer targets; multi-hot rows would be mixed wrongly
+        raise spec.error(("train", "mixup"), "mixup is not supported with multi-label targets",
+                         found="train.mixup set with data.multi_label: true", expected="train.mixup: null",
+                         hint="use data.augment for augmentation instead")
+    if data.balance == "sampler":
+        raise spec.error(("data", "balance"), "balance: sampler draws by one class per image; a multi-label "
+                         "image has several", found="sampler", expected="none or loss (loss: BCE pos_weight "
+                         "from the training counts)")
+    if data.classes is not None:
+        raise spec.error(("data", "classes"), "data.classes picks images by their one class; multi-label images "
+                         "have several", found=str(list(data.classes)), expected="data.classes: null",
+                         hint="remove the classes you do not want from the CSV's label cells")
 
 
 # --------------------------------------------------------------------------- entry point

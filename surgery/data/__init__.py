@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from ..backbones import IMAGENET_MEAN, IMAGENET_STD
 from ..spec import Spec
 from .datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, dataset_names, pools, read_idx
-from .loader import EpochLoader, class_weights, make_loader
+from .loader import EpochLoader, class_weights, make_loader, pos_weights, train_counts
 from .sources import Pool, SplitDataset
 from .splits import narrow, select_classes
 from .transforms import eval_transform, image_mode, normalize, train_transform
@@ -43,7 +43,8 @@ from .transforms import eval_transform, image_mode, normalize, train_transform
 class DataBundle:
     """Train and val datasets for a spec, ready for `make_loader`.
 
-    Items of `train` and `val` are ``(uint8 tensor 3xHxW, int label in 0..K-1)``; they may be
+    Items of `train` and `val` are ``(uint8 tensor 3xHxW, int label in 0..K-1)`` (with
+    ``data.multi_label``, a float32 multi-hot tensor of K instead of the int); they may be
     indexed by ``index`` or by ``(epoch, index)`` (the key `make_loader` uses).
     """
 
@@ -135,4 +136,4 @@ def build_data(spec: Spec, data_config: Mapping) -> DataBundle:
 
 __all__ = ["DataBundle", "EpochLoader", "build_data", "eval_transform", "normalize", "make_loader",
            "read_idx", "dataset_names", "normalization", "class_weights", "image_mode", "FASHION_MNIST_DIR",
-           "FASHION_MNIST_CLASSES"]
+           "FASHION_MNIST_CLASSES", "pos_weights", "train_counts"]

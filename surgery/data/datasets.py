@@ -23,8 +23,6 @@ from .splits import train_val_split
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
-
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -111,11 +109,12 @@ def _csv(spec: Spec) -> tuple[Pool, Pool, int, Pool | None]:
     except (UnicodeDecodeError, csv.Error) as exc:
         raise _folder_error(spec, f"cannot read the CSV file {path}: {exc}", path,
                             expected="UTF-8 text, comma-separated, with a header line") from None
+    multi, separator = spec.data.multi_label, spec.data.label_separator
     samples: dict[str, list[tuple[str, str]]] = {s: [] for s in CSV_SPLITS}
     for line, row in rows:
         file, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
         split = (row.get("split") or "train").strip() if "split" in header else "train"
-        if not file or not label:
+        if not file or (not label and not multi):  # multi-label: an empty cell is an image of no class
             raise _folder_error(spec, f"{path}, line {line}: an empty {'path' if not file else 'label'}", path,
                                 expected="a path and a label on every line")
         if split not in samples:
@@ -125,7 +124,11 @@ def _csv(spec: Spec) -> tuple[Pool, Pool, int, Pool | None]:
     if not samples["train"]:
         raise _folder_error(spec, f"the CSV file {path} has no training rows", path,
                             expected="rows with split train (or no split column)")
-    classes = sorted({label for rows_ in samples.values() for _, label in rows_})
+    names = {s: [_label_names(c, separator) if multi else [c] for _, c in samples[s]] for s in CSV_SPLITS}
+    classes = sorted({c for split in CSV_SPLITS for cell in names[split] for c in cell})
+    if not classes:
+        raise _folder_error(spec, f"every label cell of {path} is empty", path,
+                            expected=f"class names in the label column, separated by {separator!r}")
     index = {c: i for i, c in enumerate(classes)}
     every = [s for split in CSV_SPLITS for s in samples[split]]
     readable = _scan([p for p, _ in every])
@@ -133,10 +136,22 @@ def _csv(spec: Spec) -> tuple[Pool, Pool, int, Pool | None]:
     if bad:
         log.warning("skipping %d unreadable or missing image file(s) listed in %s, e.g. %s", len(bad), path,
                     ", ".join(sorted(bad)[:3]))
-    kept = {split: [(p, index[c]) for p, c in samples[split] if p not in bad] for split in CSV_SPLITS}
-    source = FileSource(kept["train"] + kept["val"] + kept["test"], classes)
+    good = {split: [i for i, (p, _) in enumerate(samples[split]) if p not in bad] for split in CSV_SPLITS}
+    if multi:
+        # one stratum for splits and subsets (targets 0); the classes live in the multi-hot rows
+        kept = {split: [(samples[split][i][0], 0) for i in good[split]] for split in CSV_SPLITS}
+        hot = np.zeros((sum(len(good[s]) for s in CSV_SPLITS), len(classes)), dtype=np.float32)
+        row_of = (row for split in CSV_SPLITS for row in (names[split][i] for i in good[split]))
+        for r, cell in enumerate(row_of):
+            hot[r, [index[c] for c in cell]] = 1.0
+    else:
+        kept = {split: [(samples[split][i][0], index[names[split][i][0]]) for i in good[split]] for split in CSV_SPLITS}
+    source = FileSource(kept["train"] + kept["val"] + kept["test"], classes, multi_hot=hot if multi else None)
     n_train, n_val = len(kept["train"]), len(kept["val"])
-    present = set(source.targets[:n_train].tolist())
+    if multi:
+        present = set(np.flatnonzero(hot[:n_train].sum(0)).tolist())
+    else:
+        present = set(source.targets[:n_train].tolist())
     empty = [c for c in classes if index[c] not in present]
     if empty:
         raise _folder_error(spec, f"some labels of {path} have no readable training image: " + ", ".join(empty), path,
@@ -147,6 +162,12 @@ def _csv(spec: Spec) -> tuple[Pool, Pool, int, Pool | None]:
     else:
         train, val = Pool(source, np.arange(n_train)), Pool(source, np.arange(n_train, n_train + n_val))
     return train, val, len(bad), test
+
+
+def _label_names(cell: str, separator: str) -> list[str]:
+    """The class names of one multi-label cell: split at `separator`, spaces around it dropped,
+    empty parts (an empty cell, a doubled separator) ignored, each name once."""
+    return list(dict.fromkeys(part.strip() for part in cell.split(separator) if part.strip()))
 
 
 def _imagefolder(spec: Spec) -> tuple[Pool, Pool, int, Pool | None]:

@@ -205,3 +205,19 @@ def class_weights(targets: np.ndarray, num_classes: int) -> np.ndarray:
     weights = np.zeros(num_classes)
     weights[present] = compute_class_weight("balanced", classes=present, y=targets)
     return weights
+
+
+def pos_weights(multi_hot: np.ndarray) -> np.ndarray:
+    """`data.balance: loss` with multi-label targets: BCE's ``pos_weight`` of every class,
+    ``negatives / positives`` in the training rows (1 for a class without positives)."""
+    positives = multi_hot.sum(0)
+    negatives = len(multi_hot) - positives
+    return np.where(positives > 0, negatives / np.maximum(positives, 1), 1.0)
+
+
+def train_counts(dataset: Any, num_classes: int) -> np.ndarray:
+    """Training images of every class: positives per class with multi-label targets."""
+    hot = getattr(dataset, "multi_hot", None)
+    if hot is not None:
+        return hot.sum(0).astype(np.int64)
+    return np.bincount(dataset.targets, minlength=num_classes)

@@ -19,8 +19,6 @@ from torch.utils.data import Dataset, get_worker_info
 
 log = logging.getLogger(__name__)
 
-log = logging.getLogger(__name__)
-
 
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -30,6 +28,7 @@ class ImageSource:
 
     classes: list[str]
     targets: np.ndarray
+    multi_hot: np.ndarray | None = None  # (N, K) float32 with data.multi_label; `targets` then all 0
 
     def load(self, i: int) -> Image.Image:
         raise NotImplementedError
@@ -73,10 +72,12 @@ class DatasetSource(ImageSource):
 class FileSource(ImageSource):
     """Image files with class indices (the listing of an ImageFolder)."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], classes: list[str]) -> None:
+    def __init__(self, samples: Sequence[tuple[str, int]], classes: list[str],
+                 multi_hot: np.ndarray | None = None) -> None:
         self.paths = [p for p, _ in samples]
         self.targets = np.asarray([t for _, t in samples], dtype=np.int64)
         self.classes = classes
+        self.multi_hot = multi_hot
 
     def load(self, i: int) -> Image.Image:
         with open(self.paths[i], "rb") as f:
@@ -130,13 +131,23 @@ class SplitDataset(Dataset):
         """The label of every item, in item order (no image is read)."""
         return self.label_map[self.source.targets[self.indices]]
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int]:
+    @property
+    def multi_hot(self) -> np.ndarray | None:
+        """With data.multi_label, the (items, classes) 0/1 rows of every item; else None."""
+        hot = self.source.multi_hot
+        return None if hot is None else hot[self.indices]
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int | Tensor]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} items")
         index %= len(self)
         image, position = self._load(index)
-        label = int(self.label_map[self.source.targets[self.indices[position]]])
+        label: int | Tensor
+        if self.source.multi_hot is not None:
+            label = torch.from_numpy(self.source.multi_hot[self.indices[position]].copy())
+        else:
+            label = int(self.label_map[self.source.targets[self.indices[position]]])
         if not self.augment:
             return self.transform(image), label
         if get_worker_info() is not None:  # a worker's RNGs serve nothing but these transforms

@@ -13,7 +13,7 @@ from .. import distributed
 from ..builder import Built, build
 from ..cache import FeatureCache
 from ..checks import check_compile, data_for
-from ..data import DataBundle, class_weights, make_loader
+from ..data import DataBundle, class_weights, make_loader, pos_weights
 from ..distributed import DataParallel, Distributed
 from ..optim import build_optimizer
 from ..runtime import Compiled, Runtime, make_runtime, seed_everything
@@ -109,7 +109,10 @@ def prepare(spec: Spec, *, device: str | None = None, runs_root: Path | None = N
     val_loader = make_loader(data.val, train=False, **loader)
     weights = None
     if balance == "loss":
-        weights = torch.as_tensor(class_weights(targets, len(data.classes)), dtype=torch.float32)
+        hot = data.train.multi_hot
+        # multi-label: BCE's pos_weight (negatives / positives per class) instead of class weights
+        weights = torch.as_tensor(class_weights(targets, len(data.classes)) if hot is None else pos_weights(hot),
+                                  dtype=torch.float32)
     criterion = train_criterion(spec, weights).to(runtime.device)
     augment = BatchAugment(spec, len(data.classes), runtime.device, env.rank)
     return Context(spec=spec, built=built, data=data, runtime=runtime, model=model, forward=forward,

@@ -71,7 +71,8 @@ class EpochResult:
     skipped: int = 0
     top5: float | None = None
     confusion: torch.Tensor | None = None
-    per_class: list[float] = field(default_factory=list)
+    per_class: list[float] = field(default_factory=list)  # recall per class; multi-label: F1 per class
+    mean_ap: float | None = None  # multi-label only (then `acc` is the exact-match ratio)
     stopped: bool = False  # an interrupt ended the epoch early; `EpochState` says where
 
 
@@ -242,7 +243,7 @@ def train_epoch(ctx: Context, epoch: int, flags: Mapping[str, bool], *, on_step:
                 _backward(ctx, loss, window)
                 good += 1
             loss_sum += loss.detach().double() * y.shape[0]
-            correct += (logits.detach().argmax(1) == hard_labels(y)).sum()
+            correct += _correct(ctx, logits.detach(), y)
             state.seen += y.shape[0]
             if on_step is not None:
                 on_step(epoch, step, float(loss.detach()))
@@ -263,6 +264,14 @@ def train_epoch(ctx: Context, epoch: int, flags: Mapping[str, bool], *, on_step:
     state.data_seconds += data_seconds
     # a stop after the epoch's last batch ends the epoch normally (validated, saved, then stopped)
     return _epoch_result(ctx, state, stopped=stopped and state.batch < steps)
+
+
+def _correct(ctx: Context, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Images counted right: top-1 (the dominant label with mixup); multi-label: every class
+    on the right side of ``data.threshold`` (exact match)."""
+    if ctx.spec.data.multi_label:
+        return ((torch.sigmoid(logits.float()) >= ctx.spec.data.threshold) == (y > 0.5)).all(1).sum()
+    return (logits.argmax(1) == hard_labels(y)).sum()
 
 
 def _epoch_result(ctx: Context, state: EpochState, *, stopped: bool) -> EpochResult:
@@ -288,6 +297,8 @@ def evaluate(ctx: Context, model_fn: Callable[[torch.Tensor], torch.Tensor] | No
     Under DDP each process scores its share and the figures are summed; the items the sampler
     repeats to even out the shares are left out, so every image counts exactly once.
     """
+    if ctx.spec.data.multi_label:
+        return _evaluate_multi_label(ctx, model_fn)
     was_training = ctx.model.training
     ctx.model.eval()
     device, k = ctx.runtime.device, len(ctx.data.classes)
@@ -296,11 +307,7 @@ def evaluate(ctx: Context, model_fn: Callable[[torch.Tensor], torch.Tensor] | No
     top5 = torch.zeros((), dtype=torch.int64, device=device)
     unique, position = ctx.val_loader.unique_items, 0
     start = time.perf_counter()
-    if ctx.features is not None and model_fn is None:
-        batches, forward, to_device = _cached_val_batches(ctx), ctx.model.get_submodule(ctx.features.head), _features_to_device
-    else:
-        batches = _image_batches(ctx.val_loader, 0, ctx.spec.train.limit_batches)
-        forward, to_device = model_fn or ctx.forward, images_to_device
+    batches, forward, to_device = _val_inputs(ctx, model_fn)
     for _, x, y in batches:
         x, y = to_device(ctx, x, y)
         with ctx.runtime.autocast():
@@ -322,3 +329,46 @@ def evaluate(ctx: Context, model_fn: Callable[[torch.Tensor], torch.Tensor] | No
     return EpochResult(loss=loss_total / max(seen, 1), acc=int(confusion.diag().sum()) / max(seen, 1), seen=seen,
                        seconds=time.perf_counter() - start, top5=top5_total / max(seen, 1) if k > 5 else None,
                        confusion=confusion, per_class=per_class)
+
+
+def _val_inputs(ctx: Context, model_fn: Callable | None) -> tuple[Batches, Callable, Callable]:
+    if ctx.features is not None and model_fn is None:
+        return _cached_val_batches(ctx), ctx.model.get_submodule(ctx.features.head), _features_to_device
+    return (_image_batches(ctx.val_loader, 0, ctx.spec.train.limit_batches), model_fn or ctx.forward,
+            images_to_device)
+
+
+@torch.no_grad()
+def _evaluate_multi_label(ctx: Context, model_fn: Callable | None) -> EpochResult:
+    """`evaluate` for multi-hot targets: BCE loss, and scikit-learn's figures on every image's
+    sigmoid probabilities, gathered from all processes (``acc``: exact-match ratio)."""
+    from .multilabel import multi_label_metrics
+
+    was_training = ctx.model.training
+    ctx.model.eval()
+    unique, position = ctx.val_loader.unique_items, 0
+    probs, targets, loss_sum = [], [], 0.0
+    start = time.perf_counter()
+    batches, forward, to_device = _val_inputs(ctx, model_fn)
+    for _, x, y in batches:
+        x, y = to_device(ctx, x, y)
+        with ctx.runtime.autocast():
+            logits = forward(x).float()
+        if position + len(y) > unique:  # repeats added by the distributed sampler
+            keep = unique - position
+            logits, y = logits[:keep], y[:keep]
+        position += len(y)
+        y = y.float()
+        loss_sum += float(F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1).double().sum())
+        probs.append(torch.sigmoid(logits).cpu())
+        targets.append(y.cpu())
+    ctx.model.train(was_training)
+    k = len(ctx.data.classes)
+    parts = ctx.dist.gather((torch.cat(probs) if probs else torch.zeros(0, k),
+                             torch.cat(targets) if targets else torch.zeros(0, k), loss_sum))
+    p = torch.cat([part[0] for part in parts]).numpy()
+    t = torch.cat([part[1] for part in parts]).numpy()
+    seen = len(p)
+    m = multi_label_metrics(p, t, ctx.spec.data.threshold)
+    return EpochResult(loss=sum(part[2] for part in parts) / max(seen, 1), acc=m.exact_match, seen=seen,
+                       seconds=time.perf_counter() - start, per_class=m.f1, mean_ap=m.mean_ap)

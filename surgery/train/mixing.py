@@ -25,6 +25,7 @@ from torch import nn
 from ..spec import Spec
 
 DOMINANT = "dominant label"
+MULTI_LABEL_ACC = "exact match"  # data.multi_label: an image counts when every class is on the right side of the threshold
 
 
 def _batch_seed(seed: int, epoch: int, step: int, rank: int) -> int:
@@ -110,7 +111,10 @@ class BatchAugment:
 
 def train_criterion(spec: Spec, weight: torch.Tensor | None = None) -> nn.Module:
     """The training loss: soft-target cross-entropy with mixup, cross-entropy otherwise
-    (label smoothing and class weights as the spec asks)."""
+    (label smoothing and class weights as the spec asks); sigmoid + binary cross-entropy with
+    ``data.multi_label`` (class weights are then BCE's ``pos_weight``)."""
+    if spec.data.multi_label:
+        return MultiLabelLoss(spec.train.label_smoothing, weight)
     if spec.train.mixup is not None:
         if weight is not None:
             return WeightedSoftTargetCrossEntropy(weight)
@@ -132,6 +136,22 @@ class WeightedSoftTargetCrossEntropy(nn.Module):
         weighted = target * self.weight
         loss = torch.sum(-weighted * torch.log_softmax(x, dim=-1), dim=-1)
         return loss.sum() / weighted.sum()
+
+
+class MultiLabelLoss(nn.Module):
+    """``BCEWithLogitsLoss`` over multi-hot targets, averaged over images and classes. Label
+    smoothing as timm's ``BinaryCrossEntropy``: a target 1 becomes ``1 - s + s/K``, a 0 ``s/K``."""
+
+    def __init__(self, smoothing: float = 0.0, pos_weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.smoothing = smoothing
+        self.bce = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        target = target.to(x.dtype)
+        if self.smoothing:
+            target = target * (1 - self.smoothing) + self.smoothing / x.shape[-1]
+        return self.bce(x, target)
 
 
 def hard_labels(target: torch.Tensor) -> torch.Tensor:

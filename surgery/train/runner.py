@@ -29,7 +29,7 @@ from ..spec import Spec
 from .checkpoint import check_resumable, checkpoint_state, load_checkpoint, restore
 from .context import Context, prepare
 from .features import use_feature_cache
-from .mixing import DOMINANT
+from .mixing import DOMINANT, MULTI_LABEL_ACC
 from .loop import EpochResult, EpochState, NonFiniteLoss, StepHook, TrainingStopped, apply_trainable, evaluate, train_epoch
 from .progress import Progress, epoch_line
 from .summary import summary_of
@@ -192,29 +192,49 @@ def _validate(ctx: Context, epoch: int, flags: Mapping[str, bool], result: Epoch
     ctx.plateau.step(val.loss)
     row = {"epoch": epoch, "train_loss": result.loss, "train_acc": result.acc,
            # with mixup an image holds two labels: train_acc counts the one with the larger share
-           "train_acc_basis": DOMINANT if ctx.spec.train.mixup is not None else "label", "val_loss": val.loss,
+           "train_acc_basis": _acc_basis(ctx.spec), "val_loss": val.loss,
            "val_acc": val.acc, "val_top5": val.top5, "lr": lrs, "trainable": dict(flags),
            "images_per_sec": result.seen / max(result.seconds, 1e-9), "seconds": result.seconds + val.seconds,
            "data_wait_fraction": result.data_seconds / max(result.seconds, 1e-9),
            "skipped_batches": result.skipped}
+    if val.mean_ap is not None:  # multi-label: acc is the exact-match ratio, the best epoch has the best mAP
+        row.update(val_map=val.mean_ap, val_macro_f1=sum(val.per_class) / max(len(val.per_class), 1),
+                   val_f1=dict(zip(ctx.data.classes, val.per_class)))
     if ctx.ema is not None:
-        row["val_acc_ema"] = evaluate(ctx, ctx.ema.module).acc
+        ema = evaluate(ctx, ctx.ema.module)
+        row["val_acc_ema"] = ema.acc
+        if ema.mean_ap is not None:
+            row["val_map_ema"] = ema.mean_ap
     return row
+
+
+def _acc_basis(spec: Spec) -> str:
+    if spec.data.multi_label:
+        return MULTI_LABEL_ACC
+    return DOMINANT if spec.train.mixup is not None else "label"
+
+
+def best_key(spec: Spec) -> str:
+    """The metrics-row key the best epoch is chosen by: val_map with data.multi_label, else val_acc."""
+    return "val_map" if spec.data.multi_label else "val_acc"
 
 
 def _save_epoch(ctx: Context, rundir: RunDir, journey: Journey, row: dict[str, Any]) -> None:
     """metrics.jsonl, last.pt and (when the epoch is the best so far) best.safetensors."""
     epoch = row["epoch"]
     journey.rows.append(row)
-    improved = row["val_acc"] > journey.best["val_acc"]
+    key = best_key(ctx.spec)
+    improved = row[key] > journey.best.get(key, -1.0)
     if improved:
         journey.best = {"epoch": epoch, "val_acc": row["val_acc"], "val_loss": row["val_loss"]}
+        if key != "val_acc":
+            journey.best[key] = row[key]
     checkpoint = checkpoint_state(ctx, epoch + 1, journey.best, journey.rows)
 
     def write() -> None:
         if improved:
             save_safetensors(rundir.folder / "checkpoints" / "best.safetensors", ctx.model.state_dict(),
-                             {"epoch": str(epoch), "val_acc": f"{row['val_acc']:.6f}"})
+                             {"epoch": str(epoch), key: f"{row[key]:.6f}"})
         write_metrics(rundir.folder / "metrics.jsonl", journey.rows)
         save_torch(rundir.checkpoint, checkpoint)
     ctx.dist.on_main(write)
@@ -240,11 +260,14 @@ def _finish(ctx: Context, rundir: RunDir, journey: Journey, wall: float, say: Ca
         write_json(rundir.folder / "summary.json", summary)
         if journey.rows:
             plot_curves(rundir.folder / "plots" / "curves.png", journey.rows, unfreeze_events(spec))
-        plot_confusion(rundir.folder / "plots" / "confusion.png", final.confusion, ctx.data.classes)
+        if final.confusion is not None:  # multi-label runs have none; summary.json holds per-class F1
+            plot_confusion(rundir.folder / "plots" / "confusion.png", final.confusion, ctx.data.classes)
     ctx.dist.on_main(write)
     best = journey.best
-    say(f"[green]done[/green] {spec.name}: best val acc {best['val_acc']:.4f} at epoch "
-        f"{(best['epoch'] or 0) + 1}, final {final.acc:.4f}; wrote {rundir.folder}", soft_wrap=True)
+    key = best_key(spec)
+    what, last = ("val mAP", final.mean_ap) if key == "val_map" else ("val acc", final.acc)
+    say(f"[green]done[/green] {spec.name}: best {what} {best.get(key, -1.0):.4f} at epoch "
+        f"{(best['epoch'] or 0) + 1}, final {last:.4f}; wrote {rundir.folder}", soft_wrap=True)
     return summary
 
 

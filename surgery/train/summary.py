@@ -16,7 +16,6 @@ def summary_of(ctx: Context, rows: list[dict[str, Any]], best: Mapping[str, Any]
     import torchvision
 
     spec, env = ctx.spec, ctx.dist
-    f1 = _f1(final.confusion)
     return {
         "name": spec.name,
         "backbone": spec.model.backbone,
@@ -26,10 +25,7 @@ def summary_of(ctx: Context, rows: list[dict[str, Any]], best: Mapping[str, Any]
         "final_val_acc": final.acc,
         "final_val_loss": final.loss,
         "val_images": final.seen,
-        "per_class_accuracy": dict(zip(ctx.data.classes, final.per_class)),  # the recall of each class
-        "val_macro_f1": sum(f1) / max(len(f1), 1),
-        "per_class_f1": dict(zip(ctx.data.classes, f1)),
-        "confusion_matrix": final.confusion.tolist(),  # rows: true class, columns: predicted
+        **(_multi_label(ctx, best, final) if final.confusion is None else _single_label(ctx, final)),
         "epochs": len(rows),
         "wall_seconds": wall,
         "device": str(ctx.runtime.device),
@@ -53,13 +49,29 @@ def summary_of(ctx: Context, rows: list[dict[str, Any]], best: Mapping[str, Any]
     }
 
 
+def _single_label(ctx: Context, final: EpochResult) -> dict[str, Any]:
+    f1 = _f1(final.confusion)
+    return {"per_class_accuracy": dict(zip(ctx.data.classes, final.per_class)),  # the recall of each class
+            "val_macro_f1": sum(f1) / max(len(f1), 1),
+            "per_class_f1": dict(zip(ctx.data.classes, f1)),
+            "confusion_matrix": final.confusion.tolist()}  # rows: true class, columns: predicted
+
+
+def _multi_label(ctx: Context, best: Mapping[str, Any], final: EpochResult) -> dict[str, Any]:
+    # final_val_acc / best_val_acc are exact-match ratios here; the best epoch is the best mAP
+    f1 = final.per_class
+    return {"multi_label": True, "threshold": ctx.spec.data.threshold, "acc_basis": "exact match",
+            "best_val_map": best.get("val_map"), "final_val_map": final.mean_ap,
+            "val_macro_f1": sum(f1) / max(len(f1), 1), "per_class_f1": dict(zip(ctx.data.classes, f1))}
+
+
 def balance_of(ctx: Context) -> dict[str, Any]:
     """`data.balance` and what it was computed from: the training count of every class and, with
-    ``loss``, the weight of every class in the training loss."""
-    import numpy as np
+    ``loss``, the weight of every class in the training loss (multi-label: BCE's pos_weight)."""
+    from ..data import train_counts
 
     classes = ctx.data.classes
-    counts = np.bincount(ctx.data.train.targets, minlength=len(classes)).tolist()
+    counts = train_counts(ctx.data.train, len(classes)).tolist()
     weights = ctx.class_weights.tolist() if ctx.class_weights is not None else None
     return {"mode": ctx.spec.data.balance,
             "train_counts": dict(zip(classes, counts)),

@@ -231,15 +231,24 @@ def _batches(paths: Sequence[Path], transform: Callable[[Image.Image], torch.Ten
 class Prediction:
     path: Path
     top: list[tuple[str, float]]
+    # data.multi_label: every class at or above data.threshold, most probable first (probabilities
+    # are then independent sigmoids, and `top` ranks them); None for a single-label run
+    labels: list[tuple[str, float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": str(self.path), "topk": [{"class": c, "prob": p} for c, p in self.top]}
+        out: dict[str, Any] = {"path": str(self.path)}
+        if self.labels is not None:
+            out["labels"] = [{"class": c, "prob": p} for c, p in self.labels]
+        out["topk"] = [{"class": c, "prob": p} for c, p in self.top]
+        return out
 
 
 @torch.inference_mode()
 def predict(run: LoadedRun, paths: Sequence[Path], *, topk: int = 3, batch_size: int = 32,
             on_skip: Callable[[Path, str], None] | None = None) -> Iterator[Prediction]:
-    """Top-k classes and probabilities for each readable image, batch by batch.
+    """Top-k classes and probabilities for each readable image, batch by batch. A multi-label run
+    (``data.multi_label`` in its spec) gives sigmoid probabilities and, in `Prediction.labels`,
+    every class at or above the run's ``data.threshold``.
 
     Args:
         run: from `load_run`.
@@ -253,11 +262,18 @@ def predict(run: LoadedRun, paths: Sequence[Path], *, topk: int = 3, batch_size:
     """
     k = max(1, min(int(topk), len(run.classes)))
     skip = on_skip or (lambda path, reason: None)
+    multi, threshold = run.spec.data.multi_label, run.spec.data.threshold
     for done, images in _batches(paths, run.transform, batch_size, skip):
-        probs = run.model(run.preprocess(images)).float().softmax(dim=1)
+        logits = run.model(run.preprocess(images)).float()
+        probs = logits.sigmoid() if multi else logits.softmax(dim=1)
         values, indices = probs.topk(k, dim=1)
-        for path, vs, ix in zip(done, values.tolist(), indices.tolist()):
-            yield Prediction(path, [(run.classes[i], v) for i, v in zip(ix, vs)])
+        ranked = probs.sort(dim=1, descending=True)
+        for n, (path, vs, ix) in enumerate(zip(done, values.tolist(), indices.tolist())):
+            labels = None
+            if multi:
+                labels = [(run.classes[i], v) for v, i in zip(ranked.values[n].tolist(), ranked.indices[n].tolist())
+                          if v >= threshold]
+            yield Prediction(path, [(run.classes[i], v) for i, v in zip(ix, vs)], labels)
 
 
 def _table(predictions: Sequence[Prediction], k: int):
@@ -267,6 +283,12 @@ def _table(predictions: Sequence[Prediction], k: int):
     # paths stay whole on one line (they are what a user copies); the runners-up wrap instead
     table = Table(box=None, pad_edge=False)
     table.add_column("image", no_wrap=True)
+    if predictions and predictions[0].labels is not None:  # multi-label: every class above the threshold
+        table.add_column("labels", overflow="fold")
+        for p in predictions:
+            shown = "   ".join(f"[bold]{escape(c)}[/bold] {v:.3f}" for c, v in p.labels or [])
+            table.add_row(escape(str(p.path)), shown or "[dim](none)[/dim]")
+        return table
     table.add_column("class", no_wrap=True)
     table.add_column("prob", justify="right", no_wrap=True)
     if k > 1:

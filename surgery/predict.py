@@ -283,13 +283,14 @@ def _table(predictions: Sequence[Prediction], k: int):
     # paths stay whole on one line (they are what a user copies); the runners-up wrap instead
     table = Table(box=None, pad_edge=False)
     table.add_column("image", no_wrap=True)
-    if predictions and predictions[0].labels is not None:  # multi-label: every class above the threshold
-        table.add_column("labels", overflow="fold")
-        for p in predictions:
-            shown = "   ".join(f"[bold]{escape(c)}[/bold] {v:.3f}" for c, v in p.labels or [])
-            table.add_row(escape(str(p.path)), shown or "[dim](none)[/dim]")
-        return table
     table.add_column("class", no_wrap=True)
+    if predictions and predictions[0].labels is not None:  # multi-label: one line per class above the threshold
+        table.add_column("prob", justify="right", no_wrap=True)
+        for p in predictions:
+            for n, (c, v) in enumerate(p.labels or [("[dim](none)[/dim]", None)]):
+                table.add_row(escape(str(p.path)) if n == 0 else "", c if v is None else f"[bold]{escape(c)}[/bold]",
+                              "" if v is None else f"{v:.3f}")
+        return table
     table.add_column("prob", justify="right", no_wrap=True)
     if k > 1:
         table.add_column("next", overflow="fold")

@@ -13,7 +13,7 @@ from PIL import Image
 from rich.console import Console
 
 from surgery.cli import main
-from surgery.data import build_data
+from surgery.data import build_data, pos_weights
 from surgery.errors import SpecError
 from surgery.spec import load_spec
 from surgery.train.multilabel import multi_label_metrics
@@ -73,9 +73,12 @@ def test_metrics_are_scikit_learns() -> None:
     assert m.mean_ap == pytest.approx(average_precision_score(targets[:, :3], probs[:, :3], average="macro"))
     assert m.f1 == pytest.approx(f1_score(targets, probs >= 0.4, average=None, zero_division=0).tolist())
     assert m.exact_match == pytest.approx(float(((probs >= 0.4) == (targets > 0.5)).all(1).mean()))
+    # data.balance: loss -> BCE pos_weight = negatives / positives (1 for a class without positives)
+    assert pos_weights(targets[:4]).tolist() == pytest.approx(
+        [(4 - n) / n if n else 1.0 for n in targets[:4].sum(0)])
 
 
-def test_a_short_run_reports_map_and_f1_and_predict_lists_labels(tmp_path: Path, capsys) -> None:
+def test_a_short_run_reports_map_and_f1_and_predict_lists_labels(tmp_path: Path, capsys, monkeypatch) -> None:
     from sklearn.metrics import average_precision_score, f1_score
 
     from surgery.predict import load_run
@@ -87,7 +90,7 @@ def test_a_short_run_reports_map_and_f1_and_predict_lists_labels(tmp_path: Path,
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all({"val_map", "val_f1", "val_macro_f1"} <= set(r) for r in rows)
     assert rows[0]["train_acc_basis"] == "exact match"
-    assert summary["multi_label"] and summary["balance"]["class_weights"] == pytest.approx([1.0, 1.0, 1.0])
+    assert summary["multi_label"] and summary["balance"]["class_weights"] == {"blue": 1.0, "green": 1.0, "red": 1.0}
     best = max(rows, key=lambda r: r["val_map"])
     assert summary["best_epoch"] == best["epoch"] and summary["best_val_map"] == best["val_map"]
     assert not (out / "plots" / "confusion.png").exists()
@@ -112,8 +115,13 @@ def test_a_short_run_reports_map_and_f1_and_predict_lists_labels(tmp_path: Path,
         want = sorted((float(v) for v in row if v >= 0.3), reverse=True)
         assert [x["prob"] for x in p["labels"]] == pytest.approx(want, abs=1e-5)
     assert max(len(p["labels"]) for p in predictions) >= 2 or probs[:3].max() < 0.3
-    assert main(["predict", str(out), str(paths[0])]) == 0
-    assert "labels" in capsys.readouterr().out
+    monkeypatch.chdir(csv.parent)  # short paths: the table fits the 80 columns of a captured console
+    assert main(["predict", str(out), "img/16.png", "img/17.png", "img/18.png"]) == 0
+    table = capsys.readouterr().out
+    for p in predictions:
+        assert all(x["class"] in table for x in p["labels"])
+    lines = [line for line in table.splitlines()[1:] if line.strip()]
+    assert len(lines) == sum(max(len(p["labels"]), 1) for p in predictions)  # one line per label
 
 
 MISTAKES = [

@@ -153,3 +153,16 @@ def test_validate_counts_the_csv_classes_against_num_classes(tmp_path: Path, cap
     assert main(["validate", str(spec)]) == 2
     err = capsys.readouterr()
     assert "num_classes: 3" in err.out + err.err
+
+
+def test_a_head_only_stage_caches_multi_hot_targets(tmp_path: Path) -> None:
+    from surgery.train import run
+
+    spec = _spec(_write(tmp_path / "data"))
+    spec["train"].update(epochs=1, cache_features="auto")
+    spec["groups"] = [{"name": "head", "params": ["@head"], "lr": 1e-2},
+                      {"name": "body", "params": ["*"], "unfreeze_at": "never"}]
+    log = io.StringIO()
+    summary = run(load_spec(spec), tmp_path / "run", console=Console(file=log, width=200))
+    assert "the frozen body ran once" in log.getvalue()
+    assert 0.0 <= summary["final_val_map"] <= 1.0 and len(summary["per_class_f1"]) == 3

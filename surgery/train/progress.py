@@ -50,6 +50,8 @@ def epoch_line(row: Mapping[str, Any], total: int) -> str:
     """One epoch's figures on one line: losses, accuracies, each group's lr or 'frozen', speed."""
     groups = "  ".join(f"{g}={'%.2g' % row['lr'][g] if on else 'frozen'}" for g, on in row["trainable"].items())
     top5 = f" top5 {row['val_top5']:.3f}" if row.get("val_top5") is not None else ""
+    if row.get("val_map") is not None:  # multi-label: acc is the exact-match ratio
+        top5 = f" mAP {row['val_map']:.3f}"
     return (f"epoch {row['epoch'] + 1:>3}/{total}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}  "
             f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}{top5}  [{groups}]  "
             f"{row['images_per_sec']:.0f} img/s  {row['seconds']:.1f}s")

@@ -47,8 +47,6 @@ def data_for(spec: Spec, built: Built, world_size: int = 1) -> DataBundle:
 def balance_warnings(spec: Spec, data: DataBundle) -> list[str]:
     """`data.balance` weighs classes by their training counts: a class without training images is
     never drawn and weighs 0 (legal, e.g. in a smoke run on a tiny subset, but worth a word)."""
-    import numpy as np
-
     if spec.data.balance == "none":
         return []
     from .data import train_counts

@@ -13,7 +13,7 @@ import json
 import sys
 from typing import Any, Sequence
 
-from .errors import Origin, SpecError, UsageError, UserError
+from .errors import Origin, UsageError, UserError
 
 EXIT_SPEC_ERROR = 2
 

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from .errors import Origin, SpecError, did_you_mean, format_path, quote_value
+from .errors import SpecError, format_path, quote_value
 from .schema import check_schema, check_values, fill_defaults, schema
 from .source import Source, apply_overrides, parse_yaml, read_spec_text
 

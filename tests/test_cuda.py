@@ -75,8 +75,8 @@ def test_adamw_is_fused_on_the_device(device):
     assert all(p.device.type == device for g in ctx.optimizer.param_groups for p in g["params"])
 
 
-@pytest.mark.parametrize("device, backend", [pytest.param("cpu", "aot_eager", id="cpu-aot_eager"),
-                                             pytest.param("cuda", True, id="cuda-inductor", marks=pytest.mark.cuda)])
+@pytest.mark.cuda  # the CPU path (aot_eager) is tests/test_train.py::test_compiled_model_trains_a_group_unfrozen_mid_run
+@pytest.mark.parametrize("device, backend", [pytest.param("cuda", True, id="cuda-inductor")])
 def test_compile_recompiles_once_at_the_unfreeze_and_the_body_then_trains(device, backend, one_thread):
     ctx = prepare(spec_on(device, compile=backend, channels_last=False, precision="fp32"))
     body = _body_state(ctx)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import importlib.util
+
 import pytest
 import torch
 from torch import nn
@@ -257,6 +259,27 @@ def test_a_run_with_every_operation_reloads_predicts_and_exports(run_dir, tmp_pa
         again = torch.export.load(str(tmp_path / "m.pt2")).module()(x)
         assert (again - loaded.model(x)).abs().max() < 1e-4
     assert result.path.exists()
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript", "onnxruntime")),
+                    reason="the onnx extra is not installed (pip install -e '.[onnx]'; .ci/extras does)")
+def test_a_run_with_every_operation_exports_to_onnx(run_dir, tmp_path):
+    """replace, remove, in_chans and the declared head survive ONNX export; onnxruntime's outputs
+    match the trained model's (export_run compares them itself and fails past its tolerance)."""
+    import onnxruntime
+
+    from surgery.export import export_run
+    from surgery.predict import load_run
+
+    loaded = load_run(run_dir)
+    result = export_run(loaded, "onnx", tmp_path / "m.onnx")
+    assert result.max_abs_diff is not None and result.max_abs_diff < 1e-3
+    session = onnxruntime.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    (name,) = [i.name for i in session.get_inputs()]
+    x = torch.randn(2, 1, 32, 32)
+    (out,) = session.run(None, {name: x.numpy()})
+    with torch.no_grad():
+        assert float((torch.from_numpy(out) - loaded.model(x)).abs().max()) < 1e-3
 
 
 def test_inspect_marks_replaced_and_removed_modules():

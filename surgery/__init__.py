@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import SpecError
+from .errors import RunDirError, SpecError, UsageError, UserError
 from .spec import Spec, load_spec, schema
 
 __version__ = "0.1.0"
@@ -33,4 +33,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'surgery' has no attribute {name!r}")
 
 
-__all__ = ["SpecError", "Spec", "load_spec", "schema", "build", "Built", "validate", "__version__"]
+__all__ = ["UserError", "SpecError", "UsageError", "RunDirError", "Spec", "load_spec", "schema", "build", "Built", "validate", "__version__"]

@@ -3,8 +3,8 @@
     load_spec(path | dict, overrides)
       source.parse_yaml      YAML text -> plain data + the line of every key path
       source.apply_overrides --set key.path=value
-      schema.check_schema    JSON Schema, worded and located
-      schema.fill_defaults   every default written out
+      spec_schema.check_schema  JSON Schema, worded and located
+      spec_schema.fill_defaults every default written out
       _typed                 plain data -> Spec (ModelSpec, InsertSpec, GroupSpec, TrainSpec, DataSpec)
       _check_cross_fields    rules that relate one key to another
 
@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from .errors import SpecError, format_path, quote_value
-from .schema import check_schema, check_values, fill_defaults, schema
+from .spec_schema import check_schema, check_values, fill_defaults, schema
 from .source import Source, apply_overrides, parse_yaml, read_spec_text
 
 # --------------------------------------------------------------------------- typed spec

@@ -18,6 +18,7 @@ from torch import nn
 from .. import distributed
 from ..data import normalize
 from ..groups import ResolvedGroup
+from ..modes import evaluating
 from ..optim import set_lrs
 from ..schedule import lrs_at
 from .mixing import hard_labels
@@ -299,28 +300,16 @@ def evaluate(ctx: Context, model_fn: Callable[[torch.Tensor], torch.Tensor] | No
     """
     if ctx.spec.data.multi_label:
         return _evaluate_multi_label(ctx, model_fn)
-    was_training = ctx.model.training
-    ctx.model.eval()
     device, k = ctx.runtime.device, len(ctx.data.classes)
     confusion = torch.zeros(k * k, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     top5 = torch.zeros((), dtype=torch.int64, device=device)
-    unique, position = ctx.val_loader.unique_items, 0
     start = time.perf_counter()
-    batches, forward, to_device = _val_inputs(ctx, model_fn)
-    for _, x, y in batches:
-        x, y = to_device(ctx, x, y)
-        with ctx.runtime.autocast():
-            logits = forward(x).float()
-        if position + len(y) > unique:  # repeats added by the distributed sampler
-            keep = unique - position
-            logits, y = logits[:keep], y[:keep]
-        position += len(y)
+    for logits, y in _val_logits(ctx, model_fn):
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         confusion += torch.bincount(y * k + logits.argmax(1), minlength=k * k)
         if k > 5:
             top5 += (logits.topk(5, dim=1).indices == y[:, None]).any(1).sum()
-    ctx.model.train(was_training)
     env = ctx.dist
     confusion = env.sum_(confusion.to(env.device)).cpu().reshape(k, k)
     loss_total, top5_total = env.sum_(torch.stack([loss_sum, top5.double()]).to(env.device)).tolist()
@@ -331,11 +320,25 @@ def evaluate(ctx: Context, model_fn: Callable[[torch.Tensor], torch.Tensor] | No
                        confusion=confusion, per_class=per_class)
 
 
-def _val_inputs(ctx: Context, model_fn: Callable | None) -> tuple[Batches, Callable, Callable]:
+def _val_logits(ctx: Context, model_fn: Callable | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(float logits, targets) of every validation batch, the model in eval mode (each module's
+    own mode restored after), the items the distributed sampler repeats left out."""
     if ctx.features is not None and model_fn is None:
-        return _cached_val_batches(ctx), ctx.model.get_submodule(ctx.features.head), _features_to_device
-    return (_image_batches(ctx.val_loader, 0, ctx.spec.train.limit_batches), model_fn or ctx.forward,
-            images_to_device)
+        batches, forward, to_device = _cached_val_batches(ctx), ctx.model.get_submodule(ctx.features.head), _features_to_device
+    else:
+        batches = _image_batches(ctx.val_loader, 0, ctx.spec.train.limit_batches)
+        forward, to_device = model_fn or ctx.forward, images_to_device
+    unique, position = ctx.val_loader.unique_items, 0
+    with evaluating(ctx.model):
+        for _, x, y in batches:
+            x, y = to_device(ctx, x, y)
+            with ctx.runtime.autocast():
+                logits = forward(x).float()
+            if position + len(y) > unique:  # repeats added by the distributed sampler
+                keep = unique - position
+                logits, y = logits[:keep], y[:keep]
+            position += len(y)
+            yield logits, y
 
 
 @torch.no_grad()
@@ -344,25 +347,13 @@ def _evaluate_multi_label(ctx: Context, model_fn: Callable | None) -> EpochResul
     sigmoid probabilities, gathered from all processes (``acc``: exact-match ratio)."""
     from .multilabel import multi_label_metrics
 
-    was_training = ctx.model.training
-    ctx.model.eval()
-    unique, position = ctx.val_loader.unique_items, 0
     probs, targets, loss_sum = [], [], 0.0
     start = time.perf_counter()
-    batches, forward, to_device = _val_inputs(ctx, model_fn)
-    for _, x, y in batches:
-        x, y = to_device(ctx, x, y)
-        with ctx.runtime.autocast():
-            logits = forward(x).float()
-        if position + len(y) > unique:  # repeats added by the distributed sampler
-            keep = unique - position
-            logits, y = logits[:keep], y[:keep]
-        position += len(y)
+    for logits, y in _val_logits(ctx, model_fn):
         y = y.float()
         loss_sum += float(F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1).double().sum())
         probs.append(torch.sigmoid(logits).cpu())
         targets.append(y.cpu())
-    ctx.model.train(was_training)
     k = len(ctx.data.classes)
     parts = ctx.dist.gather((torch.cat(probs) if probs else torch.zeros(0, k),
                              torch.cat(targets) if targets else torch.zeros(0, k), loss_sum))

@@ -21,3 +21,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+TINY_CBAM_SPEC = {
+    "name": "tiny-cbam",
+    "model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False},
+    "surgery": [{"insert": "cbam", "at": ["layer3", "layer4"], "init": "identity"},
+                {"insert": "se", "at": ["layer2"], "init": "identity"}],
+    "train": {"epochs": 2, "batch_size": 16, "limit_batches": 3},
+    "data": {"name": "digits", "image_size": 32, "num_workers": 0},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One finished run, shared by every test that only reads a run: resnet10t on digits at 32 px with
+    CBAM after layer3 and layer4 and SE after layer2 (identity init), 2 epochs of 3 batches.
+    Read-only: a test that changes a run copies it first (shutil.copytree)."""
+    import io
+
+    from rich.console import Console
+
+    from surgery import load_spec
+    from surgery.train import run
+
+    out = tmp_path_factory.mktemp("shared-runs") / "tiny-cbam"
+    run(load_spec(TINY_CBAM_SPEC), out, console=Console(file=io.StringIO()))
+    return out

@@ -7,6 +7,7 @@ offending value was written on, or the `--set` flag that gave it.
 from __future__ import annotations
 
 import codecs
+import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -420,27 +421,53 @@ def _flag(text: str) -> Origin:
     return Origin.flag("--set", text if len(text) <= 200 else text[:197] + "...")
 
 
+_INDEX = re.compile(r"\[([0-9]+)\]")
+
+
+def parse_key_path(key: str) -> tuple | None:
+    """``surgery.0.at`` (or ``surgery[0].at``) -> ("surgery", 0, "at"); None when a part is empty."""
+    parts: list = []
+    for part in _INDEX.sub(r".\1", key.strip()).split("."):
+        if not part:
+            return None
+        parts.append(int(part) if part.isdigit() else part)
+    return tuple(parts)
+
+
 def _split_override(text: str) -> tuple[tuple, str]:
     if "=" not in text:
         raise SpecError("an override is written key.path=value", path=(), origin=_flag(text),
                         found=repr(text), expected="e.g. --set train.epochs=3")
     key, value = text.split("=", 1)
-    parts: list = []
-    for part in key.strip().split("."):
-        if not part:
-            raise SpecError("an override key has an empty part", origin=_flag(text), found=repr(key),
-                            expected="dotted keys such as train.epochs or surgery.0.insert")
-        parts.append(int(part) if part.isdigit() else part)
-    return tuple(parts), value
+    path = parse_key_path(key)
+    if path is None:
+        raise SpecError("an override key has an empty part", origin=_flag(text), found=repr(key),
+                        expected="dotted keys such as train.epochs or surgery.0.insert")
+    return path, value
 
 
-def apply_overrides(data: dict, marks: dict, overrides: Sequence[str]) -> None:
-    """Apply `key.path=value` overrides in place; values are YAML (so 3, 1e-4, [a, b] work).
+@dataclass(frozen=True)
+class Override:
+    """A value already parsed, for a key path, and where it was written: a sweep file's axis or
+    `set:` line, so an error in the value names that line rather than the spec's."""
+
+    path: tuple
+    value: Any
+    origin: Origin
+
+
+def apply_overrides(data: dict, marks: dict, overrides: Sequence[str | Override]) -> None:
+    """Apply `key.path=value` overrides (or parsed `Override`s) in place; values are YAML (so 3,
+    1e-4, [a, b] work).
 
     Missing mappings on the way are created; a list index one past the end appends
     (`--set surgery.0.insert=se --set surgery.0.at=layer4` on a spec without surgery).
     """
-    for text in overrides:
+    for item in overrides:
+        if isinstance(item, Override):
+            set_value(data, marks, item.path, copy.deepcopy(item.value), item.origin)
+            continue
+        text = item
         if len(text) > _MAX_OVERRIDE_CHARS:
             raise SpecError(f"an override is longer than {_MAX_OVERRIDE_CHARS:,} characters",
                             origin=_flag(text), found=f"{len(text):,} characters",
@@ -453,36 +480,45 @@ def apply_overrides(data: dict, marks: dict, overrides: Sequence[str]) -> None:
             raise SpecError("the value of an override is not valid YAML: " + err.problem.replace("this is not valid YAML: ", ""),
                             path=path, origin=label, found=repr(raw), hint=err.hint,
                             expected="a YAML value, e.g. 3, 1.0e-4, [layer3, layer4] or {type: MaxPool2d}") from None
-        target: Any = data
-        for i, part in enumerate(path):
-            last = i == len(path) - 1
-            fresh = None if last else [] if isinstance(path[i + 1], int) else {}
-            if isinstance(target, list):
-                if not isinstance(part, int):
-                    raise SpecError(f"{format_path(path[:i])} is a list: an override names its entries by number",
-                                    path=path[:i], origin=label, found=repr(part),
-                                    expected=f"an index, e.g. --set {'.'.join(map(str, path[:i]))}.0.{part}=...")
-                if part > len(target):
-                    raise SpecError("an override points into a list past its end", path=path[: i + 1], origin=label,
-                                    found=str(part), expected=f"an index up to {len(target)} ({len(target)} appends an entry)")
-                if part == len(target):
-                    target.append(fresh)
-                    marks[path[: i + 1]] = (label, None, None)
-            elif isinstance(target, dict):
-                part = str(part)  # `lr.10` names the key "10" of a mapping: marks must say so too
-                path = path[:i] + (part,) + path[i + 1:]
-                if not last and target.get(part) is None:
-                    target[part] = fresh
-                    marks[path[: i + 1]] = (label, None, None)
-            else:
-                raise SpecError("an override goes below a value that is neither a mapping nor a list", path=path[:i],
-                                origin=label, found=quote_value(target),
-                                expected=f"a key path that exists, or --set {'.'.join(map(str, path[:i]))}=VALUE to replace it")
-            if last:
-                target[part] = value
-            else:
-                target = target[part]
-        for key in [k for k in marks if k[: len(path)] == path]:
-            del marks[key]
-        marks[path] = (label, None, None)
+        set_value(data, marks, path, value, label)
 
+
+def set_value(data: dict, marks: dict, path: tuple, value: Any, label: Origin) -> None:
+    """Put `value` at `path` in `data` and mark it (and any mapping or list entry made on the way)
+    as coming from `label`."""
+    flag = label.kind == "flag"
+
+    def example(at: tuple, rest: str) -> str:
+        return f"{'--set ' if flag else ''}{'.'.join(map(str, at))}{rest}"
+    target: Any = data
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        fresh = None if last else [] if isinstance(path[i + 1], int) else {}
+        if isinstance(target, list):
+            if not isinstance(part, int):
+                raise SpecError(f"{format_path(path[:i])} is a list: an override names its entries by number",
+                                path=path[:i], origin=label, found=repr(part),
+                                expected=f"an index, e.g. {example(path[:i], f'.0.{part}=...')}")
+            if part > len(target):
+                raise SpecError("an override points into a list past its end", path=path[: i + 1], origin=label,
+                                found=str(part), expected=f"an index up to {len(target)} ({len(target)} appends an entry)")
+            if part == len(target):
+                target.append(fresh)
+                marks[path[: i + 1]] = (label, None, None)
+        elif isinstance(target, dict):
+            part = str(part)  # `lr.10` names the key "10" of a mapping: marks must say so too
+            path = path[:i] + (part,) + path[i + 1:]
+            if not last and target.get(part) is None:
+                target[part] = fresh
+                marks[path[: i + 1]] = (label, None, None)
+        else:
+            raise SpecError("an override goes below a value that is neither a mapping nor a list", path=path[:i],
+                            origin=label, found=quote_value(target),
+                            expected=f"a key path that exists, or {example(path[:i], '=VALUE')} to replace it")
+        if last:
+            target[part] = value
+        else:
+            target = target[part]
+    for key in [k for k in marks if k[: len(path)] == path]:
+        del marks[key]
+    marks[path] = (label, None, None)

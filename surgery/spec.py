@@ -26,7 +26,7 @@ import yaml
 
 from .errors import SpecError, format_path, quote_value
 from .spec_schema import check_schema, check_values, fill_defaults, schema
-from .source import Source, apply_overrides, parse_yaml, read_spec_text
+from .source import Override, Source, apply_overrides, parse_yaml, read_spec_text
 
 # --------------------------------------------------------------------------- typed spec
 @dataclass(frozen=True)
@@ -532,12 +532,13 @@ def _check_multi_label(spec: Spec) -> None:
 
 
 # --------------------------------------------------------------------------- entry point
-def load_spec(spec: str | Path | Mapping, overrides: Sequence[str] = ()) -> Spec:
+def load_spec(spec: str | Path | Mapping, overrides: Sequence[str | Override] = ()) -> Spec:
     """Load, validate and type a spec.
 
     Args:
         spec: a path to a YAML file, or the spec as a dict (errors then carry key paths only).
-        overrides: ``key.path=value`` strings applied before validation (``--set``).
+        overrides: ``key.path=value`` strings applied before validation (``--set``), or parsed
+            `Override`s (a sweep file's values, located on its lines).
 
     Returns:
         The frozen `Spec`, every default filled in.

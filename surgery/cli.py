@@ -1,4 +1,4 @@
-"""The `surgery` command: inspect, validate, schema, run, predict, export.
+"""The `surgery` command: inspect, validate, schema, run, sweep, predict, export.
 
 Each command is a small function from parsed arguments to the library call that does the work
 (`surgery.train.command.run_specs`, `surgery.predict.predict_command`, ...), which takes plain
@@ -68,6 +68,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="override train.device (cpu, cuda, cuda:1, mps)")
     p.add_argument("--resume", action="store_true", help="continue from checkpoints/last.pt in the run directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory (its files are deleted)")
+    _add_set(p)
+
+    p = sub.add_parser("sweep", help="train every variant of a sweep file (grid, random or TPE search) on an Optuna study")
+    p.add_argument("sweep_file", help="a sweep file: a base spec and the axes to vary (see README: Ablation sweeps)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="worker processes on this machine (default 1); one GPU each when there are GPUs, "
+                        "the CPU cores shared out otherwise")
+    p.add_argument("--storage", default=None, metavar="URL",
+                   help="the study's database, e.g. postgresql://USER:PASSWORD@HOST/DB for several machines "
+                        "(default: sqlite:///<out>/study.db)")
+    p.add_argument("--out", default=None, help="the sweep's folder (default runs/<name>); a variant's run goes in OUT/<variant>")
+    p.add_argument("--device", default=None, help="override train.device (cpu, cuda, cuda:1, mps)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --workers N's processes
     _add_set(p)
 
     p = sub.add_parser("predict", help="classify images with a trained run")
@@ -221,6 +234,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                      overwrite=args.overwrite, warn=print_warnings)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import sweep_command
+
+    return sweep_command(args.sweep_file, workers=args.workers, storage=args.storage, out=args.out, device=args.device,
+                         overrides=args.overrides, worker=args.worker, warn=_warn)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_command
 
@@ -235,7 +255,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"inspect": cmd_inspect, "validate": cmd_validate, "schema": cmd_schema, "run": cmd_run,
-            "predict": cmd_predict, "export": cmd_export}
+            "sweep": cmd_sweep, "predict": cmd_predict, "export": cmd_export}
 
 
 def print_warnings(spec: Any) -> None:

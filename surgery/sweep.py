@@ -1,0 +1,668 @@
+"""`surgery sweep`: every variant of a sweep file trained as an ordinary run directory, with an
+Optuna study deciding which worker trains which variant.
+
+    surgery sweep SWEEP.yaml [--workers N] [--storage URL]
+      load_sweep           the sweep file, located errors (sweep_file.py)
+      check_variants       every variant's spec loaded and built before anything trains
+      open_study           the study: created once, every grid point (or random/tpe trial) queued once
+      work / _spawn        N workers pop queued trials until none is left; each trains runs/<sweep>/<variant>/
+      report               sweep.json and a per-trial list
+
+Exactly once. The study is created by one command (the others load it) and its creator queues
+each variant as one WAITING trial; a worker takes a trial by moving it from WAITING to RUNNING,
+which the storage does for one worker only. (PostgreSQL locks the row; SQLite ignores Optuna's
+FOR UPDATE, so its transactions are made `BEGIN IMMEDIATE`: without that, two processes take the
+same trial.) Optuna's own GridSampler is not used: it picks the next grid point from what it sees
+unvisited, so two workers can pick the same one, and it calls `study.stop()`, which only works
+inside `study.optimize`.
+
+Workers that die. While a worker trains, a thread records Optuna heartbeats; a trial whose
+heartbeat is older than the grace period is failed by the next worker that looks and queued
+again (`RetryHeartbeatStaleTrialCallback`), with the same params, so the same run directory:
+whoever takes it resumes from its `checkpoints/last.pt`. Idle workers wait while trials run, to
+take over such a trial. Heartbeats need an RDB storage (Optuna 5.0's journal storage has none),
+so the default storage is SQLite: `runs/<sweep>/study.db`.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import Origin, RunDirError, SpecError, UsageError, UserError, describe_exception
+from .sweep_file import SEED_AXIS, Sweep, Variant, fingerprint, load_sweep
+
+DONE, FAILED, INTERRUPTED = "done", "failed", "interrupted"
+_QUEUED = "surgery.queued"  # study user attrs: set by the study's creator once every trial is queued
+_FINGERPRINT = "surgery.fingerprint"
+_DEFINITION = "surgery.sweep"
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise UsageError("surgery sweep needs Optuna, which is not installed", origin=Origin("flag", "surgery sweep"),
+                         expected="the packages of the extra surgery[optuna]",
+                         hint="pip install 'surgery[optuna]' (PostgreSQL storage: also psycopg2-binary)") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    return optuna
+
+
+# --------------------------------------------------------------------------- storage
+def default_storage(folder: Path) -> str:
+    return f"sqlite:///{(folder / 'study.db').resolve()}"
+
+
+def shown_url(url: str) -> str:
+    """The storage URL with its password hidden (it goes into sweep.json and messages)."""
+    with contextlib.suppress(Exception):
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    return url
+
+
+def open_storage(url: str, sweep: Sweep, flag: str | None = None):
+    """Optuna's RDBStorage with heartbeats; on SQLite, with transactions that lock the database
+    as they begin, so that taking a trial (read WAITING, write RUNNING) is atomic.
+
+    Raises:
+        UsageError: not a database URL, its driver is missing, or the database cannot be reached.
+    """
+    optuna = _optuna()
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    origin = Origin.flag("--storage", shown_url(url)) if flag else Origin.path(url)
+    sqlite = url.startswith("sqlite")
+    try:
+        storage = optuna.storages.RDBStorage(
+            url, heartbeat_interval=sweep.heartbeat, grace_period=sweep.grace,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
+            engine_kwargs={"connect_args": {"timeout": 120}} if sqlite else {"pool_pre_ping": True})
+    except ImportError as exc:
+        raise UsageError(f"the storage's database driver is not installed ({exc.name or exc})", origin=origin,
+                         expected="a driver for this URL", hint="PostgreSQL: pip install psycopg2-binary") from None
+    except Exception as exc:  # noqa: BLE001 - sqlalchemy's URL, connection and schema errors alike
+        unreachable = type(exc).__name__ in ("OperationalError", "StorageInternalError")
+        err = UsageError(f"cannot open the study storage: {describe_exception(exc)}", origin=origin,
+                         expected="an SQLAlchemy database URL: sqlite:///FILE or postgresql://USER:PASSWORD@HOST/DB",
+                         hint="is the database server running and the database created?" if unreachable else None)
+        if unreachable:
+            err.exit_code = 1  # the machine is at fault, not what was asked
+        raise err from None
+    if sqlite:
+        _immediate_transactions(storage.engine)
+    return storage
+
+
+def _immediate_transactions(engine: Any) -> None:
+    """SQLAlchemy's recipe for SQLite transactions that hold the write lock from their start
+    (pysqlite otherwise begins one only at the first write, after the read it depends on)."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _autocommit(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None  # pysqlite: no implicit BEGIN; the hook below emits it
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    engine.dispose()  # connections opened before the hooks close
+
+
+# --------------------------------------------------------------------------- the study
+def open_study(sweep: Sweep, storage: Any, digest: str, variants: Sequence[Variant], say: Callable) -> Any:
+    """Create the study and queue every variant once, or load the study a previous (or another
+    machine's) command created, refusing one made from another sweep definition.
+
+    Args:
+        digest: `sweep_file.fingerprint` of this sweep.
+        variants: the grid's variants (empty for random and tpe: their trials are queued blank and
+            the sampler fills them in when a worker takes one).
+    """
+    optuna = _optuna()
+    try:
+        study = optuna.create_study(study_name=sweep.name, storage=storage, direction=sweep.direction)
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=sweep.name, storage=storage)
+        _check_same_sweep(sweep, study, digest, say)
+        return study
+    study.set_user_attr(_FINGERPRINT, digest)
+    study.set_user_attr(_DEFINITION, sweep.definition())
+    for variant in variants:
+        study.enqueue_trial(dict(variant.params), user_attrs=_variant_attrs(variant))
+    for _ in range(sweep.trials if sweep.sampler != "grid" else 0):
+        study.enqueue_trial({})
+    study.set_user_attr(_QUEUED, sweep.trials)
+    return study
+
+
+def _check_same_sweep(sweep: Sweep, study: Any, digest: str, say: Callable, wait: float = 60.0) -> None:
+    deadline = time.monotonic() + wait
+    while _QUEUED not in study.user_attrs:  # its creator is still queueing (another machine, or a moment ago)
+        if time.monotonic() > deadline:
+            raise UsageError(f"the study {sweep.name!r} exists but its trials were never queued",
+                             origin=Origin.file(sweep.file), found="a study without the attribute " + _QUEUED,
+                             expected="a study made by surgery sweep",
+                             hint="its creator stopped while queueing: delete it (optuna delete-study "
+                                  f"--study-name {sweep.name} --storage URL) and run again")
+        say(f"waiting for the study {sweep.name!r} to be filled by the command that created it")
+        time.sleep(2.0)
+    if study.user_attrs.get(_FINGERPRINT) != digest:
+        raise SpecError(f"the study {sweep.name!r} was made from another sweep", origin=Origin.file(sweep.file),
+                        found="the sweep file, its base spec or --set changed since the study was created",
+                        expected="the same definition, to continue the sweep",
+                        hint="give the sweep a new `name:` to start another one, or remove the old study "
+                             "(its study.db) to start this one again")
+
+
+def _variant_attrs(variant: Variant) -> dict[str, Any]:
+    return {"variant": variant.name, "label": variant.label, "seed": variant.seed}
+
+
+def _counts(study: Any) -> dict[str, int]:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    return {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+
+
+# --------------------------------------------------------------------------- checking the variants
+def check_variants(sweep: Sweep, overrides: Sequence[str], runs_root: Path, warn: Callable[[str], None]) -> list[Variant]:
+    """Load and build every variant's spec (grid), or every axis value and range end on its own
+    (random, tpe), so a value the spec or the model refuses stops the sweep before it trains.
+
+    Returns:
+        The grid's variants (empty for random and tpe).
+
+    Raises:
+        SpecError: located at the sweep file's line that gave the value, and naming the variant.
+    """
+    from .builder import build
+    from .checks import check_training
+    from .spec import load_spec
+
+    if sweep.sampler == "grid":
+        variants = probes = sweep.grid()
+    else:
+        variants, probes = [], _probe_variants(sweep)
+    built: dict[str, Any] = {}
+    shown: set[str] = set()
+    for variant in probes:
+        try:
+            spec = load_spec(sweep.spec, [*sweep.set, *overrides, *variant.overrides])
+            _check_objective(sweep, spec)
+            key = json.dumps({k: v for k, v in spec.raw.items() if k not in ("name", "seed")}, sort_keys=True, default=str)
+            if key not in built:  # variants that differ only in their seed build the same model
+                built[key] = build(spec, runs_root=runs_root)
+                for text in [*spec.warnings, *check_training(spec, built[key])]:
+                    if text not in shown:
+                        shown.add(text)
+                        warn(text)
+        except SpecError as err:
+            raise SpecError(f"variant {variant.name}: {err.problem}", path=err.key_path, origin=err.origin,
+                            found=err.found, expected=err.expected, hint=err.hint) from None
+    return variants
+
+
+def _probe_variants(sweep: Sweep) -> list[Variant]:
+    first = {a.key: a.labels[0] for a in sweep.axes} | {r.key: r.low for r in sweep.ranges}
+    probes = [sweep.variant(first, "check-base")]
+    for axis in sweep.axes:
+        probes += [sweep.variant(first | {axis.key: label}, f"check-{axis.short}-{label}") for label in axis.labels[1:]]
+    for r in sweep.ranges:
+        probes.append(sweep.variant(first | {r.key: r.high}, f"check-{r.key}-high"))
+    return probes
+
+
+def _check_objective(sweep: Sweep, spec: Any) -> None:
+    if sweep.objective.endswith("_map") and not spec.data.multi_label:
+        raise sweep.source.error(("sweep", "objective"), f"{sweep.objective} is a multi-label figure",
+                                 found=f"objective: {sweep.objective} with data.multi_label: false",
+                                 expected="best_val_acc, final_val_acc, final_val_loss or val_macro_f1")
+
+
+# --------------------------------------------------------------------------- one worker
+@dataclass
+class Worker:
+    """What one worker process needs to train the trials it takes."""
+
+    sweep: Sweep
+    study: Any
+    folder: Path  # runs/<sweep>
+    runs_root: Path  # where `pretrained: run:NAME` looks: the sweep folder's parent
+    overrides: tuple[str, ...]
+    device: str | None
+    console: Any
+    resume_hint: str
+
+    def say(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def work(worker: Worker) -> int:
+    """Take queued trials until none is waiting or running; 130 when interrupted (the trial in
+    hand is queued again, its checkpoint kept), else 0.
+
+    An idle worker waits while other trials run: when one of their workers dies, its trial is
+    queued again once its heartbeat is `grace` seconds old, and this worker takes it over.
+    """
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    study, poll = worker.study, max(1.0, min(worker.sweep.heartbeat, 5))
+    waiting_said = False
+    try:
+        while True:
+            fail_stale_trials(study)
+            trial_id = study._pop_waiting_trial_id()  # WAITING -> RUNNING, for one worker only
+            if trial_id is None:
+                running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if not running:
+                    return 0
+                if not waiting_said:
+                    worker.say(f"nothing left to take; waiting while trials {', '.join(str(t.number) for t in running)} "
+                               "run (to take one over if its worker stops)")
+                    waiting_said = True
+                time.sleep(poll)
+                continue
+            waiting_said = False
+            if run_trial(worker, trial_id) == INTERRUPTED:
+                return 130
+    except KeyboardInterrupt:
+        return 130
+
+
+def run_trial(worker: Worker, trial_id: int) -> str:
+    """Train the variant of one trial (just taken) into its run directory and report its objective.
+
+    A run directory with a finished run of this spec is reported without training (a trial queued
+    again after its worker was thought dead, but finished after all); one with a checkpoint resumes.
+    """
+    import optuna
+    from optuna.storages._heartbeat import get_heartbeat_thread  # Optuna's own, as `study.optimize` uses it
+    from optuna.trial import TrialState
+
+    from .train.loop import NonFiniteLoss, TrainingStopped
+
+    study, sweep = worker.study, worker.sweep
+    heartbeat = get_heartbeat_thread(trial_id, study._storage)
+    heartbeat.start()  # at once: a trial without any heartbeat is never found stale
+    trial = variant = None
+    try:
+        trial = optuna.Trial(study, trial_id)
+        study.sampler = _sampler(sweep, trial.number)
+        variant = _variant_of(sweep, trial)
+        summary = _train(worker, trial, variant)
+        value = summary.get(sweep.objective)
+        if value is None:
+            raise RunDirError(f"summary.json has no {sweep.objective}", origin=Origin.path(worker.folder / variant.name))
+    except NonFiniteLoss as exc:
+        return _fail(worker, trial_id, heartbeat, f"stopped: {exc}")
+    except (TrainingStopped, KeyboardInterrupt):  # a signal: checkpointed; queue it again for the next run
+        heartbeat.join()
+        _requeue(worker, trial_id)
+        return INTERRUPTED
+    except UserError as exc:
+        return _fail(worker, trial_id, heartbeat, str(exc))
+    except Exception as exc:  # noqa: BLE001 - one variant's crash (out of memory, a bug) must not end the sweep
+        import traceback
+
+        traceback.print_exc()
+        return _fail(worker, trial_id, heartbeat, describe_exception(exc, 300))
+    heartbeat.join()
+    told = study.tell(trial, value, skip_if_finished=True)
+    if told.state != TrialState.COMPLETE:
+        worker.say(f"trial {trial.number} ({variant.name}) was declared dead meanwhile and queued again; "
+                   "the worker that takes it reports this run")
+        return DONE
+    worker.say(f"trial {trial.number} {variant.name}: {sweep.objective} {value:.4f}")
+    return DONE
+
+
+def _train(worker: Worker, trial: Any, variant: Variant) -> dict[str, Any]:
+    from .spec import load_spec
+    from .train import runner
+
+    run_dir = worker.folder / variant.name
+    for key, value in {**_variant_attrs(variant), "run_dir": str(run_dir), "host": socket.gethostname(),
+                       "pid": os.getpid()}.items():
+        trial.set_user_attr(key, value)
+    spec = load_spec(worker.sweep.spec, [*worker.sweep.set, *worker.overrides, *variant.overrides])
+    _wait_for_run_dir(worker, run_dir)
+    summary = _finished_run(run_dir, spec)
+    if summary is not None:
+        trial.set_user_attr("reused_finished_run", True)
+        worker.say(f"trial {trial.number} {variant.name}: already trained in {run_dir}")
+        return summary
+    start = _checkpoint_epoch(run_dir / "checkpoints" / "last.pt")
+    trial.set_user_attr("resumed_from_epoch", start)
+    worker.say(f"trial {trial.number} {variant.name}: " + (f"resuming after epoch {start}" if start else "training")
+               + f" in {run_dir}")
+    resume = run_dir.is_dir() and any(run_dir.iterdir())
+    return runner.run(spec, run_dir, device=worker.device, resume=resume, console=worker.console,
+                      runs_root=worker.runs_root, resume_hint=worker.resume_hint)
+
+
+def _sampler(sweep: Sweep, number: int) -> Any:
+    """The sampler for one trial, seeded by its number: two workers never draw the same values by
+    sharing a seed, and a sweep run again draws what it drew before."""
+    import optuna
+
+    seed = sweep.sampler_seed + number
+    if sweep.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)  # grid trials arrive with every value fixed
+
+
+def _variant_of(sweep: Sweep, trial: Any) -> Variant:
+    params: dict[str, Any] = {}
+    for axis in sweep.axes:
+        params[axis.key] = trial.suggest_categorical(axis.key, list(axis.labels))
+    for r in sweep.ranges:
+        if r.integer:
+            params[r.key] = trial.suggest_int(r.key, int(r.low), int(r.high), step=int(r.step or 1), log=r.log)
+        else:
+            params[r.key] = trial.suggest_float(r.key, r.low, r.high, step=r.step, log=r.log)
+    name = trial.user_attrs.get("variant") or f"trial-{trial.number:04d}"  # a retried trial keeps its first name
+    return sweep.variant(params, None if sweep.sampler == "grid" else name)
+
+
+def _fail(worker: Worker, trial_id: int, heartbeat: Any, error: str) -> str:
+    from optuna.trial import TrialState
+
+    heartbeat.join()
+    study = worker.study
+    with contextlib.suppress(Exception):  # the trial may have been failed as stale meanwhile
+        study._storage.set_trial_user_attr(trial_id, "error", error)
+    number = study._storage.get_trial_number_from_id(trial_id)
+    study.tell(number, state=TrialState.FAIL, skip_if_finished=True)  # tell takes a trial's number, not its id
+    worker.say(f"trial {number} failed: {error}")
+    return FAILED
+
+
+def _requeue(worker: Worker, trial_id: int) -> None:
+    """Fail an interrupted trial and queue a copy (same params, same run directory): the next
+    `surgery sweep` resumes it from its checkpoint at once instead of after the grace period."""
+    from optuna.trial import TrialState
+
+    study = worker.study
+    frozen = study._storage.get_trial(trial_id)
+    if frozen.state.is_finished():
+        return
+    with contextlib.suppress(Exception):
+        study._storage.set_trial_user_attr(trial_id, "error", "interrupted")
+    study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
+    study.enqueue_trial(dict(frozen.params), user_attrs={k: v for k, v in frozen.user_attrs.items() if k != "error"})
+    worker.say(f"trial {frozen.number} interrupted: queued again, to resume from its checkpoint")
+
+
+def _wait_for_run_dir(worker: Worker, run_dir: Path) -> None:
+    """Wait while another process holds the run directory: a worker that was thought dead, still
+    finishing the variant this trial was queued again for."""
+    from .rundir import _Lock
+
+    said = False
+    while True:
+        try:
+            lock = _Lock.take(run_dir)
+        except RunDirError as exc:
+            if "another run" not in exc.problem:
+                raise
+            if not said:
+                worker.say(f"{exc.problem}: waiting for it to finish")
+                said = True
+            time.sleep(max(1.0, min(worker.sweep.heartbeat, 5)))
+            continue
+        if lock is not None:
+            lock.release()
+        return
+
+
+def _finished_run(run_dir: Path, spec: Any) -> dict[str, Any] | None:
+    """The summary of a finished run of `spec` in `run_dir`, or None when it holds none."""
+    import yaml
+
+    summary, saved = run_dir / "summary.json", run_dir / "spec.yaml"
+    if not summary.is_file():
+        return None
+    if not saved.is_file() or yaml.safe_load(saved.read_text(encoding="utf-8")) != yaml.safe_load(spec.to_yaml()):
+        raise RunDirError(f"the run directory {run_dir} holds a finished run of another spec", exit_code=2,
+                          origin=Origin.path(run_dir), expected="the run of this variant, or no run",
+                          hint="the sweep's runs belong to another definition: use another --out or sweep name")
+    data = json.loads(summary.read_text(encoding="utf-8"))
+    return data if "final_val_acc" in data else None
+
+
+def _checkpoint_epoch(path: Path) -> int:
+    """The epoch a run resumes at (0: none), read without loading the tensors."""
+    import torch
+
+    if not path.is_file():
+        return 0
+    with contextlib.suppress(Exception):  # an unreadable checkpoint: the run itself says so
+        return int(torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)["epoch"])
+    return 0
+
+
+# --------------------------------------------------------------------------- several workers
+def _worker_environments(n: int, device: str | None) -> list[dict[str, str]]:
+    """One environment per worker: a GPU each (round robin) when the run uses CUDA, and the CPU
+    cores shared out (OMP_NUM_THREADS) so N workers do not each start a thread per core."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // n)
+    if "OMP_NUM_THREADS" in os.environ:
+        threads = min(threads, max(1, int(os.environ["OMP_NUM_THREADS"] or 1)))
+    gpus: list[str] = []
+    if (device or "auto").split(":")[0] in ("auto", "cuda") and ":" not in (device or "") and torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    envs = []
+    for i in range(n):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        envs.append(env)
+    return envs
+
+
+def _spawn(n: int, argv: Sequence[str], device: str | None, say: Callable[[str], None]) -> tuple[list[int], bool]:
+    """Start N worker processes (`surgery sweep ... --worker`), relay their output line by line
+    with a prefix, and wait. Ctrl-C (or SIGTERM) is passed on once: each worker checkpoints the
+    batch it is on, queues its trial again and stops; a second one kills them.
+
+    Returns:
+        The workers' exit codes, and whether the sweep was interrupted.
+    """
+    procs, relays = [], []
+    for i, env in enumerate(_worker_environments(n, device)):
+        proc = subprocess.Popen([sys.executable, "-m", "surgery", *argv], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+        relay = threading.Thread(target=_relay, args=(proc, f"w{i + 1}"), daemon=True)
+        relay.start()
+        procs.append(proc)
+        relays.append(relay)
+        gpu = f", CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in env else ""
+        say(f"worker w{i + 1}: pid {proc.pid}, {env['OMP_NUM_THREADS']} threads{gpu}")
+    interrupted = False
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        try:
+            codes = [p.wait() for p in procs]
+        except KeyboardInterrupt:
+            interrupted = True
+            say("interrupted: each worker checkpoints and stops (again to stop them at once)")
+            for p in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGINT)
+            try:
+                codes = [p.wait() for p in procs]
+            except KeyboardInterrupt:
+                for p in procs:
+                    p.kill()
+                codes = [p.wait() for p in procs]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for relay in relays:
+            relay.join(timeout=5)
+    return codes, interrupted
+
+
+def _relay(proc: subprocess.Popen, prefix: str) -> None:
+    for line in proc.stdout:
+        sys.stdout.write(f"{prefix} | {line}")
+        sys.stdout.flush()
+
+
+# --------------------------------------------------------------------------- the report
+def report(sweep: Sweep, study: Any, folder: Path, storage_url: str) -> dict[str, Any]:
+    """sweep.json: the study, what it varied, and per variant its label, params, run directory,
+    state, objective value and seed (the comparison table is built from it and the run directories).
+
+    A variant's state is its best trial's: COMPLETE, else RUNNING, WAITING, then FAIL (a variant
+    whose worker died has a FAIL trial and, once resumed, a COMPLETE one).
+    """
+    from .rundir import write_json
+
+    trials: dict[str, list[Any]] = {}
+    pending = 0
+    for t in study.get_trials(deepcopy=False):
+        if "variant" in t.user_attrs:
+            trials.setdefault(t.user_attrs["variant"], []).append(t)
+        else:  # a random/tpe trial no worker has drawn yet
+            pending += 1
+    order = ("COMPLETE", "RUNNING", "WAITING", "FAIL", "PRUNED")
+    variants = []
+    for name, ts in trials.items():
+        best = min(ts, key=lambda t: (order.index(t.state.name), -t.number))
+        row = {"variant": name, "label": best.user_attrs.get("label", name),
+               "params": _values(sweep, best.params or ts[0].params), "seed": best.user_attrs.get("seed"),
+               "run_dir": str(folder / name), "state": best.state.name, "value": best.value,
+               "trials": [t.number for t in ts]}
+        if best.state.name == "FAIL" and "error" in best.user_attrs:
+            row["error"] = best.user_attrs["error"]
+        variants.append(row)
+    data = {"name": sweep.name, "sweep_file": sweep.file, "study": sweep.name, "storage": shown_url(storage_url),
+            **{k: v for k, v in sweep.definition().items() if k != "name"},
+            "counts": _counts(study), "pending_trials": pending, "variants": variants}
+    write_json(folder / "sweep.json", data)
+    return data
+
+
+def _values(sweep: Sweep, params: dict[str, Any]) -> dict[str, Any]:
+    """Optuna params (axis labels, drawn numbers) as the values the spec got."""
+    out = {}
+    for axis in sweep.axes:
+        if axis.key in params:
+            out[axis.key] = axis.choice(params[axis.key])[0]
+    for r in sweep.ranges:
+        if r.key in params:
+            out[r.key] = params[r.key]
+    return out
+
+
+def trial_lines(sweep: Sweep, study: Any, folder: Path) -> list[str]:
+    """One plain line per trial: number, state, objective value, variant, run directory or error."""
+    lines = [f"{'trial':>5}  {'state':<8}  {sweep.objective:>{len(sweep.objective)}}  variant / run directory"]
+    for t in study.get_trials(deepcopy=False):
+        name = t.user_attrs.get("variant", "(not yet drawn)")
+        value = f"{t.value:.4f}" if t.value is not None else "-"
+        note = t.user_attrs.get("error")
+        if note is None and "failed_trial" in t.system_attrs:
+            note = f"retry of trial {t.system_attrs['failed_trial']}"
+        if t.state.name == "FAIL" and note is None:
+            note = "its worker stopped sending heartbeats (queued again)"
+        where = str(folder / name) if name != "(not yet drawn)" else name
+        extra = f"  [{note.splitlines()[0]}]" if note else ""
+        if t.state.name == "COMPLETE" and t.user_attrs.get("resumed_from_epoch"):
+            extra += f"  [resumed after epoch {t.user_attrs['resumed_from_epoch']}]"
+        lines.append(f"{t.number:>5}  {t.state.name:<8}  {value:>{len(sweep.objective)}}  {where}{extra}")
+    return lines
+
+
+# --------------------------------------------------------------------------- the command
+def sweep_command(path: str, *, workers: int = 1, storage: str | None = None, out: str | None = None,
+                  device: str | None = None, overrides: Sequence[str] = (), worker: bool = False,
+                  console: Any = None, warn: Callable[[str], None] | None = None) -> int:
+    """`surgery sweep`: check every variant, open (or create and fill) the study, train with
+    `workers` processes, write sweep.json and list the trials.
+
+    Returns:
+        0 when every variant is trained; 1 when one failed or is left unfinished; 130 when interrupted.
+
+    Raises:
+        UserError: a mistake in the sweep file, a variant's spec, the flags or the storage.
+    """
+    from rich.console import Console
+
+    console = console or Console(highlight=False, soft_wrap=True)
+
+    def say(text: str) -> None:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+    if workers < 1:
+        raise UsageError("--workers is a number of processes", origin=Origin.flag("--workers", workers),
+                         found=str(workers), expected="1 or more")
+    sweep = load_sweep(path)
+    folder = Path(out) if out else Path("runs") / sweep.name
+    runs_root = folder.parent
+    url = storage or default_storage(folder)
+    argv = ["sweep", path, "--out", str(folder), *(["--storage", storage] if storage else []),
+            *(["--device", device] if device else []), *[a for o in overrides for a in ("--set", o)]]
+    hint = shlex.join(["surgery", *argv])
+    if worker:
+        study = _optuna().load_study(study_name=sweep.name, storage=open_storage(url, sweep, storage))
+        return work(Worker(sweep, study, folder, runs_root, tuple(overrides), device, console, hint))
+
+    variants = check_variants(sweep, overrides, runs_root, warn or say)
+    from .spec import load_spec
+
+    base = load_spec(sweep.spec, [*sweep.set, *overrides]).raw
+    if storage is None:
+        folder.mkdir(parents=True, exist_ok=True)
+    study = open_study(sweep, open_storage(url, sweep, storage), fingerprint(sweep.definition(), base, overrides),
+                       variants, say)
+    counts = _counts(study)
+    left = counts["waiting"] + counts["running"]
+    say(f"sweep {sweep.name}: {sweep.trials} variants ({sweep.sampler}), {counts['complete']} done, {left} to go; "
+        f"study {sweep.name!r} in {shown_url(url)}")
+    code, interrupted = 0, False
+    if left:
+        n = min(workers, left)
+        if n == 1:
+            code = work(Worker(sweep, study, folder, runs_root, tuple(overrides), device, console, hint))
+            interrupted = code == 130
+        else:
+            codes, interrupted = _spawn(n, [*argv, "--worker"], device, say)
+            for i, c in enumerate(codes):
+                if c not in (0, 130):
+                    say(f"worker w{i + 1} ended with " + (f"signal {-c}" if c < 0 else f"exit code {c}"))
+    data = report(sweep, study, folder, url)
+    for line in trial_lines(sweep, study, folder):
+        say(line)
+    say(f"wrote {folder / 'sweep.json'}")
+    states = [v["state"] for v in data["variants"]]
+    if interrupted:
+        say(f"interrupted: rerun the same command to continue ({hint})")
+        return 130
+    unfinished = sum(s in ("RUNNING", "WAITING") for s in states) + data["pending_trials"]
+    if unfinished:
+        say(f"{unfinished} variants are unfinished: rerun the same command to continue ({hint})")
+    return 1 if unfinished or any(s == "FAIL" for s in states) or code else 0
+
+
+__all__ = ["sweep_command", "check_variants", "open_storage", "open_study", "work", "report", "default_storage"]

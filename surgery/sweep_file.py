@@ -1,0 +1,396 @@
+"""The sweep file: a base spec, values applied to every variant, and the axes and ranges to search.
+
+    name: cbam-digits              # the sweep's folder (runs/cbam-digits) and Optuna study; default: file stem
+    spec: quickstart.yaml          # the base spec, relative to this file
+    set:                           # applied to every variant, like --set
+      train.epochs: 3
+    sweep:
+      axes:                        # key path: a list of values, or a mapping label: value
+        surgery.0.at: {l4: [layer4], l34: [layer3, layer4], all: "layer*"}
+        seed: [0, 1]               # `seed` repeats a variant: its label leaves the seed out
+      sampler: grid                # grid (every combination) | random | tpe
+      trials: 20                   # random and tpe: how many variants to try
+      ranges:                      # random and tpe: numbers drawn between low and high
+        groups.0.lr: {low: 1.0e-4, high: 1.0e-2, log: true}
+      objective: best_val_acc      # a summary.json figure; maximised (minimised for losses)
+      heartbeat: {interval: 20, grace: 60}
+
+`load_sweep` reads it into a frozen `Sweep` once, with every mistake located (file, line, key);
+nothing here imports torch or Optuna. Key paths are those of ``--set``: ``surgery.0.at``, or the
+bracket form ``surgery[0].at``. Each variant becomes a list of `Override`s whose origin is the
+sweep file's line, so a value that the spec rejects is reported where the sweep file wrote it.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from .errors import Origin, SpecError, did_you_mean, format_path, quote_value
+from .source import Override, Source, parse_key_path, parse_yaml, read_spec_text
+
+# summary.json figures a sweep can optimise, and which way
+OBJECTIVES: dict[str, str] = {
+    "best_val_acc": "maximize",
+    "final_val_acc": "maximize",
+    "final_val_loss": "minimize",
+    "val_macro_f1": "maximize",
+    "best_val_map": "maximize",  # data.multi_label
+    "final_val_map": "maximize",  # data.multi_label
+}
+SAMPLERS = ("grid", "random", "tpe")
+SEED_AXIS = ("seed",)  # an axis over the spec's seed repeats a variant: its label leaves the seed out
+MAX_VARIANTS = 10_000
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # a run name (schema.json's `name`)
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]*$")  # no `_`: it joins the parts of a variant's name
+_TOP_KEYS = ("name", "spec", "set", "sweep")
+_SWEEP_KEYS = ("axes", "ranges", "sampler", "trials", "objective", "sampler_seed", "heartbeat")
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One key path and the values a variant takes there, each with the label used in names."""
+
+    key: str  # dotted: surgery.0.at
+    path: tuple
+    short: str  # its part of a variant's name: the last name in the path, or the whole key if ambiguous
+    labels: tuple[str, ...]
+    values: tuple[Any, ...]
+    origins: tuple[Origin, ...]  # where each value was written
+
+    def choice(self, label: str) -> tuple[Any, Origin]:
+        i = self.labels.index(label)
+        return self.values[i], self.origins[i]
+
+
+@dataclass(frozen=True)
+class Range:
+    """A number drawn between `low` and `high` (random and tpe): an integer when both ends are."""
+
+    key: str
+    path: tuple
+    low: float
+    high: float
+    log: bool
+    step: float | None
+    integer: bool
+    origin: Origin
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One point of the sweep: its run directory's name, the label it is compared under (the name
+    without the seed), the Optuna params that pick it, and the overrides that make its spec."""
+
+    name: str
+    label: str
+    params: Mapping[str, Any]
+    overrides: tuple[Override, ...]
+    seed: int | None
+
+
+@dataclass(frozen=True)
+class Sweep:
+    name: str
+    file: str
+    spec: Path
+    set: tuple[Override, ...]
+    axes: tuple[Axis, ...]
+    ranges: tuple[Range, ...]
+    sampler: str
+    trials: int
+    objective: str
+    sampler_seed: int
+    heartbeat: int
+    grace: int
+    source: Source
+
+    @property
+    def direction(self) -> str:
+        return OBJECTIVES[self.objective]
+
+    def grid(self) -> list[Variant]:
+        """Every combination of the axes' values, in the order the file lists them."""
+        combos = itertools.product(*(axis.labels for axis in self.axes))
+        return [self.variant({axis.key: label for axis, label in zip(self.axes, combo)}) for combo in combos]
+
+    def variant(self, params: Mapping[str, Any], name: str | None = None) -> Variant:
+        """The variant `params` (axis labels and drawn numbers, by key) pick. A grid variant is
+        named by its labels; a random or tpe one by `name` (its first trial's, ``trial-0007``)."""
+        overrides: list[Override] = []
+        seed = None
+        for axis in self.axes:
+            value, origin = axis.choice(params[axis.key])
+            overrides.append(Override(axis.path, value, origin))
+            if axis.path == SEED_AXIS:
+                seed = value
+        for r in self.ranges:
+            overrides.append(Override(r.path, params[r.key], r.origin))
+        parts = [(axis, f"{axis.short}-{params[axis.key]}") for axis in self.axes]
+        label = "_".join(part for axis, part in parts if axis.path != SEED_AXIS) or "base"
+        if name is None:
+            name = "_".join(part for _, part in parts)
+        else:
+            label = name
+        overrides.append(Override(("name",), name, self.source.origin(("name",))))
+        return Variant(name=name, label=label, params=dict(params), overrides=tuple(overrides), seed=seed)
+
+    def definition(self) -> dict[str, Any]:
+        """What the sweep tries, as plain data (sweep.json; the study's fingerprint)."""
+        return {
+            "name": self.name, "spec": str(self.spec), "sampler": self.sampler, "trials": self.trials,
+            "objective": self.objective, "direction": self.direction, "sampler_seed": self.sampler_seed,
+            "set": {".".join(map(str, o.path)): o.value for o in self.set},
+            "axes": {a.key: dict(zip(a.labels, a.values)) for a in self.axes},
+            "ranges": {r.key: {"low": r.low, "high": r.high, "log": r.log, "step": r.step, "integer": r.integer}
+                       for r in self.ranges},
+        }
+
+
+def fingerprint(definition: Mapping[str, Any], base: Mapping[str, Any], overrides: Sequence[str]) -> str:
+    """A hash of everything that decides the variants: the sweep's definition, the base spec as
+    loaded (defaults filled, `set:` applied) and the command line's --set. A study made from
+    another one refuses to be continued."""
+    what = {k: v for k, v in definition.items() if k != "spec"}  # the base spec's path may be written another way
+    text = json.dumps({"sweep": what, "base": base, "overrides": list(overrides)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+def load_sweep(path: str | Path) -> Sweep:
+    """Read and check a sweep file.
+
+    Raises:
+        SpecError: located at the file, line and key of the mistake (a variant's spec is checked
+            later, by `load_spec` on each variant, against the same lines).
+    """
+    path = Path(path)
+    file = str(path)
+    data, marks = parse_yaml(read_spec_text(path), file)
+    source = Source(file, marks)
+    if not isinstance(data, dict):
+        raise SpecError("a sweep file is a mapping", file=file, line=1, column=1,
+                        found="nothing" if data is None else type(data).__name__,
+                        expected="name, spec, set and sweep keys (see README: Ablation sweeps)")
+    _known_keys(data, (), _TOP_KEYS, source)
+    name = data.get("name", _default_name(path))
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise source.error(("name",), "a sweep's name names a folder and an Optuna study", found=quote_value(name),
+                           expected="letters, digits, '.', '_', '+', '-', starting with a letter or digit")
+    spec = _base_spec(data, source)
+    if not isinstance(data.get("sweep"), dict):
+        raise source.error(("sweep",) if "sweep" in data else (), "a sweep file needs a `sweep:` mapping"
+                           if "sweep" not in data else "`sweep` is a mapping", found=quote_value(data.get("sweep")),
+                           expected="sweep: {axes: {KEY.PATH: [values...]}, sampler: grid|random|tpe, ...}")
+    body = data["sweep"]
+    _known_keys(body, ("sweep",), _SWEEP_KEYS, source)
+    sampler = body.get("sampler", "grid")
+    if sampler not in SAMPLERS:
+        raise source.error(("sweep", "sampler"), "unknown sampler", found=quote_value(sampler),
+                           expected=" or ".join(SAMPLERS), hint=did_you_mean(str(sampler), SAMPLERS))
+    objective = body.get("objective", "best_val_acc")
+    if objective not in OBJECTIVES:
+        raise source.error(("sweep", "objective"), "unknown objective", found=quote_value(objective),
+                           expected="a summary.json figure: " + ", ".join(OBJECTIVES),
+                           hint=did_you_mean(str(objective), OBJECTIVES))
+    axes = _axes(body, source)
+    ranges = _ranges(body, source, sampler)
+    seen = {a.path: a.key for a in axes}
+    for r in ranges:
+        if r.path in seen:
+            raise source.error(("sweep", "ranges", r.key), f"{r.key} is an axis and a range",
+                               found=f"axes: {seen[r.path]} and ranges: {r.key}", expected="one of the two")
+    if not axes and not ranges:
+        raise source.error(("sweep",), "the sweep varies nothing", found="no axes and no ranges",
+                           expected="sweep: {axes: {KEY.PATH: [values...]}} (or ranges, with sampler random or tpe)")
+    trials = _trials(body, source, sampler, axes)
+    heartbeat, grace = _heartbeat(body, source)
+    seed = body.get("sampler_seed", 0)
+    if not _is_int(seed) or seed < 0:
+        raise source.error(("sweep", "sampler_seed"), "the sampler's seed is a whole number", found=quote_value(seed),
+                           expected="an integer >= 0")
+    sweep_set = tuple(Override(p, v, source.origin(("set", k))) for k, p, v in _key_paths(data.get("set"), ("set",), source))
+    return Sweep(name=name, file=file, spec=spec, set=sweep_set, axes=axes, ranges=ranges, sampler=sampler,
+                 trials=trials, objective=objective, sampler_seed=seed, heartbeat=heartbeat, grace=grace, source=source)
+
+
+def _default_name(path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]", "-", path.stem).lstrip(".-_+") or "sweep"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
+
+
+def _known_keys(mapping: dict, at: tuple, known: Sequence[str], source: Source) -> None:
+    for key in mapping:
+        if key not in known:
+            raise source.error(at + (key,), f"unknown key {key!r}", found=key, expected=", ".join(known),
+                               hint=did_you_mean(key, known))
+
+
+def _base_spec(data: dict, source: Source) -> Path:
+    value = data.get("spec")
+    if not isinstance(value, str) or not value.strip():
+        raise source.error(("spec",) if "spec" in data else (), "a sweep names its base spec" if "spec" not in data
+                           else "`spec` is a path", found=quote_value(value) if "spec" in data else "no `spec:`",
+                           expected="spec: path/to/base.yaml (relative to the sweep file)")
+    path = Path(source.file).parent / value  # as written, relative to where the command runs
+    if not path.is_file():
+        hint = did_you_mean(Path(value).name, [p.name for p in path.parent.iterdir()
+                                               if p.suffix in (".yaml", ".yml")]) if path.parent.is_dir() else None
+        raise source.error(("spec",), "the base spec does not exist", found=str(path),
+                           expected="a spec file, relative to the sweep file's folder", hint=hint)
+    return path
+
+
+def _key_paths(mapping: Any, at: tuple, source: Source) -> list[tuple[str, tuple, Any]]:
+    """(key as normalised, key path, value) for each entry of a `KEY.PATH: value` mapping."""
+    if mapping is None:
+        return []
+    if not isinstance(mapping, dict):
+        raise source.error(at, f"`{format_path(at)}` is a mapping of key paths", found=quote_value(mapping),
+                           expected="KEY.PATH: value, e.g. train.epochs: 3")
+    out, seen = [], {}
+    for key, value in mapping.items():
+        path = parse_key_path(key)
+        if path is None or not isinstance(path[0], str):
+            raise source.error(at + (key,), "this is not a key path", found=repr(key),
+                               expected="dotted keys as in --set: train.epochs, surgery.0.at (or surgery[0].at)")
+        dotted = ".".join(map(str, path))
+        if dotted in seen:
+            raise source.error(at + (key,), f"{dotted} is given twice", found=f"{seen[dotted]!r} and {key!r}",
+                               expected="each key path once")
+        seen[dotted] = key
+        out.append((key, path, value))
+    return out
+
+
+def _auto_label(value: Any) -> str:
+    """`layer4` -> layer4, [layer3, layer4] -> layer3+layer4, 1.0e-3 -> 0.001, 'layer*' -> layer."""
+    if isinstance(value, list):
+        return "+".join(_auto_label(v) for v in value)
+    if isinstance(value, dict):
+        return ""  # no good name: the axis must label its values
+    text = json.dumps(value) if isinstance(value, bool) or value is None else str(value)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-.+")
+
+
+def _axes(body: dict, source: Source) -> tuple[Axis, ...]:
+    entries = _key_paths(body.get("axes"), ("sweep", "axes"), source)
+    shorts = [next((p for p in reversed(path) if isinstance(p, str))) for _, path, _ in entries]
+    axes = []
+    for (key, path, values), short in zip(entries, shorts):
+        at = ("sweep", "axes", key)
+        dotted = ".".join(map(str, path))
+        if isinstance(values, dict):
+            labels = [str(k) for k in values]
+            items = list(values.values())
+            origins = [source.origin(at + (k,)) for k in values]
+            for label in labels:
+                if not _LABEL.match(label):
+                    raise source.error(at + (label,), "a label is part of a run directory's name", found=repr(label),
+                                       expected="letters, digits, '.', '+', '-' (no '_', which joins the parts)")
+        elif isinstance(values, list):
+            items = values
+            labels = [_auto_label(v) for v in values]
+            origins = [source.origin(at + (i,)) for i in range(len(values))]
+            clash = next(((i, j) for i in range(len(labels)) for j in range(i) if labels[i] == labels[j]), None)
+            if "" in labels or clash:
+                i = labels.index("") if "" in labels else clash[0]
+                problem = ("these values give no name for a run directory" if "" in labels else
+                           f"two values would share the run directory name {labels[i]!r}")
+                raise source.error(at + (i,), problem, found=quote_value(values[i]),
+                                   expected="a label for each value: write the axis as a mapping, e.g. "
+                                            f"{key}: {{first: ..., second: ...}}")
+        else:
+            raise source.error(at, "an axis lists the values to try", found=quote_value(values),
+                               expected=f"a list ({key}: [a, b]) or a mapping of labels ({key}: {{a: ..., b: ...}})")
+        if not items:
+            raise source.error(at, "an axis without values", found="[]", expected="at least one value")
+        axes.append(Axis(key=dotted, path=path, short=short if shorts.count(short) == 1 else dotted,
+                         labels=tuple(labels), values=tuple(items), origins=tuple(origins)))
+    return tuple(axes)
+
+
+def _ranges(body: dict, source: Source, sampler: str) -> tuple[Range, ...]:
+    entries = _key_paths(body.get("ranges"), ("sweep", "ranges"), source)
+    if entries and sampler == "grid":
+        raise source.error(("sweep", "ranges"), "a grid cannot draw from ranges", found="sampler: grid",
+                           expected="sampler: random or tpe, or list the values as an axis")
+    out = []
+    for key, path, spec in entries:
+        at = ("sweep", "ranges", key)
+        if not isinstance(spec, dict):
+            raise source.error(at, "a range is a mapping", found=quote_value(spec),
+                               expected="{low: 1.0e-4, high: 1.0e-2, log: true} (step: optional)")
+        _known_keys(spec, at, ("low", "high", "log", "step"), source)
+        low, high, log, step = spec.get("low"), spec.get("high"), spec.get("log", False), spec.get("step")
+        for word, value in (("low", low), ("high", high)):
+            if not _is_number(value):
+                raise source.error(at + (word,) if word in spec else at, f"a range needs a number `{word}`",
+                                   found=quote_value(value), expected="a number")
+        if not low < high:
+            raise source.error(at + ("high",), "a range's high must be above its low", found=f"low {low}, high {high}",
+                               expected=f"a number above {low}")
+        if not isinstance(log, bool):
+            raise source.error(at + ("log",), "`log` is true or false", found=quote_value(log), expected="true or false")
+        if log and low <= 0:
+            raise source.error(at + ("low",), "a log range starts above zero", found=str(low), expected="low > 0")
+        if step is not None and (not _is_number(step) or step <= 0 or log):
+            raise source.error(at + ("step",), "a step is a positive number, on a range without log",
+                               found=quote_value(step), expected="step > 0 and log: false")
+        integer = _is_int(low) and _is_int(high) and (step is None or _is_int(step))
+        out.append(Range(key=".".join(map(str, path)), path=path, low=low, high=high, log=log, step=step,
+                         integer=integer, origin=source.origin(at)))
+    return tuple(out)
+
+
+def _trials(body: dict, source: Source, sampler: str, axes: Sequence[Axis]) -> int:
+    trials = body.get("trials")
+    if sampler == "grid":
+        if trials is not None:
+            raise source.error(("sweep", "trials"), "a grid tries every combination: `trials` is for random and tpe",
+                               found=f"trials: {quote_value(trials)}", expected="no `trials`, or sampler: random or tpe")
+        size = 1
+        for axis in axes:
+            size *= len(axis.labels)
+        if size > MAX_VARIANTS:
+            raise source.error(("sweep", "axes"), f"the grid has {size:,} variants", found=f"{size:,} combinations",
+                               expected=f"at most {MAX_VARIANTS:,}", hint="use sampler: random or tpe with a trial budget")
+        return size
+    if not _is_int(trials) or not 1 <= trials <= MAX_VARIANTS:
+        raise source.error(("sweep", "trials") if "trials" in body else ("sweep",),
+                           f"sampler {sampler} needs a trial budget", found=quote_value(trials),
+                           expected=f"trials: an integer from 1 to {MAX_VARIANTS:,}")
+    return trials
+
+
+def _heartbeat(body: dict, source: Source) -> tuple[int, int]:
+    value = body.get("heartbeat", {})
+    at = ("sweep", "heartbeat")
+    if not isinstance(value, dict):
+        raise source.error(at, "`heartbeat` is a mapping", found=quote_value(value), expected="{interval: 20, grace: 60}")
+    _known_keys(value, at, ("interval", "grace"), source)
+    interval = value.get("interval", 20)
+    grace = value.get("grace", 3 * interval if _is_int(interval) else None)
+    for word, number in (("interval", interval), ("grace", grace)):
+        if not _is_int(number) or number < 1:
+            raise source.error(at + (word,), f"the heartbeat's {word} is a whole number of seconds",
+                               found=quote_value(number), expected="an integer >= 1")
+    if grace <= interval:
+        raise source.error(at + ("grace",), "the grace period must outlast the heartbeat interval",
+                           found=f"interval {interval}, grace {grace}", expected=f"grace > {interval} (e.g. {3 * interval})",
+                           hint="a worker is declared dead when it has sent no heartbeat for `grace` seconds")
+    return interval, grace
+
+
+__all__ = ["Sweep", "Axis", "Range", "Variant", "OBJECTIVES", "SAMPLERS", "load_sweep", "fingerprint"]

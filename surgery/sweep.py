@@ -75,9 +75,14 @@ def shown_url(url: str) -> str:
     return url
 
 
-def open_storage(url: str, sweep: Sweep, flag: str | None = None):
+def open_storage(url: str, heartbeat: int, grace: int, *, flag: bool = False) -> Any:
     """Optuna's RDBStorage with heartbeats; on SQLite, with transactions that lock the database
     as they begin, so that taking a trial (read WAITING, write RUNNING) is atomic.
+
+    Args:
+        heartbeat, grace: seconds between a worker's heartbeats, and without one before its trial
+            is failed and queued again (at most 3 times).
+        flag: the URL came from --storage (for the error's origin).
 
     Raises:
         UsageError: not a database URL, its driver is missing, or the database cannot be reached.
@@ -89,7 +94,7 @@ def open_storage(url: str, sweep: Sweep, flag: str | None = None):
     sqlite = url.startswith("sqlite")
     try:
         storage = optuna.storages.RDBStorage(
-            url, heartbeat_interval=sweep.heartbeat, grace_period=sweep.grace,
+            url, heartbeat_interval=heartbeat, grace_period=grace,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
             engine_kwargs={"connect_args": {"timeout": 120}} if sqlite else {"pool_pre_ping": True})
     except ImportError as exc:
@@ -124,25 +129,35 @@ def _immediate_transactions(engine: Any) -> None:
 
 
 # --------------------------------------------------------------------------- the study
-def open_study(sweep: Sweep, storage: Any, digest: str, variants: Sequence[Variant], say: Callable) -> Any:
-    """Create the study and queue every variant once, or load the study a previous (or another
-    machine's) command created, refusing one made from another sweep definition.
+def open_study(sweep: Sweep, storage: Any, digest: str, say: Callable,
+               variants: Callable[[], Sequence[Variant]] | None = None) -> Any | None:
+    """Load the study a previous (or another machine's) command created, refusing one made from
+    another sweep definition; or, given `variants`, create it and queue every variant once.
 
     Args:
         digest: `sweep_file.fingerprint` of this sweep.
-        variants: the grid's variants (empty for random and tpe: their trials are queued blank and
-            the sampler fills them in when a worker takes one).
+        variants: checks and returns the grid's variants (empty for random and tpe, whose trials
+            are queued blank: the sampler fills each in when a worker takes it). Called only when
+            the study is new: a sweep that is continued was checked when it started.
+
+    Returns:
+        The study; None when it does not exist and `variants` is None.
     """
     optuna = _optuna()
-    try:
-        study = optuna.create_study(study_name=sweep.name, storage=storage, direction=sweep.direction)
-    except optuna.exceptions.DuplicatedStudyError:
+    with contextlib.suppress(KeyError):
         study = optuna.load_study(study_name=sweep.name, storage=storage)
         _check_same_sweep(sweep, study, digest, say)
         return study
+    if variants is None:
+        return None
+    queue = variants()
+    try:
+        study = optuna.create_study(study_name=sweep.name, storage=storage, direction=sweep.direction)
+    except optuna.exceptions.DuplicatedStudyError:  # another command created it meanwhile
+        return open_study(sweep, storage, digest, say)
     study.set_user_attr(_FINGERPRINT, digest)
     study.set_user_attr(_DEFINITION, sweep.definition())
-    for variant in variants:
+    for variant in queue:
         study.enqueue_trial(dict(variant.params), user_attrs=_variant_attrs(variant))
     for _ in range(sweep.trials if sweep.sampler != "grid" else 0):
         study.enqueue_trial({})
@@ -624,18 +639,20 @@ def sweep_command(path: str, *, workers: int = 1, storage: str | None = None, ou
     argv = ["sweep", path, "--out", str(folder), *(["--storage", storage] if storage else []),
             *(["--device", device] if device else []), *[a for o in overrides for a in ("--set", o)]]
     hint = shlex.join(["surgery", *argv])
-    if worker:
-        study = _optuna().load_study(study_name=sweep.name, storage=open_storage(url, sweep, storage))
-        return work(Worker(sweep, study, folder, runs_root, tuple(overrides), device, console, hint))
-
-    variants = check_variants(sweep, overrides, runs_root, warn or say)
     from .spec import load_spec
 
     base = load_spec(sweep.spec, [*sweep.set, *overrides]).raw
+    digest = fingerprint(sweep.definition(), base, overrides)
     if storage is None:
         folder.mkdir(parents=True, exist_ok=True)
-    study = open_study(sweep, open_storage(url, sweep, storage), fingerprint(sweep.definition(), base, overrides),
-                       variants, say)
+    store = open_storage(url, sweep.heartbeat, sweep.grace, flag=storage is not None)
+    if worker:
+        study = open_study(sweep, store, digest, say)
+        if study is None:
+            raise UsageError(f"there is no study {sweep.name!r} to work on", origin=Origin.flag("--storage", shown_url(url)),
+                             expected="a study made by `surgery sweep` without --worker")
+        return work(Worker(sweep, study, folder, runs_root, tuple(overrides), device, console, hint))
+    study = open_study(sweep, store, digest, say, lambda: check_variants(sweep, overrides, runs_root, warn or say))
     counts = _counts(study)
     left = counts["waiting"] + counts["running"]
     say(f"sweep {sweep.name}: {sweep.trials} variants ({sweep.sampler}), {counts['complete']} done, {left} to go; "

@@ -1,0 +1,400 @@
+"""`surgery sweep`: the sweep file (located errors, variant names), every variant checked before
+training, the SQLite study handing each queued trial to one worker only, two worker processes
+running a grid exactly once, and a worker killed mid-variant whose variant is resumed by another.
+
+The PostgreSQL case runs when SURGERY_TEST_POSTGRES_URL names a database (.ci/run starts one).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+optuna = pytest.importorskip("optuna")
+
+from rich.console import Console  # noqa: E402
+
+from surgery.errors import SpecError  # noqa: E402
+from surgery.source import parse_key_path  # noqa: E402
+from surgery.sweep import check_variants, open_storage, sweep_command  # noqa: E402
+from surgery.sweep_file import load_sweep  # noqa: E402
+
+MARK = "# <-"
+POSTGRES = os.environ.get("SURGERY_TEST_POSTGRES_URL")
+
+BASE = """\
+model: {backbone: "timm:resnet10t", num_classes: 10, pretrained: false}
+surgery:
+  - {insert: cbam, at: [layer4], init: identity}
+train: {epochs: 1, batch_size: 16, limit_batches: 2}
+data: {name: digits, image_size: 32, num_workers: 0, subset: {val: 64}}
+"""
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return path
+
+
+@pytest.fixture
+def base(tmp_path: Path) -> Path:
+    return write(tmp_path, "base.yaml", BASE)
+
+
+def quiet() -> Console:
+    return Console(file=io.StringIO(), width=200)
+
+
+# --------------------------------------------------------------------------- the sweep file
+@dataclass(frozen=True)
+class Case:
+    id: str
+    text: str
+    problem: str  # a substring of err.problem
+    hint: str | None = None  # a substring of err.hint
+
+
+CASES = [
+    Case("unknown-top-key", """
+        spec: base.yaml
+        sweeps:  # <-
+          axes: {seed: [0, 1]}
+        """, "unknown key 'sweeps'", hint="'sweep'"),
+    Case("missing-base", """
+        spec: nosuch.yaml  # <-
+        sweep: {axes: {seed: [0, 1]}}
+        """, "base spec does not exist", hint="base.yaml"),
+    Case("bad-name", """
+        name: my sweep  # <-
+        spec: base.yaml
+        sweep: {axes: {seed: [0, 1]}}
+        """, "names a folder"),
+    Case("sampler-typo", """
+        spec: base.yaml
+        sweep:
+          axes: {seed: [0, 1]}
+          sampler: gird  # <-
+        """, "unknown sampler", hint="'grid'"),
+    Case("objective-typo", """
+        spec: base.yaml
+        sweep:
+          axes: {seed: [0, 1]}
+          objective: best_val_accuracy  # <-
+        """, "unknown objective", hint="'best_val_acc'"),
+    Case("axis-not-a-list", """
+        spec: base.yaml
+        sweep:
+          axes:
+            seed: 3  # <-
+        """, "lists the values to try"),
+    Case("axis-empty", """
+        spec: base.yaml
+        sweep:
+          axes:
+            seed: []  # <-
+        """, "without values"),
+    Case("labels-clash", """
+        spec: base.yaml
+        sweep:
+          axes:
+            surgery.0.at:
+              - "layer*"
+              - layer  # <-
+        """, "share the run directory name 'layer'"),
+    Case("label-with-underscore", """
+        spec: base.yaml
+        sweep:
+          axes:
+            surgery.0.at:
+              last_two: [layer3, layer4]  # <-
+        """, "part of a run directory's name"),
+    Case("empty-key-part", """
+        spec: base.yaml
+        sweep:
+          axes:
+            train..epochs: [1, 2]  # <-
+        """, "not a key path"),
+    Case("key-twice", """
+        spec: base.yaml
+        sweep:
+          axes:
+            surgery.0.at: [[layer4]]
+            surgery[0].at: [[layer3]]  # <-
+        """, "surgery.0.at is given twice"),
+    Case("range-in-grid", """
+        spec: base.yaml
+        sweep:
+          axes: {seed: [0, 1]}
+          ranges:  # <-
+            train.optimizer.lr: {low: 1.0e-4, high: 1.0e-2}
+        """, "grid cannot draw from ranges"),
+    Case("range-upside-down", """
+        spec: base.yaml
+        sweep:
+          sampler: random
+          trials: 4
+          ranges:
+            train.optimizer.lr: {low: 1.0e-2,
+                                 high: 1.0e-4}  # <-
+        """, "high must be above its low"),
+    Case("log-range-from-zero", """
+        spec: base.yaml
+        sweep:
+          sampler: tpe
+          trials: 4
+          ranges:
+            train.optimizer.lr:
+              low: 0  # <-
+              high: 0.1
+              log: true
+        """, "log range starts above zero"),
+    Case("tpe-without-budget", """
+        spec: base.yaml
+        sweep:  # <-
+          sampler: tpe
+          axes: {seed: [0, 1]}
+        """, "needs a trial budget"),
+    Case("grid-with-budget", """
+        spec: base.yaml
+        sweep:
+          axes: {seed: [0, 1]}
+          trials: 5  # <-
+        """, "tries every combination"),
+    Case("axis-and-range", """
+        spec: base.yaml
+        sweep:
+          sampler: random
+          trials: 3
+          axes: {train.optimizer.lr: [0.1, 0.01]}
+          ranges:
+            train.optimizer.lr: {low: 1.0e-4, high: 1.0e-2}  # <-
+        """, "is an axis and a range"),
+    Case("grace-too-short", """
+        spec: base.yaml
+        sweep:
+          axes: {seed: [0, 1]}
+          heartbeat:
+            interval: 10
+            grace: 5  # <-
+        """, "must outlast the heartbeat interval"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_sweep_file_mistakes_are_located(case: Case, base: Path) -> None:
+    path = write(base.parent, "sweep.yaml", case.text)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if MARK in text)
+    with pytest.raises(SpecError) as info:
+        load_sweep(path)
+    err = info.value
+    assert (err.file, err.line) == (str(path), line), str(err)
+    assert case.problem in err.problem, str(err)
+    if case.hint is not None:
+        assert err.hint is not None and case.hint in err.hint, str(err)
+
+
+@pytest.mark.parametrize("key, path", [("surgery.0.at", ("surgery", 0, "at")), ("surgery[0].at", ("surgery", 0, "at")),
+                                       ("groups[1].lr", ("groups", 1, "lr")), ("seed", ("seed",)),
+                                       ("train..epochs", None), ("[0]", None)])
+def test_key_paths_are_dotted_or_bracketed(key: str, path: tuple | None) -> None:
+    assert parse_key_path(key) == path
+
+
+def test_grid_variants_are_named_by_their_labels_and_compared_without_the_seed(base: Path) -> None:
+    sweep = load_sweep(write(base.parent, "grid.yaml", """
+        name: placements
+        spec: base.yaml
+        set: {train.epochs: 2}
+        sweep:
+          axes:
+            surgery[0].at: {l4: [layer4], l34: [layer3, layer4]}
+            groups.0.lr: [1.0e-3, 0.01]
+            seed: [0, 1]
+        """))
+    variants = sweep.grid()
+    assert sweep.trials == len(variants) == 8
+    assert [v.name for v in variants[:3]] == ["at-l4_lr-0.001_seed-0", "at-l4_lr-0.001_seed-1", "at-l4_lr-0.01_seed-0"]
+    assert {v.label for v in variants} == {"at-l4_lr-0.001", "at-l4_lr-0.01", "at-l34_lr-0.001", "at-l34_lr-0.01"}
+    assert [v.seed for v in variants[:2]] == [0, 1]
+    last = variants[-1]
+    assert last.params == {"surgery.0.at": "l34", "groups.0.lr": "0.01", "seed": "1"}
+    values = {o.path: o.value for o in last.overrides}
+    assert values == {("surgery", 0, "at"): ["layer3", "layer4"], ("groups", 0, "lr"): 0.01, ("seed",): 1,
+                      ("name",): "at-l34_lr-0.01_seed-1"}
+    assert sweep.definition()["set"] == {"train.epochs": 2}
+
+
+# --------------------------------------------------------------------------- every variant checked first
+@pytest.mark.parametrize("axis, bad, problem", [
+    ("surgery.0.insert", "nosuch", "nosuch"),  # the schema refuses it (load_spec)
+    ("surgery.0.at", "[layer9]", "layer9"),  # only the real model can (build)
+])
+def test_a_bad_axis_value_stops_the_sweep_at_its_line(base: Path, axis: str, bad: str, problem: str) -> None:
+    path = write(base.parent, "bad.yaml", f"""
+        spec: base.yaml
+        sweep:
+          axes:
+            {axis}:
+              - {"cbam" if "insert" in axis else "[layer4]"}
+              - {bad}  # <-
+        """)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if MARK in text)
+    with pytest.raises(SpecError) as info:
+        check_variants(load_sweep(path), (), base.parent / "runs", warn=lambda text: None)
+    err = info.value
+    assert (err.file, err.line) == (str(path), line), str(err)
+    assert err.problem.startswith("variant ") and problem in str(err), str(err)
+
+
+# --------------------------------------------------------------------------- one trial, one worker
+POP = """
+import json, sys, time
+from pathlib import Path
+import optuna
+from surgery.sweep import open_storage
+study = optuna.load_study(study_name="race", storage=open_storage(sys.argv[1], 60, 180))
+Path(sys.argv[2]).touch()
+while not Path(sys.argv[3]).exists():
+    time.sleep(0.01)
+taken = []
+while (trial_id := study._pop_waiting_trial_id()) is not None:
+    taken.append(trial_id)
+print(json.dumps(taken))
+"""
+
+
+def test_two_processes_never_take_the_same_sqlite_trial(tmp_path: Path) -> None:
+    """pysqlite begins a transaction only at its first write, so without `BEGIN IMMEDIATE` two
+    processes both read a trial as WAITING and both set it RUNNING (seen here: 23 of 300)."""
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    study = optuna.create_study(study_name="race", storage=open_storage(url, 60, 180))
+    for i in range(40):
+        study.enqueue_trial({"i": i})
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", POP, url, str(tmp_path / f"ready{i}"), str(go)],
+                              stdout=subprocess.PIPE, text=True) for i in range(2)]
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
+        assert all(p.poll() is None for p in procs), "a popping process died"
+        time.sleep(0.05)
+    go.touch()
+    taken = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert not set(taken[0]) & set(taken[1])
+    assert sorted(taken[0] + taken[1]) == sorted(t._trial_id for t in study.get_trials())
+
+
+# --------------------------------------------------------------------------- workers
+def grid_sweep(folder: Path, *, name: str, epochs: int = 1, batches: int = 2, seeds: int = 2,
+               grace: int = 4) -> Path:
+    write(folder, "base.yaml", BASE)
+    return write(folder, "sweep.yaml", f"""
+        name: {name}
+        spec: base.yaml
+        set: {{train.epochs: {epochs}, train.limit_batches: {batches}}}
+        sweep:
+          axes:
+            surgery.0.at: {{l4: [layer4], l34: [layer3, layer4]}}
+            seed: {list(range(seeds))}
+          heartbeat: {{interval: 1, grace: {grace}}}
+        """)
+
+
+def finished(study: optuna.Study) -> dict[str, list]:
+    """Each variant's COMPLETE trials."""
+    out: dict[str, list] = {}
+    for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        out.setdefault(t.user_attrs["variant"], []).append(t)
+    return out
+
+
+def epochs_trained(run_dir: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("storage", [None, pytest.param(POSTGRES, id="postgres", marks=pytest.mark.skipif(
+    not POSTGRES, reason="SURGERY_TEST_POSTGRES_URL is not set (.ci/run starts a PostgreSQL server)"))],
+    ids=["sqlite", "postgres"])
+def test_two_workers_train_each_variant_of_a_grid_once(tmp_path: Path, storage: str | None) -> None:
+    name = f"grid-{uuid.uuid4().hex[:8]}"  # a shared PostgreSQL database keeps every study
+    path = grid_sweep(tmp_path, name=name)
+    out = tmp_path / "runs" / name
+    assert sweep_command(str(path), workers=2, out=str(out), storage=storage, console=quiet()) == 0
+
+    url = storage or f"sqlite:///{out / 'study.db'}"
+    study = optuna.load_study(study_name=name, storage=url)
+    done = finished(study)
+    assert sorted(done) == ["at-l34_seed-0", "at-l34_seed-1", "at-l4_seed-0", "at-l4_seed-1"]
+    assert all(len(trials) == 1 for trials in done.values())
+    report = json.loads((out / "sweep.json").read_text())
+    assert report["storage"] == (storage or url) and report["counts"]["complete"] == 4
+    for row in report["variants"]:
+        run_dir = out / row["variant"]
+        assert epochs_trained(run_dir) == [0]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert row["value"] == summary["best_val_acc"] == done[row["variant"]][0].value
+        assert row["label"] == row["variant"].rsplit("_seed-", 1)[0] and row["seed"] == summary_seed(run_dir)
+
+    # the same command again: nothing left to train, nothing trained again
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.jsonl")}
+    assert sweep_command(str(path), workers=2, out=str(out), storage=storage, console=quiet()) == 0
+    assert len(study.get_trials()) == 4
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.jsonl")} == stamps
+
+
+def summary_seed(run_dir: Path) -> int:
+    import yaml
+
+    return yaml.safe_load((run_dir / "spec.yaml").read_text())["seed"]
+
+
+def test_a_killed_worker_s_variant_is_resumed_by_another_and_trained_once(tmp_path: Path) -> None:
+    name = "kill"
+    epochs = 4
+    path = grid_sweep(tmp_path, name=name, epochs=epochs, batches=6, seeds=1, grace=3)
+    out = tmp_path / "runs" / name
+    killed: dict[str, int] = {}
+
+    def kill_one_mid_variant() -> None:
+        """SIGKILL the worker holding a run that has a checkpoint but no summary yet."""
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            for lock in out.glob(".*.lock"):
+                run_dir = out / lock.name[1:-len(".lock")]
+                text = lock.read_text() if lock.exists() else ""
+                if (run_dir / "checkpoints" / "last.pt").exists() and not (run_dir / "summary.json").exists() \
+                        and text.startswith("pid "):
+                    pid = int(text.split()[1])
+                    assert pid != os.getpid()
+                    os.kill(pid, signal.SIGKILL)
+                    killed[run_dir.name] = pid
+                    return
+            time.sleep(0.02)
+    monitor = threading.Thread(target=kill_one_mid_variant, daemon=True)
+    monitor.start()
+    assert sweep_command(str(path), workers=2, out=str(out), console=quiet()) == 0
+    monitor.join()
+    assert killed, "no worker was caught mid-variant"
+
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{out / 'study.db'}")
+    done = finished(study)
+    assert sorted(done) == ["at-l34_seed-0", "at-l4_seed-0"] and all(len(t) == 1 for t in done.values())
+    (variant,) = killed
+    resumed = done[variant][0]
+    assert resumed.user_attrs["resumed_from_epoch"] >= 1  # continued from last.pt, not from scratch
+    assert "failed_trial" in resumed.system_attrs  # the retry Optuna queued for the dead worker's trial
+    assert study.trials[resumed.system_attrs["failed_trial"]].state == optuna.trial.TrialState.FAIL
+    for run_dir in (out / v for v in done):
+        assert epochs_trained(run_dir) == list(range(epochs))  # every epoch once
+    report = json.loads((out / "sweep.json").read_text())
+    assert {r["variant"]: r["state"] for r in report["variants"]} == {v: "COMPLETE" for v in done}

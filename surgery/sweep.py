@@ -90,16 +90,18 @@ def open_storage(url: str, heartbeat: int, grace: int, *, flag: bool = False) ->
     optuna = _optuna()
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-    origin = Origin.flag("--storage", shown_url(url)) if flag else Origin.path(url)
+    origin = Origin.flag("--storage", shown_url(url)) if flag else Origin.path(shown_url(url))
     sqlite = url.startswith("sqlite")
     try:
         storage = optuna.storages.RDBStorage(
-            url, heartbeat_interval=heartbeat, grace_period=grace,
+            _with_driver(url), heartbeat_interval=heartbeat, grace_period=grace,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
             engine_kwargs={"connect_args": {"timeout": 120}} if sqlite else {"pool_pre_ping": True})
     except ImportError as exc:
-        raise UsageError(f"the storage's database driver is not installed ({exc.name or exc})", origin=origin,
-                         expected="a driver for this URL", hint="PostgreSQL: pip install psycopg2-binary") from None
+        cause = describe_exception(exc.__cause__ or exc)
+        raise UsageError(f"the storage's database driver is not installed ({cause})", origin=origin,
+                         expected="a driver for this URL",
+                         hint="PostgreSQL: pip install 'surgery[postgres]' (psycopg2-binary)") from None
     except Exception as exc:  # noqa: BLE001 - sqlalchemy's URL, connection and schema errors alike
         unreachable = type(exc).__name__ in ("OperationalError", "StorageInternalError")
         err = UsageError(f"cannot open the study storage: {describe_exception(exc)}", origin=origin,
@@ -111,6 +113,17 @@ def open_storage(url: str, heartbeat: int, grace: int, *, flag: bool = False) ->
     if sqlite:
         _immediate_transactions(storage.engine)
     return storage
+
+
+def _with_driver(url: str) -> str:
+    """`postgresql://` with psycopg2 when psycopg 3 is absent: SQLAlchemy 2.1 made psycopg 3 the
+    default driver, and the postgres extra installs psycopg2-binary."""
+    import importlib.util
+
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
+            and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
 
 
 def _immediate_transactions(engine: Any) -> None:
@@ -643,8 +656,11 @@ def sweep_command(path: str, *, workers: int = 1, storage: str | None = None, ou
 
     base = load_spec(sweep.spec, [*sweep.set, *overrides]).raw
     digest = fingerprint(sweep.definition(), base, overrides)
-    if storage is None:
-        folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)  # the study's SQLite file, the runs and sweep.json
+    except OSError as exc:
+        raise RunDirError(f"cannot make the sweep's folder {folder}: {exc.strerror or exc}",
+                          origin=Origin.path(folder)) from None
     store = open_storage(url, sweep.heartbeat, sweep.grace, flag=storage is not None)
     if worker:
         study = open_study(sweep, store, digest, say)

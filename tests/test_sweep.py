@@ -332,7 +332,7 @@ def test_two_workers_train_each_variant_of_a_grid_once(tmp_path: Path, storage: 
     assert sweep_command(str(path), workers=2, out=str(out), storage=storage, console=quiet()) == 0
 
     url = storage or f"sqlite:///{out / 'study.db'}"
-    study = optuna.load_study(study_name=name, storage=url)
+    study = optuna.load_study(study_name=name, storage=open_storage(url, 60, 180))
     done = finished(study)
     assert sorted(done) == ["at-l34_seed-0", "at-l34_seed-1", "at-l4_seed-0", "at-l4_seed-1"]
     assert all(len(trials) == 1 for trials in done.values())
@@ -347,8 +347,9 @@ def test_two_workers_train_each_variant_of_a_grid_once(tmp_path: Path, storage: 
 
     # the same command again: nothing left to train, nothing trained again
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.jsonl")}
+    trials = len(study.get_trials())  # 4, or more if a busy machine starved a heartbeat (each still ran once)
     assert sweep_command(str(path), workers=2, out=str(out), storage=storage, console=quiet()) == 0
-    assert len(study.get_trials()) == 4
+    assert len(study.get_trials()) == trials
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.jsonl")} == stamps
 
 

@@ -399,3 +399,55 @@ def test_a_killed_worker_s_variant_is_resumed_by_another_and_trained_once(tmp_pa
         assert epochs_trained(run_dir) == list(range(epochs))  # every epoch once
     report = json.loads((out / "sweep.json").read_text())
     assert {r["variant"]: r["state"] for r in report["variants"]} == {v: "COMPLETE" for v in done}
+
+
+def test_an_interrupted_random_search_resumes_its_trial_with_the_same_values(tmp_path: Path) -> None:
+    """Ctrl-C: the run checkpoints, its trial is queued again with the values drawn for it, and the
+    same command resumes that run directory. (One worker runs in this process: SIGINT reaches it.)"""
+    write(tmp_path, "base.yaml", BASE)
+    path = write(tmp_path, "search.yaml", """
+        name: search
+        spec: base.yaml
+        set: {train.epochs: 4, train.limit_batches: 3}
+        sweep:
+          sampler: random
+          trials: 1
+          axes: {surgery.0.insert: [cbam, se]}
+          ranges:
+            train.optimizer.lr: {low: 1.0e-4, high: 1.0e-2, log: true}
+        """)
+    out = tmp_path / "runs" / "search"
+    run_dir = out / "trial-0000"
+    sent: list[bool] = []
+    running = threading.Event()
+
+    def interrupt_after_the_first_epoch() -> None:
+        while running.is_set() and not sent:
+            if (run_dir / "checkpoints" / "last.pt").exists() and not (run_dir / "summary.json").exists():
+                sent.append(True)
+                os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.02)
+    running.set()
+    monitor = threading.Thread(target=interrupt_after_the_first_epoch, daemon=True)
+    monitor.start()
+    try:
+        assert sweep_command(str(path), out=str(out), console=quiet()) == 130
+    finally:
+        running.clear()
+        monitor.join()
+    assert sent
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{out / 'study.db'}")
+    stopped, queued = study.get_trials()
+    assert stopped.state == optuna.trial.TrialState.FAIL and stopped.user_attrs["error"] == "interrupted"
+    assert queued.state == optuna.trial.TrialState.WAITING and queued.user_attrs["variant"] == "trial-0000"
+
+    assert sweep_command(str(path), out=str(out), console=quiet()) == 0
+    (done,) = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert done.params == stopped.params and 1.0e-4 <= done.params["train.optimizer.lr"] <= 1.0e-2
+    assert done.user_attrs["resumed_from_epoch"] >= 1
+    assert epochs_trained(run_dir) == [0, 1, 2, 3]
+    import yaml
+
+    spec = yaml.safe_load((run_dir / "spec.yaml").read_text())
+    assert spec["train"]["optimizer"]["lr"] == done.params["train.optimizer.lr"]
+    assert spec["surgery"][0]["insert"] == done.params["surgery.0.insert"]

@@ -340,9 +340,9 @@ def run_trial(worker: Worker, trial_id: int) -> str:
             raise RunDirError(f"summary.json has no {sweep.objective}", origin=Origin.path(worker.folder / variant.name))
     except NonFiniteLoss as exc:
         return _fail(worker, trial_id, heartbeat, f"stopped: {exc}")
-    except (TrainingStopped, KeyboardInterrupt):  # a signal: checkpointed; queue it again for the next run
+    except (TrainingStopped, KeyboardInterrupt) as exc:  # a signal: checkpointed; queue it again for the next run
         heartbeat.join()
-        _requeue(worker, trial_id)
+        _requeue(worker, trial_id, str(exc) or "interrupted")
         return INTERRUPTED
     except UserError as exc:
         return _fail(worker, trial_id, heartbeat, str(exc))
@@ -378,7 +378,7 @@ def _train(worker: Worker, trial: Any, variant: Variant) -> dict[str, Any]:
         return summary
     start = _checkpoint_epoch(run_dir / "checkpoints" / "last.pt")
     trial.set_user_attr("resumed_from_epoch", start)
-    worker.say(f"trial {trial.number} {variant.name}: " + (f"resuming after epoch {start}" if start else "training")
+    worker.say(f"trial {trial.number} {variant.name}: " + ("resuming from its checkpoint" if start else "training")
                + f" in {run_dir}")
     resume = run_dir.is_dir() and any(run_dir.iterdir())
     return runner.run(spec, run_dir, device=worker.device, resume=resume, console=worker.console,
@@ -422,7 +422,7 @@ def _fail(worker: Worker, trial_id: int, heartbeat: Any, error: str) -> str:
     return FAILED
 
 
-def _requeue(worker: Worker, trial_id: int) -> None:
+def _requeue(worker: Worker, trial_id: int, why: str) -> None:
     """Fail an interrupted trial and queue a copy (same params, same run directory): the next
     `surgery sweep` resumes it from its checkpoint at once instead of after the grace period."""
     from optuna.trial import TrialState
@@ -435,7 +435,7 @@ def _requeue(worker: Worker, trial_id: int) -> None:
         study._storage.set_trial_user_attr(trial_id, "error", "interrupted")
     study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
     study.enqueue_trial(dict(frozen.params), user_attrs={k: v for k, v in frozen.user_attrs.items() if k != "error"})
-    worker.say(f"trial {frozen.number} interrupted: queued again, to resume from its checkpoint")
+    worker.say(f"trial {frozen.number} queued again, to resume from its checkpoint: {why}")
 
 
 def _wait_for_run_dir(worker: Worker, run_dir: Path) -> None:
@@ -528,7 +528,7 @@ def _spawn(n: int, argv: Sequence[str], device: str | None, say: Callable[[str],
         gpu = f", CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in env else ""
         say(f"worker w{i + 1}: pid {proc.pid}, {env['OMP_NUM_THREADS']} threads{gpu}")
     interrupted = False
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    previous = _on_sigterm(signal.default_int_handler)  # SIGTERM (a scheduler's stop) as Ctrl-C
     try:
         try:
             codes = [p.wait() for p in procs]
@@ -545,10 +545,17 @@ def _spawn(n: int, argv: Sequence[str], device: str | None, say: Callable[[str],
                     p.kill()
                 codes = [p.wait() for p in procs]
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        _on_sigterm(previous)
         for relay in relays:
             relay.join(timeout=5)
     return codes, interrupted
+
+
+def _on_sigterm(handler: Any) -> Any:
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except (ValueError, TypeError):  # not the main thread, or no handler to restore
+        return None
 
 
 def _relay(proc: subprocess.Popen, prefix: str) -> None:
@@ -651,11 +658,14 @@ def sweep_command(path: str, *, workers: int = 1, storage: str | None = None, ou
     url = storage or default_storage(folder)
     argv = ["sweep", path, "--out", str(folder), *(["--storage", storage] if storage else []),
             *(["--device", device] if device else []), *[a for o in overrides for a in ("--set", o)]]
-    hint = shlex.join(["surgery", *argv])
+    hint = shlex.join(["surgery", *argv, *(["--workers", str(workers)] if workers > 1 else [])])
     from .spec import load_spec
 
     base = load_spec(sweep.spec, [*sweep.set, *overrides]).raw
     digest = fingerprint(sweep.definition(), base, overrides)
+    checked = None
+    if not worker and storage is None and not (folder / "study.db").exists():
+        checked = check_variants(sweep, overrides, runs_root, warn or say)  # a mistake leaves no folder behind
     try:
         folder.mkdir(parents=True, exist_ok=True)  # the study's SQLite file, the runs and sweep.json
     except OSError as exc:
@@ -668,7 +678,8 @@ def sweep_command(path: str, *, workers: int = 1, storage: str | None = None, ou
             raise UsageError(f"there is no study {sweep.name!r} to work on", origin=Origin.flag("--storage", shown_url(url)),
                              expected="a study made by `surgery sweep` without --worker")
         return work(Worker(sweep, study, folder, runs_root, tuple(overrides), device, console, hint))
-    study = open_study(sweep, store, digest, say, lambda: check_variants(sweep, overrides, runs_root, warn or say))
+    study = open_study(sweep, store, digest, say,
+                       lambda: checked if checked is not None else check_variants(sweep, overrides, runs_root, warn or say))
     counts = _counts(study)
     left = counts["waiting"] + counts["running"]
     say(f"sweep {sweep.name}: {sweep.trials} variants ({sweep.sampler}), {counts['complete']} done, {left} to go; "

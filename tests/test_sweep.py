@@ -451,3 +451,30 @@ def test_an_interrupted_random_search_resumes_its_trial_with_the_same_values(tmp
     spec = yaml.safe_load((run_dir / "spec.yaml").read_text())
     assert spec["train"]["optimizer"]["lr"] == done.params["train.optimizer.lr"]
     assert spec["surgery"][0]["insert"] == done.params["surgery.0.insert"]
+
+
+@pytest.mark.parametrize("device, visible, gpus, expected", [
+    ("auto", None, 2, ["0", "1", "0"]),  # round robin over the GPUs
+    (None, "4,5", 8, ["4", "5", "4"]),  # within what CUDA_VISIBLE_DEVICES already allows
+    ("cuda", None, 1, ["0", "0", "0"]),
+    ("cpu", None, 2, [None, None, None]),
+    ("cuda:1", None, 2, [None, None, None]),  # a spec that names its GPU keeps it
+    ("auto", None, 0, [None, None, None]),
+])
+def test_each_worker_gets_a_gpu_or_a_share_of_the_cores(monkeypatch: pytest.MonkeyPatch, device: str | None,
+                                                       visible: str | None, gpus: int, expected: list) -> None:
+    import torch
+
+    from surgery.sweep_worker import _worker_environments
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    envs = _worker_environments(3, device)
+    assert [env.get("CUDA_VISIBLE_DEVICES") for env in envs] == expected
+    assert {env["OMP_NUM_THREADS"] for env in envs} == {"4"}

@@ -1,0 +1,337 @@
+"""The workers of `surgery sweep`: one worker's loop (take a queued trial, train its variant into
+its run directory, report its objective) and the N processes `--workers N` starts.
+
+A worker takes trials until none is waiting or running. While it trains, Optuna's heartbeat
+thread marks it alive; a trial it is interrupted in (Ctrl-C, SIGTERM) is failed and queued again
+with the same params, so the next worker resumes the same run directory from its checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import Origin, RunDirError, UserError, describe_exception
+from .sweep_file import Sweep, Variant
+
+DONE, FAILED, INTERRUPTED = "done", "failed", "interrupted"
+
+
+def variant_attrs(variant: Variant) -> dict[str, Any]:
+    """The trial attributes that name a variant (kept by a trial queued again)."""
+    return {"variant": variant.name, "label": variant.label, "seed": variant.seed}
+
+
+# --------------------------------------------------------------------------- one worker
+@dataclass
+class Worker:
+    """What one worker process needs to train the trials it takes."""
+
+    sweep: Sweep
+    study: Any
+    folder: Path  # runs/<sweep>
+    runs_root: Path  # where `pretrained: run:NAME` looks: the sweep folder's parent
+    overrides: tuple[str, ...]
+    device: str | None
+    console: Any
+    resume_hint: str
+
+    def say(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def work(worker: Worker) -> int:
+    """Take queued trials until none is waiting or running; 130 when interrupted (the trial in
+    hand is queued again, its checkpoint kept), else 0.
+
+    An idle worker waits while other trials run: when one of their workers dies, its trial is
+    queued again once its heartbeat is `grace` seconds old, and this worker takes it over.
+    """
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    study, poll = worker.study, max(1.0, min(worker.sweep.heartbeat, 5))
+    waiting_said = False
+    try:
+        while True:
+            fail_stale_trials(study)
+            trial_id = study._pop_waiting_trial_id()  # WAITING -> RUNNING, for one worker only
+            if trial_id is None:
+                running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if not running:
+                    return 0
+                if not waiting_said:
+                    worker.say(f"nothing left to take; waiting while trials {', '.join(str(t.number) for t in running)} "
+                               "run (to take one over if its worker stops)")
+                    waiting_said = True
+                time.sleep(poll)
+                continue
+            waiting_said = False
+            if run_trial(worker, trial_id) == INTERRUPTED:
+                return 130
+    except KeyboardInterrupt:
+        return 130
+
+
+def run_trial(worker: Worker, trial_id: int) -> str:
+    """Train the variant of one trial (just taken) into its run directory and report its objective.
+
+    A run directory with a finished run of this spec is reported without training (a trial queued
+    again after its worker was thought dead, but finished after all); one with a checkpoint resumes.
+    """
+    import optuna
+    from optuna.storages._heartbeat import get_heartbeat_thread  # Optuna's own, as `study.optimize` uses it
+    from optuna.trial import TrialState
+
+    from .train.loop import NonFiniteLoss, TrainingStopped
+
+    study, sweep = worker.study, worker.sweep
+    heartbeat = get_heartbeat_thread(trial_id, study._storage)
+    heartbeat.start()  # at once: a trial without any heartbeat is never found stale
+    trial = variant = None
+    try:
+        trial = optuna.Trial(study, trial_id)
+        study.sampler = _sampler(sweep, trial.number)
+        variant = _variant_of(sweep, trial)
+        summary = _train(worker, trial, variant)
+        value = summary.get(sweep.objective)
+        if value is None:
+            raise RunDirError(f"summary.json has no {sweep.objective}", origin=Origin.path(worker.folder / variant.name))
+    except NonFiniteLoss as exc:
+        return _fail(worker, trial_id, heartbeat, f"stopped: {exc}")
+    except (TrainingStopped, KeyboardInterrupt) as exc:  # a signal: checkpointed; queue it again for the next run
+        heartbeat.join()
+        _requeue(worker, trial_id, str(exc) or "interrupted")
+        return INTERRUPTED
+    except UserError as exc:
+        return _fail(worker, trial_id, heartbeat, str(exc))
+    except Exception as exc:  # noqa: BLE001 - one variant's crash (out of memory, a bug) must not end the sweep
+        import traceback
+
+        traceback.print_exc()
+        return _fail(worker, trial_id, heartbeat, describe_exception(exc, 300))
+    heartbeat.join()
+    told = study.tell(trial, value, skip_if_finished=True)
+    if told.state != TrialState.COMPLETE:
+        worker.say(f"trial {trial.number} ({variant.name}) was declared dead meanwhile and queued again; "
+                   "the worker that takes it reports this run")
+        return DONE
+    worker.say(f"trial {trial.number} {variant.name}: {sweep.objective} {value:.4f}")
+    return DONE
+
+
+def _train(worker: Worker, trial: Any, variant: Variant) -> dict[str, Any]:
+    from .spec import load_spec
+    from .train import runner
+
+    run_dir = worker.folder / variant.name
+    for key, value in {**variant_attrs(variant), "run_dir": str(run_dir), "host": socket.gethostname(),
+                       "pid": os.getpid()}.items():
+        trial.set_user_attr(key, value)
+    spec = load_spec(worker.sweep.spec, [*worker.sweep.set, *worker.overrides, *variant.overrides])
+    _wait_for_run_dir(worker, run_dir)
+    summary = _finished_run(run_dir, spec)
+    if summary is not None:
+        trial.set_user_attr("reused_finished_run", True)
+        worker.say(f"trial {trial.number} {variant.name}: already trained in {run_dir}")
+        return summary
+    start = _checkpoint_epoch(run_dir / "checkpoints" / "last.pt")
+    trial.set_user_attr("resumed_from_epoch", start)
+    worker.say(f"trial {trial.number} {variant.name}: " + ("resuming from its checkpoint" if start else "training")
+               + f" in {run_dir}")
+    resume = run_dir.is_dir() and any(run_dir.iterdir())
+    return runner.run(spec, run_dir, device=worker.device, resume=resume, console=worker.console,
+                      runs_root=worker.runs_root, resume_hint=worker.resume_hint)
+
+
+def _sampler(sweep: Sweep, number: int) -> Any:
+    """The sampler for one trial, seeded by its number: two workers never draw the same values by
+    sharing a seed, and a sweep run again draws what it drew before."""
+    import optuna
+
+    seed = sweep.sampler_seed + number
+    if sweep.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)  # grid trials arrive with every value fixed
+
+
+def _variant_of(sweep: Sweep, trial: Any) -> Variant:
+    params: dict[str, Any] = {}
+    for axis in sweep.axes:
+        params[axis.key] = trial.suggest_categorical(axis.key, list(axis.labels))
+    for r in sweep.ranges:
+        if r.integer:
+            params[r.key] = trial.suggest_int(r.key, int(r.low), int(r.high), step=int(r.step or 1), log=r.log)
+        else:
+            params[r.key] = trial.suggest_float(r.key, r.low, r.high, step=r.step, log=r.log)
+    name = trial.user_attrs.get("variant") or f"trial-{trial.number:04d}"  # a retried trial keeps its first name
+    return sweep.variant(params, None if sweep.sampler == "grid" else name)
+
+
+def _fail(worker: Worker, trial_id: int, heartbeat: Any, error: str) -> str:
+    from optuna.trial import TrialState
+
+    heartbeat.join()
+    study = worker.study
+    with contextlib.suppress(Exception):  # the trial may have been failed as stale meanwhile
+        study._storage.set_trial_user_attr(trial_id, "error", error)
+    number = study._storage.get_trial_number_from_id(trial_id)
+    study.tell(number, state=TrialState.FAIL, skip_if_finished=True)  # tell takes a trial's number, not its id
+    worker.say(f"trial {number} failed: {error}")
+    return FAILED
+
+
+def _requeue(worker: Worker, trial_id: int, why: str) -> None:
+    """Fail an interrupted trial and queue a copy (same params, same run directory): the next
+    `surgery sweep` resumes it from its checkpoint at once instead of after the grace period."""
+    from optuna.trial import TrialState
+
+    study = worker.study
+    frozen = study._storage.get_trial(trial_id)
+    if frozen.state.is_finished():
+        return
+    with contextlib.suppress(Exception):
+        study._storage.set_trial_user_attr(trial_id, "error", "interrupted")
+    study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
+    study.enqueue_trial(dict(frozen.params), user_attrs={k: v for k, v in frozen.user_attrs.items() if k != "error"})
+    worker.say(f"trial {frozen.number} queued again, to resume from its checkpoint: {why}")
+
+
+def _wait_for_run_dir(worker: Worker, run_dir: Path) -> None:
+    """Wait while another process holds the run directory: a worker that was thought dead, still
+    finishing the variant this trial was queued again for."""
+    from .rundir import _Lock
+
+    said = False
+    while True:
+        try:
+            lock = _Lock.take(run_dir)
+        except RunDirError as exc:
+            if "another run" not in exc.problem:
+                raise
+            if not said:
+                worker.say(f"{exc.problem}: waiting for it to finish")
+                said = True
+            time.sleep(max(1.0, min(worker.sweep.heartbeat, 5)))
+            continue
+        if lock is not None:
+            lock.release()
+        return
+
+
+def _finished_run(run_dir: Path, spec: Any) -> dict[str, Any] | None:
+    """The summary of a finished run of `spec` in `run_dir`, or None when it holds none."""
+    import yaml
+
+    summary, saved = run_dir / "summary.json", run_dir / "spec.yaml"
+    if not summary.is_file():
+        return None
+    if not saved.is_file() or yaml.safe_load(saved.read_text(encoding="utf-8")) != yaml.safe_load(spec.to_yaml()):
+        raise RunDirError(f"the run directory {run_dir} holds a finished run of another spec", exit_code=2,
+                          origin=Origin.path(run_dir), expected="the run of this variant, or no run",
+                          hint="the sweep's runs belong to another definition: use another --out or sweep name")
+    data = json.loads(summary.read_text(encoding="utf-8"))
+    return data if "final_val_acc" in data else None
+
+
+def _checkpoint_epoch(path: Path) -> int:
+    """The epoch a run resumes at (0: none), read without loading the tensors."""
+    import torch
+
+    if not path.is_file():
+        return 0
+    with contextlib.suppress(Exception):  # an unreadable checkpoint: the run itself says so
+        return int(torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)["epoch"])
+    return 0
+
+
+# --------------------------------------------------------------------------- several workers
+def _worker_environments(n: int, device: str | None) -> list[dict[str, str]]:
+    """One environment per worker: a GPU each (round robin) when the runs use CUDA, and the CPU
+    cores shared out (OMP_NUM_THREADS) so N workers do not each start a thread per core.
+    A device with an index (cuda:1) is left alone: it names its GPU."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // n)
+    asked = os.environ.get("OMP_NUM_THREADS", "")
+    if asked.isdigit() and int(asked) > 0:
+        threads = min(threads, int(asked))
+    gpus: list[str] = []
+    if (device or "auto") in ("auto", "cuda") and torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    envs = []
+    for i in range(n):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+        envs.append(env)
+    return envs
+
+
+def spawn(n: int, argv: Sequence[str], device: str | None, say: Callable[[str], None]) -> tuple[list[int], bool]:
+    """Start N worker processes (`surgery sweep ... --worker`), relay their output line by line
+    with a prefix, and wait. Ctrl-C (or SIGTERM) is passed on once: each worker checkpoints the
+    batch it is on, queues its trial again and stops; a second one kills them.
+
+    Returns:
+        The workers' exit codes, and whether the sweep was interrupted.
+    """
+    procs, relays = [], []
+    for i, env in enumerate(_worker_environments(n, device)):
+        proc = subprocess.Popen([sys.executable, "-m", "surgery", *argv], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+        relay = threading.Thread(target=_relay, args=(proc, f"w{i + 1}"), daemon=True)
+        relay.start()
+        procs.append(proc)
+        relays.append(relay)
+        gpu = f", CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in env else ""
+        say(f"worker w{i + 1}: pid {proc.pid}, {env['OMP_NUM_THREADS']} threads{gpu}")
+    interrupted = False
+    previous = _on_sigterm(signal.default_int_handler)  # SIGTERM (a scheduler's stop) as Ctrl-C
+    try:
+        try:
+            codes = [p.wait() for p in procs]
+        except KeyboardInterrupt:
+            interrupted = True
+            say("interrupted: each worker checkpoints and stops (again to stop them at once)")
+            for p in procs:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGINT)
+            try:
+                codes = [p.wait() for p in procs]
+            except KeyboardInterrupt:
+                for p in procs:
+                    p.kill()
+                codes = [p.wait() for p in procs]
+    finally:
+        _on_sigterm(previous)
+        for relay in relays:
+            relay.join(timeout=5)
+    return codes, interrupted
+
+
+def _on_sigterm(handler: Any) -> Any:
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except (ValueError, TypeError):  # not the main thread, or no handler to restore
+        return None
+
+
+def _relay(proc: subprocess.Popen, prefix: str) -> None:
+    for line in proc.stdout:
+        sys.stdout.write(f"{prefix} | {line}")
+        sys.stdout.flush()
+
+
+__all__ = ["Worker", "work", "run_trial", "spawn", "variant_attrs"]

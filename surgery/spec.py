@@ -323,13 +323,18 @@ class Spec:
         return self.source.error(path, problem, **kw)
 
     def resolve_path(self, value: str, key: Sequence = ()) -> Path:
-        """A path written in the spec: relative to the spec's folder, or to the working
-        directory when it was given on the command line (`--set key=path`)."""
+        """A path written in the spec: relative to the spec's folder, to the working directory
+        when it was given on the command line (`--set key=path`), or to the sweep file that
+        gave it (a sweep's `set:` or axis value)."""
         p = Path(value).expanduser()
         if p.is_absolute():
             return p
         origin = self.source.origin(tuple(key)) if key else None
-        base = Path.cwd() if origin is not None and origin.kind == "flag" else self.source.folder
+        base = self.source.folder
+        if origin is not None and origin.kind == "flag":
+            base = Path.cwd()
+        elif origin is not None and origin.kind == "file" and self.source.file and origin.name != self.source.file:
+            base = Path(origin.name).resolve().parent
         return base / p
 
     def to_yaml(self) -> str:

@@ -217,7 +217,7 @@ def check_variants(sweep: Sweep, overrides: Sequence[str], runs_root: Path, warn
         variants = probes = sweep.grid()
     else:
         variants, probes = [], _probe_variants(sweep)
-    built: dict[str, Any] = {}
+    built: set[str] = set()
     shown: set[str] = set()
     for variant in probes:
         try:
@@ -225,8 +225,8 @@ def check_variants(sweep: Sweep, overrides: Sequence[str], runs_root: Path, warn
             _check_objective(sweep, spec)
             key = json.dumps({k: v for k, v in spec.raw.items() if k not in ("name", "seed")}, sort_keys=True, default=str)
             if key not in built:  # variants that differ only in their seed build the same model
-                built[key] = build(spec, runs_root=runs_root)
-                for text in [*spec.warnings, *check_training(spec, built[key])]:
+                built.add(key)
+                for text in [*spec.warnings, *check_training(spec, build(spec, runs_root=runs_root))]:
                     if text not in shown:
                         shown.add(text)
                         warn(text)
@@ -366,7 +366,7 @@ def sweep_command(path: str, *, workers: int = 1, storage: str | None = None, ou
         if study is None:
             raise UsageError(f"there is no study {sweep.name!r} to work on", origin=Origin.flag("--storage", shown_url(url)),
                              expected="a study made by `surgery sweep` without --worker")
-        return work(Worker(sweep, study, folder, runs_root, tuple(overrides), device, console, hint))
+        return work(Worker(sweep, study, folder, runs_root, tuple(overrides), device, console, hint, shown_url(url)))
     study = open_study(sweep, store, digest, say,
                        lambda: checked if checked is not None else check_variants(sweep, overrides, runs_root, warn or say))
     counts = _counts(study)
@@ -377,7 +377,7 @@ def sweep_command(path: str, *, workers: int = 1, storage: str | None = None, ou
     if left:
         n = min(workers, left)
         if n == 1:
-            code = work(Worker(sweep, study, folder, runs_root, tuple(overrides), device, console, hint))
+            code = work(Worker(sweep, study, folder, runs_root, tuple(overrides), device, console, hint, shown_url(url)))
             interrupted = code == 130
         else:
             codes, interrupted = spawn(n, [*argv, "--worker"], device or base.get("train", {}).get("device"), say)

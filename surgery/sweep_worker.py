@@ -44,6 +44,7 @@ class Worker:
     device: str | None
     console: Any
     resume_hint: str
+    storage: str  # the study's URL, password hidden (for messages)
 
     def say(self, text: str) -> None:
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)
@@ -58,6 +59,8 @@ def work(worker: Worker) -> int:
     """
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
+
+    from optuna.exceptions import StorageInternalError
 
     study, poll = worker.study, max(1.0, min(worker.sweep.heartbeat, 5))
     waiting_said = False
@@ -80,6 +83,12 @@ def work(worker: Worker) -> int:
                 return 130
     except KeyboardInterrupt:
         return 130
+    except StorageInternalError as exc:  # the database went away: the study keeps what was told
+        err = UserError(f"the study's storage failed: {describe_exception(exc.__cause__ or exc)}",
+                        origin=Origin.path(worker.storage),
+                        hint="rerun the same command once the database is back: finished variants are kept")
+        err.exit_code = 1
+        raise err from None
 
 
 def run_trial(worker: Worker, trial_id: int) -> str:

@@ -478,3 +478,20 @@ def test_each_worker_gets_a_gpu_or_a_share_of_the_cores(monkeypatch: pytest.Monk
     envs = _worker_environments(3, device)
     assert [env.get("CUDA_VISIBLE_DEVICES") for env in envs] == expected
     assert {env["OMP_NUM_THREADS"] for env in envs} == {"4"}
+
+
+def test_a_path_in_a_sweep_file_is_relative_to_the_sweep_file(tmp_path: Path) -> None:
+    from surgery.spec import load_spec
+
+    (tmp_path / "specs").mkdir()
+    write(tmp_path / "specs", "base.yaml", BASE)
+    sweep = load_sweep(write(tmp_path, "weights.yaml", """
+        spec: specs/base.yaml
+        sweep:
+          axes:
+            model.pretrained: {a: weights/a.safetensors, b: weights/b.safetensors}
+        """))
+    variant = sweep.grid()[1]
+    spec = load_spec(sweep.spec, variant.overrides)
+    assert spec.resolve_path(spec.model.pretrained, ("model", "pretrained")) == tmp_path.resolve() / "weights/b.safetensors"
+    assert spec.resolve_path("labels.csv") == (tmp_path / "specs").resolve() / "labels.csv"  # the spec's own: its folder

@@ -495,3 +495,18 @@ def test_a_path_in_a_sweep_file_is_relative_to_the_sweep_file(tmp_path: Path) ->
     spec = load_spec(sweep.spec, variant.overrides)
     assert spec.resolve_path(spec.model.pretrained, ("model", "pretrained")) == tmp_path.resolve() / "weights/b.safetensors"
     assert spec.resolve_path("labels.csv") == (tmp_path / "specs").resolve() / "labels.csv"  # the spec's own: its folder
+
+
+SHIPPED = sorted((Path(__file__).resolve().parent.parent / "examples").rglob("sweep-*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_sweep_files_load_with_every_variant(path: Path) -> None:
+    """Every variant's spec loads (building them needs the runs they load weights from)."""
+    from surgery.spec import load_spec
+
+    sweep = load_sweep(path)
+    variants = sweep.grid() if sweep.sampler == "grid" else []
+    assert len({v.name for v in variants}) == len(variants)
+    for variant in variants:
+        assert load_spec(sweep.spec, [*sweep.set, *variant.overrides]).name == variant.name

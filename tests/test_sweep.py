@@ -510,3 +510,31 @@ def test_shipped_sweep_files_load_with_every_variant(path: Path) -> None:
     assert len({v.name for v in variants}) == len(variants)
     for variant in variants:
         assert load_spec(sweep.spec, [*sweep.set, *variant.overrides]).name == variant.name
+
+
+def test_a_study_made_from_another_sweep_is_refused(base: Path) -> None:
+    from surgery.sweep import open_study
+
+    sweep = load_sweep(write(base.parent, "s.yaml", """
+        name: refused
+        spec: base.yaml
+        sweep: {axes: {seed: [0, 1]}}
+        """))
+    storage = open_storage(f"sqlite:///{base.parent / 'study.db'}", 20, 60)
+    study = open_study(sweep, storage, "digest-a", print, lambda: sweep.grid())
+    assert [t.user_attrs["variant"] for t in study.get_trials()] == ["seed-0", "seed-1"]
+    assert open_study(sweep, storage, "digest-a", print).get_trials() == study.get_trials()  # continued
+    with pytest.raises(SpecError, match="made from another sweep") as info:
+        open_study(sweep, storage, "digest-b", print)
+    assert info.value.file == sweep.file and "name:" in info.value.hint
+
+
+def test_a_variant_that_fails_is_reported_and_the_others_still_train(tmp_path: Path) -> None:
+    path = grid_sweep(tmp_path, name="fails", seeds=1)
+    out = tmp_path / "runs" / "fails"
+    out.mkdir(parents=True)
+    (out / "at-l34_seed-0").write_text("a file where the run directory goes")
+    assert sweep_command(str(path), out=str(out), console=quiet()) == 1
+    report = {r["variant"]: r for r in json.loads((out / "sweep.json").read_text())["variants"]}
+    assert report["at-l4_seed-0"]["state"] == "COMPLETE"
+    assert report["at-l34_seed-0"]["state"] == "FAIL" and "is a file" in report["at-l34_seed-0"]["error"]

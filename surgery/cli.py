@@ -1,4 +1,4 @@
-"""The `surgery` command: inspect, validate, schema, run, predict, export.
+"""The `surgery` command: inspect, validate, schema, run, predict, explain, export.
 
 Each command is a small function from parsed arguments to the library call that does the work
 (`surgery.train.command.run_specs`, `surgery.predict.predict_command`, ...), which takes plain
@@ -16,6 +16,9 @@ from typing import Any, Sequence
 from .errors import Origin, UsageError, UserError
 
 EXIT_SPEC_ERROR = 2
+# `surgery explain --method` (surgery.explain.METHODS, kept here so `--help` needs no torch)
+_CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcam-elementwise", "eigencam",
+                "eigengradcam", "scorecam", "ablationcam")
 
 
 def _console(stderr: bool = False):
@@ -76,6 +79,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("explain", help="Grad-CAM and the inserted modules' attention for images, with a trained run")
+    p.add_argument("run_dir")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    p.add_argument("--layer", default=None, metavar="PATH",
+                   help="where to take the CAM: a module path or glob, or @inserted (default: the last feature map "
+                        "before the classifier)")
+    p.add_argument("--class", dest="class_name", default=None, metavar="NAME",
+                   help="the class to explain (default: the predicted one)")
+    p.add_argument("--method", default="gradcam", choices=list(_CAM_METHODS), metavar="METHOD",
+                   help="the grad-cam method: " + ", ".join(_CAM_METHODS) + " (default: gradcam)")
+    p.add_argument("--out", default=None, metavar="DIR", help="where the figures go (default: RUN_DIR/explain)")
     p.add_argument("--device", default="cpu")
 
     p = sub.add_parser("export", help="export a trained run as a deployable model")
@@ -228,6 +244,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
                            device=args.device)
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain_command
+
+    return explain_command(args.run_dir, args.images, layer=args.layer, class_name=args.class_name,
+                           method=args.method, out=args.out, device=args.device)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_command
 
@@ -235,7 +258,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"inspect": cmd_inspect, "validate": cmd_validate, "schema": cmd_schema, "run": cmd_run,
-            "predict": cmd_predict, "export": cmd_export}
+            "predict": cmd_predict, "explain": cmd_explain,
+            "export": cmd_export}
 
 
 def print_warnings(spec: Any) -> None:

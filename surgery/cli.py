@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
 
     p = sub.add_parser("explain", help="Grad-CAM and the inserted modules' attention for images, with a trained run")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `surgery run`")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     p.add_argument("--layer", default=None, metavar="PATH",
                    help="where to take the CAM: a module path or glob, or @inserted (default: the last feature map "

@@ -141,7 +141,8 @@ def resolve_layers(built: Built, pattern: str | None) -> Layers:
     modules = dict(built.model.named_modules())
     origin = Origin.flag("--layer", pattern)
     if pattern == "@inserted":
-        paths = [i.path for i in built.inserted]
+        inserted = {i.path for i in built.inserted}
+        paths = [p for p in modules if p in inserted]  # model order
         if not paths:
             raise UsageError("this run has no inserted modules", origin=origin, found="@inserted",
                              expected="a module path or glob of the model")

@@ -85,18 +85,45 @@ def test_a_named_class_and_layer_and_another_out_folder(run_copy, images, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == ["0.png", "predictions.json"]  # an earlier output is replaced
 
 
+@pytest.fixture(scope="module")
+def loaded(tiny_run):
+    """The shared run, loaded once, for tests that only read it."""
+    from surgery.predict import load_run
+
+    return load_run(tiny_run)
+
+
 @needs_grad_cam
-@pytest.mark.parametrize("args, words", [
-    (["--class", "seven"], ["--class seven", "no class 'seven'", "one of the run's 10 classes"]),
-    (["--layer", "layer5"], ["--layer layer5", "no module", "did you mean", "'layer4'"]),
-    (["--layer", "fc"], ["--layer fc", "fc gives [1, 10], not a feature map", "layer4"]),
-    (["--layer", "layer3.cbam_after.attn.spatial.gaet"], ["did you mean", "'layer3.cbam_after.attn.spatial.gate'"]),
+@pytest.mark.parametrize("layer, words", [
+    ("layer5", ["--layer layer5", "no module", "did you mean", "'layer4'"]),
+    ("fc", ["--layer fc", "fc gives [1, 10], not a feature map", "layer4"]),
+    ("layer3.cbam_after.attn.spatial.gaet", ["did you mean", "'layer3.cbam_after.attn.spatial.gate'"]),
+    ("layer*.cbam_aftr", ["did you mean", "'layer*.cbam_after'"]),
 ])
-def test_a_wrong_class_or_layer_is_a_located_error_and_writes_nothing(run_copy, images, capsys, args, words):
+def test_a_layer_that_is_not_a_feature_map_names_the_closest(loaded, layer, words):
+    from surgery.errors import UsageError
+    from surgery.explain import resolve_layers
+
+    with pytest.raises(UsageError) as caught:
+        resolve_layers(loaded.built, layer)
+    assert all(w in str(caught.value) for w in words), str(caught.value)
+
+
+@needs_grad_cam
+def test_layer_globs_and_selectors_resolve_to_maps(loaded):
+    from surgery.explain import resolve_layers
+
+    assert resolve_layers(loaded.built, "layer*.cbam_after").paths == ("layer3.cbam_after", "layer4.cbam_after")
+    assert resolve_layers(loaded.built, "@inserted").paths == ("layer2.se_after", "layer3.cbam_after",
+                                                                "layer4.cbam_after")
+
+
+@needs_grad_cam
+def test_an_unknown_class_exits_2_and_writes_nothing(run_copy, images, capsys):
     before = _snapshot(run_copy)
-    assert main(["explain", str(run_copy), str(images / "a" / "0.png"), *args]) == 2
+    assert main(["explain", str(run_copy), str(images / "a" / "0.png"), "--class", "seven"]) == 2
     err = capsys.readouterr().err
-    assert all(w in err for w in words), err
+    assert all(w in err for w in ["--class seven", "no class 'seven'", "one of the run's 10 classes"]), err
     assert "Traceback" not in err
     assert _snapshot(run_copy) == before
 
@@ -129,6 +156,17 @@ def test_wrong_run_folders_and_outputs_are_clear_errors(tiny_run, run_copy, imag
     assert main(["explain", str(run_copy), str(images / "a" / "0.png"), "--out", str(taken)]) == 2
     assert "holds other files" in capsys.readouterr().err
     assert [p.name for p in taken.iterdir()] == ["notes.txt"]
+
+
+def test_the_cli_offers_every_method_and_only_those():
+    from surgery.cli import _CAM_METHODS
+    from surgery.explain import METHODS
+
+    assert tuple(METHODS) == _CAM_METHODS  # kept in cli.py too, so that --help imports no torch
+    if find_spec("pytorch_grad_cam") is not None:
+        import pytorch_grad_cam
+
+        assert all(hasattr(pytorch_grad_cam, name) for name in METHODS.values())
 
 
 def test_without_the_grad_cam_extra_the_error_names_the_install(tiny_run, images, monkeypatch, capsys):
@@ -175,7 +213,7 @@ def test_each_inserted_module_shows_its_own_gates(tiny_run, images):
     from surgery.predict import _read, load_run
 
     run = load_run(tiny_run)
-    explainer = Explainer(run, resolve_layers(run.built, None), "scorecam")  # runs the model many times
+    explainer = Explainer(run, resolve_layers(run.built, "layer2"), "scorecam")  # runs the model once per 16 channels
     try:
         item = explainer.explain(images / "a" / "0.png", _read(images / "a" / "0.png", run.transform), None)
     finally:
@@ -196,7 +234,7 @@ def test_each_inserted_module_shows_its_own_gates(tiny_run, images):
     ("timm:resnet10t", [{"insert": "se", "at": "global_pool", "position": "before"}], 64, "global_pool.se_before"),
     ("timm:resnet10t", [], 32, "layer3"),  # layer4 is 1x1
     ("torchvision:resnet18", [], 64, "layer4"),
-    ("torchvision:mobilenet_v3_small", [], 64, "features"),
+    ("torchvision:squeezenet1_0", [], 64, "features"),  # its classifier (which holds the head) gives a map too
 ])
 def test_the_default_layer_is_the_last_map_before_the_head(backbone, surgery, size, layer):
     from surgery.builder import build

@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -157,6 +157,10 @@ def resolve_layers(built: Built, pattern: str | None) -> Layers:
     layouts = set()
     for path in paths:
         seen = built.shapes.get(path)
+        if seen is not None and abs(seen.calls) != 1:  # grad-cam would pair one call's map with another's gradient
+            raise UsageError(f"{path} runs {abs(seen.calls)} times per forward pass, so it has no one map to take "
+                             "a CAM at", origin=origin, found=path, expected="a module called once per forward pass",
+                             hint=f"the module that contains it, {path.rpartition('.')[0]}" if "." in path else None)
         if seen is None or not _is_map(seen.output):
             what = "is never called in the forward pass" if seen is None else \
                 f"gives {list(seen.output) if seen.output else 'no tensor'}"
@@ -200,8 +204,8 @@ class Explained:
     backbone_cam: Any = None  # the same, without the inserted modules (None when there are none)
     backbone_predicted: int | None = None
     backbone_confidence: float | None = None
+    backbone_note: str | None = None  # why there is no backbone CAM, when the run has inserted modules
     png: str = ""
-    notes: list[str] = field(default_factory=list)
 
 
 class Explainer:
@@ -218,8 +222,11 @@ class Explainer:
         self.cam = cls(model=model, target_layers=[model.get_submodule(p) for p in layers.paths],
                        reshape_transform=reshape)
         self.inserted = [i.path for i in run.built.inserted]
-        self.backbone_cam = None
-        if self.inserted:
+        self.backbone_cam, self.backbone_note = None, None
+        inside = [p for p in layers.paths if any(p.startswith(i + ".") for i in self.inserted)]
+        if inside:  # the model without its inserted modules has no such layer
+            self.backbone_note = f"{inside[0]} is inside an inserted module,\nwhich the model without them lacks"
+        elif self.inserted:
             twin = bypass_inserted(model)
             self.backbone_cam = cls(model=twin, target_layers=[twin.get_submodule(p) for p in layers.paths],
                                     reshape_transform=reshape)
@@ -248,7 +255,7 @@ class Explainer:
         predicted = int(probs.argmax())
         explained = predicted if target is None else target
         item = Explained(path=path, image=image, cam=cam, predicted=predicted, confidence=float(probs[predicted]),
-                         explained=explained, attention=attention)
+                         explained=explained, attention=attention, backbone_note=self.backbone_note)
         if self.backbone_cam is not None:
             item.backbone_cam, bprobs = self._run(self.backbone_cam, x, explained)
             item.backbone_predicted = int(bprobs.argmax())

@@ -179,14 +179,15 @@ def render(item: "Explained", run: "LoadedRun", layers: "Layers", method: str) -
                      + (" (gray)" if gray else ""), fontsize=9)
     top[0].axis("off")
     _map_panel(fig, top[1], rgb, item.cam,
-               _cam_title(f"{name} of the surgered model\nfor {explained!r} at {layers.label}", item.cam), relative=True)
+               _cam_title(f"{name} of the trained model\nfor {explained!r} at {layers.label}", item.cam), relative=True)
     if item.backbone_cam is not None:
         _map_panel(fig, top[2], rgb, item.backbone_cam,
                    _cam_title(f"{name} without its inserted modules\nfor {explained!r} (it predicts "
                               f"{classes[item.backbone_predicted]!r}, {item.backbone_confidence:.3f})",
                               item.backbone_cam), relative=True)
     else:
-        top[2].text(0.5, 0.5, "no inserted modules:\nthe model is its backbone", ha="center", va="center", fontsize=10)
+        note = item.backbone_note or "no inserted modules:\nthe model is its backbone"
+        top[2].text(0.5, 0.5, note, ha="center", va="center", fontsize=10)
         top[2].axis("off")
     fig.suptitle(f"{item.path.name}: predicted {classes[item.predicted]!r} ({item.confidence:.3f}); "
                  f"explaining {explained!r} with {name} at {layers.label}  [run {run.spec.name}]", fontsize=11,

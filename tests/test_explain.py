@@ -81,8 +81,20 @@ def test_a_named_class_and_layer_and_another_out_folder(run_copy, images, tmp_pa
                  "--method", "eigengradcam", "--out", str(out)]) == 0
     entry, = json.loads((out / "predictions.json").read_text())
     assert (entry["explained_class"], entry["layer"], entry["method"]) == ("3", "layer2", "eigengradcam")
-    assert main(["explain", str(run_copy), str(images / "a" / "0.png"), "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["0.png", "predictions.json"]  # an earlier output is replaced
+    assert sorted(p.name for p in out.iterdir()) == ["flower.png", "predictions.json"]
+
+
+def test_a_new_output_replaces_an_earlier_one_whole(tmp_path):
+    from surgery.explain import _put_in_place
+
+    target, staging = tmp_path / "explain", tmp_path / ".explain.new-1"
+    target.mkdir()
+    (target / "old.png").write_bytes(b"old")
+    staging.mkdir()
+    (staging / "new.png").write_bytes(b"new")
+    _put_in_place(staging, target)
+    assert [p.name for p in target.iterdir()] == ["new.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["explain"]  # neither the old nor the staging folder left
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +119,35 @@ def test_a_layer_that_is_not_a_feature_map_names_the_closest(loaded, layer, word
     with pytest.raises(UsageError) as caught:
         resolve_layers(loaded.built, layer)
     assert all(w in str(caught.value) for w in words), str(caught.value)
+
+
+def test_a_layer_called_twice_per_pass_is_refused():
+    from surgery.builder import build
+    from surgery.errors import UsageError
+    from surgery.explain import resolve_layers
+
+    built = build(load_spec({"model": {"backbone": "torchvision:resnet18", "pretrained": False, "num_classes": 4},
+                             "data": {"image_size": 64}}))
+    with pytest.raises(UsageError, match="layer4.1.relu runs 2 times per forward pass") as caught:
+        resolve_layers(built, "layer4.1.relu")  # torchvision's BasicBlock calls its one ReLU twice
+    assert caught.value.hint == "the module that contains it, layer4.1"
+
+
+@needs_grad_cam
+def test_a_layer_inside_an_inserted_module_has_no_backbone_twin(loaded, images):
+    from surgery.explain import Explainer, resolve_layers
+    from surgery.explain_figure import render
+    from surgery.predict import _read
+
+    layers = resolve_layers(loaded.built, "layer3.cbam_after.attn.channel")
+    explainer = Explainer(loaded, layers, "gradcam")
+    try:
+        item = explainer.explain(images / "flower.jpg", _read(images / "flower.jpg", loaded.transform), None)
+    finally:
+        explainer.close()
+    assert item.backbone_cam is None and "inside an inserted module" in item.backbone_note
+    assert item.cam.shape == (32, 32) and float(item.cam.max()) > 0
+    assert render(item, loaded, layers, "gradcam")[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @needs_grad_cam
@@ -136,10 +177,11 @@ def test_unreadable_images_are_skipped_and_none_readable_exits_1(run_copy, image
     err = capsys.readouterr().err
     assert "skipped" in err and "broken.png" in err and "missing.png" in err
     assert [e["png"] for e in json.loads((out / "predictions.json").read_text())] == ["0.png"]
-    empty = tmp_path / "none"
-    assert main(["explain", str(run_copy), str(images / "broken.png"), "--out", str(empty)]) == 1
+    before = _snapshot(out)
+    assert main(["explain", str(run_copy), str(images / "broken.png"), "--out", str(out)]) == 1
     assert "no image could be read" in capsys.readouterr().err
-    assert not empty.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert _snapshot(out) == before  # a command that explained nothing leaves the earlier output as it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figs"]
 
 
 @needs_grad_cam
@@ -229,10 +271,8 @@ def test_each_inserted_module_shows_its_own_gates(tiny_run, images):
 
 
 @pytest.mark.parametrize("backbone, surgery, size, layer", [
-    ("timm:resnet10t", [], 64, "layer4"),
     ("timm:resnet10t", [{"insert": "cbam", "at": "layer4"}], 64, "layer4"),  # layer4.cbam_after runs inside layer4
     ("timm:resnet10t", [{"insert": "se", "at": "global_pool", "position": "before"}], 64, "global_pool.se_before"),
-    ("timm:resnet10t", [], 32, "layer3"),  # layer4 is 1x1
     ("torchvision:resnet18", [], 64, "layer4"),
     ("torchvision:squeezenet1_0", [], 64, "features"),  # its classifier (which holds the head) gives a map too
 ])

@@ -9,8 +9,9 @@ kind it is:
     (N, C, H, W)                      a per-channel spatial gate (GatherExcite with an extent):
                                       shown as its mean over channels, and labelled so
 
-A module without such a gate (coord, nl, sk, a user class that gates with a function) has
-no attention to read here; `record_attention` says so instead of inventing one.
+A module without such a gate (a user class that gates with a function, a self-attention
+module), or whose gate runs more than once per pass (coord gates height and width with one
+module), has no attention to read here; `record_attention` says so instead of inventing one.
 
 `bypass_inserted` gives the model as it would be without its inserted modules: a copy with
 each `Inserted` wrapper replaced by `nn.Identity`. The paths stay (so a layer named on the

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -336,7 +335,7 @@ def _put_in_place(staging: Path, target: Path) -> None:
 # --------------------------------------------------------------------------- the command
 def explain_command(run_dir: str | Path, paths: Sequence[str], *, layer: str | None = None,
                     class_name: str | None = None, method: str = "gradcam", out: str | Path | None = None,
-                    device: str = "cpu", print_line: Callable[[str], None] | None = None) -> int:
+                    device: str = "cpu") -> int:
     """`surgery explain RUN_DIR IMAGE... [--layer PATH] [--class NAME] [--method M] [--out DIR] [--device D]`.
 
     Writes one PNG per readable image and predictions.json into RUN_DIR/explain (or --out),
@@ -365,7 +364,7 @@ def explain_command(run_dir: str | Path, paths: Sequence[str], *, layer: str | N
     target = Path(out) if out is not None else run_dir / DEFAULT_FOLDER
     _check_target(target, Origin.flag("--out", out) if out is not None else Origin.path(target))
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    say = print_line or (lambda text: Console(highlight=False, soft_wrap=True).print(text, markup=False))
+    out_console = Console(highlight=False, soft_wrap=True)
     images, missing = find_images(paths)
     for path, reason in missing:
         err.print(f"[yellow]skipped[/yellow] {escape(str(path))}: {reason}")
@@ -396,7 +395,8 @@ def explain_command(run_dir: str | Path, paths: Sequence[str], *, layer: str | N
             staging = staging or _staging(target)
             atomic_write_bytes(staging / item.png, render(item, run, layers, method))
             entries.append(_entry(item, run, layers, method))
-            say(f"{path}  {run.classes[item.predicted]} ({item.confidence:.3f})  -> {target / item.png}")
+            out_console.print(f"{path}  {run.classes[item.predicted]} ({item.confidence:.3f})  -> {target / item.png}",
+                              markup=False)
         if staging is None:
             err.print(f"[bold red]error[/bold red] no image could be read ({len(images)} tried); nothing written")
             return 1

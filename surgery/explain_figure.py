@@ -9,7 +9,7 @@ image: they are drawn as bars, one per channel, in channel order.
 from __future__ import annotations
 
 import io
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 

@@ -1,4 +1,4 @@
-"""The `surgery` command: inspect, validate, schema, run, predict, explain, export.
+"""The `surgery` command: inspect, validate, schema, run, predict, explain, export, report, compare.
 
 Each command is a small function from parsed arguments to the library call that does the work
 (`surgery.train.command.run_specs`, `surgery.predict.predict_command`, ...), which takes plain
@@ -98,6 +98,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--format", choices=["pt2", "onnx", "torchscript"], default="pt2")
     p.add_argument("--out", default=None)
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.html again: one self-contained page about a run")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+
+    p = sub.add_parser("compare", help="finished runs side by side: best and final accuracy, parameters added, "
+                                       "speed, validation curves; seeds of one variant as mean ± std")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default=None, metavar="FILE.html",
+                   help="also write the comparison page (table and overlaid validation curves) to FILE.html")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="print the table as JSON instead")
+    shown.add_argument("--markdown", action="store_true", help="print the table as Markdown instead")
     return parser
 
 
@@ -257,9 +269,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     return export_command(args.run_dir, args.format, args.out)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.markup import escape
+
+    from .report import check_run_dir, write_report
+
+    for run_dir in args.run_dirs:  # every folder checked before any page is written
+        check_run_dir(Path(run_dir))
+    for run_dir in args.run_dirs:
+        _console(stderr=True).print(f"wrote {escape(str(write_report(run_dir)))}", soft_wrap=True)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare_command
+
+    return compare_command(args.run_dirs, out=args.out, as_json=args.json, as_markdown=args.markdown,
+                           console=_console())
+
+
 COMMANDS = {"inspect": cmd_inspect, "validate": cmd_validate, "schema": cmd_schema, "run": cmd_run,
             "predict": cmd_predict, "explain": cmd_explain,
-            "export": cmd_export}
+            "export": cmd_export, "report": cmd_report, "compare": cmd_compare}
 
 
 def print_warnings(spec: Any) -> None:

@@ -332,8 +332,10 @@ def _cells(v: VariantRow) -> list[str]:
 
 
 def _epoch(stat: Stat) -> str:
-    """Best epochs: whole numbers while the runs agree (``7``), else ``6.5 ± 0.7``."""
-    return stat.format(".0f") if not stat.std else stat.format(".1f")
+    """Best epochs: ``7`` while the runs agree, else ``6.5 ± 0.7``."""
+    if stat.mean is not None and not stat.std:
+        return f"{stat.mean:.0f}"
+    return stat.format(".1f")
 
 
 def _headers(variants: Sequence[VariantRow]) -> list[str]:

@@ -100,11 +100,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None)
 
     p = sub.add_parser("report", help="write RUN_DIR/report.html again: one self-contained page about a run")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="a run directory, finished or not (spec.yaml or metrics.jsonl in it)")
 
     p = sub.add_parser("compare", help="finished runs side by side: best and final accuracy, parameters added, "
                                        "speed, validation curves; seeds of one variant as mean ± std")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directories (summary.json in each)")
     p.add_argument("--out", default=None, metavar="FILE.html",
                    help="also write the comparison page (table and overlaid validation curves) to FILE.html")
     shown = p.add_mutually_exclusive_group()

@@ -421,8 +421,9 @@ def render_html(variants: Sequence[VariantRow], *, base: Path | None = None) -> 
     table = [{"cells": _cells(v), "colour": i} for i, v in enumerate(variants)]
     seeds = any(len(v.runs) > 1 for v in variants)
     winner = variants[0] if variants and variants[0].best.mean is not None else None
+    tied = [v.label for v in variants[1:] if winner is not None and v.best.mean == winner.best.mean]
     return environment().get_template("compare.html.j2").render(
-        headers=_headers(variants), table=table, runs=runs, seeds=seeds, winner=winner,
+        headers=_headers(variants), table=table, runs=runs, seeds=seeds, winner=winner, tied=tied,
         metric=_METRICS.get(variants[0].metric, "val acc") if variants else "val acc",
         curves=data_uri(curves_png(variants)) if variants else None, colours=_colour_hex(len(variants)),
         count=len(runs), version=__version__)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -164,3 +166,15 @@ def test_compare_page_renders_in_chromium(runs: dict[str, Path], tmp_path: Path)
     assert "Validation curves" in shown.text and "img" in shown.tags
     assert_not_blank(shown.screenshot)
     keep_screenshot(shown.screenshot, "compare.png")
+
+
+def test_report_and_compare_do_not_import_torch(runs: dict[str, Path], tmp_path: Path) -> None:
+    """Both only read JSON, YAML and PNG files: they answer without torch's seconds of import."""
+    code = (f"from surgery.cli import main\nassert main(['report', {str(runs['s0'])!r}]) == 0\n"
+            f"assert main(['compare', {str(runs['s0'])!r}, {str(runs['s1'])!r}, '--markdown', "
+            f"'--out', {str(tmp_path / 'c.html')!r}]) == 0\n"
+            "import sys\nassert 'torch' not in sys.modules, 'torch was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert "| cbam34 | 2 |" in proc.stdout and (tmp_path / "c.html").is_file()

@@ -205,6 +205,27 @@ def test_malformed_files_are_named_on_the_page(tiny_run: Path, tmp_path: Path, n
     assert shown.split(": ", 1)[1] in html
 
 
+WRONG = [b"", b"null", b"[]", b"\xff\xfe", b'[1, "a", null, {"png": 5}]',
+         json.dumps({"per_class": "x", "pngs": [1], "accuracy": "high", "most_confused": {"a": 1}, "tta": 3,
+                     "params": [], "balance": 2, "confusion_matrix": [[1, 2], [3]], "best_epoch": "x", "epochs": None,
+                     "inserted_modules": [1, {"params": "x"}], "reinitialised": {"a": 1}, "loaded": "str",
+                     "per_class_f1": {"0": "x"}, "multi_label": "yes", "epoch": "x", "lr": 5}).encode()]
+
+
+@pytest.mark.parametrize("name", ["summary.json", "metrics.jsonl", "load_report.json", "classes.json", "spec.yaml",
+                                  "eval/test/metrics.json", "explain/predictions.json"])
+def test_any_file_holding_anything_still_gives_a_page(tiny_run: Path, tmp_path: Path, name: str) -> None:
+    """Empty, null, the wrong JSON type, not UTF-8, values of the wrong types: never a crash."""
+    from surgery.report import render_report
+
+    run = _copy(tiny_run, tmp_path)
+    _eval_and_explain(run)
+    for content in WRONG:
+        (run / name).write_bytes(content)
+        data = gather(run)
+        assert "</html>" in render_report(data) and data["name"]
+
+
 # --------------------------------------------------------------------------- a multi-label run, escaping
 CELLS = ["red", f"red | {HOSTILE}", "blue", f"blue|{HOSTILE}", "", "red|blue"]
 

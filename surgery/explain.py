@@ -409,6 +409,11 @@ def explain_command(run_dir: str | Path, paths: Sequence[str], *, layer: str | N
             shutil.rmtree(staging, ignore_errors=True)
     err.print(f"wrote {len(entries)} figure{'s' if len(entries) != 1 else ''} and {PREDICTIONS} to "
               f"{escape(str(target))} ({METHODS[method]} at {escape(layers.label)})")
+    if target == run_dir / DEFAULT_FOLDER:  # the run's own page shows them
+        from .report import refresh_report
+
+        if refresh_report(run_dir, lambda text: err.print(f"[yellow]warning[/yellow]: {escape(text)}")):
+            err.print(f"refreshed {escape(str(run_dir / 'report.html'))}")
     return 0
 
 

@@ -22,7 +22,7 @@ import functools
 import json
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +152,6 @@ def _metrics(reader: _Reader, path: Path) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- the page's sections
 def _spec(reader: _Reader, run_dir: Path) -> tuple[str | None, Any]:
     """spec.yaml's text, and the typed spec when it still loads (None otherwise, with a problem)."""
-    from .errors import UserError
     from .spec import load_spec
 
     path = run_dir / "spec.yaml"
@@ -592,4 +591,21 @@ def write_report(run_dir: str | Path) -> Path:
     return path
 
 
-__all__ = ["REPORT_NAME", "check_run_dir", "gather", "render_report", "write_report", "data_uri", "environment", "human", "duration"]
+def refresh_report(run_dir: str | Path, warn: Callable[[str], None]) -> Path | None:
+    """Rewrite ``RUN_DIR/report.html`` at the end of a command that wrote into the run (`run`,
+    `evaluate`, `explain`); return its path, or None when it could not be written.
+
+    The page only shows files already in place, so failing to draw it is a warning (plain text,
+    given to `warn`) that says how to write it again, never a failure of the command that called this.
+    """
+    import shlex
+
+    try:
+        return write_report(run_dir)
+    except Exception as exc:  # noqa: BLE001 - every other file is in place; only the page is missing
+        warn(f"{Path(run_dir) / REPORT_NAME} was not written ({describe_exception(exc)}); "
+             f"write it with: surgery report {shlex.quote(str(run_dir))}")
+        return None
+
+
+__all__ = ["REPORT_NAME", "check_run_dir", "refresh_report", "gather", "render_report", "write_report", "data_uri", "environment", "human", "duration"]

@@ -70,7 +70,10 @@ def test_three_images_give_three_figures_and_predictions(run_copy, images, capsy
         assert entry["backbone_predicted"] in classes
     assert sorted(p.name for p in folder.iterdir()) == ["0.png", "7-2.png", "7.png", "predictions.json"]
     assert "layer4's map is 1x1" in err
-    assert _snapshot(run_copy) == {**before, **{f"explain/{k}": v for k, v in _snapshot(folder).items()}}
+    after = _snapshot(run_copy)
+    assert after.pop("report.html") != before.pop("report.html")  # the run's page refreshed, showing them
+    assert after == {**before, **{f"explain/{k}": v for k, v in _snapshot(folder).items()}}
+    assert "refreshed" in err and 'id="explain"' in (run_copy / "report.html").read_text()
     assert not [p for p in run_copy.iterdir() if p.name.startswith(".")]  # no staging folder left
 
 

@@ -273,19 +273,12 @@ def _finish(ctx: Context, rundir: RunDir, journey: Journey, wall: float, say: Ca
 
 
 def _write_report(folder: Path, say: Callable) -> None:
-    """report.html, last: it only shows files already written, so failing to draw it is a warning
-    that says how to write it again, never a lost run."""
+    """report.html, last: it only shows files already written."""
     from rich.markup import escape
 
-    from ..errors import describe_exception
-    from ..report import write_report
+    from ..report import refresh_report
 
-    try:
-        write_report(folder)
-    except Exception as exc:  # noqa: BLE001 - every file of the run is in place; only the page is missing
-        say(f"[yellow]warning[/yellow]: {escape(str(folder / 'report.html'))} was not written "
-            f"({escape(describe_exception(exc))}); write it with: surgery report {escape(shlex.quote(str(folder)))}",
-            soft_wrap=True)
+    refresh_report(folder, lambda text: say(f"[yellow]warning[/yellow]: {escape(text)}", soft_wrap=True))
 
 
 def _check_ranks(ctx: Context, rundir: RunDir, epoch: int, kept: str) -> None:

@@ -39,7 +39,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .errors import SpecError, UserError, describe_exception
-from .rundir import write_json, write_text
+
+# torch, TensorBoard and MLflow are imported where they are used: `surgery validate` checks the
+# packages through `check_available` without importing any of them
 
 RECORD = "mlflow_run.json"  # which MLflow run a run directory logs to, so --resume continues it
 # tracker -> (the module it imports, the pyproject extra that installs it)
@@ -155,9 +157,11 @@ class _Csv:
 
     def start(self, rows: Sequence[Mapping[str, Any]]) -> None:
         if rows or self.path.exists():  # a resume keeps the rows before its checkpoint, as metrics.jsonl does
-            write_text(self.path, metrics_csv(rows))
+            self.log_epoch(rows)
 
     def log_epoch(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        from .rundir import write_text
+
         write_text(self.path, metrics_csv(rows))
 
     def finish(self, summary: Mapping[str, Any]) -> None:
@@ -295,6 +299,8 @@ class _Mlflow:
                          self.client.create_experiment(name, artifact_location=artifacts))
         run = self.client.create_run(experiment_id, run_name=self.spec.name,
                                      tags={"surgery.run_dir": str(self.folder.resolve())})
+        from .rundir import write_json
+
         write_json(self.folder / RECORD, {"tracking_uri": uri, "experiment_id": experiment_id,
                                           "run_id": run.info.run_id})
         return run.info.run_id
@@ -356,7 +362,9 @@ class Trackers:
         spec: the run's `Spec` (`spec.log` says which trackers).
         folder: the run directory, already in place (`RunDir.start`).
         rows: the metrics rows a resume restored (empty for a new run).
-        enabled: False on every rank but 0: then nothing is written.
+        env: the run's `distributed.Distributed`; only rank 0 writes, and an error there (a full
+            disk under metrics.csv, a tracker that cannot start) is raised on every rank, as
+            `env.on_main` does for the run's other files. None: a single process.
         say: prints a line for the user (rank 0's console).
 
     Raises (on entering):
@@ -364,28 +372,31 @@ class Trackers:
         TrackerError: MLflow cannot be reached; nothing has been trained.
     """
 
-    def __init__(self, spec: Any, folder: Path, rows: Sequence[Mapping[str, Any]] = (), *, enabled: bool = True,
+    def __init__(self, spec: Any, folder: Path, rows: Sequence[Mapping[str, Any]] = (), *, env: Any = None,
                  say: Callable[[str], None] = print) -> None:
         self.rows, self.say = list(rows), say
+        self.main = env is None or env.is_main
+        self.on_main: Callable[[Callable[[], Any]], Any] = env.on_main if env is not None else (lambda fn: fn())
         self.csv = _Csv(folder)
         self.external: list[Any] = []
-        if enabled:
+        if self.main:
             if spec.log.tensorboard:
                 self.external.append(_TensorBoard(spec, folder, say))
             if spec.log.mlflow is not None:
                 self.external.append(_Mlflow(spec, folder, say))
-        self.enabled = enabled
 
     def __enter__(self) -> "Trackers":
-        if self.enabled:
-            self.csv.start(self.rows)
-            for tracker in list(self.external):
-                try:
-                    tracker.start(self.rows)
-                except Exception:
-                    self.close("FAILED")
-                    raise
+        self.on_main(self._start)
         return self
+
+    def _start(self) -> None:
+        self.csv.start(self.rows)
+        for tracker in list(self.external):
+            try:
+                tracker.start(self.rows)
+            except Exception:
+                self.close("FAILED")
+                raise
 
     def __exit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> None:
         from .train.loop import TrainingStopped
@@ -398,17 +409,18 @@ class Trackers:
 
     def log_epoch(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """After an epoch's checkpoint: `rows` is every metrics row so far, the new epoch last."""
-        if self.enabled:
+        def write() -> None:
             self.csv.log_epoch(rows)
             self._each("log_epoch", rows)
+        self.on_main(write)
 
     def finish(self, summary: Mapping[str, Any]) -> None:
         """After summary.json, spec.yaml and the plots are written."""
-        if self.enabled:
-            self._each("finish", summary)
+        self.on_main(lambda: self._each("finish", summary))
 
     def close(self, status: str) -> None:
-        """Flush and close every tracker; MLflow marks an unfinished run `status` (KILLED, FAILED)."""
+        """Flush and close every tracker; MLflow marks an unfinished run `status` (KILLED, FAILED).
+        Never raises, and no collective: it runs while an error unwinds, perhaps on one rank only."""
         self._each("close", status)
         self.external = []
 

@@ -78,7 +78,7 @@ def run(spec: Spec, out_dir: Path, *, device: str | None = None, resume: bool = 
     try:
         ctx = prepare(spec, device=device, runs_root=runs_root or rundir.path.parent, env=env)
         journey = _begin(ctx, rundir, resume, say)
-        with Trackers(spec, rundir.folder, journey.rows, enabled=env.is_main,
+        with Trackers(spec, rundir.folder, journey.rows, env=env,
                       say=lambda text: say(text, markup=False, soft_wrap=True)) as trackers:
             wall = time.perf_counter()
             progress = Progress(console, spec.train.epochs, enabled=env.is_main)

@@ -259,7 +259,7 @@ def test_a_relative_path_is_relative_to_the_file_that_wrote_it(tmp_path, monkeyp
 TINY_BASE = """
     model: {backbone: timm:resnet10t, num_classes: 10, pretrained: false}
     train: {epochs: 1, batch_size: 16, limit_batches: 1}
-    data: {name: digits, image_size: 32, num_workers: 0}
+    data: {name: digits, image_size: 32, num_workers: 0, subset: {train: 32, val: 32}}
     """
 
 

@@ -52,7 +52,11 @@ def tracked(tmp_path_factory, one_thread) -> dict:
     console, first = _console()
     with pytest.raises(TrainingStopped):
         run(spec, out, on_step=interrupt, console=console)
-    run_id = json.loads((out / RECORD).read_text())["run_id"]
+    record = json.loads((out / RECORD).read_text())
+    run_id = record["run_id"]
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(record["tracking_uri"]).get_run(run_id).info.status == "KILLED"  # stopped, resumable
     console, second = _console()
     run(spec, out, resume=True, console=console)
     return {"out": out, "spec": spec, "run_id": run_id, "first": first.getvalue(), "second": second.getvalue()}

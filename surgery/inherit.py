@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import SpecError, did_you_mean, quote_value
+from .errors import did_you_mean, quote_value
 from .source import _MAX_BYTES, _MAX_VALUES, Mark, Source, _size, parse_yaml, read_spec_text
 
 BASE_KEY = "base"
@@ -61,14 +61,10 @@ def resolve_bases(data: Any, marks: dict[tuple, Mark], file: str | None) -> Any:
     reading = _Reading()
     if file is not None and not file.startswith("<"):
         reading.chain.append((Path(file).resolve(), file))
-    merged, tree = _resolve(data, _tree(marks), file, _folder(file), reading)
+    merged, tree = _resolve(data, _tree(marks), file, Source(file).folder, reading)
     marks.clear()
     marks.update(_flat(tree))
     return merged
-
-
-def _folder(file: str | None) -> Path:
-    return Source(file).folder
 
 
 def _resolve(data: dict, tree: dict, file: str | None, folder: Path, reading: _Reading) -> tuple[dict, dict]:

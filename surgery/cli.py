@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check specs against the schema and the real model; exit 0 or 2")
     p.add_argument("specs", nargs="+")
+    p.add_argument("--show-resolved", action="store_true",
+                   help="print each valid spec resolved (bases merged, --set applied, defaults filled: the "
+                        "spec.yaml a run writes) on stdout, and nothing else there")
     _add_set(p)
 
     p = sub.add_parser("schema", help="print the spec's JSON Schema (for editors)")
@@ -178,12 +181,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from .spec import load_spec
 
-    console = _console()
+    console = _console(stderr=args.show_resolved)  # stdout holds the resolved YAML alone
     failed = 0
     for path in args.specs:
         try:
             spec = load_spec(path, args.overrides)
             print_warnings(spec)
+            from .trackers import check_available
+
+            check_available(spec)
             from .builder import build  # torch only once the spec itself is sound
             from .checks import check_training
 
@@ -194,6 +200,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             failed += 1
             _print_error(err)
             continue
+        if args.show_resolved:
+            sys.stdout.write(("---\n" if len(args.specs) > 1 else "") + spec.to_yaml())
         console.print(f"[green]ok[/green] {path}: {built.spec.model.backbone}, {len(built.inserted)} modules inserted, "
                       f"{len(built.groups)} groups, {len(built.report.loaded)} pretrained tensors loaded", soft_wrap=True)
         for note in built.notes:

@@ -2,6 +2,7 @@
 
     load_spec(path | dict, overrides)
       source.parse_yaml      YAML text -> plain data + the line of every key path
+      inherit.resolve_bases  `base:` files merged underneath, each value marked with its own file
       source.apply_overrides --set key.path=value
       spec_schema.check_schema  JSON Schema, worded and located
       spec_schema.fill_defaults every default written out
@@ -26,6 +27,7 @@ import yaml
 
 from .errors import SpecError, format_path, quote_value
 from .spec_schema import check_schema, check_values, fill_defaults, schema
+from .inherit import BASE_KEY, resolve_bases
 from .source import Override, Source, apply_overrides, parse_yaml, read_spec_text
 
 # --------------------------------------------------------------------------- typed spec
@@ -304,6 +306,30 @@ class DataSpec(Section):
 
 
 @dataclass(frozen=True)
+class MlflowSpec(Section):
+    """`log.mlflow` as a mapping (`true` is this with its defaults)."""
+
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else a local store in the run directory
+    experiment: str = "surgery"
+
+
+@dataclass(frozen=True)
+class LogSpec(Section):
+    """`log`: trackers besides metrics.jsonl and metrics.csv, which every run writes (`surgery.trackers`)."""
+
+    tensorboard: bool = False
+    mlflow: MlflowSpec | None = None  # None: off
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> "LogSpec":
+        mlflow = raw.get("mlflow")
+        on = mlflow is True or isinstance(mlflow, Mapping)
+        return cls(tensorboard=bool(raw.get("tensorboard", False)),
+                   mlflow=MlflowSpec.parse(mlflow if isinstance(mlflow, Mapping) else {}) if on else None,
+                   raw=copy.deepcopy(dict(raw)))
+
+
+@dataclass(frozen=True)
 class Spec:
     """A validated spec with every default filled in. `raw` is that same content as plain data."""
 
@@ -318,24 +344,24 @@ class Spec:
     source: Source
     default_groups: bool  # True when the spec declared no groups
     warnings: tuple[str, ...] = ()  # located notes on settings that are legal but probably unintended
+    log: LogSpec = field(default_factory=LogSpec)
 
     def error(self, path: Sequence, problem: str, **kw: Any) -> SpecError:
         return self.source.error(path, problem, **kw)
 
     def resolve_path(self, value: str, key: Sequence = ()) -> Path:
-        """A path written in the spec: relative to the spec's folder, to the working directory
-        when it was given on the command line (`--set key=path`), or to the sweep file that
-        gave it (a sweep's `set:` or axis value)."""
+        """A path written in the spec: relative to the folder of the file that wrote it (a base
+        file's own folder for a value inherited from it), or to the working directory when it was
+        given on the command line (`--set key=path`)."""
         p = Path(value).expanduser()
         if p.is_absolute():
             return p
         origin = self.source.origin(tuple(key)) if key else None
-        base = self.source.folder
         if origin is not None and origin.kind == "flag":
-            base = Path.cwd()
-        elif origin is not None and origin.kind == "file" and self.source.file and origin.name != self.source.file:
-            base = Path(origin.name).resolve().parent
-        return base / p
+            return Path.cwd() / p
+        if origin is not None and origin.kind == "file":
+            return Source(origin.name).folder / p
+        return self.source.folder / p
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(json.loads(json.dumps(self.raw)), sort_keys=False, allow_unicode=True)
@@ -444,6 +470,7 @@ def _typed(data: dict, source: Source) -> Spec:
     return Spec(
         name=data["name"], seed=data["seed"], model=model, surgery=inserts, groups=tuple(groups),
         train=TrainSpec.parse(data["train"]), data=DataSpec.parse(data["data"]), raw=data, source=source, default_groups=default_groups,
+        log=LogSpec.parse(data.get("log") or {}),  # no default written: a spec without trackers reads as before
     )
 
 
@@ -568,10 +595,15 @@ def load_spec(spec: str | Path | Mapping, overrides: Sequence[str | Override] = 
     if data is None:
         raise SpecError("the spec is empty", file=file, line=1 if file else None, column=1 if file else None,
                         expected="a mapping with at least `model: {backbone: ...}`")
+    data = resolve_bases(data, marks, file)  # marks now say which file each value came from
     if overrides:
         if not isinstance(data, dict):
             check_schema(data, source)
         apply_overrides(data, marks, overrides)
+        if isinstance(data, dict) and BASE_KEY in data:
+            raise source.error((BASE_KEY,), "base cannot be set with --set: the bases are merged before "
+                               "overrides apply", found=quote_value(data[BASE_KEY]),
+                               expected="base: in the spec file", hint="--set the values you want instead")
     check_values(data, source)
     check_schema(data, source)
     _check_entries(data, source)
@@ -594,5 +626,5 @@ def backbone_names(source: str) -> list[str]:
 
 __all__ = ["Spec", "ModelSpec", "HeadSpec", "InsertSpec", "ReplaceSpec", "RemoveSpec", "SurgeryEntry", "GroupSpec",
            "Selector", "Section", "TrainSpec", "OptimizerSpec", "SchedulerSpec", "MixupSpec", "DataSpec", "SubsetSpec",
-           "AugmentSpec", "ErasingSpec", "load_spec", "backbone_names"]
+           "AugmentSpec", "ErasingSpec", "LogSpec", "MlflowSpec", "load_spec", "backbone_names"]
 

@@ -32,8 +32,16 @@ def _check_model(spec: Spec) -> Iterable[str]:
     return check_training(spec, built)  # optimizer, transforms, data against the model, device
 
 
+def _check_trackers(spec: Spec) -> Iterable[str]:
+    from .trackers import check_available
+
+    check_available(spec)  # the packages `log:` needs (found, not imported: no torch)
+    return ()
+
+
 # In order: cheap checks first, so a schema-level fix never waits for a model build.
 CHECKS: tuple[Check, ...] = (
+    Check("trackers", _check_trackers),
     Check("model", _check_model, needs_model=True),
 )
 

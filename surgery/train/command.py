@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 from .. import distributed
 from ..errors import RunDirError, SpecError, UserError
 from ..spec import Spec, load_spec
+from ..trackers import check_available
 from . import runner
 from .loop import TrainingStopped
 
@@ -52,6 +53,8 @@ def run_specs(paths: Sequence[str], *, out: str | None = None, overrides: Sequen
     hint = resume_command(paths, out, overrides, device)
     try:
         specs = [load_spec(p, overrides) for p in paths]
+        for spec in specs:
+            check_available(spec)  # a tracker's missing package, before the first spec trains
         if main and warn is not None:
             for spec in specs:
                 warn(spec)

@@ -26,6 +26,7 @@ from ..rundir import RunDir, read_metrics, save_safetensors, save_torch, write_j
 from ..runtime import make_runtime
 from ..schedule import lrs_at, unfreeze_events
 from ..spec import Spec
+from ..trackers import Trackers
 from .checkpoint import check_resumable, checkpoint_state, load_checkpoint, restore
 from .context import Context, prepare
 from .features import use_feature_cache
@@ -77,13 +78,15 @@ def run(spec: Spec, out_dir: Path, *, device: str | None = None, resume: bool = 
     try:
         ctx = prepare(spec, device=device, runs_root=runs_root or rundir.path.parent, env=env)
         journey = _begin(ctx, rundir, resume, say)
-        wall = time.perf_counter()
-        progress = Progress(console, spec.train.epochs, enabled=env.is_main)
-        try:
-            _train(ctx, rundir, journey, progress, say, hint, on_step)
-        finally:
-            progress.close()
-        return _finish(ctx, rundir, journey, time.perf_counter() - wall, say)
+        with Trackers(spec, rundir.folder, journey.rows, env=env,
+                      say=lambda text: say(text, markup=False, soft_wrap=True)) as trackers:
+            wall = time.perf_counter()
+            progress = Progress(console, spec.train.epochs, enabled=env.is_main)
+            try:
+                _train(ctx, rundir, journey, progress, say, hint, on_step, trackers)
+            finally:
+                progress.close()
+            return _finish(ctx, rundir, journey, time.perf_counter() - wall, say, trackers)
     finally:
         if env.is_main:
             rundir.release()
@@ -140,7 +143,7 @@ def _kept(last: Path, epoch: int, partial: EpochState | None) -> str:
 
 
 def _train(ctx: Context, rundir: RunDir, journey: Journey, progress: Progress, say: Callable, hint: str,
-           on_step: StepHook | None) -> None:
+           on_step: StepHook | None, trackers: Trackers) -> None:
     """The epoch loop: unfreeze, train, check the ranks, validate, save; stop cleanly on a signal."""
     spec, env, total = ctx.spec, ctx.dist, ctx.spec.train.epochs
     flags_before: dict[str, bool] | None = None
@@ -177,6 +180,7 @@ def _train(ctx: Context, rundir: RunDir, journey: Journey, progress: Progress, s
                 row = _validate(ctx, epoch, flags, result)
                 progress.line(epoch_line(row, total))
                 _save_epoch(ctx, rundir, journey, row)
+                trackers.log_epoch(journey.rows)
                 # a signal that came during validation: the epoch is complete and saved, stop here
                 if env.max_(torch.tensor([float(interrupted())], device=env.device)).item() and epoch + 1 < total:
                     raise TrainingStopped(f"interrupted after epoch {epoch + 1}/{total}; saved "
@@ -246,7 +250,8 @@ def _save_interrupted(ctx: Context, rundir: RunDir, journey: Journey, epoch: int
     ctx.dist.on_main(lambda: save_torch(rundir.checkpoint, checkpoint))
 
 
-def _finish(ctx: Context, rundir: RunDir, journey: Journey, wall: float, say: Callable) -> dict[str, Any]:
+def _finish(ctx: Context, rundir: RunDir, journey: Journey, wall: float, say: Callable,
+            trackers: Trackers) -> dict[str, Any]:
     """Evaluate the final model and write model.safetensors, summary.json and the plots."""
     spec = ctx.spec
     final = evaluate(ctx)
@@ -262,13 +267,24 @@ def _finish(ctx: Context, rundir: RunDir, journey: Journey, wall: float, say: Ca
             plot_curves(rundir.folder / "plots" / "curves.png", journey.rows, unfreeze_events(spec))
         if final.confusion is not None:  # multi-label runs have none; summary.json holds per-class F1
             plot_confusion(rundir.folder / "plots" / "confusion.png", final.confusion, ctx.data.classes)
+        _write_report(rundir.folder, say)
     ctx.dist.on_main(write)
+    trackers.finish(summary)
     best = journey.best
     key = best_key(spec)
     what, last = ("val mAP", final.mean_ap) if key == "val_map" else ("val acc", final.acc)
     say(f"[green]done[/green] {spec.name}: best {what} {best.get(key, -1.0):.4f} at epoch "
         f"{(best['epoch'] or 0) + 1}, final {last:.4f}; wrote {rundir.folder}", soft_wrap=True)
     return summary
+
+
+def _write_report(folder: Path, say: Callable) -> None:
+    """report.html, last: it only shows files already written."""
+    from rich.markup import escape
+
+    from ..report import refresh_report
+
+    refresh_report(folder, lambda text: say(f"[yellow]warning[/yellow]: {escape(text)}", soft_wrap=True))
 
 
 def _check_ranks(ctx: Context, rundir: RunDir, epoch: int, kept: str) -> None:

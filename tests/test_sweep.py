@@ -361,8 +361,8 @@ def summary_seed(run_dir: Path) -> int:
 
 def test_a_killed_worker_s_variant_is_resumed_by_another_and_trained_once(tmp_path: Path) -> None:
     name = "kill"
-    epochs = 4
-    path = grid_sweep(tmp_path, name=name, epochs=epochs, batches=6, seeds=1, grace=3)
+    epochs = 3
+    path = grid_sweep(tmp_path, name=name, epochs=epochs, batches=4, seeds=1, grace=3)
     out = tmp_path / "runs" / name
     killed: dict[str, int] = {}
 

@@ -310,7 +310,7 @@ def trial_lines(sweep: Sweep, study: Any, folder: Path) -> list[str]:
         if note is None and "failed_trial" in t.system_attrs:
             note = f"retry of trial {t.system_attrs['failed_trial']}"
         if t.state.name == "FAIL" and note is None:
-            note = "its worker stopped sending heartbeats (queued again)"
+            note = "its worker stopped sending heartbeats"
         where = str(folder / name) if name != "(not yet drawn)" else name
         extra = f"  [{note.splitlines()[0]}]" if note else ""
         if t.state.name == "COMPLETE" and t.user_attrs.get("resumed_from_epoch"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -57,10 +58,9 @@ def work(worker: Worker) -> int:
     An idle worker waits while other trials run: when one of their workers dies, its trial is
     queued again once its heartbeat is `grace` seconds old, and this worker takes it over.
     """
+    from optuna.exceptions import StorageInternalError
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
-
-    from optuna.exceptions import StorageInternalError
 
     study, poll = worker.study, max(1.0, min(worker.sweep.heartbeat, 5))
     waiting_said = False
@@ -106,15 +106,16 @@ def run_trial(worker: Worker, trial_id: int) -> str:
     study, sweep = worker.study, worker.sweep
     heartbeat = get_heartbeat_thread(trial_id, study._storage)
     heartbeat.start()  # at once: a trial without any heartbeat is never found stale
-    trial = variant = None
     try:
         trial = optuna.Trial(study, trial_id)
         study.sampler = _sampler(sweep, trial.number)
         variant = _variant_of(sweep, trial)
         summary = _train(worker, trial, variant)
         value = summary.get(sweep.objective)
-        if value is None:
-            raise RunDirError(f"summary.json has no {sweep.objective}", origin=Origin.path(worker.folder / variant.name))
+        if not isinstance(value, (int, float)) or not math.isfinite(value):  # Optuna would fail the trial silently
+            raise RunDirError(f"the run's {sweep.objective} is {value}, which cannot be ranked",
+                              origin=Origin.path(worker.folder / variant.name / "summary.json"),
+                              expected="a finite number", hint="see the run's metrics.jsonl")
     except NonFiniteLoss as exc:
         return _fail(worker, trial_id, heartbeat, f"stopped: {exc}")
     except (TrainingStopped, KeyboardInterrupt) as exc:  # a signal: checkpointed; queue it again for the next run
@@ -225,7 +226,7 @@ def _wait_for_run_dir(worker: Worker, run_dir: Path) -> None:
         try:
             lock = _Lock.take(run_dir)
         except RunDirError as exc:
-            if "another run" not in exc.problem:
+            if "another run" not in exc.problem:  # rundir's words for a folder locked by a live process
                 raise
             if not said:
                 worker.say(f"{exc.problem}: waiting for it to finish")
@@ -305,7 +306,7 @@ def spawn(n: int, argv: Sequence[str], device: str | None, say: Callable[[str], 
         procs.append(proc)
         relays.append(relay)
         gpu = f", CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in env else ""
-        say(f"worker w{i + 1}: pid {proc.pid}, {env['OMP_NUM_THREADS']} threads{gpu}")
+        say(f"worker w{i + 1}: pid {proc.pid}, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}{gpu}")
     interrupted = False
     previous = _on_sigterm(signal.default_int_handler)  # SIGTERM (a scheduler's stop) as Ctrl-C
     try:

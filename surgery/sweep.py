@@ -347,7 +347,8 @@ def sweep_command(path: str, *, workers: int = 1, storage: str | None = None, ou
     url = storage or default_storage(folder)
     argv = ["sweep", path, "--out", str(folder), *(["--storage", storage] if storage else []),
             *(["--device", device] if device else []), *[a for o in overrides for a in ("--set", o)]]
-    hint = shlex.join(["surgery", *argv, *(["--workers", str(workers)] if workers > 1 else [])])
+    shown = [shown_url(a) if a == storage else a for a in argv]  # no password in messages
+    hint = shlex.join(["surgery", *shown, *(["--workers", str(workers)] if workers > 1 else [])])
     from .spec import load_spec
 
     base = load_spec(sweep.spec, [*sweep.set, *overrides]).raw

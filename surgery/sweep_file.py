@@ -45,6 +45,7 @@ OBJECTIVES: dict[str, str] = {
 SAMPLERS = ("grid", "random", "tpe")
 SEED_AXIS = ("seed",)  # an axis over the spec's seed repeats a variant: its label leaves the seed out
 MAX_VARIANTS = 10_000
+MAX_NAME = 200  # a variant's run directory name (file systems allow 255 bytes)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # a run name (schema.json's `name`)
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]*$")  # no `_`: it joins the parts of a variant's name
 _TOP_KEYS = ("name", "spec", "set", "sweep")
@@ -202,12 +203,17 @@ def load_sweep(path: str | Path) -> Sweep:
     seen = {a.path: a.key for a in axes}
     for r in ranges:
         if r.path in seen:
-            raise source.error(("sweep", "ranges", r.key), f"{r.key} is an axis and a range",
-                               found=f"axes: {seen[r.path]} and ranges: {r.key}", expected="one of the two")
+            raise SpecError(f"{r.key} is an axis and a range", path=("sweep", "ranges", r.key), origin=r.origin,
+                            found=f"axes: {seen[r.path]} and ranges: {r.key}", expected="one of the two")
     if not axes and not ranges:
         raise source.error(("sweep",), "the sweep varies nothing", found="no axes and no ranges",
                            expected="sweep: {axes: {KEY.PATH: [values...]}} (or ranges, with sampler random or tpe)")
     trials = _trials(body, source, sampler, axes)
+    longest = sum(len(a.short) + 2 + max(map(len, a.labels)) for a in axes)
+    if sampler == "grid" and longest > MAX_NAME:  # a variant's name is a folder's
+        raise source.error(("sweep", "axes"), f"variant names would be up to {longest} characters long",
+                           found="long values or key paths", expected=f"names of at most {MAX_NAME} characters",
+                           hint="label the values: KEY.PATH: {short-label: value, ...}")
     heartbeat, grace = _heartbeat(body, source)
     seed = body.get("sampler_seed", 0)
     if not _is_int(seed) or seed < 0:

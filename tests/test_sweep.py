@@ -181,6 +181,12 @@ CASES = [
           ranges:
             train.optimizer.lr: {low: 1.0e-4, high: 1.0e-2}  # <-
         """, "is an axis and a range"),
+    Case("names-too-long", """
+        spec: base.yaml
+        sweep:
+          axes:  # <-
+            data.root: [data/""" + "a" * 250 + """]
+        """, "variant names would be up to", hint="label the values"),
     Case("grace-too-short", """
         spec: base.yaml
         sweep:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import Origin, UsageError, describe_exception
+from .errors import Origin, UsageError, UserError, describe_exception
 
 REPORT_NAME = "report.html"
 # kinds of picture a page may embed, by their first bytes

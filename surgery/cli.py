@@ -91,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group()
     what.add_argument("--split", choices=["test", "val"], default=None,
                       help="the run's test split (data.test_split, or the dataset's own; the default) or its "
-                           "validation split (it chose the best epoch, so it flatters)")
+                           "validation split (it selected the model, so it flatters)")
     what.add_argument("--data", default=None, metavar="PATH",
                       help="a folder PATH/<class>/<image>, class folders named after the run's classes")
     p.add_argument("--tta", action="store_true",

@@ -7,7 +7,7 @@ What is scored (`EvalSet`):
                    dataset's own test images (an image folder's test/ beside val/, csv rows with
                    split test), rebuilt from the run's spec.yaml and checked against the fingerprint
                    the run recorded in splits.json
-    --split val    the validation split, labelled as such: it chose the best epoch, so it flatters
+    --split val    the validation split, labelled as such: it selected the model, so it flatters
     --data PATH    a folder PATH/<class>/<image>, class folders matched to the run's classes by name
 
 What is written, atomically (a staging folder renamed into place, so a failed or interrupted
@@ -100,7 +100,7 @@ def split_set(run: LoadedRun, split: str) -> EvalSet:
                           "images of its own", expected="a run trained with data.test_split (e.g. 0.1), or on a "
                           "dataset with test images (an image folder's test/ beside val/, csv rows with split test)",
                           hint="evaluate a folder of labelled images with --data PATH, or the validation split "
-                               "with --split val (it chose the best epoch, so its figures flatter)")
+                               "with --split val (it selected the model, so its figures flatter)")
     from .data import data_base
     from .data.splits import fingerprint
 
@@ -119,7 +119,7 @@ def split_set(run: LoadedRun, split: str) -> EvalSet:
                           expected="at least one image", hint="check data.classes and data.subset in the run's spec")
     is_file = hasattr(dataset.source, "paths")
     if split == "val":
-        words = "validation split (it chose the best epoch: not a held-out estimate)"
+        words = "validation split (used for model selection: not a held-out estimate)"
     elif spec.data.test_split:
         words = (f"test split (held out: data.test_split {spec.data.test_split} of the training images, "
                  f"seed {spec.seed})")
@@ -557,10 +557,11 @@ def report(metrics: Mapping[str, Any]) -> list[Any]:
     from rich.table import Table
 
     m = metrics
-    head = [f"{escape(m['run'])}: {escape(m['source'])}; {m['images']} images, weights {m['weights']}"]
+    head = [f"{escape(m['run'])}: {escape(m['source'])}; {m['images']} images, weights {m['weights']} "
+            f"({escape(m['weights_file'])})"]
     if m["used_for_model_selection"]:
-        head.append("[yellow]note[/yellow] these images chose the best epoch: the figures flatter the model; "
-                    "train with data.test_split for a held-out estimate")
+        head.append("[yellow]note[/yellow] these images selected the model (its best epoch, a plateau schedule, the "
+                    "settings tried): their figures flatter it; hold out data.test_split for an unbiased estimate")
     top5 = f"   top-5 {m['top5']:.4f}" if m["top5"] is not None else ""
     head.append(f"[bold]accuracy {m['accuracy']:.4f}[/bold]{top5}   macro F1 {m['macro_avg']['f1']:.4f}   "
                 f"weighted F1 {m['weighted_avg']['f1']:.4f}   ECE {m['ece']:.4f}")

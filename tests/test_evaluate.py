@@ -325,6 +325,12 @@ def _unreadable_only(tmp: Path) -> list[str]:
     return ["--data", str(tmp / "bad")]
 
 
+def _multi_label(run_dir: Path) -> None:
+    spec = run_dir / "spec.yaml"
+    spec.write_text(spec.read_text().replace("name: digits", "name: csv").replace("multi_label: false",
+                                                                                "multi_label: true"))
+
+
 ERRORS = [  # (id, prepare the run copy, arguments after RUN_DIR, exit code, words of the message)
     ("no-weights", _no_weights, lambda t: [], 2, ["no trained weights"]),
     ("no-test-split", None, lambda t: [], 2, ["no test split", "data.test_split", "--data"]),
@@ -333,6 +339,7 @@ ERRORS = [  # (id, prepare the run copy, arguments after RUN_DIR, exit code, wor
     ("no-images", None, _no_images, 2, ["hold no images"]),
     ("nothing-readable", None, _unreadable_only, 1, ["no image could be read"]),
     ("batch-size", None, lambda t: ["--batch-size", "0"], 2, ["--batch-size"]),
+    ("multi-label", _multi_label, lambda t: [], 2, ["multi-label", "summary.json"]),
     ("split-and-data", None, lambda t: ["--split", "val", "--data", str(t)], 2, ["not allowed with"]),
 ]
 
@@ -407,7 +414,7 @@ def test_a_run_from_before_test_split_evaluates_its_labelled_validation_split(ti
     spec.write_text("".join(line for line in spec.read_text().splitlines(keepends=True) if "test_split" not in line))
     assert main(["evaluate", str(old), "--split", "val"]) == 0
     out = capsys.readouterr().out
-    assert "validation split" in out and "chose the best epoch" in out
+    assert "validation split" in out and "selected the model" in out
     metrics = json.loads((old / "eval" / "val" / "metrics.json").read_text())
     assert metrics["used_for_model_selection"] and metrics["images"] == 360
 

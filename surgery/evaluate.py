@@ -35,6 +35,7 @@ import torch
 
 from .errors import Origin, RunDirError, UsageError, describe_exception, did_you_mean
 from .predict import WEIGHT_CHOICES, LoadedRun, load_run, locate_run
+from .spec import Spec
 
 SPLITS = ("test", "val")
 ECE_BINS = 15  # equal-width confidence bins, as Guo et al. (2017) report ECE
@@ -81,7 +82,9 @@ def split_set(run: LoadedRun, split: str) -> EvalSet:
         UsageError: no such split in this run (naming data.test_split and --data), or it is empty.
         RunDirError: the split's images are no longer those the run recorded (exit code 1).
     """
-    from .data import build_data, item_ids
+    from .data import build_data, data_base, item_ids
+    from .data.sources import FileSource
+    from .data.splits import fingerprint
 
     if split not in SPLITS:
         raise _flag_error("--split", split, f"unknown split {split!r}", found=repr(split),
@@ -101,11 +104,7 @@ def split_set(run: LoadedRun, split: str) -> EvalSet:
                           "dataset with test images (an image folder's test/ beside val/, csv rows with split test)",
                           hint="evaluate a folder of labelled images with --data PATH, or the validation split "
                                "with --split val (it selected the model, so its figures flatter)")
-    from .data import data_base
-    from .data.splits import fingerprint
-
-    base = data_base(spec)
-    ids = item_ids(dataset, base)
+    ids = item_ids(dataset, data_base(spec))  # paths relative to the data folder, as splits.json has them
     labels = np.asarray(dataset.targets, dtype=np.int64)
     recorded = (record or {}).get(split)
     if recorded and recorded.get("fingerprint") != fingerprint(zip(ids, labels.tolist())):
@@ -117,7 +116,7 @@ def split_set(run: LoadedRun, split: str) -> EvalSet:
     if len(dataset) == 0:
         raise _flag_error("--split", split, f"the {split} split is empty", found=f"0 images ({bundle.describe})",
                           expected="at least one image", hint="check data.classes and data.subset in the run's spec")
-    is_file = hasattr(dataset.source, "paths")
+    is_file = isinstance(dataset.source, FileSource)
     if split == "val":
         words = "validation split (used for model selection: not a held-out estimate)"
     elif spec.data.test_split:
@@ -145,7 +144,7 @@ def _read_record(run_dir: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def _spec_with_data_root(run: LoadedRun, record: Mapping[str, Any] | None):
+def _spec_with_data_root(run: LoadedRun, record: Mapping[str, Any] | None) -> Spec:
     """The run's spec with `data.root` where it pointed when the run trained: spec.yaml keeps the
     path as written, relative to the spec file the run came from, not to the run directory."""
     spec = run.spec

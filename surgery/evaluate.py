@@ -224,7 +224,7 @@ class Outputs:
     tta_probs: np.ndarray | None
     views: list[str]  # every TTA view used, in order of first use
     cropped: int  # images that had corner crops
-    skipped: list[tuple[str, str]]  # (id, reason) of unreadable images
+    skipped: list[tuple[Any, str]]  # (path or index, reason) of unreadable images
 
 
 class _Items(torch.utils.data.Dataset):
@@ -270,7 +270,7 @@ def infer(run: LoadedRun, evalset: EvalSet, *, tta: bool = False, batch_size: in
         good = []
         for k, x, v, reason in batch:
             if reason is not None:
-                skipped.append((str(evalset.ids[k]), reason))
+                skipped.append((_id(evalset, k), reason))
                 if on_skip is not None:
                     on_skip(str(evalset.ids[k]), reason)
             else:

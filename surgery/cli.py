@@ -1,4 +1,4 @@
-"""The `surgery` command: inspect, validate, schema, run, predict, explain, export, report, compare.
+"""The `surgery` command: inspect, validate, schema, run, predict, evaluate, explain, export, report, compare.
 
 Each command is a small function from parsed arguments to the library call that does the work
 (`surgery.train.command.run_specs`, `surgery.predict.predict_command`, ...), which takes plain
@@ -19,6 +19,7 @@ EXIT_SPEC_ERROR = 2
 # `surgery explain --method` (surgery.explain.METHODS, kept here so `--help` needs no torch)
 _CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcam-elementwise", "eigencam",
                 "eigengradcam", "scorecam", "ablationcam")
+WEIGHTS = ["final", "best", "ema"]  # predict.WEIGHT_CHOICES, without importing torch for --help
 
 
 def _console(stderr: bool = False):
@@ -82,6 +83,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+
+    p.add_argument("--weights", choices=WEIGHTS, default=None,
+                   help="final (model.safetensors), best (the best epoch's) or ema (model_ema.safetensors); "
+                        "default: final, else best")
+
+    p = sub.add_parser("evaluate", help="score a trained run on its held-out test split or a folder of labelled images")
+    p.add_argument("run_dir")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--split", choices=["test", "val"], default=None,
+                      help="the run's test split (data.test_split, or the dataset's own; the default) or its "
+                           "validation split (it selected the model, so it flatters)")
+    what.add_argument("--data", default=None, metavar="PATH",
+                      help="a folder PATH/<class>/<image>, class folders named after the run's classes")
+    p.add_argument("--tta", action="store_true",
+                   help="also score the mean softmax over a horizontal flip (and corner crops where the eval "
+                        "transform crops), with the gain over no TTA")
+    p.add_argument("--weights", choices=WEIGHTS, default=None,
+                   help="final, best or ema (default: final, else best)")
+    p.add_argument("--json", action="store_true", help="print metrics.json as one JSON object")
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
 
     p = sub.add_parser("explain", help="Grad-CAM and the inserted modules' attention for images, with a trained run")
@@ -262,7 +284,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_command
 
     return predict_command(args.run_dir, args.paths, topk=args.topk, as_json=args.json, batch_size=args.batch_size,
-                           device=args.device)
+                           device=args.device, weights=args.weights)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_command
+
+    return evaluate_command(args.run_dir, split=args.split, data=args.data, tta=args.tta, weights=args.weights,
+                            as_json=args.json, batch_size=args.batch_size, device=args.device)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -300,7 +329,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"inspect": cmd_inspect, "validate": cmd_validate, "schema": cmd_schema, "run": cmd_run,
-            "predict": cmd_predict, "explain": cmd_explain,
+            "predict": cmd_predict, "evaluate": cmd_evaluate, "explain": cmd_explain,
             "export": cmd_export, "report": cmd_report, "compare": cmd_compare}
 
 

@@ -291,6 +291,7 @@ class DataSpec(Section):
     image_size: int = 32
     classes: tuple[str | int, ...] | None = None
     val_split: float = 0.2
+    test_split: float = 0.0  # of the training pool, after val is set aside: a held-out test set
     subset: SubsetSpec = _section(SubsetSpec)
     augment: AugmentSpec = _section(AugmentSpec)
     balance: str = "none"

@@ -25,6 +25,7 @@ import torch
 from ..errors import Origin, RunDirError, describe_exception, format_path
 from ..runtime import rng_state, set_rng_state
 from ..spec import Spec
+from ..spec_schema import fill_defaults
 from .context import Context
 from .loop import EpochState
 
@@ -151,8 +152,11 @@ def check_resumable(state: Mapping[str, Any], spec: Spec, path: Path, run_dir: P
     """Refuse a resume with another spec or, mid-epoch, another number of processes; return a note
     when only the data order changes (another number of processes at an epoch boundary)."""
     mine = json.loads(json.dumps(spec.raw))
-    if state.get("spec") != mine:
-        where = format_path(first_difference(state.get("spec"), mine))
+    theirs = state.get("spec")
+    if isinstance(theirs, dict):  # a key added to the schema since the run started takes its default there too
+        theirs = fill_defaults(theirs)
+    if theirs != mine:
+        where = format_path(first_difference(theirs, mine))
         raise RunDirError(f"cannot resume: the spec differs from the one this run started with (at {where})",
                           origin=Origin.path(path), expected=f"the spec in {run_dir / 'spec.yaml'}", exit_code=2,
                           hint="resume with the same spec file and --set options, or start a new run")

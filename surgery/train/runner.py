@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from .. import distributed
+from ..data import split_record
 from ..plots import plot_confusion, plot_curves
 from ..rundir import RunDir, read_metrics, save_safetensors, save_torch, write_json, write_metrics, write_text
 from ..runtime import make_runtime
@@ -117,6 +118,8 @@ def _begin(ctx: Context, rundir: RunDir, resume: bool, say: Callable) -> Journey
             write_text(rundir.folder / "spec.yaml", spec.to_yaml())
             write_json(rundir.folder / "load_report.json", ctx.built.report.to_dict())
             write_json(rundir.folder / "classes.json", ctx.data.classes)
+            write_json(rundir.folder / "splits.json", split_record(spec, {"train": ctx.data.train, "val": ctx.data.val,
+                                                                           "test": ctx.data.test}))
             rundir.start()
         env.on_main(write_start)
     processes = f"; {env.world_size} processes x batch {spec.train.batch_size}" if env.enabled else ""

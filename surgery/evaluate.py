@@ -613,6 +613,11 @@ def evaluate_command(run_dir: str | Path, *, split: str | None = None, data: str
     if metrics["skipped"]:
         err.print(f"[yellow]note[/yellow] {len(metrics['skipped'])} unreadable images left out (listed in "
                   "metrics.json, skipped)")
+    from .report import refresh_report
+
+    run_folder = folder.parent.parent  # RUN_DIR/eval/<split>: the run's own page shows it
+    if refresh_report(run_folder, lambda text: err.print(f"[yellow]warning[/yellow]: {escape(text)}")):
+        err.print(f"refreshed {escape(str(run_folder / 'report.html'))}")
     return 0
 
 

@@ -135,6 +135,8 @@ def test_test_split_figures_match_scikit_learn_on_independent_predictions(evalua
     bundle = build_data(load_spec(fresh / "spec.yaml"), {})
     assert not set(indices) & (set(bundle.train.indices) | set(bundle.val.indices))
     assert "wrote" in err and "traceback" not in err.lower()
+    # the run's page now shows the evaluation
+    assert "refreshed" in err and 'id="evaluation"' in (fresh / "report.html").read_text()
 
 
 def test_calibration_error_on_cases_with_a_known_answer():

@@ -137,6 +137,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from .schedule import schedule_table
 
         note = "plateau: lr drops by a factor when val loss stalls" if spec.train.scheduler.name == "plateau" else ""
+        if any(g.unfreeze_rule is not None for g in spec.groups):
+            note += ("; " if note else "") + "a rule in place of an lr: decided during the run"
+        if spec.train.early_stop is not None:
+            note += ("; " if note else "") + (f"early stop on {spec.train.early_stop} once every group that "
+                                              "unfreezes has")
         console.print(schedule_rich(schedule_table(spec), [g.name for g in spec.groups], note))
         return 0
     console.print(module_tree(built, depth=args.depth))

@@ -199,7 +199,7 @@ def _train(ctx: Context, rundir: RunDir, journey: Journey, progress: Progress, s
 
 def _validate(ctx: Context, epoch: int, flags: Mapping[str, bool], result: EpochResult) -> dict[str, Any]:
     """Evaluate after an epoch, step the plateau tracker, and return the epoch's metrics row."""
-    lrs = lrs_at(ctx.spec, epoch, ctx.plateau.current)
+    lrs = lrs_at(ctx.spec, epoch, ctx.plateau.current, ctx.unfreeze.starts)
     val = evaluate(ctx)
     ctx.plateau.step(val.loss)
     row = {"epoch": epoch, "train_loss": result.loss, "train_acc": result.acc,

@@ -60,12 +60,12 @@ def running(losses: Sequence[float], beta: float = BETA) -> list[float]:
     return out
 
 
-def smooth(losses: Sequence[float], window: int | None = None) -> list[float]:
+def smooth(losses: Sequence[float], window: int | None = None, cap: float = math.inf) -> list[float]:
     """A centred moving average (no lag) over `window` steps: by default 5% of the sweep, at
     least 3, odd. The ends repeat their last value (``mode="nearest"``).
 
-    Losses are first capped at the divergence threshold (4x the lowest running average), so a
-    diverged loss of thousands does not spread back into the valley.
+    Losses above `cap` count as `cap`: the sweep passes the divergence threshold, so a diverged
+    loss of thousands does not spread back into the valley.
     """
     if len(losses) < 2:
         return [float(v) for v in losses]
@@ -73,7 +73,6 @@ def smooth(losses: Sequence[float], window: int | None = None) -> list[float]:
 
     window = window or max(3, len(losses) // 20)
     window += 1 - window % 2
-    cap = DIVERGE * min(running(losses))
     return [float(v) for v in uniform_filter1d([min(v, cap) for v in losses], size=window, mode="nearest")]
 
 
@@ -90,7 +89,7 @@ def valley(smoothed: Sequence[float]) -> int | None:
 
     The stretch is the longest decreasing subsequence ending anywhere (its length counted in
     steps); it starts that many steps before its end, and the suggestion lies a third plus a
-    sixth of the way in. None when the window holds fewer than three steps.
+    sixth of the way in. None when the loss never falls over three steps (or the window is shorter).
     """
     import numpy as np
 
@@ -107,6 +106,8 @@ def valley(smoothed: Sequence[float]) -> int | None:
             depth[i] = depth[:i][higher].max() + 1
         if depth[i] > depth[end]:
             end = i
+    if depth[end] < 3:
+        return None
     begin = end - int(depth[end]) + 1  # fastai writes `end - depth`, one step before the stretch
     sections = (end - begin) / 3
     return first + begin + int(sections) + int(sections / 2)
@@ -274,7 +275,7 @@ def lr_find(spec: Spec, *, stage: int = 0, steps: int = 100, start: float = 1e-4
             result.stopped = (f"diverged at step {i + 1} (multiplier {factor:.3g}): smoothed loss "
                               f"{average:.3g} > {DIVERGE:g} x its best {best:.3g}")
             break
-    result.smoothed = smooth(result.losses)
+    result.smoothed = smooth(result.losses, cap=DIVERGE * best)
     _suggest(spec, result)
     result.seconds = time.perf_counter() - began
     return result

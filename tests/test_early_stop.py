@@ -1,8 +1,8 @@
-"""`train.early_stop`: the watch, the stop, the best weights kept, resume, and the interplay with
-plateau unfreezing (early stopping counts only once no group is still waiting to unfreeze)."""
+"""`train.early_stop`: the watch, the stop, the best weights kept, resume. The interplay with
+plateau unfreezing (early stopping counts only once no group is still waiting to unfreeze) is run
+in tests/test_unfreeze_rules.py, on the same run as the rules."""
 from __future__ import annotations
 
-import copy
 import io
 import json
 import math
@@ -137,17 +137,3 @@ def test_a_stopped_run_resumed_does_not_train_on(stopped, tmp_path: Path) -> Non
     a, b = load_safetensors(out / "model.safetensors"), load_safetensors(copy_ / "model.safetensors")
     assert all(a[k].equal(b[k]) for k in a)
 
-
-def test_a_pending_plateau_rule_is_not_cut_short(tmp_path: Path, one_thread) -> None:
-    """Head first, the body on a plateau rule: early stopping (patience 1) would end the head-only
-    stage at once; it waits until the body has unfrozen and counts from there."""
-    spec = copy.deepcopy(RUN)
-    spec["groups"] = [{"name": "head", "params": ["@head"]},
-                      {"name": "body", "params": ["*"], "unfreeze_at": {"plateau": {"patience": 2, "min_delta": 10}}}]
-    _run(spec, tmp_path / "run")
-    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    body = 0 + 2 + 1  # first value at epoch 0, two bad epochs, trains from the next
-    assert summary["unfreeze_at"] == {"head": 0, "body": body}
-    assert summary["early_stop"]["best_epoch"] == body  # the watch started with the last stage
-    assert summary["early_stop"]["epoch"] == body + 1 == rows[-1]["epoch"]  # ... and stopped after `patience`

@@ -2,7 +2,8 @@
 
 The rules only decide *when* a group starts: a run whose rule fired at epoch E must be the run a
 plain `unfreeze_at: E` would have given, bit for bit (warm-up, lr tables, head-only feature cache
-included), and a run resumed after the rule fired keeps that epoch from its checkpoint.
+and early stopping included), and a run resumed after the rule fired keeps that epoch from its
+checkpoint. Early stopping waits until no group is waiting to unfreeze.
 """
 from __future__ import annotations
 
@@ -195,8 +196,9 @@ def test_a_rule_that_cannot_fire_in_time_is_a_located_warning() -> None:
 RUN = {
     "name": "rules",
     "model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False},
-    "train": {"epochs": 4, "batch_size": 16, "limit_batches": 2, "channels_last": False,
-              "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}},
+    "train": {"epochs": 6, "batch_size": 16, "limit_batches": 2, "channels_last": False,
+              "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+              "early_stop": {"monitor": "val_acc", "patience": 1, "min_delta": 10}},
     "data": {"name": "digits", "image_size": 32, "num_workers": 0, "subset": {"train": 64, "val": 32}},
     # min_delta 10: no epoch improves on the first one, so the plateau fires after exactly `patience` epochs
     "groups": [{"name": "head", "params": ["@head"]},
@@ -204,8 +206,10 @@ RUN = {
                 "unfreeze_at": {"plateau": {"monitor": "val_loss", "patience": 1, "min_delta": 10}}},
                {"name": "rest", "params": ["*"], "lr": {0: 0.01, 3: 0.005}, "unfreeze_at": {"after": "top", "epochs": 1}}],
 }
-EPOCHS = 4
 FIRES = 1  # the plateau's last epoch (0-based): the first value, then `patience` epochs without improvement
+LAST_STAGE = FIRES + 2  # rest: one epoch after top
+STOPS = LAST_STAGE + 1  # early stopping: the first value of the last stage, then `patience` epochs
+EPOCHS = STOPS + 1  # epochs trained
 
 
 def _run(spec: dict, out: Path, **kw) -> str:
@@ -242,19 +246,28 @@ def test_the_rule_fires_and_every_row_records_the_unfreeze_epochs(rule_run) -> N
     assert "head-only stage" in log  # epochs before the rule fired trained the head on cached features
 
 
+def test_early_stopping_waits_for_the_last_stage(rule_run) -> None:
+    """Patience 1 would stop the head-only stage after epoch 1; it counts from the last unfreeze."""
+    out, log = rule_run
+    record = json.loads((out / "summary.json").read_text())["early_stop"]
+    assert (record["best_epoch"], record["epoch"]) == (LAST_STAGE, STOPS)
+    assert len(read_metrics(out / "metrics.jsonl")) == EPOCHS < RUN["train"]["epochs"]
+    assert f"early stop after epoch {STOPS + 1}/6" in log
+
+
 def test_a_fired_rule_trains_exactly_like_a_plain_unfreeze_epoch(rule_run, tmp_path: Path) -> None:
     """Warm-up counted from the actual epoch, the lr table's absolute epochs, the feature cache."""
     out, _ = rule_run
     plain = copy.deepcopy(RUN)
     plain["groups"][1]["unfreeze_at"] = FIRES + 1
-    plain["groups"][2]["unfreeze_at"] = FIRES + 2
+    plain["groups"][2]["unfreeze_at"] = LAST_STAGE
     _run(plain, tmp_path / "plain")
     # every figure, lr and weight the same; only `unfreeze_at` differs: a plain run knows it from epoch 0
     _same_run(out, tmp_path / "plain", ignore=("unfreeze_at",))
     assert read_metrics(tmp_path / "plain" / "metrics.jsonl")[0]["unfreeze_at"] == {"head": 0, "top": 2, "rest": 3}
     rows = read_metrics(out / "metrics.jsonl")
     assert rows[FIRES + 1]["lr"]["top"] == pytest.approx(0.02 / 2)  # warm-up: 1/(W+1) in its first epoch
-    assert rows[3]["lr"]["rest"] == pytest.approx(0.005)
+    assert rows[LAST_STAGE]["lr"]["rest"] == pytest.approx(0.005)
 
 
 def test_resumed_after_the_rule_fired_keeps_its_epoch(rule_run, tmp_path: Path) -> None:
@@ -262,12 +275,12 @@ def test_resumed_after_the_rule_fired_keeps_its_epoch(rule_run, tmp_path: Path) 
     resumed = tmp_path / "resumed"
 
     def interrupt(epoch: int, step: int, loss: float) -> None:
-        if (epoch, step) == (FIRES + 2, 0):  # after the rule fired, mid-epoch
+        if (epoch, step) == (LAST_STAGE, 0):  # after the rule fired, before the early stop, mid-epoch
             os.kill(os.getpid(), signal.SIGINT)
     with pytest.raises(TrainingStopped):
         _run(RUN, resumed, on_step=interrupt)
     state_rows = read_metrics(resumed / "metrics.jsonl")
-    assert len(state_rows) == FIRES + 2 and state_rows[-1]["unfreeze_at"]["top"] == FIRES + 1
+    assert len(state_rows) == LAST_STAGE and state_rows[-1]["unfreeze_at"]["top"] == FIRES + 1
     log = _run(RUN, resumed, resume=True)
-    assert f"resuming rules at epoch {FIRES + 3}/{EPOCHS}, batch 2" in log
+    assert f"resuming rules at epoch {LAST_STAGE + 1}/6, batch 2" in log and "early stop" in log
     _same_run(out, resumed)

@@ -84,12 +84,14 @@ def _window(n: int) -> tuple[int, int]:
     return first, last
 
 
-def valley(smoothed: Sequence[float]) -> int | None:
+def valley(smoothed: Sequence[float], noise: float = 0.0) -> int | None:
     """fastai's valley rule: the index halfway along the longest falling stretch of the loss.
 
     The stretch is the longest decreasing subsequence ending anywhere (its length counted in
     steps); it starts that many steps before its end, and the suggestion lies a third plus a
-    sixth of the way in. None when the loss never falls over three steps (or the window is shorter).
+    sixth of the way in. None when the loss never falls over three steps (or the window is
+    shorter), or falls along the stretch by no more than ``3 x noise``: on a flat, noisy curve
+    the longest decreasing subsequence is noise, and fastai would still name a point.
     """
     import numpy as np
 
@@ -109,8 +111,23 @@ def valley(smoothed: Sequence[float]) -> int | None:
     if depth[end] < 3:
         return None
     begin = end - int(depth[end]) + 1  # fastai writes `end - depth`, one step before the stretch
+    if losses[begin: end + 1].max() - losses[end] <= 3 * noise:
+        return None
     sections = (end - begin) / 3
     return first + begin + int(sections) + int(sections / 2)
+
+
+def noise(losses: Sequence[float], smoothed: Sequence[float]) -> float:
+    """The step-to-step noise of the loss: the spread of what smoothing took away, over the part
+    of the sweep the rules read, as a robust standard deviation (1.4826 x the median absolute
+    deviation), so the first spikes of divergence do not count as noise."""
+    import numpy as np
+
+    first, last = _window(len(losses))
+    if last - first < 2:
+        return 0.0
+    residual = np.asarray(losses[first:last]) - np.asarray(smoothed[first:last])
+    return float(1.4826 * np.median(np.abs(residual - np.median(residual))))
 
 
 def steepest(factors: Sequence[float], smoothed: Sequence[float]) -> int | None:
@@ -177,6 +194,8 @@ class LrFind:
     rule: str = "valley"
     suggestion: float | None = None  # the multiplier, two significant digits
     suggestion_step: int | None = None
+    no_suggestion: str | None = None  # why there is none
+    noise: float = 0.0  # standard deviation of the loss around its smoothed curve
     steepest: float | None = None
     steepest_step: int | None = None
     set: list[str] = field(default_factory=list)
@@ -282,12 +301,15 @@ def lr_find(spec: Spec, *, stage: int = 0, steps: int = 100, start: float = 1e-4
 
 
 def _suggest(spec: Spec, result: LrFind) -> None:
-    index = valley(result.smoothed)
+    result.noise = noise(result.losses, result.smoothed)
+    index = valley(result.smoothed, result.noise)
+    if index is None:
+        result.no_suggestion = (f"the smoothed loss never fell clearly (by more than 3x its step-to-step noise, "
+                                f"{result.noise:.2g}) over at least three steps")
+        return
     fast = steepest(result.multipliers, result.smoothed)
     if fast is not None:
         result.steepest, result.steepest_step = _round(result.multipliers[fast]), fast
-    if index is None:
-        return
     result.suggestion, result.suggestion_step = _round(result.multipliers[index]), index
     trainable = [g for g, info in result.groups.items() if info["trainable"]]
     result.set = set_lines(spec, result.suggestion, trainable)
@@ -408,7 +430,8 @@ def lr_find_command(spec_path: str, overrides: Sequence[str] = (), *, stage: int
     say(f"{done} of {steps} steps, multiplier x{start:g} to x{result.multipliers[-1] if done else start:.3g}"
         + (f"; {result.stopped}" if result.stopped else "") + f" ({result.seconds:.1f}s)")
     if result.suggestion is None:
-        say("no suggestion: the loss did not fall over enough steps; widen --start/--end or add --steps")
+        say(f"no suggestion: {result.no_suggestion}; look at the plot, or sweep another --stage, --start/--end "
+            "or more --steps")
     else:
         say(f"suggested multiplier: x{result.suggestion:g} (valley rule: halfway along the longest fall of the "
             f"smoothed loss); steepest fall at x{result.steepest:g}")
@@ -421,5 +444,5 @@ def lr_find_command(spec_path: str, overrides: Sequence[str] = (), *, stage: int
     return 0
 
 
-__all__ = ["lr_find", "lr_find_command", "LrFind", "multipliers", "running", "smooth", "valley", "steepest", "set_lines",
+__all__ = ["lr_find", "lr_find_command", "LrFind", "multipliers", "running", "smooth", "valley", "noise", "steepest", "set_lines",
            "check_sweep", "default_out", "plot", "write"]

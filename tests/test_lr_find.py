@@ -12,7 +12,7 @@ import pytest
 from surgery import optim
 from surgery.cli import main
 from surgery.errors import UsageError
-from surgery.lr_find import lr_find, multipliers, set_lines, smooth, steepest, valley
+from surgery.lr_find import lr_find, multipliers, noise, set_lines, smooth, steepest, valley
 from surgery.spec import load_spec
 
 SPEC = {
@@ -50,6 +50,18 @@ def test_valley_and_steepest_land_in_the_fall() -> None:
     assert abs(steepest(factors, curve) - 55) <= 1
     assert valley([2.0] * 20) is None and valley([2.0, 1.9]) is None  # no fall, or too short to say
     assert valley([3.0, 2.5, 2.0, 1.5, 1.0, 0.5, 0.4]) == 3  # halfway along a fall over steps 0..6
+
+
+def test_no_suggestion_from_noise_alone() -> None:
+    """A flat loss with step-to-step noise has long decreasing subsequences too; they are not a valley."""
+    jitter = [0.02 * (((i * 7919) % 13) - 6) / 6 for i in range(100)]  # deterministic, +-0.02
+    flat = [2.3 + j for j in jitter]
+    smoothed = smooth(flat)
+    assert valley(smoothed) is not None  # fastai's rule alone names a point
+    assert valley(smoothed, noise(flat, smoothed)) is None
+    falling = [2.3 - 0.01 * max(0, i - 30) + j for i, j in enumerate(jitter)]
+    smoothed = smooth(falling)
+    assert 30 <= valley(smoothed, noise(falling, smoothed)) < 95
 
 
 def test_set_lines_scale_every_lr_and_keep_tables(tmp_path: Path) -> None:

@@ -131,10 +131,13 @@ def noise(losses: Sequence[float], smoothed: Sequence[float]) -> float:
 
 
 def steepest(factors: Sequence[float], smoothed: Sequence[float]) -> int | None:
-    """The index where the smoothed loss falls fastest against log(multiplier)."""
+    """The index where the smoothed loss falls fastest against log(multiplier), on the way down to
+    its lowest point (past it, a diverging loss swings, and its falls are no guide)."""
     import numpy as np
 
     first, last = _window(len(smoothed))
+    if last - first >= 3:
+        last = max(first + 3, first + int(np.argmin(np.asarray(smoothed[first:last]))) + 1)
     if last - first < 3:
         return None
     slope = np.gradient(np.asarray(smoothed[first:last]), np.log(np.asarray(factors[first:last])))

@@ -48,6 +48,8 @@ def test_valley_and_steepest_land_in_the_fall() -> None:
     factors = multipliers(1e-4, 1e2, n)
     assert 40 <= valley(curve) < 70
     assert abs(steepest(factors, curve) - 55) <= 1
+    swinging = curve[:90] + [c - 3.0 * (i % 2) for i, c in enumerate(curve[90:])]  # diverging with steep falls
+    assert abs(steepest(factors, swinging) - 55) <= 1
     assert valley([2.0] * 20) is None and valley([2.0, 1.9]) is None  # no fall, or too short to say
     assert valley([3.0, 2.5, 2.0, 1.5, 1.0, 0.5, 0.4]) == 3  # halfway along a fall over steps 0..6
 

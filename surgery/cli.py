@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--stage", type=int, default=0, metavar="EPOCH",
                    help="sweep the groups that train at this epoch, from their lrs at it (default 0)")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps of the sweep (default 100)")
+    p.add_argument("--steps", type=int, default=100, metavar="N", help="optimizer steps of the sweep (default 100)")
     p.add_argument("--start", type=float, default=1e-4, metavar="MULT", help="first multiplier (default 1e-4)")
     p.add_argument("--end", type=float, default=1e3, metavar="MULT", help="last multiplier (default 1e3)")
     p.add_argument("--out", default=None, metavar="DIR",

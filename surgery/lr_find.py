@@ -320,7 +320,15 @@ def _suggest(spec: Spec, result: LrFind) -> None:
 
 def check_sweep(spec: Spec, stage: int, steps: int, start: float, end: float) -> None:
     """The flags of `surgery lr-find`, before anything is built."""
+    from .distributed import world_from_env
     from .schedule import trainable_groups, unfreeze_epochs
+
+    world = world_from_env()[2]
+    if world > 1:  # every process would sweep and write the same files
+        raise UsageError("lr-find runs in one process", origin=Origin.env("WORLD_SIZE", world), found=f"{world} processes",
+                         expected="surgery lr-find without torchrun",
+                         hint=f"to sweep at the global batch of {world} processes, add --set "
+                              f"train.batch_size={world * spec.train.batch_size}")
 
     epochs = spec.train.epochs
     if not 0 <= stage < epochs:

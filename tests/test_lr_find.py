@@ -91,6 +91,13 @@ def test_bad_flags_are_usage_errors(flags: list[str], words: str, tmp_path: Path
     assert not (tmp_path / "out").exists()
 
 
+def test_one_process_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="one process") as info:
+        lr_find(load_spec(SPEC))
+    assert "train.batch_size=32" in info.value.hint
+
+
 def test_no_group_trains_at_the_stage() -> None:
     spec = load_spec({**SPEC, "groups": [{"name": "head", "params": ["@head"], "unfreeze_at": 1},
                                          {"name": "rest", "params": ["*"], "unfreeze_at": "never"}]})

@@ -26,12 +26,11 @@ any run directory; the sweep is seeded (``seed``), so it repeats exactly on the 
 from __future__ import annotations
 
 import io
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .errors import Origin, UsageError
 from .spec import Spec
@@ -256,7 +255,8 @@ def lr_find(spec: Spec, *, stage: int = 0, steps: int = 100, start: float = 1e-4
         on_step: called after each step with (step, multiplier, loss).
 
     Returns:
-        The sweep; `suggestion` is None when the loss never fell long enough to say.
+        The sweep; `suggestion` is None (and `no_suggestion` says why) when the loss never fell
+        clearly over three steps or more.
 
     Raises:
         UsageError: a stage outside the run, a stage at which no group trains, bad sweep bounds.
@@ -325,14 +325,16 @@ def check_sweep(spec: Spec, stage: int, steps: int, start: float, end: float) ->
 
     world = world_from_env()[2]
     if world > 1:  # every process would sweep and write the same files
-        raise UsageError("lr-find runs in one process", origin=Origin.env("WORLD_SIZE", world), found=f"{world} processes",
+        raise UsageError("lr-find runs in one process", origin=Origin.env("WORLD_SIZE", world),
+                         found=f"{world} processes",
                          expected="surgery lr-find without torchrun",
                          hint=f"to sweep at the global batch of {world} processes, add --set "
                               f"train.batch_size={world * spec.train.batch_size}")
 
     epochs = spec.train.epochs
     if not 0 <= stage < epochs:
-        raise UsageError(f"--stage {stage} is outside this run of {epochs} epochs", origin=Origin.flag("--stage", stage),
+        raise UsageError(f"--stage {stage} is outside this run of {epochs} epochs",
+                         origin=Origin.flag("--stage", stage),
                          found=str(stage), expected=f"an epoch from 0 to {epochs - 1}")
     if not trainable_groups(spec, stage, unfreeze_epochs(spec)):
         firsts = sorted(e for e in unfreeze_epochs(spec).values() if e is not None and e < epochs)
@@ -455,5 +457,5 @@ def lr_find_command(spec_path: str, overrides: Sequence[str] = (), *, stage: int
     return 0
 
 
-__all__ = ["lr_find", "lr_find_command", "LrFind", "multipliers", "running", "smooth", "valley", "noise", "steepest", "set_lines",
-           "check_sweep", "default_out", "plot", "write"]
+__all__ = ["lr_find", "lr_find_command", "LrFind", "multipliers", "running", "smooth", "valley", "noise", "steepest",
+           "set_lines", "check_sweep", "default_out", "plot", "write"]

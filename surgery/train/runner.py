@@ -231,7 +231,8 @@ def _decide(ctx: Context, epoch: int, row: dict[str, Any]) -> list[str]:
         watch = stop.watch
         lines.append(f"early stop after epoch {epoch + 1}/{ctx.spec.train.epochs}: {watch.spec.monitor} has not "
                      f"improved by more than {watch.spec.min_delta:g} for {watch.spec.patience} epoch(s) (best "
-                     f"{watch.best:.4f} at epoch {watch.best_epoch + 1}); the best epoch's weights become the final model")
+                     f"{watch.best:.4f} at epoch {watch.best_epoch + 1}); the best epoch's weights become the "
+                     "final model")
     return lines
 
 

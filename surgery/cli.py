@@ -1,4 +1,4 @@
-"""The `surgery` command: inspect, validate, schema, run, lr-find, predict, export.
+"""The `surgery` command: inspect, validate, schema, run, lr-find, predict, explain, export, report, compare.
 
 Each command is a small function from parsed arguments to the library call that does the work
 (`surgery.train.command.run_specs`, `surgery.predict.predict_command`, ...), which takes plain
@@ -16,6 +16,9 @@ from typing import Any, Sequence
 from .errors import Origin, UsageError, UserError
 
 EXIT_SPEC_ERROR = 2
+# `surgery explain --method` (surgery.explain.METHODS, kept here so `--help` needs no torch)
+_CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcam-elementwise", "eigencam",
+                "eigengradcam", "scorecam", "ablationcam")
 
 
 def _console(stderr: bool = False):
@@ -90,10 +93,36 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="cpu")
 
+    p = sub.add_parser("explain", help="Grad-CAM and the inserted modules' attention for images, with a trained run")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `surgery run`")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
+    p.add_argument("--layer", default=None, metavar="PATH",
+                   help="where to take the CAM: a module path or glob, or @inserted (default: the last feature map "
+                        "before the classifier)")
+    p.add_argument("--class", dest="class_name", default=None, metavar="NAME",
+                   help="the class to explain (default: the predicted one)")
+    p.add_argument("--method", default="gradcam", choices=list(_CAM_METHODS), metavar="METHOD",
+                   help="the grad-cam method: " + ", ".join(_CAM_METHODS) + " (default: gradcam)")
+    p.add_argument("--out", default=None, metavar="DIR", help="where the figures go (default: RUN_DIR/explain)")
+    p.add_argument("--device", default="cpu")
+
     p = sub.add_parser("export", help="export a trained run as a deployable model")
     p.add_argument("run_dir")
     p.add_argument("--format", choices=["pt2", "onnx", "torchscript"], default="pt2")
     p.add_argument("--out", default=None)
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.html again: one self-contained page about a run")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="a run directory, finished or not (spec.yaml or metrics.jsonl in it)")
+
+    p = sub.add_parser("compare", help="finished runs side by side: best and final accuracy, parameters added, "
+                                       "speed, validation curves; seeds of one variant as mean ± std")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directories (summary.json in each)")
+    p.add_argument("--out", default=None, metavar="FILE.html",
+                   help="also write the comparison page (table and overlaid validation curves) to FILE.html")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="print the table as JSON instead")
+    shown.add_argument("--markdown", action="store_true", help="print the table as Markdown instead")
     return parser
 
 
@@ -252,14 +281,43 @@ def cmd_predict(args: argparse.Namespace) -> int:
                            device=args.device)
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain_command
+
+    return explain_command(args.run_dir, args.images, layer=args.layer, class_name=args.class_name,
+                           method=args.method, out=args.out, device=args.device)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_command
 
     return export_command(args.run_dir, args.format, args.out)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.markup import escape
+
+    from .report import check_run_dir, write_report
+
+    for run_dir in args.run_dirs:  # every folder checked before any page is written
+        check_run_dir(Path(run_dir))
+    for run_dir in args.run_dirs:
+        _console(stderr=True).print(f"wrote {escape(str(write_report(run_dir)))}", soft_wrap=True)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare_command
+
+    return compare_command(args.run_dirs, out=args.out, as_json=args.json, as_markdown=args.markdown,
+                           console=_console())
+
+
 COMMANDS = {"inspect": cmd_inspect, "validate": cmd_validate, "schema": cmd_schema, "run": cmd_run,
-            "lr-find": cmd_lr_find, "predict": cmd_predict, "export": cmd_export}
+            "lr-find": cmd_lr_find, "predict": cmd_predict, "explain": cmd_explain,
+            "export": cmd_export, "report": cmd_report, "compare": cmd_compare}
 
 
 def print_warnings(spec: Any) -> None:

@@ -18,13 +18,15 @@ import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from .errors import Origin, RunDirError
+
+if TYPE_CHECKING:  # torch is imported where tensors are written: reports and comparisons write text without it
+    import torch
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -91,7 +93,8 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
+    torch = sys.modules.get("torch")  # no tensor can exist before torch is imported
+    if torch is not None and isinstance(value, torch.Tensor):
         return value.tolist()
     if isinstance(value, Path):
         return str(value)
@@ -101,6 +104,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def save_torch(path: Path, obj: Any) -> None:
+    import torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())

@@ -301,6 +301,7 @@ def _finish(ctx: Context, rundir: RunDir, journey: Journey, wall: float, say: Ca
             plot_curves(rundir.folder / "plots" / "curves.png", journey.rows, events)
         if final.confusion is not None:  # multi-label runs have none; summary.json holds per-class F1
             plot_confusion(rundir.folder / "plots" / "confusion.png", final.confusion, ctx.data.classes)
+        _write_report(rundir.folder, say)
     ctx.dist.on_main(write)
     best = journey.best
     key = best_key(spec)
@@ -320,6 +321,22 @@ def _restore_best(ctx: Context, rundir: RunDir) -> None:
     ctx.dist.on_main(load)  # a failure there is raised on every process, none left waiting
     distributed.broadcast_state(ctx.model, ctx.dist)
     ctx.features = None
+
+
+def _write_report(folder: Path, say: Callable) -> None:
+    """report.html, last: it only shows files already written, so failing to draw it is a warning
+    that says how to write it again, never a lost run."""
+    from rich.markup import escape
+
+    from ..errors import describe_exception
+    from ..report import write_report
+
+    try:
+        write_report(folder)
+    except Exception as exc:  # noqa: BLE001 - every file of the run is in place; only the page is missing
+        say(f"[yellow]warning[/yellow]: {escape(str(folder / 'report.html'))} was not written "
+            f"({escape(describe_exception(exc))}); write it with: surgery report {escape(shlex.quote(str(folder)))}",
+            soft_wrap=True)
 
 
 def _check_ranks(ctx: Context, rundir: RunDir, epoch: int, kept: str) -> None:

@@ -1,0 +1,180 @@
+"""`surgery compare`: finished runs side by side, seeds of one variant as mean ± std, the page in a
+real browser, and clear refusals of folders that are not finished runs."""
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from browser import assert_not_blank, keep_screenshot, page_text, render
+from surgery.cli import main
+from surgery.compare import aggregate, collect, read_run, shared_name, spec_difference, to_json, to_markdown, write_html
+from surgery.errors import UsageError
+from surgery.rundir import read_metrics
+
+
+WEIGHTS = shutil.ignore_patterns("*.safetensors", "*.pt")  # compare reads none of them
+
+
+def _variant_of(tiny_run: Path, folder: Path, *, name: str, seed: int, best: float, final: float,
+                at: str | None = None, multi_label: bool = False) -> Path:
+    """A copy of the shared run, as if trained with another seed (or another surgery target):
+    its spec.yaml and the summary's figures changed, everything else as the run wrote it."""
+    run = Path(shutil.copytree(tiny_run, folder / name, ignore=WEIGHTS))
+    spec = yaml.safe_load((run / "spec.yaml").read_text())
+    spec.update(name=name, seed=seed)
+    if at is not None:
+        spec["surgery"][0]["at"] = at
+    (run / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    summary = json.loads((run / "summary.json").read_text())
+    summary.update(name=name, best_val_acc=best, final_val_acc=final)
+    if multi_label:
+        summary.update(multi_label=True, best_val_map=best, final_val_map=final)
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+@pytest.fixture
+def runs(tiny_run: Path, tmp_path: Path) -> dict[str, Path]:
+    """Two seeds of CBAM after layer3+layer4, one seed of CBAM after layer4 only."""
+    return {"s0": _variant_of(tiny_run, tmp_path, name="cbam34-s0", seed=0, best=0.61, final=0.60),
+            "s1": _variant_of(tiny_run, tmp_path, name="cbam34-s1", seed=1, best=0.65, final=0.62),
+            "l4": _variant_of(tiny_run, tmp_path, name="cbam4-s0", seed=0, best=0.70, final=0.69, at="layer4")}
+
+
+def test_collect_reads_each_runs_figures(tiny_run: Path) -> None:
+    row = read_run(tiny_run)
+    summary = json.loads((tiny_run / "summary.json").read_text())
+    metrics = read_metrics(tiny_run / "metrics.jsonl")
+    assert (row.name, row.metric, row.best, row.final, row.best_epoch) == (
+        summary["name"], "val_acc", summary["best_val_acc"], summary["final_val_acc"], summary["best_epoch"])
+    assert (row.params_inserted, row.params_total) == (summary["params"]["inserted"], summary["params"]["total"])
+    assert row.images_per_sec == statistics.median(m["images_per_sec"] for m in metrics)
+    assert row.val_curve == tuple(m["val_acc"] for m in metrics) and row.wall_seconds == summary["wall_seconds"]
+    assert "seed" not in row.spec and "name" not in row.spec
+
+
+def test_seeds_of_one_variant_are_averaged_best_first(runs: dict[str, Path]) -> None:
+    variants = aggregate(collect([runs["s0"], runs["l4"], runs["s1"]]))
+    assert [v.label for v in variants] == ["cbam4-s0", "cbam34"]  # sorted by mean best; shared name part
+    seeds = variants[1]
+    bests = [read_run(runs[k]).best for k in ("s0", "s1")]
+    assert [r.run_dir for r in seeds.runs] == [runs["s0"], runs["s1"]]
+    assert seeds.best.mean == pytest.approx(statistics.fmean(bests)) and seeds.best.std == pytest.approx(statistics.stdev(bests))
+    assert seeds.best.format() == f"{statistics.fmean(bests):.4f} ± {statistics.stdev(bests):.4f}"
+    assert variants[0].best.std is None and variants[0].best.format() == f"{read_run(runs['l4']).best:.4f}"
+
+
+def test_runs_with_one_name_are_told_apart_by_their_spec(tiny_run: Path, tmp_path: Path) -> None:
+    a = _variant_of(tiny_run, tmp_path, name="a", seed=0, best=0.5, final=0.5)
+    b = _variant_of(tiny_run, tmp_path, name="b", seed=1, best=0.6, final=0.6, at="layer4")
+    for run in (a, b):  # both runs named quickstart, as `surgery run quickstart.yaml --set ...` leaves them
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "name": "quickstart"}))
+    labels = [v.label for v in aggregate(collect([a, b]))]
+    assert labels == ["quickstart (surgery[0].at=layer4)", "quickstart"]
+    assert [v.label for v in aggregate(collect([a, b]), labels={a: "mine", str(b): "mine"})] == ["mine"]
+
+
+@pytest.mark.parametrize("names, label", [
+    (["cbam-s0", "cbam-s1"], "cbam"),
+    (["cbam-layer3-seed0", "cbam-layer3-seed1", "cbam-layer3-seed2"], "cbam-layer3"),
+    (["quickstart", "quickstart"], "quickstart"),
+    (["run0", "run1"], "run"),
+    (["cbam", "cbam-2"], "cbam"),
+    (["alpha", "beta"], "alpha / beta"),
+])
+def test_shared_name(names: list[str], label: str) -> None:
+    assert shared_name(names) == label
+
+
+def test_spec_difference_names_what_differs() -> None:
+    a = {"train": {"epochs": 4, "lr": 0.1}, "surgery": [{"at": "layer4"}]}
+    b = {"train": {"epochs": 8, "lr": 0.1}, "surgery": [{"at": "layer3"}], "extra": 1}
+    assert spec_difference(a, b) == "train.epochs=4, surgery[0].at=layer4 +1 more"
+    assert spec_difference(a, a) == ""
+
+
+def test_markdown_and_json(runs: dict[str, Path]) -> None:
+    variants = aggregate(collect(runs.values()))
+    lines = to_markdown(variants).splitlines()
+    assert lines[0].startswith("| variant | runs | best val acc | final val acc |") and len(lines) == 2 + len(variants)
+    assert lines[2].startswith("| cbam4-s0 | 1 | ") and "| cbam34 | 2 | " in lines[3] and " ± " in lines[3]
+    data = json.loads(to_json(variants))
+    assert [v["label"] for v in data["variants"]] == [v.label for v in variants]
+    assert data["variants"][1]["best"]["std"] == pytest.approx(variants[1].best.std)
+    assert [r["run_dir"] for r in data["variants"][1]["runs"]] == [str(runs["s0"]), str(runs["s1"])]
+
+
+def test_compare_command_writes_the_page(runs: dict[str, Path], tmp_path: Path, capsys) -> None:
+    out = tmp_path / "pages" / "compare.html"
+    assert main(["compare", *map(str, runs.values()), "--out", str(out), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [v["label"] for v in json.loads(captured.out)["variants"]] == ["cbam4-s0", "cbam34"]
+    assert f"wrote {out}" in captured.err
+    html = out.read_text()
+    text, tags = page_text(html)
+    assert "script" not in tags and all(src.startswith("data:image/png") for src in html.split('src="')[1:])
+    assert "3 runs, 2 variants" in text and "Best: cbam4-s0" in text
+    assert f'href="../{runs["s0"].name}/report.html"' in html  # each run's own page, linked relatively
+    assert not list(out.parent.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p, runs: p / "nowhere", "the run directory does not exist"),
+    (lambda p, runs: (p / "empty").mkdir() or p / "empty", "the folder is not a run directory"),
+    (lambda p, runs: (runs["s1"] / "summary.json").unlink() or runs["s1"], "the run has not finished: it has no summary.json"),
+    (lambda p, runs: (runs["s1"] / "summary.json").write_text("{") and runs["s1"], "summary.json cannot be read: JSONDecodeError"),
+    (lambda p, runs: runs["s0"], "a run directory is given twice"),
+])
+def test_compare_refuses_what_is_not_a_finished_run(runs: dict[str, Path], tmp_path: Path, capsys, make, message) -> None:
+    bad = make(tmp_path, runs)
+    out = tmp_path / "compare.html"
+    assert main(["compare", str(runs["s0"]), str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and str(bad) in err
+    assert not out.exists()
+
+
+def test_several_bad_folders_are_named_together(runs: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="2 of the 3 folders are not finished runs") as caught:
+        collect([runs["s0"], tmp_path / "a", tmp_path / "b"])
+    assert str(tmp_path / "a") in caught.value.found and str(tmp_path / "b") in caught.value.found
+    assert [r.run_dir for r in collect([runs["s0"], tmp_path / "a"], skip_unfinished=True)] == [runs["s0"]]
+
+
+def test_single_and_multi_label_runs_are_not_mixed(tiny_run: Path, tmp_path: Path, runs: dict[str, Path]) -> None:
+    multi = _variant_of(tiny_run, tmp_path, name="multi", seed=0, best=0.4, final=0.4, multi_label=True)
+    with pytest.raises(UsageError, match="single-label and multi-label runs cannot be compared"):
+        collect([runs["s0"], multi])
+
+
+def test_compare_page_renders_in_chromium(runs: dict[str, Path], tmp_path: Path) -> None:
+    page = write_html(tmp_path / "compare.html", aggregate(collect(runs.values())))
+    shown = render(page, tmp_path, height=1400)
+    variants = aggregate(collect(runs.values()))
+    for v in variants:
+        assert f"{v.label} {len(v.runs)} {v.best.format()} {v.final.format()}" in shown.text
+    for run in runs.values():
+        assert run.name in shown.text
+    assert "Validation curves" in shown.text and "img" in shown.tags
+    assert_not_blank(shown.screenshot)
+    keep_screenshot(shown.screenshot, "compare.png")
+
+
+def test_report_and_compare_do_not_import_torch(runs: dict[str, Path], tmp_path: Path) -> None:
+    """Both only read JSON, YAML and PNG files: they answer without torch's seconds of import."""
+    code = (f"from surgery.cli import main\nassert main(['report', {str(runs['s0'])!r}]) == 0\n"
+            f"assert main(['compare', {str(runs['s0'])!r}, {str(runs['s1'])!r}, '--markdown', "
+            f"'--out', {str(tmp_path / 'c.html')!r}]) == 0\n"
+            "import sys\nassert 'torch' not in sys.modules, 'torch was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert "| cbam34 | 2 |" in proc.stdout and (tmp_path / "c.html").is_file()

@@ -1,4 +1,5 @@
-"""The `surgery` command: inspect, validate, schema, run, predict, evaluate, explain, export, report, compare.
+"""The `surgery` command: inspect, validate, schema, run, lr-find, predict, evaluate, explain, export, report,
+compare.
 
 Each command is a small function from parsed arguments to the library call that does the work
 (`surgery.train.command.run_specs`, `surgery.predict.predict_command`, ...), which takes plain
@@ -75,6 +76,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="override train.device (cpu, cuda, cuda:1, mps)")
     p.add_argument("--resume", action="store_true", help="continue from checkpoints/last.pt in the run directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory (its files are deleted)")
+    _add_set(p)
+
+    p = sub.add_parser("lr-find", help="sweep one factor over every trainable group's lr; suggest one (writes a plot)")
+    p.add_argument("spec")
+    p.add_argument("--stage", type=int, default=0, metavar="EPOCH",
+                   help="sweep the groups that train at this epoch, from their lrs at it (default 0)")
+    p.add_argument("--steps", type=int, default=100, metavar="N", help="optimizer steps of the sweep (default 100)")
+    p.add_argument("--start", type=float, default=1e-4, metavar="MULT", help="first multiplier (default 1e-4)")
+    p.add_argument("--end", type=float, default=1e3, metavar="MULT", help="last multiplier (default 1e3)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where lr_find.png and lr_find.json go (default runs/<name>-lr-find; never a run directory)")
+    p.add_argument("--device", default=None, help="override train.device (cpu, cuda, cuda:1, mps)")
     _add_set(p)
 
     p = sub.add_parser("predict", help="classify images with a trained run")
@@ -191,6 +204,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from .schedule import schedule_table
 
         note = "plateau: lr drops by a factor when val loss stalls" if spec.train.scheduler.name == "plateau" else ""
+        if any(g.unfreeze_rule is not None for g in spec.groups):
+            note += ("; " if note else "") + "a rule in place of an lr: decided during the run"
+        if spec.train.early_stop is not None:
+            note += ("; " if note else "") + (f"early stop on {spec.train.early_stop} once every group that "
+                                              "unfreezes has")
         console.print(schedule_rich(schedule_table(spec), [g.name for g in spec.groups], note))
         return 0
     console.print(module_tree(built, depth=args.depth))
@@ -280,6 +298,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                      overwrite=args.overwrite, warn=print_warnings)
 
 
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from .lr_find import lr_find_command
+
+    return lr_find_command(args.spec, args.overrides, stage=args.stage, steps=args.steps, start=args.start,
+                           end=args.end, out=args.out, device=args.device)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_command
 
@@ -329,7 +354,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"inspect": cmd_inspect, "validate": cmd_validate, "schema": cmd_schema, "run": cmd_run,
-            "predict": cmd_predict, "evaluate": cmd_evaluate, "explain": cmd_explain,
+            "lr-find": cmd_lr_find, "predict": cmd_predict, "evaluate": cmd_evaluate, "explain": cmd_explain,
             "export": cmd_export, "report": cmd_report, "compare": cmd_compare}
 
 

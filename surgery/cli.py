@@ -1,4 +1,5 @@
-"""The `surgery` command: inspect, validate, schema, run, sweep, predict, explain, export, report, compare.
+"""The `surgery` command: inspect, validate, schema, run, sweep, lr-find, predict, evaluate, explain,
+export, report, compare.
 
 Each command is a small function from parsed arguments to the library call that does the work
 (`surgery.train.command.run_specs`, `surgery.predict.predict_command`, ...), which takes plain
@@ -19,6 +20,7 @@ EXIT_SPEC_ERROR = 2
 # `surgery explain --method` (surgery.explain.METHODS, kept here so `--help` needs no torch)
 _CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcam-elementwise", "eigencam",
                 "eigengradcam", "scorecam", "ablationcam")
+WEIGHTS = ["final", "best", "ema"]  # predict.WEIGHT_CHOICES, without importing torch for --help
 
 
 def _console(stderr: bool = False):
@@ -89,12 +91,45 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --workers N's processes
     _add_set(p)
 
+    p = sub.add_parser("lr-find", help="sweep one factor over every trainable group's lr; suggest one (writes a plot)")
+    p.add_argument("spec")
+    p.add_argument("--stage", type=int, default=0, metavar="EPOCH",
+                   help="sweep the groups that train at this epoch, from their lrs at it (default 0)")
+    p.add_argument("--steps", type=int, default=100, metavar="N", help="optimizer steps of the sweep (default 100)")
+    p.add_argument("--start", type=float, default=1e-4, metavar="MULT", help="first multiplier (default 1e-4)")
+    p.add_argument("--end", type=float, default=1e3, metavar="MULT", help="last multiplier (default 1e3)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where lr_find.png and lr_find.json go (default runs/<name>-lr-find; never a run directory)")
+    p.add_argument("--device", default=None, help="override train.device (cpu, cuda, cuda:1, mps)")
+    _add_set(p)
+
     p = sub.add_parser("predict", help="classify images with a trained run")
     p.add_argument("run_dir")
     p.add_argument("paths", nargs="+", help="image files or folders")
     p.add_argument("--topk", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+
+    p.add_argument("--weights", choices=WEIGHTS, default=None,
+                   help="final (model.safetensors), best (the best epoch's) or ema (model_ema.safetensors); "
+                        "default: final, else best")
+
+    p = sub.add_parser("evaluate", help="score a trained run on its held-out test split or a folder of labelled images")
+    p.add_argument("run_dir")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--split", choices=["test", "val"], default=None,
+                      help="the run's test split (data.test_split, or the dataset's own; the default) or its "
+                           "validation split (it selected the model, so it flatters)")
+    what.add_argument("--data", default=None, metavar="PATH",
+                      help="a folder PATH/<class>/<image>, class folders named after the run's classes")
+    p.add_argument("--tta", action="store_true",
+                   help="also score the mean softmax over a horizontal flip (and corner crops where the eval "
+                        "transform crops), with the gain over no TTA")
+    p.add_argument("--weights", choices=WEIGHTS, default=None,
+                   help="final, best or ema (default: final, else best)")
+    p.add_argument("--json", action="store_true", help="print metrics.json as one JSON object")
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
 
     p = sub.add_parser("explain", help="Grad-CAM and the inserted modules' attention for images, with a trained run")
@@ -182,6 +217,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from .schedule import schedule_table
 
         note = "plateau: lr drops by a factor when val loss stalls" if spec.train.scheduler.name == "plateau" else ""
+        if any(g.unfreeze_rule is not None for g in spec.groups):
+            note += ("; " if note else "") + "a rule in place of an lr: decided during the run"
+        if spec.train.early_stop is not None:
+            note += ("; " if note else "") + (f"early stop on {spec.train.early_stop} once every group that "
+                                              "unfreezes has")
         console.print(schedule_rich(schedule_table(spec), [g.name for g in spec.groups], note))
         return 0
     console.print(module_tree(built, depth=args.depth))
@@ -278,11 +318,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                          overrides=args.overrides, worker=args.worker, warn=_warn)
 
 
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from .lr_find import lr_find_command
+
+    return lr_find_command(args.spec, args.overrides, stage=args.stage, steps=args.steps, start=args.start,
+                           end=args.end, out=args.out, device=args.device)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_command
 
     return predict_command(args.run_dir, args.paths, topk=args.topk, as_json=args.json, batch_size=args.batch_size,
-                           device=args.device)
+                           device=args.device, weights=args.weights)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_command
+
+    return evaluate_command(args.run_dir, split=args.split, data=args.data, tta=args.tta, weights=args.weights,
+                            as_json=args.json, batch_size=args.batch_size, device=args.device)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -320,8 +374,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"inspect": cmd_inspect, "validate": cmd_validate, "schema": cmd_schema, "run": cmd_run,
-            "sweep": cmd_sweep, "predict": cmd_predict, "explain": cmd_explain,
-            "export": cmd_export, "report": cmd_report, "compare": cmd_compare}
+            "sweep": cmd_sweep, "lr-find": cmd_lr_find, "predict": cmd_predict, "evaluate": cmd_evaluate,
+            "explain": cmd_explain, "export": cmd_export, "report": cmd_report, "compare": cmd_compare}
 
 
 def print_warnings(spec: Any) -> None:

@@ -17,13 +17,15 @@ from torch import nn
 
 from .builder import Built, build
 from .data import eval_transform, normalization, normalize
-from .errors import Origin, UsageError, describe_exception
+from .errors import Origin, UsageError, describe_exception, did_you_mean
 from .spec import Spec, load_spec
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
                             ".pbm", ".pnm"})
 # the run's weights, best first: the final model, else the best epoch of a run that stopped early
 WEIGHT_FILES = ("model.safetensors", "checkpoints/best.safetensors")
+# `--weights`: which of a run's weight files to use (default: final, else best, as above)
+WEIGHT_CHOICES = {"final": "model.safetensors", "best": "checkpoints/best.safetensors", "ema": "model_ema.safetensors"}
 # the spec's weight source is replaced by the run's own weights: none of these may touch them
 _REBUILD_OVERRIDES = ("model.pretrained=false", "model.key_map=null", "model.checkpoint_key=null",
                       "model.reset_head=false")
@@ -70,8 +72,12 @@ def _run_error(problem: str, run_dir: Path, **kw: Any) -> UsageError:
     return UsageError(problem, origin=Origin.path(run_dir), **kw)
 
 
-def locate_run(run_dir: str | Path) -> tuple[Path, str | None]:
+def locate_run(run_dir: str | Path, weights: str | None = None) -> tuple[Path, str | None]:
     """Check that `run_dir` holds a trained run, without loading it; return (weight file, note or None).
+
+    Args:
+        weights: None (the final weights, else the best epoch's with a note), or one of
+            `WEIGHT_CHOICES` (final, best, ema), which must then be there.
 
     Raises:
         UsageError: no such folder, no spec.yaml, or no weights (naming what to do).
@@ -85,6 +91,8 @@ def locate_run(run_dir: str | Path) -> tuple[Path, str | None]:
         raise _run_error("the run directory has no spec.yaml", run_dir, found=str(spec_path),
                          expected="a run directory written by `surgery run` "
                                   "(spec.yaml, model.safetensors, classes.json)")
+    if weights is not None:
+        return _chosen_weights(run_dir, weights), None
     for i, name in enumerate(WEIGHT_FILES):
         path = run_dir / name
         if path.is_file():
@@ -97,6 +105,38 @@ def locate_run(run_dir: str | Path) -> tuple[Path, str | None]:
                      found="no " + " and no ".join(str(run_dir / n) for n in WEIGHT_FILES),
                      expected="a run directory written by `surgery run`",
                      hint=f"finish or resume the run: surgery run {run_dir / 'spec.yaml'} --out {run_dir} --resume")
+
+
+def _chosen_weights(run_dir: Path, weights: str) -> Path:
+    flag = Origin.flag("--weights", weights)
+    if weights not in WEIGHT_CHOICES:
+        raise UsageError(f"unknown weights {weights!r}", origin=flag, found=repr(weights),
+                         expected="one of " + ", ".join(WEIGHT_CHOICES), hint=did_you_mean(weights, WEIGHT_CHOICES))
+    path = run_dir / WEIGHT_CHOICES[weights]
+    if path.is_file():
+        return path
+    if weights == "ema":
+        hint = ("the run kept no EMA of its weights (train.ema is null); train with train.ema: 0.999 to keep one"
+                if not _keeps_ema(run_dir) else
+                f"the run did not finish: resume it (surgery run {run_dir / 'spec.yaml'} --out {run_dir} --resume)")
+    elif weights == "final":
+        hint = f"the run did not finish: use --weights best, or resume it with --out {run_dir} --resume"
+    else:
+        hint = "no epoch was validated yet: resume the run, or use --weights final"
+    raise UsageError(f"the run directory has no {weights} weights", origin=flag, found=f"no {path}",
+                     expected=f"{WEIGHT_CHOICES[weights]} in {run_dir}", hint=hint)
+
+
+def _keeps_ema(run_dir: Path) -> bool:
+    """Does the run's spec.yaml set train.ema (read as plain YAML: this only words a message)?"""
+    import yaml
+
+    try:
+        data = yaml.safe_load((run_dir / "spec.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    train = data.get("train") if isinstance(data, dict) else None
+    return isinstance(train, dict) and train.get("ema") is not None
 
 
 def _read_classes(run_dir: Path, num_classes: int) -> list[str]:
@@ -116,12 +156,13 @@ def _read_classes(run_dir: Path, num_classes: int) -> list[str]:
     return [str(c) for c in classes]
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedRun:
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: str | None = None) -> LoadedRun:
     """Rebuild a run's surgered model from spec.yaml and its weights, in eval mode.
 
     Args:
         run_dir: a folder written by `surgery run` (spec.yaml, model.safetensors, classes.json).
         device: where the model goes (cpu, cuda, cuda:1, mps).
+        weights: None (final, else best), or final, best or ema (`--weights`): that file or an error.
 
     Returns:
         A `LoadedRun`. The weights are model.safetensors, or checkpoints/best.safetensors when a run
@@ -139,7 +180,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedR
     from .rundir import load_safetensors
 
     run_dir = Path(run_dir)
-    weights, note = locate_run(run_dir)
+    chosen = weights
+    weights, note = locate_run(run_dir, chosen)
     target = _device(device)
     spec = load_spec(run_dir / "spec.yaml", _REBUILD_OVERRIDES)
     try:
@@ -304,8 +346,8 @@ def _table(predictions: Sequence[Prediction], k: int):
 
 
 def predict_command(run_dir: str | Path, paths: Sequence[str], *, topk: int = 3, as_json: bool = False,
-                    batch_size: int = 32, device: str = "cpu") -> int:
-    """`surgery predict RUN_DIR PATH... [--topk K] [--json] [--batch-size N] [--device D]`.
+                    batch_size: int = 32, device: str = "cpu", weights: str | None = None) -> int:
+    """`surgery predict RUN_DIR PATH... [--topk K] [--json] [--batch-size N] [--device D] [--weights W]`.
 
     Exit code 0 when at least one image was classified, 1 when every file was unreadable;
     a missing run or no image at all is a UserError (exit 2).
@@ -319,7 +361,7 @@ def predict_command(run_dir: str | Path, paths: Sequence[str], *, topk: int = 3,
     if topk < 1:
         raise UsageError("--topk must be at least 1", origin=Origin.flag("--topk", topk), found=str(topk),
                          expected="a positive integer")
-    locate_run(run_dir)  # a wrong run directory is reported before any image is looked at
+    locate_run(run_dir, weights)  # a wrong run directory is reported before any image is looked at
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     out = Console(highlight=False)
     images, missing = find_images(paths)
@@ -328,7 +370,7 @@ def predict_command(run_dir: str | Path, paths: Sequence[str], *, topk: int = 3,
     if not images:
         raise UsageError("no images to classify", origin=Origin("flag", "PATH..."), found=" ".join(map(str, paths)),
                          expected="image files, or folders holding " + ", ".join(sorted(IMAGE_SUFFIXES)))
-    run = load_run(run_dir, device)
+    run = load_run(run_dir, device, weights)
     if run.note:
         err.print(f"[yellow]note[/yellow] {escape(run.note)}")
     else:
@@ -362,4 +404,4 @@ def _count(n: int, noun: str) -> str:
 
 
 __all__ = ["LoadedRun", "Prediction", "load_run", "locate_run", "find_images", "predict", "predict_command",
-           "IMAGE_SUFFIXES"]
+           "IMAGE_SUFFIXES", "WEIGHT_CHOICES"]

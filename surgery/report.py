@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import Origin, UsageError, describe_exception
+from .errors import Origin, UsageError, UserError, describe_exception
 
 REPORT_NAME = "report.html"
 # kinds of picture a page may embed, by their first bytes
@@ -165,6 +165,17 @@ def _spec(reader: _Reader, run_dir: Path) -> tuple[str | None, Any]:
         return text, None
 
 
+def actual_starts(rows: Sequence[Mapping[str, Any]]) -> dict[str, int | None] | None:
+    """The epoch each group actually unfroze, as the last epoch recorded it (metrics.jsonl's
+    ``unfreeze_at``): an event rule (plateau, after) is only known from the record. None for runs
+    made before the record existed: the spec's plain epochs then say it all."""
+    for row in reversed(rows):
+        starts = row.get("unfreeze_at")
+        if isinstance(starts, Mapping):
+            return {str(k): v if isinstance(v, int) and not isinstance(v, bool) else None for k, v in starts.items()}
+    return None
+
+
 def _epoch_table(spec: Any, rows: Sequence[Mapping[str, Any]], best_epoch: int | None) -> dict[str, Any] | None:
     """One row per epoch: each group's lr (or frozen), then the epoch's losses and accuracies.
 
@@ -181,7 +192,8 @@ def _epoch_table(spec: Any, rows: Sequence[Mapping[str, Any]], best_epoch: int |
         from .schedule import schedule_table, unfreeze_events
 
         planned = {row["epoch"]: row["groups"] for row in schedule_table(spec)}
-        starts = {name: epoch for epoch, names in unfreeze_events(spec).items() for name in names if epoch > 0}
+        starts = {name: epoch for epoch, names in unfreeze_events(spec, actual_starts(rows)).items()
+                  for name in names if epoch > 0}
     names = [g.name for g in spec.groups] if spec is not None else \
         list(dict.fromkeys(k for r in rows for k in _dict(r.get("lr"))))
     recorded = {int(r["epoch"]): r for r in rows}
@@ -435,7 +447,7 @@ def _pictures(reader: _Reader, run_dir: Path, summary: Mapping[str, Any], rows: 
     if curves is None and plottable:
         from .schedule import unfreeze_events
 
-        curves = data_uri(curves_png(plottable, unfreeze_events(spec) if spec is not None else {}))
+        curves = data_uri(curves_png(plottable, unfreeze_events(spec, actual_starts(rows)) if spec is not None else {}))
     confusion = None
     matrix = summary.get("confusion_matrix")
     if isinstance(matrix, list) and matrix:

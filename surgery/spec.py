@@ -115,16 +115,38 @@ class HeadSpec:
 
 
 @dataclass(frozen=True)
+class UnfreezeRule:
+    """`unfreeze_at` as an event: a plateau of a validation figure, or a delay after another group.
+
+    after: the group this rule counts from (its actual unfreeze epoch), or None (from epoch 0).
+    epochs: with `after`, the delay in epochs; None for a plateau rule.
+    plateau: the watch that fires it, or None for a delay rule.
+    """
+
+    after: str | None
+    epochs: int | None
+    plateau: MonitorSpec | None
+    where: tuple  # key path of the group's unfreeze_at, for errors
+
+    def __str__(self) -> str:
+        """As `surgery inspect --schedule` prints it: 'plateau val_loss/2', 'after new +3'."""
+        if self.plateau is None:
+            return f"after {self.after} +{self.epochs}"
+        return (f"after {self.after}, " if self.after else "") + f"plateau {self.plateau}"
+
+
+@dataclass(frozen=True)
 class GroupSpec:
     name: str
     params: tuple[Selector, ...]
     lr: tuple[tuple[int, float], ...]  # piecewise constant, sorted, starts at epoch 0
-    unfreeze_at: int | None  # None: never
+    unfreeze_at: int | None  # None: never, or decided by `unfreeze_rule` during the run
     weight_decay: float | None
     decay_norm_and_bias: bool
     norm: str
     warmup_epochs: int
     index: int
+    unfreeze_rule: UnfreezeRule | None = None  # an event rule; see surgery.schedule.Unfreezing
 
     def base_lr(self, epoch: int) -> float:
         value = self.lr[0][1]
@@ -134,6 +156,8 @@ class GroupSpec:
         return value
 
     def trainable(self, epoch: int) -> bool:
+        """From the plain `unfreeze_at` only: a group with an event rule is False here until the
+        run decides (`surgery.schedule.Unfreezing` knows the actual epochs)."""
         return self.unfreeze_at is not None and epoch >= self.unfreeze_at
 
 
@@ -207,6 +231,22 @@ class SchedulerSpec(Section):
 
 
 @dataclass(frozen=True)
+class MonitorSpec(Section):
+    """Patience on one validation figure: a plateau unfreeze rule, or `train.early_stop`."""
+
+    monitor: str = "val_loss"
+    patience: int = 2
+    min_delta: float = 0.0
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.monitor != "val_loss"
+
+    def __str__(self) -> str:
+        return f"{self.monitor}/{self.patience}" + (f", min_delta {self.min_delta:g}" if self.min_delta else "")
+
+
+@dataclass(frozen=True)
 class MixupSpec(Section):
     """`train.mixup`: the arguments of timm's `Mixup` (batch mode)."""
 
@@ -236,6 +276,7 @@ class TrainSpec(Section):
     nonfinite: str = "stop"
     sync_bn: bool = False
     cache_features: str = "auto"
+    early_stop: MonitorSpec | None = _optional_section(MonitorSpec)
 
 
 @dataclass(frozen=True)
@@ -291,6 +332,7 @@ class DataSpec(Section):
     image_size: int = 32
     classes: tuple[str | int, ...] | None = None
     val_split: float = 0.2
+    test_split: float = 0.0  # of the training pool, after val is set aside: a held-out test set
     subset: SubsetSpec = _section(SubsetSpec)
     augment: AugmentSpec = _section(AugmentSpec)
     balance: str = "none"
@@ -427,6 +469,14 @@ def _surgery_entry(s: dict, i: int) -> SurgeryEntry:
     return InsertSpec(s["insert"], _selectors(s["at"], ("surgery", i, "at")), s["position"], s["init"], s["args"], i)
 
 
+def _unfreeze(value: Any, where: tuple) -> tuple[int | None, UnfreezeRule | None]:
+    """`unfreeze_at` as (plain epoch, rule): an integer, 'never', or an event rule."""
+    if isinstance(value, dict):
+        plateau = MonitorSpec.parse(value["plateau"]) if "plateau" in value else None
+        return None, UnfreezeRule(value.get("after"), value.get("epochs"), plateau, where)
+    return (None if value == "never" else int(value)), None
+
+
 def _typed(data: dict, source: Source) -> Spec:
     m = data["model"]
     head = m.get("head")
@@ -454,16 +504,18 @@ def _typed(data: dict, source: Source) -> Spec:
             raise source.error(("groups", i, "name"), f"two groups are named {g['name']!r}",
                                expected="a distinct name for each group", hint=f"the first is groups[{seen[g['name']]}]")
         seen[g["name"]] = i
+        unfreeze_at, rule = _unfreeze(g["unfreeze_at"], ("groups", i, "unfreeze_at"))
         groups.append(GroupSpec(
             name=g["name"],
             params=_selectors(g["params"], ("groups", i, "params")),
             lr=_lr(g["lr"], ("groups", i, "lr"), source),
-            unfreeze_at=None if g["unfreeze_at"] == "never" else int(g["unfreeze_at"]),
+            unfreeze_at=unfreeze_at,
             weight_decay=g["weight_decay"],
             decay_norm_and_bias=g["decay_norm_and_bias"],
             norm=g["norm"],
             warmup_epochs=g["warmup_epochs"],
             index=i,
+            unfreeze_rule=rule,
         ))
     if default_groups:
         data["groups"] = raw_groups
@@ -489,19 +541,24 @@ def _check_cross_fields(spec: Spec) -> tuple[str, ...]:
         where = f"{file or '<spec>'}" + (f":{line}" if line else "")
         warnings.append(f"{where}: {format_path(path)}: {text}")
 
+    from .schedule import check_rules, unfreeze_epochs
+
+    for path, text in check_rules(spec):  # event rules: unknown groups and cycles raise here
+        warn(path, text)
+    starts = unfreeze_epochs(spec)  # plain epochs, and `after` chains rooted in them
     for g in spec.groups:
         where = ("groups", g.index)
-        if g.unfreeze_at is not None and g.unfreeze_at >= epochs:
-            warn(where + ("unfreeze_at",), f"group {g.name!r} unfreezes at epoch {g.unfreeze_at}, after the last "
+        if starts[g.name] is not None and starts[g.name] >= epochs:
+            warn(where + ("unfreeze_at",), f"group {g.name!r} unfreezes at epoch {starts[g.name]}, after the last "
                  f"epoch ({epochs - 1}): it stays frozen for this whole run")
         for start, _ in g.lr:
             if start >= epochs:
                 warn(where + ("lr",), f"the learning-rate map of {g.name!r} names epoch {start}, past the last "
                      f"epoch ({epochs - 1}): that step never comes")
-    if all(g.unfreeze_at is None for g in spec.groups):
+    if all(g.unfreeze_at is None and g.unfreeze_rule is None for g in spec.groups):
         raise spec.error(("groups",), "no group ever trains: every group has unfreeze_at: never",
                          expected="at least one group with an unfreeze epoch")
-    if all(g.unfreeze_at is None or g.unfreeze_at >= epochs for g in spec.groups):
+    if all(g.unfreeze_rule is None and (g.unfreeze_at is None or g.unfreeze_at >= epochs) for g in spec.groups):
         warn(("groups",), f"no group trains within the {epochs} epochs of this run")
     sched = spec.train.scheduler
     for i, m in enumerate(sched.milestones):
@@ -626,5 +683,6 @@ def backbone_names(source: str) -> list[str]:
 
 __all__ = ["Spec", "ModelSpec", "HeadSpec", "InsertSpec", "ReplaceSpec", "RemoveSpec", "SurgeryEntry", "GroupSpec",
            "Selector", "Section", "TrainSpec", "OptimizerSpec", "SchedulerSpec", "MixupSpec", "DataSpec", "SubsetSpec",
-           "AugmentSpec", "ErasingSpec", "LogSpec", "MlflowSpec", "load_spec", "backbone_names"]
+           "AugmentSpec", "ErasingSpec", "LogSpec", "MlflowSpec", "MonitorSpec", "UnfreezeRule", "load_spec",
+           "backbone_names"]
 

@@ -12,6 +12,7 @@ from torch import nn
 from .builder import Built
 from .insert import Inserted
 from .paths import type_names
+from .schedule import trainable_at, unfreeze_epochs
 from .weights import LoadReport
 
 
@@ -97,8 +98,12 @@ def groups_table(built: Built, epoch: int = 0) -> Table:
     for g in built.groups:
         n = sum(params[p].numel() for p in g.params)
         lr = ", ".join(f"{lr:g} from {e}" if len(g.spec.lr) > 1 else f"{lr:g}" for e, lr in g.spec.lr)
-        unfreeze = "never" if g.spec.unfreeze_at is None else str(g.spec.unfreeze_at)
-        state = Text("trainable", style="green") if g.spec.trainable(epoch) else Text("frozen", style="blue")
+        starts = unfreeze_epochs(built.spec)
+        rule = g.spec.unfreeze_rule
+        unfreeze = (str(starts[g.name]) if starts[g.name] is not None else "never" if rule is None else str(rule)) \
+            + (f" ({rule})" if rule is not None and starts[g.name] is not None else "")
+        state = Text("trainable", style="green") if trainable_at(g.spec, epoch, starts[g.name]) else \
+            Text("frozen" if rule is None or starts[g.name] is not None else "frozen until its rule fires", style="blue")
         table.add_row(g.name, ", ".join(str(s) for s in g.spec.params), _human(n), lr, unfreeze, state)
     return table
 
@@ -147,7 +152,8 @@ def report_table(report: LoadReport) -> RichGroup:
 
 
 def schedule_rich(rows: Iterable[Mapping[str, Any]], group_names: list[str], note: str = "") -> Table:
-    """Epoch x group table: learning rate when trainable, 'frozen' otherwise."""
+    """Epoch x group table: learning rate when trainable, 'frozen' otherwise, and an event rule's
+    text ('plateau val_loss/2', 'after new +3') from the first epoch it could fire."""
     table = Table(title="schedule (lr at the start of each epoch)" + (f" - {note}" if note else ""))
     table.add_column("epoch", justify="right")
     for name in group_names:
@@ -156,6 +162,9 @@ def schedule_rich(rows: Iterable[Mapping[str, Any]], group_names: list[str], not
         cells = []
         for name in group_names:
             g = row["groups"][name]
-            cells.append(Text(f"{g['lr']:.3g}", style="green") if g["trainable"] else Text("frozen", style="blue"))
+            if g["trainable"] is None:  # decided by an event rule during the run
+                cells.append(Text(g["rule"], style="yellow"))
+            else:
+                cells.append(Text(f"{g['lr']:.3g}", style="green") if g["trainable"] else Text("frozen", style="blue"))
         table.add_row(str(row["epoch"]), *cells)
     return table

@@ -15,7 +15,7 @@ that splits the same order: a run resumed at epoch 5 matches an uninterrupted on
 
     sources.py     sources (arrays, datasets, files) and the epoch-seeded dataset over them
     datasets.py    the datasets data.name names
-    splits.py      train/val split, data.classes, data.subset
+    splits.py      train/val/test split, data.classes, data.subset, splits.json
     transforms.py  eval and training transforms, normalize (on the device)
     loader.py      make_loader: epoch-seeded, resumable, sharded, optionally class-balanced
     __init__.py    DataBundle and build_data, the entry point
@@ -34,8 +34,8 @@ from ..spec import Spec
 from .datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, dataset_names, pools, read_idx
 from .loader import EpochLoader, class_weights, make_loader, pos_weights, train_counts
 from .sources import Pool, SplitDataset
-from .splits import narrow, select_classes
-from .transforms import eval_transform, image_mode, normalize, train_transform
+from .splits import data_base, item_ids, narrow, select_classes, split_record, test_split
+from .transforms import TTAViews, eval_transform, image_mode, normalize, train_transform
 
 
 # --------------------------------------------------------------------------- public types
@@ -55,7 +55,7 @@ class DataBundle:
     std: tuple[float, ...]
     deterministic_train: bool
     describe: str
-    test: Dataset | None = None  # a held-out test set (imagefolder test/, csv split=test), eval transform
+    test: Dataset | None = None  # a held-out test set (imagefolder test/, csv split=test, data.test_split), eval transform
 
 
 def _three(values: Any, key: str, channels: int = 3) -> tuple[float, ...]:
@@ -99,6 +99,15 @@ def build_data(spec: Spec, data_config: Mapping) -> DataBundle:
         'digits: 1437 train / 360 val, 10 classes, 32px'
     """
     train_pool, val_pool, skipped, test_pool = pools(spec)
+    if spec.data.test_split:
+        if test_pool is not None:
+            raise spec.error(("data", "test_split"), "this dataset has a test split of its own",
+                             found=f"test_split: {spec.data.test_split}, and {len(test_pool.indices)} test images in "
+                                   f"{spec.data.root}", expected="test_split: 0 (the dataset's own test images are "
+                                   "held out already)",
+                             hint="remove data.test_split, or the test images (an image folder's test/, csv rows "
+                                  "with split test)")
+        train_pool, test_pool = test_split(spec, train_pool)
     classes = train_pool.source.classes
     chosen = select_classes(spec, classes)
     label_map = np.full(len(classes), -1, dtype=np.int64)
@@ -136,4 +145,4 @@ def build_data(spec: Spec, data_config: Mapping) -> DataBundle:
 
 __all__ = ["DataBundle", "EpochLoader", "build_data", "eval_transform", "normalize", "make_loader",
            "read_idx", "dataset_names", "normalization", "class_weights", "image_mode", "FASHION_MNIST_DIR",
-           "FASHION_MNIST_CLASSES", "pos_weights", "train_counts"]
+           "FASHION_MNIST_CLASSES", "pos_weights", "train_counts", "split_record", "item_ids", "data_base", "TTAViews"]

@@ -115,6 +115,44 @@ def eval_transform(data_config: Mapping, image_size: int) -> Callable[[Image.Ima
     return _Compose([_EvalGeometry(data_config, image_size)])
 
 
+CORNER_VIEWS = ("crop top-left", "crop top-right", "crop bottom-left", "crop bottom-right")
+
+
+class TTAViews:
+    """PIL image -> (views V x C x H x W uint8, their names) for test-time augmentation.
+
+    Every image gets its eval view ("original") and that view mirrored ("hflip"). An image the
+    eval transform crops (larger than the input, crop_mode center or squash, crop_pct below 1)
+    also gets the four corner crops of the same resized image, torchvision's `five_crop` less
+    the centre (which is the original). Images resized whole (digits, MNIST, CIFAR at their own
+    size) have nothing to crop, so they get two views.
+    """
+
+    def __init__(self, data_config: Mapping, image_size: int) -> None:
+        import torchvision.transforms as T
+
+        self.geometry = _EvalGeometry(data_config, image_size)
+        steps = self.geometry.large
+        # the resize before a plain centre crop; timm's border mode pads instead, and is left alone
+        self.before_crop = steps[:-1] if steps and type(steps[-1]) is T.CenterCrop else None
+
+    def __call__(self, image: Image.Image) -> tuple[Tensor, list[str]]:
+        from torchvision.transforms.functional import five_crop, hflip, pil_to_tensor
+
+        size = self.geometry.size
+        original = self.geometry(image)
+        views, names = [original, hflip(original)], ["original", "hflip"]
+        image = image.convert(self.geometry.mode)
+        if self.before_crop is not None and min(image.size) > size:
+            resized = image
+            for step in self.before_crop:
+                resized = step(resized)
+            if resized.size != (size, size):
+                views.extend(five_crop(resized, [size, size])[:4])
+                names.extend(CORNER_VIEWS)
+        return torch.stack([pil_to_tensor(v) for v in views]), names
+
+
 def train_transform(spec: Spec, data_config: Mapping) -> tuple[Callable[[Image.Image], Tensor], bool]:
     """The train transform for `data.augment`, and whether it is deterministic."""
     import torchvision.transforms as T

@@ -3,6 +3,10 @@
     {
       format, epoch, batch  where to continue: batch > 0 means mid-epoch (after Ctrl-C)
       model, optimizer, scaler, plateau, ema, loaders (their generators)
+      unfreeze              event rules: the epoch each fired plateau rule unfroze its group, and
+                            every watch (best value, epochs without improvement)
+      early_stop            its watch, and the epoch it stopped after (a stopped run resumed only
+                            writes its final files)
       ranks: [per process: rng (python, numpy, torch, cuda), partial-epoch sums, and under DDP
               the BatchNorm statistics, which move per process until the epoch ends]
       best, rows            the best epoch so far and every metrics row (metrics.jsonl is rewritten
@@ -25,6 +29,7 @@ import torch
 from ..errors import Origin, RunDirError, describe_exception, format_path
 from ..runtime import rng_state, set_rng_state
 from ..spec import Spec
+from ..spec_schema import fill_defaults
 from .context import Context
 from .loop import EpochState
 
@@ -58,6 +63,8 @@ def checkpoint_state(ctx: Context, epoch: int, best: Mapping[str, Any], rows: Se
         "optimizer": ctx.optimizer.state_dict(),
         "scaler": ctx.scaler.state_dict(),
         "plateau": ctx.plateau.state_dict(),
+        "unfreeze": ctx.unfreeze.state_dict(),
+        "early_stop": ctx.early_stop.state_dict(),
         "ema": ctx.ema.state_dict() if ctx.ema is not None else None,
         "loaders": {"train": ctx.train_loader.state_dict(), "val": ctx.val_loader.state_dict()},
         "ranks": ranks,
@@ -83,6 +90,9 @@ def restore(ctx: Context, state: Mapping[str, Any]) -> EpochState | None:
     ctx.optimizer.load_state_dict(state["optimizer"])
     ctx.scaler.load_state_dict(state["scaler"])
     ctx.plateau.load_state_dict(state["plateau"])
+    if "unfreeze" in state:  # checkpoints from before event rules have neither (nor rules in their spec)
+        ctx.unfreeze.load_state_dict(state["unfreeze"])
+        ctx.early_stop.load_state_dict(state["early_stop"])
     if ctx.ema is not None and state.get("ema") is not None:
         ctx.ema.load_state_dict(state["ema"])
     if "loaders" in state:
@@ -151,8 +161,11 @@ def check_resumable(state: Mapping[str, Any], spec: Spec, path: Path, run_dir: P
     """Refuse a resume with another spec or, mid-epoch, another number of processes; return a note
     when only the data order changes (another number of processes at an epoch boundary)."""
     mine = json.loads(json.dumps(spec.raw))
-    if state.get("spec") != mine:
-        where = format_path(first_difference(state.get("spec"), mine))
+    theirs = state.get("spec")
+    if isinstance(theirs, dict):  # a key added to the schema since the run started takes its default there too
+        theirs = fill_defaults(theirs)
+    if theirs != mine:
+        where = format_path(first_difference(theirs, mine))
         raise RunDirError(f"cannot resume: the spec differs from the one this run started with (at {where})",
                           origin=Origin.path(path), expected=f"the spec in {run_dir / 'spec.yaml'}", exit_code=2,
                           hint="resume with the same spec file and --set options, or start a new run")

@@ -17,7 +17,7 @@ from ..data import DataBundle, class_weights, make_loader, pos_weights
 from ..distributed import DataParallel, Distributed
 from ..optim import build_optimizer
 from ..runtime import Compiled, Runtime, make_runtime, seed_everything
-from ..schedule import Plateau
+from ..schedule import EarlyStop, Plateau, Unfreezing
 from ..spec import Spec
 from .mixing import BatchAugment, train_criterion
 
@@ -29,7 +29,8 @@ class Context:
     """Everything the epoch functions share, built once by `prepare`.
 
     The fields that change during a run: `trainable_params` (at each unfreeze) and `features`
-    (the head-only cache, set by `features.use_feature_cache`).
+    (the head-only cache, set by `features.use_feature_cache`); `plateau`, `unfreeze` and
+    `early_stop` hold the schedule's state (what validation decided), kept in the checkpoint.
     """
 
     spec: Spec
@@ -41,6 +42,8 @@ class Context:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     plateau: Plateau
+    unfreeze: Unfreezing
+    early_stop: EarlyStop
     ema: Any
     train_loader: Any
     val_loader: Any
@@ -116,6 +119,7 @@ def prepare(spec: Spec, *, device: str | None = None, runs_root: Path | None = N
     criterion = train_criterion(spec, weights).to(runtime.device)
     augment = BatchAugment(spec, len(data.classes), runtime.device, env.rank)
     return Context(spec=spec, built=built, data=data, runtime=runtime, model=model, forward=forward,
-                   optimizer=optimizer, scaler=scaler, plateau=Plateau.from_train(spec.train), ema=ema,
+                   optimizer=optimizer, scaler=scaler, plateau=Plateau.from_train(spec.train),
+                   unfreeze=Unfreezing(spec), early_stop=EarlyStop(spec), ema=ema,
                    train_loader=train_loader, val_loader=val_loader, criterion=criterion,
                    batch_augment=augment if augment.active else None, class_weights=weights, dist=env)

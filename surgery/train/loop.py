@@ -20,7 +20,7 @@ from ..data import normalize
 from ..groups import ResolvedGroup
 from ..modes import evaluating
 from ..optim import set_lrs
-from ..schedule import lrs_at
+from ..schedule import lrs_at, trainable_at
 from .mixing import hard_labels
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,12 +39,16 @@ class NonFiniteLoss(TrainingStopped):
 
 
 # --------------------------------------------------------------------------- freezing
-def apply_trainable(model: nn.Module, groups: Sequence[ResolvedGroup], epoch: int) -> dict[str, bool]:
-    """Set requires_grad for every parameter from its group's unfreeze epoch; return group -> trainable."""
+def apply_trainable(model: nn.Module, groups: Sequence[ResolvedGroup], epoch: int,
+                    starts: Mapping[str, int | None] | None = None) -> dict[str, bool]:
+    """Set requires_grad for every parameter from its group's unfreeze epoch; return group -> trainable.
+
+    `starts`: the epoch each group actually unfroze (``ctx.unfreeze.starts``), for event rules."""
     params = dict(model.named_parameters())
+    starts = starts or {}
     flags = {}
     for g in groups:
-        on = g.spec.trainable(epoch)
+        on = trainable_at(g.spec, epoch, starts.get(g.name))
         flags[g.name] = on
         for name in g.params:
             params[name].requires_grad_(on)
@@ -210,7 +214,7 @@ def train_epoch(ctx: Context, epoch: int, flags: Mapping[str, bool], *, on_step:
     set_train_mode(ctx.model, ctx.built.groups, flags)
     any_trainable = any(flags.values())
     steps, accumulate = ctx.steps, train.accumulate
-    set_lrs(ctx.optimizer, lrs_at(ctx.spec, epoch, ctx.plateau.current))
+    set_lrs(ctx.optimizer, lrs_at(ctx.spec, epoch, ctx.plateau.current, ctx.unfreeze.starts))
     ctx.optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.tensor(state.loss_sum, device=ctx.runtime.device, dtype=torch.float64)
     correct = torch.tensor(state.correct, device=ctx.runtime.device, dtype=torch.int64)
@@ -223,7 +227,7 @@ def train_epoch(ctx: Context, epoch: int, flags: Mapping[str, bool], *, on_step:
         first, window = accumulation_window(step, steps, accumulate)
         last = step == first + window - 1
         if train.scheduler.per_step and step and step == first:
-            set_lrs(ctx.optimizer, lrs_at(ctx.spec, epoch + step / steps, ctx.plateau.current))
+            set_lrs(ctx.optimizer, lrs_at(ctx.spec, epoch + step / steps, ctx.plateau.current, ctx.unfreeze.starts))
         x, y = to_device(ctx, x, y)
         if ctx.batch_augment is not None and ctx.features is None:
             x, y = ctx.batch_augment(x, y, epoch, step)  # y: soft targets with mixup

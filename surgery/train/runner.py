@@ -2,7 +2,9 @@
 
 Per-epoch decisions (which groups train, each group's lr) come from the pure functions of
 `schedule.py`; the only state carried between epochs is what the checkpoint holds
-(`checkpoint.py`), so a resumed run continues exactly where it stopped.
+(`checkpoint.py`), so a resumed run continues exactly where it stopped. What validation decides
+(a plateau rule unfreezing a group, early stopping) is stepped once per epoch, after validation,
+and saved with that epoch.
 
 Under torchrun the same loop runs in every process (see `surgery.distributed`): batches are
 sharded, metrics are summed over processes, only rank 0 writes and prints, and the ranks'
@@ -21,8 +23,10 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from .. import distributed
+from ..data import split_record
 from ..plots import plot_confusion, plot_curves
-from ..rundir import RunDir, read_metrics, save_safetensors, save_torch, write_json, write_metrics, write_text
+from ..rundir import (RunDir, load_safetensors, read_metrics, save_safetensors, save_torch, write_json,
+                      write_metrics, write_text)
 from ..runtime import make_runtime
 from ..schedule import lrs_at, unfreeze_events
 from ..spec import Spec
@@ -108,7 +112,7 @@ def _begin(ctx: Context, rundir: RunDir, resume: bool, say: Callable) -> Journey
                         if r["epoch"] < journey.epoch]
         env.on_main(lambda: write_metrics(rundir.folder / "metrics.jsonl", journey.rows))
         journey.kept = _kept(last, journey.epoch, journey.partial)
-        say(_resuming(spec, journey, last))
+        say(_resuming(spec, journey, last, ctx.early_stop.stopped_at))
     else:
         if resume:
             say(f"no checkpoint in {last}: starting {spec.name} from the first epoch")
@@ -117,6 +121,8 @@ def _begin(ctx: Context, rundir: RunDir, resume: bool, say: Callable) -> Journey
             write_text(rundir.folder / "spec.yaml", spec.to_yaml())
             write_json(rundir.folder / "load_report.json", ctx.built.report.to_dict())
             write_json(rundir.folder / "classes.json", ctx.data.classes)
+            write_json(rundir.folder / "splits.json", split_record(spec, {"train": ctx.data.train, "val": ctx.data.val,
+                                                                           "test": ctx.data.test}))
             rundir.start()
         env.on_main(write_start)
     processes = f"; {env.world_size} processes x batch {spec.train.batch_size}" if env.enabled else ""
@@ -128,8 +134,11 @@ def _begin(ctx: Context, rundir: RunDir, resume: bool, say: Callable) -> Journey
     return journey
 
 
-def _resuming(spec: Spec, journey: Journey, last: Path) -> str:
+def _resuming(spec: Spec, journey: Journey, last: Path, stopped_at: int | None = None) -> str:
     total = spec.train.epochs
+    if stopped_at is not None:  # stopped early: it does not train on
+        return (f"resuming {spec.name}: it stopped early after epoch {stopped_at + 1}/{total}; writing the final "
+                f"files from {last}")
     if journey.epoch >= total:  # killed while writing the final files: only those are left to do
         return f"resuming {spec.name}: all {total} epochs are trained; writing the final files from {last}"
     where = f"epoch {journey.epoch + 1}/{total}" + (f", batch {journey.partial.batch + 1}" if journey.partial else "")
@@ -152,11 +161,13 @@ def _train(ctx: Context, rundir: RunDir, journey: Journey, progress: Progress, s
         progress.step(loss, spec.train.batch_size * env.world_size)
         if on_step is not None:
             on_step(epoch, step, loss)
+    if ctx.early_stop.stopped_at is not None:
+        return  # a run that stopped early, resumed: only its final files are left to write
     try:
         with _graceful_interrupt() as interrupted:
             for epoch in range(journey.epoch, total):
                 # --- which groups train: the forward re-wraps DDP (and recompiles) itself on a change
-                flags = apply_trainable(ctx.model, ctx.built.groups, epoch)
+                flags = apply_trainable(ctx.model, ctx.built.groups, epoch, ctx.unfreeze.starts)
                 if flags != flags_before:
                     ctx.trainable_params = [p for p in ctx.model.parameters() if p.requires_grad]
                     flags_before = flags
@@ -179,8 +190,12 @@ def _train(ctx: Context, rundir: RunDir, journey: Journey, progress: Progress, s
                 _check_ranks(ctx, rundir, epoch, journey.kept)
                 row = _validate(ctx, epoch, flags, result)
                 progress.line(epoch_line(row, total))
+                for line in _decide(ctx, epoch, row):
+                    say(line, markup=False, soft_wrap=True)
                 _save_epoch(ctx, rundir, journey, row)
                 trackers.log_epoch(journey.rows)
+                if ctx.early_stop.stopped_at is not None:
+                    break
                 # a signal that came during validation: the epoch is complete and saved, stop here
                 if env.max_(torch.tensor([float(interrupted())], device=env.device)).item() and epoch + 1 < total:
                     raise TrainingStopped(f"interrupted after epoch {epoch + 1}/{total}; saved "
@@ -191,7 +206,7 @@ def _train(ctx: Context, rundir: RunDir, journey: Journey, progress: Progress, s
 
 def _validate(ctx: Context, epoch: int, flags: Mapping[str, bool], result: EpochResult) -> dict[str, Any]:
     """Evaluate after an epoch, step the plateau tracker, and return the epoch's metrics row."""
-    lrs = lrs_at(ctx.spec, epoch, ctx.plateau.current)
+    lrs = lrs_at(ctx.spec, epoch, ctx.plateau.current, ctx.unfreeze.starts)
     val = evaluate(ctx)
     ctx.plateau.step(val.loss)
     row = {"epoch": epoch, "train_loss": result.loss, "train_acc": result.acc,
@@ -210,6 +225,26 @@ def _validate(ctx: Context, epoch: int, flags: Mapping[str, bool], result: Epoch
         if ema.mean_ap is not None:
             row["val_map_ema"] = ema.mean_ap
     return row
+
+
+def _decide(ctx: Context, epoch: int, row: dict[str, Any]) -> list[str]:
+    """Step the event rules and early stopping on the epoch's figures; record the unfreeze epochs
+    in the row; return the lines that say what was decided."""
+    lines = [f"epoch {epoch + 1}: {g} unfreezes from epoch {epoch + 2}: its rule fired ({_rule(ctx.spec, g)})"
+             for g in ctx.unfreeze.step(epoch, row)]
+    row["unfreeze_at"] = ctx.unfreeze.starts
+    stop = ctx.early_stop
+    if stop.step(epoch, row, waiting=bool(ctx.unfreeze.waiting(epoch))):
+        watch = stop.watch
+        lines.append(f"early stop after epoch {epoch + 1}/{ctx.spec.train.epochs}: {watch.spec.monitor} has not "
+                     f"improved by more than {watch.spec.min_delta:g} for {watch.spec.patience} epoch(s) (best "
+                     f"{watch.best:.4f} at epoch {watch.best_epoch + 1}); the best epoch's weights become the "
+                     "final model")
+    return lines
+
+
+def _rule(spec: Spec, name: str) -> str:
+    return str(next(g.unfreeze_rule for g in spec.groups if g.name == name))
 
 
 def _acc_basis(spec: Spec) -> str:
@@ -254,9 +289,16 @@ def _finish(ctx: Context, rundir: RunDir, journey: Journey, wall: float, say: Ca
             trackers: Trackers) -> dict[str, Any]:
     """Evaluate the final model and write model.safetensors, summary.json and the plots."""
     spec = ctx.spec
+    stopped = ctx.early_stop.stopped_at is not None
+    if stopped:
+        _restore_best(ctx, rundir)
     final = evaluate(ctx)
     _check_ranks(ctx, rundir, spec.train.epochs - 1, journey.kept)
-    summary = summary_of(ctx, journey.rows, journey.best, final, wall)
+    # stopped early, the final figures are those of the restored best epoch; `final` stays the last row
+    summary = {**summary_of(ctx, journey.rows, journey.best, final, wall), "unfreeze_at": ctx.unfreeze.starts,
+               "early_stop": ctx.early_stop.record(journey.best["epoch"])}
+    trained = journey.rows[-1]["epoch"] if journey.rows else -1
+    events = {e: g for e, g in unfreeze_events(spec, ctx.unfreeze.starts).items() if e <= trained}
 
     def write() -> None:
         save_safetensors(rundir.folder / "model.safetensors", ctx.model.state_dict(), {"spec": spec.name})
@@ -264,7 +306,7 @@ def _finish(ctx: Context, rundir: RunDir, journey: Journey, wall: float, say: Ca
             save_safetensors(rundir.folder / "model_ema.safetensors", ctx.ema.module.state_dict(), {"spec": spec.name})
         write_json(rundir.folder / "summary.json", summary)
         if journey.rows:
-            plot_curves(rundir.folder / "plots" / "curves.png", journey.rows, unfreeze_events(spec))
+            plot_curves(rundir.folder / "plots" / "curves.png", journey.rows, events)
         if final.confusion is not None:  # multi-label runs have none; summary.json holds per-class F1
             plot_confusion(rundir.folder / "plots" / "confusion.png", final.confusion, ctx.data.classes)
         _write_report(rundir.folder, say)
@@ -273,9 +315,21 @@ def _finish(ctx: Context, rundir: RunDir, journey: Journey, wall: float, say: Ca
     best = journey.best
     key = best_key(spec)
     what, last = ("val mAP", final.mean_ap) if key == "val_map" else ("val acc", final.acc)
+    early = (f"stopped early after epoch {ctx.early_stop.stopped_at + 1}, model.safetensors holds epoch "
+             f"{(best['epoch'] or 0) + 1}'s weights; " if stopped else "")
     say(f"[green]done[/green] {spec.name}: best {what} {best.get(key, -1.0):.4f} at epoch "
-        f"{(best['epoch'] or 0) + 1}, final {last:.4f}; wrote {rundir.folder}", soft_wrap=True)
+        f"{(best['epoch'] or 0) + 1}, final {last:.4f}; {early}wrote {rundir.folder}", soft_wrap=True)
     return summary
+
+
+def _restore_best(ctx: Context, rundir: RunDir) -> None:
+    """Put the best epoch's weights (checkpoints/best.safetensors) back into the model, on every
+    process; the head-only feature cache is dropped, since the weights it was built on changed."""
+    def load() -> None:
+        ctx.model.load_state_dict(load_safetensors(rundir.folder / "checkpoints" / "best.safetensors"))
+    ctx.dist.on_main(load)  # a failure there is raised on every process, none left waiting
+    distributed.broadcast_state(ctx.model, ctx.dist)
+    ctx.features = None
 
 
 def _write_report(folder: Path, say: Callable) -> None:

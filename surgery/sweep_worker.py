@@ -67,7 +67,12 @@ def work(worker: Worker) -> int:
     try:
         while True:
             fail_stale_trials(study)
-            trial_id = study._pop_waiting_trial_id()  # WAITING -> RUNNING, for one worker only
+            held, trial_id = _hold_signals(), None  # until the trial taken has a heartbeat (see run_trial)
+            try:
+                trial_id = study._pop_waiting_trial_id()  # WAITING -> RUNNING, for one worker only
+            finally:
+                if trial_id is None:
+                    _release_signals(held)
             if trial_id is None:
                 running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                 if not running:
@@ -79,7 +84,7 @@ def work(worker: Worker) -> int:
                 time.sleep(poll)
                 continue
             waiting_said = False
-            if run_trial(worker, trial_id) == INTERRUPTED:
+            if run_trial(worker, trial_id, held) == INTERRUPTED:
                 return 130
     except KeyboardInterrupt:
         return 130
@@ -91,11 +96,16 @@ def work(worker: Worker) -> int:
         raise err from None
 
 
-def run_trial(worker: Worker, trial_id: int) -> str:
+def run_trial(worker: Worker, trial_id: int, held: Any = None) -> str:
     """Train the variant of one trial (just taken) into its run directory and report its objective.
 
     A run directory with a finished run of this spec is reported without training (a trial queued
     again after its worker was thought dead, but finished after all); one with a checkpoint resumes.
+
+    Args:
+        held: what `_hold_signals` returned before the trial was taken: a Ctrl-C is acted on
+            only once the trial has a heartbeat and can be queued again (a RUNNING trial that
+            never had a heartbeat is never found stale, and idle workers would wait on it).
     """
     import optuna
     from optuna.storages._heartbeat import get_heartbeat_thread  # Optuna's own, as `study.optimize` uses it
@@ -107,6 +117,7 @@ def run_trial(worker: Worker, trial_id: int) -> str:
     heartbeat = get_heartbeat_thread(trial_id, study._storage)
     heartbeat.start()  # at once: a trial without any heartbeat is never found stale
     try:
+        _release_signals(held)  # a Ctrl-C that came meanwhile lands here, and queues the trial again
         trial = optuna.Trial(study, trial_id)
         study.sampler = _sampler(sweep, trial.number)
         variant = _variant_of(sweep, trial)
@@ -212,8 +223,33 @@ def _requeue(worker: Worker, trial_id: int, why: str) -> None:
     with contextlib.suppress(Exception):
         study._storage.set_trial_user_attr(trial_id, "error", "interrupted")
     study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
-    study.enqueue_trial(dict(frozen.params), user_attrs={k: v for k, v in frozen.user_attrs.items() if k != "error"})
+    # stopped before its params were suggested, a grid trial still holds them as its fixed params
+    params = frozen.params or frozen.system_attrs.get("fixed_params", {})
+    study.enqueue_trial(dict(params), user_attrs={k: v for k, v in frozen.user_attrs.items() if k != "error"})
     worker.say(f"trial {frozen.number} queued again, to resume from its checkpoint: {why}")
+
+
+def _hold_signals() -> tuple[dict, list] | None:
+    """Note SIGINT and SIGTERM instead of acting on them; `_release_signals` acts on them.
+    (Python runs signal handlers in the main thread, whichever thread the signal reached.)"""
+    noted: list[int] = []
+    try:
+        previous = {s: signal.signal(s, lambda signum, frame: noted.append(signum))
+                    for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals are not ours to handle
+        return None
+    return previous, noted
+
+
+def _release_signals(held: tuple[dict, list] | None) -> None:
+    """Restore the handlers `_hold_signals` replaced; a signal noted meanwhile raises KeyboardInterrupt."""
+    if held is None:
+        return
+    previous, noted = held
+    for s, handler in previous.items():
+        signal.signal(s, signal.SIG_DFL if handler is None else handler)  # None: not set from Python
+    if noted:
+        raise KeyboardInterrupt
 
 
 def _wait_for_run_dir(worker: Worker, run_dir: Path) -> None:

@@ -544,3 +544,35 @@ def test_a_variant_that_fails_is_reported_and_the_others_still_train(tmp_path: P
     report = {r["variant"]: r for r in json.loads((out / "sweep.json").read_text())["variants"]}
     assert report["at-l4_seed-0"]["state"] == "COMPLETE"
     assert report["at-l34_seed-0"]["state"] == "FAIL" and "is a file" in report["at-l34_seed-0"]["error"]
+
+
+def test_a_grid_trial_stopped_before_its_values_were_drawn_is_queued_as_the_same_variant(base: Path) -> None:
+    from surgery.sweep import open_study
+    from surgery.sweep_worker import Worker, _requeue
+
+    sweep = load_sweep(write(base.parent, "s.yaml", """
+        spec: base.yaml
+        sweep: {axes: {surgery.0.at: {l4: [layer4], l34: [layer3, layer4]}}}
+        """))
+    study = open_study(sweep, open_storage(f"sqlite:///{base.parent / 'study.db'}", 20, 60), "d", print,
+                       lambda: sweep.grid())
+    trial_id = study._pop_waiting_trial_id()
+    worker = Worker(sweep, study, base.parent, base.parent, (), None, quiet(), "surgery sweep s.yaml", "study.db")
+    _requeue(worker, trial_id, "interrupted")
+    first, second, again = study.get_trials()
+    assert first.state == optuna.trial.TrialState.FAIL and first.params == {}  # stopped before suggesting
+    assert again.state == optuna.trial.TrialState.WAITING
+    assert again.system_attrs["fixed_params"] == first.system_attrs["fixed_params"] == {"surgery.0.at": "l4"}
+    assert again.user_attrs["variant"] == first.user_attrs["variant"] == "at-l4"
+
+
+def test_a_signal_while_a_trial_is_taken_waits_for_its_heartbeat() -> None:
+    from surgery.sweep_worker import _hold_signals, _release_signals
+
+    before = signal.getsignal(signal.SIGINT)
+    held = _hold_signals()
+    os.kill(os.getpid(), signal.SIGINT)  # noted: no KeyboardInterrupt here
+    time.sleep(0.05)
+    with pytest.raises(KeyboardInterrupt):
+        _release_signals(held)
+    assert signal.getsignal(signal.SIGINT) is before

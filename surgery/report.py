@@ -165,15 +165,20 @@ def _spec(reader: _Reader, run_dir: Path) -> tuple[str | None, Any]:
         return text, None
 
 
-def actual_starts(rows: Sequence[Mapping[str, Any]]) -> dict[str, int | None] | None:
-    """The epoch each group actually unfroze, as the last epoch recorded it (metrics.jsonl's
-    ``unfreeze_at``): an event rule (plateau, after) is only known from the record. None for runs
-    made before the record existed: the spec's plain epochs then say it all."""
+def actual_starts(spec: Any, rows: Sequence[Mapping[str, Any]]) -> dict[str, int | None]:
+    """The epoch each group starts training: what the spec says (`schedule.unfreeze_epochs`), and
+    for event rules (plateau, after), which only the record knows, what the last epoch recorded
+    (metrics.jsonl's ``unfreeze_at``; runs made before that record have none)."""
+    from .schedule import unfreeze_epochs
+
+    starts = unfreeze_epochs(spec)
     for row in reversed(rows):
-        starts = row.get("unfreeze_at")
-        if isinstance(starts, Mapping):
-            return {str(k): v if isinstance(v, int) and not isinstance(v, bool) else None for k, v in starts.items()}
-    return None
+        recorded = row.get("unfreeze_at")
+        if isinstance(recorded, Mapping):
+            starts.update({name: epoch for name, epoch in recorded.items() if name in starts
+                           and isinstance(epoch, int) and not isinstance(epoch, bool)})
+            break
+    return starts
 
 
 def _epoch_table(spec: Any, rows: Sequence[Mapping[str, Any]], best_epoch: int | None) -> dict[str, Any] | None:
@@ -192,7 +197,7 @@ def _epoch_table(spec: Any, rows: Sequence[Mapping[str, Any]], best_epoch: int |
         from .schedule import schedule_table, unfreeze_events
 
         planned = {row["epoch"]: row["groups"] for row in schedule_table(spec)}
-        starts = {name: epoch for epoch, names in unfreeze_events(spec, actual_starts(rows)).items()
+        starts = {name: epoch for epoch, names in unfreeze_events(spec, actual_starts(spec, rows)).items()
                   for name in names if epoch > 0}
     names = [g.name for g in spec.groups] if spec is not None else \
         list(dict.fromkeys(k for r in rows for k in _dict(r.get("lr"))))
@@ -447,7 +452,7 @@ def _pictures(reader: _Reader, run_dir: Path, summary: Mapping[str, Any], rows: 
     if curves is None and plottable:
         from .schedule import unfreeze_events
 
-        curves = data_uri(curves_png(plottable, unfreeze_events(spec, actual_starts(rows)) if spec is not None else {}))
+        curves = data_uri(curves_png(plottable, unfreeze_events(spec, actual_starts(spec, rows)) if spec is not None else {}))
     confusion = None
     matrix = summary.get("confusion_matrix")
     if isinstance(matrix, list) and matrix:

@@ -1,7 +1,17 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Under pytest-xdist (`-n auto`, the default in pyproject.toml) each worker gets its share of the
+# cores: two workers of two threads each on two cores thrash instead of running twice as fast.
+# Subprocesses the tests start (torchrun, sweep workers) inherit the setting.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="module")

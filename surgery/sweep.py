@@ -8,6 +8,8 @@ Optuna study deciding which worker trains which variant.
       work / spawn         N workers take queued trials until none is left; each trains
                            runs/<sweep>/<variant>/ (sweep_worker.py)
       report               sweep.json and a per-trial list
+      write_comparison     the finished variants compared (surgery.compare: mean ± std over seeds,
+                           best first): comparison.md, .json and .html
 
 Exactly once. The study is created by one command (the others load it) and its creator queues
 each variant as one WAITING trial; a worker takes a trial by moving it from WAITING to RUNNING,
@@ -32,7 +34,7 @@ import shlex
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .errors import Origin, RunDirError, SpecError, UsageError, describe_exception
 from .sweep_file import Sweep, Variant, fingerprint, load_sweep
@@ -288,6 +290,24 @@ def report(sweep: Sweep, study: Any, folder: Path, storage_url: str) -> dict[str
     return data
 
 
+def write_comparison(folder: Path, data: Mapping[str, Any]) -> Any:
+    """The variants that finished, compared (`surgery.compare`: mean ± std over the seeds of each
+    label, best first) into comparison.md, comparison.json and comparison.html in the sweep's
+    folder; return the terminal table, or None when no variant has finished yet."""
+    from .compare import aggregate, collect, to_json, to_markdown, to_table, write_html
+    from .rundir import write_text
+
+    done = {v["run_dir"]: v["label"] for v in data["variants"] if v["state"] == "COMPLETE"}
+    rows = collect(list(done), skip_unfinished=True)
+    if not rows:
+        return None
+    variants = aggregate(rows, labels=done)
+    write_text(folder / "comparison.md", to_markdown(variants))
+    write_text(folder / "comparison.json", to_json(variants))
+    write_html(folder / "comparison.html", variants)
+    return to_table(variants)
+
+
 def _values(sweep: Sweep, params: dict[str, Any]) -> dict[str, Any]:
     """Optuna params (axis labels, drawn numbers) as the values the spec got."""
     out = {}
@@ -389,6 +409,10 @@ def sweep_command(path: str, *, workers: int = 1, storage: str | None = None, ou
     for line in trial_lines(sweep, study, folder):
         say(line)
     say(f"wrote {folder / 'sweep.json'}")
+    table = write_comparison(folder, data)
+    if table:
+        console.print(table)
+        say(f"wrote {folder / 'comparison.md'}, comparison.json and comparison.html")
     states = [v["state"] for v in data["variants"]]
     if interrupted:
         say(f"interrupted: rerun the same command to continue ({hint})")
@@ -399,4 +423,5 @@ def sweep_command(path: str, *, workers: int = 1, storage: str | None = None, ou
     return 1 if unfinished or any(s == "FAIL" for s in states) or code else 0
 
 
-__all__ = ["sweep_command", "check_variants", "open_storage", "open_study", "work", "report", "default_storage"]
+__all__ = ["sweep_command", "check_variants", "open_storage", "open_study", "work", "report", "write_comparison",
+           "default_storage"]

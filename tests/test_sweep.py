@@ -350,6 +350,14 @@ def test_two_workers_train_each_variant_of_a_grid_once(tmp_path: Path, storage: 
         summary = json.loads((run_dir / "summary.json").read_text())
         assert row["value"] == summary["best_val_acc"] == done[row["variant"]][0].value
         assert row["label"] == row["variant"].rsplit("_seed-", 1)[0] and row["seed"] == summary_seed(run_dir)
+    # the comparison: one row per label, the mean and spread of its two seeds, best first
+    compared = json.loads((out / "comparison.json").read_text())["variants"]
+    assert sorted(v["label"] for v in compared) == ["at-l34", "at-l4"]
+    for variant in compared:
+        values = [r["value"] for r in report["variants"] if r["label"] == variant["label"]]
+        assert variant["best"]["n"] == 2 and variant["best"]["mean"] == pytest.approx(sum(values) / 2)
+    assert compared[0]["best"]["mean"] >= compared[1]["best"]["mean"]
+    assert "at-l34" in (out / "comparison.md").read_text() and (out / "comparison.html").is_file()
 
     # the same command again: nothing left to train, nothing trained again
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.jsonl")}

@@ -218,9 +218,7 @@ def _batches(loader: Any, first_epoch: int) -> Iterator[tuple[Any, Any]]:
 
 def _step(ctx: Any, batches: Iterator, accumulate: int, stage: int, step: int) -> float:
     """One optimizer step over `accumulate` batches (as `run` takes them); the mean loss."""
-    import torch
-
-    from .train.loop import images_to_device
+    from .train.loop import images_to_device, optimizer_step
 
     total = 0.0
     for k in range(accumulate):
@@ -232,12 +230,7 @@ def _step(ctx: Any, batches: Iterator, accumulate: int, stage: int, step: int) -
             loss = ctx.criterion(ctx.forward(x).float(), y)
         ctx.scaler.scale(loss / accumulate).backward()
         total += float(loss.detach())
-    clip = ctx.spec.train.grad_clip
-    if clip:
-        ctx.scaler.unscale_(ctx.optimizer)
-        torch.nn.utils.clip_grad_norm_(ctx.trainable_params, clip)
-    ctx.scaler.step(ctx.optimizer)
-    ctx.scaler.update()
+    optimizer_step(ctx)  # as `run` steps: gradient clipping, the AMP scaler (and the EMA, thrown away)
     ctx.optimizer.zero_grad(set_to_none=True)
     return total / accumulate
 

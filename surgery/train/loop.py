@@ -163,7 +163,9 @@ def _backward(ctx: Context, loss: torch.Tensor, window: int) -> None:
     ctx.scaler.scale(loss / window if window > 1 else loss).backward()
 
 
-def _optimizer_step(ctx: Context) -> None:
+def optimizer_step(ctx: Context) -> None:
+    """One optimizer step on the accumulated gradients: clipped (train.grad_clip) after the AMP
+    scaler's unscale, the scaler updated, the EMA of the weights updated (`lr-find` steps so too)."""
     clip = ctx.spec.train.grad_clip
     if clip:
         ctx.scaler.unscale_(ctx.optimizer)
@@ -257,7 +259,7 @@ def train_epoch(ctx: Context, epoch: int, flags: Mapping[str, bool], *, on_step:
             # under DDP only the window's last backward all-reduces: when it was skipped, the
             # window's gradients are this process's own, and stepping on them would split the ranks
             if good and not (nonfinite and ctx.dist.enabled):
-                _optimizer_step(ctx)
+                optimizer_step(ctx)
             ctx.optimizer.zero_grad(set_to_none=True)
             good = 0
             if stopped:

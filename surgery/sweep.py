@@ -290,22 +290,22 @@ def report(sweep: Sweep, study: Any, folder: Path, storage_url: str) -> dict[str
     return data
 
 
-def write_comparison(folder: Path, data: Mapping[str, Any]) -> Any:
+def write_comparison(folder: Path, data: Mapping[str, Any]) -> list[Any]:
     """The variants that finished, compared (`surgery.compare`: mean ± std over the seeds of each
     label, best first) into comparison.md, comparison.json and comparison.html in the sweep's
-    folder; return the terminal table, or None when no variant has finished yet."""
-    from .compare import aggregate, collect, to_json, to_markdown, to_table, write_html
+    folder; return the variants compared (empty when none has finished yet)."""
+    from .compare import aggregate, collect, to_json, to_markdown, write_html
     from .rundir import write_text
 
     done = {v["run_dir"]: v["label"] for v in data["variants"] if v["state"] == "COMPLETE"}
     rows = collect(list(done), skip_unfinished=True)
     if not rows:
-        return None
+        return []
     variants = aggregate(rows, labels=done)
     write_text(folder / "comparison.md", to_markdown(variants))
     write_text(folder / "comparison.json", to_json(variants))
     write_html(folder / "comparison.html", variants)
-    return to_table(variants)
+    return variants
 
 
 def _values(sweep: Sweep, params: dict[str, Any]) -> dict[str, Any]:
@@ -409,9 +409,15 @@ def sweep_command(path: str, *, workers: int = 1, storage: str | None = None, ou
     for line in trial_lines(sweep, study, folder):
         say(line)
     say(f"wrote {folder / 'sweep.json'}")
-    table = write_comparison(folder, data)
-    if table:
-        console.print(table)
+    variants = write_comparison(folder, data)
+    if variants:
+        from .compare import to_markdown, to_table
+
+        # a table drawn for the terminal; piped or logged, the Markdown (a fixed 80-column table wraps every cell)
+        if console.is_terminal:
+            console.print(to_table(variants))
+        else:
+            say(to_markdown(variants).rstrip("\n"))
         say(f"wrote {folder / 'comparison.md'}, comparison.json and comparison.html")
     states = [v["state"] for v in data["variants"]]
     if interrupted:

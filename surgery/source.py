@@ -143,9 +143,9 @@ def _reader_error(exc: yaml.reader.ReaderError, text: str, file: str) -> SpecErr
                      expected="printable text", hint="remove the control character (often pasted from a terminal)")
 
 
-def read_spec_text(path: Path) -> str:
-    """The text of a spec file; a located SpecError when it is missing, unreadable, larger than
-    `_MAX_FILE_BYTES` (checked before reading it) or not UTF-8."""
+def read_spec_text(path: Path, kind: str = "spec") -> str:
+    """The text of a spec file (or, `kind`, a sweep file); a located SpecError when it is missing,
+    unreadable, larger than `_MAX_FILE_BYTES` (checked before reading it) or not UTF-8."""
     from .errors import did_you_mean
 
     file = str(path)
@@ -153,8 +153,8 @@ def read_spec_text(path: Path) -> str:
         hint = None
         if path.parent.is_dir():
             hint = did_you_mean(path.name, [p.name for p in path.parent.iterdir() if p.suffix in (".yaml", ".yml")])
-        raise SpecError("the spec file does not exist" if not path.exists() else "the spec path is not a file",
-                        file=file, found=str(path), expected="a YAML spec file", hint=hint)
+        raise SpecError(f"the {kind} file does not exist" if not path.exists() else f"the {kind} path is not a file",
+                        file=file, found=str(path), expected=f"a YAML {kind} file", hint=hint)
     try:
         size = path.stat().st_size
         if size <= _MAX_FILE_BYTES:
@@ -162,11 +162,11 @@ def read_spec_text(path: Path) -> str:
                 raw = f.read(_MAX_FILE_BYTES + 1)  # the file may have grown since stat
                 size = len(raw)
     except OSError as exc:
-        raise SpecError(f"the spec file cannot be read: {exc}", file=file, expected="a readable UTF-8 text file") from None
+        raise SpecError(f"the {kind} file cannot be read: {exc}", file=file, expected="a readable UTF-8 text file") from None
     if size > _MAX_FILE_BYTES:
-        raise SpecError(f"the spec file is larger than {_size(_MAX_FILE_BYTES)}", file=file, found=f"{size:,} bytes",
-                        expected=f"a YAML spec of at most {_size(_MAX_FILE_BYTES)}",
-                        hint="is this the right file? A spec is a page of settings")
+        raise SpecError(f"the {kind} file is larger than {_size(_MAX_FILE_BYTES)}", file=file, found=f"{size:,} bytes",
+                        expected=f"a YAML {kind} of at most {_size(_MAX_FILE_BYTES)}",
+                        hint=f"is this the right file? A {kind} file is a page of settings")
     return decode_spec(raw, file)
 
 

@@ -171,7 +171,7 @@ def load_sweep(path: str | Path) -> Sweep:
     """
     path = Path(path)
     file = str(path)
-    data, marks = parse_yaml(read_spec_text(path), file)
+    data, marks = parse_yaml(read_spec_text(path, "sweep"), file)
     source = Source(file, marks)
     if not isinstance(data, dict):
         raise SpecError("a sweep file is a mapping", file=file, line=1, column=1,

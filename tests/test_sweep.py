@@ -584,3 +584,9 @@ def test_a_signal_while_a_trial_is_taken_waits_for_its_heartbeat() -> None:
     with pytest.raises(KeyboardInterrupt):
         _release_signals(held)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_missing_sweep_file_is_named_as_a_sweep_file(tmp_path: Path) -> None:
+    with pytest.raises(SpecError) as info:
+        load_sweep(str(tmp_path / "sweep-cbam.yaml"))
+    assert info.value.problem == "the sweep file does not exist" and "a YAML sweep file" in info.value.expected

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import torch
 
 from surgery import SpecError, build, load_spec
 from surgery.groups import NORM_TYPES, ResolvedGroup, resolve_groups

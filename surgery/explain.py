@@ -34,7 +34,7 @@ from .attention_maps import ModuleAttention, bypass_inserted, record_attention
 from .builder import Built
 from .errors import Origin, RunDirError, UsageError, describe_exception, did_you_mean
 from .paths import nearest, select_modules
-from .predict import IMAGE_SUFFIXES, LoadedRun, _read, _UNREADABLE, find_images, load_run, locate_run
+from .predict import LoadedRun, _read, _UNREADABLE, images_or_skips, load_run, locate_run
 
 # --method name -> the pytorch_grad_cam class; progress: the method prints a tqdm bar per image
 METHODS: dict[str, str] = {
@@ -365,12 +365,7 @@ def explain_command(run_dir: str | Path, paths: Sequence[str], *, layer: str | N
     _check_target(target, Origin.flag("--out", out) if out is not None else Origin.path(target))
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     out_console = Console(highlight=False, soft_wrap=True)
-    images, missing = find_images(paths)
-    for path, reason in missing:
-        err.print(f"[yellow]skipped[/yellow] {escape(str(path))}: {reason}")
-    if not images:
-        raise UsageError("no images to explain", origin=Origin("flag", "IMAGE..."), found=" ".join(map(str, paths)),
-                         expected="image files, or folders holding " + ", ".join(sorted(IMAGE_SUFFIXES)))
+    images, _ = images_or_skips(paths, err, "explain", "IMAGE...")
     run = load_run(run_dir, device)
     if run.note:
         err.print(f"[yellow]note[/yellow] {escape(run.note)}")

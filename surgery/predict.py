@@ -233,6 +233,21 @@ def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[Pat
     return list(dict.fromkeys(found)), missing  # a file named both alone and inside its folder: once
 
 
+def images_or_skips(paths: Sequence[str | Path], err: Any, verb: str,
+                    flag: str) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """`find_images` for a command: each path that cannot be read is said on `err` (a rich
+    console) as skipped; none left is a UsageError ("no images to VERB", at the FLAG argument)."""
+    from rich.markup import escape
+
+    images, missing = find_images(paths)
+    for path, reason in missing:
+        err.print(f"[yellow]skipped[/yellow] {escape(str(path))}: {reason}")
+    if not images:
+        raise UsageError(f"no images to {verb}", origin=Origin("flag", flag), found=" ".join(map(str, paths)),
+                         expected="image files, or folders holding " + ", ".join(sorted(IMAGE_SUFFIXES)))
+    return images, missing
+
+
 def _kind(path: Path) -> str:
     import stat
 
@@ -364,12 +379,7 @@ def predict_command(run_dir: str | Path, paths: Sequence[str], *, topk: int = 3,
     locate_run(run_dir, weights)  # a wrong run directory is reported before any image is looked at
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     out = Console(highlight=False)
-    images, missing = find_images(paths)
-    for path, reason in missing:
-        err.print(f"[yellow]skipped[/yellow] {escape(str(path))}: {reason}")
-    if not images:
-        raise UsageError("no images to classify", origin=Origin("flag", "PATH..."), found=" ".join(map(str, paths)),
-                         expected="image files, or folders holding " + ", ".join(sorted(IMAGE_SUFFIXES)))
+    images, missing = images_or_skips(paths, err, "classify", "PATH...")
     run = load_run(run_dir, device, weights)
     if run.note:
         err.print(f"[yellow]note[/yellow] {escape(run.note)}")
@@ -403,5 +413,5 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-__all__ = ["LoadedRun", "Prediction", "load_run", "locate_run", "find_images", "predict", "predict_command",
+__all__ = ["LoadedRun", "Prediction", "load_run", "locate_run", "find_images", "images_or_skips", "predict", "predict_command",
            "IMAGE_SUFFIXES", "WEIGHT_CHOICES"]

@@ -3,20 +3,18 @@ plateau unfreezing (early stopping counts only once no group is still waiting to
 in tests/test_unfreeze_rules.py, on the same run as the rules."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import shutil
 from pathlib import Path
 
 import pytest
-from rich.console import Console
+from runs import run_logged
 
 from surgery.errors import SpecError
 from surgery.rundir import load_safetensors, read_metrics
 from surgery.schedule import EarlyStop, Watch
 from surgery.spec import MonitorSpec, load_spec
-from surgery.train import run
 
 WATCHES = [  # (monitor, min_delta, values, the epoch it fires at or None, best epoch)
     ("val_loss", 0.0, [1.0, 0.9, 0.9, 0.95], 3, 1),  # an equal value is no improvement
@@ -93,16 +91,10 @@ RUN = {
 }
 
 
-def _run(spec: dict, out: Path, **kw) -> str:
-    console = io.StringIO()
-    run(load_spec(spec), out, console=Console(file=console, width=300), **kw)
-    return console.getvalue()
-
-
 @pytest.fixture(scope="module")
 def stopped(tmp_path_factory, one_thread) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("stop") / "run"
-    return out, _run(RUN, out)
+    return out, run_logged(RUN, out)
 
 
 def test_stops_and_keeps_the_best_weights(stopped) -> None:
@@ -129,7 +121,7 @@ def test_a_stopped_run_resumed_does_not_train_on(stopped, tmp_path: Path) -> Non
     out, _ = stopped
     copy_ = tmp_path / "run"
     shutil.copytree(out, copy_)
-    log = _run(RUN, copy_, resume=True)
+    log = run_logged(RUN, copy_, resume=True)
     assert "it stopped early after epoch 2/6; writing the final files" in log and "epoch   3/6" not in log
     assert read_metrics(copy_ / "metrics.jsonl") == read_metrics(out / "metrics.jsonl")
     before, after = (json.loads((d / "summary.json").read_text()) for d in (out, copy_))

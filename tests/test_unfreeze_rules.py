@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from runs import run_logged
 from rich.console import Console
 
 from surgery.cli import main
@@ -23,7 +24,7 @@ from surgery.errors import SpecError
 from surgery.rundir import load_safetensors, read_metrics
 from surgery.schedule import Unfreezing, earliest_epochs, schedule_table, unfreeze_epochs, unfreeze_events
 from surgery.spec import load_spec
-from surgery.train import TrainingStopped, run
+from surgery.train import TrainingStopped
 from surgery.views import schedule_rich
 
 MARK = "# <-"
@@ -212,16 +213,10 @@ STOPS = LAST_STAGE + 1  # early stopping: the first value of the last stage, the
 EPOCHS = STOPS + 1  # epochs trained
 
 
-def _run(spec: dict, out: Path, **kw) -> str:
-    console = io.StringIO()
-    run(load_spec(spec), out, console=Console(file=console, width=300), **kw)
-    return console.getvalue()
-
-
 @pytest.fixture(scope="module")
 def rule_run(tmp_path_factory, one_thread) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("rules") / "run"
-    return out, _run(RUN, out)
+    return out, run_logged(RUN, out)
 
 
 def _same_run(a: Path, b: Path, ignore: tuple[str, ...] = ()) -> None:
@@ -261,7 +256,7 @@ def test_a_fired_rule_trains_exactly_like_a_plain_unfreeze_epoch(rule_run, tmp_p
     plain = copy.deepcopy(RUN)
     plain["groups"][1]["unfreeze_at"] = FIRES + 1
     plain["groups"][2]["unfreeze_at"] = LAST_STAGE
-    _run(plain, tmp_path / "plain")
+    run_logged(plain, tmp_path / "plain")
     # every figure, lr and weight the same; only `unfreeze_at` differs: a plain run knows it from epoch 0
     _same_run(out, tmp_path / "plain", ignore=("unfreeze_at",))
     assert read_metrics(tmp_path / "plain" / "metrics.jsonl")[0]["unfreeze_at"] == {"head": 0, "top": 2, "rest": 3}
@@ -278,9 +273,9 @@ def test_resumed_after_the_rule_fired_keeps_its_epoch(rule_run, tmp_path: Path) 
         if (epoch, step) == (LAST_STAGE, 0):  # after the rule fired, before the early stop, mid-epoch
             os.kill(os.getpid(), signal.SIGINT)
     with pytest.raises(TrainingStopped):
-        _run(RUN, resumed, on_step=interrupt)
+        run_logged(RUN, resumed, on_step=interrupt)
     state_rows = read_metrics(resumed / "metrics.jsonl")
     assert len(state_rows) == LAST_STAGE and state_rows[-1]["unfreeze_at"]["top"] == FIRES + 1
-    log = _run(RUN, resumed, resume=True)
+    log = run_logged(RUN, resumed, resume=True)
     assert f"resuming rules at epoch {LAST_STAGE + 1}/6, batch 2" in log and "early stop" in log
     _same_run(out, resumed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+from pathlib import Path
 from typing import Any
 
 MARKER = "<!-- spec-reference -->"
@@ -116,11 +117,12 @@ def _cell(text: str) -> str:
 
 
 def _description(node: Any, root: dict, depth: int = 0) -> str:
-    """A key's own description, else those of the alternatives it allows (a selector's)."""
+    """A key's own description followed by those of the alternatives it allows (an unfreeze
+    rule's, a selector's), each once."""
     node = _resolve(node, root)
-    if node.get("description") or depth > 3:
-        return node.get("description", "")
-    found = [_description(alt, root, depth + 1) for key in ("oneOf", "anyOf") for alt in node.get(key, [])]
+    found = [node.get("description", "")]
+    if depth < 4:
+        found += [_description(alt, root, depth + 1) for key in ("oneOf", "anyOf") for alt in node.get(key, [])]
     return " ".join(dict.fromkeys(d for d in found if d))
 
 
@@ -174,6 +176,6 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         return markdown
     if MARKER not in markdown:
         raise ValueError(f"{PAGE} lost its {MARKER} marker: the spec reference has nowhere to go")
-    from surgery import schema
-
-    return markdown.replace(MARKER, render_reference(schema()))
+    # the schema of this checkout (beside mkdocs.yml), whichever `surgery` is installed
+    path = Path(config["config_file_path"]).parent / "surgery" / "schema.json"
+    return markdown.replace(MARKER, render_reference(json.loads(path.read_text(encoding="utf-8"))))

@@ -88,7 +88,7 @@ def _allowed(node: Any, root: dict) -> str:
     if node.get("type") == "array" or (isinstance(node.get("type"), list) and "array" in node["type"]):
         inner = _limits(_resolve(node.get("items", {}), root))
         parts += [f"each {p}" for p in inner]
-    return ", ".join(parts).replace("|", "\\|")
+    return ", ".join(parts)
 
 
 def _objects(node: dict, root: dict) -> list[tuple[str, dict]]:
@@ -108,12 +108,13 @@ def _objects(node: dict, root: dict) -> list[tuple[str, dict]]:
 
 
 def _cell(text: str) -> str:
-    """Table-cell text: one line, pipes escaped, and `<`, `>`, `&` outside code spans as entities
-    (a description's `<source>:<name>` is text, not an HTML tag)."""
+    """Table-cell text on one line. Outside code spans `|` is escaped and `<`, `>`, `&` become
+    entities (a description's `<source>:<name>` is text, not an HTML tag); inside them nothing is
+    escaped, since the tables extension already keeps a code span's `|` in its cell."""
     parts = " ".join(str(text).split()).split("`")
     for i in range(0, len(parts), 2):  # even parts lie outside code spans
-        parts[i] = html.escape(parts[i], quote=False)
-    return "`".join(parts).replace("|", "\\|")
+        parts[i] = html.escape(parts[i], quote=False).replace("|", "\\|")
+    return "`".join(parts)
 
 
 def _description(node: Any, root: dict, depth: int = 0) -> str:
@@ -144,8 +145,7 @@ def _table(items: list[tuple[str, str, str, str, str]]) -> str:
     lines = ["| key | type | default | allowed | description |", "|---|---|---|---|---|"]
     for path, kind, default, allowed, text in items:
         shown = f"`{default}`" if default and default != "required" else default
-        lines.append(f"| `{path}` | {kind} | {shown.replace('|', chr(92) + '|')} "
-                     f"| {allowed} | {_cell(text)} |")
+        lines.append(f"| `{path}` | {kind} | {_cell(shown)} | {_cell(allowed)} | {_cell(text)} |")
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -254,8 +255,7 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     exe = shutil.which("mkdocs")
     cmd = [exe] if exe else [sys.executable, "-m", "mkdocs"]
     result = subprocess.run([*cmd, "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
-                                                                             "NO_MKDOCS_2_WARNING": "1"})
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     spec_page = (tmp_path / "site" / "reference" / "spec" / "index.html").read_text(encoding="utf-8")
     assert "train.early_stop.patience" in spec_page and "<!-- spec-reference -->" not in spec_page

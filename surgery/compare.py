@@ -404,14 +404,14 @@ def render_html(variants: Sequence[VariantRow], *, base: Path | None = None) -> 
     from . import __version__
     from .report import data_uri, duration, environment, human
 
-    def link(run: RunRow) -> str | None:
+    def link(run: RunRow) -> Path | None:  # the template's `href` filter makes it a safe URL
         report = run.run_dir / "report.html"
         if not report.is_file():
             return None
         try:
-            return Path(os.path.relpath(report.resolve(), (base or Path.cwd()).resolve())).as_posix()
+            return Path(os.path.relpath(report.resolve(), (base or Path.cwd()).resolve()))
         except ValueError:  # another drive (Windows)
-            return report.resolve().as_uri()
+            return report.resolve()
 
     runs = [{"variant": v.label, "colour": i, "name": r.name, "dir": str(r.run_dir), "seed": r.seed,
              "best": r.best, "final": r.final, "best_epoch": None if r.best_epoch is None else r.best_epoch + 1,

@@ -3,11 +3,13 @@ real browser, and clear refusals of folders that are not finished runs."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 import yaml
@@ -178,3 +180,27 @@ def test_report_and_compare_do_not_import_torch(runs: dict[str, Path], tmp_path:
                           cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0, proc.stderr
     assert "| cbam34 | 2 |" in proc.stdout and (tmp_path / "c.html").is_file()
+
+
+@pytest.mark.parametrize("folder, link", [
+    ("javascript:alert(1)", "./javascript%3Aalert%281%29/report.html"),
+    ("a b#c?d", "./a%20b%23c%3Fd/report.html"),
+    ("%2e%2e", "./%252e%252e/report.html"),
+])
+def test_run_folders_are_linked_as_folders_never_as_urls(tiny_run: Path, tmp_path: Path, folder: str, link: str) -> None:
+    """A folder named like a URL scheme, a fragment, a query or an encoded '..' is linked as the
+    folder it is: './'-prefixed and percent-encoded, on the compare page and a sweep's comparison."""
+    run = _variant_of(tiny_run, tmp_path, name=folder, seed=0, best=0.5, final=0.5)
+    (run / "report.html").write_text("<p>run</p>")
+    html = write_html(tmp_path / "compare.html", aggregate(collect([run]))).read_text()
+    links = re.findall(r'href="([^"]*)"', html)
+    assert links == [link]
+    assert (tmp_path / unquote(link)).resolve() == (run / "report.html").resolve()
+
+
+def test_every_link_in_the_templates_goes_through_the_href_filter() -> None:
+    """One helper for every page: a template that writes href="{{ x }}" without it fails here."""
+    folder = Path(__file__).resolve().parent.parent / "surgery" / "templates"
+    for template in folder.glob("*.j2"):
+        for value in re.findall(r'href="(\{\{[^"]*)"', template.read_text()):
+            assert re.fullmatch(r"\{\{ [^|}]+ \| href \}\}", value), f"{template.name}: href={value}"

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Origin, UsageError, describe_exception
+from .untrusted import printable
 
 _SEPARATORS = "-_."
 _METRICS = {"val_acc": "val acc", "val_map": "val mAP"}
@@ -348,7 +349,7 @@ def to_markdown(variants: Sequence[VariantRow]) -> str:
     head = _headers(variants)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for v in variants:
-        cells = [c.replace("|", "\\|") for c in _cells(v)]
+        cells = [printable(c).replace("|", "\\|") for c in _cells(v)]  # written raw: no terminal escapes
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -360,13 +361,14 @@ def to_json(variants: Sequence[VariantRow]) -> str:
 
 def to_table(variants: Sequence[VariantRow]) -> Any:
     """The comparison as a rich table, for the terminal."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="comparison (mean ± std over seeds), best first")
     for i, head in enumerate(_headers(variants)):
         table.add_column(head, justify="left" if i == 0 else "right")
-    for v in variants:
-        table.add_row(*_cells(v))
+    for v in variants:  # labels are run names: text, never rich markup
+        table.add_row(*(escape(c) for c in _cells(v)))
     return table
 
 
@@ -455,7 +457,7 @@ def compare_command(run_dirs: Sequence[str], *, out: str | None = None, as_json:
     """`surgery compare`: the table on stdout (rich, Markdown or JSON) and, with `out`, the page."""
     import sys
 
-    from rich.console import Console
+    from .untrusted import Console
     from rich.markup import escape
 
     if out is not None and Path(out).is_dir():

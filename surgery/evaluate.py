@@ -590,7 +590,7 @@ def evaluate_command(run_dir: str | Path, *, split: str | None = None, data: str
                      device: str = "cpu") -> int:
     """`surgery evaluate RUN_DIR [--split test|val | --data PATH] [--tta] [--weights W] [--json]`:
     print the figures (a table, or one JSON object with --json) after writing them."""
-    from rich.console import Console
+    from .untrusted import Console
     from rich.markup import escape
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)

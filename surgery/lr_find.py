@@ -413,7 +413,7 @@ def lr_find_command(spec_path: str, overrides: Sequence[str] = (), *, stage: int
                     start: float = 1e-4, end: float = 1e3, out: str | None = None, device: str | None = None,
                     console: Any = None) -> int:
     """`surgery lr-find`: sweep, print the suggestion and its --set lines, write the plot and JSON."""
-    from rich.console import Console
+    from .untrusted import Console
     from rich.markup import escape
 
     from .spec import load_spec

@@ -7,15 +7,21 @@ they go: a link on a page, or a terminal.
                             as ``\\x1b``, ``\\u202e``: what the terminal shows is what is there
     label_problem(name)     why a class name cannot be one (None when it can): the datasets
                             refuse such names where they enter, with the CSV line or folder
+    Console                 rich's Console with `printable` applied to every string it renders
+                            (messages, markup, table cells): what every command prints through
 
-The page templates use `href` as their jinja filter; every command that prints a user's string
-passes it through `printable` (the CLI's error printer too, since messages quote values).
+The page templates use `href` as their jinja filter; every command prints through `Console`
+(the CLI's error printer too, since messages quote values), so an old run's classes.json, a run
+folder or an image file name cannot move the cursor, retitle the window or clear the screen.
 """
 from __future__ import annotations
 
 import unicodedata
 from pathlib import PurePath, PurePosixPath
+from typing import Any
 from urllib.parse import quote
+
+import rich.console
 
 # reorder the characters around them: a name could show as something it is not (Trojan Source)
 _BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
@@ -83,4 +89,13 @@ def href(target: str | PurePath | None) -> str:
     return encoded if encoded == ".." or encoded.startswith("../") else "./" + encoded.removeprefix("./")
 
 
-__all__ = ["href", "printable", "label_problem"]
+class Console(rich.console.Console):
+    """rich's Console, but every string it renders goes through `printable` first (newlines kept):
+    markup and styles still work, a user's control characters are shown, never obeyed. Strings in
+    tables and f-strings are covered alike; a `rich.text.Text` built by hand is not."""
+
+    def render_str(self, text: str, **kwargs: Any) -> Any:
+        return super().render_str(printable(text, lines=True), **kwargs)
+
+
+__all__ = ["href", "printable", "label_problem", "Console"]

@@ -204,3 +204,18 @@ def test_every_link_in_the_templates_goes_through_the_href_filter() -> None:
     for template in folder.glob("*.j2"):
         for value in re.findall(r'href="(\{\{[^"]*)"', template.read_text()):
             assert re.fullmatch(r"\{\{ [^|}]+ \| href \}\}", value), f"{template.name}: href={value}"
+
+
+@pytest.mark.parametrize("form", [[], ["--markdown"]])
+def test_run_names_and_folders_reach_the_terminal_as_text(tiny_run: Path, tmp_path: Path, capsys, monkeypatch,
+                                                          form: list[str]) -> None:
+    """A run named with rich markup and a terminal escape, and a folder that is no run: printed as
+    the text they are, in the table, the Markdown and the error message."""
+    monkeypatch.setenv("COLUMNS", "300")
+    run = _variant_of(tiny_run, tmp_path, name="[bold]x\x1b[2J", seed=0, best=0.5, final=0.5)
+    assert main(["compare", str(run), *form]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "[bold]x\\x1b[2J" in out
+    assert main(["compare", str(run), str(tmp_path / "gone\x1b]0;pwned\x07")]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and "gone\\x1b]0;pwned\\x07" in err

@@ -374,11 +374,13 @@ def to_table(variants: Sequence[VariantRow]) -> Any:
 
 def curves_png(variants: Sequence[VariantRow]) -> bytes:
     """Validation curves of every run overlaid: one line per run, one colour per variant."""
-    from .plots import figure_png, pyplot
+    from matplotlib import colormaps
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(10, 4.6))
-    colours = plt.get_cmap("tab10").colors
+    from .plots import figure, figure_png
+
+    fig = figure(10, 4.6)
+    ax = fig.subplots()
+    colours = colormaps["tab10"].colors
     for i, v in enumerate(variants):
         for j, run in enumerate(v.runs):
             points = [(e + 1, y) for e, y in enumerate(run.val_curve) if y is not None]

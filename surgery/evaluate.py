@@ -506,7 +506,8 @@ def _predictions(evalset: EvalSet, outputs: Outputs, y_true: np.ndarray, classes
 
 def _files(run: LoadedRun, evalset: EvalSet, outputs: Outputs, y_true: np.ndarray,
            metrics: Mapping[str, Any]) -> dict[str, bytes]:
-    from .evaluate_plots import confusion_png, mistakes_png, reliability_png
+    from .evaluate_plots import mistakes_png, reliability_png
+    from .plots import confusion_png
 
     title = f"{run.spec.name}, {evalset.name} ({metrics['images']} images)"
     matrix = np.asarray(metrics["confusion_matrix"])

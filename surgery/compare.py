@@ -372,30 +372,54 @@ def to_table(variants: Sequence[VariantRow]) -> Any:
     return table
 
 
-def curves_png(variants: Sequence[VariantRow]) -> bytes:
-    """Validation curves of every run overlaid: one line per run, one colour per variant."""
+_MARKERS = "osD^vP*Xph"
+
+
+def curves_figure(variants: Sequence[VariantRow]) -> Any:
+    """Validation curves of every run overlaid: one colour and one marker per variant. Where runs of
+    different variants share a point (the same figure at the same epoch), each variant's points are
+    moved sideways by a fraction of an epoch, so no variant hides behind another; the title says so."""
     from matplotlib import colormaps
 
-    from .plots import figure, figure_png
+    from .plots import figure, label
 
+    curves = [[[(e + 1, y) for e, y in enumerate(run.val_curve) if y is not None] for run in v.runs] for v in variants]
+    owners: dict[tuple[int, float], set[int]] = {}
+    for i, runs in enumerate(curves):
+        for points in runs:
+            for point in points:
+                owners.setdefault(point, set()).add(i)
+    shared = any(len(o) > 1 for o in owners.values())
+    step = min(0.3 / max(len(variants) - 1, 1), 0.08)
     fig = figure(10, 4.6)
     ax = fig.subplots()
     colours = colormaps["tab10"].colors
-    for i, v in enumerate(variants):
-        for j, run in enumerate(v.runs):
-            points = [(e + 1, y) for e, y in enumerate(run.val_curve) if y is not None]
+    for i, (v, runs) in enumerate(zip(variants, curves)):
+        shift = (i - (len(variants) - 1) / 2) * step if shared else 0.0
+        for j, points in enumerate(runs):
             if points:
-                ax.plot(*zip(*points), "o-", markersize=3, linewidth=1.4, alpha=0.85, color=colours[i % len(colours)],
-                        label=f"{v.label} ({len(v.runs)} runs)" if j == 0 and len(v.runs) > 1 else (v.label if j == 0 else None))
+                xs, ys = zip(*points)
+                name = label(v.label, 40)
+                ax.plot([x + shift for x in xs], ys, "-", marker=_MARKERS[i % len(_MARKERS)], markersize=4,
+                        linewidth=1.4, alpha=0.85, color=colours[i % len(colours)],
+                        label=(f"{name} ({len(v.runs)} runs)" if len(v.runs) > 1 else name) if j == 0 else None)
     ax.set_xlabel("epoch")
     ax.set_ylabel(_METRICS.get(variants[0].metric, "val acc") if variants else "val acc")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     if variants:
         ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("validation, every run (colour: variant)")
+    ax.set_title("validation, every run (colour and marker: variant" +
+                 ("; identical points moved sideways to show each variant)" if shared else ")"))
     fig.tight_layout()
-    return figure_png(fig)
+    return fig
+
+
+def curves_png(variants: Sequence[VariantRow]) -> bytes:
+    """`curves_figure` as PNG bytes."""
+    from .plots import figure_png
+
+    return figure_png(curves_figure(variants))
 
 
 def render_html(variants: Sequence[VariantRow], *, base: Path | None = None) -> str:
@@ -479,4 +503,4 @@ def compare_command(run_dirs: Sequence[str], *, out: str | None = None, as_json:
 
 
 __all__ = ["RunRow", "Stat", "VariantRow", "read_run", "collect", "aggregate", "shared_name", "spec_difference",
-           "to_markdown", "to_json", "to_table", "curves_png", "render_html", "write_html", "compare_command"]
+           "to_markdown", "to_json", "to_table", "curves_figure", "curves_png", "render_html", "write_html", "compare_command"]

@@ -26,7 +26,7 @@ WEIGHTS = ["final", "best", "ema"]  # predict.WEIGHT_CHOICES, without importing 
 def _console(stderr: bool = False):
     import sys
 
-    from rich.console import Console
+    from .untrusted import Console
 
     stream = sys.stderr if stderr else sys.stdout
     # piped to a file or another program: full module paths, never cut to the terminal's width
@@ -391,7 +391,7 @@ def _warn(text: str) -> None:
 
 
 def _print_error(err: UserError) -> None:
-    from rich.console import Console
+    from .untrusted import Console
     from rich.markup import escape
 
     # soft_wrap: long paths and hints stay on their own lines, so a terminal or a log can be grepped

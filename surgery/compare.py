@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Origin, UsageError, describe_exception
+from .untrusted import printable
 
 _SEPARATORS = "-_."
 _METRICS = {"val_acc": "val acc", "val_map": "val mAP"}
@@ -348,7 +349,7 @@ def to_markdown(variants: Sequence[VariantRow]) -> str:
     head = _headers(variants)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for v in variants:
-        cells = [c.replace("|", "\\|") for c in _cells(v)]
+        cells = [printable(c).replace("|", "\\|") for c in _cells(v)]  # written raw: no terminal escapes
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -360,38 +361,65 @@ def to_json(variants: Sequence[VariantRow]) -> str:
 
 def to_table(variants: Sequence[VariantRow]) -> Any:
     """The comparison as a rich table, for the terminal."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="comparison (mean ± std over seeds), best first")
     for i, head in enumerate(_headers(variants)):
         table.add_column(head, justify="left" if i == 0 else "right")
-    for v in variants:
-        table.add_row(*_cells(v))
+    for v in variants:  # labels are run names: text, never rich markup
+        table.add_row(*(escape(c) for c in _cells(v)))
     return table
 
 
-def curves_png(variants: Sequence[VariantRow]) -> bytes:
-    """Validation curves of every run overlaid: one line per run, one colour per variant."""
-    from .plots import figure_png, pyplot
+_MARKERS = "osD^vP*Xph"
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(10, 4.6))
-    colours = plt.get_cmap("tab10").colors
-    for i, v in enumerate(variants):
-        for j, run in enumerate(v.runs):
-            points = [(e + 1, y) for e, y in enumerate(run.val_curve) if y is not None]
+
+def curves_figure(variants: Sequence[VariantRow]) -> Any:
+    """Validation curves of every run overlaid: one colour and one marker per variant. Where runs of
+    different variants share a point (the same figure at the same epoch), each variant's points are
+    moved sideways by a fraction of an epoch, so no variant hides behind another; the title says so."""
+    from matplotlib import colormaps
+
+    from .plots import figure, label
+
+    curves = [[[(e + 1, y) for e, y in enumerate(run.val_curve) if y is not None] for run in v.runs] for v in variants]
+    owners: dict[tuple[int, float], set[int]] = {}
+    for i, runs in enumerate(curves):
+        for points in runs:
+            for point in points:
+                owners.setdefault(point, set()).add(i)
+    shared = any(len(o) > 1 for o in owners.values())
+    step = min(0.3 / max(len(variants) - 1, 1), 0.08)
+    fig = figure(10, 4.6)
+    ax = fig.subplots()
+    colours = colormaps["tab10"].colors
+    for i, (v, runs) in enumerate(zip(variants, curves)):
+        shift = (i - (len(variants) - 1) / 2) * step if shared else 0.0
+        for j, points in enumerate(runs):
             if points:
-                ax.plot(*zip(*points), "o-", markersize=3, linewidth=1.4, alpha=0.85, color=colours[i % len(colours)],
-                        label=f"{v.label} ({len(v.runs)} runs)" if j == 0 and len(v.runs) > 1 else (v.label if j == 0 else None))
+                xs, ys = zip(*points)
+                name = label(v.label, 40)
+                ax.plot([x + shift for x in xs], ys, "-", marker=_MARKERS[i % len(_MARKERS)], markersize=4,
+                        linewidth=1.4, alpha=0.85, color=colours[i % len(colours)],
+                        label=(f"{name} ({len(v.runs)} runs)" if len(v.runs) > 1 else name) if j == 0 else None)
     ax.set_xlabel("epoch")
     ax.set_ylabel(_METRICS.get(variants[0].metric, "val acc") if variants else "val acc")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     if variants:
         ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("validation, every run (colour: variant)")
+    ax.set_title("validation, every run (colour and marker: variant" +
+                 ("; identical points moved sideways to show each variant)" if shared else ")"))
     fig.tight_layout()
-    return figure_png(fig)
+    return fig
+
+
+def curves_png(variants: Sequence[VariantRow]) -> bytes:
+    """`curves_figure` as PNG bytes."""
+    from .plots import figure_png
+
+    return figure_png(curves_figure(variants))
 
 
 def render_html(variants: Sequence[VariantRow], *, base: Path | None = None) -> str:
@@ -404,14 +432,14 @@ def render_html(variants: Sequence[VariantRow], *, base: Path | None = None) -> 
     from . import __version__
     from .report import data_uri, duration, environment, human
 
-    def link(run: RunRow) -> str | None:
+    def link(run: RunRow) -> Path | None:  # the template's `href` filter makes it a safe URL
         report = run.run_dir / "report.html"
         if not report.is_file():
             return None
         try:
-            return Path(os.path.relpath(report.resolve(), (base or Path.cwd()).resolve())).as_posix()
+            return Path(os.path.relpath(report.resolve(), (base or Path.cwd()).resolve()))
         except ValueError:  # another drive (Windows)
-            return report.resolve().as_uri()
+            return report.resolve()
 
     runs = [{"variant": v.label, "colour": i, "name": r.name, "dir": str(r.run_dir), "seed": r.seed,
              "best": r.best, "final": r.final, "best_epoch": None if r.best_epoch is None else r.best_epoch + 1,
@@ -455,7 +483,7 @@ def compare_command(run_dirs: Sequence[str], *, out: str | None = None, as_json:
     """`surgery compare`: the table on stdout (rich, Markdown or JSON) and, with `out`, the page."""
     import sys
 
-    from rich.console import Console
+    from .untrusted import Console
     from rich.markup import escape
 
     if out is not None and Path(out).is_dir():
@@ -475,4 +503,4 @@ def compare_command(run_dirs: Sequence[str], *, out: str | None = None, as_json:
 
 
 __all__ = ["RunRow", "Stat", "VariantRow", "read_run", "collect", "aggregate", "shared_name", "spec_difference",
-           "to_markdown", "to_json", "to_table", "curves_png", "render_html", "write_html", "compare_command"]
+           "to_markdown", "to_json", "to_table", "curves_figure", "curves_png", "render_html", "write_html", "compare_command"]

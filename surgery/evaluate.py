@@ -506,7 +506,8 @@ def _predictions(evalset: EvalSet, outputs: Outputs, y_true: np.ndarray, classes
 
 def _files(run: LoadedRun, evalset: EvalSet, outputs: Outputs, y_true: np.ndarray,
            metrics: Mapping[str, Any]) -> dict[str, bytes]:
-    from .evaluate_plots import confusion_png, mistakes_png, reliability_png
+    from .evaluate_plots import mistakes_png, reliability_png
+    from .plots import confusion_png
 
     title = f"{run.spec.name}, {evalset.name} ({metrics['images']} images)"
     matrix = np.asarray(metrics["confusion_matrix"])
@@ -590,7 +591,7 @@ def evaluate_command(run_dir: str | Path, *, split: str | None = None, data: str
                      device: str = "cpu") -> int:
     """`surgery evaluate RUN_DIR [--split test|val | --data PATH] [--tta] [--weights W] [--json]`:
     print the figures (a table, or one JSON object with --json) after writing them."""
-    from rich.console import Console
+    from .untrusted import Console
     from rich.markup import escape
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)

@@ -349,7 +349,7 @@ def explain_command(run_dir: str | Path, paths: Sequence[str], *, layer: str | N
             layer, an output folder that holds other files (exit 2); a folder that cannot be
             written (RunDirError, exit 1).
     """
-    from rich.console import Console
+    from .untrusted import Console
     from rich.markup import escape
 
     from .explain_figure import render

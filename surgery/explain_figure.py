@@ -8,7 +8,6 @@ image: they are drawn as bars, one per channel, in channel order.
 """
 from __future__ import annotations
 
-import io
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -156,19 +155,15 @@ def _axes(fig, total: float, span: tuple[float, float], col: int, width: int):
 
 def render(item: "Explained", run: "LoadedRun", layers: "Layers", method: str) -> bytes:
     """The PNG for one image (bytes; the caller writes it)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from .explain import METHODS
+    from .plots import figure, figure_png
 
     classes = run.classes
     side = max(DISPLAY_PX, int(item.image.shape[-1]))
     rgb = _resize(_as_rgb(item.image), side)
     rows = _rows(_panels(item))
     total, spans = _layout(rows)
-    fig = plt.figure(figsize=(_WIDTH, total))
+    fig = figure(_WIDTH, total)
     name = METHODS[method]
     explained = classes[item.explained]
 
@@ -206,10 +201,7 @@ def render(item: "Explained", run: "LoadedRun", layers: "Layers", method: str) -
                 _gate_panel(fig, ax, rgb, module, gate)
         fig.text(0.1 / _WIDTH, 1 - (span[0] - 0.55) / total, _module_note(row[0][0]), fontsize=10, ha="left",
                  va="bottom", color="dimgray")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig, dpi=90)
 
 
 __all__ = ["render", "DISPLAY_PX"]

@@ -332,7 +332,7 @@ def export_run(run: LoadedRun | str | Path, fmt: str, out: str | Path | None = N
 
 def export_command(run_dir: str | Path, fmt: str = "pt2", out: str | Path | None = None) -> int:
     """`surgery export RUN_DIR --format pt2|onnx|torchscript [--out PATH]`; exit 1 when the export fails."""
-    from rich.console import Console
+    from .untrusted import Console
     from rich.markup import escape
 
     from .predict import locate_run

@@ -25,7 +25,6 @@ any run directory; the sweep is seeded (``seed``), so it repeats exactly on the 
 """
 from __future__ import annotations
 
-import io
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -350,12 +349,10 @@ def check_sweep(spec: Spec, stage: int, steps: int, start: float, end: float) ->
 # --------------------------------------------------------------------------- output
 def plot(result: LrFind) -> bytes:
     """Loss against the multiplier (log scale), the suggestion and the steepest point marked; PNG bytes."""
-    import matplotlib
+    from .plots import figure, figure_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig = figure(7.5, 4.5)
+    ax = fig.subplots()
     ax.plot(result.multipliers, result.losses, color="tab:blue", alpha=0.3, linewidth=1, label="loss per step")
     ax.plot(result.multipliers, result.smoothed, color="tab:blue", linewidth=2, label="smoothed (centred mean)")
     for step, value, colour, label in ((result.steepest_step, result.steepest, "tab:orange", "steepest"),
@@ -376,10 +373,7 @@ def plot(result: LrFind) -> bytes:
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return figure_png(fig)
 
 
 def default_out(spec: Spec) -> Path:
@@ -413,7 +407,7 @@ def lr_find_command(spec_path: str, overrides: Sequence[str] = (), *, stage: int
                     start: float = 1e-4, end: float = 1e3, out: str | None = None, device: str | None = None,
                     console: Any = None) -> int:
     """`surgery lr-find`: sweep, print the suggestion and its --set lines, write the plot and JSON."""
-    from rich.console import Console
+    from .untrusted import Console
     from rich.markup import escape
 
     from .spec import load_spec

@@ -241,7 +241,7 @@ def images_or_skips(paths: Sequence[str | Path], err: Any, verb: str,
 
     images, missing = find_images(paths)
     for path, reason in missing:
-        err.print(f"[yellow]skipped[/yellow] {escape(str(path))}: {reason}")
+        err.print(f"[yellow]skipped[/yellow] {escape(str(path))}: {escape(reason)}")
     if not images:
         raise UsageError(f"no images to {verb}", origin=Origin("flag", flag), found=" ".join(map(str, paths)),
                          expected="image files, or folders holding " + ", ".join(sorted(IMAGE_SUFFIXES)))
@@ -367,7 +367,7 @@ def predict_command(run_dir: str | Path, paths: Sequence[str], *, topk: int = 3,
     Exit code 0 when at least one image was classified, 1 when every file was unreadable;
     a missing run or no image at all is a UserError (exit 2).
     """
-    from rich.console import Console
+    from .untrusted import Console
     from rich.markup import escape
 
     if batch_size < 1:

@@ -568,12 +568,15 @@ def environment() -> Any:
     each template is compiled once."""
     import jinja2
 
+    from .untrusted import href
+
     env = jinja2.Environment(loader=jinja2.PackageLoader("surgery", "templates"), autoescape=True,
                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                              keep_trailing_newline=True)
     env.filters["fmt"] = _fmt
     env.filters["human"] = human
     env.filters["duration"] = duration
+    env.filters["href"] = href  # every link to a file: './'-prefixed, percent-encoded
     return env
 
 

@@ -568,6 +568,7 @@ def _check_cross_fields(spec: Spec) -> tuple[str, ...]:
         warn(("train", "scheduler", "warmup_epochs"), f"the warm-up ({sched.warmup_epochs} epochs) lasts the whole run")
     _check_mixup(spec)
     _check_multi_label(spec)
+    _check_class_names(spec)
     key_map, pretrained = spec.model.key_map, spec.model.pretrained
     if key_map and (pretrained is False or (key_map == "order" and not isinstance(pretrained, str))):
         raise spec.error(("model", "key_map"), "key_map maps the keys of a weight file, and this spec loads none",
@@ -595,6 +596,16 @@ def _check_mixup(spec: Spec) -> None:
         raise spec.error(("train", "batch_size"), "mixup mixes each batch with itself reversed, and needs an even "
                          "batch size", found=str(train.batch_size), expected=f"an even batch size, e.g. "
                          f"{train.batch_size + 1}", hint="or train.mixup: null")
+
+
+def _check_class_names(spec: Spec) -> None:
+    from .untrusted import label_problem, printable
+
+    for i, name in enumerate(spec.data.classes or ()):
+        problem = label_problem(name) if isinstance(name, str) else None
+        if problem:
+            raise spec.error(("data", "classes", i), f"the class name '{printable(name)}' {problem}",
+                             found=printable(name), expected="class names of printable characters")
 
 
 def _check_multi_label(spec: Spec) -> None:

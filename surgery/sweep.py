@@ -352,7 +352,7 @@ def sweep_command(path: str, *, workers: int = 1, storage: str | None = None, ou
     Raises:
         UserError: a mistake in the sweep file, a variant's spec, the flags or the storage.
     """
-    from rich.console import Console
+    from .untrusted import Console
 
     console = console or Console(highlight=False, soft_wrap=True)
 

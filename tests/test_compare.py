@@ -3,11 +3,13 @@ real browser, and clear refusals of folders that are not finished runs."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 import yaml
@@ -178,3 +180,78 @@ def test_report_and_compare_do_not_import_torch(runs: dict[str, Path], tmp_path:
                           cwd=Path(__file__).parent.parent)
     assert proc.returncode == 0, proc.stderr
     assert "| cbam34 | 2 |" in proc.stdout and (tmp_path / "c.html").is_file()
+
+
+@pytest.mark.parametrize("folder, link", [
+    ("javascript:alert(1)", "./javascript%3Aalert%281%29/report.html"),
+    ("a b#c?d", "./a%20b%23c%3Fd/report.html"),
+    ("%2e%2e", "./%252e%252e/report.html"),
+])
+def test_run_folders_are_linked_as_folders_never_as_urls(tiny_run: Path, tmp_path: Path, folder: str, link: str) -> None:
+    """A folder named like a URL scheme, a fragment, a query or an encoded '..' is linked as the
+    folder it is: './'-prefixed and percent-encoded, on the compare page and a sweep's comparison."""
+    run = _variant_of(tiny_run, tmp_path, name=folder, seed=0, best=0.5, final=0.5)
+    (run / "report.html").write_text("<p>run</p>")
+    html = write_html(tmp_path / "compare.html", aggregate(collect([run]))).read_text()
+    links = re.findall(r'href="([^"]*)"', html)
+    assert links == [link]
+    assert (tmp_path / unquote(link)).resolve() == (run / "report.html").resolve()
+
+
+def test_every_link_in_the_templates_goes_through_the_href_filter() -> None:
+    """One helper for every page: a template that writes href="{{ x }}" without it fails here."""
+    folder = Path(__file__).resolve().parent.parent / "surgery" / "templates"
+    for template in folder.glob("*.j2"):
+        for value in re.findall(r'href="(\{\{[^"]*)"', template.read_text()):
+            assert re.fullmatch(r"\{\{ [^|}]+ \| href \}\}", value), f"{template.name}: href={value}"
+
+
+@pytest.mark.parametrize("form", [[], ["--markdown"]])
+def test_run_names_and_folders_reach_the_terminal_as_text(tiny_run: Path, tmp_path: Path, capsys, monkeypatch,
+                                                          form: list[str]) -> None:
+    """A run named with rich markup and a terminal escape, and a folder that is no run: printed as
+    the text they are, in the table, the Markdown and the error message."""
+    monkeypatch.setenv("COLUMNS", "300")
+    run = _variant_of(tiny_run, tmp_path, name="[bold]x\x1b[2J", seed=0, best=0.5, final=0.5)
+    assert main(["compare", str(run), *form]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "[bold]x\\x1b[2J" in out
+    assert main(["compare", str(run), str(tmp_path / "gone\x1b]0;pwned\x07")]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and "gone\\x1b]0;pwned\\x07" in err
+
+
+def test_identical_curves_of_different_variants_all_show(runs: dict[str, Path]) -> None:
+    """The fixture's runs are copies of one run: every variant has the same curve. Each still shows,
+    with its own marker and points of its own, and the legend names each one."""
+    from surgery.compare import curves_figure
+
+    variants = aggregate(collect(runs.values()))
+    fig = curves_figure(variants)
+    ax = fig.axes[0]
+    lines = [line for line in ax.get_lines() if line.get_label() and not line.get_label().startswith("_")]
+    assert [line.get_label() for line in lines] == ["cbam4-s0", "cbam34 (2 runs)"]
+    assert len({line.get_marker() for line in lines}) == len(lines)
+    points = [{(round(x, 6), y) for x, y in zip(line.get_xdata(), line.get_ydata())} for line in lines]
+    assert not points[0] & points[1]
+    assert "identical points moved sideways" in ax.get_title()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["cbam4-s0", "cbam34 (2 runs)"]
+
+
+def test_the_runs_table_fits_1280_px_in_chromium(tiny_run: Path, tmp_path: Path) -> None:
+    """Long run names and deep folders: the page is no wider than the window (long cells end in an
+    ellipsis with the full text in their title, a table that still overflows scrolls in its own box)."""
+    deep = tmp_path / ("a-very-long-folder-name-" * 4) / ("and-deeper-" * 5)
+    deep.mkdir(parents=True)
+    rows = [_variant_of(tiny_run, deep, name=f"resnet50-cbam-layer3-layer4-lr{k}-wd0.05-mixup0.2-seed{k}", seed=k,
+                        best=0.5 + k / 100, final=0.5, at="layer4" if k else None) for k in range(3)]
+    page = write_html(tmp_path / "compare.html", aggregate(collect(rows)))
+    html = page.read_text()
+    probe = tmp_path / "probe.html"  # the page itself has no script; a copy measures its width
+    probe.write_text(html.replace("</body>", "<script>document.body.insertAdjacentHTML('beforeend', "
+                                  "'<p id=width>' + document.documentElement.scrollWidth + '</p>')</script></body>"))
+    shown = render(probe, tmp_path, width=1280, height=1400)
+    width = int(re.search(r'<p id="width">(\d+)</p>', shown.dom).group(1))
+    assert width <= 1280, f"the page is {width} px wide"
+    assert f'title="{rows[0]}"' in html  # the full folder, where the cell shows an ellipsis
+    keep_screenshot(shown.screenshot, "compare-1280.png")

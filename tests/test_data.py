@@ -454,3 +454,35 @@ def test_imagefolder_test_folder_beside_val_is_the_test_set(tmp_path: Path) -> N
                       "data": {"name": "imagefolder", "root": str(tmp_path)}})
     data = build_data(spec, {})
     assert (len(data.train), len(data.val), len(data.test)) == (8, 4, 6)
+
+
+@pytest.mark.parametrize("multi, cell, shown", [
+    (False, "cat\x1b[2J", "'cat\\x1b[2J'"),
+    (True, "dog|owl\x1b]0;x\x07", "'owl\\x1b]0;x\\x07'"),
+    (False, "cat\u202e", "'cat\\u202e'"),
+])
+def test_a_csv_label_with_a_terminal_escape_is_refused_at_its_line(tmp_path: Path, multi: bool, cell: str,
+                                                                    shown: str) -> None:
+    (tmp_path / "labels.csv").write_text(f"path,label\na.png,dog\nb.png,{cell}\n")  # <- line 3
+    spec = load_spec({"model": {"backbone": "timm:resnet10t"},
+                      "data": {"name": "csv", "root": str(tmp_path / "labels.csv"), "multi_label": multi}})
+    with pytest.raises(SpecError) as info:
+        build_data(spec, {})
+    assert f"labels.csv, line 3: the label {shown} holds the control character" in info.value.problem
+    assert info.value.path == "data.root"
+
+
+def test_a_class_folder_with_a_terminal_escape_is_refused_by_name(tmp_path: Path) -> None:
+    make_folder(tmp_path, per_class=2)
+    (tmp_path / "cat" / "0.png").rename(tmp_path / "cat" / "keep.png")
+    (tmp_path / "cat").rename(tmp_path / "cat\x1b[31m")
+    with pytest.raises(SpecError) as info:
+        build({"name": "imagefolder", "root": str(tmp_path)})
+    assert f"the class folder {tmp_path}/cat\\x1b[31m holds the control character '\\x1b'" in info.value.problem
+    assert "\x1b" not in info.value.problem
+
+
+def test_spec_classes_with_a_terminal_escape_are_refused_where_written() -> None:
+    with pytest.raises(SpecError) as info:
+        spec_for({"name": "digits", "classes": ["ok", "bad\x1b[2J"]})
+    assert info.value.path == "data.classes[1]" and "holds the control character '\\x1b'" in info.value.problem

@@ -453,3 +453,15 @@ def test_a_test_split_that_leaves_nothing_to_train_on_is_a_located_error():
         build_data(load_spec({"model": {"backbone": "timm:resnet10t"},
                               "data": {"name": "fake", "test_split": 0.999, "subset": {"train": 8}}}), {})
     assert caught.value.path == "data.test_split"
+
+
+def test_class_names_of_an_old_run_reach_the_terminal_escaped(fresh, labelled, capsys, monkeypatch):
+    """classes.json written before datasets refused control characters: the per-class table shows
+    them as text (the folder's classes 3 and 7 keep their names, so --data matches them)."""
+    monkeypatch.setenv("COLUMNS", "300")
+    names = [str(i) if i in (3, 7) else f"c{i}\x1b[{i}A" for i in range(10)]
+    (fresh / "classes.json").write_text(json.dumps(names))
+    assert main(["evaluate", str(fresh), "--data", str(labelled)]) == 0
+    out, err = capsys.readouterr()
+    assert "\x1b" not in out + err, repr(out + err)
+    assert re.search(r"-> c\d\\x1b\[\dA", out), out  # a predicted class, shown as text

@@ -142,3 +142,24 @@ def test_nothing_readable_exits_nonzero_with_a_message(run_dir, images, tmp_path
     (tmp_path / "empty").mkdir()
     assert main(["predict", str(run_dir), str(tmp_path / "empty")]) == 2
     assert "no images" in capsys.readouterr().err
+
+
+ESCAPES = ["\x1b[2J", "\x1b]0;pwned\x07", "\x9b31m", "\u202eevil"]
+
+
+def test_class_and_file_names_reach_the_terminal_escaped(run_dir, images, tmp_path, capsys, monkeypatch):
+    """An old run's classes.json (written before datasets refused such names) and an image file name
+    holding terminal escapes: shown as text (\\x1b), never sent raw to the terminal."""
+    monkeypatch.setenv("COLUMNS", "400")
+    copy = shutil.copytree(run_dir, tmp_path / "old")
+    names = [f"c{i}{ESCAPES[i % len(ESCAPES)]}" for i in range(10)]
+    (copy / "classes.json").write_text(json.dumps(names))
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    shutil.copy(images / "digits" / "1.png", folder / "one\x1b[31m.png")
+    shutil.copy(images / "digits" / "2.png", folder / "two.png")
+    assert main(["predict", str(copy), str(folder), "--topk", "10"]) == 0
+    out, err = capsys.readouterr()
+    for text in (out, err):
+        assert not any(ch in text for ch in "\x1b\x07\x9b\u202e"), repr(text)
+    assert "one\\x1b[31m.png" in out and "\\x1b[2J" in out and "\\x1b]0;pwned\\x07" in out and "\\u202eevil" in out

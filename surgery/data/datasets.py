@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from ..errors import SpecError, did_you_mean
+from ..untrusted import label_problem, printable
 from ..spec import Spec
 from .sources import UNREADABLE, ArraySource, DatasetSource, FileSource, Pool
 from .splits import train_val_split
@@ -120,6 +121,12 @@ def _csv(spec: Spec) -> tuple[Pool, Pool, int, Pool | None]:
         if split not in samples:
             raise _folder_error(spec, f"{path}, line {line}: unknown split {split!r}", path,
                                 expected="train, val or test", hint=did_you_mean(split, list(CSV_SPLITS)))
+        for name in _label_names(label, separator) if multi else [label]:
+            problem = label_problem(name)
+            if problem:
+                raise _folder_error(spec, f"{path}, line {line}: the label '{printable(name)}' {problem}", path,
+                                    expected="class names of printable characters",
+                                    hint="class names are shown on terminals and pages; fix the label cell")
         samples[split].append((str((path.parent / file)), label))
     if not samples["train"]:
         raise _folder_error(spec, f"the CSV file {path} has no training rows", path,
@@ -192,6 +199,12 @@ def _imagefolder(spec: Spec) -> tuple[Pool, Pool, int, Pool | None]:
     except FileNotFoundError:
         raise _folder_error(spec, f"the dataset folder {train_dir} has no class folders", train_dir,
                             expected=f"one sub-folder per class with images inside: {layout}") from None
+    for name in folder.classes:
+        problem = label_problem(name)
+        if problem:
+            raise _folder_error(spec, f"the class folder {printable(train_dir / name)} {problem}", train_dir / name,
+                                expected="class folder names of printable characters",
+                                hint="class names are shown on terminals and pages; rename the folder")
     samples = list(folder.samples)
     val_samples: list[tuple[str, int]] = []
     if train_dir != root:

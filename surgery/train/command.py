@@ -45,7 +45,7 @@ def run_specs(paths: Sequence[str], *, out: str | None = None, overrides: Sequen
     Args:
         warn: shows each spec's warnings (rank 0 only).
     """
-    from rich.console import Console
+    from ..untrusted import Console
     from rich.markup import escape
 
     console = console or Console(highlight=False)

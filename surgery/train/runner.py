@@ -70,7 +70,7 @@ def run(spec: Spec, out_dir: Path, *, device: str | None = None, resume: bool = 
         RunDirError: the run directory is taken, locked by another run or cannot be written;
         TrainingStopped: stopped on purpose, a resumable checkpoint kept.
     """
-    from rich.console import Console
+    from ..untrusted import Console
 
     console = console or Console(highlight=False)
     env = distributed.setup(make_runtime(spec, device).device)

@@ -149,6 +149,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--format", choices=["pt2", "onnx", "torchscript"], default="pt2")
     p.add_argument("--out", default=None)
+    p.add_argument("--weights", choices=WEIGHTS, default=None,
+                   help="final (model.safetensors), best (the best epoch's) or ema (model_ema.safetensors); "
+                        "default: final, else best")
 
     p = sub.add_parser("report", help="write RUN_DIR/report.html again: one self-contained page about a run")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
@@ -349,7 +352,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_command
 
-    return export_command(args.run_dir, args.format, args.out)
+    return export_command(args.run_dir, args.format, args.out, args.weights)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from .errors import Origin, RunDirError
 
-__all__ = ["atomic_write_bytes", "write_text", "write_json", "jsonable", "write_with", "staging_folder", "swap_in",
+__all__ = ["atomic_write_bytes", "write_raw", "write_text", "write_json", "jsonable", "write_with", "staging_folder", "swap_in",
            "write_folder", "make_staging", "remove_stale", "remove_temporaries", "check_writable", "fsync_folder", "file_mode",
            "folder_mode"]
 
@@ -71,10 +71,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     Raises:
         RunDirError: the folder cannot be written (read-only, disk full, ...); `path` is untouched.
     """
-    write_with(path, lambda tmp: _write_bytes(tmp, data))
+    write_with(path, lambda tmp: write_raw(tmp, data))
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
+def write_raw(path: Path, data: bytes) -> None:
+    """Bytes into a file, plainly: the one place the project's writers put bytes on disk (a
+    library that would write a file itself serialises into memory and comes here instead, so a
+    full disk is an OSError, never an abort in C++)."""
     with open(path, "wb") as f:
         f.write(data)
 

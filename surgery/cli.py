@@ -286,25 +286,13 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    """A temporary file beside `path`, then a rename: an editor never reads half a schema, and
-    an error leaves nothing behind. (`rundir.atomic_write_bytes` imports torch.)"""
-    import os
-    import tempfile
+    """A temporary file beside `path`, then a rename (`files.replace_with`): an editor never reads
+    half a schema, and an error leaves nothing behind (raised as the OSError it was)."""
     from pathlib import Path
 
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        umask = os.umask(0o022)  # mkstemp's file is private (0600); a schema is as readable as any file
-        os.umask(umask)
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from .files import replace_with, write_raw
+
+    replace_with(Path(path), lambda tmp: write_raw(tmp, text.encode("utf-8")))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

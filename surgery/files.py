@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from .errors import Origin, RunDirError
 
-__all__ = ["atomic_write_bytes", "write_raw", "write_text", "write_json", "jsonable", "write_with", "staging_folder", "swap_in",
+__all__ = ["atomic_write_bytes", "write_raw", "write_text", "write_json", "jsonable", "write_with", "replace_with", "staging_folder", "swap_in",
            "write_folder", "make_staging", "remove_stale", "remove_temporaries", "check_writable", "fsync_folder", "file_mode",
            "folder_mode"]
 
@@ -97,11 +97,31 @@ def write_with(path: Path, write: Callable[[Path], None], *, catch: tuple[type[B
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        tmp = _temporary(path)
     except OSError as exc:
         raise RunDirError(f"cannot write in {path.parent}: {_reason(exc)}", origin=Origin.path(path.parent)) from None
-    tmp = Path(name)
+    try:
+        _fill_and_replace(tmp, path, write)
+    except (OSError, *catch) as exc:
+        raise RunDirError(f"cannot write {path}: {_reason(exc)}", origin=Origin.path(path)) from None
+    fsync_folder(path.parent)
+
+
+def replace_with(path: Path, write: Callable[[Path], None]) -> None:
+    """`write_with` for a caller that words its own error: the folder must exist, and any
+    OSError is raised as it is (nothing is left behind)."""
+    path = Path(path)
+    _fill_and_replace(_temporary(path), path, write)
+    fsync_folder(path.parent)
+
+
+def _temporary(path: Path) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def _fill_and_replace(tmp: Path, path: Path, write: Callable[[Path], None]) -> None:
     try:
         write(tmp)
         with contextlib.suppress(OSError):  # mkstemp's file is private; the written one is as readable as any
@@ -112,12 +132,9 @@ def write_with(path: Path, write: Callable[[Path], None], *, catch: tuple[type[B
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except (OSError, *catch) as exc:
-        raise RunDirError(f"cannot write {path}: {_reason(exc)}", origin=Origin.path(path)) from None
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
-    fsync_folder(path.parent)
 
 
 def write_text(path: Path, text: str) -> None:

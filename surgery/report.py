@@ -504,7 +504,7 @@ def write_report(run_dir: str | Path) -> Path:
         >>> write_report("runs/quickstart")
         PosixPath('runs/quickstart/report.html')
     """
-    from .rundir import write_text
+    from .files import write_text
 
     run_dir = Path(run_dir)
     html = render_report(gather(run_dir))

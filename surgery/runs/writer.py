@@ -41,13 +41,6 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path), device="cpu")
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """Every complete line of metrics.jsonl (a torn last line from a crash is ignored)."""
-    from .reader import metrics_rows
-
-    return metrics_rows(Path(path))
-
-
 def write_metrics(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
     """Rewrite metrics.jsonl whole (atomically): small, and resume never duplicates an epoch."""
     write_text(path, "".join(json.dumps(r, default=jsonable) + "\n" for r in rows))

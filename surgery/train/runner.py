@@ -27,7 +27,8 @@ from ..data import split_record
 from ..plots import plot_confusion, plot_curves
 from ..files import write_json, write_text
 from ..runs import layout
-from ..runs.writer import RunDir, load_safetensors, read_metrics, save_safetensors, save_torch, write_metrics
+from ..runs.reader import read_metrics
+from ..runs.writer import RunDir, load_safetensors, save_safetensors, save_torch, write_metrics
 from ..runtime import make_runtime
 from ..schedule import lrs_at, unfreeze_events
 from ..spec import Spec

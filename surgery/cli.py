@@ -149,6 +149,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--format", choices=["pt2", "onnx", "torchscript"], default="pt2")
     p.add_argument("--out", default=None)
+    p.add_argument("--weights", choices=WEIGHTS, default=None,
+                   help="final (model.safetensors), best (the best epoch's) or ema (model_ema.safetensors); "
+                        "default: final, else best")
 
     p = sub.add_parser("report", help="write RUN_DIR/report.html again: one self-contained page about a run")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
@@ -283,25 +286,13 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    """A temporary file beside `path`, then a rename: an editor never reads half a schema, and
-    an error leaves nothing behind. (`rundir.atomic_write_bytes` imports torch.)"""
-    import os
-    import tempfile
+    """A temporary file beside `path`, then a rename (`files.replace_with`): an editor never reads
+    half a schema, and an error leaves nothing behind (raised as the OSError it was)."""
     from pathlib import Path
 
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        umask = os.umask(0o022)  # mkstemp's file is private (0600); a schema is as readable as any file
-        os.umask(umask)
-        if hasattr(os, "fchmod"):
-            os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from .files import replace_with, write_raw
+
+    replace_with(Path(path), lambda tmp: write_raw(tmp, text.encode("utf-8")))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -349,7 +340,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import export_command
 
-    return export_command(args.run_dir, args.format, args.out)
+    return export_command(args.run_dir, args.format, args.out, args.weights)
 
 
 def cmd_report(args: argparse.Namespace) -> int:

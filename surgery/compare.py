@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import Origin, UsageError, describe_exception
+from .errors import Origin, UsageError
+from .runs import layout, open_run
 from .untrusted import printable
 
 _SEPARATORS = "-_."
-_METRICS = {"val_acc": "val acc", "val_map": "val mAP"}
 
 
 @dataclass(frozen=True)
@@ -134,72 +134,62 @@ def _whole(value: Any) -> int | None:
     return int(number) if number is not None and number == int(number) else None
 
 
-def _not_finished(run_dir: Path, problem: str, **kw: Any) -> UsageError:
-    kw.setdefault("expected", "a finished run directory (written by `surgery run`, with summary.json)")
-    kw.setdefault("hint", f"finish it with `surgery run {run_dir / 'spec.yaml'} --out {run_dir} --resume`, "
-                          "or leave it out")
-    return UsageError(problem, origin=Origin.path(run_dir), **kw)
-
-
-def _read_json(run_dir: Path, name: str) -> Any:
-    path = run_dir / name
-    if not path.is_file():
-        if not (run_dir / "spec.yaml").is_file() and not (run_dir / "metrics.jsonl").is_file():
-            raise UsageError("the folder is not a run directory: it has no spec.yaml and no summary.json",
-                             origin=Origin.path(run_dir), expected="a finished run directory written by `surgery run`",
-                             hint="pass the run directories themselves, e.g. runs/NAME, not the folder above them")
-        raise _not_finished(run_dir, f"the run has not finished: it has no {name}", found=str(path))
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise _not_finished(run_dir, f"{name} cannot be read: {describe_exception(exc)}", found=str(path),
-                            hint=None) from None
-
-
 def read_run(run_dir: str | Path) -> RunRow:
     """One finished run's figures from summary.json, metrics.jsonl and spec.yaml.
 
     Raises:
-        UsageError: not a folder, or not a finished run (no readable summary.json and spec.yaml).
+        UsageError: not a folder, or not a finished run (no readable summary.json and spec.yaml, or
+            a metrics.jsonl that cannot be read).
     """
-    import yaml
-
-    from .rundir import read_metrics
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UsageError("the run directory does not exist" if not run_dir.exists() else "the run path is not a folder",
-                         origin=Origin.path(run_dir), expected="a run directory written by `surgery run`")
-    summary = _read_json(run_dir, "summary.json")
-    if not isinstance(summary, dict) or summary.get("stopped") or "best_val_acc" not in summary:
-        stopped = summary.get("stopped") if isinstance(summary, dict) else None
-        raise _not_finished(run_dir, "summary.json is not a finished run's" + (f" (the run stopped: {stopped})" if stopped else ""),
-                            found=str(run_dir / "summary.json"), hint=None)
-    try:
-        spec = yaml.safe_load((run_dir / "spec.yaml").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise _not_finished(run_dir, "the run has no spec.yaml", found=str(run_dir / "spec.yaml"), hint=None) from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise _not_finished(run_dir, f"spec.yaml cannot be read: {describe_exception(exc)}",
-                            found=str(run_dir / "spec.yaml"), hint=None) from None
-    if not isinstance(spec, dict):
-        raise _not_finished(run_dir, "spec.yaml is not a spec (a mapping)", found=str(run_dir / "spec.yaml"), hint=None)
+    run = open_run(run_dir, hint=None)
+    summary, spec = run.require_finished()
     multi = bool(summary.get("multi_label"))
-    metric = "val_map" if multi else "val_acc"
-    rows = [r for r in read_metrics(run_dir / "metrics.jsonl") if isinstance(r, dict)]
+    metric = layout.headline(multi)
+    rows = [r for r in run.require_metrics() if isinstance(r, dict)]
     speeds = [s for s in (_finite(r.get("images_per_sec")) for r in rows) if s is not None]
     params = summary.get("params") if isinstance(summary.get("params"), dict) else {}
     return RunRow(
-        name=str(summary.get("name") or spec.get("name") or run_dir.name), run_dir=run_dir,
+        name=str(summary.get("name") or spec.get("name") or run.path.name), run_dir=run.path,
         seed=_whole(spec.get("seed")), metric=metric,
-        best=_finite(summary.get("best_val_map" if multi else "best_val_acc")),
-        final=_finite(summary.get("final_val_map" if multi else "final_val_acc")),
+        best=_finite(summary.get(f"best_{metric}")),
+        final=_finite(summary.get(f"final_{metric}")),
         best_epoch=_whole(summary.get("best_epoch")),
         params_total=_whole(params.get("total")), params_inserted=_whole(params.get("inserted")),
         images_per_sec=statistics.median(speeds) if speeds else None,
         wall_seconds=_finite(summary.get("wall_seconds")),
         val_curve=tuple(_finite(r.get(metric)) for r in rows),
         spec={k: v for k, v in spec.items() if k not in ("name", "seed")})
+
+
+# what a refused folder is, by the start of its error: (one, several)
+_REFUSALS = (
+    (("the run directory does not exist",), ("does not exist", "do not exist")),
+    (("the run path is not a folder",), ("is not a folder", "are not folders")),
+    (("the folder is not a run directory",), ("is not a run directory", "are not run directories")),
+    (("the run has not finished", "summary.json is not a finished run's"), ("has not finished", "have not finished")),
+    (("a run directory is given twice",), ("is given twice", "are given twice")),
+)
+
+
+def _kind(error: UsageError) -> tuple[str, str]:
+    return next((words for starts, words in _REFUSALS if error.problem.startswith(starts)),
+                ("has a file that cannot be read", "have files that cannot be read"))
+
+
+def _refused(errors: Sequence[UsageError], total: int) -> UsageError:
+    """One error naming every refused folder, and how many of each kind."""
+    if len(errors) == 1:
+        return errors[0]
+    kinds: dict[tuple[str, str], int] = {}
+    for error in errors:
+        kinds[_kind(error)] = kinds.get(_kind(error), 0) + 1
+    twice = any(_kind(e)[0] == "is given twice" for e in errors)
+    head = "cannot be compared" if twice else "are not finished runs"
+    counts = ", ".join(f"{n} {one if n == 1 else several}" for (one, several), n in kinds.items())
+    return UsageError(f"{len(errors)} of the {total} folders {head}: {counts}", origin=errors[0].origin,
+                      found="; ".join(f"{e.origin}: {e.problem}" for e in errors),
+                      expected="finished run directories (written by `surgery run`, with summary.json), each once",
+                      hint="finish them with --resume, or leave them out")
 
 
 def collect(run_dirs: Iterable[str | Path], *, skip_unfinished: bool = False) -> list[RunRow]:
@@ -216,28 +206,28 @@ def collect(run_dirs: Iterable[str | Path], *, skip_unfinished: bool = False) ->
     """
     dirs = [Path(d) for d in run_dirs]
     seen: dict[Path, Path] = {}
+    twice, unique = [], []
     for d in dirs:
         key = d.resolve()
         if key in seen:
-            raise UsageError("a run directory is given twice", origin=Origin.path(d), found=f"{seen[key]} and {d}",
-                             expected="each run once (a run counted twice would weigh twice in its mean)")
+            twice.append(UsageError("a run directory is given twice", origin=Origin.path(d),
+                                    found=f"{seen[key]} and {d}",
+                                    expected="each run once (a run counted twice would weigh twice in its mean)"))
+            continue
         seen[key] = d
+        unique.append(d)
     rows, errors = [], []
-    for d in dirs:
+    for d in unique:
         try:
             rows.append(read_run(d))
         except UsageError as exc:
             errors.append(exc)
-    if errors and not skip_unfinished:
-        if len(errors) == 1:
-            raise errors[0]
-        raise UsageError(f"{len(errors)} of the {len(dirs)} folders are not finished runs",
-                         origin=errors[0].origin, found="; ".join(f"{e.origin}: {e.problem}" for e in errors),
-                         expected="finished run directories (written by `surgery run`, with summary.json)",
-                         hint="finish them with --resume, or leave them out")
+    refused = twice if skip_unfinished else errors + twice  # every refusal named at once, of every kind
+    if refused:
+        raise _refused(refused, len(dirs))
     metrics = sorted({r.metric for r in rows})
     if len(metrics) > 1:
-        multi = [str(r.run_dir) for r in rows if r.metric == "val_map"]
+        multi = [str(r.run_dir) for r in rows if r.metric == layout.headline(True)]
         raise UsageError("single-label and multi-label runs cannot be compared: one is scored by accuracy, "
                          "the other by mAP", origin=Origin.path(multi[0]), found=f"multi-label: {', '.join(multi)}",
                          expected="runs of one kind")
@@ -340,7 +330,7 @@ def _epoch(stat: Stat) -> str:
 
 
 def _headers(variants: Sequence[VariantRow]) -> list[str]:
-    metric = _METRICS.get(variants[0].metric if variants else "val_acc", "val acc")
+    metric = layout.headline_label(variants[0].metric if variants else layout.headline(False))
     return [c.format(m=metric) for c in _COLUMNS]
 
 
@@ -404,7 +394,7 @@ def curves_figure(variants: Sequence[VariantRow]) -> Any:
                         linewidth=1.4, alpha=0.85, color=colours[i % len(colours)],
                         label=(f"{name} ({len(v.runs)} runs)" if len(v.runs) > 1 else name) if j == 0 else None)
     ax.set_xlabel("epoch")
-    ax.set_ylabel(_METRICS.get(variants[0].metric, "val acc") if variants else "val acc")
+    ax.set_ylabel(layout.headline_label(variants[0].metric if variants else layout.headline(False)))
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     if variants:
@@ -433,7 +423,7 @@ def render_html(variants: Sequence[VariantRow], *, base: Path | None = None) -> 
     from .report import data_uri, duration, environment, human
 
     def link(run: RunRow) -> Path | None:  # the template's `href` filter makes it a safe URL
-        report = run.run_dir / "report.html"
+        report = run.run_dir / layout.REPORT
         if not report.is_file():
             return None
         try:
@@ -452,7 +442,7 @@ def render_html(variants: Sequence[VariantRow], *, base: Path | None = None) -> 
     tied = [v.label for v in variants[1:] if winner is not None and v.best.mean == winner.best.mean]
     return environment().get_template("compare.html.j2").render(
         headers=_headers(variants), table=table, runs=runs, seeds=seeds, winner=winner, tied=tied,
-        metric=_METRICS.get(variants[0].metric, "val acc") if variants else "val acc",
+        metric=layout.headline_label(variants[0].metric if variants else layout.headline(False)),
         curves=data_uri(curves_png(variants)) if variants else None, colours=_colour_hex(len(variants)),
         count=len(runs), version=__version__)
 
@@ -471,7 +461,7 @@ def write_html(path: str | Path, variants: Sequence[VariantRow]) -> Path:
     Raises:
         RunDirError: the file cannot be written (exit code 1).
     """
-    from .rundir import write_text
+    from .files import write_text
 
     path = Path(path)
     write_text(path, render_html(variants, base=path.parent))

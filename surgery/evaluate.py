@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,8 +32,11 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .errors import Origin, RunDirError, UsageError, describe_exception, did_you_mean
-from .predict import WEIGHT_CHOICES, LoadedRun, load_run, locate_run
+from .errors import Origin, RunDirError, UsageError, did_you_mean
+from .files import write_folder
+from .images import UNREADABLE, decode, unreadable
+from .runs import layout, open_run
+from .runs.loaded import LoadedRun
 from .spec import Spec
 
 SPLITS = ("test", "val")
@@ -89,7 +91,7 @@ def split_set(run: LoadedRun, split: str) -> EvalSet:
     if split not in SPLITS:
         raise _flag_error("--split", split, f"unknown split {split!r}", found=repr(split),
                           expected=" or ".join(SPLITS), hint=did_you_mean(split, SPLITS))
-    record = _read_record(run.run_dir)
+    record = open_run(run.run_dir).require_splits()
     spec = _spec_with_data_root(run, record)
     bundle = build_data(spec, run.data_config)
     if bundle.classes != run.classes:
@@ -99,7 +101,7 @@ def split_set(run: LoadedRun, split: str) -> EvalSet:
     dataset = bundle.test if split == "test" else bundle.val
     if dataset is None:
         raise _flag_error("--split", split, "this run has no test split", found=f"data.test_split: "
-                          f"{spec.data.test_split} in {run.run_dir / 'spec.yaml'}, and {spec.data.name} has no test "
+                          f"{spec.data.test_split} in {run.run_dir / layout.SPEC}, and {spec.data.name} has no test "
                           "images of its own", expected="a run trained with data.test_split (e.g. 0.1), or on a "
                           "dataset with test images (an image folder's test/ beside val/, csv rows with split test)",
                           hint="evaluate a folder of labelled images with --data PATH, or the validation split "
@@ -108,8 +110,8 @@ def split_set(run: LoadedRun, split: str) -> EvalSet:
     labels = np.asarray(dataset.targets, dtype=np.int64)
     recorded = (record or {}).get(split)
     if recorded and recorded.get("fingerprint") != fingerprint(zip(ids, labels.tolist())):
-        raise RunDirError(f"the {split} split rebuilt from {run.run_dir / 'spec.yaml'} is not the one the run "
-                          f"recorded: the dataset changed since it trained", origin=Origin.path(run.run_dir / "splits.json"),
+        raise RunDirError(f"the {split} split rebuilt from {run.run_dir / layout.SPEC} is not the one the run "
+                          f"recorded: the dataset changed since it trained", origin=Origin.path(run.run_dir / layout.SPLITS),
                           found=f"{len(dataset)} images now", expected=f"the {recorded.get('images')} images of "
                           "splits.json, with the same labels", hint="an image that trained could now sit in the split; "
                           "evaluate a folder of labelled images with --data PATH instead")
@@ -130,20 +132,6 @@ def split_set(run: LoadedRun, split: str) -> EvalSet:
                    id_key="path" if is_file else "index")
 
 
-def _read_record(run_dir: Path) -> dict[str, Any] | None:
-    """splits.json, or None for a run made before it existed (nothing is then checked)."""
-    path = run_dir / "splits.json"
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise RunDirError(f"splits.json cannot be read: {describe_exception(exc)}", origin=Origin.path(path),
-                          expected="the JSON written by `surgery run`", hint="restore it, or delete it to skip the "
-                          "check that the split's images are those the run trained beside") from None
-    return record if isinstance(record, dict) else None
-
-
 def _spec_with_data_root(run: LoadedRun, record: Mapping[str, Any] | None) -> Spec:
     """The run's spec with `data.root` where it pointed when the run trained: spec.yaml keeps the
     path as written, relative to the spec file the run came from, not to the run directory."""
@@ -156,7 +144,7 @@ def _spec_with_data_root(run: LoadedRun, record: Mapping[str, Any] | None) -> Sp
         return replace(spec, data=replace(spec.data, root=str(recorded)))
     if not (run.run_dir / root).exists():
         raise UsageError(f"the run's data.root {root!r} is relative to the spec file it was trained from, which "
-                         "this run does not record", origin=Origin.path(run.run_dir / "spec.yaml"),
+                         "this run does not record", origin=Origin.path(run.run_dir / layout.SPEC),
                          found=f"no {run.run_dir / root}", expected="a run written by this version of `surgery run` "
                          "(splits.json records the folder)", hint="evaluate the images with --data PATH")
     return spec
@@ -238,14 +226,12 @@ class _Items(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, k: int) -> tuple[int, Any, Any, str | None]:
-        from .data.sources import UNREADABLE
-
         try:
-            image = self.source.load(int(self.indices[k]))
-            image.load()  # decode now: a truncated file fails here, where it can be named
-            return k, self.transform(image), self.views(image) if self.views else None, None
+            x, v = decode(lambda: self.source.load(int(self.indices[k])),
+                          lambda image: (self.transform(image), self.views(image) if self.views else None))
+            return k, x, v, None
         except UNREADABLE as exc:
-            return k, None, None, describe_exception(exc, 120)
+            return k, None, None, unreadable(exc)
 
 
 def _collate(batch: list) -> list:
@@ -412,14 +398,15 @@ def evaluate_run(run_dir: str | Path, *, split: str | None = None, data: str | N
         raise _flag_error("--split", split, f"unknown split {split!r}", found=repr(split),
                           expected=" or ".join(SPLITS), hint=did_you_mean(split, SPLITS))
     run_dir = Path(run_dir)
-    locate_run(run_dir, weights)  # a wrong run directory or weight choice before anything is loaded
-    classes = _classes_file(run_dir)
+    trained = open_run(run_dir)
+    trained.require_trained(weights)  # a wrong run directory or weight choice before anything is loaded
+    classes = trained.written_classes()
     # a wrong folder too, when classes.json names the classes (rebuilding the model takes a while)
     evalset = folder_set(classes, data) if data is not None and classes is not None else None
-    run = load_run(run_dir, device, weights)
+    run = trained.load(device, weights)
     if run.spec.data.multi_label:
         raise UsageError("surgery evaluate scores single-label runs; this one is multi-label",
-                         origin=Origin.path(run_dir / "spec.yaml"), found="data.multi_label: true",
+                         origin=Origin.path(run_dir / layout.SPEC), found="data.multi_label: true",
                          expected="a run with one class per image",
                          hint="summary.json holds the validation mAP and per-class F1 of a multi-label run")
     if run.note and on_note:
@@ -437,23 +424,14 @@ def evaluate_run(run_dir: str | Path, *, split: str | None = None, data: str | N
     y_true = evalset.labels[outputs.positions]
     metrics = _metrics(run, evalset, outputs, y_true)
     files = _files(run, evalset, outputs, y_true, metrics)
-    folder = run_dir / "eval" / evalset.name
+    folder = run_dir / layout.EVAL / evalset.name
     write_folder(folder, files)
     return metrics, folder
 
 
-def _classes_file(run_dir: Path) -> list[str] | None:
-    """classes.json as written, or None (missing or malformed: `load_run` then decides and words it)."""
-    try:
-        classes = json.loads((run_dir / "classes.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return [str(c) for c in classes] if isinstance(classes, list) else None
-
-
 def _metrics(run: LoadedRun, evalset: EvalSet, outputs: Outputs, y_true: np.ndarray) -> dict[str, Any]:
     relative = run.weights.relative_to(run.run_dir).as_posix()
-    kind = next((k for k, v in WEIGHT_CHOICES.items() if v == relative), relative)
+    kind = run.weights_kind
     body = figures(y_true, outputs.probs, run.classes)
     mistakes = _mistakes(evalset, outputs, y_true, run.classes)
     return {
@@ -513,7 +491,7 @@ def _files(run: LoadedRun, evalset: EvalSet, outputs: Outputs, y_true: np.ndarra
     matrix = np.asarray(metrics["confusion_matrix"])
     shown = [(_image(run, evalset, m["position"]), m) for m in metrics["mistakes"]]
     return {
-        "metrics.json": (json.dumps(metrics, indent=2) + "\n").encode(),
+        layout.EVAL_METRICS: (json.dumps(metrics, indent=2) + "\n").encode(),
         "predictions.jsonl": _predictions(evalset, outputs, y_true, run.classes).encode(),
         PNGS["confusion"]: confusion_png(matrix, run.classes, f"confusion: {title}", normalized=False),
         PNGS["confusion_normalized"]: confusion_png(matrix, run.classes, f"confusion, each row / its images: {title}",
@@ -526,28 +504,6 @@ def _files(run: LoadedRun, evalset: EvalSet, outputs: Outputs, y_true: np.ndarra
 def _image(run: LoadedRun, evalset: EvalSet, position: int) -> torch.Tensor:
     """An image exactly as the model saw it (uint8 C x H x W, before normalisation)."""
     return run.transform(evalset.source_images.load(int(evalset.indices[position])))
-
-
-def write_folder(folder: Path, files: Mapping[str, bytes]) -> None:
-    """Write every file into a staging folder beside `folder`, then swap it into place
-    (`RunDir`'s claim / start / release): an evaluation that fails or is killed leaves the
-    previous results whole; an `eval/` folder made for nothing is removed again."""
-    from .rundir import RunDir, atomic_write_bytes
-
-    parent_existed = folder.parent.exists()
-    target = RunDir(folder)
-    try:
-        target.claim(resume=False, overwrite=True)
-        umask = os.umask(0o022)  # the only way to read it; mkdtemp's folder is private (0700)
-        os.umask(umask)
-        os.chmod(target.folder, 0o777 & ~umask)
-        for name, data in files.items():
-            atomic_write_bytes(target.folder / name, data)
-        target.start()
-    finally:
-        target.release()
-        if not parent_existed and folder.parent.is_dir() and not any(folder.parent.iterdir()):
-            folder.parent.rmdir()
 
 
 def report(metrics: Mapping[str, Any]) -> list[Any]:
@@ -618,7 +574,7 @@ def evaluate_command(run_dir: str | Path, *, split: str | None = None, data: str
 
     run_folder = folder.parent.parent  # RUN_DIR/eval/<split>: the run's own page shows it
     if refresh_report(run_folder, lambda text: err.print(f"[yellow]warning[/yellow]: {escape(text)}")):
-        err.print(f"refreshed {escape(str(run_folder / 'report.html'))}")
+        err.print(f"refreshed {escape(str(run_folder / layout.REPORT))}")
     return 0
 
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,9 +30,12 @@ from torch import nn
 
 from .attention_maps import ModuleAttention, bypass_inserted, record_attention
 from .builder import Built
-from .errors import Origin, RunDirError, UsageError, describe_exception, did_you_mean
+from .errors import Origin, UsageError, describe_exception, did_you_mean
+from .files import staging_folder, swap_in
+from .images import batches, decode, images_or_skips
 from .paths import nearest, select_modules
-from .predict import LoadedRun, _read, _UNREADABLE, images_or_skips, load_run, locate_run
+from .runs import layout, open_run
+from .runs.loaded import LoadedRun
 
 # --method name -> the pytorch_grad_cam class; progress: the method prints a tqdm bar per image
 METHODS: dict[str, str] = {
@@ -51,8 +52,8 @@ METHODS: dict[str, str] = {
 }
 _PROGRESS_BARS = frozenset({"scorecam", "ablationcam"})
 INSTALL_HINT = "pip install -e '.[grad-cam]'"
-DEFAULT_FOLDER = "explain"
-PREDICTIONS = "predictions.json"
+DEFAULT_FOLDER = layout.EXPLAIN
+PREDICTIONS = layout.EXPLAIN_PREDICTIONS
 
 
 def require_grad_cam() -> Any:
@@ -294,42 +295,9 @@ def _check_target(target: Path, origin: Origin) -> None:
                          hint="pass another --out DIR")
 
 
-def _staging(target: Path) -> Path:
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
-        staging.chmod(0o777 & ~_umask())  # mkdtemp's folder is private; the figures are as readable as the run
-        return staging
-    except OSError as exc:
-        raise RunDirError(f"cannot write in {target.parent}: {exc.strerror or exc}",
-                          origin=Origin.path(target.parent)) from None
-
-
-def _umask() -> int:
-    umask = os.umask(0o022)  # the only way to read it is to set it
-    os.umask(umask)
-    return umask
-
-
 def _put_in_place(staging: Path, target: Path) -> None:
     """The staging folder replaces `target` (an earlier output is removed once the new one is there)."""
-    from .rundir import _fsync_folder
-
-    old: Path | None = None
-    try:
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / "previous")
-        os.replace(staging, target)
-    except OSError as exc:
-        if old is not None and (old / "previous").exists() and not target.exists():
-            os.replace(old / "previous", target)
-        raise RunDirError(f"cannot put the figures in place of {target}: {exc.strerror or exc}",
-                          origin=Origin.path(target)) from None
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    _fsync_folder(target.parent)
+    swap_in(staging, target, what="the figures")
 
 
 # --------------------------------------------------------------------------- the command
@@ -353,20 +321,21 @@ def explain_command(run_dir: str | Path, paths: Sequence[str], *, layer: str | N
     from rich.markup import escape
 
     from .explain_figure import render
-    from .rundir import atomic_write_bytes, write_json
+    from .files import atomic_write_bytes, write_json
 
     require_grad_cam()
     if method not in METHODS:
         raise UsageError(f"unknown CAM method {method!r}", origin=Origin.flag("--method", method), found=method,
                          expected="one of " + ", ".join(METHODS), hint=did_you_mean(method, METHODS))
     run_dir = Path(run_dir)
-    locate_run(run_dir)
+    trained = open_run(run_dir)
+    trained.require_trained()
     target = Path(out) if out is not None else run_dir / DEFAULT_FOLDER
     _check_target(target, Origin.flag("--out", out) if out is not None else Origin.path(target))
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     out_console = Console(highlight=False, soft_wrap=True)
     images, _ = images_or_skips(paths, err, "explain", "IMAGE...")
-    run = load_run(run_dir, device)
+    run = trained.load(device)
     if run.note:
         err.print(f"[yellow]note[/yellow] {escape(run.note)}")
     wanted = class_index(run, class_name)
@@ -378,16 +347,13 @@ def explain_command(run_dir: str | Path, paths: Sequence[str], *, layer: str | N
     entries: list[dict[str, Any]] = []
     taken: set[str] = set()
     try:
-        for path in images:
-            try:
-                image = _read(path, run.transform)
-            except _UNREADABLE as exc:
-                err.print(f"[yellow]skipped[/yellow] {escape(str(path))}: not a readable image "
-                          f"({escape(describe_exception(exc, 120))})")
-                continue
-            item = explainer.explain(path, image, wanted)
+        def skip(path: Path, reason: str) -> None:
+            err.print(f"[yellow]skipped[/yellow] {escape(str(path))}: {escape(reason)}")
+
+        for (path,), image in batches(images, lambda p: decode(p, run.transform), 1, skip):
+            item = explainer.explain(path, image[0], wanted)
             item.png = _png_name(path, taken)
-            staging = staging or _staging(target)
+            staging = staging or staging_folder(target)  # and removes what a killed explain left there
             atomic_write_bytes(staging / item.png, render(item, run, layers, method))
             entries.append(_entry(item, run, layers, method))
             out_console.print(f"{path}  {run.classes[item.predicted]} ({item.confidence:.3f})  -> {target / item.png}",
@@ -408,7 +374,7 @@ def explain_command(run_dir: str | Path, paths: Sequence[str], *, layer: str | N
         from .report import refresh_report
 
         if refresh_report(run_dir, lambda text: err.print(f"[yellow]warning[/yellow]: {escape(text)}")):
-            err.print(f"refreshed {escape(str(run_dir / 'report.html'))}")
+            err.print(f"refreshed {escape(str(run_dir / layout.REPORT))}")
     return 0
 
 

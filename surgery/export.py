@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from .errors import Origin, UsageError, describe_exception, shorten
-from .predict import LoadedRun, load_run
+from . import files
+from .runs import layout, open_run
+from .runs.loaded import LoadedRun
 
 SUFFIXES = {"pt2": ".pt2", "onnx": ".onnx", "torchscript": ".ts"}
 SAMPLE_SIZE = 4
@@ -96,7 +98,9 @@ def _export_pt2(model: nn.Module, sample: torch.Tensor, path: Path, notes: list[
         return torch.export.export(model, (example,), dynamic_shapes=shapes)
 
     program, batch = _dynamic_or_static(export, sample, notes)
-    torch.export.save(program, str(path))
+    buffer = io.BytesIO()  # in memory: torch's own file writer aborts the process on a full disk
+    torch.export.save(program, buffer)
+    files.write_raw(path, buffer.getvalue())
     return "torch.export.export", batch
 
 
@@ -123,7 +127,9 @@ def _export_torchscript(model: nn.Module, sample: torch.Tensor, path: Path, note
                     f"failed too ({describe_exception(exc2, 300)}). Export with --format pt2 "
                     "(torch.export) or --format onnx instead") from None
             method = "torch.jit.trace"
-        module.save(str(path))
+        buffer = io.BytesIO()  # in memory, as for pt2
+        torch.jit.save(module, buffer)
+        files.write_raw(path, buffer.getvalue())
     tracer = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
     if tracer:
         notes.append(f"the tracer warned {len(tracer)} times (e.g. {shorten(tracer[0].message)}); "
@@ -182,16 +188,8 @@ def _outputs(forward: Forward, sample: torch.Tensor, batch: int | None) -> torch
     return torch.cat([forward(c).float() for c in chunks])
 
 
-def _default_mode(path: Path) -> None:
-    """mkstemp creates files readable by their owner only; a deployable file gets the usual umask mode."""
-    umask = os.umask(0)
-    os.umask(umask)
-    with contextlib.suppress(OSError):
-        os.chmod(path, 0o666 & ~umask)
-
-
 def default_path(run_dir: Path, fmt: str) -> Path:
-    return Path(run_dir) / "export" / f"model{SUFFIXES[fmt]}"
+    return Path(run_dir) / layout.EXPORT / f"model{SUFFIXES[fmt]}"
 
 
 def _out_path(run: LoadedRun, fmt: str, out: str | Path | None) -> Path:
@@ -250,98 +248,102 @@ def _sidecar(run: LoadedRun, result: ExportResult, sample: torch.Tensor) -> dict
     }
 
 
-def export_run(run: LoadedRun | str | Path, fmt: str, out: str | Path | None = None) -> ExportResult:
+def export_run(run: LoadedRun | str | Path, fmt: str, out: str | Path | None = None,
+               weights: str | None = None) -> ExportResult:
     """Export a run's surgered model to `fmt`, reload it, and compare its logits with the trained model's.
 
     Args:
-        run: a `LoadedRun` (from `load_run`) or a run directory.
+        run: a `LoadedRun` (from `Run.load`) or a run directory.
         fmt: "pt2" (torch.export), "onnx" (torch.onnx dynamo exporter) or "torchscript".
         out: the file to write (a folder gets model.<suffix>); default RUN_DIR/export/model.<pt2|onnx|ts>.
+        weights: for a run directory: None (final, else best), final, best or ema.
 
     Returns:
-        An `ExportResult`; the file and its sidecar (``<file>.json``) are written atomically.
+        An `ExportResult`; the file and its sidecar (``<file>.json``) are written atomically
+        through `surgery.files`.
 
     Raises:
         UsageError: unknown format, or a package the format needs is missing (with the pip command).
         ExportFailed: the exporter rejects the model, or the reloaded export's logits differ from
             the trained model's by more than the tolerance (then nothing is written).
+        RunDirError: the file cannot be written (a full disk, a read-only folder): nothing is left.
 
     Example:
         >>> result = export_run("runs/resnet18-cbam", "onnx")
         >>> result.max_abs_diff < 1e-4
         True
     """
-    from .rundir import write_json
+    from .errors import RunDirError
 
     if fmt not in EXPORTERS:
         raise UsageError(f"unknown export format {fmt!r}", origin=Origin.flag("--format", fmt), found=fmt,
                          expected=" or ".join(EXPORTERS))
     check_requirements(fmt)
     if not isinstance(run, LoadedRun):
-        run = load_run(run, "cpu")
+        run = open_run(run).load("cpu", weights)
     model = run.model.to("cpu").eval()
     path = _out_path(run, fmt, out)
     sample = sample_batch(run)
     reference = _outputs(model, sample, None)
     exporter, loader, compared_with = EXPORTERS[fmt]
     notes: list[str] = []
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-        os.close(fd)
-    except OSError as exc:
-        raise UsageError(f"cannot write in {path.parent}: {exc.strerror or exc}", origin=Origin.path(path),
-                         found=str(path), expected="a writable folder",
-                         hint="choose another place with --out PATH") from None
-    tmp = Path(name)
-    try:
+    done: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
         try:
-            method, batch = exporter(model, sample, tmp, notes)
-        except ExportFailed:
+            done["method"], done["batch"] = exporter(model, sample, tmp, notes)
+        except (ExportFailed, OSError):  # a full disk is the folder's problem, not the model's
             raise
         except Exception as exc:  # noqa: BLE001 - the exporter's own message is the useful part
             raise ExportFailed(f"{fmt}: the exporter failed on this model: "
                                + describe_exception(exc, 600)) from None
-        diff: float | None = None
         try:
             forward = loader(tmp)
-            if forward is not None:
-                diff = float((_outputs(forward, sample, batch) - reference).abs().max())
+            diff = None if forward is None else float((_outputs(forward, sample, done["batch"]) - reference).abs().max())
         except Exception as exc:  # noqa: BLE001 - a file that does not load or run is a failed export
             raise ExportFailed(f"{fmt}: the written file does not reload and run on a {list(sample.shape)} input: "
                                + describe_exception(exc, 400)) from None
+        done["diff"], done["compared_with"] = diff, compared_with
         if forward is None:
-            compared_with = "onnx.checker only"
+            done["compared_with"] = "onnx.checker only"
             notes.append(f"outputs were not compared: `pip install {CHECKER[fmt]}` to run the export and compare")
         else:
             limit = TOLERANCE * max(1.0, float(reference.abs().max()))
             if not diff <= limit:
                 raise ExportFailed(f"{fmt}: the export's logits differ from the trained model's by up to {diff:.3g} "
                                    f"(more than {limit:.3g}); nothing was written")
-        _default_mode(tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+
+    try:
+        files.write_with(path, write)
+    except RunDirError as exc:
+        if exc.problem.startswith("cannot write in "):
+            raise UsageError(exc.problem, origin=Origin.path(path), found=str(path), expected="a writable folder",
+                             hint="choose another place with --out PATH") from None
+        raise
     sidecar = path.with_name(path.name + ".json")
-    result = ExportResult(format=fmt, path=path, sidecar=sidecar, method=method, max_abs_diff=diff,
-                          compared_with=compared_with, batch=batch, notes=notes)
-    write_json(sidecar, _sidecar(run, result, sample))
+    result = ExportResult(format=fmt, path=path, sidecar=sidecar, method=done["method"], max_abs_diff=done["diff"],
+                          compared_with=done["compared_with"], batch=done["batch"], notes=notes)
+    try:
+        files.write_json(sidecar, _sidecar(run, result, sample))
+    except RunDirError:
+        path.unlink(missing_ok=True)  # a model without its sidecar (classes, mean, std) is not deployable
+        raise
     return result
 
 
-def export_command(run_dir: str | Path, fmt: str = "pt2", out: str | Path | None = None) -> int:
-    """`surgery export RUN_DIR --format pt2|onnx|torchscript [--out PATH]`; exit 1 when the export fails."""
+def export_command(run_dir: str | Path, fmt: str = "pt2", out: str | Path | None = None,
+                   weights: str | None = None) -> int:
+    """`surgery export RUN_DIR --format pt2|onnx|torchscript [--out PATH] [--weights final|best|ema]`;
+    exit 1 when the export fails or cannot be written."""
     from .untrusted import Console
     from rich.markup import escape
 
-    from .predict import locate_run
-
     console = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    locate_run(run_dir)
+    trained = open_run(run_dir)
+    trained.require_trained(weights)
     check_requirements(fmt)  # before the model is rebuilt: a missing package is the quicker answer
-    run = load_run(run_dir, "cpu")
+    run = trained.load("cpu", weights)
     if run.note:
         err.print(f"[yellow]note[/yellow] {escape(run.note)}")
     try:

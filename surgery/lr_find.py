@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .errors import Origin, UsageError
+from .runs import layout
 from .spec import Spec
 
 BETA = 0.9  # smoothing of the recorded loss
@@ -385,7 +386,7 @@ def check_out(out: Path) -> None:
     """Refuse a folder that holds a run: a sweep never writes into a run directory."""
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file", origin=Origin.flag("--out", out), expected="a folder")
-    marks = [name for name in ("spec.yaml", "summary.json", "checkpoints") if (out / name).exists()]
+    marks = [name for name in (layout.SPEC, layout.SUMMARY, "checkpoints") if (out / name).exists()]
     if marks:
         raise UsageError(f"--out {out} holds a run ({', '.join(marks)}): lr-find writes nothing into a run directory",
                          origin=Origin.flag("--out", out), expected="a folder of its own",
@@ -394,7 +395,7 @@ def check_out(out: Path) -> None:
 
 def write(result: LrFind, out: Path) -> tuple[Path, Path]:
     """lr_find.png, then lr_find.json, each atomically (the JSON, written last, names the plot)."""
-    from .rundir import atomic_write_bytes, write_json
+    from .files import atomic_write_bytes, write_json
 
     out.mkdir(parents=True, exist_ok=True)
     png, record = out / "lr_find.png", out / "lr_find.json"

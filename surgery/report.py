@@ -26,11 +26,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import Origin, UsageError, UserError, describe_exception
+from .errors import describe_exception
+from .runs import Run, layout, open_run
 
-REPORT_NAME = "report.html"
-# kinds of picture a page may embed, by their first bytes
-_IMAGE_MAGIC = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg", b"GIF8": "image/gif"}
+REPORT_NAME = layout.REPORT
 _LOAD_ROWS = (  # load_report.json key, label, what it means
     ("loaded", "loaded", "bit-identical from the pretrained source"),
     ("random", "random", "no pretrained weights asked for (pretrained: false)"),
@@ -46,67 +45,12 @@ _LOAD_ROWS = (  # load_report.json key, label, what it means
 
 
 # --------------------------------------------------------------------------- reading, tolerantly
-class _Reader:
-    """Reads a run's files; what is missing is None, what is unreadable is None plus a problem."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.problems: list[str] = []
-
-    def note(self, path: Path, what: str) -> None:
-        self.problems.append(f"{self._name(path)}: {what}")
-
-    def _name(self, path: Path) -> str:
-        try:
-            return str(path.relative_to(self.run_dir))
-        except ValueError:
-            return str(path)
-
-    def text(self, path: Path) -> str | None:
-        if not path.is_file():
-            return None
-        try:
-            return path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            self.note(path, f"cannot be read ({describe_exception(exc)})")
-            return None
-
-    def json(self, path: Path, kind: type = dict) -> Any:
-        text = self.text(path)
-        if text is None:
-            return None
-        try:
-            value = json.loads(text)
-        except ValueError as exc:
-            self.note(path, f"is not valid JSON ({describe_exception(exc)}); not shown")
-            return None
-        if not isinstance(value, kind):
-            self.note(path, f"holds a JSON {type(value).__name__}, not {'a list' if kind is list else 'an object'}; not shown")
-            return None
-        return value
-
-    def image(self, path: Path) -> str | None:
-        """A picture as a data URI (PNG, JPEG or GIF, recognised by its first bytes)."""
-        if not path.is_file():
-            self.note(path, "is named but missing")
-            return None
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            self.note(path, f"cannot be read ({describe_exception(exc)})")
-            return None
-        mime = next((m for magic, m in _IMAGE_MAGIC.items() if data.startswith(magic)), None)
-        if mime is None:
-            self.note(path, "is not a PNG, JPEG or GIF picture; not shown")
-            return None
-        return data_uri(data, mime)
-
-    def member(self, folder: Path, name: Any) -> Path | None:
-        """A file named inside a JSON file, which must lie in `folder` (no '..', no absolute path)."""
-        if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
-            self.note(folder, f"names a picture {name!r} that is not a file name inside {self._name(folder)}; not shown")
-            return None
-        return folder / name
+# the run is read by `surgery.runs.Run`: missing files are None, unreadable ones None plus a line
+# in `run.problems` (the box at the top of the page); it embeds only files inside the run
+def _image(reader: Run, path: Path) -> str | None:
+    """A picture of the run as a data URI (None, with a problem, when it may not be shown)."""
+    picture = reader.image(path)
+    return data_uri(*picture) if picture is not None else None
 
 
 def data_uri(data: bytes, mime: str = "image/png") -> str:
@@ -134,37 +78,7 @@ def _list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def _metrics(reader: _Reader, path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl rows (`rundir.read_metrics`' rule: a torn last line from a crash is ignored)."""
-    from .rundir import read_metrics
-
-    try:
-        rows = read_metrics(path)
-    except (OSError, UnicodeDecodeError) as exc:
-        reader.note(path, f"cannot be read ({describe_exception(exc)})")
-        return []
-    good = [r for r in rows if isinstance(r, dict) and _int(r.get("epoch")) is not None]
-    if len(good) < len(rows):
-        reader.note(path, f"{len(rows) - len(good)} line(s) are not epoch records; left out")
-    return good
-
-
 # --------------------------------------------------------------------------- the page's sections
-def _spec(reader: _Reader, run_dir: Path) -> tuple[str | None, Any]:
-    """spec.yaml's text, and the typed spec when it still loads (None otherwise, with a problem)."""
-    from .spec import load_spec
-
-    path = run_dir / "spec.yaml"
-    text = reader.text(path)
-    if text is None:
-        return None, None
-    try:
-        return text, load_spec(path)
-    except UserError as exc:
-        reader.note(path, f"does not load as a spec ({str(exc).splitlines()[0]}); no schedule shown")
-        return text, None
-
-
 def actual_starts(spec: Any, rows: Sequence[Mapping[str, Any]]) -> dict[str, int | None]:
     """The epoch each group starts training: what the spec says (`schedule.unfreeze_epochs`), and
     for event rules (plateau, after), which only the record knows, what the last epoch recorded
@@ -229,8 +143,8 @@ def _epoch_table(spec: Any, rows: Sequence[Mapping[str, Any]], best_epoch: int |
             "planned": any(not r["trained"] for r in table) and bool(planned)}
 
 
-def _load_report(reader: _Reader, run_dir: Path) -> dict[str, Any] | None:
-    data = reader.json(run_dir / "load_report.json")
+def _load_report(reader: Run, run_dir: Path) -> dict[str, Any] | None:
+    data = reader.json(run_dir / layout.LOAD_REPORT)
     if data is None:
         return None
     rows = []
@@ -255,10 +169,9 @@ def _load_report(reader: _Reader, run_dir: Path) -> dict[str, Any] | None:
     return {"source": data.get("source"), "rows": rows, "inserted": inserted, "changed": changed, "imports": imports}
 
 
-def _classes(reader: _Reader, run_dir: Path, summary: Mapping[str, Any]) -> list[str]:
-    classes = reader.json(run_dir / "classes.json", list)
-    if classes is not None:
-        return [str(c) for c in classes]
+def _classes(reader: Run, summary: Mapping[str, Any]) -> list[str]:
+    if reader.classes is not None:
+        return reader.classes
     for key in ("per_class_f1", "per_class_accuracy"):  # a run without classes.json: the summary's order
         if isinstance(summary.get(key), dict):
             return [str(c) for c in summary[key]]
@@ -286,7 +199,7 @@ def _figures(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], mult
              total_epochs: int | None) -> list[dict[str, Any]]:
     """The header's key figures: best and final validation figure, macro F1, parameters, speed, time."""
     figures: list[dict[str, Any]] = []
-    metric = "val_map" if multi_label else "val_acc"
+    metric = layout.headline(multi_label)
     label = "val mAP" if multi_label else "val accuracy"
     scored = [(r[metric], int(r["epoch"])) for r in rows if _num(r.get(metric)) is not None]
     if summary.get("best_epoch") is not None and not (multi_label and summary.get("best_val_map") is None):
@@ -366,14 +279,14 @@ def _facts(summary: Mapping[str, Any], spec: Any) -> list[tuple[str, str]]:
     return facts
 
 
-def _evaluations(reader: _Reader, run_dir: Path) -> list[dict[str, Any]]:
+def _evaluations(reader: Run, run_dir: Path) -> list[dict[str, Any]]:
     """``eval/<split>/metrics.json`` of `surgery evaluate`, one entry per split, in name order."""
-    folder = run_dir / "eval"
+    folder = run_dir / layout.EVAL
     if not folder.is_dir():
         return []
     out = []
     for split_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-        data = reader.json(split_dir / "metrics.json")
+        data = reader.json(split_dir / layout.EVAL_METRICS)
         if data is None:
             continue
         per_class = []
@@ -393,7 +306,7 @@ def _evaluations(reader: _Reader, run_dir: Path) -> list[dict[str, Any]]:
         pictures = []
         for key, name in _dict(data.get("pngs")).items():
             path = reader.member(split_dir, name)
-            uri = reader.image(path) if path is not None else None
+            uri = _image(reader, path) if path is not None else None
             if uri is not None:
                 pictures.append({"title": str(key).replace("_", " "), "uri": uri})
         figures = [f for f in (
@@ -419,17 +332,17 @@ def _tta_note(tta: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _explanations(reader: _Reader, run_dir: Path) -> list[dict[str, Any]]:
+def _explanations(reader: Run, run_dir: Path) -> list[dict[str, Any]]:
     """``explain/predictions.json`` of `surgery explain`: each picture with what it explains."""
-    folder = run_dir / "explain"
-    items = reader.json(folder / "predictions.json", list)
+    folder = run_dir / layout.EXPLAIN
+    items = reader.json(folder / layout.EXPLAIN_PREDICTIONS, list)
     out = []
     for item in items or []:
         if not isinstance(item, dict):
-            reader.note(folder / "predictions.json", "holds an entry that is not an object; left out")
+            reader.note(folder / layout.EXPLAIN_PREDICTIONS, "holds an entry that is not an object; left out")
             continue
         path = reader.member(folder, item.get("png"))
-        uri = reader.image(path) if path is not None else None
+        uri = _image(reader, path) if path is not None else None
         if uri is None:
             continue
         modules = item.get("modules")
@@ -440,14 +353,14 @@ def _explanations(reader: _Reader, run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _pictures(reader: _Reader, run_dir: Path, summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
+def _pictures(reader: Run, run_dir: Path, summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
               spec: Any, classes: Sequence[str]) -> dict[str, str | None]:
     """The curves and the confusion matrix. A finished run's own PNGs are embedded as they are
     (written with summary.json); a run without them (unfinished, or the PNG deleted) gets them
     redrawn in memory by `plots`, from metrics.jsonl and summary.json."""
     from .plots import confusion_png, curves_png
 
-    curves = reader.image(run_dir / "plots" / "curves.png") if summary and (run_dir / "plots" / "curves.png").is_file() else None
+    curves = _image(reader, run_dir / layout.CURVES) if summary and (run_dir / layout.CURVES).is_file() else None
     plottable = [r for r in rows if all(_num(r.get(k)) is not None for k in ("train_loss", "val_loss", "train_acc", "val_acc"))]
     if curves is None and plottable:
         from .schedule import unfreeze_events
@@ -456,12 +369,12 @@ def _pictures(reader: _Reader, run_dir: Path, summary: Mapping[str, Any], rows: 
     confusion = None
     matrix = summary.get("confusion_matrix")
     if isinstance(matrix, list) and matrix:
-        if (run_dir / "plots" / "confusion.png").is_file():
-            confusion = reader.image(run_dir / "plots" / "confusion.png")
+        if (run_dir / layout.CONFUSION).is_file():
+            confusion = _image(reader, run_dir / layout.CONFUSION)
         elif _square(matrix, len(classes)):
             confusion = data_uri(confusion_png(matrix, list(classes)))
         else:
-            reader.note(run_dir / "summary.json", f"confusion_matrix is not {len(classes)} x {len(classes)} numbers "
+            reader.note(run_dir / layout.SUMMARY, f"confusion_matrix is not {len(classes)} x {len(classes)} numbers "
                                                   "(one row and column per class); not drawn")
     return {"curves": curves, "confusion": confusion}
 
@@ -477,16 +390,14 @@ def gather(run_dir: str | Path) -> dict[str, Any]:
     Raises:
         UsageError: `run_dir` is not a run directory (no spec.yaml and no metrics.jsonl).
     """
-    run_dir = Path(run_dir)
-    check_run_dir(run_dir)
-    reader = _Reader(run_dir)
-    spec_text, spec = _spec(reader, run_dir)
-    summary = reader.json(run_dir / "summary.json") or {}
-    rows = _metrics(reader, run_dir / "metrics.jsonl")
-    multi_label = bool(summary.get("multi_label")) or (spec is not None and spec.data.multi_label) \
-        or any(_num(r.get("val_map")) is not None for r in rows)
+    reader = open_run(run_dir).require_run()
+    run_dir = reader.path
+    spec_text, spec = reader.spec_text, reader.spec
+    summary = reader.summary
+    rows = reader.metrics
+    multi_label = reader.multi_label
     total = spec.train.epochs if spec is not None else _int(summary.get("epochs"))
-    classes = _classes(reader, run_dir, summary)
+    classes = _classes(reader, summary)
     best_epoch = _int(summary.get("best_epoch"))
     data = {
         "name": summary.get("name") or (spec.name if spec is not None else run_dir.name),
@@ -510,13 +421,7 @@ def gather(run_dir: str | Path) -> dict[str, Any]:
 
 def check_run_dir(run_dir: Path) -> None:
     """Raise a `UsageError` (exit code 2) unless `run_dir` is a folder holding a run's spec.yaml or metrics.jsonl."""
-    hint = "train one with `surgery run SPEC.yaml --out DIR`, then pass DIR"
-    if not run_dir.is_dir():
-        raise UsageError("the run directory does not exist" if not run_dir.exists() else "the run path is not a folder",
-                         origin=Origin.path(run_dir), expected="a run directory written by `surgery run`", hint=hint)
-    if not (run_dir / "spec.yaml").is_file() and not (run_dir / "metrics.jsonl").is_file():
-        raise UsageError("the folder is not a run directory: it has no spec.yaml and no metrics.jsonl",
-                         origin=Origin.path(run_dir), expected="a run directory written by `surgery run`", hint=hint)
+    open_run(run_dir).require_run()
 
 
 # --------------------------------------------------------------------------- rendering
@@ -602,7 +507,7 @@ def write_report(run_dir: str | Path) -> Path:
         >>> write_report("runs/quickstart")
         PosixPath('runs/quickstart/report.html')
     """
-    from .rundir import write_text
+    from .files import write_text
 
     run_dir = Path(run_dir)
     html = render_report(gather(run_dir))

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .errors import SpecError, UserError, describe_exception
+from .runs import layout
 
 # torch, TensorBoard and MLflow are imported where they are used: `surgery validate` checks the
 # packages through `check_available` without importing any of them
@@ -48,7 +49,7 @@ RECORD = "mlflow_run.json"  # which MLflow run a run directory logs to, so --res
 PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow")}
 # summary.json figures logged once at the end (those present: multi-label runs have no accuracy-based best)
 SUMMARY_METRICS = ("best_val_acc", "final_val_acc", "final_val_loss", "val_macro_f1", "best_val_map", "final_val_map")
-_PLOTS = ("plots/curves.png", "plots/confusion.png")
+_PLOTS = (layout.CURVES, layout.CONFUSION)
 
 
 class TrackerError(UserError):
@@ -160,7 +161,7 @@ class _Csv:
             self.log_epoch(rows)
 
     def log_epoch(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        from .rundir import write_text
+        from .files import write_text
 
         write_text(self.path, metrics_csv(rows))
 
@@ -299,7 +300,7 @@ class _Mlflow:
                          self.client.create_experiment(name, artifact_location=artifacts))
         run = self.client.create_run(experiment_id, run_name=self.spec.name,
                                      tags={"surgery.run_dir": str(self.folder.resolve())})
-        from .rundir import write_json
+        from .files import write_json
 
         write_json(self.folder / RECORD, {"tracking_uri": uri, "experiment_id": experiment_id,
                                           "run_id": run.info.run_id})
@@ -323,7 +324,7 @@ class _Mlflow:
         figures = [Metric(k, float(summary[k]), now, step) for k in SUMMARY_METRICS
                    if isinstance(summary.get(k), (int, float))]
         self.client.log_batch(self.run_id, metrics=figures)
-        for name in (*_PLOTS, "summary.json", "spec.yaml"):
+        for name in (*_PLOTS, layout.SUMMARY, layout.SPEC):
             path = self.folder / name
             if path.is_file():
                 self.client.log_artifact(self.run_id, str(path), str(Path(name).parent) if "/" in name else None)

@@ -134,6 +134,12 @@ def test_compare_command_writes_the_page(runs: dict[str, Path], tmp_path: Path, 
     (lambda p, runs: (runs["s1"] / "summary.json").unlink() or runs["s1"], "the run has not finished: it has no summary.json"),
     (lambda p, runs: (runs["s1"] / "summary.json").write_text("{") and runs["s1"], "summary.json cannot be read: JSONDecodeError"),
     (lambda p, runs: runs["s0"], "a run directory is given twice"),
+    (lambda p, runs: (runs["s1"] / "summary.json").write_text("[" * 100_000) and runs["s1"],
+     "summary.json cannot be read: nested too deeply"),
+    (lambda p, runs: (runs["s1"] / "summary.json").write_bytes(b'{"name": "\xff"}') and runs["s1"],
+     "summary.json cannot be read: UnicodeDecodeError"),
+    (lambda p, runs: (runs["s1"] / "metrics.jsonl").write_bytes(b'{"epoch": "\xff"}\n') and runs["s1"],
+     "metrics.jsonl cannot be read: UnicodeDecodeError"),
 ])
 def test_compare_refuses_what_is_not_a_finished_run(runs: dict[str, Path], tmp_path: Path, capsys, make, message) -> None:
     bad = make(tmp_path, runs)
@@ -149,6 +155,19 @@ def test_several_bad_folders_are_named_together(runs: dict[str, Path], tmp_path:
         collect([runs["s0"], tmp_path / "a", tmp_path / "b"])
     assert str(tmp_path / "a") in caught.value.found and str(tmp_path / "b") in caught.value.found
     assert [r.run_dir for r in collect([runs["s0"], tmp_path / "a"], skip_unfinished=True)] == [runs["s0"]]
+
+
+def test_every_kind_of_refused_folder_is_named_in_one_error(runs: dict[str, Path], tmp_path: Path) -> None:
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(runs["s1"], unfinished)
+    (unfinished / "summary.json").unlink()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError) as caught:
+        collect([runs["s0"], tmp_path / "nowhere", tmp_path / "empty", unfinished, runs["s0"]])
+    assert caught.value.problem == ("4 of the 5 folders cannot be compared: 1 does not exist, 1 is not a run "
+                                    "directory, 1 has not finished, 1 is given twice")
+    for folder in ("nowhere", "empty", "unfinished"):
+        assert str(tmp_path / folder) in caught.value.found
 
 
 def test_single_and_multi_label_runs_are_not_mixed(tiny_run: Path, tmp_path: Path, runs: dict[str, Path]) -> None:

@@ -368,7 +368,7 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(case, test_run, tiny_r
 
 
 def test_a_failure_while_writing_keeps_the_previous_results(tmp_path, monkeypatch):
-    import surgery.rundir as rundir
+    import surgery.files as rundir  # the file layer every writer goes through
     from surgery.evaluate import write_folder
 
     folder = tmp_path / "run" / "eval" / "test"

@@ -100,6 +100,26 @@ def test_a_new_output_replaces_an_earlier_one_whole(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["explain"]  # neither the old nor the staging folder left
 
 
+@needs_grad_cam
+def test_staging_folders_a_killed_explain_left_are_removed_by_the_next_one(run_copy, images, capsys):
+    import os
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)  # a process that has ended: its staging folder is no one's
+    left = [run_copy / f".explain.new-{dead}-k9x1", run_copy / ".explain.new-abcd1234"]  # and one from before pids
+    running = run_copy / f".explain.new-{os.getppid()}-busy"  # a command still writing: left alone
+    for folder in (*left, running):
+        folder.mkdir()
+        (folder / "half.png").write_bytes(b"half")
+    os.utime(left[1], (0, 0))
+    assert main(["explain", str(run_copy), str(images / "flower.jpg")]) == 0
+    assert not any(folder.exists() for folder in left)
+    assert running.exists()
+    assert sorted(p.name for p in run_copy.iterdir() if p.name.startswith(".explain")) == [running.name]
+
+
 @pytest.fixture(scope="module")
 def loaded(tiny_run):
     """The shared run, loaded once, for tests that only read it."""
@@ -140,7 +160,7 @@ def test_a_layer_called_twice_per_pass_is_refused():
 def test_a_layer_inside_an_inserted_module_has_no_backbone_twin(loaded, images):
     from surgery.explain import Explainer, resolve_layers
     from surgery.explain_figure import render
-    from surgery.predict import _read
+    from surgery.images import decode as _read
 
     layers = resolve_layers(loaded.built, "layer3.cbam_after.attn.channel")
     explainer = Explainer(loaded, layers, "gradcam")
@@ -227,7 +247,8 @@ def test_with_gates_at_zero_the_cam_equals_the_cam_without_the_inserted_modules(
     from surgery.attention_maps import bypass_inserted, inserted_modules
     from surgery.backbones import create_backbone
     from surgery.explain import Explainer, resolve_layers
-    from surgery.predict import _read, load_run
+    from surgery.images import decode as _read
+    from surgery.predict import load_run
 
     run = load_run(tiny_run)
     with torch.no_grad():
@@ -255,7 +276,8 @@ def test_with_gates_at_zero_the_cam_equals_the_cam_without_the_inserted_modules(
 @needs_grad_cam
 def test_each_inserted_module_shows_its_own_gates(tiny_run, images):
     from surgery.explain import Explainer, resolve_layers
-    from surgery.predict import _read, load_run
+    from surgery.images import decode as _read
+    from surgery.predict import load_run
 
     run = load_run(tiny_run)
     explainer = Explainer(run, resolve_layers(run.built, "layer2"), "scorecam")  # runs the model once per 16 channels

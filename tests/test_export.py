@@ -106,3 +106,33 @@ def test_an_export_that_does_not_match_is_not_written(loaded, tmp_path, monkeypa
     with pytest.raises(ExportFailed, match="differ"):
         export_run(loaded, "pt2", tmp_path / "bad.pt2")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_takes_the_weights_predict_and_evaluate_take(run_dir, tmp_path, capsys):
+    out = tmp_path / "best.pt2"
+    assert main(["export", str(run_dir), "--weights", "best", "--out", str(out)]) == 0
+    sidecar = json.loads((tmp_path / "best.pt2.json").read_text())
+    assert sidecar["weights"] == str(run_dir / "checkpoints" / "best.safetensors")
+    assert main(["export", str(run_dir), "--weights", "ema", "--out", str(tmp_path / "ema.pt2")]) == 2
+    err = capsys.readouterr().err
+    assert "no ema weights" in err and "train.ema" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt2", "best.pt2.json"]
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
+def test_a_full_disk_stops_the_export_cleanly_and_leaves_nothing(run_dir, tmp_path, monkeypatch, capsys, fmt):
+    import errno
+    import os
+
+    from surgery import files
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what a full disk raises
+    monkeypatch.setattr(files, "write_raw", full)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["export", str(run_dir), "--format", fmt, "--out", str(out)]) == 1
+    err = capsys.readouterr().err.replace("\n", "")
+    name = "model.pt2" if fmt == "pt2" else "model.ts"
+    assert f"cannot write {out / name}: No space left on device" in err and "Traceback" not in err
+    assert list(out.iterdir()) == []  # no partial file, no temporary

@@ -163,3 +163,30 @@ def test_class_and_file_names_reach_the_terminal_escaped(run_dir, images, tmp_pa
     for text in (out, err):
         assert not any(ch in text for ch in "\x1b\x07\x9b\u202e"), repr(text)
     assert "one\\x1b[31m.png" in out and "\\x1b[2J" in out and "\\x1b]0;pwned\\x07" in out and "\\u202eevil" in out
+
+
+def test_weights_of_another_model_are_refused_by_every_command_naming_what_differs(run_dir, tmp_path, images,
+                                                                                    capsys):
+    from surgery.rundir import save_safetensors
+
+    copy = tmp_path / "foreign"
+    shutil.copytree(run_dir, copy)
+    state = load_safetensors(copy / "model.safetensors")
+    width = state["fc.weight"].shape[1]
+    state["fc.weight"], state["fc.bias"] = torch.zeros(3, width), torch.zeros(3)  # another head
+    save_safetensors(copy / "model.safetensors", state)
+    assert main(["predict", str(copy), str(images / "digits")]) == 2  # was: exit 0 with a random head
+    assert "2 of another shape" in capsys.readouterr().err.replace("\n", "")
+    del state["conv1.0.weight"]
+    state["layer1.cbam_after.gate.weight"] = torch.zeros(4)  # a module this spec does not insert
+    save_safetensors(copy / "model.safetensors", state)
+    for command in (["predict", str(copy), str(images / "digits")], ["evaluate", str(copy), "--split", "val"],
+                    ["export", str(copy)]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err.replace("\n", "")
+        assert "model.safetensors does not hold the weights of the model its spec.yaml builds" in err, err
+        assert "1 missing: conv1.0.weight" in err
+        assert "1 unexpected: layer1.cbam_after.gate.weight" in err
+        assert f"2 of another shape: fc.weight [3, {width}] in the file, [10, {width}] in the model" in err
+        assert "Traceback" not in err
+    assert not (copy / "export").exists() and not (copy / "eval").exists()

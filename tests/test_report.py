@@ -16,7 +16,7 @@ from rich.console import Console
 
 from browser import assert_not_blank, keep_screenshot, page_text, render
 from surgery.cli import main
-from surgery.report import gather, write_report
+from surgery.report import data_uri, gather, write_report
 from surgery.rundir import read_metrics
 from surgery.schedule import schedule_table
 from surgery.spec import load_spec
@@ -195,6 +195,9 @@ def test_evaluate_and_explain_outputs_are_shown(tiny_run: Path, tmp_path: Path) 
     ("load_report.json", "{oops", "load_report.json: is not valid JSON"),
     ("classes.json", b"\xff\xfe", "classes.json: cannot be read"),
     ("spec.yaml", "model: {backbone: 3}\n", "spec.yaml: does not load as a spec"),
+    ("summary.json", "[" * 100_000 + "]" * 100_000, "summary.json: is not valid JSON (nested too deeply)"),
+    ("summary.json", b'{"name": "\xff"}', "summary.json: cannot be read (UnicodeDecodeError"),
+    ("metrics.jsonl", b'{"epoch": 0}\n{"epoch": "\xff"}\n', "metrics.jsonl: cannot be read (UnicodeDecodeError"),
 ])
 def test_malformed_files_are_named_on_the_page(tiny_run: Path, tmp_path: Path, name: str, content, shown: str) -> None:
     run = _copy(tiny_run, tmp_path)
@@ -203,6 +206,28 @@ def test_malformed_files_are_named_on_the_page(tiny_run: Path, tmp_path: Path, n
     assert any(p.startswith(shown) for p in data["problems"]), data["problems"]
     html = write_report(run).read_text()
     assert shown.split(": ", 1)[1] in html
+
+
+def test_only_files_inside_the_run_are_embedded(tiny_run: Path, tmp_path: Path) -> None:
+    run = _copy(tiny_run, tmp_path)
+    _eval_and_explain(run)
+    secret = tmp_path / "elsewhere.png"
+    _png(secret, (1, 2, 3))
+    confusion = run / "eval" / "test" / "confusion.png"
+    confusion.unlink()
+    confusion.symlink_to(secret)  # a picture named by metrics.json, linked out of the run
+    (run / "plots" / "curves.png").unlink()
+    (run / "plots" / "curves.png").symlink_to(secret)
+    inner = run / "explain" / "0.png"
+    moved = run / "explain" / "real.png"
+    inner.rename(moved)
+    inner.symlink_to(moved)  # a link that stays inside the run is fine
+    data = gather(run)
+    outside = [p for p in data["problems"] if "outside the run directory" in p]
+    assert sorted(p.split(":")[0] for p in outside) == ["eval/test/confusion.png", "plots/curves.png"], data["problems"]
+    html = write_report(run).read_text()
+    assert data_uri(secret.read_bytes()) not in html
+    assert len(data["explanations"]) == 1
 
 
 WRONG = [b"", b"null", b"[]", b"\xff\xfe", b'[1, "a", null, {"png": 5}]',

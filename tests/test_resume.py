@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgery import rundir
+from surgery import files as rundir  # the file layer every writer goes through
 from surgery.cli import main
-from surgery.rundir import RunDirError, load_safetensors, read_metrics, save_torch
+from surgery.errors import RunDirError
+from surgery.rundir import load_safetensors, read_metrics, save_torch
 
 SPEC = {
     "name": "resume",

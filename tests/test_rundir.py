@@ -275,3 +275,20 @@ def test_a_key_map_that_backtracks_without_end_is_stopped_and_named(tmp_path, ca
     with pytest.raises(SpecError, match=r"this pattern is too slow") as info:
         build(load_spec(slow))
     assert info.value.path == "model.key_map.^(a|aa)+$"
+
+
+def test_a_staging_folder_a_killed_run_left_is_removed_by_the_next_one(tmp_path):
+    import subprocess
+    import sys
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    left = tmp_path / f".tiny.new-{dead}-half"  # what `kill -9` during a run's first epoch leaves
+    left.mkdir()
+    (left / "spec.yaml").write_text("half")
+    other = tmp_path / f".other.new-{dead}-half"  # another run directory's: not this claim's business
+    other.mkdir()
+    with RunDir(tmp_path / "tiny") as rundir:
+        rundir.claim(resume=False, overwrite=False)
+        assert not left.exists() and other.exists()
+        assert rundir.folder.name.startswith(f".tiny.new-{os.getpid()}-")

@@ -25,8 +25,10 @@ import torch
 from .. import distributed
 from ..data import split_record
 from ..plots import plot_confusion, plot_curves
-from ..rundir import (RunDir, load_safetensors, read_metrics, save_safetensors, save_torch, write_json,
-                      write_metrics, write_text)
+from ..files import write_json, write_text
+from ..runs import layout
+from ..runs.reader import read_metrics
+from ..runs.writer import RunDir, load_safetensors, save_safetensors, save_torch, write_metrics
 from ..runtime import make_runtime
 from ..schedule import lrs_at, unfreeze_events
 from ..spec import Spec
@@ -108,9 +110,9 @@ def _begin(ctx: Context, rundir: RunDir, resume: bool, say: Callable) -> Journey
             say(f"[yellow]note[/yellow]: {note}")
         journey.partial = restore(ctx, state)
         journey.epoch, journey.best = int(state["epoch"]), dict(state["best"])
-        journey.rows = [r for r in (state.get("rows") or read_metrics(rundir.folder / "metrics.jsonl"))
+        journey.rows = [r for r in (state.get("rows") or read_metrics(rundir.folder / layout.METRICS))
                         if r["epoch"] < journey.epoch]
-        env.on_main(lambda: write_metrics(rundir.folder / "metrics.jsonl", journey.rows))
+        env.on_main(lambda: write_metrics(rundir.folder / layout.METRICS, journey.rows))
         journey.kept = _kept(last, journey.epoch, journey.partial)
         say(_resuming(spec, journey, last, ctx.early_stop.stopped_at))
     else:
@@ -118,10 +120,10 @@ def _begin(ctx: Context, rundir: RunDir, resume: bool, say: Callable) -> Journey
             say(f"no checkpoint in {last}: starting {spec.name} from the first epoch")
 
         def write_start() -> None:
-            write_text(rundir.folder / "spec.yaml", spec.to_yaml())
-            write_json(rundir.folder / "load_report.json", ctx.built.report.to_dict())
-            write_json(rundir.folder / "classes.json", ctx.data.classes)
-            write_json(rundir.folder / "splits.json", split_record(spec, {"train": ctx.data.train, "val": ctx.data.val,
+            write_text(rundir.folder / layout.SPEC, spec.to_yaml())
+            write_json(rundir.folder / layout.LOAD_REPORT, ctx.built.report.to_dict())
+            write_json(rundir.folder / layout.CLASSES, ctx.data.classes)
+            write_json(rundir.folder / layout.SPLITS, split_record(spec, {"train": ctx.data.train, "val": ctx.data.val,
                                                                            "test": ctx.data.test}))
             rundir.start()
         env.on_main(write_start)
@@ -254,8 +256,8 @@ def _acc_basis(spec: Spec) -> str:
 
 
 def best_key(spec: Spec) -> str:
-    """The metrics-row key the best epoch is chosen by: val_map with data.multi_label, else val_acc."""
-    return "val_map" if spec.data.multi_label else "val_acc"
+    """The metrics-row key the best epoch is chosen by: the run's headline metric (`layout.headline`)."""
+    return layout.headline(spec.data.multi_label)
 
 
 def _save_epoch(ctx: Context, rundir: RunDir, journey: Journey, row: dict[str, Any]) -> None:
@@ -272,9 +274,9 @@ def _save_epoch(ctx: Context, rundir: RunDir, journey: Journey, row: dict[str, A
 
     def write() -> None:
         if improved:
-            save_safetensors(rundir.folder / "checkpoints" / "best.safetensors", ctx.model.state_dict(),
+            save_safetensors(rundir.folder / layout.BEST, ctx.model.state_dict(),
                              {"epoch": str(epoch), key: f"{row[key]:.6f}"})
-        write_metrics(rundir.folder / "metrics.jsonl", journey.rows)
+        write_metrics(rundir.folder / layout.METRICS, journey.rows)
         save_torch(rundir.checkpoint, checkpoint)
     ctx.dist.on_main(write)
     journey.kept = _kept(rundir.checkpoint, epoch + 1, None)
@@ -301,14 +303,14 @@ def _finish(ctx: Context, rundir: RunDir, journey: Journey, wall: float, say: Ca
     events = {e: g for e, g in unfreeze_events(spec, ctx.unfreeze.starts).items() if e <= trained}
 
     def write() -> None:
-        save_safetensors(rundir.folder / "model.safetensors", ctx.model.state_dict(), {"spec": spec.name})
+        save_safetensors(rundir.folder / layout.FINAL, ctx.model.state_dict(), {"spec": spec.name})
         if ctx.ema is not None:
-            save_safetensors(rundir.folder / "model_ema.safetensors", ctx.ema.module.state_dict(), {"spec": spec.name})
-        write_json(rundir.folder / "summary.json", summary)
+            save_safetensors(rundir.folder / layout.EMA, ctx.ema.module.state_dict(), {"spec": spec.name})
+        write_json(rundir.folder / layout.SUMMARY, summary)
         if journey.rows:
-            plot_curves(rundir.folder / "plots" / "curves.png", journey.rows, events)
+            plot_curves(rundir.folder / layout.CURVES, journey.rows, events)
         if final.confusion is not None:  # multi-label runs have none; summary.json holds per-class F1
-            plot_confusion(rundir.folder / "plots" / "confusion.png", final.confusion, ctx.data.classes)
+            plot_confusion(rundir.folder / layout.CONFUSION, final.confusion, ctx.data.classes)
         _write_report(rundir.folder, say)
     ctx.dist.on_main(write)
     trackers.finish(summary)
@@ -326,7 +328,7 @@ def _restore_best(ctx: Context, rundir: RunDir) -> None:
     """Put the best epoch's weights (checkpoints/best.safetensors) back into the model, on every
     process; the head-only feature cache is dropped, since the weights it was built on changed."""
     def load() -> None:
-        ctx.model.load_state_dict(load_safetensors(rundir.folder / "checkpoints" / "best.safetensors"))
+        ctx.model.load_state_dict(load_safetensors(rundir.folder / layout.BEST))
     ctx.dist.on_main(load)  # a failure there is raised on every process, none left waiting
     distributed.broadcast_state(ctx.model, ctx.dist)
     ctx.features = None
@@ -354,7 +356,7 @@ def _check_ranks(ctx: Context, rundir: RunDir, epoch: int, kept: str) -> None:
     message = (f"the {env.world_size} processes hold different weights after epoch {epoch + 1}: {shown}. "
                "This is a bug in the distributed set-up (please report it); the checkpoint of this epoch "
                f"was not written, {kept}")
-    env.on_main(lambda: write_json(rundir.folder / "summary.json", {
+    env.on_main(lambda: write_json(rundir.folder / layout.SUMMARY, {
         "name": ctx.spec.name, "ranks_consistent": False, "world_size": env.world_size,
         "diverged_after_epoch": epoch, "diverged_tensors": differ, "stopped": message}))
     raise TrainingStopped(message) from distributed.RanksDiverged(shown)

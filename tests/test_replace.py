@@ -331,3 +331,49 @@ def test_cifar_stem_on_gray_input_replaces_the_adapted_conv(tmp_path, weights):
     assert built.model.conv1.in_channels == 1 and built.model.conv1.kernel_size == (3, 3)
     assert built.report.reinitialised["conv1.weight"].startswith("surgery[0]: replace conv1")
     assert not built.report.adapted and "conv1.weight" in built.report.dropped
+
+
+# --------------------------------------------------------------------------- output shape kept, or declared
+def test_a_new_kernel_size_gets_the_padding_that_keeps_the_output(tmp_path, weights):
+    """A 1x1 conv for a 3x3 stride-2 one: padding 1 carried over would give 2x2 where 1x1 was."""
+    built = build(r18(tmp_path, weights, """\
+        - replace: layer4.0.conv1
+          with: Conv2d
+          args: {kernel_size: 1}
+        """))
+    conv = built.model.layer4[0].conv1
+    assert (conv.kernel_size, conv.stride, conv.padding) == ((1, 1), (2, 2), (0, 0))
+    assert built.shapes["layer4.0.conv1"].output == built.shapes["layer4.0.downsample"].output == (1, 512, 1, 1)
+
+
+def test_an_even_kernel_for_an_odd_one_names_the_padding(tmp_path, weights):
+    with pytest.raises(SpecError) as info:
+        build(r18(tmp_path, weights, """\
+            - replace: layer4.0.conv1
+              with: Conv2d
+              args: {kernel_size: 2}
+            """))
+    err = info.value
+    assert err.path == "surgery[0].args.kernel_size" and "padding of layer4.0.conv1, [1, 1]" in err.problem
+    assert "allow_shape_change" in err.hint
+
+
+def test_an_output_shape_change_is_refused_until_declared(tmp_path, weights):
+    """LPPool2d has no padding: at maxpool it gives 7x7 where 8x8 was, and resnet runs on either."""
+    from surgery import validate
+
+    entry = """\
+        - replace: maxpool
+          with: LPPool2d
+          args: {norm_type: 2}
+        """
+    with pytest.raises(SpecError) as info:
+        build(r18(tmp_path, weights, entry))
+    err = info.value
+    assert err.path == "surgery[0].with" and err.origin.line == 7
+    assert "LPPool2d at maxpool gives [1, 64, 7, 7] where MaxPool2d gave [1, 64, 8, 8]" in err.problem
+    assert err.found == "padding 1 (LPPool2d has no padding)" and "allow_shape_change: true" in err.hint
+    with pytest.raises(SpecError, match="gives \\[1, 64, 7, 7\\]"):
+        validate(tmp_path / "spec.yaml")
+    built = build(r18(tmp_path, weights, entry + "  allow_shape_change: true\n"))
+    assert built.shapes["maxpool"].output == (1, 64, 7, 7)

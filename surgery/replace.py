@@ -27,8 +27,8 @@ _IN_NAMES = ("num_features", "num_channels", "channels", "in_channels", "in_feat
              "num_chs", "dim", "normalized_shape")
 _OUT_NAMES = ("out_channels", "out_features", "out_chs")
 # what the old module calls them, in the order asked
-_OLD_IN = ("num_features", "num_channels", "in_channels", "in_features", "channels", "dim")
-_OLD_OUT = ("out_channels", "out_features", "num_features", "num_channels", "channels")
+_OLD_IN = ("num_features", "num_channels", "in_channels", "in_features", "channels", "normalized_shape", "dim")
+_OLD_OUT = ("out_channels", "out_features", "num_features", "num_channels", "channels", "normalized_shape")
 # other arguments carried over from the old module when both have them (a conv keeps its stride)
 _CARRIED = ("eps", "momentum", "affine", "track_running_stats", "kernel_size", "stride", "padding", "dilation",
             "groups", "bias", "padding_mode", "inplace", "output_size", "ceil_mode", "elementwise_affine")
@@ -125,14 +125,21 @@ def resolve_class(spec: Spec, item: ReplaceSpec) -> type:
 
 # --------------------------------------------------------------------------- constructor arguments
 def _old_width(module: nn.Module, names: Sequence[str], shape: tuple[int, ...] | None) -> int | None:
+    """The width the old module was built for: its own attributes first (a LayerNorm's
+    normalized_shape, a conv's in_channels), the probe only when none tells."""
+    from .insert import channels_last
+
     for n in names:
         value = getattr(module, n, None)
+        if isinstance(value, (tuple, list)) and len(value) == 1:
+            value = value[0]  # normalized_shape (192,)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-    if shape is not None and len(shape) >= 2:
-        # from the probe: channels-first maps and (batch, features) vectors
-        return int(shape[1])
-    return None
+    if shape is None or len(shape) < 2:
+        return None
+    if len(shape) == 3 or (len(shape) == 4 and channels_last(module, shape)):
+        return int(shape[-1])  # (batch, tokens, features) and (batch, height, width, channels) maps
+    return int(shape[1])  # channels-first maps and (batch, features) vectors
 
 
 def _carried(module: nn.Module, name: str) -> Any:
@@ -168,7 +175,9 @@ def constructor_args(spec: Spec, item: ReplaceSpec, cls: type, old: nn.Module, s
         if name in args or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         value = None
-        if name in _IN_NAMES:
+        if name == "normalized_shape" and isinstance(getattr(old, "normalized_shape", None), tuple):
+            value = old.normalized_shape  # a norm over several trailing dims keeps them all
+        elif name in _IN_NAMES:
             value = _old_width(old, _OLD_IN, inputs)
         elif name in _OUT_NAMES:
             value = _old_width(old, _OLD_OUT, output)

@@ -377,3 +377,19 @@ def test_an_output_shape_change_is_refused_until_declared(tmp_path, weights):
         validate(tmp_path / "spec.yaml")
     built = build(r18(tmp_path, weights, entry + "  allow_shape_change: true\n"))
     assert built.shapes["maxpool"].output == (1, 64, 7, 7)
+
+
+# --------------------------------------------------------------------------- norm widths from the old module
+@pytest.mark.parametrize(("backbone", "target", "args", "width"), [
+    ("timm:vit_tiny_patch16_224", "blocks.0.norm1", {"img_size": 32}, 192),  # (batch, 5 tokens, 192)
+    ("timm:convnext_atto", "stages.0.blocks.0.norm", {"conv_mlp": False}, 40),  # channels-last (1, 8, 8, 40)
+])
+def test_a_norm_replacement_takes_its_width_from_the_old_norm(backbone, target, args, width):
+    spec = {"model": {"backbone": backbone, "num_classes": 4, "args": args, "pretrained": False},
+            "surgery": [{"replace": target, "with": "RMSNorm"}], "seed": 1}
+    plain = build(load_spec({**spec, "surgery": []})).model
+    built = build(load_spec(spec))
+    norm = built.model.get_submodule(target)
+    assert isinstance(norm, nn.RMSNorm) and norm.normalized_shape == (width,) and norm.eps == 1e-6
+    assert torch.equal(norm.weight, plain.get_submodule(target).weight)
+    assert built.shapes[target].output == built.shapes[target].inputs

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import importlib
 import inspect as _inspect
+import logging
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -290,6 +292,29 @@ class Shapes:
     end: int = -1  # what ran after a module, and so what its output feeds, is read off these
 
 
+# torch logs every op that fails on fake tensors, traceback and all, at ERROR; our callers catch
+# the failure and either run for real or name it in a located error, so that log is noise
+_FAKE_TENSOR_LOGGERS = ("torch._subclasses.fake_tensor",)
+
+
+@contextmanager
+def fake_tensors() -> Iterator[None]:
+    """A shape-only pass (torch's FakeTensorMode; tensors made inside are fake too), with torch's
+    own logging of a failed op kept off the user's terminal for its duration."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    loggers = [logging.getLogger(name) for name in _FAKE_TENSOR_LOGGERS]
+    before = [lg.disabled for lg in loggers]
+    for lg in loggers:
+        lg.disabled = True
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            yield
+    finally:
+        for lg, was in zip(loggers, before):
+            lg.disabled = was
+
+
 def probe(model: nn.Module, input_size: Sequence[int]) -> dict[str, Shapes]:
     """Run one dry forward pass (eval mode, no grad: running statistics stay untouched) and
     record every module's input and output shape. Modules not called are absent.
@@ -299,9 +324,7 @@ def probe(model: nn.Module, input_size: Sequence[int]) -> dict[str, Shapes]:
     which also surfaces the model's own error message when the input does not fit it.
     """
     try:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        with FakeTensorMode(allow_non_fake_inputs=True):  # tensors made inside are fake
+        with fake_tensors():
             return _probe(model, input_size)
     except Exception:  # noqa: BLE001 - any failure: the real pass below decides
         return _probe(model, input_size)
@@ -641,10 +664,8 @@ def _memory_error(exc: BaseException) -> bool:
 def _run_on(attn: nn.Module, shape: Sequence[int]) -> Any:
     # Shapes only, first: a huge image_size costs nothing here. Some modules cannot run on fake
     # tensors (data-dependent shapes); a real pass decides for them, at sizes that fit in memory.
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with fake_tensors():
             out = attn(torch.zeros(shape))
             return tuple(out.shape) if isinstance(out, torch.Tensor) else out
     except Exception:  # noqa: BLE001 - the real pass below is the authority

@@ -393,3 +393,34 @@ def test_a_norm_replacement_takes_its_width_from_the_old_norm(backbone, target, 
     assert isinstance(norm, nn.RMSNorm) and norm.normalized_shape == (width,) and norm.eps == 1e-6
     assert torch.equal(norm.weight, plain.get_submodule(target).weight)
     assert built.shapes[target].output == built.shapes[target].inputs
+
+
+# --------------------------------------------------------------------------- a head for the body it ends up on
+def test_a_declared_head_fits_the_body_after_removing_the_last_stage(tmp_path, weights):
+    built = build(spec_file(tmp_path, f"""\
+        model:
+          backbone: torchvision:resnet18
+          num_classes: 10
+          pretrained: {weights[0]}
+          head: {{hidden: [32]}}
+        surgery:
+          - remove: layer4
+        """))
+    assert built.model.fc[0].in_features == 256 and built.model(X).shape == (2, 10)
+    assert built.report.dropped["fc.weight"].startswith("model.head (line 5): fc becomes the declared head (256 -> 32 -> 10)")
+    assert [c.kind for c in built.changes] == ["head", "remove"]
+
+
+def test_a_refused_surgery_prints_no_library_log(tmp_path):
+    """The probe runs on fake tensors first; torch logs the failed op with its traceback, which is
+    no business of the user's: the command prints the located error alone."""
+    import subprocess
+    import sys
+
+    (tmp_path / "spec.yaml").write_text("model:\n  backbone: torchvision:resnet18\n  num_classes: 10\n"
+                                        "  pretrained: false\nsurgery:\n  - remove: layer4\n")
+    done = subprocess.run([sys.executable, "-m", "surgery", "validate", str(tmp_path / "spec.yaml")],
+                          capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2
+    assert "surgery[0]: after removing layer4" in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr and "fake_tensor" not in done.stderr, done.stderr

@@ -171,11 +171,13 @@ def map_keys(spec: Spec, state: Mapping[str, torch.Tensor], target: Mapping[str,
     # `regex` takes Python's syntax and a time limit: a pattern that backtracks without end
     # (`(a|aa)+$`) is stopped and named instead of hanging the load
     deadline = time.monotonic() + KEY_MAP_SECONDS
+    hits = [0] * len(rules)
     for key, value in state.items():
         new = key
-        for rx, repl in rules:
+        for i, (rx, repl) in enumerate(rules):
             try:
-                new = rx.sub(repl, new, timeout=max(deadline - time.monotonic(), 1e-3))
+                new, n = rx.subn(repl, new, timeout=max(deadline - time.monotonic(), 1e-3))
+                hits[i] += n
             except TimeoutError:
                 raise spec.error(where + (rx.pattern,), f"this pattern is too slow: applying the key map to "
                                  f"{len(state)} keys took more than {KEY_MAP_SECONDS:g} s (it backtracks on {key!r})",
@@ -192,7 +194,24 @@ def map_keys(spec: Spec, state: Mapping[str, torch.Tensor], target: Mapping[str,
         out[new] = value
         if new != key:
             mapped[new] = key
+    for (rx, _), n in zip(rules, hits):
+        if not n:  # a typo in a rule loads nothing it meant to: say so, with the keys it could have meant
+            raise spec.error(where + (rx.pattern,), f"this key_map rule matches no key of the weight file "
+                             "(rules apply in order, each to the keys the rules before it left)",
+                             found=repr(rx.pattern), expected="a pattern that matches at least one key",
+                             hint=_closest_keys(rx.pattern, state))
     return out, mapped
+
+
+def _closest_keys(pattern: str, state: Mapping[str, Any]) -> str:
+    """The file's key beginnings nearest to what `pattern` spells, for a rule that matched nothing."""
+    import difflib
+
+    literal = regex.sub(r"\\(.)", r"\1", regex.sub(r"[\^$*+?()\[\]{}|]", "", pattern))
+    starts = sorted({".".join(k.split(".")[:depth]) for k in state for depth in (1, 2, 3)})
+    near = difflib.get_close_matches(literal.strip("."), starts, n=3, cutoff=0.5)
+    shown = near or [k for k in starts if "." not in k][:3]
+    return ("did you mean " if near else "the file's keys begin with ") + ", ".join(repr(k) for k in shown)
 
 
 @dataclass

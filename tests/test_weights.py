@@ -279,3 +279,11 @@ def test_report_to_dict_counts_every_list() -> None:
     assert out["counts"] == {"loaded": 2, "reinitialised": 1, "new": 1, "random": 0, "unused": 0, "mapped": 1,
                              "defaulted": 0, "kept": 0, "adapted": 0, "dropped": 0}
     assert out["loaded"] == ["a", "b"]
+
+
+def test_a_key_map_rule_that_matches_nothing_is_named_with_the_closest_keys(weights: dict, tmp_path: Path) -> None:
+    """A typo in a rule would load nothing it was meant to: refused at the rule, never silent."""
+    torch.save({f"backbone.{k}": v for k, v in weights.items()}, tmp_path / "p.pth")
+    err = load_error(tmp_path / "p.pth", key_map={r"^bakcbone\.": "", r"^backbone\.": ""})
+    assert err.path == "model.key_map.^bakcbone\\." and "matches no key of the weight file" in err.problem
+    assert err.hint.startswith("did you mean 'backbone'")

@@ -147,12 +147,10 @@ def _out_of_range(item: InsertSpec) -> list[tuple[str, str]]:
 def _user_class(spec: Spec, item: InsertSpec) -> type:
     where = ("surgery", item.index, "insert")
     module_name, _, class_name = item.insert.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise spec.error(where, f"cannot import {module_name!r}: {exc}", found=item.insert,
-                         expected="an importable 'package.module:Class'",
-                         hint="is the package installed, or its folder on PYTHONPATH?") from None
+    from .user_code import import_user_module
+
+    module = import_user_module(spec, where, module_name, found=item.insert,
+                                expected="an importable 'package.module:Class'")
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         names = [n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, nn.Module)]

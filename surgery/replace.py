@@ -10,7 +10,6 @@ responsible for every tensor it keeps, adapts, re-initialises or drops.
 from __future__ import annotations
 
 import copy
-import importlib
 import inspect as _inspect
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -102,12 +101,11 @@ def resolve_class(spec: Spec, item: ReplaceSpec) -> type:
     name = item.with_
     if ":" in name or "." in name:
         module_name, _, class_name = name.partition(":") if ":" in name else name.rpartition(".")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise spec.error(where, f"cannot import {module_name!r}: {exc}", found=name,
-                             expected="an importable module: 'torchvision.ops.FrozenBatchNorm2d' or 'package.module:Class'",
-                             hint=did_you_mean(name, _known_names()) or "is the package installed, or its folder on PYTHONPATH?") from None
+        from .user_code import import_user_module
+
+        module = import_user_module(spec, where, module_name, found=name,
+                                    expected="an importable module: 'torchvision.ops.FrozenBatchNorm2d' or 'package.module:Class'",
+                                    hint=did_you_mean(name, _known_names()))
         cls = getattr(module, class_name, None)
         if isinstance(cls, type) and issubclass(cls, nn.Module):
             return cls

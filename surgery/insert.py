@@ -493,11 +493,22 @@ def _insertable(module: nn.Module, shapes: Shapes | None, position: str) -> bool
     return shapes is not None and shapes.calls == 1 and shape is not None and len(shape) == 4 and not channels_last(module, shape)
 
 
+def _image_map(shape: Sequence[int] | None, shapes: Mapping[str, Shapes], modules: Mapping[str, nn.Module]) -> bool:
+    """Is a 4-D map one image's (channels, height, width), not attention weights laid out alike?
+    Window attention's (windows, heads, tokens, tokens) has more than the probe's one image in its
+    batch; its weights (a softmax's output, and the dropout on them) are never a feature map."""
+    root = shapes.get("")
+    batch = root.inputs[0] if root is not None and root.inputs else 1
+    weights = {shapes[p].output for p, m in modules.items() if isinstance(m, nn.Softmax) and p in shapes}
+    return shape is not None and shape[0] == batch and tuple(shape) not in weights
+
+
 def _channels_first_near(target: str, position: str, modules: Mapping[str, nn.Module],
                          shapes: Mapping[str, Shapes], n: int = 3) -> list[str]:
     """Positions near `target` whose map is channels-first: its ancestors (deepest first), then
     the closest ones run before and after it."""
-    fits = [p for p, m in modules.items() if p and p != target and _insertable(m, shapes.get(p), position)]
+    fits = [p for p, m in modules.items() if p and p != target and _insertable(m, shapes.get(p), position)
+            and _image_map(_side(shapes[p], position), shapes, modules)]
     ancestors = [p for p in fits if target.startswith(p + ".")]
     ancestors.sort(key=len, reverse=True)
     here = shapes[target]

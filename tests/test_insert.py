@@ -494,3 +494,17 @@ def test_a_user_class_in_a_file_beside_the_spec_is_found_without_pythonpath(tmp_
     assert bad.returncode == 2 and "typo.yaml:6:" in bad.stderr and "surgery[0].insert" in bad.stderr
     assert f"no such module on sys.path, nor in the spec's folder {folder.resolve()}" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_a_channels_last_refusal_never_suggests_attention_weights() -> None:
+    """Swin's window attention weights are (windows, heads, tokens, tokens): 4-D and square like a
+    channels-first map, but no image's map. Neither the stage with many windows nor the one with a
+    single window (batch 1) may be suggested; the patch conv is."""
+    tiny_swin = {"img_size": 64, "window_size": 4, "embed_dim": 24, "depths": [1, 1, 1], "num_heads": [1, 1, 2]}
+    for at in ("layers.1", "layers.2.blocks.0"):
+        with pytest.raises(SpecError) as info:
+            build(load_spec({"model": {"backbone": "timm:swin_tiny_patch4_window7_224", "num_classes": 4,
+                                       "args": tiny_swin, "pretrained": False},
+                             "surgery": [{"insert": "se", "at": at}], "data": {"image_size": 64}}))
+        hint = info.value.hint
+        assert "'patch_embed.proj'" in hint and "softmax" not in hint and "attn_drop" not in hint, hint

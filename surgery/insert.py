@@ -202,8 +202,10 @@ class Inserted(nn.Module):
 class _WithInserts:
     """Mixin placed in front of a module's own class: runs inserted children around its forward."""
 
-    _surgery_before: tuple[str, ...] = ()
-    _surgery_after: tuple[str, ...] = ()
+    # names of the inserted children run before / after the original forward; not annotated, so
+    # that TorchScript, which reads class annotations, never meets a type it cannot compile
+    _surgery_before = ()
+    _surgery_after = ()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._surgery_before:
@@ -218,6 +220,32 @@ class _WithInserts:
 
     def _get_name(self) -> str:
         return self._surgery_original.__name__
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script compiles neither *args nor super(): it scripts the same computation,
+        # the modules before -> the original module -> the modules after, on the same tensors
+        names = (*self._surgery_before, *self._surgery_after)
+        inner = self._surgery_original.__new__(self._surgery_original)
+        inner.__dict__ = {k: v for k, v in self.__dict__.items() if k not in ("_surgery_before", "_surgery_after")}
+        inner._modules = {k: v for k, v in self._modules.items() if k not in names}
+        return _ScriptedInserts([self._modules[n] for n in self._surgery_before], inner,
+                                [self._modules[n] for n in self._surgery_after])
+
+
+class _ScriptedInserts(nn.Module):
+    """What TorchScript compiles in place of a module with inserts (see `__prepare_scriptable__`)."""
+
+    def __init__(self, before: Sequence[nn.Module], inner: nn.Module, after: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.before, self.inner, self.after = nn.ModuleList(before), inner, nn.ModuleList(after)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self.before:
+            x = m(x)
+        x = self.inner(x)
+        for m in self.after:
+            x = m(x)
+        return x
 
 
 _ESCAPES = {"_": "_u", ".": "_d"}

@@ -106,3 +106,17 @@ def test_an_export_that_does_not_match_is_not_written(loaded, tmp_path, monkeypa
     with pytest.raises(ExportFailed, match="differ"):
         export_run(loaded, "pt2", tmp_path / "bad.pt2")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_torchscript_scripts_a_model_with_inserts_inside_a_leaf(loaded, tmp_path):
+    """cbam inside MaxPool2d swaps its class for one whose forward takes *args: torch.jit.script
+    compiles its scriptable form instead, so nothing falls back to tracing; the run's model keeps its keys."""
+    keys = list(loaded.model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        result = export_run(loaded, "torchscript", tmp_path / "m.ts")
+    assert result.method == "torch.jit.script" and not any("failed" in n for n in result.notes), result.notes
+    assert list(loaded.model.state_dict()) == keys
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (_reload("torchscript", tmp_path / "m.ts")(x) - loaded.model.eval()(x)).abs().max() < 1e-4

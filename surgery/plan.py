@@ -27,7 +27,7 @@ from .errors import describe_exception
 from .insert import Insertion, Shapes, apply_surgery, insert_targets, plan_insert, plan_surgery, probe, _matched_nothing
 from .paths import select_modules
 from .replace import (Change, adapt_conv, build_head, build_pool, build_replacement, entry_label, first_conv,
-                      global_pool, kept_keys, main_classifier, resolve_class, set_module, _type_name)
+                      global_pool, kept_keys, local_pool, main_classifier, resolve_class, set_module, _type_name)
 from .spec import InsertSpec, RemoveSpec, ReplaceSpec, Spec
 
 
@@ -186,8 +186,14 @@ class _Planner:
         if declared.pool is not None:
             pool = global_pool(self.work, self.shapes, classifier)
             if pool is None:
-                raise spec.error(where + ("pool",), f"no global pooling module runs before {classifier}",
-                                 found=declared.pool, expected="a backbone with an AdaptiveAvgPool2d or timm global_pool",
+                local = local_pool(self.work, self.shapes, classifier)
+                out = self.shapes[local].output if local is not None else None
+                why = (f": {local} ({_type_name(self.work.get_submodule(local))}) pools to a "
+                       f"{out[2]}x{out[3]} map, flattened into {classifier.rpartition('.')[0] or classifier}: not one value per channel"
+                       if out is not None and len(out) == 4 else "")
+                raise spec.error(where + ("pool",), f"no global pooling module runs before {classifier}{why}",
+                                 found=declared.pool, expected="a backbone that pools globally (to 1x1) before its "
+                                 "classifier, with an AdaptiveAvgPool2d or timm's global_pool",
                                  hint="leave pool out: the backbone pools its own way")
             self.change("pool", pool, where + ("pool",), build_pool(declared.pool, self.shapes[pool].output),
                         f"{pool} pools {declared.pool}")

@@ -388,6 +388,20 @@ def global_pool(model: nn.Module, shapes: Mapping[str, Shapes], classifier: str)
     return found
 
 
+def local_pool(model: nn.Module, shapes: Mapping[str, Shapes], classifier: str) -> str | None:
+    """The adaptive pooling run last before `classifier` when it is not global (VGG's AdaptiveAvgPool2d((7, 7)))."""
+    from timm.layers import SelectAdaptivePool2d
+
+    here = shapes[classifier]
+    found = None
+    for path, module in model.named_modules():
+        sh = shapes.get(path)
+        if isinstance(module, (*_POOLS, SelectAdaptivePool2d)) and sh is not None and 0 <= sh.end <= here.start:
+            if found is None or sh.end > shapes[found].end:
+                found = path
+    return found
+
+
 def build_pool(pool: str, old_output: tuple[int, ...] | None) -> nn.Module:
     from timm.layers import SelectAdaptivePool2d
 
@@ -414,4 +428,4 @@ def build_head(spec: Spec, in_features: int, num_classes: int) -> nn.Sequential:
 
 
 __all__ = ["Change", "resolve_class", "constructor_args", "build_replacement", "kept_keys", "first_conv", "adapt_conv",
-           "adapt_tensor", "main_classifier", "global_pool", "build_pool", "build_head", "entry_label", "set_module"]
+           "adapt_tensor", "main_classifier", "global_pool", "local_pool", "build_pool", "build_head", "entry_label", "set_module"]

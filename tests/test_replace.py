@@ -424,3 +424,12 @@ def test_a_refused_surgery_prints_no_library_log(tmp_path):
     assert done.returncode == 2
     assert "surgery[0]: after removing layer4" in done.stderr + done.stdout
     assert "Traceback" not in done.stderr and "fake_tensor" not in done.stderr, done.stderr
+
+
+def test_a_head_pool_on_vgg_names_its_pool_that_is_not_global():
+    with pytest.raises(SpecError) as info:
+        build(load_spec({"model": {"backbone": "torchvision:vgg11", "num_classes": 4, "head": {"pool": "max"}}}))
+    err = info.value
+    assert err.path == "model.head.pool"
+    assert "avgpool (AdaptiveAvgPool2d) pools to a 7x7 map, flattened into classifier: not one value" in err.problem
+    assert "globally (to 1x1)" in err.expected

@@ -13,7 +13,7 @@ from .backbones import Backbone, create_backbone, culprit_arg, logits_switch
 from .errors import describe_exception, quote_value
 from .modes import in_mode
 from .groups import ResolvedGroup, resolve_groups
-from .insert import Insertion, Shapes, apply_surgery, inserted_paths, probe
+from .insert import Insertion, Shapes, apply_surgery, fake_tensors, inserted_paths, probe
 from .plan import plan_operations
 from .replace import Change
 from .spec import Spec
@@ -104,15 +104,13 @@ def train_output(model: nn.Module, input_size: Sequence[int]) -> Any:
     Shapes only where fake tensors can run the model, else a real pass; either way BatchNorm
     statistics, train/eval modes and the RNG are left as they were.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     buffers = [b.detach().clone() for b in model.buffers()]
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad(), in_mode(model, train=True):
             try:
-                with FakeTensorMode(allow_non_fake_inputs=True):  # the input is made inside: fake too
+                with fake_tensors():  # the input is made inside: fake too
                     return model(torch.zeros(2, *input_size, dtype=dtype))
             except Exception:  # noqa: BLE001 - the real pass below decides, at sizes that fit in memory
                 if 2 * math.prod(input_size) > _REAL_PASS_LIMIT:

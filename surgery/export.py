@@ -7,6 +7,8 @@ and the trained model's on a sample batch. A file that fails the check is not wr
 """
 from __future__ import annotations
 
+import copy
+
 import contextlib
 import importlib
 import io
@@ -114,7 +116,8 @@ def _export_torchscript(model: nn.Module, sample: torch.Tensor, path: Path, note
         warnings.simplefilter("always")
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*deprecated.*")
         try:
-            module, method = torch.jit.script(model), "torch.jit.script"
+            # on a copy: scripting swaps modules with inserts for their scriptable form in place
+            module, method = torch.jit.script(copy.deepcopy(model)), "torch.jit.script"
         except Exception as exc:  # noqa: BLE001 - script rejects much Python (the surgered forward's *args): trace
             first = describe_exception(exc)
             notes.append(f"torch.jit.script failed ({first}); traced instead, which records "

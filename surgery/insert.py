@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import importlib
 import inspect as _inspect
+import logging
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -145,12 +147,10 @@ def _out_of_range(item: InsertSpec) -> list[tuple[str, str]]:
 def _user_class(spec: Spec, item: InsertSpec) -> type:
     where = ("surgery", item.index, "insert")
     module_name, _, class_name = item.insert.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise spec.error(where, f"cannot import {module_name!r}: {exc}", found=item.insert,
-                         expected="an importable 'package.module:Class'",
-                         hint="is the package installed, or its folder on PYTHONPATH?") from None
+    from .user_code import import_user_module
+
+    module = import_user_module(spec, where, module_name, found=item.insert,
+                                expected="an importable 'package.module:Class'")
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         names = [n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, nn.Module)]
@@ -202,8 +202,10 @@ class Inserted(nn.Module):
 class _WithInserts:
     """Mixin placed in front of a module's own class: runs inserted children around its forward."""
 
-    _surgery_before: tuple[str, ...] = ()
-    _surgery_after: tuple[str, ...] = ()
+    # names of the inserted children run before / after the original forward; not annotated, so
+    # that TorchScript, which reads class annotations, never meets a type it cannot compile
+    _surgery_before = ()
+    _surgery_after = ()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self._surgery_before:
@@ -218,6 +220,32 @@ class _WithInserts:
 
     def _get_name(self) -> str:
         return self._surgery_original.__name__
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script compiles neither *args nor super(): it scripts the same computation,
+        # the modules before -> the original module -> the modules after, on the same tensors
+        names = (*self._surgery_before, *self._surgery_after)
+        inner = self._surgery_original.__new__(self._surgery_original)
+        inner.__dict__ = {k: v for k, v in self.__dict__.items() if k not in ("_surgery_before", "_surgery_after")}
+        inner._modules = {k: v for k, v in self._modules.items() if k not in names}
+        return _ScriptedInserts([self._modules[n] for n in self._surgery_before], inner,
+                                [self._modules[n] for n in self._surgery_after])
+
+
+class _ScriptedInserts(nn.Module):
+    """What TorchScript compiles in place of a module with inserts (see `__prepare_scriptable__`)."""
+
+    def __init__(self, before: Sequence[nn.Module], inner: nn.Module, after: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.before, self.inner, self.after = nn.ModuleList(before), inner, nn.ModuleList(after)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self.before:
+            x = m(x)
+        x = self.inner(x)
+        for m in self.after:
+            x = m(x)
+        return x
 
 
 _ESCAPES = {"_": "_u", ".": "_d"}
@@ -290,6 +318,29 @@ class Shapes:
     end: int = -1  # what ran after a module, and so what its output feeds, is read off these
 
 
+# torch logs every op that fails on fake tensors, traceback and all, at ERROR; our callers catch
+# the failure and either run for real or name it in a located error, so that log is noise
+_FAKE_TENSOR_LOGGERS = ("torch._subclasses.fake_tensor",)
+
+
+@contextmanager
+def fake_tensors() -> Iterator[None]:
+    """A shape-only pass (torch's FakeTensorMode; tensors made inside are fake too), with torch's
+    own logging of a failed op kept off the user's terminal for its duration."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    loggers = [logging.getLogger(name) for name in _FAKE_TENSOR_LOGGERS]
+    before = [lg.disabled for lg in loggers]
+    for lg in loggers:
+        lg.disabled = True
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            yield
+    finally:
+        for lg, was in zip(loggers, before):
+            lg.disabled = was
+
+
 def probe(model: nn.Module, input_size: Sequence[int]) -> dict[str, Shapes]:
     """Run one dry forward pass (eval mode, no grad: running statistics stay untouched) and
     record every module's input and output shape. Modules not called are absent.
@@ -299,9 +350,7 @@ def probe(model: nn.Module, input_size: Sequence[int]) -> dict[str, Shapes]:
     which also surfaces the model's own error message when the input does not fit it.
     """
     try:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        with FakeTensorMode(allow_non_fake_inputs=True):  # tensors made inside are fake
+        with fake_tensors():
             return _probe(model, input_size)
     except Exception:  # noqa: BLE001 - any failure: the real pass below decides
         return _probe(model, input_size)
@@ -472,11 +521,22 @@ def _insertable(module: nn.Module, shapes: Shapes | None, position: str) -> bool
     return shapes is not None and shapes.calls == 1 and shape is not None and len(shape) == 4 and not channels_last(module, shape)
 
 
+def _image_map(shape: Sequence[int] | None, shapes: Mapping[str, Shapes], modules: Mapping[str, nn.Module]) -> bool:
+    """Is a 4-D map one image's (channels, height, width), not attention weights laid out alike?
+    Window attention's (windows, heads, tokens, tokens) has more than the probe's one image in its
+    batch; its weights (a softmax's output, and the dropout on them) are never a feature map."""
+    root = shapes.get("")
+    batch = root.inputs[0] if root is not None and root.inputs else 1
+    weights = {shapes[p].output for p, m in modules.items() if isinstance(m, nn.Softmax) and p in shapes}
+    return shape is not None and shape[0] == batch and tuple(shape) not in weights
+
+
 def _channels_first_near(target: str, position: str, modules: Mapping[str, nn.Module],
                          shapes: Mapping[str, Shapes], n: int = 3) -> list[str]:
     """Positions near `target` whose map is channels-first: its ancestors (deepest first), then
     the closest ones run before and after it."""
-    fits = [p for p, m in modules.items() if p and p != target and _insertable(m, shapes.get(p), position)]
+    fits = [p for p, m in modules.items() if p and p != target and _insertable(m, shapes.get(p), position)
+            and _image_map(_side(shapes[p], position), shapes, modules)]
     ancestors = [p for p in fits if target.startswith(p + ".")]
     ancestors.sort(key=len, reverse=True)
     here = shapes[target]
@@ -641,10 +701,8 @@ def _memory_error(exc: BaseException) -> bool:
 def _run_on(attn: nn.Module, shape: Sequence[int]) -> Any:
     # Shapes only, first: a huge image_size costs nothing here. Some modules cannot run on fake
     # tensors (data-dependent shapes); a real pass decides for them, at sizes that fit in memory.
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with fake_tensors():
             out = attn(torch.zeros(shape))
             return tuple(out.shape) if isinstance(out, torch.Tensor) else out
     except Exception:  # noqa: BLE001 - the real pass below is the authority

@@ -1,6 +1,10 @@
 """Order and conflicts: every surgery operation resolved and built, in order, before the model is touched.
 
-    model.in_chans  ->  model.head  ->  surgery entries, in the order written
+    model.in_chans  ->  model.head  ->  surgery entries, in the order written  ->  the head's width
+
+The declared head is placed where the classifier was before the entries run (an entry that
+changes it collides with model.head), but it is built for the width the body gives after them:
+until then an identity stands in its place, so removing the last stage leaves a head that fits.
 
 Inserts alone keep today's path: every target resolved on the unmodified backbone, the modules
 attached by `apply_surgery` afterwards. Once an entry replaces or removes a module, later
@@ -23,7 +27,7 @@ from .errors import describe_exception
 from .insert import Insertion, Shapes, apply_surgery, insert_targets, plan_insert, plan_surgery, probe, _matched_nothing
 from .paths import select_modules
 from .replace import (Change, adapt_conv, build_head, build_pool, build_replacement, entry_label, first_conv,
-                      global_pool, kept_keys, main_classifier, resolve_class, set_module, _type_name)
+                      global_pool, kept_keys, local_pool, main_classifier, resolve_class, set_module, _type_name)
 from .spec import InsertSpec, RemoveSpec, ReplaceSpec, Spec
 
 
@@ -127,6 +131,10 @@ def _selected(spec: Spec, selectors, modules: Mapping[str, nn.Module]) -> list[s
     return targets
 
 
+class _HeadSlot(nn.Identity):
+    """Where the declared head goes, while the surgery entries run: passes the features through."""
+
+
 class _Planner:
     """Applies the spec's operations one by one to a copy of the backbone, re-probing shapes after
     each, and records every change (`changes`) and insertion (`inserts`) for the load report."""
@@ -138,6 +146,7 @@ class _Planner:
         self.changes: list[Change] = []
         self.inserts: list[Insertion] = []
         self.taken: dict[str, set[str]] = {}
+        self.head_slot: tuple[Change, nn.Module] | None = None  # the declared head's change, its module
 
     def change(self, kind: str, path: str, where: tuple, new: nn.Module, words: str, **extra: Any) -> Change:
         self.ledger.check_change(path, kind, where)
@@ -177,18 +186,46 @@ class _Planner:
         if declared.pool is not None:
             pool = global_pool(self.work, self.shapes, classifier)
             if pool is None:
-                raise spec.error(where + ("pool",), f"no global pooling module runs before {classifier}",
-                                 found=declared.pool, expected="a backbone with an AdaptiveAvgPool2d or timm global_pool",
+                local = local_pool(self.work, self.shapes, classifier)
+                out = self.shapes[local].output if local is not None else None
+                why = (f": {local} ({_type_name(self.work.get_submodule(local))}) pools to a "
+                       f"{out[2]}x{out[3]} map, flattened into {classifier.rpartition('.')[0] or classifier}: not one value per channel"
+                       if out is not None and len(out) == 4 else "")
+                raise spec.error(where + ("pool",), f"no global pooling module runs before {classifier}{why}",
+                                 found=declared.pool, expected="a backbone that pools globally (to 1x1) before its "
+                                 "classifier, with an AdaptiveAvgPool2d or timm's global_pool",
                                  hint="leave pool out: the backbone pools its own way")
             self.change("pool", pool, where + ("pool",), build_pool(declared.pool, self.shapes[pool].output),
                         f"{pool} pools {declared.pool}")
         if declared.replaces_classifier:
             old = self.work.get_submodule(classifier)
             in_features = int(self.shapes[classifier].inputs[1])  # the probe's width, not the old layer's attribute
-            self.change("head", classifier, where, build_head(spec, in_features, old.out_features),
-                        f"{classifier} becomes the declared head ({in_features} -> "
-                        + " -> ".join(str(h) for h in (*declared.hidden, old.out_features)) + ")")
+            head = build_head(spec, in_features, old.out_features)  # built now: its initialisation as always
+            # an identity holds its place while the entries run: one that changes the body's width
+            # (remove: layer4) must not trip over a head built for the width before it
+            change = self.change("head", classifier, where, _HeadSlot(), "")
+            self.head_slot = (change, head)
         self.reprobe(where, "declaring the head", [classifier])
+
+    def finish_head(self) -> None:
+        """The declared head, for the width the body gives after every entry (rebuilt if that changed)."""
+        if self.head_slot is None:
+            return
+        (change, head), spec, where = self.head_slot, self.spec, ("model", "head")
+        sh = self.shapes.get(change.path)
+        if sh is None or sh.inputs is None or len(sh.inputs) != 2:
+            raise spec.error(where, f"after the surgery entries, {change.path} (the declared head) receives "
+                             + (f"a {list(sh.inputs)} map" if sh is not None and sh.inputs is not None else "nothing"),
+                             found=change.path, expected="a (batch, features) vector before the head",
+                             hint="keep the backbone's global pooling (the head's pool: sets how it pools)")
+        in_features, out_features = int(sh.inputs[1]), head[-1].out_features
+        if head[0].in_features != in_features:
+            head = build_head(spec, in_features, out_features)
+        set_module(self.work, change.path, head)
+        change.module, change.new_type = head, _type_name(head)
+        change.label = (f"{entry_label(spec, where)}: {change.path} becomes the declared head ({in_features} -> "
+                        + " -> ".join(str(h) for h in (*spec.model.head.hidden, out_features)) + ")")
+        self.reprobe(where, "declaring the head", [change.path])
 
     def targets(self) -> dict[str, nn.Module]:
         """The backbone's own modules: inserted ones are never targets (as on the unmodified backbone)."""
@@ -251,6 +288,7 @@ def plan_operations(spec: Spec, model: nn.Module, shapes: Mapping[str, Shapes], 
             planner.insert(item)
         else:
             planner.replace_or_remove(item)
+    planner.finish_head()
     return Plan(planner.inserts, planner.changes, planner.work, planner.shapes, planner.size, tuple(head))
 
 

@@ -86,6 +86,7 @@ class ReplaceSpec:
     with_: str
     args: Mapping[str, Any]
     index: int
+    allow_shape_change: bool = False  # the new module may give another output shape than the old one
 
 
 @dataclass(frozen=True)
@@ -432,7 +433,7 @@ def _lr(value: Any, where: tuple, source: Source) -> tuple[tuple[int, float], ..
 
 
 _OPERATIONS = {"insert": ("at",), "replace": ("with",), "remove": ()}  # operation -> keys it needs
-_ONLY = {"at": "insert", "position": "insert", "init": "insert", "with": "replace"}  # key -> the one operation it belongs to
+_ONLY = {"at": "insert", "position": "insert", "init": "insert", "with": "replace", "allow_shape_change": "replace"}  # key -> the one operation it belongs to
 
 
 def _check_entries(data: dict, source: Source) -> None:
@@ -463,7 +464,8 @@ def _check_entries(data: dict, source: Source) -> None:
 
 def _surgery_entry(s: dict, i: int) -> SurgeryEntry:
     if "replace" in s:
-        return ReplaceSpec(_selectors(s["replace"], ("surgery", i, "replace")), s["with"], s["args"], i)
+        return ReplaceSpec(_selectors(s["replace"], ("surgery", i, "replace")), s["with"], s["args"], i,
+                           bool(s.get("allow_shape_change", False)))
     if "remove" in s:
         return RemoveSpec(_selectors(s["remove"], ("surgery", i, "remove")), i)
     return InsertSpec(s["insert"], _selectors(s["at"], ("surgery", i, "at")), s["position"], s["init"], s["args"], i)

@@ -1,6 +1,7 @@
 """Weight files in, load report out: every pretrained tensor is accounted for, none dropped silently."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +27,8 @@ class LoadReport:
     `loaded`, `new` (inserted), `random` (no weights asked for) and `unused` (in the file, fit nothing) are key lists; `reinitialised` maps a key to its reason;
     `mapped` maps a model key to the file key it was loaded from where they differ;
     `imports` lists user classes the surgery imported ("package.module:Class").
+    `adapted` also names a ViT position embedding resampled to this model's patch grid
+    (weights trained at another image size), from-shape -> to-shape.
     Where a spec entry replaced, removed or adapted a module (`changed_modules`), each of its
     tensors is named with the entry responsible: `kept` (loaded bit for bit from the old module's
     tensor of the same name and shape; also in `loaded`), `adapted` (the first convolution's
@@ -148,7 +151,8 @@ def map_keys(spec: Spec, state: Mapping[str, torch.Tensor], target: Mapping[str,
                              expected="a file of the same architecture from another codebase",
                              hint="map names with {regex: replacement} rules instead")
         for i, (s, d) in enumerate(zip(src, dst)):
-            if tuple(state[s].shape) != tuple(target[d].shape) and d not in head:
+            if tuple(state[s].shape) != tuple(target[d].shape) and d not in head and not (
+                    d.rpartition(".")[2] == "pos_embed" and state[s].ndim == target[d].ndim == 3):  # resampled on load
                 raise spec.error(where, f"key_map: order pairs tensor #{i} of the file, {s} {list(state[s].shape)}, "
                                  f"with {d} {list(target[d].shape)}: the shapes differ", found="order",
                                  expected="tensors that correspond one to one, in order, with equal shapes")
@@ -171,11 +175,13 @@ def map_keys(spec: Spec, state: Mapping[str, torch.Tensor], target: Mapping[str,
     # `regex` takes Python's syntax and a time limit: a pattern that backtracks without end
     # (`(a|aa)+$`) is stopped and named instead of hanging the load
     deadline = time.monotonic() + KEY_MAP_SECONDS
+    hits = [0] * len(rules)
     for key, value in state.items():
         new = key
-        for rx, repl in rules:
+        for i, (rx, repl) in enumerate(rules):
             try:
-                new = rx.sub(repl, new, timeout=max(deadline - time.monotonic(), 1e-3))
+                new, n = rx.subn(repl, new, timeout=max(deadline - time.monotonic(), 1e-3))
+                hits[i] += n
             except TimeoutError:
                 raise spec.error(where + (rx.pattern,), f"this pattern is too slow: applying the key map to "
                                  f"{len(state)} keys took more than {KEY_MAP_SECONDS:g} s (it backtracks on {key!r})",
@@ -192,7 +198,24 @@ def map_keys(spec: Spec, state: Mapping[str, torch.Tensor], target: Mapping[str,
         out[new] = value
         if new != key:
             mapped[new] = key
+    for (rx, _), n in zip(rules, hits):
+        if not n:  # a typo in a rule loads nothing it meant to: say so, with the keys it could have meant
+            raise spec.error(where + (rx.pattern,), f"this key_map rule matches no key of the weight file "
+                             "(rules apply in order, each to the keys the rules before it left)",
+                             found=repr(rx.pattern), expected="a pattern that matches at least one key",
+                             hint=_closest_keys(rx.pattern, state))
     return out, mapped
+
+
+def _closest_keys(pattern: str, state: Mapping[str, Any]) -> str:
+    """The file's key beginnings nearest to what `pattern` spells, for a rule that matched nothing."""
+    import difflib
+
+    literal = regex.sub(r"\\(.)", r"\1", regex.sub(r"[\^$*+?()\[\]{}|]", "", pattern))
+    starts = sorted({".".join(k.split(".")[:depth]) for k in state for depth in (1, 2, 3)})
+    near = difflib.get_close_matches(literal.strip("."), starts, n=3, cutoff=0.5)
+    shown = near or [k for k in starts if "." not in k][:3]
+    return ("did you mean " if near else "the file's keys begin with ") + ", ".join(repr(k) for k in shown)
 
 
 @dataclass
@@ -272,6 +295,34 @@ def _account_plain(ledger: _Ledger, key: str, tensor: torch.Tensor, incoming: to
         ledger.mismatched.append(f"{key}: {list(incoming.shape)} in the file, {list(tensor.shape)} in the model")
 
 
+def _resampled_position(model: nn.Module, key: str, incoming: torch.Tensor | None,
+                        tensor: torch.Tensor) -> tuple[torch.Tensor, str] | None:
+    """A ViT's absolute position embedding trained for another image size, resampled to this
+    model's patch grid as timm's own checkpoint_filter_fn does (class / register tokens kept as
+    they are): (tensor, words for the load report), or None where `key` is no such embedding."""
+    owner_path, _, name = key.rpartition(".")
+    if (name != "pos_embed" or incoming is None or incoming.ndim != 3 or tensor.ndim != 3
+            or tuple(incoming.shape) == tuple(tensor.shape) or incoming.shape[-1] != tensor.shape[-1]):
+        return None
+    owner = model.get_submodule(owner_path) if owner_path else model
+    grid = getattr(getattr(owner, "patch_embed", None), "grid_size", None)
+    if grid is None:
+        return None
+    prefix = 0 if getattr(owner, "no_embed_class", False) else int(getattr(owner, "num_prefix_tokens", 1))
+    side = math.isqrt(incoming.shape[1] - prefix)
+    if side * side != incoming.shape[1] - prefix:
+        return None  # not a square grid in the file: nothing to resample from
+    from timm.layers import resample_abs_pos_embed
+
+    out = resample_abs_pos_embed(incoming.float(), new_size=list(grid), old_size=[side, side],
+                                 num_prefix_tokens=prefix, interpolation="bicubic", antialias=True)
+    if tuple(out.shape) != tuple(tensor.shape):
+        return None
+    return out.to(tensor.dtype), (f"position embedding resampled {list(incoming.shape)} -> {list(tensor.shape)}: "
+                                  f"{side}x{side} -> {grid[0]}x{grid[1]} patches, {prefix} prefix token(s) kept "
+                                  "(timm resample_abs_pos_embed, bicubic)")
+
+
 def _check_everything_fits(spec: Spec, source: str, ledger: _Ledger) -> None:
     """A backbone key missing or of another shape, or a file key nothing used: a located error."""
     missing, mismatched, unused = ledger.missing, ledger.mismatched, ledger.report.unused
@@ -329,7 +380,11 @@ def load_weights(spec: Spec, model: nn.Module, state: Mapping[str, torch.Tensor]
     for key, tensor in target.items():
         is_inserted, is_head = _under(key, inserted), _under(key, head)
         change = None if is_inserted else change_of(key)
-        if change is not None:
+        resampled = None if change is not None or is_inserted else _resampled_position(model, key, state.get(key), tensor)
+        if resampled is not None:
+            ledger.updates[key], report.adapted[key] = resampled
+            ledger.used.add(key)
+        elif change is not None:
             _account_changed(ledger, key, tensor, state.get(key), change, reset_head and is_head)
         else:
             _account_plain(ledger, key, tensor, state.get(key), inserted=is_inserted, head=is_head, reset=reset_head)

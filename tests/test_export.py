@@ -136,3 +136,17 @@ def test_a_full_disk_stops_the_export_cleanly_and_leaves_nothing(run_dir, tmp_pa
     name = "model.pt2" if fmt == "pt2" else "model.ts"
     assert f"cannot write {out / name}: No space left on device" in err and "Traceback" not in err
     assert list(out.iterdir()) == []  # no partial file, no temporary
+
+
+def test_torchscript_scripts_a_model_with_inserts_inside_a_leaf(loaded, tmp_path):
+    """cbam inside MaxPool2d swaps its class for one whose forward takes *args: torch.jit.script
+    compiles its scriptable form instead, so nothing falls back to tracing; the run's model keeps its keys."""
+    keys = list(loaded.model.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        result = export_run(loaded, "torchscript", tmp_path / "m.ts")
+    assert result.method == "torch.jit.script" and not any("failed" in n for n in result.notes), result.notes
+    assert list(loaded.model.state_dict()) == keys
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (_reload("torchscript", tmp_path / "m.ts")(x) - loaded.model.eval()(x)).abs().max() < 1e-4

@@ -451,3 +451,60 @@ def test_a_dense_block_hint_names_the_position_that_sees_the_blocks_output(at: s
                              "surgery": [{"insert": "se", "at": target, "position": hint.rsplit(" ", 1)[1]}]}))
     assert built.inserted[0].channels == {"features.transition1": 256 if position == "after" else 128,
                                           "features.norm5": 1024}[target]
+
+
+# --------------------------------------------------------------------------- a user class beside the spec
+GATE = '''
+import torch
+from torch import nn
+
+
+class Gate(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.fc = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+'''
+
+
+def test_a_user_class_in_a_file_beside_the_spec_is_found_without_pythonpath(tmp_path):
+    """`surgery validate` run from another folder finds beside_attn.py next to the spec (and a
+    replace's class likewise); a module in neither place is named with the folder searched."""
+    import os
+    import subprocess
+    import sys
+
+    folder = tmp_path / "specs"
+    folder.mkdir()
+    (folder / "beside_attn.py").write_text(GATE + "\n\nclass Act(nn.SiLU):\n    pass\n")
+    spec = ("model:\n  backbone: torchvision:resnet18\n  num_classes: 10\n  pretrained: false\n"
+            "surgery:\n  - insert: beside_attn:Gate\n    at: layer1\n  - replace: layer2.0.relu\n    with: beside_attn:Act\n"
+            "data:\n  image_size: 32\n")
+    (folder / "spec.yaml").write_text(spec)
+    (folder / "typo.yaml").write_text(spec.replace("beside_attn:Gate", "besid_attn:Gate"))
+    import surgery
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(surgery.__file__).parents[1])}
+    run = [sys.executable, "-m", "surgery", "validate"]
+    good = subprocess.run([*run, str(folder / "spec.yaml")], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert good.returncode == 0, good.stderr
+    bad = subprocess.run([*run, str(folder / "typo.yaml")], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert bad.returncode == 2 and "typo.yaml:6:" in bad.stderr and "surgery[0].insert" in bad.stderr
+    assert f"no such module on sys.path, nor in the spec's folder {folder.resolve()}" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_a_channels_last_refusal_never_suggests_attention_weights() -> None:
+    """Swin's window attention weights are (windows, heads, tokens, tokens): 4-D and square like a
+    channels-first map, but no image's map. Neither the stage with many windows nor the one with a
+    single window (batch 1) may be suggested; the patch conv is."""
+    tiny_swin = {"img_size": 64, "window_size": 4, "embed_dim": 24, "depths": [1, 1, 1], "num_heads": [1, 1, 2]}
+    for at in ("layers.1", "layers.2.blocks.0"):
+        with pytest.raises(SpecError) as info:
+            build(load_spec({"model": {"backbone": "timm:swin_tiny_patch4_window7_224", "num_classes": 4,
+                                       "args": tiny_swin, "pretrained": False},
+                             "surgery": [{"insert": "se", "at": at}], "data": {"image_size": 64}}))
+        hint = info.value.hint
+        assert "'patch_embed.proj'" in hint and "softmax" not in hint and "attn_drop" not in hint, hint

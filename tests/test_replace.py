@@ -331,3 +331,105 @@ def test_cifar_stem_on_gray_input_replaces_the_adapted_conv(tmp_path, weights):
     assert built.model.conv1.in_channels == 1 and built.model.conv1.kernel_size == (3, 3)
     assert built.report.reinitialised["conv1.weight"].startswith("surgery[0]: replace conv1")
     assert not built.report.adapted and "conv1.weight" in built.report.dropped
+
+
+# --------------------------------------------------------------------------- output shape kept, or declared
+def test_a_new_kernel_size_gets_the_padding_that_keeps_the_output(tmp_path, weights):
+    """A 1x1 conv for a 3x3 stride-2 one: padding 1 carried over would give 2x2 where 1x1 was."""
+    built = build(r18(tmp_path, weights, """\
+        - replace: layer4.0.conv1
+          with: Conv2d
+          args: {kernel_size: 1}
+        """))
+    conv = built.model.layer4[0].conv1
+    assert (conv.kernel_size, conv.stride, conv.padding) == ((1, 1), (2, 2), (0, 0))
+    assert built.shapes["layer4.0.conv1"].output == built.shapes["layer4.0.downsample"].output == (1, 512, 1, 1)
+
+
+def test_an_even_kernel_for_an_odd_one_names_the_padding(tmp_path, weights):
+    with pytest.raises(SpecError) as info:
+        build(r18(tmp_path, weights, """\
+            - replace: layer4.0.conv1
+              with: Conv2d
+              args: {kernel_size: 2}
+            """))
+    err = info.value
+    assert err.path == "surgery[0].args.kernel_size" and "padding of layer4.0.conv1, [1, 1]" in err.problem
+    assert "allow_shape_change" in err.hint
+
+
+def test_an_output_shape_change_is_refused_until_declared(tmp_path, weights):
+    """LPPool2d has no padding: at maxpool it gives 7x7 where 8x8 was, and resnet runs on either."""
+    from surgery import validate
+
+    entry = """\
+        - replace: maxpool
+          with: LPPool2d
+          args: {norm_type: 2}
+        """
+    with pytest.raises(SpecError) as info:
+        build(r18(tmp_path, weights, entry))
+    err = info.value
+    assert err.path == "surgery[0].with" and err.origin.line == 7
+    assert "LPPool2d at maxpool gives [1, 64, 7, 7] where MaxPool2d gave [1, 64, 8, 8]" in err.problem
+    assert err.found == "padding 1 (LPPool2d has no padding)" and "allow_shape_change: true" in err.hint
+    with pytest.raises(SpecError, match="gives \\[1, 64, 7, 7\\]"):
+        validate(tmp_path / "spec.yaml")
+    built = build(r18(tmp_path, weights, entry + "  allow_shape_change: true\n"))
+    assert built.shapes["maxpool"].output == (1, 64, 7, 7)
+
+
+# --------------------------------------------------------------------------- norm widths from the old module
+@pytest.mark.parametrize(("backbone", "target", "args", "width"), [
+    ("timm:vit_tiny_patch16_224", "blocks.0.norm1", {"img_size": 32}, 192),  # (batch, 5 tokens, 192)
+    ("timm:convnext_atto", "stages.0.blocks.0.norm", {"conv_mlp": False}, 40),  # channels-last (1, 8, 8, 40)
+])
+def test_a_norm_replacement_takes_its_width_from_the_old_norm(backbone, target, args, width):
+    spec = {"model": {"backbone": backbone, "num_classes": 4, "args": args, "pretrained": False},
+            "surgery": [{"replace": target, "with": "RMSNorm"}], "seed": 1}
+    plain = build(load_spec({**spec, "surgery": []})).model
+    built = build(load_spec(spec))
+    norm = built.model.get_submodule(target)
+    assert isinstance(norm, nn.RMSNorm) and norm.normalized_shape == (width,) and norm.eps == 1e-6
+    assert torch.equal(norm.weight, plain.get_submodule(target).weight)
+    assert built.shapes[target].output == built.shapes[target].inputs
+
+
+# --------------------------------------------------------------------------- a head for the body it ends up on
+def test_a_declared_head_fits_the_body_after_removing_the_last_stage(tmp_path, weights):
+    built = build(spec_file(tmp_path, f"""\
+        model:
+          backbone: torchvision:resnet18
+          num_classes: 10
+          pretrained: {weights[0]}
+          head: {{hidden: [32]}}
+        surgery:
+          - remove: layer4
+        """))
+    assert built.model.fc[0].in_features == 256 and built.model(X).shape == (2, 10)
+    assert built.report.dropped["fc.weight"].startswith("model.head (line 5): fc becomes the declared head (256 -> 32 -> 10)")
+    assert [c.kind for c in built.changes] == ["head", "remove"]
+
+
+def test_a_refused_surgery_prints_no_library_log(tmp_path):
+    """The probe runs on fake tensors first; torch logs the failed op with its traceback, which is
+    no business of the user's: the command prints the located error alone."""
+    import subprocess
+    import sys
+
+    (tmp_path / "spec.yaml").write_text("model:\n  backbone: torchvision:resnet18\n  num_classes: 10\n"
+                                        "  pretrained: false\nsurgery:\n  - remove: layer4\n")
+    done = subprocess.run([sys.executable, "-m", "surgery", "validate", str(tmp_path / "spec.yaml")],
+                          capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2
+    assert "surgery[0]: after removing layer4" in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr and "fake_tensor" not in done.stderr, done.stderr
+
+
+def test_a_head_pool_on_vgg_names_its_pool_that_is_not_global():
+    with pytest.raises(SpecError) as info:
+        build(load_spec({"model": {"backbone": "torchvision:vgg11", "num_classes": 4, "head": {"pool": "max"}}}))
+    err = info.value
+    assert err.path == "model.head.pool"
+    assert "avgpool (AdaptiveAvgPool2d) pools to a 7x7 map, flattened into classifier: not one value" in err.problem
+    assert "globally (to 1x1)" in err.expected

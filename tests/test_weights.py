@@ -279,3 +279,33 @@ def test_report_to_dict_counts_every_list() -> None:
     assert out["counts"] == {"loaded": 2, "reinitialised": 1, "new": 1, "random": 0, "unused": 0, "mapped": 1,
                              "defaulted": 0, "kept": 0, "adapted": 0, "dropped": 0}
     assert out["loaded"] == ["a", "b"]
+
+
+def test_a_key_map_rule_that_matches_nothing_is_named_with_the_closest_keys(weights: dict, tmp_path: Path) -> None:
+    """A typo in a rule would load nothing it was meant to: refused at the rule, never silent."""
+    torch.save({f"backbone.{k}": v for k, v in weights.items()}, tmp_path / "p.pth")
+    err = load_error(tmp_path / "p.pth", key_map={r"^bakcbone\.": "", r"^backbone\.": ""})
+    assert err.path == "model.key_map.^bakcbone\\." and "matches no key of the weight file" in err.problem
+    assert err.hint.startswith("did you mean 'backbone'")
+
+
+# --------------------------------------------------------------------------- a ViT at another image size
+def test_a_vit_position_embedding_is_resampled_to_the_image_size(tmp_path: Path) -> None:
+    """Weights of a 64 px ViT (4x4 patches + cls token) in a 32 px one (2x2): the position embedding
+    is resampled as timm does, its cls token as it was; every other tensor loads bit for bit."""
+    from timm.layers import resample_abs_pos_embed
+
+    vit = {"backbone": "timm:vit_tiny_patch16_224", "num_classes": 4}
+    trained = build(load_spec({"model": {**vit, "args": {"img_size": 64}}, "data": {"image_size": 64}, "seed": 5})).model
+    state = trained.state_dict()
+    torch.save(state, tmp_path / "vit64.pth")
+    built = build(load_spec({"model": {**vit, "args": {"img_size": 32}, "pretrained": str(tmp_path / "vit64.pth")},
+                             "data": {"image_size": 32}}))
+    assert list(built.report.adapted) == ["pos_embed"]
+    assert built.report.adapted["pos_embed"].startswith("position embedding resampled [1, 17, 192] -> [1, 5, 192]")
+    here = built.model.state_dict()
+    expected = resample_abs_pos_embed(state["pos_embed"], new_size=[2, 2], num_prefix_tokens=1)
+    torch.testing.assert_close(here["pos_embed"], expected)
+    assert torch.equal(here["pos_embed"][:, :1], state["pos_embed"][:, :1])
+    assert all(torch.equal(here[k], state[k]) for k in state if k != "pos_embed")
+    assert set(built.report.loaded) == set(state) - {"pos_embed"} and not built.report.reinitialised

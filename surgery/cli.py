@@ -88,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(default: sqlite:///<out>/study.db)")
     p.add_argument("--out", default=None, help="the sweep's folder (default runs/<name>); a variant's run goes in OUT/<variant>")
     p.add_argument("--device", default=None, help="override train.device (cpu, cuda, cuda:1, mps)")
+    p.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long to wait for an SQLite study that another process holds locked, saying so on "
+                        "stderr, before giving up with exit code 1 (default: surgery.sweep.LOCK_TIMEOUT, 120)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --workers N's processes
     _add_set(p)
 
@@ -312,10 +315,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import sweep_command
+    from .sweep import LOCK_TIMEOUT, sweep_command
 
+    lock_timeout = LOCK_TIMEOUT if args.lock_timeout is None else args.lock_timeout
     return sweep_command(args.sweep_file, workers=args.workers, storage=args.storage, out=args.out, device=args.device,
-                         overrides=args.overrides, worker=args.worker, warn=_warn)
+                         overrides=args.overrides, worker=args.worker, lock_timeout=lock_timeout, warn=_warn)
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:

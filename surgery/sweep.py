@@ -38,8 +38,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .errors import Origin, RunDirError, SpecError, UsageError, describe_exception
 from .sweep_file import Sweep, Variant, fingerprint, load_sweep
-from .sweep_worker import Worker, spawn, variant_attrs, work
+from .sweep_worker import Worker, spawn, storage_failed, variant_attrs, work
 
+LOCK_TIMEOUT = 120.0  # seconds a command waits for an SQLite study another process holds locked (--lock-timeout)
 _QUEUED = "surgery.queued"  # study user attrs: set by the study's creator once every trial is queued
 _FINGERPRINT = "surgery.fingerprint"
 _DEFINITION = "surgery.sweep"
@@ -71,7 +72,8 @@ def shown_url(url: str) -> str:
     return url
 
 
-def open_storage(url: str, heartbeat: int, grace: int, *, flag: bool = False) -> Any:
+def open_storage(url: str, heartbeat: int, grace: int, *, flag: bool = False, lock_timeout: float = LOCK_TIMEOUT,
+                 note: Callable[[str], None] | None = None) -> Any:
     """Optuna's RDBStorage with heartbeats; on SQLite, with transactions that lock the database
     as they begin, so that taking a trial (read WAITING, write RUNNING) is atomic.
 
@@ -79,20 +81,26 @@ def open_storage(url: str, heartbeat: int, grace: int, *, flag: bool = False) ->
         heartbeat, grace: seconds between a worker's heartbeats, and without one before its trial
             is failed and queued again (at most 3 times).
         flag: the URL came from --storage (for the error's origin).
+        lock_timeout: seconds to wait for an SQLite database that another process holds locked
+            (here, and on every later statement), before giving up.
+        note: told, once, when the database is found locked and the command starts to wait.
 
     Raises:
-        UsageError: not a database URL, its driver is missing, or the database cannot be reached.
+        UsageError: not a database URL, its driver is missing, or the database cannot be reached
+            (exit code 1), or an SQLite database stayed locked for `lock_timeout` seconds (exit code 1).
     """
     optuna = _optuna()
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     origin = Origin.flag("--storage", shown_url(url)) if flag else Origin.path(shown_url(url))
     sqlite = url.startswith("sqlite")
+    if sqlite:
+        _wait_for_sqlite(url, lock_timeout, note or (lambda text: None), origin)
     try:
         storage = optuna.storages.RDBStorage(
             _with_driver(url), heartbeat_interval=heartbeat, grace_period=grace,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
-            engine_kwargs={"connect_args": {"timeout": 120}} if sqlite else {"pool_pre_ping": True})
+            engine_kwargs={"connect_args": {"timeout": lock_timeout}} if sqlite else {"pool_pre_ping": True})
     except ImportError as exc:
         cause = describe_exception(exc.__cause__ or exc)
         raise UsageError(f"the storage's database driver is not installed ({cause})", origin=origin,
@@ -109,6 +117,55 @@ def open_storage(url: str, heartbeat: int, grace: int, *, flag: bool = False) ->
     if sqlite:
         _immediate_transactions(storage.engine)
     return storage
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of an sqlite:/// URL (None: in memory, or a URL SQLAlchemy cannot read)."""
+    with contextlib.suppress(Exception):
+        from sqlalchemy.engine import make_url
+
+        database = make_url(url).database
+        return Path(database) if database and database != ":memory:" else None
+    return None
+
+
+def _wait_for_sqlite(url: str, timeout: float, note: Callable[[str], None], origin: Origin) -> None:
+    """Return once the SQLite database can be written, saying so when another process holds it
+    locked (an open write transaction: another command, an `sqlite3` shell, a backup); give up
+    after `timeout` seconds. SQLite's own busy wait says nothing: a locked study looked like a
+    command that hangs."""
+    import sqlite3
+
+    path = _sqlite_file(url)
+    if path is None or not path.is_file():
+        return  # a new database: nobody can hold it yet
+    start = time.monotonic()
+    said = False
+    while True:
+        try:
+            connection = sqlite3.connect(str(path), timeout=0, isolation_level=None)
+            try:
+                connection.execute("BEGIN IMMEDIATE")  # the lock a worker takes to pop a trial
+                connection.execute("ROLLBACK")
+            finally:
+                connection.close()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                return  # not a lock: Optuna's own opening says what is wrong
+        waited = time.monotonic() - start
+        if waited >= timeout:
+            err = UsageError(f"the study's database {path} stayed locked by another process for {timeout:g} s",
+                             origin=origin, expected="a database no other process holds in a write transaction",
+                             hint="is another surgery sweep, an sqlite3 shell or a backup holding it? Close it and "
+                                  "run the command again, or wait longer with --lock-timeout SECONDS")
+            err.exit_code = 1  # the machine is at fault, not what was asked
+            raise err
+        if not said and waited >= min(1.0, timeout / 4):  # a worker's own transaction lasts milliseconds
+            note(f"waiting for {path}: another process holds the study's database locked "
+                 f"(giving up after {timeout:g} s; --lock-timeout SECONDS to change)")
+            said = True
+        time.sleep(0.1)
 
 
 def _with_driver(url: str) -> str:
@@ -342,9 +399,14 @@ def trial_lines(sweep: Sweep, study: Any, folder: Path) -> list[str]:
 # --------------------------------------------------------------------------- the command
 def sweep_command(path: str, *, workers: int = 1, storage: str | None = None, out: str | None = None,
                   device: str | None = None, overrides: Sequence[str] = (), worker: bool = False,
-                  console: Any = None, warn: Callable[[str], None] | None = None) -> int:
+                  lock_timeout: float = LOCK_TIMEOUT, console: Any = None,
+                  warn: Callable[[str], None] | None = None) -> int:
     """`surgery sweep`: check every variant, open (or create and fill) the study, train with
     `workers` processes, write sweep.json and list the trials.
+
+    Args:
+        lock_timeout: seconds to wait for an SQLite study that another process holds locked
+            (said on stderr while waiting), before giving up with exit code 1.
 
     Returns:
         0 when every variant is trained; 1 when one failed or is left unfinished; 130 when interrupted.
@@ -361,12 +423,17 @@ def sweep_command(path: str, *, workers: int = 1, storage: str | None = None, ou
     if workers < 1:
         raise UsageError("--workers is a number of processes", origin=Origin.flag("--workers", workers),
                          found=str(workers), expected="1 or more")
+    if not lock_timeout > 0:
+        raise UsageError("--lock-timeout is a number of seconds", origin=Origin.flag("--lock-timeout", lock_timeout),
+                         found=str(lock_timeout), expected="a number above 0")
     sweep = load_sweep(path)
     folder = Path(out) if out else Path("runs") / sweep.name
     runs_root = folder.parent
     url = storage or default_storage(folder)
     argv = ["sweep", path, "--out", str(folder), *(["--storage", storage] if storage else []),
-            *(["--device", device] if device else []), *[a for o in overrides for a in ("--set", o)]]
+            *(["--device", device] if device else []),
+            *(["--lock-timeout", f"{lock_timeout:g}"] if lock_timeout != LOCK_TIMEOUT else []),
+            *[a for o in overrides for a in ("--set", o)]]
     shown = [shown_url(a) if a == storage else a for a in argv]  # no password in messages
     hint = shlex.join(["surgery", *shown, *(["--workers", str(workers)] if workers > 1 else [])])
     from .spec import load_spec
@@ -381,53 +448,74 @@ def sweep_command(path: str, *, workers: int = 1, storage: str | None = None, ou
     except OSError as exc:
         raise RunDirError(f"cannot make the sweep's folder {folder}: {exc.strerror or exc}",
                           origin=Origin.path(folder)) from None
-    store = open_storage(url, sweep.heartbeat, sweep.grace, flag=storage is not None)
-    if worker:
-        study = open_study(sweep, store, digest, say)
-        if study is None:
-            raise UsageError(f"there is no study {sweep.name!r} to work on", origin=Origin.flag("--storage", shown_url(url)),
-                             expected="a study made by `surgery sweep` without --worker")
-        return work(Worker(sweep, study, folder, runs_root, tuple(overrides), device, console, hint, shown_url(url)))
-    study = open_study(sweep, store, digest, say,
-                       lambda: checked if checked is not None else check_variants(sweep, overrides, runs_root, warn or say))
-    counts = _counts(study)
-    left = counts["waiting"] + counts["running"]
-    say(f"sweep {sweep.name}: {sweep.trials} variants ({sweep.sampler}), {counts['complete']} done, {left} to go; "
-        f"study {sweep.name!r} in {shown_url(url)}")
-    code, interrupted = 0, False
-    if left:
-        n = min(workers, left)
-        if n == 1:
-            code = work(Worker(sweep, study, folder, runs_root, tuple(overrides), device, console, hint, shown_url(url)))
-            interrupted = code == 130
-        else:
-            codes, interrupted = spawn(n, [*argv, "--worker"], device or base.get("train", {}).get("device"), say)
-            for i, c in enumerate(codes):
-                if c not in (0, 130):
-                    say(f"worker w{i + 1} ended with " + (f"signal {-c}" if c < 0 else f"exit code {c}"))
-    data = report(sweep, study, folder, url)
-    for line in trial_lines(sweep, study, folder):
-        say(line)
-    say(f"wrote {folder / 'sweep.json'}")
-    variants = write_comparison(folder, data)
-    if variants:
-        from .compare import to_markdown, to_table
+    store = open_storage(url, sweep.heartbeat, sweep.grace, flag=storage is not None, lock_timeout=lock_timeout,
+                         note=_stderr_note)
+    shown_storage = shown_url(url)
+    with _storage_errors(url):  # the database went away, or stayed locked past --lock-timeout
+        if worker:
+            study = open_study(sweep, store, digest, say)
+            if study is None:
+                raise UsageError(f"there is no study {sweep.name!r} to work on",
+                                 origin=Origin.flag("--storage", shown_storage),
+                                 expected="a study made by `surgery sweep` without --worker")
+            return work(Worker(sweep, study, folder, runs_root, tuple(overrides), device, console, hint, shown_storage))
+        study = open_study(sweep, store, digest, say, lambda: checked if checked is not None
+                           else check_variants(sweep, overrides, runs_root, warn or say))
+        counts = _counts(study)
+        left = counts["waiting"] + counts["running"]
+        say(f"sweep {sweep.name}: {sweep.trials} variants ({sweep.sampler}), {counts['complete']} done, "
+            f"{left} to go; study {sweep.name!r} in {shown_storage}")
+        code, interrupted = 0, False
+        if left:
+            n = min(workers, left)
+            if n == 1:
+                code = work(Worker(sweep, study, folder, runs_root, tuple(overrides), device, console, hint,
+                                   shown_storage))
+                interrupted = code == 130
+            else:
+                codes, interrupted = spawn(n, [*argv, "--worker"], device or base.get("train", {}).get("device"), say)
+                for i, c in enumerate(codes):
+                    if c not in (0, 130):
+                        say(f"worker w{i + 1} ended with " + (f"signal {-c}" if c < 0 else f"exit code {c}"))
+        data = report(sweep, study, folder, url)
+        for line in trial_lines(sweep, study, folder):
+            say(line)
+        say(f"wrote {folder / 'sweep.json'}")
+        variants = write_comparison(folder, data)
+        if variants:
+            from .compare import to_markdown, to_table
 
-        # a table drawn for the terminal; piped or logged, the Markdown (a fixed 80-column table wraps every cell)
-        if console.is_terminal:
-            console.print(to_table(variants))
-        else:
-            say(to_markdown(variants).rstrip("\n"))
-        say(f"wrote {folder / 'comparison.md'}, comparison.json and comparison.html")
-    states = [v["state"] for v in data["variants"]]
-    if interrupted:
-        say(f"interrupted: rerun the same command to continue ({hint})")
-        return 130
-    unfinished = sum(s in ("RUNNING", "WAITING") for s in states) + data["pending_trials"]
-    if unfinished:
-        say(f"{unfinished} variants are unfinished: rerun the same command to continue ({hint})")
-    return 1 if unfinished or any(s == "FAIL" for s in states) or code else 0
+            # a table drawn for the terminal; piped or logged, the Markdown (a fixed 80-column table wraps every cell)
+            if console.is_terminal:
+                console.print(to_table(variants))
+            else:
+                say(to_markdown(variants).rstrip("\n"))
+            say(f"wrote {folder / 'comparison.md'}, comparison.json and comparison.html")
+        states = [v["state"] for v in data["variants"]]
+        if interrupted:
+            say(f"interrupted: rerun the same command to continue ({hint})")
+            return 130
+        unfinished = sum(s in ("RUNNING", "WAITING") for s in states) + data["pending_trials"]
+        if unfinished:
+            say(f"{unfinished} variants are unfinished: rerun the same command to continue ({hint})")
+        return 1 if unfinished or any(s == "FAIL" for s in states) or code else 0
 
+
+
+@contextlib.contextmanager
+def _storage_errors(url: str) -> Any:
+    from optuna.exceptions import StorageInternalError
+
+    try:
+        yield
+    except StorageInternalError as exc:
+        raise storage_failed(exc, shown_url(url)) from None
+
+
+def _stderr_note(text: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(text, markup=False)
 
 __all__ = ["sweep_command", "check_variants", "open_storage", "open_study", "work", "report", "write_comparison",
            "default_storage"]

@@ -89,11 +89,18 @@ def work(worker: Worker) -> int:
     except KeyboardInterrupt:
         return 130
     except StorageInternalError as exc:  # the database went away: the study keeps what was told
-        err = UserError(f"the study's storage failed: {describe_exception(exc.__cause__ or exc)}",
-                        origin=Origin.path(worker.storage),
-                        hint="rerun the same command once the database is back: finished variants are kept")
-        err.exit_code = 1
-        raise err from None
+        raise storage_failed(exc, worker.storage) from None
+
+
+def storage_failed(exc: BaseException, storage: str) -> UserError:
+    """The error for a study storage that fails mid-command (the database went away, or stayed
+    locked past the lock timeout): exit code 1, and what the study keeps."""
+    err = UserError(f"the study's storage failed: {describe_exception(exc.__cause__ or exc)}",
+                    origin=Origin.path(storage),
+                    hint="rerun the same command once the database is back (or no longer locked): "
+                         "finished variants are kept")
+    err.exit_code = 1
+    return err
 
 
 def run_trial(worker: Worker, trial_id: int, held: Any = None) -> str:
@@ -380,4 +387,4 @@ def _relay(proc: subprocess.Popen, prefix: str) -> None:
         sys.stdout.flush()
 
 
-__all__ = ["Worker", "work", "run_trial", "spawn", "variant_attrs"]
+__all__ = ["Worker", "work", "run_trial", "spawn", "storage_failed", "variant_attrs"]

@@ -590,3 +590,33 @@ def test_a_missing_sweep_file_is_named_as_a_sweep_file(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as info:
         load_sweep(str(tmp_path / "sweep-cbam.yaml"))
     assert info.value.problem == "the sweep file does not exist" and "a YAML sweep file" in info.value.expected
+
+
+def test_a_locked_study_is_waited_for_aloud_and_given_up_after_the_lock_timeout(
+        base: Path, capsys: pytest.CaptureFixture) -> None:
+    import sqlite3
+
+    from surgery.cli import main
+
+    path = write(base.parent, "locked.yaml", """
+        name: locked
+        spec: base.yaml
+        sweep: {axes: {seed: [0, 1]}}
+        """)
+    out = base.parent / "runs" / "locked"
+    out.mkdir(parents=True)
+    holder = sqlite3.connect(out / "study.db", isolation_level=None)  # another process's exclusive transaction
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        start = time.monotonic()
+        code = main(["sweep", str(path), "--out", str(out), "--lock-timeout", "1.5"])
+        took = time.monotonic() - start
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    err = capsys.readouterr().err
+    db = str((out / "study.db").resolve())
+    assert code == 1 and took < 30, err
+    assert f"waiting for {db}: another process holds the study's database locked" in err
+    assert f"{db} stayed locked by another process for 1.5 s" in err and "--lock-timeout" in err

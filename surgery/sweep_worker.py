@@ -166,11 +166,17 @@ def _train(worker: Worker, trial: Any, variant: Variant) -> dict[str, Any]:
                        "pid": os.getpid()}.items():
         trial.set_user_attr(key, value)
     spec = load_spec(worker.sweep.spec, [*worker.sweep.set, *worker.overrides, *variant.overrides])
-    _wait_for_run_dir(worker, run_dir)
-    summary = _finished_run(run_dir, spec)
+    lock = _wait_for_run_dir(worker, run_dir)
+    try:
+        summary = _finished_run(run_dir, spec, worker.console.print)
+    finally:
+        if lock is not None:
+            lock.release()
     if summary is not None:
+        summary, written = summary
         trial.set_user_attr("reused_finished_run", True)
-        worker.say(f"trial {trial.number} {variant.name}: already trained in {run_dir}")
+        rewritten = f" (its training had finished; wrote {', '.join(written)})" if written else ""
+        worker.say(f"trial {trial.number} {variant.name}: already trained in {run_dir}{rewritten}")
         return summary
     start = _checkpoint_epoch(run_dir / "checkpoints" / "last.pt")
     trial.set_user_attr("resumed_from_epoch", start)
@@ -259,9 +265,9 @@ def _release_signals(held: tuple[dict, list] | None) -> None:
         raise KeyboardInterrupt
 
 
-def _wait_for_run_dir(worker: Worker, run_dir: Path) -> None:
-    """Wait while another process holds the run directory: a worker that was thought dead, still
-    finishing the variant this trial was queued again for."""
+def _wait_for_run_dir(worker: Worker, run_dir: Path) -> Any:
+    """Wait while another process holds the run directory (a worker that was thought dead, still
+    finishing the variant this trial was queued again for); return its lock, now held."""
     from .rundir import _Lock
 
     said = False
@@ -276,14 +282,17 @@ def _wait_for_run_dir(worker: Worker, run_dir: Path) -> None:
                 said = True
             time.sleep(max(1.0, min(worker.sweep.heartbeat, 5)))
             continue
-        if lock is not None:
-            lock.release()
-        return
+        return lock
 
 
-def _finished_run(run_dir: Path, spec: Any) -> dict[str, Any] | None:
-    """The summary of a finished run of `spec` in `run_dir`, or None when it holds none."""
+def _finished_run(run_dir: Path, spec: Any, say: Callable[..., None]
+                  ) -> tuple[dict[str, Any], list[str]] | None:
+    """The summary of a run of `spec` in `run_dir` whose training finished, and the final files
+    drawn now because its process was killed before drawing them (`train.final.complete_run`);
+    None when it holds no run whose training finished (it resumes from its checkpoint)."""
     import yaml
+
+    from .train.final import complete_run
 
     summary, saved = run_dir / "summary.json", run_dir / "spec.yaml"
     if not summary.is_file():
@@ -293,7 +302,10 @@ def _finished_run(run_dir: Path, spec: Any) -> dict[str, Any] | None:
                           origin=Origin.path(run_dir), expected="the run of this variant, or no run",
                           hint="the sweep's runs belong to another definition: use another --out or sweep name")
     data = json.loads(summary.read_text(encoding="utf-8"))
-    return data if "final_val_acc" in data else None
+    if "final_val_acc" not in data:
+        return None
+    written = complete_run(run_dir, spec, say)
+    return None if written is None else (data, written)
 
 
 def _checkpoint_epoch(path: Path) -> int:

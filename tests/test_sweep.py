@@ -620,3 +620,29 @@ def test_a_locked_study_is_waited_for_aloud_and_given_up_after_the_lock_timeout(
     assert code == 1 and took < 30, err
     assert f"waiting for {db}: another process holds the study's database locked" in err
     assert f"{db} stayed locked by another process for 1.5 s" in err and "--lock-timeout" in err
+
+
+def test_a_variant_killed_while_writing_its_final_files_gets_them_without_training_again(base: Path) -> None:
+    """Killed after summary.json, before its plots and report.html: the retake draws them from the
+    run's records (summary.json, metrics.jsonl, classes.json) and trains nothing."""
+    path = write(base.parent, "final.yaml", """
+        name: final
+        spec: base.yaml
+        sweep: {axes: {seed: [0]}}
+        """)
+    out = base.parent / "runs" / "final"
+    assert sweep_command(str(path), out=str(out), console=quiet()) == 0
+    run_dir = out / "seed-0"
+    drawn = ["report.html", "plots/curves.png", "plots/confusion.png"]
+    for name in drawn:
+        (run_dir / name).unlink()
+    (out / "study.db").unlink()  # its trial is taken again, as after its worker was found dead
+    stamps = {p: p.stat().st_mtime_ns for p in (run_dir / "metrics.jsonl", run_dir / "model.safetensors")}
+    console = quiet()
+    assert sweep_command(str(path), out=str(out), console=console) == 0
+    assert all((run_dir / name).is_file() for name in drawn)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # not trained again
+    assert "already trained" in console.file.getvalue() and "wrote plots/curves.png" in console.file.getvalue()
+    study = optuna.load_study(study_name="final", storage=f"sqlite:///{out / 'study.db'}")
+    (trial,) = study.get_trials()
+    assert trial.user_attrs["reused_finished_run"] and trial.state == optuna.trial.TrialState.COMPLETE

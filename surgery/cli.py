@@ -59,8 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--list", metavar="SOURCE", choices=["timm", "torchvision"], help="list the backbone names of timm or torchvision (TARGET filters, e.g. 'resnet*')")
     _add_set(p)
 
-    p = sub.add_parser("validate", help="check specs against the schema and the real model; exit 0 or 2")
-    p.add_argument("specs", nargs="+")
+    p = sub.add_parser("validate", help="check specs (or sweep files: every variant) against the schema and the "
+                                        "real model; exit 0 or 2")
+    p.add_argument("specs", nargs="+", metavar="SPEC", help="a spec file, or a sweep file (a `sweep:` key)")
     p.add_argument("--show-resolved", action="store_true",
                    help="print each valid spec resolved (bases merged, --set applied, defaults filled: the "
                         "spec.yaml a run writes) on stdout, and nothing else there")
@@ -235,27 +236,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .spec import load_spec
+    from .validation import validate
 
     console = _console(stderr=args.show_resolved)  # stdout holds the resolved YAML alone
     failed = 0
     for path in args.specs:
         try:
-            spec = load_spec(path, args.overrides)
-            print_warnings(spec)
-            from .trackers import check_available
-
-            check_available(spec)
-            from .builder import build  # torch only once the spec itself is sound
-            from .checks import check_training
-
-            built = build(spec)
-            for text in check_training(spec, built):
-                _warn(text)
+            if _is_sweep_file(path):
+                _validate_sweep(path, args, console)
+                continue
+            result = validate(path, overrides=args.overrides, warn=_warn)
         except UserError as err:
             failed += 1
             _print_error(err)
             continue
+        spec, built = result.spec, result.built
         if args.show_resolved:
             sys.stdout.write(("---\n" if len(args.specs) > 1 else "") + spec.to_yaml())
         console.print(f"[green]ok[/green] {path}: {built.spec.model.backbone}, {len(built.inserted)} modules inserted, "
@@ -263,6 +258,34 @@ def cmd_validate(args: argparse.Namespace) -> int:
         for note in built.notes:
             console.print(f"  note: {note}", soft_wrap=True, markup=False)
     return EXIT_SPEC_ERROR if failed else 0
+
+
+def _is_sweep_file(path: str) -> bool:
+    from .sweep_file import is_sweep_file
+
+    return is_sweep_file(path)
+
+
+def _validate_sweep(path: str, args: argparse.Namespace, console: Any) -> None:
+    """A sweep file: its own schema, then every variant's spec (grid), or every axis value and
+    range end (random, tpe), each through `surgery.validate`."""
+    from pathlib import Path
+
+    from rich.markup import escape
+
+    from .spec import load_spec
+    from .sweep import check_variants
+    from .sweep_file import load_sweep
+
+    sweep = load_sweep(path)
+    variants = check_variants(sweep, args.overrides, Path("runs"), _warn)
+    if args.show_resolved:  # a grid's variants (random and tpe draw theirs while they run)
+        for i, variant in enumerate(variants):
+            spec = load_spec(sweep.spec, [*sweep.set, *args.overrides, *variant.overrides])
+            sys.stdout.write(("---\n" if len(args.specs) > 1 or i else "") + spec.to_yaml())
+    what = f"{sweep.trials} variants" if sweep.sampler == "grid" else f"{sweep.trials} trials ({sweep.sampler})"
+    console.print(f"[green]ok[/green] {escape(path)}: sweep {escape(sweep.name)}, {what} of {escape(str(sweep.spec))}, "
+                  "every variant's spec valid", soft_wrap=True)
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

@@ -268,9 +268,8 @@ def check_variants(sweep: Sweep, overrides: Sequence[str], runs_root: Path, warn
     Raises:
         SpecError: located at the sweep file's line that gave the value, and naming the variant.
     """
-    from .builder import build
-    from .checks import check_training
     from .spec import load_spec
+    from .validation import validate
 
     if sweep.sampler == "grid":
         variants = probes = sweep.grid()
@@ -278,17 +277,20 @@ def check_variants(sweep: Sweep, overrides: Sequence[str], runs_root: Path, warn
         variants, probes = [], _probe_variants(sweep)
     built: set[str] = set()
     shown: set[str] = set()
+
+    def once(text: str) -> None:
+        if text not in shown:
+            shown.add(text)
+            warn(text)
     for variant in probes:
         try:
-            spec = load_spec(sweep.spec, [*sweep.set, *overrides, *variant.overrides])
+            every = [*sweep.set, *overrides, *variant.overrides]
+            spec = load_spec(sweep.spec, every)
             _check_objective(sweep, spec)
             key = json.dumps({k: v for k, v in spec.raw.items() if k not in ("name", "seed")}, sort_keys=True, default=str)
             if key not in built:  # variants that differ only in their seed build the same model
                 built.add(key)
-                for text in [*spec.warnings, *check_training(spec, build(spec, runs_root=runs_root))]:
-                    if text not in shown:
-                        shown.add(text)
-                        warn(text)
+                validate(sweep.spec, overrides=every, warn=once, runs_root=runs_root)  # what `surgery validate` runs
         except SpecError as err:
             raise SpecError(f"variant {variant.name}: {err.problem}", path=err.key_path, origin=err.origin,
                             found=err.found, expected=err.expected, hint=err.hint) from None

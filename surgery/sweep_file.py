@@ -162,6 +162,19 @@ def fingerprint(definition: Mapping[str, Any], base: Mapping[str, Any], override
 
 
 # --------------------------------------------------------------------------- loading
+SWEEP_ONLY_KEYS = ("spec", "sweep")  # top-level keys a sweep file has and a spec never does
+
+
+def is_sweep_file(path: str | Path) -> bool:
+    """Is this a sweep file rather than a spec (by its keys)? False for a file that cannot be
+    read or parsed: loading it as a spec says what is wrong."""
+    try:
+        data, _ = parse_yaml(read_spec_text(Path(path), "spec"), str(path))
+    except SpecError:
+        return False
+    return isinstance(data, dict) and "model" not in data and any(k in data for k in SWEEP_ONLY_KEYS)
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Read and check a sweep file.
 
@@ -399,4 +412,4 @@ def _heartbeat(body: dict, source: Source) -> tuple[int, int]:
     return interval, grace
 
 
-__all__ = ["Sweep", "Axis", "Range", "Variant", "OBJECTIVES", "SAMPLERS", "load_sweep", "fingerprint"]
+__all__ = ["Sweep", "Axis", "Range", "Variant", "OBJECTIVES", "SAMPLERS", "load_sweep", "is_sweep_file", "fingerprint"]

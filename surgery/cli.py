@@ -67,7 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                         "spec.yaml a run writes) on stdout, and nothing else there")
     _add_set(p)
 
-    p = sub.add_parser("schema", help="print the spec's JSON Schema (for editors)")
+    p = sub.add_parser("schema", help="print the spec's JSON Schema, or the sweep file's (for editors)")
+    p.add_argument("--sweep", action="store_true",
+                   help="the sweep file's schema instead (schema.json's $defs/sweep_file, with a root of its own)")
     p.add_argument("--output", default=None, metavar="FILE",
                    help="write it to FILE instead (atomically: FILE is either the old file or the new one)")
 
@@ -289,9 +291,9 @@ def _validate_sweep(path: str, args: argparse.Namespace, console: Any) -> None:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from .spec import schema
+    from .spec_schema import schema
 
-    text = json.dumps(schema(), indent=2) + "\n"
+    text = json.dumps(schema("sweep" if args.sweep else "spec"), indent=2) + "\n"
     if args.output is None:
         sys.stdout.write(text)
         return 0

@@ -20,7 +20,10 @@ EXIT_SPEC_ERROR = 2
 # `surgery explain --method` (surgery.explain.METHODS, kept here so `--help` needs no torch)
 _CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcam-elementwise", "eigencam",
                 "eigengradcam", "scorecam", "ablationcam")
-WEIGHTS = ["final", "best", "ema"]  # predict.WEIGHT_CHOICES, without importing torch for --help
+WEIGHTS = ["final", "best", "ema"]
+# one default for every command: the spec's train.device (a trained run's recorded one); runtime.choose_device
+_DEVICE_HELP = ("cpu, cuda, cuda:1, mps or auto (default: the spec's train.device; a trained run's recorded one; "
+                "auto: cuda when available, else cpu)")  # predict.WEIGHT_CHOICES, without importing torch for --help
 
 
 def _console(stderr: bool = False):
@@ -76,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="train one or more specs, one after another")
     p.add_argument("specs", nargs="+")
     p.add_argument("--out", default=None, help="run directory (default runs/<name>; with several specs, a parent folder)")
-    p.add_argument("--device", default=None, help="override train.device (cpu, cuda, cuda:1, mps)")
+    p.add_argument("--device", default=None, help=_DEVICE_HELP)
     p.add_argument("--resume", action="store_true", help="continue from checkpoints/last.pt in the run directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory (its files are deleted)")
     _add_set(p)
@@ -90,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="the study's database, e.g. postgresql://USER:PASSWORD@HOST/DB for several machines "
                         "(default: sqlite:///<out>/study.db)")
     p.add_argument("--out", default=None, help="the sweep's folder (default runs/<name>); a variant's run goes in OUT/<variant>")
-    p.add_argument("--device", default=None, help="override train.device (cpu, cuda, cuda:1, mps)")
+    p.add_argument("--device", default=None, help=_DEVICE_HELP)
     p.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
                    help="how long to wait for an SQLite study that another process holds locked, saying so on "
                         "stderr, before giving up with exit code 1 (default: surgery.sweep.LOCK_TIMEOUT, 120)")
@@ -106,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--end", type=float, default=1e3, metavar="MULT", help="last multiplier (default 1e3)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="where lr_find.png and lr_find.json go (default runs/<name>-lr-find; never a run directory)")
-    p.add_argument("--device", default=None, help="override train.device (cpu, cuda, cuda:1, mps)")
+    p.add_argument("--device", default=None, help=_DEVICE_HELP)
     _add_set(p)
 
     p = sub.add_parser("predict", help="classify images with a trained run")
@@ -115,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None, help=_DEVICE_HELP)
 
     p.add_argument("--weights", choices=WEIGHTS, default=None,
                    help="final (model.safetensors), best (the best epoch's) or ema (model_ema.safetensors); "
@@ -136,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="final, best or ema (default: final, else best)")
     p.add_argument("--json", action="store_true", help="print metrics.json as one JSON object")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None, help=_DEVICE_HELP)
 
     p = sub.add_parser("explain", help="Grad-CAM and the inserted modules' attention for images, with a trained run")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `surgery run`")
@@ -149,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="gradcam", choices=list(_CAM_METHODS), metavar="METHOD",
                    help="the grad-cam method: " + ", ".join(_CAM_METHODS) + " (default: gradcam)")
     p.add_argument("--out", default=None, metavar="DIR", help="where the figures go (default: RUN_DIR/explain)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None, help=_DEVICE_HELP)
 
     p = sub.add_parser("export", help="export a trained run as a deployable model")
     p.add_argument("run_dir")

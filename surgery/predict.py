@@ -18,6 +18,7 @@ from torch import nn
 from .builder import Built, build
 from .data import eval_transform, normalization, normalize
 from .errors import Origin, UsageError, describe_exception, did_you_mean
+from .runtime import device_for
 from .spec import Spec, load_spec
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
@@ -156,12 +157,13 @@ def _read_classes(run_dir: Path, num_classes: int) -> list[str]:
     return [str(c) for c in classes]
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: str | None = None) -> LoadedRun:
+def load_run(run_dir: str | Path, device: str | torch.device | None = None, weights: str | None = None) -> LoadedRun:
     """Rebuild a run's surgered model from spec.yaml and its weights, in eval mode.
 
     Args:
         run_dir: a folder written by `surgery run` (spec.yaml, model.safetensors, classes.json).
-        device: where the model goes (cpu, cuda, cuda:1, mps).
+        device: where the model goes (cpu, cuda, cuda:1, mps); None: the run's recorded
+            ``train.device`` (auto: cuda when available, else cpu), as `surgery run` chose.
         weights: None (final, else best), or final, best or ema (`--weights`): that file or an error.
 
     Returns:
@@ -182,8 +184,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: s
     run_dir = Path(run_dir)
     chosen = weights
     weights, note = locate_run(run_dir, chosen)
-    target = _device(device)
     spec = load_spec(run_dir / "spec.yaml", _REBUILD_OVERRIDES)
+    target = device_for(spec, None if device is None else str(device))
     try:
         state = load_safetensors(weights)
     except Exception as exc:  # noqa: BLE001 - any unreadable weight file is the same problem for the user
@@ -199,14 +201,6 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: s
     return LoadedRun(run_dir=run_dir, spec=spec, built=built, model=model,
                      classes=_read_classes(run_dir, built.num_classes), data_config=config, image_size=size,
                      mean=mean, std=std, weights=weights, device=target, note=note)
-
-
-def _device(requested: str | torch.device) -> torch.device:
-    from .runtime import resolve_device
-
-    def error(problem: str, **kw: Any) -> UsageError:
-        return UsageError(problem, origin=Origin.flag("--device", requested), **kw)
-    return resolve_device(str(requested), error)
 
 
 # --------------------------------------------------------------------------- images in
@@ -361,7 +355,7 @@ def _table(predictions: Sequence[Prediction], k: int):
 
 
 def predict_command(run_dir: str | Path, paths: Sequence[str], *, topk: int = 3, as_json: bool = False,
-                    batch_size: int = 32, device: str = "cpu", weights: str | None = None) -> int:
+                    batch_size: int = 32, device: str | None = None, weights: str | None = None) -> int:
     """`surgery predict RUN_DIR PATH... [--topk K] [--json] [--batch-size N] [--device D] [--weights W]`.
 
     Exit code 0 when at least one image was classified, 1 when every file was unreadable;

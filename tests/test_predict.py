@@ -142,3 +142,22 @@ def test_nothing_readable_exits_nonzero_with_a_message(run_dir, images, tmp_path
     (tmp_path / "empty").mkdir()
     assert main(["predict", str(run_dir), str(tmp_path / "empty")]) == 2
     assert "no images" in capsys.readouterr().err
+
+
+def test_without_device_a_run_is_loaded_on_its_recorded_device(run_dir, tmp_path):
+    """The run's spec.yaml decides (as `surgery run` did), not a fixed cpu; --device still wins."""
+    import yaml
+
+    copy = tmp_path / "on-cuda9"
+    shutil.copytree(run_dir, copy)
+    saved = yaml.safe_load((copy / "spec.yaml").read_text())
+    saved["train"]["device"] = "cuda:9"  # no machine running these tests has it
+    (copy / "spec.yaml").write_text(yaml.safe_dump(saved))
+    from surgery.errors import SpecError
+
+    with pytest.raises(SpecError) as info:
+        load_run(copy)
+    assert "cuda" in str(info.value) and str(copy / "spec.yaml") in str(info.value)
+    assert "train.device" in str(info.value)
+    assert load_run(copy, "cpu").device == torch.device("cpu")
+    assert load_run(run_dir).device.type == ("cuda" if torch.cuda.is_available() else "cpu")  # train.device: auto

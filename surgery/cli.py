@@ -266,7 +266,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _is_sweep_file(path: str) -> bool:
-    from .sweep_file import is_sweep_file
+    from .sweep import is_sweep_file
 
     return is_sweep_file(path)
 
@@ -279,8 +279,7 @@ def _validate_sweep(path: str, args: argparse.Namespace, console: Any) -> None:
     from rich.markup import escape
 
     from .spec import load_spec
-    from .sweep import check_variants
-    from .sweep_file import load_sweep
+    from .sweep import check_variants, load_sweep
 
     sweep = load_sweep(path)
     variants = check_variants(sweep, args.overrides, Path("runs"), _warn)

@@ -55,7 +55,7 @@ def test_the_sweep_file_schema_is_published_and_shares_the_spec_s_name_rule(caps
     import jsonschema
     import yaml
 
-    from surgery.sweep_file import OBJECTIVES, SAMPLERS
+    from surgery.sweep.file import OBJECTIVES, SAMPLERS
 
     assert main(["schema", "--sweep"]) == 0
     sweep = json.loads(capsys.readouterr().out)
@@ -75,7 +75,7 @@ def test_the_sweep_file_schema_is_published_and_shares_the_spec_s_name_rule(caps
 
 def test_a_sweep_and_a_spec_of_the_same_file_name_get_the_same_default_name(tmp_path: Path) -> None:
     from surgery.spec import load_spec
-    from surgery.sweep_file import load_sweep
+    from surgery.sweep.file import load_sweep
 
     (tmp_path / "spec").mkdir()
     (tmp_path / "spec" / "_my run!.yaml").write_text("model: {backbone: 'timm:resnet10t', pretrained: false}\n")

@@ -28,7 +28,7 @@ from rich.console import Console  # noqa: E402
 from surgery.errors import SpecError  # noqa: E402
 from surgery.source import parse_key_path  # noqa: E402
 from surgery.sweep import check_variants, open_storage, sweep_command  # noqa: E402
-from surgery.sweep_file import load_sweep  # noqa: E402
+from surgery.sweep.file import load_sweep  # noqa: E402
 
 MARK = "# <-"
 POSTGRES = os.environ.get("SURGERY_TEST_POSTGRES_URL")
@@ -479,7 +479,7 @@ def test_each_worker_gets_a_gpu_or_a_share_of_the_cores(monkeypatch: pytest.Monk
                                                        visible: str | None, gpus: int, expected: list) -> None:
     import torch
 
-    from surgery.sweep_worker import _worker_environments
+    from surgery.sweep.worker import _worker_environments
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
@@ -556,7 +556,7 @@ def test_a_variant_that_fails_is_reported_and_the_others_still_train(tmp_path: P
 
 def test_a_grid_trial_stopped_before_its_values_were_drawn_is_queued_as_the_same_variant(base: Path) -> None:
     from surgery.sweep import open_study
-    from surgery.sweep_worker import Worker, _requeue
+    from surgery.sweep.worker import Worker, _requeue
 
     sweep = load_sweep(write(base.parent, "s.yaml", """
         spec: base.yaml
@@ -575,7 +575,7 @@ def test_a_grid_trial_stopped_before_its_values_were_drawn_is_queued_as_the_same
 
 
 def test_a_signal_while_a_trial_is_taken_waits_for_its_heartbeat() -> None:
-    from surgery.sweep_worker import _hold_signals, _release_signals
+    from surgery.sweep.worker import _hold_signals, _release_signals
 
     before = signal.getsignal(signal.SIGINT)
     held = _hold_signals()

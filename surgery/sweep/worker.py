@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import Origin, RunDirError, UserError, describe_exception
-from .sweep_file import Sweep, Variant
+from ..errors import Origin, RunDirError, UserError, describe_exception
+from .file import Sweep, Variant
 
 DONE, FAILED, INTERRUPTED = "done", "failed", "interrupted"
 
@@ -118,7 +118,7 @@ def run_trial(worker: Worker, trial_id: int, held: Any = None) -> str:
     from optuna.storages._heartbeat import get_heartbeat_thread  # Optuna's own, as `study.optimize` uses it
     from optuna.trial import TrialState
 
-    from .train.loop import NonFiniteLoss, TrainingStopped
+    from ..train.loop import NonFiniteLoss, TrainingStopped
 
     study, sweep = worker.study, worker.sweep
     heartbeat = get_heartbeat_thread(trial_id, study._storage)
@@ -158,8 +158,8 @@ def run_trial(worker: Worker, trial_id: int, held: Any = None) -> str:
 
 
 def _train(worker: Worker, trial: Any, variant: Variant) -> dict[str, Any]:
-    from .spec import load_spec
-    from .train import runner
+    from ..spec import load_spec
+    from ..train import runner
 
     run_dir = worker.folder / variant.name
     for key, value in {**variant_attrs(variant), "run_dir": str(run_dir), "host": socket.gethostname(),
@@ -268,7 +268,7 @@ def _release_signals(held: tuple[dict, list] | None) -> None:
 def _wait_for_run_dir(worker: Worker, run_dir: Path) -> Any:
     """Wait while another process holds the run directory (a worker that was thought dead, still
     finishing the variant this trial was queued again for); return its lock, now held."""
-    from .rundir import _Lock
+    from ..rundir import _Lock
 
     said = False
     while True:
@@ -292,7 +292,7 @@ def _finished_run(run_dir: Path, spec: Any, say: Callable[..., None]
     None when it holds no run whose training finished (it resumes from its checkpoint)."""
     import yaml
 
-    from .train.final import complete_run
+    from ..train.final import complete_run
 
     summary, saved = run_dir / "summary.json", run_dir / "spec.yaml"
     if not summary.is_file():

@@ -20,7 +20,10 @@ EXIT_SPEC_ERROR = 2
 # `surgery explain --method` (surgery.explain.METHODS, kept here so `--help` needs no torch)
 _CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcam-elementwise", "eigencam",
                 "eigengradcam", "scorecam", "ablationcam")
-WEIGHTS = ["final", "best", "ema"]  # predict.WEIGHT_CHOICES, without importing torch for --help
+WEIGHTS = ["final", "best", "ema"]
+# one default for every command: the spec's train.device (a trained run's recorded one); runtime.choose_device
+_DEVICE_HELP = ("cpu, cuda, cuda:1, mps or auto (default: the spec's train.device; a trained run's recorded one; "
+                "auto: cuda when available, else cpu)")  # predict.WEIGHT_CHOICES, without importing torch for --help
 
 
 def _console(stderr: bool = False):
@@ -59,21 +62,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--list", metavar="SOURCE", choices=["timm", "torchvision"], help="list the backbone names of timm or torchvision (TARGET filters, e.g. 'resnet*')")
     _add_set(p)
 
-    p = sub.add_parser("validate", help="check specs against the schema and the real model; exit 0 or 2")
-    p.add_argument("specs", nargs="+")
+    p = sub.add_parser("validate", help="check specs (or sweep files: every variant) against the schema and the "
+                                        "real model; exit 0 or 2")
+    p.add_argument("specs", nargs="+", metavar="SPEC", help="a spec file, or a sweep file (a `sweep:` key)")
     p.add_argument("--show-resolved", action="store_true",
                    help="print each valid spec resolved (bases merged, --set applied, defaults filled: the "
                         "spec.yaml a run writes) on stdout, and nothing else there")
     _add_set(p)
 
-    p = sub.add_parser("schema", help="print the spec's JSON Schema (for editors)")
+    p = sub.add_parser("schema", help="print the spec's JSON Schema, or the sweep file's (for editors)")
+    p.add_argument("--sweep", action="store_true",
+                   help="the sweep file's schema instead (schema.json's $defs/sweep_file, with a root of its own)")
     p.add_argument("--output", default=None, metavar="FILE",
                    help="write it to FILE instead (atomically: FILE is either the old file or the new one)")
 
     p = sub.add_parser("run", help="train one or more specs, one after another")
     p.add_argument("specs", nargs="+")
     p.add_argument("--out", default=None, help="run directory (default runs/<name>; with several specs, a parent folder)")
-    p.add_argument("--device", default=None, help="override train.device (cpu, cuda, cuda:1, mps)")
+    p.add_argument("--device", default=None, help=_DEVICE_HELP)
     p.add_argument("--resume", action="store_true", help="continue from checkpoints/last.pt in the run directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory (its files are deleted)")
     _add_set(p)
@@ -87,7 +93,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="the study's database, e.g. postgresql://USER:PASSWORD@HOST/DB for several machines "
                         "(default: sqlite:///<out>/study.db)")
     p.add_argument("--out", default=None, help="the sweep's folder (default runs/<name>); a variant's run goes in OUT/<variant>")
-    p.add_argument("--device", default=None, help="override train.device (cpu, cuda, cuda:1, mps)")
+    p.add_argument("--device", default=None, help=_DEVICE_HELP)
+    p.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long to wait for an SQLite study that another process holds locked, saying so on "
+                        "stderr, before giving up with exit code 1 (default: surgery.sweep.LOCK_TIMEOUT, 120)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --workers N's processes
     _add_set(p)
 
@@ -100,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--end", type=float, default=1e3, metavar="MULT", help="last multiplier (default 1e3)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="where lr_find.png and lr_find.json go (default runs/<name>-lr-find; never a run directory)")
-    p.add_argument("--device", default=None, help="override train.device (cpu, cuda, cuda:1, mps)")
+    p.add_argument("--device", default=None, help=_DEVICE_HELP)
     _add_set(p)
 
     p = sub.add_parser("predict", help="classify images with a trained run")
@@ -109,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None, help=_DEVICE_HELP)
 
     p.add_argument("--weights", choices=WEIGHTS, default=None,
                    help="final (model.safetensors), best (the best epoch's) or ema (model_ema.safetensors); "
@@ -130,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="final, best or ema (default: final, else best)")
     p.add_argument("--json", action="store_true", help="print metrics.json as one JSON object")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None, help=_DEVICE_HELP)
 
     p = sub.add_parser("explain", help="Grad-CAM and the inserted modules' attention for images, with a trained run")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `surgery run`")
@@ -143,7 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="gradcam", choices=list(_CAM_METHODS), metavar="METHOD",
                    help="the grad-cam method: " + ", ".join(_CAM_METHODS) + " (default: gradcam)")
     p.add_argument("--out", default=None, metavar="DIR", help="where the figures go (default: RUN_DIR/explain)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None, help=_DEVICE_HELP)
 
     p = sub.add_parser("export", help="export a trained run as a deployable model")
     p.add_argument("run_dir")
@@ -235,27 +244,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .spec import load_spec
+    from .validation import validate
 
     console = _console(stderr=args.show_resolved)  # stdout holds the resolved YAML alone
     failed = 0
     for path in args.specs:
         try:
-            spec = load_spec(path, args.overrides)
-            print_warnings(spec)
-            from .trackers import check_available
-
-            check_available(spec)
-            from .builder import build  # torch only once the spec itself is sound
-            from .checks import check_training
-
-            built = build(spec)
-            for text in check_training(spec, built):
-                _warn(text)
+            if _is_sweep_file(path):
+                _validate_sweep(path, args, console)
+                continue
+            result = validate(path, overrides=args.overrides, warn=_warn)
         except UserError as err:
             failed += 1
             _print_error(err)
             continue
+        spec, built = result.spec, result.built
         if args.show_resolved:
             sys.stdout.write(("---\n" if len(args.specs) > 1 else "") + spec.to_yaml())
         console.print(f"[green]ok[/green] {path}: {built.spec.model.backbone}, {len(built.inserted)} modules inserted, "
@@ -265,10 +268,37 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_SPEC_ERROR if failed else 0
 
 
-def cmd_schema(args: argparse.Namespace) -> int:
-    from .spec import schema
+def _is_sweep_file(path: str) -> bool:
+    from .sweep import is_sweep_file
 
-    text = json.dumps(schema(), indent=2) + "\n"
+    return is_sweep_file(path)
+
+
+def _validate_sweep(path: str, args: argparse.Namespace, console: Any) -> None:
+    """A sweep file: its own schema, then every variant's spec (grid), or every axis value and
+    range end (random, tpe), each through `surgery.validate`."""
+    from pathlib import Path
+
+    from rich.markup import escape
+
+    from .spec import load_spec
+    from .sweep import check_variants, load_sweep
+
+    sweep = load_sweep(path)
+    variants = check_variants(sweep, args.overrides, Path("runs"), _warn)
+    if args.show_resolved:  # a grid's variants (random and tpe draw theirs while they run)
+        for i, variant in enumerate(variants):
+            spec = load_spec(sweep.spec, [*sweep.set, *args.overrides, *variant.overrides])
+            sys.stdout.write(("---\n" if len(args.specs) > 1 or i else "") + spec.to_yaml())
+    what = f"{sweep.trials} variants" if sweep.sampler == "grid" else f"{sweep.trials} trials ({sweep.sampler})"
+    console.print(f"[green]ok[/green] {escape(path)}: sweep {escape(sweep.name)}, {what} of {escape(str(sweep.spec))}, "
+                  "every variant's spec valid", soft_wrap=True)
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .spec_schema import schema
+
+    text = json.dumps(schema("sweep" if args.sweep else "spec"), indent=2) + "\n"
     if args.output is None:
         sys.stdout.write(text)
         return 0
@@ -303,10 +333,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import sweep_command
+    from .sweep import LOCK_TIMEOUT, sweep_command
 
+    lock_timeout = LOCK_TIMEOUT if args.lock_timeout is None else args.lock_timeout
     return sweep_command(args.sweep_file, workers=args.workers, storage=args.storage, out=args.out, device=args.device,
-                         overrides=args.overrides, worker=args.worker, warn=_warn)
+                         overrides=args.overrides, worker=args.worker, lock_timeout=lock_timeout, warn=_warn)
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:

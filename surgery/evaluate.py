@@ -372,7 +372,7 @@ def tta_figures(y_true: np.ndarray, plain: np.ndarray, tta: np.ndarray, classes:
 
 # --------------------------------------------------------------------------- the command
 def evaluate_run(run_dir: str | Path, *, split: str | None = None, data: str | None = None, tta: bool = False,
-                 weights: str | None = None, batch_size: int = 64, device: str = "cpu",
+                 weights: str | None = None, batch_size: int = 64, device: str | None = None,
                  on_skip: Callable[[str, str], None] | None = None,
                  on_note: Callable[[str], None] | None = None) -> tuple[dict[str, Any], Path]:
     """Evaluate a run and write ``RUN_DIR/eval/<split>/``; return (metrics.json's content, that folder).
@@ -544,7 +544,7 @@ def report(metrics: Mapping[str, Any]) -> list[Any]:
 
 def evaluate_command(run_dir: str | Path, *, split: str | None = None, data: str | None = None, tta: bool = False,
                      weights: str | None = None, as_json: bool = False, batch_size: int = 64,
-                     device: str = "cpu") -> int:
+                     device: str | None = None) -> int:
     """`surgery evaluate RUN_DIR [--split test|val | --data PATH] [--tta] [--weights W] [--json]`:
     print the figures (a table, or one JSON object with --json) after writing them."""
     from .untrusted import Console

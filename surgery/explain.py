@@ -303,7 +303,7 @@ def _put_in_place(staging: Path, target: Path) -> None:
 # --------------------------------------------------------------------------- the command
 def explain_command(run_dir: str | Path, paths: Sequence[str], *, layer: str | None = None,
                     class_name: str | None = None, method: str = "gradcam", out: str | Path | None = None,
-                    device: str = "cpu") -> int:
+                    device: str | None = None) -> int:
     """`surgery explain RUN_DIR IMAGE... [--layer PATH] [--class NAME] [--method M] [--out DIR] [--device D]`.
 
     Writes one PNG per readable image and predictions.json into RUN_DIR/explain (or --out),

@@ -148,13 +148,13 @@ def confusion_figure(matrix: Any, classes: Sequence[str], title: str = "confusio
 
 def plot_curves(path: Path, rows: list[Mapping[str, Any]], unfreeze: Mapping[int, list[str]]) -> None:
     """Write `curves_png` to `path` atomically."""
-    from .rundir import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     atomic_write_bytes(path, curves_png(rows, unfreeze))
 
 
 def plot_confusion(path: Path, matrix: Any, classes: list[str]) -> None:
     """Write `confusion_png` to `path` atomically."""
-    from .rundir import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     atomic_write_bytes(path, confusion_png(matrix, classes))

@@ -29,10 +29,11 @@ def locate_run(run_dir: str | Path, weights: str | None = None) -> tuple[Path, s
     return open_run(run_dir).require_trained(weights)
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu", weights: str | None = None) -> LoadedRun:
+def load_run(run_dir: str | Path, device: str | torch.device | None = None, weights: str | None = None) -> LoadedRun:
     """Rebuild a run's surgered model from spec.yaml and its weights, in eval mode.
 
-    `open_run(run_dir).load(device, weights)`: see `Run.load`.
+    `open_run(run_dir).load(device, weights)`: see `Run.load`; device None: the run's recorded
+    ``train.device`` (auto: cuda when available, else cpu), as `surgery run` chose.
 
     Example:
         >>> run = load_run("runs/resnet18-cbam")
@@ -120,7 +121,7 @@ def _table(predictions: Sequence[Prediction], k: int):
 
 
 def predict_command(run_dir: str | Path, paths: Sequence[str], *, topk: int = 3, as_json: bool = False,
-                    batch_size: int = 32, device: str = "cpu", weights: str | None = None) -> int:
+                    batch_size: int = 32, device: str | None = None, weights: str | None = None) -> int:
     """`surgery predict RUN_DIR PATH... [--topk K] [--json] [--batch-size N] [--device D] [--weights W]`.
 
     Exit code 0 when at least one image was classified, 1 when every file was unreadable;

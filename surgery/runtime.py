@@ -68,8 +68,7 @@ def resolve_device(requested: str, error: Callable[..., UserError]) -> torch.dev
     requested = str(requested)
     if not _DEVICE.match(requested):
         raise error("this is not a device", found=repr(requested), expected=DEVICES)
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "mps" if _mps() else "cpu"
+    requested = choose_device(None, requested, cuda=torch.cuda.is_available(), mps=requested == "auto" and _mps())
     device = torch.device(requested)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -84,15 +83,39 @@ def resolve_device(requested: str, error: Callable[..., UserError]) -> torch.dev
     return device
 
 
-def make_runtime(spec: Spec, device_override: str | None = None) -> Runtime:
-    train = spec.train
-    if device_override:
+def choose_device(flag: str | None, spec_device: str, *, cuda: bool, mps: bool = False) -> str:
+    """The device every command uses (run, sweep, lr-find, predict, evaluate, explain): ``--device``
+    when given, else the spec's ``train.device`` (a trained run's: its recorded spec.yaml's), with
+    ``auto`` made cuda when CUDA is available, else mps when MPS is, else cpu. Pure: the caller
+    says what this machine has.
+
+    Example:
+        >>> choose_device(None, "auto", cuda=False)
+        'cpu'
+        >>> choose_device("cpu", "cuda:1", cuda=True)
+        'cpu'
+    """
+    requested = flag or spec_device
+    if requested == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    return requested
+
+
+def device_for(spec: Spec, flag: str | None = None) -> torch.device:
+    """The device for `spec`: `choose_device`'s, checked on this machine; a device that cannot be
+    used is an error located at --device, or at the spec's ``train.device`` when it came from there."""
+    if flag:
         def error(problem: str, **kw: Any) -> UserError:
-            return UsageError(problem, origin=Origin.flag("--device", device_override), **kw)
+            return UsageError(problem, origin=Origin.flag("--device", flag), **kw)
     else:
         def error(problem: str, **kw: Any) -> UserError:
             return spec.error(("train", "device"), problem, **kw)
-    device = resolve_device(device_override or train.device, error)
+    return resolve_device(flag or spec.train.device, error)
+
+
+def make_runtime(spec: Spec, device_override: str | None = None) -> Runtime:
+    train = spec.train
+    device = device_for(spec, device_override)
     precision = train.precision
     if precision == "auto":
         if device.type == "cuda":

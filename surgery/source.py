@@ -424,6 +424,13 @@ def _flag(text: str) -> Origin:
 _INDEX = re.compile(r"\[([0-9]+)\]")
 
 
+def name_from_file(path: Path, default: str) -> str:
+    """The name a spec or sweep file gives its run or sweep when it sets no `name:`: its file
+    name without the suffix, with every character a name cannot hold made '-' (schema.json's
+    `$defs/name`), or `default` when nothing is left."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "-", Path(path).stem).lstrip(".-_+") or default
+
+
 def parse_key_path(key: str) -> tuple | None:
     """``surgery.0.at`` (or ``surgery[0].at``) -> ("surgery", 0, "at"); None when a part is empty."""
     parts: list = []

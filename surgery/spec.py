@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -28,7 +27,7 @@ import yaml
 from .errors import SpecError, format_path, quote_value
 from .spec_schema import check_schema, check_values, fill_defaults, schema
 from .inherit import BASE_KEY, resolve_bases
-from .source import Override, Source, apply_overrides, parse_yaml, read_spec_text
+from .source import Override, Source, apply_overrides, name_from_file, parse_yaml, read_spec_text
 
 # --------------------------------------------------------------------------- typed spec
 @dataclass(frozen=True)
@@ -660,7 +659,7 @@ def load_spec(spec: str | Path | Mapping, overrides: Sequence[str | Override] = 
         path = Path(spec)
         file = str(spec)
         data, marks = parse_yaml(read_spec_text(path), file)
-        name = re.sub(r"[^A-Za-z0-9._+-]", "-", path.stem).lstrip(".-_+") or "run"
+        name = name_from_file(path, "run")
     source = Source(file, marks)
     if data is None:
         raise SpecError("the spec is empty", file=file, line=1 if file else None, column=1 if file else None,

@@ -1,7 +1,14 @@
-"""The spec's JSON Schema: validation with located, worded errors, and its defaults filled in.
+"""The JSON Schemas of specs and sweep files: validation with located, worded errors, and
+defaults filled in.
+
+One file, schema.json, holds both: its root is the spec's schema, and ``$defs/sweep_file`` the
+sweep file's (`schema("sweep")` gives it a root of its own, for `surgery schema --sweep`); they
+share their ``$defs``, so a name is checked by one pattern in both.
 
 jsonschema finds what is wrong; this module says it the way a user reads it (the innermost
-alternative that fits, the first error in file order, did-you-mean for names).
+alternative that fits, the first error in file order, did-you-mean for names). A schema node may
+carry ``x-problem``, the sentence that says what is wrong with a value it refuses (``{value}``:
+the value as written); JSON Schema ignores keywords it does not know.
 """
 from __future__ import annotations
 
@@ -17,19 +24,28 @@ from .source import _MAX_DEPTH, Source
 
 
 # --------------------------------------------------------------------------- schema
-@lru_cache(maxsize=1)
-def schema() -> dict:
-    """The JSON Schema (draft 2020-12) every spec is validated against."""
-    return json.loads(resources.files("surgery").joinpath("schema.json").read_text())
+KINDS = ("spec", "sweep")
+_SWEEP_ID = "https://github.com/surgery-tool/surgery/schema/sweep-v1.json"
 
 
-@lru_cache(maxsize=1)
-def _validator():
+@lru_cache(maxsize=2)
+def schema(kind: str = "spec") -> dict:
+    """The JSON Schema (draft 2020-12) every spec (`kind` "sweep": every sweep file) is validated against."""
+    root = json.loads(resources.files("surgery").joinpath("schema.json").read_text())
+    if kind == "spec":
+        return root
+    top = root["$defs"]["sweep_file"]
+    return {"$schema": root["$schema"], "$id": _SWEEP_ID, "title": top["title"], "description": top["description"],
+            "$ref": "#/$defs/sweep_file", "$defs": root["$defs"]}
+
+
+@lru_cache(maxsize=2)
+def _validator(kind: str = "spec"):
     import jsonschema
 
     cls = jsonschema.Draft202012Validator
-    cls.check_schema(schema())
-    return cls(schema())
+    cls.check_schema(schema(kind))
+    return cls(schema(kind))
 
 
 def _deref(node: Any) -> dict:
@@ -158,6 +174,13 @@ def _schema_error(err, source: Source) -> SpecError:
     label = next((p for p in reversed(path) if isinstance(p, str)), "the spec")
     if path and isinstance(path[-1], int):
         label = f"an entry of {label}"
+    if "x-problem" in node and err.validator not in ("additionalProperties", "required"):
+        choices = [c for c in _choices(node) if isinstance(c, str)]
+        hint = did_you_mean(err.instance, choices) if isinstance(err.instance, str) and choices else None
+        problem = node["x-problem"].replace("{value}", quote_value(err.instance))
+        return source.error(_where(err), problem, found=quote_value(err.instance),
+                            expected=node.get("description") if "propertyNames" in err.relative_schema_path
+                            else _describe(node), hint=hint)
     if err.validator == "additionalProperties":
         allowed = sorted(node.get("properties", {}))
         where = _where(err)
@@ -210,8 +233,9 @@ def _schema_error(err, source: Source) -> SpecError:
     return source.error(path, err.message, found=quote_value(err.instance), expected=_describe(node))
 
 
-def check_values(data: Any, source: Source) -> None:
-    """Every number finite and nothing nested past `_MAX_DEPTH`, anywhere in the spec.
+def check_values(data: Any, source: Source, kind: str = "spec") -> None:
+    """Every number finite and nothing nested past `_MAX_DEPTH`, anywhere in the spec (or the
+    sweep file, `kind`).
 
     JSON Schema's `number` takes inf and nan (YAML's .inf, .nan, and 1e400, which overflows), and a
     free-form `args` mapping is not looked into at all; an infinite lr or NaN momentum would pass
@@ -223,24 +247,30 @@ def check_values(data: Any, source: Source) -> None:
         value, path = stack.pop()
         if isinstance(value, float) and not math.isfinite(value):
             written = ".nan" if math.isnan(value) else ".inf" if value > 0 else "-.inf"
-            raise source.error(path, "this number is not finite: a spec takes finite numbers only"
-                               if written != ".nan" else "this value is not a number (NaN): a spec takes finite numbers only",
+            raise source.error(path, f"this number is not finite: a {kind} takes finite numbers only"
+                               if written != ".nan" else
+                               f"this value is not a number (NaN): a {kind} takes finite numbers only",
                                found=written, expected="a finite number",
                                hint="YAML reads .inf, .nan, and numbers past about 1.8e308 (such as 1e400) as not finite")
         if isinstance(value, (dict, list)):
             if len(path) >= _MAX_DEPTH:
-                raise source.error(path, f"the spec nests lists and mappings more than {_MAX_DEPTH} levels deep",
+                raise source.error(path, f"the {kind} nests lists and mappings more than {_MAX_DEPTH} levels deep",
                                    expected=f"at most {_MAX_DEPTH} levels of lists and mappings inside one another")
             items = list(value.items() if isinstance(value, dict) else enumerate(value))
             stack.extend((item, path + (key,)) for key, item in reversed(items))
 
 
-def check_schema(data: Any, source: Source) -> None:
-    """Check `data` against the schema; raise the first error in the file, located."""
+_TOPS = {"spec": ("a spec is a YAML mapping", "a mapping with at least `model: {backbone: ...}`"),
+         "sweep": ("a sweep file is a YAML mapping", "name, spec, set and sweep keys")}
+
+
+def check_schema(data: Any, source: Source, kind: str = "spec") -> None:
+    """Check `data` against the schema of a spec (or of a sweep file, `kind`); raise the first
+    error in the file, located."""
     if not isinstance(data, dict):
-        raise source.error((), "a spec is a YAML mapping", found=quote_value(data),
-                           expected="a mapping with at least `model: {backbone: ...}`")
-    errors = [_innermost(e, source) for e in _validator().iter_errors(data)]
+        problem, expected = _TOPS[kind]
+        raise source.error((), problem, found=quote_value(data), expected=expected)
+    errors = [_innermost(e, source) for e in _validator(kind).iter_errors(data)]
     if errors:
         raise _schema_error(_first(errors, source), source)
 

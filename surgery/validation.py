@@ -1,35 +1,47 @@
 """Check a spec without training it: the schema first, then the real model.
 
 `validate` is a fixed sequence of check steps over the loaded `Spec`. Each step returns the
-located warnings it found and raises a `UserError` for a mistake; steps that need the real
-model (and so torch) are skipped with ``against_model=False``. A new check is one function and
-one row in `CHECKS`.
+located warnings it found and raises a `UserError` for a mistake. Steps that need the real model
+(``needs_model=True``) get it built once, as their second argument, and are skipped with
+``against_model=False`` (torch is then never imported). A new check is one function and one row
+in `CHECKS`; `surgery validate`, `surgery sweep` (every variant) and the pytest plugin all run
+`validate`, so every command that checks a spec runs it.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .spec import Spec, load_spec
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .builder import Built
 
 
 @dataclass(frozen=True)
 class Check:
-    """One validation step: `run(spec)` returns warnings and raises a `UserError` for a mistake."""
+    """One validation step: `run(spec)` (or `run(spec, built)` with ``needs_model``) returns
+    warnings and raises a `UserError` for a mistake."""
 
     name: str
-    run: Callable[[Spec], Iterable[str]]
-    needs_model: bool = False  # True: imports torch and builds the backbone
+    run: Callable[..., Iterable[str]]
+    needs_model: bool = False  # True: called as run(spec, built), with the backbone built (imports torch)
 
 
-def _check_model(spec: Spec) -> Iterable[str]:
-    from .builder import build  # torch only once the spec itself is sound
+class Validation(tuple):
+    """The located warnings `validate` found (a tuple of strings, as before), with what it
+    checked: `spec`, the spec as loaded, and `built`, the model built (None with
+    ``against_model=False``)."""
 
-    from .checks import check_training
+    spec: Spec
+    built: "Built | None"
 
-    built = build(spec)  # every pattern, group and weight resolved against the real backbone
-    return check_training(spec, built)  # optimizer, transforms, data against the model, device
+    def __new__(cls, warnings: Iterable[str], spec: Spec, built: "Built | None") -> "Validation":
+        self = super().__new__(cls, warnings)
+        self.spec, self.built = spec, built
+        return self
 
 
 def _check_trackers(spec: Spec) -> Iterable[str]:
@@ -39,10 +51,17 @@ def _check_trackers(spec: Spec) -> Iterable[str]:
     return ()
 
 
-# In order: cheap checks first, so a schema-level fix never waits for a model build.
+def _check_training(spec: Spec, built: Built) -> Iterable[str]:
+    from .checks import check_training
+
+    return check_training(spec, built)  # optimizer, transforms, data against the model, device
+
+
+# In order: cheap checks first, so a schema-level fix never waits for a model build (the model is
+# built, which resolves every pattern, group and weight, just before the first check that needs it).
 CHECKS: tuple[Check, ...] = (
     Check("trackers", _check_trackers),
-    Check("model", _check_model, needs_model=True),
+    Check("training", _check_training, needs_model=True),
 )
 
 
@@ -50,8 +69,10 @@ def validate(
     spec: str | Path | Mapping,
     *,
     against_model: bool = True,
-    overrides: Sequence[str] = (),
-) -> tuple[str, ...]:
+    overrides: Sequence[Any] = (),
+    warn: Callable[[str], None] | None = None,
+    runs_root: Path | None = None,
+) -> Validation:
     """Check a spec the way `surgery run` would, without training it.
 
     Args:
@@ -61,10 +82,13 @@ def validate(
             shows, such as a target that matches no module. False checks the schema, the values
             and their cross-field rules only: fast, and torch is never imported.
         overrides: ``key.path=value`` strings applied before validation, like ``--set``.
+        warn: called with each warning as soon as it is found (before a later step's error).
+        runs_root: the folder `pretrained: run:NAME` looks in (default `runs`).
 
     Returns:
         The located warnings: settings that are legal but probably unintended, each a string
-        ``file:line:col: key.path: text``. Empty when there are none.
+        ``file:line:col: key.path: text``; empty when there are none. A tuple, which also carries
+        ``.spec`` (as loaded) and ``.built`` (the model, or None without ``against_model``).
 
     Raises:
         SpecError: a mistake in the spec, with file, line, column, key path, what was found,
@@ -79,12 +103,28 @@ def validate(
         ()
     """
     loaded = load_spec(spec, overrides)
-    warnings = list(loaded.warnings)
+    warnings: list[str] = []
+
+    def found(texts: Iterable[str]) -> None:
+        for text in texts:
+            warnings.append(text)
+            if warn is not None:
+                warn(text)
+    found(loaded.warnings)
+    built = None
     for check in CHECKS:
         if check.needs_model and not against_model:
             continue
-        warnings.extend(check.run(loaded))
-    return tuple(warnings)
+        if check.needs_model and built is None:
+            from .builder import build  # torch only once the spec itself is sound
+
+            built = build(loaded, runs_root=runs_root)  # every pattern, group and weight resolved
+        found(check.run(loaded, built) if check.needs_model else check.run(loaded))
+    if against_model and built is None:  # no check needs the model: it is still built, to resolve the spec
+        from .builder import build
+
+        built = build(loaded, runs_root=runs_root)
+    return Validation(warnings, loaded, built)
 
 
-__all__ = ["validate", "Check", "CHECKS"]
+__all__ = ["validate", "Validation", "Check", "CHECKS"]

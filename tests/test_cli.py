@@ -133,6 +133,61 @@ def test_validate_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert "does not exist" in err and "resnet.yaml" in err
 
 
+@pytest.mark.parametrize("mistake", [False, True])
+def test_validate_runs_every_check_registered_in_validation_checks(good: Path, capsys: pytest.CaptureFixture,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   mistake: bool) -> None:
+    """`surgery validate` is `surgery.validate`: a check added to CHECKS runs there too."""
+    from surgery import validation
+    from surgery.errors import SpecError
+
+    seen: list[tuple] = []
+
+    def extra(spec, built):
+        seen.append((spec.name, len(built.inserted)))
+        if mistake:
+            raise SpecError("the extra check refuses this spec", path=("surgery",), file=str(good), line=3)
+        return (f"{good}:3: surgery: the extra check's warning",)
+
+    monkeypatch.setattr(validation, "CHECKS", (*validation.CHECKS, validation.Check("extra", extra, needs_model=True)))
+    assert main(["validate", str(good)]) == (2 if mistake else 0)
+    captured = capsys.readouterr()
+    assert seen == [("good", 2)]
+    if mistake:
+        assert captured.err.startswith(f"error {good}:3: surgery: the extra check refuses this spec")
+    else:
+        assert "warning" in captured.err and "the extra check's warning" in captured.err
+        assert "ok" in captured.out and "2 modules inserted" in captured.out
+
+
+SWEEP = """\
+name: placements
+spec: good.yaml
+set: {train.epochs: 3}
+sweep:
+  axes:
+    surgery.0.at: {l4: [layer4], l34: [layer3, layer4]}
+"""
+
+
+def test_validate_a_sweep_file_checks_its_schema_and_every_variant(good: Path, capsys: pytest.CaptureFixture) -> None:
+    sweep = good.parent / "sweep.yaml"
+    sweep.write_text(SWEEP)
+    assert main(["validate", str(sweep)]) == 0
+    captured = capsys.readouterr()
+    assert f"ok {sweep}: sweep placements, 2 variants" in captured.out, captured
+
+    sweep.write_text(SWEEP.replace("l34: [layer3, layer4]", "l34: [layer3, layer5]"))  # only the model can say
+    assert main(["validate", str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error {sweep}:6:") and "variant at-l34" in err and "layer5" in err, err
+
+    sweep.write_text(SWEEP.replace("sweep:", "sweep:\n  sampler: gird"))  # the sweep file's own schema
+    assert main(["validate", str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error {sweep}:5:") and "unknown key 'spec'" not in err and "'grid'" in err, err
+
+
 def test_validate_in_a_subprocess_exits_2_without_a_traceback(bad: Path) -> None:
     proc, _ = run_cli("validate", str(bad))
     assert proc.returncode == 2

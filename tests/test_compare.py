@@ -18,7 +18,7 @@ from browser import assert_not_blank, keep_screenshot, page_text, render
 from surgery.cli import main
 from surgery.compare import aggregate, collect, read_run, shared_name, spec_difference, to_json, to_markdown, write_html
 from surgery.errors import UsageError
-from surgery.rundir import read_metrics
+from surgery.runs import read_metrics
 
 
 WEIGHTS = shutil.ignore_patterns("*.safetensors", "*.pt")  # compare reads none of them

@@ -23,7 +23,7 @@ from torch import nn
 from surgery import load_spec
 from surgery.data import make_loader
 from surgery.distributed import convert_sync_bn, fingerprint, trained_norms, unused_parameters
-from surgery.rundir import load_safetensors, read_metrics
+from surgery.runs import load_safetensors, read_metrics
 
 SPEC = {
     "name": "ddp",

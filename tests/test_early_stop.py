@@ -12,7 +12,7 @@ import pytest
 from runs import run_logged
 
 from surgery.errors import SpecError
-from surgery.rundir import load_safetensors, read_metrics
+from surgery.runs import load_safetensors, read_metrics
 from surgery.schedule import EarlyStop, Watch
 from surgery.spec import MonitorSpec, load_spec
 

@@ -220,7 +220,7 @@ def test_every_png_is_written_and_readable(evaluated):
 # --------------------------------------------------------------------------- weights
 def test_weights_choose_the_file_and_ema_needs_a_run_that_kept_one(evaluated, tiny_run, capsys):
     from surgery.predict import locate_run
-    from surgery.rundir import load_safetensors
+    from surgery.runs import load_safetensors
 
     fresh = evaluated[0]
     for choice, file in (("final", "model.safetensors"), ("best", "checkpoints/best.safetensors"),

@@ -14,7 +14,7 @@ from rich.console import Console
 from surgery import load_spec
 from surgery.cli import main
 from surgery.predict import load_run
-from surgery.rundir import load_safetensors
+from surgery.runs import load_safetensors
 from surgery.train import run
 
 SPEC = {"name": "tiny", "model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False},
@@ -167,7 +167,7 @@ def test_class_and_file_names_reach_the_terminal_escaped(run_dir, images, tmp_pa
 
 def test_weights_of_another_model_are_refused_by_every_command_naming_what_differs(run_dir, tmp_path, images,
                                                                                     capsys):
-    from surgery.rundir import save_safetensors
+    from surgery.runs import save_safetensors
 
     copy = tmp_path / "foreign"
     shutil.copytree(run_dir, copy)
@@ -190,3 +190,22 @@ def test_weights_of_another_model_are_refused_by_every_command_naming_what_diffe
         assert f"2 of another shape: fc.weight [3, {width}] in the file, [10, {width}] in the model" in err
         assert "Traceback" not in err
     assert not (copy / "export").exists() and not (copy / "eval").exists()
+
+
+def test_without_device_a_run_is_loaded_on_its_recorded_device(run_dir, tmp_path):
+    """The run's spec.yaml decides (as `surgery run` did), not a fixed cpu; --device still wins."""
+    import yaml
+
+    copy = tmp_path / "on-cuda9"
+    shutil.copytree(run_dir, copy)
+    saved = yaml.safe_load((copy / "spec.yaml").read_text())
+    saved["train"]["device"] = "cuda:9"  # no machine running these tests has it
+    (copy / "spec.yaml").write_text(yaml.safe_dump(saved))
+    from surgery.errors import SpecError
+
+    with pytest.raises(SpecError) as info:
+        load_run(copy)
+    assert "cuda" in str(info.value) and str(copy / "spec.yaml") in str(info.value)
+    assert "train.device" in str(info.value)
+    assert load_run(copy, "cpu").device == torch.device("cpu")
+    assert load_run(run_dir).device.type == ("cuda" if torch.cuda.is_available() else "cpu")  # train.device: auto

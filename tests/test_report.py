@@ -17,7 +17,7 @@ from rich.console import Console
 from browser import assert_not_blank, keep_screenshot, page_text, render
 from surgery.cli import main
 from surgery.report import data_uri, gather, write_report
-from surgery.rundir import read_metrics
+from surgery.runs import read_metrics
 from surgery.schedule import schedule_table
 from surgery.spec import load_spec
 

@@ -19,7 +19,7 @@ import torch
 from surgery import files as rundir  # the file layer every writer goes through
 from surgery.cli import main
 from surgery.errors import RunDirError
-from surgery.rundir import load_safetensors, read_metrics, save_torch
+from surgery.runs import load_safetensors, read_metrics, save_torch
 
 SPEC = {
     "name": "resume",
@@ -38,7 +38,7 @@ TIMING = ("images_per_sec", "seconds", "data_wait_fraction")
 # Runs `surgery run ARGS` in a child process that is interrupted at a chosen point, by a real signal.
 CHILD = textwrap.dedent("""
     import os, signal, sys
-    import surgery.rundir
+    import surgery.files
     import surgery.train.runner as train  # run() and the prepare() it calls
     from surgery.cli import main
 

@@ -11,7 +11,7 @@ import torch
 
 from surgery.cli import main
 from surgery.errors import RunDirError
-from surgery.rundir import RunDir, load_safetensors
+from surgery.runs import RunDir, load_safetensors
 
 TINY = {"name": "tiny", "model": {"backbone": "timm:resnet10t", "num_classes": 10},
         "train": {"epochs": 1, "batch_size": 16, "limit_batches": 1, "channels_last": False},

@@ -49,3 +49,35 @@ def test_an_unwritable_path_is_one_line_and_exit_code_1(tmp_path: Path, capsys: 
 def test_without_output_it_prints_the_schema(capsys: pytest.CaptureFixture) -> None:
     assert main(["schema"]) == 0
     assert json.loads(capsys.readouterr().out) == schema()
+
+
+def test_the_sweep_file_schema_is_published_and_shares_the_spec_s_name_rule(capsys: pytest.CaptureFixture) -> None:
+    import jsonschema
+    import yaml
+
+    from surgery.sweep.file import OBJECTIVES, SAMPLERS
+
+    assert main(["schema", "--sweep"]) == 0
+    sweep = json.loads(capsys.readouterr().out)
+    jsonschema.Draft202012Validator.check_schema(sweep)
+    assert sweep["$ref"] == "#/$defs/sweep_file" and sweep["$defs"] == schema()["$defs"]
+    top = sweep["$defs"]["sweep_file"]["properties"]
+    assert top["name"]["$ref"] == schema()["properties"]["name"]["$ref"] == "#/$defs/name"  # one name pattern
+    body = sweep["$defs"]["sweep"]["properties"]
+    assert tuple(body["sampler"]["enum"]) == SAMPLERS and body["objective"]["enum"] == list(OBJECTIVES)
+    # an editor given the schema accepts every shipped sweep file
+    validator = jsonschema.Draft202012Validator(sweep)
+    shipped = sorted((Path(__file__).resolve().parent.parent / "examples").rglob("sweep-*.yaml"))
+    assert shipped
+    for path in shipped:
+        assert not list(validator.iter_errors(yaml.safe_load(path.read_text()))), path
+
+
+def test_a_sweep_and_a_spec_of_the_same_file_name_get_the_same_default_name(tmp_path: Path) -> None:
+    from surgery.spec import load_spec
+    from surgery.sweep.file import load_sweep
+
+    (tmp_path / "spec").mkdir()
+    (tmp_path / "spec" / "_my run!.yaml").write_text("model: {backbone: 'timm:resnet10t', pretrained: false}\n")
+    (tmp_path / "_my run!.yaml").write_text("spec: 'spec/_my run!.yaml'\nsweep: {axes: {seed: [0, 1]}}\n")
+    assert load_sweep(tmp_path / "_my run!.yaml").name == load_spec(tmp_path / "spec" / "_my run!.yaml").name == "my-run-"

@@ -28,7 +28,7 @@ from rich.console import Console  # noqa: E402
 from surgery.errors import SpecError  # noqa: E402
 from surgery.source import parse_key_path  # noqa: E402
 from surgery.sweep import check_variants, open_storage, sweep_command  # noqa: E402
-from surgery.sweep_file import load_sweep  # noqa: E402
+from surgery.sweep.file import load_sweep  # noqa: E402
 
 MARK = "# <-"
 POSTGRES = os.environ.get("SURGERY_TEST_POSTGRES_URL")
@@ -479,7 +479,7 @@ def test_each_worker_gets_a_gpu_or_a_share_of_the_cores(monkeypatch: pytest.Monk
                                                        visible: str | None, gpus: int, expected: list) -> None:
     import torch
 
-    from surgery.sweep_worker import _worker_environments
+    from surgery.sweep.worker import _worker_environments
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
@@ -556,7 +556,7 @@ def test_a_variant_that_fails_is_reported_and_the_others_still_train(tmp_path: P
 
 def test_a_grid_trial_stopped_before_its_values_were_drawn_is_queued_as_the_same_variant(base: Path) -> None:
     from surgery.sweep import open_study
-    from surgery.sweep_worker import Worker, _requeue
+    from surgery.sweep.worker import Worker, _requeue
 
     sweep = load_sweep(write(base.parent, "s.yaml", """
         spec: base.yaml
@@ -575,7 +575,7 @@ def test_a_grid_trial_stopped_before_its_values_were_drawn_is_queued_as_the_same
 
 
 def test_a_signal_while_a_trial_is_taken_waits_for_its_heartbeat() -> None:
-    from surgery.sweep_worker import _hold_signals, _release_signals
+    from surgery.sweep.worker import _hold_signals, _release_signals
 
     before = signal.getsignal(signal.SIGINT)
     held = _hold_signals()
@@ -590,3 +590,59 @@ def test_a_missing_sweep_file_is_named_as_a_sweep_file(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as info:
         load_sweep(str(tmp_path / "sweep-cbam.yaml"))
     assert info.value.problem == "the sweep file does not exist" and "a YAML sweep file" in info.value.expected
+
+
+def test_a_locked_study_is_waited_for_aloud_and_given_up_after_the_lock_timeout(
+        base: Path, capsys: pytest.CaptureFixture) -> None:
+    import sqlite3
+
+    from surgery.cli import main
+
+    path = write(base.parent, "locked.yaml", """
+        name: locked
+        spec: base.yaml
+        sweep: {axes: {seed: [0, 1]}}
+        """)
+    out = base.parent / "runs" / "locked"
+    out.mkdir(parents=True)
+    holder = sqlite3.connect(out / "study.db", isolation_level=None)  # another process's exclusive transaction
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        start = time.monotonic()
+        code = main(["sweep", str(path), "--out", str(out), "--lock-timeout", "1.5"])
+        took = time.monotonic() - start
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    err = capsys.readouterr().err
+    db = str((out / "study.db").resolve())
+    assert code == 1 and took < 30, err
+    assert f"waiting for {db}: another process holds the study's database locked" in err
+    assert f"{db} stayed locked by another process for 1.5 s" in err and "--lock-timeout" in err
+
+
+def test_a_variant_killed_while_writing_its_final_files_gets_them_without_training_again(base: Path) -> None:
+    """Killed after summary.json, before its plots and report.html: the retake draws them from the
+    run's records (summary.json, metrics.jsonl, classes.json) and trains nothing."""
+    path = write(base.parent, "final.yaml", """
+        name: final
+        spec: base.yaml
+        sweep: {axes: {seed: [0]}}
+        """)
+    out = base.parent / "runs" / "final"
+    assert sweep_command(str(path), out=str(out), console=quiet()) == 0
+    run_dir = out / "seed-0"
+    drawn = ["report.html", "plots/curves.png", "plots/confusion.png"]
+    for name in drawn:
+        (run_dir / name).unlink()
+    (out / "study.db").unlink()  # its trial is taken again, as after its worker was found dead
+    stamps = {p: p.stat().st_mtime_ns for p in (run_dir / "metrics.jsonl", run_dir / "model.safetensors")}
+    console = quiet()
+    assert sweep_command(str(path), out=str(out), console=console) == 0
+    assert all((run_dir / name).is_file() for name in drawn)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # not trained again
+    assert "already trained" in console.file.getvalue() and "wrote plots/curves.png" in console.file.getvalue()
+    study = optuna.load_study(study_name="final", storage=f"sqlite:///{out / 'study.db'}")
+    (trial,) = study.get_trials()
+    assert trial.user_attrs["reused_finished_run"] and trial.state == optuna.trial.TrialState.COMPLETE

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from surgery import load_spec
 from surgery.cli import main
-from surgery.rundir import read_metrics
+from surgery.runs import read_metrics
 from surgery.trackers import RECORD, Trackers, flatten, metrics_csv, scalars, spec_params
 from surgery.train import TrainingStopped, run
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from surgery import load_spec
 from surgery.data import normalize
-from surgery.rundir import load_safetensors, read_metrics
+from surgery.runs import load_safetensors, read_metrics
 from surgery.train import apply_trainable, prepare, run, set_train_mode, train_epoch
 
 TINY = {"name": "tiny", "model": {"backbone": "timm:resnet10t", "num_classes": 10},

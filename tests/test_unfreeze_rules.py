@@ -21,7 +21,7 @@ from rich.console import Console
 
 from surgery.cli import main
 from surgery.errors import SpecError
-from surgery.rundir import load_safetensors, read_metrics
+from surgery.runs import load_safetensors, read_metrics
 from surgery.schedule import Unfreezing, earliest_epochs, schedule_table, unfreeze_epochs, unfreeze_events
 from surgery.spec import load_spec
 from surgery.train import TrainingStopped

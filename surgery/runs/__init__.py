@@ -10,7 +10,8 @@
 from __future__ import annotations
 
 from . import layout
-from .reader import Run, Unreadable, open_run, read_json
-from .writer import RunDir
+from .reader import Run, Unreadable, open_run, read_json, read_metrics
+from .writer import RunDir, RunLock, load_safetensors, save_safetensors, save_torch, write_metrics
 
-__all__ = ["layout", "Run", "RunDir", "Unreadable", "open_run", "read_json"]
+__all__ = ["layout", "Run", "RunDir", "RunLock", "Unreadable", "open_run", "read_json", "read_metrics",
+           "load_safetensors", "save_safetensors", "save_torch", "write_metrics"]

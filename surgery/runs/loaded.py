@@ -75,16 +75,18 @@ class LoadedRun:
         return next((k for k, v in layout.WEIGHT_CHOICES.items() if v == relative), relative)
 
 
-def load(run: Run, device: Any = "cpu", weights: str | None = None) -> LoadedRun:
+def load(run: Run, device: Any = None, weights: str | None = None) -> LoadedRun:
     """`Run.load`: see there."""
     from ..builder import build
     from ..data import normalization
     from ..spec import load_spec
     from .writer import load_safetensors
 
+    from ..runtime import device_for
+
     path, note = run.require_trained(weights)
-    target = resolve_device(device)
     spec = load_spec(run.file(layout.SPEC), REBUILD_OVERRIDES)
+    target = device_for(spec, None if device is None else str(device))  # None: the run's recorded train.device
     try:
         state = load_safetensors(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable weight file is the same problem for the user
@@ -128,12 +130,5 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path,
     model.load_state_dict(dict(state), strict=True)
 
 
-def resolve_device(requested: str | torch.device) -> torch.device:
-    from ..runtime import resolve_device as resolve
 
-    def error(problem: str, **kw: Any) -> UsageError:
-        return UsageError(problem, origin=Origin.flag("--device", requested), **kw)
-    return resolve(str(requested), error)
-
-
-__all__ = ["LoadedRun", "load", "load_strict", "resolve_device", "REBUILD_OVERRIDES"]
+__all__ = ["LoadedRun", "load", "load_strict", "REBUILD_OVERRIDES"]

@@ -454,10 +454,12 @@ class Run:
                               "or leave it out")
         return UsageError(problem, origin=Origin.path(self.path), **kw)
 
-    def load(self, device: Any = "cpu", weights: str | None = None) -> "LoadedRun":
+    def load(self, device: Any = None, weights: str | None = None) -> "LoadedRun":
         """The trained model rebuilt from spec.yaml with the run's own weights, in eval mode on `device`.
 
         Args:
+            device: cpu, cuda, cuda:1, mps; None: the run's recorded ``train.device`` (auto: cuda
+                when available, else cpu), as `surgery run` chose.
             weights: None (final, else best), or final, best or ema (`--weights`): that file or an error.
 
         Raises:

@@ -65,7 +65,7 @@ class RunDir:
         self.path = Path(path)
         self.folder = self.path
         self._staging: Path | None = None
-        self._lock: _Lock | None = None
+        self._lock: RunLock | None = None
 
     @property
     def checkpoint(self) -> Path:
@@ -90,7 +90,7 @@ class RunDir:
         except OSError as exc:
             raise RunDirError(f"the run directory {self.path} is not writable: {exc.strerror or exc}",
                               origin=Origin.path(self.path)) from None
-        self._lock = _Lock.take(self.path)
+        self._lock = RunLock.take(self.path)
         holds_run = self.path.is_dir() and any(self.path.iterdir())
         if resume and holds_run:
             check_writable(self.path)
@@ -133,7 +133,7 @@ class RunDir:
         self.release()
 
 
-class _Lock:
+class RunLock:
     """An exclusive lock on ``.<name>.lock`` beside a run directory (the run directory itself may be
     replaced while held). Released on `release` or when the process ends, however it ends."""
 
@@ -141,7 +141,7 @@ class _Lock:
         self.path, self.fd = path, fd
 
     @classmethod
-    def take(cls, run_dir: Path) -> "_Lock | None":
+    def take(cls, run_dir: Path) -> "RunLock | None":
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows: no advisory locks; runs are not guarded

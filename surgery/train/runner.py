@@ -24,15 +24,15 @@ import torch
 
 from .. import distributed
 from ..data import split_record
-from ..plots import plot_confusion, plot_curves
 from ..files import write_json, write_text
 from ..runs import layout
 from ..runs.reader import read_metrics
 from ..runs.writer import RunDir, load_safetensors, save_safetensors, save_torch, write_metrics
 from ..runtime import make_runtime
-from ..schedule import lrs_at, unfreeze_events
+from ..schedule import lrs_at
 from ..spec import Spec
 from ..trackers import Trackers
+from . import final as final_files
 from .checkpoint import check_resumable, checkpoint_state, load_checkpoint, restore
 from .context import Context, prepare
 from .features import use_feature_cache
@@ -299,19 +299,13 @@ def _finish(ctx: Context, rundir: RunDir, journey: Journey, wall: float, say: Ca
     # stopped early, the final figures are those of the restored best epoch; `final` stays the last row
     summary = {**summary_of(ctx, journey.rows, journey.best, final, wall), "unfreeze_at": ctx.unfreeze.starts,
                "early_stop": ctx.early_stop.record(journey.best["epoch"])}
-    trained = journey.rows[-1]["epoch"] if journey.rows else -1
-    events = {e: g for e, g in unfreeze_events(spec, ctx.unfreeze.starts).items() if e <= trained}
 
-    def write() -> None:
+    def write() -> None:  # the records, summary.json last of them; then what is drawn from them (final.py)
         save_safetensors(rundir.folder / layout.FINAL, ctx.model.state_dict(), {"spec": spec.name})
         if ctx.ema is not None:
             save_safetensors(rundir.folder / layout.EMA, ctx.ema.module.state_dict(), {"spec": spec.name})
         write_json(rundir.folder / layout.SUMMARY, summary)
-        if journey.rows:
-            plot_curves(rundir.folder / layout.CURVES, journey.rows, events)
-        if final.confusion is not None:  # multi-label runs have none; summary.json holds per-class F1
-            plot_confusion(rundir.folder / layout.CONFUSION, final.confusion, ctx.data.classes)
-        _write_report(rundir.folder, say)
+        final_files.write_drawn_files(rundir.folder, spec, say)
     ctx.dist.on_main(write)
     trackers.finish(summary)
     best = journey.best
@@ -332,15 +326,6 @@ def _restore_best(ctx: Context, rundir: RunDir) -> None:
     ctx.dist.on_main(load)  # a failure there is raised on every process, none left waiting
     distributed.broadcast_state(ctx.model, ctx.dist)
     ctx.features = None
-
-
-def _write_report(folder: Path, say: Callable) -> None:
-    """report.html, last: it only shows files already written."""
-    from rich.markup import escape
-
-    from ..report import refresh_report
-
-    refresh_report(folder, lambda text: say(f"[yellow]warning[/yellow]: {escape(text)}", soft_wrap=True))
 
 
 def _check_ranks(ctx: Context, rundir: RunDir, epoch: int, kept: str) -> None:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .errors import Origin, RunDirError, UserError, describe_exception
-from .sweep_file import Sweep, Variant
+from ..errors import Origin, RunDirError, UserError, describe_exception
+from .file import Sweep, Variant
 
 DONE, FAILED, INTERRUPTED = "done", "failed", "interrupted"
 
@@ -89,11 +89,18 @@ def work(worker: Worker) -> int:
     except KeyboardInterrupt:
         return 130
     except StorageInternalError as exc:  # the database went away: the study keeps what was told
-        err = UserError(f"the study's storage failed: {describe_exception(exc.__cause__ or exc)}",
-                        origin=Origin.path(worker.storage),
-                        hint="rerun the same command once the database is back: finished variants are kept")
-        err.exit_code = 1
-        raise err from None
+        raise storage_failed(exc, worker.storage) from None
+
+
+def storage_failed(exc: BaseException, storage: str) -> UserError:
+    """The error for a study storage that fails mid-command (the database went away, or stayed
+    locked past the lock timeout): exit code 1, and what the study keeps."""
+    err = UserError(f"the study's storage failed: {describe_exception(exc.__cause__ or exc)}",
+                    origin=Origin.path(storage),
+                    hint="rerun the same command once the database is back (or no longer locked): "
+                         "finished variants are kept")
+    err.exit_code = 1
+    return err
 
 
 def run_trial(worker: Worker, trial_id: int, held: Any = None) -> str:
@@ -111,7 +118,7 @@ def run_trial(worker: Worker, trial_id: int, held: Any = None) -> str:
     from optuna.storages._heartbeat import get_heartbeat_thread  # Optuna's own, as `study.optimize` uses it
     from optuna.trial import TrialState
 
-    from .train.loop import NonFiniteLoss, TrainingStopped
+    from ..train.loop import NonFiniteLoss, TrainingStopped
 
     study, sweep = worker.study, worker.sweep
     heartbeat = get_heartbeat_thread(trial_id, study._storage)
@@ -151,19 +158,25 @@ def run_trial(worker: Worker, trial_id: int, held: Any = None) -> str:
 
 
 def _train(worker: Worker, trial: Any, variant: Variant) -> dict[str, Any]:
-    from .spec import load_spec
-    from .train import runner
+    from ..spec import load_spec
+    from ..train import runner
 
     run_dir = worker.folder / variant.name
     for key, value in {**variant_attrs(variant), "run_dir": str(run_dir), "host": socket.gethostname(),
                        "pid": os.getpid()}.items():
         trial.set_user_attr(key, value)
     spec = load_spec(worker.sweep.spec, [*worker.sweep.set, *worker.overrides, *variant.overrides])
-    _wait_for_run_dir(worker, run_dir)
-    summary = _finished_run(run_dir, spec)
+    lock = _wait_for_run_dir(worker, run_dir)
+    try:
+        summary = _finished_run(run_dir, spec, worker.console.print)
+    finally:
+        if lock is not None:
+            lock.release()
     if summary is not None:
+        summary, written = summary
         trial.set_user_attr("reused_finished_run", True)
-        worker.say(f"trial {trial.number} {variant.name}: already trained in {run_dir}")
+        rewritten = f" (its training had finished; wrote {', '.join(written)})" if written else ""
+        worker.say(f"trial {trial.number} {variant.name}: already trained in {run_dir}{rewritten}")
         return summary
     start = _checkpoint_epoch(run_dir / "checkpoints" / "last.pt")
     trial.set_user_attr("resumed_from_epoch", start)
@@ -252,15 +265,15 @@ def _release_signals(held: tuple[dict, list] | None) -> None:
         raise KeyboardInterrupt
 
 
-def _wait_for_run_dir(worker: Worker, run_dir: Path) -> None:
-    """Wait while another process holds the run directory: a worker that was thought dead, still
-    finishing the variant this trial was queued again for."""
-    from .rundir import _Lock
+def _wait_for_run_dir(worker: Worker, run_dir: Path) -> Any:
+    """Wait while another process holds the run directory (a worker that was thought dead, still
+    finishing the variant this trial was queued again for); return its lock, now held."""
+    from ..runs.writer import RunLock
 
     said = False
     while True:
         try:
-            lock = _Lock.take(run_dir)
+            lock = RunLock.take(run_dir)
         except RunDirError as exc:
             if "another run" not in exc.problem:  # rundir's words for a folder locked by a live process
                 raise
@@ -269,14 +282,17 @@ def _wait_for_run_dir(worker: Worker, run_dir: Path) -> None:
                 said = True
             time.sleep(max(1.0, min(worker.sweep.heartbeat, 5)))
             continue
-        if lock is not None:
-            lock.release()
-        return
+        return lock
 
 
-def _finished_run(run_dir: Path, spec: Any) -> dict[str, Any] | None:
-    """The summary of a finished run of `spec` in `run_dir`, or None when it holds none."""
+def _finished_run(run_dir: Path, spec: Any, say: Callable[..., None]
+                  ) -> tuple[dict[str, Any], list[str]] | None:
+    """The summary of a run of `spec` in `run_dir` whose training finished, and the final files
+    drawn now because its process was killed before drawing them (`train.final.complete_run`);
+    None when it holds no run whose training finished (it resumes from its checkpoint)."""
     import yaml
+
+    from ..train.final import complete_run
 
     summary, saved = run_dir / "summary.json", run_dir / "spec.yaml"
     if not summary.is_file():
@@ -286,7 +302,10 @@ def _finished_run(run_dir: Path, spec: Any) -> dict[str, Any] | None:
                           origin=Origin.path(run_dir), expected="the run of this variant, or no run",
                           hint="the sweep's runs belong to another definition: use another --out or sweep name")
     data = json.loads(summary.read_text(encoding="utf-8"))
-    return data if "final_val_acc" in data else None
+    if "final_val_acc" not in data:
+        return None
+    written = complete_run(run_dir, spec, say)
+    return None if written is None else (data, written)
 
 
 def _checkpoint_epoch(path: Path) -> int:
@@ -380,4 +399,4 @@ def _relay(proc: subprocess.Popen, prefix: str) -> None:
         sys.stdout.flush()
 
 
-__all__ = ["Worker", "work", "run_trial", "spawn", "variant_attrs"]
+__all__ = ["Worker", "work", "run_trial", "spawn", "storage_failed", "variant_attrs"]

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import Origin, SpecError, did_you_mean, format_path, quote_value
-from .source import Override, Source, parse_key_path, parse_yaml, read_spec_text
+from ..errors import Origin, SpecError, did_you_mean, quote_value
+from ..source import Override, Source, name_from_file, parse_key_path, parse_yaml, read_spec_text
+from ..spec_schema import check_schema, check_values, schema
 
 # summary.json figures a sweep can optimise, and which way
 OBJECTIVES: dict[str, str] = {
@@ -42,14 +43,10 @@ OBJECTIVES: dict[str, str] = {
     "best_val_map": "maximize",  # data.multi_label
     "final_val_map": "maximize",  # data.multi_label
 }
-SAMPLERS = ("grid", "random", "tpe")
+SAMPLERS = ("grid", "random", "tpe")  # schema.json's $defs/sweep: sampler (a test holds the two together)
 SEED_AXIS = ("seed",)  # an axis over the spec's seed repeats a variant: its label leaves the seed out
 MAX_VARIANTS = 10_000
 MAX_NAME = 200  # a variant's run directory name (file systems allow 255 bytes)
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")  # a run name (schema.json's `name`)
-_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]*$")  # no `_`: it joins the parts of a variant's name
-_TOP_KEYS = ("name", "spec", "set", "sweep")
-_SWEEP_KEYS = ("axes", "ranges", "sampler", "trials", "objective", "sampler_seed", "heartbeat")
 
 
 @dataclass(frozen=True)
@@ -162,8 +159,22 @@ def fingerprint(definition: Mapping[str, Any], base: Mapping[str, Any], override
 
 
 # --------------------------------------------------------------------------- loading
+SWEEP_ONLY_KEYS = ("spec", "sweep")  # top-level keys a sweep file has and a spec never does
+
+
+def is_sweep_file(path: str | Path) -> bool:
+    """Is this a sweep file rather than a spec (by its keys)? False for a file that cannot be
+    read or parsed: loading it as a spec says what is wrong."""
+    try:
+        data, _ = parse_yaml(read_spec_text(Path(path), "spec"), str(path))
+    except SpecError:
+        return False
+    return isinstance(data, dict) and "model" not in data and any(k in data for k in SWEEP_ONLY_KEYS)
+
+
 def load_sweep(path: str | Path) -> Sweep:
-    """Read and check a sweep file.
+    """Read and check a sweep file: its JSON Schema (schema.json's ``$defs/sweep_file``, worded
+    and located like a spec's), then the rules between its fields.
 
     Raises:
         SpecError: located at the file, line and key of the mistake (a variant's spec is checked
@@ -173,31 +184,12 @@ def load_sweep(path: str | Path) -> Sweep:
     file = str(path)
     data, marks = parse_yaml(read_spec_text(path, "sweep"), file)
     source = Source(file, marks)
-    if not isinstance(data, dict):
-        raise SpecError("a sweep file is a mapping", file=file, line=1, column=1,
-                        found="nothing" if data is None else type(data).__name__,
-                        expected="name, spec, set and sweep keys (see README: Ablation sweeps)")
-    _known_keys(data, (), _TOP_KEYS, source)
-    name = data.get("name", _default_name(path))
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise source.error(("name",), "a sweep's name names a folder and an Optuna study", found=quote_value(name),
-                           expected="letters, digits, '.', '_', '+', '-', starting with a letter or digit")
-    spec = _base_spec(data, source)
-    if not isinstance(data.get("sweep"), dict):
-        raise source.error(("sweep",) if "sweep" in data else (), "a sweep file needs a `sweep:` mapping"
-                           if "sweep" not in data else "`sweep` is a mapping", found=quote_value(data.get("sweep")),
-                           expected="sweep: {axes: {KEY.PATH: [values...]}, sampler: grid|random|tpe, ...}")
+    check_values(data, source, "sweep")
+    check_schema(data, source, "sweep")
     body = data["sweep"]
-    _known_keys(body, ("sweep",), _SWEEP_KEYS, source)
-    sampler = body.get("sampler", "grid")
-    if sampler not in SAMPLERS:
-        raise source.error(("sweep", "sampler"), "unknown sampler", found=quote_value(sampler),
-                           expected=" or ".join(SAMPLERS), hint=did_you_mean(str(sampler), SAMPLERS))
-    objective = body.get("objective", "best_val_acc")
-    if objective not in OBJECTIVES:
-        raise source.error(("sweep", "objective"), "unknown objective", found=quote_value(objective),
-                           expected="a summary.json figure: " + ", ".join(OBJECTIVES),
-                           hint=did_you_mean(str(objective), OBJECTIVES))
+    name = data.get("name", name_from_file(path, "sweep"))
+    spec = _base_spec(data, source)
+    sampler, objective = body.get("sampler", _default("sampler")), body.get("objective", _default("objective"))
     axes = _axes(body, source)
     ranges = _ranges(body, source, sampler)
     seen = {a.path: a.key for a in axes}
@@ -215,40 +207,22 @@ def load_sweep(path: str | Path) -> Sweep:
                            found="long values or key paths", expected=f"names of at most {MAX_NAME} characters",
                            hint="label the values: KEY.PATH: {short-label: value, ...}")
     heartbeat, grace = _heartbeat(body, source)
-    seed = body.get("sampler_seed", 0)
-    if not _is_int(seed) or seed < 0:
-        raise source.error(("sweep", "sampler_seed"), "the sampler's seed is a whole number", found=quote_value(seed),
-                           expected="an integer >= 0")
     sweep_set = tuple(Override(p, v, source.origin(("set", k))) for k, p, v in _key_paths(data.get("set"), ("set",), source))
     return Sweep(name=name, file=file, spec=spec, set=sweep_set, axes=axes, ranges=ranges, sampler=sampler,
-                 trials=trials, objective=objective, sampler_seed=seed, heartbeat=heartbeat, grace=grace, source=source)
+                 trials=trials, objective=objective, sampler_seed=body.get("sampler_seed", _default("sampler_seed")),
+                 heartbeat=heartbeat, grace=grace, source=source)
 
 
-def _default_name(path: Path) -> str:
-    return re.sub(r"[^A-Za-z0-9._+-]", "-", path.stem).lstrip(".-_+") or "sweep"
+def _default(key: str, section: str = "sweep") -> Any:
+    return schema("sweep")["$defs"][section]["properties"][key]["default"]
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
-
-
-def _known_keys(mapping: dict, at: tuple, known: Sequence[str], source: Source) -> None:
-    for key in mapping:
-        if key not in known:
-            raise source.error(at + (key,), f"unknown key {key!r}", found=key, expected=", ".join(known),
-                               hint=did_you_mean(key, known))
-
-
 def _base_spec(data: dict, source: Source) -> Path:
-    value = data.get("spec")
-    if not isinstance(value, str) or not value.strip():
-        raise source.error(("spec",) if "spec" in data else (), "a sweep names its base spec" if "spec" not in data
-                           else "`spec` is a path", found=quote_value(value) if "spec" in data else "no `spec:`",
-                           expected="spec: path/to/base.yaml (relative to the sweep file)")
+    value = data["spec"]
     path = Path(source.file).parent / value  # as written, relative to where the command runs
     if not path.is_file():
         hint = did_you_mean(Path(value).name, [p.name for p in path.parent.iterdir()
@@ -260,11 +234,8 @@ def _base_spec(data: dict, source: Source) -> Path:
 
 def _key_paths(mapping: Any, at: tuple, source: Source) -> list[tuple[str, tuple, Any]]:
     """(key as normalised, key path, value) for each entry of a `KEY.PATH: value` mapping."""
-    if mapping is None:
+    if mapping is None:  # the schema says what each is; an absent one is empty
         return []
-    if not isinstance(mapping, dict):
-        raise source.error(at, f"`{format_path(at)}` is a mapping of key paths", found=quote_value(mapping),
-                           expected="KEY.PATH: value, e.g. train.epochs: 3")
     out, seen = [], {}
     for key, value in mapping.items():
         path = parse_key_path(key)
@@ -297,15 +268,11 @@ def _axes(body: dict, source: Source) -> tuple[Axis, ...]:
     for (key, path, values), short in zip(entries, shorts):
         at = ("sweep", "axes", key)
         dotted = ".".join(map(str, path))
-        if isinstance(values, dict):
+        if isinstance(values, dict):  # the schema: labels of letters, digits, '.', '+', '-'; at least one
             labels = [str(k) for k in values]
             items = list(values.values())
             origins = [source.origin(at + (k,)) for k in values]
-            for label in labels:
-                if not _LABEL.match(label):
-                    raise source.error(at + (label,), "a label is part of a run directory's name", found=repr(label),
-                                       expected="letters, digits, '.', '+', '-' (no '_', which joins the parts)")
-        elif isinstance(values, list):
+        else:  # a list (the schema: of at least one value)
             items = values
             labels = [_auto_label(v) for v in values]
             origins = [source.origin(at + (i,)) for i in range(len(values))]
@@ -317,11 +284,6 @@ def _axes(body: dict, source: Source) -> tuple[Axis, ...]:
                 raise source.error(at + (i,), problem, found=quote_value(values[i]),
                                    expected="a label for each value: write the axis as a mapping, e.g. "
                                             f"{key}: {{first: ..., second: ...}}")
-        else:
-            raise source.error(at, "an axis lists the values to try", found=quote_value(values),
-                               expected=f"a list ({key}: [a, b]) or a mapping of labels ({key}: {{a: ..., b: ...}})")
-        if not items:
-            raise source.error(at, "an axis without values", found="[]", expected="at least one value")
         axes.append(Axis(key=dotted, path=path, short=short if shorts.count(short) == 1 else dotted,
                          labels=tuple(labels), values=tuple(items), origins=tuple(origins)))
     return tuple(axes)
@@ -333,26 +295,16 @@ def _ranges(body: dict, source: Source, sampler: str) -> tuple[Range, ...]:
         raise source.error(("sweep", "ranges"), "a grid cannot draw from ranges", found="sampler: grid",
                            expected="sampler: random or tpe, or list the values as an axis")
     out = []
-    for key, path, spec in entries:
+    for key, path, spec in entries:  # the schema: numbers low and high, log true or false, step > 0
         at = ("sweep", "ranges", key)
-        if not isinstance(spec, dict):
-            raise source.error(at, "a range is a mapping", found=quote_value(spec),
-                               expected="{low: 1.0e-4, high: 1.0e-2, log: true} (step: optional)")
-        _known_keys(spec, at, ("low", "high", "log", "step"), source)
-        low, high, log, step = spec.get("low"), spec.get("high"), spec.get("log", False), spec.get("step")
-        for word, value in (("low", low), ("high", high)):
-            if not _is_number(value):
-                raise source.error(at + (word,) if word in spec else at, f"a range needs a number `{word}`",
-                                   found=quote_value(value), expected="a number")
+        low, high, log, step = spec["low"], spec["high"], spec.get("log", _default("log", "sweep_range")), spec.get("step")
         if not low < high:
             raise source.error(at + ("high",), "a range's high must be above its low", found=f"low {low}, high {high}",
                                expected=f"a number above {low}")
-        if not isinstance(log, bool):
-            raise source.error(at + ("log",), "`log` is true or false", found=quote_value(log), expected="true or false")
         if log and low <= 0:
             raise source.error(at + ("low",), "a log range starts above zero", found=str(low), expected="low > 0")
-        if step is not None and (not _is_number(step) or step <= 0 or log):
-            raise source.error(at + ("step",), "a step is a positive number, on a range without log",
+        if step is not None and log:
+            raise source.error(at + ("step",), "a step is for a range without log",
                                found=quote_value(step), expected="step > 0 and log: false")
         integer = _is_int(low) and _is_int(high) and (step is None or _is_int(step))
         out.append(Range(key=".".join(map(str, path)), path=path, low=low, high=high, log=log, step=step,
@@ -373,25 +325,18 @@ def _trials(body: dict, source: Source, sampler: str, axes: Sequence[Axis]) -> i
             raise source.error(("sweep", "axes"), f"the grid has {size:,} variants", found=f"{size:,} combinations",
                                expected=f"at most {MAX_VARIANTS:,}", hint="use sampler: random or tpe with a trial budget")
         return size
-    if not _is_int(trials) or not 1 <= trials <= MAX_VARIANTS:
-        raise source.error(("sweep", "trials") if "trials" in body else ("sweep",),
+    if trials is None:  # the schema: an integer from 1 to MAX_VARIANTS, when given
+        raise source.error(("sweep",),
                            f"sampler {sampler} needs a trial budget", found=quote_value(trials),
                            expected=f"trials: an integer from 1 to {MAX_VARIANTS:,}")
     return trials
 
 
 def _heartbeat(body: dict, source: Source) -> tuple[int, int]:
-    value = body.get("heartbeat", {})
+    value = body.get("heartbeat", {})  # the schema: whole numbers of seconds
     at = ("sweep", "heartbeat")
-    if not isinstance(value, dict):
-        raise source.error(at, "`heartbeat` is a mapping", found=quote_value(value), expected="{interval: 20, grace: 60}")
-    _known_keys(value, at, ("interval", "grace"), source)
-    interval = value.get("interval", 20)
-    grace = value.get("grace", 3 * interval if _is_int(interval) else None)
-    for word, number in (("interval", interval), ("grace", grace)):
-        if not _is_int(number) or number < 1:
-            raise source.error(at + (word,), f"the heartbeat's {word} is a whole number of seconds",
-                               found=quote_value(number), expected="an integer >= 1")
+    interval = value.get("interval", _default("interval", "sweep_heartbeat"))
+    grace = value.get("grace", 3 * interval)
     if grace <= interval:
         raise source.error(at + ("grace",), "the grace period must outlast the heartbeat interval",
                            found=f"interval {interval}, grace {grace}", expected=f"grace > {interval} (e.g. {3 * interval})",
@@ -399,4 +344,4 @@ def _heartbeat(body: dict, source: Source) -> tuple[int, int]:
     return interval, grace
 
 
-__all__ = ["Sweep", "Axis", "Range", "Variant", "OBJECTIVES", "SAMPLERS", "load_sweep", "fingerprint"]
+__all__ = ["Sweep", "Axis", "Range", "Variant", "OBJECTIVES", "SAMPLERS", "load_sweep", "is_sweep_file", "fingerprint"]

@@ -1,0 +1,293 @@
+"""`surgery sweep`: every variant of a sweep file trained as an ordinary run directory, with an
+Optuna study deciding which worker trains which variant.
+
+    surgery sweep SWEEP.yaml [--workers N] [--storage URL]
+      load_sweep           the sweep file, located errors (file.py)
+      check_variants       every variant's spec loaded and built before anything trains
+      open_study           the study (study.py): created once, every grid point (or random/tpe trial) queued once
+      work / spawn         N workers take queued trials until none is left; each trains
+                           runs/<sweep>/<variant>/ (worker.py)
+      report               sweep.json and a per-trial list
+      write_comparison     the finished variants compared (surgery.compare: mean ± std over seeds,
+                           best first): comparison.md, .json and .html
+
+The study and its storage: study.py; the workers: worker.py; the sweep file: file.py.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from ..errors import Origin, RunDirError, SpecError, UsageError
+from .file import Sweep, Variant, fingerprint, load_sweep
+from .study import LOCK_TIMEOUT, default_storage, open_storage, open_study, shown_url, trial_counts
+from .worker import Worker, spawn, storage_failed, work
+
+
+# --------------------------------------------------------------------------- checking the variants
+def check_variants(sweep: Sweep, overrides: Sequence[str], runs_root: Path, warn: Callable[[str], None]) -> list[Variant]:
+    """Load and build every variant's spec (grid), or every axis value and range end on its own
+    (random, tpe), so a value the spec or the model refuses stops the sweep before it trains.
+
+    Returns:
+        The grid's variants (empty for random and tpe).
+
+    Raises:
+        SpecError: located at the sweep file's line that gave the value, and naming the variant.
+    """
+    from ..spec import load_spec
+    from ..validation import validate
+
+    if sweep.sampler == "grid":
+        variants = probes = sweep.grid()
+    else:
+        variants, probes = [], _probe_variants(sweep)
+    built: set[str] = set()
+    shown: set[str] = set()
+
+    def once(text: str) -> None:
+        if text not in shown:
+            shown.add(text)
+            warn(text)
+    for variant in probes:
+        try:
+            every = [*sweep.set, *overrides, *variant.overrides]
+            spec = load_spec(sweep.spec, every)
+            _check_objective(sweep, spec)
+            key = json.dumps({k: v for k, v in spec.raw.items() if k not in ("name", "seed")}, sort_keys=True, default=str)
+            if key not in built:  # variants that differ only in their seed build the same model
+                built.add(key)
+                validate(sweep.spec, overrides=every, warn=once, runs_root=runs_root)  # what `surgery validate` runs
+        except SpecError as err:
+            raise SpecError(f"variant {variant.name}: {err.problem}", path=err.key_path, origin=err.origin,
+                            found=err.found, expected=err.expected, hint=err.hint) from None
+    return variants
+
+
+def _probe_variants(sweep: Sweep) -> list[Variant]:
+    first = {a.key: a.labels[0] for a in sweep.axes} | {r.key: r.low for r in sweep.ranges}
+    probes = [sweep.variant(first, "check-base")]
+    for axis in sweep.axes:
+        probes += [sweep.variant(first | {axis.key: label}, f"check-{axis.short}-{label}") for label in axis.labels[1:]]
+    for r in sweep.ranges:
+        probes.append(sweep.variant(first | {r.key: r.high}, f"check-{r.key}-high"))
+    return probes
+
+
+def _check_objective(sweep: Sweep, spec: Any) -> None:
+    if sweep.objective.endswith("_map") and not spec.data.multi_label:
+        raise sweep.source.error(("sweep", "objective"), f"{sweep.objective} is a multi-label figure",
+                                 found=f"objective: {sweep.objective} with data.multi_label: false",
+                                 expected="best_val_acc, final_val_acc, final_val_loss or val_macro_f1")
+
+
+# --------------------------------------------------------------------------- the report
+def report(sweep: Sweep, study: Any, folder: Path, storage_url: str) -> dict[str, Any]:
+    """sweep.json: the study, what it varied, and per variant its label, params, run directory,
+    state, objective value and seed (the comparison table is built from it and the run directories).
+
+    A variant's state is its best trial's: COMPLETE, else RUNNING, WAITING, then FAIL (a variant
+    whose worker died has a FAIL trial and, once resumed, a COMPLETE one).
+    """
+    from ..files import write_json
+
+    trials: dict[str, list[Any]] = {}
+    pending = 0
+    for t in study.get_trials(deepcopy=False):
+        if "variant" in t.user_attrs:
+            trials.setdefault(t.user_attrs["variant"], []).append(t)
+        else:  # a random/tpe trial no worker has drawn yet
+            pending += 1
+    order = ("COMPLETE", "RUNNING", "WAITING", "FAIL", "PRUNED")
+    variants = []
+    for name, ts in trials.items():
+        best = min(ts, key=lambda t: (order.index(t.state.name), -t.number))
+        row = {"variant": name, "label": best.user_attrs.get("label", name),
+               "params": _values(sweep, best.params or ts[0].params), "seed": best.user_attrs.get("seed"),
+               "run_dir": str(folder / name), "state": best.state.name, "value": best.value,
+               "trials": [t.number for t in ts]}
+        if best.state.name == "FAIL" and "error" in best.user_attrs:
+            row["error"] = best.user_attrs["error"]
+        variants.append(row)
+    data = {"name": sweep.name, "sweep_file": sweep.file, "study": sweep.name, "storage": shown_url(storage_url),
+            **{k: v for k, v in sweep.definition().items() if k != "name"},
+            "counts": trial_counts(study), "pending_trials": pending, "variants": variants}
+    write_json(folder / "sweep.json", data)
+    return data
+
+
+def write_comparison(folder: Path, data: Mapping[str, Any]) -> list[Any]:
+    """The variants that finished, compared (`surgery.compare`: mean ± std over the seeds of each
+    label, best first) into comparison.md, comparison.json and comparison.html in the sweep's
+    folder; return the variants compared (empty when none has finished yet)."""
+    from ..compare import aggregate, collect, to_json, to_markdown, write_html
+    from ..files import write_text
+
+    done = {v["run_dir"]: v["label"] for v in data["variants"] if v["state"] == "COMPLETE"}
+    rows = collect(list(done), skip_unfinished=True)
+    if not rows:
+        return []
+    variants = aggregate(rows, labels=done)
+    write_text(folder / "comparison.md", to_markdown(variants))
+    write_text(folder / "comparison.json", to_json(variants))
+    write_html(folder / "comparison.html", variants)
+    return variants
+
+
+def _values(sweep: Sweep, params: dict[str, Any]) -> dict[str, Any]:
+    """Optuna params (axis labels, drawn numbers) as the values the spec got."""
+    out = {}
+    for axis in sweep.axes:
+        if axis.key in params:
+            out[axis.key] = axis.choice(params[axis.key])[0]
+    for r in sweep.ranges:
+        if r.key in params:
+            out[r.key] = params[r.key]
+    return out
+
+
+def trial_lines(sweep: Sweep, study: Any, folder: Path) -> list[str]:
+    """One plain line per trial: number, state, objective value, variant, run directory or error."""
+    lines = [f"{'trial':>5}  {'state':<8}  {sweep.objective:>{len(sweep.objective)}}  variant / run directory"]
+    for t in study.get_trials(deepcopy=False):
+        name = t.user_attrs.get("variant", "(not yet drawn)")
+        value = f"{t.value:.4f}" if t.value is not None else "-"
+        note = t.user_attrs.get("error")
+        if note is None and "failed_trial" in t.system_attrs:
+            note = f"retry of trial {t.system_attrs['failed_trial']}"
+        if t.state.name == "FAIL" and note is None:
+            note = "its worker stopped sending heartbeats"
+        where = str(folder / name) if name != "(not yet drawn)" else name
+        extra = f"  [{note.splitlines()[0]}]" if note else ""
+        if t.state.name == "COMPLETE" and t.user_attrs.get("resumed_from_epoch"):
+            extra += f"  [resumed after epoch {t.user_attrs['resumed_from_epoch']}]"
+        lines.append(f"{t.number:>5}  {t.state.name:<8}  {value:>{len(sweep.objective)}}  {where}{extra}")
+    return lines
+
+
+# --------------------------------------------------------------------------- the command
+def sweep_command(path: str, *, workers: int = 1, storage: str | None = None, out: str | None = None,
+                  device: str | None = None, overrides: Sequence[str] = (), worker: bool = False,
+                  lock_timeout: float = LOCK_TIMEOUT, console: Any = None,
+                  warn: Callable[[str], None] | None = None) -> int:
+    """`surgery sweep`: check every variant, open (or create and fill) the study, train with
+    `workers` processes, write sweep.json and list the trials.
+
+    Args:
+        lock_timeout: seconds to wait for an SQLite study that another process holds locked
+            (said on stderr while waiting), before giving up with exit code 1.
+
+    Returns:
+        0 when every variant is trained; 1 when one failed or is left unfinished; 130 when interrupted.
+
+    Raises:
+        UserError: a mistake in the sweep file, a variant's spec, the flags or the storage.
+    """
+    from ..untrusted import Console
+
+    console = console or Console(highlight=False, soft_wrap=True)
+
+    def say(text: str) -> None:
+        console.print(text, markup=False, highlight=False, soft_wrap=True)
+    if workers < 1:
+        raise UsageError("--workers is a number of processes", origin=Origin.flag("--workers", workers),
+                         found=str(workers), expected="1 or more")
+    if not lock_timeout > 0:
+        raise UsageError("--lock-timeout is a number of seconds", origin=Origin.flag("--lock-timeout", lock_timeout),
+                         found=str(lock_timeout), expected="a number above 0")
+    sweep = load_sweep(path)
+    folder = Path(out) if out else Path("runs") / sweep.name
+    runs_root = folder.parent
+    url = storage or default_storage(folder)
+    argv = ["sweep", path, "--out", str(folder), *(["--storage", storage] if storage else []),
+            *(["--device", device] if device else []),
+            *(["--lock-timeout", f"{lock_timeout:g}"] if lock_timeout != LOCK_TIMEOUT else []),
+            *[a for o in overrides for a in ("--set", o)]]
+    shown = [shown_url(a) if a == storage else a for a in argv]  # no password in messages
+    hint = shlex.join(["surgery", *shown, *(["--workers", str(workers)] if workers > 1 else [])])
+    from ..spec import load_spec
+
+    base = load_spec(sweep.spec, [*sweep.set, *overrides]).raw
+    digest = fingerprint(sweep.definition(), base, overrides)
+    checked = None
+    if not worker and storage is None and not (folder / "study.db").exists():
+        checked = check_variants(sweep, overrides, runs_root, warn or say)  # a mistake leaves no folder behind
+    try:
+        folder.mkdir(parents=True, exist_ok=True)  # the study's SQLite file, the runs and sweep.json
+    except OSError as exc:
+        raise RunDirError(f"cannot make the sweep's folder {folder}: {exc.strerror or exc}",
+                          origin=Origin.path(folder)) from None
+    store = open_storage(url, sweep.heartbeat, sweep.grace, flag=storage is not None, lock_timeout=lock_timeout,
+                         note=_stderr_note)
+    shown_storage = shown_url(url)
+    with _storage_errors(url):  # the database went away, or stayed locked past --lock-timeout
+        if worker:
+            study = open_study(sweep, store, digest, say)
+            if study is None:
+                raise UsageError(f"there is no study {sweep.name!r} to work on",
+                                 origin=Origin.flag("--storage", shown_storage),
+                                 expected="a study made by `surgery sweep` without --worker")
+            return work(Worker(sweep, study, folder, runs_root, tuple(overrides), device, console, hint, shown_storage))
+        study = open_study(sweep, store, digest, say, lambda: checked if checked is not None
+                           else check_variants(sweep, overrides, runs_root, warn or say))
+        counts = trial_counts(study)
+        left = counts["waiting"] + counts["running"]
+        say(f"sweep {sweep.name}: {sweep.trials} variants ({sweep.sampler}), {counts['complete']} done, "
+            f"{left} to go; study {sweep.name!r} in {shown_storage}")
+        code, interrupted = 0, False
+        if left:
+            n = min(workers, left)
+            if n == 1:
+                code = work(Worker(sweep, study, folder, runs_root, tuple(overrides), device, console, hint,
+                                   shown_storage))
+                interrupted = code == 130
+            else:
+                codes, interrupted = spawn(n, [*argv, "--worker"], device or base.get("train", {}).get("device"), say)
+                for i, c in enumerate(codes):
+                    if c not in (0, 130):
+                        say(f"worker w{i + 1} ended with " + (f"signal {-c}" if c < 0 else f"exit code {c}"))
+        data = report(sweep, study, folder, url)
+        for line in trial_lines(sweep, study, folder):
+            say(line)
+        say(f"wrote {folder / 'sweep.json'}")
+        variants = write_comparison(folder, data)
+        if variants:
+            from ..compare import to_markdown, to_table
+
+            # a table drawn for the terminal; piped or logged, the Markdown (a fixed 80-column table wraps every cell)
+            if console.is_terminal:
+                console.print(to_table(variants))
+            else:
+                say(to_markdown(variants).rstrip("\n"))
+            say(f"wrote {folder / 'comparison.md'}, comparison.json and comparison.html")
+        states = [v["state"] for v in data["variants"]]
+        if interrupted:
+            say(f"interrupted: rerun the same command to continue ({hint})")
+            return 130
+        unfinished = sum(s in ("RUNNING", "WAITING") for s in states) + data["pending_trials"]
+        if unfinished:
+            say(f"{unfinished} variants are unfinished: rerun the same command to continue ({hint})")
+        return 1 if unfinished or any(s == "FAIL" for s in states) or code else 0
+
+
+
+@contextlib.contextmanager
+def _storage_errors(url: str) -> Any:
+    from optuna.exceptions import StorageInternalError
+
+    try:
+        yield
+    except StorageInternalError as exc:
+        raise storage_failed(exc, shown_url(url)) from None
+
+
+def _stderr_note(text: str) -> None:
+    from ..untrusted import Console
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(text, markup=False)
+
+
+__all__ = ["sweep_command", "check_variants", "report", "write_comparison", "trial_lines"]

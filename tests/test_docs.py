@@ -82,7 +82,7 @@ def _merge(base: dict, top: dict) -> dict:
 
 
 def _check_sweep(path: Path) -> None:
-    from surgery.sweep_file import load_sweep
+    from surgery.sweep import load_sweep
 
     sweep = load_sweep(path)
     variants = sweep.grid() if sweep.sampler == "grid" else []

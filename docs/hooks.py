@@ -92,7 +92,8 @@ def _allowed(node: Any, root: dict) -> str:
 
 
 def _objects(node: dict, root: dict) -> list[tuple[str, dict]]:
-    """The mappings with named keys a value may be: ('', the mapping) or ('[]', an item's)."""
+    """The mappings with named keys a value may be: ("", the mapping), ("[]", an item's) or
+    (".<KEY>", the value of a key you name)."""
     node = _resolve(node, root)
     found: list[tuple[str, dict]] = []
     if "properties" in node:
@@ -101,6 +102,9 @@ def _objects(node: dict, root: dict) -> list[tuple[str, dict]]:
         item = _resolve(node["items"], root)
         if "properties" in item:
             found.append(("[]", item))
+    extra = node.get("additionalProperties")
+    if isinstance(extra, dict) and "properties" in _resolve(extra, root):  # a mapping of names you choose
+        found.append((".<KEY>", _resolve(extra, root)))
     for key in ("oneOf", "anyOf"):
         for alt in node.get(key, []):
             found += _objects(alt, root)
@@ -118,12 +122,18 @@ def _cell(text: str) -> str:
 
 
 def _description(node: Any, root: dict, depth: int = 0) -> str:
-    """A key's own description followed by those of the alternatives it allows (an unfreeze
-    rule's, a selector's), each once."""
+    """A key's own description followed by those of what it allows, each once: the definition it
+    refers to, its alternatives (an unfreeze rule's, a selector's), the values and names of a
+    mapping whose keys you choose (a sweep axis, its labels)."""
+    raw = node if isinstance(node, dict) else {}
     node = _resolve(node, root)
     found = [node.get("description", "")]
+    if "$ref" in raw:
+        found.append(_resolve({"$ref": raw["$ref"]}, root).get("description", ""))
     if depth < 4:
-        found += [_description(alt, root, depth + 1) for key in ("oneOf", "anyOf") for alt in node.get(key, [])]
+        below = [alt for key in ("oneOf", "anyOf") for alt in node.get(key, [])]
+        below += [node[key] for key in ("additionalProperties", "propertyNames") if isinstance(node.get(key), dict)]
+        found += [_description(sub, root, depth + 1) for sub in below]
     return " ".join(dict.fromkeys(d for d in found if d))
 
 
@@ -168,6 +178,11 @@ def render_reference(schema: dict) -> str:
         below = rows(top[key], schema, key)
         if below:
             out += [_table(below), ""]
+    sweep = schema.get("$defs", {}).get("sweep_file")
+    if sweep:  # the other file `surgery validate` takes (`surgery schema --sweep` prints its schema)
+        out += ["## Sweep files", "", _cell(sweep.get("description", "")), "",
+                "A sweep file's keys (see [Sweeps](../sweeps.md)); `spec` and `set` hold spec keys, as above.", "",
+                _table(rows(sweep, schema, "")), ""]
     return "\n".join(out)
 
 

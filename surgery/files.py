@@ -23,9 +23,25 @@ def _describe_mode(mode: int) -> str:
     return next((word for test, word in _KINDS if test(mode)), "not a regular file")
 
 
+LONG_PATH = "a path longer than the system allows"
+NUL_PATH = "a path with a NUL character"
+PATH_PROBLEMS = (LONG_PATH, NUL_PATH)  # the path itself is unusable, whatever is or is not on disk
+
+
+def problem(what: str, why: str, not_a_file: str | None = None) -> str:
+    """The first line of an error about a file `not_regular` refused: 'the base file does not exist',
+    'the base path cannot be used: a path longer than the system allows', else `not_a_file`
+    ('the base is not a file'; the default names `why`: 'the base is a named pipe')."""
+    if why == "no such file":
+        return f"the {what} file does not exist"
+    if why in PATH_PROBLEMS:
+        return f"the {what} path cannot be used: {why}"
+    return not_a_file or f"the {what} is {why}"
+
+
 def _describe_os_error(exc: OSError) -> str:
     if exc.errno == errno.ENAMETOOLONG:
-        return "a path longer than the system allows"
+        return LONG_PATH
     if exc.errno in (errno.ENOENT, errno.ENOTDIR):
         return "no such file"
     if exc.errno == errno.ELOOP:
@@ -44,7 +60,7 @@ def not_regular(path: str | os.PathLike) -> str | None:
     try:
         mode = os.stat(path).st_mode
     except ValueError:  # os.stat refuses a NUL byte before asking the system
-        return "a path with a NUL character"
+        return NUL_PATH
     except OSError as exc:
         return _describe_os_error(exc)
     return None if stat.S_ISREG(mode) else _describe_mode(mode)
@@ -65,7 +81,7 @@ def open_regular(path: str | os.PathLike) -> BinaryIO:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except ValueError:
-        raise NotRegularFile(path, "a path with a NUL character") from None
+        raise NotRegularFile(path, NUL_PATH) from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -89,4 +105,4 @@ def shown_path(path: str | os.PathLike) -> str:
     return os.path.normpath(str(Path(path)))
 
 
-__all__ = ["not_regular", "open_regular", "read_regular", "NotRegularFile", "shown_path"]
+__all__ = ["problem", "PATH_PROBLEMS", "LONG_PATH", "NUL_PATH", "not_regular", "open_regular", "read_regular", "NotRegularFile", "shown_path"]

@@ -268,3 +268,18 @@ def test_inspect_piped_to_a_file_keeps_every_line_whole(tmp_path):
     deep = [line for line in proc.stdout.splitlines() if "StochasticDepth" in line]
     assert deep and all(line.rstrip().endswith("]") for line in deep)
     assert max(len(line) for line in proc.stdout.splitlines()) > 60
+
+
+def test_inspect_before_the_source_run_names_the_spec_that_makes_it(tmp_path: Path, monkeypatch, capsys) -> None:
+    model = "model: {backbone: 'timm:resnet10t', num_classes: 2, pretrained: %s}\n"
+    (tmp_path / "maker.yaml").write_text("name: source-run\n" + model % "false")
+    (tmp_path / "child.yaml").write_text(model % "'run:source-run'")
+    (tmp_path / "orphan.yaml").write_text(model % "'run:nobody'")
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", "child.yaml"]) == EXIT_SPEC_ERROR
+    err = capsys.readouterr().err
+    assert "child.yaml:1:53: model.pretrained: the run 'source-run' has not been trained yet" in err
+    assert "run maker.yaml first: surgery run maker.yaml" in err
+    assert main(["inspect", "orphan.yaml"]) == EXIT_SPEC_ERROR
+    err = capsys.readouterr().err
+    assert "run:nobody is the model.safetensors of an earlier run named 'nobody'" in err and "surgery run SPEC" in err

@@ -279,3 +279,11 @@ def test_report_to_dict_counts_every_list() -> None:
     assert out["counts"] == {"loaded": 2, "reinitialised": 1, "new": 1, "random": 0, "unused": 0, "mapped": 1,
                              "defaulted": 0, "kept": 0, "adapted": 0, "dropped": 0}
     assert out["loaded"] == ["a", "b"]
+
+
+def test_a_weight_file_that_is_a_named_pipe_is_refused_not_read(tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "weights.pth")  # torch.load would wait for a writer forever
+    err = load_error(tmp_path / "weights.pth")
+    assert err.problem == "the weight path is not a file" and err.found.endswith("weights.pth (a named pipe)")

@@ -553,3 +553,12 @@ def test_a_big_csv_with_a_subset_touches_only_the_rows_kept(tmp_path: Path, monk
     assert (len(data.train), len(data.val)) == (40, 20)
     assert 0 < sum(calls.values()) <= 10 * 60, calls  # bounded by the 60 rows kept, not the 100,000 listed
     assert "checking the image files of csv: 60 of 60" in capsys.readouterr().err
+
+
+def test_a_csv_data_root_that_is_a_named_pipe_is_refused_not_read(tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "labels.csv")
+    with pytest.raises(SpecError, match="labels.csv is a named pipe") as info:
+        build_data(_csv_spec(tmp_path / "labels.csv"), {})
+    assert info.value.path == "data.root"

@@ -562,3 +562,11 @@ def test_a_csv_data_root_that_is_a_named_pipe_is_refused_not_read(tmp_path: Path
     with pytest.raises(SpecError, match="labels.csv is a named pipe") as info:
         build_data(_csv_spec(tmp_path / "labels.csv"), {})
     assert info.value.path == "data.root"
+
+
+def test_a_file_name_with_a_control_character_is_escaped_in_the_warning(tmp_path: Path, caplog) -> None:
+    rows = _shots(tmp_path)
+    (tmp_path / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\nimg/\x1b[2Jgone.png,cat\n")
+    build_data(_csv_spec(tmp_path / "labels.csv", val_split=0.25), {})
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "img/\\x1b[2Jgone.png (labels.csv:10): no such file" in said and "\x1b" not in said

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
+from ..errors import printable
 from ..files import NotRegularFile, open_regular
 from ..spec import Spec
 from .sources import UNREADABLE, FileSource, Pool
@@ -87,7 +88,7 @@ def check_files(spec: Spec, pools: Mapping[str, Pool | None]) -> tuple[dict[str,
     if reason:
         shown = ", ".join(f"{source.where(i)}: {why}" for i, why in list(reason.items())[:_SHOWN])
         log.warning("skipping %d unreadable, missing or non-regular image file(s) of %s, e.g. %s", len(reason),
-                    spec.data.root or spec.data.name, shown)
+                    printable(spec.data.root or spec.data.name), printable(shown))
     before = {name: set(source.targets[p.indices].tolist()) for name, p in files.items()}
     for name, p in files.items():
         out[name] = Pool(source, np.array([i for i in p.indices if int(i) not in reason], dtype=np.int64))
@@ -124,7 +125,7 @@ def _check_duplicates(spec: Spec, source: FileSource, pools: Mapping[str, Pool],
                               else "remove the copies or links between the split folders")
     if twice:
         log.warning("%d image(s) are listed more than once in one split (compared by resolved path), e.g. %s",
-                    len(twice), "; ".join(listed(p) for p in twice[:_SHOWN]))
+                    len(twice), printable("; ".join(listed(p) for p in twice[:_SHOWN])))
 
 
 __all__ = ["check_files", "probe", "PROGRESS_EVERY"]

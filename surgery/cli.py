@@ -409,7 +409,9 @@ def print_warnings(spec: Any) -> None:
 def _warn(text: str) -> None:
     from rich.markup import escape
 
-    _console(stderr=True).print(f"[yellow]warning[/yellow] {escape(text)}", soft_wrap=True)
+    from .errors import printable  # a warning quotes user values too
+
+    _console(stderr=True).print(f"[yellow]warning[/yellow] {escape(printable(text))}", soft_wrap=True)
 
 
 def _print_error(err: UserError) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 from .errors import Origin, UsageError
 from .runs import layout, open_run
-from .untrusted import printable
+from .errors import printable
 
 _SEPARATORS = "-_."
 
@@ -339,7 +339,7 @@ def to_markdown(variants: Sequence[VariantRow]) -> str:
     head = _headers(variants)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for v in variants:
-        cells = [printable(c).replace("|", "\\|") for c in _cells(v)]  # written raw: no terminal escapes
+        cells = [printable(c, newlines=False).replace("|", "\\|") for c in _cells(v)]  # written raw: no terminal escapes
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -37,9 +37,23 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str | None:
     return "did you mean " + " or ".join(repr(m) for m in matches) + "?" if matches else None
 
 
+def printable(text: Any, *, newlines: bool = True) -> str:
+    """`text` with every control or invisible formatting character escaped (a NUL as ``\\x00``, a
+    tab as ``\\t``, an ANSI escape as ``\\x1b``, a right-to-left override as ``\\u202e``): a user
+    value quoted in a message, a table or a page can neither hide itself nor drive the terminal.
+
+    Args:
+        newlines: keep line breaks (a multi-line message); False escapes them too (a table cell).
+    """
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if (newlines and c == "\n") or c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def shorten(text: Any, limit: int = 160) -> str:
     """One line of at most `limit` characters (messages quote library errors and user values)."""
-    lines = str(text).strip().splitlines() or [""]
+    lines = printable(text).strip().splitlines() or [""]
     line = lines[0] + (" ..." if len(lines) > 1 else "")
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
@@ -48,7 +62,7 @@ def quote_value(value: Any, limit: int = 80) -> str:
     """A spec value as a user wrote it (JSON-like; strings quoted), cut to `limit` characters."""
     import json
 
-    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    text = json.dumps(value, default=str) if not isinstance(value, str) else printable(repr(value))
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -142,13 +156,15 @@ class UserError(ValueError):
         return f"{self.location}: {self.problem}"
 
     def __str__(self) -> str:
-        lines = [self._head()]
+        # every message is printed through here: user values in it (a path with a NUL, a name with
+        # an ANSI escape) are escaped once, whichever check quoted them
+        lines = [printable(self._head())]
         if self.found is not None:
-            lines.append(f"  found:    {self.found}")
+            lines.append(f"  found:    {printable(self.found)}")
         if self.expected is not None:
-            lines.append(f"  expected: {self.expected}")
+            lines.append(f"  expected: {printable(self.expected)}")
         if self.hint:
-            lines.append(f"  hint:     {self.hint}")
+            lines.append(f"  hint:     {printable(self.hint)}")
         return "\n".join(lines)
 
     def __reduce__(self):  # keep the keyword-only fields through pickling (multiprocessing, DDP)
@@ -227,4 +243,4 @@ class RunDirError(UserError):
 
 
 __all__ = ["UserError", "SpecError", "UsageError", "RunDirError", "Origin", "format_path", "close_matches",
-           "did_you_mean", "shorten", "quote_value", "describe_exception"]
+           "did_you_mean", "shorten", "quote_value", "describe_exception", "printable"]

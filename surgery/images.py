@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence, T
 from PIL import Image
 
 from .errors import Origin, UsageError, describe_exception
+from .files import not_regular, open_regular
 
 if TYPE_CHECKING:
     import torch
@@ -37,7 +38,7 @@ def decode(image: Path | Callable[[], Image.Image], transform: Callable[[Image.I
         picture = image()
         picture.load()
         return transform(picture)
-    with Image.open(image) as picture:
+    with open_regular(image) as f, Image.open(f) as picture:  # a pipe swapped in after the listing never hangs
         picture.load()
         return transform(picture)
 
@@ -86,7 +87,7 @@ def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[Pat
         elif path.is_file():
             found.append(path)
         elif path.exists():  # a named pipe, socket or device would block or never end
-            missing.append((path, f"not a regular file ({_kind(path)})"))
+            missing.append((path, f"not a regular file ({not_regular(path)})"))
         else:
             missing.append((path, "no such file or folder"))
     return list(dict.fromkeys(found)), missing  # a file named both alone and inside its folder: once
@@ -105,17 +106,6 @@ def images_or_skips(paths: Sequence[str | Path], err: Any, verb: str,
         raise UsageError(f"no images to {verb}", origin=Origin("flag", flag), found=" ".join(map(str, paths)),
                          expected="image files, or folders holding " + ", ".join(sorted(IMAGE_SUFFIXES)))
     return images, missing
-
-
-def _kind(path: Path) -> str:
-    import stat
-
-    mode = path.stat().st_mode
-    for test, word in ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
-                       (stat.S_ISBLK, "a device")):
-        if test(mode):
-            return word
-    return "not a file"
 
 
 __all__ = ["IMAGE_SUFFIXES", "UNREADABLE", "decode", "unreadable", "batches", "find_images", "images_or_skips"]

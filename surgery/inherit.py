@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import did_you_mean, quote_value
+from .errors import did_you_mean, quote_value, shorten
+from .files import PATH_PROBLEMS, not_regular, problem
 from .source import _MAX_BYTES, _MAX_VALUES, Mark, Source, _size, parse_yaml, read_spec_text
 
 BASE_KEY = "base"
@@ -113,13 +114,15 @@ def _label(path: Path) -> str:
 def _read_base(ref: str, where: tuple, source: Source, folder: Path, reading: _Reading) -> tuple[dict, dict]:
     """One base file, its own bases merged in: (data, marks tree)."""
     path = folder / Path(ref).expanduser()
-    if not path.is_file():
+    why = not_regular(path)
+    if why is not None:
         hint = None
-        if path.parent.is_dir():
+        if why == "no such file" and not_regular(path.parent) == "a folder":
             hint = did_you_mean(path.name, [p.name for p in path.parent.iterdir() if p.suffix in (".yaml", ".yml")])
-        raise source.error(where, "the base file does not exist" if not path.exists() else "the base is not a file",
-                           found=os.path.normpath(path), expected="the path of a spec file, relative to the file that names it",
-                           hint=hint)
+        shown = shorten(os.path.normpath(path), 300)
+        raise source.error(where, problem("base", why, "the base is not a file"),
+                           found=shown if why in ("no such file", *PATH_PROBLEMS) else f"{shown} ({why})",
+                           expected="the path of a spec file, relative to the file that names it", hint=hint)
     resolved, label = path.resolve(), _label(path)
     chain = [name for _, name in reading.chain]
     if any(resolved == open_path for open_path, _ in reading.chain):

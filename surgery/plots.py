@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .untrusted import printable
+from .errors import printable
 
 
 def figure(width: float, height: float, **kwargs: Any) -> Any:

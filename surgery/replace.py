@@ -166,7 +166,6 @@ def constructor_args(spec: Spec, item: ReplaceSpec, cls: type, old: nn.Module, s
                          found=unknown[0], expected=f"arguments of {cls.__name__}{signature}",
                          hint=did_you_mean(unknown[0], names))
     args = dict(item.args)
-    carried: dict[str, Any] = {}
     inputs = shapes.inputs if shapes is not None and shapes.calls != 0 else None
     output = shapes.output if shapes is not None and shapes.calls != 0 else None
     for name, p in params.items():

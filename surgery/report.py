@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import json
 import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import copy
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,17 +149,21 @@ def read_spec_text(path: Path, kind: str = "spec") -> str:
     unreadable, larger than `_MAX_FILE_BYTES` (checked before reading it) or not UTF-8."""
     from .errors import did_you_mean
 
-    file = str(path)
-    if not path.is_file():
+    from .files import PATH_PROBLEMS, not_regular, open_regular, problem
+
+    file = shorten(path, 300)
+    why = not_regular(path)
+    if why is not None:  # a named pipe or a device would block the read, or never end
         hint = None
-        if path.parent.is_dir():
+        if why == "no such file" and not_regular(path.parent) == "a folder":
             hint = did_you_mean(path.name, [p.name for p in path.parent.iterdir() if p.suffix in (".yaml", ".yml")])
-        raise SpecError(f"the {kind} file does not exist" if not path.exists() else f"the {kind} path is not a file",
-                        file=file, found=str(path), expected=f"a YAML {kind} file", hint=hint)
+        raise SpecError(problem(kind, why, f"the {kind} path is not a file"), file=file,
+                        found=file if why in ("no such file", *PATH_PROBLEMS) else f"{file} ({why})",
+                        expected=f"a YAML {kind} file", hint=hint)
     try:
-        size = path.stat().st_size
-        if size <= _MAX_FILE_BYTES:
-            with path.open("rb") as f:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size <= _MAX_FILE_BYTES:
                 raw = f.read(_MAX_FILE_BYTES + 1)  # the file may have grown since stat
                 size = len(raw)
     except OSError as exc:

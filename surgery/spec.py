@@ -18,9 +18,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
@@ -405,8 +407,34 @@ class Spec:
             return Source(origin.name).folder / p
         return self.source.folder / p
 
+    def resolved_raw(self) -> dict[str, Any]:
+        """`raw` with every path-valued key (`PATH_KEYS`) absolute, so the spec loads the same files
+        from any folder: a relative path is read where the file that wrote it lies (`resolve_path`),
+        and a copy of the spec elsewhere would read it somewhere else. `run:NAME` (a folder of runs,
+        not of files) and `pkg:` sources, URIs and true/false stay as written."""
+        out = json.loads(json.dumps(self.raw))
+        for key, is_path in PATH_KEYS:
+            parent = out
+            for part in key[:-1]:
+                parent = parent.get(part) if isinstance(parent, dict) else None
+            value = parent.get(key[-1]) if isinstance(parent, dict) else None
+            if isinstance(value, str) and is_path(value):
+                parent[key[-1]] = os.path.normpath(self.resolve_path(value, key).absolute())
+        return out
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(json.loads(json.dumps(self.raw)), sort_keys=False, allow_unicode=True)
+        """The resolved spec as YAML (`resolved_raw`): what a run keeps as spec.yaml and
+        `surgery validate --show-resolved` prints; it loads on its own from any folder."""
+        return yaml.safe_dump(self.resolved_raw(), sort_keys=False, allow_unicode=True)
+
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
+# key path -> which of its string values are file paths (the rest: sources, URIs, names)
+PATH_KEYS: tuple[tuple[tuple[str, ...], Callable[[str], bool]], ...] = (
+    (("data", "root"), lambda v: True),
+    (("model", "pretrained"), lambda v: not v.startswith(("run:", "pkg:"))),
+    (("log", "mlflow", "tracking_uri"), lambda v: v != "databricks" and not _URI.match(v)),
+)
 
 
 def _selectors(value: Any, where: tuple) -> tuple[Selector, ...]:
@@ -600,7 +628,8 @@ def _check_mixup(spec: Spec) -> None:
 
 
 def _check_class_names(spec: Spec) -> None:
-    from .untrusted import label_problem, printable
+    from .errors import printable
+    from .untrusted import label_problem
 
     for i, name in enumerate(spec.data.classes or ()):
         problem = label_problem(name) if isinstance(name, str) else None

@@ -74,14 +74,67 @@ def _missing(spec: Any, name: str, cause: str = "is not installed") -> SpecError
 
 
 def check_available(spec: Any) -> None:
-    """Raise a located SpecError, naming the extra to install, for a tracker whose package is missing.
+    """Raise a located SpecError for a tracker that cannot start: its package missing (naming the
+    extra to install), or a local MLflow store that cannot be made (a file in the way, a folder
+    that cannot be written, a path the system refuses).
 
-    Cheap (nothing is imported), so `surgery validate` and `surgery run` call it before anything
-    trains; `Trackers` imports for real and reports a broken install the same way.
+    Cheap (nothing is imported, nothing is created), so `surgery validate` and `surgery run` call
+    it before the run directory is claimed; `Trackers` imports for real and reports a broken
+    install the same way.
     """
     for name in requested(spec):
         if importlib.util.find_spec(PACKAGES[name][0]) is None:
             raise _missing(spec, name)
+    if spec.log.mlflow is not None:
+        _check_store(spec)
+
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")
+_URI_KEY = ("log", "mlflow", "tracking_uri")
+
+
+def _local_store(spec: Any) -> tuple[Path, str] | None:
+    """The folder a local MLflow store is made in and the file it goes to (a sqlite:/// URI's
+    database file, else mlflow.db inside the folder), or None for a server or the default store
+    (made inside the run directory, which `rundir.check_writable` checks)."""
+    written = spec.log.mlflow.tracking_uri
+    if written is None or written == "databricks":
+        return None
+    if written.startswith("sqlite:///"):
+        db = Path(written[len("sqlite:///"):])
+        return db.parent, db.name
+    if written.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(written).path)), "mlruns"
+    if _SCHEME.match(written):
+        return None
+    return spec.resolve_path(written, _URI_KEY), "mlflow.db"
+
+
+def _check_store(spec: Any) -> None:
+    store = _local_store(spec)
+    if store is None:
+        return
+    from .files import not_regular, shown_path
+
+    folder, _ = store
+
+    def error(problem: str, at: Path) -> SpecError:
+        return spec.error(_URI_KEY, f"the MLflow store cannot be made: {problem}", found=shown_path(at),
+                          expected="a folder that exists or can be created, and can be written",
+                          hint="a relative tracking_uri starts at the spec file's folder; a server is written "
+                               "http://host:port")
+    why = not_regular(folder)
+    if why in ("a path longer than the system allows", "a path with a NUL character"):
+        raise error(why, folder)
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise error("a file is in the way" if existing != folder else "it is a file, not a folder", existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise error("this folder cannot be written", existing)
 
 
 # --------------------------------------------------------------------------- rows and names
@@ -241,11 +294,17 @@ class _Mlflow:
         written = self.spec.log.mlflow.tracking_uri
         if written is None and os.environ.get("MLFLOW_TRACKING_URI"):
             return os.environ["MLFLOW_TRACKING_URI"], None
-        if written is not None and (re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", written) or written == "databricks"):
+        if written is not None and (_SCHEME.match(written) or written == "databricks"):
             return written, None
-        store = self.folder / "mlflow" if written is None else self.spec.resolve_path(written, ("log", "mlflow", "tracking_uri"))
+        store = self.folder / "mlflow" if written is None else self.spec.resolve_path(written, _URI_KEY)
         store = store.resolve()
-        store.mkdir(parents=True, exist_ok=True)
+        try:
+            store.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # `check_available` refuses what it can foresee; this is what it could not
+            raise TrackerError(f"cannot make the MLflow store {store}: {exc.strerror or exc}",
+                               origin=self.spec.source.origin(_URI_KEY if written is not None else ("log", "mlflow")),
+                               found=str(store), expected="a folder that can be created and written",
+                               hint="nothing was trained: fix log.mlflow.tracking_uri, then run again") from None
         return f"sqlite:///{store / 'mlflow.db'}", (store / "artifacts").as_uri()
 
     def start(self, rows: Sequence[Mapping[str, Any]]) -> None:

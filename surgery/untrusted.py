@@ -3,7 +3,7 @@ they go: a link on a page, or a terminal.
 
     href(path)              a path relative to the page -> './'-prefixed, percent-encoded URL
                             (a folder named ``javascript:alert(1)`` stays a folder)
-    printable(text)         control characters (ESC, BEL, CR, ...) and bidi overrides written
+    printable(text)         (errors.printable) control characters (ESC, BEL, CR, ...) and bidi overrides written
                             as ``\\x1b``, ``\\u202e``: what the terminal shows is what is there
     label_problem(name)     why a class name cannot be one (None when it can): the datasets
                             refuse such names where they enter, with the CSV line or folder
@@ -16,43 +16,13 @@ folder or an image file name cannot move the cursor, retitle the window or clear
 """
 from __future__ import annotations
 
-import unicodedata
 from pathlib import PurePath, PurePosixPath
 from typing import Any
 from urllib.parse import quote
 
 import rich.console
 
-# reorder the characters around them: a name could show as something it is not (Trojan Source)
-_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-
-
-def _unsafe(ch: str) -> bool:
-    return unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ch in _BIDI
-
-
-def _escaped(ch: str) -> str:
-    code = ord(ch)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-def printable(text: object, *, lines: bool = False) -> str:
-    """`text` with every control character, line separator and bidi override written as an
-    escape (``\\x1b``), so a terminal shows it instead of obeying it.
-
-    Args:
-        lines: keep newlines and tabs (a multi-line message); otherwise they are escaped too.
-
-    Example:
-        >>> printable("red\\x1b[31m")
-        'red\\\\x1b[31m'
-    """
-    keep = "\n\t" if lines else ""
-    text = str(text)
-    if not any(_unsafe(ch) for ch in text):
-        return text
-    return "".join(ch if ch in keep or not _unsafe(ch) else _escaped(ch) for ch in text)
-
+from .errors import printable
 
 def label_problem(name: str) -> str | None:
     """Why `name` cannot be a class name (it would reach terminals and pages), or None.
@@ -61,10 +31,10 @@ def label_problem(name: str) -> str | None:
         >>> label_problem("cat\\x1b[2J")
         "holds the control character '\\\\x1b' (an escape a terminal would obey)"
     """
-    bad = next((ch for ch in name if _unsafe(ch)), None)
+    bad = next((ch for ch in name if not ch.isprintable()), None)
     if bad is None:
         return None
-    return f"holds the control character '{_escaped(bad)}' (an escape a terminal would obey)"
+    return f"holds the control character '{printable(bad)}' (an escape a terminal would obey)"
 
 
 def href(target: str | PurePath | None) -> str:
@@ -95,7 +65,7 @@ class Console(rich.console.Console):
     tables and f-strings are covered alike; a `rich.text.Text` built by hand is not."""
 
     def render_str(self, text: str, **kwargs: Any) -> Any:
-        return super().render_str(printable(text, lines=True), **kwargs)
+        return super().render_str(printable(text), **kwargs)
 
 
 __all__ = ["href", "printable", "label_problem", "Console"]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .errors import describe_exception
+from .files import PATH_PROBLEMS, not_regular, problem
 from .spec import Spec
 
 KEY_MAP_SECONDS = 2.0  # for the whole key map over every key of the file
@@ -70,6 +71,54 @@ def _strip_wrappers(state: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_MAX_SPECS_SEARCHED = 200  # yaml files read to find the spec that makes a `run:` source
+
+
+def _producer(spec: Spec, name: str) -> Path | None:
+    """The spec file, beside `spec`'s own (or in the working directory), whose run is named `name`."""
+    import re
+
+    import yaml
+
+    folders = list(dict.fromkeys([spec.source.folder, Path.cwd()]))
+    candidates = [p for folder in folders for pattern in ("*.yaml", "*.yml") for p in sorted(folder.glob(pattern))]
+    for path in candidates[:_MAX_SPECS_SEARCHED]:
+        if spec.source.file and path.resolve() == Path(spec.source.file).resolve():
+            continue
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) if not_regular(path) is None else None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        if not isinstance(data, dict) or "model" not in data:
+            continue
+        own = data.get("name") or re.sub(r"[^A-Za-z0-9._+-]", "-", path.stem).lstrip(".-_+") or "run"
+        if own == name:
+            return path
+    return None
+
+
+def run_hint(spec: Spec, path: Path) -> str | None:
+    """For a missing `run:NAME` weight file: the command that makes it (naming the spec that
+    produces that run, when one lies beside this spec or in the working directory), else what a
+    `run:` source is."""
+    value = spec.model.pretrained
+    if not (isinstance(value, str) and value.startswith("run:")):
+        return None
+    name = value[4:]
+    maker = _producer(spec, name)
+    runs = path.parent.parent
+    if maker is not None:
+        try:
+            shown = maker.resolve().relative_to(Path.cwd().resolve())
+        except ValueError:
+            shown = maker
+        out = "" if runs.name == "runs" else f" --out {runs}"
+        return f"run {shown} first: surgery run {shown}{out} (it trains the run {name!r} into {runs / name})"
+    return (f"run:{name} is the model.safetensors of an earlier run named {name!r} in the same runs folder "
+            f"({runs}); train the spec named {name!r} first with surgery run SPEC (the runs folder is --out's parent, "
+            "runs/ by default)")
+
+
 def read_weight_file(spec: Spec, path: Path) -> dict[str, torch.Tensor]:
     """Read a .pth/.pt/.bin/.ckpt (torch.load with weights_only=True) or .safetensors file.
 
@@ -77,9 +126,16 @@ def read_weight_file(spec: Spec, path: Path) -> dict[str, torch.Tensor]:
     'state_dict', 'model', ...); strips `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes.
     """
     where = ("model", "pretrained")
-    if not path.is_file():
-        raise spec.error(where, "the weight file does not exist" if not path.exists() else "the weight path is not a file",
-                         found=str(path), expected="a .pth, .pt, .bin or .safetensors file (relative paths start at the spec's folder)")
+    why = not_regular(path)  # a named pipe would block torch.load forever
+    if why is not None:
+        is_run = isinstance(spec.model.pretrained, str) and spec.model.pretrained.startswith("run:")
+        text = (f"the run {spec.model.pretrained[4:]!r} has not been trained yet: its weight file does not exist"
+                if is_run and why == "no such file" else problem("weight", why, "the weight path is not a file"))
+        raise spec.error(where, text,
+                         found=str(path) if why in ("no such file", *PATH_PROBLEMS) else f"{path} ({why})",
+                         expected="the model.safetensors a finished run writes" if is_run else
+                                  "a .pth, .pt, .bin or .safetensors file (relative paths start at the spec's folder)",
+                         hint=run_hint(spec, path))
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -200,7 +256,7 @@ def map_keys(spec: Spec, state: Mapping[str, torch.Tensor], target: Mapping[str,
             mapped[new] = key
     for (rx, _), n in zip(rules, hits):
         if not n:  # a typo in a rule loads nothing it meant to: say so, with the keys it could have meant
-            raise spec.error(where + (rx.pattern,), f"this key_map rule matches no key of the weight file "
+            raise spec.error(where + (rx.pattern,), "this key_map rule matches no key of the weight file "
                              "(rules apply in order, each to the keys the rules before it left)",
                              found=repr(rx.pattern), expected="a pattern that matches at least one key",
                              hint=_closest_keys(rx.pattern, state))

@@ -323,3 +323,55 @@ def test_inspect_piped_to_a_file_keeps_every_line_whole(tmp_path):
     deep = [line for line in proc.stdout.splitlines() if "StochasticDepth" in line]
     assert deep and all(line.rstrip().endswith("]") for line in deep)
     assert max(len(line) for line in proc.stdout.splitlines()) > 60
+
+
+def test_inspect_before_the_source_run_names_the_spec_that_makes_it(tmp_path: Path, monkeypatch, capsys) -> None:
+    model = "model: {backbone: 'timm:resnet10t', num_classes: 2, pretrained: %s}\n"
+    (tmp_path / "maker.yaml").write_text("name: source-run\n" + model % "false")
+    (tmp_path / "child.yaml").write_text(model % "'run:source-run'")
+    (tmp_path / "orphan.yaml").write_text(model % "'run:nobody'")
+    monkeypatch.chdir(tmp_path)
+    assert main(["inspect", "child.yaml"]) == EXIT_SPEC_ERROR
+    err = capsys.readouterr().err
+    assert "child.yaml:1:53: model.pretrained: the run 'source-run' has not been trained yet" in err
+    assert "run maker.yaml first: surgery run maker.yaml" in err
+    assert main(["inspect", "orphan.yaml"]) == EXIT_SPEC_ERROR
+    err = capsys.readouterr().err
+    assert "run:nobody is the model.safetensors of an earlier run named 'nobody'" in err and "surgery run SPEC" in err
+
+
+def test_the_resolved_spec_of_a_run_and_of_validate_loads_from_any_folder(tmp_path: Path, monkeypatch, capsys,
+                                                                          one_thread) -> None:
+    import shutil
+
+    import torch
+    from PIL import Image
+
+    project = tmp_path / "project"
+    (project / "data" / "img").mkdir(parents=True)
+    rows = ["path,label,split"]
+    for i in range(8):
+        Image.new("RGB", (32, 32), (30 * i, 0, 0)).save(project / "data" / "img" / f"{i}.png")
+        rows.append(f"img/{i}.png,{'ab'[i % 2]},{'train' if i < 6 else 'val'}")
+    (project / "data" / "labels.csv").write_text("\n".join(rows) + "\n")
+    import timm
+
+    torch.save(timm.create_model("resnet10t", num_classes=2).state_dict(), project / "start.pth")
+    (project / "spec.yaml").write_text(
+        "name: moved\nmodel: {backbone: 'timm:resnet10t', num_classes: 2, pretrained: start.pth}\n"
+        "train: {epochs: 1, batch_size: 4, limit_batches: 1}\n"
+        "data: {name: csv, root: data/labels.csv, image_size: 32, num_workers: 0}\n")
+    monkeypatch.chdir(project)
+    assert main(["validate", "--show-resolved", "spec.yaml"]) == 0
+    shown = capsys.readouterr().out
+    assert f"root: {project / 'data' / 'labels.csv'}" in shown and f"pretrained: {project / 'start.pth'}" in shown
+    assert main(["run", "spec.yaml", "--out", str(tmp_path / "runs" / "moved")]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(tmp_path / "runs" / "moved" / "spec.yaml", elsewhere / "copied.yaml")
+    (elsewhere / "shown.yaml").write_text(shown)
+    monkeypatch.chdir(tmp_path)  # neither the spec's folder nor the copies'
+    capsys.readouterr()
+    assert main(["validate", str(elsewhere / "copied.yaml"), str(elsewhere / "shown.yaml")]) == 0, capsys.readouterr().err
+    # the run resumes from its own spec.yaml as from the spec it started with
+    assert main(["run", str(elsewhere / "copied.yaml"), "--out", str(tmp_path / "runs" / "moved"), "--resume"]) == 0

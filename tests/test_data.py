@@ -486,3 +486,119 @@ def test_spec_classes_with_a_terminal_escape_are_refused_where_written() -> None
     with pytest.raises(SpecError) as info:
         spec_for({"name": "digits", "classes": ["ok", "bad\x1b[2J"]})
     assert info.value.path == "data.classes[1]" and "holds the control character '\\x1b'" in info.value.problem
+
+
+# --------------------------------------------------------------------------- the files a run reads
+def _csv_spec(csv_path: Path, **data):
+    return load_spec({"model": {"backbone": "timm:resnet10t", "num_classes": 2},
+                      "data": {"name": "csv", "root": str(csv_path), "image_size": 16, **data}})
+
+
+def _shots(folder: Path, n: int = 8) -> list[str]:
+    for i in range(n):
+        _png(folder / "img" / f"{i}.png", 20 * i)
+    return [f"img/{i}.png,{'cat' if i % 2 else 'dog'}" for i in range(n)]
+
+
+def test_an_image_in_train_and_val_is_refused_naming_the_csv_lines(tmp_path: Path) -> None:
+    rows = _shots(tmp_path)
+    lines = ["path,label,split"] + [r + ",train" for r in rows[:6]] + [r + ",val" for r in rows[6:]]
+    lines.append("img/./2.png,dog,val")  # line 10: the train image of line 4, spelt another way
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SpecError) as info:
+        build_data(_csv_spec(tmp_path / "labels.csv"), {})
+    err = info.value
+    assert err.path == "data.root" and "in more than one split (train and val)" in err.problem
+    assert "labels.csv:4) in train and" in err.found and "labels.csv:10) in val" in err.found
+    assert "resolved path" in err.expected
+
+
+def test_a_symbolic_link_between_split_folders_is_the_same_image(tmp_path: Path) -> None:
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            for i in range(3):
+                _png(tmp_path / split / c / f"{i}.png", 40 * i + (c == "b") * 10)
+    (tmp_path / "val" / "a" / "leak.png").symlink_to(tmp_path / "train" / "a" / "1.png")
+    spec = load_spec({"model": {"backbone": "timm:resnet10t", "num_classes": 2},
+                      "data": {"name": "imagefolder", "root": str(tmp_path)}})
+    with pytest.raises(SpecError, match=r"1 image\(s\) are in more than one split \(train and val\)") as info:
+        build_data(spec, {})
+    assert "train/a/1.png in train" in info.value.found and "val/a/leak.png in val" in info.value.found
+
+
+def test_a_row_listed_twice_in_one_split_is_warned_about(tmp_path: Path, caplog) -> None:
+    rows = _shots(tmp_path)
+    (tmp_path / "labels.csv").write_text("path,label,split\n" + "\n".join(r + ",train" for r in rows[:6])
+                                         + "\n" + rows[0] + ",train\n" + "\n".join(r + ",val" for r in rows[6:]) + "\n")
+    data = build_data(_csv_spec(tmp_path / "labels.csv"), {})
+    assert len(data.train) == 7
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "1 image(s) are listed more than once in one split" in said and "labels.csv:2" in said and "labels.csv:8" in said
+
+
+def test_a_named_pipe_listed_in_a_csv_is_skipped_with_its_line_not_opened(tmp_path: Path, caplog) -> None:
+    import os
+    import threading
+
+    rows = _shots(tmp_path)
+    os.mkfifo(tmp_path / "img" / "pipe.png")  # opened for reading, it would wait for a writer forever
+    (tmp_path / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\nimg/pipe.png,cat\n")
+    spec = _csv_spec(tmp_path / "labels.csv", val_split=0.25)
+    done: dict = {}
+    worker = threading.Thread(target=lambda: done.setdefault("data", build_data(spec, {})), daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert "data" in done, "build_data blocked on a named pipe"
+    data = done["data"]
+    assert len(data.train) + len(data.val) == 8 and "1 unreadable files skipped" in data.describe
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "pipe.png (labels.csv:10): not a regular file (a named pipe)" in said
+
+
+def test_a_big_csv_with_a_subset_touches_only_the_rows_kept(tmp_path: Path, monkeypatch, capsys) -> None:
+    import os
+
+    from surgery.data import scan
+
+    n = 100_000  # hard links to four images: distinct files by path, as many rows as a real big listing
+    (tmp_path / "img").mkdir()
+    for j in range(4):
+        _png(tmp_path / f"{j}.png", 60 * j)
+    lines = ["path,label"]
+    for i in range(n):
+        os.link(tmp_path / f"{i % 4}.png", tmp_path / "img" / f"{i}.png")
+        lines.append(f"img/{i}.png,{'cat' if i % 2 else 'dog'}")
+    (tmp_path / "big.csv").write_text("\n".join(lines) + "\n")
+    spec = _csv_spec(tmp_path / "big.csv", subset={"train": 40, "val": 20})
+    calls = Counter()
+    images = str(tmp_path / "img")
+    for name in ("stat", "lstat", "open"):
+        real = getattr(os, name)
+
+        def counted(path, *args, _real=real, _name=name, **kw):
+            if str(path).startswith(images):
+                calls[_name] += 1
+            return _real(path, *args, **kw)
+        monkeypatch.setattr(os, name, counted)
+    monkeypatch.setattr(scan, "PROGRESS_EVERY", 0.0)  # a line for each file: shows the scan speaks on stderr
+    data = build_data(spec, {})
+    assert (len(data.train), len(data.val)) == (40, 20)
+    assert 0 < sum(calls.values()) <= 10 * 60, calls  # bounded by the 60 rows kept, not the 100,000 listed
+    assert "checking the image files of csv: 60 of 60" in capsys.readouterr().err
+
+
+def test_a_csv_data_root_that_is_a_named_pipe_is_refused_not_read(tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "labels.csv")
+    with pytest.raises(SpecError, match="labels.csv is a named pipe") as info:
+        build_data(_csv_spec(tmp_path / "labels.csv"), {})
+    assert info.value.path == "data.root"
+
+
+def test_a_file_name_with_a_control_character_is_escaped_in_the_warning(tmp_path: Path, caplog) -> None:
+    rows = _shots(tmp_path)
+    (tmp_path / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\nimg/\x1b[2Jgone.png,cat\n")
+    build_data(_csv_spec(tmp_path / "labels.csv", val_split=0.25), {})
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "img/\\x1b[2Jgone.png (labels.csv:10): no such file" in said and "\x1b" not in said

@@ -580,3 +580,12 @@ def test_suggestions() -> None:
     assert close_matches("resnet81", ["resnet18", "resnet34", "vgg11"])[0] == "resnet18"
     assert did_you_mean("surgrey", ["surgery", "seed"]) == "did you mean 'surgery'?"
     assert did_you_mean("zzzz", ["surgery", "seed"]) is None
+
+
+def test_control_characters_in_any_part_of_a_message_are_escaped() -> None:
+    err = SpecError("no class named 'a\x1b[2Jb'", file="spec\x00.yaml", line=3, found="'\u202egnp.exe'",
+                    expected="a\tname", hint="x\x07")
+    text = str(err)
+    assert all(c == "\n" or c.isprintable() for c in text), repr(text)
+    assert "spec\\x00.yaml:3" in text and "a\\x1b[2Jb" in text and "\\u202egnp.exe" in text
+    assert "a\\tname" in text and "x\\x07" in text

@@ -136,6 +136,10 @@ CASES = [
          "base[1]", "the base file does not exist"),
     Case("base-is-a-folder", {"common.yaml": COMMON, "sub/x.yaml": "a: 1\n", "child.yaml": "base: sub  # <-\n"}, "base",
          "the base is not a file"),
+    Case("base-path-too-long", {"child.yaml": MODEL + f"base: {'d' * 5000}.yaml  # <-\n"}, "base",
+         "the base path cannot be used: a path longer than the system allows"),
+    Case("base-path-with-a-nul", {"child.yaml": MODEL + 'base: "common\\0.yaml"  # <-\n'}, "base",
+         "the base path cannot be used: a path with a NUL character"),
     Case("base-is-a-list", {"list.yaml": "- a\n- b\n", "child.yaml": MODEL + "base: list.yaml  # <-\n"}, "base",
          "is a list, not a mapping of spec keys"),
     Case("base-is-empty", {"empty.yaml": "# nothing yet\n", "child.yaml": MODEL + "base: empty.yaml  # <-\n"}, "base",
@@ -300,3 +304,21 @@ def test_a_run_of_an_inheriting_spec_keeps_the_resolved_spec_resumes_and_predict
     assert main(["predict", out, str(tmp_path / "x.png"), "--json", "--topk", "2"]) == 0
     (line,) = capsys.readouterr().out.splitlines()
     assert len(json.loads(line)["topk"]) == 2
+
+
+def test_a_base_that_is_a_named_pipe_is_refused_without_reading_it(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.yaml")  # read, it would wait for a writer forever
+    (tmp_path / "child.yaml").write_text(MODEL + "base: pipe.yaml\n")
+    with pytest.raises(SpecError, match="the base is not a file") as info:
+        load_spec(tmp_path / "child.yaml")
+    assert info.value.found.endswith("pipe.yaml (a named pipe)") and info.value.line == 2
+
+
+def test_control_characters_in_a_base_are_escaped_in_the_message(tmp_path, capsys):
+    (tmp_path / "child.yaml").write_text(MODEL + 'base: "com\\0mon\\e[31m.yaml"\n')
+    assert main(["validate", str(tmp_path / "child.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "\0" not in err and "\x1b" not in err
+    assert "com\\x00mon\\x1b[31m.yaml" in err and f"{tmp_path / 'child.yaml'}:2:1: base:" in err

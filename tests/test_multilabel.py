@@ -54,9 +54,9 @@ def test_label_sets_become_multi_hot_rows(tmp_path: Path) -> None:
 
 
 def test_another_separator(tmp_path: Path) -> None:
-    (tmp_path / "a.png").write_bytes(b"")
-    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
-    (tmp_path / "labels.csv").write_text("path,label\n" + "".join("a.png,cat ; dog\n" for _ in range(5)))
+    for i in range(5):  # one file per row: the same image in train and val is refused
+        Image.new("RGB", (8, 8), (i, i, i)).save(tmp_path / f"{i}.png")
+    (tmp_path / "labels.csv").write_text("path,label\n" + "".join(f"{i}.png,cat ; dog\n" for i in range(5)))
     data = build_data(load_spec(_spec(tmp_path / "labels.csv", label_separator=";", val_split=0.4)), {})
     assert data.classes == ["cat", "dog"]
 

@@ -470,3 +470,12 @@ def test_settings_past_a_shortened_run_are_located_warnings_not_errors(tmp_path)
     assert f"{path}:3: groups[0].lr" in text and "epoch 20" in text
     assert f"{path}:4: groups[1].unfreeze_at" in text and "stays frozen" in text
     assert "train.scheduler.milestones[0]" in text and "train.scheduler.milestones[1]" in text
+
+
+def test_a_spec_path_that_is_a_named_pipe_is_refused_not_read(tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "spec.yaml")
+    with pytest.raises(SpecError, match="the spec path is not a file") as info:
+        load_spec(tmp_path / "spec.yaml")
+    assert info.value.found.endswith("spec.yaml (a named pipe)")

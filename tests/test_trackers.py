@@ -264,3 +264,26 @@ def test_an_unreachable_mlflow_server_stops_the_run_before_it_trains(spec_file, 
     assert code == 1
     assert "cannot start the MLflow run at http://127.0.0.1:9" in said.err and "nothing was trained" in said.err
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("uri,words", [
+    ("blocker/store", "a file is in the way"),
+    ("sqlite:///{tmp}/blocker/sub/x.db", "a file is in the way"),
+    ("blocker", "it is a file, not a folder"),
+    ("{long}", "a path longer than the system allows"),
+])
+def test_an_mlflow_store_that_cannot_be_made_is_refused_at_its_line_before_the_run_directory(
+        tmp_path, capsys, uri, words):
+    (tmp_path / "blocker").write_text("a file where the store's folder would go\n")
+    uri = uri.format(tmp=tmp_path, long="d" * 5000)
+    path = tmp_path / "store.yaml"
+    path.write_text(yaml.safe_dump({k: v for k, v in SPEC.items() if k != "log"}, sort_keys=False)
+                    + f"log:\n  mlflow:\n    experiment: x\n    tracking_uri: '{uri}'\n")
+    line = len(path.read_text().splitlines())
+    out = tmp_path / "run"
+    for argv in (["validate", str(path)], ["run", str(path), "--out", str(out)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{path}:{line}:5: log.mlflow.tracking_uri: the MLflow store cannot be made: {words}" in err
+        assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "store.yaml"]  # no run directory, no store

@@ -309,3 +309,11 @@ def test_a_vit_position_embedding_is_resampled_to_the_image_size(tmp_path: Path)
     assert torch.equal(here["pos_embed"][:, :1], state["pos_embed"][:, :1])
     assert all(torch.equal(here[k], state[k]) for k in state if k != "pos_embed")
     assert set(built.report.loaded) == set(state) - {"pos_embed"} and not built.report.reinitialised
+
+
+def test_a_weight_file_that_is_a_named_pipe_is_refused_not_read(tmp_path: Path) -> None:
+    import os
+
+    os.mkfifo(tmp_path / "weights.pth")  # torch.load would wait for a writer forever
+    err = load_error(tmp_path / "weights.pth")
+    assert err.problem == "the weight path is not a file" and err.found.endswith("weights.pth (a named pipe)")

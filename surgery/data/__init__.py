@@ -16,6 +16,7 @@ that splits the same order: a run resumed at epoch 5 matches an uninterrupted on
     sources.py     sources (arrays, datasets, files) and the epoch-seeded dataset over them
     datasets.py    the datasets data.name names
     splits.py      train/val/test split, data.classes, data.subset, splits.json
+    scan.py        the kept image files: readable, regular, each image in one split
     transforms.py  eval and training transforms, normalize (on the device)
     loader.py      make_loader: epoch-seeded, resumable, sharded, optionally class-balanced
     __init__.py    DataBundle and build_data, the entry point
@@ -32,6 +33,7 @@ from torch.utils.data import Dataset
 from ..backbones import IMAGENET_MEAN, IMAGENET_STD
 from ..spec import Spec
 from .datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, dataset_names, pools, read_idx
+from .scan import check_files
 from .loader import EpochLoader, class_weights, make_loader, pos_weights, train_counts
 from .sources import Pool, SplitDataset
 from .splits import data_base, item_ids, narrow, select_classes, split_record, test_split
@@ -88,7 +90,7 @@ def build_data(spec: Spec, data_config: Mapping) -> DataBundle:
             crop_pct, crop_mode); the image size comes from `data.image_size`.
 
     Returns:
-        A `DataBundle`; nothing but labels (and, for imagefolder, file headers) is read yet.
+        A `DataBundle`; nothing but labels (and, for files, the headers of the images kept) is read yet.
 
     Raises:
         SpecError: unknown dataset or class, missing or empty folder, files not on disk, ...
@@ -114,6 +116,12 @@ def build_data(spec: Spec, data_config: Mapping) -> DataBundle:
     label_map[chosen] = np.arange(len(chosen))
     train_pool = narrow(spec, train_pool, label_map, "train", 1)
     val_pool = narrow(spec, val_pool, label_map, "val", 2)
+    if test_pool is not None:
+        test_pool = Pool(test_pool.source, test_pool.indices[label_map[test_pool.source.targets[test_pool.indices]] >= 0])
+    # only now are files touched: those the splits, classes and subsets kept
+    checked, unreadable = check_files(spec, {"train": train_pool, "val": val_pool, "test": test_pool})
+    train_pool, val_pool, test_pool = checked["train"], checked["val"], checked["test"]
+    skipped += unreadable
     if len(train_pool.indices) == 0:
         raise spec.error(("data", "classes"), "no training images are left after choosing classes",
                          found=str(list(spec.data.classes)), expected="classes that have images")
@@ -123,8 +131,7 @@ def build_data(spec: Spec, data_config: Mapping) -> DataBundle:
     val = SplitDataset(val_pool, label_map, eval_transform(data_config, size), spec.seed, augment=False)
     test = None
     if test_pool is not None:
-        test = SplitDataset(Pool(test_pool.source, test_pool.indices[label_map[test_pool.source.targets[test_pool.indices]] >= 0]),
-                      label_map, eval_transform(data_config, size), spec.seed, augment=False)
+        test = SplitDataset(test_pool, label_map, eval_transform(data_config, size), spec.seed, augment=False)
     names = [classes[i] for i in chosen]
     mean, std = normalization(data_config)
     held_out = f" / {len(test)} test" if test is not None else ""

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import gzip
 import inspect
+import io
 import logging
 import math
+import os
 import struct
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import SpecError, did_you_mean
-from ..untrusted import label_problem, printable
+from ..errors import printable
+from ..untrusted import label_problem
 from ..spec import Spec
-from .sources import UNREADABLE, ArraySource, DatasetSource, FileSource, Pool
+from ..files import not_regular, open_regular
+from .sources import ArraySource, DatasetSource, FileSource, Pool
 from .splits import train_val_split
 
 log = logging.getLogger(__name__)
@@ -67,19 +69,6 @@ def _folder_error(spec: Spec, problem: str, folder: Path, **kw: Any) -> SpecErro
     return spec.error(("data", "root"), problem, found=str(folder), **kw)
 
 
-def _scan(paths: Sequence[str]) -> list[bool]:
-    """Which files PIL can identify (header only; a truncated body is caught when loaded)."""
-    def ok(path: str) -> bool:
-        try:
-            with Image.open(path) as image:
-                return image.size[0] > 0 and image.size[1] > 0
-        except UNREADABLE:
-            return False
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return list(pool.map(ok, paths, chunksize=64))
-
-
 CSV_SPLITS = ("train", "val", "test")
 
 
@@ -93,12 +82,13 @@ def _csv(spec: Spec) -> tuple[Pool, Pool, int, Pool | None]:
         raise spec.error(("data", "root"), "csv needs the CSV file", found="root: null",
                          expected="data.root set to a CSV file with the columns path,label[,split]")
     path = spec.resolve_path(spec.data.root, ("data", "root"))
-    if not path.is_file():
-        raise _folder_error(spec, f"the CSV file {path} does not exist" if not path.exists() else f"{path} is not a file",
+    why = not_regular(path)
+    if why is not None:
+        raise _folder_error(spec, f"the CSV file {path} does not exist" if why == "no such file" else f"{path} is {why}",
                             path, expected="a CSV file with a header line path,label[,split]",
                             hint="data.root is relative to the spec file's folder")
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with io.TextIOWrapper(open_regular(path), encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             missing = [c for c in ("path", "label") if c not in header]
@@ -110,8 +100,13 @@ def _csv(spec: Spec) -> tuple[Pool, Pool, int, Pool | None]:
     except (UnicodeDecodeError, csv.Error) as exc:
         raise _folder_error(spec, f"cannot read the CSV file {path}: {exc}", path,
                             expected="UTF-8 text, comma-separated, with a header line") from None
+    except OSError as exc:
+        raise _folder_error(spec, f"cannot read the CSV file {path}: {exc.strerror or exc}", path,
+                            expected="a readable CSV file") from None
     multi, separator = spec.data.multi_label, spec.data.label_separator
-    samples: dict[str, list[tuple[str, str]]] = {s: [] for s in CSV_SPLITS}
+    # paths joined as text: no file is touched until the splits and subsets are fixed (`scan.check_files`)
+    folder, shown = str(path.parent), path.name
+    samples: dict[str, list[tuple[str, str, int]]] = {s: [] for s in CSV_SPLITS}
     for line, row in rows:
         file, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
         split = (row.get("split") or "train").strip() if "split" in header else "train"
@@ -127,48 +122,43 @@ def _csv(spec: Spec) -> tuple[Pool, Pool, int, Pool | None]:
                 raise _folder_error(spec, f"{path}, line {line}: the label '{printable(name)}' {problem}", path,
                                     expected="class names of printable characters",
                                     hint="class names are shown on terminals and pages; fix the label cell")
-        samples[split].append((str((path.parent / file)), label))
+        samples[split].append((os.path.join(folder, file), label, line))
     if not samples["train"]:
         raise _folder_error(spec, f"the CSV file {path} has no training rows", path,
                             expected="rows with split train (or no split column)")
-    names = {s: [_label_names(c, separator) if multi else [c] for _, c in samples[s]] for s in CSV_SPLITS}
+    names = {s: [_label_names(c, separator) if multi else [c] for _, c, _ in samples[s]] for s in CSV_SPLITS}
     classes = sorted({c for split in CSV_SPLITS for cell in names[split] for c in cell})
     if not classes:
         raise _folder_error(spec, f"every label cell of {path} is empty", path,
                             expected=f"class names in the label column, separated by {separator!r}")
     index = {c: i for i, c in enumerate(classes)}
-    every = [s for split in CSV_SPLITS for s in samples[split]]
-    readable = _scan([p for p, _ in every])
-    bad = {p for (p, _), ok in zip(every, readable) if not ok}
-    if bad:
-        log.warning("skipping %d unreadable or missing image file(s) listed in %s, e.g. %s", len(bad), path,
-                    ", ".join(sorted(bad)[:3]))
-    good = {split: [i for i, (p, _) in enumerate(samples[split]) if p not in bad] for split in CSV_SPLITS}
+    every = [row for split in CSV_SPLITS for row in samples[split]]
     if multi:
         # one stratum for splits and subsets (targets 0); the classes live in the multi-hot rows
-        kept = {split: [(samples[split][i][0], 0) for i in good[split]] for split in CSV_SPLITS}
-        hot = np.zeros((sum(len(good[s]) for s in CSV_SPLITS), len(classes)), dtype=np.float32)
-        row_of = (row for split in CSV_SPLITS for row in (names[split][i] for i in good[split]))
-        for r, cell in enumerate(row_of):
+        targets = [0] * len(every)
+        hot = np.zeros((len(every), len(classes)), dtype=np.float32)
+        cells = (cell for split in CSV_SPLITS for cell in names[split])
+        for r, cell in enumerate(cells):
             hot[r, [index[c] for c in cell]] = 1.0
     else:
-        kept = {split: [(samples[split][i][0], index[names[split][i][0]]) for i in good[split]] for split in CSV_SPLITS}
-    source = FileSource(kept["train"] + kept["val"] + kept["test"], classes, multi_hot=hot if multi else None)
-    n_train, n_val = len(kept["train"]), len(kept["val"])
+        targets = [index[cell[0]] for split in CSV_SPLITS for cell in names[split]]
+    source = FileSource([(p, t) for (p, _, _), t in zip(every, targets)], classes, multi_hot=hot if multi else None,
+                        listed_at=[f"{shown}:{line}" for _, _, line in every])
+    n_train, n_val = len(samples["train"]), len(samples["val"])
     if multi:
         present = set(np.flatnonzero(hot[:n_train].sum(0)).tolist())
     else:
         present = set(source.targets[:n_train].tolist())
     empty = [c for c in classes if index[c] not in present]
     if empty:
-        raise _folder_error(spec, f"some labels of {path} have no readable training image: " + ", ".join(empty), path,
+        raise _folder_error(spec, f"some labels of {path} have no training rows: " + ", ".join(empty), path,
                             expected="at least one training image per label")
-    test = Pool(source, np.arange(n_train + n_val, len(source))) if kept["test"] else None
+    test = Pool(source, np.arange(n_train + n_val, len(source))) if samples["test"] else None
     if n_val == 0:
         train, val = train_val_split(spec, source, np.arange(n_train))
     else:
         train, val = Pool(source, np.arange(n_train)), Pool(source, np.arange(n_train, n_train + n_val))
-    return train, val, len(bad), test
+    return train, val, 0, test
 
 
 def _label_names(cell: str, separator: str) -> list[str]:
@@ -223,27 +213,20 @@ def _imagefolder(spec: Spec) -> tuple[Pool, Pool, int, Pool | None]:
     if not samples:
         raise _folder_error(spec, f"the dataset folder {train_dir} has no images", train_dir,
                             expected="image files (" + " ".join(IMG_EXTENSIONS) + ") in class sub-folders")
-    readable = _scan([p for p, _ in samples + val_samples + test_samples])
-    bad = [p for (p, _), ok in zip(samples + val_samples + test_samples, readable) if not ok]
-    if bad:
-        log.warning("skipping %d unreadable image file(s) under %s, e.g. %s", len(bad), root, ", ".join(bad[:3]))
-    skip = set(bad)
-    samples = [s for s in samples if s[0] not in skip]
-    val_samples = [s for s in val_samples if s[0] not in skip]
-    test_samples = [s for s in test_samples if s[0] not in skip]
     present = {t for _, t in samples}
     empty = [c for i, c in enumerate(folder.classes) if i not in present]
     if empty:
-        raise _folder_error(spec, f"some class folders under {train_dir} have no readable images: "
+        raise _folder_error(spec, f"some class folders under {train_dir} have no images: "
                             + ", ".join(empty), train_dir, expected="at least one image per class",
                             hint="remove the empty folders or add images")
+    # no image is opened here: `scan.check_files` reads the headers of those the splits keep
     if train_dir == root:
         source = FileSource(samples, list(folder.classes))
-        return (*train_val_split(spec, source), len(bad), None)
+        return (*train_val_split(spec, source), 0, None)
     source = FileSource(samples + val_samples + test_samples, list(folder.classes))
     n, m = len(samples), len(samples) + len(val_samples)
     test = Pool(source, np.arange(m, len(source))) if test_samples else None
-    return Pool(source, np.arange(n)), Pool(source, np.arange(n, m)), len(bad), test
+    return Pool(source, np.arange(n)), Pool(source, np.arange(n, m)), 0, test
 
 
 def read_idx(path: str | Path) -> np.ndarray:

@@ -70,22 +70,33 @@ class DatasetSource(ImageSource):
 
 
 class FileSource(ImageSource):
-    """Image files with class indices (the listing of an ImageFolder)."""
+    """Image files with class indices (the listing of an ImageFolder, or a CSV's rows).
+
+    `listed_at`: where each file was named, for messages (a CSV file and line, ``labels.csv:12``);
+    None when the path says it (an image folder).
+    """
 
     def __init__(self, samples: Sequence[tuple[str, int]], classes: list[str],
-                 multi_hot: np.ndarray | None = None) -> None:
+                 multi_hot: np.ndarray | None = None, listed_at: Sequence[str] | None = None) -> None:
         self.paths = [p for p, _ in samples]
         self.targets = np.asarray([t for _, t in samples], dtype=np.int64)
         self.classes = classes
         self.multi_hot = multi_hot
+        self.listed_at = list(listed_at) if listed_at is not None else None
 
     def load(self, i: int) -> Image.Image:
-        with open(self.paths[i], "rb") as f:
+        from ..files import open_regular
+
+        with open_regular(self.paths[i]) as f:  # a named pipe in place of an image must not hang a worker
             image = Image.open(f)
             return image.convert("RGB")
 
     def label(self, i: int) -> str:
         return self.paths[i]
+
+    def where(self, i: int) -> str:
+        """The file and, when a listing named it, where: ``img/3.png (labels.csv:12)``."""
+        return self.paths[i] if self.listed_at is None else f"{self.paths[i]} ({self.listed_at[i]})"
 
 
 @dataclass

@@ -72,6 +72,7 @@ def checkpoint_state(ctx: Context, epoch: int, best: Mapping[str, Any], rows: Se
         "best": dict(best),
         "rows": [dict(r) for r in rows],
         "spec": json.loads(json.dumps(ctx.spec.raw)),
+        "spec_resolved": ctx.spec.resolved_raw(),  # what spec.yaml holds: a resume from it is the same spec
     }
 
 
@@ -164,7 +165,11 @@ def check_resumable(state: Mapping[str, Any], spec: Spec, path: Path, run_dir: P
     theirs = state.get("spec")
     if isinstance(theirs, dict):  # a key added to the schema since the run started takes its default there too
         theirs = fill_defaults(theirs)
-    if theirs != mine:
+    resolved = state.get("spec_resolved")
+    if isinstance(resolved, dict):
+        resolved = fill_defaults(resolved)
+    # the spec as written (the same file again) or as spec.yaml keeps it (paths made absolute)
+    if theirs != mine and (resolved is None or resolved != spec.resolved_raw()):
         where = format_path(first_difference(theirs, mine))
         raise RunDirError(f"cannot resume: the spec differs from the one this run started with (at {where})",
                           origin=Origin.path(path), expected=f"the spec in {run_dir / 'spec.yaml'}", exit_code=2,

@@ -1,4 +1,4 @@
-"""MkDocs hook: the spec reference page, written from `surgery/schema.json` at build time.
+"""MkDocs hook: the spec reference page, written from `surgery/spec/schema.json` at build time.
 
 `reference/spec.md` holds an introduction and the marker ``<!-- spec-reference -->``; at build
 time the marker is replaced by one table per section of the schema (every key with its type,
@@ -192,5 +192,5 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
     if MARKER not in markdown:
         raise ValueError(f"{PAGE} lost its {MARKER} marker: the spec reference has nowhere to go")
     # the schema of this checkout (beside mkdocs.yml), whichever `surgery` is installed
-    path = Path(config["config_file_path"]).parent / "surgery" / "schema.json"
+    path = Path(config["config_file_path"]).parent / "surgery" / "spec" / "schema.json"
     return markdown.replace(MARKER, render_reference(json.loads(path.read_text(encoding="utf-8"))))

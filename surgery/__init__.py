@@ -17,13 +17,13 @@ from .spec import Spec, load_spec, schema
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .builder import Built, build
+    from .model.builder import Built, build
     from .validation import validate
 
 
 def __getattr__(name: str) -> Any:
     if name in ("build", "Built"):
-        from . import builder as _builder
+        from .model import builder as _builder
 
         return getattr(_builder, name)
     if name == "validate":

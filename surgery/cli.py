@@ -2,7 +2,7 @@
 export, report, compare.
 
 Each command is a small function from parsed arguments to the library call that does the work
-(`surgery.train.command.run_specs`, `surgery.predict.predict_command`, ...), which takes plain
+(`surgery.train.command.run_specs`, `surgery.deploy.predict.predict_command`, ...), which takes plain
 arguments. torch is imported only by the commands that need it, so `surgery --help` and
 `surgery schema` answer at once. Any `UserError` prints a few located lines, without a
 traceback, and exits with its exit code (2 for a mistake in what was asked).
@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from .errors import Origin, UsageError, UserError
 
 EXIT_SPEC_ERROR = 2
-# `surgery explain --method` (surgery.explain.METHODS, kept here so `--help` needs no torch)
+# `surgery explain --method` (surgery.explain.command.METHODS, kept here so `--help` needs no torch)
 _CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcam-elementwise", "eigencam",
                 "eigengradcam", "scorecam", "ablationcam")
 WEIGHTS = ["final", "best", "ema"]
@@ -195,7 +195,7 @@ def _spec_for_target(target: str, overrides: Sequence[str], input_size: int | No
     data = {"model": {"backbone": target, "pretrained": False}}
     spec = load_spec(data, overrides)
     if input_size is None:
-        from .backbones import create_backbone
+        from .model.backbones import create_backbone
 
         size = create_backbone(spec).data_config.get("input_size", (3, 224, 224))[-1]
     else:
@@ -218,15 +218,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                          expected="a spec file or a backbone id such as timm:resnet50")
     spec, is_spec = _spec_for_target(args.target, args.overrides, args.input_size)
     print_warnings(spec)
-    from .builder import build
-    from .views import groups_table, module_records, module_tree, report_table, schedule_rich
+    from .model.builder import build
+    from .model.views import groups_table, module_records, module_tree, report_table, schedule_rich
 
     built = build(spec)
     if args.json:
         sys.stdout.write(json.dumps(module_records(built), indent=1) + "\n")
         return 0
     if args.schedule:
-        from .schedule import schedule_table
+        from .train.schedule import schedule_table
 
         note = "plateau: lr drops by a factor when val loss stalls" if spec.train.scheduler.name == "plateau" else ""
         if any(g.unfreeze_rule is not None for g in spec.groups):
@@ -296,7 +296,7 @@ def _validate_sweep(path: str, args: argparse.Namespace, console: Any) -> None:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from .spec_schema import schema
+    from .spec.schema import schema
 
     text = json.dumps(schema("sweep" if args.sweep else "spec"), indent=2) + "\n"
     if args.output is None:
@@ -341,35 +341,35 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from .lr_find import lr_find_command
+    from .train.lr_find import lr_find_command
 
     return lr_find_command(args.spec, args.overrides, stage=args.stage, steps=args.steps, start=args.start,
                            end=args.end, out=args.out, device=args.device)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import predict_command
+    from .deploy.predict import predict_command
 
     return predict_command(args.run_dir, args.paths, topk=args.topk, as_json=args.json, batch_size=args.batch_size,
                            device=args.device, weights=args.weights)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_command
+    from .evaluate.command import evaluate_command
 
     return evaluate_command(args.run_dir, split=args.split, data=args.data, tta=args.tta, weights=args.weights,
                             as_json=args.json, batch_size=args.batch_size, device=args.device)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from .explain import explain_command
+    from .explain.command import explain_command
 
     return explain_command(args.run_dir, args.images, layer=args.layer, class_name=args.class_name,
                            method=args.method, out=args.out, device=args.device)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_command
+    from .deploy.export import export_command
 
     return export_command(args.run_dir, args.format, args.out, args.weights)
 
@@ -379,7 +379,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     from rich.markup import escape
 
-    from .report import check_run_dir, write_report
+    from .pages.run_page import check_run_dir, write_report
 
     for run_dir in args.run_dirs:  # every folder checked before any page is written
         check_run_dir(Path(run_dir))
@@ -389,7 +389,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare_command
+    from .pages.compare import compare_command
 
     return compare_command(args.run_dirs, out=args.out, as_json=args.json, as_markdown=args.markdown,
                            console=_console())

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .spec import Spec, load_spec
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .builder import Built
+    from .model.builder import Built
 
 
 @dataclass(frozen=True)
@@ -45,14 +45,14 @@ class Validation(tuple):
 
 
 def _check_trackers(spec: Spec) -> Iterable[str]:
-    from .trackers import check_available
+    from .train.trackers import check_available
 
     check_available(spec)  # the packages `log:` needs (found, not imported: no torch)
     return ()
 
 
 def _check_training(spec: Spec, built: Built) -> Iterable[str]:
-    from .checks import check_training
+    from .train.checks import check_training
 
     return check_training(spec, built)  # optimizer, transforms, data against the model, device
 
@@ -116,12 +116,12 @@ def validate(
         if check.needs_model and not against_model:
             continue
         if check.needs_model and built is None:
-            from .builder import build  # torch only once the spec itself is sound
+            from .model.builder import build  # torch only once the spec itself is sound
 
             built = build(loaded, runs_root=runs_root)  # every pattern, group and weight resolved
         found(check.run(loaded, built) if check.needs_model else check.run(loaded))
     if against_model and built is None:  # no check needs the model: it is still built, to resolve the spec
-        from .builder import build
+        from .model.builder import build
 
         built = build(loaded, runs_root=runs_root)
     return Validation(warnings, loaded, built)

@@ -1,4 +1,4 @@
-"""surgery.backbones: torchvision and timm models, their heads, and `pretrained: true` through the
+"""surgery.model.backbones: torchvision and timm models, their heads, and `pretrained: true` through the
 libraries' own caches, offline (weights are planted in temporary caches; the network is never used)."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.hub
 from safetensors.torch import save_file
 
 from surgery import SpecError, build, load_spec
-from surgery.backbones import create_backbone
+from surgery.model.backbones import create_backbone
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from surgery import build, load_spec
-from surgery.insert import Inserted
+from surgery.model.insert import Inserted
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

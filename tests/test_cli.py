@@ -267,9 +267,9 @@ def test_inspect_depth_one(good: Path, capsys: pytest.CaptureFixture) -> None:
 
 
 def test_inspect_schedule(good: Path, capsys: pytest.CaptureFixture) -> None:
-    schedule = pytest.importorskip("surgery.schedule")
+    schedule = pytest.importorskip("surgery.train.schedule")
     if not hasattr(schedule, "schedule_table"):
-        pytest.skip("surgery.schedule.schedule_table is not written yet")
+        pytest.skip("surgery.train.schedule.schedule_table is not written yet")
     assert main(["inspect", str(good), "--schedule"]) == 0
     out = capsys.readouterr().out
     assert "epoch" in out and "frozen" in out

@@ -16,7 +16,7 @@ import yaml
 
 from browser import assert_not_blank, keep_screenshot, page_text, render
 from surgery.cli import main
-from surgery.compare import aggregate, collect, read_run, shared_name, spec_difference, to_json, to_markdown, write_html
+from surgery.pages.compare import aggregate, collect, read_run, shared_name, spec_difference, to_json, to_markdown, write_html
 from surgery.errors import UsageError
 from surgery.runs import read_metrics
 
@@ -219,7 +219,7 @@ def test_run_folders_are_linked_as_folders_never_as_urls(tiny_run: Path, tmp_pat
 
 def test_every_link_in_the_templates_goes_through_the_href_filter() -> None:
     """One helper for every page: a template that writes href="{{ x }}" without it fails here."""
-    folder = Path(__file__).resolve().parent.parent / "surgery" / "templates"
+    folder = Path(__file__).resolve().parent.parent / "surgery" / "pages" / "templates"
     for template in folder.glob("*.j2"):
         for value in re.findall(r'href="(\{\{[^"]*)"', template.read_text()):
             assert re.fullmatch(r"\{\{ [^|}]+ \| href \}\}", value), f"{template.name}: href={value}"
@@ -243,7 +243,7 @@ def test_run_names_and_folders_reach_the_terminal_as_text(tiny_run: Path, tmp_pa
 def test_identical_curves_of_different_variants_all_show(runs: dict[str, Path]) -> None:
     """The fixture's runs are copies of one run: every variant has the same curve. Each still shows,
     with its own marker and points of its own, and the legend names each one."""
-    from surgery.compare import curves_figure
+    from surgery.pages.compare import curves_figure
 
     variants = aggregate(collect(runs.values()))
     fig = curves_figure(variants)

@@ -95,8 +95,8 @@ def test_compile_recompiles_once_at_the_unfreeze_and_the_body_then_trains(device
 def test_an_interrupted_run_resumes_and_then_predicts_and_exports(device, tmp_path, one_thread):
     from PIL import Image
 
-    from surgery.export import export_run
-    from surgery.predict import load_run, predict
+    from surgery.deploy.export import export_run
+    from surgery.deploy.predict import load_run, predict
 
     spec = spec_on(device, precision="bf16" if device == "cuda" else "fp32")
     out = tmp_path / "run"

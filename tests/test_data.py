@@ -391,7 +391,7 @@ def test_balanced_sampler_evens_the_classes_is_seeded_per_epoch_and_resumable() 
 
 def test_balance_with_a_class_without_training_images_warns_and_weighs_it_zero() -> None:
     from surgery import build
-    from surgery.checks import check_training
+    from surgery.train.checks import check_training
     from surgery.data import class_weights
 
     spec = load_spec({"model": {"backbone": "timm:resnet10t", "num_classes": 10},

@@ -22,7 +22,7 @@ from torch import nn
 
 from surgery import load_spec
 from surgery.data import make_loader
-from surgery.distributed import convert_sync_bn, fingerprint, trained_norms, unused_parameters
+from surgery.train.distributed import convert_sync_bn, fingerprint, trained_norms, unused_parameters
 from surgery.runs import load_safetensors, read_metrics
 
 SPEC = {
@@ -44,7 +44,7 @@ WORKER = textwrap.dedent("""
     torch.set_num_threads(1)
     from rich.console import Console
 
-    import surgery.distributed as distributed
+    import surgery.train.distributed as distributed
     import surgery.train.runner as train  # run() and the prepare() it calls
     from surgery import load_spec
     from surgery.cli import main
@@ -256,7 +256,7 @@ def test_accumulation_steps_skip_the_all_reduce(tmp_path):
     (DDP's no_sync on the others). One gloo process, the all-reduces counted by a comm hook."""
     import torch.distributed as dist
 
-    from surgery.distributed import DataParallel, Distributed
+    from surgery.train.distributed import DataParallel, Distributed
     from surgery.train import apply_trainable, prepare, train_epoch
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)

@@ -13,7 +13,7 @@ from runs import run_logged
 
 from surgery.errors import SpecError
 from surgery.runs import load_safetensors, read_metrics
-from surgery.schedule import EarlyStop, Watch
+from surgery.train.schedule import EarlyStop, Watch
 from surgery.spec import MonitorSpec, load_spec
 
 WATCHES = [  # (monitor, min_delta, values, the epoch it fires at or None, best epoch)

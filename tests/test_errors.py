@@ -454,7 +454,7 @@ def test_malformed_spec(case: Case, tmp_path: Path, weight_files: dict[str, Path
     spec_file.write_text(text, encoding="utf-8")
 
     if case.build:
-        from surgery.builder import build
+        from surgery.model.builder import build
 
         spec = load_spec(spec_file, case.overrides)  # valid as far as the schema can tell
         with pytest.raises(SpecError) as info:
@@ -519,7 +519,7 @@ def test_dict_spec_errors_carry_the_key_path_and_no_line(data: dict, path: str, 
 
 
 def test_dict_spec_semantic_error_carries_the_key_path() -> None:
-    from surgery.builder import build
+    from surgery.model.builder import build
 
     spec = load_spec({"model": {"backbone": "torchvision:resnet18", "num_classes": 10}, "data": {"image_size": 32},
                       "surgery": [{"insert": "cbam", "at": ["layer1", "layr2"]}]})

@@ -21,9 +21,9 @@ from surgery.cli import main
 from surgery.data import build_data, eval_transform, normalize
 from surgery.data.transforms import TTAViews
 from surgery.errors import SpecError
-from surgery.evaluate import calibration, folder_name
-from surgery.evaluate_plots import mistakes_png
-from surgery.predict import load_run
+from surgery.evaluate.command.command import calibration, folder_name
+from surgery.evaluate.command.plots import mistakes_png
+from surgery.deploy.predict import load_run
 from surgery.train import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,7 +80,7 @@ def _lines(path: Path) -> list[dict]:
 
 
 def _independent_predictions(run_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(dataset indices, true labels, softmax) of a split, made without `surgery.evaluate`: the split
+    """(dataset indices, true labels, softmax) of a split, made without `surgery.evaluate.command`: the split
     rebuilt by build_data, its items read through the training pipeline's own dataset."""
     loaded = load_run(run_dir)
     bundle = build_data(loaded.spec, loaded.data_config)
@@ -219,7 +219,7 @@ def test_every_png_is_written_and_readable(evaluated):
 
 # --------------------------------------------------------------------------- weights
 def test_weights_choose_the_file_and_ema_needs_a_run_that_kept_one(evaluated, tiny_run, capsys):
-    from surgery.predict import locate_run
+    from surgery.deploy.predict import locate_run
     from surgery.runs import load_safetensors
 
     fresh = evaluated[0]
@@ -265,7 +265,7 @@ def test_a_folder_is_matched_by_class_name_and_scored_like_the_split(fresh, labe
     assert (fresh / "eval" / name / "metrics.json").is_file()
     assert "broken.png" in err and [s["path"].endswith("broken.png") for s in metrics["skipped"]] == [True]
     # the same images through `predict`, which shares nothing with evaluate but load_run
-    from surgery.predict import predict
+    from surgery.deploy.predict import predict
 
     loaded = load_run(fresh)
     paths = sorted(p for p in data.rglob("*.png") if p.name != "broken.png")
@@ -369,7 +369,7 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(case, test_run, tiny_r
 
 def test_a_failure_while_writing_keeps_the_previous_results(tmp_path, monkeypatch):
     import surgery.files as rundir  # the file layer every writer goes through
-    from surgery.evaluate import write_folder
+    from surgery.evaluate.command.command import write_folder
 
     folder = tmp_path / "run" / "eval" / "test"
     write_folder(folder, {"metrics.json": b"old", "predictions.jsonl": b"old", "confusion.png": b"old"})

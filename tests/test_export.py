@@ -13,8 +13,8 @@ from rich.console import Console
 
 from surgery import load_spec
 from surgery.cli import main
-from surgery.export import ExportFailed, export_run
-from surgery.predict import load_run
+from surgery.deploy.export import ExportFailed, export_run
+from surgery.deploy.predict import load_run
 from surgery.train import run
 
 # inserts both inside a leaf (MaxPool2d: its class is swapped at run time) and inside Sequentials
@@ -93,7 +93,7 @@ def test_a_missing_exporter_package_says_what_to_install(run_dir, monkeypatch, c
 
 
 def test_an_export_that_does_not_match_is_not_written(loaded, tmp_path, monkeypatch):
-    from surgery import export
+    from surgery.deploy import export
 
     def fake_export(model, sample, path, notes):
         path.write_bytes(b"an export")

@@ -1,4 +1,4 @@
-"""surgery.groups: every parameter to exactly one group, first match wins, errors at the exact key path."""
+"""surgery.model.groups: every parameter to exactly one group, first match wins, errors at the exact key path."""
 from __future__ import annotations
 
 from typing import Any
@@ -6,7 +6,7 @@ from typing import Any
 import pytest
 
 from surgery import SpecError, build, load_spec
-from surgery.groups import NORM_TYPES, ResolvedGroup, resolve_groups
+from surgery.model.groups import NORM_TYPES, ResolvedGroup, resolve_groups
 
 # resnet18, 10 classes; CBAM after layer4 (a Sequential) and SE after layer4.0.bn2 (a swapped BatchNorm2d)
 SURGERY = [{"insert": "cbam", "at": "layer4"}, {"insert": "se", "at": "layer4.0.bn2"}]

@@ -20,7 +20,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from surgery import source
+from surgery.spec import source
 from surgery.errors import SpecError
 from surgery.spec import load_spec, schema
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from surgery import inherit
+from surgery.spec import inherit
 from surgery.cli import main
 from surgery.errors import SpecError
 from surgery.spec import load_spec
@@ -183,7 +183,7 @@ CASES = [
 def test_inheritance_mistakes_are_located(case: Case, tmp_path: Path) -> None:
     _write(tmp_path, case.files)
     if case.build:
-        from surgery.builder import build
+        from surgery.model.builder import build
 
         spec = load_spec(tmp_path / case.spec, case.overrides)
         with pytest.raises(SpecError) as info:
@@ -232,7 +232,7 @@ def test_the_merged_spec_is_held_to_the_size_of_one_file(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------- relative paths
 def test_a_relative_path_is_relative_to_the_file_that_wrote_it(tmp_path, monkeypatch):
-    from surgery.builder import build, weights_path
+    from surgery.model.builder import build, weights_path
 
     import timm
     from safetensors.torch import save_file

@@ -1,4 +1,4 @@
-"""surgery.insert: where inserted modules go, what they see, and the spec errors of surgery."""
+"""surgery.model.insert: where inserted modules go, what they see, and the spec errors of surgery."""
 from __future__ import annotations
 
 import pickle
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from surgery import SpecError, build, load_spec
-from surgery.backbones import create_backbone
-from surgery.insert import Inserted, attention_names, plan_surgery, probe, with_inserts
+from surgery.model.backbones import create_backbone
+from surgery.model.insert import Inserted, attention_names, plan_surgery, probe, with_inserts
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 TESTS = Path(__file__).parent

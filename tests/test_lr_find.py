@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from surgery import optim
+from surgery.train import optim
 from surgery.cli import main
 from surgery.errors import UsageError
-from surgery.lr_find import lr_find, multipliers, noise, set_lines, smooth, steepest, valley
+from surgery.train.lr_find import lr_find, multipliers, noise, set_lines, smooth, steepest, valley
 from surgery.spec import load_spec
 
 SPEC = {
@@ -140,7 +140,7 @@ def swept(tmp_path_factory, one_thread) -> tuple[Path, str, list[dict]]:
         with contextlib.redirect_stdout(out):
             from rich.console import Console
 
-            from surgery.lr_find import lr_find_command
+            from surgery.train.lr_find import lr_find_command
 
             code = lr_find_command(str(path), stage=0, steps=STEPS, out=str(folder / "out"),
                                    console=Console(file=out, width=300))

@@ -81,7 +81,7 @@ def test_metrics_are_scikit_learns() -> None:
 def test_a_short_run_reports_map_and_f1_and_predict_lists_labels(tmp_path: Path, capsys, monkeypatch) -> None:
     from sklearn.metrics import average_precision_score, f1_score
 
-    from surgery.predict import load_run
+    from surgery.deploy.predict import load_run
     from surgery.train import run
 
     csv = _write(tmp_path / "data")

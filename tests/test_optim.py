@@ -1,4 +1,4 @@
-"""surgery.optim: one optimizer from the start, frozen groups included, decay split timm's way."""
+"""surgery.train.optim: one optimizer from the start, frozen groups included, decay split timm's way."""
 from __future__ import annotations
 
 import pytest
@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from surgery.errors import SpecError
-from surgery.groups import ResolvedGroup
+from surgery.model.groups import ResolvedGroup
 from surgery.spec import OptimizerSpec
-from surgery.optim import _optimizer_kwargs, build_optimizer, build_param_groups, check_optimizer, set_lrs
-from surgery.schedule import lr_at, lrs_at, trainable_groups
+from surgery.train.optim import _optimizer_kwargs, build_optimizer, build_param_groups, check_optimizer, set_lrs
+from surgery.train.schedule import lr_at, lrs_at, trainable_groups
 from surgery.spec import load_spec
 
 

@@ -1,11 +1,11 @@
-"""surgery.paths: one path syntax, matched at dot boundaries; type selectors."""
+"""surgery.model.paths: one path syntax, matched at dot boundaries; type selectors."""
 from __future__ import annotations
 
 import pytest
 from torch import nn
 
-from surgery.insert import with_inserts
-from surgery.paths import covers, is_type, matches, nearest, select_modules, type_names
+from surgery.model.insert import with_inserts
+from surgery.model.paths import covers, is_type, matches, nearest, select_modules, type_names
 
 MATCHES = [
     # pattern, path, matches

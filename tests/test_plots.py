@@ -1,4 +1,4 @@
-"""surgery.plots: the one place a figure becomes a PNG, and a confusion matrix readable at 10 and 30 classes."""
+"""surgery.pages.plots: the one place a figure becomes a PNG, and a confusion matrix readable at 10 and 30 classes."""
 from __future__ import annotations
 
 import io
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from surgery.plots import confusion_figure, confusion_png, curves_png, figure, figure_png
+from surgery.pages.plots import confusion_figure, confusion_png, curves_png, figure, figure_png
 
 SURGERY = Path(__file__).resolve().parent.parent / "surgery"
 DPI = 110

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from surgery import load_spec
 from surgery.cli import main
-from surgery.predict import load_run
+from surgery.deploy.predict import load_run
 from surgery.runs import load_safetensors
 from surgery.train import run
 
@@ -76,7 +76,7 @@ def test_table_output_names_each_image_and_its_classes(run_dir, images, capsys):
 
 
 def test_predictions_match_the_model_on_the_runs_eval_transform(run_dir, images):
-    from surgery.predict import predict
+    from surgery.deploy.predict import predict
 
     loaded = load_run(run_dir)
     path = images / "digits" / "2.png"

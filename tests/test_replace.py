@@ -241,8 +241,8 @@ def run_dir(tmp_path_factory):
 def test_a_run_with_every_operation_reloads_predicts_and_exports(run_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from surgery.export import export_run
-    from surgery.predict import load_run
+    from surgery.deploy.export import export_run
+    from surgery.deploy.predict import load_run
 
     loaded = load_run(run_dir)
     assert loaded.mean == (0.449,) and len(loaded.std) == 1  # ImageNet's mean of three, one gray channel
@@ -268,8 +268,8 @@ def test_a_run_with_every_operation_exports_to_onnx(run_dir, tmp_path):
     match the trained model's (export_run compares them itself and fails past its tolerance)."""
     import onnxruntime
 
-    from surgery.export import export_run
-    from surgery.predict import load_run
+    from surgery.deploy.export import export_run
+    from surgery.deploy.predict import load_run
 
     loaded = load_run(run_dir)
     result = export_run(loaded, "onnx", tmp_path / "m.onnx")
@@ -283,7 +283,7 @@ def test_a_run_with_every_operation_exports_to_onnx(run_dir, tmp_path):
 
 
 def test_inspect_marks_replaced_and_removed_modules():
-    from surgery.views import module_records
+    from surgery.model.views import module_records
 
     built = build(load_spec({**RUN_SPEC, "train": {}, "data": {}}))
     records = {r["path"]: r for r in module_records(built)}

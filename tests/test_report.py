@@ -16,9 +16,9 @@ from rich.console import Console
 
 from browser import assert_not_blank, keep_screenshot, page_text, render
 from surgery.cli import main
-from surgery.report import data_uri, gather, write_report
+from surgery.pages.run_page import data_uri, gather, write_report
 from surgery.runs import read_metrics
-from surgery.schedule import schedule_table
+from surgery.train.schedule import schedule_table
 from surgery.spec import load_spec
 
 HOSTILE = "<script>alert(1)</script>"
@@ -241,7 +241,7 @@ WRONG = [b"", b"null", b"[]", b"\xff\xfe", b'[1, "a", null, {"png": 5}]',
                                   "eval/test/metrics.json", "explain/predictions.json"])
 def test_any_file_holding_anything_still_gives_a_page(tiny_run: Path, tmp_path: Path, name: str) -> None:
     """Empty, null, the wrong JSON type, not UTF-8, values of the wrong types: never a crash."""
-    from surgery.report import render_report
+    from surgery.pages.run_page import render_report
 
     run = _copy(tiny_run, tmp_path)
     _eval_and_explain(run)
@@ -318,12 +318,12 @@ def test_report_command_refuses_what_is_not_a_run(tiny_run: Path, tmp_path: Path
 
 
 def test_a_report_that_fails_is_a_warning_not_a_lost_run(tmp_path: Path, monkeypatch, one_thread) -> None:
-    import surgery.report
+    import surgery.pages.run_page
     from surgery.train import run
 
     def broken(run_dir):
         raise RuntimeError("template exploded")
-    monkeypatch.setattr(surgery.report, "write_report", broken)
+    monkeypatch.setattr(surgery.pages.run_page, "write_report", broken)
     out = io.StringIO()
     spec = load_spec({"name": "t", "model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False},
                       "train": {"epochs": 1, "batch_size": 8, "limit_batches": 1},
@@ -351,7 +351,7 @@ def test_report_renders_in_chromium(tiny_run: Path, tmp_path: Path) -> None:
 def test_a_group_unfrozen_by_a_rule_is_marked_at_the_epoch_it_really_unfroze():
     """An event rule's epoch is only in the record (metrics.jsonl's unfreeze_at), not in the spec."""
     from surgery import load_spec
-    from surgery.report import _epoch_table
+    from surgery.pages.run_page import _epoch_table
 
     spec = load_spec({"model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False},
                       "groups": [{"name": "head", "params": ["@head"], "unfreeze_at": 0},

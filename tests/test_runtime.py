@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from surgery.cli import _parser
-from surgery.runtime import choose_device
+from surgery.train.runtime import choose_device
 
 
 @pytest.mark.parametrize("flag, spec_device, cuda, mps, expected", [

@@ -1,4 +1,4 @@
-"""surgery.schedule: lr and trainability as pure functions of the spec and time."""
+"""surgery.train.schedule: lr and trainability as pure functions of the spec and time."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 from timm.scheduler import CosineLRScheduler, StepLRScheduler
 
-from surgery.schedule import (
+from surgery.train.schedule import (
     Plateau,
     global_factor,
     group_warmup,

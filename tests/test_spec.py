@@ -367,7 +367,7 @@ def test_schema_rejects_unknown_keys_everywhere() -> None:
 def test_schema_is_shipped_inside_the_package() -> None:
     from importlib import resources
 
-    text = resources.files("surgery").joinpath("schema.json").read_text()
+    text = resources.files("surgery.spec").joinpath("schema.json").read_text()
     assert json.loads(text) == schema()
 
 
@@ -437,7 +437,7 @@ def test_shipped_specs_load_and_build(path: Path | None) -> None:
     if path is None:
         pytest.skip("no specs under specs/ or examples/ yet")
     spec = load_spec(path)
-    from surgery.builder import build
+    from surgery.model.builder import build
 
     # Weights the test cannot have (pretrained: true needs the network, run:NAME an earlier run,
     # pkg:... an installed package) are swapped for random ones: surgery targets and groups are

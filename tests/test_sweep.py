@@ -26,7 +26,7 @@ optuna = pytest.importorskip("optuna")
 from rich.console import Console  # noqa: E402
 
 from surgery.errors import SpecError  # noqa: E402
-from surgery.source import parse_key_path  # noqa: E402
+from surgery.spec.source import parse_key_path  # noqa: E402
 from surgery.sweep import check_variants, open_storage, sweep_command  # noqa: E402
 from surgery.sweep.file import load_sweep  # noqa: E402
 

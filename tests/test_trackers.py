@@ -19,7 +19,7 @@ from rich.console import Console
 from surgery import load_spec
 from surgery.cli import main
 from surgery.runs import read_metrics
-from surgery.trackers import RECORD, Trackers, flatten, metrics_csv, scalars, spec_params
+from surgery.train.trackers import RECORD, Trackers, flatten, metrics_csv, scalars, spec_params
 from surgery.train import TrainingStopped, run
 
 SPEC = {

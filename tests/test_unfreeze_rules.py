@@ -22,10 +22,10 @@ from rich.console import Console
 from surgery.cli import main
 from surgery.errors import SpecError
 from surgery.runs import load_safetensors, read_metrics
-from surgery.schedule import Unfreezing, earliest_epochs, schedule_table, unfreeze_epochs, unfreeze_events
+from surgery.train.schedule import Unfreezing, earliest_epochs, schedule_table, unfreeze_epochs, unfreeze_events
 from surgery.spec import load_spec
 from surgery.train import TrainingStopped
-from surgery.views import schedule_rich
+from surgery.model.views import schedule_rich
 
 MARK = "# <-"
 TIMING = ("images_per_sec", "seconds", "data_wait_fraction")

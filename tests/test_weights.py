@@ -1,4 +1,4 @@
-"""surgery.weights: weight files in every usual shape, key maps, and a load report that accounts for every tensor."""
+"""surgery.model.weights: weight files in every usual shape, key maps, and a load report that accounts for every tensor."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from surgery import SpecError, build, load_spec
-from surgery.weights import LoadReport
+from surgery.model.weights import LoadReport
 
 SURGERY = [{"insert": "se", "at": "layer1"}, {"insert": "cbam", "at": "layer*.*.bn2"}]
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from ..backbones import IMAGENET_MEAN, IMAGENET_STD
+from ..model.backbones import IMAGENET_MEAN, IMAGENET_STD
 from ..spec import Spec
 from .datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, dataset_names, pools, read_idx
 from .scan import check_files

@@ -16,7 +16,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, get_worker_info
 
-from ..images import UNREADABLE  # noqa: F401 - the one list; datasets.py imports it from here
+from .images import UNREADABLE  # noqa: F401 - the one list; datasets.py imports it from here
 
 
 log = logging.getLogger(__name__)

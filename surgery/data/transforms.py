@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..backbones import IMAGENET_MEAN, IMAGENET_STD
+from ..model.backbones import IMAGENET_MEAN, IMAGENET_STD
 from ..spec import Spec
 
 

@@ -9,19 +9,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 import torch
 from PIL import Image
 from torch import nn
 
 from ..errors import Origin, UsageError, describe_exception
-from . import layout
+from .layout import SPEC, WEIGHT_CHOICES
 
 if TYPE_CHECKING:
-    from ..builder import Built
+    from ..model.builder import Built
     from ..spec import Spec
-    from .reader import Run
+
+
+class TrainedRun(Protocol):
+    """What loading needs of a run: `reader.Run` is one (typed here without importing the reader,
+    which imports this module when `Run.load` is called)."""
+
+    path: Path
+
+    def file(self, name: str) -> Path: ...
+
+    def require_trained(self, weights: str | None = None) -> tuple[Path, str | None]: ...
+
+    def require_classes(self, num_classes: int) -> list[str]: ...
 
 # the spec's weight source is replaced by the run's own weights: none of these may touch them
 REBUILD_OVERRIDES = ("model.pretrained=false", "model.key_map=null", "model.checkpoint_key=null",
@@ -50,7 +62,7 @@ class LoadedRun:
     weights: Path
     device: torch.device
     note: str | None = None
-    run: Run | None = field(default=None, repr=False)
+    run: TrainedRun | None = field(default=None, repr=False)
     _transform: Callable[[Image.Image], torch.Tensor] | None = field(default=None, repr=False)
 
     @property
@@ -72,20 +84,20 @@ class LoadedRun:
     def weights_kind(self) -> str:
         """final, best or ema; the file's path in the run for a file of no choice."""
         relative = self.weights.relative_to(self.run_dir).as_posix()
-        return next((k for k, v in layout.WEIGHT_CHOICES.items() if v == relative), relative)
+        return next((k for k, v in WEIGHT_CHOICES.items() if v == relative), relative)
 
 
-def load(run: Run, device: Any = None, weights: str | None = None) -> LoadedRun:
+def load(run: TrainedRun, device: Any = None, weights: str | None = None) -> LoadedRun:
     """`Run.load`: see there."""
-    from ..builder import build
+    from ..model.builder import build
     from ..data import normalization
     from ..spec import load_spec
     from .writer import load_safetensors
 
-    from ..runtime import device_for
+    from ..train.runtime import device_for
 
     path, note = run.require_trained(weights)
-    spec = load_spec(run.file(layout.SPEC), REBUILD_OVERRIDES)
+    spec = load_spec(run.file(SPEC), REBUILD_OVERRIDES)
     target = device_for(spec, None if device is None else str(device))  # None: the run's recorded train.device
     try:
         state = load_safetensors(path)
@@ -125,7 +137,7 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path,
         raise UsageError(f"{path.name} does not hold the weights of the model its spec.yaml builds "
                          f"({'; '.join(p.split(':')[0] for p in parts)} tensors)", origin=Origin.path(path),
                          found="; ".join(parts), expected=f"exactly the {len(expected)} tensors of the model "
-                         f"{run_dir / layout.SPEC} describes", hint="the file was replaced or belongs to another run: "
+                         f"{run_dir / SPEC} describes", hint="the file was replaced or belongs to another run: "
                          "restore the run's own weights, or re-run the training") from None
     model.load_state_dict(dict(state), strict=True)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import Origin, RunDirError, UsageError, UserError, describe_exception, did_you_mean
-from . import layout
+from .layout import CLASSES, DEFAULT_WEIGHTS, METRICS, SPEC, SPLITS, SUMMARY, WEIGHT_CHOICES, headline
 
 if TYPE_CHECKING:
     from .loaded import LoadedRun
@@ -213,7 +213,7 @@ class Run:
     # ----------------------------------------------------------------------- what the run holds
     @functools.cached_property
     def spec_text(self) -> str | None:
-        return self.text(self.file(layout.SPEC))
+        return self.text(self.file(SPEC))
 
     @functools.cached_property
     def spec(self) -> Any:
@@ -222,7 +222,7 @@ class Run:
 
         if self.spec_text is None:
             return None
-        path = self.file(layout.SPEC)
+        path = self.file(SPEC)
         try:
             return load_spec(path)
         except UserError as exc:
@@ -231,12 +231,12 @@ class Run:
 
     @functools.cached_property
     def summary(self) -> dict[str, Any]:
-        return self.json(self.file(layout.SUMMARY)) or {}
+        return self.json(self.file(SUMMARY)) or {}
 
     @functools.cached_property
     def metrics(self) -> list[dict[str, Any]]:
         """metrics.jsonl's epoch records (a torn last line is ignored; other lines are a problem)."""
-        path = self.file(layout.METRICS)
+        path = self.file(METRICS)
         refused = inside(self.path, path) if path.is_file() else None
         if refused is not None:
             self.note(path, refused)
@@ -253,7 +253,7 @@ class Run:
 
     @functools.cached_property
     def classes(self) -> list[str] | None:
-        classes = self.json(self.file(layout.CLASSES), list)
+        classes = self.json(self.file(CLASSES), list)
         return None if classes is None else [str(c) for c in classes]
 
     @functools.cached_property
@@ -264,13 +264,13 @@ class Run:
 
     @property
     def metric(self) -> str:
-        """The headline metric (`layout.headline`): val_map for a multi-label run, else val_acc."""
-        return layout.headline(self.multi_label)
+        """The headline metric (`headline`): val_map for a multi-label run, else val_acc."""
+        return headline(self.multi_label)
 
     @property
     def weights(self) -> dict[str, Path | None]:
         """Each `--weights` choice's file, None where it is missing."""
-        return {k: (self.file(v) if self.has(v) else None) for k, v in layout.WEIGHT_CHOICES.items()}
+        return {k: (self.file(v) if self.has(v) else None) for k, v in WEIGHT_CHOICES.items()}
 
     @property
     def missing_weights(self) -> list[str]:
@@ -283,7 +283,7 @@ class Run:
 
     def require_run(self) -> "Run":
         """Raise unless the folder holds a run's spec.yaml or metrics.jsonl (finished or not)."""
-        if not self.has(layout.SPEC) and not self.has(layout.METRICS):
+        if not self.has(SPEC) and not self.has(METRICS):
             raise UsageError("the folder is not a run directory: it has no spec.yaml and no metrics.jsonl",
                              origin=Origin.path(self.path), expected="a run directory written by `surgery run`",
                              hint=_TRAIN_HINT)
@@ -295,33 +295,33 @@ class Run:
 
         Args:
             weights: None (the final weights, else the best epoch's with a note), or one of
-                `layout.WEIGHT_CHOICES` (final, best, ema), which must then be there.
+                `WEIGHT_CHOICES` (final, best, ema), which must then be there.
 
         Raises:
             UsageError: no spec.yaml, no weights, an unknown choice or a missing file (naming what to do).
         """
-        spec_path = self.file(layout.SPEC)
+        spec_path = self.file(SPEC)
         if not spec_path.is_file():
             raise self._error("the run directory has no spec.yaml", found=str(spec_path),
                               expected="a run directory written by `surgery run` "
                                        "(spec.yaml, model.safetensors, classes.json)")
         if weights is not None:
             return self._chosen(weights), None
-        for i, name in enumerate(layout.DEFAULT_WEIGHTS):
+        for i, name in enumerate(DEFAULT_WEIGHTS):
             path = self.file(name)
             if path.is_file():
                 note = None
                 if i:
-                    note = (f"{self.file(layout.DEFAULT_WEIGHTS[0])} is missing (the run did not finish?); "
+                    note = (f"{self.file(DEFAULT_WEIGHTS[0])} is missing (the run did not finish?); "
                             f"using the best epoch's weights, {path}")
                 return path, note
         raise self._error("the run directory holds no trained weights",
-                          found="no " + " and no ".join(str(self.file(n)) for n in layout.DEFAULT_WEIGHTS),
+                          found="no " + " and no ".join(str(self.file(n)) for n in DEFAULT_WEIGHTS),
                           expected="a run directory written by `surgery run`",
                           hint=f"finish or resume the run: surgery run {spec_path} --out {self.path} --resume")
 
     def _chosen(self, weights: str) -> Path:
-        choices = layout.WEIGHT_CHOICES
+        choices = WEIGHT_CHOICES
         flag = Origin.flag("--weights", weights)
         if weights not in choices:
             raise UsageError(f"unknown weights {weights!r}", origin=flag, found=repr(weights),
@@ -329,7 +329,7 @@ class Run:
         path = self.file(choices[weights])
         if path.is_file():
             return path
-        spec_path = self.file(layout.SPEC)
+        spec_path = self.file(SPEC)
         if weights == "ema":
             hint = ("the run kept no EMA of its weights (train.ema is null); train with train.ema: 0.999 to keep one"
                     if not self._keeps_ema() else
@@ -353,13 +353,13 @@ class Run:
         import yaml
 
         try:
-            return yaml.safe_load(read_text(self.file(layout.SPEC)))
+            return yaml.safe_load(read_text(self.file(SPEC)))
         except (Unreadable, yaml.YAMLError, RecursionError):
             return None
 
     def require_classes(self, num_classes: int) -> list[str]:
         """classes.json, checked against the model's outputs (label numbers when there is none)."""
-        path = self.file(layout.CLASSES)
+        path = self.file(CLASSES)
         if not path.exists():
             return [str(i) for i in range(num_classes)]  # an older or hand-made run: labels are the names
         try:
@@ -377,14 +377,14 @@ class Run:
     def written_classes(self) -> list[str] | None:
         """classes.json as written, or None (missing or malformed: `load` then decides and words it)."""
         try:
-            classes = read_json(self.file(layout.CLASSES))
+            classes = read_json(self.file(CLASSES))
         except Unreadable:
             return None
         return [str(c) for c in classes] if isinstance(classes, list) else None
 
     def require_splits(self) -> dict[str, Any] | None:
         """splits.json, or None for a run made before it existed (nothing is then checked)."""
-        path = self.file(layout.SPLITS)
+        path = self.file(SPLITS)
         if not path.is_file():
             return None
         try:
@@ -401,26 +401,26 @@ class Run:
         Raises:
             UsageError: not a run, not finished, stopped, or a file that cannot be read.
         """
-        path = self.file(layout.SUMMARY)
+        path = self.file(SUMMARY)
         if not path.is_file():
-            if not self.has(layout.SPEC) and not self.has(layout.METRICS):
+            if not self.has(SPEC) and not self.has(METRICS):
                 raise UsageError("the folder is not a run directory: it has no spec.yaml and no summary.json",
                                  origin=Origin.path(self.path),
                                  expected="a finished run directory written by `surgery run`",
                                  hint="pass the run directories themselves, e.g. runs/NAME, not the folder above them")
-            raise self._not_finished(f"the run has not finished: it has no {layout.SUMMARY}", found=str(path))
+            raise self._not_finished(f"the run has not finished: it has no {SUMMARY}", found=str(path))
         try:
             summary = read_json(path)
         except Unreadable as exc:
-            raise self._not_finished(f"{layout.SUMMARY} cannot be read: {exc.reason}", found=str(path),
+            raise self._not_finished(f"{SUMMARY} cannot be read: {exc.reason}", found=str(path),
                                      hint=None) from None
         if not isinstance(summary, dict) or summary.get("stopped") or "best_val_acc" not in summary:
             stopped = summary.get("stopped") if isinstance(summary, dict) else None
-            raise self._not_finished(f"{layout.SUMMARY} is not a finished run's"
+            raise self._not_finished(f"{SUMMARY} is not a finished run's"
                                      + (f" (the run stopped: {stopped})" if stopped else ""), found=str(path), hint=None)
         import yaml
 
-        spec_path = self.file(layout.SPEC)
+        spec_path = self.file(SPEC)
         try:
             spec = yaml.safe_load(read_text(spec_path))
         except Unreadable as exc:
@@ -441,16 +441,16 @@ class Run:
         Raises:
             UsageError: the file cannot be read or is not UTF-8.
         """
-        path = self.file(layout.METRICS)
+        path = self.file(METRICS)
         try:
             return metrics_rows(path)
         except Unreadable as exc:
-            raise self._not_finished(f"{layout.METRICS} cannot be read: {exc.reason}", found=str(path),
+            raise self._not_finished(f"{METRICS} cannot be read: {exc.reason}", found=str(path),
                                      hint=None) from None
 
     def _not_finished(self, problem: str, **kw: Any) -> UsageError:
         kw.setdefault("expected", "a finished run directory (written by `surgery run`, with summary.json)")
-        kw.setdefault("hint", f"finish it with `surgery run {self.file(layout.SPEC)} --out {self.path} --resume`, "
+        kw.setdefault("hint", f"finish it with `surgery run {self.file(SPEC)} --out {self.path} --resume`, "
                               "or leave it out")
         return UsageError(problem, origin=Origin.path(self.path), **kw)
 

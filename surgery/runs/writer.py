@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from ..errors import Origin, RunDirError
 from ..files import (atomic_write_bytes, check_writable, jsonable, make_staging, remove_temporaries, swap_in,  # noqa: F401
                      write_json, write_text)
-from . import layout
+from .layout import LAST
 
 if TYPE_CHECKING:  # torch is imported where tensors are written: reports and comparisons write text without it
     import torch
@@ -69,7 +69,7 @@ class RunDir:
 
     @property
     def checkpoint(self) -> Path:
-        return self.folder / layout.LAST
+        return self.folder / LAST
 
     @property
     def started(self) -> bool:

@@ -8,7 +8,7 @@ Optuna study deciding which worker trains which variant.
       work / spawn         N workers take queued trials until none is left; each trains
                            runs/<sweep>/<variant>/ (worker.py)
       report               sweep.json and a per-trial list
-      write_comparison     the finished variants compared (surgery.compare: mean ± std over seeds,
+      write_comparison     the finished variants compared (surgery.pages.compare: mean ± std over seeds,
                            best first): comparison.md, .json and .html
 
 The study and its storage: study.py; the workers: worker.py; the sweep file: file.py.
@@ -120,10 +120,10 @@ def report(sweep: Sweep, study: Any, folder: Path, storage_url: str) -> dict[str
 
 
 def write_comparison(folder: Path, data: Mapping[str, Any]) -> list[Any]:
-    """The variants that finished, compared (`surgery.compare`: mean ± std over the seeds of each
+    """The variants that finished, compared (`surgery.pages.compare`: mean ± std over the seeds of each
     label, best first) into comparison.md, comparison.json and comparison.html in the sweep's
     folder; return the variants compared (empty when none has finished yet)."""
-    from ..compare import aggregate, collect, to_json, to_markdown, write_html
+    from ..pages.compare import aggregate, collect, to_json, to_markdown, write_html
     from ..files import write_text
 
     done = {v["run_dir"]: v["label"] for v in data["variants"] if v["state"] == "COMPLETE"}
@@ -255,7 +255,7 @@ def sweep_command(path: str, *, workers: int = 1, storage: str | None = None, ou
         say(f"wrote {folder / 'sweep.json'}")
         variants = write_comparison(folder, data)
         if variants:
-            from ..compare import to_markdown, to_table
+            from ..pages.compare import to_markdown, to_table
 
             # a table drawn for the terminal; piped or logged, the Markdown (a fixed 80-column table wraps every cell)
             if console.is_terminal:

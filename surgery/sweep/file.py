@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import Origin, SpecError, did_you_mean, quote_value
-from ..source import Override, Source, name_from_file, parse_key_path, parse_yaml, read_spec_text
-from ..spec_schema import check_schema, check_values, schema
+from ..spec.source import Override, Source, name_from_file, parse_key_path, parse_yaml, read_spec_text
+from ..spec.schema import check_schema, check_values, schema
 
 # summary.json figures a sweep can optimise, and which way
 OBJECTIVES: dict[str, str] = {

@@ -27,9 +27,9 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import Origin, RunDirError, describe_exception, format_path
-from ..runtime import rng_state, set_rng_state
+from .runtime import rng_state, set_rng_state
 from ..spec import Spec
-from ..spec_schema import fill_defaults
+from ..spec.schema import fill_defaults
 from .context import Context
 from .loop import EpochState
 

@@ -6,17 +6,17 @@ import shlex
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .. import distributed
+from .distributed import teardown, world_from_env
 from ..errors import RunDirError, SpecError, UserError
 from ..spec import Spec, load_spec
-from ..trackers import check_available
+from .trackers import check_available
 from . import runner
 from .loop import TrainingStopped
 
 
 def resume_command(paths: Sequence[str], out: str | None, overrides: Sequence[str], device: str | None) -> str:
     """The command line that resumes this `surgery run` (under torchrun, its torchrun line)."""
-    _, _, world_size = distributed.world_from_env()
+    _, _, world_size = world_from_env()
     if world_size > 1:
         per_node = os.environ.get("LOCAL_WORLD_SIZE", str(world_size))
         head = ["torchrun", "--nproc_per_node", per_node]
@@ -49,7 +49,7 @@ def run_specs(paths: Sequence[str], *, out: str | None = None, overrides: Sequen
     from rich.markup import escape
 
     console = console or Console(highlight=False)
-    main = distributed.world_from_env()[0] == 0
+    main = world_from_env()[0] == 0
     hint = resume_command(paths, out, overrides, device)
     try:
         specs = [load_spec(p, overrides) for p in paths]
@@ -81,5 +81,5 @@ def run_specs(paths: Sequence[str], *, out: str | None = None, overrides: Sequen
             raise
         return exc.exit_code  # rank 0 says it
     finally:
-        distributed.teardown()
+        teardown()
     return 0

@@ -9,15 +9,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .. import distributed
-from ..builder import Built, build
-from ..cache import FeatureCache
-from ..checks import check_compile, data_for
+from .distributed import broadcast_state, convert_sync_bn, setup
+from ..model.builder import Built, build
+from .cache import FeatureCache
+from .checks import check_compile, data_for
 from ..data import DataBundle, class_weights, make_loader, pos_weights
-from ..distributed import DataParallel, Distributed
-from ..optim import build_optimizer
-from ..runtime import Compiled, Runtime, make_runtime, seed_everything
-from ..schedule import EarlyStop, Plateau, Unfreezing
+from .distributed import DataParallel, Distributed
+from .optim import build_optimizer
+from .runtime import Compiled, Runtime, make_runtime, seed_everything
+from .schedule import EarlyStop, Plateau, Unfreezing
 from ..spec import Spec
 from .mixing import BatchAugment, train_criterion
 
@@ -65,12 +65,12 @@ def _place_model(spec: Spec, built: Built, runtime: Runtime, env: Distributed) -
     model = built.model
     if env.enabled and spec.train.sync_bn:
         if runtime.device.type == "cuda":
-            model = distributed.convert_sync_bn(model)  # same parameter objects: groups still hold
+            model = convert_sync_bn(model)  # same parameter objects: groups still hold
         elif env.is_main:
             log.warning("train.sync_bn: SyncBatchNorm needs CUDA; on the CPU each process keeps its own "
                         "BatchNorm statistics, averaged at the end of every epoch")
     model = model.to(runtime.device, memory_format=runtime.memory_format)
-    distributed.broadcast_state(model, env)
+    broadcast_state(model, env)
     return model
 
 
@@ -83,7 +83,7 @@ def prepare(spec: Spec, *, device: str | None = None, runs_root: Path | None = N
     """
     check_compile(spec)
     runtime = make_runtime(spec, device)
-    env = env if env is not None else distributed.setup(runtime.device)
+    env = env if env is not None else setup(runtime.device)
     # per-process streams for dropout and the like; rank 0 matches a single-process run
     seed_everything(spec.seed + env.rank)
     built = build(spec, runs_root=runs_root)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
-from ..cache import build_cache, cache_key, plan
+from .cache import build_cache, cache_key, plan
 from ..data import make_loader
 from .context import Context
 from .loop import images_to_device, set_train_mode

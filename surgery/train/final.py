@@ -12,10 +12,10 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from ..plots import plot_confusion, plot_curves
+from ..pages.plots import plot_confusion, plot_curves
 from ..runs.layout import CLASSES, CONFUSION, CURVES, EMA, FINAL, METRICS, REPORT, SUMMARY
 from ..runs.reader import read_metrics
-from ..schedule import unfreeze_events
+from .schedule import unfreeze_events
 from ..spec import Spec
 
 
@@ -40,7 +40,7 @@ def write_drawn_files(folder: Path, spec: Spec, say: Callable[..., None], only_m
     """
     from rich.markup import escape
 
-    from ..report import refresh_report
+    from ..pages.run_page import refresh_report
 
     folder = Path(folder)
     summary = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import distributed
+from .distributed import DataParallel, sync_buffers, trained_norms
 from ..data import normalize
-from ..groups import ResolvedGroup
-from ..modes import evaluating
-from ..optim import set_lrs
-from ..schedule import lrs_at, trainable_at
+from ..model.groups import ResolvedGroup
+from ..model.modes import evaluating
+from .optim import set_lrs
+from .schedule import lrs_at, trainable_at
 from .mixing import hard_labels
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -177,7 +177,7 @@ def optimizer_step(ctx: Context) -> None:
 
 
 def _call(forward: Callable, x: torch.Tensor, sync: bool) -> torch.Tensor:
-    if isinstance(forward, distributed.DataParallel):
+    if isinstance(forward, DataParallel):
         return forward(x, sync=sync)
     return forward(x)
 
@@ -286,8 +286,8 @@ def _epoch_result(ctx: Context, state: EpochState, *, stopped: bool) -> EpochRes
     env = ctx.dist
     if not stopped:
         # BatchNorm statistics moved per process; frozen norms (eval mode) are not touched
-        distributed.sync_buffers([ctx.model] + ([ctx.ema.module] if ctx.ema is not None else []),
-                                 distributed.trained_norms(ctx.model), env)
+        sync_buffers([ctx.model] + ([ctx.ema.module] if ctx.ema is not None else []),
+                                 trained_norms(ctx.model), env)
     totals = env.sum_(torch.tensor([state.loss_sum, state.correct, state.seen, state.skipped],
                                    dtype=torch.float64, device=env.device if env.enabled else "cpu")).tolist()
     loss_total, correct_total, seen_total, skipped_total = totals

@@ -6,7 +6,7 @@ Per-epoch decisions (which groups train, each group's lr) come from the pure fun
 (a plateau rule unfreezing a group, early stopping) is stepped once per epoch, after validation,
 and saved with that epoch.
 
-Under torchrun the same loop runs in every process (see `surgery.distributed`): batches are
+Under torchrun the same loop runs in every process (see `surgery.train.distributed`): batches are
 sharded, metrics are summed over processes, only rank 0 writes and prints, and the ranks'
 parameters are compared bit for bit after every epoch. ``train.batch_size`` is per process.
 """
@@ -22,17 +22,17 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from .. import distributed
+from .distributed import RanksDiverged, broadcast_state, diverged, setup
 from ..data import split_record
 from ..files import write_json, write_text
 from ..runs import layout
 from ..runs.reader import read_metrics
 from ..runs.writer import RunDir, load_safetensors, save_safetensors, save_torch, write_metrics
-from ..runtime import make_runtime
-from ..schedule import lrs_at
+from .runtime import make_runtime
+from .schedule import lrs_at
 from ..spec import Spec
-from ..trackers import Trackers
-from . import final as final_files
+from .trackers import Trackers
+from .final import write_drawn_files
 from .checkpoint import check_resumable, checkpoint_state, load_checkpoint, restore
 from .context import Context, prepare
 from .features import use_feature_cache
@@ -75,7 +75,7 @@ def run(spec: Spec, out_dir: Path, *, device: str | None = None, resume: bool = 
     from ..untrusted import Console
 
     console = console or Console(highlight=False)
-    env = distributed.setup(make_runtime(spec, device).device)
+    env = setup(make_runtime(spec, device).device)
     say = console.print if env.is_main else (lambda *a, **k: None)
     hint = resume_hint or (f"surgery run {shlex.quote(str(spec.source.file or Path(out_dir) / 'spec.yaml'))} "
                            f"--out {shlex.quote(str(out_dir))} --resume")
@@ -305,7 +305,7 @@ def _finish(ctx: Context, rundir: RunDir, journey: Journey, wall: float, say: Ca
         if ctx.ema is not None:
             save_safetensors(rundir.folder / layout.EMA, ctx.ema.module.state_dict(), {"spec": spec.name})
         write_json(rundir.folder / layout.SUMMARY, summary)
-        final_files.write_drawn_files(rundir.folder, spec, say)
+        write_drawn_files(rundir.folder, spec, say)
     ctx.dist.on_main(write)
     trackers.finish(summary)
     best = journey.best
@@ -324,7 +324,7 @@ def _restore_best(ctx: Context, rundir: RunDir) -> None:
     def load() -> None:
         ctx.model.load_state_dict(load_safetensors(rundir.folder / layout.BEST))
     ctx.dist.on_main(load)  # a failure there is raised on every process, none left waiting
-    distributed.broadcast_state(ctx.model, ctx.dist)
+    broadcast_state(ctx.model, ctx.dist)
     ctx.features = None
 
 
@@ -334,7 +334,7 @@ def _check_ranks(ctx: Context, rundir: RunDir, epoch: int, kept: str) -> None:
     states = {f"model.{k}": v for k, v in ctx.model.state_dict().items()}
     if ctx.ema is not None:
         states.update({f"ema.{k}": v for k, v in ctx.ema.module.state_dict().items()})
-    differ = distributed.diverged(states, env)
+    differ = diverged(states, env)
     if not differ:
         return
     shown = ", ".join(differ[:5]) + (f" ... ({len(differ)} in all)" if len(differ) > 5 else "")
@@ -344,7 +344,7 @@ def _check_ranks(ctx: Context, rundir: RunDir, epoch: int, kept: str) -> None:
     env.on_main(lambda: write_json(rundir.folder / layout.SUMMARY, {
         "name": ctx.spec.name, "ranks_consistent": False, "world_size": env.world_size,
         "diverged_after_epoch": epoch, "diverged_tensors": differ, "stopped": message}))
-    raise TrainingStopped(message) from distributed.RanksDiverged(shown)
+    raise TrainingStopped(message) from RanksDiverged(shown)
 
 
 @contextmanager

@@ -1,0 +1,170 @@
+"""What came out of a build, for people (rich trees and tables) and for scripts (JSON records)."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from rich.console import Group as RichGroup
+from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
+from torch import nn
+
+from .builder import Built
+from .insert import Inserted
+from .paths import type_names
+from ..train.schedule import trainable_at, unfreeze_epochs
+from .weights import LoadReport
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _human(n: int) -> str:
+    for unit, size in (("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def module_records(built: Built) -> list[dict[str, Any]]:
+    """One record per module (model order): path, type, params, output_shape, inserted, group.
+
+    `group` is the group owning every parameter under the module, a list when several do,
+    None for a module without parameters.
+    """
+    owner = built.group_of()
+    inserted = {i.path for i in built.inserted}
+    changed = {c.path: f"{c.kind}: {c.label}" for c in built.changes}
+    records = []
+    for path, module in built.model.named_modules():
+        groups = list(dict.fromkeys(owner[f"{path}.{n}" if path else n] for n, _ in module.named_parameters()))
+        shape = built.shapes.get(path)
+        records.append({
+            "path": path,
+            "type": f"Inserted[{type(module.attn).__name__}]" if isinstance(module, Inserted) else type_names(module)[0],
+            "params": _count(module),
+            "output_shape": list(shape.output) if shape and shape.output else None,
+            "inserted": path in inserted or any(path.startswith(p + ".") for p in inserted),
+            "group": groups[0] if len(groups) == 1 else (groups or None),
+            "changed": changed.get(path),  # "replace: surgery[0] (line 7): ...", or None
+        })
+    return records
+
+
+def module_tree(built: Built, depth: int | None = None) -> Tree:
+    """A rich tree of the surgered model: type, parameters, output shape, group; inserted modules in green."""
+    records = {r["path"]: r for r in module_records(built)}
+    root_rec = records[""]
+    label = Text.assemble((built.spec.model.backbone, "bold"), f"  {root_rec['type']}  {_human(root_rec['params'])} params",
+                          f"  -> {root_rec['output_shape']}" if root_rec["output_shape"] else "")
+    tree = Tree(label)
+
+    def add(parent: Tree, module: nn.Module, prefix: str, level: int) -> None:
+        for name, child in module.named_children():
+            path = f"{prefix}.{name}" if prefix else name
+            rec = records[path]
+            style = "green" if rec["inserted"] else ""
+            text = Text(name, style=f"bold {style}".strip())
+            text.append(f"  {rec['type']}", style="cyan")
+            if isinstance(child, Inserted):
+                text.append(f"  [inserted {child.position} {child.target}]", style="green")
+            if rec["changed"]:
+                kind, _, label = rec["changed"].partition(": ")
+                text.append(f"  [{kind}d by {label.partition(': ')[0]}]" if kind in ("replace", "remove") else
+                            f"  [{label.partition(': ')[0]}]", style="yellow")
+            if rec["params"]:
+                text.append(f"  {_human(rec['params'])}")
+            if rec["output_shape"]:
+                text.append(f"  -> {rec['output_shape']}", style="dim")
+            group = rec["group"]
+            if group and (not prefix or records[prefix]["group"] != group):
+                text.append(f"  [{group if isinstance(group, str) else ', '.join(group)}]", style="magenta")
+            branch = parent.add(text)
+            if depth is None or level + 1 < depth:
+                add(branch, child, path, level + 1)
+            elif any(True for _ in child.children()):
+                branch.add(Text(f"... {sum(1 for _ in child.modules()) - 1} modules folded (--depth)", style="dim"))
+
+    add(tree, built.model, "", 0)
+    return tree
+
+
+def groups_table(built: Built, epoch: int = 0) -> Table:
+    table = Table(title=f"parameter groups (first match wins); trainable at epoch {epoch}")
+    for col in ("group", "patterns", "params", "lr", "unfreeze_at", f"epoch {epoch}"):
+        table.add_column(col)
+    params = dict(built.model.named_parameters())
+    for g in built.groups:
+        n = sum(params[p].numel() for p in g.params)
+        lr = ", ".join(f"{lr:g} from {e}" if len(g.spec.lr) > 1 else f"{lr:g}" for e, lr in g.spec.lr)
+        starts = unfreeze_epochs(built.spec)
+        rule = g.spec.unfreeze_rule
+        unfreeze = (str(starts[g.name]) if starts[g.name] is not None else "never" if rule is None else str(rule)) \
+            + (f" ({rule})" if rule is not None and starts[g.name] is not None else "")
+        state = Text("trainable", style="green") if trainable_at(g.spec, epoch, starts[g.name]) else \
+            Text("frozen" if rule is None or starts[g.name] is not None else "frozen until its rule fires", style="blue")
+        table.add_row(g.name, ", ".join(str(s) for s in g.spec.params), _human(n), lr, unfreeze, state)
+    return table
+
+
+def report_table(report: LoadReport) -> RichGroup:
+    """The load report as a summary table plus the details worth reading."""
+    table = Table(title="load report", show_header=True)
+    table.add_column("tensors")
+    table.add_column("count", justify="right")
+    table.add_column("what")
+    table.add_row("loaded", str(len(report.loaded)), f"bit-identical from {report.source}")
+    if report.random:
+        table.add_row("random", str(len(report.random)), "no pretrained weights asked for (pretrained: false)")
+    table.add_row("re-initialised", str(len(report.reinitialised)),
+                  "; ".join(sorted(set(report.reinitialised.values()))) or "-")
+    table.add_row("new", str(len(report.new)), "inserted modules")
+    if report.defaulted:
+        table.add_row("defaulted", str(len(report.defaulted)), "BatchNorm step counters absent from the file")
+    if report.mapped:
+        table.add_row("renamed", str(len(report.mapped)), "file keys mapped by model.key_map")
+    if report.kept:
+        table.add_row("kept", str(len(report.kept)), "of them, in replaced modules: same name and shape")
+    if report.adapted:
+        table.add_row("adapted", str(len(report.adapted)), "; ".join(report.adapted.values()))
+    if report.dropped:
+        table.add_row("dropped", str(len(report.dropped)), "file tensors of replaced or removed modules")
+    table.add_row("unused", str(len(report.unused)), ", ".join(report.unused[:4]) or "-")
+    parts: list[Any] = [table]
+    if report.inserted_modules:
+        ins = Table(title="inserted modules")
+        for col in ("path", "type", "position", "channels", "init", "params"):
+            ins.add_column(col)
+        for m in report.inserted_modules:
+            ins.add_row(m["path"], m["type"], f"{m['position']} {m['target']}", str(m["channels"]), m["init"], _human(m["params"]))
+        parts.append(ins)
+    if report.changed_modules:
+        ch = Table(title="changed modules")
+        for col in ("path", "change", "old", "new", "by"):
+            ch.add_column(col)
+        for c in report.changed_modules:
+            ch.add_row(c["path"], c["kind"], c["old"], c["new"], c["by"].partition(": ")[0])
+        parts.append(ch)
+    if report.imports:
+        parts.append(Text("imported user code: " + ", ".join(report.imports), style="yellow"))
+    return RichGroup(*parts)
+
+
+def schedule_rich(rows: Iterable[Mapping[str, Any]], group_names: list[str], note: str = "") -> Table:
+    """Epoch x group table: learning rate when trainable, 'frozen' otherwise, and an event rule's
+    text ('plateau val_loss/2', 'after new +3') from the first epoch it could fire."""
+    table = Table(title="schedule (lr at the start of each epoch)" + (f" - {note}" if note else ""))
+    table.add_column("epoch", justify="right")
+    for name in group_names:
+        table.add_column(name, justify="right")
+    for row in rows:
+        cells = []
+        for name in group_names:
+            g = row["groups"][name]
+            if g["trainable"] is None:  # decided by an event rule during the run
+                cells.append(Text(g["rule"], style="yellow"))
+            else:
+                cells.append(Text(f"{g['lr']:.3g}", style="green") if g["trainable"] else Text("frozen", style="blue"))
+        table.add_row(str(row["epoch"]), *cells)
+    return table

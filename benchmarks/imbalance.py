@@ -32,7 +32,7 @@ def export(folder: Path, seed: int = 0) -> Path:
     """PNG files and labels.csv (path,label,split) of the imbalanced subset; returns the CSV."""
     from PIL import Image
 
-    from surgery.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, read_idx
+    from surgery.data import FASHION_MNIST_CLASSES, fashion_mnist_dir, read_idx
 
     rng = np.random.default_rng(seed)
     parts = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -40,7 +40,7 @@ def export(folder: Path, seed: int = 0) -> Path:
     counts = {"train": [round(LARGEST / RATIO ** (c / 9)) for c in range(10)], "val": [VAL_PER_CLASS] * 10}
     rows = []
     for split, (images_file, labels_file) in parts.items():
-        images, labels = read_idx(FASHION_MNIST_DIR / images_file), read_idx(FASHION_MNIST_DIR / labels_file)
+        images, labels = read_idx(fashion_mnist_dir() / images_file), read_idx(fashion_mnist_dir() / labels_file)
         for c in range(10):
             for i in rng.permutation(np.flatnonzero(labels == c))[: counts[split][c]]:
                 path = Path(split) / f"{c}" / f"{i}.png"

@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import Origin, UsageError, UserError
 
 EXIT_SPEC_ERROR = 2
-# `surgery explain --method` (surgery.explain.command.METHODS, kept here so `--help` needs no torch)
+# `surgery explain --method` (surgery.explain.results.METHODS, kept here so `--help` needs no torch)
 _CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "gradcam-elementwise", "eigencam",
                 "eigengradcam", "scorecam", "ablationcam")
 WEIGHTS = ["final", "best", "ema"]
@@ -42,18 +42,7 @@ def _add_set(p: argparse.ArgumentParser) -> None:
                    help="override a spec value, e.g. --set train.epochs=3 (validated like the file)")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="surgery",
-        description="Declarative model surgery for pretrained PyTorch image models: insert attention "
-                    "modules, keep every pretrained weight, fine-tune with staged parameter groups.",
-    )
-    from . import __version__
-
-    parser.add_argument("--version", action="version", version=f"surgery {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("inspect", help="show a backbone's or a spec's module tree, groups, load report and schedule")
+def _args_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", nargs="?", help="a spec file, or a backbone id such as timm:resnet50")
     p.add_argument("--depth", type=int, default=None, help="fold the tree below this depth")
     p.add_argument("--json", action="store_true", help="print one JSON record per module instead")
@@ -62,21 +51,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--list", metavar="SOURCE", choices=["timm", "torchvision"], help="list the backbone names of timm or torchvision (TARGET filters, e.g. 'resnet*')")
     _add_set(p)
 
-    p = sub.add_parser("validate", help="check specs (or sweep files: every variant) against the schema and the "
-                                        "real model; exit 0 or 2")
+
+def _args_validate(p: argparse.ArgumentParser) -> None:
     p.add_argument("specs", nargs="+", metavar="SPEC", help="a spec file, or a sweep file (a `sweep:` key)")
     p.add_argument("--show-resolved", action="store_true",
                    help="print each valid spec resolved (bases merged, --set applied, defaults filled: the "
                         "spec.yaml a run writes) on stdout, and nothing else there")
     _add_set(p)
 
-    p = sub.add_parser("schema", help="print the spec's JSON Schema, or the sweep file's (for editors)")
+
+def _args_schema(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep", action="store_true",
                    help="the sweep file's schema instead (schema.json's $defs/sweep_file, with a root of its own)")
     p.add_argument("--output", default=None, metavar="FILE",
                    help="write it to FILE instead (atomically: FILE is either the old file or the new one)")
 
-    p = sub.add_parser("run", help="train one or more specs, one after another")
+
+def _args_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("specs", nargs="+")
     p.add_argument("--out", default=None, help="run directory (default runs/<name>; with several specs, a parent folder)")
     p.add_argument("--device", default=None, help=_DEVICE_HELP)
@@ -84,8 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory (its files are deleted)")
     _add_set(p)
 
-    p = sub.add_parser("sweep", help="train every variant of a sweep file (grid, random or TPE search) on an Optuna study")
-    p.add_argument("sweep_file", help="a sweep file: a base spec and the axes to vary (see README: Ablation sweeps)")
+
+def _args_sweep(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep_file", help="a sweep file: a base spec and the axes to vary (see docs/sweeps.md)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="worker processes on this machine (default 1); one GPU each when there are GPUs, "
                         "the CPU cores shared out otherwise")
@@ -100,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one of --workers N's processes
     _add_set(p)
 
-    p = sub.add_parser("lr-find", help="sweep one factor over every trainable group's lr; suggest one (writes a plot)")
+
+def _args_lr_find(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec")
     p.add_argument("--stage", type=int, default=0, metavar="EPOCH",
                    help="sweep the groups that train at this epoch, from their lrs at it (default 0)")
@@ -112,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help=_DEVICE_HELP)
     _add_set(p)
 
-    p = sub.add_parser("predict", help="classify images with a trained run")
+
+def _args_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument("paths", nargs="+", help="image files or folders")
     p.add_argument("--topk", type=int, default=3)
@@ -124,7 +118,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="final (model.safetensors), best (the best epoch's) or ema (model_ema.safetensors); "
                         "default: final, else best")
 
-    p = sub.add_parser("evaluate", help="score a trained run on its held-out test split or a folder of labelled images")
+
+def _args_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--split", choices=["test", "val"], default=None,
@@ -141,7 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help=_DEVICE_HELP)
 
-    p = sub.add_parser("explain", help="Grad-CAM and the inserted modules' attention for images, with a trained run")
+
+def _args_explain(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by `surgery run`")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders")
     p.add_argument("--layer", default=None, metavar="PATH",
@@ -154,7 +150,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="DIR", help="where the figures go (default: RUN_DIR/explain)")
     p.add_argument("--device", default=None, help=_DEVICE_HELP)
 
-    p = sub.add_parser("export", help="export a trained run as a deployable model")
+
+def _args_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument("--format", choices=["pt2", "onnx", "torchscript"], default="pt2")
     p.add_argument("--out", default=None)
@@ -162,18 +159,50 @@ def _parser() -> argparse.ArgumentParser:
                    help="final (model.safetensors), best (the best epoch's) or ema (model_ema.safetensors); "
                         "default: final, else best")
 
-    p = sub.add_parser("report", help="write RUN_DIR/report.html again: one self-contained page about a run")
+
+def _args_report(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                    help="a run directory, finished or not (spec.yaml or metrics.jsonl in it)")
 
-    p = sub.add_parser("compare", help="finished runs side by side: best and final accuracy, parameters added, "
-                                       "speed, validation curves; seeds of one variant as mean ± std")
+
+def _args_compare(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directories (summary.json in each)")
     p.add_argument("--out", default=None, metavar="FILE.html",
                    help="also write the comparison page (table and overlaid validation curves) to FILE.html")
     shown = p.add_mutually_exclusive_group()
     shown.add_argument("--json", action="store_true", help="print the table as JSON instead")
     shown.add_argument("--markdown", action="store_true", help="print the table as Markdown instead")
+
+
+# the subcommands in the order `surgery --help` lists them: (name, help, the function adding its arguments)
+_COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...] = (
+    ("inspect", "show a backbone's or a spec's module tree, groups, load report and schedule", _args_inspect),
+    ("validate", "check specs (or sweep files: every variant) against the schema and the real model; exit 0 or 2", _args_validate),
+    ("schema", "print the spec's JSON Schema, or the sweep file's (for editors)", _args_schema),
+    ("run", "train one or more specs, one after another", _args_run),
+    ("sweep", "train every variant of a sweep file (grid, random or TPE search) on an Optuna study", _args_sweep),
+    ("lr-find", "sweep one factor over every trainable group's lr; suggest one (writes a plot)", _args_lr_find),
+    ("predict", "classify images with a trained run", _args_predict),
+    ("evaluate", "score a trained run on its held-out test split or a folder of labelled images", _args_evaluate),
+    ("explain", "Grad-CAM and the inserted modules' attention for images, with a trained run", _args_explain),
+    ("export", "export a trained run as a deployable model", _args_export),
+    ("report", "write RUN_DIR/report.html again: one self-contained page about a run", _args_report),
+    ("compare", "finished runs side by side: best and final accuracy, parameters added, speed, validation curves; seeds of one variant as mean ± std", _args_compare),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `surgery` argument parser: one subcommand per row of `_COMMANDS`."""
+    parser = argparse.ArgumentParser(
+        prog="surgery",
+        description="Declarative model surgery for pretrained PyTorch image models: insert attention "
+                    "modules, keep every pretrained weight, fine-tune with staged parameter groups.",
+    )
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"surgery {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text, add_arguments in _COMMANDS:
+        add_arguments(sub.add_parser(name, help=help_text))
     return parser
 
 
@@ -423,7 +452,7 @@ def _print_error(err: UserError) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()

@@ -245,6 +245,19 @@ def test_fashion_mnist_reader_on_tiny_files(tmp_path: Path, gz: bool) -> None:
     assert raw.shape == (30, 28, 28) and raw.dtype == np.uint8
 
 
+def test_fashion_mnist_without_a_root_is_looked_for_where_the_environment_says(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """No data.root: $SURGERY_FASHION_MNIST, else Debian's folder; the error names both ways."""
+    write_mnist_files(tmp_path / "fm", 20, 10, gz=False)
+    monkeypatch.setenv("SURGERY_FASHION_MNIST", str(tmp_path / "fm"))
+    bundle = build({"name": "fashion-mnist", "image_size": 16})
+    assert (len(bundle.train), len(bundle.val)) == (20, 10)
+    monkeypatch.setenv("SURGERY_FASHION_MNIST", str(tmp_path / "nowhere"))
+    with pytest.raises(SpecError) as err:
+        build({"name": "fashion-mnist"})
+    assert str(tmp_path / "nowhere") in err.value.problem and "SURGERY_FASHION_MNIST" in err.value.hint
+
+
 def test_fashion_mnist_missing_or_corrupt(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="apt-get install dataset-fashion-mnist") as err:
         build({"name": "fashion-mnist", "root": str(tmp_path)})

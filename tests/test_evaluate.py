@@ -21,8 +21,8 @@ from surgery.cli import main
 from surgery.data import build_data, eval_transform, normalize
 from surgery.data.transforms import TTAViews
 from surgery.errors import SpecError
-from surgery.evaluate.command.command import calibration, folder_name
-from surgery.evaluate.command.plots import mistakes_png
+from surgery.evaluate.command import calibration, folder_name
+from surgery.evaluate.plots import mistakes_png
 from surgery.deploy.predict import load_run
 from surgery.train import run
 
@@ -369,7 +369,7 @@ def test_bad_input_is_one_clear_error_and_changes_nothing(case, test_run, tiny_r
 
 def test_a_failure_while_writing_keeps_the_previous_results(tmp_path, monkeypatch):
     import surgery.files as rundir  # the file layer every writer goes through
-    from surgery.evaluate.command.command import write_folder
+    from surgery.evaluate.command import write_folder
 
     folder = tmp_path / "run" / "eval" / "test"
     write_folder(folder, {"metrics.json": b"old", "predictions.jsonl": b"old", "confusion.png": b"old"})

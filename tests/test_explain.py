@@ -88,14 +88,14 @@ def test_a_named_class_and_layer_and_another_out_folder(run_copy, images, tmp_pa
 
 
 def test_a_new_output_replaces_an_earlier_one_whole(tmp_path):
-    from surgery.explain.command.command import _put_in_place
+    from surgery.files import swap_in
 
     target, staging = tmp_path / "explain", tmp_path / ".explain.new-1"
     target.mkdir()
     (target / "old.png").write_bytes(b"old")
     staging.mkdir()
     (staging / "new.png").write_bytes(b"new")
-    _put_in_place(staging, target)
+    swap_in(staging, target, what="the figures")
     assert [p.name for p in target.iterdir()] == ["new.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["explain"]  # neither the old nor the staging folder left
 
@@ -137,7 +137,7 @@ def loaded(tiny_run):
 ])
 def test_a_layer_that_is_not_a_feature_map_names_the_closest(loaded, layer, words):
     from surgery.errors import UsageError
-    from surgery.explain.command.command import resolve_layers
+    from surgery.explain.command import resolve_layers
 
     with pytest.raises(UsageError) as caught:
         resolve_layers(loaded.built, layer)
@@ -147,7 +147,7 @@ def test_a_layer_that_is_not_a_feature_map_names_the_closest(loaded, layer, word
 def test_a_layer_called_twice_per_pass_is_refused():
     from surgery.model.builder import build
     from surgery.errors import UsageError
-    from surgery.explain.command.command import resolve_layers
+    from surgery.explain.command import resolve_layers
 
     built = build(load_spec({"model": {"backbone": "torchvision:resnet18", "pretrained": False, "num_classes": 4},
                              "data": {"image_size": 64}}))
@@ -158,8 +158,8 @@ def test_a_layer_called_twice_per_pass_is_refused():
 
 @needs_grad_cam
 def test_a_layer_inside_an_inserted_module_has_no_backbone_twin(loaded, images):
-    from surgery.explain.command.command import Explainer, resolve_layers
-    from surgery.explain.command.figure import render
+    from surgery.explain.command import Explainer, resolve_layers
+    from surgery.explain.figure import render
     from surgery.data.images import decode as _read
 
     layers = resolve_layers(loaded.built, "layer3.cbam_after.attn.channel")
@@ -175,7 +175,7 @@ def test_a_layer_inside_an_inserted_module_has_no_backbone_twin(loaded, images):
 
 @needs_grad_cam
 def test_layer_globs_and_selectors_resolve_to_maps(loaded):
-    from surgery.explain.command.command import resolve_layers
+    from surgery.explain.command import resolve_layers
 
     assert resolve_layers(loaded.built, "layer*.cbam_after").paths == ("layer3.cbam_after", "layer4.cbam_after")
     assert resolve_layers(loaded.built, "@inserted").paths == ("layer2.se_after", "layer3.cbam_after",
@@ -225,7 +225,7 @@ def test_wrong_run_folders_and_outputs_are_clear_errors(tiny_run, run_copy, imag
 
 def test_the_cli_offers_every_method_and_only_those():
     from surgery.cli import _CAM_METHODS
-    from surgery.explain.command.command import METHODS
+    from surgery.explain.command import METHODS
 
     assert tuple(METHODS) == _CAM_METHODS  # kept in cli.py too, so that --help imports no torch
     if find_spec("pytorch_grad_cam") is not None:
@@ -244,9 +244,9 @@ def test_without_the_grad_cam_extra_the_error_names_the_install(tiny_run, images
 
 @needs_grad_cam
 def test_with_gates_at_zero_the_cam_equals_the_cam_without_the_inserted_modules(tiny_run, images):
-    from surgery.explain.command.attention import bypass_inserted, inserted_modules
+    from surgery.explain.attention import bypass_inserted, inserted_modules
     from surgery.model.backbones import create_backbone
-    from surgery.explain.command.command import Explainer, resolve_layers
+    from surgery.explain.command import Explainer, resolve_layers
     from surgery.data.images import decode as _read
     from surgery.deploy.predict import load_run
 
@@ -275,7 +275,7 @@ def test_with_gates_at_zero_the_cam_equals_the_cam_without_the_inserted_modules(
 
 @needs_grad_cam
 def test_each_inserted_module_shows_its_own_gates(tiny_run, images):
-    from surgery.explain.command.command import Explainer, resolve_layers
+    from surgery.explain.command import Explainer, resolve_layers
     from surgery.data.images import decode as _read
     from surgery.deploy.predict import load_run
 
@@ -303,7 +303,7 @@ def test_each_inserted_module_shows_its_own_gates(tiny_run, images):
 ])
 def test_the_default_layer_is_the_last_map_before_the_head(backbone, surgery, size, layer):
     from surgery.model.builder import build
-    from surgery.explain.command.command import default_layers
+    from surgery.explain.command import default_layers
 
     built = build(load_spec({"model": {"backbone": backbone, "pretrained": False, "num_classes": 4},
                              "surgery": surgery, "data": {"image_size": size}}))

@@ -8,7 +8,7 @@ from torch import nn
 from surgery.errors import SpecError
 from surgery.model.groups import ResolvedGroup
 from surgery.spec import OptimizerSpec
-from surgery.train.optim import _optimizer_kwargs, build_optimizer, build_param_groups, check_optimizer, set_lrs
+from surgery.train.optim import optimizer_kwargs, build_optimizer, build_param_groups, check_optimizer, set_lrs
 from surgery.train.schedule import lr_at, lrs_at, trainable_groups
 from surgery.spec import load_spec
 
@@ -214,7 +214,7 @@ def test_betas_eps_and_args_reach_the_optimizer():
 ])
 def test_optimizer_kwargs(opt, device, want):
     full = OptimizerSpec.parse({"lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9, "nesterov": False, "args": {}, **opt})
-    assert _optimizer_kwargs(full, device) == want
+    assert optimizer_kwargs(full, device) == want
 
 
 def test_unknown_name_is_located_with_did_you_mean(tmp_path):

@@ -351,7 +351,7 @@ def test_report_renders_in_chromium(tiny_run: Path, tmp_path: Path) -> None:
 def test_a_group_unfrozen_by_a_rule_is_marked_at_the_epoch_it_really_unfroze():
     """An event rule's epoch is only in the record (metrics.jsonl's unfreeze_at), not in the spec."""
     from surgery import load_spec
-    from surgery.pages.run_page import _epoch_table
+    from surgery.pages.run_page import epoch_table
 
     spec = load_spec({"model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False},
                       "groups": [{"name": "head", "params": ["@head"], "unfreeze_at": 0},
@@ -361,7 +361,7 @@ def test_a_group_unfrozen_by_a_rule_is_marked_at_the_epoch_it_really_unfroze():
              "trainable": {"head": True, "body": e >= 2}, "train_loss": 1.0, "train_acc": 0.5,
              "val_loss": 1.0, "val_acc": 0.5, "unfreeze_at": {"head": 0, "body": 2 if e >= 1 else None}}
             for e in range(3)]
-    table = _epoch_table(spec, rows, best_epoch=2)
+    table = epoch_table(spec, rows, best_epoch=2)
     assert table["unfreeze"] == {2: ["body"]}
     marked = [(r["epoch"], cell["starts"]) for r in table["rows"] for cell in r["groups"][1:]]
     assert marked == [(0, False), (1, False), (2, True), (3, False)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from surgery.cli import _parser
+from surgery.cli import build_parser
 from surgery.train.runtime import choose_device
 
 
@@ -28,4 +28,4 @@ def test_the_device_is_the_flag_else_the_spec_s_with_auto_made_concrete(
     ["evaluate", "RUN"], ["explain", "RUN", "x.png"],
 ])
 def test_every_command_defaults_to_the_spec_s_device(argv: list[str]) -> None:
-    assert _parser().parse_args(argv).device is None  # None: choose_device takes the spec's
+    assert build_parser().parse_args(argv).device is None  # None: choose_device takes the spec's

@@ -76,15 +76,15 @@ def test_only_model_is_required(tmp_path: Path) -> None:
     assert group.name == "all"
     assert [str(s) for s in group.params] == ["*"]
     assert group.unfreeze_at == 0 and group.trainable(0)
-    assert group.lr == ((0, spec.train["optimizer"]["lr"]),)
+    assert group.lr == ((0, spec.train.optimizer.lr),)
     assert spec.raw["groups"][0]["name"] == "all"
     # train and data sections are filled from the schema's defaults
     train_defaults = schema()["$defs"]["train"]["properties"]
-    assert spec.train["epochs"] == train_defaults["epochs"]["default"]
-    assert spec.train["batch_size"] == train_defaults["batch_size"]["default"]
-    assert spec.train["optimizer"]["name"] == "adamw"
-    assert spec.train["scheduler"]["name"] == "none"
-    assert spec.data["image_size"] == schema()["$defs"]["data"]["properties"]["image_size"]["default"]
+    assert spec.train.epochs == train_defaults["epochs"]["default"]
+    assert spec.train.batch_size == train_defaults["batch_size"]["default"]
+    assert spec.train.optimizer.name == "adamw"
+    assert spec.train.scheduler.name == "none"
+    assert spec.data.image_size == schema()["$defs"]["data"]["properties"]["image_size"]["default"]
     assert spec.seed == 0 and spec.raw["version"] == 1
 
 
@@ -148,7 +148,7 @@ def test_pyyaml_alone_reads_1e_minus_3_as_text() -> None:
 
 def test_lr_written_1e_minus_4_validates(tmp_path: Path) -> None:
     spec = load_spec(write(tmp_path, MINIMAL + "train:\n  optimizer:\n    lr: 1e-4\n"))
-    assert spec.train["optimizer"]["lr"] == pytest.approx(1e-4)
+    assert spec.train.optimizer.lr == pytest.approx(1e-4)
 
 
 def test_marks_point_at_keys(tmp_path: Path) -> None:
@@ -263,8 +263,8 @@ def test_to_yaml_of_a_dict_spec_round_trips(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- overrides
 def test_override_scalar(tmp_path: Path) -> None:
     spec = load_spec(write(tmp_path, FULL), ["train.epochs=8", "train.optimizer.lr=5e-3", "model.pretrained=false"])
-    assert spec.train["epochs"] == 8
-    assert spec.train["optimizer"]["lr"] == 5e-3
+    assert spec.train.epochs == 8
+    assert spec.train.optimizer.lr == 5e-3
     assert spec.model.pretrained is False
 
 
@@ -275,15 +275,15 @@ def test_override_lists_and_mappings(tmp_path: Path) -> None:
         "train.scheduler={name: cosine, warmup_epochs: 1}",
     ])
     assert [str(s) for s in spec.surgery[0].at] == ["layer1", "layer2"]
-    assert spec.data["classes"] == ["cat", "dog"]
-    assert spec.train["scheduler"]["name"] == "cosine" and spec.train["scheduler"]["warmup_epochs"] == 1
-    assert spec.train["scheduler"]["gamma"] == 0.1  # defaults still filled below an overridden mapping
+    assert list(spec.data.classes) == ["cat", "dog"]
+    assert spec.train.scheduler.name == "cosine" and spec.train.scheduler.warmup_epochs == 1
+    assert spec.train.scheduler.gamma == 0.1  # defaults still filled below an overridden mapping
 
 
 def test_override_creates_nested_keys(tmp_path: Path) -> None:
     spec = load_spec(write(tmp_path, MINIMAL), ["data.subset.train=100", "train.optimizer.args.foreach=false"])
-    assert spec.data["subset"] == {"train": 100}
-    assert spec.train["optimizer"]["args"] == {"foreach": False}
+    assert spec.data.subset.raw == {"train": 100}
+    assert dict(spec.train.optimizer.args) == {"foreach": False}
 
 
 def test_override_list_index(tmp_path: Path) -> None:
@@ -292,7 +292,7 @@ def test_override_list_index(tmp_path: Path) -> None:
     assert spec.surgery[0].insert == "se" and [str(s) for s in spec.surgery[0].at] == ["layer3", "layer4"]
     assert spec.surgery[1].at[0].type == "AvgPool2d"
     assert spec.groups[1].lr == ((0, 1e-3), (2, 5e-5), (4, 1e-4))
-    assert spec.train["scheduler"]["milestones"] == [3, 4]
+    assert list(spec.train.scheduler.milestones) == [3, 4]
 
 
 def test_override_appends_one_past_the_end(tmp_path: Path) -> None:
@@ -334,7 +334,7 @@ def test_an_override_replaces_the_marks_below_it(tmp_path: Path) -> None:
 
 def test_later_override_wins(tmp_path: Path) -> None:
     spec = load_spec(write(tmp_path, MINIMAL), ["train.epochs=3", "train.epochs=5"])
-    assert spec.train["epochs"] == 5
+    assert spec.train.epochs == 5
 
 
 # ---------------------------------------------------------------------- the schema
@@ -442,7 +442,7 @@ def test_shipped_specs_load_and_build(path: Path | None) -> None:
     # Weights the test cannot have (pretrained: true needs the network, run:NAME an earlier run,
     # pkg:... an installed package) are swapped for random ones: surgery targets and groups are
     # still checked on the real model. A plain path must exist. A small probe keeps it fast.
-    overrides = [f"data.image_size={min(spec.data['image_size'], 64)}"]
+    overrides = [f"data.image_size={min(spec.data.image_size, 64)}"]
     pretrained = spec.model.pretrained
     if pretrained is True or (isinstance(pretrained, str) and re.match(r"^[a-z]+:", pretrained)):
         overrides += ["model.pretrained=false", "model.key_map=null"]

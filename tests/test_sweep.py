@@ -479,7 +479,7 @@ def test_each_worker_gets_a_gpu_or_a_share_of_the_cores(monkeypatch: pytest.Monk
                                                        visible: str | None, gpus: int, expected: list) -> None:
     import torch
 
-    from surgery.sweep.worker import _worker_environments
+    from surgery.sweep.worker import worker_environments
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
@@ -489,7 +489,7 @@ def test_each_worker_gets_a_gpu_or_a_share_of_the_cores(monkeypatch: pytest.Monk
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    envs = _worker_environments(3, device)
+    envs = worker_environments(3, device)
     assert [env.get("CUDA_VISIBLE_DEVICES") for env in envs] == expected
     assert {env["OMP_NUM_THREADS"] for env in envs} == {"4"}
 
@@ -556,7 +556,7 @@ def test_a_variant_that_fails_is_reported_and_the_others_still_train(tmp_path: P
 
 def test_a_grid_trial_stopped_before_its_values_were_drawn_is_queued_as_the_same_variant(base: Path) -> None:
     from surgery.sweep import open_study
-    from surgery.sweep.worker import Worker, _requeue
+    from surgery.sweep.worker import Worker, requeue
 
     sweep = load_sweep(write(base.parent, "s.yaml", """
         spec: base.yaml
@@ -566,7 +566,7 @@ def test_a_grid_trial_stopped_before_its_values_were_drawn_is_queued_as_the_same
                        lambda: sweep.grid())
     trial_id = study._pop_waiting_trial_id()
     worker = Worker(sweep, study, base.parent, base.parent, (), None, quiet(), "surgery sweep s.yaml", "study.db")
-    _requeue(worker, trial_id, "interrupted")
+    requeue(worker, trial_id, "interrupted")
     first, second, again = study.get_trials()
     assert first.state == optuna.trial.TrialState.FAIL and first.params == {}  # stopped before suggesting
     assert again.state == optuna.trial.TrialState.WAITING
@@ -575,14 +575,14 @@ def test_a_grid_trial_stopped_before_its_values_were_drawn_is_queued_as_the_same
 
 
 def test_a_signal_while_a_trial_is_taken_waits_for_its_heartbeat() -> None:
-    from surgery.sweep.worker import _hold_signals, _release_signals
+    from surgery.sweep.worker import hold_signals, release_signals
 
     before = signal.getsignal(signal.SIGINT)
-    held = _hold_signals()
+    held = hold_signals()
     os.kill(os.getpid(), signal.SIGINT)  # noted: no KeyboardInterrupt here
     time.sleep(0.05)
     with pytest.raises(KeyboardInterrupt):
-        _release_signals(held)
+        release_signals(held)
     assert signal.getsignal(signal.SIGINT) is before
 
 

@@ -396,9 +396,9 @@ def test_balanced_sampler_keeps_the_head_only_cache_and_its_order(tmp_path):
     ctx = prepare(_spec(groups=head_only, data={"balance": "sampler"}))
     note = use_feature_cache(ctx, apply_trainable(ctx.model, ctx.built.groups, 0))
     assert ctx.features is not None and "cached outputs" in note
-    from surgery.train.loop import _cached_train_batches
+    from surgery.train.loop import cached_train_batches
 
-    _, _, labels = next(_cached_train_batches(ctx, 0, 0))
+    _, _, labels = next(cached_train_batches(ctx, 0, 0))
     first = ctx.train_loader.batch_indices(0)[0]
     assert labels.tolist() == [int(ctx.data.train.targets[i]) for i in first]
     assert run(_spec(groups=head_only, data={"balance": "sampler"}), tmp_path / "run")["balance"] == {

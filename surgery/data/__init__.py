@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from ..model.backbones import IMAGENET_MEAN, IMAGENET_STD
 from ..spec import Spec
-from .datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, dataset_names, pools, read_idx
+from .datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, dataset_names, fashion_mnist_dir, pools, read_idx
 from .scan import check_files
 from .loader import EpochLoader, class_weights, make_loader, pos_weights, train_counts
 from .sources import Pool, SplitDataset
@@ -151,5 +151,5 @@ def build_data(spec: Spec, data_config: Mapping) -> DataBundle:
 
 
 __all__ = ["DataBundle", "EpochLoader", "build_data", "eval_transform", "normalize", "make_loader",
-           "read_idx", "dataset_names", "normalization", "class_weights", "image_mode", "FASHION_MNIST_DIR",
+           "read_idx", "dataset_names", "normalization", "class_weights", "image_mode", "FASHION_MNIST_DIR", "fashion_mnist_dir",
            "FASHION_MNIST_CLASSES", "pos_weights", "train_counts", "split_record", "item_ids", "data_base", "TTAViews"]

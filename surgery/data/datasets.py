@@ -27,7 +27,14 @@ from .splits import train_val_split
 log = logging.getLogger(__name__)
 
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+FASHION_MNIST_ENV = "SURGERY_FASHION_MNIST"  # another folder for data.name: fashion-mnist without data.root
+
+
+def fashion_mnist_dir() -> Path:
+    """Where `data.name: fashion-mnist` looks when `data.root` is not set: $SURGERY_FASHION_MNIST,
+    else the folder Debian's dataset-fashion-mnist package installs."""
+    return Path(os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR)
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 FAKE_SIZES = {"train": 256, "val": 64}
@@ -253,7 +260,7 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 
 def _fashion_mnist(spec: Spec) -> tuple[Pool, Pool, int]:
-    root = spec.resolve_path(spec.data.root, ("data", "root")) if spec.data.root else FASHION_MNIST_DIR
+    root = spec.resolve_path(spec.data.root, ("data", "root")) if spec.data.root else fashion_mnist_dir()
     arrays = {}
     for part, stem in (("train_x", "train-images-idx3-ubyte"), ("train_y", "train-labels-idx1-ubyte"),
                        ("val_x", "t10k-images-idx3-ubyte"), ("val_y", "t10k-labels-idx1-ubyte")):
@@ -262,7 +269,8 @@ def _fashion_mnist(spec: Spec) -> tuple[Pool, Pool, int]:
             raise spec.error(("data", "root"), f"Fashion-MNIST is not in {root}", found=f"no {stem}[.gz] in {root}",
                              expected="the four IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
                              "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte (optionally .gz)",
-                             hint="apt-get install dataset-fashion-mnist, or set data.root to a folder with them")
+                             hint="apt-get install dataset-fashion-mnist, or set data.root (or the environment "
+                                  f"variable {FASHION_MNIST_ENV}) to a folder with them")
         try:
             arrays[part] = read_idx(path)
         except (OSError, ValueError, EOFError) as exc:

@@ -506,7 +506,7 @@ def _image(run: LoadedRun, evalset: EvalSet, position: int) -> torch.Tensor:
     return run.transform(evalset.source_images.load(int(evalset.indices[position])))
 
 
-def report(metrics: Mapping[str, Any]) -> list[Any]:
+def printed(metrics: Mapping[str, Any]) -> list[Any]:
     """What `surgery evaluate` prints: a headline, the per-class table, the most confused pairs and
     the TTA comparison (rich renderables, figures to 4 decimals)."""
     from rich.markup import escape
@@ -564,7 +564,7 @@ def evaluate_command(run_dir: str | Path, *, split: str | None = None, data: str
         print(json.dumps({**metrics, "folder": str(folder)}))
     else:
         out = Console(highlight=False, soft_wrap=True)
-        for part in report(metrics):
+        for part in printed(metrics):
             out.print(part)
         err.print(f"wrote {escape(str(folder))}: metrics.json, predictions.jsonl, " + ", ".join(PNGS.values()))
     if metrics["skipped"]:
@@ -579,4 +579,4 @@ def evaluate_command(run_dir: str | Path, *, split: str | None = None, data: str
 
 
 __all__ = ["EvalSet", "Outputs", "split_set", "folder_set", "folder_name", "infer", "figures", "calibration",
-           "most_confused", "tta_figures", "evaluate_run", "evaluate_command", "write_folder", "report", "SPLITS", "PNGS"]
+           "most_confused", "tta_figures", "evaluate_run", "evaluate_command", "write_folder", "printed", "SPLITS", "PNGS"]

@@ -258,11 +258,6 @@ def _check_target(target: Path, origin: Origin) -> None:
                          hint="pass another --out DIR")
 
 
-def _put_in_place(staging: Path, target: Path) -> None:
-    """The staging folder replaces `target` (an earlier output is removed once the new one is there)."""
-    swap_in(staging, target, what="the figures")
-
-
 # --------------------------------------------------------------------------- the command
 def explain_command(run_dir: str | Path, paths: Sequence[str], *, layer: str | None = None,
                     class_name: str | None = None, method: str = "gradcam", out: str | Path | None = None,
@@ -325,7 +320,7 @@ def explain_command(run_dir: str | Path, paths: Sequence[str], *, layer: str | N
             err.print(f"[bold red]error[/bold red] no image could be read ({len(images)} tried); nothing written")
             return 1
         write_json(staging / PREDICTIONS, entries)
-        _put_in_place(staging, target)
+        swap_in(staging, target, what="the figures")  # an earlier output is removed once the new one is there
         staging = None
     finally:
         explainer.close()

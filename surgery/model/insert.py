@@ -36,8 +36,8 @@ from ..spec import InsertSpec, Spec
 
 # --------------------------------------------------------------------------- the attention registry
 def _candidate_names(module: Any) -> list[str]:
-    # Asked of timm, never read from its source text: the string constants of `get_attn` (its
-    # names today) and the keys of any dict the module holds (a registry, should timm move to one).
+    # Asked of timm, never read from its source text: the string constants of `get_attn` (the
+    # names it accepts) and the keys of any dict the module holds (a registry, should timm move to one).
     # Each candidate is then put to `get_attn` itself, which keeps only the names it accepts.
     names: list[str] = []
     codes = [module.get_attn.__code__]

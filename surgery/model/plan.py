@@ -6,7 +6,7 @@ The declared head is placed where the classifier was before the entries run (an 
 changes it collides with model.head), but it is built for the width the body gives after them:
 until then an identity stands in its place, so removing the last stage leaves a head that fits.
 
-Inserts alone keep today's path: every target resolved on the unmodified backbone, the modules
+Inserts alone take the direct path: every target resolved on the unmodified backbone, the modules
 attached by `apply_surgery` afterwards. Once an entry replaces or removes a module, later
 entries must see its effect (removing a max-pool changes every later map size), so the plan is
 made on a copy: each operation is resolved against the copy as the entries before it left it,

@@ -81,7 +81,7 @@ def _list(value: Any) -> list[Any]:
 def actual_starts(spec: Any, rows: Sequence[Mapping[str, Any]]) -> dict[str, int | None]:
     """The epoch each group starts training: what the spec says (`schedule.unfreeze_epochs`), and
     for event rules (plateau, after), which only the record knows, what the last epoch recorded
-    (metrics.jsonl's ``unfreeze_at``; runs made before that record have none)."""
+    (metrics.jsonl's ``unfreeze_at``, in the rows that record one)."""
     from ..train.schedule import unfreeze_epochs
 
     starts = unfreeze_epochs(spec)
@@ -94,7 +94,7 @@ def actual_starts(spec: Any, rows: Sequence[Mapping[str, Any]]) -> dict[str, int
     return starts
 
 
-def _epoch_table(spec: Any, rows: Sequence[Mapping[str, Any]], best_epoch: int | None) -> dict[str, Any] | None:
+def epoch_table(spec: Any, rows: Sequence[Mapping[str, Any]], best_epoch: int | None) -> dict[str, Any] | None:
     """One row per epoch: each group's lr (or frozen), then the epoch's losses and accuracies.
 
     Epochs trained show what metrics.jsonl recorded; epochs not trained yet show the plan, the
@@ -408,7 +408,7 @@ def gather(run_dir: str | Path) -> dict[str, Any]:
         "pictures": _pictures(reader, run_dir, summary, rows, spec, classes),
         "per_class": _per_class(summary, classes, rows[-1] if rows else None),
         "multi_label": multi_label,
-        "epochs": _epoch_table(spec, rows, best_epoch),
+        "epochs": epoch_table(spec, rows, best_epoch),
         "load": _load_report(reader, run_dir),
         "evaluations": _evaluations(reader, run_dir),
         "explanations": _explanations(reader, run_dir),

@@ -361,7 +361,7 @@ class Run:
         """classes.json, checked against the model's outputs (label numbers when there is none)."""
         path = self.file(CLASSES)
         if not path.exists():
-            return [str(i) for i in range(num_classes)]  # an older or hand-made run: labels are the names
+            return [str(i) for i in range(num_classes)]  # no classes.json: the label numbers are the names
         try:
             classes = read_json(path)
         except Unreadable as exc:
@@ -383,7 +383,8 @@ class Run:
         return [str(c) for c in classes] if isinstance(classes, list) else None
 
     def require_splits(self) -> dict[str, Any] | None:
-        """splits.json, or None for a run made before it existed (nothing is then checked)."""
+        """splits.json, or None when the folder has none (a run folder put together by hand: nothing
+        is then checked against it)."""
         path = self.file(SPLITS)
         if not path.is_file():
             return None

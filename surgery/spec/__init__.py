@@ -21,18 +21,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import re
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
-
-import yaml
+from typing import Any, Mapping, Sequence
 
 from ..errors import SpecError, format_path, quote_value
 from .inherit import BASE_KEY, resolve_bases
 from .schema import check_schema, check_values, fill_defaults, schema
-from .sections import (Selector, ModelSpec, InsertSpec, ReplaceSpec, RemoveSpec, HeadSpec, UnfreezeRule, GroupSpec, SurgeryEntry, Section, OptimizerSpec, SchedulerSpec, MonitorSpec, MixupSpec, TrainSpec, SubsetSpec, ErasingSpec, AugmentSpec, DataSpec, MlflowSpec, LogSpec, Spec, PATH_KEYS)
+from .sections import (Selector, ModelSpec, InsertSpec, ReplaceSpec, RemoveSpec, HeadSpec, UnfreezeRule, GroupSpec, SurgeryEntry, Section, OptimizerSpec, SchedulerSpec, MonitorSpec, MixupSpec, TrainSpec, SubsetSpec, ErasingSpec, AugmentSpec, DataSpec, MlflowSpec, LogSpec, Spec, PATH_KEYS)  # noqa: F401 - the face of the package
 from .source import Override, Source, apply_overrides, name_from_file, parse_yaml, read_spec_text
 
 

@@ -84,8 +84,8 @@ def _check_objective(sweep: Sweep, spec: Any) -> None:
                                  expected="best_val_acc, final_val_acc, final_val_loss or val_macro_f1")
 
 
-# --------------------------------------------------------------------------- the report
-def report(sweep: Sweep, study: Any, folder: Path, storage_url: str) -> dict[str, Any]:
+# --------------------------------------------------------------------------- sweep.json
+def write_sweep_json(sweep: Sweep, study: Any, folder: Path, storage_url: str) -> dict[str, Any]:
     """sweep.json: the study, what it varied, and per variant its label, params, run directory,
     state, objective value and seed (the comparison table is built from it and the run directories).
 
@@ -249,7 +249,7 @@ def sweep_command(path: str, *, workers: int = 1, storage: str | None = None, ou
                 for i, c in enumerate(codes):
                     if c not in (0, 130):
                         say(f"worker w{i + 1} ended with " + (f"signal {-c}" if c < 0 else f"exit code {c}"))
-        data = report(sweep, study, folder, url)
+        data = write_sweep_json(sweep, study, folder, url)
         for line in trial_lines(sweep, study, folder):
             say(line)
         say(f"wrote {folder / 'sweep.json'}")
@@ -290,4 +290,4 @@ def _stderr_note(text: str) -> None:
     Console(stderr=True, highlight=False, soft_wrap=True).print(text, markup=False)
 
 
-__all__ = ["sweep_command", "check_variants", "report", "write_comparison", "trial_lines"]
+__all__ = ["sweep_command", "check_variants", "write_sweep_json", "write_comparison", "trial_lines"]

@@ -67,12 +67,12 @@ def work(worker: Worker) -> int:
     try:
         while True:
             fail_stale_trials(study)
-            held, trial_id = _hold_signals(), None  # until the trial taken has a heartbeat (see run_trial)
+            held, trial_id = hold_signals(), None  # until the trial taken has a heartbeat (see run_trial)
             try:
                 trial_id = study._pop_waiting_trial_id()  # WAITING -> RUNNING, for one worker only
             finally:
                 if trial_id is None:
-                    _release_signals(held)
+                    release_signals(held)
             if trial_id is None:
                 running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                 if not running:
@@ -110,7 +110,7 @@ def run_trial(worker: Worker, trial_id: int, held: Any = None) -> str:
     again after its worker was thought dead, but finished after all); one with a checkpoint resumes.
 
     Args:
-        held: what `_hold_signals` returned before the trial was taken: a Ctrl-C is acted on
+        held: what `hold_signals` returned before the trial was taken: a Ctrl-C is acted on
             only once the trial has a heartbeat and can be queued again (a RUNNING trial that
             never had a heartbeat is never found stale, and idle workers would wait on it).
     """
@@ -124,7 +124,7 @@ def run_trial(worker: Worker, trial_id: int, held: Any = None) -> str:
     heartbeat = get_heartbeat_thread(trial_id, study._storage)
     heartbeat.start()  # at once: a trial without any heartbeat is never found stale
     try:
-        _release_signals(held)  # a Ctrl-C that came meanwhile lands here, and queues the trial again
+        release_signals(held)  # a Ctrl-C that came meanwhile lands here, and queues the trial again
         trial = optuna.Trial(study, trial_id)
         study.sampler = _sampler(sweep, trial.number)
         variant = _variant_of(sweep, trial)
@@ -138,7 +138,7 @@ def run_trial(worker: Worker, trial_id: int, held: Any = None) -> str:
         return _fail(worker, trial_id, heartbeat, f"stopped: {exc}")
     except (TrainingStopped, KeyboardInterrupt) as exc:  # a signal: checkpointed; queue it again for the next run
         heartbeat.join()
-        _requeue(worker, trial_id, str(exc) or "interrupted")
+        requeue(worker, trial_id, str(exc) or "interrupted")
         return INTERRUPTED
     except UserError as exc:
         return _fail(worker, trial_id, heartbeat, str(exc))
@@ -224,7 +224,7 @@ def _fail(worker: Worker, trial_id: int, heartbeat: Any, error: str) -> str:
     return FAILED
 
 
-def _requeue(worker: Worker, trial_id: int, why: str) -> None:
+def requeue(worker: Worker, trial_id: int, why: str) -> None:
     """Fail an interrupted trial and queue a copy (same params, same run directory): the next
     `surgery sweep` resumes it from its checkpoint at once instead of after the grace period."""
     from optuna.trial import TrialState
@@ -242,8 +242,8 @@ def _requeue(worker: Worker, trial_id: int, why: str) -> None:
     worker.say(f"trial {frozen.number} queued again, to resume from its checkpoint: {why}")
 
 
-def _hold_signals() -> tuple[dict, list] | None:
-    """Note SIGINT and SIGTERM instead of acting on them; `_release_signals` acts on them.
+def hold_signals() -> tuple[dict, list] | None:
+    """Note SIGINT and SIGTERM instead of acting on them; `release_signals` acts on them.
     (Python runs signal handlers in the main thread, whichever thread the signal reached.)"""
     noted: list[int] = []
     try:
@@ -254,8 +254,8 @@ def _hold_signals() -> tuple[dict, list] | None:
     return previous, noted
 
 
-def _release_signals(held: tuple[dict, list] | None) -> None:
-    """Restore the handlers `_hold_signals` replaced; a signal noted meanwhile raises KeyboardInterrupt."""
+def release_signals(held: tuple[dict, list] | None) -> None:
+    """Restore the handlers `hold_signals` replaced; a signal noted meanwhile raises KeyboardInterrupt."""
     if held is None:
         return
     previous, noted = held
@@ -320,7 +320,7 @@ def _checkpoint_epoch(path: Path) -> int:
 
 
 # --------------------------------------------------------------------------- several workers
-def _worker_environments(n: int, device: str | None) -> list[dict[str, str]]:
+def worker_environments(n: int, device: str | None) -> list[dict[str, str]]:
     """One environment per worker: a GPU each (round robin) when the runs use CUDA, and the CPU
     cores shared out (OMP_NUM_THREADS) so N workers do not each start a thread per core.
     A device with an index (cuda:1) is left alone: it names its GPU."""
@@ -353,7 +353,7 @@ def spawn(n: int, argv: Sequence[str], device: str | None, say: Callable[[str], 
         The workers' exit codes, and whether the sweep was interrupted.
     """
     procs, relays = [], []
-    for i, env in enumerate(_worker_environments(n, device)):
+    for i, env in enumerate(worker_environments(n, device)):
         proc = subprocess.Popen([sys.executable, "-m", "surgery", *argv], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
         relay = threading.Thread(target=_relay, args=(proc, f"w{i + 1}"), daemon=True)

@@ -108,7 +108,7 @@ def _image_batches(loader, epoch: int, limit: int | None, start: int = 0) -> Bat
         yield step, x, y
 
 
-def _cached_train_batches(ctx: Context, epoch: int, start: int) -> Batches:
+def cached_train_batches(ctx: Context, epoch: int, start: int) -> Batches:
     """The epoch's batches in the loader's own order, as cached head inputs instead of images."""
     cache, limit = ctx.features, ctx.spec.train.limit_batches
     for step, indices in enumerate(ctx.train_loader.batch_indices(epoch, start), start=start):
@@ -140,7 +140,7 @@ def _features_to_device(ctx: Context, f: torch.Tensor, y: torch.Tensor) -> tuple
 def _train_inputs(ctx: Context, epoch: int, start: int) -> tuple[Batches, Callable, Callable]:
     """(batches, forward, to_device) for a training epoch: cached head inputs in head-only stages."""
     if ctx.features is not None:
-        return (_cached_train_batches(ctx, epoch, start), ctx.model.get_submodule(ctx.features.head),
+        return (cached_train_batches(ctx, epoch, start), ctx.model.get_submodule(ctx.features.head),
                 _features_to_device)
     return _image_batches(ctx.train_loader, epoch, ctx.spec.train.limit_batches, start), ctx.forward, images_to_device
 

@@ -169,7 +169,7 @@ def _accepted_kwargs(cls: Any) -> set[str] | None:
 _FUSED_DEVICES = ("cuda", "cpu")
 
 
-def _optimizer_kwargs(opt: OptimizerSpec, device_type: str) -> dict[str, Any]:
+def optimizer_kwargs(opt: OptimizerSpec, device_type: str) -> dict[str, Any]:
     """Constructor keywords (all but the params) for ``train.optimizer`` on `device_type`.
 
     sgd, adam and adamw go to torch's classes; other names to ``timm.optim.create_optimizer_v2``,
@@ -296,7 +296,7 @@ def build_optimizer(
     param_groups = build_param_groups(model, groups, train)
     opt = train.optimizer
     lookahead, name = _split_name(opt.name)
-    kwargs = _optimizer_kwargs(opt, device_type)
+    kwargs = optimizer_kwargs(opt, device_type)
     try:
         if name in _TORCH_OPTIMIZERS:
             optimizer = _TORCH_OPTIMIZERS[name](param_groups, **kwargs)

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import os
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -44,17 +46,25 @@ TINY_CBAM_SPEC = {
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """One finished run, shared by every test that only reads a run: resnet10t on digits at 32 px with
-    CBAM after layer3 and layer4 and SE after layer2 (identity init), 2 epochs of 3 batches.
-    Read-only: a test that changes a run copies it first (shutil.copytree)."""
-    import io
+def trained_run(tmp_path_factory):
+    """A factory, `trained_run(spec, name) -> Path`: the finished run of `spec` (a mapping), trained once
+    per session and name and shared by every test that only reads it. Read-only: a test that changes a
+    run copies it first (shutil.copytree)."""
+    from runs import train_quietly
 
-    from rich.console import Console
+    made: dict[str, Path] = {}
 
-    from surgery import load_spec
-    from surgery.train import run
+    def trained(spec: dict, name: str) -> Path:
+        if name not in made:
+            made[name] = tmp_path_factory.mktemp("shared-runs") / name
+            train_quietly(spec, made[name])
+        return made[name]
 
-    out = tmp_path_factory.mktemp("shared-runs") / "tiny-cbam"
-    run(load_spec(TINY_CBAM_SPEC), out, console=Console(file=io.StringIO()))
-    return out
+    return trained
+
+
+@pytest.fixture(scope="session")
+def tiny_run(trained_run):
+    """resnet10t on digits at 32 px with CBAM after layer3 and layer4 and SE after layer2 (identity
+    init), 2 epochs of 3 batches."""
+    return trained_run(TINY_CBAM_SPEC, "tiny-cbam")

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from rich.console import Console
 from sklearn.metrics import classification_report, confusion_matrix, top_k_accuracy_score
 
 from surgery import load_spec
@@ -24,7 +23,7 @@ from surgery.errors import SpecError
 from surgery.evaluate.command import calibration, folder_name
 from surgery.evaluate.plots import mistakes_png
 from surgery.deploy.predict import load_run
-from surgery.train import run
+from runs import train_quietly
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,10 +37,9 @@ TEST_SPEC = {
 
 
 @pytest.fixture(scope="module")
-def test_run(tmp_path_factory):
+def test_run(trained_run):
     """A finished run trained with data.test_split: 0.1 and an EMA of its weights."""
-    out = tmp_path_factory.mktemp("eval-runs") / "tiny-test-split"
-    run(load_spec(TEST_SPEC), out, console=Console(file=io.StringIO()))
+    out = trained_run(TEST_SPEC, "tiny-test-split")
     return out
 
 
@@ -292,7 +290,7 @@ def test_a_folder_of_a_relative_image_folder_run_with_its_own_test_images(labell
                          "train: {epochs: 1, batch_size: 6, limit_batches: 1}\n"
                          "data: {name: imagefolder, root: imgs, image_size: 32, num_workers: 0}\n")
     out = tmp_path / "runs" / "folder-run"
-    run(load_spec(spec_file), out, console=Console(file=io.StringIO()))
+    train_quietly(spec_file, out)
     assert main(["evaluate", str(out), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["images"] == 12 and "own test images" in metrics["source"]

@@ -2,20 +2,16 @@
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import sys
 import warnings
 
 import pytest
 import torch
-from rich.console import Console
 
-from surgery import load_spec
 from surgery.cli import main
 from surgery.deploy.export import ExportFailed, export_run
 from surgery.deploy.predict import load_run
-from surgery.train import run
 
 # inserts both inside a leaf (MaxPool2d: its class is swapped at run time) and inside Sequentials
 # (layer1..4), as in torchvision's resnet18 but smaller; init: default so that an export that
@@ -30,10 +26,8 @@ HAS_ONNXRUNTIME = importlib.util.find_spec("onnxruntime") is not None
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "cut"
-    run(load_spec(SPEC), out, console=Console(file=io.StringIO()))
-    return out
+def run_dir(trained_run):
+    return trained_run(SPEC, "export-cut")
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from surgery.data import build_data, pos_weights
 from surgery.errors import SpecError
 from surgery.spec import load_spec
 from surgery.train.multilabel import multi_label_metrics
+from runs import train_quietly
 
 # colour channels as classes: red, green, blue; an image holds the classes of its bright channels
 CELLS = ["red", "green | blue", "red|green", "", "blue", "red | green | blue", "green", "red|blue"]
@@ -82,11 +83,10 @@ def test_a_short_run_reports_map_and_f1_and_predict_lists_labels(tmp_path: Path,
     from sklearn.metrics import average_precision_score, f1_score
 
     from surgery.deploy.predict import load_run
-    from surgery.train import run
 
     csv = _write(tmp_path / "data")
     out = tmp_path / "run"
-    summary = run(load_spec(_spec(csv, balance="loss", threshold=0.3)), out, console=Console(file=io.StringIO()))
+    summary = train_quietly(_spec(csv, balance="loss", threshold=0.3), out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all({"val_map", "val_f1", "val_macro_f1"} <= set(r) for r in rows)
     assert rows[0]["train_acc_basis"] == "exact match"

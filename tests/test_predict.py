@@ -1,7 +1,6 @@
 """`surgery predict` and `load_run`: real image files, the run's transforms, unreadable files, wrong run folders."""
 from __future__ import annotations
 
-import io
 import json
 import shutil
 
@@ -9,13 +8,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from rich.console import Console
 
-from surgery import load_spec
 from surgery.cli import main
 from surgery.deploy.predict import load_run
 from surgery.runs import load_safetensors
-from surgery.train import run
 
 SPEC = {"name": "tiny", "model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False},
         "train": {"epochs": 1, "batch_size": 8, "limit_batches": 2},
@@ -24,10 +20,8 @@ N_IMAGES = 5
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    run(load_spec(SPEC), out, console=Console(file=io.StringIO()))
-    return out
+def run_dir(trained_run):
+    return trained_run(SPEC, "predict-tiny")
 
 
 @pytest.fixture(scope="module")

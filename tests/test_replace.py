@@ -226,16 +226,8 @@ RUN_SPEC = {"name": "vocab", "model": {"backbone": "timm:resnet10t", "num_classe
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    import io
-
-    from rich.console import Console
-
-    from surgery.train import run
-
-    out = tmp_path_factory.mktemp("runs") / "vocab"
-    run(load_spec(RUN_SPEC), out, console=Console(file=io.StringIO()))
-    return out
+def run_dir(trained_run):
+    return trained_run(RUN_SPEC, "replace-vocab")
 
 
 def test_a_run_with_every_operation_reloads_predicts_and_exports(run_dir, tmp_path):

@@ -20,6 +20,7 @@ from surgery.pages.run_page import data_uri, gather, write_report
 from surgery.runs import read_metrics
 from surgery.train.schedule import schedule_table
 from surgery.spec import load_spec
+from runs import train_quietly
 
 HOSTILE = "<script>alert(1)</script>"
 
@@ -258,7 +259,6 @@ CELLS = ["red", f"red | {HOSTILE}", "blue", f"blue|{HOSTILE}", "", "red|blue"]
 @pytest.fixture(scope="module")
 def multi_label_run(tmp_path_factory, one_thread) -> Path:
     """A real multi-label run whose class names include markup, with a head-only first epoch."""
-    from surgery.train import run
 
     folder = tmp_path_factory.mktemp("multi")
     lines = ["path,label,split"]
@@ -274,7 +274,7 @@ def multi_label_run(tmp_path_factory, one_thread) -> Path:
                       "train": {"epochs": 2, "batch_size": 6, "limit_batches": 2},
                       "data": {"name": "csv", "root": str(folder / "labels.csv"), "multi_label": True,
                                "image_size": 32, "num_workers": 0}})
-    run(spec, folder / "run", console=Console(file=io.StringIO()))
+    train_quietly(spec, folder / "run")
     return folder / "run"
 
 

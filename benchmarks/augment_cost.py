@@ -7,6 +7,7 @@ augmentation) in a fresh process; the variants alternate and the median of the r
 from metrics.jsonl's `images_per_sec` (the training phase only). Prints a table with the ratio to
 the plain run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,12 @@ VARIANTS = {
 
 
 def spec(backbone: str, size: int, batch: int) -> dict:
-    return {"name": "augment-cost", "model": {"backbone": backbone, "num_classes": 10},
-            "train": {"epochs": 1, "batch_size": batch, "optimizer": {"name": "adamw"}, "precision": "fp32"},
-            "data": {"name": "digits", "image_size": size, "num_workers": 0}}
+    return {
+        "name": "augment-cost",
+        "model": {"backbone": backbone, "num_classes": 10},
+        "train": {"epochs": 1, "batch_size": batch, "optimizer": {"name": "adamw"}, "precision": "fp32"},
+        "data": {"name": "digits", "image_size": size, "num_workers": 0},
+    }
 
 
 def main() -> int:
@@ -45,8 +49,11 @@ def main() -> int:
     for r in range(args.repeats):
         for name, extra in VARIANTS.items():  # alternate, so drift in the machine hits every variant alike
             out = work / f"{r}-{name.replace('/', '-').replace(' ', '')}"
-            subprocess.run([sys.executable, "-m", "surgery", "run", str(spec_path), "--out", str(out), *extra],
-                           check=True, capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "surgery", "run", str(spec_path), "--out", str(out), *extra],
+                check=True,
+                capture_output=True,
+            )
             row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
             rates[name].append(row["images_per_sec"])
     base = statistics.median(rates["plain"])

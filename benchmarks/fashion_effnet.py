@@ -8,6 +8,7 @@ process, one at a time, so their images/s are comparable.
     python benchmarks/fashion_effnet.py --out /tmp/fe --table     # only re-print the table
     python benchmarks/fashion_effnet.py --out /tmp/fe-ci --set train.epochs=1 --set train.limit_batches=2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,8 +33,15 @@ def weights_file() -> str:
 def run(out: Path, overrides: list[str]) -> None:
     surgery = shutil.which("surgery", path=os.path.dirname(sys.executable)) or "surgery"
     for name in SPECS:
-        cmd = [surgery, "run", str(EXAMPLES / f"{name}.yaml"), "--out", str(out / name),
-               "--set", f"model.pretrained={weights_file()}"]
+        cmd = [
+            surgery,
+            "run",
+            str(EXAMPLES / f"{name}.yaml"),
+            "--out",
+            str(out / name),
+            "--set",
+            f"model.pretrained={weights_file()}",
+        ]
         for item in overrides:
             cmd += ["--set", item]
         subprocess.run(cmd, check=True)

@@ -18,6 +18,7 @@ benchmarks/peer_timm.py), alternating, median of --repeats; the ratio is measure
 
 Without a CUDA device it says so and exits 0: the CPU figures are benchmarks/loops.py's job.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,13 +76,15 @@ def measure(backbone: str, size: int, batch: int, steps: int, train: dict, peak_
     from surgery import load_spec
     from surgery.train import apply_trainable, prepare, train_epoch
 
-    spec = load_spec({
-        "name": "gpu-bench",
-        "model": {"backbone": backbone, "num_classes": 10},
-        "surgery": MODELS[backbone],
-        "train": {"epochs": 2, "batch_size": batch, "device": "cuda", **train},
-        "data": {"name": "fake", "image_size": size, "subset": {"train": batch, "val": batch}, "num_workers": 0},
-    })
+    spec = load_spec(
+        {
+            "name": "gpu-bench",
+            "model": {"backbone": backbone, "num_classes": 10},
+            "surgery": MODELS[backbone],
+            "train": {"epochs": 2, "batch_size": batch, "device": "cuda", **train},
+            "data": {"name": "fake", "image_size": size, "subset": {"train": batch, "val": batch}, "num_workers": 0},
+        }
+    )
     ctx = prepare(spec)
     ctx.train_loader = DeviceBatches(batch, size, steps, "cuda")
     flags = apply_trainable(ctx.model, ctx.built.groups, 0)
@@ -94,9 +97,13 @@ def measure(backbone: str, size: int, batch: int, steps: int, train: dict, peak_
     result = train_epoch(ctx, 1, flags)
     torch.cuda.synchronize()
     rate = result.seen / (time.perf_counter() - start)
-    return {"images_per_sec": rate, "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "data_wait_fraction": result.data_seconds / max(result.seconds, 1e-9),
-            "gflops_per_image": flops / 1e9, "mfu": flops * rate / (peak_tflops * 1e12)}
+    return {
+        "images_per_sec": rate,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "data_wait_fraction": result.data_seconds / max(result.seconds, 1e-9),
+        "gflops_per_image": flops / 1e9,
+        "mfu": flops * rate / (peak_tflops * 1e12),
+    }
 
 
 def matmul_tflops() -> float:
@@ -132,33 +139,58 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device here: nothing to measure (benchmarks/loops.py measures the CPU)")
         return 0
-    record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "size": args.size,
-              "batch": args.batch, "peak_tflops": args.peak_tflops, "measured_bf16_tflops": matmul_tflops(),
-              "results": {}, "peer": {}}
-    print(f"{record['device']}: bf16 matmul {record['measured_bf16_tflops']:.0f} TFLOP/s measured, "
-          f"MFU against {args.peak_tflops:.0f}", flush=True)
+    record = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "size": args.size,
+        "batch": args.batch,
+        "peak_tflops": args.peak_tflops,
+        "measured_bf16_tflops": matmul_tflops(),
+        "results": {},
+        "peer": {},
+    }
+    print(
+        f"{record['device']}: bf16 matmul {record['measured_bf16_tflops']:.0f} TFLOP/s measured, "
+        f"MFU against {args.peak_tflops:.0f}",
+        flush=True,
+    )
     for backbone in args.models:
         base = None
         for name, train in SETTINGS:
             r = measure(backbone, args.size, args.batch, args.steps, train, args.peak_tflops)
             base = base or r["images_per_sec"]
             record["results"][f"{backbone} {name}"] = r
-            print(f"{backbone:<22} {name:<28} {r['images_per_sec']:9.1f} img/s  x{r['images_per_sec'] / base:.2f}  "
-                  f"MFU {100 * r['mfu']:5.1f}%  peak {r['peak_memory_gib']:.1f} GiB  "
-                  f"data wait {100 * r['data_wait_fraction']:.1f}%", flush=True)
+            print(
+                f"{backbone:<22} {name:<28} {r['images_per_sec']:9.1f} img/s  x{r['images_per_sec'] / base:.2f}  "
+                f"MFU {100 * r['mfu']:5.1f}%  peak {r['peak_memory_gib']:.1f} GiB  "
+                f"data wait {100 * r['data_wait_fraction']:.1f}%",
+                flush=True,
+            )
     if args.timm_train is not None:
         sys.path.insert(0, str(Path(__file__).parent))
         from peer_timm import compare
 
         for model, precision in (("resnet50", "bf16"),):
-            peer = compare(args.timm_train, device="cuda", model=model, size=args.size, batch=args.batch,
-                           images=args.peer_images, repeats=args.repeats, precision=precision,
-                           channels_last=True, workers=8)
+            peer = compare(
+                args.timm_train,
+                device="cuda",
+                model=model,
+                size=args.size,
+                batch=args.batch,
+                images=args.peer_images,
+                repeats=args.repeats,
+                precision=precision,
+                channels_last=True,
+                workers=8,
+            )
             record["peer"][f"{model} {precision} channels_last"] = peer
             m = peer["median"]
-            print(f"peer {model} {precision}: timm train.py {m['timm train.py']:.1f} img/s, surgery run "
-                  f"{m['surgery run']:.1f} img/s, ratio {peer['ratio_surgery_over_timm']:.2f} "
-                  f"(median of {args.repeats})", flush=True)
+            print(
+                f"peer {model} {precision}: timm train.py {m['timm train.py']:.1f} img/s, surgery run "
+                f"{m['surgery run']:.1f} img/s, ratio {peer['ratio_surgery_over_timm']:.2f} "
+                f"(median of {args.repeats})",
+                flush=True,
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
     return 0

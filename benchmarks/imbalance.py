@@ -10,6 +10,7 @@ the worst class's recall on the balanced validation set.
     python benchmarks/imbalance.py --out /tmp/imb --table         # only re-print the table
     python benchmarks/imbalance.py --out /tmp/imb-ci --set train.epochs=1 --set train.limit_batches=2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,10 @@ def export(folder: Path, seed: int = 0) -> Path:
     from surgery.data import FASHION_MNIST_CLASSES, fashion_mnist_dir, read_idx
 
     rng = np.random.default_rng(seed)
-    parts = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-             "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+    parts = {
+        "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+        "val": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+    }
     counts = {"train": [round(LARGEST / RATIO ** (c / 9)) for c in range(10)], "val": [VAL_PER_CLASS] * 10}
     rows = []
     for split, (images_file, labels_file) in parts.items():
@@ -64,8 +67,18 @@ def weights_file() -> str:
 def run(out: Path, labels: Path, overrides: list[str]) -> None:
     surgery = shutil.which("surgery", path=os.path.dirname(sys.executable)) or "surgery"
     for mode in MODES:
-        cmd = [surgery, "run", str(EXAMPLES / f"{mode}.yaml"), "--out", str(out / mode), "--overwrite",
-               "--set", f"model.pretrained={weights_file()}", "--set", f"data.root={labels}"]
+        cmd = [
+            surgery,
+            "run",
+            str(EXAMPLES / f"{mode}.yaml"),
+            "--out",
+            str(out / mode),
+            "--overwrite",
+            "--set",
+            f"model.pretrained={weights_file()}",
+            "--set",
+            f"data.root={labels}",
+        ]
         for item in overrides:
             cmd += ["--set", item]
         subprocess.run(cmd, check=True)
@@ -73,8 +86,10 @@ def run(out: Path, labels: Path, overrides: list[str]) -> None:
 
 def table(out: Path) -> str:
     """macro-F1 and the worst class's recall of the final model, from summary.json's confusion matrix."""
-    lines = ["| data.balance | final val acc | macro-F1 | worst-class recall (class) | train img/s |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| data.balance | final val acc | macro-F1 | worst-class recall (class) | train img/s |",
+        "|---|---|---|---|---|",
+    ]
     for mode in MODES:
         summary = json.loads((out / mode / "summary.json").read_text())
         recalls = summary["per_class_accuracy"]
@@ -82,8 +97,10 @@ def table(out: Path) -> str:
         rows = [json.loads(line) for line in (out / mode / "metrics.jsonl").read_text().splitlines() if line]
         full = [r for r in rows if all(r["trainable"].values())]
         rate = sum(r["images_per_sec"] for r in full) / len(full) if full else float("nan")
-        lines.append(f"| `{mode}` | {summary['final_val_acc']:.4f} | {summary['val_macro_f1']:.4f} | "
-                     f"{recalls[worst]:.4f} ({worst}) | {rate:.0f} |")
+        lines.append(
+            f"| `{mode}` | {summary['final_val_acc']:.4f} | {summary['val_macro_f1']:.4f} | "
+            f"{recalls[worst]:.4f} ({worst}) | {rate:.0f} |"
+        )
     return "\n".join(lines)
 
 

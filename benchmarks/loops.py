@@ -23,6 +23,7 @@ adds the second peer, timm's own train.py against `surgery run`, whole commands 
 ImageFolder (benchmarks/peer_timm.py: timm resnet18, 64 px, batch 32, AdamW, fp32,
 channels_last, no augmentation, 2 epochs, the second timed; alternating, median of --repeats).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,19 +39,35 @@ from pathlib import Path
 
 CASES = {
     "resnet18-cbam-32": {"backbone": "torchvision:resnet18", "at": "layer*", "size": 32, "batch": 64, "stage": "full"},
-    "resnet18-cbam-128": {"backbone": "torchvision:resnet18", "at": "layer*", "size": 128, "batch": 32, "stage": "full"},
-    "vgg16-cbam-64": {"backbone": "torchvision:vgg16", "at": {"type": "MaxPool2d"}, "size": 64, "batch": 16, "stage": "full"},
+    "resnet18-cbam-128": {
+        "backbone": "torchvision:resnet18",
+        "at": "layer*",
+        "size": 128,
+        "batch": 32,
+        "stage": "full",
+    },
+    "vgg16-cbam-64": {
+        "backbone": "torchvision:vgg16",
+        "at": {"type": "MaxPool2d"},
+        "size": 64,
+        "batch": 16,
+        "stage": "full",
+    },
     "head-only-32": {"backbone": "torchvision:resnet18", "at": "layer*", "size": 32, "batch": 64, "stage": "head"},
 }
 
 
 def spec_dict(case: dict, steps: int) -> dict:
     if case["stage"] == "full":
-        groups = [{"name": "new", "params": ["@inserted", "@head"], "lr": 1e-3},
-                  {"name": "body", "params": ["*"], "lr": 1e-4}]
+        groups = [
+            {"name": "new", "params": ["@inserted", "@head"], "lr": 1e-3},
+            {"name": "body", "params": ["*"], "lr": 1e-4},
+        ]
     else:  # only the classifier head trains: the stage where the body could be skipped entirely
-        groups = [{"name": "head", "params": ["@head"], "lr": 1e-3},
-                  {"name": "body", "params": ["*"], "lr": 1e-4, "unfreeze_at": "never"}]
+        groups = [
+            {"name": "head", "params": ["@head"], "lr": 1e-3},
+            {"name": "body", "params": ["*"], "lr": 1e-4, "unfreeze_at": "never"},
+        ]
     return {
         "name": "bench",
         "model": {"backbone": case["backbone"], "num_classes": 10},
@@ -58,9 +75,14 @@ def spec_dict(case: dict, steps: int) -> dict:
         "groups": groups,
         # bf16 autocast from 64 px up: on this Xeon (AVX512-BF16) it speeds these ResNet/VGG steps
         # up 1.4-1.7x (it slows EfficientNets, so it is the spec's choice, not `auto`'s)
-        "train": {"epochs": 1, "batch_size": case["batch"], "limit_batches": steps,
-                  "optimizer": {"name": "adam"}, "channels_last": True,
-                  "precision": "bf16" if case["size"] >= 64 else "fp32"},
+        "train": {
+            "epochs": 1,
+            "batch_size": case["batch"],
+            "limit_batches": steps,
+            "optimizer": {"name": "adam"},
+            "channels_last": True,
+            "precision": "bf16" if case["size"] >= 64 else "fp32",
+        },
         "data": {"name": "digits", "image_size": case["size"], "num_workers": 0},
     }
 
@@ -85,8 +107,13 @@ def run_engine(case: dict, steps: int, warmup: int, cached: bool = False) -> dic
     ctx_warm = ctx.__class__(**{**ctx.__dict__, "spec": spec_warm})
     train_epoch(ctx_warm, 0, flags)
     result = train_epoch(ctx, 1, flags)
-    return {"images_per_sec": result.seen / result.seconds, "seen": result.seen, "seconds": result.seconds,
-            "data_wait_fraction": result.data_seconds / result.seconds, **extra}
+    return {
+        "images_per_sec": result.seen / result.seconds,
+        "seen": result.seen,
+        "seconds": result.seconds,
+        "data_wait_fraction": result.data_seconds / result.seconds,
+        **extra,
+    }
 
 
 def run_plain(case: dict, steps: int, warmup: int) -> dict:
@@ -103,11 +130,23 @@ def run_plain(case: dict, steps: int, warmup: int) -> dict:
     if case["stage"] == "head":
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("fc."))
-    bundle = build_data(spec, {"input_size": (3, case["size"], case["size"]), "mean": (0.485, 0.456, 0.406),
-                               "std": (0.229, 0.224, 0.225), "interpolation": "bilinear", "crop_pct": 0.875,
-                               "crop_mode": "center"})
-    to_float = transforms.Compose([transforms.ConvertImageDtype(torch.float32),
-                                   transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    bundle = build_data(
+        spec,
+        {
+            "input_size": (3, case["size"], case["size"]),
+            "mean": (0.485, 0.456, 0.406),
+            "std": (0.229, 0.224, 0.225),
+            "interpolation": "bilinear",
+            "crop_pct": 0.875,
+            "crop_mode": "center",
+        },
+    )
+    to_float = transforms.Compose(
+        [
+            transforms.ConvertImageDtype(torch.float32),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
 
     class Plain(torch.utils.data.Dataset):  # ToTensor + Normalize per item, as tutorials do
         def __len__(self) -> int:
@@ -158,27 +197,41 @@ def child(loop: str, case_name: str, steps: int, warmup: int) -> None:
 def measure(loop: str, case: str, steps: int, warmup: int) -> dict:
     cmd = [sys.executable, __file__, "--child", loop, "--case", case, "--steps", str(steps), "--warmup", str(warmup)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    line = next(l for l in out.stdout.splitlines() if l.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    line = next(row for row in out.stdout.splitlines() if row.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
 
 
 def machine() -> dict:
+    import timm
     import torch
     import torchvision
-    import timm
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
-            "load_average": os.getloadavg()}
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "load_average": os.getloadavg(),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", action="append", choices=sorted(CASES) + ["none"],
-                        help="default: every case; none: only the timm peer")
-    parser.add_argument("--timm-train", type=Path, default=None,
-                        help="a copy of timm's train.py: also compare whole commands against it")
+    parser.add_argument(
+        "--case",
+        action="append",
+        choices=sorted(CASES) + ["none"],
+        help="default: every case; none: only the timm peer",
+    )
+    parser.add_argument(
+        "--timm-train",
+        type=Path,
+        default=None,
+        help="a copy of timm's train.py: also compare whole commands against it",
+    )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
@@ -198,9 +251,11 @@ def main() -> None:
                 runs[loop].append(measure(loop, case, args.steps, args.warmup))
         summary = {}
         for loop, results in runs.items():
-            summary[loop] = {"images_per_sec": statistics.median(r["images_per_sec"] for r in results),
-                             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in results),
-                             "all_images_per_sec": [round(r["images_per_sec"], 1) for r in results]}
+            summary[loop] = {
+                "images_per_sec": statistics.median(r["images_per_sec"] for r in results),
+                "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in results),
+                "all_images_per_sec": [round(r["images_per_sec"], 1) for r in results],
+            }
             if "data_wait_fraction" in results[0]:
                 summary[loop]["data_wait_fraction"] = statistics.median(r["data_wait_fraction"] for r in results)
             if "cache_seconds" in results[0]:
@@ -208,25 +263,45 @@ def main() -> None:
         summary["speedup"] = summary["engine"]["images_per_sec"] / summary["plain"]["images_per_sec"]
         summary["memory_ratio"] = summary["engine"]["peak_rss_mb"] / summary["plain"]["peak_rss_mb"]
         record["cases"][case] = summary
-        print(f"{case:<20} plain {summary['plain']['images_per_sec']:7.1f} img/s {summary['plain']['peak_rss_mb']:6.0f} MB | "
-              f"engine {summary['engine']['images_per_sec']:7.1f} img/s {summary['engine']['peak_rss_mb']:6.0f} MB | "
-              f"speed x{summary['speedup']:.2f}  memory x{summary['memory_ratio']:.2f}  "
-              f"data wait {summary['engine']['data_wait_fraction']:.1%}", flush=True)
+        print(
+            f"{case:<20} plain {summary['plain']['images_per_sec']:7.1f} img/s "
+            f"{summary['plain']['peak_rss_mb']:6.0f} MB | "
+            f"engine {summary['engine']['images_per_sec']:7.1f} img/s {summary['engine']['peak_rss_mb']:6.0f} MB | "
+            f"speed x{summary['speedup']:.2f}  memory x{summary['memory_ratio']:.2f}  "
+            f"data wait {summary['engine']['data_wait_fraction']:.1%}",
+            flush=True,
+        )
         if "engine-cached" in summary:
             cached = summary["engine-cached"]
             summary["cached_vs_uncached"] = cached["images_per_sec"] / summary["engine"]["images_per_sec"]
-            print(f"{'':<20} engine on cached features {cached['images_per_sec']:9.1f} img/s "
-                  f"(x{summary['cached_vs_uncached']:.1f} the uncached head-only epoch; the body ran once "
-                  f"in {cached['cache_seconds']:.1f}s)", flush=True)
+            print(
+                f"{'':<20} engine on cached features {cached['images_per_sec']:9.1f} img/s "
+                f"(x{summary['cached_vs_uncached']:.1f} the uncached head-only epoch; the body ran once "
+                f"in {cached['cache_seconds']:.1f}s)",
+                flush=True,
+            )
     if args.timm_train is not None:
         from peer_timm import compare
 
-        peer = compare(args.timm_train, device="cpu", model="resnet18", size=64, batch=32, images=960,
-                       repeats=args.repeats, precision="fp32", channels_last=True, workers=0)
+        peer = compare(
+            args.timm_train,
+            device="cpu",
+            model="resnet18",
+            size=64,
+            batch=32,
+            images=960,
+            repeats=args.repeats,
+            precision="fp32",
+            channels_last=True,
+            workers=0,
+        )
         record["timm_train_py"] = peer
         m = peer["median"]
-        print(f"{'timm train.py peer':<20} timm {m['timm train.py']:7.1f} img/s | surgery run {m['surgery run']:7.1f} "
-              f"img/s | x{peer['ratio_surgery_over_timm']:.2f}", flush=True)
+        print(
+            f"{'timm train.py peer':<20} timm {m['timm train.py']:7.1f} img/s | surgery run {m['surgery run']:7.1f} "
+            f"img/s | x{peer['ratio_surgery_over_timm']:.2f}",
+            flush=True,
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
 

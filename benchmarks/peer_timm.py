@@ -16,6 +16,7 @@ first one warms up: allocator, cudnn autotuning, compilation):
 - surgery: `images_per_sec` of epoch 1 in metrics.jsonl, the same span (its training phase).
 The two commands alternate and each is repeated; medians are reported with the ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,13 +55,64 @@ def make_imagefolder(root: Path, images: int, size: int, classes: int = 10, seed
     return root
 
 
-def timm_command(train_py: Path, data: Path, out: Path, *, model: str, size: int, batch: int, device: str,
-                 precision: str, channels_last: bool, workers: int, compile: bool = False) -> list[str]:
-    cmd = [sys.executable, str(train_py), "--data-dir", str(data), "--model", model, "--num-classes", "10",
-           "--img-size", str(size), "-b", str(batch), "--epochs", "2", "--opt", "adamw", "--lr", "1e-3",
-           "--weight-decay", "0", "--sched", "step", "--decay-epochs", "100", "--warmup-epochs", "0",
-           "--no-aug", "--smoothing", "0", "--log-interval", "1", "--synchronize-step", "-j", str(workers),
-           "--device", device, "--output", str(out), "--checkpoint-hist", "1", "--seed", "0"]
+def timm_command(
+    train_py: Path,
+    data: Path,
+    out: Path,
+    *,
+    model: str,
+    size: int,
+    batch: int,
+    device: str,
+    precision: str,
+    channels_last: bool,
+    workers: int,
+    compile: bool = False,
+) -> list[str]:
+    cmd = [
+        sys.executable,
+        str(train_py),
+        "--data-dir",
+        str(data),
+        "--model",
+        model,
+        "--num-classes",
+        "10",
+        "--img-size",
+        str(size),
+        "-b",
+        str(batch),
+        "--epochs",
+        "2",
+        "--opt",
+        "adamw",
+        "--lr",
+        "1e-3",
+        "--weight-decay",
+        "0",
+        "--sched",
+        "step",
+        "--decay-epochs",
+        "100",
+        "--warmup-epochs",
+        "0",
+        "--no-aug",
+        "--smoothing",
+        "0",
+        "--log-interval",
+        "1",
+        "--synchronize-step",
+        "-j",
+        str(workers),
+        "--device",
+        device,
+        "--output",
+        str(out),
+        "--checkpoint-hist",
+        "1",
+        "--seed",
+        "0",
+    ]
     if device != "cuda":
         cmd.append("--no-prefetcher")  # timm's prefetcher is CUDA-only
     if precision in ("bf16", "fp16"):
@@ -74,8 +126,9 @@ def timm_command(train_py: Path, data: Path, out: Path, *, model: str, size: int
 
 def run_timm(cmd: list[str], batch: int) -> float:
     """Images per second of timm's second epoch, from its per-update log lines."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=3600, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"timm train.py failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     seconds, updates = 0.0, 0
@@ -89,15 +142,37 @@ def run_timm(cmd: list[str], batch: int) -> float:
     return updates * batch / seconds  # full batches only: --no-aug loader drops nothing, epochs are whole
 
 
-def surgery_spec(data: Path, *, model: str, size: int, batch: int, device: str, precision: str,
-                 channels_last: bool, workers: int, compile: bool = False) -> dict:
+def surgery_spec(
+    data: Path,
+    *,
+    model: str,
+    size: int,
+    batch: int,
+    device: str,
+    precision: str,
+    channels_last: bool,
+    workers: int,
+    compile: bool = False,
+) -> dict:
     return {
         "name": "peer",
         "model": {"backbone": f"timm:{model}", "num_classes": 10},
-        "train": {"epochs": 2, "batch_size": batch, "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0},
-                  "precision": precision, "channels_last": channels_last, "compile": compile, "device": device},
-        "data": {"name": "imagefolder", "root": str(data), "image_size": size, "augment": "none",
-                 "num_workers": workers},
+        "train": {
+            "epochs": 2,
+            "batch_size": batch,
+            "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0},
+            "precision": precision,
+            "channels_last": channels_last,
+            "compile": compile,
+            "device": device,
+        },
+        "data": {
+            "name": "imagefolder",
+            "root": str(data),
+            "image_size": size,
+            "augment": "none",
+            "num_workers": workers,
+        },
     }
 
 
@@ -105,32 +180,65 @@ def run_surgery(spec: dict, out: Path) -> float:
     """Images per second of surgery's second epoch (metrics.jsonl)."""
     spec_path = out.with_suffix(".json")
     spec_path.write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, "-m", "surgery", "run", str(spec_path), "--out", str(out), "--overwrite"],
-                          capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "surgery", "run", str(spec_path), "--out", str(out), "--overwrite"],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"surgery run failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return float(rows[1]["images_per_sec"])
 
 
-def compare(train_py: Path, *, device: str, model: str, size: int, batch: int, images: int, repeats: int,
-            precision: str, channels_last: bool, workers: int, compile: bool = False,
-            work: Path | None = None) -> dict:
+def compare(
+    train_py: Path,
+    *,
+    device: str,
+    model: str,
+    size: int,
+    batch: int,
+    images: int,
+    repeats: int,
+    precision: str,
+    channels_last: bool,
+    workers: int,
+    compile: bool = False,
+    work: Path | None = None,
+) -> dict:
     """Alternate timm and surgery `repeats` times; medians and the ratio surgery / timm."""
     work = work or Path(tempfile.mkdtemp(prefix="peer-"))
     data = make_imagefolder(work / f"digits-{size}-{images}", images, size)
-    settings = dict(model=model, size=size, batch=batch, device=device, precision=precision,
-                    channels_last=channels_last, workers=workers, compile=compile)
+    settings = dict(
+        model=model,
+        size=size,
+        batch=batch,
+        device=device,
+        precision=precision,
+        channels_last=channels_last,
+        workers=workers,
+        compile=compile,
+    )
     rates: dict[str, list[float]] = {"timm train.py": [], "surgery run": []}
     for r in range(repeats):
         rates["timm train.py"].append(run_timm(timm_command(train_py, data, work / f"timm-{r}", **settings), batch))
         rates["surgery run"].append(run_surgery(surgery_spec(data, **settings), work / f"surgery-{r}"))
-        print(f"repeat {r + 1}/{repeats}: timm {rates['timm train.py'][-1]:.1f} img/s, "
-              f"surgery {rates['surgery run'][-1]:.1f} img/s", flush=True)
+        print(
+            f"repeat {r + 1}/{repeats}: timm {rates['timm train.py'][-1]:.1f} img/s, "
+            f"surgery {rates['surgery run'][-1]:.1f} img/s",
+            flush=True,
+        )
     medians = {k: statistics.median(v) for k, v in rates.items()}
-    return {"settings": settings, "images": images, "repeats": repeats, "rates": rates, "median": medians,
-            "ratio_surgery_over_timm": medians["surgery run"] / medians["timm train.py"],
-            "when": time.strftime("%Y-%m-%d %H:%M")}
+    return {
+        "settings": settings,
+        "images": images,
+        "repeats": repeats,
+        "rates": rates,
+        "median": medians,
+        "ratio_surgery_over_timm": medians["surgery run"] / medians["timm train.py"],
+        "when": time.strftime("%Y-%m-%d %H:%M"),
+    }
 
 
 def main() -> int:
@@ -151,12 +259,24 @@ def main() -> int:
     if not args.timm_train.is_file():
         print(f"no timm train.py at {args.timm_train}: copy it from huggingface/pytorch-image-models first")
         return 2
-    record = compare(args.timm_train, device=args.device, model=args.model, size=args.size, batch=args.batch,
-                     images=args.images, repeats=args.repeats, precision=args.precision,
-                     channels_last=not args.no_channels_last, workers=args.workers, compile=args.compile)
+    record = compare(
+        args.timm_train,
+        device=args.device,
+        model=args.model,
+        size=args.size,
+        batch=args.batch,
+        images=args.images,
+        repeats=args.repeats,
+        precision=args.precision,
+        channels_last=not args.no_channels_last,
+        workers=args.workers,
+        compile=args.compile,
+    )
     m = record["median"]
-    print(f"median over {args.repeats}: timm train.py {m['timm train.py']:.1f} img/s, surgery run "
-          f"{m['surgery run']:.1f} img/s, ratio {record['ratio_surgery_over_timm']:.2f}")
+    print(
+        f"median over {args.repeats}: timm train.py {m['timm train.py']:.1f} img/s, surgery run "
+        f"{m['surgery run']:.1f} img/s, ratio {record['ratio_surgery_over_timm']:.2f}"
+    )
     if args.json:
         args.json.write_text(json.dumps(record, indent=2) + "\n")
     return 0

@@ -9,6 +9,7 @@ start and stop its heartbeat thread, report its value, and look for stale trials
 seconds of storage work per variant (the median over the workers' trials) and the time to
 create and fill the study. Default storage: a temporary SQLite file (`surgery sweep`'s default).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,17 +70,22 @@ def main() -> int:
         t0 = time.perf_counter()
         study = optuna.create_study(study_name="bench", storage=storage, direction="maximize")
         for i in range(args.variants):
-            study.enqueue_trial({"surgery.0.at": ["l4", "l34", "all"][i % 3], "seed": str(i % 2)},
-                                user_attrs={"variant": f"v{i}"})
+            study.enqueue_trial(
+                {"surgery.0.at": ["l4", "l34", "all"][i % 3], "seed": str(i % 2)}, user_attrs={"variant": f"v{i}"}
+            )
         fill = time.perf_counter() - t0
-        procs = [subprocess.Popen([sys.executable, "-c", WORKER, url], stdout=subprocess.PIPE, text=True)
-                 for _ in range(args.workers)]
+        procs = [
+            subprocess.Popen([sys.executable, "-c", WORKER, url], stdout=subprocess.PIPE, text=True)
+            for _ in range(args.workers)
+        ]
         per_trial = [t for p in procs for t in json.loads(p.communicate()[0])]
         complete = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
     print(f"storage: {url.split(':')[0]}; {args.variants} variants, {args.workers} workers, {complete} complete")
     print(f"create and fill the study: {fill:.3f} s ({fill / args.variants * 1000:.1f} ms per variant)")
-    print(f"per variant in a worker: median {statistics.median(per_trial) * 1000:.1f} ms, "
-          f"max {max(per_trial) * 1000:.1f} ms")
+    print(
+        f"per variant in a worker: median {statistics.median(per_trial) * 1000:.1f} ms, "
+        f"max {max(per_trial) * 1000:.1f} ms"
+    )
     return 0 if complete == args.variants else 1
 
 

@@ -5,6 +5,7 @@ time the marker is replaced by one table per section of the schema (every key wi
 default, allowed values and description), so the page cannot drift from the schema that
 `surgery validate` checks against. `render_reference(schema)` is the generator; the tests call it.
 """
+
 from __future__ import annotations
 
 import html
@@ -73,8 +74,12 @@ def _limits(node: dict) -> list[str]:
     for key, word in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<")):
         if key in node:
             out.append(f"{word} {_literal(node[key])}")
-    for key, word in (("minLength", "length >="), ("minItems", "items >="), ("maxItems", "items <="),
-                      ("minProperties", "keys >=")):
+    for key, word in (
+        ("minLength", "length >="),
+        ("minItems", "items >="),
+        ("maxItems", "items <="),
+        ("minProperties", "keys >="),
+    ):
         if key in node:
             out.append(f"{word} {node[key]}")
     if "pattern" in node:
@@ -163,26 +168,54 @@ def render_reference(schema: dict) -> str:
     """The reference as Markdown: the top-level values, then one section per top-level mapping."""
     top = schema["properties"]
     plain = {k: v for k, v in top.items() if k not in _INTRO}
-    out = ["## Top level", "", _cell(schema.get("description", "")), "",
-           _table(rows({"properties": plain, "required": schema.get("required", [])}, schema, "")), ""]
+    out = [
+        "## Top level",
+        "",
+        _cell(schema.get("description", "")),
+        "",
+        _table(rows({"properties": plain, "required": schema.get("required", [])}, schema, "")),
+        "",
+    ]
     for key, intro in _INTRO.items():
         if key not in top:
             continue
         node = _resolve(top[key], schema)
         kind = _type(top[key], schema)
-        default = _literal(node["default"]) if "default" in node else (
-            "required" if key in schema.get("required", ()) else "")
-        out += [f"## {key}", "", _cell(node.get("description", intro)), "",
-                f"`{key}`: {kind}" + (f", default `{default}`" if default and default != "required" else
-                                       ", required" if default == "required" else ""), ""]
+        default = (
+            _literal(node["default"])
+            if "default" in node
+            else ("required" if key in schema.get("required", ()) else "")
+        )
+        out += [
+            f"## {key}",
+            "",
+            _cell(node.get("description", intro)),
+            "",
+            f"`{key}`: {kind}"
+            + (
+                f", default `{default}`"
+                if default and default != "required"
+                else ", required"
+                if default == "required"
+                else ""
+            ),
+            "",
+        ]
         below = rows(top[key], schema, key)
         if below:
             out += [_table(below), ""]
     sweep = schema.get("$defs", {}).get("sweep_file")
     if sweep:  # the other file `surgery validate` takes (`surgery schema --sweep` prints its schema)
-        out += ["## Sweep files", "", _cell(sweep.get("description", "")), "",
-                "A sweep file's keys (see [Sweeps](../sweeps.md)); `spec` and `set` hold spec keys, as above.", "",
-                _table(rows(sweep, schema, "")), ""]
+        out += [
+            "## Sweep files",
+            "",
+            _cell(sweep.get("description", "")),
+            "",
+            "A sweep file's keys (see [Sweeps](../sweeps.md)); `spec` and `set` hold spec keys, as above.",
+            "",
+            _table(rows(sweep, schema, "")),
+            "",
+        ]
     return "\n".join(out)
 
 

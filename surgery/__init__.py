@@ -7,6 +7,7 @@
 
 Importing this package does not import torch; `build` and the training engine do.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
@@ -33,4 +34,16 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'surgery' has no attribute {name!r}")
 
 
-__all__ = ["UserError", "SpecError", "UsageError", "RunDirError", "Spec", "load_spec", "schema", "build", "Built", "validate", "__version__"]
+__all__ = [
+    "UserError",
+    "SpecError",
+    "UsageError",
+    "RunDirError",
+    "Spec",
+    "load_spec",
+    "schema",
+    "build",
+    "Built",
+    "validate",
+    "__version__",
+]

@@ -8,6 +8,7 @@
 The command line prints any of them in a few lines, without a traceback, and exits with the
 error's `exit_code` (2 for a mistake in what was asked, 1 when the machine or a folder is at fault).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -242,5 +243,17 @@ class RunDirError(UserError):
             self.exit_code = exit_code
 
 
-__all__ = ["UserError", "SpecError", "UsageError", "RunDirError", "Origin", "format_path", "close_matches",
-           "did_you_mean", "shorten", "quote_value", "describe_exception", "printable"]
+__all__ = [
+    "UserError",
+    "SpecError",
+    "UsageError",
+    "RunDirError",
+    "Origin",
+    "format_path",
+    "close_matches",
+    "did_you_mean",
+    "shorten",
+    "quote_value",
+    "describe_exception",
+    "printable",
+]

@@ -24,17 +24,18 @@ file a command reads on a user's word goes through `not_regular` (before the ope
 never opened. Path mistakes the operating system reports as exceptions (a NUL character, a name
 longer than the system allows) come back as a reason too, so callers word one located error.
 """
+
 from __future__ import annotations
 
 import contextlib
 import errno
-import io
-import stat
 import functools
+import io
 import json
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -42,8 +43,34 @@ from typing import Any, BinaryIO, Callable, Iterable, Mapping
 
 from .errors import Origin, RunDirError
 
-__all__ = ["atomic_write_bytes", "write_raw", "write_text", "write_json", "jsonable", "write_with", "replace_with", "staging_folder", "swap_in", "write_folder", "make_staging", "remove_stale", "remove_temporaries", "check_writable", "fsync_folder", "file_mode", "folder_mode", "problem", "PATH_PROBLEMS", "LONG_PATH", "NUL_PATH", "not_regular", "open_regular", "read_regular", "NotRegularFile", "shown_path"]
-
+__all__ = [
+    "atomic_write_bytes",
+    "write_raw",
+    "write_text",
+    "write_json",
+    "jsonable",
+    "write_with",
+    "replace_with",
+    "staging_folder",
+    "swap_in",
+    "write_folder",
+    "make_staging",
+    "remove_stale",
+    "remove_temporaries",
+    "check_writable",
+    "fsync_folder",
+    "file_mode",
+    "folder_mode",
+    "problem",
+    "PATH_PROBLEMS",
+    "LONG_PATH",
+    "NUL_PATH",
+    "not_regular",
+    "open_regular",
+    "read_regular",
+    "NotRegularFile",
+    "shown_path",
+]
 
 
 @functools.lru_cache(maxsize=1)
@@ -191,8 +218,9 @@ def check_writable(folder: Path, name: Path | None = None) -> None:
         os.unlink(tmp)
     except OSError as exc:
         shown = name or folder
-        raise RunDirError(f"the run directory {shown} is not writable: {exc.strerror or exc}",
-                          origin=Origin.path(shown)) from None
+        raise RunDirError(
+            f"the run directory {shown} is not writable: {exc.strerror or exc}", origin=Origin.path(shown)
+        ) from None
 
 
 # --------------------------------------------------------------------------- folders, whole
@@ -264,7 +292,9 @@ def staging_folder(target: Path, kind: str = "new") -> Path:
     try:
         return make_staging(target, kind)
     except OSError as exc:
-        raise RunDirError(f"cannot write in {target.parent}: {_reason(exc)}", origin=Origin.path(target.parent)) from None
+        raise RunDirError(
+            f"cannot write in {target.parent}: {_reason(exc)}", origin=Origin.path(target.parent)
+        ) from None
 
 
 def make_staging(target: Path, kind: str = "new") -> Path:
@@ -293,7 +323,9 @@ def swap_in(staging: Path, target: Path, *, what: str = "the new files") -> None
     except OSError as exc:
         if old is not None and (old / "previous").exists() and not target.exists():
             os.replace(old / "previous", target)
-        raise RunDirError(f"cannot put {what} in place of {target}: {_reason(exc)}", origin=Origin.path(target)) from None
+        raise RunDirError(
+            f"cannot put {what} in place of {target}: {_reason(exc)}", origin=Origin.path(target)
+        ) from None
     finally:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -312,7 +344,7 @@ def write_folder(folder: Path, files: Mapping[str, bytes] | Iterable[tuple[str, 
     staging: Path | None = None
     try:
         staging = staging_folder(folder)
-        for name, data in (files.items() if isinstance(files, Mapping) else files):
+        for name, data in files.items() if isinstance(files, Mapping) else files:
             atomic_write_bytes(staging / name, data)
         swap_in(staging, folder)
         staging = None
@@ -324,8 +356,13 @@ def write_folder(folder: Path, files: Mapping[str, bytes] | Iterable[tuple[str, 
 
 
 # --------------------------------------------------------------------------- reading what a user names
-_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
-          (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a device"),
+    (stat.S_ISBLK, "a device"),
+)
 
 
 def _describe_mode(mode: int) -> str:

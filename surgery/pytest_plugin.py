@@ -13,6 +13,7 @@ still runs one module; files the option matches are collected in any case. Each 
 lines ``surgery validate`` prints, without a traceback; a spec's warnings become
 `SurgerySpecWarning`s (``-W error::surgery.pytest_plugin.SurgerySpecWarning`` fails on them).
 """
+
 from __future__ import annotations
 
 import glob
@@ -37,15 +38,32 @@ class SurgerySpecWarning(UserWarning):
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("surgery", "surgery spec files as tests")
-    group.addoption("--surgery-specs", action="append", default=[], metavar="GLOB",
-                    help="collect spec files matching GLOB (relative to the working directory; repeatable) "
-                         "as tests that validate them")
-    group.addoption("--surgery-schema-only", action="store_true", default=False,
-                    help="check spec files against the schema only: no torch import, no model build")
-    parser.addini("surgery_specs", type="linelist", default=[],
-                  help="globs of spec files (relative to the rootdir) to collect as tests")
-    parser.addini("surgery_schema_only", type="bool", default=False,
-                  help="check spec files against the schema only: no torch import, no model build")
+    group.addoption(
+        "--surgery-specs",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="collect spec files matching GLOB (relative to the working directory; repeatable) "
+        "as tests that validate them",
+    )
+    group.addoption(
+        "--surgery-schema-only",
+        action="store_true",
+        default=False,
+        help="check spec files against the schema only: no torch import, no model build",
+    )
+    parser.addini(
+        "surgery_specs",
+        type="linelist",
+        default=[],
+        help="globs of spec files (relative to the rootdir) to collect as tests",
+    )
+    parser.addini(
+        "surgery_schema_only",
+        type="bool",
+        default=False,
+        help="check spec files against the schema only: no torch import, no model build",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -58,8 +76,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # `testpaths`); pytest drops a file it also reaches through a folder argument
     config.args.extend(str(path) for path in sorted(from_option.values()))
     schema_only = bool(config.getoption("surgery_schema_only") or config.getini("surgery_schema_only"))
-    config.pluginmanager.register(_SpecCollector({**from_ini, **from_option}.keys(), schema_only),
-                                  "surgery-spec-collector")
+    config.pluginmanager.register(
+        _SpecCollector({**from_ini, **from_option}.keys(), schema_only), "surgery-spec-collector"
+    )
 
 
 def _matches(config: pytest.Config, setting: str, patterns: list[str], base: Path) -> dict[Path, Path]:
@@ -72,7 +91,8 @@ def _matches(config: pytest.Config, setting: str, patterns: list[str], base: Pat
         found = [Path(os.path.normpath(p)) for p in glob.glob(str(full), recursive=True) if os.path.isfile(p)]
         if not found:
             config.issue_config_time_warning(
-                SurgerySpecWarning(f"{setting}: {pattern!r} matches no file (relative to {base})"), stacklevel=2)
+                SurgerySpecWarning(f"{setting}: {pattern!r} matches no file (relative to {base})"), stacklevel=2
+            )
         files.update((path.resolve(), path) for path in found)
     return files
 

@@ -14,6 +14,7 @@ The page templates use `href` as their jinja filter; every command prints throug
 (the CLI's error printer too, since messages quote values), so an old run's classes.json, a run
 folder or an image file name cannot move the cursor, retitle the window or clear the screen.
 """
+
 from __future__ import annotations
 
 from pathlib import PurePath, PurePosixPath
@@ -23,6 +24,7 @@ from urllib.parse import quote
 import rich.console
 
 from .errors import printable
+
 
 def label_problem(name: str) -> str | None:
     """Why `name` cannot be a class name (it would reach terminals and pages), or None.

@@ -7,6 +7,7 @@ located warnings it found and raises a `UserError` for a mistake. Steps that nee
 in `CHECKS`; `surgery validate`, `surgery sweep` (every variant) and the pytest plugin all run
 `validate`, so every command that checks a spec runs it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -110,6 +111,7 @@ def validate(
             warnings.append(text)
             if warn is not None:
                 warn(text)
+
     found(loaded.warnings)
     built = None
     for check in CHECKS:

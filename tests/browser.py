@@ -1,6 +1,7 @@
 """Open a page in headless Chromium (the command line, no Selenium) and read back what it rendered:
 the DOM's text and a screenshot. Tests skip, saying why, where no chromium binary exists;
 .ci/run installs Debian's `chromium` when it runs as root."""
+
 from __future__ import annotations
 
 import shutil
@@ -59,10 +60,25 @@ def render(page: Path, workdir: Path, width: int = 1280, height: int = 2000) -> 
     shot = workdir / "screenshot.png"
     # --no-sandbox: Chromium refuses to start as root without it; a private profile per call keeps
     # parallel tests (pytest -n) from sharing one
-    proc = subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                           "--no-first-run", f"--user-data-dir={workdir / 'chromium-profile'}", "--dump-dom",
-                           f"--screenshot={shot}", f"--window-size={width},{height}", page.resolve().as_uri()],
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [
+            binary,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--no-first-run",
+            f"--user-data-dir={workdir / 'chromium-profile'}",
+            "--dump-dom",
+            f"--screenshot={shot}",
+            f"--window-size={width},{height}",
+            page.resolve().as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0 and shot.is_file(), f"chromium failed ({proc.returncode}): {proc.stderr[-2000:]}"
     text, tags = page_text(proc.stdout)
     return Rendered(proc.stdout, text, tags, Image.open(shot).convert("RGB"))

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-
 from pathlib import Path
 
 import pytest
@@ -38,8 +37,10 @@ def pytest_collection_modifyitems(config, items):
 TINY_CBAM_SPEC = {
     "name": "tiny-cbam",
     "model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False},
-    "surgery": [{"insert": "cbam", "at": ["layer3", "layer4"], "init": "identity"},
-                {"insert": "se", "at": ["layer2"], "init": "identity"}],
+    "surgery": [
+        {"insert": "cbam", "at": ["layer3", "layer4"], "init": "identity"},
+        {"insert": "se", "at": ["layer2"], "init": "identity"},
+    ],
     "train": {"epochs": 2, "batch_size": 16, "limit_batches": 3},
     "data": {"name": "digits", "image_size": 32, "num_workers": 0},
 }

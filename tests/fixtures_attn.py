@@ -1,4 +1,5 @@
 """Tiny user-defined modules for the tests: `surgery` imports them as 'fixtures_attn:Class'."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """Training a spec inside a test (imported by the test files, as `browser` is): quietly, or keeping what it
 printed. The session's shared finished runs come from the `trained_run` fixture (conftest.py), built on these."""
+
 from __future__ import annotations
 
 import io

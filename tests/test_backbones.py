@@ -1,5 +1,6 @@
 """surgery.model.backbones: torchvision and timm models, their heads, and `pretrained: true` through the
 libraries' own caches, offline (weights are planted in temporary caches; the network is never used)."""
+
 from __future__ import annotations
 
 import os
@@ -169,9 +170,14 @@ def test_timm_pretrained_without_the_cache_says_where_it_looked(hf_cache: Path) 
 
 
 # --------------------------------------------------------------------------- names, arguments, heads
-@pytest.mark.parametrize(("backbone", "suggestion"), [("torchvision:resnet181", "resnet18"),
-                                                      ("timm:efficientnet_b00", "efficientnet_b0"),
-                                                      ("timm:resnet18.a1_in1kk", "resnet18.a1_in1k")])
+@pytest.mark.parametrize(
+    ("backbone", "suggestion"),
+    [
+        ("torchvision:resnet181", "resnet18"),
+        ("timm:efficientnet_b00", "efficientnet_b0"),
+        ("timm:resnet18.a1_in1kk", "resnet18.a1_in1k"),
+    ],
+)
 def test_an_unknown_backbone_suggests_real_names(backbone: str, suggestion: str) -> None:
     with pytest.raises(SpecError) as info:
         create_backbone(load_spec({"model": {"backbone": backbone}}))
@@ -185,16 +191,19 @@ def test_rejected_constructor_arguments_are_an_error_at_args(backbone: str) -> N
     assert info.value.path == "model.args" and "no_such_argument" in info.value.found
 
 
-@pytest.mark.parametrize(("backbone", "head", "num_classes"), [
-    ("torchvision:resnet18", ("fc",), 10),
-    ("torchvision:mobilenet_v3_small", ("classifier.3",), 10),
-    ("torchvision:mobilenet_v3_small", ("classifier.3",), 1024),  # the hidden layer has 1024 outputs too
-    ("timm:convnext_atto", ("head.fc",), 10),
-    ("timm:efficientnet_b0", ("classifier",), 10),
-    ("timm:resnet18", ("fc",), 1000),
-    ("torchvision:googlenet", ("aux1.fc2", "aux2.fc2", "fc"), 10),  # auxiliary heads are heads too
-    ("torchvision:inception_v3", ("AuxLogits.fc", "fc"), 10),
-])
+@pytest.mark.parametrize(
+    ("backbone", "head", "num_classes"),
+    [
+        ("torchvision:resnet18", ("fc",), 10),
+        ("torchvision:mobilenet_v3_small", ("classifier.3",), 10),
+        ("torchvision:mobilenet_v3_small", ("classifier.3",), 1024),  # the hidden layer has 1024 outputs too
+        ("timm:convnext_atto", ("head.fc",), 10),
+        ("timm:efficientnet_b0", ("classifier",), 10),
+        ("timm:resnet18", ("fc",), 1000),
+        ("torchvision:googlenet", ("aux1.fc2", "aux2.fc2", "fc"), 10),  # auxiliary heads are heads too
+        ("torchvision:inception_v3", ("AuxLogits.fc", "fc"), 10),
+    ],
+)
 def test_the_head_is_found_and_sized(backbone: str, head: tuple, num_classes: int) -> None:
     args = {"init_weights": True} if backbone in ("torchvision:googlenet", "torchvision:inception_v3") else {}
     backbone_ = create_backbone(load_spec({"model": {"backbone": backbone, "num_classes": num_classes, "args": args}}))
@@ -209,7 +218,9 @@ def test_a_new_class_count_reinitialises_auxiliary_heads_too(tmp_path: Path) -> 
     weights = build(load_spec({"model": model})).model.state_dict()
     torch.save(weights, tmp_path / "googlenet.pth")
     built = build(load_spec({"model": {**model, "num_classes": 10, "pretrained": str(tmp_path / "googlenet.pth")}}))
-    assert set(built.report.reinitialised) == {f"{m}.{p}" for m in ("aux1.fc2", "aux2.fc2", "fc") for p in ("weight", "bias")}
+    assert set(built.report.reinitialised) == {
+        f"{m}.{p}" for m in ("aux1.fc2", "aux2.fc2", "fc") for p in ("weight", "bias")
+    }
     assert set(built.report.loaded) == set(weights) - set(built.report.reinitialised)
 
 
@@ -220,7 +231,9 @@ def test_data_configs_come_from_the_libraries() -> None:
     assert timm_["input_size"] == (3, 224, 224) and timm_["crop_pct"] == pytest.approx(0.95)
 
 
-def test_timm_pretrained_without_cache_or_network_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_timm_pretrained_without_cache_or_network_fails_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Online mode, nothing cached, the hub unreachable: our located error, without timm ever asking
     huggingface_hub (whose retries used to print ten 'Retrying in N s' lines over about 50 s)."""
     import socket

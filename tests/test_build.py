@@ -1,5 +1,6 @@
 """surgery.build end to end: every pretrained tensor survives surgery, identity init changes nothing,
 surgered weights round-trip, and a surgered model copies, pickles, compiles and exports."""
+
 from __future__ import annotations
 
 import copy
@@ -21,12 +22,21 @@ X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 # backbone -> surgery: between blocks (Sequential targets), inside blocks (swapped leaves), by type
 FAMILIES: dict[str, list[dict]] = {
-    "torchvision:resnet18": [{"insert": "cbam", "at": "layer*.*.bn2"}, {"insert": "se", "at": "layer2"},
-                             {"insert": "eca", "at": "maxpool", "position": "before"}],
-    "torchvision:resnet50": [{"insert": "cbam", "at": "layer*.*.bn3"}, {"insert": "se", "at": ["layer3", "layer4.0.conv2"]}],
+    "torchvision:resnet18": [
+        {"insert": "cbam", "at": "layer*.*.bn2"},
+        {"insert": "se", "at": "layer2"},
+        {"insert": "eca", "at": "maxpool", "position": "before"},
+    ],
+    "torchvision:resnet50": [
+        {"insert": "cbam", "at": "layer*.*.bn3"},
+        {"insert": "se", "at": ["layer3", "layer4.0.conv2"]},
+    ],
     "torchvision:vgg16": [{"insert": "cbam", "at": {"type": "MaxPool2d"}}],
     "torchvision:vgg16_bn": [{"insert": "cbam", "at": {"type": "MaxPool2d"}}, {"insert": "eca", "at": "features.1"}],
-    "torchvision:mobilenet_v3_small": [{"insert": "se", "at": "features.*.block.0"}, {"insert": "cbam", "at": "features.12"}],
+    "torchvision:mobilenet_v3_small": [
+        {"insert": "se", "at": "features.*.block.0"},
+        {"insert": "cbam", "at": "features.12"},
+    ],
     "timm:resnet18": [{"insert": "cbam", "at": "layer*.*.bn2"}, {"insert": "ese", "at": "layer4"}],
     "timm:efficientnet_b0": [{"insert": "cbam", "at": "blocks.*.*.bn2"}, {"insert": "se", "at": "blocks.6"}],
     "timm:convnext_atto": [{"insert": "cbam", "at": "stages.*"}, {"insert": "eca", "at": "stages.*.blocks.0.conv_dw"}],
@@ -95,8 +105,12 @@ def test_every_pretrained_key_survives_with_a_bit_identical_tensor(family: Famil
 def test_inside_block_targets_were_hit(family: Family) -> None:
     paths = [i.path for i in family.built.inserted]
     expected = {
-        "torchvision:resnet18": ["layer1.0.bn2.cbam_after", "layer4.1.bn2.cbam_after", "layer2.se_after",
-                                 "maxpool.eca_before"],
+        "torchvision:resnet18": [
+            "layer1.0.bn2.cbam_after",
+            "layer4.1.bn2.cbam_after",
+            "layer2.se_after",
+            "maxpool.eca_before",
+        ],
         "torchvision:resnet50": ["layer1.2.bn3.cbam_after", "layer4.0.conv2.se_after", "layer3.se_after"],
         "torchvision:vgg16": ["features.4.cbam_after", "features.30.cbam_after"],
         "torchvision:vgg16_bn": ["features.6.cbam_after", "features.1.eca_after"],
@@ -132,8 +146,9 @@ def test_vgg16_gets_cbam_after_each_of_its_five_pools(vgg16: Family) -> None:
         cbam = vgg16.built.model.get_submodule(ins.path).attn
         assert cbam.channel.fc1.weight.shape[1] == ins.channels  # C -> C/r
         assert cbam.channel.fc2.weight.shape[0] == ins.channels  # C/r -> C
-    assert all(isinstance(vgg16.built.model.features[int(t.split(".")[1])], nn.MaxPool2d)
-               for t in (i.target for i in inserted))
+    assert all(
+        isinstance(vgg16.built.model.features[int(t.split(".")[1])], nn.MaxPool2d) for t in (i.target for i in inserted)
+    )
 
 
 # --------------------------------------------------------------------------- 4. round trips
@@ -168,8 +183,7 @@ def test_surgered_weights_reload_into_a_rebuilt_model(trained, how: str, tmp_pat
     if how == "state_dict":
         path = tmp_path / "model.pth"
         torch.save(state, path)
-        rebuilt = build(load_spec({"model": model, "surgery": SURGERY}),
-                        state_dict=torch.load(path, weights_only=True))
+        rebuilt = build(load_spec({"model": model, "surgery": SURGERY}), state_dict=torch.load(path, weights_only=True))
     else:
         path = tmp_path / f"model.{how}"
         torch.save(state, path) if how == "pth" else save_file({k: v.contiguous() for k, v in state.items()}, str(path))
@@ -185,16 +199,22 @@ def test_safetensors_of_a_surgered_model_hold_every_key(trained, tmp_path: Path)
 
 
 def test_two_builds_of_one_spec_are_identical() -> None:
-    spec = load_spec({"model": {"backbone": "timm:convnext_atto"}, "seed": 5,
-                      "surgery": [{**item, "init": "default"} for item in FAMILIES["timm:convnext_atto"]]})
+    spec = load_spec(
+        {
+            "model": {"backbone": "timm:convnext_atto"},
+            "seed": 5,
+            "surgery": [{**item, "init": "default"} for item in FAMILIES["timm:convnext_atto"]],
+        }
+    )
     rng = torch.get_rng_state()
     first, second = build(spec).model.state_dict(), build(spec).model.state_dict()
     assert torch.equal(torch.get_rng_state(), rng)  # build leaves the caller's random stream alone
     assert list(first) == list(second)
     assert all(torch.equal(first[k], second[k]) for k in first)
     other = build(load_spec({**spec.raw, "seed": 6})).model.state_dict()
-    assert not torch.equal(other["stages.0.cbam_after.attn.channel.fc1.weight"],
-                           first["stages.0.cbam_after.attn.channel.fc1.weight"])
+    assert not torch.equal(
+        other["stages.0.cbam_after.attn.channel.fc1.weight"], first["stages.0.cbam_after.attn.channel.fc1.weight"]
+    )
 
 
 # --------------------------------------------------------------------------- 5. copy, pickle, compile, export
@@ -216,15 +236,21 @@ def test_a_pickled_model_loads_in_a_fresh_process(trained, tmp_path: Path) -> No
     built, reference = trained
     torch.save(built.model, tmp_path / "model.pt")  # torch.save pickles with protocol 2
     torch.save({"x": X, "y": reference}, tmp_path / "io.pt")
-    code = ("import torch, sys\n"
-            "torch.set_num_threads(1)  # as in this process: bit-identical kernels\n"
-            "m = torch.load(sys.argv[1], weights_only=False).eval()\n"
-            "io = torch.load(sys.argv[2])\n"
-            "with torch.no_grad():\n"
-            "    assert torch.equal(m(io['x']), io['y'])\n"
-            "print(type(m.layer1[0].bn2).__name__, repr(m.layer1[0].bn2).split('(')[0])\n")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "model.pt"), str(tmp_path / "io.pt")],
-                         capture_output=True, text=True, timeout=120)
+    code = (
+        "import torch, sys\n"
+        "torch.set_num_threads(1)  # as in this process: bit-identical kernels\n"
+        "m = torch.load(sys.argv[1], weights_only=False).eval()\n"
+        "io = torch.load(sys.argv[2])\n"
+        "with torch.no_grad():\n"
+        "    assert torch.equal(m(io['x']), io['y'])\n"
+        "print(type(m.layer1[0].bn2).__name__, repr(m.layer1[0].bn2).split('(')[0])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "model.pt"), str(tmp_path / "io.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[1] == "BatchNorm2d"
 
@@ -267,38 +293,50 @@ def test_torch_export_matches_eager(trained) -> None:
 
 
 # --------------------------------------------------------------------------- train-mode output, model.args blame
-@pytest.mark.parametrize(("backbone", "size", "args"), [
-    ("torchvision:googlenet", 32, {}),  # aux_logits turned off for the user: its aux heads stay, untrained
-    ("torchvision:inception_v3", 75, {"aux_logits": False}),  # its aux head needs ~299 px, so at 75 px: off
-])
+@pytest.mark.parametrize(
+    ("backbone", "size", "args"),
+    [
+        ("torchvision:googlenet", 32, {}),  # aux_logits turned off for the user: its aux heads stay, untrained
+        ("torchvision:inception_v3", 75, {"aux_logits": False}),  # its aux head needs ~299 px, so at 75 px: off
+    ],
+)
 def test_a_train_mode_forward_returns_one_logits_tensor(backbone: str, size: int, args: dict) -> None:
-    built = build(load_spec({"model": {"backbone": backbone, "num_classes": 10, "args": args},
-                             "data": {"image_size": size}}))
+    built = build(
+        load_spec({"model": {"backbone": backbone, "num_classes": 10, "args": args}, "data": {"image_size": size}})
+    )
     assert built.train_output == "Tensor"
     out = built.model.train()(torch.randn(2, 3, size, size))
     assert isinstance(out, torch.Tensor) and out.shape == (2, 10)
 
 
-@pytest.mark.parametrize(("backbone", "size", "path", "words"), [
-    ("torchvision:googlenet", 32, "model.args.aux_logits", "GoogLeNetOutputs"),
-    ("torchvision:inception_v3", 75, "data.image_size", "aux_logits: false"),  # the aux head fails at 75 px
-])
+@pytest.mark.parametrize(
+    ("backbone", "size", "path", "words"),
+    [
+        ("torchvision:googlenet", 32, "model.args.aux_logits", "GoogLeNetOutputs"),
+        ("torchvision:inception_v3", 75, "data.image_size", "aux_logits: false"),  # the aux head fails at 75 px
+    ],
+)
 def test_auxiliary_outputs_are_a_located_error(backbone: str, size: int, path: str, words: str) -> None:
     from surgery import SpecError
 
     args = {"aux_logits": True} if "googlenet" in backbone else {}
     with pytest.raises(SpecError) as info:
-        build(load_spec({"model": {"backbone": backbone, "num_classes": 10, "args": args}, "data": {"image_size": size}}))
+        build(
+            load_spec({"model": {"backbone": backbone, "num_classes": 10, "args": args}, "data": {"image_size": size}})
+        )
     assert info.value.path == path and words in str(info.value)
 
 
-@pytest.mark.parametrize(("backbone", "args", "path"), [
-    ("timm:resnet18", {"global_pool": "zzz"}, "model.args.global_pool"),  # a timm assert, not a traceback
-    ("timm:resnet18", {"drop_rate": 0.1, "global_pool": "zzz"}, "model.args.global_pool"),
-    ("timm:resnet18", {"drop_rate": 2.0}, "model.args.drop_rate"),  # fails in the probe, not at data.image_size
-    ("torchvision:vgg11", {"dropout": 2.0}, "model.args.dropout"),
-    ("timm:resnet18", {"no_such_key": 1}, "model.args"),  # a key the constructor does not take
-])
+@pytest.mark.parametrize(
+    ("backbone", "args", "path"),
+    [
+        ("timm:resnet18", {"global_pool": "zzz"}, "model.args.global_pool"),  # a timm assert, not a traceback
+        ("timm:resnet18", {"drop_rate": 0.1, "global_pool": "zzz"}, "model.args.global_pool"),
+        ("timm:resnet18", {"drop_rate": 2.0}, "model.args.drop_rate"),  # fails in the probe, not at data.image_size
+        ("torchvision:vgg11", {"dropout": 2.0}, "model.args.dropout"),
+        ("timm:resnet18", {"no_such_key": 1}, "model.args"),  # a key the constructor does not take
+    ],
+)
 def test_a_rejected_model_argument_is_blamed_on_its_key(backbone: str, args: dict, path: str) -> None:
     from surgery import SpecError
 

@@ -1,4 +1,5 @@
 """The `surgery` command: fast help and schema, exit code 2 with a short message, inspect output."""
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,9 @@ BAD = GOOD.replace("at: [layer3, layer4]", "at: [layer3, layer5]")
 def run_cli(*args: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
     env = {**os.environ, "COLUMNS": "200"}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "surgery", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "surgery", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
     return proc, time.perf_counter() - start
 
 
@@ -73,11 +75,14 @@ def test_schema_command_prints_the_schema() -> None:
     assert json.loads(proc.stdout) == schema()
 
 
-@pytest.mark.parametrize("code", [
-    "from surgery.cli import main; main(['schema'])",
-    "import surgery; surgery.load_spec({'model': {'backbone': 'timm:resnet18'}})",
-    "from surgery.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass",
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "from surgery.cli import main; main(['schema'])",
+        "import surgery; surgery.load_spec({'model': {'backbone': 'timm:resnet18'}})",
+        "from surgery.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass",
+    ],
+)
 def test_no_torch_where_none_is_needed(code: str) -> None:
     check = code + "\nimport sys\nassert 'torch' not in sys.modules, 'torch was imported'\n"
     proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=60)
@@ -134,9 +139,9 @@ def test_validate_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture) ->
 
 
 @pytest.mark.parametrize("mistake", [False, True])
-def test_validate_runs_every_check_registered_in_validation_checks(good: Path, capsys: pytest.CaptureFixture,
-                                                                   monkeypatch: pytest.MonkeyPatch,
-                                                                   mistake: bool) -> None:
+def test_validate_runs_every_check_registered_in_validation_checks(
+    good: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, mistake: bool
+) -> None:
     """`surgery validate` is `surgery.validate`: a check added to CHECKS runs there too."""
     from surgery import validation
     from surgery.errors import SpecError
@@ -293,12 +298,15 @@ def test_inspect_list_torchvision(capsys: pytest.CaptureFixture) -> None:
     assert "torchvision:resnet18" in names and "torchvision:vgg11" not in names
 
 
-@pytest.mark.parametrize("args, words", [
-    (["inspect"], "surgery inspect: a TARGET is needed"),
-    (["inspect", "resnet18"], "neither a spec file nor a backbone id"),
-    (["inspect", "torchvision:resnet81"], "did you mean 'resnet18'"),
-    (["inspect", "keras:resnet"], "unknown backbone source"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["inspect"], "surgery inspect: a TARGET is needed"),
+        (["inspect", "resnet18"], "neither a spec file nor a backbone id"),
+        (["inspect", "torchvision:resnet81"], "did you mean 'resnet18'"),
+        (["inspect", "keras:resnet"], "unknown backbone source"),
+    ],
+)
 def test_inspect_errors(args: list[str], words: str, capsys: pytest.CaptureFixture) -> None:
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -316,8 +324,13 @@ def test_inspect_bad_spec_in_a_subprocess(tmp_path: Path) -> None:
 
 def test_inspect_piped_to_a_file_keeps_every_line_whole(tmp_path):
     """Not a terminal: nothing is cut to the (here 40) columns of a terminal with '…'."""
-    proc = subprocess.run([sys.executable, "-m", "surgery", "inspect", "torchvision:convnext_tiny", "--input-size", "32"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "40"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "surgery", "inspect", "torchvision:convnext_tiny", "--input-size", "32"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "40"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert "…" not in proc.stdout
     deep = [line for line in proc.stdout.splitlines() if "StochasticDepth" in line]
@@ -340,8 +353,9 @@ def test_inspect_before_the_source_run_names_the_spec_that_makes_it(tmp_path: Pa
     assert "run:nobody is the model.safetensors of an earlier run named 'nobody'" in err and "surgery run SPEC" in err
 
 
-def test_the_resolved_spec_of_a_run_and_of_validate_loads_from_any_folder(tmp_path: Path, monkeypatch, capsys,
-                                                                          one_thread) -> None:
+def test_the_resolved_spec_of_a_run_and_of_validate_loads_from_any_folder(
+    tmp_path: Path, monkeypatch, capsys, one_thread
+) -> None:
     import shutil
 
     import torch
@@ -360,7 +374,8 @@ def test_the_resolved_spec_of_a_run_and_of_validate_loads_from_any_folder(tmp_pa
     (project / "spec.yaml").write_text(
         "name: moved\nmodel: {backbone: 'timm:resnet10t', num_classes: 2, pretrained: start.pth}\n"
         "train: {epochs: 1, batch_size: 4, limit_batches: 1}\n"
-        "data: {name: csv, root: data/labels.csv, image_size: 32, num_workers: 0}\n")
+        "data: {name: csv, root: data/labels.csv, image_size: 32, num_workers: 0}\n"
+    )
     monkeypatch.chdir(project)
     assert main(["validate", "--show-resolved", "spec.yaml"]) == 0
     shown = capsys.readouterr().out
@@ -372,6 +387,8 @@ def test_the_resolved_spec_of_a_run_and_of_validate_loads_from_any_folder(tmp_pa
     (elsewhere / "shown.yaml").write_text(shown)
     monkeypatch.chdir(tmp_path)  # neither the spec's folder nor the copies'
     capsys.readouterr()
-    assert main(["validate", str(elsewhere / "copied.yaml"), str(elsewhere / "shown.yaml")]) == 0, capsys.readouterr().err
+    assert main(["validate", str(elsewhere / "copied.yaml"), str(elsewhere / "shown.yaml")]) == 0, (
+        capsys.readouterr().err
+    )
     # the run resumes from its own spec.yaml as from the spec it started with
     assert main(["run", str(elsewhere / "copied.yaml"), "--out", str(tmp_path / "runs" / "moved"), "--resume"]) == 0

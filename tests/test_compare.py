@@ -1,5 +1,6 @@
 """`surgery compare`: finished runs side by side, seeds of one variant as mean ± std, the page in a
 real browser, and clear refusals of folders that are not finished runs."""
+
 from __future__ import annotations
 
 import json
@@ -13,19 +14,36 @@ from urllib.parse import unquote
 
 import pytest
 import yaml
-
 from browser import assert_not_blank, keep_screenshot, page_text, render
-from surgery.cli import main
-from surgery.pages.compare import aggregate, collect, read_run, shared_name, spec_difference, to_json, to_markdown, write_html
-from surgery.errors import UsageError
-from surgery.runs import read_metrics
 
+from surgery.cli import main
+from surgery.errors import UsageError
+from surgery.pages.compare import (
+    aggregate,
+    collect,
+    read_run,
+    shared_name,
+    spec_difference,
+    to_json,
+    to_markdown,
+    write_html,
+)
+from surgery.runs import read_metrics
 
 WEIGHTS = shutil.ignore_patterns("*.safetensors", "*.pt")  # compare reads none of them
 
 
-def _variant_of(tiny_run: Path, folder: Path, *, name: str, seed: int, best: float, final: float,
-                at: str | None = None, multi_label: bool = False) -> Path:
+def _variant_of(
+    tiny_run: Path,
+    folder: Path,
+    *,
+    name: str,
+    seed: int,
+    best: float,
+    final: float,
+    at: str | None = None,
+    multi_label: bool = False,
+) -> Path:
     """A copy of the shared run, as if trained with another seed (or another surgery target):
     its spec.yaml and the summary's figures changed, everything else as the run wrote it."""
     run = Path(shutil.copytree(tiny_run, folder / name, ignore=WEIGHTS))
@@ -45,9 +63,11 @@ def _variant_of(tiny_run: Path, folder: Path, *, name: str, seed: int, best: flo
 @pytest.fixture
 def runs(tiny_run: Path, tmp_path: Path) -> dict[str, Path]:
     """Two seeds of CBAM after layer3+layer4, one seed of CBAM after layer4 only."""
-    return {"s0": _variant_of(tiny_run, tmp_path, name="cbam34-s0", seed=0, best=0.61, final=0.60),
-            "s1": _variant_of(tiny_run, tmp_path, name="cbam34-s1", seed=1, best=0.65, final=0.62),
-            "l4": _variant_of(tiny_run, tmp_path, name="cbam4-s0", seed=0, best=0.70, final=0.69, at="layer4")}
+    return {
+        "s0": _variant_of(tiny_run, tmp_path, name="cbam34-s0", seed=0, best=0.61, final=0.60),
+        "s1": _variant_of(tiny_run, tmp_path, name="cbam34-s1", seed=1, best=0.65, final=0.62),
+        "l4": _variant_of(tiny_run, tmp_path, name="cbam4-s0", seed=0, best=0.70, final=0.69, at="layer4"),
+    }
 
 
 def test_collect_reads_each_runs_figures(tiny_run: Path) -> None:
@@ -55,7 +75,12 @@ def test_collect_reads_each_runs_figures(tiny_run: Path) -> None:
     summary = json.loads((tiny_run / "summary.json").read_text())
     metrics = read_metrics(tiny_run / "metrics.jsonl")
     assert (row.name, row.metric, row.best, row.final, row.best_epoch) == (
-        summary["name"], "val_acc", summary["best_val_acc"], summary["final_val_acc"], summary["best_epoch"])
+        summary["name"],
+        "val_acc",
+        summary["best_val_acc"],
+        summary["final_val_acc"],
+        summary["best_epoch"],
+    )
     assert (row.params_inserted, row.params_total) == (summary["params"]["inserted"], summary["params"]["total"])
     assert row.images_per_sec == statistics.median(m["images_per_sec"] for m in metrics)
     assert row.val_curve == tuple(m["val_acc"] for m in metrics) and row.wall_seconds == summary["wall_seconds"]
@@ -68,7 +93,9 @@ def test_seeds_of_one_variant_are_averaged_best_first(runs: dict[str, Path]) -> 
     seeds = variants[1]
     bests = [read_run(runs[k]).best for k in ("s0", "s1")]
     assert [r.run_dir for r in seeds.runs] == [runs["s0"], runs["s1"]]
-    assert seeds.best.mean == pytest.approx(statistics.fmean(bests)) and seeds.best.std == pytest.approx(statistics.stdev(bests))
+    assert seeds.best.mean == pytest.approx(statistics.fmean(bests)) and seeds.best.std == pytest.approx(
+        statistics.stdev(bests)
+    )
     assert seeds.best.format() == f"{statistics.fmean(bests):.4f} ± {statistics.stdev(bests):.4f}"
     assert variants[0].best.std is None and variants[0].best.format() == f"{read_run(runs['l4']).best:.4f}"
 
@@ -84,14 +111,17 @@ def test_runs_with_one_name_are_told_apart_by_their_spec(tiny_run: Path, tmp_pat
     assert [v.label for v in aggregate(collect([a, b]), labels={a: "mine", str(b): "mine"})] == ["mine"]
 
 
-@pytest.mark.parametrize("names, label", [
-    (["cbam-s0", "cbam-s1"], "cbam"),
-    (["cbam-layer3-seed0", "cbam-layer3-seed1", "cbam-layer3-seed2"], "cbam-layer3"),
-    (["quickstart", "quickstart"], "quickstart"),
-    (["run0", "run1"], "run"),
-    (["cbam", "cbam-2"], "cbam"),
-    (["alpha", "beta"], "alpha / beta"),
-])
+@pytest.mark.parametrize(
+    "names, label",
+    [
+        (["cbam-s0", "cbam-s1"], "cbam"),
+        (["cbam-layer3-seed0", "cbam-layer3-seed1", "cbam-layer3-seed2"], "cbam-layer3"),
+        (["quickstart", "quickstart"], "quickstart"),
+        (["run0", "run1"], "run"),
+        (["cbam", "cbam-2"], "cbam"),
+        (["alpha", "beta"], "alpha / beta"),
+    ],
+)
 def test_shared_name(names: list[str], label: str) -> None:
     assert shared_name(names) == label
 
@@ -128,20 +158,37 @@ def test_compare_command_writes_the_page(runs: dict[str, Path], tmp_path: Path, 
     assert not list(out.parent.glob(".*.tmp"))
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p, runs: p / "nowhere", "the run directory does not exist"),
-    (lambda p, runs: (p / "empty").mkdir() or p / "empty", "the folder is not a run directory"),
-    (lambda p, runs: (runs["s1"] / "summary.json").unlink() or runs["s1"], "the run has not finished: it has no summary.json"),
-    (lambda p, runs: (runs["s1"] / "summary.json").write_text("{") and runs["s1"], "summary.json cannot be read: JSONDecodeError"),
-    (lambda p, runs: runs["s0"], "a run directory is given twice"),
-    (lambda p, runs: (runs["s1"] / "summary.json").write_text("[" * 100_000) and runs["s1"],
-     "summary.json cannot be read: nested too deeply"),
-    (lambda p, runs: (runs["s1"] / "summary.json").write_bytes(b'{"name": "\xff"}') and runs["s1"],
-     "summary.json cannot be read: UnicodeDecodeError"),
-    (lambda p, runs: (runs["s1"] / "metrics.jsonl").write_bytes(b'{"epoch": "\xff"}\n') and runs["s1"],
-     "metrics.jsonl cannot be read: UnicodeDecodeError"),
-])
-def test_compare_refuses_what_is_not_a_finished_run(runs: dict[str, Path], tmp_path: Path, capsys, make, message) -> None:
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p, runs: p / "nowhere", "the run directory does not exist"),
+        (lambda p, runs: (p / "empty").mkdir() or p / "empty", "the folder is not a run directory"),
+        (
+            lambda p, runs: (runs["s1"] / "summary.json").unlink() or runs["s1"],
+            "the run has not finished: it has no summary.json",
+        ),
+        (
+            lambda p, runs: (runs["s1"] / "summary.json").write_text("{") and runs["s1"],
+            "summary.json cannot be read: JSONDecodeError",
+        ),
+        (lambda p, runs: runs["s0"], "a run directory is given twice"),
+        (
+            lambda p, runs: (runs["s1"] / "summary.json").write_text("[" * 100_000) and runs["s1"],
+            "summary.json cannot be read: nested too deeply",
+        ),
+        (
+            lambda p, runs: (runs["s1"] / "summary.json").write_bytes(b'{"name": "\xff"}') and runs["s1"],
+            "summary.json cannot be read: UnicodeDecodeError",
+        ),
+        (
+            lambda p, runs: (runs["s1"] / "metrics.jsonl").write_bytes(b'{"epoch": "\xff"}\n') and runs["s1"],
+            "metrics.jsonl cannot be read: UnicodeDecodeError",
+        ),
+    ],
+)
+def test_compare_refuses_what_is_not_a_finished_run(
+    runs: dict[str, Path], tmp_path: Path, capsys, make, message
+) -> None:
     bad = make(tmp_path, runs)
     out = tmp_path / "compare.html"
     assert main(["compare", str(runs["s0"]), str(bad), "--out", str(out)]) == 2
@@ -164,8 +211,10 @@ def test_every_kind_of_refused_folder_is_named_in_one_error(runs: dict[str, Path
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError) as caught:
         collect([runs["s0"], tmp_path / "nowhere", tmp_path / "empty", unfinished, runs["s0"]])
-    assert caught.value.problem == ("4 of the 5 folders cannot be compared: 1 does not exist, 1 is not a run "
-                                    "directory, 1 has not finished, 1 is given twice")
+    assert caught.value.problem == (
+        "4 of the 5 folders cannot be compared: 1 does not exist, 1 is not a run "
+        "directory, 1 has not finished, 1 is given twice"
+    )
     for folder in ("nowhere", "empty", "unfinished"):
         assert str(tmp_path / folder) in caught.value.found
 
@@ -191,22 +240,30 @@ def test_compare_page_renders_in_chromium(runs: dict[str, Path], tmp_path: Path)
 
 def test_report_and_compare_do_not_import_torch(runs: dict[str, Path], tmp_path: Path) -> None:
     """Both only read JSON, YAML and PNG files: they answer without torch's seconds of import."""
-    code = (f"from surgery.cli import main\nassert main(['report', {str(runs['s0'])!r}]) == 0\n"
-            f"assert main(['compare', {str(runs['s0'])!r}, {str(runs['s1'])!r}, '--markdown', "
-            f"'--out', {str(tmp_path / 'c.html')!r}]) == 0\n"
-            "import sys\nassert 'torch' not in sys.modules, 'torch was imported'\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).parent.parent)
+    code = (
+        f"from surgery.cli import main\nassert main(['report', {str(runs['s0'])!r}]) == 0\n"
+        f"assert main(['compare', {str(runs['s0'])!r}, {str(runs['s1'])!r}, '--markdown', "
+        f"'--out', {str(tmp_path / 'c.html')!r}]) == 0\n"
+        "import sys\nassert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent
+    )
     assert proc.returncode == 0, proc.stderr
     assert "| cbam34 | 2 |" in proc.stdout and (tmp_path / "c.html").is_file()
 
 
-@pytest.mark.parametrize("folder, link", [
-    ("javascript:alert(1)", "./javascript%3Aalert%281%29/report.html"),
-    ("a b#c?d", "./a%20b%23c%3Fd/report.html"),
-    ("%2e%2e", "./%252e%252e/report.html"),
-])
-def test_run_folders_are_linked_as_folders_never_as_urls(tiny_run: Path, tmp_path: Path, folder: str, link: str) -> None:
+@pytest.mark.parametrize(
+    "folder, link",
+    [
+        ("javascript:alert(1)", "./javascript%3Aalert%281%29/report.html"),
+        ("a b#c?d", "./a%20b%23c%3Fd/report.html"),
+        ("%2e%2e", "./%252e%252e/report.html"),
+    ],
+)
+def test_run_folders_are_linked_as_folders_never_as_urls(
+    tiny_run: Path, tmp_path: Path, folder: str, link: str
+) -> None:
     """A folder named like a URL scheme, a fragment, a query or an encoded '..' is linked as the
     folder it is: './'-prefixed and percent-encoded, on the compare page and a sweep's comparison."""
     run = _variant_of(tiny_run, tmp_path, name=folder, seed=0, best=0.5, final=0.5)
@@ -226,8 +283,9 @@ def test_every_link_in_the_templates_goes_through_the_href_filter() -> None:
 
 
 @pytest.mark.parametrize("form", [[], ["--markdown"]])
-def test_run_names_and_folders_reach_the_terminal_as_text(tiny_run: Path, tmp_path: Path, capsys, monkeypatch,
-                                                          form: list[str]) -> None:
+def test_run_names_and_folders_reach_the_terminal_as_text(
+    tiny_run: Path, tmp_path: Path, capsys, monkeypatch, form: list[str]
+) -> None:
     """A run named with rich markup and a terminal escape, and a folder that is no run: printed as
     the text they are, in the table, the Markdown and the error message."""
     monkeypatch.setenv("COLUMNS", "300")
@@ -262,13 +320,28 @@ def test_the_runs_table_fits_1280_px_in_chromium(tiny_run: Path, tmp_path: Path)
     ellipsis with the full text in their title, a table that still overflows scrolls in its own box)."""
     deep = tmp_path / ("a-very-long-folder-name-" * 4) / ("and-deeper-" * 5)
     deep.mkdir(parents=True)
-    rows = [_variant_of(tiny_run, deep, name=f"resnet50-cbam-layer3-layer4-lr{k}-wd0.05-mixup0.2-seed{k}", seed=k,
-                        best=0.5 + k / 100, final=0.5, at="layer4" if k else None) for k in range(3)]
+    rows = [
+        _variant_of(
+            tiny_run,
+            deep,
+            name=f"resnet50-cbam-layer3-layer4-lr{k}-wd0.05-mixup0.2-seed{k}",
+            seed=k,
+            best=0.5 + k / 100,
+            final=0.5,
+            at="layer4" if k else None,
+        )
+        for k in range(3)
+    ]
     page = write_html(tmp_path / "compare.html", aggregate(collect(rows)))
     html = page.read_text()
     probe = tmp_path / "probe.html"  # the page itself has no script; a copy measures its width
-    probe.write_text(html.replace("</body>", "<script>document.body.insertAdjacentHTML('beforeend', "
-                                  "'<p id=width>' + document.documentElement.scrollWidth + '</p>')</script></body>"))
+    probe.write_text(
+        html.replace(
+            "</body>",
+            "<script>document.body.insertAdjacentHTML('beforeend', "
+            "'<p id=width>' + document.documentElement.scrollWidth + '</p>')</script></body>",
+        )
+    )
     shown = render(probe, tmp_path, width=1280, height=1400)
     width = int(re.search(r'<p id="width">(\d+)</p>', shown.dom).group(1))
     assert width <= 1280, f"the page is {width} px wide"

@@ -7,6 +7,7 @@ Two-stage runs with bf16 and with fp16 + loss scaler (frozen groups bit-identica
 group moving), fused AdamW, torch.compile recompiling on a mid-run unfreeze, resume after an
 interrupt, and predict / export of a run trained on the device.
 """
+
 from __future__ import annotations
 
 import io
@@ -22,12 +23,17 @@ from surgery import load_spec
 from surgery.train import TrainingStopped, apply_trainable, prepare, run, train_epoch
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
-BASE = {"name": "gpu", "model": {"backbone": "timm:resnet10t", "num_classes": 10},
-        "surgery": [{"insert": "cbam", "at": "layer3"}],
-        "groups": [{"name": "head", "params": ["@head", "@inserted"], "lr": 1e-2},
-                   {"name": "body", "params": ["*"], "lr": 1e-3, "unfreeze_at": 1}],
-        "train": {"epochs": 2, "batch_size": 16, "limit_batches": 2, "optimizer": {"name": "adamw"}},
-        "data": {"name": "fake", "image_size": 32, "num_workers": 0, "subset": {"train": 64, "val": 32}}}
+BASE = {
+    "name": "gpu",
+    "model": {"backbone": "timm:resnet10t", "num_classes": 10},
+    "surgery": [{"insert": "cbam", "at": "layer3"}],
+    "groups": [
+        {"name": "head", "params": ["@head", "@inserted"], "lr": 1e-2},
+        {"name": "body", "params": ["*"], "lr": 1e-3, "unfreeze_at": 1},
+    ],
+    "train": {"epochs": 2, "batch_size": 16, "limit_batches": 2, "optimizer": {"name": "adamw"}},
+    "data": {"name": "fake", "image_size": 32, "num_workers": 0, "subset": {"train": 64, "val": 32}},
+}
 
 
 def spec_on(device: str, **train):
@@ -39,8 +45,9 @@ def spec_on(device: str, **train):
 def _body_state(ctx) -> dict[str, torch.Tensor]:
     """The body's parameters and its BatchNorm statistics, copied."""
     body = next(g for g in ctx.built.groups if g.name == "body")
-    keys = set(body.params) | {f"{m}.{b}" for m in body.norm_modules
-                               for b, _ in ctx.model.get_submodule(m).named_buffers()}
+    keys = set(body.params) | {
+        f"{m}.{b}" for m in body.norm_modules for b, _ in ctx.model.get_submodule(m).named_buffers()
+    }
     return {k: v.detach().clone() for k, v in ctx.model.state_dict().items() if k in keys}
 
 
@@ -75,7 +82,8 @@ def test_adamw_is_fused_on_the_device(device):
     assert all(p.device.type == device for g in ctx.optimizer.param_groups for p in g["params"])
 
 
-@pytest.mark.cuda  # the CPU path (aot_eager) is tests/test_train.py::test_compiled_model_trains_a_group_unfrozen_mid_run
+# the CPU path (aot_eager) is tests/test_train.py::test_compiled_model_trains_a_group_unfrozen_mid_run
+@pytest.mark.cuda
 @pytest.mark.parametrize("device, backend", [pytest.param("cuda", True, id="cuda-inductor")])
 def test_compile_recompiles_once_at_the_unfreeze_and_the_body_then_trains(device, backend, one_thread):
     ctx = prepare(spec_on(device, compile=backend, channels_last=False, precision="fp32"))

@@ -1,4 +1,5 @@
 """Tests for surgery.data: datasets, subsets, errors, transforms, deterministic loaders."""
+
 from __future__ import annotations
 
 import gzip
@@ -16,14 +17,21 @@ from surgery.data import DataBundle, build_data, eval_transform, make_loader, no
 from surgery.errors import SpecError
 from surgery.spec import load_spec
 
-CFG = {"input_size": (3, 224, 224), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-       "interpolation": "bilinear", "crop_pct": 0.875, "crop_mode": "center"}
+CFG = {
+    "input_size": (3, 224, 224),
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "interpolation": "bilinear",
+    "crop_pct": 0.875,
+    "crop_mode": "center",
+}
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 def spec_for(data: dict, num_classes: int | None = 10, seed: int = 0):
-    return load_spec({"seed": seed, "model": {"backbone": "torchvision:resnet18", "num_classes": num_classes},
-                      "data": data})
+    return load_spec(
+        {"seed": seed, "model": {"backbone": "torchvision:resnet18", "num_classes": num_classes}, "data": data}
+    )
 
 
 def build(data: dict, **kw) -> DataBundle:
@@ -165,11 +173,14 @@ def test_imagefolder_val_class_missing_from_train_is_an_error(tmp_path: Path) ->
     assert err.value.key_path == ("data", "root")
 
 
-@pytest.mark.parametrize("setup, words", [
-    ("missing", "does not exist"),
-    ("empty", "no class folders"),
-    ("no-images", "has no images"),
-])
+@pytest.mark.parametrize(
+    "setup, words",
+    [
+        ("missing", "does not exist"),
+        ("empty", "no class folders"),
+        ("no-images", "has no images"),
+    ],
+)
 def test_imagefolder_bad_root_names_the_folder(tmp_path: Path, setup: str, words: str) -> None:
     root = tmp_path / "pics"
     if setup != "missing":
@@ -220,12 +231,15 @@ def test_torchvision_dataset_not_on_disk_says_how_to_get_it(tmp_path: Path) -> N
     assert err.value.key_path == ("data", "root")
 
 
-@pytest.mark.parametrize("augment, path", [
-    ({"randaugment": "rand-x9"}, ("data", "augment", "randaugment")),
-    ({"randaugment": "auto"}, ("data", "augment", "randaugment")),
-    ({"crop": False, "scale": [0.5, 1.0]}, ("data", "augment", "scale")),
-    ({"scale": [0.9, 0.5]}, ("data", "augment", "scale")),
-])
+@pytest.mark.parametrize(
+    "augment, path",
+    [
+        ({"randaugment": "rand-x9"}, ("data", "augment", "randaugment")),
+        ({"randaugment": "auto"}, ("data", "augment", "randaugment")),
+        ({"crop": False, "scale": [0.5, 1.0]}, ("data", "augment", "scale")),
+        ({"scale": [0.9, 0.5]}, ("data", "augment", "scale")),
+    ],
+)
 def test_bad_augment_options(augment: dict, path: tuple) -> None:
     with pytest.raises(SpecError) as err:
         build({"name": "digits", "augment": augment})
@@ -245,8 +259,9 @@ def test_fashion_mnist_reader_on_tiny_files(tmp_path: Path, gz: bool) -> None:
     assert raw.shape == (30, 28, 28) and raw.dtype == np.uint8
 
 
-def test_fashion_mnist_without_a_root_is_looked_for_where_the_environment_says(tmp_path: Path,
-                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fashion_mnist_without_a_root_is_looked_for_where_the_environment_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No data.root: $SURGERY_FASHION_MNIST, else Debian's folder; the error names both ways."""
     write_mnist_files(tmp_path / "fm", 20, 10, gz=False)
     monkeypatch.setenv("SURGERY_FASHION_MNIST", str(tmp_path / "fm"))
@@ -270,8 +285,10 @@ def test_fashion_mnist_missing_or_corrupt(tmp_path: Path) -> None:
         read_idx(tmp_path / "t10k-labels-idx1-ubyte")
 
 
-@pytest.mark.skipif(not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file(),
-                    reason="Debian package dataset-fashion-mnist is not installed")
+@pytest.mark.skipif(
+    not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Debian package dataset-fashion-mnist is not installed",
+)
 def test_fashion_mnist_from_the_debian_package() -> None:
     bundle = build({"name": "fashion-mnist"})
     assert (len(bundle.train), len(bundle.val)) == (60000, 10000)
@@ -304,8 +321,12 @@ def test_eval_transform_crops_large_images_and_keeps_small_ones_whole() -> None:
 
 def test_augment_mapping_and_determinism_flag() -> None:
     assert build({"name": "digits", "augment": {}}).deterministic_train
-    bundle = build({"name": "digits", "augment": {"hflip": 0.5, "rotation": 10, "color_jitter": 0.2,
-                                                   "randaugment": "rand-m9-mstd0.5"}})
+    bundle = build(
+        {
+            "name": "digits",
+            "augment": {"hflip": 0.5, "rotation": 10, "color_jitter": 0.2, "randaugment": "rand-m9-mstd0.5"},
+        }
+    )
     assert not bundle.deterministic_train
     first, again = bundle.train[(4, 11)][0], bundle.train[(4, 11)][0]
     assert first.shape == (3, 32, 32) and torch.equal(first, again)
@@ -352,15 +373,26 @@ def test_eval_loader_keeps_order() -> None:
     assert torch.cat([y for _, y in loader.epoch(0)]).tolist() == labels(bundle.val)
 
 
-@pytest.mark.parametrize("size, drop_last, per_rank, batches", [(24, False, 12, 3), (25, False, 13, 4), (25, True, 12, 3)])
+@pytest.mark.parametrize(
+    "size, drop_last, per_rank, batches", [(24, False, 12, 3), (25, False, 13, 4), (25, True, 12, 3)]
+)
 def test_ranks_split_each_epoch(size: int, drop_last: bool, per_rank: int, batches: int) -> None:
     from torch.utils.data import TensorDataset
 
     data = TensorDataset(torch.zeros(size, 3, 2, 2, dtype=torch.uint8), torch.arange(size))
     shares = []
     for rank in range(2):
-        part = make_loader(data, batch_size=4, train=True, seed=3, num_workers=0, pin_memory=False,
-                           drop_last=drop_last, rank=rank, world_size=2)
+        part = make_loader(
+            data,
+            batch_size=4,
+            train=True,
+            seed=3,
+            num_workers=0,
+            pin_memory=False,
+            drop_last=drop_last,
+            rank=rank,
+            world_size=2,
+        )
         shares.append([i for _, ys in part.epoch(5) for i in ys.tolist()])
         assert len(part) == batches
     assert len(shares[0]) == len(shares[1]) == (per_rank // 4 * 4 if drop_last else per_rank)
@@ -384,8 +416,16 @@ def _batches(loader, epoch: int, start: int = 0) -> list[list[int]]:
 def test_balanced_sampler_evens_the_classes_is_seeded_per_epoch_and_resumable() -> None:
     targets = np.array([0] * 900 + [1] * 90 + [2] * 10)  # 90:9:1
     items = torch.utils.data.TensorDataset(torch.arange(len(targets)), torch.as_tensor(targets))
-    loader = make_loader(items, batch_size=50, train=True, seed=3, num_workers=0, pin_memory=False,
-                         drop_last=True, balance_targets=targets)
+    loader = make_loader(
+        items,
+        batch_size=50,
+        train=True,
+        seed=3,
+        num_workers=0,
+        pin_memory=False,
+        drop_last=True,
+        balance_targets=targets,
+    )
     epoch0 = _batches(loader, 0)
     assert len(epoch0) == 20 and all(len(b) == 50 for b in epoch0)  # as many draws as items
     drawn = np.bincount(targets[np.concatenate(epoch0)], minlength=3)
@@ -393,8 +433,21 @@ def test_balanced_sampler_evens_the_classes_is_seeded_per_epoch_and_resumable() 
     assert _batches(loader, 0) == epoch0 and _batches(loader, 1) != epoch0  # a pure function of (seed, epoch)
     assert _batches(loader, 0, start=7) == epoch0[7:]  # resumed mid-epoch: the same batches from there
     # two ranks split the same draw, as DistributedSampler splits a permutation
-    shares = [make_loader(items, batch_size=25, train=True, seed=3, num_workers=0, pin_memory=False, drop_last=True,
-                          balance_targets=targets, rank=r, world_size=2) for r in (0, 1)]
+    shares = [
+        make_loader(
+            items,
+            batch_size=25,
+            train=True,
+            seed=3,
+            num_workers=0,
+            pin_memory=False,
+            drop_last=True,
+            balance_targets=targets,
+            rank=r,
+            world_size=2,
+        )
+        for r in (0, 1)
+    ]
     draw = [i for b in epoch0 for i in b]
     assert [i for b in _batches(shares[0], 0) for i in b] == draw[0::2]
     assert [i for b in _batches(shares[1], 0) for i in b] == draw[1::2]
@@ -404,11 +457,15 @@ def test_balanced_sampler_evens_the_classes_is_seeded_per_epoch_and_resumable() 
 
 def test_balance_with_a_class_without_training_images_warns_and_weighs_it_zero() -> None:
     from surgery import build
-    from surgery.train.checks import check_training
     from surgery.data import class_weights
+    from surgery.train.checks import check_training
 
-    spec = load_spec({"model": {"backbone": "timm:resnet10t", "num_classes": 10},
-                      "data": {"name": "digits", "balance": "loss", "subset": {"train": 5}}})
+    spec = load_spec(
+        {
+            "model": {"backbone": "timm:resnet10t", "num_classes": 10},
+            "data": {"name": "digits", "balance": "loss", "subset": {"train": 5}},
+        }
+    )
     warnings = check_training(spec, build(spec))
     assert any("data.balance: 5 class(es) have no training images" in w for w in warnings), warnings
     assert class_weights(np.array([0, 0, 0, 2]), 4).tolist() == pytest.approx([4 / 6, 0.0, 4 / 2, 0.0])
@@ -429,30 +486,44 @@ def test_csv_dataset_with_split_column_and_paths_relative_to_the_csv(tmp_path: P
         lines.append(f"img/{i}.png,{'cat' if i % 2 else 'dog'},{split}")
     lines.append("img/missing.png,dog,train")  # skipped with a warning, like an unreadable imagefolder file
     (folder / "labels.csv").write_text("\n".join(lines) + "\n")
-    spec = load_spec({"model": {"backbone": "timm:resnet10t", "num_classes": 2},
-                      "data": {"name": "csv", "root": str(folder / "labels.csv"), "image_size": 16}})
+    spec = load_spec(
+        {
+            "model": {"backbone": "timm:resnet10t", "num_classes": 2},
+            "data": {"name": "csv", "root": str(folder / "labels.csv"), "image_size": 16},
+        }
+    )
     data = build_data(spec, {})
     assert data.classes == ["cat", "dog"] and (len(data.train), len(data.val), len(data.test)) == (8, 2, 2)
     assert data.describe.startswith("csv: 8 train / 2 val / 2 test, 2 classes")
     image, label = data.train[1]
     assert image.shape == (3, 16, 16) and label == 0  # img/1.png is a cat
     # without a split column: val_split holds out part of the rows
-    (folder / "nosplit.csv").write_text("path,label\n" + "\n".join(f"img/{i}.png,{'cat' if i % 2 else 'dog'}"
-                                                                   for i in range(10)) + "\n")
-    spec = load_spec({"model": {"backbone": "timm:resnet10t"},
-                      "data": {"name": "csv", "root": str(folder / "nosplit.csv"), "val_split": 0.2}})
+    (folder / "nosplit.csv").write_text(
+        "path,label\n" + "\n".join(f"img/{i}.png,{'cat' if i % 2 else 'dog'}" for i in range(10)) + "\n"
+    )
+    spec = load_spec(
+        {
+            "model": {"backbone": "timm:resnet10t"},
+            "data": {"name": "csv", "root": str(folder / "nosplit.csv"), "val_split": 0.2},
+        }
+    )
     data = build_data(spec, {})
     assert (len(data.train), len(data.val), data.test) == (8, 2, None)
 
 
-@pytest.mark.parametrize("text,words", [
-    ("file,label\na.png,x\n", "no column path"),
-    ("path,label,split\na.png,x,training\n", "unknown split 'training'"),
-    ("path,label\na.png,\n", "an empty label"),
-])
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ("file,label\na.png,x\n", "no column path"),
+        ("path,label,split\na.png,x,training\n", "unknown split 'training'"),
+        ("path,label\na.png,\n", "an empty label"),
+    ],
+)
 def test_csv_mistakes_name_the_file_and_line(tmp_path: Path, text: str, words: str) -> None:
     (tmp_path / "labels.csv").write_text(text)
-    spec = load_spec({"model": {"backbone": "timm:resnet10t"}, "data": {"name": "csv", "root": str(tmp_path / "labels.csv")}})
+    spec = load_spec(
+        {"model": {"backbone": "timm:resnet10t"}, "data": {"name": "csv", "root": str(tmp_path / "labels.csv")}}
+    )
     with pytest.raises(SpecError) as info:
         build_data(spec, {})
     assert words in info.value.problem and info.value.path == "data.root"
@@ -463,22 +534,34 @@ def test_imagefolder_test_folder_beside_val_is_the_test_set(tmp_path: Path) -> N
         for c in ("a", "b"):
             for i in range(n):
                 _png(tmp_path / split / c / f"{i}.png", 10 * i)
-    spec = load_spec({"model": {"backbone": "timm:resnet10t", "num_classes": 2},
-                      "data": {"name": "imagefolder", "root": str(tmp_path)}})
+    spec = load_spec(
+        {
+            "model": {"backbone": "timm:resnet10t", "num_classes": 2},
+            "data": {"name": "imagefolder", "root": str(tmp_path)},
+        }
+    )
     data = build_data(spec, {})
     assert (len(data.train), len(data.val), len(data.test)) == (8, 4, 6)
 
 
-@pytest.mark.parametrize("multi, cell, shown", [
-    (False, "cat\x1b[2J", "'cat\\x1b[2J'"),
-    (True, "dog|owl\x1b]0;x\x07", "'owl\\x1b]0;x\\x07'"),
-    (False, "cat\u202e", "'cat\\u202e'"),
-])
-def test_a_csv_label_with_a_terminal_escape_is_refused_at_its_line(tmp_path: Path, multi: bool, cell: str,
-                                                                    shown: str) -> None:
+@pytest.mark.parametrize(
+    "multi, cell, shown",
+    [
+        (False, "cat\x1b[2J", "'cat\\x1b[2J'"),
+        (True, "dog|owl\x1b]0;x\x07", "'owl\\x1b]0;x\\x07'"),
+        (False, "cat\u202e", "'cat\\u202e'"),
+    ],
+)
+def test_a_csv_label_with_a_terminal_escape_is_refused_at_its_line(
+    tmp_path: Path, multi: bool, cell: str, shown: str
+) -> None:
     (tmp_path / "labels.csv").write_text(f"path,label\na.png,dog\nb.png,{cell}\n")  # <- line 3
-    spec = load_spec({"model": {"backbone": "timm:resnet10t"},
-                      "data": {"name": "csv", "root": str(tmp_path / "labels.csv"), "multi_label": multi}})
+    spec = load_spec(
+        {
+            "model": {"backbone": "timm:resnet10t"},
+            "data": {"name": "csv", "root": str(tmp_path / "labels.csv"), "multi_label": multi},
+        }
+    )
     with pytest.raises(SpecError) as info:
         build_data(spec, {})
     assert f"labels.csv, line 3: the label {shown} holds the control character" in info.value.problem
@@ -503,8 +586,12 @@ def test_spec_classes_with_a_terminal_escape_are_refused_where_written() -> None
 
 # --------------------------------------------------------------------------- the files a run reads
 def _csv_spec(csv_path: Path, **data):
-    return load_spec({"model": {"backbone": "timm:resnet10t", "num_classes": 2},
-                      "data": {"name": "csv", "root": str(csv_path), "image_size": 16, **data}})
+    return load_spec(
+        {
+            "model": {"backbone": "timm:resnet10t", "num_classes": 2},
+            "data": {"name": "csv", "root": str(csv_path), "image_size": 16, **data},
+        }
+    )
 
 
 def _shots(folder: Path, n: int = 8) -> list[str]:
@@ -532,8 +619,12 @@ def test_a_symbolic_link_between_split_folders_is_the_same_image(tmp_path: Path)
             for i in range(3):
                 _png(tmp_path / split / c / f"{i}.png", 40 * i + (c == "b") * 10)
     (tmp_path / "val" / "a" / "leak.png").symlink_to(tmp_path / "train" / "a" / "1.png")
-    spec = load_spec({"model": {"backbone": "timm:resnet10t", "num_classes": 2},
-                      "data": {"name": "imagefolder", "root": str(tmp_path)}})
+    spec = load_spec(
+        {
+            "model": {"backbone": "timm:resnet10t", "num_classes": 2},
+            "data": {"name": "imagefolder", "root": str(tmp_path)},
+        }
+    )
     with pytest.raises(SpecError, match=r"1 image\(s\) are in more than one split \(train and val\)") as info:
         build_data(spec, {})
     assert "train/a/1.png in train" in info.value.found and "val/a/leak.png in val" in info.value.found
@@ -541,12 +632,23 @@ def test_a_symbolic_link_between_split_folders_is_the_same_image(tmp_path: Path)
 
 def test_a_row_listed_twice_in_one_split_is_warned_about(tmp_path: Path, caplog) -> None:
     rows = _shots(tmp_path)
-    (tmp_path / "labels.csv").write_text("path,label,split\n" + "\n".join(r + ",train" for r in rows[:6])
-                                         + "\n" + rows[0] + ",train\n" + "\n".join(r + ",val" for r in rows[6:]) + "\n")
+    (tmp_path / "labels.csv").write_text(
+        "path,label,split\n"
+        + "\n".join(r + ",train" for r in rows[:6])
+        + "\n"
+        + rows[0]
+        + ",train\n"
+        + "\n".join(r + ",val" for r in rows[6:])
+        + "\n"
+    )
     data = build_data(_csv_spec(tmp_path / "labels.csv"), {})
     assert len(data.train) == 7
     said = " ".join(r.getMessage() for r in caplog.records)
-    assert "1 image(s) are listed more than once in one split" in said and "labels.csv:2" in said and "labels.csv:8" in said
+    assert (
+        "1 image(s) are listed more than once in one split" in said
+        and "labels.csv:2" in said
+        and "labels.csv:8" in said
+    )
 
 
 def test_a_named_pipe_listed_in_a_csv_is_skipped_with_its_line_not_opened(tmp_path: Path, caplog) -> None:
@@ -592,6 +694,7 @@ def test_a_big_csv_with_a_subset_touches_only_the_rows_kept(tmp_path: Path, monk
             if str(path).startswith(images):
                 calls[_name] += 1
             return _real(path, *args, **kw)
+
         monkeypatch.setattr(os, name, counted)
     monkeypatch.setattr(scan, "PROGRESS_EVERY", 0.0)  # a line for each file: shows the scan speaks on stderr
     data = build_data(spec, {})

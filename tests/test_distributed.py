@@ -8,6 +8,7 @@ the tests below read what they left on disk:
   stopped    rank 0 alone gets SIGINT in epoch 1; both ranks must stop and checkpoint together
   resumed    --resume of `stopped`, which must end exactly where `rewrap` ended, on every rank
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,8 @@ from torch import nn
 
 from surgery import load_spec
 from surgery.data import make_loader
-from surgery.train.distributed import convert_sync_bn, fingerprint, trained_norms, unused_parameters
 from surgery.runs import load_safetensors, read_metrics
+from surgery.train.distributed import convert_sync_bn, fingerprint, trained_norms, unused_parameters
 
 SPEC = {
     "name": "ddp",
@@ -32,8 +33,10 @@ SPEC = {
     "train": {"epochs": 2, "batch_size": 8, "limit_batches": 3, "channels_last": False, "ema": 0.9},
     # 45 val images: two ranks get 23 each, one of them a repeat that must not be counted
     "data": {"name": "digits", "image_size": 32, "num_workers": 0, "subset": {"train": 200, "val": 45}},
-    "groups": [{"name": "head", "params": ["@head"], "lr": 0.01},
-               {"name": "body", "params": ["*"], "lr": 0.01, "unfreeze_at": 1}],
+    "groups": [
+        {"name": "head", "params": ["@head"], "lr": 0.01},
+        {"name": "body", "params": ["*"], "lr": 0.01, "unfreeze_at": 1},
+    ],
 }
 
 WORKER = textwrap.dedent("""
@@ -107,8 +110,13 @@ def ddp(tmp_path_factory):
     (root / "worker.py").write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run([*torchrun, str(root / "worker.py"), str(root / "out"), str(spec_path)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [*torchrun, str(root / "worker.py"), str(root / "out"), str(spec_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root / "out"
 
@@ -139,8 +147,11 @@ def test_group_unfrozen_mid_run_ends_bit_identical_on_every_rank(ddp):
     from surgery import build
 
     initial = build(load_spec(SPEC)).model.state_dict()
-    moved = [k for k in initial if k.startswith("layer") and k.endswith("weight")
-             and not torch.equal(initial[k], rank0["model." + k])]
+    moved = [
+        k
+        for k in initial
+        if k.startswith("layer") and k.endswith("weight") and not torch.equal(initial[k], rank0["model." + k])
+    ]
     assert len(moved) > 10
 
 
@@ -183,8 +194,12 @@ def test_interrupt_on_one_rank_stops_both_and_resume_matches_the_uninterrupted_r
         uninterrupted = torch.load(ddp / "rewrap" / f"rank{rank}.pt", weights_only=False)
         assert _differing(resumed, uninterrupted) == []
     timing = ("images_per_sec", "seconds", "data_wait_fraction")
-    rows = [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(ddp / "interrupted" / "metrics.jsonl")]
-    reference = [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(ddp / "rewrap" / "metrics.jsonl")]
+    rows = [
+        {k: v for k, v in r.items() if k not in timing} for r in read_metrics(ddp / "interrupted" / "metrics.jsonl")
+    ]
+    reference = [
+        {k: v for k, v in r.items() if k not in timing} for r in read_metrics(ddp / "rewrap" / "metrics.jsonl")
+    ]
     assert rows == reference
 
 
@@ -226,8 +241,9 @@ def test_val_shards_count_every_item_once():
     dataset = list(range(45))
     total = 0
     for rank in range(4):
-        loader = make_loader(dataset, batch_size=8, train=False, seed=0, num_workers=0, pin_memory=False,
-                             rank=rank, world_size=4)
+        loader = make_loader(
+            dataset, batch_size=8, train=False, seed=0, num_workers=0, pin_memory=False, rank=rank, world_size=4
+        )
         items = [int(v) for x in loader.epoch(0) for v in x]
         unique = loader.unique_items
         assert len(items) == 12 and unique in (11, 12)
@@ -256,17 +272,26 @@ def test_accumulation_steps_skip_the_all_reduce(tmp_path):
     (DDP's no_sync on the others). One gloo process, the all-reduces counted by a comm hook."""
     import torch.distributed as dist
 
-    from surgery.train.distributed import DataParallel, Distributed
     from surgery.train import apply_trainable, prepare, train_epoch
+    from surgery.train.distributed import DataParallel, Distributed
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         reduced = {}
         for n in (1, 4):
-            spec = load_spec({"model": {"backbone": "timm:test_convnext", "num_classes": 10},
-                              "train": {"epochs": 1, "batch_size": 8, "accumulate": n, "limit_batches": 8,
-                                        "channels_last": False},
-                              "data": {"name": "digits", "image_size": 32, "num_workers": 0}})
+            spec = load_spec(
+                {
+                    "model": {"backbone": "timm:test_convnext", "num_classes": 10},
+                    "train": {
+                        "epochs": 1,
+                        "batch_size": 8,
+                        "accumulate": n,
+                        "limit_batches": 8,
+                        "channels_last": False,
+                    },
+                    "data": {"name": "digits", "image_size": 32, "num_workers": 0},
+                }
+            )
             ctx = prepare(spec)
             flags = apply_trainable(ctx.model, ctx.built.groups, 0)
             ctx.forward = DataParallel(ctx.model, Distributed())
@@ -275,10 +300,11 @@ def test_accumulation_steps_skip_the_all_reduce(tmp_path):
             calls = []
 
             def hook(state, bucket):
-                calls.append(1)
+                calls.append(1)  # noqa: B023 - called within this iteration, by its own DDP
                 fut = torch.futures.Future()
                 fut.set_result(bucket.buffer())
                 return fut
+
             ctx.forward.ddp.register_comm_hook(None, hook)
             train_epoch(ctx, 0, flags)
             reduced[n] = len(calls)

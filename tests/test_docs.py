@@ -7,6 +7,7 @@
 - the README keeps the two set-up commands, and .ci/run the same test command;
 - `mkdocs build --strict` passes (skipped where mkdocs is not installed).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -63,7 +64,7 @@ def yaml_blocks(page: Path) -> list[Block]:
         j = i + 1
         while j < len(lines) and lines[j].strip() != "```":
             j += 1
-        body = "\n".join(line[len(indent):] if line.startswith(indent) else line for line in lines[i + 1:j])
+        body = "\n".join(line[len(indent) :] if line.startswith(indent) else line for line in lines[i + 1 : j])
         before = next((lines[k].strip() for k in range(start - 1, -1, -1) if lines[k].strip()), "")
         mk = re.fullmatch(r"<!--\s*([a-z-]+)\b.*-->", before)
         blocks.append(Block(page, start + 1, body + "\n", mk.group(1) if mk else None))
@@ -97,14 +98,16 @@ def test_the_manual_has_yaml_blocks() -> None:
 @pytest.mark.parametrize("block", BLOCKS, ids=lambda b: b.where)
 def test_yaml_block_validates(block: Block, tmp_path: Path) -> None:
     assert block.marker in (None, *MARKERS), (
-        f"{block.where}: unknown marker <!-- {block.marker} -->; use one of {', '.join(MARKERS)}")
+        f"{block.where}: unknown marker <!-- {block.marker} -->; use one of {', '.join(MARKERS)}"
+    )
     data = yaml.safe_load(block.text)
     assert isinstance(data, dict), f"{block.where}: a YAML block is a mapping"
     shown = block.named_file
     if shown is not None:
         # the block shows a shipped file: it must hold what the file holds, and the file is checked
         assert data == yaml.safe_load(shown.read_text(encoding="utf-8")), (
-            f"{block.where} shows {shown.relative_to(ROOT)} but its content differs from the file")
+            f"{block.where} shows {shown.relative_to(ROOT)} but its content differs from the file"
+        )
         if block.marker == "sweep":
             _check_sweep(shown)
         else:  # shipped specs are smoke-run by test_recipes/test_spec; their weights may be a run
@@ -137,8 +140,11 @@ def test_a_block_that_differs_from_the_file_it_names_is_caught(tmp_path: Path) -
 
 def test_an_invalid_block_is_refused(tmp_path: Path) -> None:
     page = tmp_path / "page.md"
-    page.write_text("text\n\n<!-- invalid -->\n  ```yaml\n  model: {backbone: torchvision:resnet18}\n"
-                    "  surgery: [{insert: cbam, at: layr3}]\n  ```\n", encoding="utf-8")
+    page.write_text(
+        "text\n\n<!-- invalid -->\n  ```yaml\n  model: {backbone: torchvision:resnet18}\n"
+        "  surgery: [{insert: cbam, at: layr3}]\n  ```\n",
+        encoding="utf-8",
+    )
     (block,) = yaml_blocks(page)
     assert block.marker == "invalid" and block.line == 4
     spec = tmp_path / "block.yaml"
@@ -225,8 +231,10 @@ def test_spec_reference_page_is_filled_at_build_time() -> None:
 
 
 # --------------------------------------------------------------------------- README and CI
-QUICKSTART = ("python3 -m venv .venv && . .venv/bin/activate && pip install -e . && "
-              "surgery run examples/digits-source.yaml examples/quickstart.yaml")
+QUICKSTART = (
+    "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && "
+    "surgery run examples/digits-source.yaml examples/quickstart.yaml"
+)
 TESTS = "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]' && pytest -q"
 
 
@@ -254,8 +262,14 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
         pytest.skip("mkdocs / mkdocs-material not installed: pip install -e '.[docs]'")
     exe = shutil.which("mkdocs")
     cmd = [exe] if exe else [sys.executable, "-m", "mkdocs"]
-    result = subprocess.run([*cmd, "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    result = subprocess.run(
+        [*cmd, "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     spec_page = (tmp_path / "site" / "reference" / "spec" / "index.html").read_text(encoding="utf-8")
     assert "train.early_stop.patience" in spec_page and "<!-- spec-reference -->" not in spec_page

@@ -5,6 +5,7 @@ way lukemelas' EfficientNet-PyTorch names them (`_blocks.3._expand_conv.weight`)
 `efficientnet-lite-pytorch` holds that model. Mapped in order onto timm's `tf_efficientnet_lite0`
 they must make the very same predictions on real photos. Optional extras: skipped when absent.
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -22,8 +23,18 @@ from torchvision import transforms  # noqa: E402
 from surgery import build, load_spec  # noqa: E402
 
 # ImageNet classes that china.jpg, a Chinese temple on a hillside, may fairly be called
-BUILDINGS = {"palace", "monastery", "stupa", "bell cote", "castle", "church", "mosque", "dome", "triumphal arch",
-             "boathouse"}
+BUILDINGS = {
+    "palace",
+    "monastery",
+    "stupa",
+    "bell cote",
+    "castle",
+    "church",
+    "mosque",
+    "dome",
+    "triumphal arch",
+    "boathouse",
+}
 
 
 def _weights_path() -> str:
@@ -38,8 +49,9 @@ def _sample_images():
 def _photos(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[list[str], torch.Tensor]:
     """The two photos scikit-learn ships, 224 x 224: the package's model pads for exactly that size."""
     images = _sample_images()
-    tf = transforms.Compose([transforms.Resize(224), transforms.CenterCrop(224), transforms.ToTensor(),
-                             transforms.Normalize(mean, std)])
+    tf = transforms.Compose(
+        [transforms.Resize(224), transforms.CenterCrop(224), transforms.ToTensor(), transforms.Normalize(mean, std)]
+    )
     names = [name.rsplit("/", 1)[-1] for name in images.filenames]
     return names, torch.stack([tf(Image.fromarray(a)) for a in images.images])
 
@@ -52,8 +64,11 @@ def _class_name(index: int) -> str:
 
 @pytest.fixture(scope="module")
 def models() -> tuple:
-    built = build(load_spec({"model": {"backbone": "timm:tf_efficientnet_lite0", "pretrained": _weights_path(),
-                                       "key_map": "order"}}))
+    built = build(
+        load_spec(
+            {"model": {"backbone": "timm:tf_efficientnet_lite0", "pretrained": _weights_path(), "key_map": "order"}}
+        )
+    )
     original = lite_model.EfficientNet.from_pretrained("efficientnet-lite0", weights_path=_weights_path())
     return built, original.eval()
 
@@ -71,8 +86,11 @@ def test_order_maps_every_tensor_of_the_other_codebase(models):
 
 
 # the package documents ImageNet mean/std; the TensorFlow original (and timm's config) uses 0.5/0.5
-@pytest.mark.parametrize("mean,std", [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-                                      ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))], ids=["package-docs", "tf-original"])
+@pytest.mark.parametrize(
+    "mean,std",
+    [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))],
+    ids=["package-docs", "tf-original"],
+)
 def test_mapped_model_predicts_exactly_as_the_original(models, mean, std):
     built, original = models
     names, x = _photos(mean, std)

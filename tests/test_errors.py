@@ -4,6 +4,7 @@ The corpus is a table. Each case is YAML text whose offending line carries a `# 
 test finds that line, so editing a case never leaves a stale line number behind. Cases marked
 `build` pass `load_spec` and must fail in `build`, against the real model.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -45,376 +46,805 @@ def yaml(text: str) -> str:
 
 CASES = [
     # ------------------------------------------------------------------ YAML itself
-    Case("tab-indentation", "model:\n\tbackbone: torchvision:resnet18  # <-\n", "(top level)", hint="spaces",
-         problem="not valid YAML"),
-    Case("unclosed-bracket", yaml("""
+    Case(
+        "tab-indentation",
+        "model:\n\tbackbone: torchvision:resnet18  # <-\n",
+        "(top level)",
+        hint="spaces",
+        problem="not valid YAML",
+    ),
+    Case(
+        "unclosed-bracket",
+        yaml("""
         model: {backbone: torchvision:resnet18  # <-
         train:
           epochs: 3
-        """), "(top level)", problem="never closed"),
-    Case("unclosed-quote", yaml("""
+        """),
+        "(top level)",
+        problem="never closed",
+    ),
+    Case(
+        "unclosed-quote",
+        yaml("""
         model:
           backbone: 'torchvision:resnet18  # <-
         train:
           epochs: 3
-        """), "(top level)", problem="never closed"),
-    Case("unquoted-star", HEAD + yaml("""
+        """),
+        "(top level)",
+        problem="never closed",
+    ),
+    Case(
+        "unquoted-star",
+        HEAD
+        + yaml("""
         groups:
           - name: all
             params: *  # <-
-        """), "(top level)", hint="quote it"),
-    Case("unquoted-at", HEAD + yaml("""
+        """),
+        "(top level)",
+        hint="quote it",
+    ),
+    Case(
+        "unquoted-at",
+        HEAD
+        + yaml("""
         surgery:
           - insert: se
             at: @head  # <-
-        """), "(top level)", hint="quote it"),
-    Case("duplicate-key", yaml("""
+        """),
+        "(top level)",
+        hint="quote it",
+    ),
+    Case(
+        "duplicate-key",
+        yaml("""
         model:
           backbone: torchvision:resnet18
           backbone: timm:resnet18  # <-
-        """), "model.backbone", problem="appears twice"),
+        """),
+        "model.backbone",
+        problem="appears twice",
+    ),
     Case("empty-file", "# <- nothing but a comment\n", "(top level)", problem="empty"),
-    Case("top-level-list", yaml("""
+    Case(
+        "top-level-list",
+        yaml("""
         - model  # <-
         - train
-        """), "(top level)", problem="mapping"),
-    Case("python-object-tag", yaml("""
+        """),
+        "(top level)",
+        problem="mapping",
+    ),
+    Case(
+        "python-object-tag",
+        yaml("""
         model: !!python/object/apply:os.system ["echo owned"]  # <-
-        """), "model", problem="tag"),
-    Case("custom-tag", HEAD + yaml("""
+        """),
+        "model",
+        problem="tag",
+    ),
+    Case(
+        "custom-tag",
+        HEAD
+        + yaml("""
         train:
           epochs: !big 3  # <-
-        """), "train.epochs", problem="tag"),
-    Case("recursive-alias", yaml("""
+        """),
+        "train.epochs",
+        problem="tag",
+    ),
+    Case(
+        "recursive-alias",
+        yaml("""
         model: &m
           backbone: torchvision:resnet18
           args: *m  # <-
-        """), "model.args", problem="alias"),
+        """),
+        "model.args",
+        problem="alias",
+    ),
     # ------------------------------------------------------------------ required keys, backbone names
-    Case("missing-model", yaml("""
+    Case(
+        "missing-model",
+        yaml("""
         train:  # <-
           epochs: 3
-        """), "(top level)", problem="'model' is missing"),
-    Case("missing-model-misspelt", yaml("""
+        """),
+        "(top level)",
+        problem="'model' is missing",
+    ),
+    Case(
+        "missing-model-misspelt",
+        yaml("""
         modle:  # <-
           backbone: torchvision:resnet18
-        """), "modle", hint="'model'"),
-    Case("missing-backbone", yaml("""
+        """),
+        "modle",
+        hint="'model'",
+    ),
+    Case(
+        "missing-backbone",
+        yaml("""
         model:  # <-
           pretrained: false
-        """), "model", problem="'backbone' is missing"),
-    Case("backbone-without-source", yaml("""
+        """),
+        "model",
+        problem="'backbone' is missing",
+    ),
+    Case(
+        "backbone-without-source",
+        yaml("""
         model:
           backbone: resnet18  # <-
-        """), "model.backbone", hint="torchvision:resnet18"),
-    Case("unknown-source", yaml("""
+        """),
+        "model.backbone",
+        hint="torchvision:resnet18",
+    ),
+    Case(
+        "unknown-source",
+        yaml("""
         model:
           backbone: keras:resnet  # <-
-        """), "model.backbone", problem="'keras'"),
-    Case("misspelt-source", yaml("""
+        """),
+        "model.backbone",
+        problem="'keras'",
+    ),
+    Case(
+        "misspelt-source",
+        yaml("""
         model:
           backbone: torchvison:resnet18  # <-
-        """), "model.backbone", hint="'torchvision'"),
-    Case("torchvision-resnet81", yaml("""
+        """),
+        "model.backbone",
+        hint="'torchvision'",
+    ),
+    Case(
+        "torchvision-resnet81",
+        yaml("""
         model:
           backbone: torchvision:resnet81  # <-
-        """), "model.backbone", hint="'resnet18'", build=True),
-    Case("timm-efficientnet-b9", yaml("""
+        """),
+        "model.backbone",
+        hint="'resnet18'",
+        build=True,
+    ),
+    Case(
+        "timm-efficientnet-b9",
+        yaml("""
         model:
           backbone: timm:efficientnet_b9  # <-
-        """), "model.backbone", hint="'efficientnet_b", build=True),
-    Case("torchvision-weights-tag", yaml("""
+        """),
+        "model.backbone",
+        hint="'efficientnet_b",
+        build=True,
+    ),
+    Case(
+        "torchvision-weights-tag",
+        yaml("""
         model:
           backbone: torchvision:resnet18.IMAGENET1K_V9  # <-
-        """), "model.backbone", hint="IMAGENET1K_V1", build=True),
-    Case("backbone-constructor-args", HEAD.replace("  num_classes: 10\n", "  num_classes: 10\n  args: {widht: 2}  # <-\n"),
-         "model.args", problem="rejected", build=True),
+        """),
+        "model.backbone",
+        hint="IMAGENET1K_V1",
+        build=True,
+    ),
+    Case(
+        "backbone-constructor-args",
+        HEAD.replace("  num_classes: 10\n", "  num_classes: 10\n  args: {widht: 2}  # <-\n"),
+        "model.args",
+        problem="rejected",
+        build=True,
+    ),
     # ------------------------------------------------------------------ unknown keys
-    Case("unknown-top-level-key", HEAD + yaml("""
+    Case(
+        "unknown-top-level-key",
+        HEAD
+        + yaml("""
         surgrey:  # <-
           - insert: cbam
             at: layer1
-        """), "surgrey", hint="'surgery'"),
-    Case("unknown-train-key", HEAD + yaml("""
+        """),
+        "surgrey",
+        hint="'surgery'",
+    ),
+    Case(
+        "unknown-train-key",
+        HEAD
+        + yaml("""
         train:
           epocs: 3  # <-
-        """), "train.epocs", hint="'epochs'"),
-    Case("unknown-model-key", yaml("""
+        """),
+        "train.epocs",
+        hint="'epochs'",
+    ),
+    Case(
+        "unknown-model-key",
+        yaml("""
         model:
           backbone: torchvision:resnet18
           pretrianed: false  # <-
-        """), "model.pretrianed", hint="'pretrained'"),
-    Case("unknown-surgery-key", HEAD + yaml("""
+        """),
+        "model.pretrianed",
+        hint="'pretrained'",
+    ),
+    Case(
+        "unknown-surgery-key",
+        HEAD
+        + yaml("""
         surgery:
           - insert: cbam
             at: layer1
             positon: before  # <-
-        """), "surgery[0].positon", hint="'position'"),
-    Case("unknown-type-selector-key", HEAD + yaml("""
+        """),
+        "surgery[0].positon",
+        hint="'position'",
+    ),
+    Case(
+        "unknown-type-selector-key",
+        HEAD
+        + yaml("""
         surgery:
           - insert: cbam
             at: {typ: MaxPool2d}  # <-
-        """), "surgery[0].at.typ", hint="'type'"),
-    Case("first-error-in-the-file-wins", HEAD + yaml("""
+        """),
+        "surgery[0].at.typ",
+        hint="'type'",
+    ),
+    Case(
+        "first-error-in-the-file-wins",
+        HEAD
+        + yaml("""
         train:
           epocs: 3  # <-
         surgery:
           - insert: cbam
             at: layer1
             position: afterr
-        """), "train.epocs", hint="'epochs'"),
+        """),
+        "train.epocs",
+        hint="'epochs'",
+    ),
     # ------------------------------------------------------------------ wrong kinds and ranges
-    Case("num-classes-twelve", yaml("""
+    Case(
+        "num-classes-twelve",
+        yaml("""
         model:
           backbone: torchvision:resnet18
           num_classes: twelve  # <-
-        """), "model.num_classes", problem="integer"),
-    Case("epochs-zero", HEAD + yaml("""
+        """),
+        "model.num_classes",
+        problem="integer",
+    ),
+    Case(
+        "epochs-zero",
+        HEAD
+        + yaml("""
         train:
           epochs: 0  # <-
-        """), "train.epochs", problem="minimum"),
-    Case("negative-lr", HEAD + yaml("""
+        """),
+        "train.epochs",
+        problem="minimum",
+    ),
+    Case(
+        "negative-lr",
+        HEAD
+        + yaml("""
         train:
           optimizer:
             lr: -1  # <-
-        """), "train.optimizer.lr", problem="minimum"),
-    Case("lr-as-text", HEAD + yaml("""
+        """),
+        "train.optimizer.lr",
+        problem="minimum",
+    ),
+    Case(
+        "lr-as-text",
+        HEAD
+        + yaml("""
         groups:
           - name: all
             params: '*'
             lr: fast  # <-
-        """), "groups[0].lr", problem="not a string"),
-    Case("image-size-too-small", yaml("""
+        """),
+        "groups[0].lr",
+        problem="not a string",
+    ),
+    Case(
+        "image-size-too-small",
+        yaml("""
         model:
           backbone: torchvision:resnet18
         data:
           image_size: 4  # <-
-        """), "data.image_size", problem="minimum"),
+        """),
+        "data.image_size",
+        problem="minimum",
+    ),
     Case("bad-run-name", HEAD + 'name: "my run"  # <-\n', "name", problem="not a valid name"),
-    Case("bad-module-pattern", HEAD + yaml("""
+    Case(
+        "bad-module-pattern",
+        HEAD
+        + yaml("""
         surgery:
           - insert: cbam
             at: layer1/0  # <-
-        """), "surgery[0].at", problem="not a valid"),
-    Case("surgery-entry-not-a-mapping", HEAD + yaml("""
+        """),
+        "surgery[0].at",
+        problem="not a valid",
+    ),
+    Case(
+        "surgery-entry-not-a-mapping",
+        HEAD
+        + yaml("""
         surgery:
           - cbam  # <-
-        """), "surgery[0]", problem="an entry of surgery takes a mapping"),
-    Case("empty-target-list", HEAD + yaml("""
+        """),
+        "surgery[0]",
+        problem="an entry of surgery takes a mapping",
+    ),
+    Case(
+        "empty-target-list",
+        HEAD
+        + yaml("""
         surgery:
           - insert: cbam
             at: []  # <-
-        """), "surgery[0].at", problem="at least 1"),
+        """),
+        "surgery[0].at",
+        problem="at least 1",
+    ),
     Case("no-groups", HEAD + "groups: []  # <-\n", "groups", problem="at least 1"),
-    Case("group-without-params", HEAD + yaml("""
+    Case(
+        "group-without-params",
+        HEAD
+        + yaml("""
         groups:
           - name: all  # <-
             lr: 1.0e-3
-        """), "groups[0]", problem="'params' is missing"),
+        """),
+        "groups[0]",
+        problem="'params' is missing",
+    ),
     # ------------------------------------------------------------------ choices
-    Case("position-afterr", HEAD + yaml("""
+    Case(
+        "position-afterr",
+        HEAD
+        + yaml("""
         surgery:
           - insert: cbam
             at: layer1
             position: afterr  # <-
-        """), "surgery[0].position", hint="'after'"),
-    Case("init-zero", HEAD + yaml("""
+        """),
+        "surgery[0].position",
+        hint="'after'",
+    ),
+    Case(
+        "init-zero",
+        HEAD
+        + yaml("""
         surgery:
           - insert: cbam
             at: layer1
             init: zero  # <-
-        """), "surgery[0].init", problem="not an accepted value"),
-    Case("scheduler-cosin", HEAD + yaml("""
+        """),
+        "surgery[0].init",
+        problem="not an accepted value",
+    ),
+    Case(
+        "scheduler-cosin",
+        HEAD
+        + yaml("""
         train:
           scheduler:
             name: cosin  # <-
-        """), "train.scheduler.name", hint="'cosine'"),
-    Case("unfreeze-at-nevr", HEAD + yaml("""
+        """),
+        "train.scheduler.name",
+        hint="'cosine'",
+    ),
+    Case(
+        "unfreeze-at-nevr",
+        HEAD
+        + yaml("""
         groups:
           - name: all
             params: '*'
             unfreeze_at: nevr  # <-
-        """), "groups[0].unfreeze_at", hint="'never'"),
+        """),
+        "groups[0].unfreeze_at",
+        hint="'never'",
+    ),
     Case("augment-standrd", HEAD + "  augment: standrd  # <-\n", "data.augment", hint="'standard'"),
     # ------------------------------------------------------------------ rules across keys
-    Case("lr-map-not-from-zero", HEAD + yaml("""
+    Case(
+        "lr-map-not-from-zero",
+        HEAD
+        + yaml("""
         groups:
           - name: all
             params: '*'
             lr: {2: 1.0e-3, 5: 1.0e-4}  # <-
-        """), "groups[0].lr", problem="epoch 0"),
-    Case("lr-map-keys-not-epochs", HEAD + yaml("""
+        """),
+        "groups[0].lr",
+        problem="epoch 0",
+    ),
+    Case(
+        "lr-map-keys-not-epochs",
+        HEAD
+        + yaml("""
         groups:
           - name: all
             params: '*'
             lr:
               0: 1.0e-3
               late: 1.0e-4  # <-
-        """), "groups[0].lr.late", problem="not an epoch"),
-    Case("lr-map-negative-value", HEAD + yaml("""
+        """),
+        "groups[0].lr.late",
+        problem="not an epoch",
+    ),
+    Case(
+        "lr-map-negative-value",
+        HEAD
+        + yaml("""
         groups:
           - name: all
             params: '*'
             lr:
               0: 1.0e-3
               5: -1.0e-4  # <-
-        """), "groups[0].lr.5", problem="minimum"),
-    Case("nothing-ever-trains", HEAD + yaml("""
+        """),
+        "groups[0].lr.5",
+        problem="minimum",
+    ),
+    Case(
+        "nothing-ever-trains",
+        HEAD
+        + yaml("""
         groups:  # <-
           - name: all
             params: '*'
             unfreeze_at: never
-        """), "groups", problem="no group ever trains"),
-    Case("duplicate-group-names", HEAD + yaml("""
+        """),
+        "groups",
+        problem="no group ever trains",
+    ),
+    Case(
+        "duplicate-group-names",
+        HEAD
+        + yaml("""
         groups:
           - name: head
             params: fc
           - name: head  # <-
             params: '*'
-        """), "groups[1].name", hint="groups[0]"),
-    Case("key-map-order-without-file", yaml("""
+        """),
+        "groups[1].name",
+        hint="groups[0]",
+    ),
+    Case(
+        "key-map-order-without-file",
+        yaml("""
         model:
           backbone: torchvision:resnet18
           key_map: order  # <-
-        """), "model.key_map", problem="weight file"),
-    Case("key-map-rules-without-file", yaml("""
+        """),
+        "model.key_map",
+        problem="weight file",
+    ),
+    Case(
+        "key-map-rules-without-file",
+        yaml("""
         model:
           backbone: torchvision:resnet18
           key_map: {'^backbone\\.': ''}  # <-
-        """), "model.key_map", problem="weight file"),
+        """),
+        "model.key_map",
+        problem="weight file",
+    ),
     # ------------------------------------------------------------------ against the real model
-    Case("target-layer5", HEAD + yaml("""
+    Case(
+        "target-layer5",
+        HEAD
+        + yaml("""
         surgery:
           - insert: cbam
             at: layer5  # <-
-        """), "surgery[0].at", hint="'layer4'", build=True),
-    Case("target-layr1-in-a-list", HEAD + yaml("""
+        """),
+        "surgery[0].at",
+        hint="'layer4'",
+        build=True,
+    ),
+    Case(
+        "target-layr1-in-a-list",
+        HEAD
+        + yaml("""
         surgery:
           - insert: cbam
             at:
               - layer2
               - layr1  # <-
-        """), "surgery[0].at[1]", hint="'layer1'", build=True),
-    Case("target-type-absent", HEAD + yaml("""
+        """),
+        "surgery[0].at[1]",
+        hint="'layer1'",
+        build=True,
+    ),
+    Case(
+        "target-type-absent",
+        HEAD
+        + yaml("""
         surgery:
           - insert: se
             at: {type: MaxPool3d}  # <-
-        """), "surgery[0].at", hint="'MaxPool2d'", build=True),
-    Case("target-inserted-selector", HEAD + yaml("""
+        """),
+        "surgery[0].at",
+        hint="'MaxPool2d'",
+        build=True,
+    ),
+    Case(
+        "target-inserted-selector",
+        HEAD
+        + yaml("""
         surgery:
           - insert: se
             at: '@inserted'  # <-
-        """), "surgery[0].at", problem="modules of the backbone", build=True),
-    Case("attention-cbma", HEAD + yaml("""
+        """),
+        "surgery[0].at",
+        problem="modules of the backbone",
+        build=True,
+    ),
+    Case(
+        "attention-cbma",
+        HEAD
+        + yaml("""
         surgery:
           - insert: cbma  # <-
             at: layer1
-        """), "surgery[0].insert", hint="'cbam'", build=True),
-    Case("attention-class-not-importable", HEAD + yaml("""
+        """),
+        "surgery[0].insert",
+        hint="'cbam'",
+        build=True,
+    ),
+    Case(
+        "attention-class-not-importable",
+        HEAD
+        + yaml("""
         surgery:
           - insert: no_such_package.attention:Gate  # <-
             at: layer1
-        """), "surgery[0].insert", problem="cannot import", build=True),
-    Case("attention-bad-args", HEAD + yaml("""
+        """),
+        "surgery[0].insert",
+        problem="cannot import",
+        build=True,
+    ),
+    Case(
+        "attention-bad-args",
+        HEAD
+        + yaml("""
         surgery:
           - insert: cbam
             at: layer1
             args: {rd_ratioo: 0.25}  # <-
-        """), "surgery[0].args", problem="rd_ratioo", build=True),
-    Case("target-not-4d-after", HEAD + yaml("""
+        """),
+        "surgery[0].args",
+        problem="rd_ratioo",
+        build=True,
+    ),
+    Case(
+        "target-not-4d-after",
+        HEAD
+        + yaml("""
         surgery:
           - insert: cbam
             at: fc  # <-
-        """), "surgery[0].at", problem="not a 4-D feature map", build=True),
-    Case("target-not-4d-before", HEAD + yaml("""
+        """),
+        "surgery[0].at",
+        problem="not a 4-D feature map",
+        build=True,
+    ),
+    Case(
+        "target-not-4d-before",
+        HEAD
+        + yaml("""
         surgery:
           - insert: se
             at: fc  # <-
             position: before
-        """), "surgery[0].at", problem="input of fc", build=True),
-    Case("group-pattern-matches-nothing", HEAD + yaml("""
+        """),
+        "surgery[0].at",
+        problem="input of fc",
+        build=True,
+    ),
+    Case(
+        "group-pattern-matches-nothing",
+        HEAD
+        + yaml("""
         groups:
           - name: head
             params: fc
           - name: body
             params: [layr2, layer3]  # <-
-        """), "groups[1].params[0]", hint="'layer2'", build=True),
-    Case("group-type-matches-nothing", HEAD + yaml("""
+        """),
+        "groups[1].params[0]",
+        hint="'layer2'",
+        build=True,
+    ),
+    Case(
+        "group-type-matches-nothing",
+        HEAD
+        + yaml("""
         groups:
           - name: norms
             params: {type: BatchNorm3d}  # <-
           - name: rest
             params: '*'
-        """), "groups[0].params", hint="'BatchNorm2d'", build=True),
-    Case("group-inserted-without-surgery", HEAD + yaml("""
+        """),
+        "groups[0].params",
+        hint="'BatchNorm2d'",
+        build=True,
+    ),
+    Case(
+        "group-inserted-without-surgery",
+        HEAD
+        + yaml("""
         groups:
           - name: new
             params: '@inserted'  # <-
           - name: rest
             params: '*'
-        """), "groups[0].params", problem="'@inserted' selects nothing", build=True),
-    Case("parameters-in-no-group", HEAD + yaml("""
+        """),
+        "groups[0].params",
+        problem="'@inserted' selects nothing",
+        build=True,
+    ),
+    Case(
+        "parameters-in-no-group",
+        HEAD
+        + yaml("""
         groups:  # <-
           - name: head
             params: fc
           - name: deep
             params: [layer3, layer4]
-        """), "groups", hint="catch-all", build=True),
-    Case("empty-group", HEAD + yaml("""
+        """),
+        "groups",
+        hint="catch-all",
+        build=True,
+    ),
+    Case(
+        "empty-group",
+        HEAD
+        + yaml("""
         groups:
           - name: all
             params: '*'
           - name: head
             params: fc  # <-
-        """), "groups[1].params", hint="before the broader one", build=True),
-    Case("weights-file-missing", HEAD.replace("  num_classes: 10\n", "  num_classes: 10\n  pretrained: weights/missing.pth  # <-\n"),
-         "model.pretrained", problem="does not exist", build=True),
-    Case("weights-wrong-shape", HEAD.replace("  num_classes: 10\n", "  num_classes: 10\n  pretrained: @WRONG@  # <-\n"),
-         "model.pretrained", problem="another shape", build=True),
-    Case("weights-not-a-state-dict", HEAD.replace("  num_classes: 10\n", "  num_classes: 10\n  pretrained: @GARBAGE@  # <-\n"),
-         "model.pretrained", problem="cannot be read", build=True),
-    Case("checkpoint-key-absent", HEAD.replace("  num_classes: 10\n",
-                                               "  num_classes: 10\n  pretrained: @WRONG@\n  checkpoint_key: ema  # <-\n"),
-         "model.checkpoint_key", problem="no entry 'ema'", build=True),
+        """),
+        "groups[1].params",
+        hint="before the broader one",
+        build=True,
+    ),
+    Case(
+        "weights-file-missing",
+        HEAD.replace("  num_classes: 10\n", "  num_classes: 10\n  pretrained: weights/missing.pth  # <-\n"),
+        "model.pretrained",
+        problem="does not exist",
+        build=True,
+    ),
+    Case(
+        "weights-wrong-shape",
+        HEAD.replace("  num_classes: 10\n", "  num_classes: 10\n  pretrained: @WRONG@  # <-\n"),
+        "model.pretrained",
+        problem="another shape",
+        build=True,
+    ),
+    Case(
+        "weights-not-a-state-dict",
+        HEAD.replace("  num_classes: 10\n", "  num_classes: 10\n  pretrained: @GARBAGE@  # <-\n"),
+        "model.pretrained",
+        problem="cannot be read",
+        build=True,
+    ),
+    Case(
+        "checkpoint-key-absent",
+        HEAD.replace("  num_classes: 10\n", "  num_classes: 10\n  pretrained: @WRONG@\n  checkpoint_key: ema  # <-\n"),
+        "model.checkpoint_key",
+        problem="no entry 'ema'",
+        build=True,
+    ),
     # ------------------------------------------------------------------ --set overrides
     # ------------------------------------------------------------------ recipes for small datasets
-    Case("mixup-both-alphas-zero", HEAD + yaml("""
+    Case(
+        "mixup-both-alphas-zero",
+        HEAD
+        + yaml("""
         train:
           mixup: {mixup_alpha: 0, cutmix_alpha: 0}  # <-
-        """), "train.mixup", problem="both off"),
-    Case("mixup-smoothing-twice", HEAD + yaml("""
+        """),
+        "train.mixup",
+        problem="both off",
+    ),
+    Case(
+        "mixup-smoothing-twice",
+        HEAD
+        + yaml("""
         train:
           label_smoothing: 0.1  # <-
           mixup: {label_smoothing: 0.1}
-        """), "train.label_smoothing", hint="train.mixup.label_smoothing"),
-    Case("mixup-odd-batch", HEAD + yaml("""
+        """),
+        "train.label_smoothing",
+        hint="train.mixup.label_smoothing",
+    ),
+    Case(
+        "mixup-odd-batch",
+        HEAD
+        + yaml("""
         train:
           batch_size: 7  # <-
           mixup: {}
-        """), "train.batch_size", problem="even batch size"),
-    Case("mixup-misspelt-key", HEAD + yaml("""
+        """),
+        "train.batch_size",
+        problem="even batch size",
+    ),
+    Case(
+        "mixup-misspelt-key",
+        HEAD
+        + yaml("""
         train:
           mixup: {mixup_alpah: 0.2}  # <-
-        """), "train.mixup.mixup_alpah", hint="'mixup_alpha'"),
-    Case("erasing-mode-typo", HEAD + "  augment: {erasing: {mode: pixl}}  # <-\n", "data.augment.erasing.mode",
-         hint="'pixel'"),
-    Case("accumulate-zero", HEAD + yaml("""
+        """),
+        "train.mixup.mixup_alpah",
+        hint="'mixup_alpha'",
+    ),
+    Case(
+        "erasing-mode-typo",
+        HEAD + "  augment: {erasing: {mode: pixl}}  # <-\n",
+        "data.augment.erasing.mode",
+        hint="'pixel'",
+    ),
+    Case(
+        "accumulate-zero",
+        HEAD
+        + yaml("""
         train:
           accumulate: 0  # <-
-        """), "train.accumulate", problem="minimum"),
+        """),
+        "train.accumulate",
+        problem="minimum",
+    ),
     Case("set-epochs-zero", HEAD, "train.epochs", problem="minimum", overrides=("train.epochs=0",)),
     Case("set-misspelt-key", HEAD, "train.epocs", hint="'epochs'", overrides=("train.epocs=3",)),
     Case("set-not-yaml", HEAD, "surgery", problem="not valid YAML", overrides=("surgery=[{insert: se",)),
-    Case("set-unquoted-star", HEAD, "groups[0].params", hint="quote it",
-         overrides=("groups.0.name=all", "groups.0.params=*")),
+    Case(
+        "set-unquoted-star",
+        HEAD,
+        "groups[0].params",
+        hint="quote it",
+        overrides=("groups.0.name=all", "groups.0.params=*"),
+    ),
     Case("set-without-equals", HEAD, "(top level)", problem="key.path=value", overrides=("train.epochs",)),
-    Case("set-below-a-value", HEAD, "model.backbone", problem="neither a mapping nor a list",
-         overrides=("model.backbone.depth=3",)),
+    Case(
+        "set-below-a-value",
+        HEAD,
+        "model.backbone",
+        problem="neither a mapping nor a list",
+        overrides=("model.backbone.depth=3",),
+    ),
     Case("set-past-list-end", HEAD, "surgery[2]", problem="past its end", overrides=("surgery.2.insert=se",)),
-    Case("set-bad-entry", HEAD, "surgery[0].position", hint="'after'",
-         overrides=("surgery=[{insert: se, at: layer1}]", "surgery.0.position=aftr")),
-    Case("set-target-layer5", HEAD, "surgery[0].at", hint="'layer4'", build=True,
-         overrides=("surgery.0.insert=se", "surgery.0.at=layer5")),
+    Case(
+        "set-bad-entry",
+        HEAD,
+        "surgery[0].position",
+        hint="'after'",
+        overrides=("surgery=[{insert: se, at: layer1}]", "surgery.0.position=aftr"),
+    ),
+    Case(
+        "set-target-layer5",
+        HEAD,
+        "surgery[0].at",
+        hint="'layer4'",
+        build=True,
+        overrides=("surgery.0.insert=se", "surgery.0.at=layer5"),
+    ),
 ]
 
 
@@ -469,7 +899,7 @@ def test_malformed_spec(case: Case, tmp_path: Path, weight_files: dict[str, Path
     if case.overrides:
         assert err.line is None
         assert err.file.startswith("--set "), str(err)
-        assert err.file[len("--set "):] in case.overrides
+        assert err.file[len("--set ") :] in case.overrides
     else:
         assert err.file == str(spec_file)
         assert err.line == marked_line(text), str(err)
@@ -487,8 +917,12 @@ def test_malformed_spec(case: Case, tmp_path: Path, weight_files: dict[str, Path
 
 def test_key_path_is_a_tuple_as_well() -> None:
     with pytest.raises(SpecError) as info:
-        load_spec({"model": {"backbone": "torchvision:resnet18"},
-                   "surgery": [{"insert": "se", "at": "layer1", "position": "afterr"}]})
+        load_spec(
+            {
+                "model": {"backbone": "torchvision:resnet18"},
+                "surgery": [{"insert": "se", "at": "layer1", "position": "afterr"}],
+            }
+        )
     assert info.value.key_path == ("surgery", 0, "position")
     assert info.value.path == "surgery[0].position"
 
@@ -498,10 +932,22 @@ DICT_CASES = [
     ({"model": {"backbone": "torchvision:resnet18", "pretrianed": False}}, "model.pretrianed", "'pretrained'"),
     ({"model": {"backbone": "resnet18"}}, "model.backbone", "torchvision:resnet18"),
     ({"model": {"backbone": "torchvision:resnet18"}, "train": {"epochs": 0}}, "train.epochs", None),
-    ({"model": {"backbone": "torchvision:resnet18"},
-      "surgery": [{"insert": "se", "at": "layer1", "position": "afterr"}]}, "surgery[0].position", "'after'"),
-    ({"model": {"backbone": "torchvision:resnet18"},
-      "groups": [{"name": "a", "params": "*"}, {"name": "a", "params": "fc"}]}, "groups[1].name", "groups[0]"),
+    (
+        {
+            "model": {"backbone": "torchvision:resnet18"},
+            "surgery": [{"insert": "se", "at": "layer1", "position": "afterr"}],
+        },
+        "surgery[0].position",
+        "'after'",
+    ),
+    (
+        {
+            "model": {"backbone": "torchvision:resnet18"},
+            "groups": [{"name": "a", "params": "*"}, {"name": "a", "params": "fc"}],
+        },
+        "groups[1].name",
+        "groups[0]",
+    ),
     ({"train": {"epochs": 3}}, "(top level)", None),
 ]
 
@@ -521,8 +967,13 @@ def test_dict_spec_errors_carry_the_key_path_and_no_line(data: dict, path: str, 
 def test_dict_spec_semantic_error_carries_the_key_path() -> None:
     from surgery.model.builder import build
 
-    spec = load_spec({"model": {"backbone": "torchvision:resnet18", "num_classes": 10}, "data": {"image_size": 32},
-                      "surgery": [{"insert": "cbam", "at": ["layer1", "layr2"]}]})
+    spec = load_spec(
+        {
+            "model": {"backbone": "torchvision:resnet18", "num_classes": 10},
+            "data": {"image_size": 32},
+            "surgery": [{"insert": "cbam", "at": ["layer1", "layr2"]}],
+        }
+    )
     with pytest.raises(SpecError) as info:
         build(spec)
     assert info.value.line is None
@@ -546,10 +997,24 @@ def test_missing_spec_file_suggests_a_neighbour(tmp_path: Path) -> None:
 
 
 def test_error_fields_and_message() -> None:
-    err = SpecError("the value is wrong", path=("surgery", 1, "at"), found="layr1", expected="a module path",
-                    hint="did you mean 'layer1'?", file="spec.yaml", line=7, column=5)
+    err = SpecError(
+        "the value is wrong",
+        path=("surgery", 1, "at"),
+        found="layr1",
+        expected="a module path",
+        hint="did you mean 'layer1'?",
+        file="spec.yaml",
+        line=7,
+        column=5,
+    )
     assert isinstance(err, ValueError)
-    assert (err.file, err.line, err.column, err.path, err.key_path) == ("spec.yaml", 7, 5, "surgery[1].at", ("surgery", 1, "at"))
+    assert (err.file, err.line, err.column, err.path, err.key_path) == (
+        "spec.yaml",
+        7,
+        5,
+        "surgery[1].at",
+        ("surgery", 1, "at"),
+    )
     assert str(err).splitlines() == [
         "spec.yaml:7:5: surgery[1].at: the value is wrong",
         "  found:    layr1",
@@ -565,13 +1030,16 @@ def test_error_survives_pickling() -> None:
     assert (again.path, again.line, again.found, str(again)) == (err.path, err.line, err.found, str(err))
 
 
-@pytest.mark.parametrize("parts, text", [
-    ((), "(top level)"),
-    (("model",), "model"),
-    (("surgery", 1, "at"), "surgery[1].at"),
-    (("groups", 0, "params", 2), "groups[0].params[2]"),
-    (("groups", 0, "lr", "5"), "groups[0].lr.5"),
-])
+@pytest.mark.parametrize(
+    "parts, text",
+    [
+        ((), "(top level)"),
+        (("model",), "model"),
+        (("surgery", 1, "at"), "surgery[1].at"),
+        (("groups", 0, "params", 2), "groups[0].params[2]"),
+        (("groups", 0, "lr", "5"), "groups[0].lr.5"),
+    ],
+)
 def test_format_path(parts: tuple, text: str) -> None:
     assert format_path(parts) == text
 
@@ -583,8 +1051,14 @@ def test_suggestions() -> None:
 
 
 def test_control_characters_in_any_part_of_a_message_are_escaped() -> None:
-    err = SpecError("no class named 'a\x1b[2Jb'", file="spec\x00.yaml", line=3, found="'\u202egnp.exe'",
-                    expected="a\tname", hint="x\x07")
+    err = SpecError(
+        "no class named 'a\x1b[2Jb'",
+        file="spec\x00.yaml",
+        line=3,
+        found="'\u202egnp.exe'",
+        expected="a\tname",
+        hint="x\x07",
+    )
     text = str(err)
     assert all(c == "\n" or c.isprintable() for c in text), repr(text)
     assert "spec\\x00.yaml:3" in text and "a\\x1b[2Jb" in text and "\\u202egnp.exe" in text

@@ -1,5 +1,6 @@
 """`surgery evaluate` and `data.test_split`: held-out figures that match scikit-learn on predictions
 made here independently, TTA, folders of labelled images, and bad input that changes nothing."""
+
 from __future__ import annotations
 
 import io
@@ -13,17 +14,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from runs import train_quietly
 from sklearn.metrics import classification_report, confusion_matrix, top_k_accuracy_score
 
 from surgery import load_spec
 from surgery.cli import main
 from surgery.data import build_data, eval_transform, normalize
 from surgery.data.transforms import TTAViews
+from surgery.deploy.predict import load_run
 from surgery.errors import SpecError
 from surgery.evaluate.command import calibration, folder_name
 from surgery.evaluate.plots import mistakes_png
-from surgery.deploy.predict import load_run
-from runs import train_quietly
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,8 +70,10 @@ def evaluated(test_run, tmp_path_factory):
 def _snapshot(folder: Path) -> dict[str, tuple[int, int] | None]:
     """Every path under `folder`, with size and time of each file (a folder's own time changes
     when a staging folder comes and goes inside it)."""
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None
-            for p in sorted(folder.rglob("*"))}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) if p.is_file() else None
+        for p in sorted(folder.rglob("*"))
+    }
 
 
 def _lines(path: Path) -> list[dict]:
@@ -106,14 +109,24 @@ def test_test_split_figures_match_scikit_learn_on_independent_predictions(evalua
     indices, y_true, probs = _independent_predictions(fresh, "test")
     y_pred = probs.argmax(1)
     classes = json.loads((fresh / "classes.json").read_text())
-    expected = classification_report(y_true, y_pred, labels=np.union1d(y_true, y_pred),
-                                     target_names=[classes[c] for c in np.union1d(y_true, y_pred)],
-                                     output_dict=True, zero_division=0)
+    expected = classification_report(
+        y_true,
+        y_pred,
+        labels=np.union1d(y_true, y_pred),
+        target_names=[classes[c] for c in np.union1d(y_true, y_pred)],
+        output_dict=True,
+        zero_division=0,
+    )
     assert metrics["split"] == "test" and metrics["images"] == len(y_true) and not metrics["used_for_model_selection"]
     assert metrics["accuracy"] == pytest.approx(float((y_pred == y_true).mean()))
     assert metrics["top5"] == pytest.approx(top_k_accuracy_score(y_true, probs, k=5, labels=np.arange(10)))
     for name, row in metrics["per_class"].items():
-        for key, theirs in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score"), ("support", "support")):
+        for key, theirs in (
+            ("precision", "precision"),
+            ("recall", "recall"),
+            ("f1", "f1-score"),
+            ("support", "support"),
+        ):
             assert row[key] == pytest.approx(expected[name][theirs]), (name, key)
     for ours, theirs in (("macro_avg", "macro avg"), ("weighted_avg", "weighted avg")):
         for key in ("precision", "recall", "f1", "support"):
@@ -123,8 +136,9 @@ def test_test_split_figures_match_scikit_learn_on_independent_predictions(evalua
     printed = _printed_rows(out)
     for name in [*metrics["per_class"], "macro avg", "weighted avg"]:
         row = expected[name]
-        assert printed[name] == pytest.approx([row["precision"], row["recall"], row["f1-score"], row["support"]],
-                                              abs=5e-5), name
+        assert printed[name] == pytest.approx(
+            [row["precision"], row["recall"], row["f1-score"], row["support"]], abs=5e-5
+        ), name
     assert f"accuracy {metrics['accuracy']:.4f}" in out
     # predictions.jsonl names the same images, disjoint from what trained and what chose the epoch
     lines = _lines(fresh / "eval" / "test" / "predictions.jsonl")
@@ -221,8 +235,11 @@ def test_weights_choose_the_file_and_ema_needs_a_run_that_kept_one(evaluated, ti
     from surgery.runs import load_safetensors
 
     fresh = evaluated[0]
-    for choice, file in (("final", "model.safetensors"), ("best", "checkpoints/best.safetensors"),
-                         ("ema", "model_ema.safetensors")):
+    for choice, file in (
+        ("final", "model.safetensors"),
+        ("best", "checkpoints/best.safetensors"),
+        ("ema", "model_ema.safetensors"),
+    ):
         assert locate_run(fresh, choice) == (fresh / file, None)
     metrics = json.loads((fresh / "eval" / "test" / "metrics.json").read_text())
     assert (metrics["weights"], metrics["weights_file"]) == ("final", "model.safetensors")
@@ -274,7 +291,8 @@ def test_a_folder_is_matched_by_class_name_and_scored_like_the_split(fresh, labe
     expected = classification_report(y_true, y_pred, output_dict=True, zero_division=0)
     for label, row in metrics["per_class"].items():
         assert [row["precision"], row["recall"], row["f1"], row["support"]] == pytest.approx(
-            [expected[label][k] for k in ("precision", "recall", "f1-score", "support")])
+            [expected[label][k] for k in ("precision", "recall", "f1-score", "support")]
+        )
     assert metrics["macro_avg"]["f1"] == pytest.approx(expected["macro avg"]["f1-score"])
     assert metrics["images"] == 12 and metrics["source_kind"] == "folder"
 
@@ -286,9 +304,11 @@ def test_a_folder_of_a_relative_image_folder_run_with_its_own_test_images(labell
     for split in ("train", "val", "test"):
         shutil.copytree(labelled, root / split)
     spec_file = tmp_path / "project" / "spec.yaml"
-    spec_file.write_text("name: folder-run\nmodel: {backbone: 'timm:resnet10t', num_classes: 2, pretrained: false}\n"
-                         "train: {epochs: 1, batch_size: 6, limit_batches: 1}\n"
-                         "data: {name: imagefolder, root: imgs, image_size: 32, num_workers: 0}\n")
+    spec_file.write_text(
+        "name: folder-run\nmodel: {backbone: 'timm:resnet10t', num_classes: 2, pretrained: false}\n"
+        "train: {epochs: 1, batch_size: 6, limit_batches: 1}\n"
+        "data: {name: imagefolder, root: imgs, image_size: 32, num_workers: 0}\n"
+    )
     out = tmp_path / "runs" / "folder-run"
     train_quietly(spec_file, out)
     assert main(["evaluate", str(out), "--json"]) == 0
@@ -327,8 +347,9 @@ def _unreadable_only(tmp: Path) -> list[str]:
 
 def _multi_label(run_dir: Path) -> None:
     spec = run_dir / "spec.yaml"
-    spec.write_text(spec.read_text().replace("name: digits", "name: csv").replace("multi_label: false",
-                                                                                "multi_label: true"))
+    spec.write_text(
+        spec.read_text().replace("name: digits", "name: csv").replace("multi_label: false", "multi_label: true")
+    )
 
 
 ERRORS = [  # (id, prepare the run copy, arguments after RUN_DIR, exit code, words of the message)
@@ -379,6 +400,7 @@ def test_a_failure_while_writing_keeps_the_previous_results(tmp_path, monkeypatc
         if len(calls) == 3:
             raise rundir.RunDirError(f"cannot write {path}: No space left on device")
         real(path, data)
+
     monkeypatch.setattr(rundir, "atomic_write_bytes", failing)
     with pytest.raises(rundir.RunDirError, match="No space left"):
         write_folder(folder, {"metrics.json": b"new", "predictions.jsonl": b"new", "confusion.png": b"new"})
@@ -435,8 +457,16 @@ def test_a_checkpoint_from_before_test_split_still_resumes(tmp_path):
 @pytest.mark.parametrize("classes", [None, [5, 6, 7, 8, 9]])
 def test_the_test_split_is_stratified_and_leaves_the_validation_split_alone(classes):
     def bundle(test_split):
-        return build_data(load_spec({"model": {"backbone": "timm:resnet10t"},
-                                     "data": {"name": "digits", "test_split": test_split, "classes": classes}}), {})
+        return build_data(
+            load_spec(
+                {
+                    "model": {"backbone": "timm:resnet10t"},
+                    "data": {"name": "digits", "test_split": test_split, "classes": classes},
+                }
+            ),
+            {},
+        )
+
     without, with_test = bundle(0), bundle(0.1)
     assert with_test.val.indices.tolist() == without.val.indices.tolist()
     train, test = set(with_test.train.indices), set(with_test.test.indices)
@@ -448,8 +478,15 @@ def test_the_test_split_is_stratified_and_leaves_the_validation_split_alone(clas
 
 def test_a_test_split_that_leaves_nothing_to_train_on_is_a_located_error():
     with pytest.raises(SpecError) as caught:
-        build_data(load_spec({"model": {"backbone": "timm:resnet10t"},
-                              "data": {"name": "fake", "test_split": 0.999, "subset": {"train": 8}}}), {})
+        build_data(
+            load_spec(
+                {
+                    "model": {"backbone": "timm:resnet10t"},
+                    "data": {"name": "fake", "test_split": 0.999, "subset": {"train": 8}},
+                }
+            ),
+            {},
+        )
     assert caught.value.path == "data.test_split"
 
 

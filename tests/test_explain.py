@@ -1,5 +1,6 @@
 """`surgery explain`: figures and predictions.json on a real run, the CAM without the inserted
 modules, the modules' own gates, the default layer, and every kind of bad input."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,8 +17,9 @@ from PIL import Image
 from surgery import load_spec
 from surgery.cli import main
 
-needs_grad_cam = pytest.mark.skipif(find_spec("pytorch_grad_cam") is None,
-                                    reason="needs the grad-cam extra: pip install -e '.[grad-cam]'")
+needs_grad_cam = pytest.mark.skipif(
+    find_spec("pytorch_grad_cam") is None, reason="needs the grad-cam extra: pip install -e '.[grad-cam]'"
+)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -38,8 +40,11 @@ def images(tmp_path_factory):
 
 
 def _snapshot(folder):
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +57,15 @@ def run_copy(tiny_run, tmp_path_factory):
 @needs_grad_cam
 def test_three_images_give_three_figures_and_predictions(run_copy, images, capsys):
     before = _snapshot(run_copy)
-    code = main(["explain", str(run_copy), str(images / "a" / "0.png"), str(images / "a" / "7.png"),
-                 str(images / "b" / "7.png")])
+    code = main(
+        [
+            "explain",
+            str(run_copy),
+            str(images / "a" / "0.png"),
+            str(images / "a" / "7.png"),
+            str(images / "b" / "7.png"),
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     folder = run_copy / "explain"
@@ -80,9 +92,25 @@ def test_three_images_give_three_figures_and_predictions(run_copy, images, capsy
 @needs_grad_cam
 def test_a_named_class_and_layer_and_another_out_folder(run_copy, images, tmp_path, capsys):
     out = tmp_path / "figs"
-    assert main(["explain", str(run_copy), str(images / "flower.jpg"), "--class", "3", "--layer", "layer2",
-                 "--method", "eigengradcam", "--out", str(out)]) == 0
-    entry, = json.loads((out / "predictions.json").read_text())
+    assert (
+        main(
+            [
+                "explain",
+                str(run_copy),
+                str(images / "flower.jpg"),
+                "--class",
+                "3",
+                "--layer",
+                "layer2",
+                "--method",
+                "eigengradcam",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    (entry,) = json.loads((out / "predictions.json").read_text())
     assert (entry["explained_class"], entry["layer"], entry["method"]) == ("3", "layer2", "eigengradcam")
     assert sorted(p.name for p in out.iterdir()) == ["flower.png", "predictions.json"]
 
@@ -129,12 +157,15 @@ def loaded(tiny_run):
 
 
 @needs_grad_cam
-@pytest.mark.parametrize("layer, words", [
-    ("layer5", ["--layer layer5", "no module", "did you mean", "'layer4'"]),
-    ("fc", ["--layer fc", "fc gives [1, 10], not a feature map", "layer4"]),
-    ("layer3.cbam_after.attn.spatial.gaet", ["did you mean", "'layer3.cbam_after.attn.spatial.gate'"]),
-    ("layer*.cbam_aftr", ["did you mean", "'layer*.cbam_after'"]),
-])
+@pytest.mark.parametrize(
+    "layer, words",
+    [
+        ("layer5", ["--layer layer5", "no module", "did you mean", "'layer4'"]),
+        ("fc", ["--layer fc", "fc gives [1, 10], not a feature map", "layer4"]),
+        ("layer3.cbam_after.attn.spatial.gaet", ["did you mean", "'layer3.cbam_after.attn.spatial.gate'"]),
+        ("layer*.cbam_aftr", ["did you mean", "'layer*.cbam_after'"]),
+    ],
+)
 def test_a_layer_that_is_not_a_feature_map_names_the_closest(loaded, layer, words):
     from surgery.errors import UsageError
     from surgery.explain.command import resolve_layers
@@ -145,12 +176,18 @@ def test_a_layer_that_is_not_a_feature_map_names_the_closest(loaded, layer, word
 
 
 def test_a_layer_called_twice_per_pass_is_refused():
-    from surgery.model.builder import build
     from surgery.errors import UsageError
     from surgery.explain.command import resolve_layers
+    from surgery.model.builder import build
 
-    built = build(load_spec({"model": {"backbone": "torchvision:resnet18", "pretrained": False, "num_classes": 4},
-                             "data": {"image_size": 64}}))
+    built = build(
+        load_spec(
+            {
+                "model": {"backbone": "torchvision:resnet18", "pretrained": False, "num_classes": 4},
+                "data": {"image_size": 64},
+            }
+        )
+    )
     with pytest.raises(UsageError, match="layer4.1.relu runs 2 times per forward pass") as caught:
         resolve_layers(built, "layer4.1.relu")  # torchvision's BasicBlock calls its one ReLU twice
     assert caught.value.hint == "the module that contains it, layer4.1"
@@ -158,9 +195,9 @@ def test_a_layer_called_twice_per_pass_is_refused():
 
 @needs_grad_cam
 def test_a_layer_inside_an_inserted_module_has_no_backbone_twin(loaded, images):
+    from surgery.data.images import decode as _read
     from surgery.explain.command import Explainer, resolve_layers
     from surgery.explain.figure import render
-    from surgery.data.images import decode as _read
 
     layers = resolve_layers(loaded.built, "layer3.cbam_after.attn.channel")
     explainer = Explainer(loaded, layers, "gradcam")
@@ -178,8 +215,11 @@ def test_layer_globs_and_selectors_resolve_to_maps(loaded):
     from surgery.explain.command import resolve_layers
 
     assert resolve_layers(loaded.built, "layer*.cbam_after").paths == ("layer3.cbam_after", "layer4.cbam_after")
-    assert resolve_layers(loaded.built, "@inserted").paths == ("layer2.se_after", "layer3.cbam_after",
-                                                                "layer4.cbam_after")
+    assert resolve_layers(loaded.built, "@inserted").paths == (
+        "layer2.se_after",
+        "layer3.cbam_after",
+        "layer4.cbam_after",
+    )
 
 
 @needs_grad_cam
@@ -195,8 +235,20 @@ def test_an_unknown_class_exits_2_and_writes_nothing(run_copy, images, capsys):
 @needs_grad_cam
 def test_unreadable_images_are_skipped_and_none_readable_exits_1(run_copy, images, tmp_path, capsys):
     out = tmp_path / "figs"
-    assert main(["explain", str(run_copy), str(images / "broken.png"), str(images / "a" / "0.png"),
-                 str(images / "missing.png"), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                str(run_copy),
+                str(images / "broken.png"),
+                str(images / "a" / "0.png"),
+                str(images / "missing.png"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "skipped" in err and "broken.png" in err and "missing.png" in err
     assert [e["png"] for e in json.loads((out / "predictions.json").read_text())] == ["0.png"]
@@ -244,11 +296,11 @@ def test_without_the_grad_cam_extra_the_error_names_the_install(tiny_run, images
 
 @needs_grad_cam
 def test_with_gates_at_zero_the_cam_equals_the_cam_without_the_inserted_modules(tiny_run, images):
-    from surgery.explain.attention import bypass_inserted, inserted_modules
-    from surgery.model.backbones import create_backbone
-    from surgery.explain.command import Explainer, resolve_layers
     from surgery.data.images import decode as _read
     from surgery.deploy.predict import load_run
+    from surgery.explain.attention import bypass_inserted, inserted_modules
+    from surgery.explain.command import Explainer, resolve_layers
+    from surgery.model.backbones import create_backbone
 
     run = load_run(tiny_run)
     with torch.no_grad():
@@ -266,8 +318,10 @@ def test_with_gates_at_zero_the_cam_equals_the_cam_without_the_inserted_modules(
     # the bypassed model is the backbone before surgery, with the run's weights
     backbone = create_backbone(run.spec, fetch=False).model
     inserted = tuple(inserted_modules(run.model))
-    backbone.load_state_dict({k: v for k, v in run.model.state_dict().items()
-                              if not k.startswith(tuple(p + "." for p in inserted))}, strict=True)
+    backbone.load_state_dict(
+        {k: v for k, v in run.model.state_dict().items() if not k.startswith(tuple(p + "." for p in inserted))},
+        strict=True,
+    )
     x = run.preprocess(image[None])
     with torch.no_grad():
         torch.testing.assert_close(bypass_inserted(run.model).eval()(x), backbone.eval()(x), rtol=0, atol=0)
@@ -275,9 +329,9 @@ def test_with_gates_at_zero_the_cam_equals_the_cam_without_the_inserted_modules(
 
 @needs_grad_cam
 def test_each_inserted_module_shows_its_own_gates(tiny_run, images):
-    from surgery.explain.command import Explainer, resolve_layers
     from surgery.data.images import decode as _read
     from surgery.deploy.predict import load_run
+    from surgery.explain.command import Explainer, resolve_layers
 
     run = load_run(tiny_run)
     explainer = Explainer(run, resolve_layers(run.built, "layer2"), "scorecam")  # runs the model once per 16 channels
@@ -286,25 +340,37 @@ def test_each_inserted_module_shows_its_own_gates(tiny_run, images):
     finally:
         explainer.close()
     kinds = {path: [(g.branch, g.kind, tuple(g.values.shape)) for g in m.gates] for path, m in item.attention.items()}
-    assert kinds == {"layer2.se_after": [("", "channel", (128,))],
-                     "layer3.cbam_after": [("channel.gate", "channel", (256,)), ("spatial.gate", "spatial", (2, 2))],
-                     "layer4.cbam_after": [("channel.gate", "channel", (512,)), ("spatial.gate", "spatial", (1, 1))]}
+    assert kinds == {
+        "layer2.se_after": [("", "channel", (128,))],
+        "layer3.cbam_after": [("channel.gate", "channel", (256,)), ("spatial.gate", "spatial", (2, 2))],
+        "layer4.cbam_after": [("channel.gate", "channel", (512,)), ("spatial.gate", "spatial", (1, 1))],
+    }
     for module in item.attention.values():
         assert module.gate_value == float(run.model.get_submodule(module.path).gate)
         for gate in module.gates:
             assert 0 <= float(gate.values.min()) and float(gate.values.max()) <= 1  # sigmoid gates
 
 
-@pytest.mark.parametrize("backbone, surgery, size, layer", [
-    ("timm:resnet10t", [{"insert": "cbam", "at": "layer4"}], 64, "layer4"),  # layer4.cbam_after runs inside layer4
-    ("timm:resnet10t", [{"insert": "se", "at": "global_pool", "position": "before"}], 64, "global_pool.se_before"),
-    ("torchvision:resnet18", [], 64, "layer4"),
-    ("torchvision:squeezenet1_0", [], 64, "features"),  # its classifier (which holds the head) gives a map too
-])
+@pytest.mark.parametrize(
+    "backbone, surgery, size, layer",
+    [
+        ("timm:resnet10t", [{"insert": "cbam", "at": "layer4"}], 64, "layer4"),  # layer4.cbam_after runs inside layer4
+        ("timm:resnet10t", [{"insert": "se", "at": "global_pool", "position": "before"}], 64, "global_pool.se_before"),
+        ("torchvision:resnet18", [], 64, "layer4"),
+        ("torchvision:squeezenet1_0", [], 64, "features"),  # its classifier (which holds the head) gives a map too
+    ],
+)
 def test_the_default_layer_is_the_last_map_before_the_head(backbone, surgery, size, layer):
-    from surgery.model.builder import build
     from surgery.explain.command import default_layers
+    from surgery.model.builder import build
 
-    built = build(load_spec({"model": {"backbone": backbone, "pretrained": False, "num_classes": 4},
-                             "surgery": surgery, "data": {"image_size": size}}))
+    built = build(
+        load_spec(
+            {
+                "model": {"backbone": backbone, "pretrained": False, "num_classes": 4},
+                "surgery": surgery,
+                "data": {"image_size": size},
+            }
+        )
+    )
     assert default_layers(built).paths == (layer,)

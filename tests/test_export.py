@@ -1,4 +1,5 @@
 """`surgery export`: each format reloads and computes what the trained, surgered model computes."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -16,11 +17,16 @@ from surgery.deploy.predict import load_run
 # inserts both inside a leaf (MaxPool2d: its class is swapped at run time) and inside Sequentials
 # (layer1..4), as in torchvision's resnet18 but smaller; init: default so that an export that
 # dropped them would compute something else entirely
-SPEC = {"name": "cut", "model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False},
-        "surgery": [{"insert": "cbam", "at": {"type": "MaxPool2d"}, "init": "default"},
-                    {"insert": "se", "at": "layer*", "init": "default"}],
-        "train": {"epochs": 1, "batch_size": 8, "limit_batches": 2},
-        "data": {"name": "digits", "image_size": 32, "num_workers": 0}}
+SPEC = {
+    "name": "cut",
+    "model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False},
+    "surgery": [
+        {"insert": "cbam", "at": {"type": "MaxPool2d"}, "init": "default"},
+        {"insert": "se", "at": "layer*", "init": "default"},
+    ],
+    "train": {"epochs": 1, "batch_size": 8, "limit_batches": 2},
+    "data": {"name": "digits", "image_size": 32, "num_workers": 0},
+}
 HAS_ONNX = all(importlib.util.find_spec(m) for m in ("onnx", "onnxscript"))
 HAS_ONNXRUNTIME = importlib.util.find_spec("onnxruntime") is not None
 
@@ -48,12 +54,19 @@ def _reload(fmt: str, path):
     return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
 
 
-@pytest.mark.parametrize("fmt, out, expected", [
-    ("pt2", "folder", "model.pt2"),  # --out FOLDER -> FOLDER/model.pt2
-    ("torchscript", None, "model.ts"),  # default: RUN_DIR/export/
-    pytest.param("onnx", "file", "cut.onnx",
-                 marks=pytest.mark.skipif(not HAS_ONNX, reason="onnx and onnxscript are not installed")),
-])
+@pytest.mark.parametrize(
+    "fmt, out, expected",
+    [
+        ("pt2", "folder", "model.pt2"),  # --out FOLDER -> FOLDER/model.pt2
+        ("torchscript", None, "model.ts"),  # default: RUN_DIR/export/
+        pytest.param(
+            "onnx",
+            "file",
+            "cut.onnx",
+            marks=pytest.mark.skipif(not HAS_ONNX, reason="onnx and onnxscript are not installed"),
+        ),
+    ],
+)
 def test_export_matches_the_trained_model(run_dir, loaded, tmp_path, capsys, fmt, out, expected):
     args = {"folder": ["--out", str(tmp_path)], "file": ["--out", str(tmp_path / "cut.onnx")], None: []}[out]
     assert main(["export", str(run_dir), "--format", fmt, *args]) == 0
@@ -122,6 +135,7 @@ def test_a_full_disk_stops_the_export_cleanly_and_leaves_nothing(run_dir, tmp_pa
 
     def full(path, data):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what a full disk raises
+
     monkeypatch.setattr(files, "write_raw", full)
     out = tmp_path / "out"
     out.mkdir()

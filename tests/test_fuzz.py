@@ -4,6 +4,7 @@ Counts (with test_spec.py's random-text and random-dict tests, 200 each): 300 te
 mutations and 300 structure-level mutations of the shipped specs, and 25 pattern mutations
 built against a real model, 1,025 cases per run.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,15 +19,22 @@ from hypothesis import strategies as st
 from surgery import SpecError, build, load_spec
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = sorted(p for folder in ("specs", "examples") for p in (ROOT / folder).rglob("*.yaml")
-                 if not p.name.startswith("sweep-"))  # sweep files: tests/test_sweep.py
+SHIPPED = sorted(
+    p for folder in ("specs", "examples") for p in (ROOT / folder).rglob("*.yaml") if not p.name.startswith("sweep-")
+)  # sweep files: tests/test_sweep.py
 TEXTS = {p.name: p.read_text(encoding="utf-8") for p in SHIPPED}
 RAWS = {p.name: yaml.safe_load(t) for p, t in zip(SHIPPED, TEXTS.values())}
 
-_values = st.one_of(st.none(), st.booleans(), st.integers(-5, 100), st.floats(allow_nan=True, allow_infinity=True),
-                    st.text(max_size=12), st.lists(st.integers(0, 3), max_size=3),
-                    st.dictionaries(st.text(max_size=6), st.integers(), max_size=2),
-                    st.sampled_from(["layer9", "*", "@head", "@inserted", "cbam", "never", "timm:nope", "{type: X}"]))
+_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 100),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.lists(st.integers(0, 3), max_size=3),
+    st.dictionaries(st.text(max_size=6), st.integers(), max_size=2),
+    st.sampled_from(["layer9", "*", "@head", "@inserted", "cbam", "never", "timm:nope", "{type: X}"]),
+)
 
 
 def _paths(data, prefix=()):
@@ -54,11 +62,15 @@ def test_text_mutations_of_shipped_specs(tmp_path: Path, name: str, data) -> Non
         i = data.draw(st.integers(0, max(len(text) - 1, 0)))
         op = data.draw(st.sampled_from(["delete", "insert", "replace", "swap-lines"]))
         if op == "delete":
-            text = text[:i] + text[i + data.draw(st.integers(1, 8)):]
+            text = text[:i] + text[i + data.draw(st.integers(1, 8)) :]
         elif op == "insert":
-            text = text[:i] + data.draw(st.sampled_from([":", "-", "[", "{", "\t", " ", "'", "*", "&a", "!!", "\n", "0"])) + text[i:]
+            text = (
+                text[:i]
+                + data.draw(st.sampled_from([":", "-", "[", "{", "\t", " ", "'", "*", "&a", "!!", "\n", "0"]))
+                + text[i:]
+            )
         elif op == "replace":
-            text = text[:i] + data.draw(st.text(max_size=3)) + text[i + 1:]
+            text = text[:i] + data.draw(st.text(max_size=3)) + text[i + 1 :]
         else:
             lines = text.splitlines()
             if len(lines) > 2:
@@ -115,6 +127,7 @@ def _names() -> list[str]:
 @given(data=st.data())
 def test_pattern_mutations_build_or_fail_located(_names: list[str], data) -> None:
     """Random (often wrong) module patterns against a real model: build, or a SpecError at the pattern."""
+
     def pattern() -> str:
         base = data.draw(st.sampled_from(_names))
         op = data.draw(st.sampled_from(["keep", "glob", "typo", "deeper", "junk"]))
@@ -122,7 +135,7 @@ def test_pattern_mutations_build_or_fail_located(_names: list[str], data) -> Non
             return base.rsplit(".", 1)[0] + ".*" if "." in base else base[:-1] + "*"
         if op == "typo":
             i = data.draw(st.integers(0, len(base) - 1))
-            return base[:i] + base[i + 1:] or "x"
+            return base[:i] + base[i + 1 :] or "x"
         if op == "deeper":
             return base + ".zz"
         if op == "junk":

@@ -1,4 +1,5 @@
 """surgery.model.groups: every parameter to exactly one group, first match wins, errors at the exact key path."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -60,8 +61,10 @@ def test_first_match_wins(built) -> None:
 
 
 def test_named_selectors_select_inserted_modules_and_the_head(built) -> None:
-    groups = resolve(built, [{"name": "new", "params": "@inserted"}, {"name": "head", "params": "@head"},
-                             {"name": "rest", "params": "*"}])
+    groups = resolve(
+        built,
+        [{"name": "new", "params": "@inserted"}, {"name": "head", "params": "@head"}, {"name": "rest", "params": "*"}],
+    )
     assert_partition(built, groups)
     inserted = [i.path for i in built.inserted]
     assert all(any(p.startswith(i + ".") for i in inserted) for p in groups["new"].params)
@@ -78,8 +81,9 @@ def test_a_type_selector_takes_every_parameter_under_modules_of_that_type(built,
     # layer4.0.bn2 carries an inserted SE: its class is swapped, its type name is not
     assert "layer4.0.bn2.weight" in groups["bn"].params
     assert "layer4.0.bn2.se_after.gate" in groups["bn"].params  # the SE sits under the BatchNorm2d
-    assert {p for p in groups["bn"].params if not p.startswith("layer4.0.bn2.se_after.")} == \
-        {f"{m}.{w}" for m in bns + ["layer4.0.bn2"] for w in ("weight", "bias")}
+    assert {p for p in groups["bn"].params if not p.startswith("layer4.0.bn2.se_after.")} == {
+        f"{m}.{w}" for m in bns + ["layer4.0.bn2"] for w in ("weight", "bias")
+    }
 
 
 def test_a_type_selector_of_a_block_covers_the_block(built) -> None:
@@ -89,8 +93,9 @@ def test_a_type_selector_of_a_block_covers_the_block(built) -> None:
 
 
 def test_a_group_left_empty_names_the_earlier_groups(built) -> None:
-    err = error(built, [{"name": "all", "params": "*"}, {"name": "l3", "params": "layer3"},
-                        {"name": "l4", "params": "layer4"}])
+    err = error(
+        built, [{"name": "all", "params": "*"}, {"name": "l3", "params": "layer3"}, {"name": "l4", "params": "layer4"}]
+    )
     assert err.path == "groups[1].params"
     assert "'l3' gets no parameters" in err.problem and "(all)" in err.problem
     assert "before" in err.hint
@@ -103,14 +108,30 @@ def test_uncovered_parameters_are_an_error_with_a_catch_all_hint(built) -> None:
     assert "params: ['*']" in err.hint
 
 
-@pytest.mark.parametrize(("groups", "path", "suggestion"), [
-    ([{"name": "a", "params": "layer4"}, {"name": "b", "params": ["layr2", "*"]}], "groups[1].params[0]", "'layer2'"),
-    ([{"name": "a", "params": "layer4"}, {"name": "b", "params": "layer3.0.conv3"}], "groups[1].params", "'layer3.0.conv1'"),
-    ([{"name": "a", "params": ["*", {"type": "Batchnorm2d"}]}], "groups[0].params[1]", "'BatchNorm2d'"),
-    ([{"name": "a", "params": ["fc", "layer*.*.bn3"]}, {"name": "b", "params": "*"}], "groups[0].params[1]", "'layer*.*.bn2'"),
-])
-def test_a_selector_that_matches_nothing_is_an_error_at_its_key_path(built, groups: list, path: str,
-                                                                    suggestion: str) -> None:
+@pytest.mark.parametrize(
+    ("groups", "path", "suggestion"),
+    [
+        (
+            [{"name": "a", "params": "layer4"}, {"name": "b", "params": ["layr2", "*"]}],
+            "groups[1].params[0]",
+            "'layer2'",
+        ),
+        (
+            [{"name": "a", "params": "layer4"}, {"name": "b", "params": "layer3.0.conv3"}],
+            "groups[1].params",
+            "'layer3.0.conv1'",
+        ),
+        ([{"name": "a", "params": ["*", {"type": "Batchnorm2d"}]}], "groups[0].params[1]", "'BatchNorm2d'"),
+        (
+            [{"name": "a", "params": ["fc", "layer*.*.bn3"]}, {"name": "b", "params": "*"}],
+            "groups[0].params[1]",
+            "'layer*.*.bn2'",
+        ),
+    ],
+)
+def test_a_selector_that_matches_nothing_is_an_error_at_its_key_path(
+    built, groups: list, path: str, suggestion: str
+) -> None:
     err = error(built, groups)
     assert err.path == path
     assert suggestion in err.hint
@@ -125,23 +146,32 @@ def test_a_selector_of_modules_without_parameters_says_so(built, selector: Any) 
 
 def test_inserted_without_surgery_is_an_error() -> None:
     with pytest.raises(SpecError) as info:
-        build(load_spec({"model": MODEL, "groups": [{"name": "new", "params": "@inserted"},
-                                                    {"name": "rest", "params": "*"}]}))
+        build(
+            load_spec(
+                {"model": MODEL, "groups": [{"name": "new", "params": "@inserted"}, {"name": "rest", "params": "*"}]}
+            )
+        )
     assert info.value.path == "groups[0].params" and "@inserted" in info.value.problem
 
 
 def test_norm_modules_go_to_the_group_that_owns_their_weights(built) -> None:
-    groups = resolve(built, [{"name": "new", "params": "@inserted"},
-                             {"name": "one", "params": "layer3.0.bn1.weight"},  # a parameter path, not the module
-                             {"name": "l4", "params": "layer4"},
-                             {"name": "rest", "params": "*"}])
+    groups = resolve(
+        built,
+        [
+            {"name": "new", "params": "@inserted"},
+            {"name": "one", "params": "layer3.0.bn1.weight"},  # a parameter path, not the module
+            {"name": "l4", "params": "layer4"},
+            {"name": "rest", "params": "*"},
+        ],
+    )
     norms = [n for n, m in built.model.named_modules() if isinstance(m, NORM_TYPES)]
     owned = [n for g in groups.values() for n in g.norm_modules]
     assert sorted(owned) == sorted(norms) and len(owned) == len(set(owned))  # each norm in exactly one group
     assert groups["one"].norm_modules == ("layer3.0.bn1",)
     assert "layer4.cbam_after.attn.spatial.conv.bn" in groups["new"].norm_modules
-    assert {"layer4.0.bn1", "layer4.0.bn2", "layer4.0.downsample.1", "layer4.1.bn1", "layer4.1.bn2"} == \
-        set(groups["l4"].norm_modules)
+    assert {"layer4.0.bn1", "layer4.0.bn2", "layer4.0.downsample.1", "layer4.1.bn1", "layer4.1.bn2"} == set(
+        groups["l4"].norm_modules
+    )
     assert "bn1" in groups["rest"].norm_modules and "layer3.0.bn1" not in groups["rest"].norm_modules
     owner = {p: name for name, g in groups.items() for p in g.params}
     for name, g in groups.items():
@@ -150,10 +180,21 @@ def test_norm_modules_go_to_the_group_that_owns_their_weights(built) -> None:
 
 
 def test_build_resolves_groups_of_the_spec() -> None:
-    built = build(load_spec({"model": MODEL, "surgery": SURGERY,
-                             "groups": [{"name": "new", "params": ["@inserted", "@head"], "lr": 1.0e-3},
-                                        {"name": "backbone", "params": "*", "lr": 1.0e-5, "unfreeze_at": 2}],
-                             "train": {"epochs": 4}}))
+    built = build(
+        load_spec(
+            {
+                "model": MODEL,
+                "surgery": SURGERY,
+                "groups": [
+                    {"name": "new", "params": ["@inserted", "@head"], "lr": 1.0e-3},
+                    {"name": "backbone", "params": "*", "lr": 1.0e-5, "unfreeze_at": 2},
+                ],
+                "train": {"epochs": 4},
+            }
+        )
+    )
     owner = built.group_of()
-    assert owner["fc.weight"] == "new" and owner["layer4.cbam_after.gate"] == "new" and owner["conv1.weight"] == "backbone"
+    assert (
+        owner["fc.weight"] == "new" and owner["layer4.cbam_after.gate"] == "new" and owner["conv1.weight"] == "backbone"
+    )
     assert [g.spec.unfreeze_at for g in built.groups] == [0, 2]

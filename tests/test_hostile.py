@@ -5,6 +5,7 @@ MemoryError or a traceback.
 First a table (the exact line and column of each error), then generators for each class
 (hypothesis, derandomized: the same cases every run, a few seconds in all).
 """
+
 from __future__ import annotations
 
 import codecs
@@ -20,9 +21,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from surgery.spec import source
 from surgery.errors import SpecError
-from surgery.spec import load_spec, schema
+from surgery.spec import load_spec, schema, source
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAD = "model:\n  backbone: torchvision:resnet18\n"
@@ -61,101 +61,264 @@ QUOTE_RUNS_ON = 'model: {backbone: "timm:resnet18}\ntrain:\n  epochs: 3\ndata: {
 CASES = [
     # ------------------------------------------------------------------ 1. size
     Case("file-over-1-MiB", HEAD + "# " + "x" * (1 << 20) + "\n", None, None, "larger than 1 MiB"),
-    Case("set-value-too-long", HEAD, None, None, "longer than 65,536 characters",
-         overrides=("model.args.x=" + "1" * 70_000,)),
+    Case(
+        "set-value-too-long",
+        HEAD,
+        None,
+        None,
+        "longer than 65,536 characters",
+        overrides=("model.args.x=" + "1" * 70_000,),
+    ),
     # ------------------------------------------------------------------ 2. alias amplification
-    Case("list-of-aliases-as-a-key", HEAD + "  args:\n    a: &a [1, 2, 3]\n    ? [*a, *a]\n    : 1\n", 5, 7,
-         "mapping keys must be plain names", "model.args"),
-    Case("mapping-as-a-key", HEAD + "  args:\n    a: &a [1, 2, 3]\n    ? {x: *a}\n    : 1\n", 5, 7,
-         "mapping keys must be plain names", "model.args"),
-    Case("key-bomb-built-inside-the-key", HEAD + "  args:\n    ? - &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
-         "      - &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n      - [*b, *b]\n    : 1\n", 4, 7,
-         "mapping keys must be plain names"),
-    Case("long-string-through-aliases", HEAD + f"  args:\n    s: &s {LONG}\n    l: [" + ", ".join(["*s"] * 16) + "]\n",
-         5, 9 + 4 * 12, "more than 8 MiB of text", "model.args.l[12]"),
+    Case(
+        "list-of-aliases-as-a-key",
+        HEAD + "  args:\n    a: &a [1, 2, 3]\n    ? [*a, *a]\n    : 1\n",
+        5,
+        7,
+        "mapping keys must be plain names",
+        "model.args",
+    ),
+    Case(
+        "mapping-as-a-key",
+        HEAD + "  args:\n    a: &a [1, 2, 3]\n    ? {x: *a}\n    : 1\n",
+        5,
+        7,
+        "mapping keys must be plain names",
+        "model.args",
+    ),
+    Case(
+        "key-bomb-built-inside-the-key",
+        HEAD + "  args:\n    ? - &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n"
+        "      - &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n      - [*b, *b]\n    : 1\n",
+        4,
+        7,
+        "mapping keys must be plain names",
+    ),
+    Case(
+        "long-string-through-aliases",
+        HEAD + f"  args:\n    s: &s {LONG}\n    l: [" + ", ".join(["*s"] * 16) + "]\n",
+        5,
+        9 + 4 * 12,
+        "more than 8 MiB of text",
+        "model.args.l[12]",
+    ),
     # a4 passes 100,000 values at its 8th use of a3: reported at that alias, not inside a0
     Case("aliases-of-aliases", _aliases("", levels=7), 8, 14 + 5 * 7, "more than 100000 values", "model.args.a4[7]"),
-    Case("aliases-used-in-a-list", _aliases("    use: [1, " + ", ".join(["*a3"] * 10) + "]\n", levels=4), 8, 14 + 5 * 7,
-         "more than 100000 values", "model.args.use[8]"),
-    Case("aliases-used-in-a-mapping", _aliases("    use: {" + ", ".join(f"k{i}: *a3" for i in range(10)) + "}\n",
-                                               levels=4), 8, 11 + 9 * 7, "more than 100000 values", "model.args.use.k7"),
+    Case(
+        "aliases-used-in-a-list",
+        _aliases("    use: [1, " + ", ".join(["*a3"] * 10) + "]\n", levels=4),
+        8,
+        14 + 5 * 7,
+        "more than 100000 values",
+        "model.args.use[8]",
+    ),
+    Case(
+        "aliases-used-in-a-mapping",
+        _aliases("    use: {" + ", ".join(f"k{i}: *a3" for i in range(10)) + "}\n", levels=4),
+        8,
+        11 + 9 * 7,
+        "more than 100000 values",
+        "model.args.use.k7",
+    ),
     # ------------------------------------------------------------------ 3. depth
-    Case("flow-lists-3000-deep", HEAD + "  args: {x: " + _nested("[", "]", 3000) + "}\n", 3, 13 + DEPTH - 3,
-         f"more than {DEPTH} levels deep"),
-    Case("flow-mappings-3000-deep", HEAD + "  args: " + _nested("{a: ", "}", 3000) + "\n", 3, 9 + 4 * (DEPTH + 1 - 3),
-         f"more than {DEPTH} levels deep"),
-    Case("block-mappings-past-the-limit", _block_mappings(DEPTH + 5), DEPTH + 2, 2 * (DEPTH + 1) - 1,
-         f"more than {DEPTH} levels deep"),
+    Case(
+        "flow-lists-3000-deep",
+        HEAD + "  args: {x: " + _nested("[", "]", 3000) + "}\n",
+        3,
+        13 + DEPTH - 3,
+        f"more than {DEPTH} levels deep",
+    ),
+    Case(
+        "flow-mappings-3000-deep",
+        HEAD + "  args: " + _nested("{a: ", "}", 3000) + "\n",
+        3,
+        9 + 4 * (DEPTH + 1 - 3),
+        f"more than {DEPTH} levels deep",
+    ),
+    Case(
+        "block-mappings-past-the-limit",
+        _block_mappings(DEPTH + 5),
+        DEPTH + 2,
+        2 * (DEPTH + 1) - 1,
+        f"more than {DEPTH} levels deep",
+    ),
     Case("block-mappings-at-the-limit", _block_mappings(DEPTH - 3) + "  epocs: 1\n", DEPTH + 2, 3, "unknown key"),
     # a: lists from level 4; used inside 30 lists, its 32nd list is level 65: on a's own line
-    Case("nesting-through-an-alias", HEAD + "  args:\n    a: &a " + _nested("[", "]", 40) + "\n    b: "
-         + _nested("[", "]", 30, "*a") + "\n", 4, 11 + 31, f"more than {DEPTH} levels deep"),
+    Case(
+        "nesting-through-an-alias",
+        HEAD + "  args:\n    a: &a " + _nested("[", "]", 40) + "\n    b: " + _nested("[", "]", 30, "*a") + "\n",
+        4,
+        11 + 31,
+        f"more than {DEPTH} levels deep",
+    ),
     # ------------------------------------------------------------------ 4. encodings
     Case("latin-1-in-a-comment", (HEAD + "# caf\xe9 au lait\n").encode("latin-1"), 3, 6, "not UTF-8: the byte 0xE9"),
     Case("latin-1-after-a-utf-8-character", (HEAD + "# hé").encode() + b"llo \xff\n", 3, 9, "the byte 0xFF"),
-    Case("utf-16-le-bom", codecs.BOM_UTF16_LE + HEAD.encode("utf-16-le"), 1, 1,
-         "this file is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8"),
+    Case(
+        "utf-16-le-bom",
+        codecs.BOM_UTF16_LE + HEAD.encode("utf-16-le"),
+        1,
+        1,
+        "this file is UTF-16 (it starts with a UTF-16 byte-order mark); save it as UTF-8",
+    ),
     Case("utf-16-be-bom", codecs.BOM_UTF16_BE + HEAD.encode("utf-16-be"), 1, 1, "this file is UTF-16 (it starts"),
-    Case("utf-32-le-bom", codecs.BOM_UTF32_LE + HEAD.encode("utf-32-le"), 1, 1,
-         "this file is UTF-32 (it starts with a UTF-32 byte-order mark); save it as UTF-8"),
+    Case(
+        "utf-32-le-bom",
+        codecs.BOM_UTF32_LE + HEAD.encode("utf-32-le"),
+        1,
+        1,
+        "this file is UTF-32 (it starts with a UTF-32 byte-order mark); save it as UTF-8",
+    ),
     Case("utf-32-be-bom", codecs.BOM_UTF32_BE + HEAD.encode("utf-32-be"), 1, 1, "this file is UTF-32"),
     Case("utf-16-le-without-bom", HEAD.encode("utf-16-le"), 1, 2, "looks like UTF-16 without a byte-order mark"),
     Case("utf-16-be-without-bom", HEAD.encode("utf-16-be"), 1, 1, "looks like UTF-16 without a byte-order mark"),
     Case("utf-32-le-without-bom", HEAD.encode("utf-32-le"), 1, 2, "looks like UTF-32 without a byte-order mark"),
-    Case("utf-8-bom-keeps-columns", codecs.BOM_UTF8 + b"model: {backbone: resnet18}\n", 1, 9,
-         "a backbone is named", "model.backbone"),
+    Case(
+        "utf-8-bom-keeps-columns",
+        codecs.BOM_UTF8 + b"model: {backbone: resnet18}\n",
+        1,
+        9,
+        "a backbone is named",
+        "model.backbone",
+    ),
     # ------------------------------------------------------------------ 5. runaway quotes
     Case("quote-runs-on-to-the-next-quote", QUOTE_RUNS_ON, 1, 19, "the quote opened here is never closed"),
     Case("quote-runs-on-as-the-first-token", '"' + QUOTE_RUNS_ON.replace('"', "", 1), 1, 1, "runs on to line 4"),
     Case("single-quote-runs-on", "model: {backbone: 'timm:resnet18}\ntrain:\n  name: 'x'\n", 1, 19, "never closed"),
-    Case("block-quote-runs-on", 'model:\n  backbone: "timm:resnet18\ntrain:\n  epochs: 3\ndata:\n  name: "fake"\n', 2, 13,
-         "never closed"),
+    Case(
+        "block-quote-runs-on",
+        'model:\n  backbone: "timm:resnet18\ntrain:\n  epochs: 3\ndata:\n  name: "fake"\n',
+        2,
+        13,
+        "never closed",
+    ),
     Case("quote-runs-to-the-end", 'model: {backbone: "timm:resnet18}\ntrain:\n  epochs: 3\n', 1, 19, "never closed"),
-    Case("a-multi-line-quote-is-not-blamed", HEAD + '  args: {note: "two\n    words"}\ntrain: {epochs: 3\n', 5, 8,
-         "bracket opened here is never closed"),
+    Case(
+        "a-multi-line-quote-is-not-blamed",
+        HEAD + '  args: {note: "two\n    words"}\ntrain: {epochs: 3\n',
+        5,
+        8,
+        "bracket opened here is never closed",
+    ),
     # ------------------------------------------------------------------ 6. numbers that cannot train
     Case("lr-inf", HEAD + "train:\n  optimizer:\n    lr: .inf\n", 5, 5, "not finite", "train.optimizer.lr"),
     Case("lr-1e400", HEAD + "train:\n  optimizer: {lr: 1e400}\n", 4, 15, "not finite", "train.optimizer.lr"),
     Case("momentum-minus-inf", HEAD + "train:\n  optimizer: {name: sgd, momentum: -.inf}\n", 4, 26, "not finite"),
-    Case("label-smoothing-nan", HEAD + "train:\n  label_smoothing: .nan\n", 4, 3, "not a number (NaN)",
-         "train.label_smoothing"),
+    Case(
+        "label-smoothing-nan",
+        HEAD + "train:\n  label_smoothing: .nan\n",
+        4,
+        3,
+        "not a number (NaN)",
+        "train.label_smoothing",
+    ),
     Case("nan-in-free-form-args", HEAD + "  args: {drop_rate: .NaN}\n", 3, 10, "NaN", "model.args.drop_rate"),
-    Case("inf-deep-in-surgery-args", HEAD + "surgery:\n  - insert: se\n    at: layer1\n    args: {x: [[1, -.inf]]}\n", 6, 20,
-         "not finite", "surgery[0].args.x[0][1]"),
-    Case("inf-in-betas", HEAD + "train:\n  optimizer:\n    betas:\n      - 0.9\n      - .inf\n", 7, 9, "not finite",
-         "train.optimizer.betas[1]"),
-    Case("inf-in-an-lr-map", HEAD + "groups:\n  - {name: a, params: '*', lr: {0: .inf}}\n", 4, 33, "not finite",
-         "groups[0].lr.0"),
+    Case(
+        "inf-deep-in-surgery-args",
+        HEAD + "surgery:\n  - insert: se\n    at: layer1\n    args: {x: [[1, -.inf]]}\n",
+        6,
+        20,
+        "not finite",
+        "surgery[0].args.x[0][1]",
+    ),
+    Case(
+        "inf-in-betas",
+        HEAD + "train:\n  optimizer:\n    betas:\n      - 0.9\n      - .inf\n",
+        7,
+        9,
+        "not finite",
+        "train.optimizer.betas[1]",
+    ),
+    Case(
+        "inf-in-an-lr-map",
+        HEAD + "groups:\n  - {name: a, params: '*', lr: {0: .inf}}\n",
+        4,
+        33,
+        "not finite",
+        "groups[0].lr.0",
+    ),
     Case("set-lr-inf", HEAD, None, None, "not finite", "train.optimizer.lr", overrides=("train.optimizer.lr=.inf",)),
     Case("set-args-1e400", HEAD, None, None, "not finite", "model.args.x[1]", overrides=("model.args.x=[1, 1e400]",)),
     Case("label-smoothing-one", HEAD + "train:\n  label_smoothing: 1.0\n", 4, 3, "not below the maximum of 1"),
     Case("lr-above-10", HEAD + "train:\n  optimizer: {lr: 50}\n", 4, 15, "greater than the maximum of 10"),
-    Case("color-jitter-above-1", HEAD + "data:\n  augment: {color_jitter: 5}\n", 4, 13, "greater than the maximum of 1"),
+    Case(
+        "color-jitter-above-1", HEAD + "data:\n  augment: {color_jitter: 5}\n", 4, 13, "greater than the maximum of 1"
+    ),
     Case("eps-zero", HEAD + "train:\n  optimizer: {eps: 0}\n", 4, 15, "not above the minimum of 0"),
-    Case("group-weight-decay-above-1", HEAD + "groups:\n  - {name: a, params: '*', weight_decay: 3}\n", 4, 28,
-         "greater than the maximum of 1"),
+    Case(
+        "group-weight-decay-above-1",
+        HEAD + "groups:\n  - {name: a, params: '*', weight_decay: 3}\n",
+        4,
+        28,
+        "greater than the maximum of 1",
+    ),
     # ------------------------------------------------------------------ 7. integers past what torch takes
-    Case("seed-1e30", HEAD + "seed: 1000000000000000000000000000000\n", 3, 1,
-         "seed is 1e+30, greater than the maximum of 9,223,372,036,854,775,807", "seed"),
-    Case("seed-2-to-the-63", HEAD + f"seed: {2 ** 63}\n", 3, 1, "greater than the maximum", "seed"),
-    Case("num-classes-1e30", HEAD + "  num_classes: 1000000000000000000000000000000\n", 3, 3,
-         "greater than the maximum of 1,000,000", "model.num_classes"),
-    Case("epochs-1e20-as-a-float", HEAD + "train:\n  epochs: 1e20\n", 4, 3, "epochs is 1e+20, greater than the maximum"),
+    Case(
+        "seed-1e30",
+        HEAD + "seed: 1000000000000000000000000000000\n",
+        3,
+        1,
+        "seed is 1e+30, greater than the maximum of 9,223,372,036,854,775,807",
+        "seed",
+    ),
+    Case("seed-2-to-the-63", HEAD + f"seed: {2**63}\n", 3, 1, "greater than the maximum", "seed"),
+    Case(
+        "num-classes-1e30",
+        HEAD + "  num_classes: 1000000000000000000000000000000\n",
+        3,
+        3,
+        "greater than the maximum of 1,000,000",
+        "model.num_classes",
+    ),
+    Case(
+        "epochs-1e20-as-a-float", HEAD + "train:\n  epochs: 1e20\n", 4, 3, "epochs is 1e+20, greater than the maximum"
+    ),
     Case("batch-size", HEAD + "train:\n  batch_size: 1000000\n", 4, 3, "greater than the maximum of 65,536"),
     Case("image-size", HEAD + "data:\n  image_size: 100000\n", 4, 3, "greater than the maximum of 4,096"),
     Case("num-workers", HEAD + "data:\n  num_workers: 100000\n", 4, 3, "greater than the maximum of 256"),
     Case("limit-batches", HEAD + "train:\n  limit_batches: 100000000000\n", 4, 3, "greater than the maximum"),
-    Case("step-size", HEAD + "train:\n  scheduler: {name: step, step_size: 10000000}\n", 4, 27, "greater than the maximum"),
-    Case("milestone", HEAD + "train:\n  scheduler: {name: multistep, milestones: [5, 10000000]}\n", 4, 48,
-         "greater than the maximum", "train.scheduler.milestones[1]"),
-    Case("unfreeze-at", HEAD + "groups:\n  - {name: a, params: '*', unfreeze_at: 10000000}\n", 4, 28,
-         "greater than the maximum of 100,000"),
-    Case("lr-map-epoch-key", HEAD + "groups:\n  - {name: a, params: '*', lr: {0: 0.1, 10000000: 0.01}}\n", 4, 41,
-         "epoch 10000000 is past the last epoch a spec can have (100000)", "groups[0].lr.10000000"),
+    Case(
+        "step-size",
+        HEAD + "train:\n  scheduler: {name: step, step_size: 10000000}\n",
+        4,
+        27,
+        "greater than the maximum",
+    ),
+    Case(
+        "milestone",
+        HEAD + "train:\n  scheduler: {name: multistep, milestones: [5, 10000000]}\n",
+        4,
+        48,
+        "greater than the maximum",
+        "train.scheduler.milestones[1]",
+    ),
+    Case(
+        "unfreeze-at",
+        HEAD + "groups:\n  - {name: a, params: '*', unfreeze_at: 10000000}\n",
+        4,
+        28,
+        "greater than the maximum of 100,000",
+    ),
+    Case(
+        "lr-map-epoch-key",
+        HEAD + "groups:\n  - {name: a, params: '*', lr: {0: 0.1, 10000000: 0.01}}\n",
+        4,
+        41,
+        "epoch 10000000 is past the last epoch a spec can have (100000)",
+        "groups[0].lr.10000000",
+    ),
     Case("subset-size", HEAD + "data:\n  subset: {train: 100000000000}\n", 4, 12, "greater than the maximum"),
-    Case("warmup-epochs", HEAD + "train:\n  scheduler: {warmup_epochs: 100000000}\n", 4, 15, "greater than the maximum"),
-    Case("integer-of-5000-digits", HEAD + "train:\n  epochs: " + "9" * 5000 + "\n", 4, 3, "too long to read",
-         "train.epochs"),
+    Case(
+        "warmup-epochs", HEAD + "train:\n  scheduler: {warmup_epochs: 100000000}\n", 4, 15, "greater than the maximum"
+    ),
+    Case(
+        "integer-of-5000-digits",
+        HEAD + "train:\n  epochs: " + "9" * 5000 + "\n",
+        4,
+        3,
+        "too long to read",
+        "train.epochs",
+    ),
     Case("set-seed-1e30", HEAD, None, None, "greater than the maximum", "seed", overrides=("seed=" + "1" + "0" * 30,)),
 ]
 
@@ -249,9 +412,13 @@ def test_an_invalid_date_is_read_as_text(tmp_path: Path) -> None:
 
 
 def test_integers_written_with_a_decimal_point_become_integers() -> None:
-    spec = load_spec({"model": {"backbone": "torchvision:resnet18", "num_classes": 10.0},
-                      "train": {"epochs": 3.0, "batch_size": 1e3, "scheduler": {"milestones": [2.0]}},
-                      "groups": [{"name": "a", "params": "*", "unfreeze_at": 1.0, "lr": 1.0}]})
+    spec = load_spec(
+        {
+            "model": {"backbone": "torchvision:resnet18", "num_classes": 10.0},
+            "train": {"epochs": 3.0, "batch_size": 1e3, "scheduler": {"milestones": [2.0]}},
+            "groups": [{"name": "a", "params": "*", "unfreeze_at": 1.0, "lr": 1.0}],
+        }
+    )
     assert (spec.train.epochs, spec.train.batch_size, spec.model.num_classes) == (3, 1000, 10)
     assert type(spec.train.epochs) is int and spec.train.scheduler.milestones == (2,)
     assert spec.groups[0].unfreeze_at == 1 and spec.groups[0].lr == ((0, 1.0),)
@@ -293,12 +460,18 @@ def test_every_number_in_the_schema_has_a_range() -> None:
 
 # ---------------------------------------------------------------------- generators
 PLACE = "HOSTILE_VALUE"
-BASE: dict = {"model": {"backbone": "torchvision:resnet18", "args": {}},
-              "surgery": [{"insert": "se", "at": "layer1", "args": {}}],
-              "groups": [{"name": "all", "params": "*"}],
-              "train": {"optimizer": {"args": {}}}}
-FREE_FORM = [("model", "args", "x"), ("surgery", 0, "args", "x"), ("train", "optimizer", "args", "x"),
-             ("model", "args", "x", "y", 1)]
+BASE: dict = {
+    "model": {"backbone": "torchvision:resnet18", "args": {}},
+    "surgery": [{"insert": "se", "at": "layer1", "args": {}}],
+    "groups": [{"name": "all", "params": "*"}],
+    "train": {"optimizer": {"args": {}}},
+}
+FREE_FORM = [
+    ("model", "args", "x"),
+    ("surgery", 0, "args", "x"),
+    ("train", "optimizer", "args", "x"),
+    ("model", "args", "x", "y", 1),
+]
 
 
 def _with_value(path: tuple) -> tuple[dict, tuple]:
@@ -358,8 +531,12 @@ def _timed_load(path: Path, overrides: tuple = ()) -> SpecError | None:
     return result
 
 
-SLOW = settings(max_examples=30, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+SLOW = settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @pytest.mark.parametrize("path", SLOTS + FREE_FORM, ids=lambda p: ".".join(map(str, p)))
@@ -370,7 +547,11 @@ def test_non_finite_and_huge_numbers_in_every_numeric_key(tmp_path: Path, path: 
     if kind == "non-finite":
         text = data.draw(st.sampled_from(_NON_FINITE))
     else:
-        text = data.draw(st.sampled_from(_huge_ints(data.draw(st.integers(20, 60)) if kind == "huge" else 4301 + data.draw(st.integers(0, 500)))))
+        text = data.draw(
+            st.sampled_from(
+                _huge_ints(data.draw(st.integers(20, 60)) if kind == "huge" else 4301 + data.draw(st.integers(0, 500)))
+            )
+        )
     spec, real = _with_value(path)
     via_set = data.draw(st.booleans())
     if via_set:
@@ -382,8 +563,12 @@ def test_non_finite_and_huge_numbers_in_every_numeric_key(tmp_path: Path, path: 
     file = tmp_path / "spec.yaml"
     file.write_text(spec_text)
     err = _timed_load(file, overrides)
-    if path == ("data", "classes", "<i>") and kind != "non-finite" and kind != "too-long" or (
-            path in FREE_FORM and kind == "huge"):
+    if (
+        path == ("data", "classes", "<i>")
+        and kind != "non-finite"
+        and kind != "too-long"
+        or (path in FREE_FORM and kind == "huge")
+    ):
         return  # an index is checked against the dataset; free-form args are the module's to judge
     assert err is not None, (real, text)
     # an override's YAML error names the path as typed: lr.0, not lr["0"]
@@ -406,15 +591,25 @@ def _depth_text(kind: str, depth: int) -> str:
     if kind == "block-mappings":
         return _block_mappings(n)
     if kind == "block-lists":
-        return HEAD + "  args:\n    x:\n" + "".join("      " + "  " * k + "-\n" for k in range(n - 1)) + \
-            "      " + "  " * (n - 1) + "- 1\n"
+        return (
+            HEAD
+            + "  args:\n    x:\n"
+            + "".join("      " + "  " * k + "-\n" for k in range(n - 1))
+            + "      "
+            + "  " * (n - 1)
+            + "- 1\n"
+        )
     half = max(1, n // 2)  # through an alias
-    return HEAD + "  args:\n    a: &a " + _nested("[", "]", half) + "\n    b: " + _nested("[", "]", n - half, "*a") + "\n"
+    return (
+        HEAD + "  args:\n    a: &a " + _nested("[", "]", half) + "\n    b: " + _nested("[", "]", n - half, "*a") + "\n"
+    )
 
 
 @SLOW
-@given(kind=st.sampled_from(["flow-lists", "flow-mappings", "block-mappings", "block-lists", "alias"]),
-       depth=st.one_of(st.integers(DEPTH - 3, DEPTH + 3), st.integers(DEPTH + 4, 3000)))
+@given(
+    kind=st.sampled_from(["flow-lists", "flow-mappings", "block-mappings", "block-lists", "alias"]),
+    depth=st.one_of(st.integers(DEPTH - 3, DEPTH + 3), st.integers(DEPTH + 4, 3000)),
+)
 def test_deep_nesting_around_the_limit(tmp_path: Path, kind: str, depth: int) -> None:
     text = _depth_text(kind, depth)
     file = tmp_path / "deep.yaml"
@@ -451,10 +646,15 @@ def _bomb(position: str, payload: str, fan: int, levels: int) -> str:
 
 
 @SLOW
-@given(position=st.sampled_from(["value", "key", "sequence", "merge"]),
-       payload=st.sampled_from(["lists", "long-string"]),
-       fan=st.integers(2, 12), levels=st.integers(1, 9))
-def test_alias_amplification_in_every_position(tmp_path: Path, position: str, payload: str, fan: int, levels: int) -> None:
+@given(
+    position=st.sampled_from(["value", "key", "sequence", "merge"]),
+    payload=st.sampled_from(["lists", "long-string"]),
+    fan=st.integers(2, 12),
+    levels=st.integers(1, 9),
+)
+def test_alias_amplification_in_every_position(
+    tmp_path: Path, position: str, payload: str, fan: int, levels: int
+) -> None:
     text = _bomb(position, payload, fan, levels)
     file = tmp_path / "bomb.yaml"
     file.write_text(text)

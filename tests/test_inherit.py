@@ -4,6 +4,7 @@ resolved spec that `surgery validate --show-resolved` prints and a run keeps.
 Error cases are a table of small file sets; the offending line carries a `# <-` comment, in
 whichever file it sits, and the test finds it there.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from surgery.spec import inherit
 from surgery.cli import main
 from surgery.errors import SpecError
-from surgery.spec import load_spec
+from surgery.spec import inherit, load_spec
 
 MARK = "# <-"
 MODEL = "model: {backbone: timm:resnet10t, num_classes: 10, pretrained: false}\n"
@@ -91,13 +91,19 @@ def test_every_value_keeps_the_file_and_line_it_was_written_on(tmp_path):
         origin = spec.source.origin(path)
         return Path(origin.name).name if origin.kind == "file" else str(origin), origin.line
 
-    assert where("train", "optimizer", "name") == ("base.yaml", _line(tmp_path, "base.yaml", "  optimizer: {name: sgd, lr: 0.1}"))
+    assert where("train", "optimizer", "name") == (
+        "base.yaml",
+        _line(tmp_path, "base.yaml", "  optimizer: {name: sgd, lr: 0.1}"),
+    )
     assert where("train", "optimizer", "lr") == ("mid.yaml", 3)
     assert where("train", "optimizer", "momentum") == ("child.yaml", 5)
     assert where("train", "epochs") == ("other.yaml", 1)
     assert where("surgery", 0, "insert") == ("child.yaml", 3)
     assert where("train", "batch_size") == ("--set train.batch_size=8", None)
-    assert where("data", "image_size") == ("base.yaml", _line(tmp_path, "base.yaml", "data: {name: digits, image_size: 32, num_workers: 0}"))
+    assert where("data", "image_size") == (
+        "base.yaml",
+        _line(tmp_path, "base.yaml", "data: {name: digits, image_size: 32, num_workers: 0}"),
+    )
 
 
 def test_a_base_named_twice_through_two_routes_is_fine(tmp_path):
@@ -130,52 +136,142 @@ class Case:
 
 COMMON = MODEL + "train: {epochs: 2}\n"
 CASES = [
-    Case("missing-base", {"common.yaml": COMMON, "child.yaml": "base: commn.yaml  # <-\n"}, "base",
-         "the base file does not exist", hint="'common.yaml'"),
-    Case("missing-in-a-list", {"common.yaml": COMMON, "child.yaml": "base:\n  - common.yaml\n  - other.yaml  # <-\n"},
-         "base[1]", "the base file does not exist"),
-    Case("base-is-a-folder", {"common.yaml": COMMON, "sub/x.yaml": "a: 1\n", "child.yaml": "base: sub  # <-\n"}, "base",
-         "the base is not a file"),
-    Case("base-path-too-long", {"child.yaml": MODEL + f"base: {'d' * 5000}.yaml  # <-\n"}, "base",
-         "the base path cannot be used: a path longer than the system allows"),
-    Case("base-path-with-a-nul", {"child.yaml": MODEL + 'base: "common\\0.yaml"  # <-\n'}, "base",
-         "the base path cannot be used: a path with a NUL character"),
-    Case("base-is-a-list", {"list.yaml": "- a\n- b\n", "child.yaml": MODEL + "base: list.yaml  # <-\n"}, "base",
-         "is a list, not a mapping of spec keys"),
-    Case("base-is-empty", {"empty.yaml": "# nothing yet\n", "child.yaml": MODEL + "base: empty.yaml  # <-\n"}, "base",
-         "is empty, not a mapping"),
+    Case(
+        "missing-base",
+        {"common.yaml": COMMON, "child.yaml": "base: commn.yaml  # <-\n"},
+        "base",
+        "the base file does not exist",
+        hint="'common.yaml'",
+    ),
+    Case(
+        "missing-in-a-list",
+        {"common.yaml": COMMON, "child.yaml": "base:\n  - common.yaml\n  - other.yaml  # <-\n"},
+        "base[1]",
+        "the base file does not exist",
+    ),
+    Case(
+        "base-is-a-folder",
+        {"common.yaml": COMMON, "sub/x.yaml": "a: 1\n", "child.yaml": "base: sub  # <-\n"},
+        "base",
+        "the base is not a file",
+    ),
+    Case(
+        "base-path-too-long",
+        {"child.yaml": MODEL + f"base: {'d' * 5000}.yaml  # <-\n"},
+        "base",
+        "the base path cannot be used: a path longer than the system allows",
+    ),
+    Case(
+        "base-path-with-a-nul",
+        {"child.yaml": MODEL + 'base: "common\\0.yaml"  # <-\n'},
+        "base",
+        "the base path cannot be used: a path with a NUL character",
+    ),
+    Case(
+        "base-is-a-list",
+        {"list.yaml": "- a\n- b\n", "child.yaml": MODEL + "base: list.yaml  # <-\n"},
+        "base",
+        "is a list, not a mapping of spec keys",
+    ),
+    Case(
+        "base-is-empty",
+        {"empty.yaml": "# nothing yet\n", "child.yaml": MODEL + "base: empty.yaml  # <-\n"},
+        "base",
+        "is empty, not a mapping",
+    ),
     Case("base-is-a-number", {"child.yaml": MODEL + "base: 3  # <-\n"}, "base", "base takes a path or a list of paths"),
-    Case("base-is-a-mapping", {"child.yaml": MODEL + "base: {file: common.yaml}  # <-\n"}, "base",
-         "base takes a path or a list of paths"),
-    Case("base-entry-not-a-path", {"common.yaml": COMMON, "child.yaml": "base: [common.yaml, 3]  # <-\n"}, "base[1]",
-         "a base is the path of a spec file"),
+    Case(
+        "base-is-a-mapping",
+        {"child.yaml": MODEL + "base: {file: common.yaml}  # <-\n"},
+        "base",
+        "base takes a path or a list of paths",
+    ),
+    Case(
+        "base-entry-not-a-path",
+        {"common.yaml": COMMON, "child.yaml": "base: [common.yaml, 3]  # <-\n"},
+        "base[1]",
+        "a base is the path of a spec file",
+    ),
     Case("base-empty-text", {"child.yaml": MODEL + "base: ''  # <-\n"}, "base", "a base is the path of a spec file"),
-    Case("cycle", {"a.yaml": "base: b.yaml\n", "b.yaml": MODEL + "base: a.yaml  # <-\n"}, "base",
-         "the bases form a cycle: ", spec="a.yaml"),
-    Case("self-cycle", {"a.yaml": MODEL + "base: [a.yaml]  # <-\n"}, "base[0]", "the bases form a cycle", spec="a.yaml"),
-    Case("value-in-base", {"common.yaml": MODEL + "train:\n  epochs: 0  # <-\n", "child.yaml": "base: common.yaml\n"},
-         "train.epochs", "less than the minimum of 1"),
-    Case("unknown-key-in-base", {"common.yaml": MODEL + "train:\n  epoch: 3  # <-\n", "child.yaml": "base: common.yaml\n"},
-         "train.epoch", "unknown key 'epoch'", hint="did you mean 'epochs'?"),
-    Case("yaml-in-base", {"common.yaml": MODEL + "train: {epochs: 3  # <-\n", "child.yaml": "base: common.yaml\n"},
-         "(top level)", "never closed"),
-    Case("value-in-grand-base", {"c.yaml": MODEL + "data:\n  val_split: 1.5  # <-\n", "b.yaml": "base: c.yaml\n",
-                                 "child.yaml": "base: b.yaml\ntrain: {epochs: 2}\n"}, "data.val_split", "maximum"),
-    Case("missing-model-names-the-child", {"common.yaml": "train: {epochs: 2}\n",
-                                           "child.yaml": "base: common.yaml  # <-\n"}, "(top level)",
-         "the required key 'model' is missing"),
-    Case("cross-field-across-files", {"common.yaml": MODEL + "train:\n  mixup: {mixup_alpha: 0.2}\n",
-                                      "child.yaml": "base: common.yaml\ntrain:\n  batch_size: 15  # <-\n"},
-         "train.batch_size", "needs an even batch size"),
-    Case("cross-field-in-base", {"common.yaml": MODEL + "groups:\n  - {name: all, params: '*', unfreeze_at: never}\n"
-                                                "train:\n  mixup: {mixup_alpha: 0, cutmix_alpha: 0}  # <-\n",
-                                 "child.yaml": "base: common.yaml\ngroups: [{name: all, params: '*'}]\n"},
-         "train.mixup", "mixup and CutMix are both off"),
+    Case(
+        "cycle",
+        {"a.yaml": "base: b.yaml\n", "b.yaml": MODEL + "base: a.yaml  # <-\n"},
+        "base",
+        "the bases form a cycle: ",
+        spec="a.yaml",
+    ),
+    Case(
+        "self-cycle", {"a.yaml": MODEL + "base: [a.yaml]  # <-\n"}, "base[0]", "the bases form a cycle", spec="a.yaml"
+    ),
+    Case(
+        "value-in-base",
+        {"common.yaml": MODEL + "train:\n  epochs: 0  # <-\n", "child.yaml": "base: common.yaml\n"},
+        "train.epochs",
+        "less than the minimum of 1",
+    ),
+    Case(
+        "unknown-key-in-base",
+        {"common.yaml": MODEL + "train:\n  epoch: 3  # <-\n", "child.yaml": "base: common.yaml\n"},
+        "train.epoch",
+        "unknown key 'epoch'",
+        hint="did you mean 'epochs'?",
+    ),
+    Case(
+        "yaml-in-base",
+        {"common.yaml": MODEL + "train: {epochs: 3  # <-\n", "child.yaml": "base: common.yaml\n"},
+        "(top level)",
+        "never closed",
+    ),
+    Case(
+        "value-in-grand-base",
+        {
+            "c.yaml": MODEL + "data:\n  val_split: 1.5  # <-\n",
+            "b.yaml": "base: c.yaml\n",
+            "child.yaml": "base: b.yaml\ntrain: {epochs: 2}\n",
+        },
+        "data.val_split",
+        "maximum",
+    ),
+    Case(
+        "missing-model-names-the-child",
+        {"common.yaml": "train: {epochs: 2}\n", "child.yaml": "base: common.yaml  # <-\n"},
+        "(top level)",
+        "the required key 'model' is missing",
+    ),
+    Case(
+        "cross-field-across-files",
+        {
+            "common.yaml": MODEL + "train:\n  mixup: {mixup_alpha: 0.2}\n",
+            "child.yaml": "base: common.yaml\ntrain:\n  batch_size: 15  # <-\n",
+        },
+        "train.batch_size",
+        "needs an even batch size",
+    ),
+    Case(
+        "cross-field-in-base",
+        {
+            "common.yaml": MODEL + "groups:\n  - {name: all, params: '*', unfreeze_at: never}\n"
+            "train:\n  mixup: {mixup_alpha: 0, cutmix_alpha: 0}  # <-\n",
+            "child.yaml": "base: common.yaml\ngroups: [{name: all, params: '*'}]\n",
+        },
+        "train.mixup",
+        "mixup and CutMix are both off",
+    ),
     Case("set-base", {"child.yaml": MODEL}, "base", "base cannot be set with --set", overrides=("base=other.yaml",)),
-    Case("set-error-over-a-base", {"common.yaml": COMMON, "child.yaml": "base: common.yaml\n"}, "train.epochs",
-         "less than the minimum", overrides=("train.epochs=0",)),
-    Case("pattern-in-base", {"common.yaml": MODEL + "surgery:\n  - insert: se\n    at: layr3  # <-\n",
-                             "child.yaml": "base: common.yaml\n"}, "surgery[0].at", "matches 'layr3'", build=True),
+    Case(
+        "set-error-over-a-base",
+        {"common.yaml": COMMON, "child.yaml": "base: common.yaml\n"},
+        "train.epochs",
+        "less than the minimum",
+        overrides=("train.epochs=0",),
+    ),
+    Case(
+        "pattern-in-base",
+        {"common.yaml": MODEL + "surgery:\n  - insert: se\n    at: layr3  # <-\n", "child.yaml": "base: common.yaml\n"},
+        "surgery[0].at",
+        "matches 'layr3'",
+        build=True,
+    ),
 ]
 
 
@@ -223,8 +319,14 @@ def test_bases_of_bases_are_bounded(tmp_path):
 def test_the_merged_spec_is_held_to_the_size_of_one_file(tmp_path, monkeypatch):
     monkeypatch.setattr(inherit, "_MAX_VALUES", 40)  # each file alone stays below it, the two together do not
     values = "\n".join(f"  k{i}: {i}" for i in range(12))
-    _write(tmp_path, {"a.yaml": MODEL + "args_a:\n" + values, "b.yaml": "args_b:\n" + values,
-                      "child.yaml": "base: [a.yaml, b.yaml]\n"})
+    _write(
+        tmp_path,
+        {
+            "a.yaml": MODEL + "args_a:\n" + values,
+            "b.yaml": "args_b:\n" + values,
+            "child.yaml": "base: [a.yaml, b.yaml]\n",
+        },
+    )
     with pytest.raises(SpecError, match="the spec and its bases together hold more than 40 values") as info:
         load_spec(tmp_path / "child.yaml")
     assert info.value.path == "base[1]"
@@ -232,22 +334,25 @@ def test_the_merged_spec_is_held_to_the_size_of_one_file(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------- relative paths
 def test_a_relative_path_is_relative_to_the_file_that_wrote_it(tmp_path, monkeypatch):
-    from surgery.model.builder import build, weights_path
-
     import timm
     from safetensors.torch import save_file
+
+    from surgery.model.builder import build, weights_path
 
     weights = tmp_path / "common" / "weights" / "resnet10t.safetensors"
     weights.parent.mkdir(parents=True)
     save_file(timm.create_model("resnet10t", num_classes=10).state_dict(), str(weights))
-    _write(tmp_path, {
-        "common/base.yaml": """
+    _write(
+        tmp_path,
+        {
+            "common/base.yaml": """
             model: {backbone: timm:resnet10t, num_classes: 10, pretrained: weights/resnet10t.safetensors}
             data: {name: imagefolder, root: data, image_size: 32}
             """,
-        "exp/child.yaml": "base: ../common/base.yaml\n",
-        "exp/own-root.yaml": "base: ../common/base.yaml\ndata: {root: mine}\n",
-    })
+            "exp/child.yaml": "base: ../common/base.yaml\n",
+            "exp/own-root.yaml": "base: ../common/base.yaml\ndata: {root: mine}\n",
+        },
+    )
     spec = load_spec(tmp_path / "exp" / "child.yaml")
     assert weights_path(spec) == tmp_path / "common" / "weights" / "resnet10t.safetensors"
     assert spec.resolve_path(spec.data.root, ("data", "root")) == tmp_path / "common" / "data"

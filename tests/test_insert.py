@@ -1,4 +1,5 @@
 """surgery.model.insert: where inserted modules go, what they see, and the spec errors of surgery."""
+
 from __future__ import annotations
 
 import pickle
@@ -78,8 +79,12 @@ def test_a_leaf_target_gets_a_child_and_keeps_its_type() -> None:
 
 
 def test_inserted_modules_run_where_they_are_placed() -> None:
-    built = build_with([{"insert": "se", "at": "maxpool", "init": "default"},
-                        {"insert": "eca", "at": "layer1.0.conv1", "position": "before", "init": "default"}])
+    built = build_with(
+        [
+            {"insert": "se", "at": "maxpool", "init": "default"},
+            {"insert": "eca", "at": "layer1.0.conv1", "position": "before", "init": "default"},
+        ]
+    )
     seen: list[str] = []
     for name in ("maxpool", "maxpool.se_after", "layer1.0.conv1", "layer1.0.conv1.eca_before"):
         built.model.get_submodule(name).register_forward_pre_hook(lambda m, a, name=name: seen.append(name))
@@ -95,15 +100,18 @@ def test_inserted_modules_run_where_they_are_placed() -> None:
         assert not torch.equal(pool(x), nn.MaxPool2d.forward(pool, x))
 
 
-@pytest.mark.parametrize(("target", "position", "channels"), [
-    ("conv1", "before", 3),
-    ("conv1", "after", 64),
-    ("layer2.0.conv1", "before", 64),
-    ("layer2.0.conv1", "after", 128),
-    ("layer4", "before", 256),
-    ("layer4", "after", 512),
-    ("avgpool", "after", 512),  # pooled, but still a 4-D (N, C, 1, 1) map
-])
+@pytest.mark.parametrize(
+    ("target", "position", "channels"),
+    [
+        ("conv1", "before", 3),
+        ("conv1", "after", 64),
+        ("layer2.0.conv1", "before", 64),
+        ("layer2.0.conv1", "after", 128),
+        ("layer4", "before", 256),
+        ("layer4", "after", 512),
+        ("avgpool", "after", 512),  # pooled, but still a 4-D (N, C, 1, 1) map
+    ],
+)
 def test_channels_come_from_the_input_before_and_the_output_after(target: str, position: str, channels: int) -> None:
     built = build_with([{"insert": "se", "at": target, "position": position}])
     assert built.inserted[0].channels == channels
@@ -111,8 +119,13 @@ def test_channels_come_from_the_input_before_and_the_output_after(target: str, p
 
 
 def test_two_inserts_at_one_target_get_distinct_names_in_spec_order() -> None:
-    built = build_with([{"insert": "se", "at": "maxpool"}, {"insert": "se", "at": "maxpool"},
-                        {"insert": "eca", "at": ["layer1", "layer1"]}])
+    built = build_with(
+        [
+            {"insert": "se", "at": "maxpool"},
+            {"insert": "se", "at": "maxpool"},
+            {"insert": "eca", "at": ["layer1", "layer1"]},
+        ]
+    )
     assert [i.path for i in built.inserted] == ["maxpool.se_after", "maxpool.se_after_2", "layer1.eca_after"]
     assert built.model.maxpool._surgery_after == ("se_after", "se_after_2")
 
@@ -140,8 +153,12 @@ def test_a_type_target_matches_each_module_of_that_class() -> None:
 
 
 def test_surgery_only_adds_keys(plain: nn.Module) -> None:
-    built = build_with([{"insert": "cbam", "at": ["layer*", "maxpool", "layer*.*.bn2"]},
-                        {"insert": "se", "at": "conv1", "position": "before"}])
+    built = build_with(
+        [
+            {"insert": "cbam", "at": ["layer*", "maxpool", "layer*.*.bn2"]},
+            {"insert": "se", "at": "conv1", "position": "before"},
+        ]
+    )
     before, after = plain.state_dict(), built.model.state_dict()
     assert set(before) <= set(after)
     added = set(after) - set(before)
@@ -161,15 +178,21 @@ def test_planning_changes_nothing_when_a_later_entry_fails() -> None:
 
 
 # --------------------------------------------------------------------------- identity
-@pytest.mark.parametrize("surgery", [
-    [{"insert": "cbam", "at": "layer*"}],
-    [{"insert": "se", "at": "layer*.*.bn2"}, {"insert": "eca", "at": "maxpool", "position": "before"}],
-])
-def test_identity_init_computes_what_the_backbone_computes(plain: nn.Module, reference: torch.Tensor,
-                                                           surgery: list[dict]) -> None:
+@pytest.mark.parametrize(
+    "surgery",
+    [
+        [{"insert": "cbam", "at": "layer*"}],
+        [{"insert": "se", "at": "layer*.*.bn2"}, {"insert": "eca", "at": "maxpool", "position": "before"}],
+    ],
+)
+def test_identity_init_computes_what_the_backbone_computes(
+    plain: nn.Module, reference: torch.Tensor, surgery: list[dict]
+) -> None:
     built = build(spec_of(surgery), state_dict=plain.state_dict())
     assert (outputs(built.model) - reference).abs().max() < 1e-5
-    assert all(m.gate is not None and float(m.gate.detach()) == 0.0 for m in built.model.modules() if isinstance(m, Inserted))
+    assert all(
+        m.gate is not None and float(m.gate.detach()) == 0.0 for m in built.model.modules() if isinstance(m, Inserted)
+    )
 
 
 def test_default_init_changes_the_output(plain: nn.Module, reference: torch.Tensor) -> None:
@@ -219,12 +242,15 @@ def test_a_container_that_runs_its_own_children_is_an_error() -> None:
     assert err.path == "surgery[0].at" and "MixedConv2d" in err.problem
 
 
-@pytest.mark.parametrize(("at", "path", "hint"), [
-    ("layr1", "surgery[0].at", "layer1"),
-    (["layer1", "layerr2"], "surgery[0].at[1]", "layer2"),
-    ("layer1.0.bn3", "surgery[0].at", "layer1.0.bn1"),
-    ({"type": "Maxpool2d"}, "surgery[0].at", "MaxPool2d"),
-])
+@pytest.mark.parametrize(
+    ("at", "path", "hint"),
+    [
+        ("layr1", "surgery[0].at", "layer1"),
+        (["layer1", "layerr2"], "surgery[0].at[1]", "layer2"),
+        ("layer1.0.bn3", "surgery[0].at", "layer1.0.bn1"),
+        ({"type": "Maxpool2d"}, "surgery[0].at", "MaxPool2d"),
+    ],
+)
 def test_a_target_that_matches_nothing_names_real_modules(at: Any, path: str, hint: str) -> None:
     err = spec_error([{"insert": "se", "at": at}])
     assert err.path == path
@@ -267,13 +293,17 @@ def test_a_user_class_is_imported_constructed_and_reported(monkeypatch: pytest.M
     assert built.inserted[0].kind == "fixtures_attn:MyAttn"
 
 
-@pytest.mark.parametrize(("insert", "path", "word"), [
-    ("fixtures_attn:MyAtn", "surgery[0].insert", "'MyAttn'"),
-    ("fixtures_attn:NOT_A_MODULE", "surgery[0].insert", None),
-    ("no_such_package_xyz:Attn", "surgery[0].insert", None),
-])
-def test_a_user_class_that_cannot_be_had_is_an_error(monkeypatch: pytest.MonkeyPatch, insert: str, path: str,
-                                                     word: str | None) -> None:
+@pytest.mark.parametrize(
+    ("insert", "path", "word"),
+    [
+        ("fixtures_attn:MyAtn", "surgery[0].insert", "'MyAttn'"),
+        ("fixtures_attn:NOT_A_MODULE", "surgery[0].insert", None),
+        ("no_such_package_xyz:Attn", "surgery[0].insert", None),
+    ],
+)
+def test_a_user_class_that_cannot_be_had_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, insert: str, path: str, word: str | None
+) -> None:
     monkeypatch.syspath_prepend(str(TESTS))
     err = spec_error([{"insert": insert, "at": "layer1"}])
     assert err.path == path
@@ -330,8 +360,9 @@ def test_the_registry_is_read_off_timm() -> None:
 
 
 @pytest.mark.parametrize("name", attention_names())
-def test_every_attention_name_inserts_after_layer3_or_says_why_not(name: str, plain: nn.Module,
-                                                                   reference: torch.Tensor) -> None:
+def test_every_attention_name_inserts_after_layer3_or_says_why_not(
+    name: str, plain: nn.Module, reference: torch.Tensor
+) -> None:
     spec = spec_of([{"insert": name, "at": "layer3"}])
     if name in CANNOT:
         with pytest.raises(SpecError) as info:
@@ -366,22 +397,27 @@ def test_attention_names_are_asked_of_timm_not_read_from_its_source(monkeypatch:
     assert "invalid" not in " ".join(names).lower()
 
 
-@pytest.mark.parametrize(("name", "needed"), [("bottleneck", "feat_size: [2, 2]"), ("halo", "block_size"),
-                                              ("bat", "block_size"), ("ge", "use_mlp: false")])
+@pytest.mark.parametrize(
+    ("name", "needed"),
+    [("bottleneck", "feat_size: [2, 2]"), ("halo", "block_size"), ("bat", "block_size"), ("ge", "use_mlp: false")],
+)
 def test_registry_entries_timm_cannot_build_name_the_argument_they_need(name: str, needed: str) -> None:
     err = spec_error([{"insert": name, "at": "layer3"}])
     assert err.path == "surgery[0].args" and needed in err.hint
 
 
 # --------------------------------------------------------------------------- argument ranges
-@pytest.mark.parametrize(("insert", "args", "path"), [
-    ("cbam", {"rd_ratio": -1}, "surgery[0].args.rd_ratio"),
-    ("se", {"rd_ratio": 2}, "surgery[0].args.rd_ratio"),
-    ("eca", {"kernel_size": 0}, "surgery[0].args.kernel_size"),
-    ("eca", {"kernel_size": 4}, "surgery[0].args.kernel_size"),
-    ("cbam", {"spatial_kernel_size": 0}, "surgery[0].args.spatial_kernel_size"),
-    ("cbam", {"rd_divisor": 0}, "surgery[0].args"),  # timm itself fails (ZeroDivisionError): the hint names the key
-])
+@pytest.mark.parametrize(
+    ("insert", "args", "path"),
+    [
+        ("cbam", {"rd_ratio": -1}, "surgery[0].args.rd_ratio"),
+        ("se", {"rd_ratio": 2}, "surgery[0].args.rd_ratio"),
+        ("eca", {"kernel_size": 0}, "surgery[0].args.kernel_size"),
+        ("eca", {"kernel_size": 4}, "surgery[0].args.kernel_size"),
+        ("cbam", {"spatial_kernel_size": 0}, "surgery[0].args.spatial_kernel_size"),
+        ("cbam", {"rd_divisor": 0}, "surgery[0].args"),  # timm itself fails (ZeroDivisionError): the hint names the key
+    ],
+)
 def test_arguments_out_of_range_are_located_errors(insert: str, args: dict, path: str) -> None:
     err = spec_error([{"insert": insert, "at": "layer3", "args": args}])
     key = next(iter(args))
@@ -392,8 +428,15 @@ def test_arguments_out_of_range_are_located_errors(insert: str, args: dict, path
 def test_a_huge_image_size_is_not_blamed_on_the_surgery_args() -> None:
     # the dry run is shape-only: a 4096 px map (the schema's largest) is never allocated, and
     # nothing blames surgery[0].args; past 4096 the schema names data.image_size itself
-    built = build(load_spec({"model": {"backbone": "torchvision:resnet18", "num_classes": 10},
-                             "data": {"image_size": 4096}, "surgery": [{"insert": "cbam", "at": "layer3"}]}))
+    built = build(
+        load_spec(
+            {
+                "model": {"backbone": "torchvision:resnet18", "num_classes": 10},
+                "data": {"image_size": 4096},
+                "surgery": [{"insert": "cbam", "at": "layer3"}],
+            }
+        )
+    )
     assert built.inserted[0].channels == 256
     with pytest.raises(SpecError) as info:
         load_spec({"model": {"backbone": "torchvision:resnet18"}, "data": {"image_size": 40000}})
@@ -401,60 +444,95 @@ def test_a_huge_image_size_is_not_blamed_on_the_surgery_args() -> None:
 
 
 # --------------------------------------------------------------------------- channels-last maps
-@pytest.mark.parametrize(("backbone", "at", "args", "near"), [
-    ("torchvision:convnext_tiny", "features.1.0.block.2", {}, "'features.1.0.block'"),  # LayerNorm after Permute
-    ("torchvision:convnext_tiny", "features.1.0.block.3", {}, "'features.1.0'"),  # Linear
-    ("torchvision:swin_t", "features.1.0", {}, "'features.0.0'"),  # swin stages are NHWC throughout
-    ("torchvision:swin_t", "features.1", {}, "'permute'"),
-    ("timm:convnext_atto", "stages.0.blocks.0.norm", {"conv_mlp": False}, "'stages.0.blocks.0'"),
-    ("timm:convnext_atto", "stages.0.blocks.0.mlp.fc1", {"conv_mlp": False}, "'stages.0.blocks.0.conv_dw'"),
-])
-def test_a_channels_last_map_is_refused_with_channels_first_positions_nearby(backbone: str, at: str, args: dict,
-                                                                            near: str) -> None:
+@pytest.mark.parametrize(
+    ("backbone", "at", "args", "near"),
+    [
+        ("torchvision:convnext_tiny", "features.1.0.block.2", {}, "'features.1.0.block'"),  # LayerNorm after Permute
+        ("torchvision:convnext_tiny", "features.1.0.block.3", {}, "'features.1.0'"),  # Linear
+        ("torchvision:swin_t", "features.1.0", {}, "'features.0.0'"),  # swin stages are NHWC throughout
+        ("torchvision:swin_t", "features.1", {}, "'permute'"),
+        ("timm:convnext_atto", "stages.0.blocks.0.norm", {"conv_mlp": False}, "'stages.0.blocks.0'"),
+        ("timm:convnext_atto", "stages.0.blocks.0.mlp.fc1", {"conv_mlp": False}, "'stages.0.blocks.0.conv_dw'"),
+    ],
+)
+def test_a_channels_last_map_is_refused_with_channels_first_positions_nearby(
+    backbone: str, at: str, args: dict, near: str
+) -> None:
     with pytest.raises(SpecError) as info:
-        build(load_spec({"model": {"backbone": backbone, "num_classes": 10, "args": args},
-                         "surgery": [{"insert": "cbam", "at": at}]}))
+        build(
+            load_spec(
+                {
+                    "model": {"backbone": backbone, "num_classes": 10, "args": args},
+                    "surgery": [{"insert": "cbam", "at": at}],
+                }
+            )
+        )
     err = info.value
     assert err.path == "surgery[0].at" and "channels-last" in err.problem
     assert near in err.hint
 
 
-@pytest.mark.parametrize(("backbone", "at", "args", "channels"), [
-    ("torchvision:convnext_tiny", "features.1", {}, 96),
-    ("torchvision:convnext_tiny", "features.1.0.block.0", {}, 96),  # the depthwise conv, before the Permute
-    ("torchvision:swin_t", "features.0.0", {}, 96),  # the patch conv
-    ("timm:convnext_atto", "stages.0.blocks.0.norm", {}, 40),  # atto's conv_mlp keeps its blocks NCHW
-    ("timm:convnext_atto", "stages.0", {"conv_mlp": False}, 40),
-])
-def test_channels_first_positions_of_the_same_backbones_still_take_attention(backbone: str, at: str, args: dict,
-                                                                            channels: int) -> None:
-    built = build(load_spec({"model": {"backbone": backbone, "num_classes": 10, "args": args},
-                             "surgery": [{"insert": "cbam", "at": at}]}))
+@pytest.mark.parametrize(
+    ("backbone", "at", "args", "channels"),
+    [
+        ("torchvision:convnext_tiny", "features.1", {}, 96),
+        ("torchvision:convnext_tiny", "features.1.0.block.0", {}, 96),  # the depthwise conv, before the Permute
+        ("torchvision:swin_t", "features.0.0", {}, 96),  # the patch conv
+        ("timm:convnext_atto", "stages.0.blocks.0.norm", {}, 40),  # atto's conv_mlp keeps its blocks NCHW
+        ("timm:convnext_atto", "stages.0", {"conv_mlp": False}, 40),
+    ],
+)
+def test_channels_first_positions_of_the_same_backbones_still_take_attention(
+    backbone: str, at: str, args: dict, channels: int
+) -> None:
+    built = build(
+        load_spec(
+            {
+                "model": {"backbone": backbone, "num_classes": 10, "args": args},
+                "surgery": [{"insert": "cbam", "at": at}],
+            }
+        )
+    )
     assert built.inserted[0].channels == channels
 
 
 # --------------------------------------------------------------------------- hints lead somewhere right
-@pytest.mark.parametrize(("at", "position", "hint"), [
-    ("features.denseblock1", "after", "use at: 'features.transition1' with position: before"),
-    ("features.denseblock4", "after", "use at: 'features.norm5' with position: before"),
-    ("features.denseblock2", "before", "use at: 'features.transition1' with position: after"),
-])
+@pytest.mark.parametrize(
+    ("at", "position", "hint"),
+    [
+        ("features.denseblock1", "after", "use at: 'features.transition1' with position: before"),
+        ("features.denseblock4", "after", "use at: 'features.norm5' with position: before"),
+        ("features.denseblock2", "before", "use at: 'features.transition1' with position: after"),
+    ],
+)
 def test_a_dense_block_hint_names_the_position_that_sees_the_blocks_output(at: str, position: str, hint: str) -> None:
-    spec = load_spec({"model": {"backbone": "torchvision:densenet121", "num_classes": 10},
-                      "surgery": [{"insert": "se", "at": at, "position": position}]})
+    spec = load_spec(
+        {
+            "model": {"backbone": "torchvision:densenet121", "num_classes": 10},
+            "surgery": [{"insert": "se", "at": at, "position": position}],
+        }
+    )
     with pytest.raises(SpecError) as info:
         build(spec)
     assert info.value.path == "surgery[0].at" and hint in info.value.hint
     assert "denselayer" not in info.value.hint
     target = hint.split("'")[1]  # and the hint works
-    built = build(load_spec({"model": {"backbone": "torchvision:densenet121", "num_classes": 10},
-                             "surgery": [{"insert": "se", "at": target, "position": hint.rsplit(" ", 1)[1]}]}))
-    assert built.inserted[0].channels == {"features.transition1": 256 if position == "after" else 128,
-                                          "features.norm5": 1024}[target]
+    built = build(
+        load_spec(
+            {
+                "model": {"backbone": "torchvision:densenet121", "num_classes": 10},
+                "surgery": [{"insert": "se", "at": target, "position": hint.rsplit(" ", 1)[1]}],
+            }
+        )
+    )
+    assert (
+        built.inserted[0].channels
+        == {"features.transition1": 256 if position == "after" else 128, "features.norm5": 1024}[target]
+    )
 
 
 # --------------------------------------------------------------------------- a user class beside the spec
-GATE = '''
+GATE = """
 import torch
 from torch import nn
 
@@ -466,7 +544,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
-'''
+"""
 
 
 def test_a_user_class_in_a_file_beside_the_spec_is_found_without_pythonpath(tmp_path):
@@ -479,18 +557,25 @@ def test_a_user_class_in_a_file_beside_the_spec_is_found_without_pythonpath(tmp_
     folder = tmp_path / "specs"
     folder.mkdir()
     (folder / "beside_attn.py").write_text(GATE + "\n\nclass Act(nn.SiLU):\n    pass\n")
-    spec = ("model:\n  backbone: torchvision:resnet18\n  num_classes: 10\n  pretrained: false\n"
-            "surgery:\n  - insert: beside_attn:Gate\n    at: layer1\n  - replace: layer2.0.relu\n    with: beside_attn:Act\n"
-            "data:\n  image_size: 32\n")
+    spec = (
+        "model:\n  backbone: torchvision:resnet18\n  num_classes: 10\n  pretrained: false\n"
+        "surgery:\n  - insert: beside_attn:Gate\n    at: layer1\n"
+        "  - replace: layer2.0.relu\n    with: beside_attn:Act\n"
+        "data:\n  image_size: 32\n"
+    )
     (folder / "spec.yaml").write_text(spec)
     (folder / "typo.yaml").write_text(spec.replace("beside_attn:Gate", "besid_attn:Gate"))
     import surgery
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(surgery.__file__).parents[1])}
     run = [sys.executable, "-m", "surgery", "validate"]
-    good = subprocess.run([*run, str(folder / "spec.yaml")], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    good = subprocess.run(
+        [*run, str(folder / "spec.yaml")], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env
+    )
     assert good.returncode == 0, good.stderr
-    bad = subprocess.run([*run, str(folder / "typo.yaml")], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    bad = subprocess.run(
+        [*run, str(folder / "typo.yaml")], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env
+    )
     assert bad.returncode == 2 and "typo.yaml:6:" in bad.stderr and "surgery[0].insert" in bad.stderr
     assert f"no such module on sys.path, nor in the spec's folder {folder.resolve()}" in bad.stderr
     assert "Traceback" not in bad.stderr
@@ -503,8 +588,19 @@ def test_a_channels_last_refusal_never_suggests_attention_weights() -> None:
     tiny_swin = {"img_size": 64, "window_size": 4, "embed_dim": 24, "depths": [1, 1, 1], "num_heads": [1, 1, 2]}
     for at in ("layers.1", "layers.2.blocks.0"):
         with pytest.raises(SpecError) as info:
-            build(load_spec({"model": {"backbone": "timm:swin_tiny_patch4_window7_224", "num_classes": 4,
-                                       "args": tiny_swin, "pretrained": False},
-                             "surgery": [{"insert": "se", "at": at}], "data": {"image_size": 64}}))
+            build(
+                load_spec(
+                    {
+                        "model": {
+                            "backbone": "timm:swin_tiny_patch4_window7_224",
+                            "num_classes": 4,
+                            "args": tiny_swin,
+                            "pretrained": False,
+                        },
+                        "surgery": [{"insert": "se", "at": at}],
+                        "data": {"image_size": 64},
+                    }
+                )
+            )
         hint = info.value.hint
         assert "'patch_embed.proj'" in hint and "softmax" not in hint and "attn_drop" not in hint, hint

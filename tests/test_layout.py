@@ -1,5 +1,6 @@
 """The package's shape: no import circle (function-level and type-checking imports included), and a
 root that holds its entry modules and a few foundations, everything else in subpackages."""
+
 from __future__ import annotations
 
 import ast
@@ -29,7 +30,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[str]:
 
     def walk(module: str, stack: list[str]) -> None:
         if module in stack:
-            found.append(" -> ".join(stack[stack.index(module):] + [module]))
+            found.append(" -> ".join(stack[stack.index(module) :] + [module]))
             return
         if module in seen:
             return

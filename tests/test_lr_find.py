@@ -1,6 +1,7 @@
 """`surgery lr-find`: the sweep scales every trainable group's lr by one factor (ratios kept),
 stops when the loss diverges, suggests a multiplier by the valley rule, writes a plot and a JSON
 record outside any run directory, repeats exactly, and prints --set lines that apply it."""
+
 from __future__ import annotations
 
 import json
@@ -9,20 +10,22 @@ from pathlib import Path
 
 import pytest
 
-from surgery.train import optim
 from surgery.cli import main
 from surgery.errors import UsageError
-from surgery.train.lr_find import lr_find, multipliers, noise, set_lines, smooth, steepest, valley
 from surgery.spec import load_spec
+from surgery.train import optim
+from surgery.train.lr_find import lr_find, multipliers, noise, set_lines, smooth, steepest, valley
 
 SPEC = {
     "name": "sweep",
     "model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False},
     "train": {"epochs": 4, "batch_size": 16, "channels_last": False, "optimizer": {"name": "sgd", "lr": 0.01}},
     "data": {"name": "digits", "image_size": 32, "num_workers": 0},
-    "groups": [{"name": "head", "params": ["@head"], "lr": 0.01},
-               {"name": "top", "params": ["layer4"], "lr": {0: 0.001, 2: 0.0005}},
-               {"name": "rest", "params": ["*"], "lr": 0.0001, "unfreeze_at": 2}],
+    "groups": [
+        {"name": "head", "params": ["@head"], "lr": 0.01},
+        {"name": "top", "params": ["layer4"], "lr": {0: 0.001, 2: 0.0005}},
+        {"name": "rest", "params": ["*"], "lr": 0.0001, "unfreeze_at": 2},
+    ],
 }
 STEPS = 20
 
@@ -43,8 +46,10 @@ def test_smoothing_has_no_lag() -> None:
 def test_valley_and_steepest_land_in_the_fall() -> None:
     """Flat, then a fall over steps 40..69 (steepest at 55), then divergence."""
     n = 100
-    curve = [2.0 if i < 40 else 1.5 + math.cos(math.pi * (i - 40) / 30) / 2 if i < 70 else 1.0 + (i - 70) ** 2 / 50
-             for i in range(n)]
+    curve = [
+        2.0 if i < 40 else 1.5 + math.cos(math.pi * (i - 40) / 30) / 2 if i < 70 else 1.0 + (i - 70) ** 2 / 50
+        for i in range(n)
+    ]
     factors = multipliers(1e-4, 1e2, n)
     assert 40 <= valley(curve) < 70
     assert abs(steepest(factors, curve) - 55) <= 1
@@ -76,12 +81,15 @@ def test_set_lines_scale_every_lr_and_keep_tables(tmp_path: Path) -> None:
     assert set_lines(plain, 3.0, ["all"]) == ["train.optimizer.lr=3.0e-02"]
 
 
-@pytest.mark.parametrize("flags,words", [
-    (["--stage", "4"], "outside this run of 4 epochs"),
-    (["--steps", "2"], "outside 5..2000"),
-    (["--start", "1", "--end", "0.1"], "must rise"),
-    (["--start", "0"], "positive"),
-])
+@pytest.mark.parametrize(
+    "flags,words",
+    [
+        (["--stage", "4"], "outside this run of 4 epochs"),
+        (["--steps", "2"], "outside 5..2000"),
+        (["--start", "1", "--end", "0.1"], "must rise"),
+        (["--start", "0"], "positive"),
+    ],
+)
 def test_bad_flags_are_usage_errors(flags: list[str], words: str, tmp_path: Path, capsys) -> None:
     path = tmp_path / "sweep.yaml"
     path.write_text(json.dumps(SPEC))
@@ -99,8 +107,15 @@ def test_one_process_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_no_group_trains_at_the_stage() -> None:
-    spec = load_spec({**SPEC, "groups": [{"name": "head", "params": ["@head"], "unfreeze_at": 1},
-                                         {"name": "rest", "params": ["*"], "unfreeze_at": "never"}]})
+    spec = load_spec(
+        {
+            **SPEC,
+            "groups": [
+                {"name": "head", "params": ["@head"], "unfreeze_at": 1},
+                {"name": "rest", "params": ["*"], "unfreeze_at": "never"},
+            ],
+        }
+    )
     with pytest.raises(UsageError, match="no group trains at epoch 0") as info:
         lr_find(spec, stage=0)
     assert "e.g. 1" in str(info.value)
@@ -131,6 +146,7 @@ def swept(tmp_path_factory, one_thread) -> tuple[Path, str, list[dict]]:
     def record(optimizer, lrs):
         seen.append(dict(lrs))
         real(optimizer, lrs)
+
     optim.set_lrs = record
     try:
         import contextlib
@@ -142,8 +158,9 @@ def swept(tmp_path_factory, one_thread) -> tuple[Path, str, list[dict]]:
 
             from surgery.train.lr_find import lr_find_command
 
-            code = lr_find_command(str(path), stage=0, steps=STEPS, out=str(folder / "out"),
-                                   console=Console(file=out, width=300))
+            code = lr_find_command(
+                str(path), stage=0, steps=STEPS, out=str(folder / "out"), console=Console(file=out, width=300)
+            )
         assert code == 0
     finally:
         optim.set_lrs = real

@@ -1,5 +1,6 @@
 """data.multi_label: a CSV of label sets, multi-hot targets, BCE training, mAP and per-class F1,
 `surgery predict` listing every label above the threshold, and the spec rules around it."""
+
 from __future__ import annotations
 
 import io
@@ -11,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 from rich.console import Console
+from runs import train_quietly
 
 from surgery.cli import main
 from surgery.data import build_data, pos_weights
 from surgery.errors import SpecError
 from surgery.spec import load_spec
 from surgery.train.multilabel import multi_label_metrics
-from runs import train_quietly
 
 # colour channels as classes: red, green, blue; an image holds the classes of its bright channels
 CELLS = ["red", "green | blue", "red|green", "", "blue", "red | green | blue", "green", "red|blue"]
@@ -37,11 +38,13 @@ def _write(folder: Path, n_train: int = 16, n_val: int = 8) -> Path:
 
 
 def _spec(csv: Path, **data) -> dict:
-    return {"name": "multi", "seed": 0,
-            "model": {"backbone": "timm:resnet10t", "num_classes": 3, "pretrained": False},
-            "train": {"epochs": 2, "batch_size": 8, "limit_batches": 2, "label_smoothing": 0.1},
-            "data": {"name": "csv", "root": str(csv), "multi_label": True, "image_size": 32, "num_workers": 0,
-                     **data}}
+    return {
+        "name": "multi",
+        "seed": 0,
+        "model": {"backbone": "timm:resnet10t", "num_classes": 3, "pretrained": False},
+        "train": {"epochs": 2, "batch_size": 8, "limit_batches": 2, "label_smoothing": 0.1},
+        "data": {"name": "csv", "root": str(csv), "multi_label": True, "image_size": 32, "num_workers": 0, **data},
+    }
 
 
 def test_label_sets_become_multi_hot_rows(tmp_path: Path) -> None:
@@ -75,8 +78,7 @@ def test_metrics_are_scikit_learns() -> None:
     assert m.f1 == pytest.approx(f1_score(targets, probs >= 0.4, average=None, zero_division=0).tolist())
     assert m.exact_match == pytest.approx(float(((probs >= 0.4) == (targets > 0.5)).all(1).mean()))
     # data.balance: loss -> BCE pos_weight = negatives / positives (1 for a class without positives)
-    assert pos_weights(targets[:4]).tolist() == pytest.approx(
-        [(4 - n) / n if n else 1.0 for n in targets[:4].sum(0)])
+    assert pos_weights(targets[:4]).tolist() == pytest.approx([(4 - n) / n if n else 1.0 for n in targets[:4].sum(0)])
 
 
 def test_a_short_run_reports_map_and_f1_and_predict_lists_labels(tmp_path: Path, capsys, monkeypatch) -> None:
@@ -102,8 +104,9 @@ def test_a_short_run_reports_map_and_f1_and_predict_lists_labels(tmp_path: Path,
     images = torch.stack([loaded.transform(Image.open(p).convert("RGB")) for p in paths])
     with torch.no_grad():
         probs = loaded.model(loaded.preprocess(images)).sigmoid().numpy()
-    truth = np.array([[c in {x.strip() for x in CELLS[i % 8].split("|")} for c in ("blue", "green", "red")]
-                      for i in range(16, 24)])
+    truth = np.array(
+        [[c in {x.strip() for x in CELLS[i % 8].split("|")} for c in ("blue", "green", "red")] for i in range(16, 24)]
+    )
     assert summary["final_val_map"] == pytest.approx(average_precision_score(truth, probs, average="macro"), abs=1e-5)
     f1 = f1_score(truth, probs >= 0.3, average=None, zero_division=0)
     assert list(summary["per_class_f1"].values()) == pytest.approx(f1.tolist(), abs=1e-6)
@@ -148,8 +151,10 @@ def test_spec_mistakes_are_located(tmp_path: Path, text: str, key: str, words: s
 def test_validate_counts_the_csv_classes_against_num_classes(tmp_path: Path, capsys) -> None:
     csv = _write(tmp_path)
     spec = tmp_path / "spec.yaml"
-    spec.write_text(f"model:\n  backbone: timm:resnet10t\n  pretrained: false\n  num_classes: 4\n"
-                    f"data:\n  name: csv\n  root: {csv}\n  multi_label: true\n")
+    spec.write_text(
+        f"model:\n  backbone: timm:resnet10t\n  pretrained: false\n  num_classes: 4\n"
+        f"data:\n  name: csv\n  root: {csv}\n  multi_label: true\n"
+    )
     assert main(["validate", str(spec)]) == 2
     err = capsys.readouterr()
     assert "num_classes: 3" in err.out + err.err
@@ -160,8 +165,10 @@ def test_a_head_only_stage_caches_multi_hot_targets(tmp_path: Path) -> None:
 
     spec = _spec(_write(tmp_path / "data"))
     spec["train"].update(epochs=1, cache_features="auto")
-    spec["groups"] = [{"name": "head", "params": ["@head"], "lr": 1e-2},
-                      {"name": "body", "params": ["*"], "unfreeze_at": "never"}]
+    spec["groups"] = [
+        {"name": "head", "params": ["@head"], "lr": 1e-2},
+        {"name": "body", "params": ["*"], "unfreeze_at": "never"},
+    ]
     log = io.StringIO()
     summary = run(load_spec(spec), tmp_path / "run", console=Console(file=log, width=200))
     assert "the frozen body ran once" in log.getvalue()

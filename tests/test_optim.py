@@ -1,4 +1,5 @@
 """surgery.train.optim: one optimizer from the start, frozen groups included, decay split timm's way."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,10 +8,9 @@ from torch import nn
 
 from surgery.errors import SpecError
 from surgery.model.groups import ResolvedGroup
-from surgery.spec import OptimizerSpec
-from surgery.train.optim import optimizer_kwargs, build_optimizer, build_param_groups, check_optimizer, set_lrs
+from surgery.spec import OptimizerSpec, load_spec
+from surgery.train.optim import build_optimizer, build_param_groups, check_optimizer, optimizer_kwargs, set_lrs
 from surgery.train.schedule import lr_at, lrs_at, trainable_groups
-from surgery.spec import load_spec
 
 
 class Scale(nn.Module):
@@ -46,12 +46,16 @@ HEAD = ("fc.weight", "fc.bias")
 
 
 def make_spec(optimizer: dict | None = None, body: dict | None = None, epochs: int = 6):
-    return load_spec({
-        "model": {"backbone": "torchvision:resnet18"},
-        "groups": [{"name": "body", "params": "*", "lr": 1e-2, "unfreeze_at": 2, **(body or {})},
-                   {"name": "head", "params": "fc", "lr": 1e-1, "weight_decay": 0.5}],
-        "train": {"epochs": epochs, "optimizer": {"weight_decay": 0.1, **(optimizer or {})}},
-    })
+    return load_spec(
+        {
+            "model": {"backbone": "torchvision:resnet18"},
+            "groups": [
+                {"name": "body", "params": "*", "lr": 1e-2, "unfreeze_at": 2, **(body or {})},
+                {"name": "head", "params": "fc", "lr": 1e-1, "weight_decay": 0.5},
+            ],
+            "train": {"epochs": epochs, "optimizer": {"weight_decay": 0.1, **(optimizer or {})}},
+        }
+    )
 
 
 def resolved(spec) -> list[ResolvedGroup]:
@@ -119,11 +123,14 @@ def test_empty_halves_are_left_out():
     assert [(pg["group"], pg["decay"]) for pg in pgs] == [("body", True), ("body", False), ("head", False)]
 
 
-@pytest.mark.parametrize("body_params, message", [
-    (BODY + ("nope",), "not a parameter"),
-    (BODY + ("fc.bias",), "in two groups"),
-    (BODY[:-1], "in no group"),
-])
+@pytest.mark.parametrize(
+    "body_params, message",
+    [
+        (BODY + ("nope",), "not a parameter"),
+        (BODY + ("fc.bias",), "in two groups"),
+        (BODY[:-1], "in no group"),
+    ],
+)
 def test_resolver_mistakes_are_caught(body_params, message):
     model, spec = Tiny(), make_spec()
     groups = [ResolvedGroup(spec.groups[0], body_params, ()), ResolvedGroup(spec.groups[1], HEAD, ())]
@@ -179,7 +186,9 @@ def test_optimizer_state_survives_a_checkpoint_after_unfreezing():
     train_steps(model, opt, 2)
     again = build_optimizer(model, groups, spec.train)
     again.load_state_dict(opt.state_dict())
-    assert [(pg["group"], pg["decay"]) for pg in again.param_groups] == [(pg["group"], pg["decay"]) for pg in opt.param_groups]
+    assert [(pg["group"], pg["decay"]) for pg in again.param_groups] == [
+        (pg["group"], pg["decay"]) for pg in opt.param_groups
+    ]
     assert again.state[model.conv.weight]["step"] == 2
 
 
@@ -200,18 +209,25 @@ def test_betas_eps_and_args_reach_the_optimizer():
 
 
 # --------------------------------------------------------------------------- kwargs and names
-@pytest.mark.parametrize("opt, device, want", [
-    ({"name": "sgd"}, "cuda", {"lr": 1e-3, "momentum": 0.9, "nesterov": False, "fused": True}),
-    ({"name": "sgd"}, "cpu", {"lr": 1e-3, "momentum": 0.9, "nesterov": False, "fused": True}),
-    ({"name": "adam"}, "cpu", {"lr": 1e-3, "fused": True}),
-    ({"name": "adamw"}, "cuda", {"lr": 1e-3, "fused": True}),
-    ({"name": "adam", "betas": [0.5, 0.6], "eps": 1e-7}, "cuda", {"lr": 1e-3, "betas": (0.5, 0.6), "eps": 1e-7, "fused": True}),
-    ({"name": "adamw"}, "mps", {"lr": 1e-3}),
-    ({"name": "adamw", "args": {"foreach": True}}, "cuda", {"lr": 1e-3, "foreach": True}),
-    ({"name": "adamw", "args": {"fused": False}}, "cuda", {"lr": 1e-3, "fused": False}),
-    ({"name": "lamb"}, "cuda", {"lr": 1e-3, "momentum": 0.9}),  # timm keeps momentum for optimizers with one
-    ({"name": "lookahead_sgd"}, "cuda", {"lr": 1e-3, "momentum": 0.9, "nesterov": False, "fused": True}),
-])
+@pytest.mark.parametrize(
+    "opt, device, want",
+    [
+        ({"name": "sgd"}, "cuda", {"lr": 1e-3, "momentum": 0.9, "nesterov": False, "fused": True}),
+        ({"name": "sgd"}, "cpu", {"lr": 1e-3, "momentum": 0.9, "nesterov": False, "fused": True}),
+        ({"name": "adam"}, "cpu", {"lr": 1e-3, "fused": True}),
+        ({"name": "adamw"}, "cuda", {"lr": 1e-3, "fused": True}),
+        (
+            {"name": "adam", "betas": [0.5, 0.6], "eps": 1e-7},
+            "cuda",
+            {"lr": 1e-3, "betas": (0.5, 0.6), "eps": 1e-7, "fused": True},
+        ),
+        ({"name": "adamw"}, "mps", {"lr": 1e-3}),
+        ({"name": "adamw", "args": {"foreach": True}}, "cuda", {"lr": 1e-3, "foreach": True}),
+        ({"name": "adamw", "args": {"fused": False}}, "cuda", {"lr": 1e-3, "fused": False}),
+        ({"name": "lamb"}, "cuda", {"lr": 1e-3, "momentum": 0.9}),  # timm keeps momentum for optimizers with one
+        ({"name": "lookahead_sgd"}, "cuda", {"lr": 1e-3, "momentum": 0.9, "nesterov": False, "fused": True}),
+    ],
+)
 def test_optimizer_kwargs(opt, device, want):
     full = OptimizerSpec.parse({"lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9, "nesterov": False, "args": {}, **opt})
     assert optimizer_kwargs(full, device) == want
@@ -230,14 +246,17 @@ def test_unknown_name_is_located_with_did_you_mean(tmp_path):
         build_optimizer(Tiny(), resolved(make_spec()), spec.train)
 
 
-@pytest.mark.parametrize("optimizer, path, words", [
-    ({"name": "sgd", "nesterov": True, "momentum": 0}, "train.optimizer.nesterov", "needs a momentum"),
-    ({"name": "sgd", "betas": [0.9, 0.99]}, "train.optimizer.betas", "no betas"),
-    ({"name": "lion", "eps": 1e-8}, "train.optimizer.eps", "no eps"),
-    ({"name": "adamw", "args": {"lr": 0.1}}, "train.optimizer.args.lr", "own place"),
-    ({"name": "adamw", "args": {"amsgard": True}}, "train.optimizer.args.amsgard", "no argument"),
-    ({"name": "adahessian"}, "train.optimizer.name", "second-order"),
-])
+@pytest.mark.parametrize(
+    "optimizer, path, words",
+    [
+        ({"name": "sgd", "nesterov": True, "momentum": 0}, "train.optimizer.nesterov", "needs a momentum"),
+        ({"name": "sgd", "betas": [0.9, 0.99]}, "train.optimizer.betas", "no betas"),
+        ({"name": "lion", "eps": 1e-8}, "train.optimizer.eps", "no eps"),
+        ({"name": "adamw", "args": {"lr": 0.1}}, "train.optimizer.args.lr", "own place"),
+        ({"name": "adamw", "args": {"amsgard": True}}, "train.optimizer.args.amsgard", "no argument"),
+        ({"name": "adahessian"}, "train.optimizer.name", "second-order"),
+    ],
+)
 def test_settings_errors(optimizer, path, words):
     spec = make_spec(optimizer)
     with pytest.raises(SpecError, match=words) as info:

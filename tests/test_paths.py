@@ -1,4 +1,5 @@
 """surgery.model.paths: one path syntax, matched at dot boundaries; type selectors."""
+
 from __future__ import annotations
 
 import pytest
@@ -131,9 +132,14 @@ def test_a_swapped_module_still_matches_its_original_type_name() -> None:
 def test_a_surgered_model_still_matches_original_type_names() -> None:
     from surgery import build, load_spec
 
-    built = build(load_spec({"model": {"backbone": "torchvision:resnet18"},
-                             "surgery": [{"insert": "se", "at": {"type": "MaxPool2d"}},
-                                         {"insert": "eca", "at": "layer1.0.bn2"}]}))
+    built = build(
+        load_spec(
+            {
+                "model": {"backbone": "torchvision:resnet18"},
+                "surgery": [{"insert": "se", "at": {"type": "MaxPool2d"}}, {"insert": "eca", "at": "layer1.0.bn2"}],
+            }
+        )
+    )
     modules = dict(built.model.named_modules())
     assert select_modules(modules, None, "MaxPool2d") == ["maxpool"]
     assert "layer1.0.bn2" in select_modules(modules, None, "torch.nn.BatchNorm2d")
@@ -147,14 +153,29 @@ def test_nearest_suggests_real_paths_at_the_same_depth_first() -> None:
     assert nearest("zzzzzz", names) == []
 
 
-@pytest.mark.parametrize(("pattern", "suggestions"), [
-    ("layer*.*.bn3", {"layer*.*.bn1", "layer*.*.bn2"}),
-    ("layer[12].*.conv3", {"layer[12].*.conv1", "layer[12].*.conv2"}),
-    ("**.bn3", {"**.bn1", "**.bn2"}),
-])
+@pytest.mark.parametrize(
+    ("pattern", "suggestions"),
+    [
+        ("layer*.*.bn3", {"layer*.*.bn1", "layer*.*.bn2"}),
+        ("layer[12].*.conv3", {"layer[12].*.conv1", "layer[12].*.conv2"}),
+        ("**.bn3", {"**.bn1", "**.bn2"}),
+    ],
+)
 def test_a_glob_gets_corrected_globs_that_match(pattern: str, suggestions: set) -> None:
-    names = ["layer1", "layer1.0", "layer1.0.bn1", "layer1.0.bn2", "layer1.0.conv1", "layer1.0.conv2",
-             "layer2", "layer2.0", "layer2.0.bn1", "layer2.0.bn2", "layer2.0.conv1", "layer2.0.conv2"]
+    names = [
+        "layer1",
+        "layer1.0",
+        "layer1.0.bn1",
+        "layer1.0.bn2",
+        "layer1.0.conv1",
+        "layer1.0.conv2",
+        "layer2",
+        "layer2.0",
+        "layer2.0.bn1",
+        "layer2.0.bn2",
+        "layer2.0.conv1",
+        "layer2.0.conv2",
+    ]
     found = nearest(pattern, names)
     assert set(found[:2]) == suggestions
     assert all(any(matches(f, n) for n in names) for f in found)

@@ -1,4 +1,5 @@
 """surgery.pages.plots: the one place a figure becomes a PNG, and a confusion matrix readable at 10 and 30 classes."""
+
 from __future__ import annotations
 
 import io
@@ -32,8 +33,10 @@ def test_figure_png_leaves_no_figure_open() -> None:
 
     before = plt.get_fignums()
     png = figure_png(figure(2, 1))
-    rows = [{"epoch": e, "train_loss": 1.0 / (e + 1), "val_loss": 1.1 / (e + 1), "train_acc": 0.5, "val_acc": 0.4}
-            for e in range(3)]
+    rows = [
+        {"epoch": e, "train_loss": 1.0 / (e + 1), "val_loss": 1.1 / (e + 1), "train_acc": 0.5, "val_acc": 0.4}
+        for e in range(3)
+    ]
     curves_png(rows, {1: ["body"]})
     confusion_png(np.eye(3) * 4, ["a", "b", "c"])
     other = plt.figure()  # a pyplot figure from elsewhere is closed too

@@ -1,4 +1,5 @@
 """`surgery predict` and `load_run`: real image files, the run's transforms, unreadable files, wrong run folders."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,12 @@ from surgery.cli import main
 from surgery.deploy.predict import load_run
 from surgery.runs import load_safetensors
 
-SPEC = {"name": "tiny", "model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False},
-        "train": {"epochs": 1, "batch_size": 8, "limit_batches": 2},
-        "data": {"name": "digits", "image_size": 32, "num_workers": 0}}
+SPEC = {
+    "name": "tiny",
+    "model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False},
+    "train": {"epochs": 1, "batch_size": 8, "limit_batches": 2},
+    "data": {"name": "digits", "image_size": 32, "num_workers": 0},
+}
 N_IMAGES = 5
 
 
@@ -45,8 +49,19 @@ def _json_lines(text: str) -> list[dict]:
 
 
 def test_json_predictions_for_a_folder_skip_unreadable_files(run_dir, images, capsys):
-    code = main(["predict", str(run_dir), str(images / "digits"), str(images / "notes.txt"),
-                 "--json", "--topk", "50", "--batch-size", "2"])
+    code = main(
+        [
+            "predict",
+            str(run_dir),
+            str(images / "digits"),
+            str(images / "notes.txt"),
+            "--json",
+            "--topk",
+            "50",
+            "--batch-size",
+            "2",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0
     rows = _json_lines(out)
@@ -109,10 +124,13 @@ def test_falls_back_to_the_best_checkpoint_and_says_so(run_dir, tmp_path):
     assert "best.safetensors" in loaded.note
 
 
-@pytest.mark.parametrize("make, words", [
-    (lambda root: root / "missing", ["does not exist", "surgery run"]),
-    (lambda root: root, ["spec.yaml"]),  # a folder, but not a run
-])
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda root: root / "missing", ["does not exist", "surgery run"]),
+        (lambda root: root, ["spec.yaml"]),  # a folder, but not a run
+    ],
+)
 def test_a_wrong_run_directory_is_a_clear_error(tmp_path, images, capsys, make, words):
     path = make(tmp_path)
     assert main(["predict", str(path), str(images / "digits")]) == 2
@@ -159,8 +177,7 @@ def test_class_and_file_names_reach_the_terminal_escaped(run_dir, images, tmp_pa
     assert "one\\x1b[31m.png" in out and "\\x1b[2J" in out and "\\x1b]0;pwned\\x07" in out and "\\u202eevil" in out
 
 
-def test_weights_of_another_model_are_refused_by_every_command_naming_what_differs(run_dir, tmp_path, images,
-                                                                                    capsys):
+def test_weights_of_another_model_are_refused_by_every_command_naming_what_differs(run_dir, tmp_path, images, capsys):
     from surgery.runs import save_safetensors
 
     copy = tmp_path / "foreign"
@@ -174,8 +191,11 @@ def test_weights_of_another_model_are_refused_by_every_command_naming_what_diffe
     del state["conv1.0.weight"]
     state["layer1.cbam_after.gate.weight"] = torch.zeros(4)  # a module this spec does not insert
     save_safetensors(copy / "model.safetensors", state)
-    for command in (["predict", str(copy), str(images / "digits")], ["evaluate", str(copy), "--split", "val"],
-                    ["export", str(copy)]):
+    for command in (
+        ["predict", str(copy), str(images / "digits")],
+        ["evaluate", str(copy), "--split", "val"],
+        ["export", str(copy)],
+    ):
         assert main(command) == 2, command
         err = capsys.readouterr().err.replace("\n", "")
         assert "model.safetensors does not hold the weights of the model its spec.yaml builds" in err, err

@@ -1,11 +1,12 @@
 """The pytest plugin: spec files as test items, located failures without tracebacks, off unless configured."""
+
 from __future__ import annotations
 
-import tomllib
 from importlib import import_module
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 pytest_plugins = ["pytester"]
@@ -27,7 +28,9 @@ data:
 
 MISSPELT = GOOD.replace("num_classes: 10", "num_clases: 10")  # line 4
 LAYER9 = GOOD.replace("at: layer4", "at: layer9")  # a real-model mistake: resnet18 has layer1..layer4
-FROZEN_ALL_RUN = GOOD + """\
+FROZEN_ALL_RUN = (
+    GOOD
+    + """\
 groups:
   - name: rest
     params: '*'
@@ -35,6 +38,7 @@ groups:
 train:
   epochs: 2
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +68,15 @@ def test_misspelt_key_fails_with_the_located_message_and_no_traceback(pytester: 
     write(pytester, bad=MISSPELT)
     result = pytester.runpytest(*PLUGIN, "--surgery-specs", "specs/*.yaml")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines([
-        "*specs/bad.yaml:4:3: model.num_clases: unknown key 'num_clases'",
-        "*found:*'num_clases'",
-        "*expected:*",
-        "*hint:*did you mean 'num_classes'?",
-        "FAILED specs/bad.yaml::surgery-spec*",
-    ])
+    result.stdout.fnmatch_lines(
+        [
+            "*specs/bad.yaml:4:3: model.num_clases: unknown key 'num_clases'",
+            "*found:*'num_clases'",
+            "*expected:*",
+            "*hint:*did you mean 'num_classes'?",
+            "FAILED specs/bad.yaml::surgery-spec*",
+        ]
+    )
     out = result.stdout.str()
     assert "Traceback" not in out and "pytest_plugin.py" not in out
 
@@ -82,8 +88,12 @@ def test_schema_only_passes_what_only_the_model_rejects(pytester: pytest.Pyteste
 
     result = pytester.runpytest(*PLUGIN, "--surgery-specs", "specs/*.yaml")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["specs/layer9.yaml:7:5: surgery?0].at: no module of torchvision:resnet18 "
-                                 "matches 'layer9'", "*hint:*did you mean 'layer4'*"])
+    result.stdout.fnmatch_lines(
+        [
+            "specs/layer9.yaml:7:5: surgery?0].at: no module of torchvision:resnet18 matches 'layer9'",
+            "*hint:*did you mean 'layer4'*",
+        ]
+    )
     assert "Traceback" not in result.stdout.str()
 
 
@@ -118,13 +128,25 @@ def test_a_glob_that_matches_nothing_is_a_warning(pytester: pytest.Pytester) -> 
 def test_spec_warnings_are_pytest_warnings_located_at_the_spec(pytester: pytest.Pytester) -> None:
     write(pytester, frozen=FROZEN_ALL_RUN)
     result = pytester.runpytest(*PLUGIN, "--surgery-specs", "specs/*.yaml", "--surgery-schema-only")
-    result.assert_outcomes(passed=1)  # no warnings count: with the entry point installed, `-p` adds an already-imported warning
-    result.stdout.fnmatch_lines(["*specs/frozen.yaml:13: SurgerySpecWarning: specs/frozen.yaml:13: "
-                                 "groups?0].unfreeze_at: group 'rest' unfreezes at epoch 5*",
-                                 "*specs/frozen.yaml:10: SurgerySpecWarning: *no group trains*"])
+    result.assert_outcomes(
+        passed=1
+    )  # no warnings count: with the entry point installed, `-p` adds an already-imported warning
+    result.stdout.fnmatch_lines(
+        [
+            "*specs/frozen.yaml:13: SurgerySpecWarning: specs/frozen.yaml:13: "
+            "groups?0].unfreeze_at: group 'rest' unfreezes at epoch 5*",
+            "*specs/frozen.yaml:10: SurgerySpecWarning: *no group trains*",
+        ]
+    )
 
-    result = pytester.runpytest(*PLUGIN, "--surgery-specs", "specs/*.yaml", "--surgery-schema-only",
-                                "-W", "error::surgery.pytest_plugin.SurgerySpecWarning")
+    result = pytester.runpytest(
+        *PLUGIN,
+        "--surgery-specs",
+        "specs/*.yaml",
+        "--surgery-schema-only",
+        "-W",
+        "error::surgery.pytest_plugin.SurgerySpecWarning",
+    )
     result.assert_outcomes(failed=1)
     assert "Traceback" not in result.stdout.str()
 

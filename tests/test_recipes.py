@@ -1,4 +1,5 @@
 """Every shipped spec runs: one short epoch on fake data of the spec's own size, through --set."""
+
 from __future__ import annotations
 
 import json
@@ -9,17 +10,42 @@ import pytest
 from surgery.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = [p for p in sorted((ROOT / "specs").glob("*.yaml")) + sorted((ROOT / "examples").rglob("*.yaml"))
-           if not p.name.startswith("sweep-")]  # sweep files: tests/test_sweep.py
+RECIPES = [
+    p
+    for p in sorted((ROOT / "specs").glob("*.yaml")) + sorted((ROOT / "examples").rglob("*.yaml"))
+    if not p.name.startswith("sweep-")
+]  # sweep files: tests/test_sweep.py
 
 
 def _smoke(spec: Path) -> list[str]:
     # fake data shaped like the real thing (the spec's image size and class count), one batch of
     # two images, no pretrained download; everything else exactly as written
-    return ["--set", "data.name=fake", "--set", "data.root=null", "--set", "data.augment=none",
-            "--set", "data.classes=null", "--set", "data.subset={train: 4, val: 2}", "--set", "data.num_workers=0",
-            "--set", "model.pretrained=false", "--set", "model.key_map=null", "--set", "model.reset_head=false",
-            "--set", "train.epochs=1", "--set", "train.batch_size=2", "--set", "train.limit_batches=1"]
+    return [
+        "--set",
+        "data.name=fake",
+        "--set",
+        "data.root=null",
+        "--set",
+        "data.augment=none",
+        "--set",
+        "data.classes=null",
+        "--set",
+        "data.subset={train: 4, val: 2}",
+        "--set",
+        "data.num_workers=0",
+        "--set",
+        "model.pretrained=false",
+        "--set",
+        "model.key_map=null",
+        "--set",
+        "model.reset_head=false",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.batch_size=2",
+        "--set",
+        "train.limit_batches=1",
+    ]
 
 
 @pytest.mark.parametrize("spec", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))

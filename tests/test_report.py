@@ -1,5 +1,6 @@
 """RUN_DIR/report.html: written at the end of a run, rewritten by `surgery report`, self-contained,
 tolerant of missing and malformed files, escaped, and rendered by a real browser."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,16 +12,16 @@ import shutil
 from pathlib import Path
 
 import pytest
+from browser import assert_not_blank, keep_screenshot, page_text, render
 from PIL import Image
 from rich.console import Console
+from runs import train_quietly
 
-from browser import assert_not_blank, keep_screenshot, page_text, render
 from surgery.cli import main
 from surgery.pages.run_page import data_uri, gather, write_report
 from surgery.runs import read_metrics
-from surgery.train.schedule import schedule_table
 from surgery.spec import load_spec
-from runs import train_quietly
+from surgery.train.schedule import schedule_table
 
 HOSTILE = "<script>alert(1)</script>"
 
@@ -31,8 +32,11 @@ def _copy(run: Path, tmp_path: Path, name: str = "run") -> Path:
 
 
 def _files(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _self_contained(html: str) -> None:
@@ -48,8 +52,10 @@ def _tables(html: str) -> list[list[list[str]]]:
     """Every table as rows of cell texts (header row first)."""
     tables = []
     for block in re.findall(r"<table.*?</table>", html, flags=re.S):
-        rows = [[page_text(cell)[0] for cell in re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row, flags=re.S)]
-                for row in re.findall(r"<tr.*?</tr>", block, flags=re.S)]
+        rows = [
+            [page_text(cell)[0] for cell in re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row, flags=re.S)]
+            for row in re.findall(r"<tr.*?</tr>", block, flags=re.S)
+        ]
         tables.append(rows)
     return tables
 
@@ -92,7 +98,9 @@ def test_write_report_is_idempotent_and_touches_nothing_else(tiny_run: Path, tmp
     first = write_report(run).read_bytes()
     assert write_report(run).read_bytes() == first
     after = _files(run)
-    assert {k: v for k, v in after.items() if k != "report.html"} == {k: v for k, v in before.items() if k != "report.html"}
+    assert {k: v for k, v in after.items() if k != "report.html"} == {
+        k: v for k, v in before.items() if k != "report.html"
+    }
     assert not [p for p in run.rglob("*.tmp")]
 
 
@@ -100,8 +108,14 @@ def test_schedule_marks_frozen_groups_and_unfreeze_epochs(tiny_run: Path, tmp_pa
     run = _copy(tiny_run, tmp_path)
     spec_text = (run / "spec.yaml").read_text()
     # a later stage that the run never reached: the table shows the plan for epochs not trained yet
-    spec = load_spec(run / "spec.yaml", ["train.epochs=4", "groups=[{name: new, params: ['@inserted', '@head'], "
-                                          "lr: 0.01}, {name: body, params: ['*'], lr: 0.001, unfreeze_at: 2}]"])
+    spec = load_spec(
+        run / "spec.yaml",
+        [
+            "train.epochs=4",
+            "groups=[{name: new, params: ['@inserted', '@head'], "
+            "lr: 0.01}, {name: body, params: ['*'], lr: 0.001, unfreeze_at: 2}]",
+        ],
+    )
     (run / "spec.yaml").write_text(spec.to_yaml())
     (run / "summary.json").unlink()
     html = write_report(run).read_text()
@@ -143,29 +157,54 @@ def _eval_and_explain(run: Path) -> dict:
     classes = json.loads((run / "classes.json").read_text())
     folder = run / "eval" / "test"
     folder.mkdir(parents=True)
-    pngs = {"confusion": "confusion.png", "confusion_normalized": "confusion_normalized.png",
-            "reliability": "reliability.png", "mistakes": "mistakes.png"}
+    pngs = {
+        "confusion": "confusion.png",
+        "confusion_normalized": "confusion_normalized.png",
+        "reliability": "reliability.png",
+        "mistakes": "mistakes.png",
+    }
     for i, name in enumerate(pngs.values()):
         _png(folder / name, (40 * i, 90, 200))
-    metrics = {"split": "test", "source": "/data/digits-test", "images": 120, "weights": "model.safetensors",
-               "accuracy": 0.8125, "top5": None,
-               "per_class": {c: {"precision": 0.5 + i / 40, "recall": 0.6, "f1": 0.55, "support": 12}
-                             for i, c in enumerate(classes)},
-               "macro_avg": {"precision": 0.61, "recall": 0.6, "f1": 0.55, "support": 120},
-               "weighted_avg": {"precision": 0.62, "recall": 0.6, "f1": 0.56, "support": 120},
-               "most_confused": [{"true": classes[3], "predicted": classes[5], "count": 4}],
-               "ece": 0.0421, "tta": {"accuracy": 0.8333, "gain": 0.0208, "views": 2}, "pngs": pngs}
+    metrics = {
+        "split": "test",
+        "source": "/data/digits-test",
+        "images": 120,
+        "weights": "model.safetensors",
+        "accuracy": 0.8125,
+        "top5": None,
+        "per_class": {
+            c: {"precision": 0.5 + i / 40, "recall": 0.6, "f1": 0.55, "support": 12} for i, c in enumerate(classes)
+        },
+        "macro_avg": {"precision": 0.61, "recall": 0.6, "f1": 0.55, "support": 120},
+        "weighted_avg": {"precision": 0.62, "recall": 0.6, "f1": 0.56, "support": 120},
+        "most_confused": [{"true": classes[3], "predicted": classes[5], "count": 4}],
+        "ece": 0.0421,
+        "tta": {"accuracy": 0.8333, "gain": 0.0208, "views": 2},
+        "pngs": pngs,
+    }
     (folder / "metrics.json").write_text(json.dumps(metrics))
     (run / "eval" / "broken").mkdir()
     (run / "eval" / "broken" / "metrics.json").write_text('{"split": "broken", ')
     (run / "explain").mkdir()
     _png(run / "explain" / "0.png", (200, 30, 30))
-    (run / "explain" / "predictions.json").write_text(json.dumps([
-        {"image": "digits/7/a.png", "png": "0.png", "predicted": classes[7], "confidence": 0.9312,
-         "explained_class": classes[7], "layer": "layer4", "method": "gradcam", "modules": ["layer4.cbam_after"]},
-        {"image": "b.png", "png": "missing.png", "predicted": classes[1]},
-        {"image": "c.png", "png": "../summary.json", "predicted": classes[2]},
-    ]))
+    (run / "explain" / "predictions.json").write_text(
+        json.dumps(
+            [
+                {
+                    "image": "digits/7/a.png",
+                    "png": "0.png",
+                    "predicted": classes[7],
+                    "confidence": 0.9312,
+                    "explained_class": classes[7],
+                    "layer": "layer4",
+                    "method": "gradcam",
+                    "modules": ["layer4.cbam_after"],
+                },
+                {"image": "b.png", "png": "missing.png", "predicted": classes[1]},
+                {"image": "c.png", "png": "../summary.json", "predicted": classes[2]},
+            ]
+        )
+    )
     return metrics
 
 
@@ -175,13 +214,19 @@ def test_evaluate_and_explain_outputs_are_shown(tiny_run: Path, tmp_path: Path) 
     html = write_report(run).read_text()
     _self_contained(html)
     text, _ = page_text(html)
-    assert f"accuracy {metrics['accuracy']:.4f}" in text and f"with tta {metrics['tta']['accuracy']:.4f}" in text.lower()
+    assert (
+        f"accuracy {metrics['accuracy']:.4f}" in text and f"with tta {metrics['tta']['accuracy']:.4f}" in text.lower()
+    )
     assert "120 images from /data/digits-test" in text
     per_class = _table(html, "class")  # the run's table comes first; the evaluation's has precision
     evaluation = next(t for t in _tables(html) if t[0][:2] == ["class", "precision"])
     assert len(evaluation) == 1 + len(metrics["per_class"]) + 2  # the classes, macro and weighted averages
     assert evaluation[-2][:2] == ["macro average", f"{metrics['macro_avg']['precision']:.4f}"]
-    assert _table(html, "true")[1] == [metrics["most_confused"][0]["true"], metrics["most_confused"][0]["predicted"], "4"]
+    assert _table(html, "true")[1] == [
+        metrics["most_confused"][0]["true"],
+        metrics["most_confused"][0]["predicted"],
+        "4",
+    ]
     assert html.count('src="data:image/png;base64,') == 2 + 4 + 1  # run plots, eval pictures, one explanation
     assert "predicted 7 (0.9312)" in text and "gradcam at layer4" in text
     problems = html_module.unescape(re.search(r'<div class="problems".*?</div>', html, flags=re.S).group(0))
@@ -191,15 +236,18 @@ def test_evaluate_and_explain_outputs_are_shown(tiny_run: Path, tmp_path: Path) 
     assert per_class
 
 
-@pytest.mark.parametrize("name, content, shown", [
-    ("summary.json", "[1, 2]", "summary.json: holds a JSON list, not an object"),
-    ("load_report.json", "{oops", "load_report.json: is not valid JSON"),
-    ("classes.json", b"\xff\xfe", "classes.json: cannot be read"),
-    ("spec.yaml", "model: {backbone: 3}\n", "spec.yaml: does not load as a spec"),
-    ("summary.json", "[" * 100_000 + "]" * 100_000, "summary.json: is not valid JSON (nested too deeply)"),
-    ("summary.json", b'{"name": "\xff"}', "summary.json: cannot be read (UnicodeDecodeError"),
-    ("metrics.jsonl", b'{"epoch": 0}\n{"epoch": "\xff"}\n', "metrics.jsonl: cannot be read (UnicodeDecodeError"),
-])
+@pytest.mark.parametrize(
+    "name, content, shown",
+    [
+        ("summary.json", "[1, 2]", "summary.json: holds a JSON list, not an object"),
+        ("load_report.json", "{oops", "load_report.json: is not valid JSON"),
+        ("classes.json", b"\xff\xfe", "classes.json: cannot be read"),
+        ("spec.yaml", "model: {backbone: 3}\n", "spec.yaml: does not load as a spec"),
+        ("summary.json", "[" * 100_000 + "]" * 100_000, "summary.json: is not valid JSON (nested too deeply)"),
+        ("summary.json", b'{"name": "\xff"}', "summary.json: cannot be read (UnicodeDecodeError"),
+        ("metrics.jsonl", b'{"epoch": 0}\n{"epoch": "\xff"}\n', "metrics.jsonl: cannot be read (UnicodeDecodeError"),
+    ],
+)
 def test_malformed_files_are_named_on_the_page(tiny_run: Path, tmp_path: Path, name: str, content, shown: str) -> None:
     run = _copy(tiny_run, tmp_path)
     (run / name).write_bytes(content if isinstance(content, bytes) else content.encode())
@@ -231,15 +279,48 @@ def test_only_files_inside_the_run_are_embedded(tiny_run: Path, tmp_path: Path) 
     assert len(data["explanations"]) == 1
 
 
-WRONG = [b"", b"null", b"[]", b"\xff\xfe", b'[1, "a", null, {"png": 5}]',
-         json.dumps({"per_class": "x", "pngs": [1], "accuracy": "high", "most_confused": {"a": 1}, "tta": 3,
-                     "params": [], "balance": 2, "confusion_matrix": [[1, 2], [3]], "best_epoch": "x", "epochs": None,
-                     "inserted_modules": [1, {"params": "x"}], "reinitialised": {"a": 1}, "loaded": "str",
-                     "per_class_f1": {"0": "x"}, "multi_label": "yes", "epoch": "x", "lr": 5}).encode()]
+WRONG = [
+    b"",
+    b"null",
+    b"[]",
+    b"\xff\xfe",
+    b'[1, "a", null, {"png": 5}]',
+    json.dumps(
+        {
+            "per_class": "x",
+            "pngs": [1],
+            "accuracy": "high",
+            "most_confused": {"a": 1},
+            "tta": 3,
+            "params": [],
+            "balance": 2,
+            "confusion_matrix": [[1, 2], [3]],
+            "best_epoch": "x",
+            "epochs": None,
+            "inserted_modules": [1, {"params": "x"}],
+            "reinitialised": {"a": 1},
+            "loaded": "str",
+            "per_class_f1": {"0": "x"},
+            "multi_label": "yes",
+            "epoch": "x",
+            "lr": 5,
+        }
+    ).encode(),
+]
 
 
-@pytest.mark.parametrize("name", ["summary.json", "metrics.jsonl", "load_report.json", "classes.json", "spec.yaml",
-                                  "eval/test/metrics.json", "explain/predictions.json"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "summary.json",
+        "metrics.jsonl",
+        "load_report.json",
+        "classes.json",
+        "spec.yaml",
+        "eval/test/metrics.json",
+        "explain/predictions.json",
+    ],
+)
 def test_any_file_holding_anything_still_gives_a_page(tiny_run: Path, tmp_path: Path, name: str) -> None:
     """Empty, null, the wrong JSON type, not UTF-8, values of the wrong types: never a crash."""
     from surgery.pages.run_page import render_report
@@ -268,12 +349,24 @@ def multi_label_run(tmp_path_factory, one_thread) -> Path:
         Image.new("RGB", (32, 32), colour).save(folder / f"{i}.png")
         lines.append(f'{i}.png,"{cell}",{"train" if i < 12 else "val"}')
     (folder / "labels.csv").write_text("\n".join(lines) + "\n")
-    spec = load_spec({"name": "multi", "model": {"backbone": "timm:resnet10t", "num_classes": 3, "pretrained": False},
-                      "groups": [{"name": "head", "params": ["@head"], "lr": 0.01},
-                                 {"name": "body", "params": ["*"], "lr": 0.001, "unfreeze_at": 1}],
-                      "train": {"epochs": 2, "batch_size": 6, "limit_batches": 2},
-                      "data": {"name": "csv", "root": str(folder / "labels.csv"), "multi_label": True,
-                               "image_size": 32, "num_workers": 0}})
+    spec = load_spec(
+        {
+            "name": "multi",
+            "model": {"backbone": "timm:resnet10t", "num_classes": 3, "pretrained": False},
+            "groups": [
+                {"name": "head", "params": ["@head"], "lr": 0.01},
+                {"name": "body", "params": ["*"], "lr": 0.001, "unfreeze_at": 1},
+            ],
+            "train": {"epochs": 2, "batch_size": 6, "limit_batches": 2},
+            "data": {
+                "name": "csv",
+                "root": str(folder / "labels.csv"),
+                "multi_label": True,
+                "image_size": 32,
+                "num_workers": 0,
+            },
+        }
+    )
     train_quietly(spec, folder / "run")
     return folder / "run"
 
@@ -302,11 +395,14 @@ def test_report_command(tiny_run: Path, tmp_path: Path, capsys) -> None:
     assert (run / "report.html").is_file()
 
 
-@pytest.mark.parametrize("setup, message", [
-    (lambda p: p / "missing", "the run directory does not exist"),
-    (lambda p: (p / "file.txt").write_text("x") and p / "file.txt", "the run path is not a folder"),
-    (lambda p: (p / "empty").mkdir() or p / "empty", "the folder is not a run directory: it has no spec.yaml"),
-])
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: p / "missing", "the run directory does not exist"),
+        (lambda p: (p / "file.txt").write_text("x") and p / "file.txt", "the run path is not a folder"),
+        (lambda p: (p / "empty").mkdir() or p / "empty", "the folder is not a run directory: it has no spec.yaml"),
+    ],
+)
 def test_report_command_refuses_what_is_not_a_run(tiny_run: Path, tmp_path: Path, capsys, setup, message: str) -> None:
     good = _copy(tiny_run, tmp_path, "good")
     before = _files(good)
@@ -323,13 +419,21 @@ def test_a_report_that_fails_is_a_warning_not_a_lost_run(tmp_path: Path, monkeyp
 
     def broken(run_dir):
         raise RuntimeError("template exploded")
+
     monkeypatch.setattr(surgery.pages.run_page, "write_report", broken)
     out = io.StringIO()
-    spec = load_spec({"name": "t", "model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False},
-                      "train": {"epochs": 1, "batch_size": 8, "limit_batches": 1},
-                      "data": {"name": "digits", "image_size": 32, "num_workers": 0}})
+    spec = load_spec(
+        {
+            "name": "t",
+            "model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False},
+            "train": {"epochs": 1, "batch_size": 8, "limit_batches": 1},
+            "data": {"name": "digits", "image_size": 32, "num_workers": 0},
+        }
+    )
     run(spec, tmp_path / "t", console=Console(file=out, width=400))
-    assert "report.html was not written (RuntimeError: template exploded); write it with: surgery report" in out.getvalue()
+    assert (
+        "report.html was not written (RuntimeError: template exploded); write it with: surgery report" in out.getvalue()
+    )
     assert (tmp_path / "t" / "summary.json").is_file() and not (tmp_path / "t" / "report.html").exists()
 
 
@@ -353,14 +457,30 @@ def test_a_group_unfrozen_by_a_rule_is_marked_at_the_epoch_it_really_unfroze():
     from surgery import load_spec
     from surgery.pages.run_page import epoch_table
 
-    spec = load_spec({"model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False},
-                      "groups": [{"name": "head", "params": ["@head"], "unfreeze_at": 0},
-                                 {"name": "body", "params": ["*"], "unfreeze_at": {"plateau": {"patience": 1}}}],
-                      "train": {"epochs": 4}, "data": {"name": "digits", "image_size": 32}})
-    rows = [{"epoch": e, "lr": {"head": 1e-3, "body": 1e-3 if e >= 2 else None},
-             "trainable": {"head": True, "body": e >= 2}, "train_loss": 1.0, "train_acc": 0.5,
-             "val_loss": 1.0, "val_acc": 0.5, "unfreeze_at": {"head": 0, "body": 2 if e >= 1 else None}}
-            for e in range(3)]
+    spec = load_spec(
+        {
+            "model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False},
+            "groups": [
+                {"name": "head", "params": ["@head"], "unfreeze_at": 0},
+                {"name": "body", "params": ["*"], "unfreeze_at": {"plateau": {"patience": 1}}},
+            ],
+            "train": {"epochs": 4},
+            "data": {"name": "digits", "image_size": 32},
+        }
+    )
+    rows = [
+        {
+            "epoch": e,
+            "lr": {"head": 1e-3, "body": 1e-3 if e >= 2 else None},
+            "trainable": {"head": True, "body": e >= 2},
+            "train_loss": 1.0,
+            "train_acc": 0.5,
+            "val_loss": 1.0,
+            "val_acc": 0.5,
+            "unfreeze_at": {"head": 0, "body": 2 if e >= 1 else None},
+        }
+        for e in range(3)
+    ]
     table = epoch_table(spec, rows, best_epoch=2)
     assert table["unfreeze"] == {2: ["body"]}
     marked = [(r["epoch"], cell["starts"]) for r in table["rows"] for cell in r["groups"][1:]]

@@ -3,6 +3,7 @@
 The resumed runs must end bit-identical to an uninterrupted one (CPU): same weights, optimizer
 state and EMA, and a metrics.jsonl with every epoch exactly once.
 """
+
 from __future__ import annotations
 
 import errno
@@ -26,12 +27,20 @@ SPEC = {
     # every source of state a resume must restore: dropout (global RNG), random augmentation,
     # momentum, EMA, a per-step cosine schedule with warm-up, a group unfreezing mid-run
     "model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False, "args": {"drop_rate": 0.2}},
-    "train": {"epochs": 2, "batch_size": 16, "limit_batches": 3, "channels_last": False, "ema": 0.9,
-              "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
-              "scheduler": {"name": "cosine", "warmup_epochs": 1, "per_step": True}},
+    "train": {
+        "epochs": 2,
+        "batch_size": 16,
+        "limit_batches": 3,
+        "channels_last": False,
+        "ema": 0.9,
+        "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
+        "scheduler": {"name": "cosine", "warmup_epochs": 1, "per_step": True},
+    },
     "data": {"name": "digits", "image_size": 32, "num_workers": 0, "augment": "standard"},
-    "groups": [{"name": "head", "params": ["@head"], "lr": 0.01},
-               {"name": "body", "params": ["*"], "lr": 0.005, "unfreeze_at": 1}],
+    "groups": [
+        {"name": "head", "params": ["@head"], "lr": 0.01},
+        {"name": "body", "params": ["*"], "lr": 0.005, "unfreeze_at": 1},
+    ],
 }
 TIMING = ("images_per_sec", "seconds", "data_wait_fraction")
 
@@ -79,8 +88,9 @@ def _child(tmp_path: Path, mode: str, *args: str) -> subprocess.CompletedProcess
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "300"}
-    return subprocess.run([sys.executable, str(script), mode, "run", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(script), mode, "run", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def _assert_same_run(run: Path, reference: Path) -> None:
@@ -151,8 +161,9 @@ def test_a_resumed_epoch_skips_done_batches_without_loading_them():
 
     spec = load_spec(SPEC)
     data = build_data(spec, {"mean": (0.5,) * 3, "std": (0.5,) * 3})
-    loader = make_loader(data.train, batch_size=16, train=True, seed=spec.seed, num_workers=0, pin_memory=False,
-                         drop_last=True)
+    loader = make_loader(
+        data.train, batch_size=16, train=True, seed=spec.seed, num_workers=0, pin_memory=False, drop_last=True
+    )
     full = list(loader.epoch(3))
     loaded = []
     real = type(data.train).__getitem__
@@ -208,8 +219,9 @@ def test_disk_full_during_a_run_stops_cleanly_and_the_run_resumes(spec_path, tmp
     assert [r["epoch"] for r in read_metrics(out / "metrics.jsonl")] == [0, 1]
 
 
-@pytest.mark.parametrize("error", [PermissionError(errno.EACCES, "Permission denied"),
-                                   OSError(errno.EROFS, "Read-only file system")])
+@pytest.mark.parametrize(
+    "error", [PermissionError(errno.EACCES, "Permission denied"), OSError(errno.EROFS, "Read-only file system")]
+)
 def test_an_unwritable_run_directory_fails_before_training(spec_path, tmp_path, monkeypatch, capsys, error):
     def refuse(*args, **kwargs):
         raise error

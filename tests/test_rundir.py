@@ -1,5 +1,6 @@
 """The run directory as a whole: one run at a time, --overwrite that loses nothing, files nobody may
 trust (a pickle that runs code), resume after the last epoch, and every check `validate` makes first."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,12 @@ from surgery.cli import main
 from surgery.errors import RunDirError
 from surgery.runs import RunDir, load_safetensors
 
-TINY = {"name": "tiny", "model": {"backbone": "timm:resnet10t", "num_classes": 10},
-        "train": {"epochs": 1, "batch_size": 16, "limit_batches": 1, "channels_last": False},
-        "data": {"name": "digits", "image_size": 32, "num_workers": 0}}
+TINY = {
+    "name": "tiny",
+    "model": {"backbone": "timm:resnet10t", "num_classes": 10},
+    "train": {"epochs": 1, "batch_size": 16, "limit_batches": 1, "channels_last": False},
+    "data": {"name": "digits", "image_size": 32, "num_workers": 0},
+}
 
 
 def write_spec(folder: Path, filename: str = "tiny.yaml", **sections) -> Path:
@@ -174,14 +178,22 @@ def test_overwrite_may_start_from_the_weights_it_replaces(trained, tmp_path):
     runs = tmp_path / "runs"
     out = _copy(run, runs / "tiny")
     old = load_safetensors(out / "model.safetensors")
-    again = write_spec(tmp_path, "again.yaml", name="tiny", model={"pretrained": "run:tiny"},
-                       train={"epochs": 1, "limit_batches": 1, "optimizer": {"lr": 1e-12}})
+    again = write_spec(
+        tmp_path,
+        "again.yaml",
+        name="tiny",
+        model={"pretrained": "run:tiny"},
+        train={"epochs": 1, "limit_batches": 1, "optimizer": {"lr": 1e-12}},
+    )
     assert main(["run", str(again), "--out", str(out), "--overwrite"]) == 0
     report = json.loads((out / "load_report.json").read_text())
     assert report["source"].endswith("model.safetensors") and len(report["loaded"]) == len(old)
     new = load_safetensors(out / "model.safetensors")
-    assert all(torch.allclose(new[k].float(), old[k].float(), atol=1e-6) for k in old if "running" not in k
-               and "num_batches" not in k)
+    assert all(
+        torch.allclose(new[k].float(), old[k].float(), atol=1e-6)
+        for k in old
+        if "running" not in k and "num_batches" not in k
+    )
 
 
 def test_a_build_error_leaves_no_folder_behind(tmp_path):
@@ -205,16 +217,22 @@ def test_resume_after_the_final_writes_were_killed_finishes_them(trained, tmp_pa
 
 
 # --------------------------------------------------------------------------- validate says what run would
-@pytest.mark.parametrize("sections, where, words", [
-    ({"model": {"num_classes": 5}}, "model.num_classes", "the model has 5 outputs but the data has 10 classes"),
-    ({"model": {"backbone": "timm:resnet10t", "num_classes": None}}, "model.num_classes",
-     "model.num_classes is not set, so the model keeps 1000 outputs"),
-    ({"train": {"optimizer": {"name": "adamm"}}}, "train.optimizer.name", "did you mean 'adam'"),
-    ({"train": {"scheduler": {"name": "cosin"}}}, "train.scheduler.name", "did you mean 'cosine'"),
-    ({"data": {"subset": {"train": 1}}}, "data.subset.train", "a batch of one cannot train BatchNorm"),
-    ({"data": {"augment": {"randaugment": "rand-zz"}}}, "data.augment.randaugment", "RandAugment"),
-    ({"train": {"compile": "inductr"}}, "train.compile", "did you mean 'inductor'"),
-])
+@pytest.mark.parametrize(
+    "sections, where, words",
+    [
+        ({"model": {"num_classes": 5}}, "model.num_classes", "the model has 5 outputs but the data has 10 classes"),
+        (
+            {"model": {"backbone": "timm:resnet10t", "num_classes": None}},
+            "model.num_classes",
+            "model.num_classes is not set, so the model keeps 1000 outputs",
+        ),
+        ({"train": {"optimizer": {"name": "adamm"}}}, "train.optimizer.name", "did you mean 'adam'"),
+        ({"train": {"scheduler": {"name": "cosin"}}}, "train.scheduler.name", "did you mean 'cosine'"),
+        ({"data": {"subset": {"train": 1}}}, "data.subset.train", "a batch of one cannot train BatchNorm"),
+        ({"data": {"augment": {"randaugment": "rand-zz"}}}, "data.augment.randaugment", "RandAugment"),
+        ({"train": {"compile": "inductr"}}, "train.compile", "did you mean 'inductor'"),
+    ],
+)
 def test_validate_finds_what_run_would_stop_on(tmp_path, capsys, sections, where, words):
     spec = write_spec(tmp_path, **sections)
     assert main(["validate", str(spec)]) == 2
@@ -230,10 +248,13 @@ def test_validate_warns_about_a_device_this_machine_lacks(tmp_path, capsys):
     assert "CUDA is not available on this machine" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--device", "foo"], "--device foo: this is not a device"),
-    (["--device", "cuda:7"], "--device cuda:7:"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--device", "foo"], "--device foo: this is not a device"),
+        (["--device", "cuda:7"], "--device cuda:7:"),
+    ],
+)
 def test_command_line_values_get_located_errors(trained, tmp_path, capsys, argv, words):
     spec, _ = trained
     if "cuda" in argv[-1] and torch.cuda.device_count() > 7:
@@ -281,8 +302,9 @@ def test_a_staging_folder_a_killed_run_left_is_removed_by_the_next_one(tmp_path)
     import subprocess
     import sys
 
-    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True).stdout)
+    dead = int(
+        subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    )
     left = tmp_path / f".tiny.new-{dead}-half"  # what `kill -9` during a run's first epoch leaves
     left.mkdir()
     (left / "spec.yaml").write_text("half")

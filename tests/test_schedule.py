@@ -1,4 +1,5 @@
 """surgery.train.schedule: lr and trainability as pure functions of the spec and time."""
+
 from __future__ import annotations
 
 import math
@@ -7,6 +8,7 @@ import pytest
 import torch
 from timm.scheduler import CosineLRScheduler, StepLRScheduler
 
+from surgery.spec import load_spec
 from surgery.train.schedule import (
     Plateau,
     global_factor,
@@ -18,7 +20,6 @@ from surgery.train.schedule import (
     trainable_groups,
     unfreeze_events,
 )
-from surgery.spec import load_spec
 
 BACKBONE = {"backbone": "torchvision:resnet18"}
 
@@ -48,8 +49,14 @@ def test_none_is_one_everywhere():
 def test_cosine_per_epoch_matches_timm(warmup, min_ratio):
     epochs = 12
     train = train_of(epochs, name="cosine", warmup_epochs=warmup, min_lr_ratio=min_ratio)
-    timm_sched = CosineLRScheduler(one_param_optimizer(), t_initial=epochs - warmup, lr_min=min_ratio,
-                                   warmup_t=warmup, warmup_lr_init=1.0 / (warmup + 1), warmup_prefix=True)
+    timm_sched = CosineLRScheduler(
+        one_param_optimizer(),
+        t_initial=epochs - warmup,
+        lr_min=min_ratio,
+        warmup_t=warmup,
+        warmup_lr_init=1.0 / (warmup + 1),
+        warmup_prefix=True,
+    )
     for epoch in range(epochs):
         assert global_factor(train, epoch) == pytest.approx(timm_sched._get_lr(epoch)[0], abs=1e-12)
         # without per_step, the lr holds for the whole epoch
@@ -70,8 +77,14 @@ def test_cosine_matches_torch_without_warmup():
 def test_cosine_per_step_matches_timm_step_updates():
     epochs, steps, warmup = 5, 4, 1
     train = train_of(epochs, name="cosine", warmup_epochs=warmup, min_lr_ratio=0.0, per_step=True)
-    timm_sched = CosineLRScheduler(one_param_optimizer(), t_initial=(epochs - warmup) * steps, warmup_t=warmup * steps,
-                                   warmup_lr_init=1.0 / (warmup + 1), warmup_prefix=True, t_in_epochs=False)
+    timm_sched = CosineLRScheduler(
+        one_param_optimizer(),
+        t_initial=(epochs - warmup) * steps,
+        warmup_t=warmup * steps,
+        warmup_lr_init=1.0 / (warmup + 1),
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
     for update in range(epochs * steps):
         assert global_factor(train, update / steps) == pytest.approx(timm_sched._get_lr(update)[0], abs=1e-12)
 
@@ -89,8 +102,14 @@ def test_step_matches_torch_and_timm(warmup):
     train = train_of(epochs, name="step", step_size=4, gamma=0.5, warmup_epochs=warmup)
     opt = one_param_optimizer()
     torch_sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
-    timm_sched = StepLRScheduler(one_param_optimizer(), decay_t=4, decay_rate=0.5, warmup_t=warmup,
-                                 warmup_lr_init=1.0 / (warmup + 1), warmup_prefix=False)
+    timm_sched = StepLRScheduler(
+        one_param_optimizer(),
+        decay_t=4,
+        decay_rate=0.5,
+        warmup_t=warmup,
+        warmup_lr_init=1.0 / (warmup + 1),
+        warmup_prefix=False,
+    )
     for epoch in range(epochs):
         assert global_factor(train, epoch) == pytest.approx(timm_sched._get_lr(epoch)[0], abs=1e-12)
         if epoch >= warmup:
@@ -121,13 +140,17 @@ def test_warmup_ramps_from_one_over_w_plus_one(name):
 
 # --------------------------------------------------------------------------- groups
 def test_group_warmup_counts_from_unfreeze_epoch():
-    spec = make_spec([
-        {"name": "head", "params": "fc"},
-        {"name": "body", "params": "*", "unfreeze_at": 2, "warmup_epochs": 2},
-        {"name": "stem", "params": "conv1", "unfreeze_at": "never", "warmup_epochs": 2},
-    ])
+    spec = make_spec(
+        [
+            {"name": "head", "params": "fc"},
+            {"name": "body", "params": "*", "unfreeze_at": 2, "warmup_epochs": 2},
+            {"name": "stem", "params": "conv1", "unfreeze_at": "never", "warmup_epochs": 2},
+        ]
+    )
     head, body, stem = spec.groups
-    assert [group_warmup(body, t) for t in (0, 1, 2, 3, 3.5, 4, 9)] == pytest.approx([1, 1, 1 / 3, 2 / 3, 2.5 / 3, 1, 1])
+    assert [group_warmup(body, t) for t in (0, 1, 2, 3, 3.5, 4, 9)] == pytest.approx(
+        [1, 1, 1 / 3, 2 / 3, 2.5 / 3, 1, 1]
+    )
     assert group_warmup(head, 0) == 1.0
     assert group_warmup(stem, 2) == 1.0
     assert [trainable_at(body, e) for e in range(4)] == [False, False, True, True]
@@ -138,9 +161,14 @@ def test_group_warmup_counts_from_unfreeze_epoch():
 
 def test_lr_at_multiplies_base_lr_global_group_warmup_and_plateau():
     spec = make_spec(
-        [{"name": "head", "params": "fc", "lr": {0: 1e-2, 4: 1e-3}},
-         {"name": "body", "params": "*", "lr": 1e-4, "unfreeze_at": 2, "warmup_epochs": 1}],
-        epochs=8, name="step", step_size=3, gamma=0.5,
+        [
+            {"name": "head", "params": "fc", "lr": {0: 1e-2, 4: 1e-3}},
+            {"name": "body", "params": "*", "lr": 1e-4, "unfreeze_at": 2, "warmup_epochs": 1},
+        ],
+        epochs=8,
+        name="step",
+        step_size=3,
+        gamma=0.5,
     )
     head, body = spec.groups
     cases = [  # (t, head lr, body lr)
@@ -158,8 +186,9 @@ def test_lr_at_multiplies_base_lr_global_group_warmup_and_plateau():
 
 
 def test_per_step_moves_within_epoch_for_warmups_only():
-    spec = make_spec([{"name": "a", "params": "*", "lr": {0: 1.0, 2: 0.5}, "warmup_epochs": 2}],
-                     epochs=4, per_step=True)
+    spec = make_spec(
+        [{"name": "a", "params": "*", "lr": {0: 1.0, 2: 0.5}, "warmup_epochs": 2}], epochs=4, per_step=True
+    )
     (g,) = spec.groups
     # base lr map stays piecewise constant per epoch; the group's warm-up is per step
     assert lr_at(g, spec.train, 0.5) == pytest.approx(1.5 / 3)
@@ -170,10 +199,14 @@ def test_per_step_moves_within_epoch_for_warmups_only():
 # --------------------------------------------------------------------------- tables
 def test_schedule_table_rows():
     spec = make_spec(
-        [{"name": "head", "params": "fc", "lr": 1e-3},
-         {"name": "body", "params": "*", "lr": 1e-4, "unfreeze_at": 2, "warmup_epochs": 1},
-         {"name": "stem", "params": "conv1", "unfreeze_at": "never"}],
-        epochs=4, name="multistep", milestones=[3],
+        [
+            {"name": "head", "params": "fc", "lr": 1e-3},
+            {"name": "body", "params": "*", "lr": 1e-4, "unfreeze_at": 2, "warmup_epochs": 1},
+            {"name": "stem", "params": "conv1", "unfreeze_at": "never"},
+        ],
+        epochs=4,
+        name="multistep",
+        milestones=[3],
     )
     table = schedule_table(spec)
     assert [row["epoch"] for row in table] == [0, 1, 2, 3]
@@ -185,13 +218,15 @@ def test_schedule_table_rows():
 
 
 def test_unfreeze_events():
-    spec = make_spec([
-        {"name": "head", "params": "fc"},
-        {"name": "late", "params": "layer4", "unfreeze_at": 3},
-        {"name": "mid", "params": "layer3", "unfreeze_at": 3},
-        {"name": "body", "params": "*", "unfreeze_at": 1},
-        {"name": "stem", "params": "conv1", "unfreeze_at": "never"},
-    ])
+    spec = make_spec(
+        [
+            {"name": "head", "params": "fc"},
+            {"name": "late", "params": "layer4", "unfreeze_at": 3},
+            {"name": "mid", "params": "layer3", "unfreeze_at": 3},
+            {"name": "body", "params": "*", "unfreeze_at": 1},
+            {"name": "stem", "params": "conv1", "unfreeze_at": "never"},
+        ]
+    )
     assert unfreeze_events(spec) == {0: ["head"], 1: ["body"], 3: ["late", "mid"]}
     assert list(unfreeze_events(spec)) == [0, 1, 3]
 

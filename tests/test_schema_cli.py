@@ -1,4 +1,5 @@
 """`surgery schema --output FILE`: the schema written atomically, a clear one-line error otherwise."""
+
 from __future__ import annotations
 
 import json
@@ -30,12 +31,16 @@ def test_replaces_an_existing_file(tmp_path: Path) -> None:
     assert json.loads(target.read_text()) == schema()
 
 
-@pytest.mark.parametrize("where", [
-    "missing-folder/schema.json",  # the folder does not exist: nothing is created
-    "a-folder",                    # the target is a folder: the temporary file is removed again
-])
-def test_an_unwritable_path_is_one_line_and_exit_code_1(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                         where: str) -> None:
+@pytest.mark.parametrize(
+    "where",
+    [
+        "missing-folder/schema.json",  # the folder does not exist: nothing is created
+        "a-folder",  # the target is a folder: the temporary file is removed again
+    ],
+)
+def test_an_unwritable_path_is_one_line_and_exit_code_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture, where: str
+) -> None:
     (tmp_path / "a-folder").mkdir()
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     assert main(["schema", "--output", str(tmp_path / where)]) == 1
@@ -80,4 +85,6 @@ def test_a_sweep_and_a_spec_of_the_same_file_name_get_the_same_default_name(tmp_
     (tmp_path / "spec").mkdir()
     (tmp_path / "spec" / "_my run!.yaml").write_text("model: {backbone: 'timm:resnet10t', pretrained: false}\n")
     (tmp_path / "_my run!.yaml").write_text("spec: 'spec/_my run!.yaml'\nsweep: {axes: {seed: [0, 1]}}\n")
-    assert load_sweep(tmp_path / "_my run!.yaml").name == load_spec(tmp_path / "spec" / "_my run!.yaml").name == "my-run-"
+    assert (
+        load_sweep(tmp_path / "_my run!.yaml").name == load_spec(tmp_path / "spec" / "_my run!.yaml").name == "my-run-"
+    )

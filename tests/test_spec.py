@@ -1,4 +1,5 @@
 """surgery.spec: YAML with line marks, the JSON Schema, defaults, overrides, the typed Spec."""
+
 from __future__ import annotations
 
 import json
@@ -95,11 +96,14 @@ def test_every_default_is_valid_against_the_schema() -> None:
     jsonschema.Draft202012Validator(schema()).validate(json.loads(json.dumps(spec.raw)))
 
 
-@pytest.mark.parametrize("file_name, name", [
-    ("resnet18 cbam (v2).yaml", "resnet18-cbam--v2-"),
-    (".hidden.yaml", "hidden"),
-    ("a.b.yml", "a.b"),
-])
+@pytest.mark.parametrize(
+    "file_name, name",
+    [
+        ("resnet18 cbam (v2).yaml", "resnet18-cbam--v2-"),
+        (".hidden.yaml", "hidden"),
+        ("a.b.yml", "a.b"),
+    ],
+)
 def test_name_comes_from_the_file_name(tmp_path: Path, file_name: str, name: str) -> None:
     assert load_spec(write(tmp_path, MINIMAL, file_name)).name == name
 
@@ -133,10 +137,19 @@ def test_frozen(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- YAML details
-@pytest.mark.parametrize("text, value", [
-    ("1e-3", 1e-3), ("1E-3", 1e-3), ("5e-4", 5e-4), ("-2e-5", -2e-5), ("+1e2", 100.0),
-    ("1.0e-3", 1e-3), ("0.001", 1e-3), ("3", 3),
-])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("1e-3", 1e-3),
+        ("1E-3", 1e-3),
+        ("5e-4", 5e-4),
+        ("-2e-5", -2e-5),
+        ("+1e2", 100.0),
+        ("1.0e-3", 1e-3),
+        ("0.001", 1e-3),
+        ("3", 3),
+    ],
+)
 def test_exponent_without_a_dot_is_a_float(text: str, value: float) -> None:
     data, _ = parse_yaml(f"lr: {text}\n", "t.yaml")
     assert data["lr"] == value and type(data["lr"]) is type(value)
@@ -154,15 +167,21 @@ def test_lr_written_1e_minus_4_validates(tmp_path: Path) -> None:
 def test_marks_point_at_keys(tmp_path: Path) -> None:
     _, marks = parse_yaml(FULL, "f.yaml")
     lines = FULL.splitlines()
-    for path, needle in [(("model", "num_classes"), "num_classes"), (("surgery", 1, "position"), "position: before"),
-                         (("groups", 2, "unfreeze_at"), "unfreeze_at")]:
+    for path, needle in [
+        (("model", "num_classes"), "num_classes"),
+        (("surgery", 1, "position"), "position: before"),
+        (("groups", 2, "unfreeze_at"), "unfreeze_at"),
+    ]:
         _, line, column = marks[path]
         assert lines[line - 1].strip().startswith(needle)
-        assert lines[line - 1][column - 1:].startswith(needle.split(":")[0])
+        assert lines[line - 1][column - 1 :].startswith(needle.split(":")[0])
 
 
 def test_anchors_and_merge_keys(tmp_path: Path) -> None:
-    spec = load_spec(write(tmp_path, """\
+    spec = load_spec(
+        write(
+            tmp_path,
+            """\
         model:
           backbone: torchvision:resnet18
           num_classes: 10
@@ -186,7 +205,9 @@ def test_anchors_and_merge_keys(tmp_path: Path) -> None:
             params: fc
         train:
           epochs: 4
-        """))
+        """,
+        )
+    )
     assert [str(s) for s in spec.surgery[1].at] == ["layer3", "layer4"]
     deep, rest, _ = spec.groups
     assert (rest.lr, rest.unfreeze_at) == (deep.lr, deep.unfreeze_at) == (((0, 1e-4),), 1)
@@ -195,7 +216,10 @@ def test_anchors_and_merge_keys(tmp_path: Path) -> None:
 
 def test_merged_keys_are_validated_like_any_key(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as info:
-        load_spec(write(tmp_path, """\
+        load_spec(
+            write(
+                tmp_path,
+                """\
             model:
               backbone: torchvision:resnet18
             groups:
@@ -206,18 +230,23 @@ def test_merged_keys_are_validated_like_any_key(tmp_path: Path) -> None:
               - <<: *base
                 name: b
                 params: '*'
-            """))
+            """,
+            )
+        )
     assert info.value.path == "groups[0].unfreez_at" and info.value.line == 7
 
 
-@pytest.mark.parametrize("tagged", [
-    "!!python/object/apply:os.system ['touch {marker}']",
-    "!!python/object/new:pathlib.Path ['{marker}']",
-    "!!python/name:os.system",
-    "!!binary aGVsbG8=",
-    "!!set {a, b}",
-    "!custom thing",
-])
+@pytest.mark.parametrize(
+    "tagged",
+    [
+        "!!python/object/apply:os.system ['touch {marker}']",
+        "!!python/object/new:pathlib.Path ['{marker}']",
+        "!!python/name:os.system",
+        "!!binary aGVsbG8=",
+        "!!set {a, b}",
+        "!custom thing",
+    ],
+)
 def test_no_object_construction(tmp_path: Path, tagged: str) -> None:
     marker = tmp_path / "constructed"
     path = write(tmp_path, MINIMAL + "  args:\n    x: " + tagged.replace("{marker}", str(marker)) + "\n")
@@ -247,14 +276,19 @@ def test_to_yaml_round_trips(tmp_path: Path, text: str) -> None:
     assert again.groups == first.groups
     assert again.surgery == tuple(
         type(s)(s.insert, tuple(type(a)(a.pattern, a.type, a.where) for a in s.at), s.position, s.init, s.args, s.index)
-        for s in first.surgery)
+        for s in first.surgery
+    )
     # and the dumped text is itself plain YAML (no tags, no Python objects)
     assert "!!" not in first.to_yaml()
 
 
 def test_to_yaml_of_a_dict_spec_round_trips(tmp_path: Path) -> None:
-    first = load_spec({"model": {"backbone": "timm:resnet18"}, "groups": [
-        {"name": "head", "params": "@head", "lr": {0: 1e-3, 2: 1e-4}}, {"name": "rest", "params": "*"}]})
+    first = load_spec(
+        {
+            "model": {"backbone": "timm:resnet18"},
+            "groups": [{"name": "head", "params": "@head", "lr": {0: 1e-3, 2: 1e-4}}, {"name": "rest", "params": "*"}],
+        }
+    )
     again = load_spec(write(tmp_path, first.to_yaml()))
     assert again.groups == first.groups
     assert json.loads(json.dumps(again.raw)) == json.loads(json.dumps(first.raw))
@@ -269,11 +303,14 @@ def test_override_scalar(tmp_path: Path) -> None:
 
 
 def test_override_lists_and_mappings(tmp_path: Path) -> None:
-    spec = load_spec(write(tmp_path, MINIMAL), [
-        "surgery=[{insert: se, at: [layer1, layer2]}]",
-        "data.classes=[cat, dog]",
-        "train.scheduler={name: cosine, warmup_epochs: 1}",
-    ])
+    spec = load_spec(
+        write(tmp_path, MINIMAL),
+        [
+            "surgery=[{insert: se, at: [layer1, layer2]}]",
+            "data.classes=[cat, dog]",
+            "train.scheduler={name: cosine, warmup_epochs: 1}",
+        ],
+    )
     assert [str(s) for s in spec.surgery[0].at] == ["layer1", "layer2"]
     assert list(spec.data.classes) == ["cat", "dog"]
     assert spec.train.scheduler.name == "cosine" and spec.train.scheduler.warmup_epochs == 1
@@ -287,8 +324,10 @@ def test_override_creates_nested_keys(tmp_path: Path) -> None:
 
 
 def test_override_list_index(tmp_path: Path) -> None:
-    spec = load_spec(write(tmp_path, FULL), ["surgery.0.insert=se", "surgery.1.at.type=AvgPool2d",
-                                            "groups.1.lr.2=5e-5", "train.scheduler.milestones.1=4"])
+    spec = load_spec(
+        write(tmp_path, FULL),
+        ["surgery.0.insert=se", "surgery.1.at.type=AvgPool2d", "groups.1.lr.2=5e-5", "train.scheduler.milestones.1=4"],
+    )
     assert spec.surgery[0].insert == "se" and [str(s) for s in spec.surgery[0].at] == ["layer3", "layer4"]
     assert spec.surgery[1].at[0].type == "AvgPool2d"
     assert spec.groups[1].lr == ((0, 1e-3), (2, 5e-5), (4, 1e-4))
@@ -296,8 +335,10 @@ def test_override_list_index(tmp_path: Path) -> None:
 
 
 def test_override_appends_one_past_the_end(tmp_path: Path) -> None:
-    spec = load_spec(write(tmp_path, MINIMAL), ["surgery.0.insert=se", "surgery.0.at=layer4",
-                                               "surgery.1.insert=eca", "surgery.1.at=layer3"])
+    spec = load_spec(
+        write(tmp_path, MINIMAL),
+        ["surgery.0.insert=se", "surgery.0.at=layer4", "surgery.1.insert=eca", "surgery.1.at=layer3"],
+    )
     assert [(s.insert, str(s.at[0])) for s in spec.surgery] == [("se", "layer4"), ("eca", "layer3")]
 
 
@@ -407,16 +448,49 @@ def test_any_text_is_a_spec_or_a_spec_error(tmp_path: Path, text: str) -> None:
         assert err.line is None or 1 <= err.line <= text.count("\n") + 2
 
 
-_json = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.floats(-2, 2) | st.sampled_from(
-    ["layer1", "*", "cbam", "after", "never", "torchvision:resnet18", "timm:resnet18", "x"]),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(
-        ["model", "backbone", "surgery", "insert", "at", "groups", "name", "params", "lr", "train", "epochs",
-         "unfreeze_at", "position", "type", "0", "3"]), inner, max_size=4), max_leaves=12)
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-3, 3)
+    | st.floats(-2, 2)
+    | st.sampled_from(["layer1", "*", "cbam", "after", "never", "torchvision:resnet18", "timm:resnet18", "x"]),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "model",
+                    "backbone",
+                    "surgery",
+                    "insert",
+                    "at",
+                    "groups",
+                    "name",
+                    "params",
+                    "lr",
+                    "train",
+                    "epochs",
+                    "unfreeze_at",
+                    "position",
+                    "type",
+                    "0",
+                    "3",
+                ]
+            ),
+            inner,
+            max_size=4,
+        )
+    ),
+    max_leaves=12,
+)
 
 
 @settings(max_examples=200, deadline=None)
-@given(data=st.dictionaries(st.sampled_from(["model", "surgery", "groups", "train", "data", "name", "seed"]), _json,
-                            max_size=4))
+@given(
+    data=st.dictionaries(
+        st.sampled_from(["model", "surgery", "groups", "train", "data", "name", "seed"]), _json, max_size=4
+    )
+)
 def test_any_dict_is_a_spec_or_a_spec_error(data: dict) -> None:
     try:
         load_spec(data)
@@ -427,8 +501,13 @@ def test_any_dict_is_a_spec_or_a_spec_error(data: dict) -> None:
 
 # ---------------------------------------------------------------------- shipped specs
 def _shipped() -> list[Path]:
-    files = sorted(p for folder in ("specs", "examples") for suffix in ("*.yaml", "*.yml")
-                   for p in (ROOT / folder).rglob(suffix) if not p.name.startswith("sweep-"))
+    files = sorted(
+        p
+        for folder in ("specs", "examples")
+        for suffix in ("*.yaml", "*.yml")
+        for p in (ROOT / folder).rglob(suffix)
+        if not p.name.startswith("sweep-")
+    )
     return files  # sweep files (sweep-*.yaml) are checked by tests/test_sweep.py
 
 

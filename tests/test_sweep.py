@@ -4,6 +4,7 @@ running a grid exactly once, and a worker killed mid-variant whose variant is re
 
 The PostgreSQL case runs when SURGERY_TEST_POSTGRES_URL names a database (.ci/run starts one).
 """
+
 from __future__ import annotations
 
 import io
@@ -67,80 +68,134 @@ class Case:
 
 
 CASES = [
-    Case("unknown-top-key", """
+    Case(
+        "unknown-top-key",
+        """
         spec: base.yaml
         sweeps:  # <-
           axes: {seed: [0, 1]}
-        """, "unknown key 'sweeps'", hint="'sweep'"),
-    Case("missing-base", """
+        """,
+        "unknown key 'sweeps'",
+        hint="'sweep'",
+    ),
+    Case(
+        "missing-base",
+        """
         spec: nosuch.yaml  # <-
         sweep: {axes: {seed: [0, 1]}}
-        """, "base spec does not exist", hint="base.yaml"),
-    Case("bad-name", """
+        """,
+        "base spec does not exist",
+        hint="base.yaml",
+    ),
+    Case(
+        "bad-name",
+        """
         name: my sweep  # <-
         spec: base.yaml
         sweep: {axes: {seed: [0, 1]}}
-        """, "names a folder"),
-    Case("sampler-typo", """
+        """,
+        "names a folder",
+    ),
+    Case(
+        "sampler-typo",
+        """
         spec: base.yaml
         sweep:
           axes: {seed: [0, 1]}
           sampler: gird  # <-
-        """, "unknown sampler", hint="'grid'"),
-    Case("objective-typo", """
+        """,
+        "unknown sampler",
+        hint="'grid'",
+    ),
+    Case(
+        "objective-typo",
+        """
         spec: base.yaml
         sweep:
           axes: {seed: [0, 1]}
           objective: best_val_accuracy  # <-
-        """, "unknown objective", hint="'best_val_acc'"),
-    Case("axis-not-a-list", """
+        """,
+        "unknown objective",
+        hint="'best_val_acc'",
+    ),
+    Case(
+        "axis-not-a-list",
+        """
         spec: base.yaml
         sweep:
           axes:
             seed: 3  # <-
-        """, "lists the values to try"),
-    Case("axis-empty", """
+        """,
+        "lists the values to try",
+    ),
+    Case(
+        "axis-empty",
+        """
         spec: base.yaml
         sweep:
           axes:
             seed: []  # <-
-        """, "without values"),
-    Case("labels-clash", """
+        """,
+        "without values",
+    ),
+    Case(
+        "labels-clash",
+        """
         spec: base.yaml
         sweep:
           axes:
             surgery.0.at:
               - "layer*"
               - layer  # <-
-        """, "share the run directory name 'layer'"),
-    Case("label-with-underscore", """
+        """,
+        "share the run directory name 'layer'",
+    ),
+    Case(
+        "label-with-underscore",
+        """
         spec: base.yaml
         sweep:
           axes:
             surgery.0.at:
               last_two: [layer3, layer4]  # <-
-        """, "part of a run directory's name"),
-    Case("empty-key-part", """
+        """,
+        "part of a run directory's name",
+    ),
+    Case(
+        "empty-key-part",
+        """
         spec: base.yaml
         sweep:
           axes:
             train..epochs: [1, 2]  # <-
-        """, "not a key path"),
-    Case("key-twice", """
+        """,
+        "not a key path",
+    ),
+    Case(
+        "key-twice",
+        """
         spec: base.yaml
         sweep:
           axes:
             surgery.0.at: [[layer4]]
             surgery[0].at: [[layer3]]  # <-
-        """, "surgery.0.at is given twice"),
-    Case("range-in-grid", """
+        """,
+        "surgery.0.at is given twice",
+    ),
+    Case(
+        "range-in-grid",
+        """
         spec: base.yaml
         sweep:
           axes: {seed: [0, 1]}
           ranges:  # <-
             train.optimizer.lr: {low: 1.0e-4, high: 1.0e-2}
-        """, "grid cannot draw from ranges"),
-    Case("range-upside-down", """
+        """,
+        "grid cannot draw from ranges",
+    ),
+    Case(
+        "range-upside-down",
+        """
         spec: base.yaml
         sweep:
           sampler: random
@@ -148,8 +203,12 @@ CASES = [
           ranges:
             train.optimizer.lr: {low: 1.0e-2,
                                  high: 1.0e-4}  # <-
-        """, "high must be above its low"),
-    Case("log-range-from-zero", """
+        """,
+        "high must be above its low",
+    ),
+    Case(
+        "log-range-from-zero",
+        """
         spec: base.yaml
         sweep:
           sampler: tpe
@@ -159,20 +218,32 @@ CASES = [
               low: 0  # <-
               high: 0.1
               log: true
-        """, "log range starts above zero"),
-    Case("tpe-without-budget", """
+        """,
+        "log range starts above zero",
+    ),
+    Case(
+        "tpe-without-budget",
+        """
         spec: base.yaml
         sweep:  # <-
           sampler: tpe
           axes: {seed: [0, 1]}
-        """, "needs a trial budget"),
-    Case("grid-with-budget", """
+        """,
+        "needs a trial budget",
+    ),
+    Case(
+        "grid-with-budget",
+        """
         spec: base.yaml
         sweep:
           axes: {seed: [0, 1]}
           trials: 5  # <-
-        """, "tries every combination"),
-    Case("axis-and-range", """
+        """,
+        "tries every combination",
+    ),
+    Case(
+        "axis-and-range",
+        """
         spec: base.yaml
         sweep:
           sampler: random
@@ -180,21 +251,34 @@ CASES = [
           axes: {train.optimizer.lr: [0.1, 0.01]}
           ranges:
             train.optimizer.lr: {low: 1.0e-4, high: 1.0e-2}  # <-
-        """, "is an axis and a range"),
-    Case("names-too-long", """
+        """,
+        "is an axis and a range",
+    ),
+    Case(
+        "names-too-long",
+        """
         spec: base.yaml
         sweep:
           axes:  # <-
-            data.root: [data/""" + "a" * 250 + """]
-        """, "variant names would be up to", hint="label the values"),
-    Case("grace-too-short", """
+            data.root: [data/"""
+        + "a" * 250
+        + """]
+        """,
+        "variant names would be up to",
+        hint="label the values",
+    ),
+    Case(
+        "grace-too-short",
+        """
         spec: base.yaml
         sweep:
           axes: {seed: [0, 1]}
           heartbeat:
             interval: 10
             grace: 5  # <-
-        """, "must outlast the heartbeat interval"),
+        """,
+        "must outlast the heartbeat interval",
+    ),
 ]
 
 
@@ -211,15 +295,27 @@ def test_sweep_file_mistakes_are_located(case: Case, base: Path) -> None:
         assert err.hint is not None and case.hint in err.hint, str(err)
 
 
-@pytest.mark.parametrize("key, path", [("surgery.0.at", ("surgery", 0, "at")), ("surgery[0].at", ("surgery", 0, "at")),
-                                       ("groups[1].lr", ("groups", 1, "lr")), ("seed", ("seed",)),
-                                       ("train..epochs", None), ("[0]", None)])
+@pytest.mark.parametrize(
+    "key, path",
+    [
+        ("surgery.0.at", ("surgery", 0, "at")),
+        ("surgery[0].at", ("surgery", 0, "at")),
+        ("groups[1].lr", ("groups", 1, "lr")),
+        ("seed", ("seed",)),
+        ("train..epochs", None),
+        ("[0]", None),
+    ],
+)
 def test_key_paths_are_dotted_or_bracketed(key: str, path: tuple | None) -> None:
     assert parse_key_path(key) == path
 
 
 def test_grid_variants_are_named_by_their_labels_and_compared_without_the_seed(base: Path) -> None:
-    sweep = load_sweep(write(base.parent, "grid.yaml", """
+    sweep = load_sweep(
+        write(
+            base.parent,
+            "grid.yaml",
+            """
         name: placements
         spec: base.yaml
         set: {train.epochs: 2}
@@ -228,7 +324,9 @@ def test_grid_variants_are_named_by_their_labels_and_compared_without_the_seed(b
             surgery[0].at: {l4: [layer4], l34: [layer3, layer4]}
             groups.0.lr: [1.0e-3, 0.01]
             seed: [0, 1]
-        """))
+        """,
+        )
+    )
     variants = sweep.grid()
     assert sweep.trials == len(variants) == 8
     assert [v.name for v in variants[:3]] == ["at-l4_lr-0.001_seed-0", "at-l4_lr-0.001_seed-1", "at-l4_lr-0.01_seed-0"]
@@ -237,25 +335,36 @@ def test_grid_variants_are_named_by_their_labels_and_compared_without_the_seed(b
     last = variants[-1]
     assert last.params == {"surgery.0.at": "l34", "groups.0.lr": "0.01", "seed": "1"}
     values = {o.path: o.value for o in last.overrides}
-    assert values == {("surgery", 0, "at"): ["layer3", "layer4"], ("groups", 0, "lr"): 0.01, ("seed",): 1,
-                      ("name",): "at-l34_lr-0.01_seed-1"}
+    assert values == {
+        ("surgery", 0, "at"): ["layer3", "layer4"],
+        ("groups", 0, "lr"): 0.01,
+        ("seed",): 1,
+        ("name",): "at-l34_lr-0.01_seed-1",
+    }
     assert sweep.definition()["set"] == {"train.epochs": 2}
 
 
 # --------------------------------------------------------------------------- every variant checked first
-@pytest.mark.parametrize("axis, bad, problem", [
-    ("surgery.0.insert", "nosuch", "nosuch"),  # the schema refuses it (load_spec)
-    ("surgery.0.at", "[layer9]", "layer9"),  # only the real model can (build)
-])
+@pytest.mark.parametrize(
+    "axis, bad, problem",
+    [
+        ("surgery.0.insert", "nosuch", "nosuch"),  # the schema refuses it (load_spec)
+        ("surgery.0.at", "[layer9]", "layer9"),  # only the real model can (build)
+    ],
+)
 def test_a_bad_axis_value_stops_the_sweep_at_its_line(base: Path, axis: str, bad: str, problem: str) -> None:
-    path = write(base.parent, "bad.yaml", f"""
+    path = write(
+        base.parent,
+        "bad.yaml",
+        f"""
         spec: base.yaml
         sweep:
           axes:
             {axis}:
               - {"cbam" if "insert" in axis else "[layer4]"}
               - {bad}  # <-
-        """)
+        """,
+    )
     line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if MARK in text)
     with pytest.raises(SpecError) as info:
         check_variants(load_sweep(path), (), base.parent / "runs", warn=lambda text: None)
@@ -289,8 +398,12 @@ def test_two_processes_never_take_the_same_sqlite_trial(tmp_path: Path) -> None:
     for i in range(40):
         study.enqueue_trial({"i": i})
     go = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", POP, url, str(tmp_path / f"ready{i}"), str(go)],
-                              stdout=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", POP, url, str(tmp_path / f"ready{i}"), str(go)], stdout=subprocess.PIPE, text=True
+        )
+        for i in range(2)
+    ]
     while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
         assert all(p.poll() is None for p in procs), "a popping process died"
         time.sleep(0.05)
@@ -301,10 +414,12 @@ def test_two_processes_never_take_the_same_sqlite_trial(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- workers
-def grid_sweep(folder: Path, *, name: str, epochs: int = 1, batches: int = 2, seeds: int = 2,
-               grace: int = 4) -> Path:
+def grid_sweep(folder: Path, *, name: str, epochs: int = 1, batches: int = 2, seeds: int = 2, grace: int = 4) -> Path:
     write(folder, "base.yaml", BASE)
-    return write(folder, "sweep.yaml", f"""
+    return write(
+        folder,
+        "sweep.yaml",
+        f"""
         name: {name}
         spec: base.yaml
         set: {{train.epochs: {epochs}, train.limit_batches: {batches}}}
@@ -313,7 +428,8 @@ def grid_sweep(folder: Path, *, name: str, epochs: int = 1, batches: int = 2, se
             surgery.0.at: {{l4: [layer4], l34: [layer3, layer4]}}
             seed: {list(range(seeds))}
           heartbeat: {{interval: 1, grace: {grace}}}
-        """)
+        """,
+    )
 
 
 def finished(study: optuna.Study) -> dict[str, list]:
@@ -328,9 +444,20 @@ def epochs_trained(run_dir: Path) -> list[int]:
     return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("storage", [None, pytest.param(POSTGRES, id="postgres", marks=pytest.mark.skipif(
-    not POSTGRES, reason="SURGERY_TEST_POSTGRES_URL is not set (.ci/run starts a PostgreSQL server)"))],
-    ids=["sqlite", "postgres"])
+@pytest.mark.parametrize(
+    "storage",
+    [
+        None,
+        pytest.param(
+            POSTGRES,
+            id="postgres",
+            marks=pytest.mark.skipif(
+                not POSTGRES, reason="SURGERY_TEST_POSTGRES_URL is not set (.ci/run starts a PostgreSQL server)"
+            ),
+        ),
+    ],
+    ids=["sqlite", "postgres"],
+)
 def test_two_workers_train_each_variant_of_a_grid_once(tmp_path: Path, storage: str | None) -> None:
     name = f"grid-{uuid.uuid4().hex[:8]}"  # a shared PostgreSQL database keeps every study
     path = grid_sweep(tmp_path, name=name)
@@ -385,16 +512,20 @@ def test_a_killed_worker_s_variant_is_resumed_by_another_and_trained_once(tmp_pa
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not killed:
             for lock in out.glob(".*.lock"):
-                run_dir = out / lock.name[1:-len(".lock")]
+                run_dir = out / lock.name[1 : -len(".lock")]
                 text = lock.read_text() if lock.exists() else ""
-                if (run_dir / "checkpoints" / "last.pt").exists() and not (run_dir / "summary.json").exists() \
-                        and text.startswith("pid "):
+                if (
+                    (run_dir / "checkpoints" / "last.pt").exists()
+                    and not (run_dir / "summary.json").exists()
+                    and text.startswith("pid ")
+                ):
                     pid = int(text.split()[1])
                     assert pid != os.getpid()
                     os.kill(pid, signal.SIGKILL)
                     killed[run_dir.name] = pid
                     return
             time.sleep(0.02)
+
     monitor = threading.Thread(target=kill_one_mid_variant, daemon=True)
     monitor.start()
     assert sweep_command(str(path), workers=2, out=str(out), console=quiet()) == 0
@@ -419,7 +550,10 @@ def test_an_interrupted_random_search_resumes_its_trial_with_the_same_values(tmp
     """Ctrl-C: the run checkpoints, its trial is queued again with the values drawn for it, and the
     same command resumes that run directory. (One worker runs in this process: SIGINT reaches it.)"""
     write(tmp_path, "base.yaml", BASE)
-    path = write(tmp_path, "search.yaml", """
+    path = write(
+        tmp_path,
+        "search.yaml",
+        """
         name: search
         spec: base.yaml
         set: {train.epochs: 4, train.limit_batches: 3}
@@ -429,7 +563,8 @@ def test_an_interrupted_random_search_resumes_its_trial_with_the_same_values(tmp
           axes: {surgery.0.insert: [cbam, se]}
           ranges:
             train.optimizer.lr: {low: 1.0e-4, high: 1.0e-2, log: true}
-        """)
+        """,
+    )
     out = tmp_path / "runs" / "search"
     run_dir = out / "trial-0000"
     sent: list[bool] = []
@@ -441,6 +576,7 @@ def test_an_interrupted_random_search_resumes_its_trial_with_the_same_values(tmp
                 sent.append(True)
                 os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.02)
+
     running.set()
     monitor = threading.Thread(target=interrupt_after_the_first_epoch, daemon=True)
     monitor.start()
@@ -467,16 +603,20 @@ def test_an_interrupted_random_search_resumes_its_trial_with_the_same_values(tmp
     assert spec["surgery"][0]["insert"] == done.params["surgery.0.insert"]
 
 
-@pytest.mark.parametrize("device, visible, gpus, expected", [
-    ("auto", None, 2, ["0", "1", "0"]),  # round robin over the GPUs
-    (None, "4,5", 8, ["4", "5", "4"]),  # within what CUDA_VISIBLE_DEVICES already allows
-    ("cuda", None, 1, ["0", "0", "0"]),
-    ("cpu", None, 2, [None, None, None]),
-    ("cuda:1", None, 2, [None, None, None]),  # a spec that names its GPU keeps it
-    ("auto", None, 0, [None, None, None]),
-])
-def test_each_worker_gets_a_gpu_or_a_share_of_the_cores(monkeypatch: pytest.MonkeyPatch, device: str | None,
-                                                       visible: str | None, gpus: int, expected: list) -> None:
+@pytest.mark.parametrize(
+    "device, visible, gpus, expected",
+    [
+        ("auto", None, 2, ["0", "1", "0"]),  # round robin over the GPUs
+        (None, "4,5", 8, ["4", "5", "4"]),  # within what CUDA_VISIBLE_DEVICES already allows
+        ("cuda", None, 1, ["0", "0", "0"]),
+        ("cpu", None, 2, [None, None, None]),
+        ("cuda:1", None, 2, [None, None, None]),  # a spec that names its GPU keeps it
+        ("auto", None, 0, [None, None, None]),
+    ],
+)
+def test_each_worker_gets_a_gpu_or_a_share_of_the_cores(
+    monkeypatch: pytest.MonkeyPatch, device: str | None, visible: str | None, gpus: int, expected: list
+) -> None:
     import torch
 
     from surgery.sweep.worker import worker_environments
@@ -499,16 +639,27 @@ def test_a_path_in_a_sweep_file_is_relative_to_the_sweep_file(tmp_path: Path) ->
 
     (tmp_path / "specs").mkdir()
     write(tmp_path / "specs", "base.yaml", BASE)
-    sweep = load_sweep(write(tmp_path, "weights.yaml", """
+    sweep = load_sweep(
+        write(
+            tmp_path,
+            "weights.yaml",
+            """
         spec: specs/base.yaml
         sweep:
           axes:
             model.pretrained: {a: weights/a.safetensors, b: weights/b.safetensors}
-        """))
+        """,
+        )
+    )
     variant = sweep.grid()[1]
     spec = load_spec(sweep.spec, variant.overrides)
-    assert spec.resolve_path(spec.model.pretrained, ("model", "pretrained")) == tmp_path.resolve() / "weights/b.safetensors"
-    assert spec.resolve_path("labels.csv") == (tmp_path / "specs").resolve() / "labels.csv"  # the spec's own: its folder
+    assert (
+        spec.resolve_path(spec.model.pretrained, ("model", "pretrained"))
+        == tmp_path.resolve() / "weights/b.safetensors"
+    )
+    assert (
+        spec.resolve_path("labels.csv") == (tmp_path / "specs").resolve() / "labels.csv"
+    )  # the spec's own: its folder
 
 
 SHIPPED = sorted((Path(__file__).resolve().parent.parent / "examples").rglob("sweep-*.yaml"))
@@ -529,11 +680,17 @@ def test_shipped_sweep_files_load_with_every_variant(path: Path) -> None:
 def test_a_study_made_from_another_sweep_is_refused(base: Path) -> None:
     from surgery.sweep import open_study
 
-    sweep = load_sweep(write(base.parent, "s.yaml", """
+    sweep = load_sweep(
+        write(
+            base.parent,
+            "s.yaml",
+            """
         name: refused
         spec: base.yaml
         sweep: {axes: {seed: [0, 1]}}
-        """))
+        """,
+        )
+    )
     storage = open_storage(f"sqlite:///{base.parent / 'study.db'}", 20, 60)
     study = open_study(sweep, storage, "digest-a", print, lambda: sweep.grid())
     assert [t.user_attrs["variant"] for t in study.get_trials()] == ["seed-0", "seed-1"]
@@ -558,12 +715,19 @@ def test_a_grid_trial_stopped_before_its_values_were_drawn_is_queued_as_the_same
     from surgery.sweep import open_study
     from surgery.sweep.worker import Worker, requeue
 
-    sweep = load_sweep(write(base.parent, "s.yaml", """
+    sweep = load_sweep(
+        write(
+            base.parent,
+            "s.yaml",
+            """
         spec: base.yaml
         sweep: {axes: {surgery.0.at: {l4: [layer4], l34: [layer3, layer4]}}}
-        """))
-    study = open_study(sweep, open_storage(f"sqlite:///{base.parent / 'study.db'}", 20, 60), "d", print,
-                       lambda: sweep.grid())
+        """,
+        )
+    )
+    study = open_study(
+        sweep, open_storage(f"sqlite:///{base.parent / 'study.db'}", 20, 60), "d", print, lambda: sweep.grid()
+    )
     trial_id = study._pop_waiting_trial_id()
     worker = Worker(sweep, study, base.parent, base.parent, (), None, quiet(), "surgery sweep s.yaml", "study.db")
     requeue(worker, trial_id, "interrupted")
@@ -593,16 +757,21 @@ def test_a_missing_sweep_file_is_named_as_a_sweep_file(tmp_path: Path) -> None:
 
 
 def test_a_locked_study_is_waited_for_aloud_and_given_up_after_the_lock_timeout(
-        base: Path, capsys: pytest.CaptureFixture) -> None:
+    base: Path, capsys: pytest.CaptureFixture
+) -> None:
     import sqlite3
 
     from surgery.cli import main
 
-    path = write(base.parent, "locked.yaml", """
+    path = write(
+        base.parent,
+        "locked.yaml",
+        """
         name: locked
         spec: base.yaml
         sweep: {axes: {seed: [0, 1]}}
-        """)
+        """,
+    )
     out = base.parent / "runs" / "locked"
     out.mkdir(parents=True)
     holder = sqlite3.connect(out / "study.db", isolation_level=None)  # another process's exclusive transaction
@@ -625,11 +794,15 @@ def test_a_locked_study_is_waited_for_aloud_and_given_up_after_the_lock_timeout(
 def test_a_variant_killed_while_writing_its_final_files_gets_them_without_training_again(base: Path) -> None:
     """Killed after summary.json, before its plots and report.html: the retake draws them from the
     run's records (summary.json, metrics.jsonl, classes.json) and trains nothing."""
-    path = write(base.parent, "final.yaml", """
+    path = write(
+        base.parent,
+        "final.yaml",
+        """
         name: final
         spec: base.yaml
         sweep: {axes: {seed: [0]}}
-        """)
+        """,
+    )
     out = base.parent / "runs" / "final"
     assert sweep_command(str(path), out=str(out), console=quiet()) == 0
     run_dir = out / "seed-0"

@@ -2,6 +2,7 @@
 run continues them without duplicating an epoch. Values are read back with TensorBoard's own event
 reader and MLflow's client. One run with both trackers (interrupted, then resumed) serves most tests:
 MLflow's import and its SQLite store cost seconds."""
+
 from __future__ import annotations
 
 import csv
@@ -19,15 +20,17 @@ from rich.console import Console
 from surgery import load_spec
 from surgery.cli import main
 from surgery.runs import read_metrics
-from surgery.train.trackers import RECORD, Trackers, flatten, metrics_csv, scalars, spec_params
 from surgery.train import TrainingStopped, run
+from surgery.train.trackers import RECORD, Trackers, flatten, metrics_csv, scalars, spec_params
 
 SPEC = {
     "name": "tracked",
     "model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False},
     "surgery": [{"insert": "se", "at": "layer2"}],
-    "groups": [{"name": "head", "params": ["@head", "@inserted"], "lr": 0.01},
-               {"name": "body", "params": ["*"], "lr": 0.001, "unfreeze_at": 1}],
+    "groups": [
+        {"name": "head", "params": ["@head", "@inserted"], "lr": 0.01},
+        {"name": "body", "params": ["*"], "lr": 0.001, "unfreeze_at": 1},
+    ],
     "train": {"epochs": 3, "batch_size": 16, "limit_batches": 2},
     "data": {"name": "digits", "image_size": 32, "num_workers": 0, "subset": {"train": 64, "val": 64}},
     "log": {"tensorboard": True, "mlflow": True},
@@ -64,21 +67,46 @@ def tracked(tmp_path_factory, one_thread) -> dict:
 
 # ---------------------------------------------------------------------- names and tables
 def test_nested_metrics_get_one_name_each_and_scalars_are_numbers_only():
-    row = {"epoch": 3, "val_acc": 0.5, "lr": {"head": 0.1, "body": 0.01}, "trainable": {"head": True, "body": False},
-           "train_acc_basis": "label", "val_top5": None, "val_f1": {}}
-    assert flatten(row) == {"epoch": 3, "val_acc": 0.5, "lr/head": 0.1, "lr/body": 0.01, "trainable/head": True,
-                            "trainable/body": False, "train_acc_basis": "label", "val_top5": None, "val_f1": {}}
-    assert scalars(row) == {"val_acc": 0.5, "lr/head": 0.1, "lr/body": 0.01, "trainable/head": 1.0,
-                            "trainable/body": 0.0}
+    row = {
+        "epoch": 3,
+        "val_acc": 0.5,
+        "lr": {"head": 0.1, "body": 0.01},
+        "trainable": {"head": True, "body": False},
+        "train_acc_basis": "label",
+        "val_top5": None,
+        "val_f1": {},
+    }
+    assert flatten(row) == {
+        "epoch": 3,
+        "val_acc": 0.5,
+        "lr/head": 0.1,
+        "lr/body": 0.01,
+        "trainable/head": True,
+        "trainable/body": False,
+        "train_acc_basis": "label",
+        "val_top5": None,
+        "val_f1": {},
+    }
+    assert scalars(row) == {
+        "val_acc": 0.5,
+        "lr/head": 0.1,
+        "lr/body": 0.01,
+        "trainable/head": 1.0,
+        "trainable/body": 0.0,
+    }
 
 
 def test_csv_columns_are_the_union_of_every_rows_keys():
-    rows = [{"epoch": 0, "val_acc": 0.25, "lr": {"head": 0.1}},
-            {"epoch": 1, "val_acc": 0.5, "lr": {"head": 0.1}, "val_acc_ema": 0.75}]
+    rows = [
+        {"epoch": 0, "val_acc": 0.25, "lr": {"head": 0.1}},
+        {"epoch": 1, "val_acc": 0.5, "lr": {"head": 0.1}, "val_acc_ema": 0.75},
+    ]
     table = list(csv.DictReader(io.StringIO(metrics_csv(rows))))
     assert list(table[0]) == ["epoch", "val_acc", "lr/head", "val_acc_ema"]
-    assert table == [{"epoch": "0", "val_acc": "0.25", "lr/head": "0.1", "val_acc_ema": ""},
-                     {"epoch": "1", "val_acc": "0.5", "lr/head": "0.1", "val_acc_ema": "0.75"}]
+    assert table == [
+        {"epoch": "0", "val_acc": "0.25", "lr/head": "0.1", "val_acc_ema": ""},
+        {"epoch": "1", "val_acc": "0.5", "lr/head": "0.1", "val_acc_ema": "0.75"},
+    ]
 
 
 def test_spec_parameters_are_named_like_set_keys_and_give_the_spec_back():
@@ -150,7 +178,9 @@ def test_tensorboard_holds_every_epoch_once_with_the_values_of_metrics_jsonl(tra
     image = events.Images("curves")[0]
     assert image.step == 2 and image.width > 100 and image.encoded_image_string.startswith(b"\x89PNG")
     text = events.Tensors("spec/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert yaml.safe_load(text.removeprefix("```yaml\n").removesuffix("```")) == json.loads(json.dumps(tracked["spec"].raw))
+    assert yaml.safe_load(text.removeprefix("```yaml\n").removesuffix("```")) == json.loads(
+        json.dumps(tracked["spec"].raw)
+    )
 
 
 def test_tensorboard_hparams_hold_the_spec_and_the_final_figures(tracked):
@@ -171,7 +201,9 @@ def test_mlflow_holds_every_epoch_once_the_spec_and_the_artifacts(tracked):
 
     out, run_id = tracked["out"], tracked["run_id"]
     record = json.loads((out / RECORD).read_text())
-    assert record["run_id"] == run_id and record["tracking_uri"] == f"sqlite:///{(out / 'mlflow' / 'mlflow.db').resolve()}"
+    assert (
+        record["run_id"] == run_id and record["tracking_uri"] == f"sqlite:///{(out / 'mlflow' / 'mlflow.db').resolve()}"
+    )
     client = MlflowClient(record["tracking_uri"])
     mlrun = client.get_run(run_id)
     assert mlrun.info.status == "FINISHED" and mlrun.info.run_name == "tracked"
@@ -184,7 +216,9 @@ def test_mlflow_holds_every_epoch_once_the_spec_and_the_artifacts(tracked):
     assert mlrun.data.metrics["best_val_acc"] == pytest.approx(summary["best_val_acc"])
     params = spec_params(tracked["spec"].raw)
     assert mlrun.data.params == {k: v if isinstance(v, str) else json.dumps(v) for k, v in params.items()}
-    artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "plots")}
+    artifacts = {a.path for a in client.list_artifacts(run_id)} | {
+        a.path for a in client.list_artifacts(run_id, "plots")
+    }
     assert {"plots/curves.png", "plots/confusion.png", "summary.json", "spec.yaml"} <= artifacts
     local = Path(client.download_artifacts(run_id, "spec.yaml", str(out.parent)))
     assert local.read_text() == (out / "spec.yaml").read_text()
@@ -214,9 +248,11 @@ def test_a_tracker_failing_mid_run_is_warned_about_once_and_the_run_goes_on(trac
             trackers.log_epoch(rows[: epoch + 1])
         trackers.finish(json.loads((tracked["out"] / "summary.json").read_text()))
     warnings = [line for line in said if line.startswith("warning")]
-    assert warnings == ["warning: MLflow failed (MlflowException: API request to http://tracking:5000 failed: "
-                        "Connection refused); the run goes on without it, and metrics.jsonl and metrics.csv keep "
-                        "every epoch"]
+    assert warnings == [
+        "warning: MLflow failed (MlflowException: API request to http://tracking:5000 failed: "
+        "Connection refused); the run goes on without it, and metrics.jsonl and metrics.csv keep "
+        "every epoch"
+    ]
     assert len(list(csv.DictReader((tmp_path / "metrics.csv").open()))) == 3  # metrics.csv kept every epoch
     client = MlflowClient(f"sqlite:///{store.resolve() / 'mlflow.db'}")
     run_id = json.loads((tmp_path / RECORD).read_text())["run_id"]
@@ -228,8 +264,10 @@ def test_a_tracker_failing_mid_run_is_warned_about_once_and_the_run_goes_on(trac
 @pytest.fixture
 def spec_file(tmp_path) -> Path:
     path = tmp_path / "logged.yaml"
-    path.write_text(yaml.safe_dump({k: v for k, v in SPEC.items() if k != "log"}, sort_keys=False)
-                    + "log:\n  tensorboard: true\n  mlflow:\n    experiment: x\n")
+    path.write_text(
+        yaml.safe_dump({k: v for k, v in SPEC.items() if k != "log"}, sort_keys=False)
+        + "log:\n  tensorboard: true\n  mlflow:\n    experiment: x\n"
+    )
     return path
 
 
@@ -258,27 +296,43 @@ def test_a_broken_tensorboard_install_is_found_when_the_run_starts(tmp_path, mon
 def test_an_unreachable_mlflow_server_stops_the_run_before_it_trains(spec_file, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     out = tmp_path / "run"
-    code = main(["run", str(spec_file), "--out", str(out), "--set", "log.tensorboard=false",
-                 "--set", "log.mlflow.tracking_uri=http://127.0.0.1:9"])
+    code = main(
+        [
+            "run",
+            str(spec_file),
+            "--out",
+            str(out),
+            "--set",
+            "log.tensorboard=false",
+            "--set",
+            "log.mlflow.tracking_uri=http://127.0.0.1:9",
+        ]
+    )
     said = capsys.readouterr()
     assert code == 1
     assert "cannot start the MLflow run at http://127.0.0.1:9" in said.err and "nothing was trained" in said.err
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints" / "last.pt").exists()
 
 
-@pytest.mark.parametrize("uri,words", [
-    ("blocker/store", "a file is in the way"),
-    ("sqlite:///{tmp}/blocker/sub/x.db", "a file is in the way"),
-    ("blocker", "it is a file, not a folder"),
-    ("{long}", "a path longer than the system allows"),
-])
+@pytest.mark.parametrize(
+    "uri,words",
+    [
+        ("blocker/store", "a file is in the way"),
+        ("sqlite:///{tmp}/blocker/sub/x.db", "a file is in the way"),
+        ("blocker", "it is a file, not a folder"),
+        ("{long}", "a path longer than the system allows"),
+    ],
+)
 def test_an_mlflow_store_that_cannot_be_made_is_refused_at_its_line_before_the_run_directory(
-        tmp_path, capsys, uri, words):
+    tmp_path, capsys, uri, words
+):
     (tmp_path / "blocker").write_text("a file where the store's folder would go\n")
     uri = uri.format(tmp=tmp_path, long="d" * 5000)
     path = tmp_path / "store.yaml"
-    path.write_text(yaml.safe_dump({k: v for k, v in SPEC.items() if k != "log"}, sort_keys=False)
-                    + f"log:\n  mlflow:\n    experiment: x\n    tracking_uri: '{uri}'\n")
+    path.write_text(
+        yaml.safe_dump({k: v for k, v in SPEC.items() if k != "log"}, sort_keys=False)
+        + f"log:\n  mlflow:\n    experiment: x\n    tracking_uri: '{uri}'\n"
+    )
     line = len(path.read_text().splitlines())
     out = tmp_path / "run"
     for argv in (["validate", str(path)], ["run", str(path), "--out", str(out)]):

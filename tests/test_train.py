@@ -1,4 +1,5 @@
 """The training engine: freezing, schedules, equivalence with a hand-written loop, the run directory."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,12 @@ from surgery.data import normalize
 from surgery.runs import load_safetensors, read_metrics
 from surgery.train import apply_trainable, prepare, run, set_train_mode, train_epoch
 
-TINY = {"name": "tiny", "model": {"backbone": "timm:resnet10t", "num_classes": 10},
-        "train": {"epochs": 2, "batch_size": 16, "limit_batches": 3},
-        "data": {"name": "digits", "image_size": 32, "num_workers": 0}}
+TINY = {
+    "name": "tiny",
+    "model": {"backbone": "timm:resnet10t", "num_classes": 10},
+    "train": {"epochs": 2, "batch_size": 16, "limit_batches": 3},
+    "data": {"name": "digits", "image_size": 32, "num_workers": 0},
+}
 
 
 def _spec(**sections):
@@ -40,8 +44,12 @@ def _group_keys(ctx, name: str) -> list[str]:
 
 
 def test_frozen_group_is_bit_identical_then_trains_from_its_unfreeze_epoch():
-    spec = _spec(groups=[{"name": "head", "params": ["@head"], "lr": 1e-2},
-                         {"name": "body", "params": ["*"], "lr": 1e-3, "unfreeze_at": 1}])
+    spec = _spec(
+        groups=[
+            {"name": "head", "params": ["@head"], "lr": 1e-2},
+            {"name": "body", "params": ["*"], "lr": 1e-3, "unfreeze_at": 1},
+        ]
+    )
     ctx = prepare(spec)
     body = _group_keys(ctx, "body")
     assert any("running_mean" in k for k in body)
@@ -64,8 +72,12 @@ def test_frozen_group_is_bit_identical_then_trains_from_its_unfreeze_epoch():
 
 
 def test_norm_train_lets_frozen_batchnorm_update_its_statistics():
-    spec = _spec(groups=[{"name": "head", "params": ["@head"]},
-                         {"name": "body", "params": ["*"], "unfreeze_at": 1, "norm": "train"}])
+    spec = _spec(
+        groups=[
+            {"name": "head", "params": ["@head"]},
+            {"name": "body", "params": ["*"], "unfreeze_at": 1, "norm": "train"},
+        ]
+    )
     ctx = prepare(spec)
     flags = apply_trainable(ctx.model, ctx.built.groups, 0)
     set_train_mode(ctx.model, ctx.built.groups, flags)
@@ -78,19 +90,35 @@ def test_norm_train_lets_frozen_batchnorm_update_its_statistics():
 
 
 def test_run_writes_the_contract_files_and_metrics_match_the_schedule(tmp_path):
-    spec = _spec(train={"epochs": 3, "scheduler": {"name": "step", "step_size": 2, "gamma": 0.5}},
-                 groups=[{"name": "new", "params": ["@head"], "lr": 1e-3},
-                         {"name": "body", "params": ["*"], "lr": {0: 1e-4, 2: 5e-5}, "unfreeze_at": 1}])
+    spec = _spec(
+        train={"epochs": 3, "scheduler": {"name": "step", "step_size": 2, "gamma": 0.5}},
+        groups=[
+            {"name": "new", "params": ["@head"], "lr": 1e-3},
+            {"name": "body", "params": ["*"], "lr": {0: 1e-4, 2: 5e-5}, "unfreeze_at": 1},
+        ],
+    )
     out = tmp_path / "run"
     summary = run(spec, out)
-    for name in ("spec.yaml", "load_report.json", "metrics.jsonl", "checkpoints/last.pt",
-                 "checkpoints/best.safetensors", "model.safetensors", "summary.json", "classes.json",
-                 "plots/curves.png", "plots/confusion.png"):
+    for name in (
+        "spec.yaml",
+        "load_report.json",
+        "metrics.jsonl",
+        "checkpoints/last.pt",
+        "checkpoints/best.safetensors",
+        "model.safetensors",
+        "summary.json",
+        "classes.json",
+        "plots/curves.png",
+        "plots/confusion.png",
+    ):
         assert (out / name).is_file(), name
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["epoch"] for r in rows] == [0, 1, 2]
-    assert [r["trainable"] for r in rows] == [{"new": True, "body": False}, {"new": True, "body": True},
-                                             {"new": True, "body": True}]
+    assert [r["trainable"] for r in rows] == [
+        {"new": True, "body": False},
+        {"new": True, "body": True},
+        {"new": True, "body": True},
+    ]
     assert rows[0]["lr"]["new"] == pytest.approx(1e-3)
     assert rows[1]["lr"]["body"] == pytest.approx(1e-4)
     assert rows[2]["lr"]["body"] == pytest.approx(5e-5 * 0.5)  # lr map, then step decay at epoch 2
@@ -125,9 +153,13 @@ def test_existing_run_directory_is_never_overwritten_silently(tmp_path):
 
 def test_two_stage_run_reproduces_a_plain_pytorch_loop_step_for_step(tmp_path):
     """Head only at 1e-2 for epoch 0, then everything (body at 1e-3): the same losses as by hand."""
-    spec = _spec(train={"epochs": 2, "channels_last": False, "optimizer": {"name": "adamw", "weight_decay": 0.0}},
-                 groups=[{"name": "head", "params": ["fc"], "lr": 1e-2},
-                         {"name": "body", "params": ["*"], "lr": 1e-3, "unfreeze_at": 1}])
+    spec = _spec(
+        train={"epochs": 2, "channels_last": False, "optimizer": {"name": "adamw", "weight_decay": 0.0}},
+        groups=[
+            {"name": "head", "params": ["fc"], "lr": 1e-2},
+            {"name": "body", "params": ["*"], "lr": 1e-3, "unfreeze_at": 1},
+        ],
+    )
     losses: list[float] = []
     run(spec, tmp_path / "run", on_step=lambda e, s, loss: losses.append(loss))
 
@@ -137,15 +169,23 @@ def test_two_stage_run_reproduces_a_plain_pytorch_loop_step_for_step(tmp_path):
 
     torch.manual_seed(spec.seed)
     model = build(spec).model
-    config = {"input_size": (3, 32, 32), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
-              "interpolation": "bicubic", "crop_pct": 0.95, "crop_mode": "center"}
+    config = {
+        "input_size": (3, 32, 32),
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "interpolation": "bicubic",
+        "crop_pct": 0.95,
+        "crop_mode": "center",
+    }
     data = build_data(spec, config)
-    loader = make_loader(data.train, batch_size=16, train=True, seed=spec.seed, num_workers=0, pin_memory=False,
-                         drop_last=True)
+    loader = make_loader(
+        data.train, batch_size=16, train=True, seed=spec.seed, num_workers=0, pin_memory=False, drop_last=True
+    )
     head = [p for n, p in model.named_parameters() if n.startswith("fc.")]
     body = [p for n, p in model.named_parameters() if not n.startswith("fc.")]
-    optimizer = torch.optim.AdamW([{"params": head, "lr": 1e-2, "weight_decay": 0.0},
-                                   {"params": body, "lr": 1e-3, "weight_decay": 0.0}])
+    optimizer = torch.optim.AdamW(
+        [{"params": head, "lr": 1e-2, "weight_decay": 0.0}, {"params": body, "lr": 1e-3, "weight_decay": 0.0}]
+    )
     plain: list[float] = []
     for epoch in range(2):
         for p in body:
@@ -178,9 +218,13 @@ def test_digits_reaches_real_accuracy(tmp_path):
 
 def test_compiled_model_trains_a_group_unfrozen_mid_run():
     """pytorch#139476: a frame compiled while a group was frozen must not keep it frozen."""
-    spec = _spec(train={"compile": "aot_eager"},
-                 groups=[{"name": "head", "params": ["@head"], "lr": 1e-2},
-                         {"name": "body", "params": ["*"], "lr": 1e-3, "unfreeze_at": 1}])
+    spec = _spec(
+        train={"compile": "aot_eager"},
+        groups=[
+            {"name": "head", "params": ["@head"], "lr": 1e-2},
+            {"name": "body", "params": ["*"], "lr": 1e-3, "unfreeze_at": 1},
+        ],
+    )
     ctx = prepare(spec)
     body = list(next(g for g in ctx.built.groups if g.name == "body").params)
     before = _snapshot(ctx.model, body)
@@ -213,14 +257,21 @@ def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_the_last_good_checkpoin
     # epoch 0 trains sanely; the loss of epoch 1's second batch is NaN (an lr of 1e30 did this
     # before the schema bounded learning rates to 10)
     _poison_loss(monkeypatch, call=5)
-    spec = _spec(train={"channels_last": False, "optimizer": {"name": "sgd"}},
-                 groups=[{"name": "all", "params": ["*"], "lr": {0: 1e-3, 1: 1e-2}}])
+    spec = _spec(
+        train={"channels_last": False, "optimizer": {"name": "sgd"}},
+        groups=[{"name": "all", "params": ["*"], "lr": {0: 1e-3, 1: 1e-2}}],
+    )
     out = tmp_path / "run"
-    with pytest.raises(TrainingStopped, match=r"the loss became nan in epoch 2, batch 2 of 3; the last good "
-                                              r"checkpoint is .*last\.pt \(end of epoch 1\)"):
+    with pytest.raises(
+        TrainingStopped,
+        match=r"the loss became nan in epoch 2, batch 2 of 3; the last good "
+        r"checkpoint is .*last\.pt \(end of epoch 1\)",
+    ):
         run(spec, out)
     state = torch.load(out / "checkpoints" / "last.pt", weights_only=False)
-    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert state["epoch"] == 1 and all(
+        torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()
+    )
     assert [r["epoch"] for r in read_metrics(out / "metrics.jsonl")] == [0]
     assert not (out / "summary.json").exists()
 
@@ -237,13 +288,15 @@ def test_nonfinite_skip_skips_the_bad_batch_and_the_run_completes(tmp_path, monk
 
 
 def test_head_only_stage_on_cached_features_matches_the_uncached_stage(tmp_path):
-    groups = [{"name": "head", "params": ["@head"], "lr": 1e-2},
-              {"name": "body", "params": ["*"], "lr": 1e-3, "unfreeze_at": 2}]
+    groups = [
+        {"name": "head", "params": ["@head"], "lr": 1e-2},
+        {"name": "body", "params": ["*"], "lr": 1e-3, "unfreeze_at": 2},
+    ]
     results = {}
     for setting in ("auto", "off"):
         losses: list[float] = []
         spec = _spec(train={"epochs": 3, "cache_features": setting}, groups=groups)
-        summary = run(spec, tmp_path / setting, on_step=lambda e, s, loss: losses.append(loss))
+        summary = run(spec, tmp_path / setting, on_step=lambda e, s, loss: losses.append(loss))  # noqa: B023 - this run
         results[setting] = (losses, summary, load_safetensors(tmp_path / setting / "model.safetensors"))
     cached, uncached = results["auto"], results["off"]
     assert len(cached[0]) == len(uncached[0]) == 9
@@ -269,8 +322,14 @@ def test_feature_cache_is_used_only_when_the_head_input_is_fixed(capsys):
     note = use_feature_cache(ctx, apply_trainable(ctx.model, ctx.built.groups, 0))
     assert ctx.features is None and "augmentation is random" in note
 
-    ctx = prepare(_spec(groups=[{"name": "head", "params": ["@head"]},
-                                {"name": "body", "params": ["*"], "unfreeze_at": 1, "norm": "train"}]))
+    ctx = prepare(
+        _spec(
+            groups=[
+                {"name": "head", "params": ["@head"]},
+                {"name": "body", "params": ["*"], "unfreeze_at": 1, "norm": "train"},
+            ]
+        )
+    )
     note = use_feature_cache(ctx, apply_trainable(ctx.model, ctx.built.groups, 0))
     assert ctx.features is None and "normalization in training mode" in note
 
@@ -278,11 +337,20 @@ def test_feature_cache_is_used_only_when_the_head_input_is_fixed(capsys):
 # --------------------------------------------------------------------------- train.accumulate
 def _no_batchnorm_spec(batch_size: int, accumulate: int, limit: int):
     # timm's test_convnext: LayerNorm only, so a batch of 32 and four batches of 8 see the same statistics
-    return _spec(model={"backbone": "timm:test_convnext", "num_classes": 10},
-                 train={"epochs": 2, "batch_size": batch_size, "accumulate": accumulate, "limit_batches": limit,
-                        "channels_last": False, "precision": "fp32", "grad_clip": 1.0,
-                        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
-                        "scheduler": {"name": "cosine", "warmup_epochs": 1, "per_step": True}})
+    return _spec(
+        model={"backbone": "timm:test_convnext", "num_classes": 10},
+        train={
+            "epochs": 2,
+            "batch_size": batch_size,
+            "accumulate": accumulate,
+            "limit_batches": limit,
+            "channels_last": False,
+            "precision": "fp32",
+            "grad_clip": 1.0,
+            "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
+            "scheduler": {"name": "cosine", "warmup_epochs": 1, "per_step": True},
+        },
+    )
 
 
 def test_accumulating_four_batches_of_8_matches_one_batch_of_32(tmp_path):
@@ -297,6 +365,7 @@ def test_accumulating_four_batches_of_8_matches_one_batch_of_32(tmp_path):
         def step(*a, _ctx=ctx, _name=name, _real=real_step, **k):
             lrs[_name].append(_ctx.optimizer.param_groups[0]["lr"])
             return _real(*a, **k)
+
         ctx.optimizer.step = step
         for epoch in range(2):
             train_epoch(ctx, epoch, apply_trainable(ctx.model, ctx.built.groups, epoch))
@@ -329,8 +398,14 @@ def test_a_stop_mid_window_ends_the_epoch_after_the_window_steps():
     ctx = prepare(_no_batchnorm_spec(8, 4, 8))
     state = EpochState()
     asked = []
-    result = train_epoch(ctx, 0, apply_trainable(ctx.model, ctx.built.groups, 0), state=state,
-                         on_step=lambda e, s, loss: asked.append(s), stop=lambda: len(asked) >= 2)
+    result = train_epoch(
+        ctx,
+        0,
+        apply_trainable(ctx.model, ctx.built.groups, 0),
+        state=state,
+        on_step=lambda e, s, loss: asked.append(s),
+        stop=lambda: len(asked) >= 2,
+    )
     assert result.stopped and state.batch == 4  # the stop came after batch 2; the window of 4 finished
 
 
@@ -343,8 +418,10 @@ def test_mixup_and_erasing_are_seeded_per_batch_and_leave_the_global_rngs_alone(
 
     from surgery.train.mixing import BatchAugment
 
-    spec = _spec(train={"batch_size": 8, "mixup": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0}},
-                 data={"augment": {"erasing": {"prob": 1.0, "mode": "pixel"}}})
+    spec = _spec(
+        train={"batch_size": 8, "mixup": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0}},
+        data={"augment": {"erasing": {"prob": 1.0, "mode": "pixel"}}},
+    )
     augment = BatchAugment(spec, 10, torch.device("cpu"))
     x, y = torch.randn(5, 3, 16, 16), torch.tensor([0, 1, 2, 3, 4])  # odd: the last image stays itself
     states = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
@@ -361,8 +438,10 @@ def test_mixup_and_erasing_are_seeded_per_batch_and_leave_the_global_rngs_alone(
 
 
 def test_mixup_run_reports_dominant_label_accuracy_and_head_only_stages_run_uncached(tmp_path, capsys):
-    groups = [{"name": "head", "params": ["@head"], "lr": 1e-2},
-              {"name": "body", "params": ["*"], "lr": 1e-3, "unfreeze_at": 1}]
+    groups = [
+        {"name": "head", "params": ["@head"], "lr": 1e-2},
+        {"name": "body", "params": ["*"], "lr": 1e-3, "unfreeze_at": 1},
+    ]
     spec = _spec(train={"epochs": 1, "mixup": {"cutmix_alpha": 0.0}}, groups=groups)
     run(spec, tmp_path / "mixup")
     row = read_metrics(tmp_path / "mixup" / "metrics.jsonl")[0]
@@ -377,8 +456,11 @@ def test_mixup_run_reports_dominant_label_accuracy_and_head_only_stages_run_unca
 
 # --------------------------------------------------------------------------- data.balance
 def test_balance_loss_weighs_classes_and_summary_records_counts_and_weights(tmp_path):
-    spec = _spec(model={"backbone": "timm:resnet10t", "num_classes": 3}, train={"epochs": 1},
-                 data={"balance": "loss", "classes": [0, 1, 2], "subset": {"train": 61}})
+    spec = _spec(
+        model={"backbone": "timm:resnet10t", "num_classes": 3},
+        train={"epochs": 1},
+        data={"balance": "loss", "classes": [0, 1, 2], "subset": {"train": 61}},
+    )
     summary = run(spec, tmp_path / "run")
     balance = summary["balance"]
     counts = balance["train_counts"]
@@ -402,5 +484,7 @@ def test_balanced_sampler_keeps_the_head_only_cache_and_its_order(tmp_path):
     first = ctx.train_loader.batch_indices(0)[0]
     assert labels.tolist() == [int(ctx.data.train.targets[i]) for i in first]
     assert run(_spec(groups=head_only, data={"balance": "sampler"}), tmp_path / "run")["balance"] == {
-        "mode": "sampler", "train_counts": {str(c): int((ctx.data.train.targets == c).sum()) for c in range(10)},
-        "class_weights": None}
+        "mode": "sampler",
+        "train_counts": {str(c): int((ctx.data.train.targets == c).sum()) for c in range(10)},
+        "class_weights": None,
+    }

@@ -5,6 +5,7 @@ plain `unfreeze_at: E` would have given, bit for bit (warm-up, lr tables, head-o
 and early stopping included), and a run resumed after the rule fired keeps that epoch from its
 checkpoint. Early stopping waits until no group is waiting to unfreeze.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,16 +17,16 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from runs import run_logged
 from rich.console import Console
+from runs import run_logged
 
 from surgery.cli import main
 from surgery.errors import SpecError
+from surgery.model.views import schedule_rich
 from surgery.runs import load_safetensors, read_metrics
-from surgery.train.schedule import Unfreezing, earliest_epochs, schedule_table, unfreeze_epochs, unfreeze_events
 from surgery.spec import load_spec
 from surgery.train import TrainingStopped
-from surgery.model.views import schedule_rich
+from surgery.train.schedule import Unfreezing, earliest_epochs, schedule_table, unfreeze_epochs, unfreeze_events
 
 MARK = "# <-"
 TIMING = ("images_per_sec", "seconds", "data_wait_fraction")
@@ -42,54 +43,104 @@ def _marked_line(text: str) -> int:
 
 # ------------------------------------------------------------------ located errors
 ERRORS = [  # (id, groups YAML with the offending line marked, key path, substring of problem or hint)
-    ("unknown-group", """
+    (
+        "unknown-group",
+        """
         - {name: head, params: ["@head"]}
         - {name: body, params: ["*"], unfreeze_at: {after: haed, epochs: 2}}  # <-
-        """, "groups[1].unfreeze_at.after", "'head'"),
-    ("cycle", """
+        """,
+        "groups[1].unfreeze_at.after",
+        "'head'",
+    ),
+    (
+        "cycle",
+        """
         - {name: head, params: ["@head"]}
         - {name: top, params: [layer4], unfreeze_at: {after: body, epochs: 1}}  # <- the first group of the cycle
         - {name: body, params: ["*"], unfreeze_at: {after: top, epochs: 1}}
-        """, "groups[1].unfreeze_at.after", "top -> body -> top"),
-    ("waits-for-itself", """
+        """,
+        "groups[1].unfreeze_at.after",
+        "top -> body -> top",
+    ),
+    (
+        "waits-for-itself",
+        """
         - {name: head, params: ["@head"]}
         - {name: body, params: ["*"], unfreeze_at: {after: body, plateau: {}}}  # <-
-        """, "groups[1].unfreeze_at.after", "body -> body"),
-    ("root-never-unfreezes", """
+        """,
+        "groups[1].unfreeze_at.after",
+        "body -> body",
+    ),
+    (
+        "root-never-unfreezes",
+        """
         - {name: head, params: ["@head"]}
         - {name: stem, params: [conv1], unfreeze_at: never}
         - {name: body, params: ["*"], unfreeze_at: {after: stem, epochs: 1}}  # <-
-        """, "groups[2].unfreeze_at.after", "never unfreezes"),
-    ("epochs-without-after", """
+        """,
+        "groups[2].unfreeze_at.after",
+        "never unfreezes",
+    ),
+    (
+        "epochs-without-after",
+        """
         - {name: head, params: ["@head"]}
         - {name: body, params: ["*"], unfreeze_at: {epochs: 3}}  # <-
-        """, "groups[1].unfreeze_at.epochs", "unfreeze_at: 3"),
-    ("epochs-and-plateau", """
+        """,
+        "groups[1].unfreeze_at.epochs",
+        "unfreeze_at: 3",
+    ),
+    (
+        "epochs-and-plateau",
+        """
         - {name: head, params: ["@head"]}
         - {name: body, params: ["*"], unfreeze_at: {after: head, epochs: 1, plateau: {}}}  # <-
-        """, "groups[1].unfreeze_at.epochs", "not both"),
-    ("after-alone", """
+        """,
+        "groups[1].unfreeze_at.epochs",
+        "not both",
+    ),
+    (
+        "after-alone",
+        """
         - {name: head, params: ["@head"]}
         - {name: body, params: ["*"], unfreeze_at: {after: head}}  # <-
-        """, "groups[1].unfreeze_at", "neither"),
-    ("map-in-single-label", """
+        """,
+        "groups[1].unfreeze_at",
+        "neither",
+    ),
+    (
+        "map-in-single-label",
+        """
         - {name: head, params: ["@head"]}
         - name: body
           params: ["*"]
           unfreeze_at: {plateau: {monitor: val_map}}  # <-
-        """, "groups[1].unfreeze_at.plateau.monitor", "multi-label"),
-    ("misspelt-monitor", """
+        """,
+        "groups[1].unfreeze_at.plateau.monitor",
+        "multi-label",
+    ),
+    (
+        "misspelt-monitor",
+        """
         - {name: head, params: ["@head"]}
         - name: body
           params: ["*"]
           unfreeze_at: {plateau: {monitor: val_los}}  # <-
-        """, "groups[1].unfreeze_at.plateau.monitor", "'val_loss'"),
-    ("zero-patience", """
+        """,
+        "groups[1].unfreeze_at.plateau.monitor",
+        "'val_loss'",
+    ),
+    (
+        "zero-patience",
+        """
         - {name: head, params: ["@head"]}
         - name: body
           params: ["*"]
           unfreeze_at: {plateau: {patience: 0}}  # <-
-        """, "groups[1].unfreeze_at.plateau.patience", "minimum"),
+        """,
+        "groups[1].unfreeze_at.plateau.patience",
+        "minimum",
+    ),
 ]
 
 
@@ -107,7 +158,11 @@ def test_rule_mistakes_are_located(groups: str, path: str, words: str, tmp_path:
 
 
 def test_validate_cli_reports_a_rule_mistake_with_its_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    text = HEAD + "groups:\n  - {name: head, params: ['@head']}\n  - {name: body, params: ['*'], unfreeze_at: {after: nope, epochs: 1}}\n"
+    text = (
+        HEAD
+        + "groups:\n  - {name: head, params: ['@head']}\n"
+        + "  - {name: body, params: ['*'], unfreeze_at: {after: nope, epochs: 1}}\n"
+    )
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(text)
     assert main(["validate", str(spec_file)]) == 2
@@ -118,14 +173,21 @@ def test_validate_cli_reports_a_rule_mistake_with_its_line(tmp_path: Path, capsy
 
 # ------------------------------------------------------------------ the rules, without training
 def _spec(groups: list[dict], epochs: int = 10, **train) -> object:
-    return load_spec({"model": {"backbone": "timm:resnet10t", "pretrained": False},
-                      "train": {"epochs": epochs, **train}, "groups": groups})
+    return load_spec(
+        {
+            "model": {"backbone": "timm:resnet10t", "pretrained": False},
+            "train": {"epochs": epochs, **train},
+            "groups": groups,
+        }
+    )
 
 
-CHAIN = [{"name": "new", "params": ["@head"]},
-         {"name": "top", "params": ["layer4"], "unfreeze_at": {"after": "new", "epochs": 3}},
-         {"name": "mid", "params": ["layer3"], "unfreeze_at": {"after": "top", "plateau": {"patience": 2}}},
-         {"name": "base", "params": ["*"], "unfreeze_at": {"after": "mid", "epochs": 1}}]
+CHAIN = [
+    {"name": "new", "params": ["@head"]},
+    {"name": "top", "params": ["layer4"], "unfreeze_at": {"after": "new", "epochs": 3}},
+    {"name": "mid", "params": ["layer3"], "unfreeze_at": {"after": "top", "plateau": {"patience": 2}}},
+    {"name": "base", "params": ["*"], "unfreeze_at": {"after": "mid", "epochs": 1}},
+]
 
 
 def test_after_chains_rooted_in_a_plain_epoch_are_known_before_the_run() -> None:
@@ -153,9 +215,16 @@ def test_plateau_rule_fires_after_patience_and_its_chain_follows() -> None:
 
 
 def test_plateau_state_survives_a_round_trip_through_the_checkpoint_dict() -> None:
-    spec = _spec([{"name": "head", "params": ["@head"]},
-                  {"name": "body", "params": ["*"], "unfreeze_at": {"plateau": {"monitor": "val_acc", "patience": 3,
-                                                                                 "min_delta": 0.01}}}])
+    spec = _spec(
+        [
+            {"name": "head", "params": ["@head"]},
+            {
+                "name": "body",
+                "params": ["*"],
+                "unfreeze_at": {"plateau": {"monitor": "val_acc", "patience": 3, "min_delta": 0.01}},
+            },
+        ]
+    )
     # best 0.1, 0.3, then 0.35 (epoch 4); 0.305, 0.355 and 0.36 do not beat the best by more than 0.01
     values = [0.1, 0.3, 0.305, 0.2, 0.35, 0.355, 0.3, 0.36, 0.5]
 
@@ -188,8 +257,13 @@ def test_schedule_shows_the_rule_from_the_first_epoch_it_could_fire() -> None:
 
 
 def test_a_rule_that_cannot_fire_in_time_is_a_located_warning() -> None:
-    spec = _spec([{"name": "head", "params": ["@head"]},
-                  {"name": "body", "params": ["*"], "unfreeze_at": {"plateau": {"patience": 4}}}], epochs=4)
+    spec = _spec(
+        [
+            {"name": "head", "params": ["@head"]},
+            {"name": "body", "params": ["*"], "unfreeze_at": {"plateau": {"patience": 4}}},
+        ],
+        epochs=4,
+    )
     assert any("groups[1].unfreeze_at" in w and "epoch 5 at the earliest" in w for w in spec.warnings)
 
 
@@ -197,15 +271,27 @@ def test_a_rule_that_cannot_fire_in_time_is_a_located_warning() -> None:
 RUN = {
     "name": "rules",
     "model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False},
-    "train": {"epochs": 6, "batch_size": 16, "limit_batches": 2, "channels_last": False,
-              "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-              "early_stop": {"monitor": "val_acc", "patience": 1, "min_delta": 10}},
+    "train": {
+        "epochs": 6,
+        "batch_size": 16,
+        "limit_batches": 2,
+        "channels_last": False,
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+        "early_stop": {"monitor": "val_acc", "patience": 1, "min_delta": 10},
+    },
     "data": {"name": "digits", "image_size": 32, "num_workers": 0, "subset": {"train": 64, "val": 32}},
     # min_delta 10: no epoch improves on the first one, so the plateau fires after exactly `patience` epochs
-    "groups": [{"name": "head", "params": ["@head"]},
-               {"name": "top", "params": ["layer4"], "lr": 0.02, "warmup_epochs": 1,
-                "unfreeze_at": {"plateau": {"monitor": "val_loss", "patience": 1, "min_delta": 10}}},
-               {"name": "rest", "params": ["*"], "lr": {0: 0.01, 3: 0.005}, "unfreeze_at": {"after": "top", "epochs": 1}}],
+    "groups": [
+        {"name": "head", "params": ["@head"]},
+        {
+            "name": "top",
+            "params": ["layer4"],
+            "lr": 0.02,
+            "warmup_epochs": 1,
+            "unfreeze_at": {"plateau": {"monitor": "val_loss", "patience": 1, "min_delta": 10}},
+        },
+        {"name": "rest", "params": ["*"], "lr": {0: 0.01, 3: 0.005}, "unfreeze_at": {"after": "top", "epochs": 1}},
+    ],
 }
 FIRES = 1  # the plateau's last epoch (0-based): the first value, then `patience` epochs without improvement
 LAST_STAGE = FIRES + 2  # rest: one epoch after top
@@ -237,7 +323,10 @@ def test_the_rule_fires_and_every_row_records_the_unfreeze_epochs(rule_run) -> N
     assert [r["unfreeze_at"]["top"] for r in rows] == [None] * FIRES + [top] * (EPOCHS - FIRES)
     assert rows[-1]["unfreeze_at"] == {"head": 0, "top": top, "rest": top + 1}
     assert json.loads((out / "summary.json").read_text())["unfreeze_at"] == rows[-1]["unfreeze_at"]
-    assert f"epoch {FIRES + 1}: top unfreezes from epoch {top + 1}: its rule fired (plateau val_loss/1, min_delta 10)" in log
+    assert (
+        f"epoch {FIRES + 1}: top unfreezes from epoch {top + 1}: its rule fired (plateau val_loss/1, min_delta 10)"
+        in log
+    )
     assert "head-only stage" in log  # epochs before the rule fired trained the head on cached features
 
 
@@ -272,6 +361,7 @@ def test_resumed_after_the_rule_fired_keeps_its_epoch(rule_run, tmp_path: Path) 
     def interrupt(epoch: int, step: int, loss: float) -> None:
         if (epoch, step) == (LAST_STAGE, 0):  # after the rule fired, before the early stop, mid-epoch
             os.kill(os.getpid(), signal.SIGINT)
+
     with pytest.raises(TrainingStopped):
         run_logged(RUN, resumed, on_step=interrupt)
     state_rows = read_metrics(resumed / "metrics.jsonl")

@@ -1,4 +1,6 @@
-"""surgery.model.weights: weight files in every usual shape, key maps, and a load report that accounts for every tensor."""
+"""surgery.model.weights: weight files in every usual shape, key maps, and a load report that accounts for
+every tensor."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,7 +25,9 @@ def weights() -> dict[str, torch.Tensor]:
     model = build(load_spec({"model": {"backbone": "torchvision:resnet18"}, "seed": 7})).model
     with torch.no_grad():  # non-default running statistics and step counters too
         for name, buffer in model.named_buffers():
-            buffer.copy_(torch.full_like(buffer, 3) if name.endswith("num_batches_tracked") else torch.rand_like(buffer))
+            buffer.copy_(
+                torch.full_like(buffer, 3) if name.endswith("num_batches_tracked") else torch.rand_like(buffer)
+            )
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -33,8 +37,9 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def build_from(path: Path | str, surgery: list[dict] = SURGERY, **model: Any):
-    return build(load_spec({"model": {"backbone": "torchvision:resnet18", "pretrained": str(path), **model},
-                            "surgery": surgery}))
+    return build(
+        load_spec({"model": {"backbone": "torchvision:resnet18", "pretrained": str(path), **model}, "surgery": surgery})
+    )
 
 
 def load_error(path: Path | str, **model: Any) -> SpecError:
@@ -123,8 +128,10 @@ def test_a_truncated_file_is_an_error_at_pretrained(weights: dict, folder: Path,
     assert err.expected == "an intact PyTorch or safetensors weight file"
 
 
-@pytest.mark.parametrize(("name", "content"), [("garbage.pth", b"not a checkpoint at all"), ("empty.pth", b""),
-                                               ("garbage.safetensors", b"\x00" * 64)])
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("garbage.pth", b"not a checkpoint at all"), ("empty.pth", b""), ("garbage.safetensors", b"\x00" * 64)],
+)
 def test_a_corrupt_file_is_an_error_at_pretrained(tmp_path: Path, name: str, content: bytes) -> None:
     (tmp_path / name).write_bytes(content)
     assert load_error(tmp_path / name).path == "model.pretrained"
@@ -197,11 +204,14 @@ def test_a_regex_key_map_renames_and_reports(weights: dict, tmp_path: Path) -> N
     assert built.report.mapped == {k: f"backbone.{k}" for k in weights}
 
 
-@pytest.mark.parametrize(("key_map", "word"), [
-    ({"^backbone\\.(": ""}, "regular expression"),
-    ({"^(backbone)\\.": "\\2"}, "replacement"),
-    ({"^backbone\\.layer[12]": "layer1"}, "two file keys"),
-])
+@pytest.mark.parametrize(
+    ("key_map", "word"),
+    [
+        ({"^backbone\\.(": ""}, "regular expression"),
+        ({"^(backbone)\\.": "\\2"}, "replacement"),
+        ({"^backbone\\.layer[12]": "layer1"}, "two file keys"),
+    ],
+)
 def test_a_bad_key_map_is_an_error_at_key_map(weights: dict, tmp_path: Path, key_map: dict, word: str) -> None:
     torch.save({f"backbone.{k}": v for k, v in weights.items()}, tmp_path / "p.pth")
     err = load_error(tmp_path / "p.pth", key_map=key_map)
@@ -248,14 +258,25 @@ def test_key_map_order_rejects_other_counts_and_shapes(weights: dict, tmp_path: 
 
 
 # --------------------------------------------------------------------------- heads
-@pytest.mark.parametrize("backbone,head", [("torchvision:resnet18", ("fc.weight", "fc.bias")),
-                                           ("timm:resnet18", ("fc.weight", "fc.bias")),
-                                           ("timm:convnext_atto", ("head.fc.weight", "head.fc.bias"))])
+@pytest.mark.parametrize(
+    "backbone,head",
+    [
+        ("torchvision:resnet18", ("fc.weight", "fc.bias")),
+        ("timm:resnet18", ("fc.weight", "fc.bias")),
+        ("timm:convnext_atto", ("head.fc.weight", "head.fc.bias")),
+    ],
+)
 def test_a_new_class_count_reinitialises_exactly_the_head(backbone: str, head: tuple, tmp_path: Path) -> None:
     plain = build(load_spec({"model": {"backbone": backbone}, "seed": 3})).model.state_dict()
     torch.save(plain, tmp_path / "w.pth")
-    built = build(load_spec({"model": {"backbone": backbone, "pretrained": str(tmp_path / "w.pth"), "num_classes": 7},
-                             "surgery": [{"insert": "eca", "at": "layer1" if "resnet" in backbone else "stages.1"}]}))
+    built = build(
+        load_spec(
+            {
+                "model": {"backbone": backbone, "pretrained": str(tmp_path / "w.pth"), "num_classes": 7},
+                "surgery": [{"insert": "eca", "at": "layer1" if "resnet" in backbone else "stages.1"}],
+            }
+        )
+    )
     assert set(built.report.reinitialised) == set(head)
     assert all(reason.startswith("head: shape [7") for reason in built.report.reinitialised.values())
     state = built.model.state_dict()
@@ -276,8 +297,18 @@ def test_random_init_reports_random_and_new_keys() -> None:
 def test_report_to_dict_counts_every_list() -> None:
     report = LoadReport(loaded=["a", "b"], new=["c"], reinitialised={"d": "head"}, mapped={"a": "x.a"})
     out = report.to_dict()
-    assert out["counts"] == {"loaded": 2, "reinitialised": 1, "new": 1, "random": 0, "unused": 0, "mapped": 1,
-                             "defaulted": 0, "kept": 0, "adapted": 0, "dropped": 0}
+    assert out["counts"] == {
+        "loaded": 2,
+        "reinitialised": 1,
+        "new": 1,
+        "random": 0,
+        "unused": 0,
+        "mapped": 1,
+        "defaulted": 0,
+        "kept": 0,
+        "adapted": 0,
+        "dropped": 0,
+    }
     assert out["loaded"] == ["a", "b"]
 
 
@@ -296,11 +327,19 @@ def test_a_vit_position_embedding_is_resampled_to_the_image_size(tmp_path: Path)
     from timm.layers import resample_abs_pos_embed
 
     vit = {"backbone": "timm:vit_tiny_patch16_224", "num_classes": 4}
-    trained = build(load_spec({"model": {**vit, "args": {"img_size": 64}}, "data": {"image_size": 64}, "seed": 5})).model
+    trained = build(
+        load_spec({"model": {**vit, "args": {"img_size": 64}}, "data": {"image_size": 64}, "seed": 5})
+    ).model
     state = trained.state_dict()
     torch.save(state, tmp_path / "vit64.pth")
-    built = build(load_spec({"model": {**vit, "args": {"img_size": 32}, "pretrained": str(tmp_path / "vit64.pth")},
-                             "data": {"image_size": 32}}))
+    built = build(
+        load_spec(
+            {
+                "model": {**vit, "args": {"img_size": 32}, "pretrained": str(tmp_path / "vit64.pth")},
+                "data": {"image_size": 32},
+            }
+        )
+    )
     assert list(built.report.adapted) == ["pos_embed"]
     assert built.report.adapted["pos_embed"].startswith("position embedding resampled [1, 17, 192] -> [1, 5, 192]")
     here = built.model.state_dict()

@@ -21,6 +21,7 @@ that splits the same order: a run resumed at epoch 5 matches an uninterrupted on
     loader.py      make_loader: epoch-seeded, resumable, sharded, optionally class-balanced
     __init__.py    DataBundle and build_data, the entry point
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -33,8 +34,8 @@ from torch.utils.data import Dataset
 from ..model.backbones import IMAGENET_MEAN, IMAGENET_STD
 from ..spec import Spec
 from .datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, dataset_names, fashion_mnist_dir, pools, read_idx
-from .scan import check_files
 from .loader import EpochLoader, class_weights, make_loader, pos_weights, train_counts
+from .scan import check_files
 from .sources import Pool, SplitDataset
 from .splits import data_base, item_ids, narrow, select_classes, split_record, test_split
 from .transforms import TTAViews, eval_transform, image_mode, normalize, train_transform
@@ -57,7 +58,9 @@ class DataBundle:
     std: tuple[float, ...]
     deterministic_train: bool
     describe: str
-    test: Dataset | None = None  # a held-out test set (imagefolder test/, csv split=test, data.test_split), eval transform
+    test: Dataset | None = (
+        None  # a held-out test set (imagefolder test/, csv split=test, data.test_split), eval transform
+    )
 
 
 def _three(values: Any, key: str, channels: int = 3) -> tuple[float, ...]:
@@ -77,8 +80,10 @@ def normalization(data_config: Mapping) -> tuple[tuple[float, ...], tuple[float,
     """(mean, std) of the backbone's data config, ImageNet's where it gives none; one value each
     when the model reads one channel (`input_size` (1, H, W))."""
     channels = tuple(data_config.get("input_size", (3,)))[0]
-    return (_three(data_config.get("mean", IMAGENET_MEAN), "mean", channels),
-            _three(data_config.get("std", IMAGENET_STD), "std", channels))
+    return (
+        _three(data_config.get("mean", IMAGENET_MEAN), "mean", channels),
+        _three(data_config.get("std", IMAGENET_STD), "std", channels),
+    )
 
 
 def build_data(spec: Spec, data_config: Mapping) -> DataBundle:
@@ -103,12 +108,14 @@ def build_data(spec: Spec, data_config: Mapping) -> DataBundle:
     train_pool, val_pool, skipped, test_pool = pools(spec)
     if spec.data.test_split:
         if test_pool is not None:
-            raise spec.error(("data", "test_split"), "this dataset has a test split of its own",
-                             found=f"test_split: {spec.data.test_split}, and {len(test_pool.indices)} test images in "
-                                   f"{spec.data.root}", expected="test_split: 0 (the dataset's own test images are "
-                                   "held out already)",
-                             hint="remove data.test_split, or the test images (an image folder's test/, csv rows "
-                                  "with split test)")
+            raise spec.error(
+                ("data", "test_split"),
+                "this dataset has a test split of its own",
+                found=f"test_split: {spec.data.test_split}, and {len(test_pool.indices)} test images in "
+                f"{spec.data.root}",
+                expected="test_split: 0 (the dataset's own test images are held out already)",
+                hint="remove data.test_split, or the test images (an image folder's test/, csv rows with split test)",
+            )
         train_pool, test_pool = test_split(spec, train_pool)
     classes = train_pool.source.classes
     chosen = select_classes(spec, classes)
@@ -117,14 +124,20 @@ def build_data(spec: Spec, data_config: Mapping) -> DataBundle:
     train_pool = narrow(spec, train_pool, label_map, "train", 1)
     val_pool = narrow(spec, val_pool, label_map, "val", 2)
     if test_pool is not None:
-        test_pool = Pool(test_pool.source, test_pool.indices[label_map[test_pool.source.targets[test_pool.indices]] >= 0])
+        test_pool = Pool(
+            test_pool.source, test_pool.indices[label_map[test_pool.source.targets[test_pool.indices]] >= 0]
+        )
     # only now are files touched: those the splits, classes and subsets kept
     checked, unreadable = check_files(spec, {"train": train_pool, "val": val_pool, "test": test_pool})
     train_pool, val_pool, test_pool = checked["train"], checked["val"], checked["test"]
     skipped += unreadable
     if len(train_pool.indices) == 0:
-        raise spec.error(("data", "classes"), "no training images are left after choosing classes",
-                         found=str(list(spec.data.classes)), expected="classes that have images")
+        raise spec.error(
+            ("data", "classes"),
+            "no training images are left after choosing classes",
+            found=str(list(spec.data.classes)),
+            expected="classes that have images",
+        )
     train_tf, deterministic = train_transform(spec, data_config)
     size = spec.data.image_size
     train = SplitDataset(train_pool, label_map, train_tf, spec.seed, augment=not deterministic)
@@ -150,6 +163,25 @@ def build_data(spec: Spec, data_config: Mapping) -> DataBundle:
     )
 
 
-__all__ = ["DataBundle", "EpochLoader", "build_data", "eval_transform", "normalize", "make_loader",
-           "read_idx", "dataset_names", "normalization", "class_weights", "image_mode", "FASHION_MNIST_DIR", "fashion_mnist_dir",
-           "FASHION_MNIST_CLASSES", "pos_weights", "train_counts", "split_record", "item_ids", "data_base", "TTAViews"]
+__all__ = [
+    "DataBundle",
+    "EpochLoader",
+    "build_data",
+    "eval_transform",
+    "normalize",
+    "make_loader",
+    "read_idx",
+    "dataset_names",
+    "normalization",
+    "class_weights",
+    "image_mode",
+    "FASHION_MNIST_DIR",
+    "fashion_mnist_dir",
+    "FASHION_MNIST_CLASSES",
+    "pos_weights",
+    "train_counts",
+    "split_record",
+    "item_ids",
+    "data_base",
+    "TTAViews",
+]

@@ -6,6 +6,7 @@
     decode(open_image, transform)         an image decoded now (a truncated file fails here), transformed
     batches(items, read, size, on_skip)   readable items stacked into batches, unreadable ones skipped
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,8 +20,9 @@ from ..files import not_regular, open_regular
 if TYPE_CHECKING:
     import torch
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
-                            ".pbm", ".pnm"})
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"}
+)
 # what PIL raises for a file that is not an image it can decode: truncated, corrupt, a bomb, not a picture
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -48,8 +50,9 @@ def unreadable(exc: BaseException) -> str:
     return f"not a readable image ({describe_exception(exc, 120)})"
 
 
-def batches(items: Iterable[T], read: Callable[[T], "torch.Tensor"], size: int,
-            on_skip: Callable[[T, str], None]) -> Iterator[tuple[list[T], "torch.Tensor"]]:
+def batches(
+    items: Iterable[T], read: Callable[[T], "torch.Tensor"], size: int, on_skip: Callable[[T, str], None]
+) -> Iterator[tuple[list[T], "torch.Tensor"]]:
     """`read(item)` for each item, stacked `size` at a time; an item `read` fails on with one of
     `UNREADABLE` goes to `on_skip(item, reason)` and is left out."""
     import torch
@@ -82,8 +85,15 @@ def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[Pat
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                                and not any(part.startswith(".") for part in p.relative_to(path).parts)))
+            found.extend(
+                sorted(
+                    p
+                    for p in path.rglob("*")
+                    if p.suffix.lower() in IMAGE_SUFFIXES
+                    and p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                )
+            )
         elif path.is_file():
             found.append(path)
         elif path.exists():  # a named pipe, socket or device would block or never end
@@ -93,8 +103,9 @@ def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[tuple[Pat
     return list(dict.fromkeys(found)), missing  # a file named both alone and inside its folder: once
 
 
-def images_or_skips(paths: Sequence[str | Path], err: Any, verb: str,
-                    flag: str) -> tuple[list[Path], list[tuple[Path, str]]]:
+def images_or_skips(
+    paths: Sequence[str | Path], err: Any, verb: str, flag: str
+) -> tuple[list[Path], list[tuple[Path, str]]]:
     """`find_images` for a command: each path that cannot be read is said on `err` (a rich
     console) as skipped; none left is a UsageError ("no images to VERB", at the FLAG argument)."""
     from rich.markup import escape
@@ -103,8 +114,12 @@ def images_or_skips(paths: Sequence[str | Path], err: Any, verb: str,
     for path, reason in missing:
         err.print(f"[yellow]skipped[/yellow] {escape(str(path))}: {escape(reason)}")
     if not images:
-        raise UsageError(f"no images to {verb}", origin=Origin("flag", flag), found=" ".join(map(str, paths)),
-                         expected="image files, or folders holding " + ", ".join(sorted(IMAGE_SUFFIXES)))
+        raise UsageError(
+            f"no images to {verb}",
+            origin=Origin("flag", flag),
+            found=" ".join(map(str, paths)),
+            expected="image files, or folders holding " + ", ".join(sorted(IMAGE_SUFFIXES)),
+        )
     return images, missing
 
 

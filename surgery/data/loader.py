@@ -1,6 +1,7 @@
 """Loaders whose epoch E is a pure function of (seed, E): shuffled or class-balanced order, resumable
 mid-epoch, sharded across DDP ranks.
 """
+
 from __future__ import annotations
 
 import math
@@ -97,8 +98,9 @@ class _BalancedSampler(DistributedSampler):
     """
 
     def __init__(self, targets: np.ndarray, num_replicas: int, rank: int, seed: int, drop_last: bool) -> None:
-        super().__init__(range(len(targets)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed,
-                         drop_last=drop_last)
+        super().__init__(
+            range(len(targets)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=drop_last
+        )
         counts = np.bincount(targets)
         self.weights = torch.as_tensor(1.0 / counts[targets], dtype=torch.float64)
 
@@ -111,20 +113,30 @@ class _BalancedSampler(DistributedSampler):
             indices += (indices * math.ceil(padding / len(indices)))[:padding] if padding > 0 else []
         else:
             indices = indices[: self.total_size]
-        return iter(indices[self.rank: self.total_size: self.num_replicas])
+        return iter(indices[self.rank : self.total_size : self.num_replicas])
 
 
 class _EpochBatches:
     """Batch sampler of (epoch, index) keys; the order comes from DistributedSampler(seed, epoch)
     (or, class-balanced, from `_BalancedSampler`)."""
 
-    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int, drop_last: bool,
-                 rank: int, world_size: int, balance_targets: np.ndarray | None = None) -> None:
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool,
+        rank: int,
+        world_size: int,
+        balance_targets: np.ndarray | None = None,
+    ) -> None:
         if balance_targets is not None:
             self.sampler: DistributedSampler = _BalancedSampler(balance_targets, world_size, rank, seed, drop_last)
         else:
-            self.sampler = DistributedSampler(range(size), num_replicas=world_size, rank=rank,
-                                              shuffle=shuffle, seed=seed, drop_last=drop_last)
+            self.sampler = DistributedSampler(
+                range(size), num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+            )
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.epoch = 0
@@ -135,10 +147,10 @@ class _EpochBatches:
         epoch = self.epoch
         self.sampler.set_epoch(epoch)
         keys = [(epoch, int(i)) for i in self.sampler]
-        batches = [keys[i: i + self.batch_size] for i in range(0, len(keys), self.batch_size)]
+        batches = [keys[i : i + self.batch_size] for i in range(0, len(keys), self.batch_size)]
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:
             batches.pop()
-        return iter(batches[self.start:])
+        return iter(batches[self.start :])
 
     def __len__(self) -> int:
         n = len(self.sampler)

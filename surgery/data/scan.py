@@ -12,6 +12,7 @@ split it is only warned about. Two entries are the same image when their resolve
 (symbolic links followed, `a/../b` collapsed); hard links and byte-identical copies are not
 compared.
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,8 +61,9 @@ def _probe_all(paths: Sequence[str], what: str) -> list[tuple[str | None, str]]:
             now = time.monotonic()
             if now - last >= PROGRESS_EVERY:
                 last = now
-                sys.stderr.write(f"checking the image files of {what}: {len(out):,} of {len(paths):,} "
-                                 f"({now - start:.0f} s)\n")
+                sys.stderr.write(
+                    f"checking the image files of {what}: {len(out):,} of {len(paths):,} ({now - start:.0f} s)\n"
+                )
                 sys.stderr.flush()
     return out
 
@@ -87,8 +89,12 @@ def check_files(spec: Spec, pools: Mapping[str, Pool | None]) -> tuple[dict[str,
     resolved = {int(i): real for i, (why, real) in zip(kept, results) if why is None}
     if reason:
         shown = ", ".join(f"{source.where(i)}: {why}" for i, why in list(reason.items())[:_SHOWN])
-        log.warning("skipping %d unreadable, missing or non-regular image file(s) of %s, e.g. %s", len(reason),
-                    printable(spec.data.root or spec.data.name), printable(shown))
+        log.warning(
+            "skipping %d unreadable, missing or non-regular image file(s) of %s, e.g. %s",
+            len(reason),
+            printable(spec.data.root or spec.data.name),
+            printable(shown),
+        )
     before = {name: set(source.targets[p.indices].tolist()) for name, p in files.items()}
     for name, p in files.items():
         out[name] = Pool(source, np.array([i for i in p.indices if int(i) not in reason], dtype=np.int64))
@@ -96,10 +102,13 @@ def check_files(spec: Spec, pools: Mapping[str, Pool | None]) -> tuple[dict[str,
     if "train" in files and source.multi_hot is None:
         lost = before["train"] - set(source.targets[out["train"].indices].tolist())
         if lost:
-            raise spec.error(("data", "root"), "some classes have no readable training image: "
-                             + ", ".join(source.classes[c] for c in sorted(lost)),
-                             found=str(spec.data.root), expected="at least one readable training image per class",
-                             hint="replace the unreadable files, or remove their rows or folders")
+            raise spec.error(
+                ("data", "root"),
+                "some classes have no readable training image: " + ", ".join(source.classes[c] for c in sorted(lost)),
+                found=str(spec.data.root),
+                expected="at least one readable training image per class",
+                hint="replace the unreadable files, or remove their rows or folders",
+            )
     return out, len(reason)
 
 
@@ -116,16 +125,24 @@ def _check_duplicates(spec: Spec, source: FileSource, pools: Mapping[str, Pool],
 
     if across:
         splits = sorted({name for places in across for name, _ in places}, key=["train", "val", "test"].index)
-        raise spec.error(("data", "root"), f"{len(across)} image(s) are in more than one split ("
-                         + " and ".join(splits) + "): figures on the second would be inflated",
-                         found="; ".join(listed(p) for p in across[:_SHOWN]) + ("; ..." if len(across) > _SHOWN else ""),
-                         expected="each image in one split (images compared by resolved path: symbolic links "
-                                  "followed; hard links and copies are not detected)",
-                         hint="remove the extra rows or links" if source.listed_at is not None
-                              else "remove the copies or links between the split folders")
+        raise spec.error(
+            ("data", "root"),
+            f"{len(across)} image(s) are in more than one split ("
+            + " and ".join(splits)
+            + "): figures on the second would be inflated",
+            found="; ".join(listed(p) for p in across[:_SHOWN]) + ("; ..." if len(across) > _SHOWN else ""),
+            expected="each image in one split (images compared by resolved path: symbolic links "
+            "followed; hard links and copies are not detected)",
+            hint="remove the extra rows or links"
+            if source.listed_at is not None
+            else "remove the copies or links between the split folders",
+        )
     if twice:
-        log.warning("%d image(s) are listed more than once in one split (compared by resolved path), e.g. %s",
-                    len(twice), printable("; ".join(listed(p) for p in twice[:_SHOWN])))
+        log.warning(
+            "%d image(s) are listed more than once in one split (compared by resolved path), e.g. %s",
+            len(twice),
+            printable("; ".join(listed(p) for p in twice[:_SHOWN])),
+        )
 
 
 __all__ = ["check_files", "probe", "PROGRESS_EVERY"]

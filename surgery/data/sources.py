@@ -1,6 +1,7 @@
 """Sources and the dataset over them: images loaded one at a time, each random transform seeded by
 (seed, epoch, index) so an epoch is the same whatever ran before it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -18,9 +19,7 @@ from torch.utils.data import Dataset, get_worker_info
 
 from .images import UNREADABLE  # noqa: F401 - the one list; datasets.py imports it from here
 
-
 log = logging.getLogger(__name__)
-
 
 
 class ImageSource:
@@ -76,8 +75,13 @@ class FileSource(ImageSource):
     None when the path says it (an image folder).
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], classes: list[str],
-                 multi_hot: np.ndarray | None = None, listed_at: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        classes: list[str],
+        multi_hot: np.ndarray | None = None,
+        listed_at: Sequence[str] | None = None,
+    ) -> None:
         self.paths = [p for p, _ in samples]
         self.targets = np.asarray([t for _, t in samples], dtype=np.int64)
         self.classes = classes
@@ -186,6 +190,10 @@ class SplitDataset(Dataset):
                 if position not in self._warned:
                     self._warned.add(position)
                     self.unreadable += 1
-                    log.warning("skipping unreadable image %s (%s); %d so far in this process",
-                                self.source.label(i), exc, self.unreadable)
+                    log.warning(
+                        "skipping unreadable image %s (%s); %d so far in this process",
+                        self.source.label(i),
+                        exc,
+                        self.unreadable,
+                    )
         raise RuntimeError("no image of this dataset can be read")

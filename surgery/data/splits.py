@@ -1,6 +1,7 @@
 """Splits and subsets: a seeded, stratified train/val split, a held-out test split, `data.classes`
 and `data.subset`; each only ever shrinks an index array.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,8 +46,12 @@ def train_val_split(spec: Spec, source: ImageSource, indices: np.ndarray | None 
     is_val = np.zeros(len(indices), dtype=bool)
     is_val[val_pos] = True
     if n_val >= len(indices):
-        raise spec.error(("data", "val_split"), "val_split leaves no images to train on",
-                         found=f"{spec.data.val_split} of {len(indices)} images", expected="a smaller fraction")
+        raise spec.error(
+            ("data", "val_split"),
+            "val_split leaves no images to train on",
+            found=f"{spec.data.val_split} of {len(indices)} images",
+            expected="a smaller fraction",
+        )
     return Pool(source, indices[~is_val]), Pool(source, indices[is_val])
 
 
@@ -62,8 +67,12 @@ def test_split(spec: Spec, pool: Pool) -> tuple[Pool, Pool]:
     indices = pool.indices
     n_test = math.ceil(spec.data.test_split * len(indices))
     if n_test >= len(indices):
-        raise spec.error(("data", "test_split"), "test_split leaves no images to train on",
-                         found=f"{spec.data.test_split} of {len(indices)} training images", expected="a smaller fraction")
+        raise spec.error(
+            ("data", "test_split"),
+            "test_split leaves no images to train on",
+            found=f"{spec.data.test_split} of {len(indices)} training images",
+            expected="a smaller fraction",
+        )
     is_test = np.zeros(len(indices), dtype=bool)
     is_test[stratified(pool.source.targets[indices], n_test, seeded_rng(spec.seed, 3))] = True
     return Pool(pool.source, indices[~is_test]), Pool(pool.source, indices[is_test])
@@ -90,8 +99,12 @@ def select_classes(spec: Spec, classes: list[str]) -> list[int]:
             raise spec.error(where, "a class is given by name or index", found=repr(item))
         if isinstance(item, int):
             if not 0 <= item < len(classes):
-                raise spec.error(where, "there is no class with this index", found=str(item),
-                                 expected=f"an index from 0 to {len(classes) - 1}, or a class name")
+                raise spec.error(
+                    where,
+                    "there is no class with this index",
+                    found=str(item),
+                    expected=f"an index from 0 to {len(classes) - 1}, or a class name",
+                )
             label = item
         elif item in classes:
             label = classes.index(item)
@@ -100,11 +113,21 @@ def select_classes(spec: Spec, classes: list[str]) -> list[int]:
             if hint is None and item.strip().isdigit():
                 hint = f"write {item.strip()} without quotes to pick a class by index"
             shown = ", ".join(repr(c) for c in classes[:20]) + (", ..." if len(classes) > 20 else "")
-            raise spec.error(where, f"there is no class named {item!r}", found=repr(item),
-                             expected=f"one of the {len(classes)} classes: {shown}", hint=hint)
+            raise spec.error(
+                where,
+                f"there is no class named {item!r}",
+                found=repr(item),
+                expected=f"one of the {len(classes)} classes: {shown}",
+                hint=hint,
+            )
         if label in chosen:
-            raise spec.error(where, f"the class {classes[label]!r} is listed twice", found=repr(item),
-                             expected="each class once", hint=f"data.classes[{chosen.index(label)}] names it too")
+            raise spec.error(
+                where,
+                f"the class {classes[label]!r} is listed twice",
+                found=repr(item),
+                expected="each class once",
+                hint=f"data.classes[{chosen.index(label)}] names it too",
+            )
         chosen.append(label)
     return chosen
 
@@ -142,9 +165,14 @@ def split_record(spec: Spec, splits: Mapping[str, SplitDataset | None]) -> dict[
     """`splits.json`: where the data was and a fingerprint of each split, so that `surgery evaluate`
     rebuilds the run's test split from the same folder and refuses one whose images changed."""
     base = data_base(spec)
-    record: dict[str, Any] = {"data_root": str(spec.resolve_path(spec.data.root, ("data", "root")).absolute())
-                              if spec.data.root is not None else None,
-                              "seed": spec.seed, "val_split": spec.data.val_split, "test_split": spec.data.test_split}
+    record: dict[str, Any] = {
+        "data_root": str(spec.resolve_path(spec.data.root, ("data", "root")).absolute())
+        if spec.data.root is not None
+        else None,
+        "seed": spec.seed,
+        "val_split": spec.data.val_split,
+        "test_split": spec.data.test_split,
+    }
     for name, dataset in splits.items():
         if dataset is None:
             record[name] = None

@@ -1,6 +1,7 @@
 """Transforms: PIL images to uint8 tensors (eval geometry, `data.augment`, RandAugment), and
 `normalize`, which runs on the device.
 """
+
 from __future__ import annotations
 
 import re
@@ -13,7 +14,6 @@ from torch import Tensor
 
 from ..model.backbones import IMAGENET_MEAN, IMAGENET_STD
 from ..spec import Spec
-
 
 # ImageNet's 0.08 lower bound assumes large photos and long schedules; fine-tuning sets are
 # small, runs are short and images often tiny (8% of an 8x8 digit is two pixels).
@@ -164,14 +164,21 @@ def train_transform(spec: Spec, data_config: Mapping) -> tuple[Callable[[Image.I
     if augment.preset == "none":
         return eval_transform(data_config, size), True
     if augment.scale is not None and augment.crop_given and not augment.crop:
-        raise spec.error(where + ("scale",), "scale sets the range of the random crop, which is off",
-                         found=f"crop: false, scale: {list(augment.scale)}",
-                         expected="crop: true (or leave crop out) with scale, or no scale",
-                         hint="remove `crop: false` to crop randomly")
+        raise spec.error(
+            where + ("scale",),
+            "scale sets the range of the random crop, which is off",
+            found=f"crop: false, scale: {list(augment.scale)}",
+            expected="crop: true (or leave crop out) with scale, or no scale",
+            hint="remove `crop: false` to crop randomly",
+        )
     scale = augment.scale if augment.scale is not None else STANDARD_SCALE
     if scale[0] > scale[1]:
-        raise spec.error(where + ("scale",), "scale is a [min, max] range of the crop area",
-                         found=str(list(scale)), expected="min <= max, e.g. [0.25, 1.0]")
+        raise spec.error(
+            where + ("scale",),
+            "scale is a [min, max] range of the crop area",
+            found=str(list(scale)),
+            expected="min <= max, e.g. [0.25, 1.0]",
+        )
     interpolation = _interpolation(data_config)
     steps: list[Callable] = [_ToRGB(image_mode(data_config))]
     if augment.crop:
@@ -197,12 +204,18 @@ def _randaugment(spec: Spec, text: str, size: int, data_config: Mapping) -> Call
     from timm.data.transforms import str_to_pil_interp
 
     mean = data_config.get("mean", IMAGENET_MEAN)
-    hparams = {"translate_const": int(size * 0.45),
-               "img_mean": tuple(min(255, round(255 * m)) for m in mean),
-               "interpolation": str_to_pil_interp(_interpolation(data_config))}
-    error = spec.error(("data", "augment", "randaugment"), "this is not a RandAugment config string",
-                       found=repr(text), expected="'rand' followed by -m<magnitude>, -n<layers>, -mstd<std>, "
-                       "-p<prob>, -inc<0|1>, e.g. 'rand-m9-mstd0.5'")
+    hparams = {
+        "translate_const": int(size * 0.45),
+        "img_mean": tuple(min(255, round(255 * m)) for m in mean),
+        "interpolation": str_to_pil_interp(_interpolation(data_config)),
+    }
+    error = spec.error(
+        ("data", "augment", "randaugment"),
+        "this is not a RandAugment config string",
+        found=repr(text),
+        expected="'rand' followed by -m<magnitude>, -n<layers>, -mstd<std>, "
+        "-p<prob>, -inc<0|1>, e.g. 'rand-m9-mstd0.5'",
+    )
     head, *sections = text.split("-")
     # timm skips a section it cannot read (no digits) without a word: refuse it here instead
     if head != "rand" or not all(re.fullmatch(r"(mstd|mmax|inc|m|n|p)[0-9]+(\.[0-9]+)?|t\w+", s) for s in sections):

@@ -5,11 +5,11 @@ run trained on; a JSON sidecar beside it carries the class names, input size, me
 the result of the check: the largest absolute difference between the reloaded export's logits
 and the trained model's on a sample batch. A file that fails the check is not written.
 """
+
 from __future__ import annotations
 
-import copy
-
 import contextlib
+import copy
 import importlib
 import io
 import os
@@ -21,8 +21,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import Origin, UsageError, describe_exception, shorten
 from .. import files
+from ..errors import Origin, UsageError, describe_exception, shorten
 from ..runs import layout, open_run
 from ..runs.loaded import LoadedRun
 
@@ -76,16 +76,20 @@ def check_requirements(fmt: str) -> None:
     if missing:
         extra = [CHECKER[fmt]] if fmt in CHECKER and _missing((CHECKER[fmt],)) else []
         verb = "is" if len(missing) == 1 else "are"
-        raise UsageError(f"exporting to {fmt} needs {' and '.join(missing)}, which {verb} not installed",
-                         origin=Origin.flag("--format", fmt), found=f"--format {fmt}",
-                         expected=f"the packages {', '.join(REQUIRED[fmt])} (the extra surgery[{fmt}])",
-                         hint=f"pip install 'surgery[{fmt}]' (or: pip install {' '.join(missing + extra)})" +
-                             (f"  ({extra[0]} lets the export be checked against the trained model)" if extra else ""))
+        raise UsageError(
+            f"exporting to {fmt} needs {' and '.join(missing)}, which {verb} not installed",
+            origin=Origin.flag("--format", fmt),
+            found=f"--format {fmt}",
+            expected=f"the packages {', '.join(REQUIRED[fmt])} (the extra surgery[{fmt}])",
+            hint=f"pip install 'surgery[{fmt}]' (or: pip install {' '.join(missing + extra)})"
+            + (f"  ({extra[0]} lets the export be checked against the trained model)" if extra else ""),
+        )
 
 
 # --------------------------------------------------------------------------- the exporters
-def _dynamic_or_static(export: Callable[[torch.Tensor, bool], Any], sample: torch.Tensor,
-                       notes: list[str]) -> tuple[Any, int | None]:
+def _dynamic_or_static(
+    export: Callable[[torch.Tensor, bool], Any], sample: torch.Tensor, notes: list[str]
+) -> tuple[Any, int | None]:
     """Export with a dynamic batch dimension; when the model will not allow it, with batch 1."""
     try:
         return export(sample[:EXAMPLE_BATCH], True), None
@@ -120,23 +124,28 @@ def _export_torchscript(model: nn.Module, sample: torch.Tensor, path: Path, note
             module, method = torch.jit.script(copy.deepcopy(model)), "torch.jit.script"
         except Exception as exc:  # noqa: BLE001 - script rejects much Python (the surgered forward's *args): trace
             first = describe_exception(exc)
-            notes.append(f"torch.jit.script failed ({first}); traced instead, which records "
-                         "the operations run on the sample (fine for models without data-dependent control flow)")
+            notes.append(
+                f"torch.jit.script failed ({first}); traced instead, which records "
+                "the operations run on the sample (fine for models without data-dependent control flow)"
+            )
             try:
                 module = torch.jit.trace(model, sample[:EXAMPLE_BATCH], check_trace=False)
             except Exception as exc2:  # noqa: BLE001
                 raise ExportFailed(
                     f"torchscript: torch.jit.script failed ({first}) and torch.jit.trace "
                     f"failed too ({describe_exception(exc2, 300)}). Export with --format pt2 "
-                    "(torch.export) or --format onnx instead") from None
+                    "(torch.export) or --format onnx instead"
+                ) from None
             method = "torch.jit.trace"
         buffer = io.BytesIO()  # in memory, as for pt2
         torch.jit.save(module, buffer)
         files.write_raw(path, buffer.getvalue())
     tracer = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
     if tracer:
-        notes.append(f"the tracer warned {len(tracer)} times (e.g. {shorten(tracer[0].message)}); "
-                     "the output check below is what counts")
+        notes.append(
+            f"the tracer warned {len(tracer)} times (e.g. {shorten(tracer[0].message)}); "
+            "the output check below is what counts"
+        )
     return method, None
 
 
@@ -149,8 +158,15 @@ def _load_torchscript(path: Path) -> Forward:
 def _export_onnx(model: nn.Module, sample: torch.Tensor, path: Path, notes: list[str]) -> tuple[str, int | None]:
     def export(example: torch.Tensor, dynamic: bool) -> Any:
         shapes = ({0: torch.export.Dim("batch")},) if dynamic else None
-        return torch.onnx.export(model, (example,), dynamo=True, verbose=False, dynamic_shapes=shapes,
-                                 input_names=["input"], output_names=["logits"])
+        return torch.onnx.export(
+            model,
+            (example,),
+            dynamo=True,
+            verbose=False,
+            dynamic_shapes=shapes,
+            input_names=["input"],
+            output_names=["logits"],
+        )
 
     program, batch = _dynamic_or_static(export, sample, notes)
     program.save(str(path), external_data=False)  # one self-contained file; these models are far below 2 GB
@@ -170,12 +186,15 @@ def _load_onnx(path: Path) -> Forward | None:
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+
     return forward
 
 
-EXPORTERS = {"pt2": (_export_pt2, _load_pt2, "torch.export.load"),
-             "torchscript": (_export_torchscript, _load_torchscript, "torch.jit.load"),
-             "onnx": (_export_onnx, _load_onnx, "onnxruntime")}
+EXPORTERS = {
+    "pt2": (_export_pt2, _load_pt2, "torch.export.load"),
+    "torchscript": (_export_torchscript, _load_torchscript, "torch.jit.load"),
+    "onnx": (_export_onnx, _load_onnx, "onnxruntime"),
+}
 
 
 # --------------------------------------------------------------------------- check and write
@@ -225,21 +244,28 @@ def _sidecar(run: LoadedRun, result: ExportResult, sample: torch.Tensor) -> dict
         "classes": run.classes,
         "num_classes": len(run.classes),
         "input": {
-            "description": "normalised float32 images (RGB, or gray for one input channel), NCHW: x = (pixel / 255 - mean) / std; "
-                           "the model does not normalise, resize or crop",
+            "description": "normalised float32 images (RGB, or gray for one input channel), NCHW: "
+            "x = (pixel / 255 - mean) / std; "
+            "the model does not normalise, resize or crop",
             "name": "input",
             "shape": ["batch" if result.batch is None else result.batch, run.data_config["input_size"][0], size, size],
             "dtype": "float32",
             "mean": list(run.mean),
             "std": list(run.std),
             "image_size": size,
-            "resize": {"interpolation": config.get("interpolation"), "crop_pct": config.get("crop_pct"),
-                       "crop_mode": config.get("crop_mode"),
-                       "note": "as `surgery predict`: images no larger than image_size are resized whole; larger ones "
-                               "resized to image_size / crop_pct and cropped"},
+            "resize": {
+                "interpolation": config.get("interpolation"),
+                "crop_pct": config.get("crop_pct"),
+                "crop_mode": config.get("crop_mode"),
+                "note": "as `surgery predict`: images no larger than image_size are resized whole; larger ones "
+                "resized to image_size / crop_pct and cropped",
+            },
         },
-        "output": {"name": "logits", "shape": ["batch" if result.batch is None else result.batch, len(run.classes)],
-                   "description": "logits in the order of `classes`; softmax gives probabilities"},
+        "output": {
+            "name": "logits",
+            "shape": ["batch" if result.batch is None else result.batch, len(run.classes)],
+            "description": "logits in the order of `classes`; softmax gives probabilities",
+        },
         "check": {
             "inputs": f"{sample.shape[0]} standard normal inputs of shape {list(sample.shape[1:])} (seed 0)",
             "compared_with": result.compared_with,
@@ -251,8 +277,9 @@ def _sidecar(run: LoadedRun, result: ExportResult, sample: torch.Tensor) -> dict
     }
 
 
-def export_run(run: LoadedRun | str | Path, fmt: str, out: str | Path | None = None,
-               weights: str | None = None) -> ExportResult:
+def export_run(
+    run: LoadedRun | str | Path, fmt: str, out: str | Path | None = None, weights: str | None = None
+) -> ExportResult:
     """Export a run's surgered model to `fmt`, reload it, and compare its logits with the trained model's.
 
     Args:
@@ -279,8 +306,12 @@ def export_run(run: LoadedRun | str | Path, fmt: str, out: str | Path | None = N
     from ..errors import RunDirError
 
     if fmt not in EXPORTERS:
-        raise UsageError(f"unknown export format {fmt!r}", origin=Origin.flag("--format", fmt), found=fmt,
-                         expected=" or ".join(EXPORTERS))
+        raise UsageError(
+            f"unknown export format {fmt!r}",
+            origin=Origin.flag("--format", fmt),
+            found=fmt,
+            expected=" or ".join(EXPORTERS),
+        )
     check_requirements(fmt)
     if not isinstance(run, LoadedRun):
         run = open_run(run).load("cpu", weights)
@@ -298,14 +329,17 @@ def export_run(run: LoadedRun | str | Path, fmt: str, out: str | Path | None = N
         except (ExportFailed, OSError):  # a full disk is the folder's problem, not the model's
             raise
         except Exception as exc:  # noqa: BLE001 - the exporter's own message is the useful part
-            raise ExportFailed(f"{fmt}: the exporter failed on this model: "
-                               + describe_exception(exc, 600)) from None
+            raise ExportFailed(f"{fmt}: the exporter failed on this model: " + describe_exception(exc, 600)) from None
         try:
             forward = loader(tmp)
-            diff = None if forward is None else float((_outputs(forward, sample, done["batch"]) - reference).abs().max())
+            diff = (
+                None if forward is None else float((_outputs(forward, sample, done["batch"]) - reference).abs().max())
+            )
         except Exception as exc:  # noqa: BLE001 - a file that does not load or run is a failed export
-            raise ExportFailed(f"{fmt}: the written file does not reload and run on a {list(sample.shape)} input: "
-                               + describe_exception(exc, 400)) from None
+            raise ExportFailed(
+                f"{fmt}: the written file does not reload and run on a {list(sample.shape)} input: "
+                + describe_exception(exc, 400)
+            ) from None
         done["diff"], done["compared_with"] = diff, compared_with
         if forward is None:
             done["compared_with"] = "onnx.checker only"
@@ -313,19 +347,34 @@ def export_run(run: LoadedRun | str | Path, fmt: str, out: str | Path | None = N
         else:
             limit = TOLERANCE * max(1.0, float(reference.abs().max()))
             if not diff <= limit:
-                raise ExportFailed(f"{fmt}: the export's logits differ from the trained model's by up to {diff:.3g} "
-                                   f"(more than {limit:.3g}); nothing was written")
+                raise ExportFailed(
+                    f"{fmt}: the export's logits differ from the trained model's by up to {diff:.3g} "
+                    f"(more than {limit:.3g}); nothing was written"
+                )
 
     try:
         files.write_with(path, write)
     except RunDirError as exc:
         if exc.problem.startswith("cannot write in "):
-            raise UsageError(exc.problem, origin=Origin.path(path), found=str(path), expected="a writable folder",
-                             hint="choose another place with --out PATH") from None
+            raise UsageError(
+                exc.problem,
+                origin=Origin.path(path),
+                found=str(path),
+                expected="a writable folder",
+                hint="choose another place with --out PATH",
+            ) from None
         raise
     sidecar = path.with_name(path.name + ".json")
-    result = ExportResult(format=fmt, path=path, sidecar=sidecar, method=done["method"], max_abs_diff=done["diff"],
-                          compared_with=done["compared_with"], batch=done["batch"], notes=notes)
+    result = ExportResult(
+        format=fmt,
+        path=path,
+        sidecar=sidecar,
+        method=done["method"],
+        max_abs_diff=done["diff"],
+        compared_with=done["compared_with"],
+        batch=done["batch"],
+        notes=notes,
+    )
     try:
         files.write_json(sidecar, _sidecar(run, result, sample))
     except RunDirError:
@@ -334,12 +383,14 @@ def export_run(run: LoadedRun | str | Path, fmt: str, out: str | Path | None = N
     return result
 
 
-def export_command(run_dir: str | Path, fmt: str = "pt2", out: str | Path | None = None,
-                   weights: str | None = None) -> int:
+def export_command(
+    run_dir: str | Path, fmt: str = "pt2", out: str | Path | None = None, weights: str | None = None
+) -> int:
     """`surgery export RUN_DIR --format pt2|onnx|torchscript [--out PATH] [--weights final|best|ema]`;
     exit 1 when the export fails or cannot be written."""
-    from ..untrusted import Console
     from rich.markup import escape
+
+    from ..untrusted import Console
 
     console = Console(highlight=False, soft_wrap=True)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -356,15 +407,30 @@ def export_command(run_dir: str | Path, fmt: str = "pt2", out: str | Path | None
         return 1
     for note in result.notes:
         err.print(f"[yellow]note[/yellow] {escape(note)}")
-    check = ("outputs not compared" if result.max_abs_diff is None
-             else f"max abs diff {result.max_abs_diff:.3g} vs the trained model ({result.compared_with})")
+    check = (
+        "outputs not compared"
+        if result.max_abs_diff is None
+        else f"max abs diff {result.max_abs_diff:.3g} vs the trained model ({result.compared_with})"
+    )
     batch = "dynamic" if result.batch is None else result.batch
-    console.print(f"[green]wrote[/green] {escape(str(result.path))} ({result.method}, "
-                  f"{len(run.built.inserted)} inserted modules, batch {batch}); {check}")
-    console.print(f"[green]wrote[/green] {escape(str(result.sidecar))}: classes, input size {run.image_size}, "
-                  "mean/std; the model takes normalised float NCHW input")
+    console.print(
+        f"[green]wrote[/green] {escape(str(result.path))} ({result.method}, "
+        f"{len(run.built.inserted)} inserted modules, batch {batch}); {check}"
+    )
+    console.print(
+        f"[green]wrote[/green] {escape(str(result.sidecar))}: classes, input size {run.image_size}, "
+        "mean/std; the model takes normalised float NCHW input"
+    )
     return 0
 
 
-__all__ = ["ExportFailed", "ExportResult", "export_run", "export_command", "check_requirements", "default_path",
-           "sample_batch", "SUFFIXES"]
+__all__ = [
+    "ExportFailed",
+    "ExportResult",
+    "export_run",
+    "export_command",
+    "check_requirements",
+    "default_path",
+    "sample_batch",
+    "SUFFIXES",
+]

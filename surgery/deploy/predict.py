@@ -3,6 +3,7 @@
 `load_run` rebuilds a run's surgered model from its spec.yaml and weights (never from the
 original pretrained source), so `export` and any other consumer see exactly what `run` trained.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from ..errors import Origin, UsageError
 from ..data.images import IMAGE_SUFFIXES, batches, decode, find_images, images_or_skips  # noqa: F401 - re-exported
+from ..errors import Origin, UsageError
 from ..runs import layout, open_run
 from ..runs.loaded import LoadedRun
 
@@ -61,8 +62,14 @@ class Prediction:
 
 
 @torch.inference_mode()
-def predict(run: LoadedRun, paths: Sequence[Path], *, topk: int = 3, batch_size: int = 32,
-            on_skip: Callable[[Path, str], None] | None = None) -> Iterator[Prediction]:
+def predict(
+    run: LoadedRun,
+    paths: Sequence[Path],
+    *,
+    topk: int = 3,
+    batch_size: int = 32,
+    on_skip: Callable[[Path, str], None] | None = None,
+) -> Iterator[Prediction]:
     """Top-k classes and probabilities for each readable image, batch by batch. A multi-label run
     (``data.multi_label`` in its spec) gives sigmoid probabilities and, in `Prediction.labels`,
     every class at or above the run's ``data.threshold``.
@@ -88,8 +95,11 @@ def predict(run: LoadedRun, paths: Sequence[Path], *, topk: int = 3, batch_size:
         for n, (path, vs, ix) in enumerate(zip(done, values.tolist(), indices.tolist())):
             labels = None
             if multi:
-                labels = [(run.classes[i], v) for v, i in zip(ranked.values[n].tolist(), ranked.indices[n].tolist())
-                          if v >= threshold]
+                labels = [
+                    (run.classes[i], v)
+                    for v, i in zip(ranked.values[n].tolist(), ranked.indices[n].tolist())
+                    if v >= threshold
+                ]
             yield Prediction(path, [(run.classes[i], v) for i, v in zip(ix, vs)], labels)
 
 
@@ -105,8 +115,11 @@ def _table(predictions: Sequence[Prediction], k: int):
         table.add_column("prob", justify="right", no_wrap=True)
         for p in predictions:
             for n, (c, v) in enumerate(p.labels or [("[dim](none)[/dim]", None)]):
-                table.add_row(escape(str(p.path)) if n == 0 else "", c if v is None else f"[bold]{escape(c)}[/bold]",
-                              "" if v is None else f"{v:.3f}")
+                table.add_row(
+                    escape(str(p.path)) if n == 0 else "",
+                    c if v is None else f"[bold]{escape(c)}[/bold]",
+                    "" if v is None else f"{v:.3f}",
+                )
         return table
     table.add_column("prob", justify="right", no_wrap=True)
     if k > 1:
@@ -120,22 +133,39 @@ def _table(predictions: Sequence[Prediction], k: int):
     return table
 
 
-def predict_command(run_dir: str | Path, paths: Sequence[str], *, topk: int = 3, as_json: bool = False,
-                    batch_size: int = 32, device: str | None = None, weights: str | None = None) -> int:
+def predict_command(
+    run_dir: str | Path,
+    paths: Sequence[str],
+    *,
+    topk: int = 3,
+    as_json: bool = False,
+    batch_size: int = 32,
+    device: str | None = None,
+    weights: str | None = None,
+) -> int:
     """`surgery predict RUN_DIR PATH... [--topk K] [--json] [--batch-size N] [--device D] [--weights W]`.
 
     Exit code 0 when at least one image was classified, 1 when every file was unreadable;
     a missing run or no image at all is a UserError (exit 2).
     """
-    from ..untrusted import Console
     from rich.markup import escape
 
+    from ..untrusted import Console
+
     if batch_size < 1:
-        raise UsageError("--batch-size must be at least 1", origin=Origin.flag("--batch-size", batch_size),
-                         found=str(batch_size), expected="a positive integer")
+        raise UsageError(
+            "--batch-size must be at least 1",
+            origin=Origin.flag("--batch-size", batch_size),
+            found=str(batch_size),
+            expected="a positive integer",
+        )
     if topk < 1:
-        raise UsageError("--topk must be at least 1", origin=Origin.flag("--topk", topk), found=str(topk),
-                         expected="a positive integer")
+        raise UsageError(
+            "--topk must be at least 1",
+            origin=Origin.flag("--topk", topk),
+            found=str(topk),
+            expected="a positive integer",
+        )
     trained = open_run(run_dir)
     trained.require_trained(weights)  # a wrong run directory is reported before any image is looked at
     err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -162,8 +192,10 @@ def predict_command(run_dir: str | Path, paths: Sequence[str], *, topk: int = 3,
     if not as_json and results:
         out.print(_table(results, k))
     if not results:
-        err.print(f"[bold red]error[/bold red] no image could be read ({_count(len(images), 'file')} tried); "
-                  "nothing classified")
+        err.print(
+            f"[bold red]error[/bold red] no image could be read ({_count(len(images), 'file')} tried); "
+            "nothing classified"
+        )
         return 1
     if skipped:
         err.print(f"classified {_count(len(results), 'image')}, skipped {_count(len(skipped) + len(missing), 'path')}")
@@ -174,5 +206,15 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-__all__ = ["LoadedRun", "Prediction", "load_run", "locate_run", "find_images", "images_or_skips", "predict", "predict_command",
-           "IMAGE_SUFFIXES", "WEIGHT_CHOICES"]
+__all__ = [
+    "LoadedRun",
+    "Prediction",
+    "load_run",
+    "locate_run",
+    "find_images",
+    "images_or_skips",
+    "predict",
+    "predict_command",
+    "IMAGE_SUFFIXES",
+    "WEIGHT_CHOICES",
+]

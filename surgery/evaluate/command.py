@@ -20,6 +20,7 @@ evaluation leaves the previous results whole), in ``RUN_DIR/eval/<split>/``:
 Every figure is scikit-learn's on the model's softmax outputs, except the expected calibration
 error, which scikit-learn does not have (`calibration`). Multi-label runs are refused.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,9 +33,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..data.images import UNREADABLE, decode, unreadable
 from ..errors import Origin, RunDirError, UsageError, did_you_mean
 from ..files import write_folder
-from ..data.images import UNREADABLE, decode, unreadable
 from ..runs import layout, open_run
 from ..runs.loaded import LoadedRun
 from ..spec import Spec
@@ -43,8 +44,12 @@ SPLITS = ("test", "val")
 ECE_BINS = 15  # equal-width confidence bins, as Guo et al. (2017) report ECE
 GALLERY_SIZE = 16  # the most confident mistakes shown in mistakes.png
 MOST_CONFUSED = 10  # (true, predicted) pairs listed in metrics.json
-PNGS = {"confusion": "confusion.png", "confusion_normalized": "confusion_normalized.png",
-        "reliability": "reliability.png", "mistakes": "mistakes.png"}
+PNGS = {
+    "confusion": "confusion.png",
+    "confusion_normalized": "confusion_normalized.png",
+    "reliability": "reliability.png",
+    "mistakes": "mistakes.png",
+}
 
 
 @dataclass(frozen=True)
@@ -89,47 +94,81 @@ def split_set(run: LoadedRun, split: str) -> EvalSet:
     from ..data.splits import fingerprint
 
     if split not in SPLITS:
-        raise _flag_error("--split", split, f"unknown split {split!r}", found=repr(split),
-                          expected=" or ".join(SPLITS), hint=did_you_mean(split, SPLITS))
+        raise _flag_error(
+            "--split",
+            split,
+            f"unknown split {split!r}",
+            found=repr(split),
+            expected=" or ".join(SPLITS),
+            hint=did_you_mean(split, SPLITS),
+        )
     record = open_run(run.run_dir).require_splits()
     spec = _spec_with_data_root(run, record)
     bundle = build_data(spec, run.data_config)
     if bundle.classes != run.classes:
-        raise RunDirError("the run's dataset no longer has the classes the run trained on", origin=Origin.path(run.run_dir),
-                          found=", ".join(bundle.classes[:10]), expected=", ".join(run.classes[:10]),
-                          hint="evaluate a folder of labelled images with --data PATH")
+        raise RunDirError(
+            "the run's dataset no longer has the classes the run trained on",
+            origin=Origin.path(run.run_dir),
+            found=", ".join(bundle.classes[:10]),
+            expected=", ".join(run.classes[:10]),
+            hint="evaluate a folder of labelled images with --data PATH",
+        )
     dataset = bundle.test if split == "test" else bundle.val
     if dataset is None:
-        raise _flag_error("--split", split, "this run has no test split", found=f"data.test_split: "
-                          f"{spec.data.test_split} in {run.run_dir / layout.SPEC}, and {spec.data.name} has no test "
-                          "images of its own", expected="a run trained with data.test_split (e.g. 0.1), or on a "
-                          "dataset with test images (an image folder's test/ beside val/, csv rows with split test)",
-                          hint="evaluate a folder of labelled images with --data PATH, or the validation split "
-                               "with --split val (it selected the model, so its figures flatter)")
+        raise _flag_error(
+            "--split",
+            split,
+            "this run has no test split",
+            found=f"data.test_split: "
+            f"{spec.data.test_split} in {run.run_dir / layout.SPEC}, and {spec.data.name} has no test "
+            "images of its own",
+            expected="a run trained with data.test_split (e.g. 0.1), or on a "
+            "dataset with test images (an image folder's test/ beside val/, csv rows with split test)",
+            hint="evaluate a folder of labelled images with --data PATH, or the validation split "
+            "with --split val (it selected the model, so its figures flatter)",
+        )
     ids = item_ids(dataset, data_base(spec))  # paths relative to the data folder, as splits.json has them
     labels = np.asarray(dataset.targets, dtype=np.int64)
     recorded = (record or {}).get(split)
     if recorded and recorded.get("fingerprint") != fingerprint(zip(ids, labels.tolist())):
-        raise RunDirError(f"the {split} split rebuilt from {run.run_dir / layout.SPEC} is not the one the run "
-                          f"recorded: the dataset changed since it trained", origin=Origin.path(run.run_dir / layout.SPLITS),
-                          found=f"{len(dataset)} images now", expected=f"the {recorded.get('images')} images of "
-                          "splits.json, with the same labels", hint="an image that trained could now sit in the split; "
-                          "evaluate a folder of labelled images with --data PATH instead")
+        raise RunDirError(
+            f"the {split} split rebuilt from {run.run_dir / layout.SPEC} is not the one the run "
+            f"recorded: the dataset changed since it trained",
+            origin=Origin.path(run.run_dir / layout.SPLITS),
+            found=f"{len(dataset)} images now",
+            expected=f"the {recorded.get('images')} images of splits.json, with the same labels",
+            hint="an image that trained could now sit in the split; "
+            "evaluate a folder of labelled images with --data PATH instead",
+        )
     if len(dataset) == 0:
-        raise _flag_error("--split", split, f"the {split} split is empty", found=f"0 images ({bundle.describe})",
-                          expected="at least one image", hint="check data.classes and data.subset in the run's spec")
+        raise _flag_error(
+            "--split",
+            split,
+            f"the {split} split is empty",
+            found=f"0 images ({bundle.describe})",
+            expected="at least one image",
+            hint="check data.classes and data.subset in the run's spec",
+        )
     is_file = isinstance(dataset.source, FileSource)
     if split == "val":
         words = "validation split (used for model selection: not a held-out estimate)"
     elif spec.data.test_split:
-        words = (f"test split (held out: data.test_split {spec.data.test_split} of the training images, "
-                 f"seed {spec.seed})")
+        words = (
+            f"test split (held out: data.test_split {spec.data.test_split} of the training images, seed {spec.seed})"
+        )
     else:
         words = "test split (the dataset's own test images)"
-    return EvalSet(name=split, source=words, source_kind=split, selection=split == "val", source_images=dataset.source,
-                   indices=np.asarray(dataset.indices), labels=labels,
-                   ids=[dataset.source.paths[int(i)] for i in dataset.indices] if is_file else ids,
-                   id_key="path" if is_file else "index")
+    return EvalSet(
+        name=split,
+        source=words,
+        source_kind=split,
+        selection=split == "val",
+        source_images=dataset.source,
+        indices=np.asarray(dataset.indices),
+        labels=labels,
+        ids=[dataset.source.paths[int(i)] for i in dataset.indices] if is_file else ids,
+        id_key="path" if is_file else "index",
+    )
 
 
 def _spec_with_data_root(run: LoadedRun, record: Mapping[str, Any] | None) -> Spec:
@@ -143,10 +182,14 @@ def _spec_with_data_root(run: LoadedRun, record: Mapping[str, Any] | None) -> Sp
     if recorded:
         return replace(spec, data=replace(spec.data, root=str(recorded)))
     if not (run.run_dir / root).exists():
-        raise UsageError(f"the run's data.root {root!r} is relative to the spec file it was trained from, which "
-                         "this run does not record", origin=Origin.path(run.run_dir / layout.SPEC),
-                         found=f"no {run.run_dir / root}", expected="a run written by this version of `surgery run` "
-                         "(splits.json records the folder)", hint="evaluate the images with --data PATH")
+        raise UsageError(
+            f"the run's data.root {root!r} is relative to the spec file it was trained from, which "
+            "this run does not record",
+            origin=Origin.path(run.run_dir / layout.SPEC),
+            found=f"no {run.run_dir / root}",
+            expected="a run written by this version of `surgery run` (splits.json records the folder)",
+            hint="evaluate the images with --data PATH",
+        )
     return spec
 
 
@@ -165,31 +208,63 @@ def folder_set(classes: Sequence[str], path: str | Path) -> EvalSet:
 
     folder = Path(path)
     if not folder.is_dir():
-        raise _flag_error("--data", path, "no such folder" if not folder.exists() else "not a folder",
-                          found=str(folder), expected="a folder with one sub-folder of images per class")
+        raise _flag_error(
+            "--data",
+            path,
+            "no such folder" if not folder.exists() else "not a folder",
+            found=str(folder),
+            expected="a folder with one sub-folder of images per class",
+        )
     names = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     unknown = [n for n in names if n not in classes]
     if unknown:
         shown = ", ".join(repr(c) for c in classes[:20]) + (", ..." if len(classes) > 20 else "")
         splits = [n for n in unknown if n in ("train", "val", "valid", "validation", "test")]
-        hint = (f"point --data at the folder whose sub-folders are the classes, e.g. {folder / splits[0]}" if splits
-                else did_you_mean(unknown[0], classes))
-        raise _flag_error("--data", path, f"{folder} has class folders the run does not know: "
-                          + ", ".join(repr(n) for n in unknown[:10]) + (" ..." if len(unknown) > 10 else ""),
-                          found=f"{len(unknown)} of {len(names)} folders unknown",
-                          expected=f"folders named after the run's {len(classes)} classes: {shown}", hint=hint)
+        hint = (
+            f"point --data at the folder whose sub-folders are the classes, e.g. {folder / splits[0]}"
+            if splits
+            else did_you_mean(unknown[0], classes)
+        )
+        raise _flag_error(
+            "--data",
+            path,
+            f"{folder} has class folders the run does not know: "
+            + ", ".join(repr(n) for n in unknown[:10])
+            + (" ..." if len(unknown) > 10 else ""),
+            found=f"{len(unknown)} of {len(names)} folders unknown",
+            expected=f"folders named after the run's {len(classes)} classes: {shown}",
+            hint=hint,
+        )
     if not names:
-        raise _flag_error("--data", path, f"{folder} has no class folders", found=str(folder),
-                          expected="one sub-folder of images per class, named after the run's classes")
+        raise _flag_error(
+            "--data",
+            path,
+            f"{folder} has no class folders",
+            found=str(folder),
+            expected="one sub-folder of images per class, named after the run's classes",
+        )
     index = {name: classes.index(name) for name in names}
     samples = make_dataset(str(folder), index, IMG_EXTENSIONS, allow_empty=True)
     if not samples:
-        raise _flag_error("--data", path, f"the class folders of {folder} hold no images", found=str(folder),
-                          expected="image files (" + " ".join(IMG_EXTENSIONS) + ") in class sub-folders")
+        raise _flag_error(
+            "--data",
+            path,
+            f"the class folders of {folder} hold no images",
+            found=str(folder),
+            expected="image files (" + " ".join(IMG_EXTENSIONS) + ") in class sub-folders",
+        )
     source = FileSource(samples, list(classes))
-    return EvalSet(name=folder_name(folder), source=f"folder {folder.absolute()}", source_kind="folder",
-                   selection=False, source_images=source, indices=np.arange(len(samples)),
-                   labels=source.targets.copy(), ids=[p for p, _ in samples], id_key="path")
+    return EvalSet(
+        name=folder_name(folder),
+        source=f"folder {folder.absolute()}",
+        source_kind="folder",
+        selection=False,
+        source_images=source,
+        indices=np.arange(len(samples)),
+        labels=source.targets.copy(),
+        ids=[p for p, _ in samples],
+        id_key="path",
+    )
 
 
 def folder_name(folder: Path) -> str:
@@ -227,8 +302,10 @@ class _Items(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> tuple[int, Any, Any, str | None]:
         try:
-            x, v = decode(lambda: self.source.load(int(self.indices[k])),
-                          lambda image: (self.transform(image), self.views(image) if self.views else None))
+            x, v = decode(
+                lambda: self.source.load(int(self.indices[k])),
+                lambda image: (self.transform(image), self.views(image) if self.views else None),
+            )
             return k, x, v, None
         except UNREADABLE as exc:
             return k, None, None, unreadable(exc)
@@ -239,8 +316,15 @@ def _collate(batch: list) -> list:
 
 
 @torch.inference_mode()
-def infer(run: LoadedRun, evalset: EvalSet, *, tta: bool = False, batch_size: int = 64, workers: int = 0,
-          on_skip: Callable[[str, str], None] | None = None) -> Outputs:
+def infer(
+    run: LoadedRun,
+    evalset: EvalSet,
+    *,
+    tta: bool = False,
+    batch_size: int = 64,
+    workers: int = 0,
+    on_skip: Callable[[str, str], None] | None = None,
+) -> Outputs:
     """Softmax outputs of the run's model on every readable image of `evalset` (eval transform),
     and with `tta` the mean softmax over each image's `TTAViews` as well.
 
@@ -249,8 +333,9 @@ def infer(run: LoadedRun, evalset: EvalSet, *, tta: bool = False, batch_size: in
     from ..data import TTAViews
 
     views = TTAViews(run.data_config, run.image_size) if tta else None
-    loader = torch.utils.data.DataLoader(_Items(evalset, run.transform, views), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=_collate)
+    loader = torch.utils.data.DataLoader(
+        _Items(evalset, run.transform, views), batch_size=batch_size, num_workers=workers, collate_fn=_collate
+    )
     positions, probs, tta_probs, seen_views, skipped, cropped = [], [], [], {}, [], 0
     for batch in loader:
         good = []
@@ -275,10 +360,14 @@ def infer(run: LoadedRun, evalset: EvalSet, *, tta: bool = False, batch_size: in
                 seen_views.update(dict.fromkeys(names))
                 cropped += len(names) > 2
     k = len(run.classes)
-    return Outputs(positions=np.asarray(positions, dtype=np.int64),
-                   probs=torch.cat(probs).numpy() if probs else np.zeros((0, k)),
-                   tta_probs=(torch.cat(tta_probs).numpy() if tta_probs else np.zeros((0, k))) if tta else None,
-                   views=list(seen_views), cropped=cropped, skipped=skipped)
+    return Outputs(
+        positions=np.asarray(positions, dtype=np.int64),
+        probs=torch.cat(probs).numpy() if probs else np.zeros((0, k)),
+        tta_probs=(torch.cat(tta_probs).numpy() if tta_probs else np.zeros((0, k))) if tta else None,
+        views=list(seen_views),
+        cropped=cropped,
+        skipped=skipped,
+    )
 
 
 def _softmax(run: LoadedRun, images: torch.Tensor) -> torch.Tensor:
@@ -303,9 +392,16 @@ def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BIN
     conf_sum = np.bincount(which, weights=confidence, minlength=bins)
     hits = np.bincount(which, weights=correct, minlength=bins)
     ece = float(np.abs(hits - conf_sum).sum() / max(len(confidence), 1))
-    table = [{"lower": b / bins, "upper": (b + 1) / bins, "count": int(count[b]),
-              "confidence": float(conf_sum[b] / count[b]) if count[b] else None,
-              "accuracy": float(hits[b] / count[b]) if count[b] else None} for b in range(bins)]
+    table = [
+        {
+            "lower": b / bins,
+            "upper": (b + 1) / bins,
+            "count": int(count[b]),
+            "confidence": float(conf_sum[b] / count[b]) if count[b] else None,
+            "accuracy": float(hits[b] / count[b]) if count[b] else None,
+        }
+        for b in range(bins)
+    ]
     return ece, table
 
 
@@ -333,8 +429,10 @@ def figures(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> di
         "accuracy": float(accuracy_score(y_true, y_pred)),
         # top-5 only means something with more than 5 classes (with 5 or fewer it is always 1)
         "top5": float(top_k_accuracy_score(y_true, probs, k=5, labels=np.arange(k))) if k > 5 else None,
-        "per_class": {classes[c]: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                      for c, p, r, f, s in zip(present, precision, recall, f1, support)},
+        "per_class": {
+            classes[c]: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for c, p, r, f, s in zip(present, precision, recall, f1, support)
+        },
         "macro_avg": averages["macro"],
         "weighted_avg": averages["weighted"],
         "confusion_matrix": matrix.tolist(),
@@ -354,27 +452,46 @@ def most_confused(matrix: np.ndarray, classes: Sequence[str], n: int = MOST_CONF
     rows, cols = np.nonzero(off)
     order = sorted(zip(rows.tolist(), cols.tolist()), key=lambda rc: (-off[rc], rc))[:n]
     totals = np.asarray(matrix).sum(axis=1)
-    return [{"true": classes[r], "predicted": classes[c], "count": int(off[r, c]),
-             "rate": float(off[r, c] / totals[r])} for r, c in order]
+    return [
+        {"true": classes[r], "predicted": classes[c], "count": int(off[r, c]), "rate": float(off[r, c] / totals[r])}
+        for r, c in order
+    ]
 
 
-def tta_figures(y_true: np.ndarray, plain: np.ndarray, tta: np.ndarray, classes: Sequence[str],
-                views: list[str], cropped: int) -> dict[str, Any]:
+def tta_figures(
+    y_true: np.ndarray, plain: np.ndarray, tta: np.ndarray, classes: Sequence[str], views: list[str], cropped: int
+) -> dict[str, Any]:
     """`tta` of metrics.json: the TTA figures beside the gain over no TTA on the same images."""
     with_tta = figures(y_true, tta, classes)
     before, after = plain.argmax(1) == y_true, tta.argmax(1) == y_true
     base = figures(y_true, plain, classes)
-    return {"views": views, "images_with_crops": cropped, "accuracy": with_tta["accuracy"],
-            "gain": with_tta["accuracy"] - base["accuracy"], "top5": with_tta["top5"],
-            "macro_f1": with_tta["macro_avg"]["f1"], "macro_f1_gain": with_tta["macro_avg"]["f1"] - base["macro_avg"]["f1"],
-            "ece": with_tta["ece"], "fixed": int((~before & after).sum()), "broken": int((before & ~after).sum())}
+    return {
+        "views": views,
+        "images_with_crops": cropped,
+        "accuracy": with_tta["accuracy"],
+        "gain": with_tta["accuracy"] - base["accuracy"],
+        "top5": with_tta["top5"],
+        "macro_f1": with_tta["macro_avg"]["f1"],
+        "macro_f1_gain": with_tta["macro_avg"]["f1"] - base["macro_avg"]["f1"],
+        "ece": with_tta["ece"],
+        "fixed": int((~before & after).sum()),
+        "broken": int((before & ~after).sum()),
+    }
 
 
 # --------------------------------------------------------------------------- the command
-def evaluate_run(run_dir: str | Path, *, split: str | None = None, data: str | None = None, tta: bool = False,
-                 weights: str | None = None, batch_size: int = 64, device: str | None = None,
-                 on_skip: Callable[[str, str], None] | None = None,
-                 on_note: Callable[[str], None] | None = None) -> tuple[dict[str, Any], Path]:
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    split: str | None = None,
+    data: str | None = None,
+    tta: bool = False,
+    weights: str | None = None,
+    batch_size: int = 64,
+    device: str | None = None,
+    on_skip: Callable[[str, str], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> tuple[dict[str, Any], Path]:
     """Evaluate a run and write ``RUN_DIR/eval/<split>/``; return (metrics.json's content, that folder).
 
     Args:
@@ -389,14 +506,30 @@ def evaluate_run(run_dir: str | Path, *, split: str | None = None, data: str | N
             read or the run directory cannot be written (exit 1). Nothing is written then.
     """
     if batch_size < 1:
-        raise _flag_error("--batch-size", batch_size, "--batch-size must be at least 1", found=str(batch_size),
-                          expected="a positive integer")
+        raise _flag_error(
+            "--batch-size",
+            batch_size,
+            "--batch-size must be at least 1",
+            found=str(batch_size),
+            expected="a positive integer",
+        )
     if split is not None and data is not None:
-        raise _flag_error("--split", split, "--split and --data both say what to evaluate",
-                          found=f"--split {split} --data {data}", expected="one of them")
+        raise _flag_error(
+            "--split",
+            split,
+            "--split and --data both say what to evaluate",
+            found=f"--split {split} --data {data}",
+            expected="one of them",
+        )
     if data is None and split is not None and split not in SPLITS:
-        raise _flag_error("--split", split, f"unknown split {split!r}", found=repr(split),
-                          expected=" or ".join(SPLITS), hint=did_you_mean(split, SPLITS))
+        raise _flag_error(
+            "--split",
+            split,
+            f"unknown split {split!r}",
+            found=repr(split),
+            expected=" or ".join(SPLITS),
+            hint=did_you_mean(split, SPLITS),
+        )
     run_dir = Path(run_dir)
     trained = open_run(run_dir)
     trained.require_trained(weights)  # a wrong run directory or weight choice before anything is loaded
@@ -405,10 +538,13 @@ def evaluate_run(run_dir: str | Path, *, split: str | None = None, data: str | N
     evalset = folder_set(classes, data) if data is not None and classes is not None else None
     run = trained.load(device, weights)
     if run.spec.data.multi_label:
-        raise UsageError("surgery evaluate scores single-label runs; this one is multi-label",
-                         origin=Origin.path(run_dir / layout.SPEC), found="data.multi_label: true",
-                         expected="a run with one class per image",
-                         hint="summary.json holds the validation mAP and per-class F1 of a multi-label run")
+        raise UsageError(
+            "surgery evaluate scores single-label runs; this one is multi-label",
+            origin=Origin.path(run_dir / layout.SPEC),
+            found="data.multi_label: true",
+            expected="a run with one class per image",
+            hint="summary.json holds the validation mAP and per-class F1 of a multi-label run",
+        )
     if run.note and on_note:
         on_note(run.note)
     if evalset is None:
@@ -417,10 +553,12 @@ def evaluate_run(run_dir: str | Path, *, split: str | None = None, data: str | N
         on_note(f"evaluating {len(evalset)} images ({evalset.name}) with {run.weights}" + (" and TTA" if tta else ""))
     outputs = infer(run, evalset, tta=tta, batch_size=batch_size, workers=run.spec.data.num_workers, on_skip=on_skip)
     if len(outputs.positions) == 0:
-        raise RunDirError(f"no image could be read ({len(evalset)} tried); nothing evaluated",
-                          origin=Origin.flag("--data", data) if data else Origin.path(run_dir),
-                          found=f"{len(outputs.skipped)} unreadable images, e.g. {outputs.skipped[0][0]}",
-                          expected="readable image files")
+        raise RunDirError(
+            f"no image could be read ({len(evalset)} tried); nothing evaluated",
+            origin=Origin.flag("--data", data) if data else Origin.path(run_dir),
+            found=f"{len(outputs.skipped)} unreadable images, e.g. {outputs.skipped[0][0]}",
+            expected="readable image files",
+        )
     y_true = evalset.labels[outputs.positions]
     metrics = _metrics(run, evalset, outputs, y_true)
     files = _files(run, evalset, outputs, y_true, metrics)
@@ -446,8 +584,11 @@ def _metrics(run: LoadedRun, evalset: EvalSet, outputs: Outputs, y_true: np.ndar
         "skipped": [{evalset.id_key: i, "reason": r} for i, r in outputs.skipped],
         "classes": list(run.classes),
         **body,
-        "tta": (tta_figures(y_true, outputs.probs, outputs.tta_probs, run.classes, outputs.views, outputs.cropped)
-                if outputs.tta_probs is not None else None),
+        "tta": (
+            tta_figures(y_true, outputs.probs, outputs.tta_probs, run.classes, outputs.views, outputs.cropped)
+            if outputs.tta_probs is not None
+            else None
+        ),
         "mistakes": mistakes,
         "pngs": dict(PNGS),
     }
@@ -459,9 +600,16 @@ def _mistakes(evalset: EvalSet, outputs: Outputs, y_true: np.ndarray, classes: S
     confidence = outputs.probs.max(1)
     wrong = np.flatnonzero(y_pred != y_true)
     order = wrong[np.argsort(-confidence[wrong], kind="stable")][:GALLERY_SIZE]
-    return [{evalset.id_key: _id(evalset, outputs.positions[j]), "position": int(outputs.positions[j]),
-             "true": classes[y_true[j]], "predicted": classes[y_pred[j]], "confidence": float(confidence[j])}
-            for j in order]
+    return [
+        {
+            evalset.id_key: _id(evalset, outputs.positions[j]),
+            "position": int(outputs.positions[j]),
+            "true": classes[y_true[j]],
+            "predicted": classes[y_pred[j]],
+            "confidence": float(confidence[j]),
+        }
+        for j in order
+    ]
 
 
 def _id(evalset: EvalSet, position: int) -> Any:
@@ -473,8 +621,13 @@ def _predictions(evalset: EvalSet, outputs: Outputs, y_true: np.ndarray, classes
     y_pred, confidence = outputs.probs.argmax(1), outputs.probs.max(1)
     lines = []
     for j, position in enumerate(outputs.positions):
-        row = {evalset.id_key: _id(evalset, position), "true": classes[y_true[j]], "predicted": classes[y_pred[j]],
-               "confidence": float(confidence[j]), "correct": bool(y_pred[j] == y_true[j])}
+        row = {
+            evalset.id_key: _id(evalset, position),
+            "true": classes[y_true[j]],
+            "predicted": classes[y_pred[j]],
+            "confidence": float(confidence[j]),
+            "correct": bool(y_pred[j] == y_true[j]),
+        }
         if outputs.tta_probs is not None:
             row["tta_predicted"] = classes[int(outputs.tta_probs[j].argmax())]
             row["tta_confidence"] = float(outputs.tta_probs[j].max())
@@ -482,10 +635,11 @@ def _predictions(evalset: EvalSet, outputs: Outputs, y_true: np.ndarray, classes
     return "".join(lines)
 
 
-def _files(run: LoadedRun, evalset: EvalSet, outputs: Outputs, y_true: np.ndarray,
-           metrics: Mapping[str, Any]) -> dict[str, bytes]:
-    from .plots import mistakes_png, reliability_png
+def _files(
+    run: LoadedRun, evalset: EvalSet, outputs: Outputs, y_true: np.ndarray, metrics: Mapping[str, Any]
+) -> dict[str, bytes]:
     from ..pages.plots import confusion_png
+    from .plots import mistakes_png, reliability_png
 
     title = f"{run.spec.name}, {evalset.name} ({metrics['images']} images)"
     matrix = np.asarray(metrics["confusion_matrix"])
@@ -494,8 +648,9 @@ def _files(run: LoadedRun, evalset: EvalSet, outputs: Outputs, y_true: np.ndarra
         layout.EVAL_METRICS: (json.dumps(metrics, indent=2) + "\n").encode(),
         "predictions.jsonl": _predictions(evalset, outputs, y_true, run.classes).encode(),
         PNGS["confusion"]: confusion_png(matrix, run.classes, f"confusion: {title}", normalized=False),
-        PNGS["confusion_normalized"]: confusion_png(matrix, run.classes, f"confusion, each row / its images: {title}",
-                                                    normalized=True),
+        PNGS["confusion_normalized"]: confusion_png(
+            matrix, run.classes, f"confusion, each row / its images: {title}", normalized=True
+        ),
         PNGS["reliability"]: reliability_png(metrics["reliability"], metrics["ece"], f"reliability: {title}"),
         PNGS["mistakes"]: mistakes_png(shown, f"most confident mistakes: {title}", metrics["images"]),
     }
@@ -513,42 +668,72 @@ def printed(metrics: Mapping[str, Any]) -> list[Any]:
     from rich.table import Table
 
     m = metrics
-    head = [f"{escape(m['run'])}: {escape(m['source'])}; {m['images']} images, weights {m['weights']} "
-            f"({escape(m['weights_file'])})"]
+    head = [
+        f"{escape(m['run'])}: {escape(m['source'])}; {m['images']} images, weights {m['weights']} "
+        f"({escape(m['weights_file'])})"
+    ]
     if m["used_for_model_selection"]:
-        head.append("[yellow]note[/yellow] these images selected the model (its best epoch, a plateau schedule, the "
-                    "settings tried): their figures flatter it; hold out data.test_split for an unbiased estimate")
+        head.append(
+            "[yellow]note[/yellow] these images selected the model (its best epoch, a plateau schedule, the "
+            "settings tried): their figures flatter it; hold out data.test_split for an unbiased estimate"
+        )
     top5 = f"   top-5 {m['top5']:.4f}" if m["top5"] is not None else ""
-    head.append(f"[bold]accuracy {m['accuracy']:.4f}[/bold]{top5}   macro F1 {m['macro_avg']['f1']:.4f}   "
-                f"weighted F1 {m['weighted_avg']['f1']:.4f}   ECE {m['ece']:.4f}")
+    head.append(
+        f"[bold]accuracy {m['accuracy']:.4f}[/bold]{top5}   macro F1 {m['macro_avg']['f1']:.4f}   "
+        f"weighted F1 {m['weighted_avg']['f1']:.4f}   ECE {m['ece']:.4f}"
+    )
     table = Table(box=None, pad_edge=False)
-    for name, justify in (("class", "left"), ("precision", "right"), ("recall", "right"), ("f1", "right"),
-                          ("support", "right")):
+    for name, justify in (
+        ("class", "left"),
+        ("precision", "right"),
+        ("recall", "right"),
+        ("f1", "right"),
+        ("support", "right"),
+    ):
         table.add_column(name, justify=justify, no_wrap=True)
     rows = [*m["per_class"].items(), ("macro avg", m["macro_avg"]), ("weighted avg", m["weighted_avg"])]
     for i, (name, row) in enumerate(rows):
-        table.add_row(escape(name), f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}",
-                      str(row["support"]), end_section=i == len(m["per_class"]) - 1)
+        table.add_row(
+            escape(name),
+            f"{row['precision']:.4f}",
+            f"{row['recall']:.4f}",
+            f"{row['f1']:.4f}",
+            str(row["support"]),
+            end_section=i == len(m["per_class"]) - 1,
+        )
     parts: list[Any] = [*head, table]
     if m["most_confused"]:
-        parts.append("most confused (true -> predicted): " + ", ".join(
-            f"{escape(c['true'])} -> {escape(c['predicted'])} {c['count']}" for c in m["most_confused"][:5]))
+        parts.append(
+            "most confused (true -> predicted): "
+            + ", ".join(f"{escape(c['true'])} -> {escape(c['predicted'])} {c['count']}" for c in m["most_confused"][:5])
+        )
     t = m["tta"]
     if t is not None:
         crops = f"; corner crops on {t['images_with_crops']} images" if t["images_with_crops"] else ""
-        parts.append(f"TTA ({', '.join(t['views'])}{crops}): accuracy {t['accuracy']:.4f}, {t['gain']:+.4f} against "
-                     f"no TTA on the same {m['images']} images (fixed {t['fixed']}, broke {t['broken']}); "
-                     f"macro F1 {t['macro_f1']:.4f} ({t['macro_f1_gain']:+.4f})")
+        parts.append(
+            f"TTA ({', '.join(t['views'])}{crops}): accuracy {t['accuracy']:.4f}, {t['gain']:+.4f} against "
+            f"no TTA on the same {m['images']} images (fixed {t['fixed']}, broke {t['broken']}); "
+            f"macro F1 {t['macro_f1']:.4f} ({t['macro_f1_gain']:+.4f})"
+        )
     return parts
 
 
-def evaluate_command(run_dir: str | Path, *, split: str | None = None, data: str | None = None, tta: bool = False,
-                     weights: str | None = None, as_json: bool = False, batch_size: int = 64,
-                     device: str | None = None) -> int:
+def evaluate_command(
+    run_dir: str | Path,
+    *,
+    split: str | None = None,
+    data: str | None = None,
+    tta: bool = False,
+    weights: str | None = None,
+    as_json: bool = False,
+    batch_size: int = 64,
+    device: str | None = None,
+) -> int:
     """`surgery evaluate RUN_DIR [--split test|val | --data PATH] [--tta] [--weights W] [--json]`:
     print the figures (a table, or one JSON object with --json) after writing them."""
-    from ..untrusted import Console
     from rich.markup import escape
+
+    from ..untrusted import Console
 
     err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -558,8 +743,17 @@ def evaluate_command(run_dir: str | Path, *, split: str | None = None, data: str
     def on_note(text: str) -> None:
         err.print(escape(text))
 
-    metrics, folder = evaluate_run(run_dir, split=split, data=data, tta=tta, weights=weights, batch_size=batch_size,
-                                   device=device, on_skip=on_skip, on_note=on_note)
+    metrics, folder = evaluate_run(
+        run_dir,
+        split=split,
+        data=data,
+        tta=tta,
+        weights=weights,
+        batch_size=batch_size,
+        device=device,
+        on_skip=on_skip,
+        on_note=on_note,
+    )
     if as_json:
         print(json.dumps({**metrics, "folder": str(folder)}))
     else:
@@ -568,8 +762,10 @@ def evaluate_command(run_dir: str | Path, *, split: str | None = None, data: str
             out.print(part)
         err.print(f"wrote {escape(str(folder))}: metrics.json, predictions.jsonl, " + ", ".join(PNGS.values()))
     if metrics["skipped"]:
-        err.print(f"[yellow]note[/yellow] {len(metrics['skipped'])} unreadable images left out (listed in "
-                  "metrics.json, skipped)")
+        err.print(
+            f"[yellow]note[/yellow] {len(metrics['skipped'])} unreadable images left out (listed in "
+            "metrics.json, skipped)"
+        )
     from ..pages.run_page import refresh_report
 
     run_folder = folder.parent.parent  # RUN_DIR/eval/<split>: the run's own page shows it
@@ -578,5 +774,21 @@ def evaluate_command(run_dir: str | Path, *, split: str | None = None, data: str
     return 0
 
 
-__all__ = ["EvalSet", "Outputs", "split_set", "folder_set", "folder_name", "infer", "figures", "calibration",
-           "most_confused", "tta_figures", "evaluate_run", "evaluate_command", "write_folder", "printed", "SPLITS", "PNGS"]
+__all__ = [
+    "EvalSet",
+    "Outputs",
+    "split_set",
+    "folder_set",
+    "folder_name",
+    "infer",
+    "figures",
+    "calibration",
+    "most_confused",
+    "tta_figures",
+    "evaluate_run",
+    "evaluate_command",
+    "write_folder",
+    "printed",
+    "SPLITS",
+    "PNGS",
+]

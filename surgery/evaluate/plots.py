@@ -2,6 +2,7 @@
 confident mistakes (its confusion matrices are `plots.confusion_png`, the run report's look). Each
 function returns PNG bytes; `evaluate.write_folder` writes them.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
@@ -24,13 +25,37 @@ def reliability_png(bins: Sequence[Mapping[str, Any]], ece: float, title: str) -
     filled = counts > 0
     accuracy = np.array([b["accuracy"] if b["count"] else 0.0 for b in bins])
     confidence = np.array([b["confidence"] if b["count"] else 0.0 for b in bins])
-    ax.bar(lower[filled], accuracy[filled], width=width, align="edge", color="tab:blue", edgecolor="black",
-           linewidth=0.6, label="accuracy of the bin")
+    ax.bar(
+        lower[filled],
+        accuracy[filled],
+        width=width,
+        align="edge",
+        color="tab:blue",
+        edgecolor="black",
+        linewidth=0.6,
+        label="accuracy of the bin",
+    )
     gap_bottom = np.minimum(accuracy, confidence)
-    ax.bar(lower[filled], np.abs(confidence - accuracy)[filled], bottom=gap_bottom[filled], width=width, align="edge",
-           fill=False, hatch="///", edgecolor="tab:red", linewidth=0, label="gap")
-    ax.hlines(confidence[filled], lower[filled], lower[filled] + width, colors="tab:red", linewidth=2,
-              label="mean confidence of the bin")
+    ax.bar(
+        lower[filled],
+        np.abs(confidence - accuracy)[filled],
+        bottom=gap_bottom[filled],
+        width=width,
+        align="edge",
+        fill=False,
+        hatch="///",
+        edgecolor="tab:red",
+        linewidth=0,
+        label="gap",
+    )
+    ax.hlines(
+        confidence[filled],
+        lower[filled],
+        lower[filled] + width,
+        colors="tab:red",
+        linewidth=2,
+        label="mean confidence of the bin",
+    )
     ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="calibrated")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -73,8 +98,9 @@ def mistakes_png(shown: Sequence[tuple[torch.Tensor, Mapping[str, Any]]], title:
             ax.imshow(pixels[:, :, 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
         else:
             ax.imshow(pixels, interpolation="nearest")
-        ax.set_title(f"true: {label(mistake['true'])}\npredicted: {label(mistake['predicted'])} "
-                     f"({mistake['confidence']:.2f})", fontsize=9)
+        ax.set_title(
+            f"true: {label(mistake['true'])}\npredicted: {label(mistake['predicted'])} ({mistake['confidence']:.2f})",
+            fontsize=9,
+        )
     fig.suptitle(title, fontsize=10, y=1 - 0.25 / height)
     return figure_png(fig, dpi=100)
-

@@ -17,6 +17,7 @@ module), has no attention to read here; `record_attention` says so instead of in
 each `Inserted` wrapper replaced by `nn.Identity`. The paths stay (so a layer named on the
 surgered model names the same place), and every other module and weight is shared in value.
 """
+
 from __future__ import annotations
 
 import copy
@@ -111,6 +112,7 @@ def record_attention(model: nn.Module) -> Iterator[dict[str, ModuleAttention]]:
         def record(module: nn.Module, args: tuple, output: object) -> None:
             if not done[0] and isinstance(output, torch.Tensor):
                 seen.setdefault(path, []).append(output.detach()[0].cpu())
+
         return record
 
     def finished(module: nn.Module, args: tuple, output: object) -> None:
@@ -134,16 +136,21 @@ def _read(path: str, wrapper: Inserted, seen: dict[str, list[torch.Tensor]]) -> 
     entry = ModuleAttention(path=path, kind=wrapper.kind, gate_value=gate_value)
     inner_gates = gate_modules(wrapper)
     if not inner_gates:
-        entry.unreadable = (f"{type(wrapper.attn).__name__} has no gate module to read "
-                            "(its attention, if any, is computed by a function, not a module)")
+        entry.unreadable = (
+            f"{type(wrapper.attn).__name__} has no gate module to read "
+            "(its attention, if any, is computed by a function, not a module)"
+        )
         return entry
     odd = []
     for inner in inner_gates:
         full = f"{path}.attn.{inner}"
         outputs = seen.get(full, [])
         if len(outputs) != 1:
-            odd.append(f"{inner} did not run" if not outputs else
-                       f"{inner} runs {len(outputs)} times per pass, so no one output of it is the attention")
+            odd.append(
+                f"{inner} did not run"
+                if not outputs
+                else f"{inner} runs {len(outputs)} times per pass, so no one output of it is the attention"
+            )
             continue
         read = classify_gate(outputs[0])
         if read is None:
@@ -172,5 +179,12 @@ def bypass_inserted(model: nn.Module) -> nn.Module:
     return twin
 
 
-__all__ = ["Gate", "ModuleAttention", "bypass_inserted", "classify_gate", "gate_modules", "inserted_modules",
-           "record_attention"]
+__all__ = [
+    "Gate",
+    "ModuleAttention",
+    "bypass_inserted",
+    "classify_gate",
+    "gate_modules",
+    "inserted_modules",
+    "record_attention",
+]

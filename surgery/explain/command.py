@@ -16,6 +16,7 @@ last stage outside it (before the global pool) ends later and is chosen instead.
 (a 32 px input to a ResNet) makes every CAM one flat value, so the last larger map is taken
 then, and the command says so.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,15 +28,15 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .attention import bypass_inserted, record_attention
-from .results import METHODS, Explained, Layers
-from ..model.builder import Built
+from ..data.images import batches, decode, images_or_skips
 from ..errors import Origin, UsageError, describe_exception, did_you_mean
 from ..files import staging_folder, swap_in
-from ..data.images import batches, decode, images_or_skips
+from ..model.builder import Built
 from ..model.paths import nearest, select_modules
 from ..runs import layout, open_run
 from ..runs.loaded import LoadedRun
+from .attention import bypass_inserted, record_attention
+from .results import METHODS, Explained, Layers
 
 _PROGRESS_BARS = frozenset({"scorecam", "ablationcam"})
 INSTALL_HINT = "pip install -e '.[grad-cam]'"
@@ -49,10 +50,12 @@ def require_grad_cam() -> Any:
         import cv2  # noqa: F401 - grad-cam's overlay needs it; say so now, not after the first image
         import pytorch_grad_cam
     except ImportError as exc:
-        raise UsageError(f"surgery explain needs the grad-cam package ({describe_exception(exc, 80)}): "
-                         f"{INSTALL_HINT}", origin=Origin("flag", "surgery explain"),
-                         expected="the extra surgery[grad-cam] (grad-cam, which brings opencv)",
-                         hint=f"{INSTALL_HINT}  (or: pip install grad-cam)") from None
+        raise UsageError(
+            f"surgery explain needs the grad-cam package ({describe_exception(exc, 80)}): {INSTALL_HINT}",
+            origin=Origin("flag", "surgery explain"),
+            expected="the extra surgery[grad-cam] (grad-cam, which brings opencv)",
+            hint=f"{INSTALL_HINT}  (or: pip install grad-cam)",
+        ) from None
     return pytorch_grad_cam
 
 
@@ -86,24 +89,32 @@ def default_layers(built: Built) -> Layers:
 
     found = sorted((p for p in dict.fromkeys(candidates) if eligible(p)), key=lambda p: shapes[p].end)
     if not found:
-        raise UsageError(f"{built.spec.model.backbone} has no 4-D feature map before its head to take a CAM at",
-                         origin=Origin.flag("--layer"), found="no default layer",
-                         expected="a module whose output is (batch, channels, height, width)",
-                         hint="name one with --layer PATH (`surgery inspect RUN_DIR/spec.yaml` shows output shapes)")
+        raise UsageError(
+            f"{built.spec.model.backbone} has no 4-D feature map before its head to take a CAM at",
+            origin=Origin.flag("--layer"),
+            found="no default layer",
+            expected="a module whose output is (batch, channels, height, width)",
+            hint="name one with --layer PATH (`surgery inspect RUN_DIR/spec.yaml` shows output shapes)",
+        )
     last = found[-1]
     last_cl = channels_last(modules[last], shapes[last].output)
     if _spatial(shapes[last].output, last_cl) != (1, 1):
         return Layers((last,), last, last_cl)
     larger = [p for p in found if _spatial(shapes[p].output, channels_last(modules[p], shapes[p].output)) != (1, 1)]
     if not larger:
-        return Layers((last,), last, last_cl, note=f"{last}'s map is 1x1 at {size} px: every CAM there "
-                                                   "is one flat value")
+        return Layers(
+            (last,), last, last_cl, note=f"{last}'s map is 1x1 at {size} px: every CAM there is one flat value"
+        )
     pick = larger[-1]
     pick_cl = channels_last(modules[pick], shapes[pick].output)
     h, w = _spatial(shapes[pick].output, pick_cl)
-    return Layers((pick,), pick, pick_cl,
-                  note=f"{last}'s map is 1x1 at {size} px, which any CAM shows as one flat value; "
-                       f"explaining at {pick} ({h}x{w}) instead (--layer {last} to insist)")
+    return Layers(
+        (pick,),
+        pick,
+        pick_cl,
+        note=f"{last}'s map is 1x1 at {size} px, which any CAM shows as one flat value; "
+        f"explaining at {pick} ({h}x{w}) instead (--layer {last} to insist)",
+    )
 
 
 def resolve_layers(built: Built, pattern: str | None) -> Layers:
@@ -123,35 +134,61 @@ def resolve_layers(built: Built, pattern: str | None) -> Layers:
         inserted = {i.path for i in built.inserted}
         paths = [p for p in modules if p in inserted]  # model order
         if not paths:
-            raise UsageError("this run has no inserted modules", origin=origin, found="@inserted",
-                             expected="a module path or glob of the model")
+            raise UsageError(
+                "this run has no inserted modules",
+                origin=origin,
+                found="@inserted",
+                expected="a module path or glob of the model",
+            )
     else:
         paths = select_modules(modules, pattern, None)
     if not paths:
         close = nearest(pattern, [p for p in modules if p])
-        raise UsageError(f"no module of the run's model matches {pattern!r}", origin=origin, found=pattern,
-                         expected="a module path or glob of the run's surgered model (`surgery inspect "
-                                  "RUN_DIR/spec.yaml` lists them), or @inserted",
-                         hint=("did you mean " + " or ".join(repr(c) for c in close) + "?") if close else None)
+        raise UsageError(
+            f"no module of the run's model matches {pattern!r}",
+            origin=origin,
+            found=pattern,
+            expected="a module path or glob of the run's surgered model (`surgery inspect "
+            "RUN_DIR/spec.yaml` lists them), or @inserted",
+            hint=("did you mean " + " or ".join(repr(c) for c in close) + "?") if close else None,
+        )
     layouts = set()
     for path in paths:
         seen = built.shapes.get(path)
         if seen is not None and abs(seen.calls) != 1:  # grad-cam would pair one call's map with another's gradient
-            raise UsageError(f"{path} runs {abs(seen.calls)} times per forward pass, so it has no one map to take "
-                             "a CAM at", origin=origin, found=path, expected="a module called once per forward pass",
-                             hint=f"the module that contains it, {path.rpartition('.')[0]}" if "." in path else None)
+            raise UsageError(
+                f"{path} runs {abs(seen.calls)} times per forward pass, so it has no one map to take a CAM at",
+                origin=origin,
+                found=path,
+                expected="a module called once per forward pass",
+                hint=f"the module that contains it, {path.rpartition('.')[0]}" if "." in path else None,
+            )
         if seen is None or not _is_map(seen.output):
-            what = "is never called in the forward pass" if seen is None else \
-                f"gives {list(seen.output) if seen.output else 'no tensor'}"
-            maps = [p for p in modules if p and "." not in p and built.shapes.get(p) is not None
-                    and _is_map(built.shapes[p].output)]
-            raise UsageError(f"{path} {what}, not a feature map to take a CAM at", origin=origin, found=path,
-                             expected="a module whose output is (batch, channels, height, width)",
-                             hint=("feature maps here: " + ", ".join(maps[-4:])) if maps else None)
+            what = (
+                "is never called in the forward pass"
+                if seen is None
+                else f"gives {list(seen.output) if seen.output else 'no tensor'}"
+            )
+            maps = [
+                p
+                for p in modules
+                if p and "." not in p and built.shapes.get(p) is not None and _is_map(built.shapes[p].output)
+            ]
+            raise UsageError(
+                f"{path} {what}, not a feature map to take a CAM at",
+                origin=origin,
+                found=path,
+                expected="a module whose output is (batch, channels, height, width)",
+                hint=("feature maps here: " + ", ".join(maps[-4:])) if maps else None,
+            )
         layouts.add(channels_last(modules[path], seen.output))
     if len(layouts) > 1:
-        raise UsageError("the layers mix channels-first and channels-last maps", origin=origin, found=pattern,
-                         expected="layers whose maps are laid out alike")
+        raise UsageError(
+            "the layers mix channels-first and channels-last maps",
+            origin=origin,
+            found=pattern,
+            expected="layers whose maps are laid out alike",
+        )
     label = paths[0] if len(paths) == 1 else f"{pattern} ({len(paths)} layers, averaged)"
     return Layers(tuple(paths), label, layouts.pop())
 
@@ -162,10 +199,15 @@ def class_index(run: LoadedRun, name: str | None) -> int | None:
         return None
     if name in run.classes:
         return run.classes.index(name)
-    raise UsageError(f"the run has no class {name!r}", origin=Origin.flag("--class", name), found=name,
-                     expected=f"one of the run's {len(run.classes)} classes: " + ", ".join(run.classes[:12])
-                              + (" ..." if len(run.classes) > 12 else ""),
-                     hint=did_you_mean(name, run.classes))
+    raise UsageError(
+        f"the run has no class {name!r}",
+        origin=Origin.flag("--class", name),
+        found=name,
+        expected=f"one of the run's {len(run.classes)} classes: "
+        + ", ".join(run.classes[:12])
+        + (" ..." if len(run.classes) > 12 else ""),
+        hint=did_you_mean(name, run.classes),
+    )
 
 
 # --------------------------------------------------------------------------- the maps
@@ -182,8 +224,9 @@ class Explainer:
         cls = getattr(grad_cam, METHODS[method])
         reshape = (lambda t: t.permute(0, 3, 1, 2)) if layers.channels_last else None
         model = run.model.requires_grad_(False)  # gradients reach the maps through the input, not the weights
-        self.cam = cls(model=model, target_layers=[model.get_submodule(p) for p in layers.paths],
-                       reshape_transform=reshape)
+        self.cam = cls(
+            model=model, target_layers=[model.get_submodule(p) for p in layers.paths], reshape_transform=reshape
+        )
         self.inserted = [i.path for i in run.built.inserted]
         self.backbone_cam, self.backbone_note = None, None
         inside = [p for p in layers.paths if any(p.startswith(i + ".") for i in self.inserted)]
@@ -191,8 +234,9 @@ class Explainer:
             self.backbone_note = f"{inside[0]} is inside an inserted module,\nwhich the model without them lacks"
         elif self.inserted:
             twin = bypass_inserted(model)
-            self.backbone_cam = cls(model=twin, target_layers=[twin.get_submodule(p) for p in layers.paths],
-                                    reshape_transform=reshape)
+            self.backbone_cam = cls(
+                model=twin, target_layers=[twin.get_submodule(p) for p in layers.paths], reshape_transform=reshape
+            )
 
     def close(self) -> None:
         for cam in (self.cam, self.backbone_cam):
@@ -217,8 +261,16 @@ class Explainer:
             cam, probs = self._run(self.cam, x, target)  # no target: grad-cam explains the top class
         predicted = int(probs.argmax())
         explained = predicted if target is None else target
-        item = Explained(path=path, image=image, cam=cam, predicted=predicted, confidence=float(probs[predicted]),
-                         explained=explained, attention=attention, backbone_note=self.backbone_note)
+        item = Explained(
+            path=path,
+            image=image,
+            cam=cam,
+            predicted=predicted,
+            confidence=float(probs[predicted]),
+            explained=explained,
+            attention=attention,
+            backbone_note=self.backbone_note,
+        )
         if self.backbone_cam is not None:
             item.backbone_cam, bprobs = self._run(self.backbone_cam, x, explained)
             item.backbone_predicted = int(bprobs.argmax())
@@ -227,9 +279,16 @@ class Explainer:
 
 
 def _entry(item: Explained, run: LoadedRun, layers: Layers, method: str) -> dict[str, Any]:
-    entry = {"image": str(item.path), "png": item.png, "predicted": run.classes[item.predicted],
-             "confidence": round(item.confidence, 6), "explained_class": run.classes[item.explained],
-             "layer": ", ".join(layers.paths), "method": method, "modules": list(item.attention)}
+    entry = {
+        "image": str(item.path),
+        "png": item.png,
+        "predicted": run.classes[item.predicted],
+        "confidence": round(item.confidence, 6),
+        "explained_class": run.classes[item.explained],
+        "layer": ", ".join(layers.paths),
+        "method": method,
+        "modules": list(item.attention),
+    }
     if item.backbone_predicted is not None:
         entry["backbone_predicted"] = run.classes[item.backbone_predicted]
         entry["backbone_confidence"] = round(float(item.backbone_confidence), 6)
@@ -249,19 +308,33 @@ def _png_name(path: Path, taken: set[str]) -> str:
 def _check_target(target: Path, origin: Origin) -> None:
     """A folder that may be replaced: absent, empty, or an earlier explain output."""
     if target.exists() and not target.is_dir():
-        raise UsageError(f"{target} is a file", origin=origin, found=str(target),
-                         expected="a folder for the figures, or a path that does not exist yet")
+        raise UsageError(
+            f"{target} is a file",
+            origin=origin,
+            found=str(target),
+            expected="a folder for the figures, or a path that does not exist yet",
+        )
     if target.is_dir() and any(target.iterdir()) and not (target / PREDICTIONS).is_file():
-        raise UsageError(f"{target} holds other files; explain replaces its output folder whole", origin=origin,
-                         found=str(target), expected=f"an empty folder, a new path, or an earlier explain output "
-                                                     f"(with its {PREDICTIONS})",
-                         hint="pass another --out DIR")
+        raise UsageError(
+            f"{target} holds other files; explain replaces its output folder whole",
+            origin=origin,
+            found=str(target),
+            expected=f"an empty folder, a new path, or an earlier explain output (with its {PREDICTIONS})",
+            hint="pass another --out DIR",
+        )
 
 
 # --------------------------------------------------------------------------- the command
-def explain_command(run_dir: str | Path, paths: Sequence[str], *, layer: str | None = None,
-                    class_name: str | None = None, method: str = "gradcam", out: str | Path | None = None,
-                    device: str | None = None) -> int:
+def explain_command(
+    run_dir: str | Path,
+    paths: Sequence[str],
+    *,
+    layer: str | None = None,
+    class_name: str | None = None,
+    method: str = "gradcam",
+    out: str | Path | None = None,
+    device: str | None = None,
+) -> int:
     """`surgery explain RUN_DIR IMAGE... [--layer PATH] [--class NAME] [--method M] [--out DIR] [--device D]`.
 
     Writes one PNG per readable image and predictions.json into RUN_DIR/explain (or --out),
@@ -275,16 +348,21 @@ def explain_command(run_dir: str | Path, paths: Sequence[str], *, layer: str | N
             layer, an output folder that holds other files (exit 2); a folder that cannot be
             written (RunDirError, exit 1).
     """
-    from ..untrusted import Console
     from rich.markup import escape
 
-    from .figure import render
     from ..files import atomic_write_bytes, write_json
+    from ..untrusted import Console
+    from .figure import render
 
     require_grad_cam()
     if method not in METHODS:
-        raise UsageError(f"unknown CAM method {method!r}", origin=Origin.flag("--method", method), found=method,
-                         expected="one of " + ", ".join(METHODS), hint=did_you_mean(method, METHODS))
+        raise UsageError(
+            f"unknown CAM method {method!r}",
+            origin=Origin.flag("--method", method),
+            found=method,
+            expected="one of " + ", ".join(METHODS),
+            hint=did_you_mean(method, METHODS),
+        )
     run_dir = Path(run_dir)
     trained = open_run(run_dir)
     trained.require_trained()
@@ -305,6 +383,7 @@ def explain_command(run_dir: str | Path, paths: Sequence[str], *, layer: str | N
     entries: list[dict[str, Any]] = []
     taken: set[str] = set()
     try:
+
         def skip(path: Path, reason: str) -> None:
             err.print(f"[yellow]skipped[/yellow] {escape(str(path))}: {escape(reason)}")
 
@@ -314,8 +393,9 @@ def explain_command(run_dir: str | Path, paths: Sequence[str], *, layer: str | N
             staging = staging or staging_folder(target)  # and removes what a killed explain left there
             atomic_write_bytes(staging / item.png, render(item, run, layers, method))
             entries.append(_entry(item, run, layers, method))
-            out_console.print(f"{path}  {run.classes[item.predicted]} ({item.confidence:.3f})  -> {target / item.png}",
-                              markup=False)
+            out_console.print(
+                f"{path}  {run.classes[item.predicted]} ({item.confidence:.3f})  -> {target / item.png}", markup=False
+            )
         if staging is None:
             err.print(f"[bold red]error[/bold red] no image could be read ({len(images)} tried); nothing written")
             return 1
@@ -326,8 +406,10 @@ def explain_command(run_dir: str | Path, paths: Sequence[str], *, layer: str | N
         explainer.close()
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-    err.print(f"wrote {len(entries)} figure{'s' if len(entries) != 1 else ''} and {PREDICTIONS} to "
-              f"{escape(str(target))} ({METHODS[method]} at {escape(layers.label)})")
+    err.print(
+        f"wrote {len(entries)} figure{'s' if len(entries) != 1 else ''} and {PREDICTIONS} to "
+        f"{escape(str(target))} ({METHODS[method]} at {escape(layers.label)})"
+    )
     if target == run_dir / DEFAULT_FOLDER:  # the run's own page shows them
         from ..pages.run_page import refresh_report
 
@@ -336,5 +418,14 @@ def explain_command(run_dir: str | Path, paths: Sequence[str], *, layer: str | N
     return 0
 
 
-__all__ = ["METHODS", "Explained", "Explainer", "Layers", "class_index", "default_layers", "explain_command",
-           "require_grad_cam", "resolve_layers"]
+__all__ = [
+    "METHODS",
+    "Explained",
+    "Explainer",
+    "Layers",
+    "class_index",
+    "default_layers",
+    "explain_command",
+    "require_grad_cam",
+    "resolve_layers",
+]

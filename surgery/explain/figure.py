@@ -6,6 +6,7 @@ with a colour bar that states the scale: a CAM is relative (grad-cam scales each
 a gate is absolute (its own values, e.g. a sigmoid's 0..1). Channel weights have no place in the
 image: they are drawn as bars, one per channel, in channel order.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -15,8 +16,8 @@ import numpy as np
 from .attention import Gate, ModuleAttention
 
 if TYPE_CHECKING:
-    from .results import Explained, Layers
     from ..deploy.predict import LoadedRun
+    from .results import Explained, Layers
 
 DISPLAY_PX = 224  # small inputs (32 px digits) are drawn at this size, maps upsampled bilinearly
 _COLUMNS = 3
@@ -87,8 +88,11 @@ def _gate_panel(fig, ax, rgb: np.ndarray, module: ModuleAttention, gate: Gate) -
         ax.set_xlabel("channel", fontsize=8)
         ax.set_ylabel("weight", fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.set_title(f"{len(values)} channel weights{branch}: mean {values.mean():.3f} "
-                     f"(min {values.min():.3f}, max {values.max():.3f})", fontsize=9)
+        ax.set_title(
+            f"{len(values)} channel weights{branch}: mean {values.mean():.3f} "
+            f"(min {values.min():.3f}, max {values.max():.3f})",
+            fontsize=9,
+        )
         return
     heat = gate.values.numpy()
     h, w = heat.shape
@@ -102,7 +106,9 @@ def _module_note(module: ModuleAttention) -> str:
     if module.gate_value is None:
         return head + ", init default: output = attention(input)"
     effect = ": no effect yet" if module.gate_value == 0 else ""
-    return head + f", identity gate {module.gate_value:+.3g}{effect}  (output = input + gate x (attention(input) - input))"
+    return (
+        head + f", identity gate {module.gate_value:+.3g}{effect}  (output = input + gate x (attention(input) - input))"
+    )
 
 
 def _panels(item: "Explained") -> list[tuple[ModuleAttention, Gate | None, int]]:
@@ -119,7 +125,9 @@ def _panels(item: "Explained") -> list[tuple[ModuleAttention, Gate | None, int]]
     return out
 
 
-def _rows(panels: list[tuple[ModuleAttention, Gate | None, int]]) -> list[list[tuple[ModuleAttention, Gate | None, int]]]:
+def _rows(
+    panels: list[tuple[ModuleAttention, Gate | None, int]],
+) -> list[list[tuple[ModuleAttention, Gate | None, int]]]:
     rows: list[list] = []
     for panel in panels:  # a module's panels stay together on a row when they fit
         if rows and sum(p[2] for p in rows[-1]) + panel[2] <= _COLUMNS and rows[-1][-1][0] is panel[0]:
@@ -155,8 +163,8 @@ def _axes(fig, total: float, span: tuple[float, float], col: int, width: int):
 
 def render(item: "Explained", run: "LoadedRun", layers: "Layers", method: str) -> bytes:
     """The PNG for one image (bytes; the caller writes it)."""
-    from .results import METHODS
     from ..pages.plots import figure, figure_png
+    from .results import METHODS
 
     classes = run.classes
     side = max(DISPLAY_PX, int(item.image.shape[-1]))
@@ -170,23 +178,43 @@ def render(item: "Explained", run: "LoadedRun", layers: "Layers", method: str) -
     top = [_axes(fig, total, spans[0], c, 1) for c in range(_COLUMNS)]
     gray = _is_gray(item.image)
     top[0].imshow(rgb[..., 0] if gray else rgb, cmap="gray" if gray else None, vmin=0, vmax=1)
-    top[0].set_title(f"input, {item.image.shape[-1]}x{item.image.shape[-2]} px as the model sees it"
-                     + (" (gray)" if gray else ""), fontsize=9)
+    top[0].set_title(
+        f"input, {item.image.shape[-1]}x{item.image.shape[-2]} px as the model sees it" + (" (gray)" if gray else ""),
+        fontsize=9,
+    )
     top[0].axis("off")
-    _map_panel(fig, top[1], rgb, item.cam,
-               _cam_title(f"{name} of the trained model\nfor {explained!r} at {layers.label}", item.cam), relative=True)
+    _map_panel(
+        fig,
+        top[1],
+        rgb,
+        item.cam,
+        _cam_title(f"{name} of the trained model\nfor {explained!r} at {layers.label}", item.cam),
+        relative=True,
+    )
     if item.backbone_cam is not None:
-        _map_panel(fig, top[2], rgb, item.backbone_cam,
-                   _cam_title(f"{name} without its inserted modules\nfor {explained!r} (it predicts "
-                              f"{classes[item.backbone_predicted]!r}, {item.backbone_confidence:.3f})",
-                              item.backbone_cam), relative=True)
+        _map_panel(
+            fig,
+            top[2],
+            rgb,
+            item.backbone_cam,
+            _cam_title(
+                f"{name} without its inserted modules\nfor {explained!r} (it predicts "
+                f"{classes[item.backbone_predicted]!r}, {item.backbone_confidence:.3f})",
+                item.backbone_cam,
+            ),
+            relative=True,
+        )
     else:
         note = item.backbone_note or "no inserted modules:\nthe model is its backbone"
         top[2].text(0.5, 0.5, note, ha="center", va="center", fontsize=10)
         top[2].axis("off")
-    fig.suptitle(f"{item.path.name}: predicted {classes[item.predicted]!r} ({item.confidence:.3f}); "
-                 f"explaining {explained!r} with {name} at {layers.label}  [run {run.spec.name}]", fontsize=11,
-                 y=1 - 0.2 / total, va="top")
+    fig.suptitle(
+        f"{item.path.name}: predicted {classes[item.predicted]!r} ({item.confidence:.3f}); "
+        f"explaining {explained!r} with {name} at {layers.label}  [run {run.spec.name}]",
+        fontsize=11,
+        y=1 - 0.2 / total,
+        va="top",
+    )
 
     for span, row in zip(spans[1:], rows):
         col = 0
@@ -194,13 +222,21 @@ def render(item: "Explained", run: "LoadedRun", layers: "Layers", method: str) -
             ax = _axes(fig, total, span, col, width)
             col += width
             if gate is None:
-                ax.text(0.0, 1.0, f"no attention to show: {module.unreadable}", ha="left", va="top", fontsize=9,
-                        wrap=True)
+                ax.text(
+                    0.0, 1.0, f"no attention to show: {module.unreadable}", ha="left", va="top", fontsize=9, wrap=True
+                )
                 ax.axis("off")
             else:
                 _gate_panel(fig, ax, rgb, module, gate)
-        fig.text(0.1 / _WIDTH, 1 - (span[0] - 0.55) / total, _module_note(row[0][0]), fontsize=10, ha="left",
-                 va="bottom", color="dimgray")
+        fig.text(
+            0.1 / _WIDTH,
+            1 - (span[0] - 0.55) / total,
+            _module_note(row[0][0]),
+            fontsize=10,
+            ha="left",
+            va="bottom",
+            color="dimgray",
+        )
     return figure_png(fig, dpi=90)
 
 

@@ -1,5 +1,6 @@
 """What an explanation is, shared by the command and its figure: the CAM methods, the layers a CAM
 is taken at, and everything one image's figure and predictions.json entry need."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

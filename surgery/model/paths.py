@@ -8,6 +8,7 @@
 - `{type: MaxPool2d}` selects modules by class name (or `torch.nn.MaxPool2d`, the full name).
 - `@inserted` selects every inserted module, `@head` the classifier head.
 """
+
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
@@ -100,6 +101,8 @@ def _corrected_glob(pattern: str, candidates: list[str], n: int) -> list[str]:
         names = {c[i] for c in split if len(c) > i and _match(parts[:i], c[:i], prefix=False)}
         if not names:
             continue
-        guesses = [".".join((*parts[:i], name, *parts[i + 1:])) for name in close_matches(parts[i], names, n=n, cutoff=0.5)]
+        guesses = [
+            ".".join((*parts[:i], name, *parts[i + 1 :])) for name in close_matches(parts[i], names, n=n, cutoff=0.5)
+        ]
         return [g for g in guesses if any(matches(g, c) for c in candidates)]
     return []

@@ -15,6 +15,7 @@ resolved; an error leaves the backbone as it was. Two entries that change the sa
 a module and its parent), or an insert at a module an earlier entry removed, are errors that
 name both spec lines.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,11 +25,25 @@ from typing import Any, Mapping, Sequence
 from torch import nn
 
 from ..errors import describe_exception
-from .insert import Insertion, Shapes, apply_surgery, insert_targets, plan_insert, plan_surgery, probe, _matched_nothing
-from .paths import select_modules
-from .replace import (Change, adapt_conv, build_head, build_pool, build_replacement, entry_label, first_conv,
-                      global_pool, kept_keys, local_pool, main_classifier, resolve_class, set_module, _type_name)
 from ..spec import InsertSpec, RemoveSpec, ReplaceSpec, Spec
+from .insert import Insertion, Shapes, _matched_nothing, apply_surgery, insert_targets, plan_insert, plan_surgery, probe
+from .paths import select_modules
+from .replace import (
+    Change,
+    _type_name,
+    adapt_conv,
+    build_head,
+    build_pool,
+    build_replacement,
+    entry_label,
+    first_conv,
+    global_pool,
+    kept_keys,
+    local_pool,
+    main_classifier,
+    resolve_class,
+    set_module,
+)
 
 
 @dataclass
@@ -48,8 +63,11 @@ class Plan:
 
 def changes_keys(spec: Spec) -> bool:
     """Does the spec replace, remove, adapt or declare anything (operations that change keys)?"""
-    return (any(isinstance(s, (ReplaceSpec, RemoveSpec)) for s in spec.surgery)
-            or spec.model.channels != 3 or spec.model.head is not None)
+    return (
+        any(isinstance(s, (ReplaceSpec, RemoveSpec)) for s in spec.surgery)
+        or spec.model.channels != 3
+        or spec.model.head is not None
+    )
 
 
 def _within(a: str, b: str) -> bool:
@@ -73,57 +91,95 @@ class _Ledger:
             if other_kind == "in_chans" and kind == "replace" and other == path:
                 continue  # replacing the adapted first conv (a CIFAR stem on gray input): it reads in_chans
             if _within(path, other):
-                relation = "the same module" if path == other else f"{other}, inside it" if other.startswith(path + ".") \
+                relation = (
+                    "the same module"
+                    if path == other
+                    else f"{other}, inside it"
+                    if other.startswith(path + ".")
                     else f"{other}, which holds it"
-                raise self.spec.error(where, f"{path} is changed twice: this entry would {kind} it, and "
-                                      f"{self._first(other_where)} already {other_kind}s {relation}",
-                                      found=path, expected="each module changed by one entry",
-                                      hint=f"merge this entry with {self._first(other_where)}, or narrow one of the patterns")
+                )
+                raise self.spec.error(
+                    where,
+                    f"{path} is changed twice: this entry would {kind} it, and "
+                    f"{self._first(other_where)} already {other_kind}s {relation}",
+                    found=path,
+                    expected="each module changed by one entry",
+                    hint=f"merge this entry with {self._first(other_where)}, or narrow one of the patterns",
+                )
         for target, other_where in self.inserted.items():
             if target == path or target.startswith(path + "."):
-                raise self.spec.error(where, f"this entry would {kind} {path}, where {self._first(other_where)} "
-                                      f"inserted a module at {target}: that module would be lost", found=path,
-                                      expected="replace or remove before inserting at the same module",
-                                      hint="move this entry above the insert")
+                raise self.spec.error(
+                    where,
+                    f"this entry would {kind} {path}, where {self._first(other_where)} "
+                    f"inserted a module at {target}: that module would be lost",
+                    found=path,
+                    expected="replace or remove before inserting at the same module",
+                    hint="move this entry above the insert",
+                )
 
     def check_gone(self, selectors) -> None:
         """A path inside a module an earlier entry replaced or removed no longer exists: say which entry took it."""
         for sel in selectors:
             for other, (other_kind, other_where) in self.changed.items():
                 if sel.pattern and sel.pattern.startswith(other + ".") and not any(c in sel.pattern for c in "*?["):
-                    raise self.spec.error(sel.where, f"{sel.pattern} is gone: {self._first(other_where)} already "
-                                          f"{other_kind}s {other}, which held it", found=sel.pattern,
-                                          expected="a module that is still in the model",
-                                          hint=f"target {other} itself, or drop the earlier entry")
+                    raise self.spec.error(
+                        sel.where,
+                        f"{sel.pattern} is gone: {self._first(other_where)} already "
+                        f"{other_kind}s {other}, which held it",
+                        found=sel.pattern,
+                        expected="a module that is still in the model",
+                        hint=f"target {other} itself, or drop the earlier entry",
+                    )
 
     def check_insert(self, target: str, where: tuple) -> None:
         for other, (other_kind, other_where) in self.changed.items():
             if other_kind == "remove" and _within(target, other) and not other.startswith(target + "."):
-                raise self.spec.error(where, f"{target} was removed by {self._first(other_where)}; an insert there "
-                                      "would sit on an identity", found=target,
-                                      expected="a module that is still in the model",
-                                      hint="insert at the module before or after it, or drop the remove")
+                raise self.spec.error(
+                    where,
+                    f"{target} was removed by {self._first(other_where)}; an insert there would sit on an identity",
+                    found=target,
+                    expected="a module that is still in the model",
+                    hint="insert at the module before or after it, or drop the remove",
+                )
 
 
-def _reprobe(spec: Spec, model: nn.Module, size: Sequence[int], where: tuple, what: str,
-             old: Mapping[str, Shapes], paths: Sequence[str]) -> dict[str, Shapes]:
+def _reprobe(
+    spec: Spec,
+    model: nn.Module,
+    size: Sequence[int],
+    where: tuple,
+    what: str,
+    old: Mapping[str, Shapes],
+    paths: Sequence[str],
+) -> dict[str, Shapes]:
     try:
         return probe(model, size)
     except Exception as exc:  # noqa: BLE001 - the model's own error, blamed on the entry that caused it
-        seen = "; ".join(f"{p} took {list(old[p].inputs)} and gave {list(old[p].output)}" for p in paths[:2]
-                         if p in old and old[p].inputs is not None and old[p].output is not None)
-        raise spec.error(where, f"after {what}, the model fails on a {list(size)} input: {describe_exception(exc, 300)}",
-                         found=", ".join(paths[:4]), expected="a change the rest of the model still fits",
-                         hint=(seen + ": what follows expects that output") if seen else None) from None
+        seen = "; ".join(
+            f"{p} took {list(old[p].inputs)} and gave {list(old[p].output)}"
+            for p in paths[:2]
+            if p in old and old[p].inputs is not None and old[p].output is not None
+        )
+        raise spec.error(
+            where,
+            f"after {what}, the model fails on a {list(size)} input: {describe_exception(exc, 300)}",
+            found=", ".join(paths[:4]),
+            expected="a change the rest of the model still fits",
+            hint=(seen + ": what follows expects that output") if seen else None,
+        ) from None
 
 
 def _selected(spec: Spec, selectors, modules: Mapping[str, nn.Module]) -> list[str]:
     targets: list[str] = []
     for sel in selectors:
         if sel.pattern in ("@inserted", "@head"):
-            raise spec.error(sel.where, f"{sel.pattern} cannot be replaced or removed here", found=sel.pattern,
-                             expected="a module path, a glob or {type: ClassName}",
-                             hint="declare a classifier with model.head" if sel.pattern == "@head" else None)
+            raise spec.error(
+                sel.where,
+                f"{sel.pattern} cannot be replaced or removed here",
+                found=sel.pattern,
+                expected="a module path, a glob or {type: ClassName}",
+                hint="declare a classifier with model.head" if sel.pattern == "@head" else None,
+            )
         found = [p for p in select_modules(modules, sel.pattern, sel.type) if p]
         if not found:
             raise _matched_nothing(spec, sel, modules)
@@ -139,8 +195,9 @@ class _Planner:
     """Applies the spec's operations one by one to a copy of the backbone, re-probing shapes after
     each, and records every change (`changes`) and insertion (`inserts`) for the load report."""
 
-    def __init__(self, spec: Spec, model: nn.Module, shapes: Mapping[str, Shapes], head: Sequence[str],
-                 size: Sequence[int]) -> None:
+    def __init__(
+        self, spec: Spec, model: nn.Module, shapes: Mapping[str, Shapes], head: Sequence[str], size: Sequence[int]
+    ) -> None:
         self.spec, self.work, self.shapes, self.head, self.size = spec, copy.deepcopy(model), shapes, head, tuple(size)
         self.ledger = _Ledger(spec)
         self.changes: list[Change] = []
@@ -151,8 +208,16 @@ class _Planner:
     def change(self, kind: str, path: str, where: tuple, new: nn.Module, words: str, **extra: Any) -> Change:
         self.ledger.check_change(path, kind, where)
         old = self.work.get_submodule(path)
-        c = Change(kind, path, where, f"{entry_label(self.spec, where)}: {words}", _type_name(old), _type_name(new),
-                   new, **extra)
+        c = Change(
+            kind,
+            path,
+            where,
+            f"{entry_label(self.spec, where)}: {words}",
+            _type_name(old),
+            _type_name(new),
+            new,
+            **extra,
+        )
         set_module(self.work, path, new)
         self.ledger.changed[path] = (kind, where)
         self.changes.append(c)
@@ -165,13 +230,22 @@ class _Planner:
         spec, channels, where = self.spec, self.spec.model.channels, ("model", "in_chans")
         path = first_conv(self.work, self.shapes)
         if path is None:
-            raise spec.error(where, f"no convolution of {spec.model.backbone} reads the 3-channel input, so there "
-                             "are no input filters to adapt", found=str(channels),
-                             expected="a backbone whose first layer is a Conv2d")
+            raise spec.error(
+                where,
+                f"no convolution of {spec.model.backbone} reads the 3-channel input, so there "
+                "are no input filters to adapt",
+                found=str(channels),
+                expected="a backbone whose first layer is a Conv2d",
+            )
         conv = self.work.get_submodule(path)
-        self.change("in_chans", path, where, adapt_conv(conv, channels),
-                    f"{path} reads {channels} channels, its 3-channel filters adapted (timm adapt_input_conv)",
-                    in_chans=channels)
+        self.change(
+            "in_chans",
+            path,
+            where,
+            adapt_conv(conv, channels),
+            f"{path} reads {channels} channels, its 3-channel filters adapted (timm adapt_input_conv)",
+            in_chans=channels,
+        )
         self.size = (channels, *self.size[1:])
         self.reprobe(where, f"adapting {path} to {channels} channels", [path])
 
@@ -179,24 +253,41 @@ class _Planner:
         spec, declared, where = self.spec, self.spec.model.head, ("model", "head")
         classifier = main_classifier(self.work, self.head, self.shapes)
         if classifier is None:
-            raise spec.error(where, f"{spec.model.backbone} has no recognisable classifier for model.head to replace",
-                             found=", ".join(self.head) or "no head found",
-                             expected="a backbone ending in an nn.Linear on (batch, features): fc, classifier, head.fc, classifier[-1]",
-                             hint="use surgery: replace: <its last layer> with: Linear instead, or another backbone")
+            raise spec.error(
+                where,
+                f"{spec.model.backbone} has no recognisable classifier for model.head to replace",
+                found=", ".join(self.head) or "no head found",
+                expected="a backbone ending in an nn.Linear on (batch, features): fc, classifier, head.fc, "
+                "classifier[-1]",
+                hint="use surgery: replace: <its last layer> with: Linear instead, or another backbone",
+            )
         if declared.pool is not None:
             pool = global_pool(self.work, self.shapes, classifier)
             if pool is None:
                 local = local_pool(self.work, self.shapes, classifier)
                 out = self.shapes[local].output if local is not None else None
-                why = (f": {local} ({_type_name(self.work.get_submodule(local))}) pools to a "
-                       f"{out[2]}x{out[3]} map, flattened into {classifier.rpartition('.')[0] or classifier}: not one value per channel"
-                       if out is not None and len(out) == 4 else "")
-                raise spec.error(where + ("pool",), f"no global pooling module runs before {classifier}{why}",
-                                 found=declared.pool, expected="a backbone that pools globally (to 1x1) before its "
-                                 "classifier, with an AdaptiveAvgPool2d or timm's global_pool",
-                                 hint="leave pool out: the backbone pools its own way")
-            self.change("pool", pool, where + ("pool",), build_pool(declared.pool, self.shapes[pool].output),
-                        f"{pool} pools {declared.pool}")
+                why = (
+                    f": {local} ({_type_name(self.work.get_submodule(local))}) pools to a "
+                    f"{out[2]}x{out[3]} map, flattened into {classifier.rpartition('.')[0] or classifier}: "
+                    "not one value per channel"
+                    if out is not None and len(out) == 4
+                    else ""
+                )
+                raise spec.error(
+                    where + ("pool",),
+                    f"no global pooling module runs before {classifier}{why}",
+                    found=declared.pool,
+                    expected="a backbone that pools globally (to 1x1) before its "
+                    "classifier, with an AdaptiveAvgPool2d or timm's global_pool",
+                    hint="leave pool out: the backbone pools its own way",
+                )
+            self.change(
+                "pool",
+                pool,
+                where + ("pool",),
+                build_pool(declared.pool, self.shapes[pool].output),
+                f"{pool} pools {declared.pool}",
+            )
         if declared.replaces_classifier:
             old = self.work.get_submodule(classifier)
             in_features = int(self.shapes[classifier].inputs[1])  # the probe's width, not the old layer's attribute
@@ -214,23 +305,32 @@ class _Planner:
         (change, head), spec, where = self.head_slot, self.spec, ("model", "head")
         sh = self.shapes.get(change.path)
         if sh is None or sh.inputs is None or len(sh.inputs) != 2:
-            raise spec.error(where, f"after the surgery entries, {change.path} (the declared head) receives "
-                             + (f"a {list(sh.inputs)} map" if sh is not None and sh.inputs is not None else "nothing"),
-                             found=change.path, expected="a (batch, features) vector before the head",
-                             hint="keep the backbone's global pooling (the head's pool: sets how it pools)")
+            raise spec.error(
+                where,
+                f"after the surgery entries, {change.path} (the declared head) receives "
+                + (f"a {list(sh.inputs)} map" if sh is not None and sh.inputs is not None else "nothing"),
+                found=change.path,
+                expected="a (batch, features) vector before the head",
+                hint="keep the backbone's global pooling (the head's pool: sets how it pools)",
+            )
         in_features, out_features = int(sh.inputs[1]), head[-1].out_features
         if head[0].in_features != in_features:
             head = build_head(spec, in_features, out_features)
         set_module(self.work, change.path, head)
         change.module, change.new_type = head, _type_name(head)
-        change.label = (f"{entry_label(spec, where)}: {change.path} becomes the declared head ({in_features} -> "
-                        + " -> ".join(str(h) for h in (*spec.model.head.hidden, out_features)) + ")")
+        change.label = (
+            f"{entry_label(spec, where)}: {change.path} becomes the declared head ({in_features} -> "
+            + " -> ".join(str(h) for h in (*spec.model.head.hidden, out_features))
+            + ")"
+        )
         self.reprobe(where, "declaring the head", [change.path])
 
     def targets(self) -> dict[str, nn.Module]:
         """The backbone's own modules: inserted ones are never targets (as on the unmodified backbone)."""
         inserted = [i.path for i in self.inserts]
-        return {p: m for p, m in self.work.named_modules() if not any(p == q or p.startswith(q + ".") for q in inserted)}
+        return {
+            p: m for p, m in self.work.named_modules() if not any(p == q or p.startswith(q + ".") for q in inserted)
+        }
 
     def insert(self, item: InsertSpec) -> None:
         modules = self.targets()
@@ -250,22 +350,36 @@ class _Planner:
         for target in targets:
             old = self.work.get_submodule(target)
             if isinstance(old, (nn.ModuleList, nn.ModuleDict)):
-                raise spec.error(where + (key,), f"{target} is a {type(old).__name__}, a container that is never called "
-                                 f"itself, so it cannot be {key}d as one module", found=target,
-                                 expected="a module called in the forward pass", hint=f"{key} its elements: '{target}.*'")
+                raise spec.error(
+                    where + (key,),
+                    f"{target} is a {type(old).__name__}, a container that is never called "
+                    f"itself, so it cannot be {key}d as one module",
+                    found=target,
+                    expected="a module called in the forward pass",
+                    hint=f"{key} its elements: '{target}.*'",
+                )
             if key == "replace":
                 new = build_replacement(spec, item, cls, old, self.shapes.get(target), target)
                 kept, _ = kept_keys(old, new)
-                self.change("replace", target, where, new, f"replace {target} {_type_name(old)} with {cls.__name__}"
-                            + (f", keeping {', '.join(kept)}" if kept else ""))
+                self.change(
+                    "replace",
+                    target,
+                    where,
+                    new,
+                    f"replace {target} {_type_name(old)} with {cls.__name__}"
+                    + (f", keeping {', '.join(kept)}" if kept else ""),
+                )
             else:
                 self.change("remove", target, where, nn.Identity(), f"remove {target} ({_type_name(old)})")
-        what = f"{'replacing' if key == 'replace' else 'removing'} {', '.join(targets[:3])}" + (" ..." if len(targets) > 3 else "")
+        what = f"{'replacing' if key == 'replace' else 'removing'} {', '.join(targets[:3])}" + (
+            " ..." if len(targets) > 3 else ""
+        )
         self.reprobe(where, what, targets)
 
 
-def plan_operations(spec: Spec, model: nn.Module, shapes: Mapping[str, Shapes], head: Sequence[str],
-                    size: Sequence[int]) -> Plan:
+def plan_operations(
+    spec: Spec, model: nn.Module, shapes: Mapping[str, Shapes], head: Sequence[str], size: Sequence[int]
+) -> Plan:
     """Resolve and build every operation of the spec in order; the backbone itself is not touched.
 
     Order: model.in_chans, then model.head, then the surgery entries as written, each on the
@@ -282,8 +396,9 @@ def plan_operations(spec: Spec, model: nn.Module, shapes: Mapping[str, Shapes], 
     if spec.model.head is not None:
         planner.declared_head()
     for item in spec.surgery:
-        planner.ledger.check_gone(item.at if isinstance(item, InsertSpec) else item.replace
-                                  if isinstance(item, ReplaceSpec) else item.remove)
+        planner.ledger.check_gone(
+            item.at if isinstance(item, InsertSpec) else item.replace if isinstance(item, ReplaceSpec) else item.remove
+        )
         if isinstance(item, InsertSpec):
             planner.insert(item)
         else:

@@ -7,6 +7,7 @@ stride, ...) are carried over unless `args` sets them. A `Change` records what w
 which path and by which spec entry, so that `weights.load_weights` can name the spec line
 responsible for every tensor it keeps, adapts, re-initialises or drops.
 """
+
 from __future__ import annotations
 
 import copy
@@ -18,23 +19,60 @@ import torch
 from torch import nn
 
 from ..errors import describe_exception, did_you_mean, quote_value
-from .insert import Shapes
 from ..spec import ReplaceSpec, Spec
+from .insert import Shapes
 
 # constructor parameters that mean "the channels coming in" / "going out", across torch.nn and timm
-_IN_NAMES = ("num_features", "num_channels", "channels", "in_channels", "in_features", "in_chs", "chs",
-             "num_chs", "dim", "normalized_shape")
+_IN_NAMES = (
+    "num_features",
+    "num_channels",
+    "channels",
+    "in_channels",
+    "in_features",
+    "in_chs",
+    "chs",
+    "num_chs",
+    "dim",
+    "normalized_shape",
+)
 _OUT_NAMES = ("out_channels", "out_features", "out_chs")
 # what the old module calls them, in the order asked
 _OLD_IN = ("num_features", "num_channels", "in_channels", "in_features", "channels", "normalized_shape", "dim")
 _OLD_OUT = ("out_channels", "out_features", "num_features", "num_channels", "channels", "normalized_shape")
 # other arguments carried over from the old module when both have them (a conv keeps its stride)
-_CARRIED = ("eps", "momentum", "affine", "track_running_stats", "kernel_size", "stride", "padding", "dilation",
-            "groups", "bias", "padding_mode", "inplace", "output_size", "ceil_mode", "elementwise_affine")
+_CARRIED = (
+    "eps",
+    "momentum",
+    "affine",
+    "track_running_stats",
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "groups",
+    "bias",
+    "padding_mode",
+    "inplace",
+    "output_size",
+    "ceil_mode",
+    "elementwise_affine",
+)
 # arguments that set the output's size: written in `args` with a value other than the old
 # module's, they declare that the output changes (a CIFAR stem's stride: 1)
-_GEOMETRY = ("kernel_size", "stride", "padding", "dilation", "output_size", "ceil_mode", "out_channels",
-             "out_features", "out_chs", "num_features", "num_channels", "normalized_shape")
+_GEOMETRY = (
+    "kernel_size",
+    "stride",
+    "padding",
+    "dilation",
+    "output_size",
+    "ceil_mode",
+    "out_channels",
+    "out_features",
+    "out_chs",
+    "num_features",
+    "num_channels",
+    "normalized_shape",
+)
 _DECLARING = ("stride", "padding", "dilation", "output_size", "ceil_mode", "out_channels", "out_features", "out_chs")
 
 
@@ -80,7 +118,11 @@ def _type_name(module: nn.Module) -> str:
 
 # --------------------------------------------------------------------------- which class
 def _module_classes(module: Any) -> dict[str, type]:
-    return {n: v for n, v in vars(module).items() if isinstance(v, type) and issubclass(v, nn.Module) and not n.startswith("_")}
+    return {
+        n: v
+        for n, v in vars(module).items()
+        if isinstance(v, type) and issubclass(v, nn.Module) and not n.startswith("_")
+    }
 
 
 def _libraries() -> tuple[Any, ...]:
@@ -103,22 +145,36 @@ def resolve_class(spec: Spec, item: ReplaceSpec) -> type:
         module_name, _, class_name = name.partition(":") if ":" in name else name.rpartition(".")
         from .user_code import import_user_module
 
-        module = import_user_module(spec, where, module_name, found=name,
-                                    expected="an importable module: 'torchvision.ops.FrozenBatchNorm2d' or 'package.module:Class'",
-                                    hint=did_you_mean(name, _known_names()))
+        module = import_user_module(
+            spec,
+            where,
+            module_name,
+            found=name,
+            expected="an importable module: 'torchvision.ops.FrozenBatchNorm2d' or 'package.module:Class'",
+            hint=did_you_mean(name, _known_names()),
+        )
         cls = getattr(module, class_name, None)
         if isinstance(cls, type) and issubclass(cls, nn.Module):
             return cls
-        raise spec.error(where, f"{module_name} has no nn.Module class {class_name!r}", found=name,
-                         expected="an nn.Module subclass", hint=did_you_mean(class_name, list(_module_classes(module))))
+        raise spec.error(
+            where,
+            f"{module_name} has no nn.Module class {class_name!r}",
+            found=name,
+            expected="an nn.Module subclass",
+            hint=did_you_mean(class_name, list(_module_classes(module))),
+        )
     for module in _libraries():
         cls = _module_classes(module).get(name)
         if cls is not None:
             return cls
-    raise spec.error(where, f"neither torch.nn, timm.layers nor torchvision.ops has a module class {name!r}", found=name,
-                     expected="a torch.nn class (GroupNorm, SiLU, Conv2d), a timm layer, "
-                              "torchvision.ops.FrozenBatchNorm2d or 'package.module:Class'",
-                     hint=did_you_mean(name, _known_names()))
+    raise spec.error(
+        where,
+        f"neither torch.nn, timm.layers nor torchvision.ops has a module class {name!r}",
+        found=name,
+        expected="a torch.nn class (GroupNorm, SiLU, Conv2d), a timm layer, "
+        "torchvision.ops.FrozenBatchNorm2d or 'package.module:Class'",
+        hint=did_you_mean(name, _known_names()),
+    )
 
 
 # --------------------------------------------------------------------------- constructor arguments
@@ -149,8 +205,9 @@ def _carried(module: nn.Module, name: str) -> Any:
     return None
 
 
-def constructor_args(spec: Spec, item: ReplaceSpec, cls: type, old: nn.Module, shapes: Shapes | None,
-                     target: str) -> dict[str, Any]:
+def constructor_args(
+    spec: Spec, item: ReplaceSpec, cls: type, old: nn.Module, shapes: Shapes | None, target: str
+) -> dict[str, Any]:
     """Arguments for `cls` at `target`: `args` as written, widths from the old module or the probe,
     and the old module's own values of arguments both classes have."""
     try:
@@ -162,9 +219,13 @@ def constructor_args(spec: Spec, item: ReplaceSpec, cls: type, old: nn.Module, s
     unknown = [k for k in item.args if k not in params and not accepts_any]
     if unknown:
         names = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        raise spec.error(("surgery", item.index, "args", unknown[0]), f"{cls.__name__} takes no argument {unknown[0]!r}",
-                         found=unknown[0], expected=f"arguments of {cls.__name__}{signature}",
-                         hint=did_you_mean(unknown[0], names))
+        raise spec.error(
+            ("surgery", item.index, "args", unknown[0]),
+            f"{cls.__name__} takes no argument {unknown[0]!r}",
+            found=unknown[0],
+            expected=f"arguments of {cls.__name__}{signature}",
+            hint=did_you_mean(unknown[0], names),
+        )
     args = dict(item.args)
     inputs = shapes.inputs if shapes is not None and shapes.calls != 0 else None
     output = shapes.output if shapes is not None and shapes.calls != 0 else None
@@ -185,10 +246,13 @@ def constructor_args(spec: Spec, item: ReplaceSpec, cls: type, old: nn.Module, s
         if value is not None:
             args[name] = value
         elif p.default is p.empty:
-            raise spec.error(("surgery", item.index, "args"), f"{cls.__name__} needs {name!r}, which {target} "
-                             f"({_type_name(old)}) does not tell", found=quote_value(dict(item.args)),
-                             expected=f"args.{name} (arguments of {cls.__name__}{signature})",
-                             hint=_needs_hint(name, old, inputs))
+            raise spec.error(
+                ("surgery", item.index, "args"),
+                f"{cls.__name__} needs {name!r}, which {target} ({_type_name(old)}) does not tell",
+                found=quote_value(dict(item.args)),
+                expected=f"args.{name} (arguments of {cls.__name__}{signature})",
+                hint=_needs_hint(name, old, inputs),
+            )
     return args
 
 
@@ -211,19 +275,24 @@ def _padding_for(spec: Spec, item: ReplaceSpec, old: nn.Module, padding: Any, ta
     d_new = _as_tuple(item.args.get("dilation", d_old), n)
     p_old = _as_tuple(padding, n)
     try:
-        twice = [2 * p + dn * (kn - 1) - do * (ko - 1) for p, kn, dn, ko, do in zip(p_old, k_new, d_new, _as_tuple(k_old, n), d_old)]
+        twice = [
+            2 * p + dn * (kn - 1) - do * (ko - 1)
+            for p, kn, dn, ko, do in zip(p_old, k_new, d_new, _as_tuple(k_old, n), d_old)
+        ]
     except TypeError:
         return padding  # not numbers: the constructor says what it makes of them
     if all(t >= 0 and t % 2 == 0 for t in twice):
         new = tuple(t // 2 for t in twice)
         return new if isinstance(padding, tuple) or n > 1 and len(set(new)) > 1 else new[0]
     key = "kernel_size" if "kernel_size" in item.args else "dilation"
-    raise spec.error(("surgery", item.index, "args", key),
-                     f"the padding of {target}, {quote_value(padding)}, was chosen for its {quote_value(k_old)} kernel; "
-                     f"no padding keeps its output size with {key} {quote_value(item.args[key])}",
-                     found=f"{key}: {quote_value(item.args[key])}", expected="an odd kernel size when the old one is odd "
-                     "(the padding is then recomputed), or args.padding set",
-                     hint="set args.padding, and allow_shape_change: true if the output size may change")
+    raise spec.error(
+        ("surgery", item.index, "args", key),
+        f"the padding of {target}, {quote_value(padding)}, was chosen for its {quote_value(k_old)} kernel; "
+        f"no padding keeps its output size with {key} {quote_value(item.args[key])}",
+        found=f"{key}: {quote_value(item.args[key])}",
+        expected="an odd kernel size when the old one is odd (the padding is then recomputed), or args.padding set",
+        hint="set args.padding, and allow_shape_change: true if the output size may change",
+    )
 
 
 def _needs_hint(name: str, old: nn.Module, inputs: tuple[int, ...] | None) -> str | None:
@@ -234,18 +303,26 @@ def _needs_hint(name: str, old: nn.Module, inputs: tuple[int, ...] | None) -> st
     return f"set args.{name}"
 
 
-def build_replacement(spec: Spec, item: ReplaceSpec, cls: type, old: nn.Module, shapes: Shapes | None,
-                      target: str) -> nn.Module:
+def build_replacement(
+    spec: Spec, item: ReplaceSpec, cls: type, old: nn.Module, shapes: Shapes | None, target: str
+) -> nn.Module:
     args = constructor_args(spec, item, cls, old, shapes, target)
     try:
         module = cls(**args)
     except Exception as exc:  # noqa: BLE001 - a class that cannot be built from these arguments is a spec problem
-        raise spec.error(("surgery", item.index, "args" if item.args else "with"),
-                         f"{cls.__name__} cannot be built for {target}: {describe_exception(exc, 300)}",
-                         found=quote_value(args), expected=f"arguments that {cls.__name__} accepts for this module") from None
+        raise spec.error(
+            ("surgery", item.index, "args" if item.args else "with"),
+            f"{cls.__name__} cannot be built for {target}: {describe_exception(exc, 300)}",
+            found=quote_value(args),
+            expected=f"arguments that {cls.__name__} accepts for this module",
+        ) from None
     if not isinstance(module, nn.Module):
-        raise spec.error(("surgery", item.index, "with"), f"{item.with_} did not build an nn.Module",
-                         found=type(module).__name__, expected="an nn.Module")
+        raise spec.error(
+            ("surgery", item.index, "with"),
+            f"{item.with_} did not build an nn.Module",
+            found=type(module).__name__,
+            expected="an nn.Module",
+        )
     # a replacement trains, or not, as the module it replaces did (eval-only classes aside)
     module.train(old.training)
     _check_output(spec, item, cls, old, module, args, shapes, target)
@@ -267,7 +344,9 @@ def _differing(item: ReplaceSpec, cls: type, old: nn.Module, args: Mapping[str, 
             continue
         n = len(mine) if isinstance(mine, tuple) else 1
         if _as_tuple(args[name], n) != _as_tuple(mine, n):
-            origin = "in args" if name in item.args else "recomputed for the new kernel" if name == "padding" else "carried"
+            origin = (
+                "in args" if name in item.args else "recomputed for the new kernel" if name == "padding" else "carried"
+            )
             out.append((name, f"{name} {quote_value(mine)} -> {quote_value(args[name])} ({origin})"))
     return out
 
@@ -279,8 +358,16 @@ def _params(cls: type) -> Mapping[str, Any]:
         return {}
 
 
-def _check_output(spec: Spec, item: ReplaceSpec, cls: type, old: nn.Module, new: nn.Module, args: Mapping[str, Any],
-                  shapes: Shapes | None, target: str) -> None:
+def _check_output(
+    spec: Spec,
+    item: ReplaceSpec,
+    cls: type,
+    old: nn.Module,
+    new: nn.Module,
+    args: Mapping[str, Any],
+    shapes: Shapes | None,
+    target: str,
+) -> None:
     """The new module, run on the map the old one took, gives the map the old one gave, unless the
     spec says it may not (`allow_shape_change`, or a geometry argument written in `args`)."""
     from .insert import _run_on
@@ -293,23 +380,31 @@ def _check_output(spec: Spec, item: ReplaceSpec, cls: type, old: nn.Module, new:
         with evaluating(new), torch.no_grad():
             got = _run_on(new, shapes.inputs)
     except Exception as exc:  # noqa: BLE001 - whatever it raises, the replaced module is where it fails
-        raise spec.error(where + ("args" if item.args else "with",),
-                         f"{cls.__name__} fails on the input of {target}, a {list(shapes.inputs)} map: "
-                         f"{describe_exception(exc, 300)}", found=quote_value(args),
-                         expected=f"a {cls.__name__} that takes what {target} ({_type_name(old)}) took",
-                         hint=f"{target} took {list(shapes.inputs)} and gave {list(shapes.output)}") from None
+        raise spec.error(
+            where + ("args" if item.args else "with",),
+            f"{cls.__name__} fails on the input of {target}, a {list(shapes.inputs)} map: "
+            f"{describe_exception(exc, 300)}",
+            found=quote_value(args),
+            expected=f"a {cls.__name__} that takes what {target} ({_type_name(old)}) took",
+            hint=f"{target} took {list(shapes.inputs)} and gave {list(shapes.output)}",
+        ) from None
     if not isinstance(got, tuple) or got == tuple(shapes.output) or item.allow_shape_change:
         return
     differ = _differing(item, cls, old, args)
     if any(name in item.args and name in _DECLARING for name, _ in differ):
         return  # a geometry argument written in args: the user asked for another output
-    raise spec.error(where + ("with",), f"{cls.__name__} at {target} gives {list(got)} where {_type_name(old)} gave "
-                     f"{list(shapes.output)} (on its {list(shapes.inputs)} input)",
-                     found="; ".join(words for _, words in differ) or f"{cls.__name__}({', '.join(f'{k}={quote_value(v)}' for k, v in args.items())})",
-                     expected=f"a replacement with {target}'s output shape, {list(shapes.output)}",
-                     hint=f"`remove: {target}` takes it out on purpose" if cls is nn.Identity else
-                     "set the arguments that differ in args, or allow_shape_change: true on this entry "
-                     "if the model should change there")
+    raise spec.error(
+        where + ("with",),
+        f"{cls.__name__} at {target} gives {list(got)} where {_type_name(old)} gave "
+        f"{list(shapes.output)} (on its {list(shapes.inputs)} input)",
+        found="; ".join(words for _, words in differ)
+        or f"{cls.__name__}({', '.join(f'{k}={quote_value(v)}' for k, v in args.items())})",
+        expected=f"a replacement with {target}'s output shape, {list(shapes.output)}",
+        hint=f"`remove: {target}` takes it out on purpose"
+        if cls is nn.Identity
+        else "set the arguments that differ in args, or allow_shape_change: true on this entry "
+        "if the model should change there",
+    )
 
 
 def kept_keys(old: nn.Module, new: nn.Module) -> tuple[list[str], dict[str, str]]:
@@ -333,8 +428,15 @@ def first_conv(model: nn.Module, shapes: Mapping[str, Shapes]) -> str | None:
     for path, module in model.named_modules():
         sh = shapes.get(path)
         weight = getattr(module, "weight", None)
-        if (isinstance(module, nn.Conv2d) and sh is not None and sh.inputs is not None and len(sh.inputs) == 4
-                and sh.inputs[1] == 3 and isinstance(weight, torch.Tensor) and weight.shape[1] == 3):
+        if (
+            isinstance(module, nn.Conv2d)
+            and sh is not None
+            and sh.inputs is not None
+            and len(sh.inputs) == 4
+            and sh.inputs[1] == 3
+            and isinstance(weight, torch.Tensor)
+            and weight.shape[1] == 3
+        ):
             candidates.append((sh.start, path))
     return min(candidates)[1] if candidates else None
 
@@ -426,5 +528,20 @@ def build_head(spec: Spec, in_features: int, num_classes: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-__all__ = ["Change", "resolve_class", "constructor_args", "build_replacement", "kept_keys", "first_conv", "adapt_conv",
-           "adapt_tensor", "main_classifier", "global_pool", "local_pool", "build_pool", "build_head", "entry_label", "set_module"]
+__all__ = [
+    "Change",
+    "resolve_class",
+    "constructor_args",
+    "build_replacement",
+    "kept_keys",
+    "first_conv",
+    "adapt_conv",
+    "adapt_tensor",
+    "main_classifier",
+    "global_pool",
+    "local_pool",
+    "build_pool",
+    "build_head",
+    "entry_label",
+    "set_module",
+]

@@ -5,6 +5,7 @@ directory under `python -m`), then in the folder of the spec file that names it,
 `my_attn.py` beside the spec works without PYTHONPATH. That folder is put on `sys.path` for
 this one import and taken off again; the imported module stays in `sys.modules`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -20,8 +21,9 @@ def _not_found(exc: ModuleNotFoundError, module_name: str) -> bool:
     return exc.name is not None and (module_name == exc.name or module_name.startswith(exc.name + "."))
 
 
-def import_user_module(spec: Spec, where: Sequence, module_name: str, *, found: str, expected: str,
-                       hint: str | None = None) -> ModuleType:
+def import_user_module(
+    spec: Spec, where: Sequence, module_name: str, *, found: str, expected: str, hint: str | None = None
+) -> ModuleType:
     """Import `module_name` for the spec entry at `where`: from sys.path, else from the spec's folder.
 
     Raises:
@@ -45,10 +47,15 @@ def import_user_module(spec: Spec, where: Sequence, module_name: str, *, found: 
         if not _not_found(exc, module_name):
             raise _failed(spec, where, module_name, exc, found, expected, hint) from None
         top = module_name.partition(".")[0]
-        raise spec.error(where, f"cannot import {module_name!r}: no such module on sys.path, nor in the spec's folder {folder}",
-                         found=found, expected=expected,
-                         hint=hint or f"put {top}.py (or a {top}/ package) beside the spec, install its package, "
-                                      "or add its folder to PYTHONPATH") from None
+        raise spec.error(
+            where,
+            f"cannot import {module_name!r}: no such module on sys.path, nor in the spec's folder {folder}",
+            found=found,
+            expected=expected,
+            hint=hint
+            or f"put {top}.py (or a {top}/ package) beside the spec, install its package, "
+            "or add its folder to PYTHONPATH",
+        ) from None
     except Exception as exc:  # noqa: BLE001
         raise _failed(spec, where, module_name, exc, found, expected, hint) from None
     finally:
@@ -56,12 +63,18 @@ def import_user_module(spec: Spec, where: Sequence, module_name: str, *, found: 
             sys.path.remove(str(folder))
 
 
-def _failed(spec: Spec, where: Sequence, module_name: str, exc: BaseException, found: str, expected: str,
-            hint: str | None):
+def _failed(
+    spec: Spec, where: Sequence, module_name: str, exc: BaseException, found: str, expected: str, hint: str | None
+):
     from ..errors import describe_exception
 
-    return spec.error(where, f"cannot import {module_name!r}: {describe_exception(exc, 300)}", found=found,
-                      expected=expected, hint=hint)
+    return spec.error(
+        where,
+        f"cannot import {module_name!r}: {describe_exception(exc, 300)}",
+        found=found,
+        expected=expected,
+        hint=hint,
+    )
 
 
 __all__ = ["import_user_module"]

@@ -1,4 +1,5 @@
 """What came out of a build, for people (rich trees and tables) and for scripts (JSON records)."""
+
 from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
@@ -9,10 +10,10 @@ from rich.text import Text
 from rich.tree import Tree
 from torch import nn
 
+from ..train.schedule import trainable_at, unfreeze_epochs
 from .builder import Built
 from .insert import Inserted
 from .paths import type_names
-from ..train.schedule import trainable_at, unfreeze_epochs
 from .weights import LoadReport
 
 
@@ -40,15 +41,19 @@ def module_records(built: Built) -> list[dict[str, Any]]:
     for path, module in built.model.named_modules():
         groups = list(dict.fromkeys(owner[f"{path}.{n}" if path else n] for n, _ in module.named_parameters()))
         shape = built.shapes.get(path)
-        records.append({
-            "path": path,
-            "type": f"Inserted[{type(module.attn).__name__}]" if isinstance(module, Inserted) else type_names(module)[0],
-            "params": _count(module),
-            "output_shape": list(shape.output) if shape and shape.output else None,
-            "inserted": path in inserted or any(path.startswith(p + ".") for p in inserted),
-            "group": groups[0] if len(groups) == 1 else (groups or None),
-            "changed": changed.get(path),  # "replace: surgery[0] (line 7): ...", or None
-        })
+        records.append(
+            {
+                "path": path,
+                "type": f"Inserted[{type(module.attn).__name__}]"
+                if isinstance(module, Inserted)
+                else type_names(module)[0],
+                "params": _count(module),
+                "output_shape": list(shape.output) if shape and shape.output else None,
+                "inserted": path in inserted or any(path.startswith(p + ".") for p in inserted),
+                "group": groups[0] if len(groups) == 1 else (groups or None),
+                "changed": changed.get(path),  # "replace: surgery[0] (line 7): ...", or None
+            }
+        )
     return records
 
 
@@ -56,8 +61,11 @@ def module_tree(built: Built, depth: int | None = None) -> Tree:
     """A rich tree of the surgered model: type, parameters, output shape, group; inserted modules in green."""
     records = {r["path"]: r for r in module_records(built)}
     root_rec = records[""]
-    label = Text.assemble((built.spec.model.backbone, "bold"), f"  {root_rec['type']}  {_human(root_rec['params'])} params",
-                          f"  -> {root_rec['output_shape']}" if root_rec["output_shape"] else "")
+    label = Text.assemble(
+        (built.spec.model.backbone, "bold"),
+        f"  {root_rec['type']}  {_human(root_rec['params'])} params",
+        f"  -> {root_rec['output_shape']}" if root_rec["output_shape"] else "",
+    )
     tree = Tree(label)
 
     def add(parent: Tree, module: nn.Module, prefix: str, level: int) -> None:
@@ -71,8 +79,12 @@ def module_tree(built: Built, depth: int | None = None) -> Tree:
                 text.append(f"  [inserted {child.position} {child.target}]", style="green")
             if rec["changed"]:
                 kind, _, label = rec["changed"].partition(": ")
-                text.append(f"  [{kind}d by {label.partition(': ')[0]}]" if kind in ("replace", "remove") else
-                            f"  [{label.partition(': ')[0]}]", style="yellow")
+                text.append(
+                    f"  [{kind}d by {label.partition(': ')[0]}]"
+                    if kind in ("replace", "remove")
+                    else f"  [{label.partition(': ')[0]}]",
+                    style="yellow",
+                )
             if rec["params"]:
                 text.append(f"  {_human(rec['params'])}")
             if rec["output_shape"]:
@@ -100,10 +112,16 @@ def groups_table(built: Built, epoch: int = 0) -> Table:
         lr = ", ".join(f"{lr:g} from {e}" if len(g.spec.lr) > 1 else f"{lr:g}" for e, lr in g.spec.lr)
         starts = unfreeze_epochs(built.spec)
         rule = g.spec.unfreeze_rule
-        unfreeze = (str(starts[g.name]) if starts[g.name] is not None else "never" if rule is None else str(rule)) \
-            + (f" ({rule})" if rule is not None and starts[g.name] is not None else "")
-        state = Text("trainable", style="green") if trainable_at(g.spec, epoch, starts[g.name]) else \
-            Text("frozen" if rule is None or starts[g.name] is not None else "frozen until its rule fires", style="blue")
+        unfreeze = (str(starts[g.name]) if starts[g.name] is not None else "never" if rule is None else str(rule)) + (
+            f" ({rule})" if rule is not None and starts[g.name] is not None else ""
+        )
+        state = (
+            Text("trainable", style="green")
+            if trainable_at(g.spec, epoch, starts[g.name])
+            else Text(
+                "frozen" if rule is None or starts[g.name] is not None else "frozen until its rule fires", style="blue"
+            )
+        )
         table.add_row(g.name, ", ".join(str(s) for s in g.spec.params), _human(n), lr, unfreeze, state)
     return table
 
@@ -117,8 +135,9 @@ def report_table(report: LoadReport) -> RichGroup:
     table.add_row("loaded", str(len(report.loaded)), f"bit-identical from {report.source}")
     if report.random:
         table.add_row("random", str(len(report.random)), "no pretrained weights asked for (pretrained: false)")
-    table.add_row("re-initialised", str(len(report.reinitialised)),
-                  "; ".join(sorted(set(report.reinitialised.values()))) or "-")
+    table.add_row(
+        "re-initialised", str(len(report.reinitialised)), "; ".join(sorted(set(report.reinitialised.values()))) or "-"
+    )
     table.add_row("new", str(len(report.new)), "inserted modules")
     if report.defaulted:
         table.add_row("defaulted", str(len(report.defaulted)), "BatchNorm step counters absent from the file")
@@ -137,7 +156,14 @@ def report_table(report: LoadReport) -> RichGroup:
         for col in ("path", "type", "position", "channels", "init", "params"):
             ins.add_column(col)
         for m in report.inserted_modules:
-            ins.add_row(m["path"], m["type"], f"{m['position']} {m['target']}", str(m["channels"]), m["init"], _human(m["params"]))
+            ins.add_row(
+                m["path"],
+                m["type"],
+                f"{m['position']} {m['target']}",
+                str(m["channels"]),
+                m["init"],
+                _human(m["params"]),
+            )
         parts.append(ins)
     if report.changed_modules:
         ch = Table(title="changed modules")

@@ -1,4 +1,5 @@
 """Weight files in, load report out: every pretrained tensor is accounted for, none dropped silently."""
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,8 @@ _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
 class LoadReport:
     """What happened to every tensor: loaded as is, re-initialised (and why), new, or unused.
 
-    `loaded`, `new` (inserted), `random` (no weights asked for) and `unused` (in the file, fit nothing) are key lists; `reinitialised` maps a key to its reason;
+    `loaded`, `new` (inserted), `random` (no weights asked for) and `unused` (in the file, fit nothing)
+    are key lists; `reinitialised` maps a key to its reason;
     `mapped` maps a model key to the file key it was loaded from where they differ;
     `imports` lists user classes the surgery imported ("package.module:Class").
     `adapted` also names a ViT position embedding resampled to this model's patch grid
@@ -54,10 +56,18 @@ class LoadReport:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out["counts"] = {"loaded": len(self.loaded), "reinitialised": len(self.reinitialised),
-                         "new": len(self.new), "random": len(self.random), "unused": len(self.unused), "mapped": len(self.mapped),
-                         "defaulted": len(self.defaulted), "kept": len(self.kept), "adapted": len(self.adapted),
-                         "dropped": len(self.dropped)}
+        out["counts"] = {
+            "loaded": len(self.loaded),
+            "reinitialised": len(self.reinitialised),
+            "new": len(self.new),
+            "random": len(self.random),
+            "unused": len(self.unused),
+            "mapped": len(self.mapped),
+            "defaulted": len(self.defaulted),
+            "kept": len(self.kept),
+            "adapted": len(self.adapted),
+            "dropped": len(self.dropped),
+        }
         return out
 
 
@@ -66,7 +76,7 @@ def _strip_wrappers(state: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in state.items():
         for prefix in _WRAPPER_PREFIXES:
             while key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     return out
 
@@ -114,9 +124,11 @@ def run_hint(spec: Spec, path: Path) -> str | None:
             shown = maker
         out = "" if runs.name == "runs" else f" --out {runs}"
         return f"run {shown} first: surgery run {shown}{out} (it trains the run {name!r} into {runs / name})"
-    return (f"run:{name} is the model.safetensors of an earlier run named {name!r} in the same runs folder "
-            f"({runs}); train the spec named {name!r} first with surgery run SPEC (the runs folder is --out's parent, "
-            "runs/ by default)")
+    return (
+        f"run:{name} is the model.safetensors of an earlier run named {name!r} in the same runs folder "
+        f"({runs}); train the spec named {name!r} first with surgery run SPEC (the runs folder is --out's parent, "
+        "runs/ by default)"
+    )
 
 
 def read_weight_file(spec: Spec, path: Path) -> dict[str, torch.Tensor]:
@@ -129,13 +141,20 @@ def read_weight_file(spec: Spec, path: Path) -> dict[str, torch.Tensor]:
     why = not_regular(path)  # a named pipe would block torch.load forever
     if why is not None:
         is_run = isinstance(spec.model.pretrained, str) and spec.model.pretrained.startswith("run:")
-        text = (f"the run {spec.model.pretrained[4:]!r} has not been trained yet: its weight file does not exist"
-                if is_run and why == "no such file" else problem("weight", why, "the weight path is not a file"))
-        raise spec.error(where, text,
-                         found=str(path) if why in ("no such file", *PATH_PROBLEMS) else f"{path} ({why})",
-                         expected="the model.safetensors a finished run writes" if is_run else
-                                  "a .pth, .pt, .bin or .safetensors file (relative paths start at the spec's folder)",
-                         hint=run_hint(spec, path))
+        text = (
+            f"the run {spec.model.pretrained[4:]!r} has not been trained yet: its weight file does not exist"
+            if is_run and why == "no such file"
+            else problem("weight", why, "the weight path is not a file")
+        )
+        raise spec.error(
+            where,
+            text,
+            found=str(path) if why in ("no such file", *PATH_PROBLEMS) else f"{path} ({why})",
+            expected="the model.safetensors a finished run writes"
+            if is_run
+            else "a .pth, .pt, .bin or .safetensors file (relative paths start at the spec's folder)",
+            hint=run_hint(spec, path),
+        )
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -146,9 +165,17 @@ def read_weight_file(spec: Spec, path: Path) -> dict[str, torch.Tensor]:
     except Exception as exc:  # noqa: BLE001 - any failure to parse is the same user-facing problem
         hint = None
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            hint = "the file pickles Python objects besides tensors; re-save just the state_dict: torch.save(model.state_dict(), path)"
-        raise spec.error(where, f"the weight file cannot be read: {describe_exception(exc, 200)}",
-                         found=str(path), expected="an intact PyTorch or safetensors weight file", hint=hint) from None
+            hint = (
+                "the file pickles Python objects besides tensors; re-save just the state_dict: "
+                "torch.save(model.state_dict(), path)"
+            )
+        raise spec.error(
+            where,
+            f"the weight file cannot be read: {describe_exception(exc, 200)}",
+            found=str(path),
+            expected="an intact PyTorch or safetensors weight file",
+            hint=hint,
+        ) from None
     state = _find_state_dict(spec, raw, path)
     return _strip_wrappers(state)
 
@@ -168,8 +195,12 @@ def _find_state_dict(spec: Spec, raw: Any, path: Path) -> Mapping[str, torch.Ten
     if key is not None:
         if not isinstance(raw, Mapping) or key not in raw:
             keys = list(raw)[:10] if isinstance(raw, Mapping) else []
-            raise spec.error(("model", "checkpoint_key"), f"the checkpoint has no entry {key!r}", found=key,
-                             expected="one of " + ", ".join(map(str, keys)) if keys else "a checkpoint mapping")
+            raise spec.error(
+                ("model", "checkpoint_key"),
+                f"the checkpoint has no entry {key!r}",
+                found=key,
+                expected="one of " + ", ".join(map(str, keys)) if keys else "a checkpoint mapping",
+            )
         raw = raw[key]
     elif isinstance(raw, Mapping) and not any(isinstance(v, torch.Tensor) for v in raw.values()):
         for candidate in _NESTED_KEYS:
@@ -177,18 +208,32 @@ def _find_state_dict(spec: Spec, raw: Any, path: Path) -> Mapping[str, torch.Ten
                 raw = raw[candidate]
                 break
     if not isinstance(raw, Mapping) or not raw:
-        raise spec.error(("model", "pretrained"), "the weight file holds no state_dict", found=str(path),
-                         expected="a mapping of parameter names to tensors (or a checkpoint with 'state_dict' / 'model')",
-                         hint="name the entry that holds it with model.checkpoint_key")
+        raise spec.error(
+            ("model", "pretrained"),
+            "the weight file holds no state_dict",
+            found=str(path),
+            expected="a mapping of parameter names to tensors (or a checkpoint with 'state_dict' / 'model')",
+            hint="name the entry that holds it with model.checkpoint_key",
+        )
     tensors = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise spec.error(("model", "pretrained"), "the weight file holds no tensors", found=str(path),
-                         expected="a state_dict", hint="name the entry that holds it with model.checkpoint_key")
+        raise spec.error(
+            ("model", "pretrained"),
+            "the weight file holds no tensors",
+            found=str(path),
+            expected="a state_dict",
+            hint="name the entry that holds it with model.checkpoint_key",
+        )
     return tensors
 
 
-def map_keys(spec: Spec, state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor],
-             skip: Iterable[str], head: Iterable[str] = ()) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def map_keys(
+    spec: Spec,
+    state: Mapping[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor],
+    skip: Iterable[str],
+    head: Iterable[str] = (),
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Rename the keys of a file from another codebase: `model.key_map` is 'order' or {regex: replacement}.
 
     Returns the renamed state and {model key: file key} for every key that changed.
@@ -202,16 +247,27 @@ def map_keys(spec: Spec, state: Mapping[str, torch.Tensor], target: Mapping[str,
         src = [k for k in state if not k.endswith("num_batches_tracked")]
         dst = [k for k in target if k not in skip and not k.endswith("num_batches_tracked")]
         if len(src) != len(dst):
-            raise spec.error(where, f"key_map: order needs as many tensors in the file as in the model; "
-                             f"the file has {len(src)}, the model {len(dst)}", found="order",
-                             expected="a file of the same architecture from another codebase",
-                             hint="map names with {regex: replacement} rules instead")
+            raise spec.error(
+                where,
+                f"key_map: order needs as many tensors in the file as in the model; "
+                f"the file has {len(src)}, the model {len(dst)}",
+                found="order",
+                expected="a file of the same architecture from another codebase",
+                hint="map names with {regex: replacement} rules instead",
+            )
         for i, (s, d) in enumerate(zip(src, dst)):
-            if tuple(state[s].shape) != tuple(target[d].shape) and d not in head and not (
-                    d.rpartition(".")[2] == "pos_embed" and state[s].ndim == target[d].ndim == 3):  # resampled on load
-                raise spec.error(where, f"key_map: order pairs tensor #{i} of the file, {s} {list(state[s].shape)}, "
-                                 f"with {d} {list(target[d].shape)}: the shapes differ", found="order",
-                                 expected="tensors that correspond one to one, in order, with equal shapes")
+            if (
+                tuple(state[s].shape) != tuple(target[d].shape)
+                and d not in head
+                and not (d.rpartition(".")[2] == "pos_embed" and state[s].ndim == target[d].ndim == 3)
+            ):  # resampled on load
+                raise spec.error(
+                    where,
+                    f"key_map: order pairs tensor #{i} of the file, {s} {list(state[s].shape)}, "
+                    f"with {d} {list(target[d].shape)}: the shapes differ",
+                    found="order",
+                    expected="tensors that correspond one to one, in order, with equal shapes",
+                )
         # BatchNorm step counters pair by order too when both sides have them all; a file
         # without them (many codebases) leaves the model's counters at their default
         src_steps = [k for k in state if k.endswith("num_batches_tracked")]
@@ -226,8 +282,12 @@ def map_keys(spec: Spec, state: Mapping[str, torch.Tensor], target: Mapping[str,
         try:
             rules.append((regex.compile(pattern), repl))
         except regex.error as exc:
-            raise spec.error(where + (pattern,), f"not a valid regular expression: {exc}", found=repr(pattern),
-                             expected="a Python regular expression") from None
+            raise spec.error(
+                where + (pattern,),
+                f"not a valid regular expression: {exc}",
+                found=repr(pattern),
+                expected="a Python regular expression",
+            ) from None
     # `regex` takes Python's syntax and a time limit: a pattern that backtracks without end
     # (`(a|aa)+$`) is stopped and named instead of hanging the load
     deadline = time.monotonic() + KEY_MAP_SECONDS
@@ -239,27 +299,42 @@ def map_keys(spec: Spec, state: Mapping[str, torch.Tensor], target: Mapping[str,
                 new, n = rx.subn(repl, new, timeout=max(deadline - time.monotonic(), 1e-3))
                 hits[i] += n
             except TimeoutError:
-                raise spec.error(where + (rx.pattern,), f"this pattern is too slow: applying the key map to "
-                                 f"{len(state)} keys took more than {KEY_MAP_SECONDS:g} s (it backtracks on {key!r})",
-                                 found=repr(rx.pattern), expected="a pattern without nested repetition, "
-                                 "e.g. ^module\\.(.*) instead of (a|aa)+") from None
+                raise spec.error(
+                    where + (rx.pattern,),
+                    f"this pattern is too slow: applying the key map to "
+                    f"{len(state)} keys took more than {KEY_MAP_SECONDS:g} s (it backtracks on {key!r})",
+                    found=repr(rx.pattern),
+                    expected="a pattern without nested repetition, e.g. ^module\\.(.*) instead of (a|aa)+",
+                ) from None
             except (regex.error, IndexError) as exc:
-                raise spec.error(where + (rx.pattern,), f"the replacement cannot be applied: {exc}", found=repr(repl),
-                                 expected="a replacement using only groups the pattern has") from None
+                raise spec.error(
+                    where + (rx.pattern,),
+                    f"the replacement cannot be applied: {exc}",
+                    found=repr(repl),
+                    expected="a replacement using only groups the pattern has",
+                ) from None
         if not new:  # mapped to nothing: the user drops the key on purpose
             continue
         if new in out:
-            raise spec.error(where, f"key_map sends two file keys to {new!r}", found=f"{mapped.get(new, new)} and {key}",
-                             expected="rules that keep keys distinct")
+            raise spec.error(
+                where,
+                f"key_map sends two file keys to {new!r}",
+                found=f"{mapped.get(new, new)} and {key}",
+                expected="rules that keep keys distinct",
+            )
         out[new] = value
         if new != key:
             mapped[new] = key
     for (rx, _), n in zip(rules, hits):
         if not n:  # a typo in a rule loads nothing it meant to: say so, with the keys it could have meant
-            raise spec.error(where + (rx.pattern,), "this key_map rule matches no key of the weight file "
-                             "(rules apply in order, each to the keys the rules before it left)",
-                             found=repr(rx.pattern), expected="a pattern that matches at least one key",
-                             hint=_closest_keys(rx.pattern, state))
+            raise spec.error(
+                where + (rx.pattern,),
+                "this key_map rule matches no key of the weight file "
+                "(rules apply in order, each to the keys the rules before it left)",
+                found=repr(rx.pattern),
+                expected="a pattern that matches at least one key",
+                hint=_closest_keys(rx.pattern, state),
+            )
     return out, mapped
 
 
@@ -296,13 +371,20 @@ def _under(key: str, prefixes: tuple[str, ...]) -> bool:
 
 def _adaptable(change: Any, key: str, incoming: torch.Tensor | None, tensor: torch.Tensor) -> bool:
     """The first conv's weight of an `in_chans` change: 3 input channels in the file, N here."""
-    return (change.kind == "in_chans" and key == change.path + ".weight" and incoming is not None
-            and incoming.ndim == 4 and incoming.shape[1] == 3 and tensor.shape[1] != 3
-            and (incoming.shape[0], *incoming.shape[2:]) == (tensor.shape[0], *tensor.shape[2:]))
+    return (
+        change.kind == "in_chans"
+        and key == change.path + ".weight"
+        and incoming is not None
+        and incoming.ndim == 4
+        and incoming.shape[1] == 3
+        and tensor.shape[1] != 3
+        and (incoming.shape[0], *incoming.shape[2:]) == (tensor.shape[0], *tensor.shape[2:])
+    )
 
 
-def _account_changed(ledger: _Ledger, key: str, tensor: torch.Tensor, incoming: torch.Tensor | None, change: Any,
-                     reset: bool) -> None:
+def _account_changed(
+    ledger: _Ledger, key: str, tensor: torch.Tensor, incoming: torch.Tensor | None, change: Any, reset: bool
+) -> None:
     """A key under a module a spec entry changed: kept where name and shape fit, adapted, or
     re-initialised, each with the entry's line."""
     report = ledger.report
@@ -318,15 +400,28 @@ def _account_changed(ledger: _Ledger, key: str, tensor: torch.Tensor, incoming: 
         report.kept[key] = change.label
     else:
         report.reinitialised[key] = f"{change.label}: " + (
-            "head: model.reset_head is true" if fits else
-            f"shape {list(tensor.shape)} here, {list(incoming.shape)} in the weights" if incoming is not None else
-            "new in this module" if change.kind in ("head", "pool") else "the old module had no such tensor")
+            "head: model.reset_head is true"
+            if fits
+            else f"shape {list(tensor.shape)} here, {list(incoming.shape)} in the weights"
+            if incoming is not None
+            else "new in this module"
+            if change.kind in ("head", "pool")
+            else "the old module had no such tensor"
+        )
         if fits:
             ledger.used.add(key)
 
 
-def _account_plain(ledger: _Ledger, key: str, tensor: torch.Tensor, incoming: torch.Tensor | None, *,
-                   inserted: bool, head: bool, reset: bool) -> None:
+def _account_plain(
+    ledger: _Ledger,
+    key: str,
+    tensor: torch.Tensor,
+    incoming: torch.Tensor | None,
+    *,
+    inserted: bool,
+    head: bool,
+    reset: bool,
+) -> None:
     """A key no spec entry changed: loaded, new (inserted), re-initialised (head), or a misfit."""
     report = ledger.report
     fits = incoming is not None and tuple(incoming.shape) == tuple(tensor.shape)
@@ -340,8 +435,11 @@ def _account_plain(ledger: _Ledger, key: str, tensor: torch.Tensor, incoming: to
     elif head:
         if incoming is not None:
             ledger.used.add(key)
-        report.reinitialised[key] = (f"head: shape {list(tensor.shape)} here, {list(incoming.shape)} in the weights"
-                                     if incoming is not None else "head: not in the weights")
+        report.reinitialised[key] = (
+            f"head: shape {list(tensor.shape)} here, {list(incoming.shape)} in the weights"
+            if incoming is not None
+            else "head: not in the weights"
+        )
     elif key.endswith("num_batches_tracked"):
         report.defaulted.append(key)
     elif incoming is None:
@@ -351,14 +449,21 @@ def _account_plain(ledger: _Ledger, key: str, tensor: torch.Tensor, incoming: to
         ledger.mismatched.append(f"{key}: {list(incoming.shape)} in the file, {list(tensor.shape)} in the model")
 
 
-def _resampled_position(model: nn.Module, key: str, incoming: torch.Tensor | None,
-                        tensor: torch.Tensor) -> tuple[torch.Tensor, str] | None:
+def _resampled_position(
+    model: nn.Module, key: str, incoming: torch.Tensor | None, tensor: torch.Tensor
+) -> tuple[torch.Tensor, str] | None:
     """A ViT's absolute position embedding trained for another image size, resampled to this
     model's patch grid as timm's own checkpoint_filter_fn does (class / register tokens kept as
     they are): (tensor, words for the load report), or None where `key` is no such embedding."""
     owner_path, _, name = key.rpartition(".")
-    if (name != "pos_embed" or incoming is None or incoming.ndim != 3 or tensor.ndim != 3
-            or tuple(incoming.shape) == tuple(tensor.shape) or incoming.shape[-1] != tensor.shape[-1]):
+    if (
+        name != "pos_embed"
+        or incoming is None
+        or incoming.ndim != 3
+        or tensor.ndim != 3
+        or tuple(incoming.shape) == tuple(tensor.shape)
+        or incoming.shape[-1] != tensor.shape[-1]
+    ):
         return None
     owner = model.get_submodule(owner_path) if owner_path else model
     grid = getattr(getattr(owner, "patch_embed", None), "grid_size", None)
@@ -370,13 +475,21 @@ def _resampled_position(model: nn.Module, key: str, incoming: torch.Tensor | Non
         return None  # not a square grid in the file: nothing to resample from
     from timm.layers import resample_abs_pos_embed
 
-    out = resample_abs_pos_embed(incoming.float(), new_size=list(grid), old_size=[side, side],
-                                 num_prefix_tokens=prefix, interpolation="bicubic", antialias=True)
+    out = resample_abs_pos_embed(
+        incoming.float(),
+        new_size=list(grid),
+        old_size=[side, side],
+        num_prefix_tokens=prefix,
+        interpolation="bicubic",
+        antialias=True,
+    )
     if tuple(out.shape) != tuple(tensor.shape):
         return None
-    return out.to(tensor.dtype), (f"position embedding resampled {list(incoming.shape)} -> {list(tensor.shape)}: "
-                                  f"{side}x{side} -> {grid[0]}x{grid[1]} patches, {prefix} prefix token(s) kept "
-                                  "(timm resample_abs_pos_embed, bicubic)")
+    return out.to(tensor.dtype), (
+        f"position embedding resampled {list(incoming.shape)} -> {list(tensor.shape)}: "
+        f"{side}x{side} -> {grid[0]}x{grid[1]} patches, {prefix} prefix token(s) kept "
+        "(timm resample_abs_pos_embed, bicubic)"
+    )
 
 
 def _check_everything_fits(spec: Spec, source: str, ledger: _Ledger) -> None:
@@ -389,22 +502,38 @@ def _check_everything_fits(spec: Spec, source: str, ledger: _Ledger) -> None:
             ("model", "pretrained"),
             f"the weights do not fit {spec.model.backbone}: {len(mismatched)} tensors have another shape and "
             f"{len(missing)} are missing",
-            found=source + "\n            " + "\n            ".join(lines) + (f"\n            ... and {more} more" if more > 0 else ""),
+            found=source
+            + "\n            "
+            + "\n            ".join(lines)
+            + (f"\n            ... and {more} more" if more > 0 else ""),
             expected=f"a state_dict of {spec.model.backbone}",
             hint="is this a checkpoint of another architecture? For a file from another codebase set "
-                 "model.key_map ('order' or {regex: replacement})",
+            "model.key_map ('order' or {regex: replacement})",
         )
     if unused:
         shown = ", ".join(unused[:6]) + (f" ... ({len(unused)} in all)" if len(unused) > 6 else "")
-        raise spec.error(("model", "pretrained"), f"{len(unused)} tensors of the weights fit nothing in the model",
-                         found=shown, expected=f"a state_dict of {spec.model.backbone}",
-                         hint="rename them with model.key_map {regex: replacement}, or drop them on purpose by mapping them to ''")
+        raise spec.error(
+            ("model", "pretrained"),
+            f"{len(unused)} tensors of the weights fit nothing in the model",
+            found=shown,
+            expected=f"a state_dict of {spec.model.backbone}",
+            hint="rename them with model.key_map {regex: replacement}, or drop them on purpose by mapping them to ''",
+        )
 
 
-def load_weights(spec: Spec, model: nn.Module, state: Mapping[str, torch.Tensor] | None, source: str, *,
-                 head: Iterable[str], inserted: Iterable[str], report: LoadReport,
-                 reset_head: bool | None = None, changes: Sequence[Any] = (),
-                 original: Mapping[str, torch.Tensor] | None = None) -> LoadReport:
+def load_weights(
+    spec: Spec,
+    model: nn.Module,
+    state: Mapping[str, torch.Tensor] | None,
+    source: str,
+    *,
+    head: Iterable[str],
+    inserted: Iterable[str],
+    report: LoadReport,
+    reset_head: bool | None = None,
+    changes: Sequence[Any] = (),
+    original: Mapping[str, torch.Tensor] | None = None,
+) -> LoadReport:
     """Load `state` into the surgered `model`, key by key, and account for every tensor in `report`.
 
     Rules: a backbone key must be in the file with its shape (else SpecError: a file of another
@@ -430,13 +559,20 @@ def load_weights(spec: Spec, model: nn.Module, state: Mapping[str, torch.Tensor]
         return report
     report.source = source
     paired = original if changes and original is not None else target  # key_map: order pairs with the backbone's keys
-    state, report.mapped = map_keys(spec, state, paired, skip=[k for k in paired if _under(k, inserted)],
-                                    head=[k for k in paired if _under(k, head)])
+    state, report.mapped = map_keys(
+        spec,
+        state,
+        paired,
+        skip=[k for k in paired if _under(k, inserted)],
+        head=[k for k in paired if _under(k, head)],
+    )
     ledger = _Ledger(report)
     for key, tensor in target.items():
         is_inserted, is_head = _under(key, inserted), _under(key, head)
         change = None if is_inserted else change_of(key)
-        resampled = None if change is not None or is_inserted else _resampled_position(model, key, state.get(key), tensor)
+        resampled = (
+            None if change is not None or is_inserted else _resampled_position(model, key, state.get(key), tensor)
+        )
         if resampled is not None:
             ledger.updates[key], report.adapted[key] = resampled
             ledger.used.add(key)
@@ -449,8 +585,10 @@ def load_weights(spec: Spec, model: nn.Module, state: Mapping[str, torch.Tensor]
         if change is not None:
             ledger.used.add(key)
             report.dropped[key] = f"{change.label}: " + (
-                f"shape {list(state[key].shape)} in the weights, {list(target[key].shape)} here" if key in target else
-                "the new module has no such tensor")
+                f"shape {list(state[key].shape)} in the weights, {list(target[key].shape)} here"
+                if key in target
+                else "the new module has no such tensor"
+            )
     report.unused = [k for k in state if k not in ledger.used]
     _check_everything_fits(spec, source, ledger)
     # load_state_dict(strict=True) with every key present: nothing can be skipped silently

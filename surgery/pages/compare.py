@@ -17,6 +17,7 @@ compared only with each other), ``final`` the last epoch's model's, ``images_per
 median over epochs of the training images per second, std the sample standard deviation
 (n - 1), absent for a variant of one run. Importing this module does not import torch.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,9 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import Origin, UsageError
+from ..errors import Origin, UsageError, printable
 from ..runs import layout, open_run
-from ..errors import printable
 
 _SEPARATORS = "-_."
 
@@ -59,11 +59,20 @@ class RunRow:
     spec: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "run_dir": str(self.run_dir), "seed": self.seed, "metric": self.metric,
-                "best": self.best, "final": self.final, "best_epoch": self.best_epoch,
-                "params_total": self.params_total, "params_inserted": self.params_inserted,
-                "images_per_sec": self.images_per_sec, "wall_seconds": self.wall_seconds,
-                "val_curve": list(self.val_curve)}
+        return {
+            "name": self.name,
+            "run_dir": str(self.run_dir),
+            "seed": self.seed,
+            "metric": self.metric,
+            "best": self.best,
+            "final": self.final,
+            "best_epoch": self.best_epoch,
+            "params_total": self.params_total,
+            "params_inserted": self.params_inserted,
+            "images_per_sec": self.images_per_sec,
+            "wall_seconds": self.wall_seconds,
+            "val_curve": list(self.val_curve),
+        }
 
 
 @dataclass(frozen=True)
@@ -108,18 +117,37 @@ class VariantRow:
 
     @classmethod
     def of(cls, label: str, runs: Sequence[RunRow]) -> "VariantRow":
-        return cls(label=label, runs=tuple(runs), metric=runs[0].metric,
-                   best=Stat.of(r.best for r in runs), final=Stat.of(r.final for r in runs),
-                   best_epoch=Stat.of(None if r.best_epoch is None else r.best_epoch + 1 for r in runs),
-                   params_total=Stat.of(r.params_total for r in runs),
-                   params_inserted=Stat.of(r.params_inserted for r in runs),
-                   images_per_sec=Stat.of(r.images_per_sec for r in runs),
-                   wall_seconds=Stat.of(r.wall_seconds for r in runs))
+        return cls(
+            label=label,
+            runs=tuple(runs),
+            metric=runs[0].metric,
+            best=Stat.of(r.best for r in runs),
+            final=Stat.of(r.final for r in runs),
+            best_epoch=Stat.of(None if r.best_epoch is None else r.best_epoch + 1 for r in runs),
+            params_total=Stat.of(r.params_total for r in runs),
+            params_inserted=Stat.of(r.params_inserted for r in runs),
+            images_per_sec=Stat.of(r.images_per_sec for r in runs),
+            wall_seconds=Stat.of(r.wall_seconds for r in runs),
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "metric": self.metric, "runs": [r.to_dict() for r in self.runs],
-                **{k: getattr(self, k).to_dict() for k in ("best", "final", "best_epoch", "params_total",
-                                                          "params_inserted", "images_per_sec", "wall_seconds")}}
+        return {
+            "label": self.label,
+            "metric": self.metric,
+            "runs": [r.to_dict() for r in self.runs],
+            **{
+                k: getattr(self, k).to_dict()
+                for k in (
+                    "best",
+                    "final",
+                    "best_epoch",
+                    "params_total",
+                    "params_inserted",
+                    "images_per_sec",
+                    "wall_seconds",
+                )
+            },
+        }
 
 
 # --------------------------------------------------------------------------- reading runs
@@ -149,16 +177,20 @@ def read_run(run_dir: str | Path) -> RunRow:
     speeds = [s for s in (_finite(r.get("images_per_sec")) for r in rows) if s is not None]
     params = summary.get("params") if isinstance(summary.get("params"), dict) else {}
     return RunRow(
-        name=str(summary.get("name") or spec.get("name") or run.path.name), run_dir=run.path,
-        seed=_whole(spec.get("seed")), metric=metric,
+        name=str(summary.get("name") or spec.get("name") or run.path.name),
+        run_dir=run.path,
+        seed=_whole(spec.get("seed")),
+        metric=metric,
         best=_finite(summary.get(f"best_{metric}")),
         final=_finite(summary.get(f"final_{metric}")),
         best_epoch=_whole(summary.get("best_epoch")),
-        params_total=_whole(params.get("total")), params_inserted=_whole(params.get("inserted")),
+        params_total=_whole(params.get("total")),
+        params_inserted=_whole(params.get("inserted")),
         images_per_sec=statistics.median(speeds) if speeds else None,
         wall_seconds=_finite(summary.get("wall_seconds")),
         val_curve=tuple(_finite(r.get(metric)) for r in rows),
-        spec={k: v for k, v in spec.items() if k not in ("name", "seed")})
+        spec={k: v for k, v in spec.items() if k not in ("name", "seed")},
+    )
 
 
 # what a refused folder is, by the start of its error: (one, several)
@@ -172,8 +204,10 @@ _REFUSALS = (
 
 
 def _kind(error: UsageError) -> tuple[str, str]:
-    return next((words for starts, words in _REFUSALS if error.problem.startswith(starts)),
-                ("has a file that cannot be read", "have files that cannot be read"))
+    return next(
+        (words for starts, words in _REFUSALS if error.problem.startswith(starts)),
+        ("has a file that cannot be read", "have files that cannot be read"),
+    )
 
 
 def _refused(errors: Sequence[UsageError], total: int) -> UsageError:
@@ -186,10 +220,13 @@ def _refused(errors: Sequence[UsageError], total: int) -> UsageError:
     twice = any(_kind(e)[0] == "is given twice" for e in errors)
     head = "cannot be compared" if twice else "are not finished runs"
     counts = ", ".join(f"{n} {one if n == 1 else several}" for (one, several), n in kinds.items())
-    return UsageError(f"{len(errors)} of the {total} folders {head}: {counts}", origin=errors[0].origin,
-                      found="; ".join(f"{e.origin}: {e.problem}" for e in errors),
-                      expected="finished run directories (written by `surgery run`, with summary.json), each once",
-                      hint="finish them with --resume, or leave them out")
+    return UsageError(
+        f"{len(errors)} of the {total} folders {head}: {counts}",
+        origin=errors[0].origin,
+        found="; ".join(f"{e.origin}: {e.problem}" for e in errors),
+        expected="finished run directories (written by `surgery run`, with summary.json), each once",
+        hint="finish them with --resume, or leave them out",
+    )
 
 
 def collect(run_dirs: Iterable[str | Path], *, skip_unfinished: bool = False) -> list[RunRow]:
@@ -210,9 +247,14 @@ def collect(run_dirs: Iterable[str | Path], *, skip_unfinished: bool = False) ->
     for d in dirs:
         key = d.resolve()
         if key in seen:
-            twice.append(UsageError("a run directory is given twice", origin=Origin.path(d),
-                                    found=f"{seen[key]} and {d}",
-                                    expected="each run once (a run counted twice would weigh twice in its mean)"))
+            twice.append(
+                UsageError(
+                    "a run directory is given twice",
+                    origin=Origin.path(d),
+                    found=f"{seen[key]} and {d}",
+                    expected="each run once (a run counted twice would weigh twice in its mean)",
+                )
+            )
             continue
         seen[key] = d
         unique.append(d)
@@ -228,9 +270,12 @@ def collect(run_dirs: Iterable[str | Path], *, skip_unfinished: bool = False) ->
     metrics = sorted({r.metric for r in rows})
     if len(metrics) > 1:
         multi = [str(r.run_dir) for r in rows if r.metric == layout.headline(True)]
-        raise UsageError("single-label and multi-label runs cannot be compared: one is scored by accuracy, "
-                         "the other by mAP", origin=Origin.path(multi[0]), found=f"multi-label: {', '.join(multi)}",
-                         expected="runs of one kind")
+        raise UsageError(
+            "single-label and multi-label runs cannot be compared: one is scored by accuracy, the other by mAP",
+            origin=Origin.path(multi[0]),
+            found=f"multi-label: {', '.join(multi)}",
+            expected="runs of one kind",
+        )
     return rows
 
 
@@ -253,8 +298,10 @@ def spec_difference(spec: Mapping[str, Any], reference: Mapping[str, Any], limit
     """What `spec` sets differently from `reference`, as ``key=value`` items (at most `limit`)."""
     a, b = _flatten(dict(spec)), _flatten(dict(reference))
     keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k, "<unset>") != b.get(k, "<unset>")]
-    items = [f"{k}={json.dumps(a[k], default=str) if not isinstance(a[k], str) else a[k]}" if k in a else f"{k} unset"
-             for k in keys[:limit]]
+    items = [
+        f"{k}={json.dumps(a[k], default=str) if not isinstance(a[k], str) else a[k]}" if k in a else f"{k} unset"
+        for k in keys[:limit]
+    ]
     return ", ".join(items) + (f" +{len(keys) - limit} more" if len(keys) > limit else "")
 
 
@@ -292,8 +339,9 @@ def aggregate(rows: Sequence[RunRow], labels: Mapping[str | Path, str] | None = 
         label = given.get(row.run_dir.resolve())
         key = ("label", label) if label is not None else ("spec", _spec_key(row.spec))
         groups.setdefault(key, []).append(row)
-    named: dict[tuple[str, str], str] = {k: k[1] if k[0] == "label" else shared_name([r.name for r in g])
-                                         for k, g in groups.items()}
+    named: dict[tuple[str, str], str] = {
+        k: k[1] if k[0] == "label" else shared_name([r.name for r in g]) for k, g in groups.items()
+    }
     first_spec = next((g[0].spec for k, g in groups.items() if k[0] == "spec"), None)
     taken = [named[k] for k in groups]
     for key, group in groups.items():
@@ -316,10 +364,17 @@ def _cells(v: VariantRow) -> list[str]:
     from .run_page import duration, human
 
     inserted, total = v.params_inserted, v.params_total
-    return [v.label, str(len(v.runs)), v.best.format(), v.final.format(), _epoch(v.best_epoch),
-            human(inserted.mean) if inserted.mean is not None else "-",
-            human(total.mean) if total.mean is not None else "-",
-            v.images_per_sec.format(".0f"), duration(v.wall_seconds.mean)]
+    return [
+        v.label,
+        str(len(v.runs)),
+        v.best.format(),
+        v.final.format(),
+        _epoch(v.best_epoch),
+        human(inserted.mean) if inserted.mean is not None else "-",
+        human(total.mean) if total.mean is not None else "-",
+        v.images_per_sec.format(".0f"),
+        duration(v.wall_seconds.mean),
+    ]
 
 
 def _epoch(stat: Stat) -> str:
@@ -339,7 +394,9 @@ def to_markdown(variants: Sequence[VariantRow]) -> str:
     head = _headers(variants)
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for v in variants:
-        cells = [printable(c, newlines=False).replace("|", "\\|") for c in _cells(v)]  # written raw: no terminal escapes
+        cells = [
+            printable(c, newlines=False).replace("|", "\\|") for c in _cells(v)
+        ]  # written raw: no terminal escapes
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -390,17 +447,27 @@ def curves_figure(variants: Sequence[VariantRow]) -> Any:
             if points:
                 xs, ys = zip(*points)
                 name = label(v.label, 40)
-                ax.plot([x + shift for x in xs], ys, "-", marker=_MARKERS[i % len(_MARKERS)], markersize=4,
-                        linewidth=1.4, alpha=0.85, color=colours[i % len(colours)],
-                        label=(f"{name} ({len(v.runs)} runs)" if len(v.runs) > 1 else name) if j == 0 else None)
+                ax.plot(
+                    [x + shift for x in xs],
+                    ys,
+                    "-",
+                    marker=_MARKERS[i % len(_MARKERS)],
+                    markersize=4,
+                    linewidth=1.4,
+                    alpha=0.85,
+                    color=colours[i % len(colours)],
+                    label=(f"{name} ({len(v.runs)} runs)" if len(v.runs) > 1 else name) if j == 0 else None,
+                )
     ax.set_xlabel("epoch")
     ax.set_ylabel(layout.headline_label(variants[0].metric if variants else layout.headline(False)))
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     if variants:
         ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("validation, every run (colour and marker: variant" +
-                 ("; identical points moved sideways to show each variant)" if shared else ")"))
+    ax.set_title(
+        "validation, every run (colour and marker: variant"
+        + ("; identical points moved sideways to show each variant)" if shared else ")")
+    )
     fig.tight_layout()
     return fig
 
@@ -431,20 +498,45 @@ def render_html(variants: Sequence[VariantRow], *, base: Path | None = None) -> 
         except ValueError:  # another drive (Windows)
             return report.resolve()
 
-    runs = [{"variant": v.label, "colour": i, "name": r.name, "dir": str(r.run_dir), "seed": r.seed,
-             "best": r.best, "final": r.final, "best_epoch": None if r.best_epoch is None else r.best_epoch + 1,
-             "inserted": human(r.params_inserted) if r.params_inserted is not None else "-",
-             "speed": r.images_per_sec, "wall": duration(r.wall_seconds), "link": link(r)}
-            for i, v in enumerate(variants) for r in v.runs]
+    runs = [
+        {
+            "variant": v.label,
+            "colour": i,
+            "name": r.name,
+            "dir": str(r.run_dir),
+            "seed": r.seed,
+            "best": r.best,
+            "final": r.final,
+            "best_epoch": None if r.best_epoch is None else r.best_epoch + 1,
+            "inserted": human(r.params_inserted) if r.params_inserted is not None else "-",
+            "speed": r.images_per_sec,
+            "wall": duration(r.wall_seconds),
+            "link": link(r),
+        }
+        for i, v in enumerate(variants)
+        for r in v.runs
+    ]
     table = [{"cells": _cells(v), "colour": i} for i, v in enumerate(variants)]
     seeds = any(len(v.runs) > 1 for v in variants)
     winner = variants[0] if variants and variants[0].best.mean is not None else None
     tied = [v.label for v in variants[1:] if winner is not None and v.best.mean == winner.best.mean]
-    return environment().get_template("compare.html.j2").render(
-        headers=_headers(variants), table=table, runs=runs, seeds=seeds, winner=winner, tied=tied,
-        metric=layout.headline_label(variants[0].metric if variants else layout.headline(False)),
-        curves=data_uri(curves_png(variants)) if variants else None, colours=_colour_hex(len(variants)),
-        count=len(runs), version=__version__)
+    return (
+        environment()
+        .get_template("compare.html.j2")
+        .render(
+            headers=_headers(variants),
+            table=table,
+            runs=runs,
+            seeds=seeds,
+            winner=winner,
+            tied=tied,
+            metric=layout.headline_label(variants[0].metric if variants else layout.headline(False)),
+            curves=data_uri(curves_png(variants)) if variants else None,
+            colours=_colour_hex(len(variants)),
+            count=len(runs),
+            version=__version__,
+        )
+    )
 
 
 def _colour_hex(n: int) -> list[str]:
@@ -468,17 +560,28 @@ def write_html(path: str | Path, variants: Sequence[VariantRow]) -> Path:
     return path
 
 
-def compare_command(run_dirs: Sequence[str], *, out: str | None = None, as_json: bool = False,
-                    as_markdown: bool = False, console: Any = None) -> int:
+def compare_command(
+    run_dirs: Sequence[str],
+    *,
+    out: str | None = None,
+    as_json: bool = False,
+    as_markdown: bool = False,
+    console: Any = None,
+) -> int:
     """`surgery compare`: the table on stdout (rich, Markdown or JSON) and, with `out`, the page."""
     import sys
 
-    from ..untrusted import Console
     from rich.markup import escape
 
+    from ..untrusted import Console
+
     if out is not None and Path(out).is_dir():
-        raise UsageError("--out names a folder", origin=Origin.flag("--out", out), found=out,
-                         expected="an HTML file to write, such as compare.html")
+        raise UsageError(
+            "--out names a folder",
+            origin=Origin.flag("--out", out),
+            found=out,
+            expected="an HTML file to write, such as compare.html",
+        )
     variants = aggregate(collect(run_dirs))
     if as_json:
         sys.stdout.write(to_json(variants))
@@ -492,5 +595,21 @@ def compare_command(run_dirs: Sequence[str], *, out: str | None = None, as_json:
     return 0
 
 
-__all__ = ["RunRow", "Stat", "VariantRow", "read_run", "collect", "aggregate", "shared_name", "spec_difference",
-           "to_markdown", "to_json", "to_table", "curves_figure", "curves_png", "render_html", "write_html", "compare_command"]
+__all__ = [
+    "RunRow",
+    "Stat",
+    "VariantRow",
+    "read_run",
+    "collect",
+    "aggregate",
+    "shared_name",
+    "spec_difference",
+    "to_markdown",
+    "to_json",
+    "to_table",
+    "curves_figure",
+    "curves_png",
+    "render_html",
+    "write_html",
+    "compare_command",
+]

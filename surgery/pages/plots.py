@@ -10,6 +10,7 @@ the pictures more than one command shows (learning curves, the confusion matrix)
 
 `plot_curves` and `plot_confusion` write them into a run directory. None of them needs torch.
 """
+
 from __future__ import annotations
 
 import io
@@ -58,7 +59,7 @@ def label(name: Any, limit: int = 22) -> str:
     if len(text) <= limit:
         return text
     tail = (limit - 1) // 2  # names often differ at the end ("... class 3"): keep both ends
-    return text[: limit - 1 - tail] + "…" + text[len(text) - tail:]
+    return text[: limit - 1 - tail] + "…" + text[len(text) - tail :]
 
 
 def curves_png(rows: Sequence[Mapping[str, Any]], unfreeze: Mapping[int, list[str]]) -> bytes:
@@ -79,8 +80,16 @@ def curves_png(rows: Sequence[Mapping[str, Any]], unfreeze: Mapping[int, list[st
         for epoch, names in unfreeze.items():
             if epoch > 0:
                 ax.axvline(epoch + 0.5, color="grey", linestyle="--", linewidth=1)
-                ax.annotate("unfreeze " + ", ".join(map(label, names)), (epoch + 0.5, 1), xycoords=("data", "axes fraction"),
-                            rotation=90, va="top", ha="right", fontsize=8, color="grey")
+                ax.annotate(
+                    "unfreeze " + ", ".join(map(label, names)),
+                    (epoch + 0.5, 1),
+                    xycoords=("data", "axes fraction"),
+                    rotation=90,
+                    va="top",
+                    ha="right",
+                    fontsize=8,
+                    color="grey",
+                )
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -91,14 +100,16 @@ def curves_png(rows: Sequence[Mapping[str, Any]], unfreeze: Mapping[int, list[st
     return figure_png(fig)
 
 
-def confusion_png(matrix: Any, classes: Sequence[str], title: str = "confusion (validation, last epoch)", *,
-                  normalized: bool = False) -> bytes:
+def confusion_png(
+    matrix: Any, classes: Sequence[str], title: str = "confusion (validation, last epoch)", *, normalized: bool = False
+) -> bytes:
     """`confusion_figure` as PNG bytes, grown to hold its labels."""
     return figure_png(confusion_figure(matrix, classes, title, normalized=normalized), tight=True)
 
 
-def confusion_figure(matrix: Any, classes: Sequence[str], title: str = "confusion (validation, last epoch)", *,
-                     normalized: bool = False) -> Any:
+def confusion_figure(
+    matrix: Any, classes: Sequence[str], title: str = "confusion (validation, last epoch)", *, normalized: bool = False
+) -> Any:
     """The confusion matrix: rows the true class, columns the predicted one.
 
     The colour is always the share of the true class's images given each label (a row without
@@ -138,8 +149,15 @@ def confusion_figure(matrix: Any, classes: Sequence[str], title: str = "confusio
         for i in range(len(names)):
             for j in range(len(names)):
                 if counts[i, j]:
-                    ax.text(j, i, texts[i][j], ha="center", va="center", fontsize=size,
-                            color="white" if shares[i, j] > 0.55 else "#1d2430")
+                    ax.text(
+                        j,
+                        i,
+                        texts[i][j],
+                        ha="center",
+                        va="center",
+                        fontsize=size,
+                        color="white" if shares[i, j] > 0.55 else "#1d2430",
+                    )
     bar = fig.colorbar(image, cax=fig.add_axes(((side + 0.25) / (side + 1.2), 0.1, 0.18 / (side + 1.2), 0.8)))
     bar.set_label("share of the true class", fontsize=9)
     bar.ax.tick_params(labelsize=8)

@@ -15,6 +15,7 @@ data URIs and the style is inline, so the file opens from disk, in any browser, 
 `run` writes the page at the end of a run; `surgery report RUN_DIR` writes it again by hand.
 Importing this module, and writing a page, does not import torch.
 """
+
 from __future__ import annotations
 
 import base64
@@ -88,8 +89,13 @@ def actual_starts(spec: Any, rows: Sequence[Mapping[str, Any]]) -> dict[str, int
     for row in reversed(rows):
         recorded = row.get("unfreeze_at")
         if isinstance(recorded, Mapping):
-            starts.update({name: epoch for name, epoch in recorded.items() if name in starts
-                           and isinstance(epoch, int) and not isinstance(epoch, bool)})
+            starts.update(
+                {
+                    name: epoch
+                    for name, epoch in recorded.items()
+                    if name in starts and isinstance(epoch, int) and not isinstance(epoch, bool)
+                }
+            )
             break
     return starts
 
@@ -110,10 +116,17 @@ def epoch_table(spec: Any, rows: Sequence[Mapping[str, Any]], best_epoch: int | 
         from ..train.schedule import schedule_table, unfreeze_events
 
         planned = {row["epoch"]: row["groups"] for row in schedule_table(spec)}
-        starts = {name: epoch for epoch, names in unfreeze_events(spec, actual_starts(spec, rows)).items()
-                  for name in names if epoch > 0}
-    names = [g.name for g in spec.groups] if spec is not None else \
-        list(dict.fromkeys(k for r in rows for k in _dict(r.get("lr"))))
+        starts = {
+            name: epoch
+            for epoch, names in unfreeze_events(spec, actual_starts(spec, rows)).items()
+            for name in names
+            if epoch > 0
+        }
+    names = (
+        [g.name for g in spec.groups]
+        if spec is not None
+        else list(dict.fromkeys(k for r in rows for k in _dict(r.get("lr"))))
+    )
     recorded = {int(r["epoch"]): r for r in rows}
     multi = any(_num(r.get("val_map")) is not None for r in rows)
     keys = ["train_loss", "train_acc", "val_loss", "val_acc"] + (["val_map"] if multi else [])
@@ -127,19 +140,31 @@ def epoch_table(spec: Any, rows: Sequence[Mapping[str, Any]], best_epoch: int | 
             rate = _num(lr.get(n)) if n in lr else _num(_dict(plan.get(n)).get("lr"))
             on = trainable.get(n) if n in trainable else _dict(plan.get(n)).get("trainable")
             cells.append({"lr": rate, "trainable": on, "starts": starts.get(n) == epoch})
-        table.append({"epoch": epoch, "trained": row is not None, "best": epoch == best_epoch, "groups": cells,
-                      "values": [_num(row.get(k)) if row else None for k in keys],
-                      "speed": _num(row.get("images_per_sec")) if row else None,
-                      "seconds": _num(row.get("seconds")) if row else None})
+        table.append(
+            {
+                "epoch": epoch,
+                "trained": row is not None,
+                "best": epoch == best_epoch,
+                "groups": cells,
+                "values": [_num(row.get(k)) if row else None for k in keys],
+                "speed": _num(row.get("images_per_sec")) if row else None,
+                "seconds": _num(row.get("seconds")) if row else None,
+            }
+        )
     unfreeze = {}
     for name, epoch in starts.items():
         unfreeze.setdefault(epoch, []).append(name)
     note = None
     if spec is not None and spec.train.scheduler.name == "plateau":
         note = "plateau scheduler: epochs not trained yet show the lr before any reduction"
-    return {"groups": names, "columns": ["train loss", "train acc", "val loss", "val acc"] + (["val mAP"] if multi else []),
-            "rows": table, "note": note, "unfreeze": dict(sorted(unfreeze.items())),
-            "planned": any(not r["trained"] for r in table) and bool(planned)}
+    return {
+        "groups": names,
+        "columns": ["train loss", "train acc", "val loss", "val acc"] + (["val mAP"] if multi else []),
+        "rows": table,
+        "note": note,
+        "unfreeze": dict(sorted(unfreeze.items())),
+        "planned": any(not r["trained"] for r in table) and bool(planned),
+    }
 
 
 def _load_report(reader: Run, run_dir: Path) -> dict[str, Any] | None:
@@ -158,12 +183,29 @@ def _load_report(reader: Run, run_dir: Path) -> dict[str, Any] | None:
             else:
                 what = ", ".join(str(v) for v in value[:4]) + (" ..." if len(value) > 4 else "") or "-"
         rows.append({"label": label, "count": count, "what": what})
-    inserted = [{"path": m.get("path"), "type": m.get("type"), "where": f"{m.get('position', '')} {m.get('target', '')}".strip(),
-                 "channels": m.get("channels"), "init": m.get("init"), "params": _int(m.get("params"))}
-                for m in _list(data.get("inserted_modules")) if isinstance(m, dict)]
-    changed = [{"path": c.get("path"), "kind": c.get("kind"), "old": c.get("old"), "new": c.get("new"),
-                "by": str(c.get("by", "")).partition(": ")[0]}
-               for c in _list(data.get("changed_modules")) if isinstance(c, dict)]
+    inserted = [
+        {
+            "path": m.get("path"),
+            "type": m.get("type"),
+            "where": f"{m.get('position', '')} {m.get('target', '')}".strip(),
+            "channels": m.get("channels"),
+            "init": m.get("init"),
+            "params": _int(m.get("params")),
+        }
+        for m in _list(data.get("inserted_modules"))
+        if isinstance(m, dict)
+    ]
+    changed = [
+        {
+            "path": c.get("path"),
+            "kind": c.get("kind"),
+            "old": c.get("old"),
+            "new": c.get("new"),
+            "by": str(c.get("by", "")).partition(": ")[0],
+        }
+        for c in _list(data.get("changed_modules"))
+        if isinstance(c, dict)
+    ]
     imports = [str(i) for i in _list(data.get("imports"))]
     return {"source": data.get("source"), "rows": rows, "inserted": inserted, "changed": changed, "imports": imports}
 
@@ -177,25 +219,37 @@ def _classes(reader: Run, summary: Mapping[str, Any]) -> list[str]:
     return []
 
 
-def _per_class(summary: Mapping[str, Any], classes: Sequence[str], last: Mapping[str, Any] | None) -> dict[str, Any] | None:
+def _per_class(
+    summary: Mapping[str, Any], classes: Sequence[str], last: Mapping[str, Any] | None
+) -> dict[str, Any] | None:
     """Per-class training count, validation recall and F1 (multi-label: F1, from the summary or,
     for an unfinished run, the last epoch's ``val_f1``)."""
     counts = _dict(_dict(summary.get("balance")).get("train_counts"))
     weights = _dict(_dict(summary.get("balance")).get("class_weights"))
     recall = _dict(summary.get("per_class_accuracy"))
     f1 = _dict(summary.get("per_class_f1")) or _dict((last or {}).get("val_f1"))
-    columns = [(label, kind, column) for label, kind, column in (
-        ("train images", "int", counts), ("loss weight", "lr", weights),
-        ("val accuracy (recall)", "acc", recall), ("val F1", "acc", f1)) if column]
+    columns = [
+        (label, kind, column)
+        for label, kind, column in (
+            ("train images", "int", counts),
+            ("loss weight", "lr", weights),
+            ("val accuracy (recall)", "acc", recall),
+            ("val F1", "acc", f1),
+        )
+        if column
+    ]
     if not columns:
         return None
-    rows = [{"name": c, "values": [_num(column.get(c)) for _, _, column in columns]}
-            for c in classes or list(f1 or recall or counts)]
+    rows = [
+        {"name": c, "values": [_num(column.get(c)) for _, _, column in columns]}
+        for c in classes or list(f1 or recall or counts)
+    ]
     return {"columns": [{"label": label, "kind": kind} for label, kind, _ in columns], "rows": rows}
 
 
-def _figures(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], multi_label: bool,
-             total_epochs: int | None) -> list[dict[str, Any]]:
+def _figures(
+    summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], multi_label: bool, total_epochs: int | None
+) -> list[dict[str, Any]]:
     """The header's key figures: best and final validation figure, macro F1, parameters, speed, time."""
     figures: list[dict[str, Any]] = []
     metric = layout.headline(multi_label)
@@ -209,15 +263,27 @@ def _figures(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], mult
     else:
         best, best_epoch = None, None
     if best is not None:
-        figures.append({"label": f"best {label}", "value": best, "kind": "acc",
-                        "note": f"epoch {best_epoch + 1}" if best_epoch is not None else ""})
+        figures.append(
+            {
+                "label": f"best {label}",
+                "value": best,
+                "kind": "acc",
+                "note": f"epoch {best_epoch + 1}" if best_epoch is not None else "",
+            }
+        )
     final = _num(summary.get("final_val_map" if multi_label else "final_val_acc"))
     if final is not None:
         figures.append({"label": f"final {label}", "value": final, "kind": "acc", "note": "last epoch's model"})
     elif scored:
         epochs = f" of {total_epochs}" if total_epochs else ""
-        figures.append({"label": f"last {label}", "value": scored[-1][0], "kind": "acc",
-                        "note": f"after epoch {scored[-1][1] + 1}{epochs}"})
+        figures.append(
+            {
+                "label": f"last {label}",
+                "value": scored[-1][0],
+                "kind": "acc",
+                "note": f"after epoch {scored[-1][1] + 1}{epochs}",
+            }
+        )
     if _num(summary.get("val_macro_f1")) is not None:
         figures.append({"label": "macro F1", "value": summary["val_macro_f1"], "kind": "acc", "note": "validation"})
     if multi_label and _num(summary.get("final_val_acc")) is not None:
@@ -229,14 +295,26 @@ def _figures(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], mult
         figures.append({"label": "params added", "value": params["inserted"], "kind": "count", "note": share})
     speeds = [r["images_per_sec"] for r in rows if _num(r.get("images_per_sec")) is not None]
     if speeds:
-        figures.append({"label": "train images/s", "value": statistics.median(speeds), "kind": "rate",
-                        "note": "median over epochs"})
+        figures.append(
+            {
+                "label": "train images/s",
+                "value": statistics.median(speeds),
+                "kind": "rate",
+                "note": "median over epochs",
+            }
+        )
     wall = _num(summary.get("wall_seconds"))
     if wall is None and rows:
         wall = sum(_num(r.get("seconds")) or 0.0 for r in rows) or None
     if wall is not None:
-        figures.append({"label": "wall time", "value": wall, "kind": "seconds",
-                        "note": summary.get("device") or ("training and validation" if not summary else "")})
+        figures.append(
+            {
+                "label": "wall time",
+                "value": wall,
+                "kind": "seconds",
+                "note": summary.get("device") or ("training and validation" if not summary else ""),
+            }
+        )
     return figures
 
 
@@ -246,8 +324,10 @@ def _status(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], total
     if summary:
         return {"kind": "finished", "text": f"finished: {summary.get('epochs', len(rows))} epochs"}
     done = f"{len(rows)} of {total}" if total else str(len(rows))
-    return {"kind": "unfinished",
-            "text": f"unfinished: {done} epochs trained (still running, or interrupted: resume with --resume)"}
+    return {
+        "kind": "unfinished",
+        "text": f"unfinished: {done} epochs trained (still running, or interrupted: resume with --resume)",
+    }
 
 
 def _facts(summary: Mapping[str, Any], spec: Any) -> list[tuple[str, str]]:
@@ -255,8 +335,11 @@ def _facts(summary: Mapping[str, Any], spec: Any) -> list[tuple[str, str]]:
     if summary.get("data") or spec is not None:
         facts.append(("data", str(summary.get("data") or f"{spec.data.name}, {spec.data.image_size}px")))
     if summary.get("device"):
-        extras = [str(summary.get("precision") or ""), "channels_last" if summary.get("channels_last") else "",
-                  "compiled" if summary.get("compiled") else ""]
+        extras = [
+            str(summary.get("precision") or ""),
+            "channels_last" if summary.get("channels_last") else "",
+            "compiled" if summary.get("compiled") else "",
+        ]
         facts.append(("device", ", ".join([str(summary["device"])] + [e for e in extras if e])))
     if _int(summary.get("global_batch_size")) is not None:
         batch = f"{summary['global_batch_size']}"
@@ -291,16 +374,29 @@ def _evaluations(reader: Run, run_dir: Path) -> list[dict[str, Any]]:
         per_class = []
         for name, figures in _dict(data.get("per_class")).items():
             figures = _dict(figures)
-            per_class.append({"name": str(name), "values": [_num(figures.get(k)) for k in ("precision", "recall", "f1")],
-                              "support": _int(figures.get("support"))})
+            per_class.append(
+                {
+                    "name": str(name),
+                    "values": [_num(figures.get(k)) for k in ("precision", "recall", "f1")],
+                    "support": _int(figures.get("support")),
+                }
+            )
         averages = []
         for label, key in (("macro average", "macro_avg"), ("weighted average", "weighted_avg")):
             figures = _dict(data.get(key))
             if figures:
-                averages.append({"name": label, "values": [_num(figures.get(k)) for k in ("precision", "recall", "f1")],
-                                 "support": _int(figures.get("support"))})
-        confused = [{"true": str(c.get("true")), "predicted": str(c.get("predicted")), "count": _int(c.get("count"))}
-                    for c in _list(data.get("most_confused")) if isinstance(c, dict)]
+                averages.append(
+                    {
+                        "name": label,
+                        "values": [_num(figures.get(k)) for k in ("precision", "recall", "f1")],
+                        "support": _int(figures.get("support")),
+                    }
+                )
+        confused = [
+            {"true": str(c.get("true")), "predicted": str(c.get("predicted")), "count": _int(c.get("count"))}
+            for c in _list(data.get("most_confused"))
+            if isinstance(c, dict)
+        ]
         tta = _dict(data.get("tta"))
         pictures = []
         for key, name in _dict(data.get("pngs")).items():
@@ -308,16 +404,29 @@ def _evaluations(reader: Run, run_dir: Path) -> list[dict[str, Any]]:
             uri = _image(reader, path) if path is not None else None
             if uri is not None:
                 pictures.append({"title": str(key).replace("_", " "), "uri": uri})
-        figures = [f for f in (
-            {"label": "accuracy", "value": _num(data.get("accuracy")), "kind": "acc", "note": ""},
-            {"label": "top-5 accuracy", "value": _num(data.get("top5")), "kind": "acc", "note": ""},
-            {"label": "ECE", "value": _num(data.get("ece")), "kind": "acc", "note": "expected calibration error"},
-            {"label": "with TTA", "value": _num(tta.get("accuracy")), "kind": "acc",
-             "note": _tta_note(tta)},
-        ) if f["value"] is not None]
-        out.append({"split": str(data.get("split") or split_dir.name), "source": data.get("source"),
-                    "images": _int(data.get("images")), "weights": data.get("weights"), "figures": figures,
-                    "per_class": per_class, "averages": averages, "confused": confused, "pictures": pictures})
+        figures = [
+            f
+            for f in (
+                {"label": "accuracy", "value": _num(data.get("accuracy")), "kind": "acc", "note": ""},
+                {"label": "top-5 accuracy", "value": _num(data.get("top5")), "kind": "acc", "note": ""},
+                {"label": "ECE", "value": _num(data.get("ece")), "kind": "acc", "note": "expected calibration error"},
+                {"label": "with TTA", "value": _num(tta.get("accuracy")), "kind": "acc", "note": _tta_note(tta)},
+            )
+            if f["value"] is not None
+        ]
+        out.append(
+            {
+                "split": str(data.get("split") or split_dir.name),
+                "source": data.get("source"),
+                "images": _int(data.get("images")),
+                "weights": data.get("weights"),
+                "figures": figures,
+                "per_class": per_class,
+                "averages": averages,
+                "confused": confused,
+                "pictures": pictures,
+            }
+        )
     return out
 
 
@@ -345,26 +454,44 @@ def _explanations(reader: Run, run_dir: Path) -> list[dict[str, Any]]:
         if uri is None:
             continue
         modules = item.get("modules")
-        out.append({"uri": uri, "image": item.get("image"), "predicted": item.get("predicted"),
-                    "confidence": _num(item.get("confidence")), "explained": item.get("explained_class"),
-                    "layer": item.get("layer"), "method": item.get("method"),
-                    "modules": ", ".join(map(str, modules)) if isinstance(modules, list) else modules})
+        out.append(
+            {
+                "uri": uri,
+                "image": item.get("image"),
+                "predicted": item.get("predicted"),
+                "confidence": _num(item.get("confidence")),
+                "explained": item.get("explained_class"),
+                "layer": item.get("layer"),
+                "method": item.get("method"),
+                "modules": ", ".join(map(str, modules)) if isinstance(modules, list) else modules,
+            }
+        )
     return out
 
 
-def _pictures(reader: Run, run_dir: Path, summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]],
-              spec: Any, classes: Sequence[str]) -> dict[str, str | None]:
+def _pictures(
+    reader: Run,
+    run_dir: Path,
+    summary: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+    spec: Any,
+    classes: Sequence[str],
+) -> dict[str, str | None]:
     """The curves and the confusion matrix. A finished run's own PNGs are embedded as they are
     (written with summary.json); a run without them (unfinished, or the PNG deleted) gets them
     redrawn in memory by `plots`, from metrics.jsonl and summary.json."""
     from .plots import confusion_png, curves_png
 
     curves = _image(reader, run_dir / layout.CURVES) if summary and (run_dir / layout.CURVES).is_file() else None
-    plottable = [r for r in rows if all(_num(r.get(k)) is not None for k in ("train_loss", "val_loss", "train_acc", "val_acc"))]
+    plottable = [
+        r for r in rows if all(_num(r.get(k)) is not None for k in ("train_loss", "val_loss", "train_acc", "val_acc"))
+    ]
     if curves is None and plottable:
         from ..train.schedule import unfreeze_events
 
-        curves = data_uri(curves_png(plottable, unfreeze_events(spec, actual_starts(spec, rows)) if spec is not None else {}))
+        curves = data_uri(
+            curves_png(plottable, unfreeze_events(spec, actual_starts(spec, rows)) if spec is not None else {})
+        )
     confusion = None
     matrix = summary.get("confusion_matrix")
     if isinstance(matrix, list) and matrix:
@@ -373,14 +500,20 @@ def _pictures(reader: Run, run_dir: Path, summary: Mapping[str, Any], rows: Sequ
         elif _square(matrix, len(classes)):
             confusion = data_uri(confusion_png(matrix, list(classes)))
         else:
-            reader.note(run_dir / layout.SUMMARY, f"confusion_matrix is not {len(classes)} x {len(classes)} numbers "
-                                                  "(one row and column per class); not drawn")
+            reader.note(
+                run_dir / layout.SUMMARY,
+                f"confusion_matrix is not {len(classes)} x {len(classes)} numbers "
+                "(one row and column per class); not drawn",
+            )
     return {"curves": curves, "confusion": confusion}
 
 
 def _square(matrix: list[Any], n: int) -> bool:
-    return (n > 0 and len(matrix) == n
-            and all(isinstance(r, list) and len(r) == n and all(_num(v) is not None for v in r) for r in matrix))
+    return (
+        n > 0
+        and len(matrix) == n
+        and all(isinstance(r, list) and len(r) == n and all(_num(v) is not None for v in r) for r in matrix)
+    )
 
 
 def gather(run_dir: str | Path) -> dict[str, Any]:
@@ -474,9 +607,14 @@ def environment() -> Any:
 
     from ..untrusted import href
 
-    env = jinja2.Environment(loader=jinja2.PackageLoader("surgery.pages", "templates"), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
-                             keep_trailing_newline=True)
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("surgery.pages", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
     env.filters["fmt"] = _fmt
     env.filters["human"] = human
     env.filters["duration"] = duration
@@ -527,9 +665,22 @@ def refresh_report(run_dir: str | Path, warn: Callable[[str], None]) -> Path | N
     try:
         return write_report(run_dir)
     except Exception as exc:  # noqa: BLE001 - every other file is in place; only the page is missing
-        warn(f"{Path(run_dir) / REPORT_NAME} was not written ({describe_exception(exc)}); "
-             f"write it with: surgery report {shlex.quote(str(run_dir))}")
+        warn(
+            f"{Path(run_dir) / REPORT_NAME} was not written ({describe_exception(exc)}); "
+            f"write it with: surgery report {shlex.quote(str(run_dir))}"
+        )
         return None
 
 
-__all__ = ["REPORT_NAME", "check_run_dir", "refresh_report", "gather", "render_report", "write_report", "data_uri", "environment", "human", "duration"]
+__all__ = [
+    "REPORT_NAME",
+    "check_run_dir",
+    "refresh_report",
+    "gather",
+    "render_report",
+    "write_report",
+    "data_uri",
+    "environment",
+    "human",
+    "duration",
+]

@@ -1,17 +1,18 @@
 """The run directory's file names, defined once, and the run's headline metric, decided once.
 
-    runs/<name>/
-      spec.yaml                      the resolved spec (defaults filled, overrides applied)
-      load_report.json               what the surgery loaded, re-initialised, added
-      classes.json, splits.json      class names; where the data was and each split's fingerprint
-      metrics.jsonl, metrics.csv     one record per epoch
-      checkpoints/last.pt            everything needed to resume
-      checkpoints/best.safetensors   weights of the best epoch
-      model.safetensors              final weights, loadable into a model rebuilt from spec.yaml
-      model_ema.safetensors          the EMA of the weights (train.ema)
-      summary.json, plots/curves.png, plots/confusion.png, report.html
-      eval/<split>/                  `surgery evaluate`;  explain/  `surgery explain`;  export/  `surgery export`
+runs/<name>/
+  spec.yaml                      the resolved spec (defaults filled, overrides applied)
+  load_report.json               what the surgery loaded, re-initialised, added
+  classes.json, splits.json      class names; where the data was and each split's fingerprint
+  metrics.jsonl, metrics.csv     one record per epoch
+  checkpoints/last.pt            everything needed to resume
+  checkpoints/best.safetensors   weights of the best epoch
+  model.safetensors              final weights, loadable into a model rebuilt from spec.yaml
+  model_ema.safetensors          the EMA of the weights (train.ema)
+  summary.json, plots/curves.png, plots/confusion.png, report.html
+  eval/<split>/                  `surgery evaluate`;  explain/  `surgery explain`;  export/  `surgery export`
 """
+
 from __future__ import annotations
 
 SPEC = "spec.yaml"
@@ -50,6 +51,27 @@ def headline_label(metric: str) -> str:
     return {"val_acc": "val acc", "val_map": "val mAP"}.get(metric, metric)
 
 
-__all__ = ["SPEC", "LOAD_REPORT", "CLASSES", "SPLITS", "METRICS", "SUMMARY", "LAST", "BEST", "FINAL", "EMA", "CURVES",
-           "CONFUSION", "REPORT", "EVAL", "EVAL_METRICS", "EXPLAIN", "EXPLAIN_PREDICTIONS", "EXPORT", "WEIGHT_CHOICES",
-           "DEFAULT_WEIGHTS", "headline", "headline_label"]
+__all__ = [
+    "SPEC",
+    "LOAD_REPORT",
+    "CLASSES",
+    "SPLITS",
+    "METRICS",
+    "SUMMARY",
+    "LAST",
+    "BEST",
+    "FINAL",
+    "EMA",
+    "CURVES",
+    "CONFUSION",
+    "REPORT",
+    "EVAL",
+    "EVAL_METRICS",
+    "EXPLAIN",
+    "EXPLAIN_PREDICTIONS",
+    "EXPORT",
+    "WEIGHT_CHOICES",
+    "DEFAULT_WEIGHTS",
+    "headline",
+    "headline_label",
+]

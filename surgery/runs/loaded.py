@@ -5,6 +5,7 @@ run's own weight file is loaded strictly: every tensor of the rebuilt model pres
 shape, and nothing else. A file of another model (another head, no inserted modules) is an
 error naming what differs, never a model with a random head.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -35,9 +36,14 @@ class TrainedRun(Protocol):
 
     def require_classes(self, num_classes: int) -> list[str]: ...
 
+
 # the spec's weight source is replaced by the run's own weights: none of these may touch them
-REBUILD_OVERRIDES = ("model.pretrained=false", "model.key_map=null", "model.checkpoint_key=null",
-                     "model.reset_head=false")
+REBUILD_OVERRIDES = (
+    "model.pretrained=false",
+    "model.key_map=null",
+    "model.checkpoint_key=null",
+    "model.reset_head=false",
+)
 _SHOWN = 5  # keys named per kind of difference
 
 
@@ -89,12 +95,11 @@ class LoadedRun:
 
 def load(run: TrainedRun, device: Any = None, weights: str | None = None) -> LoadedRun:
     """`Run.load`: see there."""
-    from ..model.builder import build
     from ..data import normalization
+    from ..model.builder import build
     from ..spec import load_spec
-    from .writer import load_safetensors
-
     from ..train.runtime import device_for
+    from .writer import load_safetensors
 
     path, note = run.require_trained(weights)
     spec = load_spec(run.file(SPEC), REBUILD_OVERRIDES)
@@ -102,9 +107,13 @@ def load(run: TrainedRun, device: Any = None, weights: str | None = None) -> Loa
     try:
         state = load_safetensors(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable weight file is the same problem for the user
-        raise UsageError(f"the weights cannot be read: {describe_exception(exc, 200)}", origin=Origin.path(run.path),
-                         found=str(path), expected="an intact safetensors file written by `surgery run`",
-                         hint="re-run or resume the training that wrote it") from None
+        raise UsageError(
+            f"the weights cannot be read: {describe_exception(exc, 200)}",
+            origin=Origin.path(run.path),
+            found=str(path),
+            expected="an intact safetensors file written by `surgery run`",
+            hint="re-run or resume the training that wrote it",
+        ) from None
     built = build(spec)  # the architecture only: pretrained is off, the weights come next, strictly
     load_strict(built.model, state, path, run.path)
     model = built.model.to(target).eval()
@@ -112,9 +121,21 @@ def load(run: TrainedRun, device: Any = None, weights: str | None = None) -> Loa
     config = dict(built.data_config)
     config["input_size"] = (built.input_size[0], size, size)
     mean, std = normalization(config)
-    return LoadedRun(run_dir=run.path, spec=spec, built=built, model=model,
-                     classes=run.require_classes(built.num_classes), data_config=config, image_size=size,
-                     mean=mean, std=std, weights=path, device=target, note=note, run=run)
+    return LoadedRun(
+        run_dir=run.path,
+        spec=spec,
+        built=built,
+        model=model,
+        classes=run.require_classes(built.num_classes),
+        data_config=config,
+        image_size=size,
+        mean=mean,
+        std=std,
+        weights=path,
+        device=target,
+        note=note,
+        run=run,
+    )
 
 
 def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, run_dir: Path) -> None:
@@ -127,20 +148,28 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path,
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {list(state[k].shape)} in the file, {list(v.shape)} in the model" for k, v in expected.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    shapes = [
+        f"{k} {list(state[k].shape)} in the file, {list(v.shape)} in the model"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
     if missing or unexpected or shapes:
         parts = []
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)):
             if keys:
-                parts.append(f"{len(keys)} {label}: " + ", ".join(keys[:_SHOWN]) + (" ..." if len(keys) > _SHOWN else ""))
-        raise UsageError(f"{path.name} does not hold the weights of the model its spec.yaml builds "
-                         f"({'; '.join(p.split(':')[0] for p in parts)} tensors)", origin=Origin.path(path),
-                         found="; ".join(parts), expected=f"exactly the {len(expected)} tensors of the model "
-                         f"{run_dir / SPEC} describes", hint="the file was replaced or belongs to another run: "
-                         "restore the run's own weights, or re-run the training") from None
+                parts.append(
+                    f"{len(keys)} {label}: " + ", ".join(keys[:_SHOWN]) + (" ..." if len(keys) > _SHOWN else "")
+                )
+        raise UsageError(
+            f"{path.name} does not hold the weights of the model its spec.yaml builds "
+            f"({'; '.join(p.split(':')[0] for p in parts)} tensors)",
+            origin=Origin.path(path),
+            found="; ".join(parts),
+            expected=f"exactly the {len(expected)} tensors of the model {run_dir / SPEC} describes",
+            hint="the file was replaced or belongs to another run: "
+            "restore the run's own weights, or re-run the training",
+        ) from None
     model.load_state_dict(dict(state), strict=True)
-
 
 
 __all__ = ["LoadedRun", "load", "load_strict", "REBUILD_OVERRIDES"]

@@ -11,6 +11,7 @@ One rule for what may be shown from a run: a regular file that resolves inside t
 directory (`inside`). A link to a file elsewhere (``eval/test/confusion.png -> /etc/...``) is
 a problem, never embedded. Importing this module does not import torch.
 """
+
 from __future__ import annotations
 
 import functools
@@ -115,9 +116,13 @@ def open_run(path: str | Path, *, hint: str | None = _TRAIN_HINT) -> "Run":
     """
     path = Path(path)
     if not path.is_dir():
-        raise UsageError("the run directory does not exist" if not path.exists() else "the run path is not a folder",
-                         origin=Origin.path(path), found=str(path), expected="a run directory written by `surgery run`",
-                         hint=hint)
+        raise UsageError(
+            "the run directory does not exist" if not path.exists() else "the run path is not a folder",
+            origin=Origin.path(path),
+            found=str(path),
+            expected="a run directory written by `surgery run`",
+            hint=hint,
+        )
     return Run(path)
 
 
@@ -177,8 +182,9 @@ class Run:
             self.note(path, f"is not valid JSON ({exc.reason}); not shown")
             return None
         if not isinstance(value, kind):
-            self.note(path, f"holds a JSON {type(value).__name__}, not {'a list' if kind is list else 'an object'}; "
-                            "not shown")
+            self.note(
+                path, f"holds a JSON {type(value).__name__}, not {'a list' if kind is list else 'an object'}; not shown"
+            )
             return None
         return value
 
@@ -205,8 +211,9 @@ class Run:
     def member(self, folder: Path, name: Any) -> Path | None:
         """A file named inside a JSON file, which must lie in `folder` (no '..', no absolute path)."""
         if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
-            self.note(folder, f"names a picture {name!r} that is not a file name inside {self.name_of(folder)}; "
-                              "not shown")
+            self.note(
+                folder, f"names a picture {name!r} that is not a file name inside {self.name_of(folder)}; not shown"
+            )
             return None
         return folder / name
 
@@ -259,8 +266,11 @@ class Run:
     @functools.cached_property
     def multi_label(self) -> bool:
         spec = self.spec
-        return bool(self.summary.get("multi_label")) or (spec is not None and spec.data.multi_label) \
+        return (
+            bool(self.summary.get("multi_label"))
+            or (spec is not None and spec.data.multi_label)
             or any(_finite(r.get("val_map")) is not None for r in self.metrics)
+        )
 
     @property
     def metric(self) -> str:
@@ -284,9 +294,12 @@ class Run:
     def require_run(self) -> "Run":
         """Raise unless the folder holds a run's spec.yaml or metrics.jsonl (finished or not)."""
         if not self.has(SPEC) and not self.has(METRICS):
-            raise UsageError("the folder is not a run directory: it has no spec.yaml and no metrics.jsonl",
-                             origin=Origin.path(self.path), expected="a run directory written by `surgery run`",
-                             hint=_TRAIN_HINT)
+            raise UsageError(
+                "the folder is not a run directory: it has no spec.yaml and no metrics.jsonl",
+                origin=Origin.path(self.path),
+                expected="a run directory written by `surgery run`",
+                hint=_TRAIN_HINT,
+            )
         return self
 
     def require_trained(self, weights: str | None = None) -> tuple[Path, str | None]:
@@ -302,9 +315,11 @@ class Run:
         """
         spec_path = self.file(SPEC)
         if not spec_path.is_file():
-            raise self._error("the run directory has no spec.yaml", found=str(spec_path),
-                              expected="a run directory written by `surgery run` "
-                                       "(spec.yaml, model.safetensors, classes.json)")
+            raise self._error(
+                "the run directory has no spec.yaml",
+                found=str(spec_path),
+                expected="a run directory written by `surgery run` (spec.yaml, model.safetensors, classes.json)",
+            )
         if weights is not None:
             return self._chosen(weights), None
         for i, name in enumerate(DEFAULT_WEIGHTS):
@@ -312,34 +327,50 @@ class Run:
             if path.is_file():
                 note = None
                 if i:
-                    note = (f"{self.file(DEFAULT_WEIGHTS[0])} is missing (the run did not finish?); "
-                            f"using the best epoch's weights, {path}")
+                    note = (
+                        f"{self.file(DEFAULT_WEIGHTS[0])} is missing (the run did not finish?); "
+                        f"using the best epoch's weights, {path}"
+                    )
                 return path, note
-        raise self._error("the run directory holds no trained weights",
-                          found="no " + " and no ".join(str(self.file(n)) for n in DEFAULT_WEIGHTS),
-                          expected="a run directory written by `surgery run`",
-                          hint=f"finish or resume the run: surgery run {spec_path} --out {self.path} --resume")
+        raise self._error(
+            "the run directory holds no trained weights",
+            found="no " + " and no ".join(str(self.file(n)) for n in DEFAULT_WEIGHTS),
+            expected="a run directory written by `surgery run`",
+            hint=f"finish or resume the run: surgery run {spec_path} --out {self.path} --resume",
+        )
 
     def _chosen(self, weights: str) -> Path:
         choices = WEIGHT_CHOICES
         flag = Origin.flag("--weights", weights)
         if weights not in choices:
-            raise UsageError(f"unknown weights {weights!r}", origin=flag, found=repr(weights),
-                             expected="one of " + ", ".join(choices), hint=did_you_mean(weights, choices))
+            raise UsageError(
+                f"unknown weights {weights!r}",
+                origin=flag,
+                found=repr(weights),
+                expected="one of " + ", ".join(choices),
+                hint=did_you_mean(weights, choices),
+            )
         path = self.file(choices[weights])
         if path.is_file():
             return path
         spec_path = self.file(SPEC)
         if weights == "ema":
-            hint = ("the run kept no EMA of its weights (train.ema is null); train with train.ema: 0.999 to keep one"
-                    if not self._keeps_ema() else
-                    f"the run did not finish: resume it (surgery run {spec_path} --out {self.path} --resume)")
+            hint = (
+                "the run kept no EMA of its weights (train.ema is null); train with train.ema: 0.999 to keep one"
+                if not self._keeps_ema()
+                else f"the run did not finish: resume it (surgery run {spec_path} --out {self.path} --resume)"
+            )
         elif weights == "final":
             hint = f"the run did not finish: use --weights best, or resume it with --out {self.path} --resume"
         else:
             hint = "no epoch was validated yet: resume the run, or use --weights final"
-        raise UsageError(f"the run directory has no {weights} weights", origin=flag, found=f"no {path}",
-                         expected=f"{choices[weights]} in {self.path}", hint=hint)
+        raise UsageError(
+            f"the run directory has no {weights} weights",
+            origin=flag,
+            found=f"no {path}",
+            expected=f"{choices[weights]} in {self.path}",
+            hint=hint,
+        )
 
     def _keeps_ema(self) -> bool:
         """Does spec.yaml set train.ema (read as plain YAML: this only words a message)?"""
@@ -365,13 +396,19 @@ class Run:
         try:
             classes = read_json(path)
         except Unreadable as exc:
-            raise self._error(f"classes.json cannot be read: {exc.reason}", found=str(path),
-                              expected="a JSON list of class names",
-                              hint="restore it, or delete it to use label numbers") from None
+            raise self._error(
+                f"classes.json cannot be read: {exc.reason}",
+                found=str(path),
+                expected="a JSON list of class names",
+                hint="restore it, or delete it to use label numbers",
+            ) from None
         if not isinstance(classes, list) or len(classes) != num_classes:
-            raise self._error(f"classes.json does not match the model's {num_classes} outputs", found=str(path),
-                              expected=f"a JSON list of {num_classes} class names",
-                              hint="restore it, or delete it to use label numbers")
+            raise self._error(
+                f"classes.json does not match the model's {num_classes} outputs",
+                found=str(path),
+                expected=f"a JSON list of {num_classes} class names",
+                hint="restore it, or delete it to use label numbers",
+            )
         return [str(c) for c in classes]
 
     def written_classes(self) -> list[str] | None:
@@ -391,9 +428,13 @@ class Run:
         try:
             record = read_json(path)
         except Unreadable as exc:
-            raise RunDirError(f"splits.json cannot be read: {exc.reason}", origin=Origin.path(path),
-                              expected="the JSON written by `surgery run`", hint="restore it, or delete it to skip the "
-                              "check that the split's images are those the run trained beside") from None
+            raise RunDirError(
+                f"splits.json cannot be read: {exc.reason}",
+                origin=Origin.path(path),
+                expected="the JSON written by `surgery run`",
+                hint="restore it, or delete it to skip the "
+                "check that the split's images are those the run trained beside",
+            ) from None
         return record if isinstance(record, dict) else None
 
     def require_finished(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -405,20 +446,24 @@ class Run:
         path = self.file(SUMMARY)
         if not path.is_file():
             if not self.has(SPEC) and not self.has(METRICS):
-                raise UsageError("the folder is not a run directory: it has no spec.yaml and no summary.json",
-                                 origin=Origin.path(self.path),
-                                 expected="a finished run directory written by `surgery run`",
-                                 hint="pass the run directories themselves, e.g. runs/NAME, not the folder above them")
+                raise UsageError(
+                    "the folder is not a run directory: it has no spec.yaml and no summary.json",
+                    origin=Origin.path(self.path),
+                    expected="a finished run directory written by `surgery run`",
+                    hint="pass the run directories themselves, e.g. runs/NAME, not the folder above them",
+                )
             raise self._not_finished(f"the run has not finished: it has no {SUMMARY}", found=str(path))
         try:
             summary = read_json(path)
         except Unreadable as exc:
-            raise self._not_finished(f"{SUMMARY} cannot be read: {exc.reason}", found=str(path),
-                                     hint=None) from None
+            raise self._not_finished(f"{SUMMARY} cannot be read: {exc.reason}", found=str(path), hint=None) from None
         if not isinstance(summary, dict) or summary.get("stopped") or "best_val_acc" not in summary:
             stopped = summary.get("stopped") if isinstance(summary, dict) else None
-            raise self._not_finished(f"{SUMMARY} is not a finished run's"
-                                     + (f" (the run stopped: {stopped})" if stopped else ""), found=str(path), hint=None)
+            raise self._not_finished(
+                f"{SUMMARY} is not a finished run's" + (f" (the run stopped: {stopped})" if stopped else ""),
+                found=str(path),
+                hint=None,
+            )
         import yaml
 
         spec_path = self.file(SPEC)
@@ -427,11 +472,13 @@ class Run:
         except Unreadable as exc:
             if not spec_path.exists():
                 raise self._not_finished("the run has no spec.yaml", found=str(spec_path), hint=None) from None
-            raise self._not_finished(f"spec.yaml cannot be read: {exc.reason}", found=str(spec_path),
-                                     hint=None) from None
+            raise self._not_finished(
+                f"spec.yaml cannot be read: {exc.reason}", found=str(spec_path), hint=None
+            ) from None
         except (yaml.YAMLError, RecursionError) as exc:
-            raise self._not_finished(f"spec.yaml cannot be read: {describe_exception(exc)}", found=str(spec_path),
-                                     hint=None) from None
+            raise self._not_finished(
+                f"spec.yaml cannot be read: {describe_exception(exc)}", found=str(spec_path), hint=None
+            ) from None
         if not isinstance(spec, dict):
             raise self._not_finished("spec.yaml is not a spec (a mapping)", found=str(spec_path), hint=None)
         return summary, spec
@@ -446,13 +493,13 @@ class Run:
         try:
             return metrics_rows(path)
         except Unreadable as exc:
-            raise self._not_finished(f"{METRICS} cannot be read: {exc.reason}", found=str(path),
-                                     hint=None) from None
+            raise self._not_finished(f"{METRICS} cannot be read: {exc.reason}", found=str(path), hint=None) from None
 
     def _not_finished(self, problem: str, **kw: Any) -> UsageError:
         kw.setdefault("expected", "a finished run directory (written by `surgery run`, with summary.json)")
-        kw.setdefault("hint", f"finish it with `surgery run {self.file(SPEC)} --out {self.path} --resume`, "
-                              "or leave it out")
+        kw.setdefault(
+            "hint", f"finish it with `surgery run {self.file(SPEC)} --out {self.path} --resume`, or leave it out"
+        )
         return UsageError(problem, origin=Origin.path(self.path), **kw)
 
     def load(self, device: Any = None, weights: str | None = None) -> "LoadedRun":
@@ -486,5 +533,14 @@ def _whole(value: Any) -> int | None:
     return int(number) if number is not None and number == int(number) else None
 
 
-__all__ = ["Run", "Unreadable", "open_run", "read_json", "read_text", "parse_json", "metrics_rows", "read_metrics",
-           "inside"]
+__all__ = [
+    "Run",
+    "Unreadable",
+    "open_run",
+    "read_json",
+    "read_text",
+    "parse_json",
+    "metrics_rows",
+    "read_metrics",
+    "inside",
+]

@@ -1,6 +1,7 @@
 """Writing a run directory: held by one run at a time, swapped into place only once the run has
 started, and every file in it written atomically through `surgery.files` (its names: `layout`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from ..errors import Origin, RunDirError
-from ..files import (atomic_write_bytes, check_writable, jsonable, make_staging, remove_temporaries, swap_in,  # noqa: F401
-                     write_json, write_text)
+from ..files import (
+    atomic_write_bytes,
+    check_writable,
+    jsonable,
+    make_staging,
+    remove_temporaries,
+    swap_in,  # noqa: F401
+    write_text,
+)
 from .layout import LAST
 
 if TYPE_CHECKING:  # torch is imported where tensors are written: reports and comparisons write text without it
@@ -83,13 +91,17 @@ class RunDir:
                 neither --resume nor --overwrite was given (exit code 2), or it is not writable.
         """
         if self.path.exists() and not self.path.is_dir():
-            raise RunDirError(f"the run directory {self.path} is a file", origin=Origin.path(self.path),
-                              expected="a folder, or a path that does not exist yet")
+            raise RunDirError(
+                f"the run directory {self.path} is a file",
+                origin=Origin.path(self.path),
+                expected="a folder, or a path that does not exist yet",
+            )
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise RunDirError(f"the run directory {self.path} is not writable: {exc.strerror or exc}",
-                              origin=Origin.path(self.path)) from None
+            raise RunDirError(
+                f"the run directory {self.path} is not writable: {exc.strerror or exc}", origin=Origin.path(self.path)
+            ) from None
         self._lock = RunLock.take(self.path)
         holds_run = self.path.is_dir() and any(self.path.iterdir())
         if resume and holds_run:
@@ -98,16 +110,20 @@ class RunDir:
             return
         if holds_run and not overwrite:
             self.release()
-            raise RunDirError(f"the run directory {self.path} already holds a run", origin=Origin.path(self.path),
-                              expected="a new run directory", exit_code=2,
-                              hint="continue it with --resume, write elsewhere with --out DIR, or replace it "
-                                   "with --overwrite")
+            raise RunDirError(
+                f"the run directory {self.path} already holds a run",
+                origin=Origin.path(self.path),
+                expected="a new run directory",
+                exit_code=2,
+                hint="continue it with --resume, write elsewhere with --out DIR, or replace it with --overwrite",
+            )
         try:
             self._staging = make_staging(self.path)  # and removes the staging folders of killed runs
         except OSError as exc:
             self.release()
-            raise RunDirError(f"the run directory {self.path} is not writable: {exc.strerror or exc}",
-                              origin=Origin.path(self.path)) from None
+            raise RunDirError(
+                f"the run directory {self.path} is not writable: {exc.strerror or exc}", origin=Origin.path(self.path)
+            ) from None
         self.folder = self._staging
         check_writable(self._staging, name=self.path)
 
@@ -151,16 +167,20 @@ class RunLock:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as exc:
-                raise RunDirError(f"the run directory {run_dir} is not writable: {exc.strerror or exc}",
-                                  origin=Origin.path(run_dir)) from None
+                raise RunDirError(
+                    f"the run directory {run_dir} is not writable: {exc.strerror or exc}", origin=Origin.path(run_dir)
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
                 holder = os.read(fd, 100).decode(errors="replace").strip() or "another process"
                 os.close(fd)
-                raise RunDirError(f"another run is using {run_dir} ({holder})", origin=Origin.path(run_dir),
-                                  expected="one run per run directory at a time",
-                                  hint="wait for it to finish, or write elsewhere with --out DIR") from None
+                raise RunDirError(
+                    f"another run is using {run_dir} ({holder})",
+                    origin=Origin.path(run_dir),
+                    expected="one run per run directory at a time",
+                    hint="wait for it to finish, or write elsewhere with --out DIR",
+                ) from None
             # the lock file may have been removed by its previous holder between our open and lock
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(path))
@@ -181,5 +201,3 @@ class RunLock:
         with contextlib.suppress(OSError):
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
-
-

@@ -16,6 +16,7 @@
 `Spec` and reads its sections by attribute. Each `Spec` keeps its `Source`, so checks against
 the real model (`build`) still report the file, line and key path of the value they reject.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,7 +28,31 @@ from typing import Any, Mapping, Sequence
 from ..errors import SpecError, format_path, quote_value
 from .inherit import BASE_KEY, resolve_bases
 from .schema import check_schema, check_values, fill_defaults, schema
-from .sections import (Selector, ModelSpec, InsertSpec, ReplaceSpec, RemoveSpec, HeadSpec, UnfreezeRule, GroupSpec, SurgeryEntry, Section, OptimizerSpec, SchedulerSpec, MonitorSpec, MixupSpec, TrainSpec, SubsetSpec, ErasingSpec, AugmentSpec, DataSpec, MlflowSpec, LogSpec, Spec, PATH_KEYS)  # noqa: F401 - the face of the package
+from .sections import (
+    PATH_KEYS,
+    AugmentSpec,
+    DataSpec,
+    ErasingSpec,
+    GroupSpec,
+    HeadSpec,
+    InsertSpec,
+    LogSpec,
+    MixupSpec,
+    MlflowSpec,
+    ModelSpec,
+    MonitorSpec,
+    OptimizerSpec,
+    RemoveSpec,
+    ReplaceSpec,
+    SchedulerSpec,
+    Section,
+    Selector,
+    Spec,
+    SubsetSpec,
+    SurgeryEntry,
+    TrainSpec,
+    UnfreezeRule,
+)  # noqa: F401 - the face of the package
 from .source import Override, Source, apply_overrides, name_from_file, parse_yaml, read_spec_text
 
 
@@ -48,13 +73,23 @@ def _lr(value: Any, where: tuple, source: Source) -> tuple[tuple[int, float], ..
         return ((0, float(value)),)
     steps = tuple(sorted((int(k), float(v)) for k, v in value.items()))
     if steps[0][0] != 0:
-        raise source.error(where, "a learning-rate map must say what the lr is from epoch 0",
-                           found=quote_value(value), expected="a first key 0, e.g. {0: 1.0e-4, 10: 1.0e-5}")
+        raise source.error(
+            where,
+            "a learning-rate map must say what the lr is from epoch 0",
+            found=quote_value(value),
+            expected="a first key 0, e.g. {0: 1.0e-4, 10: 1.0e-5}",
+        )
     return steps
 
 
 _OPERATIONS = {"insert": ("at",), "replace": ("with",), "remove": ()}  # operation -> keys it needs
-_ONLY = {"at": "insert", "position": "insert", "init": "insert", "with": "replace", "allow_shape_change": "replace"}  # key -> the one operation it belongs to
+_ONLY = {
+    "at": "insert",
+    "position": "insert",
+    "init": "insert",
+    "with": "replace",
+    "allow_shape_change": "replace",
+}  # key -> the one operation it belongs to
 
 
 def _check_entries(data: dict, source: Source) -> None:
@@ -63,30 +98,52 @@ def _check_entries(data: dict, source: Source) -> None:
         where = ("surgery", i)
         ops = [op for op in _OPERATIONS if op in entry]
         if len(ops) != 1:
-            raise source.error(where, "a surgery entry is one operation" if ops else "a surgery entry names no operation",
-                               found=", ".join(ops) if ops else ", ".join(map(str, entry)) or "{}",
-                               expected="exactly one of insert (+ at), replace (+ with), remove",
-                               hint="split it into one entry per operation; they apply in order" if ops else None)
+            raise source.error(
+                where,
+                "a surgery entry is one operation" if ops else "a surgery entry names no operation",
+                found=", ".join(ops) if ops else ", ".join(map(str, entry)) or "{}",
+                expected="exactly one of insert (+ at), replace (+ with), remove",
+                hint="split it into one entry per operation; they apply in order" if ops else None,
+            )
         op = ops[0]
         for key in _OPERATIONS[op]:
             if key not in entry:
-                raise source.error(where, f"{op} needs `{key}`", found=f"{op}: {quote_value(entry[op])}",
-                                   expected=f"{op} with {key}" + (": a class name such as GroupNorm" if key == "with" else ""))
+                raise source.error(
+                    where,
+                    f"{op} needs `{key}`",
+                    found=f"{op}: {quote_value(entry[op])}",
+                    expected=f"{op} with {key}" + (": a class name such as GroupNorm" if key == "with" else ""),
+                )
         for key, owner in _ONLY.items():
             if key in entry and owner != op:
-                raise source.error(where + (key,), f"`{key}` belongs to {owner} entries, not to {op}", found=key,
-                                   expected=f"only the keys of {op}: " + ", ".join((op, *_OPERATIONS[op], *(("args",) if op != "remove" else ()))),
-                                   hint=f"a separate entry `{owner}: ...` does that" if op != "remove" or key != "with" else
-                                   "to put another module in its place, use replace: ... with: ...")
+                raise source.error(
+                    where + (key,),
+                    f"`{key}` belongs to {owner} entries, not to {op}",
+                    found=key,
+                    expected=f"only the keys of {op}: "
+                    + ", ".join((op, *_OPERATIONS[op], *(("args",) if op != "remove" else ()))),
+                    hint=f"a separate entry `{owner}: ...` does that"
+                    if op != "remove" or key != "with"
+                    else "to put another module in its place, use replace: ... with: ...",
+                )
         if op == "remove" and "args" in entry:
-            raise source.error(where + ("args",), "remove takes no arguments", found=quote_value(entry["args"]),
-                               expected="remove: TARGET alone")
+            raise source.error(
+                where + ("args",),
+                "remove takes no arguments",
+                found=quote_value(entry["args"]),
+                expected="remove: TARGET alone",
+            )
 
 
 def _surgery_entry(s: dict, i: int) -> SurgeryEntry:
     if "replace" in s:
-        return ReplaceSpec(_selectors(s["replace"], ("surgery", i, "replace")), s["with"], s["args"], i,
-                           bool(s.get("allow_shape_change", False)))
+        return ReplaceSpec(
+            _selectors(s["replace"], ("surgery", i, "replace")),
+            s["with"],
+            s["args"],
+            i,
+            bool(s.get("allow_shape_change", False)),
+        )
     if "remove" in s:
         return RemoveSpec(_selectors(s["remove"], ("surgery", i, "remove")), i)
     return InsertSpec(s["insert"], _selectors(s["at"], ("surgery", i, "at")), s["position"], s["init"], s["args"], i)
@@ -103,10 +160,22 @@ def _unfreeze(value: Any, where: tuple) -> tuple[int | None, UnfreezeRule | None
 def _typed(data: dict, source: Source) -> Spec:
     m = data["model"]
     head = m.get("head")
-    head_spec = None if head is None else HeadSpec(head["pool"], tuple(head["hidden"]), float(head["dropout"]),
-                                                   head["act"], head["norm"])
-    model = ModelSpec(m["backbone"], m["pretrained"], m["num_classes"], m["args"], m["key_map"], m["checkpoint_key"],
-                      m["reset_head"], m.get("in_chans"), head_spec)
+    head_spec = (
+        None
+        if head is None
+        else HeadSpec(head["pool"], tuple(head["hidden"]), float(head["dropout"]), head["act"], head["norm"])
+    )
+    model = ModelSpec(
+        m["backbone"],
+        m["pretrained"],
+        m["num_classes"],
+        m["args"],
+        m["key_map"],
+        m["checkpoint_key"],
+        m["reset_head"],
+        m.get("in_chans"),
+        head_spec,
+    )
     for s in data["surgery"]:  # fill_defaults wrote insert's defaults into every entry
         if "insert" not in s:
             s.pop("position", None), s.pop("init", None)
@@ -124,27 +193,41 @@ def _typed(data: dict, source: Source) -> Spec:
             if key not in g and "default" in sub:
                 g[key] = copy.deepcopy(sub["default"])
         if g["name"] in seen:
-            raise source.error(("groups", i, "name"), f"two groups are named {g['name']!r}",
-                               expected="a distinct name for each group", hint=f"the first is groups[{seen[g['name']]}]")
+            raise source.error(
+                ("groups", i, "name"),
+                f"two groups are named {g['name']!r}",
+                expected="a distinct name for each group",
+                hint=f"the first is groups[{seen[g['name']]}]",
+            )
         seen[g["name"]] = i
         unfreeze_at, rule = _unfreeze(g["unfreeze_at"], ("groups", i, "unfreeze_at"))
-        groups.append(GroupSpec(
-            name=g["name"],
-            params=_selectors(g["params"], ("groups", i, "params")),
-            lr=_lr(g["lr"], ("groups", i, "lr"), source),
-            unfreeze_at=unfreeze_at,
-            weight_decay=g["weight_decay"],
-            decay_norm_and_bias=g["decay_norm_and_bias"],
-            norm=g["norm"],
-            warmup_epochs=g["warmup_epochs"],
-            index=i,
-            unfreeze_rule=rule,
-        ))
+        groups.append(
+            GroupSpec(
+                name=g["name"],
+                params=_selectors(g["params"], ("groups", i, "params")),
+                lr=_lr(g["lr"], ("groups", i, "lr"), source),
+                unfreeze_at=unfreeze_at,
+                weight_decay=g["weight_decay"],
+                decay_norm_and_bias=g["decay_norm_and_bias"],
+                norm=g["norm"],
+                warmup_epochs=g["warmup_epochs"],
+                index=i,
+                unfreeze_rule=rule,
+            )
+        )
     if default_groups:
         data["groups"] = raw_groups
     return Spec(
-        name=data["name"], seed=data["seed"], model=model, surgery=inserts, groups=tuple(groups),
-        train=TrainSpec.parse(data["train"]), data=DataSpec.parse(data["data"]), raw=data, source=source, default_groups=default_groups,
+        name=data["name"],
+        seed=data["seed"],
+        model=model,
+        surgery=inserts,
+        groups=tuple(groups),
+        train=TrainSpec.parse(data["train"]),
+        data=DataSpec.parse(data["data"]),
+        raw=data,
+        source=source,
+        default_groups=default_groups,
         log=LogSpec.parse(data.get("log") or {}),  # no default written: a spec without trackers reads as before
     )
 
@@ -172,15 +255,24 @@ def _check_cross_fields(spec: Spec) -> tuple[str, ...]:
     for g in spec.groups:
         where = ("groups", g.index)
         if starts[g.name] is not None and starts[g.name] >= epochs:
-            warn(where + ("unfreeze_at",), f"group {g.name!r} unfreezes at epoch {starts[g.name]}, after the last "
-                 f"epoch ({epochs - 1}): it stays frozen for this whole run")
+            warn(
+                where + ("unfreeze_at",),
+                f"group {g.name!r} unfreezes at epoch {starts[g.name]}, after the last "
+                f"epoch ({epochs - 1}): it stays frozen for this whole run",
+            )
         for start, _ in g.lr:
             if start >= epochs:
-                warn(where + ("lr",), f"the learning-rate map of {g.name!r} names epoch {start}, past the last "
-                     f"epoch ({epochs - 1}): that step never comes")
+                warn(
+                    where + ("lr",),
+                    f"the learning-rate map of {g.name!r} names epoch {start}, past the last "
+                    f"epoch ({epochs - 1}): that step never comes",
+                )
     if all(g.unfreeze_at is None and g.unfreeze_rule is None for g in spec.groups):
-        raise spec.error(("groups",), "no group ever trains: every group has unfreeze_at: never",
-                         expected="at least one group with an unfreeze epoch")
+        raise spec.error(
+            ("groups",),
+            "no group ever trains: every group has unfreeze_at: never",
+            expected="at least one group with an unfreeze epoch",
+        )
     if all(g.unfreeze_rule is None and (g.unfreeze_at is None or g.unfreeze_at >= epochs) for g in spec.groups):
         warn(("groups",), f"no group trains within the {epochs} epochs of this run")
     sched = spec.train.scheduler
@@ -194,10 +286,13 @@ def _check_cross_fields(spec: Spec) -> tuple[str, ...]:
     _check_class_names(spec)
     key_map, pretrained = spec.model.key_map, spec.model.pretrained
     if key_map and (pretrained is False or (key_map == "order" and not isinstance(pretrained, str))):
-        raise spec.error(("model", "key_map"), "key_map maps the keys of a weight file, and this spec loads none",
-                         found="pretrained: " + json.dumps(pretrained),
-                         expected="model.pretrained set to the path of a weight file",
-                         hint="remove key_map, or point model.pretrained at the file whose keys it maps")
+        raise spec.error(
+            ("model", "key_map"),
+            "key_map maps the keys of a weight file, and this spec loads none",
+            found="pretrained: " + json.dumps(pretrained),
+            expected="model.pretrained set to the path of a weight file",
+            hint="remove key_map, or point model.pretrained at the file whose keys it maps",
+        )
     return tuple(warnings)
 
 
@@ -207,18 +302,28 @@ def _check_mixup(spec: Spec) -> None:
         return
     where = ("train", "mixup")
     if mixup.mixup_alpha == 0 and mixup.cutmix_alpha == 0:
-        raise spec.error(where, "mixup and CutMix are both off (both alphas are 0)",
-                         found="mixup_alpha: 0, cutmix_alpha: 0",
-                         expected="mixup_alpha or cutmix_alpha above 0 (e.g. 0.8 and 1.0), or train.mixup: null")
+        raise spec.error(
+            where,
+            "mixup and CutMix are both off (both alphas are 0)",
+            found="mixup_alpha: 0, cutmix_alpha: 0",
+            expected="mixup_alpha or cutmix_alpha above 0 (e.g. 0.8 and 1.0), or train.mixup: null",
+        )
     if mixup.label_smoothing > 0 and train.label_smoothing > 0:
-        raise spec.error(("train", "label_smoothing"), "label smoothing is set twice: with mixup the mixed targets "
-                         "are smoothed by train.mixup.label_smoothing", found=str(train.label_smoothing),
-                         expected="train.label_smoothing: 0 with train.mixup.label_smoothing set",
-                         hint="keep one: train.mixup.label_smoothing")
+        raise spec.error(
+            ("train", "label_smoothing"),
+            "label smoothing is set twice: with mixup the mixed targets are smoothed by train.mixup.label_smoothing",
+            found=str(train.label_smoothing),
+            expected="train.label_smoothing: 0 with train.mixup.label_smoothing set",
+            hint="keep one: train.mixup.label_smoothing",
+        )
     if train.batch_size % 2:
-        raise spec.error(("train", "batch_size"), "mixup mixes each batch with itself reversed, and needs an even "
-                         "batch size", found=str(train.batch_size), expected=f"an even batch size, e.g. "
-                         f"{train.batch_size + 1}", hint="or train.mixup: null")
+        raise spec.error(
+            ("train", "batch_size"),
+            "mixup mixes each batch with itself reversed, and needs an even batch size",
+            found=str(train.batch_size),
+            expected=f"an even batch size, e.g. {train.batch_size + 1}",
+            hint="or train.mixup: null",
+        )
 
 
 def _check_class_names(spec: Spec) -> None:
@@ -228,8 +333,12 @@ def _check_class_names(spec: Spec) -> None:
     for i, name in enumerate(spec.data.classes or ()):
         problem = label_problem(name) if isinstance(name, str) else None
         if problem:
-            raise spec.error(("data", "classes", i), f"the class name '{printable(name)}' {problem}",
-                             found=printable(name), expected="class names of printable characters")
+            raise spec.error(
+                ("data", "classes", i),
+                f"the class name '{printable(name)}' {problem}",
+                found=printable(name),
+                expected="class names of printable characters",
+            )
 
 
 def _check_multi_label(spec: Spec) -> None:
@@ -237,22 +346,37 @@ def _check_multi_label(spec: Spec) -> None:
     if not data.multi_label:
         return
     if data.name.lower() != "csv":
-        raise spec.error(("data", "multi_label"), "multi_label reads several classes per image from a CSV file",
-                         found=f"name: {data.name}", expected="data.name: csv (label cells such as 'cat|dog')",
-                         hint="or data.multi_label: false")
+        raise spec.error(
+            ("data", "multi_label"),
+            "multi_label reads several classes per image from a CSV file",
+            found=f"name: {data.name}",
+            expected="data.name: csv (label cells such as 'cat|dog')",
+            hint="or data.multi_label: false",
+        )
     if spec.train.mixup is not None:
         # timm's Mixup one-hot encodes integer targets; multi-hot rows would be mixed wrongly
-        raise spec.error(("train", "mixup"), "mixup is not supported with multi-label targets",
-                         found="train.mixup set with data.multi_label: true", expected="train.mixup: null",
-                         hint="use data.augment for augmentation instead")
+        raise spec.error(
+            ("train", "mixup"),
+            "mixup is not supported with multi-label targets",
+            found="train.mixup set with data.multi_label: true",
+            expected="train.mixup: null",
+            hint="use data.augment for augmentation instead",
+        )
     if data.balance == "sampler":
-        raise spec.error(("data", "balance"), "balance: sampler draws by one class per image; a multi-label "
-                         "image has several", found="sampler", expected="none or loss (loss: BCE pos_weight "
-                         "from the training counts)")
+        raise spec.error(
+            ("data", "balance"),
+            "balance: sampler draws by one class per image; a multi-label image has several",
+            found="sampler",
+            expected="none or loss (loss: BCE pos_weight from the training counts)",
+        )
     if data.classes is not None:
-        raise spec.error(("data", "classes"), "data.classes picks images by their one class; multi-label images "
-                         "have several", found=str(list(data.classes)), expected="data.classes: null",
-                         hint="remove the classes you do not want from the CSV's label cells")
+        raise spec.error(
+            ("data", "classes"),
+            "data.classes picks images by their one class; multi-label images have several",
+            found=str(list(data.classes)),
+            expected="data.classes: null",
+            hint="remove the classes you do not want from the CSV's label cells",
+        )
 
 
 # --------------------------------------------------------------------------- entry point
@@ -285,17 +409,26 @@ def load_spec(spec: str | Path | Mapping, overrides: Sequence[str | Override] = 
         name = name_from_file(path, "run")
     source = Source(file, marks)
     if data is None:
-        raise SpecError("the spec is empty", file=file, line=1 if file else None, column=1 if file else None,
-                        expected="a mapping with at least `model: {backbone: ...}`")
+        raise SpecError(
+            "the spec is empty",
+            file=file,
+            line=1 if file else None,
+            column=1 if file else None,
+            expected="a mapping with at least `model: {backbone: ...}`",
+        )
     data = resolve_bases(data, marks, file)  # marks now say which file each value came from
     if overrides:
         if not isinstance(data, dict):
             check_schema(data, source)
         apply_overrides(data, marks, overrides)
         if isinstance(data, dict) and BASE_KEY in data:
-            raise source.error((BASE_KEY,), "base cannot be set with --set: the bases are merged before "
-                               "overrides apply", found=quote_value(data[BASE_KEY]),
-                               expected="base: in the spec file", hint="--set the values you want instead")
+            raise source.error(
+                (BASE_KEY,),
+                "base cannot be set with --set: the bases are merged before overrides apply",
+                found=quote_value(data[BASE_KEY]),
+                expected="base: in the spec file",
+                hint="--set the values you want instead",
+            )
     check_values(data, source)
     check_schema(data, source)
     _check_entries(data, source)
@@ -316,8 +449,30 @@ def backbone_names(source: str) -> list[str]:
     return list(timm.list_models())
 
 
-__all__ = ["Spec", "ModelSpec", "HeadSpec", "InsertSpec", "ReplaceSpec", "RemoveSpec", "SurgeryEntry", "GroupSpec",
-           "Selector", "Section", "TrainSpec", "OptimizerSpec", "SchedulerSpec", "MixupSpec", "DataSpec", "SubsetSpec",
-           "AugmentSpec", "ErasingSpec", "LogSpec", "MlflowSpec", "MonitorSpec", "UnfreezeRule", "load_spec",
-           "backbone_names"]
-
+__all__ = [
+    "Spec",
+    "ModelSpec",
+    "HeadSpec",
+    "InsertSpec",
+    "ReplaceSpec",
+    "RemoveSpec",
+    "SurgeryEntry",
+    "GroupSpec",
+    "Selector",
+    "Section",
+    "TrainSpec",
+    "OptimizerSpec",
+    "SchedulerSpec",
+    "MixupSpec",
+    "DataSpec",
+    "SubsetSpec",
+    "AugmentSpec",
+    "ErasingSpec",
+    "LogSpec",
+    "MlflowSpec",
+    "MonitorSpec",
+    "UnfreezeRule",
+    "load_spec",
+    "PATH_KEYS",
+    "backbone_names",
+]

@@ -13,6 +13,7 @@ Every merged value keeps the mark of the file and line it was written on (`Sourc
 later error about a value inherited from a base names the base file and its line, and a relative
 path (`data.root`, `model.pretrained`) is read relative to the file that wrote it.
 """
+
 from __future__ import annotations
 
 import os
@@ -94,8 +95,9 @@ def _references(value: Any, source: Source) -> list[tuple[tuple, str]]:
     elif isinstance(value, list):
         items, where = value, [(BASE_KEY, i) for i in range(len(value))]
     else:
-        raise source.error((BASE_KEY,), "base takes a path or a list of paths", found=quote_value(value),
-                           expected=expected)
+        raise source.error(
+            (BASE_KEY,), "base takes a path or a list of paths", found=quote_value(value), expected=expected
+        )
     for item, at in zip(items, where):
         if not isinstance(item, str) or not item.strip():
             raise source.error(at, "a base is the path of a spec file", found=quote_value(item), expected=expected)
@@ -120,25 +122,42 @@ def _read_base(ref: str, where: tuple, source: Source, folder: Path, reading: _R
         if why == "no such file" and not_regular(path.parent) == "a folder":
             hint = did_you_mean(path.name, [p.name for p in path.parent.iterdir() if p.suffix in (".yaml", ".yml")])
         shown = shorten(os.path.normpath(path), 300)
-        raise source.error(where, problem("base", why, "the base is not a file"),
-                           found=shown if why in ("no such file", *PATH_PROBLEMS) else f"{shown} ({why})",
-                           expected="the path of a spec file, relative to the file that names it", hint=hint)
+        raise source.error(
+            where,
+            problem("base", why, "the base is not a file"),
+            found=shown if why in ("no such file", *PATH_PROBLEMS) else f"{shown} ({why})",
+            expected="the path of a spec file, relative to the file that names it",
+            hint=hint,
+        )
     resolved, label = path.resolve(), _label(path)
     chain = [name for _, name in reading.chain]
     if any(resolved == open_path for open_path, _ in reading.chain):
-        cycle = " -> ".join(chain[[p for p, _ in reading.chain].index(resolved):] + [label])
-        raise source.error(where, f"the bases form a cycle: {cycle}", found=quote_value(ref),
-                           expected="bases that do not lead back to this file", hint="a spec cannot be its own base: drop one base entry of the cycle")
+        cycle = " -> ".join(chain[[p for p, _ in reading.chain].index(resolved) :] + [label])
+        raise source.error(
+            where,
+            f"the bases form a cycle: {cycle}",
+            found=quote_value(ref),
+            expected="bases that do not lead back to this file",
+            hint="a spec cannot be its own base: drop one base entry of the cycle",
+        )
     reading.files += 1
     if reading.files > _MAX_FILES:
-        raise source.error(where, f"the spec and its bases read more than {_MAX_FILES} files",
-                           found=" -> ".join(chain + [label]), expected=f"at most {_MAX_FILES} files in all",
-                           hint="a base named in several places is read once for each")
+        raise source.error(
+            where,
+            f"the spec and its bases read more than {_MAX_FILES} files",
+            found=" -> ".join(chain + [label]),
+            expected=f"at most {_MAX_FILES} files in all",
+            hint="a base named in several places is read once for each",
+        )
     data, marks = parse_yaml(read_spec_text(path), label)
     if not isinstance(data, dict):
         kind = "empty" if data is None else f"a {'list' if isinstance(data, list) else type(data).__name__}"
-        raise source.error(where, f"the base file {label} is {kind}, not a mapping of spec keys",
-                           found=quote_value(data), expected="a spec file: a mapping such as `train: {epochs: 10}`")
+        raise source.error(
+            where,
+            f"the base file {label} is {kind}, not a mapping of spec keys",
+            found=quote_value(data),
+            expected="a spec file: a mapping such as `train: {epochs: 10}`",
+        )
     tree = _tree(marks)
     data.pop("name", None)  # a run is named by its own spec, never by a base it shares with others
     tree["kids"].pop("name", None)
@@ -204,8 +223,12 @@ def _check_size(data: Any, source: Source, where: tuple) -> None:
             size += len(value)
         if values > _MAX_VALUES or size > _MAX_BYTES:
             limit = f"{_MAX_VALUES} values" if values > _MAX_VALUES else f"{_size(_MAX_BYTES)} of text"
-            raise source.error(where, f"the spec and its bases together hold more than {limit}",
-                               found="the bases named here", expected="a spec of plain size")
+            raise source.error(
+                where,
+                f"the spec and its bases together hold more than {limit}",
+                found="the bases named here",
+                expected="a spec of plain size",
+            )
 
 
 __all__ = ["resolve_bases", "BASE_KEY"]

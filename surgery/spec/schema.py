@@ -10,6 +10,7 @@ alternative that fits, the first error in file order, did-you-mean for names). A
 carry ``x-problem``, the sentence that says what is wrong with a value it refuses (``{value}``:
 the value as written); JSON Schema ignores keywords it does not know.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,7 +22,6 @@ from typing import Any, Sequence
 
 from ..errors import SpecError, did_you_mean, quote_value
 from .source import _MAX_DEPTH, Source
-
 
 # --------------------------------------------------------------------------- schema
 KINDS = ("spec", "sweep")
@@ -35,8 +35,14 @@ def schema(kind: str = "spec") -> dict:
     if kind == "spec":
         return root
     top = root["$defs"]["sweep_file"]
-    return {"$schema": root["$schema"], "$id": _SWEEP_ID, "title": top["title"], "description": top["description"],
-            "$ref": "#/$defs/sweep_file", "$defs": root["$defs"]}
+    return {
+        "$schema": root["$schema"],
+        "$id": _SWEEP_ID,
+        "title": top["title"],
+        "description": top["description"],
+        "$ref": "#/$defs/sweep_file",
+        "$defs": root["$defs"],
+    }
 
 
 @lru_cache(maxsize=2)
@@ -56,8 +62,15 @@ def _deref(node: Any) -> dict:
     return node
 
 
-_WORDS = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer",
-          "number": "a number", "boolean": "true or false", "null": "null"}
+_WORDS = {
+    "object": "a mapping",
+    "array": "a list",
+    "string": "a string",
+    "integer": "an integer",
+    "number": "a number",
+    "boolean": "true or false",
+    "null": "null",
+}
 
 
 def _describe(node: Any, brief: bool = False) -> str:
@@ -82,8 +95,14 @@ def _describe(node: Any, brief: bool = False) -> str:
     return text + note
 
 
-_KINDS = ((bool, "true/false"), (int, "an integer"), (float, "a number"), (str, "a string"), (dict, "a mapping"),
-          (list, "a list"))  # bool before int: True is an int too
+_KINDS = (
+    (bool, "true/false"),
+    (int, "an integer"),
+    (float, "a number"),
+    (str, "a string"),
+    (dict, "a mapping"),
+    (list, "a list"),
+)  # bool before int: True is an int too
 
 
 def _kind_of(value: Any) -> str:
@@ -140,6 +159,7 @@ def _where(err) -> tuple:
 
 def _first(errors: Sequence, source: Source):
     """The error a reader meets first in the file; a missing key only when nothing else is wrong."""
+
     def order(err) -> tuple:
         _, line, column = source.locate(_where(err))
         return (err.validator == "required", line if line is not None else float("inf"), column or 0)
@@ -156,8 +176,12 @@ def _innermost(err, source: Source):
     return err
 
 
-_BOUNDS = {"minimum": "less than the minimum of", "exclusiveMinimum": "not above the minimum of",
-           "maximum": "greater than the maximum of", "exclusiveMaximum": "not below the maximum of"}
+_BOUNDS = {
+    "minimum": "less than the minimum of",
+    "exclusiveMinimum": "not above the minimum of",
+    "maximum": "greater than the maximum of",
+    "exclusiveMaximum": "not below the maximum of",
+}
 
 
 def _number(value: Any) -> str:
@@ -178,57 +202,109 @@ def _schema_error(err, source: Source) -> SpecError:
         choices = [c for c in _choices(node) if isinstance(c, str)]
         hint = did_you_mean(err.instance, choices) if isinstance(err.instance, str) and choices else None
         problem = node["x-problem"].replace("{value}", quote_value(err.instance))
-        return source.error(_where(err), problem, found=quote_value(err.instance),
-                            expected=node.get("description") if "propertyNames" in err.relative_schema_path
-                            else _describe(node), hint=hint)
+        return source.error(
+            _where(err),
+            problem,
+            found=quote_value(err.instance),
+            expected=node.get("description") if "propertyNames" in err.relative_schema_path else _describe(node),
+            hint=hint,
+        )
     if err.validator == "additionalProperties":
         allowed = sorted(node.get("properties", {}))
         where = _where(err)
         key = where[-1]
-        return source.error(where, f"unknown key {key!r}", found=repr(key),
-                            expected="one of " + ", ".join(allowed), hint=did_you_mean(key, allowed))
+        return source.error(
+            where,
+            f"unknown key {key!r}",
+            found=repr(key),
+            expected="one of " + ", ".join(allowed),
+            hint=did_you_mean(key, allowed),
+        )
     if err.validator == "required":
         missing = [k for k in err.validator_value if k not in err.instance]
         key = missing[0] if missing else str(err.validator_value)
-        return source.error(path, f"the required key {key!r} is missing",
-                            expected=f"`{key}:` with " + _describe(node.get("properties", {}).get(key, {})))
-    if "propertyNames" in err.relative_schema_path and isinstance(err.instance, str) and err.instance.isascii() \
-            and err.instance.isdigit():
+        return source.error(
+            path,
+            f"the required key {key!r} is missing",
+            expected=f"`{key}:` with " + _describe(node.get("properties", {}).get(key, {})),
+        )
+    if (
+        "propertyNames" in err.relative_schema_path
+        and isinstance(err.instance, str)
+        and err.instance.isascii()
+        and err.instance.isdigit()
+    ):
         last = _deref(schema()["$defs"]["train"]["properties"]["epochs"])["maximum"]
-        return source.error(_where(err), f"epoch {err.instance} is past the last epoch a spec can have ({last})",
-                            found=quote_value(err.instance), expected=f"epochs from 0 to {last}")
+        return source.error(
+            _where(err),
+            f"epoch {err.instance} is past the last epoch a spec can have ({last})",
+            found=quote_value(err.instance),
+            expected=f"epochs from 0 to {last}",
+        )
     if "propertyNames" in err.relative_schema_path:
-        return source.error(_where(err), f"{err.instance!r} is not an epoch: the keys of a learning-rate map are epochs",
-                            found=quote_value(err.instance), expected="a mapping like {0: 1.0e-4, 10: 1.0e-5}")
+        return source.error(
+            _where(err),
+            f"{err.instance!r} is not an epoch: the keys of a learning-rate map are epochs",
+            found=quote_value(err.instance),
+            expected="a mapping like {0: 1.0e-4, 10: 1.0e-5}",
+        )
     choices = [c for c in _choices(node) if isinstance(c, str)]
     if err.validator in ("enum", "const") or (err.validator == "oneOf" and isinstance(err.instance, str) and choices):
         hint = did_you_mean(err.instance, choices) if isinstance(err.instance, str) else None
-        return source.error(path, f"{quote_value(err.instance)} is not an accepted value",
-                            found=quote_value(err.instance), expected=_describe(node), hint=hint)
+        return source.error(
+            path,
+            f"{quote_value(err.instance)} is not an accepted value",
+            found=quote_value(err.instance),
+            expected=_describe(node),
+            hint=hint,
+        )
     if err.validator == "pattern" and path and path[-1] == "backbone":
         value = str(err.instance)
         prefix, colon, _ = value.partition(":")
         if colon:
-            return source.error(path, f"unknown backbone source {prefix!r}", found=quote_value(value),
-                                expected="torchvision:<name> or timm:<name>, e.g. torchvision:resnet18 or timm:efficientnet_b0",
-                                hint=did_you_mean(prefix, ["torchvision", "timm"]))
-        return source.error(path, "a backbone is named <source>:<name>", found=quote_value(value),
-                            expected="torchvision:<name> or timm:<name>, e.g. torchvision:resnet18 or timm:efficientnet_b0",
-                            hint=f"write torchvision:{value} or timm:{value}")
+            return source.error(
+                path,
+                f"unknown backbone source {prefix!r}",
+                found=quote_value(value),
+                expected="torchvision:<name> or timm:<name>, e.g. torchvision:resnet18 or timm:efficientnet_b0",
+                hint=did_you_mean(prefix, ["torchvision", "timm"]),
+            )
+        return source.error(
+            path,
+            "a backbone is named <source>:<name>",
+            found=quote_value(value),
+            expected="torchvision:<name> or timm:<name>, e.g. torchvision:resnet18 or timm:efficientnet_b0",
+            hint=f"write torchvision:{value} or timm:{value}",
+        )
     if err.validator == "pattern":
         noun = {"at": "module pattern", "params": "parameter pattern", "insert": "module name"}.get(label, label)
-        return source.error(path, f"{quote_value(err.instance)} is not a valid {noun}", found=quote_value(err.instance),
-                            expected=node.get("description") or f"text matching {err.validator_value}")
+        return source.error(
+            path,
+            f"{quote_value(err.instance)} is not a valid {noun}",
+            found=quote_value(err.instance),
+            expected=node.get("description") or f"text matching {err.validator_value}",
+        )
     if err.validator in ("type", "oneOf", "anyOf"):
-        return source.error(path, f"{label} takes {_describe(node, brief=True)}, not {_kind_of(err.instance)}",
-                            found=quote_value(err.instance), expected=_describe(node))
+        return source.error(
+            path,
+            f"{label} takes {_describe(node, brief=True)}, not {_kind_of(err.instance)}",
+            found=quote_value(err.instance),
+            expected=_describe(node),
+        )
     if err.validator in _BOUNDS:
-        return source.error(path, f"{label} is {_number(err.instance)}, {_BOUNDS[err.validator]} {_number(err.validator_value)}",
-                            found=quote_value(err.instance), expected=_describe(node))
+        return source.error(
+            path,
+            f"{label} is {_number(err.instance)}, {_BOUNDS[err.validator]} {_number(err.validator_value)}",
+            found=quote_value(err.instance),
+            expected=_describe(node),
+        )
     if err.validator in ("minItems", "maxItems", "minProperties"):
         n = err.validator_value
-        what = {"minItems": f"at least {n} item", "maxItems": f"at most {n} item",
-                "minProperties": f"at least {n} key"}[err.validator] + ("s" if n != 1 else "")
+        what = {
+            "minItems": f"at least {n} item",
+            "maxItems": f"at most {n} item",
+            "minProperties": f"at least {n} key",
+        }[err.validator] + ("s" if n != 1 else "")
         return source.error(path, f"{label} needs {what}", found=quote_value(err.instance), expected=_describe(node))
     return source.error(path, err.message, found=quote_value(err.instance), expected=_describe(node))
 
@@ -247,21 +323,30 @@ def check_values(data: Any, source: Source, kind: str = "spec") -> None:
         value, path = stack.pop()
         if isinstance(value, float) and not math.isfinite(value):
             written = ".nan" if math.isnan(value) else ".inf" if value > 0 else "-.inf"
-            raise source.error(path, f"this number is not finite: a {kind} takes finite numbers only"
-                               if written != ".nan" else
-                               f"this value is not a number (NaN): a {kind} takes finite numbers only",
-                               found=written, expected="a finite number",
-                               hint="YAML reads .inf, .nan, and numbers past about 1.8e308 (such as 1e400) as not finite")
+            raise source.error(
+                path,
+                f"this number is not finite: a {kind} takes finite numbers only"
+                if written != ".nan"
+                else f"this value is not a number (NaN): a {kind} takes finite numbers only",
+                found=written,
+                expected="a finite number",
+                hint="YAML reads .inf, .nan, and numbers past about 1.8e308 (such as 1e400) as not finite",
+            )
         if isinstance(value, (dict, list)):
             if len(path) >= _MAX_DEPTH:
-                raise source.error(path, f"the {kind} nests lists and mappings more than {_MAX_DEPTH} levels deep",
-                                   expected=f"at most {_MAX_DEPTH} levels of lists and mappings inside one another")
+                raise source.error(
+                    path,
+                    f"the {kind} nests lists and mappings more than {_MAX_DEPTH} levels deep",
+                    expected=f"at most {_MAX_DEPTH} levels of lists and mappings inside one another",
+                )
             items = list(value.items() if isinstance(value, dict) else enumerate(value))
             stack.extend((item, path + (key,)) for key, item in reversed(items))
 
 
-_TOPS = {"spec": ("a spec is a YAML mapping", "a mapping with at least `model: {backbone: ...}`"),
-         "sweep": ("a sweep file is a YAML mapping", "name, spec, set and sweep keys")}
+_TOPS = {
+    "spec": ("a spec is a YAML mapping", "a mapping with at least `model: {backbone: ...}`"),
+    "sweep": ("a sweep file is a YAML mapping", "name, spec, set and sweep keys"),
+}
 
 
 def check_schema(data: Any, source: Source, kind: str = "spec") -> None:
@@ -273,7 +358,6 @@ def check_schema(data: Any, source: Source, kind: str = "spec") -> None:
     errors = [_innermost(e, source) for e in _validator(kind).iter_errors(data)]
     if errors:
         raise _schema_error(_first(errors, source), source)
-
 
 
 # --------------------------------------------------------------------------- defaults
@@ -306,7 +390,9 @@ def fill_defaults(data: dict) -> dict:
 
 def _integral(node: dict) -> bool:
     """Does this schema node take integers and no other numbers?"""
-    kinds = [k for alt in [node, *map(_deref, node.get("oneOf", []))] for k in
-             (alt.get("type") if isinstance(alt.get("type"), list) else [alt.get("type")])]
+    kinds = [
+        k
+        for alt in [node, *map(_deref, node.get("oneOf", []))]
+        for k in (alt.get("type") if isinstance(alt.get("type"), list) else [alt.get("type")])
+    ]
     return "integer" in kinds and "number" not in kinds
-

@@ -4,6 +4,7 @@
 with every default filled. Modules that only read a spec's types import them from here, which
 imports nothing of the loading machinery (the schedule's rules are checked while loading).
 """
+
 from __future__ import annotations
 
 import copy
@@ -300,11 +301,19 @@ class AugmentSpec(Section):
             return cls(preset="standard", hflip=0.5, crop=True, raw={"hflip": 0.5, "crop": True})
         options = dict(raw)
         scale = tuple(float(v) for v in options["scale"]) if "scale" in options else None
-        return cls(preset="custom", hflip=float(options.get("hflip", 0.0)), vflip=float(options.get("vflip", 0.0)),
-                   crop=bool(options.get("crop", scale is not None)), crop_given="crop" in options, scale=scale,
-                   color_jitter=float(options.get("color_jitter", 0.0)), rotation=float(options.get("rotation", 0.0)),
-                   randaugment=options.get("randaugment"),
-                   erasing=ErasingSpec.parse(options["erasing"]) if "erasing" in options else None, raw=options)
+        return cls(
+            preset="custom",
+            hflip=float(options.get("hflip", 0.0)),
+            vflip=float(options.get("vflip", 0.0)),
+            crop=bool(options.get("crop", scale is not None)),
+            crop_given="crop" in options,
+            scale=scale,
+            color_jitter=float(options.get("color_jitter", 0.0)),
+            rotation=float(options.get("rotation", 0.0)),
+            randaugment=options.get("randaugment"),
+            erasing=ErasingSpec.parse(options["erasing"]) if "erasing" in options else None,
+            raw=options,
+        )
 
 
 @dataclass(frozen=True)
@@ -323,7 +332,6 @@ class DataSpec(Section):
     multi_label: bool = False
     label_separator: str = "|"
     threshold: float = 0.5
-
 
 
 @dataclass(frozen=True)
@@ -345,9 +353,11 @@ class LogSpec(Section):
     def parse(cls, raw: Mapping[str, Any]) -> "LogSpec":
         mlflow = raw.get("mlflow")
         on = mlflow is True or isinstance(mlflow, Mapping)
-        return cls(tensorboard=bool(raw.get("tensorboard", False)),
-                   mlflow=MlflowSpec.parse(mlflow if isinstance(mlflow, Mapping) else {}) if on else None,
-                   raw=copy.deepcopy(dict(raw)))
+        return cls(
+            tensorboard=bool(raw.get("tensorboard", False)),
+            mlflow=MlflowSpec.parse(mlflow if isinstance(mlflow, Mapping) else {}) if on else None,
+            raw=copy.deepcopy(dict(raw)),
+        )
 
 
 @dataclass(frozen=True)
@@ -412,5 +422,3 @@ PATH_KEYS: tuple[tuple[tuple[str, ...], Callable[[str], bool]], ...] = (
     (("model", "pretrained"), lambda v: not v.startswith(("run:", "pkg:"))),
     (("log", "mlflow", "tracking_uri"), lambda v: v != "databricks" and not _URI.match(v)),
 )
-
-

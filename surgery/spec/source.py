@@ -4,6 +4,7 @@ every key path (a `Source`), and `--set key.path=value` overrides applied on top
 Every later phase reports a mistake through `Source.locate`, so an error names the line the
 offending value was written on, or the `--set` flag that gave it.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -98,9 +99,12 @@ def _runaway_quote(text: str, before: yaml.Mark) -> yaml.Token | None:
     for token in tokens:
         if token.start_mark.index > before.index:
             break
-        if (isinstance(token, yaml.ScalarToken) and token.style in ("'", '"')
-                and token.end_mark.line > token.start_mark.line
-                and _KEY_OR_ITEM.search(text, token.start_mark.index, token.end_mark.index)):
+        if (
+            isinstance(token, yaml.ScalarToken)
+            and token.style in ("'", '"')
+            and token.end_mark.line > token.start_mark.line
+            and _KEY_OR_ITEM.search(text, token.start_mark.index, token.end_mark.index)
+        ):
             return token
     return None
 
@@ -114,11 +118,15 @@ def _yaml_error(exc: yaml.YAMLError, file: str, text: str = "") -> SpecError:
     runaway = _runaway_quote(text, mark) if text and mark is not None else None
     if runaway is not None:
         end = runaway.end_mark.line + 1
-        problem = (f"the quote opened here is never closed: the value runs on to line {end}, "
-                   f"where the next quote mark ends it")
+        problem = (
+            f"the quote opened here is never closed: the value runs on to line {end}, where the next quote mark ends it"
+        )
         mark, hint = runaway.start_mark, "close the quote on the line where it opens"
-    elif context_mark is not None and ("flow" in context or "quoted" in context) and (
-            problem_mark is None or problem_mark.line > context_mark.line):
+    elif (
+        context_mark is not None
+        and ("flow" in context or "quoted" in context)
+        and (problem_mark is None or problem_mark.line > context_mark.line)
+    ):
         # an unclosed bracket or quote: the parser notices lines later; the culprit is where it opened
         what = "quote" if "quoted" in context else "bracket"
         at = f" (line {problem_mark.line + 1})" if problem_mark is not None else ""
@@ -126,7 +134,9 @@ def _yaml_error(exc: yaml.YAMLError, file: str, text: str = "") -> SpecError:
     elif "'\\t'" in problem or "\t" in problem:
         hint = "indent with spaces: YAML does not allow tabs"
     elif "expected alphabetic or numeric character" in problem or "cannot start any token" in problem:
-        hint = "YAML reads a value that starts with *, &, !, @ or ` as syntax: quote it, e.g. params: '*' or at: '@head'"
+        hint = (
+            "YAML reads a value that starts with *, &, !, @ or ` as syntax: quote it, e.g. params: '*' or at: '@head'"
+        )
     return SpecError(
         f"this is not valid YAML: {problem}",
         file=file,
@@ -139,16 +149,20 @@ def _yaml_error(exc: yaml.YAMLError, file: str, text: str = "") -> SpecError:
 
 def _reader_error(exc: yaml.reader.ReaderError, text: str, file: str) -> SpecError:
     before = text[: exc.position]
-    return SpecError(f"this is not valid YAML: the character {exc.character!r} is not allowed", file=file,
-                     line=before.count("\n") + 1, column=len(before) - before.rfind("\n"),
-                     expected="printable text", hint="remove the control character (often pasted from a terminal)")
+    return SpecError(
+        f"this is not valid YAML: the character {exc.character!r} is not allowed",
+        file=file,
+        line=before.count("\n") + 1,
+        column=len(before) - before.rfind("\n"),
+        expected="printable text",
+        hint="remove the control character (often pasted from a terminal)",
+    )
 
 
 def read_spec_text(path: Path, kind: str = "spec") -> str:
     """The text of a spec file (or, `kind`, a sweep file); a located SpecError when it is missing,
     unreadable, larger than `_MAX_FILE_BYTES` (checked before reading it) or not UTF-8."""
     from ..errors import did_you_mean
-
     from ..files import PATH_PROBLEMS, not_regular, open_regular, problem
 
     file = shorten(path, 300)
@@ -157,9 +171,13 @@ def read_spec_text(path: Path, kind: str = "spec") -> str:
         hint = None
         if why == "no such file" and not_regular(path.parent) == "a folder":
             hint = did_you_mean(path.name, [p.name for p in path.parent.iterdir() if p.suffix in (".yaml", ".yml")])
-        raise SpecError(problem(kind, why, f"the {kind} path is not a file"), file=file,
-                        found=file if why in ("no such file", *PATH_PROBLEMS) else f"{file} ({why})",
-                        expected=f"a YAML {kind} file", hint=hint)
+        raise SpecError(
+            problem(kind, why, f"the {kind} path is not a file"),
+            file=file,
+            found=file if why in ("no such file", *PATH_PROBLEMS) else f"{file} ({why})",
+            expected=f"a YAML {kind} file",
+            hint=hint,
+        )
     try:
         with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
@@ -167,16 +185,26 @@ def read_spec_text(path: Path, kind: str = "spec") -> str:
                 raw = f.read(_MAX_FILE_BYTES + 1)  # the file may have grown since stat
                 size = len(raw)
     except OSError as exc:
-        raise SpecError(f"the {kind} file cannot be read: {exc}", file=file, expected="a readable UTF-8 text file") from None
+        raise SpecError(
+            f"the {kind} file cannot be read: {exc}", file=file, expected="a readable UTF-8 text file"
+        ) from None
     if size > _MAX_FILE_BYTES:
-        raise SpecError(f"the {kind} file is larger than {_size(_MAX_FILE_BYTES)}", file=file, found=f"{size:,} bytes",
-                        expected=f"a YAML {kind} of at most {_size(_MAX_FILE_BYTES)}",
-                        hint=f"is this the right file? A {kind} file is a page of settings")
+        raise SpecError(
+            f"the {kind} file is larger than {_size(_MAX_FILE_BYTES)}",
+            file=file,
+            found=f"{size:,} bytes",
+            expected=f"a YAML {kind} of at most {_size(_MAX_FILE_BYTES)}",
+            hint=f"is this the right file? A {kind} file is a page of settings",
+        )
     return decode_spec(raw, file)
 
 
-_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),  # before UTF-16: FF FE starts both
-         (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),  # before UTF-16: FF FE starts both
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
 
 
 def _wide_encoding(raw: bytes) -> str | None:
@@ -186,8 +214,12 @@ def _wide_encoding(raw: bytes) -> str | None:
     if len(sample) < 4 or b"\x00" not in sample:
         return None
     zeros = [sample[i::4].count(0) / len(sample[i::4]) for i in range(4)]
-    for name, pattern in (("UTF-32", (0, 1, 1, 1)), ("UTF-32", (1, 1, 1, 0)),
-                          ("UTF-16", (0, 1, 0, 1)), ("UTF-16", (1, 0, 1, 0))):
+    for name, pattern in (
+        ("UTF-32", (0, 1, 1, 1)),
+        ("UTF-32", (1, 1, 1, 0)),
+        ("UTF-16", (0, 1, 0, 1)),
+        ("UTF-16", (1, 0, 1, 0)),
+    ):
         if all(z >= 0.6 if want else z <= 0.1 for z, want in zip(zeros, pattern)):
             return name
     return None
@@ -207,26 +239,44 @@ def decode_spec(raw: bytes, file: str) -> str:
     at the first byte that is not, naming UTF-16 and UTF-32 when that is what the file is."""
     for bom, name in _BOMS:
         if raw.startswith(bom):
-            raise SpecError(f"this file is {name} (it starts with a {name} byte-order mark); save it as UTF-8", file=file,
-                            line=1, column=1, found=f"the bytes {bom.hex(' ').upper()}", expected="a UTF-8 text file",
-                            hint=f"in most editors: Save As, encoding UTF-8; or iconv -f {name} -t UTF-8")
+            raise SpecError(
+                f"this file is {name} (it starts with a {name} byte-order mark); save it as UTF-8",
+                file=file,
+                line=1,
+                column=1,
+                found=f"the bytes {bom.hex(' ').upper()}",
+                expected="a UTF-8 text file",
+                hint=f"in most editors: Save As, encoding UTF-8; or iconv -f {name} -t UTF-8",
+            )
     wide = _wide_encoding(raw)
     if wide is not None:
         line, column = _byte_position(raw, raw.index(b"\x00"))
-        raise SpecError(f"this file looks like {wide} without a byte-order mark (it is full of zero bytes); "
-                        "save it as UTF-8", file=file, line=line, column=column, found="the byte 0x00",
-                        expected="a UTF-8 text file", hint=f"iconv -f {wide} -t UTF-8")
+        raise SpecError(
+            f"this file looks like {wide} without a byte-order mark (it is full of zero bytes); save it as UTF-8",
+            file=file,
+            line=line,
+            column=column,
+            found="the byte 0x00",
+            expected="a UTF-8 text file",
+            hint=f"iconv -f {wide} -t UTF-8",
+        )
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         bad = raw[exc.start]
         line, column = _byte_position(raw, exc.start)
         latin = bytes([bad]).decode("cp1252", errors="replace")
-        raise SpecError(f"this file is not UTF-8: the byte 0x{bad:02X} cannot start or continue a UTF-8 character",
-                        file=file, line=line, column=column, found=f"the byte 0x{bad:02X}", expected="a UTF-8 text file",
-                        hint=f"save the file as UTF-8 (0x{bad:02X} is {latin!r} in Latin-1/Windows-1252, "
-                             "a common cause)" if latin.isprintable() and latin != "\ufffd" else
-                             "save the file as UTF-8") from None
+        raise SpecError(
+            f"this file is not UTF-8: the byte 0x{bad:02X} cannot start or continue a UTF-8 character",
+            file=file,
+            line=line,
+            column=column,
+            found=f"the byte 0x{bad:02X}",
+            expected="a UTF-8 text file",
+            hint=f"save the file as UTF-8 (0x{bad:02X} is {latin!r} in Latin-1/Windows-1252, a common cause)"
+            if latin.isprintable() and latin != "\ufffd"
+            else "save the file as UTF-8",
+        ) from None
 
 
 def parse_yaml(text: str, file: str) -> tuple[Any, dict[tuple, Mark]]:
@@ -247,18 +297,30 @@ def parse_yaml(text: str, file: str) -> tuple[Any, dict[tuple, Mark]]:
         raise _yaml_error(exc, file, text) from None
     except RecursionError:  # the limits above should make this unreachable; a traceback would be worse
         mark = loader.get_mark()
-        raise _too_deep(file, mark.line + 1, mark.column + 1,
-                        problem="the spec nests lists and mappings too many levels deep to read") from None
+        raise _too_deep(
+            file,
+            mark.line + 1,
+            mark.column + 1,
+            problem="the spec nests lists and mappings too many levels deep to read",
+        ) from None
     finally:
         loader.dispose()
     return data, marks
 
 
-def _too_deep(file: str, line: int | None, column: int | None, path: tuple = (), problem: str | None = None) -> SpecError:
+def _too_deep(
+    file: str, line: int | None, column: int | None, path: tuple = (), problem: str | None = None
+) -> SpecError:
     problem = problem or f"the spec nests lists and mappings more than {_MAX_DEPTH} levels deep"
-    return SpecError(problem, path=path, file=file,
-                     line=line, column=column, found="the list or mapping that starts here",
-                     expected=f"at most {_MAX_DEPTH} levels of lists and mappings inside one another")
+    return SpecError(
+        problem,
+        path=path,
+        file=file,
+        line=line,
+        column=column,
+        found="the list or mapping that starts here",
+        expected=f"at most {_MAX_DEPTH} levels of lists and mappings inside one another",
+    )
 
 
 _PLAIN_TAGS = {"tag:yaml.org,2002:" + t for t in ("map", "seq", "str", "int", "float", "bool", "null", "timestamp")}
@@ -276,11 +338,19 @@ class _Budget:
         if isinstance(node, yaml.ScalarNode):
             self.bytes += len(node.value)
         if self.values > _MAX_VALUES:
-            raise SpecError(f"the spec expands to more than {_MAX_VALUES} values", found="aliases of aliases",
-                            expected="a spec of plain size", **where)
+            raise SpecError(
+                f"the spec expands to more than {_MAX_VALUES} values",
+                found="aliases of aliases",
+                expected="a spec of plain size",
+                **where,
+            )
         if self.bytes > _MAX_BYTES:
-            raise SpecError(f"the spec expands to more than {_size(_MAX_BYTES)} of text", found="a long value used through many aliases",
-                            expected="a spec of plain size", **where)
+            raise SpecError(
+                f"the spec expands to more than {_size(_MAX_BYTES)} of text",
+                found="a long value used through many aliases",
+                expected="a spec of plain size",
+                **where,
+            )
 
 
 def _merged_pairs(node: yaml.MappingNode, memo: dict) -> int:
@@ -309,25 +379,43 @@ def _scalar(loader: _Loader, node: yaml.ScalarNode, where: dict) -> Any:
         if node.tag == "tag:yaml.org,2002:timestamp":  # 2024-13-45 is no date: the text as written
             return str(node.value)
         # Python refuses to read integers of more than 4,300 digits (sys.int_max_str_digits)
-        raise SpecError(f"the number {shorten(node.value, 24)} is too long to read",
-                        found=f"a number of {len(node.value):,} characters",
-                        expected="a number of plain size (Python reads integers of up to 4,300 digits)", **where) from None
+        raise SpecError(
+            f"the number {shorten(node.value, 24)} is too long to read",
+            found=f"a number of {len(node.value):,} characters",
+            expected="a number of plain size (Python reads integers of up to 4,300 digits)",
+            **where,
+        ) from None
 
 
-def _construct(loader: _Loader, node: yaml.Node, path: tuple, marks: dict, file: str, budget: _Budget,
-               active: frozenset = frozenset(), site: dict | None = None) -> Any:
+def _construct(
+    loader: _Loader,
+    node: yaml.Node,
+    path: tuple,
+    marks: dict,
+    file: str,
+    budget: _Budget,
+    active: frozenset = frozenset(),
+    site: dict | None = None,
+) -> Any:
     """Plain data from `node`. `site`: where the outermost alias on the way here was used; a spec
     that expands too far is reported there, not deep inside the anchor it repeats."""
     _, line, column = marks.setdefault(path, (file, node.start_mark.line + 1, node.start_mark.column + 1))
     where = dict(path=path, file=file, line=line, column=column)  # the key's position: an alias's own line
     if node.tag not in _PLAIN_TAGS:
         # a spec is plain data: refuse object construction (!!python/...) and custom tags outright
-        raise SpecError(f"the YAML tag {node.tag.replace('tag:yaml.org,2002:', '!!')} is not allowed",
-                        found=node.tag, expected="plain data: mappings, lists, strings, numbers, true/false, null",
-                        **where)
+        raise SpecError(
+            f"the YAML tag {node.tag.replace('tag:yaml.org,2002:', '!!')} is not allowed",
+            found=node.tag,
+            expected="plain data: mappings, lists, strings, numbers, true/false, null",
+            **where,
+        )
     if id(node) in active:
-        raise SpecError("an alias refers to a mapping or list that contains it", found="a recursive alias",
-                        expected="aliases of values defined elsewhere", **where)
+        raise SpecError(
+            "an alias refers to a mapping or list that contains it",
+            found="a recursive alias",
+            expected="aliases of values defined elsewhere",
+            **where,
+        )
     budget.spend(node, site or where)
     if isinstance(node, yaml.CollectionNode) and len(path) >= _MAX_DEPTH:  # nested deeper through aliases
         raise _too_deep(file, line, column, path)
@@ -335,22 +423,36 @@ def _construct(loader: _Loader, node: yaml.Node, path: tuple, marks: dict, file:
     if isinstance(node, yaml.MappingNode):
         if not hasattr(node, "merged"):  # an aliased node is visited again, already flattened
             if _merged_pairs(node, {}) > _MAX_VALUES:
-                raise SpecError(f"the spec expands to more than {_MAX_VALUES} values", found="merges of merges (<<: *a)",
-                                expected="a spec of plain size", **where)
+                raise SpecError(
+                    f"the spec expands to more than {_MAX_VALUES} values",
+                    found="merges of merges (<<: *a)",
+                    expected="a spec of plain size",
+                    **where,
+                )
             own = sum(1 for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge")
             loader.flatten_mapping(node)  # resolves `<<: *anchor` merges: merged pairs first, then its own
             node.merged = len(node.value) - own
         out: dict[str, Any] = {}
         own_keys: set[str] = set()
         for i, (key_node, value_node) in enumerate(node.value):
-            at_key = dict(path=path, file=file, line=key_node.start_mark.line + 1, column=key_node.start_mark.column + 1)
+            at_key = dict(
+                path=path, file=file, line=key_node.start_mark.line + 1, column=key_node.start_mark.column + 1
+            )
             if not isinstance(key_node, yaml.ScalarNode):
                 # refused before it is built: a list of aliases as a key escapes every count below
-                raise SpecError("mapping keys must be plain names", found="a list" if isinstance(key_node, yaml.SequenceNode)
-                                else "a mapping", expected="a name or a number, e.g. epochs or 0", **at_key)
+                raise SpecError(
+                    "mapping keys must be plain names",
+                    found="a list" if isinstance(key_node, yaml.SequenceNode) else "a mapping",
+                    expected="a name or a number, e.g. epochs or 0",
+                    **at_key,
+                )
             if key_node.tag not in _PLAIN_TAGS:
-                raise SpecError(f"the YAML tag {key_node.tag.replace('tag:yaml.org,2002:', '!!')} is not allowed",
-                                found=key_node.tag, expected="a plain name", **at_key)
+                raise SpecError(
+                    f"the YAML tag {key_node.tag.replace('tag:yaml.org,2002:', '!!')} is not allowed",
+                    found=key_node.tag,
+                    expected="a plain name",
+                    **at_key,
+                )
             budget.spend(key_node, site or at_key)
             key = _scalar(loader, key_node, at_key)
             if not isinstance(key, (str, int, float, bool)) or key is None:
@@ -358,9 +460,14 @@ def _construct(loader: _Loader, node: yaml.Node, path: tuple, marks: dict, file:
             key = str(key)
             if i >= node.merged:  # keys merged from an anchor may be overridden; the mapping's own, not
                 if key in own_keys:
-                    raise SpecError(f"the key {key!r} appears twice", path=path + (key,), file=file,
-                                    line=key_node.start_mark.line + 1, column=key_node.start_mark.column + 1,
-                                    expected="each key once per mapping")
+                    raise SpecError(
+                        f"the key {key!r} appears twice",
+                        path=path + (key,),
+                        file=file,
+                        line=key_node.start_mark.line + 1,
+                        column=key_node.start_mark.column + 1,
+                        expected="each key once per mapping",
+                    )
                 own_keys.add(key)
             if key in out:  # overriding a merged value: its marks no longer describe anything
                 for stale in [k for k in marks if k[: len(path) + 1] == path + (key,)]:
@@ -386,7 +493,6 @@ def _construct(loader: _Loader, node: yaml.Node, path: tuple, marks: dict, file:
         # YAML timestamps and binary have no place in a spec; treat them as the text written
         return str(node.value)
     return value
-
 
 
 # --------------------------------------------------------------------------- source and overrides
@@ -448,13 +554,22 @@ def parse_key_path(key: str) -> tuple | None:
 
 def _split_override(text: str) -> tuple[tuple, str]:
     if "=" not in text:
-        raise SpecError("an override is written key.path=value", path=(), origin=_flag(text),
-                        found=repr(text), expected="e.g. --set train.epochs=3")
+        raise SpecError(
+            "an override is written key.path=value",
+            path=(),
+            origin=_flag(text),
+            found=repr(text),
+            expected="e.g. --set train.epochs=3",
+        )
     key, value = text.split("=", 1)
     path = parse_key_path(key)
     if path is None:
-        raise SpecError("an override key has an empty part", origin=_flag(text), found=repr(key),
-                        expected="dotted keys such as train.epochs or surgery.0.insert")
+        raise SpecError(
+            "an override key has an empty part",
+            origin=_flag(text),
+            found=repr(key),
+            expected="dotted keys such as train.epochs or surgery.0.insert",
+        )
     return path, value
 
 
@@ -481,17 +596,26 @@ def apply_overrides(data: dict, marks: dict, overrides: Sequence[str | Override]
             continue
         text = item
         if len(text) > _MAX_OVERRIDE_CHARS:
-            raise SpecError(f"an override is longer than {_MAX_OVERRIDE_CHARS:,} characters",
-                            origin=_flag(text), found=f"{len(text):,} characters",
-                            expected="key.path=value of a few words", hint="write long values into the spec file")
+            raise SpecError(
+                f"an override is longer than {_MAX_OVERRIDE_CHARS:,} characters",
+                origin=_flag(text),
+                found=f"{len(text):,} characters",
+                expected="key.path=value of a few words",
+                hint="write long values into the spec file",
+            )
         path, raw = _split_override(text)
         label = _flag(text)
         try:
             value, _ = parse_yaml(raw, str(label))
         except SpecError as err:
-            raise SpecError("the value of an override is not valid YAML: " + err.problem.replace("this is not valid YAML: ", ""),
-                            path=path, origin=label, found=repr(raw), hint=err.hint,
-                            expected="a YAML value, e.g. 3, 1.0e-4, [layer3, layer4] or {type: MaxPool2d}") from None
+            raise SpecError(
+                "the value of an override is not valid YAML: " + err.problem.replace("this is not valid YAML: ", ""),
+                path=path,
+                origin=label,
+                found=repr(raw),
+                hint=err.hint,
+                expected="a YAML value, e.g. 3, 1.0e-4, [layer3, layer4] or {type: MaxPool2d}",
+            ) from None
         set_value(data, marks, path, value, label)
 
 
@@ -502,31 +626,45 @@ def set_value(data: dict, marks: dict, path: tuple, value: Any, label: Origin) -
 
     def example(at: tuple, rest: str) -> str:
         return f"{'--set ' if flag else ''}{'.'.join(map(str, at))}{rest}"
+
     target: Any = data
     for i, part in enumerate(path):
         last = i == len(path) - 1
         fresh = None if last else [] if isinstance(path[i + 1], int) else {}
         if isinstance(target, list):
             if not isinstance(part, int):
-                raise SpecError(f"{format_path(path[:i])} is a list: an override names its entries by number",
-                                path=path[:i], origin=label, found=repr(part),
-                                expected=f"an index, e.g. {example(path[:i], f'.0.{part}=...')}")
+                raise SpecError(
+                    f"{format_path(path[:i])} is a list: an override names its entries by number",
+                    path=path[:i],
+                    origin=label,
+                    found=repr(part),
+                    expected=f"an index, e.g. {example(path[:i], f'.0.{part}=...')}",
+                )
             if part > len(target):
-                raise SpecError("an override points into a list past its end", path=path[: i + 1], origin=label,
-                                found=str(part), expected=f"an index up to {len(target)} ({len(target)} appends an entry)")
+                raise SpecError(
+                    "an override points into a list past its end",
+                    path=path[: i + 1],
+                    origin=label,
+                    found=str(part),
+                    expected=f"an index up to {len(target)} ({len(target)} appends an entry)",
+                )
             if part == len(target):
                 target.append(fresh)
                 marks[path[: i + 1]] = (label, None, None)
         elif isinstance(target, dict):
             part = str(part)  # `lr.10` names the key "10" of a mapping: marks must say so too
-            path = path[:i] + (part,) + path[i + 1:]
+            path = path[:i] + (part,) + path[i + 1 :]
             if not last and target.get(part) is None:
                 target[part] = fresh
                 marks[path[: i + 1]] = (label, None, None)
         else:
-            raise SpecError("an override goes below a value that is neither a mapping nor a list", path=path[:i],
-                            origin=label, found=quote_value(target),
-                            expected=f"a key path that exists, or {example(path[:i], '=VALUE')} to replace it")
+            raise SpecError(
+                "an override goes below a value that is neither a mapping nor a list",
+                path=path[:i],
+                origin=label,
+                found=quote_value(target),
+                expected=f"a key path that exists, or {example(path[:i], '=VALUE')} to replace it",
+            )
         if last:
             target[part] = value
         else:

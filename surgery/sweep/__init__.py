@@ -9,6 +9,7 @@ Optuna study deciding which worker trains which variant.
 
 Importing this package imports neither torch nor Optuna.
 """
+
 from __future__ import annotations
 
 from .command import check_variants, sweep_command, trial_lines, write_comparison, write_sweep_json
@@ -16,7 +17,30 @@ from .file import OBJECTIVES, SAMPLERS, Axis, Range, Sweep, Variant, fingerprint
 from .study import LOCK_TIMEOUT, default_storage, open_storage, open_study, shown_url
 from .worker import Worker, run_trial, spawn, storage_failed, variant_attrs, work
 
-__all__ = ["sweep_command", "check_variants", "write_sweep_json", "write_comparison", "trial_lines", "load_sweep",
-           "is_sweep_file", "fingerprint", "Sweep", "Axis", "Range", "Variant", "OBJECTIVES", "SAMPLERS",
-           "LOCK_TIMEOUT", "default_storage", "open_storage", "open_study", "shown_url", "Worker", "work", "run_trial",
-           "spawn", "storage_failed", "variant_attrs"]
+__all__ = [
+    "sweep_command",
+    "check_variants",
+    "write_sweep_json",
+    "write_comparison",
+    "trial_lines",
+    "load_sweep",
+    "is_sweep_file",
+    "fingerprint",
+    "Sweep",
+    "Axis",
+    "Range",
+    "Variant",
+    "OBJECTIVES",
+    "SAMPLERS",
+    "LOCK_TIMEOUT",
+    "default_storage",
+    "open_storage",
+    "open_study",
+    "shown_url",
+    "Worker",
+    "work",
+    "run_trial",
+    "spawn",
+    "storage_failed",
+    "variant_attrs",
+]

@@ -13,6 +13,7 @@ Optuna study deciding which worker trains which variant.
 
 The study and its storage: study.py; the workers: worker.py; the sweep file: file.py.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,7 +29,9 @@ from .worker import Worker, spawn, storage_failed, work
 
 
 # --------------------------------------------------------------------------- checking the variants
-def check_variants(sweep: Sweep, overrides: Sequence[str], runs_root: Path, warn: Callable[[str], None]) -> list[Variant]:
+def check_variants(
+    sweep: Sweep, overrides: Sequence[str], runs_root: Path, warn: Callable[[str], None]
+) -> list[Variant]:
     """Load and build every variant's spec (grid), or every axis value and range end on its own
     (random, tpe), so a value the spec or the model refuses stops the sweep before it trains.
 
@@ -52,18 +55,27 @@ def check_variants(sweep: Sweep, overrides: Sequence[str], runs_root: Path, warn
         if text not in shown:
             shown.add(text)
             warn(text)
+
     for variant in probes:
         try:
             every = [*sweep.set, *overrides, *variant.overrides]
             spec = load_spec(sweep.spec, every)
             _check_objective(sweep, spec)
-            key = json.dumps({k: v for k, v in spec.raw.items() if k not in ("name", "seed")}, sort_keys=True, default=str)
+            key = json.dumps(
+                {k: v for k, v in spec.raw.items() if k not in ("name", "seed")}, sort_keys=True, default=str
+            )
             if key not in built:  # variants that differ only in their seed build the same model
                 built.add(key)
                 validate(sweep.spec, overrides=every, warn=once, runs_root=runs_root)  # what `surgery validate` runs
         except SpecError as err:
-            raise SpecError(f"variant {variant.name}: {err.problem}", path=err.key_path, origin=err.origin,
-                            found=err.found, expected=err.expected, hint=err.hint) from None
+            raise SpecError(
+                f"variant {variant.name}: {err.problem}",
+                path=err.key_path,
+                origin=err.origin,
+                found=err.found,
+                expected=err.expected,
+                hint=err.hint,
+            ) from None
     return variants
 
 
@@ -79,9 +91,12 @@ def _probe_variants(sweep: Sweep) -> list[Variant]:
 
 def _check_objective(sweep: Sweep, spec: Any) -> None:
     if sweep.objective.endswith("_map") and not spec.data.multi_label:
-        raise sweep.source.error(("sweep", "objective"), f"{sweep.objective} is a multi-label figure",
-                                 found=f"objective: {sweep.objective} with data.multi_label: false",
-                                 expected="best_val_acc, final_val_acc, final_val_loss or val_macro_f1")
+        raise sweep.source.error(
+            ("sweep", "objective"),
+            f"{sweep.objective} is a multi-label figure",
+            found=f"objective: {sweep.objective} with data.multi_label: false",
+            expected="best_val_acc, final_val_acc, final_val_loss or val_macro_f1",
+        )
 
 
 # --------------------------------------------------------------------------- sweep.json
@@ -105,16 +120,29 @@ def write_sweep_json(sweep: Sweep, study: Any, folder: Path, storage_url: str) -
     variants = []
     for name, ts in trials.items():
         best = min(ts, key=lambda t: (order.index(t.state.name), -t.number))
-        row = {"variant": name, "label": best.user_attrs.get("label", name),
-               "params": _values(sweep, best.params or ts[0].params), "seed": best.user_attrs.get("seed"),
-               "run_dir": str(folder / name), "state": best.state.name, "value": best.value,
-               "trials": [t.number for t in ts]}
+        row = {
+            "variant": name,
+            "label": best.user_attrs.get("label", name),
+            "params": _values(sweep, best.params or ts[0].params),
+            "seed": best.user_attrs.get("seed"),
+            "run_dir": str(folder / name),
+            "state": best.state.name,
+            "value": best.value,
+            "trials": [t.number for t in ts],
+        }
         if best.state.name == "FAIL" and "error" in best.user_attrs:
             row["error"] = best.user_attrs["error"]
         variants.append(row)
-    data = {"name": sweep.name, "sweep_file": sweep.file, "study": sweep.name, "storage": shown_url(storage_url),
-            **{k: v for k, v in sweep.definition().items() if k != "name"},
-            "counts": trial_counts(study), "pending_trials": pending, "variants": variants}
+    data = {
+        "name": sweep.name,
+        "sweep_file": sweep.file,
+        "study": sweep.name,
+        "storage": shown_url(storage_url),
+        **{k: v for k, v in sweep.definition().items() if k != "name"},
+        "counts": trial_counts(study),
+        "pending_trials": pending,
+        "variants": variants,
+    }
     write_json(folder / "sweep.json", data)
     return data
 
@@ -123,8 +151,8 @@ def write_comparison(folder: Path, data: Mapping[str, Any]) -> list[Any]:
     """The variants that finished, compared (`surgery.pages.compare`: mean ± std over the seeds of each
     label, best first) into comparison.md, comparison.json and comparison.html in the sweep's
     folder; return the variants compared (empty when none has finished yet)."""
-    from ..pages.compare import aggregate, collect, to_json, to_markdown, write_html
     from ..files import write_text
+    from ..pages.compare import aggregate, collect, to_json, to_markdown, write_html
 
     done = {v["run_dir"]: v["label"] for v in data["variants"] if v["state"] == "COMPLETE"}
     rows = collect(list(done), skip_unfinished=True)
@@ -169,10 +197,19 @@ def trial_lines(sweep: Sweep, study: Any, folder: Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------- the command
-def sweep_command(path: str, *, workers: int = 1, storage: str | None = None, out: str | None = None,
-                  device: str | None = None, overrides: Sequence[str] = (), worker: bool = False,
-                  lock_timeout: float = LOCK_TIMEOUT, console: Any = None,
-                  warn: Callable[[str], None] | None = None) -> int:
+def sweep_command(
+    path: str,
+    *,
+    workers: int = 1,
+    storage: str | None = None,
+    out: str | None = None,
+    device: str | None = None,
+    overrides: Sequence[str] = (),
+    worker: bool = False,
+    lock_timeout: float = LOCK_TIMEOUT,
+    console: Any = None,
+    warn: Callable[[str], None] | None = None,
+) -> int:
     """`surgery sweep`: check every variant, open (or create and fill) the study, train with
     `workers` processes, write sweep.json and list the trials.
 
@@ -192,20 +229,35 @@ def sweep_command(path: str, *, workers: int = 1, storage: str | None = None, ou
 
     def say(text: str) -> None:
         console.print(text, markup=False, highlight=False, soft_wrap=True)
+
     if workers < 1:
-        raise UsageError("--workers is a number of processes", origin=Origin.flag("--workers", workers),
-                         found=str(workers), expected="1 or more")
+        raise UsageError(
+            "--workers is a number of processes",
+            origin=Origin.flag("--workers", workers),
+            found=str(workers),
+            expected="1 or more",
+        )
     if not lock_timeout > 0:
-        raise UsageError("--lock-timeout is a number of seconds", origin=Origin.flag("--lock-timeout", lock_timeout),
-                         found=str(lock_timeout), expected="a number above 0")
+        raise UsageError(
+            "--lock-timeout is a number of seconds",
+            origin=Origin.flag("--lock-timeout", lock_timeout),
+            found=str(lock_timeout),
+            expected="a number above 0",
+        )
     sweep = load_sweep(path)
     folder = Path(out) if out else Path("runs") / sweep.name
     runs_root = folder.parent
     url = storage or default_storage(folder)
-    argv = ["sweep", path, "--out", str(folder), *(["--storage", storage] if storage else []),
-            *(["--device", device] if device else []),
-            *(["--lock-timeout", f"{lock_timeout:g}"] if lock_timeout != LOCK_TIMEOUT else []),
-            *[a for o in overrides for a in ("--set", o)]]
+    argv = [
+        "sweep",
+        path,
+        "--out",
+        str(folder),
+        *(["--storage", storage] if storage else []),
+        *(["--device", device] if device else []),
+        *(["--lock-timeout", f"{lock_timeout:g}"] if lock_timeout != LOCK_TIMEOUT else []),
+        *[a for o in overrides for a in ("--set", o)],
+    ]
     shown = [shown_url(a) if a == storage else a for a in argv]  # no password in messages
     hint = shlex.join(["surgery", *shown, *(["--workers", str(workers)] if workers > 1 else [])])
     from ..spec import load_spec
@@ -218,31 +270,43 @@ def sweep_command(path: str, *, workers: int = 1, storage: str | None = None, ou
     try:
         folder.mkdir(parents=True, exist_ok=True)  # the study's SQLite file, the runs and sweep.json
     except OSError as exc:
-        raise RunDirError(f"cannot make the sweep's folder {folder}: {exc.strerror or exc}",
-                          origin=Origin.path(folder)) from None
-    store = open_storage(url, sweep.heartbeat, sweep.grace, flag=storage is not None, lock_timeout=lock_timeout,
-                         note=_stderr_note)
+        raise RunDirError(
+            f"cannot make the sweep's folder {folder}: {exc.strerror or exc}", origin=Origin.path(folder)
+        ) from None
+    store = open_storage(
+        url, sweep.heartbeat, sweep.grace, flag=storage is not None, lock_timeout=lock_timeout, note=_stderr_note
+    )
     shown_storage = shown_url(url)
     with _storage_errors(url):  # the database went away, or stayed locked past --lock-timeout
         if worker:
             study = open_study(sweep, store, digest, say)
             if study is None:
-                raise UsageError(f"there is no study {sweep.name!r} to work on",
-                                 origin=Origin.flag("--storage", shown_storage),
-                                 expected="a study made by `surgery sweep` without --worker")
+                raise UsageError(
+                    f"there is no study {sweep.name!r} to work on",
+                    origin=Origin.flag("--storage", shown_storage),
+                    expected="a study made by `surgery sweep` without --worker",
+                )
             return work(Worker(sweep, study, folder, runs_root, tuple(overrides), device, console, hint, shown_storage))
-        study = open_study(sweep, store, digest, say, lambda: checked if checked is not None
-                           else check_variants(sweep, overrides, runs_root, warn or say))
+        study = open_study(
+            sweep,
+            store,
+            digest,
+            say,
+            lambda: checked if checked is not None else check_variants(sweep, overrides, runs_root, warn or say),
+        )
         counts = trial_counts(study)
         left = counts["waiting"] + counts["running"]
-        say(f"sweep {sweep.name}: {sweep.trials} variants ({sweep.sampler}), {counts['complete']} done, "
-            f"{left} to go; study {sweep.name!r} in {shown_storage}")
+        say(
+            f"sweep {sweep.name}: {sweep.trials} variants ({sweep.sampler}), {counts['complete']} done, "
+            f"{left} to go; study {sweep.name!r} in {shown_storage}"
+        )
         code, interrupted = 0, False
         if left:
             n = min(workers, left)
             if n == 1:
-                code = work(Worker(sweep, study, folder, runs_root, tuple(overrides), device, console, hint,
-                                   shown_storage))
+                code = work(
+                    Worker(sweep, study, folder, runs_root, tuple(overrides), device, console, hint, shown_storage)
+                )
                 interrupted = code == 130
             else:
                 codes, interrupted = spawn(n, [*argv, "--worker"], device or base.get("train", {}).get("device"), say)
@@ -271,7 +335,6 @@ def sweep_command(path: str, *, workers: int = 1, storage: str | None = None, ou
         if unfinished:
             say(f"{unfinished} variants are unfinished: rerun the same command to continue ({hint})")
         return 1 if unfinished or any(s == "FAIL" for s in states) or code else 0
-
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ nothing here imports torch or Optuna. Key paths are those of ``--set``: ``surger
 bracket form ``surgery[0].at``. Each variant becomes a list of `Override`s whose origin is the
 sweep file's line, so a value that the spec rejects is reported where the sweep file wrote it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,8 +32,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ..errors import Origin, SpecError, did_you_mean, quote_value
-from ..spec.source import Override, Source, name_from_file, parse_key_path, parse_yaml, read_spec_text
 from ..spec.schema import check_schema, check_values, schema
+from ..spec.source import Override, Source, name_from_file, parse_key_path, parse_yaml, read_spec_text
 
 # summary.json figures a sweep can optimise, and which way
 OBJECTIVES: dict[str, str] = {
@@ -140,12 +141,19 @@ class Sweep:
     def definition(self) -> dict[str, Any]:
         """What the sweep tries, as plain data (sweep.json; the study's fingerprint)."""
         return {
-            "name": self.name, "spec": str(self.spec), "sampler": self.sampler, "trials": self.trials,
-            "objective": self.objective, "direction": self.direction, "sampler_seed": self.sampler_seed,
+            "name": self.name,
+            "spec": str(self.spec),
+            "sampler": self.sampler,
+            "trials": self.trials,
+            "objective": self.objective,
+            "direction": self.direction,
+            "sampler_seed": self.sampler_seed,
             "set": {".".join(map(str, o.path)): o.value for o in self.set},
             "axes": {a.key: dict(zip(a.labels, a.values)) for a in self.axes},
-            "ranges": {r.key: {"low": r.low, "high": r.high, "log": r.log, "step": r.step, "integer": r.integer}
-                       for r in self.ranges},
+            "ranges": {
+                r.key: {"low": r.low, "high": r.high, "log": r.log, "step": r.step, "integer": r.integer}
+                for r in self.ranges
+            },
         }
 
 
@@ -195,22 +203,49 @@ def load_sweep(path: str | Path) -> Sweep:
     seen = {a.path: a.key for a in axes}
     for r in ranges:
         if r.path in seen:
-            raise SpecError(f"{r.key} is an axis and a range", path=("sweep", "ranges", r.key), origin=r.origin,
-                            found=f"axes: {seen[r.path]} and ranges: {r.key}", expected="one of the two")
+            raise SpecError(
+                f"{r.key} is an axis and a range",
+                path=("sweep", "ranges", r.key),
+                origin=r.origin,
+                found=f"axes: {seen[r.path]} and ranges: {r.key}",
+                expected="one of the two",
+            )
     if not axes and not ranges:
-        raise source.error(("sweep",), "the sweep varies nothing", found="no axes and no ranges",
-                           expected="sweep: {axes: {KEY.PATH: [values...]}} (or ranges, with sampler random or tpe)")
+        raise source.error(
+            ("sweep",),
+            "the sweep varies nothing",
+            found="no axes and no ranges",
+            expected="sweep: {axes: {KEY.PATH: [values...]}} (or ranges, with sampler random or tpe)",
+        )
     trials = _trials(body, source, sampler, axes)
     longest = sum(len(a.short) + 2 + max(map(len, a.labels)) for a in axes)
     if sampler == "grid" and longest > MAX_NAME:  # a variant's name is a folder's
-        raise source.error(("sweep", "axes"), f"variant names would be up to {longest} characters long",
-                           found="long values or key paths", expected=f"names of at most {MAX_NAME} characters",
-                           hint="label the values: KEY.PATH: {short-label: value, ...}")
+        raise source.error(
+            ("sweep", "axes"),
+            f"variant names would be up to {longest} characters long",
+            found="long values or key paths",
+            expected=f"names of at most {MAX_NAME} characters",
+            hint="label the values: KEY.PATH: {short-label: value, ...}",
+        )
     heartbeat, grace = _heartbeat(body, source)
-    sweep_set = tuple(Override(p, v, source.origin(("set", k))) for k, p, v in _key_paths(data.get("set"), ("set",), source))
-    return Sweep(name=name, file=file, spec=spec, set=sweep_set, axes=axes, ranges=ranges, sampler=sampler,
-                 trials=trials, objective=objective, sampler_seed=body.get("sampler_seed", _default("sampler_seed")),
-                 heartbeat=heartbeat, grace=grace, source=source)
+    sweep_set = tuple(
+        Override(p, v, source.origin(("set", k))) for k, p, v in _key_paths(data.get("set"), ("set",), source)
+    )
+    return Sweep(
+        name=name,
+        file=file,
+        spec=spec,
+        set=sweep_set,
+        axes=axes,
+        ranges=ranges,
+        sampler=sampler,
+        trials=trials,
+        objective=objective,
+        sampler_seed=body.get("sampler_seed", _default("sampler_seed")),
+        heartbeat=heartbeat,
+        grace=grace,
+        source=source,
+    )
 
 
 def _default(key: str, section: str = "sweep") -> Any:
@@ -225,10 +260,18 @@ def _base_spec(data: dict, source: Source) -> Path:
     value = data["spec"]
     path = Path(source.file).parent / value  # as written, relative to where the command runs
     if not path.is_file():
-        hint = did_you_mean(Path(value).name, [p.name for p in path.parent.iterdir()
-                                               if p.suffix in (".yaml", ".yml")]) if path.parent.is_dir() else None
-        raise source.error(("spec",), "the base spec does not exist", found=str(path),
-                           expected="a spec file, relative to the sweep file's folder", hint=hint)
+        hint = (
+            did_you_mean(Path(value).name, [p.name for p in path.parent.iterdir() if p.suffix in (".yaml", ".yml")])
+            if path.parent.is_dir()
+            else None
+        )
+        raise source.error(
+            ("spec",),
+            "the base spec does not exist",
+            found=str(path),
+            expected="a spec file, relative to the sweep file's folder",
+            hint=hint,
+        )
     return path
 
 
@@ -240,12 +283,20 @@ def _key_paths(mapping: Any, at: tuple, source: Source) -> list[tuple[str, tuple
     for key, value in mapping.items():
         path = parse_key_path(key)
         if path is None or not isinstance(path[0], str):
-            raise source.error(at + (key,), "this is not a key path", found=repr(key),
-                               expected="dotted keys as in --set: train.epochs, surgery.0.at (or surgery[0].at)")
+            raise source.error(
+                at + (key,),
+                "this is not a key path",
+                found=repr(key),
+                expected="dotted keys as in --set: train.epochs, surgery.0.at (or surgery[0].at)",
+            )
         dotted = ".".join(map(str, path))
         if dotted in seen:
-            raise source.error(at + (key,), f"{dotted} is given twice", found=f"{seen[dotted]!r} and {key!r}",
-                               expected="each key path once")
+            raise source.error(
+                at + (key,),
+                f"{dotted} is given twice",
+                found=f"{seen[dotted]!r} and {key!r}",
+                expected="each key path once",
+            )
         seen[dotted] = key
         out.append((key, path, value))
     return out
@@ -279,36 +330,78 @@ def _axes(body: dict, source: Source) -> tuple[Axis, ...]:
             clash = next(((i, j) for i in range(len(labels)) for j in range(i) if labels[i] == labels[j]), None)
             if "" in labels or clash:
                 i = labels.index("") if "" in labels else clash[0]
-                problem = ("these values give no name for a run directory" if "" in labels else
-                           f"two values would share the run directory name {labels[i]!r}")
-                raise source.error(at + (i,), problem, found=quote_value(values[i]),
-                                   expected="a label for each value: write the axis as a mapping, e.g. "
-                                            f"{key}: {{first: ..., second: ...}}")
-        axes.append(Axis(key=dotted, path=path, short=short if shorts.count(short) == 1 else dotted,
-                         labels=tuple(labels), values=tuple(items), origins=tuple(origins)))
+                problem = (
+                    "these values give no name for a run directory"
+                    if "" in labels
+                    else f"two values would share the run directory name {labels[i]!r}"
+                )
+                raise source.error(
+                    at + (i,),
+                    problem,
+                    found=quote_value(values[i]),
+                    expected="a label for each value: write the axis as a mapping, e.g. "
+                    f"{key}: {{first: ..., second: ...}}",
+                )
+        axes.append(
+            Axis(
+                key=dotted,
+                path=path,
+                short=short if shorts.count(short) == 1 else dotted,
+                labels=tuple(labels),
+                values=tuple(items),
+                origins=tuple(origins),
+            )
+        )
     return tuple(axes)
 
 
 def _ranges(body: dict, source: Source, sampler: str) -> tuple[Range, ...]:
     entries = _key_paths(body.get("ranges"), ("sweep", "ranges"), source)
     if entries and sampler == "grid":
-        raise source.error(("sweep", "ranges"), "a grid cannot draw from ranges", found="sampler: grid",
-                           expected="sampler: random or tpe, or list the values as an axis")
+        raise source.error(
+            ("sweep", "ranges"),
+            "a grid cannot draw from ranges",
+            found="sampler: grid",
+            expected="sampler: random or tpe, or list the values as an axis",
+        )
     out = []
     for key, path, spec in entries:  # the schema: numbers low and high, log true or false, step > 0
         at = ("sweep", "ranges", key)
-        low, high, log, step = spec["low"], spec["high"], spec.get("log", _default("log", "sweep_range")), spec.get("step")
+        low, high, log, step = (
+            spec["low"],
+            spec["high"],
+            spec.get("log", _default("log", "sweep_range")),
+            spec.get("step"),
+        )
         if not low < high:
-            raise source.error(at + ("high",), "a range's high must be above its low", found=f"low {low}, high {high}",
-                               expected=f"a number above {low}")
+            raise source.error(
+                at + ("high",),
+                "a range's high must be above its low",
+                found=f"low {low}, high {high}",
+                expected=f"a number above {low}",
+            )
         if log and low <= 0:
             raise source.error(at + ("low",), "a log range starts above zero", found=str(low), expected="low > 0")
         if step is not None and log:
-            raise source.error(at + ("step",), "a step is for a range without log",
-                               found=quote_value(step), expected="step > 0 and log: false")
+            raise source.error(
+                at + ("step",),
+                "a step is for a range without log",
+                found=quote_value(step),
+                expected="step > 0 and log: false",
+            )
         integer = _is_int(low) and _is_int(high) and (step is None or _is_int(step))
-        out.append(Range(key=".".join(map(str, path)), path=path, low=low, high=high, log=log, step=step,
-                         integer=integer, origin=source.origin(at)))
+        out.append(
+            Range(
+                key=".".join(map(str, path)),
+                path=path,
+                low=low,
+                high=high,
+                log=log,
+                step=step,
+                integer=integer,
+                origin=source.origin(at),
+            )
+        )
     return tuple(out)
 
 
@@ -316,19 +409,31 @@ def _trials(body: dict, source: Source, sampler: str, axes: Sequence[Axis]) -> i
     trials = body.get("trials")
     if sampler == "grid":
         if trials is not None:
-            raise source.error(("sweep", "trials"), "a grid tries every combination: `trials` is for random and tpe",
-                               found=f"trials: {quote_value(trials)}", expected="no `trials`, or sampler: random or tpe")
+            raise source.error(
+                ("sweep", "trials"),
+                "a grid tries every combination: `trials` is for random and tpe",
+                found=f"trials: {quote_value(trials)}",
+                expected="no `trials`, or sampler: random or tpe",
+            )
         size = 1
         for axis in axes:
             size *= len(axis.labels)
         if size > MAX_VARIANTS:
-            raise source.error(("sweep", "axes"), f"the grid has {size:,} variants", found=f"{size:,} combinations",
-                               expected=f"at most {MAX_VARIANTS:,}", hint="use sampler: random or tpe with a trial budget")
+            raise source.error(
+                ("sweep", "axes"),
+                f"the grid has {size:,} variants",
+                found=f"{size:,} combinations",
+                expected=f"at most {MAX_VARIANTS:,}",
+                hint="use sampler: random or tpe with a trial budget",
+            )
         return size
     if trials is None:  # the schema: an integer from 1 to MAX_VARIANTS, when given
-        raise source.error(("sweep",),
-                           f"sampler {sampler} needs a trial budget", found=quote_value(trials),
-                           expected=f"trials: an integer from 1 to {MAX_VARIANTS:,}")
+        raise source.error(
+            ("sweep",),
+            f"sampler {sampler} needs a trial budget",
+            found=quote_value(trials),
+            expected=f"trials: an integer from 1 to {MAX_VARIANTS:,}",
+        )
     return trials
 
 
@@ -338,9 +443,13 @@ def _heartbeat(body: dict, source: Source) -> tuple[int, int]:
     interval = value.get("interval", _default("interval", "sweep_heartbeat"))
     grace = value.get("grace", 3 * interval)
     if grace <= interval:
-        raise source.error(at + ("grace",), "the grace period must outlast the heartbeat interval",
-                           found=f"interval {interval}, grace {grace}", expected=f"grace > {interval} (e.g. {3 * interval})",
-                           hint="a worker is declared dead when it has sent no heartbeat for `grace` seconds")
+        raise source.error(
+            at + ("grace",),
+            "the grace period must outlast the heartbeat interval",
+            found=f"interval {interval}, grace {grace}",
+            expected=f"grace > {interval} (e.g. {3 * interval})",
+            hint="a worker is declared dead when it has sent no heartbeat for `grace` seconds",
+        )
     return interval, grace
 
 

@@ -17,6 +17,7 @@ whoever takes it resumes from its `checkpoints/last.pt`. Idle workers wait while
 take over such a trial. Heartbeats need an RDB storage (Optuna 5.0's journal storage has none),
 so the default storage is SQLite: `runs/<sweep>/study.db`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,9 +40,12 @@ def _optuna():
     try:
         import optuna
     except ImportError:
-        raise UsageError("surgery sweep needs Optuna, which is not installed", origin=Origin("flag", "surgery sweep"),
-                         expected="the packages of the extra surgery[optuna]",
-                         hint="pip install 'surgery[optuna]' (PostgreSQL storage: also psycopg2-binary)") from None
+        raise UsageError(
+            "surgery sweep needs Optuna, which is not installed",
+            origin=Origin("flag", "surgery sweep"),
+            expected="the packages of the extra surgery[optuna]",
+            hint="pip install 'surgery[optuna]' (PostgreSQL storage: also psycopg2-binary)",
+        ) from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return optuna
@@ -61,8 +65,15 @@ def shown_url(url: str) -> str:
     return url
 
 
-def open_storage(url: str, heartbeat: int, grace: int, *, flag: bool = False, lock_timeout: float = LOCK_TIMEOUT,
-                 note: Callable[[str], None] | None = None) -> Any:
+def open_storage(
+    url: str,
+    heartbeat: int,
+    grace: int,
+    *,
+    flag: bool = False,
+    lock_timeout: float = LOCK_TIMEOUT,
+    note: Callable[[str], None] | None = None,
+) -> Any:
     """Optuna's RDBStorage with heartbeats; on SQLite, with transactions that lock the database
     as they begin, so that taking a trial (read WAITING, write RUNNING) is atomic.
 
@@ -87,19 +98,28 @@ def open_storage(url: str, heartbeat: int, grace: int, *, flag: bool = False, lo
         _wait_for_sqlite(url, lock_timeout, note or (lambda text: None), origin)
     try:
         storage = optuna.storages.RDBStorage(
-            _with_driver(url), heartbeat_interval=heartbeat, grace_period=grace,
+            _with_driver(url),
+            heartbeat_interval=heartbeat,
+            grace_period=grace,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3),
-            engine_kwargs={"connect_args": {"timeout": lock_timeout}} if sqlite else {"pool_pre_ping": True})
+            engine_kwargs={"connect_args": {"timeout": lock_timeout}} if sqlite else {"pool_pre_ping": True},
+        )
     except ImportError as exc:
         cause = describe_exception(exc.__cause__ or exc)
-        raise UsageError(f"the storage's database driver is not installed ({cause})", origin=origin,
-                         expected="a driver for this URL",
-                         hint="PostgreSQL: pip install 'surgery[postgres]' (psycopg2-binary)") from None
+        raise UsageError(
+            f"the storage's database driver is not installed ({cause})",
+            origin=origin,
+            expected="a driver for this URL",
+            hint="PostgreSQL: pip install 'surgery[postgres]' (psycopg2-binary)",
+        ) from None
     except Exception as exc:  # noqa: BLE001 - sqlalchemy's URL, connection and schema errors alike
         unreachable = type(exc).__name__ in ("OperationalError", "StorageInternalError")
-        err = UsageError(f"cannot open the study storage: {describe_exception(exc)}", origin=origin,
-                         expected="an SQLAlchemy database URL: sqlite:///FILE or postgresql://USER:PASSWORD@HOST/DB",
-                         hint="is the database server running and the database created?" if unreachable else None)
+        err = UsageError(
+            f"cannot open the study storage: {describe_exception(exc)}",
+            origin=origin,
+            expected="an SQLAlchemy database URL: sqlite:///FILE or postgresql://USER:PASSWORD@HOST/DB",
+            hint="is the database server running and the database created?" if unreachable else None,
+        )
         if unreachable:
             err.exit_code = 1  # the machine is at fault, not what was asked
         raise err from None
@@ -144,15 +164,20 @@ def _wait_for_sqlite(url: str, timeout: float, note: Callable[[str], None], orig
                 return  # not a lock: Optuna's own opening says what is wrong
         waited = time.monotonic() - start
         if waited >= timeout:
-            err = UsageError(f"the study's database {path} stayed locked by another process for {timeout:g} s",
-                             origin=origin, expected="a database no other process holds in a write transaction",
-                             hint="is another surgery sweep, an sqlite3 shell or a backup holding it? Close it and "
-                                  "run the command again, or wait longer with --lock-timeout SECONDS")
+            err = UsageError(
+                f"the study's database {path} stayed locked by another process for {timeout:g} s",
+                origin=origin,
+                expected="a database no other process holds in a write transaction",
+                hint="is another surgery sweep, an sqlite3 shell or a backup holding it? Close it and "
+                "run the command again, or wait longer with --lock-timeout SECONDS",
+            )
             err.exit_code = 1  # the machine is at fault, not what was asked
             raise err
         if not said and waited >= min(1.0, timeout / 4):  # a worker's own transaction lasts milliseconds
-            note(f"waiting for {path}: another process holds the study's database locked "
-                 f"(giving up after {timeout:g} s; --lock-timeout SECONDS to change)")
+            note(
+                f"waiting for {path}: another process holds the study's database locked "
+                f"(giving up after {timeout:g} s; --lock-timeout SECONDS to change)"
+            )
             said = True
         time.sleep(0.1)
 
@@ -162,9 +187,12 @@ def _with_driver(url: str) -> str:
     default driver, and the postgres extra installs psycopg2-binary."""
     import importlib.util
 
-    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None \
-            and importlib.util.find_spec("psycopg2") is not None:
-        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    if (
+        url.startswith("postgresql://")
+        and importlib.util.find_spec("psycopg") is None
+        and importlib.util.find_spec("psycopg2") is not None
+    ):
+        return "postgresql+psycopg2://" + url[len("postgresql://") :]
     return url
 
 
@@ -180,12 +208,14 @@ def _immediate_transactions(engine: Any) -> None:
     @event.listens_for(engine, "begin")
     def _begin(connection: Any) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+
     engine.dispose()  # connections opened before the hooks close
 
 
 # --------------------------------------------------------------------------- the study
-def open_study(sweep: Sweep, storage: Any, digest: str, say: Callable,
-               variants: Callable[[], Sequence[Variant]] | None = None) -> Any | None:
+def open_study(
+    sweep: Sweep, storage: Any, digest: str, say: Callable, variants: Callable[[], Sequence[Variant]] | None = None
+) -> Any | None:
     """Load the study a previous (or another machine's) command created, refusing one made from
     another sweep definition; or, given `variants`, create it and queue every variant once.
 
@@ -224,19 +254,25 @@ def _check_same_sweep(sweep: Sweep, study: Any, digest: str, say: Callable, wait
     deadline = time.monotonic() + wait
     while _QUEUED not in study.user_attrs:  # its creator is still queueing (another machine, or a moment ago)
         if time.monotonic() > deadline:
-            raise UsageError(f"the study {sweep.name!r} exists but its trials were never queued",
-                             origin=Origin.file(sweep.file), found="a study without the attribute " + _QUEUED,
-                             expected="a study made by surgery sweep",
-                             hint="its creator stopped while queueing: delete it (optuna delete-study "
-                                  f"--study-name {sweep.name} --storage URL) and run again")
+            raise UsageError(
+                f"the study {sweep.name!r} exists but its trials were never queued",
+                origin=Origin.file(sweep.file),
+                found="a study without the attribute " + _QUEUED,
+                expected="a study made by surgery sweep",
+                hint="its creator stopped while queueing: delete it (optuna delete-study "
+                f"--study-name {sweep.name} --storage URL) and run again",
+            )
         say(f"waiting for the study {sweep.name!r} to be filled by the command that created it")
         time.sleep(2.0)
     if study.user_attrs.get(_FINGERPRINT) != digest:
-        raise SpecError(f"the study {sweep.name!r} was made from another sweep", origin=Origin.file(sweep.file),
-                        found="the sweep file, its base spec or --set changed since the study was created",
-                        expected="the same definition, to continue the sweep",
-                        hint="give the sweep a new `name:` to start another one, or remove the old study "
-                             "(its study.db) to start this one again")
+        raise SpecError(
+            f"the study {sweep.name!r} was made from another sweep",
+            origin=Origin.file(sweep.file),
+            found="the sweep file, its base spec or --set changed since the study was created",
+            expected="the same definition, to continue the sweep",
+            hint="give the sweep a new `name:` to start another one, or remove the old study "
+            "(its study.db) to start this one again",
+        )
 
 
 def trial_counts(study: Any) -> dict[str, int]:

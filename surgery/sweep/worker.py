@@ -5,6 +5,7 @@ A worker takes trials until none is waiting or running. While it trains, Optuna'
 thread marks it alive; a trial it is interrupted in (Ctrl-C, SIGTERM) is failed and queued again
 with the same params, so the next worker resumes the same run directory from its checkpoint.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -78,8 +79,10 @@ def work(worker: Worker) -> int:
                 if not running:
                     return 0
                 if not waiting_said:
-                    worker.say(f"nothing left to take; waiting while trials {', '.join(str(t.number) for t in running)} "
-                               "run (to take one over if its worker stops)")
+                    worker.say(
+                        f"nothing left to take; waiting while trials {', '.join(str(t.number) for t in running)} "
+                        "run (to take one over if its worker stops)"
+                    )
                     waiting_said = True
                 time.sleep(poll)
                 continue
@@ -95,10 +98,11 @@ def work(worker: Worker) -> int:
 def storage_failed(exc: BaseException, storage: str) -> UserError:
     """The error for a study storage that fails mid-command (the database went away, or stayed
     locked past the lock timeout): exit code 1, and what the study keeps."""
-    err = UserError(f"the study's storage failed: {describe_exception(exc.__cause__ or exc)}",
-                    origin=Origin.path(storage),
-                    hint="rerun the same command once the database is back (or no longer locked): "
-                         "finished variants are kept")
+    err = UserError(
+        f"the study's storage failed: {describe_exception(exc.__cause__ or exc)}",
+        origin=Origin.path(storage),
+        hint="rerun the same command once the database is back (or no longer locked): finished variants are kept",
+    )
     err.exit_code = 1
     return err
 
@@ -131,9 +135,12 @@ def run_trial(worker: Worker, trial_id: int, held: Any = None) -> str:
         summary = _train(worker, trial, variant)
         value = summary.get(sweep.objective)
         if not isinstance(value, (int, float)) or not math.isfinite(value):  # Optuna would fail the trial silently
-            raise RunDirError(f"the run's {sweep.objective} is {value}, which cannot be ranked",
-                              origin=Origin.path(worker.folder / variant.name / "summary.json"),
-                              expected="a finite number", hint="see the run's metrics.jsonl")
+            raise RunDirError(
+                f"the run's {sweep.objective} is {value}, which cannot be ranked",
+                origin=Origin.path(worker.folder / variant.name / "summary.json"),
+                expected="a finite number",
+                hint="see the run's metrics.jsonl",
+            )
     except NonFiniteLoss as exc:
         return _fail(worker, trial_id, heartbeat, f"stopped: {exc}")
     except (TrainingStopped, KeyboardInterrupt) as exc:  # a signal: checkpointed; queue it again for the next run
@@ -150,8 +157,10 @@ def run_trial(worker: Worker, trial_id: int, held: Any = None) -> str:
     heartbeat.join()
     told = study.tell(trial, value, skip_if_finished=True)
     if told.state != TrialState.COMPLETE:
-        worker.say(f"trial {trial.number} ({variant.name}) was declared dead meanwhile and queued again; "
-                   "the worker that takes it reports this run")
+        worker.say(
+            f"trial {trial.number} ({variant.name}) was declared dead meanwhile and queued again; "
+            "the worker that takes it reports this run"
+        )
         return DONE
     worker.say(f"trial {trial.number} {variant.name}: {sweep.objective} {value:.4f}")
     return DONE
@@ -162,8 +171,12 @@ def _train(worker: Worker, trial: Any, variant: Variant) -> dict[str, Any]:
     from ..train import runner
 
     run_dir = worker.folder / variant.name
-    for key, value in {**variant_attrs(variant), "run_dir": str(run_dir), "host": socket.gethostname(),
-                       "pid": os.getpid()}.items():
+    for key, value in {
+        **variant_attrs(variant),
+        "run_dir": str(run_dir),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }.items():
         trial.set_user_attr(key, value)
     spec = load_spec(worker.sweep.spec, [*worker.sweep.set, *worker.overrides, *variant.overrides])
     lock = _wait_for_run_dir(worker, run_dir)
@@ -180,11 +193,21 @@ def _train(worker: Worker, trial: Any, variant: Variant) -> dict[str, Any]:
         return summary
     start = _checkpoint_epoch(run_dir / "checkpoints" / "last.pt")
     trial.set_user_attr("resumed_from_epoch", start)
-    worker.say(f"trial {trial.number} {variant.name}: " + ("resuming from its checkpoint" if start else "training")
-               + f" in {run_dir}")
+    worker.say(
+        f"trial {trial.number} {variant.name}: "
+        + ("resuming from its checkpoint" if start else "training")
+        + f" in {run_dir}"
+    )
     resume = run_dir.is_dir() and any(run_dir.iterdir())
-    return runner.run(spec, run_dir, device=worker.device, resume=resume, console=worker.console,
-                      runs_root=worker.runs_root, resume_hint=worker.resume_hint)
+    return runner.run(
+        spec,
+        run_dir,
+        device=worker.device,
+        resume=resume,
+        console=worker.console,
+        runs_root=worker.runs_root,
+        resume_hint=worker.resume_hint,
+    )
 
 
 def _sampler(sweep: Sweep, number: int) -> Any:
@@ -247,8 +270,9 @@ def hold_signals() -> tuple[dict, list] | None:
     (Python runs signal handlers in the main thread, whichever thread the signal reached.)"""
     noted: list[int] = []
     try:
-        previous = {s: signal.signal(s, lambda signum, frame: noted.append(signum))
-                    for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {
+            s: signal.signal(s, lambda signum, frame: noted.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)
+        }
     except ValueError:  # not the main thread: signals are not ours to handle
         return None
     return previous, noted
@@ -285,8 +309,7 @@ def _wait_for_run_dir(worker: Worker, run_dir: Path) -> Any:
         return lock
 
 
-def _finished_run(run_dir: Path, spec: Any, say: Callable[..., None]
-                  ) -> tuple[dict[str, Any], list[str]] | None:
+def _finished_run(run_dir: Path, spec: Any, say: Callable[..., None]) -> tuple[dict[str, Any], list[str]] | None:
     """The summary of a run of `spec` in `run_dir` whose training finished, and the final files
     drawn now because its process was killed before drawing them (`train.final.complete_run`);
     None when it holds no run whose training finished (it resumes from its checkpoint)."""
@@ -298,9 +321,13 @@ def _finished_run(run_dir: Path, spec: Any, say: Callable[..., None]
     if not summary.is_file():
         return None
     if not saved.is_file() or yaml.safe_load(saved.read_text(encoding="utf-8")) != yaml.safe_load(spec.to_yaml()):
-        raise RunDirError(f"the run directory {run_dir} holds a finished run of another spec", exit_code=2,
-                          origin=Origin.path(run_dir), expected="the run of this variant, or no run",
-                          hint="the sweep's runs belong to another definition: use another --out or sweep name")
+        raise RunDirError(
+            f"the run directory {run_dir} holds a finished run of another spec",
+            exit_code=2,
+            origin=Origin.path(run_dir),
+            expected="the run of this variant, or no run",
+            hint="the sweep's runs belong to another definition: use another --out or sweep name",
+        )
     data = json.loads(summary.read_text(encoding="utf-8"))
     if "final_val_acc" not in data:
         return None
@@ -354,8 +381,15 @@ def spawn(n: int, argv: Sequence[str], device: str | None, say: Callable[[str], 
     """
     procs, relays = [], []
     for i, env in enumerate(worker_environments(n, device)):
-        proc = subprocess.Popen([sys.executable, "-m", "surgery", *argv], env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "surgery", *argv],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
+        )
         relay = threading.Thread(target=_relay, args=(proc, f"w{i + 1}"), daemon=True)
         relay.start()
         procs.append(proc)

@@ -13,6 +13,7 @@
 
 Importing this package imports no torch: the names below load their module on first use.
 """
+
 from __future__ import annotations
 
 from importlib import import_module
@@ -20,10 +21,23 @@ from typing import Any
 
 # the face's names -> the module that defines them, imported on first use: the package holds pure
 # parts too (schedule.py, the spec's loader and the report page use it), which must not import torch
-_FACE = {"run": "runner", "prepare": "context", "Context": "context", "train_epoch": "loop", "evaluate": "loop",
-         "apply_trainable": "loop", "set_train_mode": "loop", "use_feature_cache": "features",
-         "checkpoint_state": "checkpoint", "restore": "checkpoint", "load_checkpoint": "checkpoint",
-         "EpochResult": "loop", "EpochState": "loop", "TrainingStopped": "loop", "NonFiniteLoss": "loop"}
+_FACE = {
+    "run": "runner",
+    "prepare": "context",
+    "Context": "context",
+    "train_epoch": "loop",
+    "evaluate": "loop",
+    "apply_trainable": "loop",
+    "set_train_mode": "loop",
+    "use_feature_cache": "features",
+    "checkpoint_state": "checkpoint",
+    "restore": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "EpochResult": "loop",
+    "EpochState": "loop",
+    "TrainingStopped": "loop",
+    "NonFiniteLoss": "loop",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -32,6 +46,20 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["run", "prepare", "Context", "train_epoch", "evaluate", "apply_trainable", "set_train_mode",
-           "use_feature_cache", "checkpoint_state", "restore", "load_checkpoint", "EpochResult", "EpochState",
-           "TrainingStopped", "NonFiniteLoss"]
+__all__ = [
+    "run",
+    "prepare",
+    "Context",
+    "train_epoch",
+    "evaluate",
+    "apply_trainable",
+    "set_train_mode",
+    "use_feature_cache",
+    "checkpoint_state",
+    "restore",
+    "load_checkpoint",
+    "EpochResult",
+    "EpochState",
+    "TrainingStopped",
+    "NonFiniteLoss",
+]

@@ -9,6 +9,7 @@ The cache can never be stale: its key hashes every tensor of the frozen body, th
 the data selection, precision and memory format; anything else means another key. It lives in
 memory, or in a memory-mapped file in the run directory when it is large.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,8 +60,14 @@ def _random_modules(model: nn.Module, head: str) -> list[str]:
     return found
 
 
-def plan(model: nn.Module, head: tuple[str, ...], deterministic_data: bool, setting: str,
-         world_size: int = 1, random_batches: tuple[str, ...] = ()) -> tuple[bool, str]:
+def plan(
+    model: nn.Module,
+    head: tuple[str, ...],
+    deterministic_data: bool,
+    setting: str,
+    world_size: int = 1,
+    random_batches: tuple[str, ...] = (),
+) -> tuple[bool, str]:
     """Can this epoch train on cached features? (yes, why) for a head-only stage; (False, "") otherwise.
 
     Call it with the model in the mode the epoch trains in (frozen norms already in eval).
@@ -97,8 +104,16 @@ def cache_key(model: nn.Module, head: str, parts: dict[str, Any]) -> str:
 
 
 @torch.no_grad()
-def _features(model: nn.Module, head_module: nn.Module, batches: Any, prepare: Callable, autocast: Callable,
-              size: int, folder: Path | None, name: str) -> tuple[torch.Tensor, torch.Tensor, str]:
+def _features(
+    model: nn.Module,
+    head_module: nn.Module,
+    batches: Any,
+    prepare: Callable,
+    autocast: Callable,
+    size: int,
+    folder: Path | None,
+    name: str,
+) -> tuple[torch.Tensor, torch.Tensor, str]:
     captured: list[torch.Tensor] = []
     handle = head_module.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
     store: torch.Tensor | None = None
@@ -128,8 +143,8 @@ def _features(model: nn.Module, head_module: nn.Module, batches: Any, prepare: C
                     store = torch.empty(shape, dtype=torch.float32)
                 labels = torch.empty((size, *y.shape[1:]), dtype=y.dtype)
             n = feats.shape[0]
-            store[offset: offset + n] = feats.cpu()
-            labels[offset: offset + n] = y.cpu()
+            store[offset : offset + n] = feats.cpu()
+            labels[offset : offset + n] = y.cpu()
             offset += n
     finally:
         handle.remove()
@@ -142,20 +157,40 @@ class _NotCacheable(Exception):
     pass
 
 
-def build_cache(model: nn.Module, head: str, key: str, train_batches: Any, train_size: int, val_batches: Any,
-                val_size: int, prepare: Callable, autocast: Callable, folder: Path | None) -> FeatureCache | str:
+def build_cache(
+    model: nn.Module,
+    head: str,
+    key: str,
+    train_batches: Any,
+    train_size: int,
+    val_batches: Any,
+    val_size: int,
+    prepare: Callable,
+    autocast: Callable,
+    folder: Path | None,
+) -> FeatureCache | str:
     """Run the frozen body once over both sets (dataset order); the cache, or why it cannot be built."""
     import time
 
     start = time.perf_counter()
     head_module = model.get_submodule(head)
     try:
-        train, train_labels, where = _features(model, head_module, train_batches, prepare, autocast, train_size,
-                                               folder, f"{key}-train")
+        train, train_labels, where = _features(
+            model, head_module, train_batches, prepare, autocast, train_size, folder, f"{key}-train"
+        )
         with evaluating(model):
-            val, val_labels, _ = _features(model, head_module, val_batches, prepare, autocast, val_size, folder,
-                                           f"{key}-val")
+            val, val_labels, _ = _features(
+                model, head_module, val_batches, prepare, autocast, val_size, folder, f"{key}-val"
+            )
     except _NotCacheable as exc:
         return str(exc)
-    return FeatureCache(key=key, head=head, train=train, train_labels=train_labels, val=val, val_labels=val_labels,
-                        seconds=time.perf_counter() - start, where=where)
+    return FeatureCache(
+        key=key,
+        head=head,
+        train=train,
+        train_labels=train_labels,
+        val=val,
+        val_labels=val_labels,
+        seconds=time.perf_counter() - start,
+        where=where,
+    )

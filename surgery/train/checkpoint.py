@@ -17,6 +17,7 @@
 Everything in it is tensors and plain data, and it is read with ``torch.load(weights_only=True)``:
 run directories get shared, and a pickle that can construct arbitrary objects can run code.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,11 +28,11 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import Origin, RunDirError, describe_exception, format_path
-from .runtime import rng_state, set_rng_state
 from ..spec import Spec
 from ..spec.schema import fill_defaults
 from .context import Context
 from .loop import EpochState
+from .runtime import rng_state, set_rng_state
 
 CHECKPOINT_FORMAT = 3  # 3: RNG states as tensors and plain data (2: numpy arrays; 1: one process)
 
@@ -45,8 +46,14 @@ def _rank_state(ctx: Context, partial: EpochState | None) -> dict[str, Any]:
     return state
 
 
-def checkpoint_state(ctx: Context, epoch: int, best: Mapping[str, Any], rows: Sequence[Mapping[str, Any]] = (),
-                     *, partial: EpochState | None = None) -> dict[str, Any] | None:
+def checkpoint_state(
+    ctx: Context,
+    epoch: int,
+    best: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]] = (),
+    *,
+    partial: EpochState | None = None,
+) -> dict[str, Any] | None:
     """What `checkpoints/last.pt` holds to continue at `epoch` (mid-epoch when `partial` is given).
 
     Every process must call it (it gathers each one's RNG and partial sums); rank 0 gets the
@@ -133,15 +140,26 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is the same problem for the user
         unsafe = "weights only load failed" in str(exc).lower() or "unsupported global" in str(exc).lower()
-        problem = (f"cannot resume: {path} holds Python objects besides tensors and plain data, and surgery does "
-                   "not unpickle those (a pickle can run code)" if unsafe else
-                   f"cannot resume: {path} is unreadable ({describe_exception(exc, 120)})")
-        raise RunDirError(problem, origin=Origin.path(path), expected="a checkpoint written by `surgery run`",
-                          hint="start afresh with --overwrite, or resume from a run directory you trust") from None
+        problem = (
+            f"cannot resume: {path} holds Python objects besides tensors and plain data, and surgery does "
+            "not unpickle those (a pickle can run code)"
+            if unsafe
+            else f"cannot resume: {path} is unreadable ({describe_exception(exc, 120)})"
+        )
+        raise RunDirError(
+            problem,
+            origin=Origin.path(path),
+            expected="a checkpoint written by `surgery run`",
+            hint="start afresh with --overwrite, or resume from a run directory you trust",
+        ) from None
     if not isinstance(state, dict) or "epoch" not in state or "model" not in state:
-        raise RunDirError(f"cannot resume: {path} is not a checkpoint of `surgery run`", origin=Origin.path(path),
-                          found=type(state).__name__, expected="a checkpoint written by `surgery run`",
-                          hint="start afresh with --overwrite")
+        raise RunDirError(
+            f"cannot resume: {path} is not a checkpoint of `surgery run`",
+            origin=Origin.path(path),
+            found=type(state).__name__,
+            expected="a checkpoint written by `surgery run`",
+            hint="start afresh with --overwrite",
+        )
     return state
 
 
@@ -171,16 +189,26 @@ def check_resumable(state: Mapping[str, Any], spec: Spec, path: Path, run_dir: P
     # the spec as written (the same file again) or as spec.yaml keeps it (paths made absolute)
     if theirs != mine and (resolved is None or resolved != spec.resolved_raw()):
         where = format_path(first_difference(theirs, mine))
-        raise RunDirError(f"cannot resume: the spec differs from the one this run started with (at {where})",
-                          origin=Origin.path(path), expected=f"the spec in {run_dir / 'spec.yaml'}", exit_code=2,
-                          hint="resume with the same spec file and --set options, or start a new run")
+        raise RunDirError(
+            f"cannot resume: the spec differs from the one this run started with (at {where})",
+            origin=Origin.path(path),
+            expected=f"the spec in {run_dir / 'spec.yaml'}",
+            exit_code=2,
+            hint="resume with the same spec file and --set options, or start a new run",
+        )
     started_with = int(state.get("world_size", 1))
     if started_with != world_size and state.get("batch", 0):
-        raise RunDirError(f"cannot resume: this run stopped mid-epoch with {started_with} processes, "
-                          f"and {world_size} are running now", origin=Origin.path(path),
-                          expected=f"{started_with} processes (torchrun --nproc_per_node ...)", exit_code=2,
-                          hint="resume with the same number of processes")
+        raise RunDirError(
+            f"cannot resume: this run stopped mid-epoch with {started_with} processes, "
+            f"and {world_size} are running now",
+            origin=Origin.path(path),
+            expected=f"{started_with} processes (torchrun --nproc_per_node ...)",
+            exit_code=2,
+            hint="resume with the same number of processes",
+        )
     if started_with != world_size:
-        return (f"this run started with {started_with} processes and resumes with {world_size}: "
-                "the data order changes from here on")
+        return (
+            f"this run started with {started_with} processes and resumes with {world_size}: "
+            "the data order changes from here on"
+        )
     return None

@@ -2,6 +2,7 @@
 them, and the data against the model. `surgery validate` runs every one of them, and `surgery run`
 the same functions, so a spec that validates never stops `run` on a mistake in it.
 """
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,8 @@ from typing import TYPE_CHECKING
 from ..errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..model.builder import Built
     from ..data import DataBundle
+    from ..model.builder import Built
     from ..spec import Spec
 
 
@@ -27,19 +28,30 @@ def data_for(spec: Spec, built: Built, world_size: int = 1) -> DataBundle:
     config = dict(built.data_config)
     channels = built.input_size[0]
     if channels not in (1, 3):
-        raise spec.error(("model", "in_chans"), f"the image datasets hold 1 (gray) or 3 (RGB) channels, not {channels}",
-                         found=str(channels), expected="in_chans 1 or 3 for training on images",
-                         hint="other channel counts are for models fed by your own code (surgery.build)")
+        raise spec.error(
+            ("model", "in_chans"),
+            f"the image datasets hold 1 (gray) or 3 (RGB) channels, not {channels}",
+            found=str(channels),
+            expected="in_chans 1 or 3 for training on images",
+            hint="other channel counts are for models fed by your own code (surgery.build)",
+        )
     config["input_size"] = (channels, spec.data.image_size, spec.data.image_size)
     data = build_data(spec, config)  # transforms included: a bad randaugment string fails here
     if len(data.classes) != built.num_classes:
         said = "model.num_classes is not set, so the model keeps" if spec.model.num_classes is None else "the model has"
-        raise spec.error(("model", "num_classes"), f"{said} {built.num_classes} outputs but the data has "
-                         f"{len(data.classes)} classes", found=str(spec.model.num_classes),
-                         expected=f"num_classes: {len(data.classes)}")
+        raise spec.error(
+            ("model", "num_classes"),
+            f"{said} {built.num_classes} outputs but the data has {len(data.classes)} classes",
+            found=str(spec.model.num_classes),
+            expected=f"num_classes: {len(data.classes)}",
+        )
     if len(data.val) == 0:
-        raise spec.error(("data", "val_split"), "the validation set is empty", found=str(spec.data.val_split),
-                         expected="a val_split above 0, or a dataset with its own validation split")
+        raise spec.error(
+            ("data", "val_split"),
+            "the validation set is empty",
+            found=str(spec.data.val_split),
+            expected="a val_split above 0, or a dataset with its own validation split",
+        )
     _check_batch(spec, built, len(data.train), world_size)
     return data
 
@@ -57,8 +69,10 @@ def balance_warnings(spec: Spec, data: DataBundle) -> list[str]:
         return []
     file, line, _ = spec.source.locate(("data", "balance"))
     shown = ", ".join(repr(c) for c in empty[:5]) + (f" ({len(empty)} in all)" if len(empty) > 5 else "")
-    return [f"{file or '<spec>'}" + (f":{line}" if line else "") + f": data.balance: {len(empty)} class(es) have "
-            f"no training images ({shown}): balance: {spec.data.balance} never draws them / gives them weight 0"]
+    return [
+        f"{file or '<spec>'}" + (f":{line}" if line else "") + f": data.balance: {len(empty)} class(es) have "
+        f"no training images ({shown}): balance: {spec.data.balance} never draws them / gives them weight 0"
+    ]
 
 
 def _check_batch(spec: Spec, built: Built, train_size: int, world_size: int) -> None:
@@ -71,12 +85,19 @@ def _check_batch(spec: Spec, built: Built, train_size: int, world_size: int) -> 
     if per_process >= 2 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in built.model.modules()):
         return
     if batch < 2:
-        raise spec.error(("train", "batch_size"), "a training batch of one image cannot train BatchNorm layers",
-                         found=str(batch), expected="train.batch_size: 2 or more")
+        raise spec.error(
+            ("train", "batch_size"),
+            "a training batch of one image cannot train BatchNorm layers",
+            found=str(batch),
+            expected="train.batch_size: 2 or more",
+        )
     key = ("data", "subset", "train") if spec.data.subset.train is not None else ("data",)
-    raise spec.error(key, f"the training set has {train_size} image(s): a batch of one cannot train BatchNorm layers",
-                     found=f"{train_size} training image(s)" + (f" over {world_size} processes" if world_size > 1 else ""),
-                     expected=f"at least {2 * world_size} training images")
+    raise spec.error(
+        key,
+        f"the training set has {train_size} image(s): a batch of one cannot train BatchNorm layers",
+        found=f"{train_size} training image(s)" + (f" over {world_size} processes" if world_size > 1 else ""),
+        expected=f"at least {2 * world_size} training images",
+    )
 
 
 def check_compile(spec: Spec) -> None:
@@ -90,9 +111,13 @@ def check_compile(spec: Spec) -> None:
     if backend not in known:
         from ..errors import did_you_mean
 
-        raise spec.error(("train", "compile"), f"torch.compile has no backend {backend!r}", found=repr(backend),
-                         expected="true (inductor), false, or one of " + ", ".join(known),
-                         hint=did_you_mean(backend, known))
+        raise spec.error(
+            ("train", "compile"),
+            f"torch.compile has no backend {backend!r}",
+            found=repr(backend),
+            expected="true (inductor), false, or one of " + ", ".join(known),
+            hint=did_you_mean(backend, known),
+        )
 
 
 def check_training(spec: Spec, built: Built) -> tuple[str, ...]:
@@ -114,15 +139,20 @@ def check_training(spec: Spec, built: Built) -> tuple[str, ...]:
         batches = min(batches, spec.train.limit_batches)
     if spec.train.accumulate > batches:
         file, line, _ = spec.source.locate(("train", "accumulate"))
-        warnings.append(f"{file or '<spec>'}" + (f":{line}" if line else "") + f": train.accumulate: "
-                        f"{spec.train.accumulate} batches per optimizer step, but an epoch has {batches}: "
-                        "the optimizer steps once per epoch, on fewer batches than asked")
+        warnings.append(
+            f"{file or '<spec>'}" + (f":{line}" if line else "") + f": train.accumulate: "
+            f"{spec.train.accumulate} batches per optimizer step, but an epoch has {batches}: "
+            "the optimizer steps once per epoch, on fewer batches than asked"
+        )
 
     def note(problem: str, **kw: str) -> UserError:
         return spec.error(("train", "device"), problem, **kw)
+
     try:
         resolve_device(spec.train.device, note)
     except UserError as err:  # a GPU spec validated on a laptop: `run` there needs --device
-        warnings.append(f"{err.location}: train.device: {err.problem}; `surgery run` on this machine needs "
-                        "--device cpu (or train.device: auto)")
+        warnings.append(
+            f"{err.location}: train.device: {err.problem}; `surgery run` on this machine needs "
+            "--device cpu (or train.device: auto)"
+        )
     return tuple(warnings)

@@ -1,4 +1,5 @@
 """`surgery run SPEC...`: several specs one after another, and the command that resumes them."""
+
 from __future__ import annotations
 
 import os
@@ -6,12 +7,12 @@ import shlex
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .distributed import teardown, world_from_env
 from ..errors import RunDirError, SpecError, UserError
 from ..spec import Spec, load_spec
-from .trackers import check_available
 from . import runner
+from .distributed import teardown, world_from_env
 from .loop import TrainingStopped
+from .trackers import check_available
 
 
 def resume_command(paths: Sequence[str], out: str | None, overrides: Sequence[str], device: str | None) -> str:
@@ -33,9 +34,17 @@ def resume_command(paths: Sequence[str], out: str | None, overrides: Sequence[st
     return shlex.join(head + args + ["--resume"])
 
 
-def run_specs(paths: Sequence[str], *, out: str | None = None, overrides: Sequence[str] = (), device: str | None = None,
-              resume: bool = False, overwrite: bool = False, console=None,
-              warn: Callable[[Spec], None] | None = None) -> int:
+def run_specs(
+    paths: Sequence[str],
+    *,
+    out: str | None = None,
+    overrides: Sequence[str] = (),
+    device: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    console=None,
+    warn: Callable[[Spec], None] | None = None,
+) -> int:
     """Train each spec in turn; a later spec can load an earlier one's weights (run:NAME).
 
     Every spec is loaded and checked before anything trains. Under torchrun every process runs
@@ -45,8 +54,9 @@ def run_specs(paths: Sequence[str], *, out: str | None = None, overrides: Sequen
     Args:
         warn: shows each spec's warnings (rank 0 only).
     """
-    from ..untrusted import Console
     from rich.markup import escape
+
+    from ..untrusted import Console
 
     console = console or Console(highlight=False)
     main = world_from_env()[0] == 0
@@ -60,20 +70,36 @@ def run_specs(paths: Sequence[str], *, out: str | None = None, overrides: Sequen
                 warn(spec)
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
-            raise SpecError("two specs share a run name", found=", ".join(names), expected="distinct names",
-                            hint="set `name:` in the specs")
+            raise SpecError(
+                "two specs share a run name",
+                found=", ".join(names),
+                expected="distinct names",
+                hint="set `name:` in the specs",
+            )
         for spec in specs:
             out_dir = Path(out) if (out and len(specs) == 1) else Path(out or "runs") / spec.name
             try:
-                runner.run(spec, out_dir, device=device, resume=resume, overwrite=overwrite, console=console,
-                           runs_root=out_dir.parent, resume_hint=hint)
+                runner.run(
+                    spec,
+                    out_dir,
+                    device=device,
+                    resume=resume,
+                    overwrite=overwrite,
+                    console=console,
+                    runs_root=out_dir.parent,
+                    resume_hint=hint,
+                )
             except TrainingStopped as exc:
                 if main:
-                    console.print(f"[bold red]stopped[/bold red] {escape(spec.name)}: {escape(str(exc))}", soft_wrap=True)
+                    console.print(
+                        f"[bold red]stopped[/bold red] {escape(spec.name)}: {escape(str(exc))}", soft_wrap=True
+                    )
                 return 1
             except RunDirError as exc:
                 if main and exc.exit_code == 1:
-                    console.print(f"[bold red]stopped[/bold red] {escape(spec.name)}: {escape(str(exc))}", soft_wrap=True)
+                    console.print(
+                        f"[bold red]stopped[/bold red] {escape(spec.name)}: {escape(str(exc))}", soft_wrap=True
+                    )
                     return 1
                 raise
     except UserError as exc:

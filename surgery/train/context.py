@@ -1,4 +1,5 @@
 """What a run trains with: `prepare` builds model, data, optimizer and loaders once into a `Context`."""
+
 from __future__ import annotations
 
 import logging
@@ -9,17 +10,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .distributed import broadcast_state, convert_sync_bn, setup
+from ..data import DataBundle, class_weights, make_loader, pos_weights
 from ..model.builder import Built, build
+from ..spec import Spec
 from .cache import FeatureCache
 from .checks import check_compile, data_for
-from ..data import DataBundle, class_weights, make_loader, pos_weights
-from .distributed import DataParallel, Distributed
+from .distributed import DataParallel, Distributed, broadcast_state, convert_sync_bn, setup
+from .mixing import BatchAugment, train_criterion
 from .optim import build_optimizer
 from .runtime import Compiled, Runtime, make_runtime, seed_everything
 from .schedule import EarlyStop, Plateau, Unfreezing
-from ..spec import Spec
-from .mixing import BatchAugment, train_criterion
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +67,18 @@ def _place_model(spec: Spec, built: Built, runtime: Runtime, env: Distributed) -
         if runtime.device.type == "cuda":
             model = convert_sync_bn(model)  # same parameter objects: groups still hold
         elif env.is_main:
-            log.warning("train.sync_bn: SyncBatchNorm needs CUDA; on the CPU each process keeps its own "
-                        "BatchNorm statistics, averaged at the end of every epoch")
+            log.warning(
+                "train.sync_bn: SyncBatchNorm needs CUDA; on the CPU each process keeps its own "
+                "BatchNorm statistics, averaged at the end of every epoch"
+            )
     model = model.to(runtime.device, memory_format=runtime.memory_format)
     broadcast_state(model, env)
     return model
 
 
-def prepare(spec: Spec, *, device: str | None = None, runs_root: Path | None = None,
-            env: Distributed | None = None) -> Context:
+def prepare(
+    spec: Spec, *, device: str | None = None, runs_root: Path | None = None, env: Distributed | None = None
+) -> Context:
     """Build model, data, optimizer and friends for a run (no files written).
 
     Under torchrun (or with `env`), joins the process group, shards both loaders and wraps the
@@ -102,24 +105,51 @@ def prepare(spec: Spec, *, device: str | None = None, runs_root: Path | None = N
     else:
         forward = Compiled(model, runtime.compile) if runtime.compile else model
     batch = spec.train.batch_size  # per process; the global batch is batch_size x world_size
-    loader = dict(batch_size=batch, seed=spec.seed, num_workers=spec.data.num_workers,
-                  pin_memory=runtime.pin_memory, rank=env.rank, world_size=env.world_size)
+    loader = dict(
+        batch_size=batch,
+        seed=spec.seed,
+        num_workers=spec.data.num_workers,
+        pin_memory=runtime.pin_memory,
+        rank=env.rank,
+        world_size=env.world_size,
+    )
     balance = spec.data.balance
     targets = data.train.targets
     # a last training batch of one sample would make BatchNorm fail; dropping a partial batch is harmless
-    train_loader = make_loader(data.train, train=True, drop_last=len(data.train) > batch * env.world_size,
-                               balance_targets=targets if balance == "sampler" else None, **loader)
+    train_loader = make_loader(
+        data.train,
+        train=True,
+        drop_last=len(data.train) > batch * env.world_size,
+        balance_targets=targets if balance == "sampler" else None,
+        **loader,
+    )
     val_loader = make_loader(data.val, train=False, **loader)
     weights = None
     if balance == "loss":
         hot = data.train.multi_hot
         # multi-label: BCE's pos_weight (negatives / positives per class) instead of class weights
-        weights = torch.as_tensor(class_weights(targets, len(data.classes)) if hot is None else pos_weights(hot),
-                                  dtype=torch.float32)
+        weights = torch.as_tensor(
+            class_weights(targets, len(data.classes)) if hot is None else pos_weights(hot), dtype=torch.float32
+        )
     criterion = train_criterion(spec, weights).to(runtime.device)
     augment = BatchAugment(spec, len(data.classes), runtime.device, env.rank)
-    return Context(spec=spec, built=built, data=data, runtime=runtime, model=model, forward=forward,
-                   optimizer=optimizer, scaler=scaler, plateau=Plateau.from_train(spec.train),
-                   unfreeze=Unfreezing(spec), early_stop=EarlyStop(spec), ema=ema,
-                   train_loader=train_loader, val_loader=val_loader, criterion=criterion,
-                   batch_augment=augment if augment.active else None, class_weights=weights, dist=env)
+    return Context(
+        spec=spec,
+        built=built,
+        data=data,
+        runtime=runtime,
+        model=model,
+        forward=forward,
+        optimizer=optimizer,
+        scaler=scaler,
+        plateau=Plateau.from_train(spec.train),
+        unfreeze=Unfreezing(spec),
+        early_stop=EarlyStop(spec),
+        ema=ema,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        criterion=criterion,
+        batch_augment=augment if augment.active else None,
+        class_weights=weights,
+        dist=env,
+    )

@@ -19,6 +19,7 @@ What keeps the ranks identical, and checks it:
 - `diverged` compares a bit-exact checksum of every parameter and buffer across ranks; the
   training loop calls it after every epoch and stops loudly when ranks differ.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,10 +47,13 @@ def world_from_env() -> tuple[int, int, int]:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         world_size = int(os.environ.get("WORLD_SIZE", 1))
     except ValueError:
-        raise UsageError("RANK, LOCAL_RANK and WORLD_SIZE must be integers", origin=Origin.env("RANK"),
-                        found=f"RANK={os.environ.get('RANK')!r} LOCAL_RANK={os.environ.get('LOCAL_RANK')!r} "
-                              f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}",
-                        hint="start distributed runs with torchrun, which sets them") from None
+        raise UsageError(
+            "RANK, LOCAL_RANK and WORLD_SIZE must be integers",
+            origin=Origin.env("RANK"),
+            found=f"RANK={os.environ.get('RANK')!r} LOCAL_RANK={os.environ.get('LOCAL_RANK')!r} "
+            f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r}",
+            hint="start distributed runs with torchrun, which sets them",
+        ) from None
     return rank, local_rank, world_size
 
 
@@ -132,10 +136,13 @@ def setup(device: torch.device) -> Distributed:
         elif device.type == "cpu":
             dist.init_process_group("gloo")
         else:
-            raise UsageError(f"distributed training runs on CUDA (nccl) or the CPU (gloo), not {device.type}",
-                             origin=Origin.env("WORLD_SIZE", os.environ.get("WORLD_SIZE")), found=str(device),
-                             expected="cuda, cpu or auto (train.device or --device)",
-                             hint="--device cpu, or run a single process")
+            raise UsageError(
+                f"distributed training runs on CUDA (nccl) or the CPU (gloo), not {device.type}",
+                origin=Origin.env("WORLD_SIZE", os.environ.get("WORLD_SIZE")),
+                found=str(device),
+                expected="cuda, cpu or auto (train.device or --device)",
+                hint="--device cpu, or run a single process",
+            )
     return Distributed(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(), device=device)
 
 
@@ -219,8 +226,13 @@ class DataParallel:
             # was all-reduced. No init sync, which would also overwrite rank-local BatchNorm
             # statistics restored mid-epoch; buffers are averaged at the end of each epoch
             # (sync_buffers) rather than broadcast before every forward.
-            self.ddp = module = DDP(self.model, device_ids=device_ids, init_sync=False, forward_sync_buffers=False,
-                                    find_unused_parameters=self.find_unused)
+            self.ddp = module = DDP(
+                self.model,
+                device_ids=device_ids,
+                init_sync=False,
+                forward_sync_buffers=False,
+                find_unused_parameters=self.find_unused,
+            )
         if self.backend is not None:
             torch._dynamo.reset()
             self._fn = torch.compile(module, backend=self.backend)
@@ -248,9 +260,14 @@ def broadcast_state(module: nn.Module, env: Distributed) -> None:
 def trained_norms(model: nn.Module) -> list[str]:
     """Paths of normalization modules whose running statistics move in training: in train mode
     (frozen norms are in eval mode), tracking statistics, and not already synchronised."""
-    return [path for path, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats
-            and not isinstance(m, nn.SyncBatchNorm)]
+    return [
+        path
+        for path, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase)
+        and m.training
+        and m.track_running_stats
+        and not isinstance(m, nn.SyncBatchNorm)
+    ]
 
 
 @torch.no_grad()
@@ -267,7 +284,7 @@ def sync_buffers(modules: Iterable[nn.Module], paths: Sequence[str], env: Distri
         env.sum_(flat).div_(env.world_size)
         offset = 0
         for t in tensors:
-            t.copy_(flat[offset: offset + t.numel()].view_as(t))
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
             offset += t.numel()
 
 
@@ -303,5 +320,18 @@ def diverged(states: dict[str, torch.Tensor], env: Distributed) -> list[str]:
     return [n for i, n in enumerate(names) if any(not torch.equal(other[i], every[0][i]) for other in every[1:])]
 
 
-__all__ = ["Distributed", "DataParallel", "RanksDiverged", "setup", "teardown", "world_from_env",
-           "unused_parameters", "convert_sync_bn", "broadcast_state", "trained_norms", "sync_buffers", "fingerprint", "diverged"]
+__all__ = [
+    "Distributed",
+    "DataParallel",
+    "RanksDiverged",
+    "setup",
+    "teardown",
+    "world_from_env",
+    "unused_parameters",
+    "convert_sync_bn",
+    "broadcast_state",
+    "trained_norms",
+    "sync_buffers",
+    "fingerprint",
+    "diverged",
+]

@@ -6,6 +6,7 @@ report.html). A run is finished when every one of them is in place. A process ki
 summary.json but before its last drawing leaves a run whose training is done and whose records
 are complete: `complete_run` draws what is missing from the records instead of training again.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,8 @@ from typing import Any, Callable, Mapping
 from ..pages.plots import plot_confusion, plot_curves
 from ..runs.layout import CLASSES, CONFUSION, CURVES, EMA, FINAL, METRICS, REPORT, SUMMARY
 from ..runs.reader import read_metrics
-from .schedule import unfreeze_events
 from ..spec import Spec
+from .schedule import unfreeze_events
 
 
 def record_files(spec: Spec) -> list[str]:
@@ -27,8 +28,11 @@ def record_files(spec: Spec) -> list[str]:
 def drawn_files(summary: Mapping[str, Any]) -> list[str]:
     """The files drawn from the records, in the order they are written (report.html last: it
     shows the others)."""
-    return [*([CURVES] if summary.get("epochs") else []),
-            *([CONFUSION] if summary.get("confusion_matrix") is not None else []), REPORT]
+    return [
+        *([CURVES] if summary.get("epochs") else []),
+        *([CONFUSION] if summary.get("confusion_matrix") is not None else []),
+        REPORT,
+    ]
 
 
 def write_drawn_files(folder: Path, spec: Spec, say: Callable[..., None], only_missing: bool = False) -> list[str]:

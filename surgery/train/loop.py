@@ -4,6 +4,7 @@
 `EpochResult`; they hold no state between calls except what `EpochState` carries, which is
 exactly what a mid-epoch checkpoint keeps.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import DataParallel, sync_buffers, trained_norms
 from ..data import normalize
 from ..model.groups import ResolvedGroup
 from ..model.modes import evaluating
+from .distributed import DataParallel, sync_buffers, trained_norms
+from .mixing import hard_labels
 from .optim import set_lrs
 from .schedule import lrs_at, trainable_at
-from .mixing import hard_labels
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import Context
@@ -39,8 +40,9 @@ class NonFiniteLoss(TrainingStopped):
 
 
 # --------------------------------------------------------------------------- freezing
-def apply_trainable(model: nn.Module, groups: Sequence[ResolvedGroup], epoch: int,
-                    starts: Mapping[str, int | None] | None = None) -> dict[str, bool]:
+def apply_trainable(
+    model: nn.Module, groups: Sequence[ResolvedGroup], epoch: int, starts: Mapping[str, int | None] | None = None
+) -> dict[str, bool]:
     """Set requires_grad for every parameter from its group's unfreeze epoch; return group -> trainable.
 
     `starts`: the epoch each group actually unfroze (``ctx.unfreeze.starts``), for event rules."""
@@ -121,7 +123,7 @@ def cached_train_batches(ctx: Context, epoch: int, start: int) -> Batches:
 def _cached_val_batches(ctx: Context) -> Batches:
     cache, batch, limit = ctx.features, ctx.val_loader.batch_size, ctx.spec.train.limit_batches
     n = len(cache.val) if limit is None else min(len(cache.val), limit * batch)
-    return ((i, cache.val[i: i + batch], cache.val_labels[i: i + batch]) for i in range(0, n, batch))
+    return ((i, cache.val[i : i + batch], cache.val_labels[i : i + batch]) for i in range(0, n, batch))
 
 
 def images_to_device(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,8 +142,11 @@ def _features_to_device(ctx: Context, f: torch.Tensor, y: torch.Tensor) -> tuple
 def _train_inputs(ctx: Context, epoch: int, start: int) -> tuple[Batches, Callable, Callable]:
     """(batches, forward, to_device) for a training epoch: cached head inputs in head-only stages."""
     if ctx.features is not None:
-        return (cached_train_batches(ctx, epoch, start), ctx.model.get_submodule(ctx.features.head),
-                _features_to_device)
+        return (
+            cached_train_batches(ctx, epoch, start),
+            ctx.model.get_submodule(ctx.features.head),
+            _features_to_device,
+        )
     return _image_batches(ctx.train_loader, epoch, ctx.spec.train.limit_batches, start), ctx.forward, images_to_device
 
 
@@ -152,8 +157,12 @@ def _verdict(ctx: Context, loss: torch.Tensor, stop: Callable[[], bool]) -> tupl
     env = ctx.dist
     if not env.enabled:
         return not bool(torch.isfinite(loss)), False  # a single process asks `stop` after the step
-    flags = torch.stack([(~torch.isfinite(loss.detach())).double(),
-                         torch.tensor(float(stop()), device=ctx.runtime.device, dtype=torch.float64)])
+    flags = torch.stack(
+        [
+            (~torch.isfinite(loss.detach())).double(),
+            torch.tensor(float(stop()), device=ctx.runtime.device, dtype=torch.float64),
+        ]
+    )
     verdict = env.max_(flags)
     return bool(verdict[0]), bool(verdict[1])
 
@@ -192,8 +201,15 @@ def accumulation_window(step: int, steps: int, accumulate: int) -> tuple[int, in
     return first, min(accumulate, steps - first)
 
 
-def train_epoch(ctx: Context, epoch: int, flags: Mapping[str, bool], *, on_step: StepHook | None = None,
-                stop: Callable[[], bool] = lambda: False, state: EpochState | None = None) -> EpochResult:
+def train_epoch(
+    ctx: Context,
+    epoch: int,
+    flags: Mapping[str, bool],
+    *,
+    on_step: StepHook | None = None,
+    stop: Callable[[], bool] = lambda: False,
+    state: EpochState | None = None,
+) -> EpochResult:
     """Train one epoch (from batch ``state.batch`` when resuming); return its figures over all processes.
 
     `stop` is asked after every batch; when it says so, the epoch ends after the optimizer step
@@ -241,8 +257,11 @@ def train_epoch(ctx: Context, epoch: int, flags: Mapping[str, bool], *, on_step:
         if nonfinite and train.nonfinite == "stop":
             where = f"epoch {epoch + 1}, batch {step + 1} of {steps}"
             value = loss.item()
-            raise NonFiniteLoss(f"the loss became {value} in {where}" if not math.isfinite(value)
-                                else f"the loss became non-finite on another process in {where}")
+            raise NonFiniteLoss(
+                f"the loss became {value} in {where}"
+                if not math.isfinite(value)
+                else f"the loss became non-finite on another process in {where}"
+            )
         if nonfinite:  # train.nonfinite: skip; the window's other batches keep their weight 1/window
             state.skipped += 1
         else:
@@ -286,14 +305,24 @@ def _epoch_result(ctx: Context, state: EpochState, *, stopped: bool) -> EpochRes
     env = ctx.dist
     if not stopped:
         # BatchNorm statistics moved per process; frozen norms (eval mode) are not touched
-        sync_buffers([ctx.model] + ([ctx.ema.module] if ctx.ema is not None else []),
-                                 trained_norms(ctx.model), env)
-    totals = env.sum_(torch.tensor([state.loss_sum, state.correct, state.seen, state.skipped],
-                                   dtype=torch.float64, device=env.device if env.enabled else "cpu")).tolist()
+        sync_buffers([ctx.model] + ([ctx.ema.module] if ctx.ema is not None else []), trained_norms(ctx.model), env)
+    totals = env.sum_(
+        torch.tensor(
+            [state.loss_sum, state.correct, state.seen, state.skipped],
+            dtype=torch.float64,
+            device=env.device if env.enabled else "cpu",
+        )
+    ).tolist()
     loss_total, correct_total, seen_total, skipped_total = totals
-    return EpochResult(loss=loss_total / max(seen_total, 1), acc=correct_total / max(seen_total, 1),
-                       seen=int(seen_total), seconds=state.seconds, data_seconds=state.data_seconds,
-                       skipped=int(skipped_total), stopped=stopped)
+    return EpochResult(
+        loss=loss_total / max(seen_total, 1),
+        acc=correct_total / max(seen_total, 1),
+        seen=int(seen_total),
+        seconds=state.seconds,
+        data_seconds=state.data_seconds,
+        skipped=int(skipped_total),
+        stopped=stopped,
+    )
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -321,16 +350,26 @@ def evaluate(ctx: Context, model_fn: Callable[[torch.Tensor], torch.Tensor] | No
     loss_total, top5_total = env.sum_(torch.stack([loss_sum, top5.double()]).to(env.device)).tolist()
     seen = int(confusion.sum())
     per_class = (confusion.diag().double() / confusion.sum(1).clamp(min=1)).tolist()
-    return EpochResult(loss=loss_total / max(seen, 1), acc=int(confusion.diag().sum()) / max(seen, 1), seen=seen,
-                       seconds=time.perf_counter() - start, top5=top5_total / max(seen, 1) if k > 5 else None,
-                       confusion=confusion, per_class=per_class)
+    return EpochResult(
+        loss=loss_total / max(seen, 1),
+        acc=int(confusion.diag().sum()) / max(seen, 1),
+        seen=seen,
+        seconds=time.perf_counter() - start,
+        top5=top5_total / max(seen, 1) if k > 5 else None,
+        confusion=confusion,
+        per_class=per_class,
+    )
 
 
 def _val_logits(ctx: Context, model_fn: Callable | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(float logits, targets) of every validation batch, the model in eval mode (each module's
     own mode restored after), the items the distributed sampler repeats left out."""
     if ctx.features is not None and model_fn is None:
-        batches, forward, to_device = _cached_val_batches(ctx), ctx.model.get_submodule(ctx.features.head), _features_to_device
+        batches, forward, to_device = (
+            _cached_val_batches(ctx),
+            ctx.model.get_submodule(ctx.features.head),
+            _features_to_device,
+        )
     else:
         batches = _image_batches(ctx.val_loader, 0, ctx.spec.train.limit_batches)
         forward, to_device = model_fn or ctx.forward, images_to_device
@@ -361,11 +400,22 @@ def _evaluate_multi_label(ctx: Context, model_fn: Callable | None) -> EpochResul
         probs.append(torch.sigmoid(logits).cpu())
         targets.append(y.cpu())
     k = len(ctx.data.classes)
-    parts = ctx.dist.gather((torch.cat(probs) if probs else torch.zeros(0, k),
-                             torch.cat(targets) if targets else torch.zeros(0, k), loss_sum))
+    parts = ctx.dist.gather(
+        (
+            torch.cat(probs) if probs else torch.zeros(0, k),
+            torch.cat(targets) if targets else torch.zeros(0, k),
+            loss_sum,
+        )
+    )
     p = torch.cat([part[0] for part in parts]).numpy()
     t = torch.cat([part[1] for part in parts]).numpy()
     seen = len(p)
     m = multi_label_metrics(p, t, ctx.spec.data.threshold)
-    return EpochResult(loss=sum(part[2] for part in parts) / max(seen, 1), acc=m.exact_match, seen=seen,
-                       seconds=time.perf_counter() - start, per_class=m.f1, mean_ap=m.mean_ap)
+    return EpochResult(
+        loss=sum(part[2] for part in parts) / max(seen, 1),
+        acc=m.exact_match,
+        seen=seen,
+        seconds=time.perf_counter() - start,
+        per_class=m.f1,
+        mean_ap=m.mean_ap,
+    )

@@ -23,6 +23,7 @@ diverges) are left out of both.
 Nothing is trained for real: the model lives in memory and is dropped; nothing is written into
 any run directory; the sweep is seeded (``seed``), so it repeats exactly on the CPU.
 """
+
 from __future__ import annotations
 
 import math
@@ -110,7 +111,7 @@ def valley(smoothed: Sequence[float], noise: float = 0.0) -> int | None:
     if depth[end] < 3:
         return None
     begin = end - int(depth[end]) + 1  # fastai writes `end - depth`, one step before the stretch
-    if losses[begin: end + 1].max() - losses[end] <= 3 * noise:
+    if losses[begin : end + 1].max() - losses[end] <= 3 * noise:
         return None
     sections = (end - begin) / 3
     return first + begin + int(sections) + int(sections / 2)
@@ -235,8 +236,16 @@ def _step(ctx: Any, batches: Iterator, accumulate: int, stage: int, step: int) -
     return total / accumulate
 
 
-def lr_find(spec: Spec, *, stage: int = 0, steps: int = 100, start: float = 1e-4, end: float = 1e3,
-            device: str | None = None, on_step: Callable[[int, float, float], None] | None = None) -> LrFind:
+def lr_find(
+    spec: Spec,
+    *,
+    stage: int = 0,
+    steps: int = 100,
+    start: float = 1e-4,
+    end: float = 1e3,
+    device: str | None = None,
+    on_step: Callable[[int, float, float], None] | None = None,
+) -> LrFind:
     """Sweep one factor over every trainable group's lr at epoch `stage`; suggest one.
 
     Args:
@@ -255,10 +264,10 @@ def lr_find(spec: Spec, *, stage: int = 0, steps: int = 100, start: float = 1e-4
         UsageError: a stage outside the run, a stage at which no group trains, bad sweep bounds.
     """
     check_sweep(spec, stage, steps, start, end)
-    from .optim import set_lrs
-    from .schedule import lrs_at, unfreeze_epochs
     from .context import prepare
     from .loop import apply_trainable, set_train_mode
+    from .optim import set_lrs
+    from .schedule import lrs_at, unfreeze_epochs
 
     began = time.perf_counter()
     starts = unfreeze_epochs(spec)
@@ -267,10 +276,19 @@ def lr_find(spec: Spec, *, stage: int = 0, steps: int = 100, start: float = 1e-4
     ctx.trainable_params = [p for p in ctx.model.parameters() if p.requires_grad]
     set_train_mode(ctx.model, ctx.built.groups, flags)
     base = lrs_at(spec, stage, 1.0, starts)
-    result = LrFind(spec=spec.name, stage=stage, start=start, end=end, steps=steps,
-                    groups={g: {"trainable": flags[g], "lr": base[g]} for g in base})
-    result.notes = [f"group {g.name!r} waits on its rule ({g.unfreeze_rule}) at epoch {stage}: taken as frozen"
-                    for g in spec.groups if g.unfreeze_rule is not None and starts[g.name] is None]
+    result = LrFind(
+        spec=spec.name,
+        stage=stage,
+        start=start,
+        end=end,
+        steps=steps,
+        groups={g: {"trainable": flags[g], "lr": base[g]} for g in base},
+    )
+    result.notes = [
+        f"group {g.name!r} waits on its rule ({g.unfreeze_rule}) at epoch {stage}: taken as frozen"
+        for g in spec.groups
+        if g.unfreeze_rule is not None and starts[g.name] is None
+    ]
     batches = _batches(ctx.train_loader, stage)
     ctx.optimizer.zero_grad(set_to_none=True)
     best = math.inf
@@ -287,8 +305,10 @@ def lr_find(spec: Spec, *, stage: int = 0, steps: int = 100, start: float = 1e-4
         average = running(result.losses)[-1]
         best = min(best, average)
         if average > DIVERGE * best:
-            result.stopped = (f"diverged at step {i + 1} (multiplier {factor:.3g}): smoothed loss "
-                              f"{average:.3g} > {DIVERGE:g} x its best {best:.3g}")
+            result.stopped = (
+                f"diverged at step {i + 1} (multiplier {factor:.3g}): smoothed loss "
+                f"{average:.3g} > {DIVERGE:g} x its best {best:.3g}"
+            )
             break
     result.smoothed = smooth(result.losses, cap=DIVERGE * best)
     _suggest(spec, result)
@@ -300,8 +320,10 @@ def _suggest(spec: Spec, result: LrFind) -> None:
     result.noise = noise(result.losses, result.smoothed)
     index = valley(result.smoothed, result.noise)
     if index is None:
-        result.no_suggestion = (f"the smoothed loss never fell clearly (by more than 3x its step-to-step noise, "
-                                f"{result.noise:.2g}) over at least three steps")
+        result.no_suggestion = (
+            f"the smoothed loss never fell clearly (by more than 3x its step-to-step noise, "
+            f"{result.noise:.2g}) over at least three steps"
+        )
         return
     fast = steepest(result.multipliers, result.smoothed)
     if fast is not None:
@@ -318,33 +340,54 @@ def check_sweep(spec: Spec, stage: int, steps: int, start: float, end: float) ->
 
     world = world_from_env()[2]
     if world > 1:  # every process would sweep and write the same files
-        raise UsageError("lr-find runs in one process", origin=Origin.env("WORLD_SIZE", world),
-                         found=f"{world} processes",
-                         expected="surgery lr-find without torchrun",
-                         hint=f"to sweep at the global batch of {world} processes, add --set "
-                              f"train.batch_size={world * spec.train.batch_size}")
+        raise UsageError(
+            "lr-find runs in one process",
+            origin=Origin.env("WORLD_SIZE", world),
+            found=f"{world} processes",
+            expected="surgery lr-find without torchrun",
+            hint=f"to sweep at the global batch of {world} processes, add --set "
+            f"train.batch_size={world * spec.train.batch_size}",
+        )
 
     epochs = spec.train.epochs
     if not 0 <= stage < epochs:
-        raise UsageError(f"--stage {stage} is outside this run of {epochs} epochs",
-                         origin=Origin.flag("--stage", stage),
-                         found=str(stage), expected=f"an epoch from 0 to {epochs - 1}")
+        raise UsageError(
+            f"--stage {stage} is outside this run of {epochs} epochs",
+            origin=Origin.flag("--stage", stage),
+            found=str(stage),
+            expected=f"an epoch from 0 to {epochs - 1}",
+        )
     if not trainable_groups(spec, stage, unfreeze_epochs(spec)):
         firsts = sorted(e for e in unfreeze_epochs(spec).values() if e is not None and e < epochs)
-        raise UsageError(f"no group trains at epoch {stage}: there is nothing to sweep",
-                         origin=Origin.flag("--stage", stage), found=str(stage),
-                         expected="an epoch at which a group trains" + (f", e.g. {firsts[0]}" if firsts else ""),
-                         hint="`surgery inspect SPEC --schedule` shows which groups train when")
+        raise UsageError(
+            f"no group trains at epoch {stage}: there is nothing to sweep",
+            origin=Origin.flag("--stage", stage),
+            found=str(stage),
+            expected="an epoch at which a group trains" + (f", e.g. {firsts[0]}" if firsts else ""),
+            hint="`surgery inspect SPEC --schedule` shows which groups train when",
+        )
     if not 5 <= steps <= MAX_STEPS:
-        raise UsageError(f"--steps {steps} is outside 5..{MAX_STEPS}", origin=Origin.flag("--steps", steps),
-                         found=str(steps), expected="a few dozen to a few hundred steps (default 100)")
+        raise UsageError(
+            f"--steps {steps} is outside 5..{MAX_STEPS}",
+            origin=Origin.flag("--steps", steps),
+            found=str(steps),
+            expected="a few dozen to a few hundred steps (default 100)",
+        )
     for flag, value in (("--start", start), ("--end", end)):
         if not (math.isfinite(value) and value > 0):
-            raise UsageError(f"{flag} must be a positive multiplier", origin=Origin.flag(flag, value),
-                             found=str(value), expected="a factor of the spec's lrs, e.g. 1e-4 or 1e3")
+            raise UsageError(
+                f"{flag} must be a positive multiplier",
+                origin=Origin.flag(flag, value),
+                found=str(value),
+                expected="a factor of the spec's lrs, e.g. 1e-4 or 1e3",
+            )
     if end <= start:
-        raise UsageError("the sweep must rise: --end is not above --start", origin=Origin.flag("--end", end),
-                         found=f"--start {start:g} --end {end:g}", expected="--end above --start, e.g. 1e-4 to 1e3")
+        raise UsageError(
+            "the sweep must rise: --end is not above --start",
+            origin=Origin.flag("--end", end),
+            found=f"--start {start:g} --end {end:g}",
+            expected="--end above --start, e.g. 1e-4 to 1e3",
+        )
 
 
 # --------------------------------------------------------------------------- output
@@ -356,11 +399,19 @@ def plot(result: LrFind) -> bytes:
     ax = fig.subplots()
     ax.plot(result.multipliers, result.losses, color="tab:blue", alpha=0.3, linewidth=1, label="loss per step")
     ax.plot(result.multipliers, result.smoothed, color="tab:blue", linewidth=2, label="smoothed (centred mean)")
-    for step, value, colour, label in ((result.steepest_step, result.steepest, "tab:orange", "steepest"),
-                                       (result.suggestion_step, result.suggestion, "tab:red", "suggestion (valley)")):
+    for step, value, colour, label in (
+        (result.steepest_step, result.steepest, "tab:orange", "steepest"),
+        (result.suggestion_step, result.suggestion, "tab:red", "suggestion (valley)"),
+    ):
         if step is not None:
-            ax.plot([result.multipliers[step]], [result.smoothed[step]], "o", color=colour, markersize=8,
-                    label=f"{label}: x{value:g}")
+            ax.plot(
+                [result.multipliers[step]],
+                [result.smoothed[step]],
+                "o",
+                color=colour,
+                markersize=8,
+                label=f"{label}: x{value:g}",
+            )
     ax.set_xscale("log")
     ax.set_xlabel(f"lr multiplier (x each trainable group's lr at epoch {result.stage})")
     ax.set_ylabel("training loss")
@@ -388,9 +439,12 @@ def check_out(out: Path) -> None:
         raise UsageError(f"--out {out} is a file", origin=Origin.flag("--out", out), expected="a folder")
     marks = [name for name in (layout.SPEC, layout.SUMMARY, "checkpoints") if (out / name).exists()]
     if marks:
-        raise UsageError(f"--out {out} holds a run ({', '.join(marks)}): lr-find writes nothing into a run directory",
-                         origin=Origin.flag("--out", out), expected="a folder of its own",
-                         hint=f"leave --out out to write {out.name}-lr-find beside it, or name another folder")
+        raise UsageError(
+            f"--out {out} holds a run ({', '.join(marks)}): lr-find writes nothing into a run directory",
+            origin=Origin.flag("--out", out),
+            expected="a folder of its own",
+            hint=f"leave --out out to write {out.name}-lr-find beside it, or name another folder",
+        )
 
 
 def write(result: LrFind, out: Path) -> tuple[Path, Path]:
@@ -404,14 +458,23 @@ def write(result: LrFind, out: Path) -> tuple[Path, Path]:
     return png, record
 
 
-def lr_find_command(spec_path: str, overrides: Sequence[str] = (), *, stage: int = 0, steps: int = 100,
-                    start: float = 1e-4, end: float = 1e3, out: str | None = None, device: str | None = None,
-                    console: Any = None) -> int:
+def lr_find_command(
+    spec_path: str,
+    overrides: Sequence[str] = (),
+    *,
+    stage: int = 0,
+    steps: int = 100,
+    start: float = 1e-4,
+    end: float = 1e3,
+    out: str | None = None,
+    device: str | None = None,
+    console: Any = None,
+) -> int:
     """`surgery lr-find`: sweep, print the suggestion and its --set lines, write the plot and JSON."""
-    from ..untrusted import Console
     from rich.markup import escape
 
     from ..spec import load_spec
+    from ..untrusted import Console
 
     console = console or Console(highlight=False)
     spec = load_spec(spec_path, overrides)
@@ -423,19 +486,28 @@ def lr_find_command(spec_path: str, overrides: Sequence[str] = (), *, stage: int
     say = lambda text: console.print(escape(text), soft_wrap=True)  # noqa: E731
     trained = ", ".join(f"{g} (lr {info['lr']:.3g})" for g, info in result.groups.items() if info["trainable"])
     frozen = [g for g, info in result.groups.items() if not info["trainable"]]
-    say(f"lr-find {spec.name} at epoch {stage}: {trained} scaled together"
-        + (f"; frozen: {', '.join(frozen)}" if frozen else ""))
+    say(
+        f"lr-find {spec.name} at epoch {stage}: {trained} scaled together"
+        + (f"; frozen: {', '.join(frozen)}" if frozen else "")
+    )
     for note in result.notes:
         say(f"note: {note}")
     done = len(result.losses)
-    say(f"{done} of {steps} steps, multiplier x{start:g} to x{result.multipliers[-1] if done else start:.3g}"
-        + (f"; {result.stopped}" if result.stopped else "") + f" ({result.seconds:.1f}s)")
+    say(
+        f"{done} of {steps} steps, multiplier x{start:g} to x{result.multipliers[-1] if done else start:.3g}"
+        + (f"; {result.stopped}" if result.stopped else "")
+        + f" ({result.seconds:.1f}s)"
+    )
     if result.suggestion is None:
-        say(f"no suggestion: {result.no_suggestion}; look at the plot, or sweep another --stage, --start/--end "
-            "or more --steps")
+        say(
+            f"no suggestion: {result.no_suggestion}; look at the plot, or sweep another --stage, --start/--end "
+            "or more --steps"
+        )
     else:
-        say(f"suggested multiplier: x{result.suggestion:g} (valley rule: halfway along the longest fall of the "
-            f"smoothed loss); steepest fall at x{result.steepest:g}")
+        say(
+            f"suggested multiplier: x{result.suggestion:g} (valley rule: halfway along the longest fall of the "
+            f"smoothed loss); steepest fall at x{result.steepest:g}"
+        )
         say("apply it with:")
         for line in result.set:
             say("  --set " + (f"'{line}'" if " " in line else line))
@@ -445,5 +517,19 @@ def lr_find_command(spec_path: str, overrides: Sequence[str] = (), *, stage: int
     return 0
 
 
-__all__ = ["lr_find", "lr_find_command", "LrFind", "multipliers", "running", "smooth", "valley", "noise", "steepest",
-           "set_lines", "check_sweep", "default_out", "plot", "write"]
+__all__ = [
+    "lr_find",
+    "lr_find_command",
+    "LrFind",
+    "multipliers",
+    "running",
+    "smooth",
+    "valley",
+    "noise",
+    "steepest",
+    "set_lines",
+    "check_sweep",
+    "default_out",
+    "plot",
+    "write",
+]

@@ -11,6 +11,7 @@ numpy's global RNG and torch's; here every batch draws from generators seeded by
 With mixup the targets are soft (one row per image over the classes) and the loss is timm's
 `SoftTargetCrossEntropy`; the training accuracy counts the dominant label of each mixed image.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,7 +26,9 @@ from torch import nn
 from ..spec import Spec
 
 DOMINANT = "dominant label"
-MULTI_LABEL_ACC = "exact match"  # data.multi_label: an image counts when every class is on the right side of the threshold
+MULTI_LABEL_ACC = (
+    "exact match"  # data.multi_label: an image counts when every class is on the right side of the threshold
+)
 
 
 def _batch_seed(seed: int, epoch: int, step: int, rank: int) -> int:
@@ -35,7 +38,9 @@ def _batch_seed(seed: int, epoch: int, step: int, rank: int) -> int:
 
 @contextmanager
 def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=devices):
         random.seed(seed)
@@ -71,9 +76,15 @@ class BatchAugment:
         if mixup is not None:
             from timm.data import Mixup
 
-            self.mixup = Mixup(mixup_alpha=mixup.mixup_alpha, cutmix_alpha=mixup.cutmix_alpha, prob=mixup.prob,
-                               switch_prob=mixup.switch_prob, mode="batch",
-                               label_smoothing=mixup.label_smoothing, num_classes=num_classes)
+            self.mixup = Mixup(
+                mixup_alpha=mixup.mixup_alpha,
+                cutmix_alpha=mixup.cutmix_alpha,
+                prob=mixup.prob,
+                switch_prob=mixup.switch_prob,
+                mode="batch",
+                label_smoothing=mixup.label_smoothing,
+                num_classes=num_classes,
+            )
 
     @property
     def active(self) -> bool:

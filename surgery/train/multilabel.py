@@ -1,5 +1,6 @@
 """Figures of a multi-label evaluation (``data.multi_label``): scikit-learn's, on every image's
 sigmoid probabilities gathered from all processes."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,5 +33,9 @@ def multi_label_metrics(probs: np.ndarray, targets: np.ndarray, threshold: float
     keep = truth.any(0)
     mean_ap = float(average_precision_score(truth[:, keep], probs[:, keep], average="macro")) if keep.any() else 0.0
     f1 = f1_score(truth, predicted, average=None, zero_division=0).tolist()
-    return MultiLabelMetrics(mean_ap=mean_ap, exact_match=float((predicted == truth).all(1).mean()),
-                             f1=[float(v) for v in f1], ap_classes=int(keep.sum()))
+    return MultiLabelMetrics(
+        mean_ap=mean_ap,
+        exact_match=float((predicted == truth).all(1).mean()),
+        f1=[float(v) for v in f1],
+        ap_classes=int(keep.sum()),
+    )

@@ -16,6 +16,7 @@ group sets ``decay_norm_and_bias`` (the model's own ``no_weight_decay()`` list s
 param group carries ``"group"`` (the spec group's name), ``"decay"`` (bool) and ``"param_names"``
 (torch keeps these in ``optimizer.state_dict()``), so `set_lrs` can address spec groups.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -65,7 +66,7 @@ def _split_name(name: str) -> tuple[bool, str]:
     """'lookahead_adamw' -> (True, 'adamw'), as timm's create_optimizer_v2 reads it."""
     name = name.lower()
     if name.startswith(_LOOKAHEAD):
-        return True, name[len(_LOOKAHEAD):]
+        return True, name[len(_LOOKAHEAD) :]
     return False, name
 
 
@@ -108,17 +109,27 @@ def check_optimizer(train: TrainSpec, *, spec: Spec | None = None) -> None:
     _, name = _split_name(opt.name)
     known = optimizer_names()
     if name not in known:
-        raise _error(spec, where + ("name",), "unknown optimizer", found=repr(opt.name),
-                     expected="sgd, adam, adamw or a name from timm.optim.list_optimizers()",
-                     hint=did_you_mean(name, known))
+        raise _error(
+            spec,
+            where + ("name",),
+            "unknown optimizer",
+            found=repr(opt.name),
+            expected="sgd, adam, adamw or a name from timm.optim.list_optimizers()",
+            hint=did_you_mean(name, known),
+        )
     if name in _TORCH_OPTIMIZERS:
         cls: Any = _TORCH_OPTIMIZERS[name]
         has_betas = has_eps = name != "sgd"
     else:
         info = _timm_info(name)
         if info.second_order:
-            raise _error(spec, where + ("name",), f"{name} is a second-order optimizer", found=repr(opt.name),
-                         expected="a first-order optimizer: the training loop does not backward with create_graph")
+            raise _error(
+                spec,
+                where + ("name",),
+                f"{name} is a second-order optimizer",
+                found=repr(opt.name),
+                expected="a first-order optimizer: the training loop does not backward with create_graph",
+            )
         has_betas, has_eps = info.has_betas, info.has_eps
         cls = info.opt_class
         if isinstance(cls, str):  # apex / bitsandbytes: named, imported on use
@@ -126,29 +137,56 @@ def check_optimizer(train: TrainSpec, *, spec: Spec | None = None) -> None:
             if importlib.util.find_spec(package) is None:
                 plain = name.removeprefix("bnb").removeprefix("fused").removesuffix("8bit")
                 hint = f"install {package}" + (f", or use {plain!r}" if plain in known else "")
-                raise _error(spec, where + ("name",), f"{name} needs the package {package!r}, which is not installed",
-                             found=repr(opt.name), expected="an optimizer that is available here", hint=hint)
+                raise _error(
+                    spec,
+                    where + ("name",),
+                    f"{name} needs the package {package!r}, which is not installed",
+                    found=repr(opt.name),
+                    expected="an optimizer that is available here",
+                    hint=hint,
+                )
             cls = None
     if name == "sgd" and opt.nesterov and opt.momentum == 0:
-        raise _error(spec, where + ("nesterov",), "nesterov momentum needs a momentum", found="momentum: 0",
-                     expected="momentum > 0, or nesterov: false")
+        raise _error(
+            spec,
+            where + ("nesterov",),
+            "nesterov momentum needs a momentum",
+            found="momentum: 0",
+            expected="momentum > 0, or nesterov: false",
+        )
     for key, present in (("betas", has_betas), ("eps", has_eps)):
         if getattr(opt, key) is not None and not present:
-            raise _error(spec, where + (key,), f"{name} has no {key}", found=repr(getattr(opt, key)),
-                         expected=f"no `{key}:` for {name}")
+            raise _error(
+                spec,
+                where + (key,),
+                f"{name} has no {key}",
+                found=repr(getattr(opt, key)),
+                expected=f"no `{key}:` for {name}",
+            )
     args = opt.args or {}
     for key in args:
         if key in _OWN_KEYS:
-            raise _error(spec, where + ("args", key), f"{key!r} has its own place in the spec",
-                         found=repr(key), expected="optimizer-specific settings only", hint=_OWN_KEYS[key])
+            raise _error(
+                spec,
+                where + ("args", key),
+                f"{key!r} has its own place in the spec",
+                found=repr(key),
+                expected="optimizer-specific settings only",
+                hint=_OWN_KEYS[key],
+            )
     if cls is not None:
         accepted = _accepted_kwargs(cls)
         if accepted is not None:
             for key in args:
                 if key not in accepted:
-                    raise _error(spec, where + ("args", key), f"{name} takes no argument {key!r}", found=repr(key),
-                                 expected="one of " + ", ".join(sorted(accepted - set(_OWN_KEYS))),
-                                 hint=did_you_mean(key, accepted))
+                    raise _error(
+                        spec,
+                        where + ("args", key),
+                        f"{name} takes no argument {key!r}",
+                        found=repr(key),
+                        expected="one of " + ", ".join(sorted(accepted - set(_OWN_KEYS))),
+                        hint=did_you_mean(key, accepted),
+                    )
 
 
 def _accepted_kwargs(cls: Any) -> set[str] | None:
@@ -249,14 +287,16 @@ def build_param_groups(
         lr = lr_at(g.spec, train, 0.0)
         for decay in (True, False):
             if halves[decay]:
-                out.append({
-                    "params": [named[n] for n in halves[decay]],
-                    "param_names": list(halves[decay]),
-                    "lr": lr,
-                    "weight_decay": wd if decay else 0.0,
-                    "group": g.name,
-                    "decay": decay,
-                })
+                out.append(
+                    {
+                        "params": [named[n] for n in halves[decay]],
+                        "param_names": list(halves[decay]),
+                        "lr": lr,
+                        "weight_decay": wd if decay else 0.0,
+                        "group": g.name,
+                        "decay": decay,
+                    }
+                )
     unowned = [n for n in named if n not in owner]
     if unowned:
         raise ValueError(f"{len(unowned)} parameters are in no group, e.g. {unowned[:3]}")
@@ -305,9 +345,13 @@ def build_optimizer(
 
             optimizer = timm.optim.create_optimizer_v2(param_groups, opt=name, **kwargs)
     except (TypeError, ValueError, ImportError) as exc:
-        raise _error(spec, ("train", "optimizer"), f"{name} rejects these settings: {exc}",
-                     found=", ".join(f"{k}={v!r}" for k, v in kwargs.items()),
-                     expected=f"settings that {name} accepts") from exc
+        raise _error(
+            spec,
+            ("train", "optimizer"),
+            f"{name} rejects these settings: {exc}",
+            found=", ".join(f"{k}={v!r}" for k, v in kwargs.items()),
+            expected=f"settings that {name} accepts",
+        ) from exc
     if lookahead:
         import timm.optim
 

@@ -1,4 +1,5 @@
 """What a run shows while it trains: rich bars on a terminal, one plain line per epoch elsewhere."""
+
 from __future__ import annotations
 
 import time
@@ -14,11 +15,25 @@ class Progress:
         self.enabled = enabled
         self.bar = None
         if enabled and console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+            from rich.progress import (
+                Progress as RichProgress,
+            )
 
-            self.bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
-                                    transient=True)
+            self.bar = RichProgress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+            )
             self.bar.start()
             self.task = None
 
@@ -52,6 +67,8 @@ def epoch_line(row: Mapping[str, Any], total: int) -> str:
     top5 = f" top5 {row['val_top5']:.3f}" if row.get("val_top5") is not None else ""
     if row.get("val_map") is not None:  # multi-label: acc is the exact-match ratio
         top5 = f" mAP {row['val_map']:.3f}"
-    return (f"epoch {row['epoch'] + 1:>3}/{total}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}  "
-            f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}{top5}  [{groups}]  "
-            f"{row['images_per_sec']:.0f} img/s  {row['seconds']:.1f}s")
+    return (
+        f"epoch {row['epoch'] + 1:>3}/{total}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.3f}  "
+        f"val loss {row['val_loss']:.4f} acc {row['val_acc']:.3f}{top5}  [{groups}]  "
+        f"{row['images_per_sec']:.0f} img/s  {row['seconds']:.1f}s"
+    )

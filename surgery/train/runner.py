@@ -10,6 +10,7 @@ Under torchrun the same loop runs in every process (see `surgery.train.distribut
 sharded, metrics are summed over processes, only rank 0 writes and prints, and the ranks'
 parameters are compared bit for bit after every epoch. ``train.batch_size`` is per process.
 """
+
 from __future__ import annotations
 
 import shlex
@@ -22,24 +23,33 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from .distributed import RanksDiverged, broadcast_state, diverged, setup
 from ..data import split_record
 from ..files import write_json, write_text
 from ..runs import layout
 from ..runs.reader import read_metrics
 from ..runs.writer import RunDir, load_safetensors, save_safetensors, save_torch, write_metrics
-from .runtime import make_runtime
-from .schedule import lrs_at
 from ..spec import Spec
-from .trackers import Trackers
-from .final import write_drawn_files
 from .checkpoint import check_resumable, checkpoint_state, load_checkpoint, restore
 from .context import Context, prepare
+from .distributed import RanksDiverged, broadcast_state, diverged, setup
 from .features import use_feature_cache
+from .final import write_drawn_files
+from .loop import (
+    EpochResult,
+    EpochState,
+    NonFiniteLoss,
+    StepHook,
+    TrainingStopped,
+    apply_trainable,
+    evaluate,
+    train_epoch,
+)
 from .mixing import DOMINANT, MULTI_LABEL_ACC
-from .loop import EpochResult, EpochState, NonFiniteLoss, StepHook, TrainingStopped, apply_trainable, evaluate, train_epoch
 from .progress import Progress, epoch_line
+from .runtime import make_runtime
+from .schedule import lrs_at
 from .summary import summary_of
+from .trackers import Trackers
 
 
 @dataclass
@@ -54,9 +64,18 @@ class Journey:
     kept: str = "no checkpoint was written yet"
 
 
-def run(spec: Spec, out_dir: Path, *, device: str | None = None, resume: bool = False, overwrite: bool = False,
-        console: Any = None, on_step: StepHook | None = None, runs_root: Path | None = None,
-        resume_hint: str | None = None) -> dict[str, Any]:
+def run(
+    spec: Spec,
+    out_dir: Path,
+    *,
+    device: str | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    console: Any = None,
+    on_step: StepHook | None = None,
+    runs_root: Path | None = None,
+    resume_hint: str | None = None,
+) -> dict[str, Any]:
     """Train one spec into `out_dir`; return the summary (also written to summary.json).
 
     Under torchrun every process calls this; only rank 0 writes and prints.
@@ -77,15 +96,18 @@ def run(spec: Spec, out_dir: Path, *, device: str | None = None, resume: bool = 
     console = console or Console(highlight=False)
     env = setup(make_runtime(spec, device).device)
     say = console.print if env.is_main else (lambda *a, **k: None)
-    hint = resume_hint or (f"surgery run {shlex.quote(str(spec.source.file or Path(out_dir) / 'spec.yaml'))} "
-                           f"--out {shlex.quote(str(out_dir))} --resume")
+    hint = resume_hint or (
+        f"surgery run {shlex.quote(str(spec.source.file or Path(out_dir) / 'spec.yaml'))} "
+        f"--out {shlex.quote(str(out_dir))} --resume"
+    )
     rundir = RunDir(out_dir)
     env.on_main(lambda: rundir.claim(resume=resume, overwrite=overwrite))
     try:
         ctx = prepare(spec, device=device, runs_root=runs_root or rundir.path.parent, env=env)
         journey = _begin(ctx, rundir, resume, say)
-        with Trackers(spec, rundir.folder, journey.rows, env=env,
-                      say=lambda text: say(text, markup=False, soft_wrap=True)) as trackers:
+        with Trackers(
+            spec, rundir.folder, journey.rows, env=env, say=lambda text: say(text, markup=False, soft_wrap=True)
+        ) as trackers:
             wall = time.perf_counter()
             progress = Progress(console, spec.train.epochs, enabled=env.is_main)
             try:
@@ -110,8 +132,9 @@ def _begin(ctx: Context, rundir: RunDir, resume: bool, say: Callable) -> Journey
             say(f"[yellow]note[/yellow]: {note}")
         journey.partial = restore(ctx, state)
         journey.epoch, journey.best = int(state["epoch"]), dict(state["best"])
-        journey.rows = [r for r in (state.get("rows") or read_metrics(rundir.folder / layout.METRICS))
-                        if r["epoch"] < journey.epoch]
+        journey.rows = [
+            r for r in (state.get("rows") or read_metrics(rundir.folder / layout.METRICS)) if r["epoch"] < journey.epoch
+        ]
         env.on_main(lambda: write_metrics(rundir.folder / layout.METRICS, journey.rows))
         journey.kept = _kept(last, journey.epoch, journey.partial)
         say(_resuming(spec, journey, last, ctx.early_stop.stopped_at))
@@ -123,14 +146,21 @@ def _begin(ctx: Context, rundir: RunDir, resume: bool, say: Callable) -> Journey
             write_text(rundir.folder / layout.SPEC, spec.to_yaml())
             write_json(rundir.folder / layout.LOAD_REPORT, ctx.built.report.to_dict())
             write_json(rundir.folder / layout.CLASSES, ctx.data.classes)
-            write_json(rundir.folder / layout.SPLITS, split_record(spec, {"train": ctx.data.train, "val": ctx.data.val,
-                                                                           "test": ctx.data.test}))
+            write_json(
+                rundir.folder / layout.SPLITS,
+                split_record(spec, {"train": ctx.data.train, "val": ctx.data.val, "test": ctx.data.test}),
+            )
             rundir.start()
+
         env.on_main(write_start)
     processes = f"; {env.world_size} processes x batch {spec.train.batch_size}" if env.enabled else ""
-    say(f"{spec.name}: {spec.model.backbone}, {len(ctx.built.inserted)} modules inserted, "
+    say(
+        f"{spec.name}: {spec.model.backbone}, {len(ctx.built.inserted)} modules inserted, "
         f"{len(ctx.built.report.loaded)} pretrained tensors loaded; {ctx.data.describe}; {ctx.runtime.describe()}"
-        f"{processes}", markup=False, soft_wrap=True)
+        f"{processes}",
+        markup=False,
+        soft_wrap=True,
+    )
     for note in ctx.built.notes:
         say(f"note: {note}", markup=False, soft_wrap=True)
     return journey
@@ -139,8 +169,10 @@ def _begin(ctx: Context, rundir: RunDir, resume: bool, say: Callable) -> Journey
 def _resuming(spec: Spec, journey: Journey, last: Path, stopped_at: int | None = None) -> str:
     total = spec.train.epochs
     if stopped_at is not None:  # stopped early: it does not train on
-        return (f"resuming {spec.name}: it stopped early after epoch {stopped_at + 1}/{total}; writing the final "
-                f"files from {last}")
+        return (
+            f"resuming {spec.name}: it stopped early after epoch {stopped_at + 1}/{total}; writing the final "
+            f"files from {last}"
+        )
     if journey.epoch >= total:  # killed while writing the final files: only those are left to do
         return f"resuming {spec.name}: all {total} epochs are trained; writing the final files from {last}"
     where = f"epoch {journey.epoch + 1}/{total}" + (f", batch {journey.partial.batch + 1}" if journey.partial else "")
@@ -153,8 +185,16 @@ def _kept(last: Path, epoch: int, partial: EpochState | None) -> str:
     return f"the last good checkpoint is {last} (end of epoch {epoch})" if epoch else "no checkpoint was written yet"
 
 
-def _train(ctx: Context, rundir: RunDir, journey: Journey, progress: Progress, say: Callable, hint: str,
-           on_step: StepHook | None, trackers: Trackers) -> None:
+def _train(
+    ctx: Context,
+    rundir: RunDir,
+    journey: Journey,
+    progress: Progress,
+    say: Callable,
+    hint: str,
+    on_step: StepHook | None,
+    trackers: Trackers,
+) -> None:
     """The epoch loop: unfreeze, train, check the ranks, validate, save; stop cleanly on a signal."""
     spec, env, total = ctx.spec, ctx.dist, ctx.spec.train.epochs
     flags_before: dict[str, bool] | None = None
@@ -163,6 +203,7 @@ def _train(ctx: Context, rundir: RunDir, journey: Journey, progress: Progress, s
         progress.step(loss, spec.train.batch_size * env.world_size)
         if on_step is not None:
             on_step(epoch, step, loss)
+
     if ctx.early_stop.stopped_at is not None:
         return  # a run that stopped early, resumed: only its final files are left to write
     try:
@@ -182,12 +223,16 @@ def _train(ctx: Context, rundir: RunDir, journey: Journey, progress: Progress, s
                 try:
                     result = train_epoch(ctx, epoch, flags, on_step=hook, stop=interrupted, state=state)
                 except NonFiniteLoss as exc:
-                    raise TrainingStopped(f"{exc}; {journey.kept}. Lower the learning rate, or set "
-                                          "train.nonfinite: skip to skip such batches") from None
+                    raise TrainingStopped(
+                        f"{exc}; {journey.kept}. Lower the learning rate, or set "
+                        "train.nonfinite: skip to skip such batches"
+                    ) from None
                 if result.stopped:
                     _save_interrupted(ctx, rundir, journey, epoch, state)
-                    raise TrainingStopped(f"interrupted in epoch {epoch + 1}/{total} after batch {state.batch} "
-                                          f"of {ctx.steps}; saved {rundir.checkpoint}. Resume with: {hint}")
+                    raise TrainingStopped(
+                        f"interrupted in epoch {epoch + 1}/{total} after batch {state.batch} "
+                        f"of {ctx.steps}; saved {rundir.checkpoint}. Resume with: {hint}"
+                    )
                 # --- validate, record, save
                 _check_ranks(ctx, rundir, epoch, journey.kept)
                 row = _validate(ctx, epoch, flags, result)
@@ -200,8 +245,9 @@ def _train(ctx: Context, rundir: RunDir, journey: Journey, progress: Progress, s
                     break
                 # a signal that came during validation: the epoch is complete and saved, stop here
                 if env.max_(torch.tensor([float(interrupted())], device=env.device)).item() and epoch + 1 < total:
-                    raise TrainingStopped(f"interrupted after epoch {epoch + 1}/{total}; saved "
-                                          f"{rundir.checkpoint}. Resume with: {hint}")
+                    raise TrainingStopped(
+                        f"interrupted after epoch {epoch + 1}/{total}; saved {rundir.checkpoint}. Resume with: {hint}"
+                    )
     except KeyboardInterrupt:
         raise TrainingStopped(f"stopped at once by a second interrupt; {journey.kept}. Resume with: {hint}") from None
 
@@ -211,16 +257,28 @@ def _validate(ctx: Context, epoch: int, flags: Mapping[str, bool], result: Epoch
     lrs = lrs_at(ctx.spec, epoch, ctx.plateau.current, ctx.unfreeze.starts)
     val = evaluate(ctx)
     ctx.plateau.step(val.loss)
-    row = {"epoch": epoch, "train_loss": result.loss, "train_acc": result.acc,
-           # with mixup an image holds two labels: train_acc counts the one with the larger share
-           "train_acc_basis": _acc_basis(ctx.spec), "val_loss": val.loss,
-           "val_acc": val.acc, "val_top5": val.top5, "lr": lrs, "trainable": dict(flags),
-           "images_per_sec": result.seen / max(result.seconds, 1e-9), "seconds": result.seconds + val.seconds,
-           "data_wait_fraction": result.data_seconds / max(result.seconds, 1e-9),
-           "skipped_batches": result.skipped}
+    row = {
+        "epoch": epoch,
+        "train_loss": result.loss,
+        "train_acc": result.acc,
+        # with mixup an image holds two labels: train_acc counts the one with the larger share
+        "train_acc_basis": _acc_basis(ctx.spec),
+        "val_loss": val.loss,
+        "val_acc": val.acc,
+        "val_top5": val.top5,
+        "lr": lrs,
+        "trainable": dict(flags),
+        "images_per_sec": result.seen / max(result.seconds, 1e-9),
+        "seconds": result.seconds + val.seconds,
+        "data_wait_fraction": result.data_seconds / max(result.seconds, 1e-9),
+        "skipped_batches": result.skipped,
+    }
     if val.mean_ap is not None:  # multi-label: acc is the exact-match ratio, the best epoch has the best mAP
-        row.update(val_map=val.mean_ap, val_macro_f1=sum(val.per_class) / max(len(val.per_class), 1),
-                   val_f1=dict(zip(ctx.data.classes, val.per_class)))
+        row.update(
+            val_map=val.mean_ap,
+            val_macro_f1=sum(val.per_class) / max(len(val.per_class), 1),
+            val_f1=dict(zip(ctx.data.classes, val.per_class)),
+        )
     if ctx.ema is not None:
         ema = evaluate(ctx, ctx.ema.module)
         row["val_acc_ema"] = ema.acc
@@ -232,16 +290,20 @@ def _validate(ctx: Context, epoch: int, flags: Mapping[str, bool], result: Epoch
 def _decide(ctx: Context, epoch: int, row: dict[str, Any]) -> list[str]:
     """Step the event rules and early stopping on the epoch's figures; record the unfreeze epochs
     in the row; return the lines that say what was decided."""
-    lines = [f"epoch {epoch + 1}: {g} unfreezes from epoch {epoch + 2}: its rule fired ({_rule(ctx.spec, g)})"
-             for g in ctx.unfreeze.step(epoch, row)]
+    lines = [
+        f"epoch {epoch + 1}: {g} unfreezes from epoch {epoch + 2}: its rule fired ({_rule(ctx.spec, g)})"
+        for g in ctx.unfreeze.step(epoch, row)
+    ]
     row["unfreeze_at"] = ctx.unfreeze.starts
     stop = ctx.early_stop
     if stop.step(epoch, row, waiting=bool(ctx.unfreeze.waiting(epoch))):
         watch = stop.watch
-        lines.append(f"early stop after epoch {epoch + 1}/{ctx.spec.train.epochs}: {watch.spec.monitor} has not "
-                     f"improved by more than {watch.spec.min_delta:g} for {watch.spec.patience} epoch(s) (best "
-                     f"{watch.best:.4f} at epoch {watch.best_epoch + 1}); the best epoch's weights become the "
-                     "final model")
+        lines.append(
+            f"early stop after epoch {epoch + 1}/{ctx.spec.train.epochs}: {watch.spec.monitor} has not "
+            f"improved by more than {watch.spec.min_delta:g} for {watch.spec.patience} epoch(s) (best "
+            f"{watch.best:.4f} at epoch {watch.best_epoch + 1}); the best epoch's weights become the "
+            "final model"
+        )
     return lines
 
 
@@ -274,10 +336,12 @@ def _save_epoch(ctx: Context, rundir: RunDir, journey: Journey, row: dict[str, A
 
     def write() -> None:
         if improved:
-            save_safetensors(rundir.folder / layout.BEST, ctx.model.state_dict(),
-                             {"epoch": str(epoch), key: f"{row[key]:.6f}"})
+            save_safetensors(
+                rundir.folder / layout.BEST, ctx.model.state_dict(), {"epoch": str(epoch), key: f"{row[key]:.6f}"}
+            )
         write_metrics(rundir.folder / layout.METRICS, journey.rows)
         save_torch(rundir.checkpoint, checkpoint)
+
     ctx.dist.on_main(write)
     journey.kept = _kept(rundir.checkpoint, epoch + 1, None)
 
@@ -287,8 +351,9 @@ def _save_interrupted(ctx: Context, rundir: RunDir, journey: Journey, epoch: int
     ctx.dist.on_main(lambda: save_torch(rundir.checkpoint, checkpoint))
 
 
-def _finish(ctx: Context, rundir: RunDir, journey: Journey, wall: float, say: Callable,
-            trackers: Trackers) -> dict[str, Any]:
+def _finish(
+    ctx: Context, rundir: RunDir, journey: Journey, wall: float, say: Callable, trackers: Trackers
+) -> dict[str, Any]:
     """Evaluate the final model and write model.safetensors, summary.json and the plots."""
     spec = ctx.spec
     stopped = ctx.early_stop.stopped_at is not None
@@ -297,8 +362,11 @@ def _finish(ctx: Context, rundir: RunDir, journey: Journey, wall: float, say: Ca
     final = evaluate(ctx)
     _check_ranks(ctx, rundir, spec.train.epochs - 1, journey.kept)
     # stopped early, the final figures are those of the restored best epoch; `final` stays the last row
-    summary = {**summary_of(ctx, journey.rows, journey.best, final, wall), "unfreeze_at": ctx.unfreeze.starts,
-               "early_stop": ctx.early_stop.record(journey.best["epoch"])}
+    summary = {
+        **summary_of(ctx, journey.rows, journey.best, final, wall),
+        "unfreeze_at": ctx.unfreeze.starts,
+        "early_stop": ctx.early_stop.record(journey.best["epoch"]),
+    }
 
     def write() -> None:  # the records, summary.json last of them; then what is drawn from them (final.py)
         save_safetensors(rundir.folder / layout.FINAL, ctx.model.state_dict(), {"spec": spec.name})
@@ -306,23 +374,33 @@ def _finish(ctx: Context, rundir: RunDir, journey: Journey, wall: float, say: Ca
             save_safetensors(rundir.folder / layout.EMA, ctx.ema.module.state_dict(), {"spec": spec.name})
         write_json(rundir.folder / layout.SUMMARY, summary)
         write_drawn_files(rundir.folder, spec, say)
+
     ctx.dist.on_main(write)
     trackers.finish(summary)
     best = journey.best
     key = best_key(spec)
     what, last = ("val mAP", final.mean_ap) if key == "val_map" else ("val acc", final.acc)
-    early = (f"stopped early after epoch {ctx.early_stop.stopped_at + 1}, model.safetensors holds epoch "
-             f"{(best['epoch'] or 0) + 1}'s weights; " if stopped else "")
-    say(f"[green]done[/green] {spec.name}: best {what} {best.get(key, -1.0):.4f} at epoch "
-        f"{(best['epoch'] or 0) + 1}, final {last:.4f}; {early}wrote {rundir.folder}", soft_wrap=True)
+    early = (
+        f"stopped early after epoch {ctx.early_stop.stopped_at + 1}, model.safetensors holds epoch "
+        f"{(best['epoch'] or 0) + 1}'s weights; "
+        if stopped
+        else ""
+    )
+    say(
+        f"[green]done[/green] {spec.name}: best {what} {best.get(key, -1.0):.4f} at epoch "
+        f"{(best['epoch'] or 0) + 1}, final {last:.4f}; {early}wrote {rundir.folder}",
+        soft_wrap=True,
+    )
     return summary
 
 
 def _restore_best(ctx: Context, rundir: RunDir) -> None:
     """Put the best epoch's weights (checkpoints/best.safetensors) back into the model, on every
     process; the head-only feature cache is dropped, since the weights it was built on changed."""
+
     def load() -> None:
         ctx.model.load_state_dict(load_safetensors(rundir.folder / layout.BEST))
+
     ctx.dist.on_main(load)  # a failure there is raised on every process, none left waiting
     broadcast_state(ctx.model, ctx.dist)
     ctx.features = None
@@ -338,12 +416,24 @@ def _check_ranks(ctx: Context, rundir: RunDir, epoch: int, kept: str) -> None:
     if not differ:
         return
     shown = ", ".join(differ[:5]) + (f" ... ({len(differ)} in all)" if len(differ) > 5 else "")
-    message = (f"the {env.world_size} processes hold different weights after epoch {epoch + 1}: {shown}. "
-               "This is a bug in the distributed set-up (please report it); the checkpoint of this epoch "
-               f"was not written, {kept}")
-    env.on_main(lambda: write_json(rundir.folder / layout.SUMMARY, {
-        "name": ctx.spec.name, "ranks_consistent": False, "world_size": env.world_size,
-        "diverged_after_epoch": epoch, "diverged_tensors": differ, "stopped": message}))
+    message = (
+        f"the {env.world_size} processes hold different weights after epoch {epoch + 1}: {shown}. "
+        "This is a bug in the distributed set-up (please report it); the checkpoint of this epoch "
+        f"was not written, {kept}"
+    )
+    env.on_main(
+        lambda: write_json(
+            rundir.folder / layout.SUMMARY,
+            {
+                "name": ctx.spec.name,
+                "ranks_consistent": False,
+                "world_size": env.world_size,
+                "diverged_after_epoch": epoch,
+                "diverged_tensors": differ,
+                "stopped": message,
+            },
+        )
+    )
     raise TrainingStopped(message) from RanksDiverged(shown)
 
 
@@ -363,6 +453,7 @@ def _graceful_interrupt() -> Iterator[Callable[[], bool]]:
         hit["n"] += 1
         if hit["n"] > 1:
             raise KeyboardInterrupt
+
     try:
         for s in signals:
             signal.signal(s, handler)

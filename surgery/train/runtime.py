@@ -1,4 +1,5 @@
 """Where and how the model runs: device, precision, memory format, torch.compile, seeding."""
+
 from __future__ import annotations
 
 import contextlib
@@ -43,7 +44,9 @@ class Runtime:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def describe(self) -> str:
-        compiled = f", torch.compile({self.compile if isinstance(self.compile, str) else 'inductor'})" if self.compile else ""
+        compiled = (
+            f", torch.compile({self.compile if isinstance(self.compile, str) else 'inductor'})" if self.compile else ""
+        )
         return f"{self.device} {self.precision}{', channels_last' if self.channels_last else ''}{compiled}"
 
 
@@ -73,11 +76,16 @@ def resolve_device(requested: str, error: Callable[..., UserError]) -> torch.dev
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise error("CUDA is not available on this machine", found=requested, expected="auto or cpu",
-                    hint="--device cpu, or --set train.device=auto")
+        raise error(
+            "CUDA is not available on this machine",
+            found=requested,
+            expected="auto or cpu",
+            hint="--device cpu, or --set train.device=auto",
+        )
     if device.type == "cuda" and device.index >= torch.cuda.device_count():
-        raise error(f"there is no {device}", found=requested,
-                    expected=f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+        raise error(
+            f"there is no {device}", found=requested, expected=f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}"
+        )
     if device.type == "mps" and not _mps():
         raise error("MPS is not available on this machine", found=requested, expected="auto or cpu")
     return device
@@ -105,11 +113,14 @@ def device_for(spec: Spec, flag: str | None = None) -> torch.device:
     """The device for `spec`: `choose_device`'s, checked on this machine; a device that cannot be
     used is an error located at --device, or at the spec's ``train.device`` when it came from there."""
     if flag:
+
         def error(problem: str, **kw: Any) -> UserError:
             return UsageError(problem, origin=Origin.flag("--device", flag), **kw)
     else:
+
         def error(problem: str, **kw: Any) -> UserError:
             return spec.error(("train", "device"), problem, **kw)
+
     return resolve_device(flag or spec.train.device, error)
 
 
@@ -126,8 +137,13 @@ def make_runtime(spec: Spec, device_override: str | None = None) -> Runtime:
             # depthwise convolutions have no fast bf16 kernel here), so `auto` stays fp32 there and
             # `precision: bf16` is the user's explicit choice.
             precision = "fp32"
-    return Runtime(device=device, precision=precision, channels_last=bool(train.channels_last),
-                   compile=train.compile, pin_memory=device.type == "cuda")
+    return Runtime(
+        device=device,
+        precision=precision,
+        channels_last=bool(train.channels_last),
+        compile=train.compile,
+        pin_memory=device.type == "cuda",
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -142,8 +158,13 @@ def rng_state() -> dict[str, Any]:
     Plain data and tensors only, so a checkpoint holding it loads with ``weights_only=True``.
     """
     kind, keys, position, has_gauss, cached = np.random.get_state()
-    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    numpy_state = {
+        "kind": kind,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "position": int(position),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -156,8 +177,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     numpy_state = state["numpy"]
     if isinstance(numpy_state, dict):
-        numpy_state = (numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
-                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+        numpy_state = (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
     np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():

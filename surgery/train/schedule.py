@@ -22,6 +22,7 @@ Warm-up (global and per group) uses one ramp: linear from ``1/(W+1)`` at its sta
 
 Importing this module does not import torch.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -110,8 +111,7 @@ def group_warmup(group: GroupSpec, t: float, start: int | None = None) -> float:
     return _ramp(t, float(start), group.warmup_epochs)
 
 
-def lr_at(group: GroupSpec, train: TrainSpec, t: float, plateau_factor: float = 1.0,
-          start: int | None = None) -> float:
+def lr_at(group: GroupSpec, train: TrainSpec, t: float, plateau_factor: float = 1.0, start: int | None = None) -> float:
     """The learning rate of `group` at time `t`.
 
     Args:
@@ -132,8 +132,7 @@ def lr_at(group: GroupSpec, train: TrainSpec, t: float, plateau_factor: float = 
         0.001
     """
     t = _time(train, t)
-    return (group.base_lr(math.floor(t)) * global_factor(train, t) * group_warmup(group, t, start)
-            * plateau_factor)
+    return group.base_lr(math.floor(t)) * global_factor(train, t) * group_warmup(group, t, start) * plateau_factor
 
 
 def trainable_at(group: GroupSpec, epoch: int, start: int | None = None) -> bool:
@@ -143,8 +142,9 @@ def trainable_at(group: GroupSpec, epoch: int, start: int | None = None) -> bool
     return start is not None and epoch >= start
 
 
-def lrs_at(spec: Spec, t: float, plateau_factor: float = 1.0,
-           starts: Mapping[str, int | None] | None = None) -> dict[str, float]:
+def lrs_at(
+    spec: Spec, t: float, plateau_factor: float = 1.0, starts: Mapping[str, int | None] | None = None
+) -> dict[str, float]:
     """`lr_at` for every group of `spec`, by group name (what `surgery.train.optim.set_lrs` takes).
 
     `starts`: the epoch each group actually unfroze (`Unfreezing.starts`), for event rules."""
@@ -178,13 +178,13 @@ def schedule_table(spec: Spec) -> list[dict[str, Any]]:
     def cell(g: GroupSpec, epoch: int) -> dict[str, Any]:
         start = starts[g.name]
         lr = lr_at(g, spec.train, float(epoch), start=start)
-        if start is None and g.unfreeze_rule is not None and earliest[g.name] is not None \
-                and epoch >= earliest[g.name]:
+        if start is None and g.unfreeze_rule is not None and earliest[g.name] is not None and epoch >= earliest[g.name]:
             return {"trainable": None, "lr": lr, "rule": str(g.unfreeze_rule)}
         return {"trainable": trainable_at(g, epoch, start), "lr": lr}
 
-    return [{"epoch": epoch, "groups": {g.name: cell(g, epoch) for g in spec.groups}}
-            for epoch in range(spec.train.epochs)]
+    return [
+        {"epoch": epoch, "groups": {g.name: cell(g, epoch) for g in spec.groups}} for epoch in range(spec.train.epochs)
+    ]
 
 
 def unfreeze_events(spec: Spec, starts: Mapping[str, int | None] | None = None) -> dict[int, list[str]]:
@@ -270,23 +270,36 @@ def check_rules(spec: Spec) -> list[tuple[tuple, str]]:
             continue
         where = rule.where
         if rule.plateau is None and rule.epochs is None:
-            raise spec.error(where, f"the unfreeze rule of group {g.name!r} says neither when nor on what event",
-                             found=f"after: {rule.after}" if rule.after else "{}",
-                             expected="{after: GROUP, epochs: N} or {plateau: {monitor, patience}} "
-                                      "(optionally with after: GROUP)")
+            raise spec.error(
+                where,
+                f"the unfreeze rule of group {g.name!r} says neither when nor on what event",
+                found=f"after: {rule.after}" if rule.after else "{}",
+                expected="{after: GROUP, epochs: N} or {plateau: {monitor, patience}} (optionally with after: GROUP)",
+            )
         if rule.plateau is not None and rule.epochs is not None:
-            raise spec.error(where + ("epochs",), "an unfreeze rule waits for a plateau or for a number of epochs, "
-                             "not both", found=f"epochs: {rule.epochs} beside plateau",
-                             expected="either {after: GROUP, epochs: N} or {after: GROUP, plateau: {...}}")
+            raise spec.error(
+                where + ("epochs",),
+                "an unfreeze rule waits for a plateau or for a number of epochs, not both",
+                found=f"epochs: {rule.epochs} beside plateau",
+                expected="either {after: GROUP, epochs: N} or {after: GROUP, plateau: {...}}",
+            )
         if rule.epochs is not None and rule.after is None:
-            raise spec.error(where + ("epochs",), "`epochs` counts from the epoch another group unfroze: it needs "
-                             "`after`", found=f"epochs: {rule.epochs}", expected="{after: GROUP, epochs: N}",
-                             hint=f"for a fixed epoch write unfreeze_at: {rule.epochs}")
+            raise spec.error(
+                where + ("epochs",),
+                "`epochs` counts from the epoch another group unfroze: it needs `after`",
+                found=f"epochs: {rule.epochs}",
+                expected="{after: GROUP, epochs: N}",
+                hint=f"for a fixed epoch write unfreeze_at: {rule.epochs}",
+            )
         if rule.after is not None and rule.after not in by_name:
             others = [n for n in names if n != g.name]
-            raise spec.error(where + ("after",), f"group {g.name!r} waits for a group {rule.after!r} that the "
-                             "spec does not have", found=rule.after, expected="one of " + ", ".join(others),
-                             hint=did_you_mean(rule.after, others))
+            raise spec.error(
+                where + ("after",),
+                f"group {g.name!r} waits for a group {rule.after!r} that the spec does not have",
+                found=rule.after,
+                expected="one of " + ", ".join(others),
+                hint=did_you_mean(rule.after, others),
+            )
         if rule.plateau is not None:
             _check_monitor(spec, rule.plateau, where + ("plateau", "monitor"))
     for g in spec.groups:  # follow every chain to its root: a cycle, or a root that never unfreezes
@@ -294,16 +307,22 @@ def check_rules(spec: Spec) -> list[tuple[tuple, str]]:
         while current.unfreeze_rule is not None and current.unfreeze_rule.after is not None:
             current = by_name[current.unfreeze_rule.after]
             if current.name in chain:
-                loop = chain[chain.index(current.name):] + [current.name]
-                raise spec.error(g.unfreeze_rule.where + ("after",), "groups wait for each other in a cycle: "
-                                 + " -> ".join(loop), found=" -> ".join(loop),
-                                 expected="chains of after that end at a group with a plain epoch or a plateau rule")
+                loop = chain[chain.index(current.name) :] + [current.name]
+                raise spec.error(
+                    g.unfreeze_rule.where + ("after",),
+                    "groups wait for each other in a cycle: " + " -> ".join(loop),
+                    found=" -> ".join(loop),
+                    expected="chains of after that end at a group with a plain epoch or a plateau rule",
+                )
             chain.append(current.name)
         if current is not g and current.unfreeze_rule is None and current.unfreeze_at is None:
-            raise spec.error(g.unfreeze_rule.where + ("after",), f"group {g.name!r} waits for {current.name!r}, "
-                             "which never unfreezes", found=" -> ".join(chain),
-                             expected="a chain that ends at a group that trains",
-                             hint=f"give {current.name!r} an unfreeze epoch, or {g.name!r} a plain one")
+            raise spec.error(
+                g.unfreeze_rule.where + ("after",),
+                f"group {g.name!r} waits for {current.name!r}, which never unfreezes",
+                found=" -> ".join(chain),
+                expected="a chain that ends at a group that trains",
+                hint=f"give {current.name!r} an unfreeze epoch, or {g.name!r} a plain one",
+            )
     if spec.train.early_stop is not None:
         _check_monitor(spec, spec.train.early_stop, ("train", "early_stop", "monitor"))
     return _rule_warnings(spec)
@@ -311,8 +330,12 @@ def check_rules(spec: Spec) -> list[tuple[tuple, str]]:
 
 def _check_monitor(spec: Spec, watch: MonitorSpec, where: tuple) -> None:
     if watch.monitor == "val_map" and not spec.data.multi_label:
-        raise spec.error(where, "val_map (mean average precision) is measured in multi-label runs only",
-                         found="val_map", expected="val_loss or val_acc, or data.multi_label: true")
+        raise spec.error(
+            where,
+            "val_map (mean average precision) is measured in multi-label runs only",
+            found="val_map",
+            expected="val_loss or val_acc, or data.multi_label: true",
+        )
 
 
 def _rule_warnings(spec: Spec) -> list[tuple[tuple, str]]:
@@ -321,14 +344,23 @@ def _rule_warnings(spec: Spec) -> list[tuple[tuple, str]]:
     for g in spec.groups:
         first = earliest[g.name]
         if g.unfreeze_rule is not None and known[g.name] is None and first is not None and first >= epochs:
-            warnings.append((g.unfreeze_rule.where, f"the rule of group {g.name!r} ({g.unfreeze_rule}) can fire "
-                             f"at epoch {first} at the earliest, after the last epoch ({epochs - 1}): it stays "
-                             "frozen for this whole run"))
+            warnings.append(
+                (
+                    g.unfreeze_rule.where,
+                    f"the rule of group {g.name!r} ({g.unfreeze_rule}) can fire "
+                    f"at epoch {first} at the earliest, after the last epoch ({epochs - 1}): it stays "
+                    "frozen for this whole run",
+                )
+            )
     stop = spec.train.early_stop
     if stop is not None:
         if stop.patience >= epochs:
-            warnings.append((("train", "early_stop", "patience"), f"a patience of {stop.patience} epochs in a run of "
-                             f"{epochs}: early stopping can never end it"))
+            warnings.append(
+                (
+                    ("train", "early_stop", "patience"),
+                    f"a patience of {stop.patience} epochs in a run of {epochs}: early stopping can never end it",
+                )
+            )
     return warnings
 
 
@@ -399,8 +431,11 @@ class Unfreezing:
     def __init__(self, spec: Spec) -> None:
         self.spec = spec
         self.fired: dict[str, int] = {}
-        self.watches = {g.name: Watch(g.unfreeze_rule.plateau) for g in spec.groups
-                        if g.unfreeze_rule is not None and g.unfreeze_rule.plateau is not None}
+        self.watches = {
+            g.name: Watch(g.unfreeze_rule.plateau)
+            for g in spec.groups
+            if g.unfreeze_rule is not None and g.unfreeze_rule.plateau is not None
+        }
         self._earliest = earliest_epochs(spec)
 
     @property
@@ -479,9 +514,15 @@ class EarlyStop:
         """What summary.json says of it: None unless the run stopped early."""
         if self.stopped_at is None:
             return None
-        return {"epoch": self.stopped_at, "monitor": self.spec.monitor, "patience": self.spec.patience,
-                "min_delta": self.spec.min_delta, "best_epoch": self.watch.best_epoch,
-                "best_value": self.watch.best, "weights_epoch": weights_epoch}
+        return {
+            "epoch": self.stopped_at,
+            "monitor": self.spec.monitor,
+            "patience": self.spec.patience,
+            "min_delta": self.spec.min_delta,
+            "best_epoch": self.watch.best_epoch,
+            "best_value": self.watch.best,
+            "weights_epoch": weights_epoch,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"stopped_at": self.stopped_at, "watch": self.watch.state_dict() if self.watch else None}
@@ -556,10 +597,26 @@ class Plateau:
         self.current = float(state["current"])
 
     def __repr__(self) -> str:
-        return (f"Plateau(factor={self.factor}, patience={self.patience}, active={self.active}, "
-                f"best={self.best}, bad_epochs={self.bad_epochs}, current={self.current})")
+        return (
+            f"Plateau(factor={self.factor}, patience={self.patience}, active={self.active}, "
+            f"best={self.best}, bad_epochs={self.bad_epochs}, current={self.current})"
+        )
 
 
-__all__ = ["global_factor", "group_warmup", "lr_at", "trainable_at", "lrs_at", "trainable_groups",
-           "schedule_table", "unfreeze_events", "unfreeze_epochs", "earliest_epochs", "check_rules", "Plateau",
-           "Watch", "Unfreezing", "EarlyStop"]
+__all__ = [
+    "global_factor",
+    "group_warmup",
+    "lr_at",
+    "trainable_at",
+    "lrs_at",
+    "trainable_groups",
+    "schedule_table",
+    "unfreeze_events",
+    "unfreeze_epochs",
+    "earliest_epochs",
+    "check_rules",
+    "Plateau",
+    "Watch",
+    "Unfreezing",
+    "EarlyStop",
+]

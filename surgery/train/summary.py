@@ -1,4 +1,5 @@
 """`summary.json`: the figures of a finished run, and what it ran on."""
+
 from __future__ import annotations
 
 import platform
@@ -10,8 +11,9 @@ from .context import Context
 from .loop import EpochResult
 
 
-def summary_of(ctx: Context, rows: list[dict[str, Any]], best: Mapping[str, Any], final: EpochResult,
-               wall: float) -> dict[str, Any]:
+def summary_of(
+    ctx: Context, rows: list[dict[str, Any]], best: Mapping[str, Any], final: EpochResult, wall: float
+) -> dict[str, Any]:
     import timm
     import torchvision
 
@@ -42,27 +44,41 @@ def summary_of(ctx: Context, rows: list[dict[str, Any]], best: Mapping[str, Any]
         "ranks_consistent": True,
         "data": ctx.data.describe,
         "balance": balance_of(ctx),
-        "params": {"total": sum(p.numel() for p in ctx.model.parameters()),
-                   "inserted": sum(m["params"] for m in ctx.built.report.inserted_modules)},
-        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
-                     "python": platform.python_version()},
+        "params": {
+            "total": sum(p.numel() for p in ctx.model.parameters()),
+            "inserted": sum(m["params"] for m in ctx.built.report.inserted_modules),
+        },
+        "versions": {
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "timm": timm.__version__,
+            "python": platform.python_version(),
+        },
     }
 
 
 def _single_label(ctx: Context, final: EpochResult) -> dict[str, Any]:
     f1 = _f1(final.confusion)
-    return {"per_class_accuracy": dict(zip(ctx.data.classes, final.per_class)),  # the recall of each class
-            "val_macro_f1": sum(f1) / max(len(f1), 1),
-            "per_class_f1": dict(zip(ctx.data.classes, f1)),
-            "confusion_matrix": final.confusion.tolist()}  # rows: true class, columns: predicted
+    return {
+        "per_class_accuracy": dict(zip(ctx.data.classes, final.per_class)),  # the recall of each class
+        "val_macro_f1": sum(f1) / max(len(f1), 1),
+        "per_class_f1": dict(zip(ctx.data.classes, f1)),
+        "confusion_matrix": final.confusion.tolist(),
+    }  # rows: true class, columns: predicted
 
 
 def _multi_label(ctx: Context, best: Mapping[str, Any], final: EpochResult) -> dict[str, Any]:
     # final_val_acc / best_val_acc are exact-match ratios here; the best epoch is the best mAP
     f1 = final.per_class
-    return {"multi_label": True, "threshold": ctx.spec.data.threshold, "acc_basis": "exact match",
-            "best_val_map": best.get("val_map"), "final_val_map": final.mean_ap,
-            "val_macro_f1": sum(f1) / max(len(f1), 1), "per_class_f1": dict(zip(ctx.data.classes, f1))}
+    return {
+        "multi_label": True,
+        "threshold": ctx.spec.data.threshold,
+        "acc_basis": "exact match",
+        "best_val_map": best.get("val_map"),
+        "final_val_map": final.mean_ap,
+        "val_macro_f1": sum(f1) / max(len(f1), 1),
+        "per_class_f1": dict(zip(ctx.data.classes, f1)),
+    }
 
 
 def balance_of(ctx: Context) -> dict[str, Any]:
@@ -73,9 +89,11 @@ def balance_of(ctx: Context) -> dict[str, Any]:
     classes = ctx.data.classes
     counts = train_counts(ctx.data.train, len(classes)).tolist()
     weights = ctx.class_weights.tolist() if ctx.class_weights is not None else None
-    return {"mode": ctx.spec.data.balance,
-            "train_counts": dict(zip(classes, counts)),
-            "class_weights": dict(zip(classes, weights)) if weights is not None else None}
+    return {
+        "mode": ctx.spec.data.balance,
+        "train_counts": dict(zip(classes, counts)),
+        "class_weights": dict(zip(classes, weights)) if weights is not None else None,
+    }
 
 
 def _f1(confusion: torch.Tensor) -> list[float]:

@@ -22,6 +22,7 @@ from the restored rows; TensorBoard purges the events from the last checkpointed
 stopped; MLflow continues the run whose id mlflow_run.json holds and logs only the epochs missing
 from its history.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,10 +68,13 @@ def requested(spec: Any) -> list[str]:
 
 def _missing(spec: Any, name: str, cause: str = "is not installed") -> SpecError:
     module, extra = PACKAGES[name]
-    return spec.error(("log", name), f"log.{name} needs the {module} package, which {cause}",
-                      found=f"log.{name}: {json.dumps(spec.raw['log'][name])}", expected=f"the {module} package installed",
-                      hint=f"pip install 'surgery[{extra}]' (in a checkout: pip install -e '.[{extra}]'), "
-                           f"or log.{name}: false")
+    return spec.error(
+        ("log", name),
+        f"log.{name} needs the {module} package, which {cause}",
+        found=f"log.{name}: {json.dumps(spec.raw['log'][name])}",
+        expected=f"the {module} package installed",
+        hint=f"pip install 'surgery[{extra}]' (in a checkout: pip install -e '.[{extra}]'), or log.{name}: false",
+    )
 
 
 def check_available(spec: Any) -> None:
@@ -101,7 +105,7 @@ def _local_store(spec: Any) -> tuple[Path, str] | None:
     if written is None or written == "databricks":
         return None
     if written.startswith("sqlite:///"):
-        db = Path(written[len("sqlite:///"):])
+        db = Path(written[len("sqlite:///") :])
         return db.parent, db.name
     if written.startswith("file:"):
         from urllib.parse import unquote, urlparse
@@ -121,10 +125,14 @@ def _check_store(spec: Any) -> None:
     folder, _ = store
 
     def error(problem: str, at: Path) -> SpecError:
-        return spec.error(_URI_KEY, f"the MLflow store cannot be made: {problem}", found=shown_path(at),
-                          expected="a folder that exists or can be created, and can be written",
-                          hint="a relative tracking_uri starts at the spec file's folder; a server is written "
-                               "http://host:port")
+        return spec.error(
+            _URI_KEY,
+            f"the MLflow store cannot be made: {problem}",
+            found=shown_path(at),
+            expected="a folder that exists or can be created, and can be written",
+            hint="a relative tracking_uri starts at the spec file's folder; a server is written http://host:port",
+        )
+
     why = not_regular(folder)
     if why in ("a path longer than the system allows", "a path with a NUL character"):
         raise error(why, folder)
@@ -152,8 +160,11 @@ def flatten(row: Mapping[str, Any], sep: str = "/", prefix: str = "") -> dict[st
 
 def scalars(row: Mapping[str, Any]) -> dict[str, float]:
     """The numbers of a metrics row a tracker plots (true/false as 1/0); not `epoch`, the step itself."""
-    return {name: float(value) for name, value in flatten(row).items()
-            if name != "epoch" and isinstance(value, (int, float)) and value == value}
+    return {
+        name: float(value)
+        for name, value in flatten(row).items()
+        if name != "epoch" and isinstance(value, (int, float)) and value == value
+    }
 
 
 def metrics_csv(rows: Sequence[Mapping[str, Any]]) -> str:
@@ -268,7 +279,9 @@ class _TensorBoard:
                 with Image.open(path) as image:
                     pixels = np.asarray(image.convert("RGB"))
                 self.writer.add_image(Path(name).stem, pixels, global_step=step, dataformats="HWC")
-        figures = {f"hparams/{k}": float(summary[k]) for k in SUMMARY_METRICS if isinstance(summary.get(k), (int, float))}
+        figures = {
+            f"hparams/{k}": float(summary[k]) for k in SUMMARY_METRICS if isinstance(summary.get(k), (int, float))
+        }
         # the spec beside its final figures in the HPARAMS tab; add_hparams writes its own sub-run,
         # replaced whole if a resumed run finishes a second time
         shutil.rmtree(self.logdir / "hparams", ignore_errors=True)
@@ -301,10 +314,13 @@ class _Mlflow:
         try:
             store.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # `check_available` refuses what it can foresee; this is what it could not
-            raise TrackerError(f"cannot make the MLflow store {store}: {exc.strerror or exc}",
-                               origin=self.spec.source.origin(_URI_KEY if written is not None else ("log", "mlflow")),
-                               found=str(store), expected="a folder that can be created and written",
-                               hint="nothing was trained: fix log.mlflow.tracking_uri, then run again") from None
+            raise TrackerError(
+                f"cannot make the MLflow store {store}: {exc.strerror or exc}",
+                origin=self.spec.source.origin(_URI_KEY if written is not None else ("log", "mlflow")),
+                found=str(store),
+                expected="a folder that can be created and written",
+                hint="nothing was trained: fix log.mlflow.tracking_uri, then run again",
+            ) from None
         return f"sqlite:///{store / 'mlflow.db'}", (store / "artifacts").as_uri()
 
     def start(self, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -320,13 +336,16 @@ class _Mlflow:
                 self.run_id = self._continue(uri) or self._create(uri, artifacts)
                 params = [Param(_mlflow_name(k), _param(v)) for k, v in spec_params(self.spec.raw).items()]
                 for i in range(0, len(params), 100):  # MLflow takes at most 100 parameters per call
-                    self.client.log_batch(self.run_id, params=params[i:i + 100])
+                    self.client.log_batch(self.run_id, params=params[i : i + 100])
         except Exception as exc:  # noqa: BLE001 - any failure to reach the store is the same problem for the user
-            raise TrackerError(f"cannot start the MLflow run at {uri}: {describe_exception(exc)}",
-                               origin=self.spec.source.origin(("log", "mlflow")), found=uri,
-                               expected="a tracking URI MLflow can reach",
-                               hint="nothing was trained: start the server or fix log.mlflow, then run again "
-                                    "with --overwrite (or log.mlflow: false)") from None
+            raise TrackerError(
+                f"cannot start the MLflow run at {uri}: {describe_exception(exc)}",
+                origin=self.spec.source.origin(("log", "mlflow")),
+                found=uri,
+                expected="a tracking URI MLflow can reach",
+                hint="nothing was trained: start the server or fix log.mlflow, then run again "
+                "with --overwrite (or log.mlflow: false)",
+            ) from None
         for row in rows:
             if row["epoch"] not in self.logged:
                 self._log_row(row)
@@ -355,14 +374,19 @@ class _Mlflow:
     def _create(self, uri: str, artifacts: str | None) -> str:
         name = self.spec.log.mlflow.experiment
         experiment = self.client.get_experiment_by_name(name)
-        experiment_id = (experiment.experiment_id if experiment is not None else
-                         self.client.create_experiment(name, artifact_location=artifacts))
-        run = self.client.create_run(experiment_id, run_name=self.spec.name,
-                                     tags={"surgery.run_dir": str(self.folder.resolve())})
+        experiment_id = (
+            experiment.experiment_id
+            if experiment is not None
+            else self.client.create_experiment(name, artifact_location=artifacts)
+        )
+        run = self.client.create_run(
+            experiment_id, run_name=self.spec.name, tags={"surgery.run_dir": str(self.folder.resolve())}
+        )
         from ..files import write_json
 
-        write_json(self.folder / RECORD, {"tracking_uri": uri, "experiment_id": experiment_id,
-                                          "run_id": run.info.run_id})
+        write_json(
+            self.folder / RECORD, {"tracking_uri": uri, "experiment_id": experiment_id, "run_id": run.info.run_id}
+        )
         return run.info.run_id
 
     def log_epoch(self, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -380,8 +404,9 @@ class _Mlflow:
         from mlflow.entities import Metric
 
         now, step = int(time.time() * 1000), max(self.spec.train.epochs - 1, 0)
-        figures = [Metric(k, float(summary[k]), now, step) for k in SUMMARY_METRICS
-                   if isinstance(summary.get(k), (int, float))]
+        figures = [
+            Metric(k, float(summary[k]), now, step) for k in SUMMARY_METRICS if isinstance(summary.get(k), (int, float))
+        ]
         self.client.log_batch(self.run_id, metrics=figures)
         for name in (*_PLOTS, layout.SUMMARY, layout.SPEC):
             path = self.folder / name
@@ -432,8 +457,15 @@ class Trackers:
         TrackerError: MLflow cannot be reached; nothing has been trained.
     """
 
-    def __init__(self, spec: Any, folder: Path, rows: Sequence[Mapping[str, Any]] = (), *, env: Any = None,
-                 say: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        spec: Any,
+        folder: Path,
+        rows: Sequence[Mapping[str, Any]] = (),
+        *,
+        env: Any = None,
+        say: Callable[[str], None] = print,
+    ) -> None:
         self.rows, self.say = list(rows), say
         self.main = env is None or env.is_main
         self.on_main: Callable[[Callable[[], Any]], Any] = env.on_main if env is not None else (lambda fn: fn())
@@ -469,9 +501,11 @@ class Trackers:
 
     def log_epoch(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """After an epoch's checkpoint: `rows` is every metrics row so far, the new epoch last."""
+
         def write() -> None:
             self.csv.log_epoch(rows)
             self._each("log_epoch", rows)
+
         self.on_main(write)
 
     def finish(self, summary: Mapping[str, Any]) -> None:
@@ -490,11 +524,23 @@ class Trackers:
                 getattr(tracker, method)(*args)
             except Exception as exc:  # noqa: BLE001 - a tracker never costs the run its training
                 self.external.remove(tracker)
-                self.say(f"warning: {tracker.label} failed ({describe_exception(exc)}); the run goes on without it, "
-                         "and metrics.jsonl and metrics.csv keep every epoch")
+                self.say(
+                    f"warning: {tracker.label} failed ({describe_exception(exc)}); the run goes on without it, "
+                    "and metrics.jsonl and metrics.csv keep every epoch"
+                )
                 with contextlib.suppress(Exception):
                     tracker.close("FAILED")
 
 
-__all__ = ["Trackers", "TrackerError", "check_available", "requested", "flatten", "scalars", "metrics_csv",
-           "spec_params", "PACKAGES", "RECORD"]
+__all__ = [
+    "Trackers",
+    "TrackerError",
+    "check_available",
+    "requested",
+    "flatten",
+    "scalars",
+    "metrics_csv",
+    "spec_params",
+    "PACKAGES",
+    "RECORD",
+]

@@ -17,6 +17,7 @@ from ..files import PATH_PROBLEMS, not_regular, problem
 from ..spec import Spec
 
 KEY_MAP_SECONDS = 2.0  # for the whole key map over every key of the file
+_KEY_MAP = ("model", "key_map")  # where a key_map error is located in the spec
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP, torch.compile
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
@@ -241,83 +242,91 @@ def map_keys(
     key_map = spec.model.key_map
     if not key_map:
         return dict(state), {}
-    where = ("model", "key_map")
     if key_map == "order":
-        skip, head = set(skip), set(head)
-        src = [k for k in state if not k.endswith("num_batches_tracked")]
-        dst = [k for k in target if k not in skip and not k.endswith("num_batches_tracked")]
-        if len(src) != len(dst):
+        return _pair_by_order(spec, state, target, set(skip), set(head))
+    # --- rename: each rule, in order, applies to the keys the rules before it left
+    rules = _compile_rules(spec, key_map)
+    out, mapped, hits = _rename(spec, state, rules)
+    # --- check: a rule that renamed nothing is a typo
+    _check_every_rule_matched(spec, state, rules, hits)
+    return out, mapped
+
+
+def _pair_by_order(
+    spec: Spec,
+    state: Mapping[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor],
+    skip: set[str],
+    head: set[str],
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """`key_map: order`: the file's tensors paired one to one, in order, with the model's (less `skip`)."""
+    src = [k for k in state if not k.endswith("num_batches_tracked")]
+    dst = [k for k in target if k not in skip and not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst):
+        raise spec.error(
+            _KEY_MAP,
+            f"key_map: order needs as many tensors in the file as in the model; "
+            f"the file has {len(src)}, the model {len(dst)}",
+            found="order",
+            expected="a file of the same architecture from another codebase",
+            hint="map names with {regex: replacement} rules instead",
+        )
+    for i, (s, d) in enumerate(zip(src, dst)):
+        if (
+            tuple(state[s].shape) != tuple(target[d].shape)
+            and d not in head
+            and not (d.rpartition(".")[2] == "pos_embed" and state[s].ndim == target[d].ndim == 3)
+        ):  # resampled on load
             raise spec.error(
-                where,
-                f"key_map: order needs as many tensors in the file as in the model; "
-                f"the file has {len(src)}, the model {len(dst)}",
+                _KEY_MAP,
+                f"key_map: order pairs tensor #{i} of the file, {s} {list(state[s].shape)}, "
+                f"with {d} {list(target[d].shape)}: the shapes differ",
                 found="order",
-                expected="a file of the same architecture from another codebase",
-                hint="map names with {regex: replacement} rules instead",
+                expected="tensors that correspond one to one, in order, with equal shapes",
             )
-        for i, (s, d) in enumerate(zip(src, dst)):
-            if (
-                tuple(state[s].shape) != tuple(target[d].shape)
-                and d not in head
-                and not (d.rpartition(".")[2] == "pos_embed" and state[s].ndim == target[d].ndim == 3)
-            ):  # resampled on load
-                raise spec.error(
-                    where,
-                    f"key_map: order pairs tensor #{i} of the file, {s} {list(state[s].shape)}, "
-                    f"with {d} {list(target[d].shape)}: the shapes differ",
-                    found="order",
-                    expected="tensors that correspond one to one, in order, with equal shapes",
-                )
-        # BatchNorm step counters pair by order too when both sides have them all; a file
-        # without them (many codebases) leaves the model's counters at their default
-        src_steps = [k for k in state if k.endswith("num_batches_tracked")]
-        dst_steps = [k for k in target if k not in skip and k.endswith("num_batches_tracked")]
-        if len(src_steps) == len(dst_steps):
-            src, dst = src + src_steps, dst + dst_steps
-        return {d: state[s] for s, d in zip(src, dst)}, {d: s for s, d in zip(src, dst) if s != d}
-    out: dict[str, torch.Tensor] = {}
-    mapped: dict[str, str] = {}
+    # BatchNorm step counters pair by order too when both sides have them all; a file
+    # without them (many codebases) leaves the model's counters at their default
+    src_steps = [k for k in state if k.endswith("num_batches_tracked")]
+    dst_steps = [k for k in target if k not in skip and k.endswith("num_batches_tracked")]
+    if len(src_steps) == len(dst_steps):
+        src, dst = src + src_steps, dst + dst_steps
+    return {d: state[s] for s, d in zip(src, dst)}, {d: s for s, d in zip(src, dst) if s != d}
+
+
+def _compile_rules(spec: Spec, key_map: Mapping[str, str]) -> list[tuple[Any, str]]:
+    """The {regex: replacement} rules compiled, in order; an invalid pattern is a located error."""
     rules = []
     for pattern, repl in key_map.items():
         try:
             rules.append((regex.compile(pattern), repl))
         except regex.error as exc:
             raise spec.error(
-                where + (pattern,),
+                _KEY_MAP + (pattern,),
                 f"not a valid regular expression: {exc}",
                 found=repr(pattern),
                 expected="a Python regular expression",
             ) from None
+    return rules
+
+
+def _rename(
+    spec: Spec, state: Mapping[str, torch.Tensor], rules: Sequence[tuple[Any, str]]
+) -> tuple[dict[str, torch.Tensor], dict[str, str], list[int]]:
+    """Every file key through the rules: the renamed state, {new key: file key} where it changed,
+    and how many substitutions each rule made."""
+    out: dict[str, torch.Tensor] = {}
+    mapped: dict[str, str] = {}
     # `regex` takes Python's syntax and a time limit: a pattern that backtracks without end
     # (`(a|aa)+$`) is stopped and named instead of hanging the load
     deadline = time.monotonic() + KEY_MAP_SECONDS
     hits = [0] * len(rules)
     for key, value in state.items():
-        new = key
-        for i, (rx, repl) in enumerate(rules):
-            try:
-                new, n = rx.subn(repl, new, timeout=max(deadline - time.monotonic(), 1e-3))
-                hits[i] += n
-            except TimeoutError:
-                raise spec.error(
-                    where + (rx.pattern,),
-                    f"this pattern is too slow: applying the key map to "
-                    f"{len(state)} keys took more than {KEY_MAP_SECONDS:g} s (it backtracks on {key!r})",
-                    found=repr(rx.pattern),
-                    expected="a pattern without nested repetition, e.g. ^module\\.(.*) instead of (a|aa)+",
-                ) from None
-            except (regex.error, IndexError) as exc:
-                raise spec.error(
-                    where + (rx.pattern,),
-                    f"the replacement cannot be applied: {exc}",
-                    found=repr(repl),
-                    expected="a replacement using only groups the pattern has",
-                ) from None
+        new = _apply_rules(spec, key, rules, hits, deadline, len(state))
         if not new:  # mapped to nothing: the user drops the key on purpose
             continue
         if new in out:
             raise spec.error(
-                where,
+                _KEY_MAP,
                 f"key_map sends two file keys to {new!r}",
                 found=f"{mapped.get(new, new)} and {key}",
                 expected="rules that keep keys distinct",
@@ -325,17 +334,50 @@ def map_keys(
         out[new] = value
         if new != key:
             mapped[new] = key
-    for (rx, _), n in zip(rules, hits):
-        if not n:  # a typo in a rule loads nothing it meant to: say so, with the keys it could have meant
+    return out, mapped, hits
+
+
+def _apply_rules(
+    spec: Spec, key: str, rules: Sequence[tuple[Any, str]], hits: list[int], deadline: float, n_keys: int
+) -> str:
+    """`key` renamed by each rule in turn (counting each rule's substitutions in `hits`)."""
+    new = key
+    for i, (rx, repl) in enumerate(rules):
+        try:
+            new, n = rx.subn(repl, new, timeout=max(deadline - time.monotonic(), 1e-3))
+            hits[i] += n
+        except TimeoutError:
             raise spec.error(
-                where + (rx.pattern,),
+                _KEY_MAP + (rx.pattern,),
+                f"this pattern is too slow: applying the key map to "
+                f"{n_keys} keys took more than {KEY_MAP_SECONDS:g} s (it backtracks on {key!r})",
+                found=repr(rx.pattern),
+                expected="a pattern without nested repetition, e.g. ^module\\.(.*) instead of (a|aa)+",
+            ) from None
+        except (regex.error, IndexError) as exc:
+            raise spec.error(
+                _KEY_MAP + (rx.pattern,),
+                f"the replacement cannot be applied: {exc}",
+                found=repr(repl),
+                expected="a replacement using only groups the pattern has",
+            ) from None
+    return new
+
+
+def _check_every_rule_matched(
+    spec: Spec, state: Mapping[str, Any], rules: Sequence[tuple[Any, str]], hits: Sequence[int]
+) -> None:
+    """A rule that matched no key loads nothing it meant to: say so, with the keys it could have meant."""
+    for (rx, _), n in zip(rules, hits):
+        if not n:
+            raise spec.error(
+                _KEY_MAP + (rx.pattern,),
                 "this key_map rule matches no key of the weight file "
                 "(rules apply in order, each to the keys the rules before it left)",
                 found=repr(rx.pattern),
                 expected="a pattern that matches at least one key",
                 hint=_closest_keys(rx.pattern, state),
             )
-    return out, mapped
 
 
 def _closest_keys(pattern: str, state: Mapping[str, Any]) -> str:

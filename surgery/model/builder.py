@@ -16,7 +16,7 @@ from .backbones import Backbone, create_backbone, culprit_arg, logits_switch
 from .groups import ResolvedGroup, resolve_groups
 from .insert import Insertion, Shapes, apply_surgery, fake_tensors, inserted_paths, probe
 from .modes import in_mode
-from .plan import plan_operations
+from .plan import Plan, plan_operations
 from .replace import Change
 from .weights import LoadReport, load_weights, read_weight_file
 
@@ -225,6 +225,7 @@ def build(spec: Spec, *, state_dict: Mapping[str, torch.Tensor] | None = None, r
         >>> [i.path for i in built.inserted]
         ['layer1.cbam_after', 'layer2.cbam_after', 'layer3.cbam_after', 'layer4.cbam_after']
     """
+    # --- backbone, probed, and the plan of its surgery; the weights to load
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         backbone = create_backbone(spec, fetch=state_dict is None)  # given weights: fetch none
@@ -233,31 +234,17 @@ def build(spec: Spec, *, state_dict: Mapping[str, torch.Tensor] | None = None, r
         shapes = _probe(spec, model, size, "backbone")
         output_type = _check_train_output(spec, model, size)
         plan = plan_operations(spec, model, shapes, backbone.head, size)
-        if state_dict is not None:
-            state, source = dict(state_dict), "given state_dict"
-        elif isinstance(spec.model.pretrained, str):
-            path = weights_path(spec, runs_root)
-            state, source = read_weight_file(spec, path), str(path)
-        else:
-            state, source = backbone.pretrained, backbone.pretrained_from
+        state, source = _weights_to_load(spec, backbone, state_dict, runs_root)
         original = model.state_dict()
         if plan.model is None:
             apply_surgery(model, plan.inserts)
         else:
             model = plan.model
-    surgered_keys = set(model.state_dict())
-    changed = tuple(c.path for c in plan.changes)
-    lost = [k for k in original if k not in surgered_keys and not any(k.startswith(p + ".") for p in changed)]
-    if lost:  # surgery only adds, save where an entry replaces: a lost key is a bug in surgery, never a user mistake
-        raise RuntimeError(f"surgery renamed or dropped backbone keys: {lost[:5]}")
+    # --- surgery applied: groups, then the weights, every tensor accounted for
+    _check_no_key_lost(original, model, plan.changes)
     inserted = inserted_paths(model)
     groups = resolve_groups(spec, model, inserted=inserted, head=backbone.head)
-    report = LoadReport(
-        imports=[s.insert for s in spec.surgery if ":" in getattr(s, "insert", "")]
-        + [s.with_ for s in spec.surgery if ":" in getattr(s, "with_", "")],
-        inserted_modules=[i.describe() for i in plan.inserts],
-        changed_modules=[c.describe() for c in plan.changes],
-    )
+    report = _empty_report(spec, plan)
     # weights given directly are this model's own (a run's model.safetensors): its head is the trained one
     load_weights(
         spec,
@@ -271,6 +258,7 @@ def build(spec: Spec, *, state_dict: Mapping[str, torch.Tensor] | None = None, r
         changes=plan.changes,
         original=original,
     )
+    # --- the surgered model probed once more
     size = plan.input_size
     after = _probe(spec, model, size, "surgered model") if plan.inserts or plan.changes else shapes
     model.train()
@@ -288,4 +276,35 @@ def build(spec: Spec, *, state_dict: Mapping[str, torch.Tensor] | None = None, r
         train_output=output_type,
         notes=list(backbone.notes),
         changes=plan.changes,
+    )
+
+
+def _weights_to_load(
+    spec: Spec, backbone: Backbone, state_dict: Mapping[str, torch.Tensor] | None, runs_root: Path | None
+) -> tuple[Mapping[str, torch.Tensor] | None, str]:
+    """The state to load and where it came from: given, a weight file, or the backbone's own pretrained weights."""
+    if state_dict is not None:
+        return dict(state_dict), "given state_dict"
+    if isinstance(spec.model.pretrained, str):
+        path = weights_path(spec, runs_root)
+        return read_weight_file(spec, path), str(path)
+    return backbone.pretrained, backbone.pretrained_from
+
+
+def _check_no_key_lost(original: Mapping[str, Any], model: nn.Module, changes: Sequence[Change]) -> None:
+    """Surgery only adds, save where an entry replaces: a lost key is a bug in surgery, never a user mistake."""
+    surgered_keys = set(model.state_dict())
+    changed = tuple(c.path for c in changes)
+    lost = [k for k in original if k not in surgered_keys and not any(k.startswith(p + ".") for p in changed)]
+    if lost:
+        raise RuntimeError(f"surgery renamed or dropped backbone keys: {lost[:5]}")
+
+
+def _empty_report(spec: Spec, plan: Plan) -> LoadReport:
+    """The load report before loading: the user classes imported, the modules inserted and changed."""
+    return LoadReport(
+        imports=[s.insert for s in spec.surgery if ":" in getattr(s, "insert", "")]
+        + [s.with_ for s in spec.surgery if ":" in getattr(s, "with_", "")],
+        inserted_modules=[i.describe() for i in plan.inserts],
+        changed_modules=[c.describe() for c in plan.changes],
     )

@@ -401,6 +401,26 @@ def _construct(
     that expands too far is reported there, not deep inside the anchor it repeats."""
     _, line, column = marks.setdefault(path, (file, node.start_mark.line + 1, node.start_mark.column + 1))
     where = dict(path=path, file=file, line=line, column=column)  # the key's position: an alias's own line
+    # --- refuse what a spec cannot hold: tags, recursive aliases, too many values, too deep
+    _check_plain(node, active, where)
+    budget.spend(node, site or where)
+    if isinstance(node, yaml.CollectionNode) and len(path) >= _MAX_DEPTH:  # nested deeper through aliases
+        raise _too_deep(file, line, column, path)
+    active = active | {id(node)}
+    # --- build it: a mapping, a list or a scalar
+    if isinstance(node, yaml.MappingNode):
+        return _construct_mapping(loader, node, path, marks, file, budget, active, site, where)
+    if isinstance(node, yaml.SequenceNode):
+        return _construct_sequence(loader, node, path, marks, file, budget, active, site)
+    value = _scalar(loader, node, where)
+    if isinstance(value, (bytes, bytearray)) or type(value).__module__ == "datetime":
+        # YAML timestamps and binary have no place in a spec; treat them as the text written
+        return str(node.value)
+    return value
+
+
+def _check_plain(node: yaml.Node, active: frozenset, where: dict) -> None:
+    """A node of plain data (no tag beyond YAML's own), not an alias of a mapping or list around it."""
     if node.tag not in _PLAIN_TAGS:
         # a spec is plain data: refuse object construction (!!python/...) and custom tags outright
         raise SpecError(
@@ -416,83 +436,108 @@ def _construct(
             expected="aliases of values defined elsewhere",
             **where,
         )
-    budget.spend(node, site or where)
-    if isinstance(node, yaml.CollectionNode) and len(path) >= _MAX_DEPTH:  # nested deeper through aliases
-        raise _too_deep(file, line, column, path)
-    active = active | {id(node)}
-    if isinstance(node, yaml.MappingNode):
-        if not hasattr(node, "merged"):  # an aliased node is visited again, already flattened
-            if _merged_pairs(node, {}) > _MAX_VALUES:
+
+
+def _construct_mapping(
+    loader: _Loader,
+    node: yaml.MappingNode,
+    path: tuple,
+    marks: dict,
+    file: str,
+    budget: _Budget,
+    active: frozenset,
+    site: dict | None,
+    where: dict,
+) -> dict[str, Any]:
+    """A mapping's plain data: merges resolved, keys plain names, each of its own keys written once."""
+    _flatten_merges(loader, node, where)
+    out: dict[str, Any] = {}
+    own_keys: set[str] = set()
+    for i, (key_node, value_node) in enumerate(node.value):
+        at_key = dict(path=path, file=file, line=key_node.start_mark.line + 1, column=key_node.start_mark.column + 1)
+        key = _mapping_key(loader, key_node, budget, site or at_key, at_key)
+        if i >= node.merged:  # keys merged from an anchor may be overridden; the mapping's own, not
+            if key in own_keys:
                 raise SpecError(
-                    f"the spec expands to more than {_MAX_VALUES} values",
-                    found="merges of merges (<<: *a)",
-                    expected="a spec of plain size",
-                    **where,
+                    f"the key {key!r} appears twice",
+                    path=path + (key,),
+                    file=file,
+                    line=key_node.start_mark.line + 1,
+                    column=key_node.start_mark.column + 1,
+                    expected="each key once per mapping",
                 )
-            own = sum(1 for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge")
-            loader.flatten_mapping(node)  # resolves `<<: *anchor` merges: merged pairs first, then its own
-            node.merged = len(node.value) - own
-        out: dict[str, Any] = {}
-        own_keys: set[str] = set()
-        for i, (key_node, value_node) in enumerate(node.value):
-            at_key = dict(
-                path=path, file=file, line=key_node.start_mark.line + 1, column=key_node.start_mark.column + 1
+            own_keys.add(key)
+        if key in out:  # overriding a merged value: its marks no longer describe anything
+            for stale in [k for k in marks if k[: len(path) + 1] == path + (key,)]:
+                del marks[stale]
+        # the key's own position is where a reader looks for a wrong key or value
+        marks[path + (key,)] = (file, key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+        inner = site
+        if inner is None and (id(node), id(key_node)) in loader.alias_marks:
+            inner = dict(at_key, path=path + (key,))
+        out[key] = _construct(loader, value_node, path + (key,), marks, file, budget, active, inner)
+    return out
+
+
+def _flatten_merges(loader: _Loader, node: yaml.MappingNode, where: dict) -> None:
+    """Resolve `<<: *anchor` merges in place (merged pairs first, then its own), counting them first;
+    `node.merged` is how many pairs came from merges."""
+    if not hasattr(node, "merged"):  # an aliased node is visited again, already flattened
+        if _merged_pairs(node, {}) > _MAX_VALUES:
+            raise SpecError(
+                f"the spec expands to more than {_MAX_VALUES} values",
+                found="merges of merges (<<: *a)",
+                expected="a spec of plain size",
+                **where,
             )
-            if not isinstance(key_node, yaml.ScalarNode):
-                # refused before it is built: a list of aliases as a key escapes every count below
-                raise SpecError(
-                    "mapping keys must be plain names",
-                    found="a list" if isinstance(key_node, yaml.SequenceNode) else "a mapping",
-                    expected="a name or a number, e.g. epochs or 0",
-                    **at_key,
-                )
-            if key_node.tag not in _PLAIN_TAGS:
-                raise SpecError(
-                    f"the YAML tag {key_node.tag.replace('tag:yaml.org,2002:', '!!')} is not allowed",
-                    found=key_node.tag,
-                    expected="a plain name",
-                    **at_key,
-                )
-            budget.spend(key_node, site or at_key)
-            key = _scalar(loader, key_node, at_key)
-            if not isinstance(key, (str, int, float, bool)) or key is None:
-                raise SpecError("mapping keys must be plain names", found=repr(key), **at_key)
-            key = str(key)
-            if i >= node.merged:  # keys merged from an anchor may be overridden; the mapping's own, not
-                if key in own_keys:
-                    raise SpecError(
-                        f"the key {key!r} appears twice",
-                        path=path + (key,),
-                        file=file,
-                        line=key_node.start_mark.line + 1,
-                        column=key_node.start_mark.column + 1,
-                        expected="each key once per mapping",
-                    )
-                own_keys.add(key)
-            if key in out:  # overriding a merged value: its marks no longer describe anything
-                for stale in [k for k in marks if k[: len(path) + 1] == path + (key,)]:
-                    del marks[stale]
-            # the key's own position is where a reader looks for a wrong key or value
-            marks[path + (key,)] = (file, key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            inner = site
-            if inner is None and (id(node), id(key_node)) in loader.alias_marks:
-                inner = dict(at_key, path=path + (key,))
-            out[key] = _construct(loader, value_node, path + (key,), marks, file, budget, active, inner)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        items = []
-        for i, item in enumerate(node.value):
-            inner, alias = site, loader.alias_marks.get((id(node), i))
-            if alias is not None:
-                _, line, column = marks.setdefault(path + (i,), (file, alias.line + 1, alias.column + 1))
-                inner = site or dict(path=path + (i,), file=file, line=line, column=column)
-            items.append(_construct(loader, item, path + (i,), marks, file, budget, active, inner))
-        return items
-    value = _scalar(loader, node, where)
-    if isinstance(value, (bytes, bytearray)) or type(value).__module__ == "datetime":
-        # YAML timestamps and binary have no place in a spec; treat them as the text written
-        return str(node.value)
-    return value
+        own = sum(1 for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge")
+        loader.flatten_mapping(node)  # resolves `<<: *anchor` merges: merged pairs first, then its own
+        node.merged = len(node.value) - own
+
+
+def _mapping_key(loader: _Loader, key_node: yaml.Node, budget: _Budget, site: dict, at_key: dict) -> str:
+    """A mapping key as the plain name it must be (a scalar of a plain tag), counted against the budget."""
+    if not isinstance(key_node, yaml.ScalarNode):
+        # refused before it is built: a list of aliases as a key escapes every count below
+        raise SpecError(
+            "mapping keys must be plain names",
+            found="a list" if isinstance(key_node, yaml.SequenceNode) else "a mapping",
+            expected="a name or a number, e.g. epochs or 0",
+            **at_key,
+        )
+    if key_node.tag not in _PLAIN_TAGS:
+        raise SpecError(
+            f"the YAML tag {key_node.tag.replace('tag:yaml.org,2002:', '!!')} is not allowed",
+            found=key_node.tag,
+            expected="a plain name",
+            **at_key,
+        )
+    budget.spend(key_node, site)
+    key = _scalar(loader, key_node, at_key)
+    if not isinstance(key, (str, int, float, bool)) or key is None:
+        raise SpecError("mapping keys must be plain names", found=repr(key), **at_key)
+    return str(key)
+
+
+def _construct_sequence(
+    loader: _Loader,
+    node: yaml.SequenceNode,
+    path: tuple,
+    marks: dict,
+    file: str,
+    budget: _Budget,
+    active: frozenset,
+    site: dict | None,
+) -> list[Any]:
+    """A list's plain data; an item written as an alias is marked (and, outermost, reported) where the alias is."""
+    items = []
+    for i, item in enumerate(node.value):
+        inner, alias = site, loader.alias_marks.get((id(node), i))
+        if alias is not None:
+            _, line, column = marks.setdefault(path + (i,), (file, alias.line + 1, alias.column + 1))
+            inner = site or dict(path=path + (i,), file=file, line=line, column=column)
+        items.append(_construct(loader, item, path + (i,), marks, file, budget, active, inner))
+    return items
 
 
 # --------------------------------------------------------------------------- source and overrides

@@ -198,56 +198,16 @@ def _schema_error(err, source: Source) -> SpecError:
     label = next((p for p in reversed(path) if isinstance(p, str)), "the spec")
     if path and isinstance(path[-1], int):
         label = f"an entry of {label}"
+    # --- the schema's own sentence; then keys: unknown, missing, not an epoch
     if "x-problem" in node and err.validator not in ("additionalProperties", "required"):
-        choices = [c for c in _choices(node) if isinstance(c, str)]
-        hint = did_you_mean(err.instance, choices) if isinstance(err.instance, str) and choices else None
-        problem = node["x-problem"].replace("{value}", quote_value(err.instance))
-        return source.error(
-            _where(err),
-            problem,
-            found=quote_value(err.instance),
-            expected=node.get("description") if "propertyNames" in err.relative_schema_path else _describe(node),
-            hint=hint,
-        )
+        return _word_x_problem(err, node, source)
     if err.validator == "additionalProperties":
-        allowed = sorted(node.get("properties", {}))
-        where = _where(err)
-        key = where[-1]
-        return source.error(
-            where,
-            f"unknown key {key!r}",
-            found=repr(key),
-            expected="one of " + ", ".join(allowed),
-            hint=did_you_mean(key, allowed),
-        )
+        return _word_unknown_key(err, node, source)
     if err.validator == "required":
-        missing = [k for k in err.validator_value if k not in err.instance]
-        key = missing[0] if missing else str(err.validator_value)
-        return source.error(
-            path,
-            f"the required key {key!r} is missing",
-            expected=f"`{key}:` with " + _describe(node.get("properties", {}).get(key, {})),
-        )
-    if (
-        "propertyNames" in err.relative_schema_path
-        and isinstance(err.instance, str)
-        and err.instance.isascii()
-        and err.instance.isdigit()
-    ):
-        last = _deref(schema()["$defs"]["train"]["properties"]["epochs"])["maximum"]
-        return source.error(
-            _where(err),
-            f"epoch {err.instance} is past the last epoch a spec can have ({last})",
-            found=quote_value(err.instance),
-            expected=f"epochs from 0 to {last}",
-        )
+        return _word_missing_key(err, node, path, source)
     if "propertyNames" in err.relative_schema_path:
-        return source.error(
-            _where(err),
-            f"{err.instance!r} is not an epoch: the keys of a learning-rate map are epochs",
-            found=quote_value(err.instance),
-            expected="a mapping like {0: 1.0e-4, 10: 1.0e-5}",
-        )
+        return _word_epoch_key(err, source)
+    # --- values: not one of the choices, not of the pattern
     choices = [c for c in _choices(node) if isinstance(c, str)]
     if err.validator in ("enum", "const") or (err.validator == "oneOf" and isinstance(err.instance, str) and choices):
         hint = did_you_mean(err.instance, choices) if isinstance(err.instance, str) else None
@@ -258,7 +218,72 @@ def _schema_error(err, source: Source) -> SpecError:
             expected=_describe(node),
             hint=hint,
         )
-    if err.validator == "pattern" and path and path[-1] == "backbone":
+    if err.validator == "pattern":
+        return _word_pattern(err, node, path, label, source)
+    # --- the wrong kind, out of bounds, too few or too many
+    return _word_kind_or_size(err, node, path, label, source)
+
+
+def _word_x_problem(err, node: dict, source: Source) -> SpecError:
+    """The schema node's own `x-problem` sentence, with did-you-mean among its choices."""
+    choices = [c for c in _choices(node) if isinstance(c, str)]
+    hint = did_you_mean(err.instance, choices) if isinstance(err.instance, str) and choices else None
+    problem = node["x-problem"].replace("{value}", quote_value(err.instance))
+    return source.error(
+        _where(err),
+        problem,
+        found=quote_value(err.instance),
+        expected=node.get("description") if "propertyNames" in err.relative_schema_path else _describe(node),
+        hint=hint,
+    )
+
+
+def _word_unknown_key(err, node: dict, source: Source) -> SpecError:
+    """A key the mapping does not take, with did-you-mean among those it does."""
+    allowed = sorted(node.get("properties", {}))
+    where = _where(err)
+    key = where[-1]
+    return source.error(
+        where,
+        f"unknown key {key!r}",
+        found=repr(key),
+        expected="one of " + ", ".join(allowed),
+        hint=did_you_mean(key, allowed),
+    )
+
+
+def _word_missing_key(err, node: dict, path: tuple, source: Source) -> SpecError:
+    """The first required key the mapping lacks, with what it takes."""
+    missing = [k for k in err.validator_value if k not in err.instance]
+    key = missing[0] if missing else str(err.validator_value)
+    return source.error(
+        path,
+        f"the required key {key!r} is missing",
+        expected=f"`{key}:` with " + _describe(node.get("properties", {}).get(key, {})),
+    )
+
+
+def _word_epoch_key(err, source: Source) -> SpecError:
+    """A key of a learning-rate map that is no epoch: past the last one, or no number at all."""
+    if isinstance(err.instance, str) and err.instance.isascii() and err.instance.isdigit():
+        last = _deref(schema()["$defs"]["train"]["properties"]["epochs"])["maximum"]
+        return source.error(
+            _where(err),
+            f"epoch {err.instance} is past the last epoch a spec can have ({last})",
+            found=quote_value(err.instance),
+            expected=f"epochs from 0 to {last}",
+        )
+    return source.error(
+        _where(err),
+        f"{err.instance!r} is not an epoch: the keys of a learning-rate map are epochs",
+        found=quote_value(err.instance),
+        expected="a mapping like {0: 1.0e-4, 10: 1.0e-5}",
+    )
+
+
+def _word_pattern(err, node: dict, path: tuple, label: str, source: Source) -> SpecError:
+    """A value its pattern refuses: a backbone name without its source, or another name."""
+    if path and path[-1] == "backbone":
         value = str(err.instance)
         prefix, colon, _ = value.partition(":")
         if colon:
@@ -276,14 +301,17 @@ def _schema_error(err, source: Source) -> SpecError:
             expected="torchvision:<name> or timm:<name>, e.g. torchvision:resnet18 or timm:efficientnet_b0",
             hint=f"write torchvision:{value} or timm:{value}",
         )
-    if err.validator == "pattern":
-        noun = {"at": "module pattern", "params": "parameter pattern", "insert": "module name"}.get(label, label)
-        return source.error(
-            path,
-            f"{quote_value(err.instance)} is not a valid {noun}",
-            found=quote_value(err.instance),
-            expected=node.get("description") or f"text matching {err.validator_value}",
-        )
+    noun = {"at": "module pattern", "params": "parameter pattern", "insert": "module name"}.get(label, label)
+    return source.error(
+        path,
+        f"{quote_value(err.instance)} is not a valid {noun}",
+        found=quote_value(err.instance),
+        expected=node.get("description") or f"text matching {err.validator_value}",
+    )
+
+
+def _word_kind_or_size(err, node: dict, path: tuple, label: str, source: Source) -> SpecError:
+    """A value of the wrong kind, out of bounds, with too few or too many items; else jsonschema's message."""
     if err.validator in ("type", "oneOf", "anyOf"):
         return source.error(
             path,

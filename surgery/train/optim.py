@@ -55,6 +55,7 @@ _OWN_KEYS: dict[str, str] = {
 }
 
 _LOOKAHEAD = "lookahead_"
+_WHERE = ("train", "optimizer")  # the key path of every optimizer error
 
 
 def _error(spec: Spec | None, path: tuple, problem: str, **kw: Any) -> SpecError:
@@ -105,51 +106,62 @@ def check_optimizer(train: TrainSpec, *, spec: Spec | None = None) -> None:
         ...                            "train": {"optimizer": {"name": "lamb"}}}).train)
     """
     opt = train.optimizer
-    where = ("train", "optimizer")
     _, name = _split_name(opt.name)
+    # --- the optimizer: known, first-order, its package installed
+    cls, has_betas, has_eps = _resolve_optimizer(opt, name, spec)
+    # --- its settings: nesterov with a momentum, betas and eps only where it has them
+    _check_settings(opt, name, has_betas, has_eps, spec)
+    # --- its args: none with a place of its own in the spec, none it does not take
+    _check_args(opt, name, cls, spec)
+
+
+def _resolve_optimizer(opt: OptimizerSpec, name: str, spec: Spec | None) -> tuple[Any, bool, bool]:
+    """The optimizer class (None where it is imported on use), and whether it has betas and eps."""
     known = optimizer_names()
     if name not in known:
         raise _error(
             spec,
-            where + ("name",),
+            _WHERE + ("name",),
             "unknown optimizer",
             found=repr(opt.name),
             expected="sgd, adam, adamw or a name from timm.optim.list_optimizers()",
             hint=did_you_mean(name, known),
         )
     if name in _TORCH_OPTIMIZERS:
-        cls: Any = _TORCH_OPTIMIZERS[name]
-        has_betas = has_eps = name != "sgd"
-    else:
-        info = _timm_info(name)
-        if info.second_order:
+        return _TORCH_OPTIMIZERS[name], name != "sgd", name != "sgd"
+    info = _timm_info(name)
+    if info.second_order:
+        raise _error(
+            spec,
+            _WHERE + ("name",),
+            f"{name} is a second-order optimizer",
+            found=repr(opt.name),
+            expected="a first-order optimizer: the training loop does not backward with create_graph",
+        )
+    cls = info.opt_class
+    if isinstance(cls, str):  # apex / bitsandbytes: named, imported on use
+        package = cls.split(".")[0]
+        if importlib.util.find_spec(package) is None:
+            plain = name.removeprefix("bnb").removeprefix("fused").removesuffix("8bit")
+            hint = f"install {package}" + (f", or use {plain!r}" if plain in known else "")
             raise _error(
                 spec,
-                where + ("name",),
-                f"{name} is a second-order optimizer",
+                _WHERE + ("name",),
+                f"{name} needs the package {package!r}, which is not installed",
                 found=repr(opt.name),
-                expected="a first-order optimizer: the training loop does not backward with create_graph",
+                expected="an optimizer that is available here",
+                hint=hint,
             )
-        has_betas, has_eps = info.has_betas, info.has_eps
-        cls = info.opt_class
-        if isinstance(cls, str):  # apex / bitsandbytes: named, imported on use
-            package = cls.split(".")[0]
-            if importlib.util.find_spec(package) is None:
-                plain = name.removeprefix("bnb").removeprefix("fused").removesuffix("8bit")
-                hint = f"install {package}" + (f", or use {plain!r}" if plain in known else "")
-                raise _error(
-                    spec,
-                    where + ("name",),
-                    f"{name} needs the package {package!r}, which is not installed",
-                    found=repr(opt.name),
-                    expected="an optimizer that is available here",
-                    hint=hint,
-                )
-            cls = None
+        cls = None
+    return cls, info.has_betas, info.has_eps
+
+
+def _check_settings(opt: OptimizerSpec, name: str, has_betas: bool, has_eps: bool, spec: Spec | None) -> None:
+    """nesterov needs a momentum; betas and eps only for an optimizer that has them."""
     if name == "sgd" and opt.nesterov and opt.momentum == 0:
         raise _error(
             spec,
-            where + ("nesterov",),
+            _WHERE + ("nesterov",),
             "nesterov momentum needs a momentum",
             found="momentum: 0",
             expected="momentum > 0, or nesterov: false",
@@ -158,17 +170,21 @@ def check_optimizer(train: TrainSpec, *, spec: Spec | None = None) -> None:
         if getattr(opt, key) is not None and not present:
             raise _error(
                 spec,
-                where + (key,),
+                _WHERE + (key,),
                 f"{name} has no {key}",
                 found=repr(getattr(opt, key)),
                 expected=f"no `{key}:` for {name}",
             )
+
+
+def _check_args(opt: OptimizerSpec, name: str, cls: Any, spec: Spec | None) -> None:
+    """`args`: no setting that has its own key in the spec, and (where `cls` is known) only what it takes."""
     args = opt.args or {}
     for key in args:
         if key in _OWN_KEYS:
             raise _error(
                 spec,
-                where + ("args", key),
+                _WHERE + ("args", key),
                 f"{key!r} has its own place in the spec",
                 found=repr(key),
                 expected="optimizer-specific settings only",
@@ -181,7 +197,7 @@ def check_optimizer(train: TrainSpec, *, spec: Spec | None = None) -> None:
                 if key not in accepted:
                     raise _error(
                         spec,
-                        where + ("args", key),
+                        _WHERE + ("args", key),
                         f"{name} takes no argument {key!r}",
                         found=repr(key),
                         expected="one of " + ", ".join(sorted(accepted - set(_OWN_KEYS))),

@@ -116,8 +116,67 @@ def _csv(spec: Spec) -> tuple[Pool, Pool, int, Pool | None]:
     """A CSV file with a header: `path` (relative to the CSV's folder), `label` (a class name) and
     optionally `split` (train, val or test; without it, or without val rows, val_split holds out
     part of train). Classes are the label names, sorted, as ImageFolder sorts its folders."""
-    import csv
+    # --- the file: its header and rows
+    path = _csv_path(spec)
+    header, rows = _read_csv(spec, path)
+    # --- each row checked and put in its split
+    multi, separator = spec.data.multi_label, spec.data.label_separator
+    # paths joined as text: no file is touched until the splits and subsets are fixed (`scan.check_files`)
+    folder, shown = str(path.parent), path.name
+    samples: dict[str, list[tuple[str, str, int]]] = {s: [] for s in CSV_SPLITS}
+    for line, row in rows:
+        file, label, split = _csv_row(spec, path, header, line, row)
+        samples[split].append((os.path.join(folder, file), label, line))
+    if not samples["train"]:
+        raise _folder_error(
+            spec,
+            f"the CSV file {path} has no training rows",
+            path,
+            expected="rows with split train (or no split column)",
+        )
+    # --- the classes, and the source: every row (train, val, then test) with its class or classes
+    names = {s: [_label_names(c, separator) if multi else [c] for _, c, _ in samples[s]] for s in CSV_SPLITS}
+    classes = sorted({c for split in CSV_SPLITS for cell in names[split] for c in cell})
+    if not classes:
+        raise _folder_error(
+            spec,
+            f"every label cell of {path} is empty",
+            path,
+            expected=f"class names in the label column, separated by {separator!r}",
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    every = [row for split in CSV_SPLITS for row in samples[split]]
+    targets, hot = _csv_targets(names, index, multi)
+    source = FileSource(
+        [(p, t) for (p, _, _), t in zip(every, targets)],
+        classes,
+        multi_hot=hot,
+        listed_at=[f"{shown}:{line}" for _, _, line in every],
+    )
+    # --- every class has a training row; the pools
+    n_train, n_val = len(samples["train"]), len(samples["val"])
+    if hot is not None:
+        present = set(np.flatnonzero(hot[:n_train].sum(0)).tolist())
+    else:
+        present = set(source.targets[:n_train].tolist())
+    empty = [c for c in classes if index[c] not in present]
+    if empty:
+        raise _folder_error(
+            spec,
+            f"some labels of {path} have no training rows: " + ", ".join(empty),
+            path,
+            expected="at least one training image per label",
+        )
+    test = Pool(source, np.arange(n_train + n_val, len(source))) if samples["test"] else None
+    if n_val == 0:
+        train, val = train_val_split(spec, source, np.arange(n_train))
+    else:
+        train, val = Pool(source, np.arange(n_train)), Pool(source, np.arange(n_train, n_train + n_val))
+    return train, val, 0, test
 
+
+def _csv_path(spec: Spec) -> Path:
+    """The CSV file `data.root` names, which must be a regular file."""
     if spec.data.root is None:
         raise spec.error(
             ("data", "root"),
@@ -135,6 +194,13 @@ def _csv(spec: Spec) -> tuple[Pool, Pool, int, Pool | None]:
             expected="a CSV file with a header line path,label[,split]",
             hint="data.root is relative to the spec file's folder",
         )
+    return path
+
+
+def _read_csv(spec: Spec, path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
+    """The CSV file's header (with path and label) and its rows, each with its line number."""
+    import csv
+
     try:
         with io.TextIOWrapper(open_regular(path), encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
@@ -160,91 +226,55 @@ def _csv(spec: Spec) -> tuple[Pool, Pool, int, Pool | None]:
         raise _folder_error(
             spec, f"cannot read the CSV file {path}: {exc.strerror or exc}", path, expected="a readable CSV file"
         ) from None
+    return list(header), rows
+
+
+def _csv_row(spec: Spec, path: Path, header: Sequence[str], line: int, row: dict[str, Any]) -> tuple[str, str, str]:
+    """One row's (path, label cell, split), checked: a path, a label (multi-label: may be empty),
+    a known split, and printable class names."""
     multi, separator = spec.data.multi_label, spec.data.label_separator
-    # paths joined as text: no file is touched until the splits and subsets are fixed (`scan.check_files`)
-    folder, shown = str(path.parent), path.name
-    samples: dict[str, list[tuple[str, str, int]]] = {s: [] for s in CSV_SPLITS}
-    for line, row in rows:
-        file, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
-        split = (row.get("split") or "train").strip() if "split" in header else "train"
-        if not file or (not label and not multi):  # multi-label: an empty cell is an image of no class
+    file, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+    split = (row.get("split") or "train").strip() if "split" in header else "train"
+    if not file or (not label and not multi):  # multi-label: an empty cell is an image of no class
+        raise _folder_error(
+            spec,
+            f"{path}, line {line}: an empty {'path' if not file else 'label'}",
+            path,
+            expected="a path and a label on every line",
+        )
+    if split not in CSV_SPLITS:
+        raise _folder_error(
+            spec,
+            f"{path}, line {line}: unknown split {split!r}",
+            path,
+            expected="train, val or test",
+            hint=did_you_mean(split, list(CSV_SPLITS)),
+        )
+    for name in _label_names(label, separator) if multi else [label]:
+        problem = label_problem(name)
+        if problem:
             raise _folder_error(
                 spec,
-                f"{path}, line {line}: an empty {'path' if not file else 'label'}",
+                f"{path}, line {line}: the label '{printable(name)}' {problem}",
                 path,
-                expected="a path and a label on every line",
+                expected="class names of printable characters",
+                hint="class names are shown on terminals and pages; fix the label cell",
             )
-        if split not in samples:
-            raise _folder_error(
-                spec,
-                f"{path}, line {line}: unknown split {split!r}",
-                path,
-                expected="train, val or test",
-                hint=did_you_mean(split, list(CSV_SPLITS)),
-            )
-        for name in _label_names(label, separator) if multi else [label]:
-            problem = label_problem(name)
-            if problem:
-                raise _folder_error(
-                    spec,
-                    f"{path}, line {line}: the label '{printable(name)}' {problem}",
-                    path,
-                    expected="class names of printable characters",
-                    hint="class names are shown on terminals and pages; fix the label cell",
-                )
-        samples[split].append((os.path.join(folder, file), label, line))
-    if not samples["train"]:
-        raise _folder_error(
-            spec,
-            f"the CSV file {path} has no training rows",
-            path,
-            expected="rows with split train (or no split column)",
-        )
-    names = {s: [_label_names(c, separator) if multi else [c] for _, c, _ in samples[s]] for s in CSV_SPLITS}
-    classes = sorted({c for split in CSV_SPLITS for cell in names[split] for c in cell})
-    if not classes:
-        raise _folder_error(
-            spec,
-            f"every label cell of {path} is empty",
-            path,
-            expected=f"class names in the label column, separated by {separator!r}",
-        )
-    index = {c: i for i, c in enumerate(classes)}
-    every = [row for split in CSV_SPLITS for row in samples[split]]
-    if multi:
-        # one stratum for splits and subsets (targets 0); the classes live in the multi-hot rows
-        targets = [0] * len(every)
-        hot = np.zeros((len(every), len(classes)), dtype=np.float32)
-        cells = (cell for split in CSV_SPLITS for cell in names[split])
-        for r, cell in enumerate(cells):
-            hot[r, [index[c] for c in cell]] = 1.0
-    else:
-        targets = [index[cell[0]] for split in CSV_SPLITS for cell in names[split]]
-    source = FileSource(
-        [(p, t) for (p, _, _), t in zip(every, targets)],
-        classes,
-        multi_hot=hot if multi else None,
-        listed_at=[f"{shown}:{line}" for _, _, line in every],
-    )
-    n_train, n_val = len(samples["train"]), len(samples["val"])
-    if multi:
-        present = set(np.flatnonzero(hot[:n_train].sum(0)).tolist())
-    else:
-        present = set(source.targets[:n_train].tolist())
-    empty = [c for c in classes if index[c] not in present]
-    if empty:
-        raise _folder_error(
-            spec,
-            f"some labels of {path} have no training rows: " + ", ".join(empty),
-            path,
-            expected="at least one training image per label",
-        )
-    test = Pool(source, np.arange(n_train + n_val, len(source))) if samples["test"] else None
-    if n_val == 0:
-        train, val = train_val_split(spec, source, np.arange(n_train))
-    else:
-        train, val = Pool(source, np.arange(n_train)), Pool(source, np.arange(n_train, n_train + n_val))
-    return train, val, 0, test
+    return file, label, split
+
+
+def _csv_targets(
+    names: dict[str, list[list[str]]], index: dict[str, int], multi: bool
+) -> tuple[list[int], np.ndarray | None]:
+    """Each row's target (rows in CSV_SPLITS order) and, multi-label, the multi-hot rows (else None)."""
+    cells = [cell for split in CSV_SPLITS for cell in names[split]]
+    if not multi:
+        return [index[cell[0]] for cell in cells], None
+    # one stratum for splits and subsets (targets 0); the classes live in the multi-hot rows
+    hot = np.zeros((len(cells), len(index)), dtype=np.float32)
+    for r, cell in enumerate(cells):
+        hot[r, [index[c] for c in cell]] = 1.0
+    return [0] * len(cells), hot
 
 
 def _label_names(cell: str, separator: str) -> list[str]:
@@ -253,17 +283,44 @@ def _label_names(cell: str, separator: str) -> list[str]:
     return list(dict.fromkeys(part.strip() for part in cell.split(separator) if part.strip()))
 
 
-def _imagefolder(spec: Spec) -> tuple[Pool, Pool, int, Pool | None]:
-    from torchvision.datasets import ImageFolder
-    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+_IMAGEFOLDER_LAYOUT = "root/<class>/<image> or root/train/<class>/<image> with root/val/<class>/<image>"
 
-    layout = "root/<class>/<image> or root/train/<class>/<image> with root/val/<class>/<image>"
+
+def _imagefolder(spec: Spec) -> tuple[Pool, Pool, int, Pool | None]:
+    # --- the folders: root/<class>/..., or train/ beside val/ (and then maybe test/)
+    root = _imagefolder_root(spec)
+    val_dir = next((root / d for d in _VAL_DIRS if (root / d).is_dir()), None)
+    # test/ is the validation set when there is no val/ (as before); beside val/ it is a test set
+    test_dir = root / "test" if val_dir is not None and val_dir.name != "test" and (root / "test").is_dir() else None
+    train_dir = root / "train" if (root / "train").is_dir() and val_dir is not None else root
+    # --- the classes (train's folders) and each split's images
+    folder = _class_folders(spec, train_dir)
+    samples = list(folder.samples)
+    val_samples: list[tuple[str, int]] = []
+    if train_dir != root:
+        val_samples = _split_images(spec, folder, train_dir, val_dir, "val")
+    test_samples: list[tuple[str, int]] = []
+    if train_dir != root and test_dir is not None:
+        test_samples = _split_images(spec, folder, train_dir, test_dir, "test")
+    _check_train_images(spec, folder, samples, train_dir)
+    # --- the pools; no image is opened here: `scan.check_files` reads the headers of those the splits keep
+    if train_dir == root:
+        source = FileSource(samples, list(folder.classes))
+        return (*train_val_split(spec, source), 0, None)
+    source = FileSource(samples + val_samples + test_samples, list(folder.classes))
+    n, m = len(samples), len(samples) + len(val_samples)
+    test = Pool(source, np.arange(m, len(source))) if test_samples else None
+    return Pool(source, np.arange(n)), Pool(source, np.arange(n, m)), 0, test
+
+
+def _imagefolder_root(spec: Spec) -> Path:
+    """The dataset folder `data.root` names, which must be a folder."""
     if spec.data.root is None:
         raise spec.error(
             ("data", "root"),
             "imagefolder needs a folder",
             found="root: null",
-            expected=f"data.root set to a folder laid out as {layout}",
+            expected=f"data.root set to a folder laid out as {_IMAGEFOLDER_LAYOUT}",
         )
     root = spec.resolve_path(spec.data.root, ("data", "root"))
     if not root.is_dir():
@@ -271,13 +328,16 @@ def _imagefolder(spec: Spec) -> tuple[Pool, Pool, int, Pool | None]:
             spec,
             f"the dataset folder {root} does not exist" if not root.exists() else f"{root} is not a folder",
             root,
-            expected=f"a folder laid out as {layout}",
+            expected=f"a folder laid out as {_IMAGEFOLDER_LAYOUT}",
             hint="data.root is relative to the spec file's folder",
         )
-    val_dir = next((root / d for d in _VAL_DIRS if (root / d).is_dir()), None)
-    # test/ is the validation set when there is no val/ (as before); beside val/ it is a test set
-    test_dir = root / "test" if val_dir is not None and val_dir.name != "test" and (root / "test").is_dir() else None
-    train_dir = root / "train" if (root / "train").is_dir() and val_dir is not None else root
+    return root
+
+
+def _class_folders(spec: Spec, train_dir: Path) -> Any:
+    """torchvision's ImageFolder of the training folder, its class folders' names checked."""
+    from torchvision.datasets import ImageFolder
+
     try:
         folder = ImageFolder(str(train_dir), allow_empty=True)
     except FileNotFoundError:
@@ -285,7 +345,7 @@ def _imagefolder(spec: Spec) -> tuple[Pool, Pool, int, Pool | None]:
             spec,
             f"the dataset folder {train_dir} has no class folders",
             train_dir,
-            expected=f"one sub-folder per class with images inside: {layout}",
+            expected=f"one sub-folder per class with images inside: {_IMAGEFOLDER_LAYOUT}",
         ) from None
     for name in folder.classes:
         problem = label_problem(name)
@@ -297,29 +357,28 @@ def _imagefolder(spec: Spec) -> tuple[Pool, Pool, int, Pool | None]:
                 expected="class folder names of printable characters",
                 hint="class names are shown on terminals and pages; rename the folder",
             )
-    samples = list(folder.samples)
-    val_samples: list[tuple[str, int]] = []
-    if train_dir != root:
-        extra = sorted(d.name for d in val_dir.iterdir() if d.is_dir() and d.name not in folder.class_to_idx)
-        if extra:
-            raise _folder_error(
-                spec,
-                f"{val_dir} has class folders that {train_dir} lacks: {', '.join(extra)}",
-                val_dir,
-                expected="the same class folders under train/ and val/",
-            )
-        val_samples = make_dataset(str(val_dir), folder.class_to_idx, IMG_EXTENSIONS, allow_empty=True)
-    test_samples: list[tuple[str, int]] = []
-    if train_dir != root and test_dir is not None:
-        extra = sorted(d.name for d in test_dir.iterdir() if d.is_dir() and d.name not in folder.class_to_idx)
-        if extra:
-            raise _folder_error(
-                spec,
-                f"{test_dir} has class folders that {train_dir} lacks: {', '.join(extra)}",
-                test_dir,
-                expected="the same class folders under train/ and test/",
-            )
-        test_samples = make_dataset(str(test_dir), folder.class_to_idx, IMG_EXTENSIONS, allow_empty=True)
+    return folder
+
+
+def _split_images(spec: Spec, folder: Any, train_dir: Path, split_dir: Path, split: str) -> list[tuple[str, int]]:
+    """The images of the val (or test) folder `split_dir`, whose class folders must all be train's."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+
+    extra = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and d.name not in folder.class_to_idx)
+    if extra:
+        raise _folder_error(
+            spec,
+            f"{split_dir} has class folders that {train_dir} lacks: {', '.join(extra)}",
+            split_dir,
+            expected=f"the same class folders under train/ and {split}/",
+        )
+    return make_dataset(str(split_dir), folder.class_to_idx, IMG_EXTENSIONS, allow_empty=True)
+
+
+def _check_train_images(spec: Spec, folder: Any, samples: Sequence[tuple[str, int]], train_dir: Path) -> None:
+    """The training folder has images, and every class folder has some."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
     if not samples:
         raise _folder_error(
             spec,
@@ -337,14 +396,6 @@ def _imagefolder(spec: Spec) -> tuple[Pool, Pool, int, Pool | None]:
             expected="at least one image per class",
             hint="remove the empty folders or add images",
         )
-    # no image is opened here: `scan.check_files` reads the headers of those the splits keep
-    if train_dir == root:
-        source = FileSource(samples, list(folder.classes))
-        return (*train_val_split(spec, source), 0, None)
-    source = FileSource(samples + val_samples + test_samples, list(folder.classes))
-    n, m = len(samples), len(samples) + len(val_samples)
-    test = Pool(source, np.arange(m, len(source))) if test_samples else None
-    return Pool(source, np.arange(n)), Pool(source, np.arange(n, m)), 0, test
 
 
 def read_idx(path: str | Path) -> np.ndarray:

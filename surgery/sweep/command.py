@@ -230,6 +230,51 @@ def sweep_command(
     def say(text: str) -> None:
         console.print(text, markup=False, highlight=False, soft_wrap=True)
 
+    # --- the flags, the sweep file, and the command line that a worker or a rerun repeats
+    _check_flags(workers, lock_timeout)
+    sweep = load_sweep(path)
+    folder = Path(out) if out else Path("runs") / sweep.name
+    runs_root = folder.parent
+    url = storage or default_storage(folder)
+    argv = _sweep_argv(path, folder, storage, device, lock_timeout, overrides)
+    shown = [shown_url(a) if a == storage else a for a in argv]  # no password in messages
+    hint = shlex.join(["surgery", *shown, *(["--workers", str(workers)] if workers > 1 else [])])
+    from ..spec import load_spec
+
+    base = load_spec(sweep.spec, [*sweep.set, *overrides]).raw
+    digest = fingerprint(sweep.definition(), base, overrides)
+    # --- a new local study: every variant checked before the folder is made
+    checked = None
+    if not worker and storage is None and not (folder / "study.db").exists():
+        checked = check_variants(sweep, overrides, runs_root, warn or say)  # a mistake leaves no folder behind
+    _make_folder(folder)
+    # --- the study: a worker's to work on, or opened (created and filled when new) and trained
+    store = open_storage(
+        url, sweep.heartbeat, sweep.grace, flag=storage is not None, lock_timeout=lock_timeout, note=_stderr_note
+    )
+    shown_storage = shown_url(url)
+
+    def trainer(study: Any) -> Worker:
+        return Worker(sweep, study, folder, runs_root, tuple(overrides), device, console, hint, shown_storage)
+
+    with _storage_errors(url):  # the database went away, or stayed locked past --lock-timeout
+        if worker:
+            return work(trainer(_worker_study(sweep, store, digest, say, shown_storage)))
+        study = open_study(
+            sweep,
+            store,
+            digest,
+            say,
+            lambda: checked if checked is not None else check_variants(sweep, overrides, runs_root, warn or say),
+        )
+        left = _trials_left(sweep, study, shown_storage, say)
+        code, interrupted = _train(study, left, workers, trainer, argv, device, base, say)
+        # --- the report: sweep.json, the trials, the comparison and the exit code
+        data = _report(sweep, study, folder, url, console, say)
+        return _exit_code(data, interrupted, code, hint, say)
+
+
+def _check_flags(workers: int, lock_timeout: float) -> None:
     if workers < 1:
         raise UsageError(
             "--workers is a number of processes",
@@ -244,11 +289,13 @@ def sweep_command(
             found=str(lock_timeout),
             expected="a number above 0",
         )
-    sweep = load_sweep(path)
-    folder = Path(out) if out else Path("runs") / sweep.name
-    runs_root = folder.parent
-    url = storage or default_storage(folder)
-    argv = [
+
+
+def _sweep_argv(
+    path: str, folder: Path, storage: str | None, device: str | None, lock_timeout: float, overrides: Sequence[str]
+) -> list[str]:
+    """The command's arguments (`--workers` aside) as a `--worker` process and a rerun repeat them."""
+    return [
         "sweep",
         path,
         "--out",
@@ -258,83 +305,101 @@ def sweep_command(
         *(["--lock-timeout", f"{lock_timeout:g}"] if lock_timeout != LOCK_TIMEOUT else []),
         *[a for o in overrides for a in ("--set", o)],
     ]
-    shown = [shown_url(a) if a == storage else a for a in argv]  # no password in messages
-    hint = shlex.join(["surgery", *shown, *(["--workers", str(workers)] if workers > 1 else [])])
-    from ..spec import load_spec
 
-    base = load_spec(sweep.spec, [*sweep.set, *overrides]).raw
-    digest = fingerprint(sweep.definition(), base, overrides)
-    checked = None
-    if not worker and storage is None and not (folder / "study.db").exists():
-        checked = check_variants(sweep, overrides, runs_root, warn or say)  # a mistake leaves no folder behind
+
+def _make_folder(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)  # the study's SQLite file, the runs and sweep.json
     except OSError as exc:
         raise RunDirError(
             f"cannot make the sweep's folder {folder}: {exc.strerror or exc}", origin=Origin.path(folder)
         ) from None
-    store = open_storage(
-        url, sweep.heartbeat, sweep.grace, flag=storage is not None, lock_timeout=lock_timeout, note=_stderr_note
-    )
-    shown_storage = shown_url(url)
-    with _storage_errors(url):  # the database went away, or stayed locked past --lock-timeout
-        if worker:
-            study = open_study(sweep, store, digest, say)
-            if study is None:
-                raise UsageError(
-                    f"there is no study {sweep.name!r} to work on",
-                    origin=Origin.flag("--storage", shown_storage),
-                    expected="a study made by `surgery sweep` without --worker",
-                )
-            return work(Worker(sweep, study, folder, runs_root, tuple(overrides), device, console, hint, shown_storage))
-        study = open_study(
-            sweep,
-            store,
-            digest,
-            say,
-            lambda: checked if checked is not None else check_variants(sweep, overrides, runs_root, warn or say),
-        )
-        counts = trial_counts(study)
-        left = counts["waiting"] + counts["running"]
-        say(
-            f"sweep {sweep.name}: {sweep.trials} variants ({sweep.sampler}), {counts['complete']} done, "
-            f"{left} to go; study {sweep.name!r} in {shown_storage}"
-        )
-        code, interrupted = 0, False
-        if left:
-            n = min(workers, left)
-            if n == 1:
-                code = work(
-                    Worker(sweep, study, folder, runs_root, tuple(overrides), device, console, hint, shown_storage)
-                )
-                interrupted = code == 130
-            else:
-                codes, interrupted = spawn(n, [*argv, "--worker"], device or base.get("train", {}).get("device"), say)
-                for i, c in enumerate(codes):
-                    if c not in (0, 130):
-                        say(f"worker w{i + 1} ended with " + (f"signal {-c}" if c < 0 else f"exit code {c}"))
-        data = write_sweep_json(sweep, study, folder, url)
-        for line in trial_lines(sweep, study, folder):
-            say(line)
-        say(f"wrote {folder / 'sweep.json'}")
-        variants = write_comparison(folder, data)
-        if variants:
-            from ..pages.compare import to_markdown, to_table
 
-            # a table drawn for the terminal; piped or logged, the Markdown (a fixed 80-column table wraps every cell)
-            if console.is_terminal:
-                console.print(to_table(variants))
-            else:
-                say(to_markdown(variants).rstrip("\n"))
-            say(f"wrote {folder / 'comparison.md'}, comparison.json and comparison.html")
-        states = [v["state"] for v in data["variants"]]
-        if interrupted:
-            say(f"interrupted: rerun the same command to continue ({hint})")
-            return 130
-        unfinished = sum(s in ("RUNNING", "WAITING") for s in states) + data["pending_trials"]
-        if unfinished:
-            say(f"{unfinished} variants are unfinished: rerun the same command to continue ({hint})")
-        return 1 if unfinished or any(s == "FAIL" for s in states) or code else 0
+
+def _worker_study(sweep: Sweep, store: Any, digest: str, say: Callable[[str], None], shown_storage: str) -> Any:
+    """The study a `--worker` process works on: one that `surgery sweep` without --worker made."""
+    study = open_study(sweep, store, digest, say)
+    if study is None:
+        raise UsageError(
+            f"there is no study {sweep.name!r} to work on",
+            origin=Origin.flag("--storage", shown_storage),
+            expected="a study made by `surgery sweep` without --worker",
+        )
+    return study
+
+
+def _trials_left(sweep: Sweep, study: Any, shown_storage: str, say: Callable[[str], None]) -> int:
+    """The trials waiting or running, said with the variants done."""
+    counts = trial_counts(study)
+    left = counts["waiting"] + counts["running"]
+    say(
+        f"sweep {sweep.name}: {sweep.trials} variants ({sweep.sampler}), {counts['complete']} done, "
+        f"{left} to go; study {sweep.name!r} in {shown_storage}"
+    )
+    return left
+
+
+def _train(
+    study: Any,
+    left: int,
+    workers: int,
+    trainer: Callable[[Any], Worker],
+    argv: list[str],
+    device: str | None,
+    base: Mapping[str, Any],
+    say: Callable[[str], None],
+) -> tuple[int, bool]:
+    """Train the `left` variants in this process, or in up to `workers` `--worker` processes.
+
+    Returns:
+        This process's exit code (0 when the variants were left to spawned workers) and whether it was interrupted.
+    """
+    code, interrupted = 0, False
+    if left:
+        n = min(workers, left)
+        if n == 1:
+            code = work(trainer(study))
+            interrupted = code == 130
+        else:
+            codes, interrupted = spawn(n, [*argv, "--worker"], device or base.get("train", {}).get("device"), say)
+            for i, c in enumerate(codes):
+                if c not in (0, 130):
+                    say(f"worker w{i + 1} ended with " + (f"signal {-c}" if c < 0 else f"exit code {c}"))
+    return code, interrupted
+
+
+def _report(
+    sweep: Sweep, study: Any, folder: Path, url: str, console: Any, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """Write sweep.json, list the trials, and compare the finished variants; return sweep.json's data."""
+    data = write_sweep_json(sweep, study, folder, url)
+    for line in trial_lines(sweep, study, folder):
+        say(line)
+    say(f"wrote {folder / 'sweep.json'}")
+    variants = write_comparison(folder, data)
+    if variants:
+        from ..pages.compare import to_markdown, to_table
+
+        # a table drawn for the terminal; piped or logged, the Markdown (a fixed 80-column table wraps every cell)
+        if console.is_terminal:
+            console.print(to_table(variants))
+        else:
+            say(to_markdown(variants).rstrip("\n"))
+        say(f"wrote {folder / 'comparison.md'}, comparison.json and comparison.html")
+    return data
+
+
+def _exit_code(data: Mapping[str, Any], interrupted: bool, code: int, hint: str, say: Callable[[str], None]) -> int:
+    """130 when interrupted; 1 when a variant failed or is unfinished (said, with the command to rerun) or `code`
+    is not 0; else 0."""
+    states = [v["state"] for v in data["variants"]]
+    if interrupted:
+        say(f"interrupted: rerun the same command to continue ({hint})")
+        return 130
+    unfinished = sum(s in ("RUNNING", "WAITING") for s in states) + data["pending_trials"]
+    if unfinished:
+        say(f"{unfinished} variants are unfinished: rerun the same command to continue ({hint})")
+    return 1 if unfinished or any(s == "FAIL" for s in states) or code else 0
 
 
 @contextlib.contextmanager

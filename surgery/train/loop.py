@@ -227,6 +227,7 @@ def train_epoch(
     Raises:
         NonFiniteLoss: a NaN or infinite loss on any process, with ``train.nonfinite: stop``.
     """
+    # --- the epoch's setup: train mode, learning rates, running sums (from `state` when resuming)
     train = ctx.spec.train
     state = state if state is not None else EpochState()
     set_train_mode(ctx.model, ctx.built.groups, flags)
@@ -240,28 +241,18 @@ def train_epoch(
     step, stopped, data_seconds = state.batch - 1, False, 0.0
     good = 0  # batches of the current window that reached backward
     start = fetched = time.perf_counter()
+    # --- the batches: forward, the processes' verdict, backward; a step at the end of each window
     for step, x, y in batches:
         data_seconds += time.perf_counter() - fetched
         first, window = accumulation_window(step, steps, accumulate)
         last = step == first + window - 1
         if train.scheduler.per_step and step and step == first:
             set_lrs(ctx.optimizer, lrs_at(ctx.spec, epoch + step / steps, ctx.plateau.current, ctx.unfreeze.starts))
-        x, y = to_device(ctx, x, y)
-        if ctx.batch_augment is not None and ctx.features is None:
-            x, y = ctx.batch_augment(x, y, epoch, step)  # y: soft targets with mixup
-        with ctx.runtime.autocast(), torch.set_grad_enabled(any_trainable):
-            logits = _call(forward, x, sync=last)
-            loss = ctx.criterion(logits.float(), y)
+        logits, loss, y = _forward_loss(ctx, forward, to_device, x, y, epoch, step, sync=last, grad=any_trainable)
         nonfinite, asked = _verdict(ctx, loss, stop)
         stopped = stopped or asked
         if nonfinite and train.nonfinite == "stop":
-            where = f"epoch {epoch + 1}, batch {step + 1} of {steps}"
-            value = loss.item()
-            raise NonFiniteLoss(
-                f"the loss became {value} in {where}"
-                if not math.isfinite(value)
-                else f"the loss became non-finite on another process in {where}"
-            )
+            raise _nonfinite_loss(loss, epoch, step, steps)
         if nonfinite:  # train.nonfinite: skip; the window's other batches keep their weight 1/window
             state.skipped += 1
         else:
@@ -275,21 +266,60 @@ def train_epoch(
                 on_step(epoch, step, float(loss.detach()))
             stopped = stopped or (not ctx.dist.enabled and stop())
         if last:
-            # under DDP only the window's last backward all-reduces: when it was skipped, the
-            # window's gradients are this process's own, and stepping on them would split the ranks
-            if good and not (nonfinite and ctx.dist.enabled):
-                optimizer_step(ctx)
-            ctx.optimizer.zero_grad(set_to_none=True)
+            _close_window(ctx, good, nonfinite)
             good = 0
             if stopped:
                 break
         fetched = time.perf_counter()
+    # --- what a checkpoint keeps, and the epoch's figures over all processes
     state.batch = step + 1
     state.loss_sum, state.correct = float(loss_sum), int(correct)
     state.seconds += time.perf_counter() - start
     state.data_seconds += data_seconds
     # a stop after the epoch's last batch ends the epoch normally (validated, saved, then stopped)
     return _epoch_result(ctx, state, stopped=stopped and state.batch < steps)
+
+
+def _forward_loss(
+    ctx: Context,
+    forward: Callable,
+    to_device: Callable,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epoch: int,
+    step: int,
+    *,
+    sync: bool,
+    grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch moved to the device, augmented, and through the model: (logits, loss, targets)."""
+    x, y = to_device(ctx, x, y)
+    if ctx.batch_augment is not None and ctx.features is None:
+        x, y = ctx.batch_augment(x, y, epoch, step)  # y: soft targets with mixup
+    with ctx.runtime.autocast(), torch.set_grad_enabled(grad):
+        logits = _call(forward, x, sync=sync)
+        loss = ctx.criterion(logits.float(), y)
+    return logits, loss, y
+
+
+def _nonfinite_loss(loss: torch.Tensor, epoch: int, step: int, steps: int) -> NonFiniteLoss:
+    """The error for a non-finite loss: its value, or that another process had it."""
+    where = f"epoch {epoch + 1}, batch {step + 1} of {steps}"
+    value = loss.item()
+    return NonFiniteLoss(
+        f"the loss became {value} in {where}"
+        if not math.isfinite(value)
+        else f"the loss became non-finite on another process in {where}"
+    )
+
+
+def _close_window(ctx: Context, good: int, nonfinite: bool) -> None:
+    """The end of an accumulation window: an optimizer step when `good` batches reached backward, gradients cleared."""
+    # under DDP only the window's last backward all-reduces: when it was skipped, the
+    # window's gradients are this process's own, and stepping on them would split the ranks
+    if good and not (nonfinite and ctx.dist.enabled):
+        optimizer_step(ctx)
+    ctx.optimizer.zero_grad(set_to_none=True)
 
 
 def _correct(ctx: Context, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

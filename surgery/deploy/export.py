@@ -303,15 +303,8 @@ def export_run(
         >>> result.max_abs_diff < 1e-4
         True
     """
-    from ..errors import RunDirError
-
-    if fmt not in EXPORTERS:
-        raise UsageError(
-            f"unknown export format {fmt!r}",
-            origin=Origin.flag("--format", fmt),
-            found=fmt,
-            expected=" or ".join(EXPORTERS),
-        )
+    # --- the format, the model and its reference outputs
+    _check_format(fmt)
     check_requirements(fmt)
     if not isinstance(run, LoadedRun):
         run = open_run(run).load("cpu", weights)
@@ -319,38 +312,87 @@ def export_run(
     path = _out_path(run, fmt, out)
     sample = sample_batch(run)
     reference = _outputs(model, sample, None)
-    exporter, loader, compared_with = EXPORTERS[fmt]
     notes: list[str] = []
     done: dict[str, Any] = {}
 
+    # --- export, reload and compare: the file is put in place only when it matches
     def write(tmp: Path) -> None:
-        try:
-            done["method"], done["batch"] = exporter(model, sample, tmp, notes)
-        except (ExportFailed, OSError):  # a full disk is the folder's problem, not the model's
-            raise
-        except Exception as exc:  # noqa: BLE001 - the exporter's own message is the useful part
-            raise ExportFailed(f"{fmt}: the exporter failed on this model: " + describe_exception(exc, 600)) from None
-        try:
-            forward = loader(tmp)
-            diff = (
-                None if forward is None else float((_outputs(forward, sample, done["batch"]) - reference).abs().max())
-            )
-        except Exception as exc:  # noqa: BLE001 - a file that does not load or run is a failed export
-            raise ExportFailed(
-                f"{fmt}: the written file does not reload and run on a {list(sample.shape)} input: "
-                + describe_exception(exc, 400)
-            ) from None
-        done["diff"], done["compared_with"] = diff, compared_with
-        if forward is None:
-            done["compared_with"] = "onnx.checker only"
-            notes.append(f"outputs were not compared: `pip install {CHECKER[fmt]}` to run the export and compare")
-        else:
-            limit = TOLERANCE * max(1.0, float(reference.abs().max()))
-            if not diff <= limit:
-                raise ExportFailed(
-                    f"{fmt}: the export's logits differ from the trained model's by up to {diff:.3g} "
-                    f"(more than {limit:.3g}); nothing was written"
-                )
+        done["method"], done["batch"] = _export_file(fmt, model, sample, tmp, notes)
+        done["diff"], done["compared_with"] = _reload_and_compare(fmt, tmp, sample, reference, done["batch"], notes)
+
+    _write_model(path, write)
+    # --- the sidecar beside it
+    sidecar = path.with_name(path.name + ".json")
+    result = ExportResult(
+        format=fmt,
+        path=path,
+        sidecar=sidecar,
+        method=done["method"],
+        max_abs_diff=done["diff"],
+        compared_with=done["compared_with"],
+        batch=done["batch"],
+        notes=notes,
+    )
+    _write_sidecar(run, result, sample)
+    return result
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in EXPORTERS:
+        raise UsageError(
+            f"unknown export format {fmt!r}",
+            origin=Origin.flag("--format", fmt),
+            found=fmt,
+            expected=" or ".join(EXPORTERS),
+        )
+
+
+def _export_file(
+    fmt: str, model: nn.Module, sample: torch.Tensor, tmp: Path, notes: list[str]
+) -> tuple[str, int | None]:
+    """Export to `tmp`: (the method used, the fixed batch or None); any exporter failure is an ExportFailed."""
+    exporter = EXPORTERS[fmt][0]
+    try:
+        method, batch = exporter(model, sample, tmp, notes)
+    except (ExportFailed, OSError):  # a full disk is the folder's problem, not the model's
+        raise
+    except Exception as exc:  # noqa: BLE001 - the exporter's own message is the useful part
+        raise ExportFailed(f"{fmt}: the exporter failed on this model: " + describe_exception(exc, 600)) from None
+    return method, batch
+
+
+def _reload_and_compare(
+    fmt: str, tmp: Path, sample: torch.Tensor, reference: torch.Tensor, batch: int | None, notes: list[str]
+) -> tuple[float | None, str]:
+    """Reload the written file and run it on the sample: (the largest logit difference, what ran it).
+
+    Raises:
+        ExportFailed: the file does not reload or run, or its logits differ by more than the tolerance.
+    """
+    _, loader, compared_with = EXPORTERS[fmt]
+    try:
+        forward = loader(tmp)
+        diff = None if forward is None else float((_outputs(forward, sample, batch) - reference).abs().max())
+    except Exception as exc:  # noqa: BLE001 - a file that does not load or run is a failed export
+        raise ExportFailed(
+            f"{fmt}: the written file does not reload and run on a {list(sample.shape)} input: "
+            + describe_exception(exc, 400)
+        ) from None
+    if forward is None:
+        notes.append(f"outputs were not compared: `pip install {CHECKER[fmt]}` to run the export and compare")
+        return diff, "onnx.checker only"
+    limit = TOLERANCE * max(1.0, float(reference.abs().max()))
+    if not diff <= limit:
+        raise ExportFailed(
+            f"{fmt}: the export's logits differ from the trained model's by up to {diff:.3g} "
+            f"(more than {limit:.3g}); nothing was written"
+        )
+    return diff, compared_with
+
+
+def _write_model(path: Path, write: Callable[[Path], None]) -> None:
+    """`files.write_with`; a folder that cannot be written is a UsageError naming --out."""
+    from ..errors import RunDirError
 
     try:
         files.write_with(path, write)
@@ -364,23 +406,17 @@ def export_run(
                 hint="choose another place with --out PATH",
             ) from None
         raise
-    sidecar = path.with_name(path.name + ".json")
-    result = ExportResult(
-        format=fmt,
-        path=path,
-        sidecar=sidecar,
-        method=done["method"],
-        max_abs_diff=done["diff"],
-        compared_with=done["compared_with"],
-        batch=done["batch"],
-        notes=notes,
-    )
+
+
+def _write_sidecar(run: LoadedRun, result: ExportResult, sample: torch.Tensor) -> None:
+    """Write ``<file>.json``; when it cannot be written, remove the model too."""
+    from ..errors import RunDirError
+
     try:
-        files.write_json(sidecar, _sidecar(run, result, sample))
+        files.write_json(result.sidecar, _sidecar(run, result, sample))
     except RunDirError:
-        path.unlink(missing_ok=True)  # a model without its sidecar (classes, mean, std) is not deployable
+        result.path.unlink(missing_ok=True)  # a model without its sidecar (classes, mean, std) is not deployable
         raise
-    return result
 
 
 def export_command(

@@ -91,55 +91,21 @@ def split_set(run: LoadedRun, split: str) -> EvalSet:
     """
     from ..data import build_data, data_base, item_ids
     from ..data.sources import FileSource
-    from ..data.splits import fingerprint
 
     if split not in SPLITS:
-        raise _flag_error(
-            "--split",
-            split,
-            f"unknown split {split!r}",
-            found=repr(split),
-            expected=" or ".join(SPLITS),
-            hint=did_you_mean(split, SPLITS),
-        )
+        raise _unknown_split(split)
+    # --- rebuild the run's data from its spec, with the classes it trained on
     record = open_run(run.run_dir).require_splits()
     spec = _spec_with_data_root(run, record)
     bundle = build_data(spec, run.data_config)
-    if bundle.classes != run.classes:
-        raise RunDirError(
-            "the run's dataset no longer has the classes the run trained on",
-            origin=Origin.path(run.run_dir),
-            found=", ".join(bundle.classes[:10]),
-            expected=", ".join(run.classes[:10]),
-            hint="evaluate a folder of labelled images with --data PATH",
-        )
+    _check_classes(run, bundle.classes)
     dataset = bundle.test if split == "test" else bundle.val
     if dataset is None:
-        raise _flag_error(
-            "--split",
-            split,
-            "this run has no test split",
-            found=f"data.test_split: "
-            f"{spec.data.test_split} in {run.run_dir / layout.SPEC}, and {spec.data.name} has no test "
-            "images of its own",
-            expected="a run trained with data.test_split (e.g. 0.1), or on a "
-            "dataset with test images (an image folder's test/ beside val/, csv rows with split test)",
-            hint="evaluate a folder of labelled images with --data PATH, or the validation split "
-            "with --split val (it selected the model, so its figures flatter)",
-        )
+        raise _no_test_split(run, spec, split)
+    # --- check it is the split the run recorded, and not empty
     ids = item_ids(dataset, data_base(spec))  # paths relative to the data folder, as splits.json has them
     labels = np.asarray(dataset.targets, dtype=np.int64)
-    recorded = (record or {}).get(split)
-    if recorded and recorded.get("fingerprint") != fingerprint(zip(ids, labels.tolist())):
-        raise RunDirError(
-            f"the {split} split rebuilt from {run.run_dir / layout.SPEC} is not the one the run "
-            f"recorded: the dataset changed since it trained",
-            origin=Origin.path(run.run_dir / layout.SPLITS),
-            found=f"{len(dataset)} images now",
-            expected=f"the {recorded.get('images')} images of splits.json, with the same labels",
-            hint="an image that trained could now sit in the split; "
-            "evaluate a folder of labelled images with --data PATH instead",
-        )
+    _check_fingerprint(run, split, (record or {}).get(split), ids, labels, len(dataset))
     if len(dataset) == 0:
         raise _flag_error(
             "--split",
@@ -149,18 +115,11 @@ def split_set(run: LoadedRun, split: str) -> EvalSet:
             expected="at least one image",
             hint="check data.classes and data.subset in the run's spec",
         )
+    # --- the set
     is_file = isinstance(dataset.source, FileSource)
-    if split == "val":
-        words = "validation split (used for model selection: not a held-out estimate)"
-    elif spec.data.test_split:
-        words = (
-            f"test split (held out: data.test_split {spec.data.test_split} of the training images, seed {spec.seed})"
-        )
-    else:
-        words = "test split (the dataset's own test images)"
     return EvalSet(
         name=split,
-        source=words,
+        source=_split_words(spec, split),
         source_kind=split,
         selection=split == "val",
         source_images=dataset.source,
@@ -169,6 +128,71 @@ def split_set(run: LoadedRun, split: str) -> EvalSet:
         ids=[dataset.source.paths[int(i)] for i in dataset.indices] if is_file else ids,
         id_key="path" if is_file else "index",
     )
+
+
+def _unknown_split(split: str) -> UsageError:
+    return _flag_error(
+        "--split",
+        split,
+        f"unknown split {split!r}",
+        found=repr(split),
+        expected=" or ".join(SPLITS),
+        hint=did_you_mean(split, SPLITS),
+    )
+
+
+def _check_classes(run: LoadedRun, classes: Sequence[str]) -> None:
+    """The rebuilt dataset must have the classes the run trained on, in the same order."""
+    if classes != run.classes:
+        raise RunDirError(
+            "the run's dataset no longer has the classes the run trained on",
+            origin=Origin.path(run.run_dir),
+            found=", ".join(classes[:10]),
+            expected=", ".join(run.classes[:10]),
+            hint="evaluate a folder of labelled images with --data PATH",
+        )
+
+
+def _no_test_split(run: LoadedRun, spec: Spec, split: str) -> UsageError:
+    return _flag_error(
+        "--split",
+        split,
+        "this run has no test split",
+        found=f"data.test_split: "
+        f"{spec.data.test_split} in {run.run_dir / layout.SPEC}, and {spec.data.name} has no test "
+        "images of its own",
+        expected="a run trained with data.test_split (e.g. 0.1), or on a "
+        "dataset with test images (an image folder's test/ beside val/, csv rows with split test)",
+        hint="evaluate a folder of labelled images with --data PATH, or the validation split "
+        "with --split val (it selected the model, so its figures flatter)",
+    )
+
+
+def _check_fingerprint(
+    run: LoadedRun, split: str, recorded: Mapping[str, Any] | None, ids: Sequence[Any], labels: np.ndarray, images: int
+) -> None:
+    """The rebuilt split must be the one splits.json recorded (when it recorded one): same images, same labels."""
+    from ..data.splits import fingerprint
+
+    if recorded and recorded.get("fingerprint") != fingerprint(zip(ids, labels.tolist())):
+        raise RunDirError(
+            f"the {split} split rebuilt from {run.run_dir / layout.SPEC} is not the one the run "
+            f"recorded: the dataset changed since it trained",
+            origin=Origin.path(run.run_dir / layout.SPLITS),
+            found=f"{images} images now",
+            expected=f"the {recorded.get('images')} images of splits.json, with the same labels",
+            hint="an image that trained could now sit in the split; "
+            "evaluate a folder of labelled images with --data PATH instead",
+        )
+
+
+def _split_words(spec: Spec, split: str) -> str:
+    """What the split is, in words (metrics.json's source)."""
+    if split == "val":
+        return "validation split (used for model selection: not a held-out estimate)"
+    if spec.data.test_split:
+        return f"test split (held out: data.test_split {spec.data.test_split} of the training images, seed {spec.seed})"
+    return "test split (the dataset's own test images)"
 
 
 def _spec_with_data_root(run: LoadedRun, record: Mapping[str, Any] | None) -> Spec:
@@ -505,6 +529,42 @@ def evaluate_run(
         UserError: a wrong run, split, folder or flag (exit 2); RunDirError when nothing could be
             read or the run directory cannot be written (exit 1). Nothing is written then.
     """
+    _check_flags(split, data, batch_size)
+    # --- the run, and what to score
+    run_dir = Path(run_dir)
+    trained = open_run(run_dir)
+    trained.require_trained(weights)  # a wrong run directory or weight choice before anything is loaded
+    classes = trained.written_classes()
+    # a wrong folder too, when classes.json names the classes (rebuilding the model takes a while)
+    evalset = folder_set(classes, data) if data is not None and classes is not None else None
+    run = trained.load(device, weights)
+    _check_single_label(run)
+    if run.note and on_note:
+        on_note(run.note)
+    if evalset is None:
+        evalset = folder_set(run.classes, data) if data is not None else split_set(run, split or "test")
+    if on_note:
+        on_note(f"evaluating {len(evalset)} images ({evalset.name}) with {run.weights}" + (" and TTA" if tta else ""))
+    # --- the model's outputs
+    outputs = infer(run, evalset, tta=tta, batch_size=batch_size, workers=run.spec.data.num_workers, on_skip=on_skip)
+    if len(outputs.positions) == 0:
+        raise RunDirError(
+            f"no image could be read ({len(evalset)} tried); nothing evaluated",
+            origin=Origin.flag("--data", data) if data else Origin.path(run_dir),
+            found=f"{len(outputs.skipped)} unreadable images, e.g. {outputs.skipped[0][0]}",
+            expected="readable image files",
+        )
+    # --- the figures, written together
+    y_true = evalset.labels[outputs.positions]
+    metrics = _metrics(run, evalset, outputs, y_true)
+    files = _files(run, evalset, outputs, y_true, metrics)
+    folder = run_dir / layout.EVAL / evalset.name
+    write_folder(folder, files)
+    return metrics, folder
+
+
+def _check_flags(split: str | None, data: str | None, batch_size: int) -> None:
+    """The flags alone, before the run is opened: a batch size, and one known split or --data."""
     if batch_size < 1:
         raise _flag_error(
             "--batch-size",
@@ -522,49 +582,18 @@ def evaluate_run(
             expected="one of them",
         )
     if data is None and split is not None and split not in SPLITS:
-        raise _flag_error(
-            "--split",
-            split,
-            f"unknown split {split!r}",
-            found=repr(split),
-            expected=" or ".join(SPLITS),
-            hint=did_you_mean(split, SPLITS),
-        )
-    run_dir = Path(run_dir)
-    trained = open_run(run_dir)
-    trained.require_trained(weights)  # a wrong run directory or weight choice before anything is loaded
-    classes = trained.written_classes()
-    # a wrong folder too, when classes.json names the classes (rebuilding the model takes a while)
-    evalset = folder_set(classes, data) if data is not None and classes is not None else None
-    run = trained.load(device, weights)
+        raise _unknown_split(split)
+
+
+def _check_single_label(run: LoadedRun) -> None:
     if run.spec.data.multi_label:
         raise UsageError(
             "surgery evaluate scores single-label runs; this one is multi-label",
-            origin=Origin.path(run_dir / layout.SPEC),
+            origin=Origin.path(run.run_dir / layout.SPEC),
             found="data.multi_label: true",
             expected="a run with one class per image",
             hint="summary.json holds the validation mAP and per-class F1 of a multi-label run",
         )
-    if run.note and on_note:
-        on_note(run.note)
-    if evalset is None:
-        evalset = folder_set(run.classes, data) if data is not None else split_set(run, split or "test")
-    if on_note:
-        on_note(f"evaluating {len(evalset)} images ({evalset.name}) with {run.weights}" + (" and TTA" if tta else ""))
-    outputs = infer(run, evalset, tta=tta, batch_size=batch_size, workers=run.spec.data.num_workers, on_skip=on_skip)
-    if len(outputs.positions) == 0:
-        raise RunDirError(
-            f"no image could be read ({len(evalset)} tried); nothing evaluated",
-            origin=Origin.flag("--data", data) if data else Origin.path(run_dir),
-            found=f"{len(outputs.skipped)} unreadable images, e.g. {outputs.skipped[0][0]}",
-            expected="readable image files",
-        )
-    y_true = evalset.labels[outputs.positions]
-    metrics = _metrics(run, evalset, outputs, y_true)
-    files = _files(run, evalset, outputs, y_true, metrics)
-    folder = run_dir / layout.EVAL / evalset.name
-    write_folder(folder, files)
-    return metrics, folder
 
 
 def _metrics(run: LoadedRun, evalset: EvalSet, outputs: Outputs, y_true: np.ndarray) -> dict[str, Any]:

@@ -350,19 +350,11 @@ def explain_command(
     """
     from rich.markup import escape
 
-    from ..files import atomic_write_bytes, write_json
     from ..untrusted import Console
-    from .figure import render
 
     require_grad_cam()
-    if method not in METHODS:
-        raise UsageError(
-            f"unknown CAM method {method!r}",
-            origin=Origin.flag("--method", method),
-            found=method,
-            expected="one of " + ", ".join(METHODS),
-            hint=did_you_mean(method, METHODS),
-        )
+    _check_method(method)
+    # --- the run and the output folder, checked before the model is rebuilt
     run_dir = Path(run_dir)
     trained = open_run(run_dir)
     trained.require_trained()
@@ -371,6 +363,7 @@ def explain_command(
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     out_console = Console(highlight=False, soft_wrap=True)
     images, _ = images_or_skips(paths, err, "explain", "IMAGE...")
+    # --- the model, the class to explain and the layers to explain it at
     run = trained.load(device)
     if run.note:
         err.print(f"[yellow]note[/yellow] {escape(run.note)}")
@@ -378,7 +371,43 @@ def explain_command(
     layers = resolve_layers(run.built, layer)
     if layers.note:
         err.print(f"[yellow]note[/yellow] {escape(layers.note)}")
-    explainer = Explainer(run, layers, method)
+    # --- one figure per readable image, put in place together
+    entries = _explain_images(Explainer(run, layers, method), images, wanted, target, err, out_console)
+    if entries is None:
+        return 1
+    # --- what was written
+    err.print(
+        f"wrote {len(entries)} figure{'s' if len(entries) != 1 else ''} and {PREDICTIONS} to "
+        f"{escape(str(target))} ({METHODS[method]} at {escape(layers.label)})"
+    )
+    if target == run_dir / DEFAULT_FOLDER:  # the run's own page shows them
+        _refresh_run_page(run_dir, err)
+    return 0
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise UsageError(
+            f"unknown CAM method {method!r}",
+            origin=Origin.flag("--method", method),
+            found=method,
+            expected="one of " + ", ".join(METHODS),
+            hint=did_you_mean(method, METHODS),
+        )
+
+
+def _explain_images(
+    explainer: Explainer, images: Sequence[Path], wanted: int | None, target: Path, err: Any, out_console: Any
+) -> list[dict[str, Any]] | None:
+    """Explain each image into a staging folder swapped in for `target` once all are done; return
+    predictions.json's entries, or None (and nothing written) when no image could be read.
+    The explainer is closed, and a staging folder left behind by a failure removed, either way."""
+    from rich.markup import escape
+
+    from ..files import atomic_write_bytes, write_json
+    from .figure import render
+
+    run, layers, method = explainer.run, explainer.layers, explainer.method
     staging: Path | None = None
     entries: list[dict[str, Any]] = []
     taken: set[str] = set()
@@ -398,7 +427,7 @@ def explain_command(
             )
         if staging is None:
             err.print(f"[bold red]error[/bold red] no image could be read ({len(images)} tried); nothing written")
-            return 1
+            return None
         write_json(staging / PREDICTIONS, entries)
         swap_in(staging, target, what="the figures")  # an earlier output is removed once the new one is there
         staging = None
@@ -406,16 +435,16 @@ def explain_command(
         explainer.close()
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-    err.print(
-        f"wrote {len(entries)} figure{'s' if len(entries) != 1 else ''} and {PREDICTIONS} to "
-        f"{escape(str(target))} ({METHODS[method]} at {escape(layers.label)})"
-    )
-    if target == run_dir / DEFAULT_FOLDER:  # the run's own page shows them
-        from ..pages.run_page import refresh_report
+    return entries
 
-        if refresh_report(run_dir, lambda text: err.print(f"[yellow]warning[/yellow]: {escape(text)}")):
-            err.print(f"refreshed {escape(str(run_dir / layout.REPORT))}")
-    return 0
+
+def _refresh_run_page(run_dir: Path, err: Any) -> None:
+    from rich.markup import escape
+
+    from ..pages.run_page import refresh_report
+
+    if refresh_report(run_dir, lambda text: err.print(f"[yellow]warning[/yellow]: {escape(text)}")):
+        err.print(f"refreshed {escape(str(run_dir / layout.REPORT))}")
 
 
 __all__ = [

@@ -1,5 +1,6 @@
-"""The package's shape: no import circle (function-level and type-checking imports included), and a
-root that holds its entry modules and a few foundations, everything else in subpackages."""
+"""The package's shape: no import circle (function-level and type-checking imports included), no function
+of 80 lines or more, and a root that holds its entry modules and a few foundations, everything else in
+subpackages."""
 
 from __future__ import annotations
 
@@ -56,3 +57,12 @@ def test_the_package_root_holds_entry_modules_and_subpackages() -> None:
     assert modules == ROOT_MODULES, "a new module belongs in the subpackage that says what it holds"
     packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
     assert packages == {"spec", "model", "data", "train", "runs", "evaluate", "explain", "deploy", "pages", "sweep"}
+
+
+def test_every_function_reads_in_one_screen() -> None:
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 79:
+                long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}")
+    assert long == [], "split these into phases (helpers with names that say what they do)"

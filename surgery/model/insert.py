@@ -24,7 +24,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, NoReturn, Sequence
 
 import torch
 from torch import nn
@@ -652,6 +652,43 @@ def _same_map_elsewhere(
     return None
 
 
+def _refuse_container(
+    spec: Spec, item: InsertSpec, target: str, modules: Mapping[str, nn.Module], all_shapes: Mapping[str, Shapes]
+) -> NoReturn:
+    """A container whose own forward walks its children: nothing can be inserted at it."""
+    where = ("surgery", item.index, "at")
+    module, shapes = modules[target], all_shapes.get(target)
+    if shapes is None:
+        raise spec.error(
+            where,
+            f"{target} is a {type(module).__name__}, which has no output of its own",
+            found=target,
+            expected="a module that is called in the forward pass",
+            hint=f"insert at its elements instead, e.g. '{target}.*'",
+        )
+    # its own forward walks its children (densenet's blocks, timm's SequentialList): a module
+    # added as a child would run inside that walk, not before or after it. Its last child's
+    # output is not the container's (a dense block concatenates), so the hint names the
+    # position the probe saw take the container's own output.
+    same = _same_map_elsewhere(target, item.position, modules, all_shapes)
+    shape = _side(shapes, item.position)
+    hint = (
+        f"use at: '{same[0]}' with position: {same[1]} instead: it sees this very {list(shape)} map "
+        f"(the last element of {target} sees only part of it)"
+        if same
+        else f"insert before the module that takes its output (its {list(shape) if shape else 'output'}), "
+        "not at its last element, whose output is only part of it"
+    )
+    raise spec.error(
+        where,
+        f"{target} is a {type(module).__name__} whose forward runs its children itself, "
+        "so a module added to it would run inside that loop",
+        found=target,
+        expected="a plain module or a plain nn.Sequential",
+        hint=hint,
+    )
+
+
 def _channels(
     spec: Spec, item: InsertSpec, target: str, modules: Mapping[str, nn.Module], all_shapes: Mapping[str, Shapes]
 ) -> int:
@@ -660,35 +697,7 @@ def _channels(
     if isinstance(module, (nn.ModuleList, nn.ModuleDict)) or (
         isinstance(module, nn.Sequential) and not _plain_sequential(module)
     ):
-        if shapes is None:
-            raise spec.error(
-                where,
-                f"{target} is a {type(module).__name__}, which has no output of its own",
-                found=target,
-                expected="a module that is called in the forward pass",
-                hint=f"insert at its elements instead, e.g. '{target}.*'",
-            )
-        # its own forward walks its children (densenet's blocks, timm's SequentialList): a module
-        # added as a child would run inside that walk, not before or after it. Its last child's
-        # output is not the container's (a dense block concatenates), so the hint names the
-        # position the probe saw take the container's own output.
-        same = _same_map_elsewhere(target, item.position, modules, all_shapes)
-        shape = _side(shapes, item.position)
-        hint = (
-            f"use at: '{same[0]}' with position: {same[1]} instead: it sees this very {list(shape)} map "
-            f"(the last element of {target} sees only part of it)"
-            if same
-            else f"insert before the module that takes its output (its {list(shape) if shape else 'output'}), "
-            "not at its last element, whose output is only part of it"
-        )
-        raise spec.error(
-            where,
-            f"{target} is a {type(module).__name__} whose forward runs its children itself, "
-            "so a module added to it would run inside that loop",
-            found=target,
-            expected="a plain module or a plain nn.Sequential",
-            hint=hint,
-        )
+        _refuse_container(spec, item, target, modules, all_shapes)
     if shapes is None:
         raise spec.error(
             where,

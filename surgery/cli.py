@@ -50,6 +50,16 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
 
 
+def _add_weights(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default=None,
+        help="final (model.safetensors), best (the best epoch's) or ema (model_ema.safetensors); "
+        "default: final, else best",
+    )
+
+
 def _add_set(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--set",
@@ -180,14 +190,7 @@ def _args_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON lines")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default=None, help=_DEVICE_HELP)
-
-    p.add_argument(
-        "--weights",
-        choices=WEIGHTS,
-        default=None,
-        help="final (model.safetensors), best (the best epoch's) or ema (model_ema.safetensors); "
-        "default: final, else best",
-    )
+    _add_weights(p)
 
 
 def _args_evaluate(p: argparse.ArgumentParser) -> None:
@@ -212,7 +215,7 @@ def _args_evaluate(p: argparse.ArgumentParser) -> None:
         help="also score the mean softmax over a horizontal flip (and corner crops where the eval "
         "transform crops), with the gain over no TTA",
     )
-    p.add_argument("--weights", choices=WEIGHTS, default=None, help="final, best or ema (default: final, else best)")
+    _add_weights(p)
     p.add_argument("--json", action="store_true", help="print metrics.json as one JSON object")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help=_DEVICE_HELP)
@@ -250,13 +253,7 @@ def _args_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
     p.add_argument("--format", choices=["pt2", "onnx", "torchscript"], default="pt2")
     p.add_argument("--out", default=None)
-    p.add_argument(
-        "--weights",
-        choices=WEIGHTS,
-        default=None,
-        help="final (model.safetensors), best (the best epoch's) or ema (model_ema.safetensors); "
-        "default: final, else best",
-    )
+    _add_weights(p)
 
 
 def _args_report(p: argparse.ArgumentParser) -> None:

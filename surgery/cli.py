@@ -77,6 +77,11 @@ def _args_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON record per module instead")
     p.add_argument("--schedule", action="store_true", help="print the epoch x group table of lr and frozen/trainable")
     p.add_argument(
+        "--features",
+        action="store_true",
+        help="print the feature stages (what `export --format features` outputs) with their shapes",
+    )
+    p.add_argument(
         "--input-size",
         type=int,
         default=None,
@@ -251,8 +256,26 @@ def _args_explain(p: argparse.ArgumentParser) -> None:
 
 def _args_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir")
-    p.add_argument("--format", choices=["pt2", "onnx", "torchscript"], default="pt2")
+    p.add_argument(
+        "--format",
+        choices=["pt2", "onnx", "torchscript", "features"],
+        default="pt2",
+        help="features: the multi-scale backbone for a detector or segmenter "
+        "(a folder, default RUN_DIR/export/features)",
+    )
     p.add_argument("--out", default=None)
+    stages = p.add_mutually_exclusive_group()
+    stages.add_argument(
+        "--out-indices",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="I",
+        help="--format features: the stages by index, as timm's out_indices (default: every stage)",
+    )
+    stages.add_argument(
+        "--stages", nargs="+", default=None, metavar="PATH", help="--format features: the stages by module path"
+    )
     _add_weights(p)
 
 
@@ -369,7 +392,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     spec, is_spec = _spec_for_target(args.target, args.overrides, args.input_size)
     print_warnings(spec)
     from .model.builder import build
-    from .model.views import groups_table, module_records, module_tree, report_table, schedule_rich
+    from .model.views import features_table, groups_table, module_records, module_tree, report_table, schedule_rich
 
     built = build(spec)
     if args.json:
@@ -386,6 +409,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 f"early stop on {spec.train.early_stop} once every group that unfreezes has"
             )
         console.print(schedule_rich(schedule_table(spec), [g.name for g in spec.groups], note))
+        return 0
+    if args.features:
+        from .deploy.features import discover_stages
+
+        console.print(features_table(discover_stages(built), built.input_size))
         return 0
     console.print(module_tree(built, depth=args.depth))
     if is_spec:
@@ -574,6 +602,18 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "features":
+        from .deploy.features import export_command as export_features
+
+        return export_features(args.run_dir, args.out_indices, args.stages, args.out, args.weights)
+    chosen = "--out-indices" if args.out_indices is not None else "--stages" if args.stages is not None else None
+    if chosen:
+        raise UsageError(
+            f"{chosen} chooses feature stages, which only --format features exports",
+            origin=Origin.flag(chosen),
+            found=f"--format {args.format} {chosen}",
+            expected=f"--format features {chosen} ..., or --format {args.format} without {chosen}",
+        )
     from .deploy.export import export_command
 
     return export_command(args.run_dir, args.format, args.out, args.weights)

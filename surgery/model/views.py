@@ -177,6 +177,19 @@ def report_table(report: LoadReport) -> RichGroup:
     return RichGroup(*parts)
 
 
+def features_table(stages: Iterable[Any], input_size: tuple[int, ...]) -> Table:
+    """`surgery inspect --features`: one row per feature stage (a `deploy.features.Stage`), with
+    its NCHW shape on the probe input: the index `--out-indices` takes, the path `--stages` takes."""
+    table = Table(title=f"feature stages on a {list(input_size)} input", title_justify="left")
+    for column in ("index", "module", "channels", "reduction", "shape (NCHW)", "layout"):
+        table.add_column(column, justify="right" if column in ("index", "channels", "reduction") else "left")
+    for i, stage in enumerate(stages):
+        shape = list(stage.shape) if len(stage.shape) == 4 else f"{list(stage.shape)}: not a map"
+        layout = "NHWC, permuted" if stage.channels_last else "NCHW" if len(stage.shape) == 4 else "-"
+        table.add_row(str(i), stage.module, str(stage.num_chs), f"/{stage.reduction}", str(shape), layout)
+    return table
+
+
 def schedule_rich(rows: Iterable[Mapping[str, Any]], group_names: list[str], note: str = "") -> Table:
     """Epoch x group table: learning rate when trainable, 'frozen' otherwise, and an event rule's
     text ('plateau val_loss/2', 'after new +3') from the first epoch it could fire."""

@@ -66,16 +66,20 @@ def _perturb_gates(model: torch.nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------- parity
+@pytest.mark.parametrize(
+    ("backbone", "channels"), [("timm:resnet10t", [128, 256, 512]), ("timm:resnet50", [512, 1024, 2048])]
+)
 @pytest.mark.parametrize("perturbed", [False, True], ids=["identity", "gate-perturbed"])
-def test_maps_equal_the_classifiers_activations_with_cbam_at_stages_2_to_4(perturbed):
-    body = features_backbone(CBAM, out_indices=[2, 3, 4]).eval()
+def test_maps_equal_the_classifiers_activations_with_cbam_at_stages_2_to_4(backbone, channels, perturbed):
+    spec = {**CBAM, "model": {**CBAM["model"], "backbone": backbone}}
+    body = features_backbone(spec, out_indices=[2, 3, 4]).eval()
     if perturbed:
         _perturb_gates(body.model)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         maps = body(x)
     expected = _hooked(body.model, ["layer2", "layer3", "layer4"], x)
-    assert [m.shape[1] for m in maps] == [128, 256, 512] == body.channels
+    assert [m.shape[1] for m in maps] == channels == body.channels
     assert all(torch.equal(a, b) for a, b in zip(maps, expected))
     assert [i["reduction"] for i in body.feature_info] == [8, 16, 32]
 

@@ -84,6 +84,27 @@ def test_maps_equal_the_classifiers_activations_with_cbam_at_stages_2_to_4(backb
     assert [i["reduction"] for i in body.feature_info] == [8, 16, 32]
 
 
+@pytest.mark.parametrize("backbone", ["timm:resnet10t", "torchvision:resnet18"])
+def test_maps_of_a_model_changed_by_every_operation_equal_its_activations(backbone):
+    """in_chans, a declared head, a replace and an insert: the stages are still the model's own maps."""
+    spec = _spec(
+        backbone,
+        surgery=[
+            {"replace": "layer1.0.bn1", "with": "GroupNorm", "args": {"num_groups": 8}},
+            {"insert": "se", "at": "layer3", "init": "identity"},
+        ],
+    )
+    spec["model"].update({"in_chans": 1, "head": {"hidden": [16]}})
+    body = features_backbone(spec, stages=["layer1", "layer2", "layer3", "layer4"]).eval()
+    _perturb_gates(body.model)
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        maps = body(x)
+    expected = _hooked(body.model, ["layer1", "layer2", "layer3", "layer4"], x)
+    assert all(torch.equal(a, b) for a, b in zip(maps, expected))
+    assert [m.shape[1] for m in maps] == [64, 128, 256, 512]
+
+
 def test_the_cbam_after_a_stage_is_part_of_its_map():
     body = features_backbone(CBAM, stages=["layer3"]).eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))

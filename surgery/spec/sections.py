@@ -140,6 +140,7 @@ class GroupSpec:
     warmup_epochs: int
     index: int
     unfreeze_rule: UnfreezeRule | None = None  # an event rule; see surgery.train.schedule.Unfreezing
+    layer_decay: float | None = None  # lr x layer_decay^(depth below the head); see surgery.model.groups.layer_map
 
     def base_lr(self, epoch: int) -> float:
         value = self.lr[0][1]

@@ -409,6 +409,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 f"early stop on {spec.train.early_stop} once every group that unfreezes has"
             )
         console.print(schedule_rich(schedule_table(spec), [g.name for g in spec.groups], note))
+        if any(g.layer_decay is not None for g in spec.groups):
+            from .model.views import layers_rich
+
+            console.print(layers_rich(built))
         return 0
     if args.features:
         from .deploy.features import discover_stages

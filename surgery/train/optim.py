@@ -410,4 +410,27 @@ def set_lrs(optimizer: torch.optim.Optimizer, lrs: Mapping[str, float]) -> None:
             pg["lr"] = float(lr)
 
 
-__all__ = ["build_optimizer", "build_param_groups", "check_optimizer", "optimizer_names", "set_lrs"]
+def layer_lrs(groups: Sequence[ResolvedGroup], lrs: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """The lr of every layer of each group with ``layer_decay``, as `set_lrs` gives them.
+
+    Args:
+        groups: the resolved groups.
+        lrs: lr by spec group name (`surgery.train.schedule.lrs_at`).
+
+    Returns:
+        ``{group: {"layer id": lr}}``, top layer first; empty when no group has layer_decay.
+        metrics.jsonl keeps it as ``layer_lr`` (trackers: ``layer_lr/GROUP/ID``).
+
+    Example:
+        >>> layer_lrs(built.groups, {"head": 0.01, "body": 0.001})  # body: layer_decay 0.5
+        {'body': {'8': 0.0005, '7': 0.00025, ...}}
+    """
+    out: dict[str, dict[str, float]] = {}
+    for g in groups:
+        if g.spec.layer_decay is not None and g.layers is not None:
+            scales = g.lr_scales()
+            out[g.name] = {str(i): lrs[g.name] * scales[i] for i in sorted(scales, reverse=True)}
+    return out
+
+
+__all__ = ["build_optimizer", "build_param_groups", "check_optimizer", "layer_lrs", "optimizer_names", "set_lrs"]

@@ -45,6 +45,7 @@ from .loop import (
     train_epoch,
 )
 from .mixing import DOMINANT, MULTI_LABEL_ACC
+from .optim import layer_lrs
 from .progress import Progress, epoch_line
 from .runtime import make_runtime
 from .schedule import lrs_at
@@ -267,6 +268,7 @@ def _validate(ctx: Context, epoch: int, flags: Mapping[str, bool], result: Epoch
         "val_acc": val.acc,
         "val_top5": val.top5,
         "lr": lrs,
+        **({"layer_lr": layer} if (layer := layer_lrs(ctx.built.groups, lrs)) else {}),
         "trainable": dict(flags),
         "images_per_sec": result.seen / max(result.seconds, 1e-9),
         "seconds": result.seconds + val.seconds,

@@ -282,8 +282,8 @@ def _structural_layers(model: nn.Module, head: Sequence[str], inserted: Sequence
     a plain ``nn.Sequential``/``ModuleList``/``ModuleDict``, or a child of the root that holds a
     stack (a plain container of two or more parameter-holding children of one class, as vit's
     ``encoder`` holds ``encoder.layers``); any other module that holds parameters is one block.
-    Each block is one layer, except that consecutive blocks without children (a stem's conv and
-    norm) share one. Parameters held directly by a split module (a class token, a position
+    Each block is one layer, except that consecutive blocks without children outside a stack (a
+    stem's conv and norm) share one. Parameters held directly by a split module (a class token, a position
     embedding) join layer 0. On torchvision's resnet18 this gives timm's layers exactly.
     """
     skip = tuple(head) + tuple(inserted)
@@ -305,9 +305,10 @@ def _stack(module: nn.Module) -> bool:
 
 
 def _blocks(
-    module: nn.Module, prefix: str, skip: Sequence[str], stem: list[str], *, root: bool = False
+    module: nn.Module, prefix: str, skip: Sequence[str], stem: list[str], *, root: bool = False, stacked: bool = False
 ) -> Iterator[tuple[list[str], bool]]:
-    """(parameter names, has no children) of each block under `module`, in model order."""
+    """(parameter names, may share a layer: no children and not in a stack) of each block under
+    `module`, in model order."""
     join = (lambda n: f"{prefix}.{n}") if prefix else (lambda n: n)
     top_level = prefix and "." not in prefix
     if root or type(module) in _CONTAINERS or (top_level and any(_stack(c) for c in module.children())):
@@ -315,11 +316,11 @@ def _blocks(
         for name, child in module.named_children():
             path = join(name)
             if not any(covers(s, path) for s in skip):
-                yield from _blocks(child, path, skip, stem)
+                yield from _blocks(child, path, skip, stem, stacked=_stack(module))
         return
     names = [join(n) for n, _ in module.named_parameters() if not any(covers(s, join(n)) for s in skip)]
     if names:
-        yield names, not any(True for _ in module.children())
+        yield names, not stacked and not any(True for _ in module.children())
 
 
 def _place_inserted(model: nn.Module, names: Sequence[str], ids: dict[str, int], inserted: Sequence[str]) -> None:

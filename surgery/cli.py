@@ -75,7 +75,11 @@ def _args_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", nargs="?", help="a spec file, or a backbone id such as timm:resnet50")
     p.add_argument("--depth", type=int, default=None, help="fold the tree below this depth")
     p.add_argument("--json", action="store_true", help="print one JSON record per module instead")
-    p.add_argument("--schedule", action="store_true", help="print the epoch x group table of lr and frozen/trainable")
+    p.add_argument(
+        "--schedule",
+        action="store_true",
+        help="print the epoch x group table of lr and frozen/trainable (each layer's lr for layer_decay groups)",
+    )
     p.add_argument(
         "--features",
         action="store_true",

@@ -294,7 +294,7 @@ def test_inspect_schedule_prints_each_layers_lr_and_the_rule(tmp_path, capsys, m
     assert lines["conv1, bn1"].split("│")[7].strip() == f"{1e-3 * 0.5**9:.3g}"
     path.write_text(json.dumps(_spec("torchvision:resnet18", DECAY_ALL)))
     assert main(["inspect", str(path), "--schedule"]) == 0
-    assert "the model's structure (no group_matcher)" in capsys.readouterr().out
+    assert "layers by structure (no group_matcher)" in capsys.readouterr().out
 
 
 def test_inspect_shows_trainable_parameters_per_group(tmp_path, capsys, monkeypatch):

@@ -280,11 +280,11 @@ def layers_rich(built: Built, max_epochs: int = 6) -> Table:
     epochs = built.spec.train.epochs
     shown = list(range(min(epochs, max_epochs))) + ([epochs - 1] if epochs > max_epochs else [])
     how = (
-        "timm's group_matcher, as timm.optim.param_groups_layer_decay"
+        "timm's group_matcher, as param_groups_layer_decay"
         if rule == "timm group_matcher"
-        else "the model's structure (no group_matcher): blocks in model order"
+        else "structure (no group_matcher): blocks in model order"
     )
-    table = Table(title=f"layer-wise lr decay (layer ids from {how}; the top layer is the head)")
+    table = Table(title=f"layer-wise lr decay; layers by {how}; the head is the top layer")
     for col in ("group", "layer", "modules", "params", "scale", *(f"epoch {e}" for e in shown)):
         table.add_column(col, justify="left" if col in ("group", "modules") else "right")
     for r in rows:

@@ -179,6 +179,22 @@ def test_every_schedule_keeps_the_per_layer_ratios():
     assert all(body_lrs[i] / body_lrs[8] == pytest.approx(0.5 ** (8 - i)) for i in body_lrs)
 
 
+def test_one_adam_step_gives_state_to_trainable_layers_only():
+    from surgery.train.loop import apply_trainable
+
+    spec = load_spec(SCHEDULED)
+    built = build(spec)
+    optimizer = build_optimizer(built.model, built.groups, spec.train)
+    apply_trainable(built.model, built.groups, 0)  # epoch 0: only the head trains
+    built.model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    with_state = {
+        n for pg in optimizer.param_groups for n, p in zip(pg["param_names"], pg["params"]) if p in optimizer.state
+    }
+    assert with_state == set(built.groups[0].params)  # the frozen body, every layer of it: no moments
+    assert len({pg["layer"] for pg in optimizer.param_groups if pg["group"] == "body"}) == 9
+
+
 # a tiny run: head from epoch 0, the body with layer_decay from epoch 1, the stem never
 RUN = _spec(
     "timm:resnet10t",

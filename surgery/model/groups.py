@@ -64,9 +64,6 @@ class LayerMap:
         """``decay ** (top - layer)``: 1 for the top layer (the head), as timm's ``layer_scales``."""
         return decay ** (self.top - layer)
 
-    def members(self, layer: int) -> list[str]:
-        return [n for n, i in self.layer_of.items() if i == layer]
-
 
 # Normalization layers: their weights never decay by default, and frozen groups keep them in eval mode.
 NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -251,7 +248,7 @@ def layer_map(model: nn.Module, *, head: Sequence[str], inserted: Sequence[str])
     if ids is None:
         ids, rule = _structural_layers(model, head, inserted), STRUCTURE_RULE
     names = [n for n, _ in model.named_parameters()]
-    on_head = [n for n, _ in own if any(covers(h, n) for h in head)]
+    on_head = {n for n, _ in own if any(covers(h, n) for h in head)}
     if on_head:  # timm's matchers leave the head unmatched, on top already; the structural rule skips it
         body = [i for n, i in ids.items() if n not in on_head]
         top = max(body, default=-1) + 1 if rule == STRUCTURE_RULE else max(ids.values())
@@ -283,8 +280,8 @@ def _structural_layers(model: nn.Module, head: Sequence[str], inserted: Sequence
     stack (a plain container of two or more parameter-holding children of one class, as vit's
     ``encoder`` holds ``encoder.layers``); any other module that holds parameters is one block.
     Each block is one layer, except that consecutive blocks without children outside a stack (a
-    stem's conv and norm) share one. Parameters held directly by a split module (a class token, a position
-    embedding) join layer 0. On torchvision's resnet18 this gives timm's layers exactly.
+    stem's conv and norm) share one. Parameters held directly by a split module (a class token, a
+    position embedding) join layer 0. On torchvision's resnet18 this gives timm's layers exactly.
     """
     skip = tuple(head) + tuple(inserted)
     ids: dict[str, int] = {}

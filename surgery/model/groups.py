@@ -162,10 +162,10 @@ def _check_layer_decay(spec: Spec, group: GroupSpec, params: Sequence[str], laye
         return
     depths = sorted({layers.layer_of[p] for p in params})
     if len(depths) < 2:
-        where = "the top layer (the head)" if depths[0] == layers.top else f"layer {depths[0]} of 0..{layers.top}"
+        where = "the top layer, the head" if depths[0] == layers.top else f"layer {depths[0]} of 0..{layers.top}"
         raise spec.error(
             ("groups", group.index, "layer_decay"),
-            f"group {group.name!r} has all its parameters at one depth ({where}, {layers.rule} rule): "
+            f"group {group.name!r} has all its parameters at one depth: {where} (layers by {layers.rule}); "
             "layer_decay would only scale its lr by a constant",
             found=f"layer_decay: {group.layer_decay:g} on {', '.join(str(s) for s in group.params)}",
             expected="a group whose parameters span several layers (e.g. params: '*'), or no layer_decay",

@@ -249,6 +249,10 @@ def test_a_run_logs_each_layers_lr_and_frozen_parameters_get_no_optimizer_state(
     top = max(lr1, key=int)
     assert lr1[top] == pytest.approx(rows[1]["lr"]["body"] * 0.6)
     assert all(lr1[i] == pytest.approx(lr1[top] * 0.6 ** (int(top) - int(i))) for i in lr1)
+    from surgery.train.trackers import scalars
+
+    assert scalars(rows[1])[f"layer_lr/body/{top}"] == lr1[top]  # what every tracker logs
+    assert f"layer_lr/body/{top}" in (reference / "metrics.csv").read_text().splitlines()[0].split(",")
     state = torch.load(reference / "checkpoints" / "last.pt", weights_only=False)["optimizer"]
     with_state = {
         name

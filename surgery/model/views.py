@@ -10,7 +10,7 @@ from rich.text import Text
 from rich.tree import Tree
 from torch import nn
 
-from ..train.schedule import trainable_at, unfreeze_epochs
+from ..train.schedule import schedule_table, trainable_at, unfreeze_epochs
 from .builder import Built
 from .insert import Inserted
 from .paths import type_names
@@ -249,8 +249,6 @@ def layer_rows(built: Built) -> list[dict[str, Any]]:
     prints under the schedule. Each has group, layer, modules, params, scale and ``lrs``, the lr
     at the start of every epoch (the group's lr in the schedule times the scale; None while the
     group is frozen)."""
-    from ..train.schedule import schedule_table
-
     table = schedule_table(built.spec)
     params = dict(built.model.named_parameters())
     rows = []

@@ -252,7 +252,8 @@ def test_the_averaged_run_is_a_run_for_every_command(run: Path, tmp_path: Path, 
     out = tmp_path / "soup"
     assert main(["average", str(run), "--soup", "uniform", "--out", str(out)]) == 0
     (out / layout.REPORT).unlink()
-    assert main(["report", str(out)]) == 0 and (out / layout.REPORT).is_file()
+    assert main(["report", str(out)]) == 0
+    assert f"averaged: soup-uniform of 1 of 1 runs: {run}" in (out / layout.REPORT).read_text()
     assert main(["evaluate", str(out), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["images"] > 0

@@ -380,3 +380,37 @@ def test_wise_alpha_0_on_real_efficientnet_lite0_weights_is_the_pretrained_backb
         tuned.model.eval()(x),
         open_run(average_runs([run], tmp_path / "wise1", wise_alpha="1")).load("cpu").model.eval()(x),
     )
+
+
+def test_a_resumed_run_keeps_the_epochs_an_uninterrupted_one_keeps(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    from runs import train_quietly
+
+    from surgery.train import TrainingStopped
+
+    spec = {
+        "name": "keep",
+        "model": {"backbone": "timm:resnet10t", "num_classes": 10, "pretrained": False},
+        "train": {**TRAIN, "epochs": 3, "keep_epochs": 2, "channels_last": False},
+        "data": {**DATA, "augment": "standard"},
+    }
+    train_quietly(spec, tmp_path / "reference")
+
+    def interrupt(epoch: int, step: int, loss: float) -> None:
+        if (epoch, step) == (2, 0):  # mid-epoch 3: epochs 1 and 2 kept, epoch 3 not yet
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingStopped):
+        train_quietly(spec, tmp_path / "run", on_step=interrupt)
+    assert [p.name for p in layout.kept_epochs(tmp_path / "run")] == [
+        "epoch-0001.safetensors",
+        "epoch-0002.safetensors",
+    ]
+    train_quietly(spec, tmp_path / "run", resume=True)
+    kept = layout.kept_epochs(tmp_path / "run")
+    assert [p.name for p in kept] == ["epoch-0002.safetensors", "epoch-0003.safetensors"]
+    for path in kept:
+        a, b = load_safetensors(path), load_safetensors(tmp_path / "reference" / "checkpoints" / path.name)
+        assert [k for k in a if not torch.equal(a[k], b[k])] == []

@@ -314,7 +314,7 @@ def average_runs(
     final = bench.score(state)
     record = {
         "method": method if method != "soup" else f"soup-{soup_kind}",
-        "sources": [{"run": str(s.path), "val_score": s.val_score} for s in sources],
+        "sources": [{"run": str(s.path), "val_score": _finite(s.val_score)} for s in sources],
         **record,
     }
     say(
@@ -329,10 +329,16 @@ def _summary(bench: Bench, final: Any, wall: float, name: str, record: dict[str,
     from ..train.summary import summary_of
 
     best = {"epoch": None, "val_acc": final.acc, "val_loss": final.loss}
+    if final.mean_ap is not None:
+        best["val_map"] = final.mean_ap
     summary = summary_of(bench.ctx, [], best, final, wall)
     summary["name"] = name
     summary[DERIVED] = record
     return summary
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _draw(folder: Path, bench: Bench, say: Callable[..., Any]) -> None:

@@ -322,6 +322,7 @@ MISUSE = [
     ),
     ("out exists", lambda r, t: [r, "--wise", "0.5", "--out", r], "--out"),
     ("swa too long", lambda r, t: [r, "--swa", "--swa-epochs", "2"], "--swa-epochs 2"),
+    ("swa epochs without swa", lambda r, t: [r, "--wise", "0.5", "--swa-epochs", "1"], "--swa-epochs 1"),
 ]
 
 
@@ -334,6 +335,16 @@ def test_misuse_is_a_located_error(run: Path, tmp_path: Path, capsys, name, args
     err = capsys.readouterr().err
     assert names in err and "Traceback" not in err
     assert not (tmp_path / "new").exists()
+
+
+def test_the_python_api_asks_for_exactly_one_method(run: Path, tmp_path: Path) -> None:
+    for how in ({}, {"wise_alpha": "0.5", "swa_on": True}):
+        with pytest.raises(UsageError) as info:
+            average_runs([run], tmp_path / "new", **how)
+        assert "exactly one of --wise" in info.value.expected
+    with pytest.raises(UsageError) as info:
+        average_runs([run], tmp_path / "new", soup_kind="mean")
+    assert info.value.origin.label == "--soup mean"
 
 
 def test_wise_on_a_run_without_pretrained_weights_points_at_its_spec(scratch_run: Path, tmp_path: Path) -> None:

@@ -44,7 +44,7 @@ class Bench:
 
         spec = load_spec(source.run.file(layout.SPEC), () if pretrained else REBUILD_OVERRIDES)
         self.ctx = prepare(spec, device=device, runs_root=source.path.parent)
-        self.start = {k: v.detach().clone() for k, v in self.ctx.model.state_dict().items()}
+        self.start = self.state()  # the model before fine-tuning (its spec built at step 0)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -64,7 +64,11 @@ class Bench:
         """`state` with the running statistics of `norms` recomputed over one pass of the training loader."""
         self.load(state)
         seen = recalibrate(self.model, self._train_inputs(), norms, self._forward)
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}, seen
+        return self.state(), seen
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The model's state, copied to the CPU (where the weight files are read)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def _forward(self, x: torch.Tensor) -> Any:
         with self.ctx.runtime.autocast():

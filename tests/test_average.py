@@ -393,6 +393,7 @@ def test_wise_alpha_0_on_real_efficientnet_lite0_weights_is_the_pretrained_backb
     )
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_the_epochs_an_uninterrupted_one_keeps(tmp_path: Path) -> None:
     import os
     import signal

@@ -1,5 +1,5 @@
 """The `surgery` command: inspect, validate, schema, run, sweep, lr-find, predict, evaluate, explain,
-export, report, compare.
+export, average, report, compare.
 
 Each command is a small function from parsed arguments to the library call that does the work
 (`surgery.train.command.run_specs`, `surgery.deploy.predict.predict_command`, ...), which takes plain
@@ -305,6 +305,30 @@ def _args_compare(p: argparse.ArgumentParser) -> None:
     shown.add_argument("--markdown", action="store_true", help="print the table as Markdown instead")
 
 
+def _args_average(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directories (one for --wise and --swa)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument(
+        "--wise",
+        default=None,
+        metavar="ALPHA|auto",
+        help="WiSE-FT: alpha * fine-tuned + (1 - alpha) * the model before fine-tuning; auto: the best "
+        "of 0, 0.1, ..., 1 on the validation split",
+    )
+    how.add_argument(
+        "--soup",
+        default=None,
+        choices=["uniform", "greedy"],
+        help="the mean of several runs; greedy: best validation first, a run added only if validation improves",
+    )
+    how.add_argument("--swa", action="store_true", help="the mean of the run's last kept epochs (train.keep_epochs)")
+    p.add_argument(
+        "--swa-epochs", type=int, default=None, metavar="K", help="--swa: the last K epochs (default: every kept one)"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="the new run directory (must not exist)")
+    p.add_argument("--device", default=None, help=_DEVICE_HELP)
+
+
 # the subcommands in the order `surgery --help` lists them: (name, help, the function adding its arguments)
 _COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...] = (
     ("inspect", "show a backbone's or a spec's module tree, groups, load report and schedule", _args_inspect),
@@ -321,6 +345,11 @@ _COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...
     ("evaluate", "score a trained run on its held-out test split or a folder of labelled images", _args_evaluate),
     ("explain", "Grad-CAM and the inserted modules' attention for images, with a trained run", _args_explain),
     ("export", "export a trained run as a deployable model", _args_export),
+    (
+        "average",
+        "weight-space averaging of finished runs into a new run: WiSE-FT, uniform or greedy soups, SWA",
+        _args_average,
+    ),
     ("report", "write RUN_DIR/report.html again: one self-contained page about a run", _args_report),
     (
         "compare",
@@ -627,6 +656,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     return export_command(args.run_dir, args.format, args.out, args.weights)
 
 
+def cmd_average(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
+    from .average.command import average_runs
+
+    if args.swa_epochs is not None and not args.swa:
+        raise UsageError(
+            "--swa-epochs counts the epochs --swa averages",
+            origin=Origin.flag("--swa-epochs", args.swa_epochs),
+            expected="--swa --swa-epochs K, or no --swa-epochs",
+        )
+    console = _console(stderr=True)
+    out = average_runs(
+        args.run_dirs,
+        args.out,
+        wise_alpha=args.wise,
+        soup_kind=args.soup,
+        swa_on=args.swa,
+        swa_epochs=args.swa_epochs,
+        device=args.device,
+        say=lambda text: console.print(escape(text), soft_wrap=True),
+    )
+    console.print(f"wrote {escape(str(out))}", soft_wrap=True)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -660,6 +715,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "explain": cmd_explain,
     "export": cmd_export,
+    "average": cmd_average,
     "report": cmd_report,
     "compare": cmd_compare,
 }

@@ -257,6 +257,7 @@ class TrainSpec(Section):
     label_smoothing: float = 0.0
     mixup: MixupSpec | None = _optional_section(MixupSpec)
     ema: float | None = None
+    keep_epochs: int = 0
     limit_batches: int | None = None
     nonfinite: str = "stop"
     sync_bn: bool = False

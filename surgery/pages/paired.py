@@ -256,7 +256,7 @@ class Pair:
         if self.more:
             count, what = self.more
             per = " a side" if what == "seeds" else ""
-            text += f"; about {count} {what}{per} would resolve a difference of this size"
+            text += f"; about {count} {what}{per} in all would resolve a difference of this size"
         return text
 
     def to_dict(self) -> dict[str, Any]:

@@ -488,3 +488,21 @@ def test_compare_page_states_the_procedure_in_chromium(evaluated: dict[str, Path
     assert "not distinguishable from it (tied)" not in shown.text  # plain and cbam34 are worse than cbam4
     assert_not_blank(shown.screenshot)
     keep_screenshot(shown.screenshot, "compare-significance.png")
+
+
+def test_a_sweeps_comparison_shows_intervals_and_verdicts(evaluated: dict[str, Path], tmp_path: Path) -> None:
+    from surgery.sweep import write_comparison
+
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    data = {"variants": [{"run_dir": str(r), "label": k, "state": "COMPLETE"} for k, r in evaluated.items()]}
+    variants, sig, note = write_comparison(folder, data)
+    assert note is None and sig.baseline == "plain" and sig.pairs["cbam4"].verdict == "better"
+    table = (folder / "comparison.md").read_text()
+    assert "Δ acc vs plain [95% CI]" in table and "| better |" in table
+    assert json.loads((folder / "sweep.json").read_text())["significance"]["rank"]["cbam4"] == "1"
+    assert json.loads((folder / "comparison.json").read_text())["significance"]["baseline"] == "plain"
+    shutil.rmtree(evaluated["cbam4"] / "eval")  # one trial not evaluated: the table, and why no test
+    variants, sig, note = write_comparison(folder, data)
+    assert sig is None and "1 of the 3 runs have no predictions" in note and "surgery evaluate" in note
+    assert "Δ acc" not in (folder / "comparison.md").read_text()

@@ -74,23 +74,26 @@ def _counts(rng: np.random.Generator, size: int, draws: int) -> np.ndarray:
     """`draws` resamples of `size` indices with replacement, as counts: (draws, size)."""
     picks = rng.integers(0, size, (draws, size))
     offsets = (np.arange(draws) * size)[:, None]
-    return np.bincount((picks + offsets).ravel(), minlength=draws * size).reshape(draws, size).astype(np.float64)
+    counts = np.bincount((picks + offsets).ravel(), minlength=draws * size).reshape(draws, size)
+    return counts.astype(np.float32)  # whole numbers below 2^24: exact, and half the cost of float64
 
 
 def _class_columns(y_true: np.ndarray, pred: np.ndarray, classes: np.ndarray) -> np.ndarray:
-    """Per image, for each seed: [true positive, predicted, true] per class -> (n, seeds * 3C)."""
+    """Per image: each run's [true positive, predicted] per class, then [true] per class once ->
+    (n, runs * 2C + C), float32 (counts of at most n images: exact)."""
     truth = y_true[:, None] == classes[None, :]
     blocks = []
     for row in pred:
         said = row[:, None] == classes[None, :]
-        blocks += [truth & said, said, truth]
-    return np.concatenate(blocks, axis=1).astype(np.float64)
+        blocks += [truth & said, said]
+    return np.concatenate([*blocks, truth], axis=1).astype(np.float32)
 
 
-def _macro_f1(sums: np.ndarray, seeds: int, n_classes: int) -> np.ndarray:
-    """(draws, seeds * 3C) weighted sums -> (draws, seeds) macro-F1, 0/0 scoring 0."""
-    parts = sums.reshape(sums.shape[0], seeds, 3, n_classes)
-    tp, said, true = parts[:, :, 0], parts[:, :, 1], parts[:, :, 2]
+def _macro_f1(sums: np.ndarray, runs: int, n_classes: int) -> np.ndarray:
+    """(draws, runs * 2C + C) weighted sums -> (draws, runs) macro-F1, 0/0 scoring 0."""
+    parts = sums[:, : runs * 2 * n_classes].reshape(sums.shape[0], runs, 2, n_classes).astype(np.float64)
+    tp, said = parts[:, :, 0], parts[:, :, 1]
+    true = sums[:, None, runs * 2 * n_classes :].astype(np.float64)
     denominator = said + true
     f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
     return f1.mean(axis=2)
@@ -100,7 +103,7 @@ def _seed_weights(rng: np.random.Generator, seeds: int, draws: int) -> np.ndarra
     """(draws, seeds): how often each seed is drawn, with replacement, divided by the number drawn."""
     if seeds == 1:
         return np.ones((draws, 1))
-    return _counts(rng, seeds, draws) / seeds
+    return _counts(rng, seeds, draws).astype(np.float64) / seeds
 
 
 @dataclass(frozen=True)
@@ -115,29 +118,33 @@ class Block:
     baseline: np.ndarray
 
 
-def _block_draws(rng: np.random.Generator, block: Block, draws: int) -> tuple[np.ndarray, ...]:
-    """(accuracy, macro-F1) differences of one block: the observed one and `draws` resampled ones."""
+def _block_draws(rng: np.random.Generator, block: Block, draws: int, with_f1: bool = True) -> tuple[Any, ...]:
+    """(accuracy, macro-F1) differences of one block: the observed one and `draws` resampled ones
+    (macro-F1 0 without `with_f1`; the draws are the same either way)."""
     y, pv, pb = block.y_true, np.atleast_2d(block.variant), np.atleast_2d(block.baseline)
     n, kv, kb = len(y), len(pv), len(pb)
     classes = np.unique(np.concatenate([y, pv.ravel(), pb.ravel()]))
-    correct = np.concatenate([pv == y, pb == y]).T.astype(np.float64)  # (n, kv + kb)
-    columns = np.concatenate([_class_columns(y, pv, classes), _class_columns(y, pb, classes)], axis=1)
+    correct = np.concatenate([pv == y, pb == y]).T.astype(np.float32)  # (n, kv + kb)
+    columns = (
+        _class_columns(y, np.concatenate([pv, pb]), classes) if with_f1 else np.zeros((n, len(classes)), np.float32)
+    )
     out: list[list[np.ndarray]] = [[], []]
     for start in range(0, draws, _CHUNK):
         weights = _counts(rng, n, min(_CHUNK, draws - start))
         sides = _seed_weights(rng, kv, len(weights)), _seed_weights(rng, kb, len(weights))
-        acc = weights @ correct / n
-        f1 = _macro_f1(weights @ columns, kv + kb, len(classes))
+        acc = (weights @ correct).astype(np.float64) / n
+        f1 = _macro_f1(weights @ columns, kv + kb, len(classes)) if with_f1 else np.zeros_like(acc)
         for into, per_run in zip(out, (acc, f1)):
             into.append((per_run[:, :kv] * sides[0]).sum(1) - (per_run[:, kv:] * sides[1]).sum(1))
-    ones = np.ones((1, n))
-    observed = ((ones @ correct / n)[0], _macro_f1(ones @ columns, kv + kb, len(classes))[0])
+    ones = np.ones((1, n), dtype=np.float32)
+    f1_all = _macro_f1(ones @ columns, kv + kb, len(classes))[0] if with_f1 else np.zeros(kv + kb)
+    observed = ((ones @ correct).astype(np.float64)[0] / n, f1_all)
     points = [float(o[:kv].mean() - o[kv:].mean()) for o in observed]
     return points[0], points[1], np.concatenate(out[0]), np.concatenate(out[1])
 
 
 def bootstrap_blocks(
-    blocks: Sequence[Block], *, resamples: int = RESAMPLES, seed: int = SEED
+    blocks: Sequence[Block], *, resamples: int = RESAMPLES, seed: int = SEED, with_f1: bool = True
 ) -> tuple[Interval, Interval, float]:
     """The paired bootstrap over one or more blocks (see the module docstring): within each block,
     images and each side's runs are drawn with replacement; with several blocks (runs whose seed
@@ -145,10 +152,11 @@ def bootstrap_blocks(
     too, and a side's figure is the mean over the drawn blocks.
 
     Returns:
-        (accuracy difference, macro-F1 difference, two-sided p of the accuracy difference)
+        (accuracy difference, macro-F1 difference, two-sided p of the accuracy difference); without
+        `with_f1` (the verdict reads accuracy only: benchmarks/significance.py) the macro-F1 one is 0.
     """
     rng = np.random.default_rng(seed)
-    per_block = [_block_draws(rng, b, resamples) for b in blocks]
+    per_block = [_block_draws(rng, b, resamples, with_f1) for b in blocks]
     acc_draws = np.stack([b[2] for b in per_block], axis=1)  # (draws, blocks)
     f1_draws = np.stack([b[3] for b in per_block], axis=1)
     mix = _seed_weights(rng, len(blocks), resamples)
@@ -323,9 +331,11 @@ def compare_pairs(
     *,
     resamples: int = RESAMPLES,
     seed: int = SEED,
+    with_f1: bool = True,
 ) -> dict[str, Pair]:
     """Every variant of `evaluated` (label -> its runs' predictions) against `baseline`,
-    Holm-adjusted over those comparisons; each bootstrap starts from the same `seed`.
+    Holm-adjusted over those comparisons; each bootstrap starts from the same `seed`
+    (`with_f1`: see `bootstrap_blocks`).
 
     Raises:
         UsageError: a run evaluated on images that no run of the other side was evaluated on.
@@ -336,7 +346,7 @@ def compare_pairs(
         if label == baseline:
             continue
         blocks = _blocks(label, runs, baseline, base)
-        acc, f1, p = bootstrap_blocks(blocks, resamples=resamples, seed=seed)
+        acc, f1, p = bootstrap_blocks(blocks, resamples=resamples, seed=seed, with_f1=with_f1)
         discordant, test = None, "bootstrap"
         if len(blocks) == 1 and len(blocks[0].variant) == 1 and len(blocks[0].baseline) == 1:
             b = blocks[0]

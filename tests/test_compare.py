@@ -409,6 +409,7 @@ def test_compare_json_carries_intervals_and_verdicts_and_is_deterministic(evalua
     pairs = {p["variant"]: p for p in sig["pairs"]}
     assert pairs["cbam4"]["verdict"] == "better" and pairs["plain"]["test"] == "mcnemar"
     assert pairs["plain"]["verdict_text"].startswith("not distinguishable from the baseline at this sample size")
+    assert "one run a side: these two trained models, not their recipes" in pairs["plain"]["verdict_text"]
     assert pairs["cbam4"]["accuracy_difference"]["low"] > 0 and "Holm" in sig["procedure"]
     assert sig["rank"] == {"cbam4": "1", "cbam34": "2", "plain": "3"}
 

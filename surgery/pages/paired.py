@@ -257,14 +257,15 @@ class Pair:
         return "not distinguishable" + (f" (~{self.more[0]} {self.more[1]})" if self.more else "")
 
     def sentence(self) -> str:
-        """The verdict in words, with what would resolve an undecided pair."""
-        if self.verdict != UNDECIDED:
-            return f"{self.verdict} than {self.baseline}"
-        text = f"{UNDECIDED} ({self.baseline})"
-        if self.more:
+        """The verdict in words, with what would resolve an undecided pair; with one run a side, a
+        reminder that it compares two trained models, not two recipes (seeds vary too)."""
+        text = f"{self.verdict} than {self.baseline}" if self.verdict != UNDECIDED else f"{UNDECIDED} ({self.baseline})"
+        if self.verdict == UNDECIDED and self.more:
             count, what = self.more
             per = " a side" if what == "seeds" else ""
             text += f"; about {count} {what}{per} in all would resolve a difference of this size"
+        if self.test == "mcnemar":
+            text += "; one run a side: these two trained models, not their recipes (another seed may differ)"
         return text
 
     def to_dict(self) -> dict[str, Any]:

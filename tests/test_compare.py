@@ -430,6 +430,8 @@ def test_variants_not_distinguishable_from_the_best_are_tied(evaluated: dict[str
          "surgery evaluate"),
         (lambda r: (r["cbam4"] / "eval/test/predictions.jsonl").write_text('{"index": 0}\n'),
          "predictions.jsonl line 1 is not a prediction record", "cbam4"),
+        (lambda r: (r["plain"] / "eval/test/predictions.jsonl").write_text(""),
+         "predictions.jsonl holds no predictions", "plain"),
     ],
 )  # fmt: skip
 def test_paired_comparisons_refuse_clearly(evaluated: dict[str, Path], capsys, change, message, located) -> None:
@@ -443,6 +445,8 @@ def test_a_baseline_that_does_not_exist_is_refused(evaluated: dict[str, Path], c
     assert main(["compare", *map(str, evaluated.values()), "--baseline", "cbam5"]) == 2
     err = capsys.readouterr().err
     assert "--baseline" in err and "neither a variant nor one of the runs" in err and "cbam4" in err
+    assert main(["compare", *map(str, evaluated.values()), "--resamples", "10"]) == 2
+    assert "--resamples is too small for a 95% interval" in capsys.readouterr().err
 
 
 def test_runs_without_predictions_say_which_command_evaluates_them(runs: dict[str, Path], capsys) -> None:

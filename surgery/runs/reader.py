@@ -465,6 +465,14 @@ class Run:
             raise self._error(
                 f"{EVAL}/{split}/{EVAL_PREDICTIONS} cannot be read: {exc.reason}", found=str(path), hint=fix
             ) from None
+        if not rows:
+            raise UsageError(
+                f"{EVAL}/{split}/{EVAL_PREDICTIONS} holds no predictions",
+                origin=Origin.path(path),
+                found="an empty file",
+                expected="one line per image scored",
+                hint=fix,
+            )
         for line, row in enumerate(rows, 1):
             if not (
                 isinstance(row, dict) and {"true", "predicted"} <= row.keys() and ("path" in row or "index" in row)

@@ -331,7 +331,7 @@ _COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...
         "compare",
         "finished runs side by side: best and final accuracy, parameters added, speed, validation curves; "
         "seeds of one variant as mean ± std; with evaluated runs, each variant against a baseline (paired "
-        "95% intervals, p, verdict)",
+        "95%% intervals, p, verdict)",
         _args_compare,
     ),
 )

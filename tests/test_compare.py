@@ -511,3 +511,11 @@ def test_a_sweeps_comparison_shows_intervals_and_verdicts(evaluated: dict[str, P
     variants, sig, note = write_comparison(folder, data)
     assert sig is None and "1 of the 3 runs have no predictions" in note and "surgery evaluate" in note
     assert "Δ acc" not in (folder / "comparison.md").read_text()
+
+
+def test_a_baseline_named_with_a_pipe_keeps_the_markdown_table_whole(evaluated: dict[str, Path], capsys) -> None:
+    summary = json.loads((evaluated["plain"] / "summary.json").read_text())
+    (evaluated["plain"] / "summary.json").write_text(json.dumps({**summary, "name": "pl|ain"}))
+    assert main(["compare", *map(str, evaluated.values()), "--markdown"]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert "Δ acc vs pl\\|ain [95% CI]" in head and head.count(" | ") == 14

@@ -406,7 +406,7 @@ def ordered(variants: Sequence[VariantRow], sig: Significance | None) -> list[Va
 def to_markdown(variants: Sequence[VariantRow], sig: Significance | None = None) -> str:
     """The comparison as a GitHub-flavoured Markdown table (numbers right-aligned); with `sig`, the
     paired comparison's columns too, and a note saying how they were computed."""
-    head = _headers(variants, sig)
+    head = [printable(h, newlines=False).replace("|", "\\|") for h in _headers(variants, sig)]  # names a run
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for v in ordered(variants, sig):
         cells = [

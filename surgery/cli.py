@@ -300,6 +300,15 @@ def _args_compare(p: argparse.ArgumentParser) -> None:
         metavar="FILE.html",
         help="also write the comparison page (table and overlaid validation curves) to FILE.html",
     )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="RUN_OR_VARIANT",
+        help="compare every variant against this one (a variant's label, or one of its run folders or names); "
+        "default: the only variant without surgery, else the best by mean accuracy",
+    )
+    p.add_argument("--seed", type=int, default=0, help="the paired bootstrap's seed (numpy default_rng; default 0)")
+    p.add_argument("--resamples", type=int, default=2000, help="the paired bootstrap's resamples (default 2000)")
     shown = p.add_mutually_exclusive_group()
     shown.add_argument("--json", action="store_true", help="print the table as JSON instead")
     shown.add_argument("--markdown", action="store_true", help="print the table as Markdown instead")
@@ -354,7 +363,8 @@ _COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...
     (
         "compare",
         "finished runs side by side: best and final accuracy, parameters added, speed, validation curves; "
-        "seeds of one variant as mean ± std",
+        "seeds of one variant as mean ± std; with evaluated runs, each variant against a baseline (paired "
+        "95%% intervals, p, verdict)",
         _args_compare,
     ),
 )
@@ -700,7 +710,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .pages.compare import compare_command
 
     return compare_command(
-        args.run_dirs, out=args.out, as_json=args.json, as_markdown=args.markdown, console=_console()
+        args.run_dirs,
+        out=args.out,
+        as_json=args.json,
+        as_markdown=args.markdown,
+        baseline=args.baseline,
+        seed=args.seed,
+        resamples=args.resamples,
+        console=_console(),
     )
 
 

@@ -34,6 +34,7 @@ CONFUSION = "plots/confusion.png"
 REPORT = "report.html"
 EVAL = "eval"
 EVAL_METRICS = "metrics.json"  # in eval/<split>/
+EVAL_PREDICTIONS = "predictions.jsonl"  # in eval/<split>/: one line per image
 EXPLAIN = "explain"
 EXPLAIN_PREDICTIONS = "predictions.json"  # in explain/
 EXPORT = "export"
@@ -92,6 +93,7 @@ __all__ = [
     "REPORT",
     "EVAL",
     "EVAL_METRICS",
+    "EVAL_PREDICTIONS",
     "EXPLAIN",
     "EXPLAIN_PREDICTIONS",
     "EXPORT",

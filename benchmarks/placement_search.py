@@ -152,21 +152,26 @@ def mcnemar(a: dict, b: dict) -> dict[str, Any]:
     return {"grid_only_right": only_a, "search_only_right": only_b, "p": float(p)}
 
 
-def dataset_run(folder: Path, dataset: str, args: argparse.Namespace) -> dict[str, Any]:
+def search(folder: Path, seed: int, args: argparse.Namespace) -> tuple[list[str], list[str], dict[str, Any]]:
+    """The pruned search of one seed: the grid queued in a shuffled order (the file's axes permuted)."""
     import numpy as np
 
+    rng = np.random.default_rng(seed)
+    sites, modules = [str(s) for s in rng.permutation(SITES)], [str(m) for m in rng.permutation(MODULES)]
+    prune = f"{{pruner: successive_halving, min_epochs: 1, reduction_factor: {args.reduction_factor}}}"
+    return sites, modules, sweep(folder, f"pruned-s{seed}", sweep_file(f"pruned-s{seed}", sites, modules, prune))
+
+
+def dataset_run(folder: Path, dataset: str, args: argparse.Namespace) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "base.yaml").write_text(base_spec(dataset, args.epochs))
     grid = sweep(folder, "grid", sweep_file("grid", list(SITES), list(MODULES), "{pruner: none}"))
     grid_cpu = sum(v["cpu_seconds"] for v in grid["variants"])
     grid_best = best_of(grid)
     grid_correct = correct(grid_best["run_dir"])
-    prune = f"{{pruner: successive_halving, min_epochs: 1, reduction_factor: {args.reduction_factor}}}"
     seeds = []
     for seed in range(args.seeds):
-        rng = np.random.default_rng(seed)
-        sites, modules = list(rng.permutation(SITES)), list(rng.permutation(MODULES))
-        data = sweep(folder, f"pruned-s{seed}", sweep_file(f"pruned-s{seed}", sites, modules, prune))
+        sites, modules, data = search(folder, seed, args)
         cpu = sum(v["cpu_seconds"] for v in data["variants"])
         trained = sum(v.get("pruned_after_epoch") or args.epochs for v in data["variants"])
         best = best_of(data)
@@ -233,7 +238,15 @@ def main() -> None:
     parser.add_argument("--reduction-factor", type=int, default=3)
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results-placement-search.json")
     parser.add_argument("--table", action="store_true", help="only print the table of --json")
+    parser.add_argument(
+        "--only-seeds", type=int, nargs="+", help="only run these searches (a second process; no results written)"
+    )
     args = parser.parse_args()
+    if args.only_seeds:
+        for dataset in args.datasets:
+            for seed in args.only_seeds:
+                search(args.out / dataset, seed, args)
+        return
     if args.table:
         print(table(json.loads(args.json.read_text())))
         return

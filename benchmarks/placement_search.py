@@ -100,12 +100,17 @@ def sweep_file(name: str, sites: list[str], modules: list[str], prune: str) -> s
     )
 
 
-def sweep(folder: Path, name: str, text: str) -> dict[str, Any]:
-    """Run one sweep file in its own process (one in-process worker); return its sweep.json."""
+def sweep(folder: Path, name: str, text: str, report_only: bool = False) -> dict[str, Any] | None:
+    """Run one sweep file in its own process (one in-process worker); return its sweep.json (None:
+    `report_only` and it has not finished)."""
     path = folder / f"{name}.yaml"
-    path.write_text(text)
     out = folder / name
-    if not (out / "sweep.json").is_file() or json.loads((out / "sweep.json").read_text())["counts"]["waiting"]:
+    counts = json.loads((out / "sweep.json").read_text())["counts"] if (out / "sweep.json").is_file() else None
+    done = counts is not None and not counts["waiting"] and not counts["running"]
+    if report_only and not done:
+        return None
+    path.write_text(text)
+    if not done:
         env = {**os.environ, **ENV}
         subprocess.run(
             [sys.executable, "-m", "surgery", "sweep", str(path), "--out", str(out)],
@@ -152,14 +157,15 @@ def mcnemar(a: dict, b: dict) -> dict[str, Any]:
     return {"grid_only_right": only_a, "search_only_right": only_b, "p": float(p)}
 
 
-def search(folder: Path, seed: int, args: argparse.Namespace) -> tuple[list[str], list[str], dict[str, Any]]:
+def search(folder: Path, seed: int, args: argparse.Namespace) -> tuple[list[str], list[str], dict[str, Any] | None]:
     """The pruned search of one seed: the grid queued in a shuffled order (the file's axes permuted)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     sites, modules = [str(s) for s in rng.permutation(SITES)], [str(m) for m in rng.permutation(MODULES)]
     prune = f"{{pruner: successive_halving, min_epochs: 1, reduction_factor: {args.reduction_factor}}}"
-    return sites, modules, sweep(folder, f"pruned-s{seed}", sweep_file(f"pruned-s{seed}", sites, modules, prune))
+    text = sweep_file(f"pruned-s{seed}", sites, modules, prune)
+    return sites, modules, sweep(folder, f"pruned-s{seed}", text, args.report_only)
 
 
 def dataset_run(folder: Path, dataset: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -172,6 +178,8 @@ def dataset_run(folder: Path, dataset: str, args: argparse.Namespace) -> dict[st
     seeds = []
     for seed in range(args.seeds):
         sites, modules, data = search(folder, seed, args)
+        if data is None:
+            continue  # --report-only: not run (yet)
         cpu = sum(v["cpu_seconds"] for v in data["variants"])
         trained = sum(v.get("pruned_after_epoch") or args.epochs for v in data["variants"])
         best = best_of(data)
@@ -238,6 +246,7 @@ def main() -> None:
     parser.add_argument("--reduction-factor", type=int, default=3)
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results-placement-search.json")
     parser.add_argument("--table", action="store_true", help="only print the table of --json")
+    parser.add_argument("--report-only", action="store_true", help="report the searches that finished; run none")
     parser.add_argument(
         "--only-seeds", type=int, nargs="+", help="only run these searches (a second process; no results written)"
     )

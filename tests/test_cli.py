@@ -192,6 +192,16 @@ def test_validate_a_sweep_file_checks_its_schema_and_every_variant(good: Path, c
     err = capsys.readouterr().err
     assert err.startswith(f"error {sweep}:5:") and "unknown key 'spec'" not in err and "'grid'" in err, err
 
+    # a pruner's setting: the schema's range, and a min_epochs that leaves nothing to prune (train.epochs: 3)
+    sweep.write_text(SWEEP + "  prune: {pruner: successive_halving, reduction_factor: 1}\n")
+    assert main(["validate", str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error {sweep}:7:") and "reduction_factor" in err, err
+    sweep.write_text(SWEEP + "  prune: {pruner: hyperband, min_epochs: 3}\n")
+    assert main(["validate", str(sweep)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error {sweep}:7:") and "leaves nothing to prune" in err, err
+
 
 def test_validate_in_a_subprocess_exits_2_without_a_traceback(bad: Path) -> None:
     proc, _ = run_cli("validate", str(bad))

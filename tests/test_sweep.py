@@ -279,6 +279,41 @@ CASES = [
         """,
         "must outlast the heartbeat interval",
     ),
+    Case(
+        "pruner-typo",
+        """
+        spec: base.yaml
+        sweep:
+          axes: {seed: [0, 1]}
+          prune: {pruner: hyperbnd}  # <-
+        """,
+        "unknown pruner",
+        hint="'hyperband'",
+    ),
+    Case(
+        "reduction-factor-too-small",
+        """
+        spec: base.yaml
+        sweep:
+          axes: {seed: [0, 1]}
+          prune:
+            pruner: successive_halving
+            reduction_factor: 1  # <-
+        """,
+        "reduction_factor",
+    ),
+    Case(
+        "setting-of-another-pruner",
+        """
+        spec: base.yaml
+        sweep:
+          axes: {seed: [0, 1]}
+          prune:
+            pruner: median
+            reduction_factor: 2  # <-
+        """,
+        "pruner median has no setting reduction_factor",
+    ),
 ]
 
 
@@ -601,6 +636,99 @@ def test_an_interrupted_random_search_resumes_its_trial_with_the_same_values(tmp
     spec = yaml.safe_load((run_dir / "spec.yaml").read_text())
     assert spec["train"]["optimizer"]["lr"] == done.params["train.optimizer.lr"]
     assert spec["surgery"][0]["insert"] == done.params["surgery.0.insert"]
+
+
+# --------------------------------------------------------------------------- pruning
+def test_a_pruner_stops_a_clearly_worse_variant_and_a_rerun_does_not_train_it_again(tmp_path: Path) -> None:
+    """Successive halving at epoch 2: the variant whose lr cannot move the weights is behind the
+    one trained before it, so it stops there, finished and readable, recorded as PRUNED and kept
+    out of the comparison; the same command again trains nothing."""
+    write(tmp_path, "base.yaml", BASE)
+    path = write(
+        tmp_path,
+        "sweep.yaml",
+        """
+        name: prune
+        spec: base.yaml
+        set: {train.epochs: 3, train.limit_batches: 6}
+        sweep:
+          axes:
+            train.optimizer.lr: {good: 3.0e-3, absurd: 1.0e-9}
+          heartbeat: {interval: 1, grace: 4}
+          prune: {pruner: successive_halving, min_epochs: 2, reduction_factor: 2}
+        """,
+    )
+    out = tmp_path / "runs" / "prune"
+    console = quiet()
+    assert sweep_command(str(path), out=str(out), console=console) == 0  # a pruned variant is no failure
+    study = optuna.load_study(study_name="prune", storage=f"sqlite:///{out / 'study.db'}")
+    states = {t.user_attrs["variant"]: t.state for t in study.get_trials()}
+    assert states == {"lr-good": optuna.trial.TrialState.COMPLETE, "lr-absurd": optuna.trial.TrialState.PRUNED}
+    assert study.best_trial.user_attrs["variant"] == "lr-good"
+
+    # the run directory: finished, with the last epoch trained, marked as pruned
+    pruned = out / "lr-absurd"
+    assert epochs_trained(pruned) == [0, 1]
+    summary = json.loads((pruned / "summary.json").read_text())
+    assert summary["pruned"]["after_epoch"] == 1 and summary["pruned"]["epochs"] == 3 and summary["epochs"] == 2
+    assert "SuccessiveHalvingPruner" in summary["pruned"]["why"]
+    assert all((pruned / f).is_file() for f in ("model.safetensors", "report.html", "plots/curves.png"))
+    assert epochs_trained(out / "lr-good") == [0, 1, 2]
+
+    # sweep.json and the closing table show it apart, never ranked
+    report = json.loads((out / "sweep.json").read_text())
+    rows = {r["variant"]: r for r in report["variants"]}
+    assert rows["lr-absurd"]["state"] == "PRUNED" and rows["lr-absurd"]["pruned_after_epoch"] == 2
+    assert rows["lr-good"]["state"] == "COMPLETE" and "pruned_after_epoch" not in rows["lr-good"]
+    assert report["counts"]["pruned"] == 1 and report["prune"]["pruner"] == "successive_halving"
+    assert all(r["cpu_seconds"] > 0 for r in rows.values())
+    compared = json.loads((out / "comparison.json").read_text())["variants"]
+    assert [v["label"] for v in compared] == ["lr-good"]
+    printed = console.file.getvalue()
+    assert "pruned, not compared (1)" in printed and "lr-absurd: after epoch 2" in printed
+
+    # the same command again: nothing trained, the pruned point not run again
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.jsonl")}
+    assert sweep_command(str(path), out=str(out), console=quiet()) == 0
+    assert len(study.get_trials()) == 2
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/metrics.jsonl")} == stamps
+
+
+def test_min_epochs_that_leave_nothing_to_prune_are_refused_at_their_line(tmp_path: Path) -> None:
+    write(tmp_path, "base.yaml", BASE)
+    path = write(
+        tmp_path,
+        "sweep.yaml",
+        """
+        spec: base.yaml
+        sweep:
+          axes: {seed: [0, 1]}
+          prune:
+            pruner: hyperband
+            min_epochs: 1  # <-
+        """,
+    )
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if MARK in text)
+    with pytest.raises(SpecError) as info:
+        check_variants(load_sweep(path), (), tmp_path / "runs", warn=lambda text: None)
+    assert (info.value.file, info.value.line) == (str(path), line)
+    assert "leaves nothing to prune" in info.value.problem
+
+
+@pytest.mark.parametrize(
+    "pruner, optuna_class",
+    [
+        ("successive_halving", "SuccessiveHalvingPruner"),
+        ("hyperband", "HyperbandPruner"),
+        ("median", "MedianPruner"),
+    ],
+)
+def test_each_pruner_is_optuna_s_own(pruner: str, optuna_class: str) -> None:
+    from surgery.sweep import Prune, make_pruner
+
+    made = make_pruner(Prune(pruner=pruner, min_epochs=2), epochs=8)
+    assert type(made) is getattr(optuna.pruners, optuna_class)
+    assert make_pruner(Prune(), epochs=8) is None
 
 
 @pytest.mark.parametrize(

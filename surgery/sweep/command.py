@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import Origin, RunDirError, SpecError, UsageError
 from .file import Sweep, Variant, fingerprint, load_sweep
-from .study import LOCK_TIMEOUT, default_storage, open_storage, open_study, shown_url, trial_counts
+from .study import LOCK_TIMEOUT, default_storage, make_pruner, open_storage, open_study, shown_url, trial_counts
 from .worker import Worker, spawn, storage_failed, work
 
 
@@ -61,6 +61,7 @@ def check_variants(
             every = [*sweep.set, *overrides, *variant.overrides]
             spec = load_spec(sweep.spec, every)
             _check_objective(sweep, spec)
+            _check_prune(sweep, spec)
             key = json.dumps(
                 {k: v for k, v in spec.raw.items() if k not in ("name", "seed")}, sort_keys=True, default=str
             )
@@ -99,13 +100,25 @@ def _check_objective(sweep: Sweep, spec: Any) -> None:
         )
 
 
+def _check_prune(sweep: Sweep, spec: Any) -> None:
+    if sweep.prune.on and sweep.prune.min_epochs >= spec.train.epochs:
+        raise sweep.source.error(
+            ("sweep", "prune", "min_epochs"),
+            f"min_epochs {sweep.prune.min_epochs} leaves nothing to prune: the runs train {spec.train.epochs} epochs",
+            found=f"min_epochs: {sweep.prune.min_epochs} with train.epochs: {spec.train.epochs}",
+            expected=f"min_epochs below {spec.train.epochs}, or pruner: none",
+        )
+
+
 # --------------------------------------------------------------------------- sweep.json
 def write_sweep_json(sweep: Sweep, study: Any, folder: Path, storage_url: str) -> dict[str, Any]:
     """sweep.json: the study, what it varied, and per variant its label, params, run directory,
     state, objective value and seed (the comparison table is built from it and the run directories).
 
-    A variant's state is its best trial's: COMPLETE, else RUNNING, WAITING, then FAIL (a variant
-    whose worker died has a FAIL trial and, once resumed, a COMPLETE one).
+    A variant's state is its best trial's: COMPLETE, else PRUNED, RUNNING, WAITING, then FAIL (a
+    variant whose worker died has a FAIL trial and, once resumed, a COMPLETE or PRUNED one). A
+    PRUNED variant's value is its last reported figure and `pruned_after_epoch` says when it stopped;
+    `cpu_seconds` sums the CPU time of its trials' processes.
     """
     from ..files import write_json
 
@@ -116,7 +129,7 @@ def write_sweep_json(sweep: Sweep, study: Any, folder: Path, storage_url: str) -
             trials.setdefault(t.user_attrs["variant"], []).append(t)
         else:  # a random/tpe trial no worker has drawn yet
             pending += 1
-    order = ("COMPLETE", "RUNNING", "WAITING", "FAIL", "PRUNED")
+    order = ("COMPLETE", "PRUNED", "RUNNING", "WAITING", "FAIL")
     variants = []
     for name, ts in trials.items():
         best = min(ts, key=lambda t: (order.index(t.state.name), -t.number))
@@ -132,6 +145,11 @@ def write_sweep_json(sweep: Sweep, study: Any, folder: Path, storage_url: str) -
         }
         if best.state.name == "FAIL" and "error" in best.user_attrs:
             row["error"] = best.user_attrs["error"]
+        if best.state.name == "PRUNED":
+            row["pruned_after_epoch"] = best.user_attrs.get("pruned_after_epoch")
+        cpu = [t.user_attrs["cpu_seconds"] for t in ts if "cpu_seconds" in t.user_attrs]
+        if cpu:
+            row["cpu_seconds"] = round(sum(cpu), 3)
         variants.append(row)
     data = {
         "name": sweep.name,
@@ -204,7 +222,9 @@ def trial_lines(sweep: Sweep, study: Any, folder: Path) -> list[str]:
             note = "its worker stopped sending heartbeats"
         where = str(folder / name) if name != "(not yet drawn)" else name
         extra = f"  [{note.splitlines()[0]}]" if note else ""
-        if t.state.name == "COMPLETE" and t.user_attrs.get("resumed_from_epoch"):
+        if t.state.name == "PRUNED" and t.user_attrs.get("pruned_after_epoch"):
+            extra += f"  [pruned after epoch {t.user_attrs['pruned_after_epoch']}: not ranked]"
+        if t.state.name in ("COMPLETE", "PRUNED") and t.user_attrs.get("resumed_from_epoch"):
             extra += f"  [resumed after epoch {t.user_attrs['resumed_from_epoch']}]"
         lines.append(f"{t.number:>5}  {t.state.name:<8}  {value:>{len(sweep.objective)}}  {where}{extra}")
     return lines
@@ -255,7 +275,8 @@ def sweep_command(
     hint = shlex.join(["surgery", *shown, *(["--workers", str(workers)] if workers > 1 else [])])
     from ..spec import load_spec
 
-    base = load_spec(sweep.spec, [*sweep.set, *overrides]).raw
+    base_spec = load_spec(sweep.spec, [*sweep.set, *overrides])
+    base = base_spec.raw
     digest = fingerprint(sweep.definition(), base, overrides)
     # --- a new local study: every variant checked before the folder is made
     checked = None
@@ -269,6 +290,8 @@ def sweep_command(
     shown_storage = shown_url(url)
 
     def trainer(study: Any) -> Worker:
+        if sweep.prune.on:  # the pruner lives in the process, not the storage: every worker sets its own
+            study.pruner = make_pruner(sweep.prune, base_spec.train.epochs)
         return Worker(sweep, study, folder, runs_root, tuple(overrides), device, console, hint, shown_storage)
 
     with _storage_errors(url):  # the database went away, or stayed locked past --lock-timeout
@@ -347,7 +370,7 @@ def _trials_left(sweep: Sweep, study: Any, shown_storage: str, say: Callable[[st
     counts = trial_counts(study)
     left = counts["waiting"] + counts["running"]
     say(
-        f"sweep {sweep.name}: {sweep.trials} variants ({sweep.sampler}), {counts['complete']} done, "
+        f"sweep {sweep.name}: {sweep.trials} variants ({sweep.sampler}), {counts['complete'] + counts['pruned']} done, "
         f"{left} to go; study {sweep.name!r} in {shown_storage}"
     )
     return left
@@ -402,7 +425,21 @@ def _report(
         if note:
             say(note)
         say(f"wrote {folder / 'comparison.md'}, comparison.json and comparison.html")
+    for line in pruned_lines(data):
+        say(line)
     return data
+
+
+def pruned_lines(data: Mapping[str, Any]) -> list[str]:
+    """The variants a pruner stopped, apart from the comparison: neither ranked nor counted as losses."""
+    pruned = [v for v in data["variants"] if v["state"] == "PRUNED"]
+    if not pruned:
+        return []
+    lines = [f"pruned, not compared ({len(pruned)}): stopped early by the pruner, figures of a shorter run"]
+    for v in pruned:
+        value = f"{v['value']:.4f}" if v.get("value") is not None else "-"
+        lines.append(f"  {v['variant']}: after epoch {v.get('pruned_after_epoch')}, {data['objective']} {value} then")
+    return lines
 
 
 def _exit_code(data: Mapping[str, Any], interrupted: bool, code: int, hint: str, say: Callable[[str], None]) -> int:

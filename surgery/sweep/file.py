@@ -14,6 +14,7 @@
         groups.0.lr: {low: 1.0e-4, high: 1.0e-2, log: true}
       objective: best_val_acc      # a summary.json figure; maximised (minimised for losses)
       heartbeat: {interval: 20, grace: 60}
+      prune: {pruner: successive_halving, min_epochs: 1, reduction_factor: 3}   # Optuna's pruners
 
 `load_sweep` reads it into a frozen `Sweep` once, with every mistake located (file, line, key);
 nothing here imports torch or Optuna. Key paths are those of ``--set``: ``surgery.0.at``, or the
@@ -45,6 +46,7 @@ OBJECTIVES: dict[str, str] = {
     "final_val_map": "maximize",  # data.multi_label
 }
 SAMPLERS = ("grid", "random", "tpe")  # schema.json's $defs/sweep: sampler (a test holds the two together)
+PRUNERS = ("successive_halving", "hyperband", "median", "none")  # schema.json's $defs/sweep_prune: pruner
 SEED_AXIS = ("seed",)  # an axis over the spec's seed repeats a variant: its label leaves the seed out
 MAX_VARIANTS = 10_000
 MAX_NAME = 200  # a variant's run directory name (file systems allow 255 bytes)
@@ -81,6 +83,25 @@ class Range:
 
 
 @dataclass(frozen=True)
+class Prune:
+    """Which of Optuna's pruners stops unpromising variants early, and its settings (epochs are
+    its steps: a run reports its objective after each epoch)."""
+
+    pruner: str = "none"
+    min_epochs: int = 1
+    reduction_factor: int = 3
+    startup_trials: int = 5
+
+    @property
+    def on(self) -> bool:
+        return self.pruner != "none"
+
+    def settings(self) -> dict[str, Any]:
+        """The pruner and the settings it reads (sweep.json; the study's fingerprint)."""
+        return {"pruner": self.pruner, **{k: getattr(self, k) for k in _PRUNER_SETTINGS[self.pruner]}}
+
+
+@dataclass(frozen=True)
 class Variant:
     """One point of the sweep: its run directory's name, the label it is compared under (the name
     without the seed), the Optuna params that pick it, and the overrides that make its spec."""
@@ -107,6 +128,7 @@ class Sweep:
     heartbeat: int
     grace: int
     source: Source
+    prune: Prune = Prune()
 
     @property
     def direction(self) -> str:
@@ -154,6 +176,8 @@ class Sweep:
                 r.key: {"low": r.low, "high": r.high, "log": r.log, "step": r.step, "integer": r.integer}
                 for r in self.ranges
             },
+            # without a pruner the definition (and so the fingerprint of existing studies) is unchanged
+            **({"prune": self.prune.settings()} if self.prune.on else {}),
         }
 
 
@@ -245,6 +269,7 @@ def load_sweep(path: str | Path) -> Sweep:
         heartbeat=heartbeat,
         grace=grace,
         source=source,
+        prune=_prune(body, source),
     )
 
 
@@ -437,6 +462,34 @@ def _trials(body: dict, source: Source, sampler: str, axes: Sequence[Axis]) -> i
     return trials
 
 
+# which settings each pruner reads (a setting another pruner reads is refused, not ignored)
+_PRUNER_SETTINGS = {
+    "successive_halving": ("min_epochs", "reduction_factor"),
+    "hyperband": ("min_epochs", "reduction_factor"),
+    "median": ("min_epochs", "startup_trials"),
+    "none": (),
+}
+
+
+def _prune(body: dict, source: Source) -> Prune:
+    value = body.get("prune", {})  # the schema: a known pruner, integers in range
+    at = ("sweep", "prune")
+    pruner = value.get("pruner", _default("pruner", "sweep_prune"))
+    for key in value:
+        if key != "pruner" and key not in _PRUNER_SETTINGS[pruner]:
+            readers = [p for p, keys in _PRUNER_SETTINGS.items() if key in keys]
+            raise source.error(
+                at + (key,),
+                f"pruner {pruner} has no setting {key}",
+                found=f"{key}: {quote_value(value[key])} with pruner: {pruner}",
+                expected=(f"{', '.join(_PRUNER_SETTINGS[pruner])}" if _PRUNER_SETTINGS[pruner] else "no settings")
+                + f" ({key} is read by {' and '.join(readers)})",
+            )
+    keys = ("min_epochs", "reduction_factor", "startup_trials")
+    settings = {k: value.get(k, _default(k, "sweep_prune")) for k in keys}
+    return Prune(pruner=pruner, **settings)
+
+
 def _heartbeat(body: dict, source: Source) -> tuple[int, int]:
     value = body.get("heartbeat", {})  # the schema: whole numbers of seconds
     at = ("sweep", "heartbeat")
@@ -453,4 +506,16 @@ def _heartbeat(body: dict, source: Source) -> tuple[int, int]:
     return interval, grace
 
 
-__all__ = ["Sweep", "Axis", "Range", "Variant", "OBJECTIVES", "SAMPLERS", "load_sweep", "is_sweep_file", "fingerprint"]
+__all__ = [
+    "Sweep",
+    "Axis",
+    "Range",
+    "Variant",
+    "Prune",
+    "OBJECTIVES",
+    "SAMPLERS",
+    "PRUNERS",
+    "load_sweep",
+    "is_sweep_file",
+    "fingerprint",
+]

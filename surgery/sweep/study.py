@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..errors import Origin, SpecError, UsageError, describe_exception
-from .file import Sweep, Variant
+from .file import Prune, Sweep, Variant
 from .worker import variant_attrs
 
 LOCK_TIMEOUT = 120.0  # seconds a command waits for an SQLite study another process holds locked (--lock-timeout)
@@ -275,6 +275,31 @@ def _check_same_sweep(sweep: Sweep, study: Any, digest: str, say: Callable, wait
         )
 
 
+# --------------------------------------------------------------------------- the pruner
+def make_pruner(prune: Prune, epochs: int) -> Any:
+    """Optuna's pruner for `prune`, its steps being epochs (a run reports after each, step 1 the
+    first); None for `pruner: none`.
+
+    Args:
+        epochs: the base spec's train.epochs: Hyperband's max_resource.
+    """
+    optuna = _optuna()
+    if prune.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=prune.min_epochs, reduction_factor=prune.reduction_factor
+        )
+    if prune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(
+            min_resource=prune.min_epochs,
+            max_resource=max(epochs, prune.min_epochs),
+            reduction_factor=prune.reduction_factor,
+        )
+    if prune.pruner == "median":
+        # it may prune from step n_warmup_steps on; steps count epochs from 1
+        return optuna.pruners.MedianPruner(n_startup_trials=prune.startup_trials, n_warmup_steps=prune.min_epochs)
+    return None
+
+
 def trial_counts(study: Any) -> dict[str, int]:
     from optuna.trial import TrialState
 
@@ -282,4 +307,12 @@ def trial_counts(study: Any) -> dict[str, int]:
     return {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
 
 
-__all__ = ["LOCK_TIMEOUT", "default_storage", "shown_url", "open_storage", "open_study", "trial_counts"]
+__all__ = [
+    "LOCK_TIMEOUT",
+    "default_storage",
+    "shown_url",
+    "open_storage",
+    "open_study",
+    "make_pruner",
+    "trial_counts",
+]

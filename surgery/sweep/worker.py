@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 from ..errors import Origin, RunDirError, UserError, describe_exception
 from .file import Sweep, Variant
 
-DONE, FAILED, INTERRUPTED = "done", "failed", "interrupted"
+DONE, FAILED, INTERRUPTED, PRUNED = "done", "failed", "interrupted", "pruned"
 
 
 def variant_attrs(variant: Variant) -> dict[str, Any]:
@@ -132,7 +132,12 @@ def run_trial(worker: Worker, trial_id: int, held: Any = None) -> str:
         trial = optuna.Trial(study, trial_id)
         study.sampler = _sampler(sweep, trial.number)
         variant = _variant_of(sweep, trial)
+        cpu = time.process_time()  # this process's CPU time, every thread of it: what the variant cost
         summary = _train(worker, trial, variant)
+        trial.set_user_attr("cpu_seconds", round(time.process_time() - cpu, 3))
+        if summary.get("pruned"):
+            heartbeat.join()
+            return _pruned(worker, trial, variant, summary)
         value = summary.get(sweep.objective)
         if not isinstance(value, (int, float)) or not math.isfinite(value):  # Optuna would fail the trial silently
             raise RunDirError(
@@ -164,6 +169,63 @@ def run_trial(worker: Worker, trial_id: int, held: Any = None) -> str:
         return DONE
     worker.say(f"trial {trial.number} {variant.name}: {sweep.objective} {value:.4f}")
     return DONE
+
+
+def _pruned(worker: Worker, trial: Any, variant: Variant, summary: dict[str, Any]) -> str:
+    """Record a run its pruner stopped as PRUNED (Optuna keeps its last reported figure as its
+    value): never ranked, never a loss, and finished, so a rerun does not train it again."""
+    from optuna.trial import TrialState
+
+    sweep, pruned = worker.sweep, summary["pruned"]
+    step = pruned["after_epoch"] + 1
+    trial.set_user_attr("pruned_after_epoch", step)
+    last = summary.get(sweep.objective)
+    if step not in trial.storage.get_trial(trial._trial_id).intermediate_values and _finite(last):
+        trial.report(float(last), step)  # a finished pruned run reused by a retried trial: nothing reported yet
+    told = worker.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+    if told.state != TrialState.PRUNED:
+        worker.say(f"trial {trial.number} ({variant.name}) was declared dead meanwhile and queued again")
+        return DONE
+    worker.say(f"trial {trial.number} {variant.name}: pruned after epoch {step}/{pruned['epochs']}")
+    return PRUNED
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+# the metrics-row figure a run reports after each epoch for each objective (running best for best_*);
+# a single-label run has no per-epoch macro-F1, and reports its val_acc instead
+_EPOCH_FIGURE = {"final_val_loss": "val_loss", "best_val_map": "val_map", "final_val_map": "val_map"}
+
+
+def epoch_value(objective: str, rows: Sequence[dict[str, Any]]) -> float:
+    """The objective as it stands after the last of `rows` (what the pruner compares at that epoch)."""
+    key = _EPOCH_FIGURE.get(objective, "val_macro_f1" if objective == "val_macro_f1" else "val_acc")
+    values = [row.get(key, row.get("val_acc")) for row in rows]
+    return max(values) if objective.startswith("best_") else values[-1]
+
+
+def _reporter(worker: Worker, trial: Any) -> Callable[[list, int], str | None]:
+    """The runner's epoch hook: report each new epoch's figure to the trial (step = epochs trained),
+    then ask the study's pruner whether to go on (not after the last epoch: nothing is left to save)."""
+    sweep, reported = worker.sweep, set()
+
+    def on_epoch(rows: list, total: int) -> str | None:
+        for i, row in enumerate(rows):  # a resumed run reports its earlier epochs first
+            step = row["epoch"] + 1
+            value = epoch_value(sweep.objective, rows[: i + 1])
+            if step not in reported and _finite(value):
+                trial.report(float(value), step)
+            reported.add(step)
+        if len(rows) >= total or not trial.should_prune():
+            return None
+        return (
+            f"Optuna's {type(worker.study.pruner).__name__} ({sweep.prune.pruner}) found its "
+            f"{sweep.objective} of {value:.4f} behind the other variants'"
+        )
+
+    return on_epoch
 
 
 def _train(worker: Worker, trial: Any, variant: Variant) -> dict[str, Any]:
@@ -205,6 +267,7 @@ def _train(worker: Worker, trial: Any, variant: Variant) -> dict[str, Any]:
         device=worker.device,
         resume=resume,
         console=worker.console,
+        on_epoch=_reporter(worker, trial) if worker.sweep.prune.on else None,
         runs_root=worker.runs_root,
         resume_hint=worker.resume_hint,
     )

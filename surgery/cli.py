@@ -489,7 +489,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             sys.stdout.write(("---\n" if len(args.specs) > 1 else "") + spec.to_yaml())
         console.print(
             f"[green]ok[/green] {path}: {built.spec.model.backbone}, {len(built.inserted)} modules inserted, "
-            f"{len(built.groups)} groups, {len(built.report.loaded)} pretrained tensors loaded",
+            + (f"{len(built.adapters)} LoRA adapters, " if built.adapters else "")
+            + f"{len(built.groups)} groups, {len(built.report.loaded)} pretrained tensors loaded",
             soft_wrap=True,
         )
         for note in built.notes:

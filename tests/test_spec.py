@@ -527,8 +527,8 @@ def test_shipped_specs_load_and_build(path: Path | None) -> None:
         overrides += ["model.pretrained=false", "model.key_map=null"]
     built = build(load_spec(path, overrides))
     assert built.groups and all(g.params for g in built.groups)
-    # every surgery entry did something: an insertion, or (since replace/remove) a changed module
-    assert len(built.inserted) + len(built.changes) >= len(spec.surgery)
+    # every surgery entry did something: an insertion, a changed module (replace/remove) or a LoRA adapter
+    assert len(built.inserted) + len(built.changes) + len(built.adapters) >= len(spec.surgery)
 
 
 def test_settings_past_a_shortened_run_are_located_warnings_not_errors(tmp_path):

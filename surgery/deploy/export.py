@@ -313,6 +313,8 @@ def export_run(
     sample = sample_batch(run)
     reference = _outputs(model, sample, None)
     notes: list[str] = []
+    if run.built.adapters:
+        notes.append(f"LoRA merged into the weights of {len(run.built.adapters)} layers (the backbone's architecture)")
     done: dict[str, Any] = {}
 
     # --- export, reload and compare: the file is put in place only when it matches

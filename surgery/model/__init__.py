@@ -6,6 +6,7 @@
     plan.py       every surgery operation resolved, in order, before the model is touched
     insert.py     attention modules inserted before or after modules, renaming nothing
     replace.py    replace, remove, `in_chans`, a declared head: each change with what it keeps
+    adapters.py   LoRA adapters on Linear / Conv2d weights, keys kept, merged on export
     weights.py    weight files in, load report out: every pretrained tensor accounted for
     groups.py     every parameter to exactly one group; the layer ids of layer_decay
     views.py      a build for people (rich trees, tables) and for scripts (JSON records)

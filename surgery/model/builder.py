@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import describe_exception, quote_value
 from ..spec import Spec
+from .adapters import Adapter, adapter_keys, apply_adapters
 from .backbones import Backbone, create_backbone, culprit_arg, logits_switch
 from .groups import ResolvedGroup, resolve_groups
 from .insert import Insertion, Shapes, apply_surgery, fake_tensors, inserted_paths, probe
@@ -30,6 +31,7 @@ class Built:
     groups: the `ResolvedGroup`s, every parameter in exactly one.
     head: module paths of the classifier head; inserted: the `Insertion`s applied;
     changes: the modules replaced, removed or adapted (`replace.Change`), in order.
+    adapters: the LoRA adapters attached (`adapters.Adapter`), in order.
     shapes: input/output shape of every module on a probe of `input_size`, after surgery.
     train_output: the type name of the train-mode forward's result (checked to be a tensor).
     notes: what was decided for the user (e.g. googlenet's aux_logits turned off).
@@ -48,6 +50,7 @@ class Built:
     train_output: str = "Tensor"
     notes: list[str] = field(default_factory=list)
     changes: list[Change] = field(default_factory=list)
+    adapters: list[Adapter] = field(default_factory=list)
 
     def group_of(self) -> dict[str, str]:
         """Parameter name -> group name."""
@@ -238,6 +241,7 @@ def build(spec: Spec, *, state_dict: Mapping[str, torch.Tensor] | None = None, r
         original = model.state_dict()
         if plan.model is None:
             apply_surgery(model, plan.inserts)
+            apply_adapters(model, plan.adapters)
         else:
             model = plan.model
     # --- surgery applied: groups, then the weights, every tensor accounted for
@@ -252,7 +256,7 @@ def build(spec: Spec, *, state_dict: Mapping[str, torch.Tensor] | None = None, r
         state,
         source,
         head=backbone.head,
-        inserted=inserted,
+        inserted=inserted + adapter_keys(model),  # adapter tensors are new, like an inserted module's
         report=report,
         reset_head=spec.model.reset_head and state_dict is None,
         changes=plan.changes,
@@ -260,7 +264,7 @@ def build(spec: Spec, *, state_dict: Mapping[str, torch.Tensor] | None = None, r
     )
     # --- the surgered model probed once more
     size = plan.input_size
-    after = _probe(spec, model, size, "surgered model") if plan.inserts or plan.changes else shapes
+    after = _probe(spec, model, size, "surgered model") if plan.inserts or plan.changes or plan.adapters else shapes
     model.train()
     return Built(
         spec=spec,
@@ -276,6 +280,7 @@ def build(spec: Spec, *, state_dict: Mapping[str, torch.Tensor] | None = None, r
         train_output=output_type,
         notes=list(backbone.notes),
         changes=plan.changes,
+        adapters=plan.adapters,
     )
 
 
@@ -307,4 +312,5 @@ def _empty_report(spec: Spec, plan: Plan) -> LoadReport:
         + [s.with_ for s in spec.surgery if ":" in getattr(s, "with_", "")],
         inserted_modules=[i.describe() for i in plan.inserts],
         changed_modules=[c.describe() for c in plan.changes],
+        adapters=[a.describe() for a in plan.adapters],
     )

@@ -83,6 +83,8 @@ def _selects(
         return any(covers(p, name) for p in inserted)
     if sel.pattern == "@head":
         return any(covers(p, name) for p in head)
+    if sel.pattern == "@norm":  # norm-only tuning: the parameters of every normalization layer
+        return isinstance(modules.get(name.rpartition(".")[0]), NORM_TYPES)
     if sel.type is not None:
         parts = name.split(".")
         return any(
@@ -182,6 +184,13 @@ def _selected_nothing(
             "'@inserted' selects nothing: the spec inserts no module with parameters",
             found="@inserted",
             expected="a surgery section that inserts modules, or another pattern",
+        )
+    if sel.pattern == "@norm":
+        return spec.error(
+            sel.where,
+            "'@norm' selects nothing: the model has no normalization layer with parameters",
+            found="@norm",
+            expected="a model with BatchNorm, GroupNorm or LayerNorm layers",
         )
     if sel.pattern == "@head":
         return spec.error(

@@ -6,7 +6,8 @@
   `layer*` is layer1..layer4, `layer*.*.bn2` every bn2 one block down.
 - `**` stands for any number of parts (none included): `**.bn2` is every module named bn2.
 - `{type: MaxPool2d}` selects modules by class name (or `torch.nn.MaxPool2d`, the full name).
-- `@inserted` selects every inserted module, `@head` the classifier head.
+- `@inserted` selects every inserted module, `@head` the classifier head; in groups, `@norm`
+  selects the parameters of every normalization layer (norm-only tuning).
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ from typing import Any, Mapping, Sequence
 from torch import nn
 
 from ..errors import describe_exception
-from ..spec import InsertSpec, RemoveSpec, ReplaceSpec, Spec
+from ..spec import InsertSpec, LoraSpec, RemoveSpec, ReplaceSpec, Spec
+from .adapters import Adapter, apply_adapters, plan_lora
 from .insert import Insertion, Shapes, _matched_nothing, apply_surgery, insert_targets, plan_insert, plan_surgery, probe
 from .paths import select_modules
 from .replace import (
@@ -59,6 +60,9 @@ class Plan:
     input_size: tuple[int, ...]
     head: tuple[str, ...] = ()
     order: list[object] = field(default_factory=list)
+    adapters: list[Adapter] = field(
+        default_factory=list
+    )  # LoRA: applied by `apply_surgery`'s caller on the direct path
 
 
 def changes_keys(spec: Spec) -> bool:
@@ -204,9 +208,11 @@ class _Planner:
         self.inserts: list[Insertion] = []
         self.taken: dict[str, set[str]] = {}
         self.head_slot: tuple[Change, nn.Module] | None = None  # the declared head's change, its module
+        self.adapters: list[Adapter] = []
 
     def change(self, kind: str, path: str, where: tuple, new: nn.Module, words: str, **extra: Any) -> Change:
         self.ledger.check_change(path, kind, where)
+        self.check_adapted(path, f"{kind} it", where + ((kind,) if where[0] == "surgery" else ()))
         old = self.work.get_submodule(path)
         c = Change(
             kind,
@@ -332,11 +338,32 @@ class _Planner:
             p: m for p, m in self.work.named_modules() if not any(p == q or p.startswith(q + ".") for q in inserted)
         }
 
+    def check_adapted(self, path: str, doing: str, where: tuple) -> None:
+        """A module that carries a LoRA adapter from an earlier entry cannot be changed or inserted at."""
+        for ad in self.adapters:
+            if _within(path, ad.path):
+                first = entry_label(self.spec, ("surgery", ad.index))
+                raise self.spec.error(
+                    where,
+                    f"this entry would {doing} at {path}, where {first} put a LoRA adapter on {ad.path}",
+                    found=path,
+                    expected="a module no LoRA entry adapts",
+                    hint="move the LoRA entry below this one, or target another module",
+                )
+
+    def lora(self, item: LoraSpec) -> None:
+        taken = {c.path: c.where for c in self.changes if c.kind == "remove"}
+        taken.update({i.target: ("surgery", i.index) for i in self.inserts})
+        planned = plan_lora(self.spec, item, self.targets(), taken, self.adapters)
+        apply_adapters(self.work, planned)
+        self.adapters.extend(planned)
+
     def insert(self, item: InsertSpec) -> None:
         modules = self.targets()
         targets = insert_targets(self.spec, item, modules, self.head)
         for t in targets:
             self.ledger.check_insert(t, ("surgery", item.index, "at"))
+            self.check_adapted(t, "insert", ("surgery", item.index, "at"))
         planned = plan_insert(self.spec, item, modules, self.shapes, self.head, self.taken, targets)
         apply_surgery(self.work, planned)
         for ins in planned:
@@ -389,7 +416,14 @@ def plan_operations(
         SpecError: at the entry (and naming any earlier entry it collides with) for every misuse.
     """
     if not changes_keys(spec):
-        return Plan(plan_surgery(spec, model, shapes, head), [], None, shapes, tuple(size), tuple(head))
+        inserts = plan_surgery(spec, model, shapes, head)
+        taken = {i.target: ("surgery", i.index) for i in inserts}  # an insert's target, whichever entry comes first
+        own = dict(model.named_modules())
+        adapters: list[Adapter] = []
+        for item in spec.surgery:
+            if isinstance(item, LoraSpec):
+                adapters.extend(plan_lora(spec, item, own, taken, adapters))
+        return Plan(inserts, [], None, shapes, tuple(size), tuple(head), adapters=adapters)
     planner = _Planner(spec, model, shapes, head, size)
     if spec.model.channels != 3:
         planner.in_chans()
@@ -397,14 +431,30 @@ def plan_operations(
         planner.declared_head()
     for item in spec.surgery:
         planner.ledger.check_gone(
-            item.at if isinstance(item, InsertSpec) else item.replace if isinstance(item, ReplaceSpec) else item.remove
+            item.at
+            if isinstance(item, InsertSpec)
+            else item.replace
+            if isinstance(item, ReplaceSpec)
+            else item.lora
+            if isinstance(item, LoraSpec)
+            else item.remove
         )
         if isinstance(item, InsertSpec):
             planner.insert(item)
+        elif isinstance(item, LoraSpec):
+            planner.lora(item)
         else:
             planner.replace_or_remove(item)
     planner.finish_head()
-    return Plan(planner.inserts, planner.changes, planner.work, planner.shapes, planner.size, tuple(head))
+    return Plan(
+        planner.inserts,
+        planner.changes,
+        planner.work,
+        planner.shapes,
+        planner.size,
+        tuple(head),
+        adapters=planner.adapters,
+    )
 
 
 __all__ = ["Plan", "plan_operations", "changes_keys"]

@@ -11,6 +11,7 @@ from rich.tree import Tree
 from torch import nn
 
 from ..train.schedule import schedule_table, trainable_at, unfreeze_epochs
+from .adapters import is_adapted
 from .builder import Built
 from .insert import Inserted
 from .paths import type_names
@@ -37,6 +38,7 @@ def module_records(built: Built) -> list[dict[str, Any]]:
     owner = built.group_of()
     inserted = {i.path for i in built.inserted}
     changed = {c.path: f"{c.kind}: {c.label}" for c in built.changes}
+    adapters = {a["path"]: a for a in built.report.adapters}
     records = []
     for path, module in built.model.named_modules():
         groups = list(dict.fromkeys(owner[f"{path}.{n}" if path else n] for n, _ in module.named_parameters()))
@@ -52,6 +54,7 @@ def module_records(built: Built) -> list[dict[str, Any]]:
                 "inserted": path in inserted or any(path.startswith(p + ".") for p in inserted),
                 "group": groups[0] if len(groups) == 1 else (groups or None),
                 "changed": changed.get(path),  # "replace: surgery[0] (line 7): ...", or None
+                "lora": adapters.get(path),  # {"rank", "alpha", "params", ...} of its LoRA adapter, or None
             }
         )
     return records
@@ -85,6 +88,9 @@ def module_tree(built: Built, depth: int | None = None) -> Tree:
                     else f"  [{label.partition(': ')[0]}]",
                     style="yellow",
                 )
+            if is_adapted(child):
+                lora = rec["lora"]
+                text.append(f"  [LoRA r={lora['rank']} +{_human(lora['params'])}]", style="green")
             if rec["params"]:
                 text.append(f"  {_human(rec['params'])}")
             if rec["output_shape"]:
@@ -111,9 +117,11 @@ def groups_table(built: Built, epoch: int = 0) -> Table:
     starts = unfreeze_epochs(built.spec)
     trains = {g.name: trainable_at(g.spec, epoch, starts[g.name]) for g in built.groups}
     counts = {g.name: sum(params[p].numel() for p in g.params) for g in built.groups}
-    total = sum(counts.values())
+    total = sum(p.numel() for p in params.values())
     trainable = sum(n for name, n in counts.items() if trains[name])
-    table.caption = f"trainable at epoch {epoch}: {_human(trainable)} of {_human(total)} parameters"
+    table.caption = (
+        f"trainable at epoch {epoch}: {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
+    )
     for g in built.groups:
         n = counts[g.name]
         lr = ", ".join(f"{lr:g} from {e}" if len(g.spec.lr) > 1 else f"{lr:g}" for e, lr in g.spec.lr)
@@ -154,7 +162,7 @@ def report_table(report: LoadReport) -> RichGroup:
     table.add_row(
         "re-initialised", str(len(report.reinitialised)), "; ".join(sorted(set(report.reinitialised.values()))) or "-"
     )
-    table.add_row("new", str(len(report.new)), "inserted modules")
+    table.add_row("new", str(len(report.new)), "inserted modules" + (", LoRA adapters" if report.adapters else ""))
     if report.defaulted:
         table.add_row("defaulted", str(len(report.defaulted)), "BatchNorm step counters absent from the file")
     if report.mapped:
@@ -181,6 +189,14 @@ def report_table(report: LoadReport) -> RichGroup:
                 _human(m["params"]),
             )
         parts.append(ins)
+    if report.adapters:
+        lora = Table(title="LoRA adapters (the layer's own weight and bias load as they are)")
+        for col in ("path", "layer", "rank", "alpha", "targets", "params"):
+            lora.add_column(col)
+        for a in report.adapters:
+            targets = ", ".join(a["targets"]) if a["targets"] else "all"
+            lora.add_row(a["path"], a["type"], str(a["rank"]), f"{a['alpha']:g}", targets, _human(a["params"]))
+        parts.append(lora)
     if report.changed_modules:
         ch = Table(title="changed modules")
         for col in ("path", "change", "old", "new", "by"):

@@ -37,7 +37,8 @@ class LoadReport:
     tensors is named with the entry responsible: `kept` (loaded bit for bit from the old module's
     tensor of the same name and shape; also in `loaded`), `adapted` (the first convolution's
     filters for model.in_chans), `reinitialised`, and `dropped` (file tensors the new module has
-    no place for).
+    no place for). `adapters` describes each LoRA adapter; its `lora_A` / `lora_B` keys are `new`,
+    and the adapted layer's own `weight` and `bias` load under their own names like any other.
     """
 
     source: str = "random initialisation"
@@ -54,6 +55,7 @@ class LoadReport:
     adapted: dict[str, str] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)
     changed_modules: list[dict[str, Any]] = field(default_factory=list)
+    adapters: list[dict[str, Any]] = field(default_factory=list)  # LoRA: path, rank, alpha, params (keys in `new`)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

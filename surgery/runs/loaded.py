@@ -96,6 +96,7 @@ class LoadedRun:
 def load(run: TrainedRun, device: Any = None, weights: str | None = None) -> LoadedRun:
     """`Run.load`: see there."""
     from ..data import normalization
+    from ..model.adapters import merge_adapters
     from ..model.builder import build
     from ..spec import load_spec
     from ..train.runtime import device_for
@@ -116,6 +117,8 @@ def load(run: TrainedRun, device: Any = None, weights: str | None = None) -> Loa
         ) from None
     built = build(spec)  # the architecture only: pretrained is off, the weights come next, strictly
     load_strict(built.model, state, path, run.path)
+    # LoRA written into the weights: the backbone's own layers, the very tensors the adapted layers computed
+    merge_adapters(built.model)
     model = built.model.to(target).eval()
     size = spec.data.image_size
     config = dict(built.data_config)

@@ -37,6 +37,7 @@ from .sections import (
     HeadSpec,
     InsertSpec,
     LogSpec,
+    LoraSpec,
     MixupSpec,
     MlflowSpec,
     ModelSpec,
@@ -82,13 +83,17 @@ def _lr(value: Any, where: tuple, source: Source) -> tuple[tuple[int, float], ..
     return steps
 
 
-_OPERATIONS = {"insert": ("at",), "replace": ("with",), "remove": ()}  # operation -> keys it needs
+_OPERATIONS = {"insert": ("at",), "replace": ("with",), "remove": (), "lora": ()}  # operation -> keys it needs
 _ONLY = {
     "at": "insert",
     "position": "insert",
     "init": "insert",
     "with": "replace",
     "allow_shape_change": "replace",
+    "rank": "lora",
+    "alpha": "lora",
+    "dropout": "lora",
+    "targets": "lora",
 }  # key -> the one operation it belongs to
 
 
@@ -102,7 +107,7 @@ def _check_entries(data: dict, source: Source) -> None:
                 where,
                 "a surgery entry is one operation" if ops else "a surgery entry names no operation",
                 found=", ".join(ops) if ops else ", ".join(map(str, entry)) or "{}",
-                expected="exactly one of insert (+ at), replace (+ with), remove",
+                expected="exactly one of insert (+ at), replace (+ with), remove, lora",
                 hint="split it into one entry per operation; they apply in order" if ops else None,
             )
         op = ops[0]
@@ -126,12 +131,14 @@ def _check_entries(data: dict, source: Source) -> None:
                     if op != "remove" or key != "with"
                     else "to put another module in its place, use replace: ... with: ...",
                 )
-        if op == "remove" and "args" in entry:
+        if op in ("remove", "lora") and "args" in entry:
             raise source.error(
                 where + ("args",),
-                "remove takes no arguments",
+                f"{op} takes no arguments",
                 found=quote_value(entry["args"]),
-                expected="remove: TARGET alone",
+                expected="remove: TARGET alone"
+                if op == "remove"
+                else "lora: TARGET with rank, alpha, dropout, targets",
             )
 
 
@@ -144,6 +151,15 @@ def _surgery_entry(s: dict, i: int) -> SurgeryEntry:
             i,
             bool(s.get("allow_shape_change", False)),
         )
+    if "lora" in s:
+        return LoraSpec(
+            _selectors(s["lora"], ("surgery", i, "lora")),
+            int(s.get("rank", 8)),
+            float(s.get("alpha", 16)),
+            float(s.get("dropout", 0.0)),
+            tuple(s.get("targets", ())),
+            i,
+        )
     if "remove" in s:
         return RemoveSpec(_selectors(s["remove"], ("surgery", i, "remove")), i)
     return InsertSpec(s["insert"], _selectors(s["at"], ("surgery", i, "at")), s["position"], s["init"], s["args"], i)
@@ -155,6 +171,17 @@ def _unfreeze(value: Any, where: tuple) -> tuple[int | None, UnfreezeRule | None
         plateau = MonitorSpec.parse(value["plateau"]) if "plateau" in value else None
         return None, UnfreezeRule(value.get("after"), value.get("epochs"), plateau, where)
     return (None if value == "never" else int(value)), None
+
+
+def _default_groups(data: dict) -> list[dict]:
+    """One group that trains everything; with LoRA entries, the adapters and the head train and
+    the pretrained weights stay frozen (the point of an adapter)."""
+    if any("lora" in s for s in data["surgery"]):
+        return [
+            {"name": "adapters", "params": ["**.lora_A", "**.lora_B", "@head"]},
+            {"name": "frozen", "params": "*", "unfreeze_at": "never"},
+        ]
+    return [{"name": "all", "params": "*"}]
 
 
 def _typed(data: dict, source: Source) -> Spec:
@@ -179,11 +206,11 @@ def _typed(data: dict, source: Source) -> Spec:
     for s in data["surgery"]:  # fill_defaults wrote insert's defaults into every entry
         if "insert" not in s:
             s.pop("position", None), s.pop("init", None)
-            if "remove" in s:
+            if "remove" in s or "lora" in s:
                 s.pop("args", None)
     inserts = tuple(_surgery_entry(s, i) for i, s in enumerate(data["surgery"]))
     default_groups = "groups" not in data
-    raw_groups = data.get("groups") or [{"name": "all", "params": "*"}]
+    raw_groups = data.get("groups") or _default_groups(data)
     default_lr = data["train"]["optimizer"]["lr"]
     groups = []
     seen: dict[str, int] = {}
@@ -455,6 +482,7 @@ __all__ = [
     "ModelSpec",
     "HeadSpec",
     "InsertSpec",
+    "LoraSpec",
     "ReplaceSpec",
     "RemoveSpec",
     "SurgeryEntry",

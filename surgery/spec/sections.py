@@ -89,7 +89,20 @@ class RemoveSpec:
     index: int
 
 
-SurgeryEntry = InsertSpec | ReplaceSpec | RemoveSpec
+@dataclass(frozen=True)
+class LoraSpec:
+    """`lora: TARGET`: a low-rank update (rank, alpha / rank scaling) added to each matched Linear or
+    Conv2d weight; `targets` picks q, k and/or v of a fused qkv Linear (`surgery.model.adapters`)."""
+
+    lora: tuple[Selector, ...]
+    rank: int
+    alpha: float
+    dropout: float
+    targets: tuple[str, ...]  # () for the whole layer
+    index: int
+
+
+SurgeryEntry = InsertSpec | ReplaceSpec | RemoveSpec | LoraSpec
 
 
 @dataclass(frozen=True)

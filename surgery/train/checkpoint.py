@@ -179,7 +179,9 @@ def first_difference(a: Any, b: Any, path: tuple = ()) -> tuple:
 def check_resumable(state: Mapping[str, Any], spec: Spec, path: Path, run_dir: Path, world_size: int) -> str | None:
     """Refuse a resume with another spec or, mid-epoch, another number of processes; return a note
     when only the data order changes (another number of processes at an epoch boundary)."""
-    mine = json.loads(json.dumps(spec.raw))
+    # both sides with every default filled in: loading drops insert's defaults (position, init, args)
+    # from the entries of other operations (remove, lora), and the stored spec gets them back here
+    mine = fill_defaults(json.loads(json.dumps(spec.raw)))
     theirs = state.get("spec")
     if isinstance(theirs, dict):  # a key added to the schema since the run started takes its default there too
         theirs = fill_defaults(theirs)
@@ -187,7 +189,7 @@ def check_resumable(state: Mapping[str, Any], spec: Spec, path: Path, run_dir: P
     if isinstance(resolved, dict):
         resolved = fill_defaults(resolved)
     # the spec as written (the same file again) or as spec.yaml keeps it (paths made absolute)
-    if theirs != mine and (resolved is None or resolved != spec.resolved_raw()):
+    if theirs != mine and (resolved is None or resolved != fill_defaults(spec.resolved_raw())):
         where = format_path(first_difference(theirs, mine))
         raise RunDirError(
             f"cannot resume: the spec differs from the one this run started with (at {where})",

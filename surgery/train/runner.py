@@ -167,7 +167,8 @@ def _begin(ctx: Context, rundir: RunDir, resume: bool, say: Callable) -> Journey
     processes = f"; {env.world_size} processes x batch {spec.train.batch_size}" if env.enabled else ""
     say(
         f"{spec.name}: {spec.model.backbone}, {len(ctx.built.inserted)} modules inserted, "
-        f"{len(ctx.built.report.loaded)} pretrained tensors loaded; {ctx.data.describe}; {ctx.runtime.describe()}"
+        + (f"{len(ctx.built.adapters)} LoRA adapters, " if ctx.built.adapters else "")
+        + f"{len(ctx.built.report.loaded)} pretrained tensors loaded; {ctx.data.describe}; {ctx.runtime.describe()}"
         f"{processes}",
         markup=False,
         soft_wrap=True,

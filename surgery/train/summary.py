@@ -47,6 +47,8 @@ def summary_of(
         "params": {
             "total": sum(p.numel() for p in ctx.model.parameters()),
             "inserted": sum(m["params"] for m in ctx.built.report.inserted_modules),
+            "adapters": sum(a["params"] for a in ctx.built.report.adapters),
+            "trainable_at_end": sum(p.numel() for p in ctx.model.parameters() if p.requires_grad),
         },
         "versions": {
             "torch": torch.__version__,

@@ -327,7 +327,7 @@ def test_inspect_shows_trainable_parameters_per_group(tmp_path, capsys, monkeypa
         line.split("│")[1].strip(): line.split("│") for line in out.splitlines() if "│ @head" in line or "│ *" in line
     }
     assert rows["head"][4].strip() == "5.1k" and rows["body"][4].strip() == "0"  # body frozen at epoch 0
-    assert "trainable at epoch 0: 5.1k of 11.2M parameters" in out
+    assert "trainable at epoch 0: 5,130 of 11,181,642 parameters (0.05%)" in out
     assert "x 0.5^depth" in rows["body"][5]
 
 

@@ -13,6 +13,7 @@ parameters are compared bit for bit after every epoch. ``train.batch_size`` is p
 
 from __future__ import annotations
 
+import json
 import shlex
 import signal
 import time
@@ -29,6 +30,7 @@ from ..runs import layout
 from ..runs.reader import read_metrics
 from ..runs.writer import RunDir, load_safetensors, save_safetensors, save_torch, write_metrics
 from ..spec import Spec
+from .autotune import Candidate
 from .checkpoint import check_resumable, checkpoint_state, load_checkpoint, restore
 from .context import Context, prepare
 from .distributed import RanksDiverged, broadcast_state, diverged, setup
@@ -103,7 +105,8 @@ def run(
     rundir = RunDir(out_dir)
     env.on_main(lambda: rundir.claim(resume=resume, overwrite=overwrite))
     try:
-        ctx = prepare(spec, device=device, runs_root=runs_root or rundir.path.parent, env=env)
+        settings = resumed_settings(rundir.path) if resume else None
+        ctx = prepare(spec, device=device, runs_root=runs_root or rundir.path.parent, env=env, settings=settings)
         journey = _begin(ctx, rundir, resume, say)
         with Trackers(
             spec, rundir.folder, journey.rows, env=env, say=lambda text: say(text, markup=False, soft_wrap=True)
@@ -145,6 +148,7 @@ def _begin(ctx: Context, rundir: RunDir, resume: bool, say: Callable) -> Journey
         def write_start() -> None:
             write_text(rundir.folder / layout.SPEC, spec.to_yaml())
             write_json(rundir.folder / layout.LOAD_REPORT, ctx.built.report.to_dict())
+            write_json(rundir.folder / layout.TUNING, ctx.tuning.record())
             write_json(rundir.folder / layout.CLASSES, ctx.data.classes)
             write_json(
                 rundir.folder / layout.SPLITS,
@@ -161,9 +165,21 @@ def _begin(ctx: Context, rundir: RunDir, resume: bool, say: Callable) -> Journey
         markup=False,
         soft_wrap=True,
     )
+    if ctx.tuning.describe():
+        say(ctx.tuning.describe(), markup=False, soft_wrap=True)
     for note in ctx.built.notes:
         say(f"note: {note}", markup=False, soft_wrap=True)
     return journey
+
+
+def resumed_settings(folder: Path) -> Candidate | None:
+    """The settings a run decided when it started (its tuning.json), which its resume keeps, so
+    that it continues with the same numerics; None when it has none (then they are decided again)."""
+    try:
+        chosen = json.loads((Path(folder) / layout.TUNING).read_text(encoding="utf-8"))["chosen"]
+        return Candidate(bool(chosen["channels_last"]), str(chosen["precision"]), chosen["compile"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _resuming(spec: Spec, journey: Journey, last: Path, stopped_at: int | None = None) -> str:

@@ -41,7 +41,7 @@ from torch import nn
 from ..files import write_json
 
 ROUNDS = 3  # timed steps per candidate (fewer once the budget is spent)
-BUDGET_SECONDS = 4.0  # the trial stops adding rounds after this long (each candidate keeps >= 1 step)
+BUDGET_SECONDS = 3.0  # the trial stops adding rounds after this long (each candidate keeps >= 1 step)
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,7 @@ def trial(
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
     *,
     rounds: int = ROUNDS,
-    budget: float = BUDGET_SECONDS,
+    budget: float | None = None,
 ) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Time each candidate: one warm-up step each (its compilation, for a compiled one), then
     `rounds` rounds of one step per candidate in turn. Every global RNG is put back afterwards.
@@ -231,6 +231,7 @@ def trial(
     """
     from .runtime import rng_state, set_rng_state
 
+    budget = BUDGET_SECONDS if budget is None else budget
     saved = rng_state()
     try:
         steps = {c.label: _setup(model, c, x, make_optimizer) for c in cands}

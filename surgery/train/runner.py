@@ -13,9 +13,11 @@ parameters are compared bit for bit after every epoch. ``train.batch_size`` is p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import signal
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ from ..data import split_record
 from ..files import write_json, write_text
 from ..runs import layout
 from ..runs.reader import read_metrics
-from ..runs.writer import RunDir, load_safetensors, save_safetensors, save_torch, write_metrics
+from ..runs.writer import RunDir, load_safetensors, save_safetensors, save_torch, snapshot, write_metrics
 from ..spec import Spec
 from .autotune import Candidate
 from .checkpoint import check_resumable, checkpoint_state, load_checkpoint, restore
@@ -64,6 +66,7 @@ class Journey:
     best: dict[str, Any] = field(default_factory=lambda: {"epoch": None, "val_acc": -1.0})
     rows: list[dict[str, Any]] = field(default_factory=list)
     kept: str = "no checkpoint was written yet"
+    last_val: EpochResult | None = None  # the last epoch's validation: the final model's, unless it changes
 
 
 def run(
@@ -251,7 +254,8 @@ def _train(
                     )
                 # --- validate, record, save
                 _check_ranks(ctx, rundir, epoch, journey.kept)
-                row = _validate(ctx, epoch, flags, result)
+                row, val = _validate(ctx, epoch, flags, result)
+                journey.last_val = val if epoch == total - 1 else None
                 progress.line(epoch_line(row, total))
                 for line in _decide(ctx, epoch, row):
                     say(line, markup=False, soft_wrap=True)
@@ -268,8 +272,10 @@ def _train(
         raise TrainingStopped(f"stopped at once by a second interrupt; {journey.kept}. Resume with: {hint}") from None
 
 
-def _validate(ctx: Context, epoch: int, flags: Mapping[str, bool], result: EpochResult) -> dict[str, Any]:
-    """Evaluate after an epoch, step the plateau tracker, and return the epoch's metrics row."""
+def _validate(
+    ctx: Context, epoch: int, flags: Mapping[str, bool], result: EpochResult
+) -> tuple[dict[str, Any], EpochResult]:
+    """Evaluate after an epoch, step the plateau tracker; return the epoch's metrics row and the evaluation."""
     lrs = lrs_at(ctx.spec, epoch, ctx.plateau.current, ctx.unfreeze.starts)
     val = evaluate(ctx)
     ctx.plateau.step(val.loss)
@@ -300,7 +306,7 @@ def _validate(ctx: Context, epoch: int, flags: Mapping[str, bool], result: Epoch
         row["val_acc_ema"] = ema.acc
         if ema.mean_ap is not None:
             row["val_map_ema"] = ema.mean_ap
-    return row
+    return row, val
 
 
 def _decide(ctx: Context, epoch: int, row: dict[str, Any]) -> list[str]:
@@ -339,7 +345,9 @@ def best_key(spec: Spec) -> str:
 
 
 def _save_epoch(ctx: Context, rundir: RunDir, journey: Journey, row: dict[str, Any]) -> None:
-    """metrics.jsonl, last.pt and (when the epoch is the best so far) best.safetensors."""
+    """metrics.jsonl now; last.pt and (when the epoch is the best so far) best.safetensors in the
+    background, from a copy of the state, while the next epoch trains (the previous epoch's
+    writes are finished first, so they land in order)."""
     epoch = row["epoch"]
     journey.rows.append(row)
     key = best_key(ctx.spec)
@@ -349,21 +357,27 @@ def _save_epoch(ctx: Context, rundir: RunDir, journey: Journey, row: dict[str, A
         if key != "val_acc":
             journey.best[key] = row[key]
     checkpoint = checkpoint_state(ctx, epoch + 1, journey.best, journey.rows)
+    ctx.dist.on_main(rundir.writes.wait)
 
     def write() -> None:
-        if improved:
-            save_safetensors(
-                rundir.folder / layout.BEST, ctx.model.state_dict(), {"epoch": str(epoch), key: f"{row[key]:.6f}"}
-            )
         write_metrics(rundir.folder / layout.METRICS, journey.rows)
-        save_torch(rundir.checkpoint, checkpoint)
+        state = snapshot(checkpoint)  # training changes the tensors in place from here on
+        meta = {"epoch": str(epoch), key: f"{row[key]:.6f}"}
+        rundir.writes.submit(lambda: _write_checkpoint(rundir, state, improved, meta))
 
     ctx.dist.on_main(write)
     journey.kept = _kept(rundir.checkpoint, epoch + 1, None)
 
 
+def _write_checkpoint(rundir: RunDir, state: dict[str, Any], improved: bool, meta: dict[str, str]) -> None:
+    if improved:
+        save_safetensors(rundir.folder / layout.BEST, state["model"], meta)
+    save_torch(rundir.checkpoint, state)
+
+
 def _save_interrupted(ctx: Context, rundir: RunDir, journey: Journey, epoch: int, state: EpochState) -> None:
     checkpoint = checkpoint_state(ctx, epoch, journey.best, journey.rows, partial=state)
+    ctx.dist.on_main(rundir.writes.wait)
     ctx.dist.on_main(lambda: save_torch(rundir.checkpoint, checkpoint))
 
 
@@ -373,9 +387,14 @@ def _finish(
     """Evaluate the final model and write model.safetensors, summary.json and the plots."""
     spec = ctx.spec
     stopped = ctx.early_stop.stopped_at is not None
+    if ctx.dist.is_main:  # matplotlib loads while the final weights are written
+        threading.Thread(target=_load_drawing, daemon=True).start()
     if stopped:
+        ctx.dist.on_main(rundir.writes.wait)  # best.safetensors is on disk
         _restore_best(ctx, rundir)
-    final = evaluate(ctx)
+    # the last epoch's validation is the final model's, unless the best epoch's weights came back
+    # (or a resume found every epoch trained): then it is evaluated again
+    final = journey.last_val if journey.last_val is not None and not stopped else evaluate(ctx)
     _check_ranks(ctx, rundir, spec.train.epochs - 1, journey.kept)
     # stopped early, the final figures are those of the restored best epoch; `final` stays the last row
     summary = {
@@ -390,6 +409,7 @@ def _finish(
             save_safetensors(rundir.folder / layout.EMA, ctx.ema.module.state_dict(), {"spec": spec.name})
         write_json(rundir.folder / layout.SUMMARY, summary)
         write_drawn_files(rundir.folder, spec, say)
+        rundir.writes.wait()  # the last epoch's checkpoint, written meanwhile
 
     ctx.dist.on_main(write)
     trackers.finish(summary)
@@ -408,6 +428,13 @@ def _finish(
         soft_wrap=True,
     )
     return summary
+
+
+def _load_drawing() -> None:
+    """Import what the plots are drawn with (about a second), off the critical path."""
+    with contextlib.suppress(Exception):  # the drawing itself reports any problem
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.figure  # noqa: F401
 
 
 def _restore_best(ctx: Context, rundir: RunDir) -> None:

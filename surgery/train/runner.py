@@ -407,9 +407,11 @@ def _finish(
         save_safetensors(rundir.folder / layout.FINAL, ctx.model.state_dict(), {"spec": spec.name})
         if ctx.ema is not None:
             save_safetensors(rundir.folder / layout.EMA, ctx.ema.module.state_dict(), {"spec": spec.name})
+        # the last epoch's checkpoint, written meanwhile, is on disk before summary.json says the
+        # run is finished (a failed write stops the run resumable, never finished-looking)
+        rundir.writes.wait()
         write_json(rundir.folder / layout.SUMMARY, summary)
         write_drawn_files(rundir.folder, spec, say)
-        rundir.writes.wait()  # the last epoch's checkpoint, written meanwhile
 
     ctx.dist.on_main(write)
     trackers.finish(summary)

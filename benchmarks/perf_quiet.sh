@@ -11,6 +11,8 @@ set -e
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 uptime
+# 0. where a whole run's time goes now (cProfile shares of one in-process run)
+python benchmarks/run_profile.py
 # 1. training-phase throughput: the weak and the strong plain loop against the engine (defaults:
 #    channels_last auto, fp32), alternating fresh processes, median of 3; head-only's cache lead
 python benchmarks/loops.py --case resnet18-cbam-64 --case head-only-32 --repeats 3 --steps 20 \

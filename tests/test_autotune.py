@@ -177,3 +177,15 @@ def test_an_unreadable_cache_entry_means_a_new_trial(cache, monkeypatch):
         path.write_text("{oops")
     assert prepare(_spec()).tuning.source == "trial" and len(calls) == 2
     assert prepare(_spec()).tuning.source == "cache" and len(calls) == 2
+
+
+def test_a_failed_trial_falls_back_to_the_provisional_settings_and_is_not_cached(cache, monkeypatch):
+    def fail(*a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(autotune, "trial", fail)
+    ctx = prepare(_spec())
+    assert ctx.tuning.source.startswith("fallback: the trial failed (RuntimeError: out of memory")
+    assert ctx.runtime.channels_last is True  # the first candidate: what `auto` meant before a measurement
+    assert "the trial failed" in ctx.tuning.describe()
+    assert not list(cache.glob("*.json"))

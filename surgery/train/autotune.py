@@ -58,7 +58,9 @@ class Candidate:
 
 @dataclass
 class Tuning:
-    """What was decided, and how: ``source`` is 'explicit' (nothing to choose), 'trial', 'cache' or 'resumed'."""
+    """What was decided, and how: ``source`` is 'explicit' (nothing to choose), 'trial', 'cache',
+    'resumed' (a resumed run keeps its own), or 'fallback: ...' (the trial failed: the first
+    candidate, never cached)."""
 
     chosen: Candidate
     source: str
@@ -88,6 +90,8 @@ class Tuning:
         if self.source == "resumed":
             return f"settings as the run started: {self.chosen.label}"
         steps = ", ".join(f"{label} {min(t) * 1000:.1f} ms" for label, t in self.timings.items())
+        if self.source.startswith("fallback"):
+            return f"settings: {self.chosen.label} ({self.source})"
         how = f"trial of {self.seconds:.1f} s" if self.source == "trial" else "cached trial, 0 s"
         return f"settings by measurement: {self.chosen.label} (fastest step: {steps}; {how})"
 
@@ -205,7 +209,9 @@ def _setup(
         with torch.autocast(x.device.type, dtype=dtype) if dtype else nullcontext():
             out = forward(xs)
         # a label-free loss: its own cost is negligible, the backward pass is the model's
-        out.float().square().mean().backward()
+        loss = out.float().square().mean()
+        if loss.requires_grad:  # nothing trainable: a forward-only step
+            loss.backward()
         optimizer.step()
         if cuda:
             torch.cuda.synchronize(x.device)
@@ -301,8 +307,14 @@ def tune(
         tuning = Tuning(cands[0], "cache", times, 0.0, key)
     else:
         start = time.perf_counter()
-        times, warm = trial(model, cands, x, make_optimizer)
-        tuning = Tuning(cands[0], "trial", times, time.perf_counter() - start, key)
+        try:
+            times, warm = trial(model, cands, x, make_optimizer)
+            source = "trial"
+        except Exception as exc:  # noqa: BLE001 - a failed trial (memory, an operator) must not fail the run
+            times = {c.label: [float(i)] for i, c in enumerate(cands)}  # the first candidate, the provisional one
+            warm = {c.label: 0.0 for c in cands}
+            source = f"fallback: the trial failed ({type(exc).__name__}: {str(exc)[:200]})"
+        tuning = Tuning(cands[0], source, times, time.perf_counter() - start, key)
     if agree is not None:  # every process decides from the same (summed) figures
         fastest = agree(torch.tensor([min(times[c.label]) for c in cands], dtype=torch.float64))
         times = {c.label: [float(m)] for c, m in zip(cands, fastest.tolist())}

@@ -102,7 +102,8 @@ def test_the_trial_leaves_model_and_random_state_untouched(cache):
 
 
 def test_auto_times_records_and_caches_the_choice_and_a_resume_keeps_it(cache, tmp_path, monkeypatch, one_thread):
-    monkeypatch.setattr(autotune, "BUDGET_SECONDS", 0.0)  # one timed round: quick on a busy machine
+    monkeypatch.setattr(autotune, "ROUNDS", 1)  # one timed round: quick on a busy machine, and
+    monkeypatch.setattr(autotune, "BUDGET_SECONDS", 600.0)  # never cut short by one (a slow step)
     log = run_logged(TINY, tmp_path / "a")
     record = json.loads((tmp_path / "a" / "tuning.json").read_text())
     assert record["source"] == "trial" and record["trial_seconds"] > 0
@@ -189,3 +190,19 @@ def test_a_failed_trial_falls_back_to_the_provisional_settings_and_is_not_cached
     assert ctx.runtime.channels_last is True  # the first candidate: what `auto` meant before a measurement
     assert "the trial failed" in ctx.tuning.describe()
     assert not list(cache.glob("*.json"))
+
+
+def test_a_trial_longer_than_its_budget_is_cut_short(cache, monkeypatch):
+    """A step so slow that two per candidate exceed the budget: one step, then the provisional settings."""
+    monkeypatch.setattr(autotune, "BUDGET_SECONDS", 0.0)
+    calls = []
+    real = autotune._setup
+
+    def counting(*a, **k):
+        step = real(*a, **k)
+        return lambda: calls.append(1) or step()
+
+    monkeypatch.setattr(autotune, "_setup", counting)
+    ctx = prepare(_spec())
+    assert ctx.tuning.source.startswith("fallback: one step takes") and len(calls) == 2  # warm-up, one timed
+    assert ctx.tuning.record()["candidates"] == {} and ctx.runtime.channels_last is True

@@ -42,6 +42,11 @@ from ..files import write_json
 
 ROUNDS = 3  # timed steps per candidate (fewer once the budget is spent)
 BUDGET_SECONDS = 3.0  # the trial stops adding rounds after this long (each candidate keeps >= 1 step)
+RUN_SHARE = 0.02  # ... or after this share of the run's estimated training time, when that is longer
+
+
+class TooLong(RuntimeError):
+    """Even the shortest trial (two steps per candidate) would cost more than its budget."""
 
 
 @dataclass(frozen=True)
@@ -226,29 +231,48 @@ def trial(
     x: torch.Tensor,
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
     *,
-    rounds: int = ROUNDS,
+    rounds: int | None = None,
     budget: float | None = None,
+    total_steps: int = 0,
 ) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Time each candidate: one warm-up step each (its compilation, for a compiled one), then
-    `rounds` rounds of one step per candidate in turn. Every global RNG is put back afterwards.
+    `rounds` rounds of one step per candidate in turn, stopping once the budget is spent: the
+    larger of `budget` seconds and `RUN_SHARE` of the run's `total_steps` at the first step's
+    pace. Every global RNG is put back afterwards.
 
     Returns:
         (label -> timed step seconds, label -> warm-up seconds).
+
+    Raises:
+        TooLong: after the first candidate's warm-up and first timed step, when two steps per
+            candidate would exceed the budget
+            (a large model on a slow device in a short run: then nothing more is timed).
     """
     from .runtime import rng_state, set_rng_state
 
     budget = BUDGET_SECONDS if budget is None else budget
+    rounds = ROUNDS if rounds is None else rounds
     saved = rng_state()
     try:
         steps = {c.label: _setup(model, c, x, make_optimizer) for c in cands}
         start = time.perf_counter()  # the budget counts the warm-up steps too
-        warm = {label: step() for label, step in steps.items()}
+        (first, pace_step), n = next(iter(steps.items())), len(steps)
+        warm = {first: pace_step()}
         times: dict[str, list[float]] = {label: [] for label in steps}
+        times[first].append(pace_step())  # its first timed step sets the pace (the warm-up has one-off costs)
+        budget = max(budget, RUN_SHARE * times[first][0] * total_steps)
+        if 2 * n * times[first][0] > budget:
+            raise TooLong(
+                f"one step takes {times[first][0]:.1f} s: timing {n} candidates would take longer than the "
+                f"trial's budget ({budget:.1f} s)"
+            )
+        warm.update({label: step() for label, step in steps.items() if label != first})
         for i in range(rounds):
             if i and time.perf_counter() - start > budget:
                 break
             for label, step in steps.items():
-                times[label].append(step())
+                if i or label != first:
+                    times[label].append(step())
         return times, warm
     finally:
         set_rng_state(saved)
@@ -308,13 +332,18 @@ def tune(
     else:
         start = time.perf_counter()
         try:
-            times, warm = trial(model, cands, x, make_optimizer)
+            times, warm = trial(model, cands, x, make_optimizer, total_steps=total_steps)
             source = "trial"
+        except TooLong as exc:
+            times = {c.label: [float(i)] for i, c in enumerate(cands)}
+            warm = {c.label: 0.0 for c in cands}
+            source = f"fallback: {exc}"
         except Exception as exc:  # noqa: BLE001 - a failed trial (memory, an operator) must not fail the run
             times = {c.label: [float(i)] for i, c in enumerate(cands)}  # the first candidate, the provisional one
             warm = {c.label: 0.0 for c in cands}
             source = f"fallback: the trial failed ({type(exc).__name__}: {str(exc)[:200]})"
-        tuning = Tuning(cands[0], source, times, time.perf_counter() - start, key)
+        measured = times if source == "trial" else {}  # a fallback's stand-in figures are not recorded
+        tuning = Tuning(cands[0], source, measured, time.perf_counter() - start, key)
     if agree is not None:  # every process decides from the same (summed) figures
         fastest = agree(torch.tensor([min(times[c.label]) for c in cands], dtype=torch.float64))
         times = {c.label: [float(m)] for c, m in zip(cands, fastest.tolist())}

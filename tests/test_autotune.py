@@ -127,6 +127,12 @@ def test_auto_times_records_and_caches_the_choice_and_a_resume_keeps_it(cache, t
         path.unlink()
     ctx = prepare(load_spec(TINY), settings=chosen)
     assert ctx.tuning.source == "resumed" and ctx.runtime.channels_last == chosen.channels_last
+    # a run from before tuning.json resumes with what `auto` meant then (channels_last on)
+    (tmp_path / "a" / "tuning.json").unlink()
+    assert resumed_settings(tmp_path / "a") == "provisional"
+    assert resumed_settings(tmp_path / "nothing") is None
+    ctx = prepare(load_spec(TINY), settings="provisional")
+    assert ctx.tuning.source == "resumed" and ctx.runtime.channels_last is True
 
 
 @pytest.mark.parametrize(

@@ -85,14 +85,15 @@ def prepare(
     device: str | None = None,
     runs_root: Path | None = None,
     env: Distributed | None = None,
-    settings: Candidate | None = None,
+    settings: Candidate | str | None = None,
 ) -> Context:
     """Build model, data, optimizer and friends for a run (no files written).
 
     Under torchrun (or with `env`), joins the process group, shards both loaders and wraps the
     model for data parallelism; otherwise everything runs in this process. Settings left to
     measurement (``channels_last: auto``, ``precision: fastest``, ``compile: auto``) are timed
-    here (`autotune.tune`), unless `settings` gives them (a resumed run keeps its own).
+    here (`autotune.tune`), unless `settings` gives them (a resumed run keeps its own; "provisional":
+    a run resumed from before tuning.json keeps what those settings meant then).
     """
     check_compile(spec)
     runtime = make_runtime(spec, device)
@@ -178,12 +179,14 @@ def _tune(
     runtime: Runtime,
     env: Distributed,
     loaders: tuple[Any, Any],
-    settings: Candidate | None,
+    settings: Candidate | str | None,
 ) -> tuple[Runtime, Tuning]:
     """The runtime with the settings left to measurement decided (`autotune`), and how they were."""
     train, (train_loader, val_loader) = spec.train, loaders
     steps = min(len(train_loader), train.limit_batches or len(train_loader))
-    if settings is not None:
+    if settings == "provisional":  # a run from before tuning.json: what `auto` meant then
+        tuning = Tuning(Candidate(runtime.channels_last, runtime.precision, runtime.compile), "resumed")
+    elif settings is not None:
         tuning = Tuning(settings, "resumed")
     else:
         cuda = runtime.device.type == "cuda"

@@ -175,14 +175,15 @@ def _begin(ctx: Context, rundir: RunDir, resume: bool, say: Callable) -> Journey
     return journey
 
 
-def resumed_settings(folder: Path) -> Candidate | None:
+def resumed_settings(folder: Path) -> Candidate | str | None:
     """The settings a run decided when it started (its tuning.json), which its resume keeps, so
-    that it continues with the same numerics; None when it has none (then they are decided again)."""
+    that it continues with the same numerics; "provisional" for a checkpoint from before
+    tuning.json (what `auto` meant then); None without a checkpoint (they are decided afresh)."""
     try:
         chosen = json.loads((Path(folder) / layout.TUNING).read_text(encoding="utf-8"))["chosen"]
         return Candidate(bool(chosen["channels_last"]), str(chosen["precision"]), chosen["compile"])
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return "provisional" if (Path(folder) / layout.LAST).is_file() else None
 
 
 def _resuming(spec: Spec, journey: Journey, last: Path, stopped_at: int | None = None) -> str:

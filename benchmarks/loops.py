@@ -14,8 +14,12 @@ Cases:
     vgg16-cbam-64       torchvision vgg16 + CBAM after every MaxPool2d, 64 px, full fine-tune
     head-only-32        resnet18 + CBAM, only the classifier head trainable: uncached, and on cached
                         features of the frozen body (what `surgery run` does in such a stage)
+    resnet18-cbam-64    resnet18 + CBAM after layer1..4, digits at 64 px, batch 64, full fine-tune,
+                        the engine with its defaults (channels_last: auto, fp32): issue 21's case
 The plain loop is the one tutorials write: Adam, fp32, no channels_last, a default DataLoader
 over a Dataset applying ToTensor + Normalize, `loss.item()` and `.sum().item()` every step.
+The strong plain loop ("plain-strong") is the careful one: every image resized and normalised
+once into a TensorDataset, Adam, fp32, no channels_last, nothing read back per step.
 
     python benchmarks/loops.py --case none --timm-train .peer/train.py --json peer.json
 
@@ -54,6 +58,15 @@ CASES = {
         "stage": "full",
     },
     "head-only-32": {"backbone": "torchvision:resnet18", "at": "layer*", "size": 32, "batch": 64, "stage": "head"},
+    # issue 21's case: the engine with its defaults (channels_last: auto, precision: auto = fp32 here)
+    "resnet18-cbam-64": {
+        "backbone": "torchvision:resnet18",
+        "at": "layer*",
+        "size": 64,
+        "batch": 64,
+        "stage": "full",
+        "defaults": True,
+    },
 }
 
 
@@ -80,8 +93,11 @@ def spec_dict(case: dict, steps: int) -> dict:
             "batch_size": case["batch"],
             "limit_batches": steps,
             "optimizer": {"name": "adam"},
-            "channels_last": True,
-            "precision": "bf16" if case["size"] >= 64 else "fp32",
+            **(
+                {}
+                if case.get("defaults")
+                else {"channels_last": True, "precision": "bf16" if case["size"] >= 64 else "fp32"}
+            ),
         },
         "data": {"name": "digits", "image_size": case["size"], "num_workers": 0},
     }
@@ -183,10 +199,69 @@ def run_plain(case: dict, steps: int, warmup: int) -> dict:
     return {"images_per_sec": seen / seconds, "seen": seen, "seconds": seconds}
 
 
+def run_plain_strong(case: dict, steps: int, warmup: int) -> dict:
+    """The careful plain loop: every image resized and normalised once up front into a
+    TensorDataset, a DataLoader over it, Adam, fp32, no channels_last, no `.item()` per step."""
+    import torch
+    from torch import nn
+
+    from surgery import build, load_spec
+    from surgery.data import build_data
+    from surgery.data.transforms import normalize
+
+    spec = load_spec(spec_dict(case, steps))
+    torch.manual_seed(0)
+    model = build(spec).model
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    bundle = build_data(
+        spec,
+        {
+            "input_size": (3, case["size"], case["size"]),
+            "mean": mean,
+            "std": std,
+            "interpolation": "bilinear",
+            "crop_pct": 0.875,
+            "crop_mode": "center",
+        },
+    )
+    items = [bundle.train[i] for i in range(len(bundle.train))]
+    images = normalize(torch.stack([x for x, _ in items]), mean, std)
+    labels = torch.tensor([int(y) for _, y in items])
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images, labels), batch_size=case["batch"], shuffle=True, drop_last=True
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+
+    def epoch(n_steps: int) -> tuple[int, float]:
+        seen, loss_sum, correct = 0, torch.zeros(()), torch.zeros((), dtype=torch.int64)
+        start = time.perf_counter()
+        while True:
+            for x, y in loader:
+                out = model(x)
+                loss = nn.functional.cross_entropy(out, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach() * y.shape[0]
+                correct += (out.detach().argmax(1) == y).sum()
+                seen += y.shape[0]
+                n_steps -= 1
+                if n_steps == 0:
+                    float(loss_sum), int(correct)  # read once, at the end
+                    return seen, time.perf_counter() - start
+
+    epoch(warmup)
+    seen, seconds = epoch(steps)
+    return {"images_per_sec": seen / seconds, "seen": seen, "seconds": seconds}
+
+
 def child(loop: str, case_name: str, steps: int, warmup: int) -> None:
     case = CASES[case_name]
     if loop == "plain":
         result = run_plain(case, steps, warmup)
+    elif loop == "plain-strong":
+        result = run_plain_strong(case, steps, warmup)
     else:
         result = run_engine(case, steps, warmup, cached=loop == "engine-cached")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -236,7 +311,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="write the record here")
-    parser.add_argument("--child", choices=["engine", "engine-cached", "plain"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["engine", "engine-cached", "plain", "plain-strong"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.case[0], args.steps, args.warmup)
@@ -244,7 +319,7 @@ def main() -> None:
     record = {"machine": machine(), "steps": args.steps, "repeats": args.repeats, "cases": {}}
     print(f"machine: {record['machine']}")
     for case in [c for c in (args.case or list(CASES)) if c != "none"]:
-        loops = ("plain", "engine") + (("engine-cached",) if CASES[case]["stage"] == "head" else ())
+        loops = ("plain", "plain-strong", "engine") + (("engine-cached",) if CASES[case]["stage"] == "head" else ())
         runs: dict[str, list[dict]] = {loop: [] for loop in loops}
         for _ in range(args.repeats):
             for loop in loops:  # alternate, so drift in the machine hits every loop alike
@@ -261,13 +336,15 @@ def main() -> None:
             if "cache_seconds" in results[0]:
                 summary[loop]["cache_seconds"] = statistics.median(r["cache_seconds"] for r in results)
         summary["speedup"] = summary["engine"]["images_per_sec"] / summary["plain"]["images_per_sec"]
+        summary["speedup_vs_strong"] = summary["engine"]["images_per_sec"] / summary["plain-strong"]["images_per_sec"]
         summary["memory_ratio"] = summary["engine"]["peak_rss_mb"] / summary["plain"]["peak_rss_mb"]
         record["cases"][case] = summary
         print(
             f"{case:<20} plain {summary['plain']['images_per_sec']:7.1f} img/s "
             f"{summary['plain']['peak_rss_mb']:6.0f} MB | "
             f"engine {summary['engine']['images_per_sec']:7.1f} img/s {summary['engine']['peak_rss_mb']:6.0f} MB | "
-            f"speed x{summary['speedup']:.2f}  memory x{summary['memory_ratio']:.2f}  "
+            f"speed x{summary['speedup']:.2f} (x{summary['speedup_vs_strong']:.2f} the strong loop, "
+            f"{summary['plain-strong']['images_per_sec']:.1f} img/s)  memory x{summary['memory_ratio']:.2f}  "
             f"data wait {summary['engine']['data_wait_fraction']:.1%}",
             flush=True,
         )
@@ -299,7 +376,8 @@ def main() -> None:
         m = peer["median"]
         print(
             f"{'timm train.py peer':<20} timm {m['timm train.py']:7.1f} img/s | surgery run {m['surgery run']:7.1f} "
-            f"img/s | x{peer['ratio_surgery_over_timm']:.2f}",
+            f"img/s | x{peer['ratio_surgery_over_timm']:.2f}; whole commands timm / surgery "
+            f"x{peer['wall_ratio_timm_over_surgery']:.2f}",
             flush=True,
         )
     if args.json:

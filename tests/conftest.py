@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,12 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# Decisions timed by `train.channels_last: auto` are cached under $XDG_CACHE_HOME: the tests keep
+# theirs in a folder of their own (per process, inherited by the subprocesses they start), never
+# in the user's cache, and every run in one test process makes the same choice for the same set-up.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="surgery-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
 
 @pytest.fixture(scope="module")

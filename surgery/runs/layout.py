@@ -3,6 +3,7 @@
 runs/<name>/
   spec.yaml                      the resolved spec (defaults filled, overrides applied)
   load_report.json               what the surgery loaded, re-initialised, added
+  tuning.json                    settings chosen by measurement (channels_last, precision, compile) and their timings
   classes.json, splits.json      class names; where the data was and each split's fingerprint
   metrics.jsonl, metrics.csv     one record per epoch
   checkpoints/last.pt            everything needed to resume
@@ -20,6 +21,7 @@ from pathlib import Path
 
 SPEC = "spec.yaml"
 LOAD_REPORT = "load_report.json"
+TUNING = "tuning.json"
 CLASSES = "classes.json"
 SPLITS = "splits.json"
 METRICS = "metrics.jsonl"
@@ -76,6 +78,7 @@ def headline_label(metric: str) -> str:
 __all__ = [
     "SPEC",
     "LOAD_REPORT",
+    "TUNING",
     "CLASSES",
     "SPLITS",
     "METRICS",

@@ -4,6 +4,7 @@ started, and every file in it written atomically through `surgery.files` (its na
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
@@ -43,6 +44,60 @@ def save_safetensors(path: Path, state: Mapping[str, torch.Tensor], metadata: Ma
     atomic_write_bytes(path, save(tensors, metadata=dict(metadata or {})))
 
 
+class BackgroundWriter:
+    """Writes that need not hold up training (a checkpoint, the best weights), done in order by one
+    thread while the next epoch trains. Each write is atomic as always (`surgery.files`): a process
+    killed mid-write leaves the previous file. `wait` returns once every submitted write is on disk
+    and raises the first one's error; the runner waits before anything reads those files, before
+    the next checkpoint is written and before the run ends, so the last checkpoint is complete
+    before the process exits.
+
+    What is submitted must not change afterwards: tensors are copied first (`snapshot`).
+    """
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="surgery-writer")
+        self._pending: list[Any] = []
+
+    def submit(self, write: Any) -> None:
+        self._pending.append(self._pool.submit(write))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        errors = [f.exception() for f in pending]  # every write finishes (or fails) before this returns
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+
+    def close(self) -> None:
+        """Wait for every write, then stop the thread (errors are raised, as `wait` does)."""
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+def snapshot(obj: Any) -> Any:
+    """`obj` with every tensor copied to the CPU (containers rebuilt), for a write in the background
+    while training changes the originals in place."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        copied = {k: snapshot(v) for k, v in obj.items()}
+        if isinstance(obj, collections.OrderedDict):  # a state_dict: its _metadata (module versions) kept
+            copied = collections.OrderedDict(copied)
+            if hasattr(obj, "_metadata"):
+                copied._metadata = obj._metadata  # type: ignore[attr-defined]
+        return copied
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -74,6 +129,14 @@ class RunDir:
         self.folder = self.path
         self._staging: Path | None = None
         self._lock: RunLock | None = None
+        self._writes: BackgroundWriter | None = None
+
+    @property
+    def writes(self) -> BackgroundWriter:
+        """The writes done while training goes on (checkpoints); `release` waits for them."""
+        if self._writes is None:
+            self._writes = BackgroundWriter()
+        return self._writes
 
     @property
     def checkpoint(self) -> Path:
@@ -135,6 +198,13 @@ class RunDir:
         self._staging, self.folder = None, self.path
 
     def release(self) -> None:
+        """Finish the background writes, remove an unstarted staging folder, unlock. A write that
+        failed here is not raised: the run is ending on another error already (the normal path
+        waits for its writes itself), and an atomic write that failed left the previous file."""
+        if self._writes is not None:
+            with contextlib.suppress(Exception):
+                self._writes.close()
+            self._writes = None
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging, self.folder = None, self.path

@@ -263,7 +263,7 @@ class TrainSpec(Section):
     optimizer: OptimizerSpec = _section(OptimizerSpec)
     scheduler: SchedulerSpec = _section(SchedulerSpec)
     precision: str = "auto"
-    channels_last: bool = True
+    channels_last: bool | str = "auto"
     compile: bool | str = False
     device: str = "auto"
     grad_clip: float | None = None

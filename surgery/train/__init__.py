@@ -8,7 +8,7 @@
     summary.py     summary.json
     runner.py      run(): the epoch loop, start to finish
     command.py     `surgery run SPEC...`: several specs, the resume command
-    schedule.py, optim.py, runtime.py, checks.py, distributed.py, cache.py, trackers.py, lr_find.py,
+    schedule.py, optim.py, runtime.py, autotune.py, checks.py, distributed.py, cache.py, trackers.py, lr_find.py,
     final.py, mixing.py, multilabel.py, progress.py, summary.py: see docs/architecture.md
 
 Importing this package imports no torch: the names below load their module on first use.

@@ -101,9 +101,9 @@ def _check_batch(spec: Spec, built: Built, train_size: int, world_size: int) -> 
 
 
 def check_compile(spec: Spec) -> None:
-    """``train.compile``: true, false, or the name of a backend torch.compile knows."""
+    """``train.compile``: true, false, auto, or the name of a backend torch.compile knows."""
     backend = spec.train.compile
-    if not isinstance(backend, str):
+    if not isinstance(backend, str) or backend == "auto":
         return
     import torch._dynamo
 
@@ -115,7 +115,7 @@ def check_compile(spec: Spec) -> None:
             ("train", "compile"),
             f"torch.compile has no backend {backend!r}",
             found=repr(backend),
-            expected="true (inductor), false, or one of " + ", ".join(known),
+            expected="true (inductor), false, auto, or one of " + ", ".join(known),
             hint=did_you_mean(backend, known),
         )
 

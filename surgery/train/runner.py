@@ -13,8 +13,11 @@ parameters are compared bit for bit after every epoch. ``train.batch_size`` is p
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shlex
 import signal
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,8 +30,9 @@ from ..data import split_record
 from ..files import write_json, write_text
 from ..runs import layout
 from ..runs.reader import read_metrics
-from ..runs.writer import RunDir, load_safetensors, save_safetensors, save_torch, write_metrics
+from ..runs.writer import RunDir, load_safetensors, save_safetensors, save_torch, snapshot, write_metrics
 from ..spec import Spec
+from .autotune import Candidate
 from .checkpoint import check_resumable, checkpoint_state, load_checkpoint, restore
 from .context import Context, prepare
 from .distributed import RanksDiverged, broadcast_state, diverged, setup
@@ -64,6 +68,7 @@ class Journey:
     rows: list[dict[str, Any]] = field(default_factory=list)
     kept: str = "no checkpoint was written yet"
     pruned: dict[str, Any] | None = None  # stopped by the `on_epoch` hook (a sweep's pruner): why, after which epoch
+    last_val: EpochResult | None = None  # the last epoch's validation: the final model's, unless it changes
 
 
 # after each epoch, with every metrics row so far and the epochs planned: None to go on, or why to stop
@@ -114,7 +119,8 @@ def run(
     rundir = RunDir(out_dir)
     env.on_main(lambda: rundir.claim(resume=resume, overwrite=overwrite))
     try:
-        ctx = prepare(spec, device=device, runs_root=runs_root or rundir.path.parent, env=env)
+        settings = resumed_settings(rundir.path) if resume else None
+        ctx = prepare(spec, device=device, runs_root=runs_root or rundir.path.parent, env=env, settings=settings)
         journey = _begin(ctx, rundir, resume, say)
         with Trackers(
             spec, rundir.folder, journey.rows, env=env, say=lambda text: say(text, markup=False, soft_wrap=True)
@@ -156,6 +162,7 @@ def _begin(ctx: Context, rundir: RunDir, resume: bool, say: Callable) -> Journey
         def write_start() -> None:
             write_text(rundir.folder / layout.SPEC, spec.to_yaml())
             write_json(rundir.folder / layout.LOAD_REPORT, ctx.built.report.to_dict())
+            write_json(rundir.folder / layout.TUNING, ctx.tuning.record())
             write_json(rundir.folder / layout.CLASSES, ctx.data.classes)
             write_json(
                 rundir.folder / layout.SPLITS,
@@ -173,9 +180,22 @@ def _begin(ctx: Context, rundir: RunDir, resume: bool, say: Callable) -> Journey
         markup=False,
         soft_wrap=True,
     )
+    if ctx.tuning.describe():
+        say(ctx.tuning.describe(), markup=False, soft_wrap=True)
     for note in ctx.built.notes:
         say(f"note: {note}", markup=False, soft_wrap=True)
     return journey
+
+
+def resumed_settings(folder: Path) -> Candidate | str | None:
+    """The settings a run decided when it started (its tuning.json), which its resume keeps, so
+    that it continues with the same numerics; "provisional" for a checkpoint from before
+    tuning.json (what `auto` meant then); None without a checkpoint (they are decided afresh)."""
+    try:
+        chosen = json.loads((Path(folder) / layout.TUNING).read_text(encoding="utf-8"))["chosen"]
+        return Candidate(bool(chosen["channels_last"]), str(chosen["precision"]), chosen["compile"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "provisional" if (Path(folder) / layout.LAST).is_file() else None
 
 
 def _resuming(spec: Spec, journey: Journey, last: Path, stopped_at: int | None = None) -> str:
@@ -248,7 +268,8 @@ def _train(
                     )
                 # --- validate, record, save
                 _check_ranks(ctx, rundir, epoch, journey.kept)
-                row = _validate(ctx, epoch, flags, result)
+                row, val = _validate(ctx, epoch, flags, result)
+                journey.last_val = val if epoch == total - 1 else None
                 progress.line(epoch_line(row, total))
                 for line in _decide(ctx, epoch, row):
                     say(line, markup=False, soft_wrap=True)
@@ -275,8 +296,10 @@ def _pruned(journey: Journey, on_epoch: EpochHook | None, epoch: int, total: int
     return True
 
 
-def _validate(ctx: Context, epoch: int, flags: Mapping[str, bool], result: EpochResult) -> dict[str, Any]:
-    """Evaluate after an epoch, step the plateau tracker, and return the epoch's metrics row."""
+def _validate(
+    ctx: Context, epoch: int, flags: Mapping[str, bool], result: EpochResult
+) -> tuple[dict[str, Any], EpochResult]:
+    """Evaluate after an epoch, step the plateau tracker; return the epoch's metrics row and the evaluation."""
     lrs = lrs_at(ctx.spec, epoch, ctx.plateau.current, ctx.unfreeze.starts)
     val = evaluate(ctx)
     ctx.plateau.step(val.loss)
@@ -308,7 +331,7 @@ def _validate(ctx: Context, epoch: int, flags: Mapping[str, bool], result: Epoch
         row["val_acc_ema"] = ema.acc
         if ema.mean_ap is not None:
             row["val_map_ema"] = ema.mean_ap
-    return row
+    return row, val
 
 
 def _decide(ctx: Context, epoch: int, row: dict[str, Any]) -> list[str]:
@@ -347,7 +370,9 @@ def best_key(spec: Spec) -> str:
 
 
 def _save_epoch(ctx: Context, rundir: RunDir, journey: Journey, row: dict[str, Any]) -> None:
-    """metrics.jsonl, last.pt and (when the epoch is the best so far) best.safetensors."""
+    """metrics.jsonl now; last.pt and (when the epoch is the best so far) best.safetensors in the
+    background, from a copy of the state, while the next epoch trains (the previous epoch's
+    writes are finished first, so they land in order)."""
     epoch = row["epoch"]
     journey.rows.append(row)
     key = best_key(ctx.spec)
@@ -357,22 +382,31 @@ def _save_epoch(ctx: Context, rundir: RunDir, journey: Journey, row: dict[str, A
         if key != "val_acc":
             journey.best[key] = row[key]
     checkpoint = checkpoint_state(ctx, epoch + 1, journey.best, journey.rows)
+    ctx.dist.on_main(rundir.writes.wait)
 
     def write() -> None:
-        if improved:
-            save_safetensors(
-                rundir.folder / layout.BEST, ctx.model.state_dict(), {"epoch": str(epoch), key: f"{row[key]:.6f}"}
-            )
-        keep = ctx.spec.train.keep_epochs
-        if keep:  # surgery average --swa: the last `keep` epochs' weights, written before last.pt names the epoch done
-            save_safetensors(rundir.folder / layout.epoch_weights(epoch), ctx.model.state_dict(), {"epoch": str(epoch)})
         write_metrics(rundir.folder / layout.METRICS, journey.rows)
-        save_torch(rundir.checkpoint, checkpoint)
-        if keep:
-            _drop_epochs_before(rundir.folder, epoch + 1 - keep)
+        state = snapshot(checkpoint)  # training changes the tensors in place from here on
+        meta = {"epoch": str(epoch), key: f"{row[key]:.6f}"}
+        keep = ctx.spec.train.keep_epochs
+        rundir.writes.submit(lambda: _write_checkpoint(rundir, state, improved, meta, keep, epoch))
 
     ctx.dist.on_main(write)
     journey.kept = _kept(rundir.checkpoint, epoch + 1, None)
+
+
+def _write_checkpoint(
+    rundir: RunDir, state: dict[str, Any], improved: bool, meta: dict[str, str], keep: int | None, epoch: int
+) -> None:
+    """In the background: best weights, the kept epoch's weights (`surgery average --swa`: written before
+    last.pt names the epoch done), last.pt, then the kept epochs older than the last `keep` dropped."""
+    if improved:
+        save_safetensors(rundir.folder / layout.BEST, state["model"], meta)
+    if keep:
+        save_safetensors(rundir.folder / layout.epoch_weights(epoch), state["model"], {"epoch": str(epoch)})
+    save_torch(rundir.checkpoint, state)
+    if keep:
+        _drop_epochs_before(rundir.folder, epoch + 1 - keep)
 
 
 def _drop_epochs_before(folder: Path, first: int) -> None:
@@ -384,6 +418,7 @@ def _drop_epochs_before(folder: Path, first: int) -> None:
 
 def _save_interrupted(ctx: Context, rundir: RunDir, journey: Journey, epoch: int, state: EpochState) -> None:
     checkpoint = checkpoint_state(ctx, epoch, journey.best, journey.rows, partial=state)
+    ctx.dist.on_main(rundir.writes.wait)
     ctx.dist.on_main(lambda: save_torch(rundir.checkpoint, checkpoint))
 
 
@@ -393,9 +428,14 @@ def _finish(
     """Evaluate the final model and write model.safetensors, summary.json and the plots."""
     spec = ctx.spec
     stopped = ctx.early_stop.stopped_at is not None
+    if ctx.dist.is_main:  # matplotlib loads while the final weights are written
+        threading.Thread(target=_load_drawing, daemon=True).start()
     if stopped:
+        ctx.dist.on_main(rundir.writes.wait)  # best.safetensors is on disk
         _restore_best(ctx, rundir)
-    final = evaluate(ctx)
+    # the last epoch's validation is the final model's, unless the best epoch's weights came back
+    # (or a resume found every epoch trained): then it is evaluated again
+    final = journey.last_val if journey.last_val is not None and not stopped else evaluate(ctx)
     _check_ranks(ctx, rundir, spec.train.epochs - 1, journey.kept)
     # stopped early, the final figures are those of the restored best epoch; `final` stays the last row
     summary = {
@@ -409,6 +449,9 @@ def _finish(
         save_safetensors(rundir.folder / layout.FINAL, ctx.model.state_dict(), {"spec": spec.name})
         if ctx.ema is not None:
             save_safetensors(rundir.folder / layout.EMA, ctx.ema.module.state_dict(), {"spec": spec.name})
+        # the last epoch's checkpoint, written meanwhile, is on disk before summary.json says the
+        # run is finished (a failed write stops the run resumable, never finished-looking)
+        rundir.writes.wait()
         write_json(rundir.folder / layout.SUMMARY, summary)
         write_drawn_files(rundir.folder, spec, say)
 
@@ -429,6 +472,13 @@ def _finish(
         soft_wrap=True,
     )
     return summary
+
+
+def _load_drawing() -> None:
+    """Import what the plots are drawn with (about a second), off the critical path."""
+    with contextlib.suppress(Exception):  # the drawing itself reports any problem
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.figure  # noqa: F401
 
 
 def _restore_best(ctx: Context, rundir: RunDir) -> None:

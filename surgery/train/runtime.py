@@ -125,23 +125,27 @@ def device_for(spec: Spec, flag: str | None = None) -> torch.device:
 
 
 def make_runtime(spec: Spec, device_override: str | None = None) -> Runtime:
+    """The run's runtime before any measurement: explicit settings as given; ``precision: auto``
+    by its rule (bf16 on CUDA, fp16 where bf16 is missing, fp32 elsewhere); ``channels_last:
+    auto``, ``precision: fastest`` and ``compile: auto`` provisionally (channels_last on, the
+    auto precision, not compiled) until `autotune` times them (`prepare` does, for a run)."""
     train = spec.train
     device = device_for(spec, device_override)
     precision = train.precision
-    if precision == "auto":
+    if precision in ("auto", "fastest"):
         if device.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
             # On CPUs bf16 autocast helps some models and hurts others (2-core Xeon with AVX512-BF16,
             # torch 2.14, 64 px: resnet18 + CBAM 1.37x fp32's speed, EfficientNet-Lite0 0.6x, whose
-            # depthwise convolutions have no fast bf16 kernel here), so `auto` stays fp32 there and
-            # `precision: bf16` is the user's explicit choice.
+            # depthwise convolutions have no fast bf16 kernel here), so `auto` stays fp32 there;
+            # `precision: fastest` lets the trial (autotune.py) choose bf16 where it measures faster.
             precision = "fp32"
     return Runtime(
         device=device,
         precision=precision,
-        channels_last=bool(train.channels_last),
-        compile=train.compile,
+        channels_last=train.channels_last is not False,  # True, or "auto" provisionally
+        compile=False if train.compile == "auto" else train.compile,
         pin_memory=device.type == "cuda",
     )
 

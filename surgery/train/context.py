@@ -18,6 +18,7 @@ from .checks import check_compile, data_for
 from .distributed import DataParallel, Distributed, broadcast_state, convert_sync_bn, setup
 from .mixing import BatchAugment, train_criterion
 from .optim import build_optimizer
+from .regularize import Regularizer, exempt_from_decay, make_regularizer
 from .runtime import Compiled, Runtime, make_runtime, seed_everything
 from .schedule import EarlyStop, Plateau, Unfreezing
 
@@ -53,6 +54,7 @@ class Context:
     trainable_params: list[nn.Parameter] = field(default_factory=list)
     dist: Distributed = field(default_factory=Distributed)
     features: FeatureCache | None = None  # head-only stages: the frozen body's outputs, computed once
+    regularizer: Regularizer | None = None  # train.regularize: its w0, teacher and hooks
 
     @property
     def steps(self) -> int:
@@ -92,7 +94,15 @@ def prepare(
     built = build(spec, runs_root=runs_root)
     data = data_for(spec, built, env.world_size)
     model = _place_model(spec, built, runtime, env)
-    optimizer = build_optimizer(model, built.groups, spec.train, device_type=runtime.device.type, spec=spec)
+    optimizer = build_optimizer(
+        model,
+        built.groups,
+        spec.train,
+        device_type=runtime.device.type,
+        spec=spec,
+        no_decay=exempt_from_decay(spec, built),
+    )
+    regularizer = make_regularizer(spec, built, model)  # from the step-0 model: a resume restores after
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
     ema = None
     if spec.train.ema:
@@ -152,4 +162,5 @@ def prepare(
         batch_augment=augment if augment.active else None,
         class_weights=weights,
         dist=env,
+        regularizer=regularizer,
     )

@@ -11,12 +11,17 @@
     distill  the student's output at a module path against the teacher's: MSE, or 1 - cosine
 
 The teacher is the spec's own model as `build` made it, before any step: identity insertion makes
-it the pretrained network exactly. It is a frozen deep copy in eval mode, on the run's device and
-precision, never wrapped for DDP; the run is resumed from a checkpoint after it is taken, so a
-resumed run has the same teacher and the same w0. A distillation term is computed only while some
-trainable parameter runs before the point it compares (read off the build's shape probe, which
-records when every module started and ended): otherwise student and teacher agree there up to the
-batch statistics, the term has no gradient, and neither the teacher nor the term runs (a head-only
+it the pretrained network exactly. It is a frozen deep copy on the run's device and precision,
+never wrapped for DDP, in eval mode except its BatchNorm layers, which take the student's mode at
+every stage: a norm that trains normalises each batch by the batch's statistics in the student,
+and so in the teacher (whose running statistics never move: momentum 0), while a frozen norm uses
+its running statistics in both. So at step 0 the teacher computes exactly what the student
+computes, and the terms measure only how far the weights moved (an eval-mode teacher would differ
+from a train-mode student from the first batch, by the data's statistics alone). The run is resumed from a checkpoint
+after the teacher is taken, so a resumed run has the same teacher and the same w0. A distillation
+term is computed only while some trainable parameter runs before the point it compares (read off
+the build's shape probe, which records when every module started and ended): otherwise student
+and teacher agree there, the term has no gradient, and neither the teacher nor the term runs (a head-only
 stage keeps its feature cache).
 """
 
@@ -190,11 +195,19 @@ class Regularizer:
             parts.append(f"distill {s.distill.weight:g} ({s.distill.loss}) at {s.distill.at}")
         if self.teacher is not None:
             size = sum(t.numel() * t.element_size() for t in self.teacher.state_dict().values())
-            parts.append(f"teacher: the step-0 model, frozen in eval mode ({size / 2**20:.1f} MiB)")
+            parts.append(
+                f"teacher: the step-0 model, frozen, its BatchNorm in the student's mode ({size / 2**20:.1f} MiB)"
+            )
         return "train.regularize: " + "; ".join(parts)
 
     def update(self, model: nn.Module) -> str:
-        """A new trainable set: which distillation terms have a gradient now; a line for the log."""
+        """A new trainable set (the student's modes already set for it): the teacher's BatchNorm
+        layers take the student's mode; which distillation terms have a gradient now; a line for the log."""
+        if self.teacher is not None:
+            modes = {path: m.training for path, m in model.named_modules()}
+            for path, module in self.teacher.named_modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.train(modes.get(path, False))
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         self.live = {
             "lwf": self.spec.lwf is not None and any(self.feeds_head.get(n) for n in trainable),
@@ -272,6 +285,9 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
+    for module in teacher.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = 0.0  # in train mode: the batch's statistics, the running ones never move
     return teacher
 
 

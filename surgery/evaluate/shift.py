@@ -34,7 +34,7 @@ from ..errors import Origin, UsageError
 from ..files import write_folder
 from ..runs import layout, open_run
 
-SHIFT_FILE = "shift.json"  # in eval/<split>-shift/
+SHIFT_FILE = layout.EVAL_SHIFT
 DEFAULT_SEED = 0
 
 

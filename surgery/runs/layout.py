@@ -30,6 +30,7 @@ CONFUSION = "plots/confusion.png"
 REPORT = "report.html"
 EVAL = "eval"
 EVAL_METRICS = "metrics.json"  # in eval/<split>/
+EVAL_SHIFT = "shift.json"  # in eval/<split>-shift/ (evaluate --shift)
 EXPLAIN = "explain"
 EXPLAIN_PREDICTIONS = "predictions.json"  # in explain/
 EXPORT = "export"
@@ -67,6 +68,7 @@ __all__ = [
     "REPORT",
     "EVAL",
     "EVAL_METRICS",
+    "EVAL_SHIFT",
     "EXPLAIN",
     "EXPLAIN_PREDICTIONS",
     "EXPORT",

@@ -78,6 +78,16 @@ def _place_model(spec: Spec, built: Built, runtime: Runtime, env: Distributed) -
     return model
 
 
+def _optimizer(spec: Spec, built: Built, model: nn.Module, runtime: Runtime) -> tuple[Any, Regularizer | None]:
+    """The optimizer (the pretrained tensors out of weight decay under L2-SP) and the regulariser,
+    taken from the step-0 model: a resumed run restores its checkpoint after this."""
+    no_decay = exempt_from_decay(spec, built)
+    optimizer = build_optimizer(
+        model, built.groups, spec.train, device_type=runtime.device.type, spec=spec, no_decay=no_decay
+    )
+    return optimizer, make_regularizer(spec, built, model)
+
+
 def prepare(
     spec: Spec, *, device: str | None = None, runs_root: Path | None = None, env: Distributed | None = None
 ) -> Context:
@@ -94,15 +104,7 @@ def prepare(
     built = build(spec, runs_root=runs_root)
     data = data_for(spec, built, env.world_size)
     model = _place_model(spec, built, runtime, env)
-    optimizer = build_optimizer(
-        model,
-        built.groups,
-        spec.train,
-        device_type=runtime.device.type,
-        spec=spec,
-        no_decay=exempt_from_decay(spec, built),
-    )
-    regularizer = make_regularizer(spec, built, model)  # from the step-0 model: a resume restores after
+    optimizer, regularizer = _optimizer(spec, built, model, runtime)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
     ema = None
     if spec.train.ema:

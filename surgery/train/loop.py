@@ -234,7 +234,7 @@ def train_epoch(
     train = ctx.spec.train
     state = state if state is not None else EpochState()
     set_train_mode(ctx.model, ctx.built.groups, flags)
-    any_trainable = any(flags.values())
+    trains = any(flags.values())
     steps, accumulate = ctx.steps, train.accumulate
     set_lrs(ctx.optimizer, lrs_at(ctx.spec, epoch, ctx.plateau.current, ctx.unfreeze.starts))
     ctx.optimizer.zero_grad(set_to_none=True)
@@ -251,9 +251,7 @@ def train_epoch(
         last = step == first + window - 1
         if train.scheduler.per_step and step and step == first:
             set_lrs(ctx.optimizer, lrs_at(ctx.spec, epoch + step / steps, ctx.plateau.current, ctx.unfreeze.starts))
-        logits, loss, y, terms = _forward_loss(
-            ctx, forward, to_device, x, y, epoch, step, sync=last, grad=any_trainable
-        )
+        logits, loss, y, terms = _forward_loss(ctx, forward, to_device, x, y, epoch, step, sync=last, grad=trains)
         nonfinite, asked = _verdict(ctx, loss, stop)
         stopped = stopped or asked
         if nonfinite and train.nonfinite == "stop":
@@ -261,12 +259,11 @@ def train_epoch(
         if nonfinite:  # train.nonfinite: skip; the window's other batches keep their weight 1/window
             state.skipped += 1
         else:
-            if any_trainable:
+            if trains:
                 _backward(ctx, loss, window)
                 good += 1
             loss_sum += loss.detach().double() * y.shape[0]
-            for name, value in terms.items():
-                state.terms[name] = state.terms.get(name, 0.0) + float(value.detach()) * y.shape[0]
+            _add_terms(state, terms, y.shape[0])
             correct += _correct(ctx, logits.detach(), y)
             state.seen += y.shape[0]
             if on_step is not None:
@@ -313,6 +310,11 @@ def _forward_loss(
             terms = reg.terms(x, kept, ctx.runtime.autocast)
             loss = loss + sum(terms.values())
     return logits, loss, y, terms
+
+
+def _add_terms(state: EpochState, terms: Mapping[str, torch.Tensor], n: int) -> None:
+    for name, value in terms.items():  # train.regularize: summed over images, like the loss
+        state.terms[name] = state.terms.get(name, 0.0) + float(value.detach()) * n
 
 
 def _nonfinite_loss(loss: torch.Tensor, epoch: int, step: int, steps: int) -> NonFiniteLoss:

@@ -29,6 +29,7 @@ import argparse
 import io
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -228,7 +229,14 @@ def main() -> None:
     summary = summarise(results)
     print(table(summary))
     if args.json is not None:
-        args.json.write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "summary": summary}, indent=2) + "\n")
+        record = {
+            "date": time.strftime("%Y-%m-%d"),
+            "command": "python benchmarks/few_labels.py " + " ".join(sys.argv[1:]),
+            "setup": {"pool": POOL, "fractions": FRACTIONS, "schedules": SCHEDULES, "methods": METHODS},
+            "summary": summary,
+            "runs": results,  # per fraction, method and seed: what paired statistics need
+        }
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

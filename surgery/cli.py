@@ -1,5 +1,5 @@
 """The `surgery` command: inspect, validate, schema, run, sweep, lr-find, predict, evaluate, explain,
-export, report, compare.
+export, average, report, compare.
 
 Each command is a small function from parsed arguments to the library call that does the work
 (`surgery.train.command.run_specs`, `surgery.deploy.predict.predict_command`, ...), which takes plain
@@ -75,7 +75,11 @@ def _args_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", nargs="?", help="a spec file, or a backbone id such as timm:resnet50")
     p.add_argument("--depth", type=int, default=None, help="fold the tree below this depth")
     p.add_argument("--json", action="store_true", help="print one JSON record per module instead")
-    p.add_argument("--schedule", action="store_true", help="print the epoch x group table of lr and frozen/trainable")
+    p.add_argument(
+        "--schedule",
+        action="store_true",
+        help="print the epoch x group table of lr and frozen/trainable (each layer's lr for layer_decay groups)",
+    )
     p.add_argument(
         "--features",
         action="store_true",
@@ -303,9 +307,42 @@ def _args_compare(p: argparse.ArgumentParser) -> None:
         metavar="FILE.html",
         help="also write the comparison page (table and overlaid validation curves) to FILE.html",
     )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        metavar="RUN_OR_VARIANT",
+        help="compare every variant against this one (a variant's label, or one of its run folders or names); "
+        "default: the only variant without surgery, else the best by mean accuracy",
+    )
+    p.add_argument("--seed", type=int, default=0, help="the paired bootstrap's seed (numpy default_rng; default 0)")
+    p.add_argument("--resamples", type=int, default=2000, help="the paired bootstrap's resamples (default 2000)")
     shown = p.add_mutually_exclusive_group()
     shown.add_argument("--json", action="store_true", help="print the table as JSON instead")
     shown.add_argument("--markdown", action="store_true", help="print the table as Markdown instead")
+
+
+def _args_average(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run directories (one for --wise and --swa)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument(
+        "--wise",
+        default=None,
+        metavar="ALPHA|auto",
+        help="WiSE-FT: alpha * fine-tuned + (1 - alpha) * the model before fine-tuning; auto: the best "
+        "of 0, 0.1, ..., 1 on the validation split",
+    )
+    how.add_argument(
+        "--soup",
+        default=None,
+        choices=["uniform", "greedy"],
+        help="the mean of several runs; greedy: best validation first, a run added only if validation improves",
+    )
+    how.add_argument("--swa", action="store_true", help="the mean of the run's last kept epochs (train.keep_epochs)")
+    p.add_argument(
+        "--swa-epochs", type=int, default=None, metavar="K", help="--swa: the last K epochs (default: every kept one)"
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="the new run directory (must not exist)")
+    p.add_argument("--device", default=None, help=_DEVICE_HELP)
 
 
 # the subcommands in the order `surgery --help` lists them: (name, help, the function adding its arguments)
@@ -324,11 +361,17 @@ _COMMANDS: tuple[tuple[str, str, Callable[[argparse.ArgumentParser], None]], ...
     ("evaluate", "score a trained run on its held-out test split or a folder of labelled images", _args_evaluate),
     ("explain", "Grad-CAM and the inserted modules' attention for images, with a trained run", _args_explain),
     ("export", "export a trained run as a deployable model", _args_export),
+    (
+        "average",
+        "weight-space averaging of finished runs into a new run: WiSE-FT, uniform or greedy soups, SWA",
+        _args_average,
+    ),
     ("report", "write RUN_DIR/report.html again: one self-contained page about a run", _args_report),
     (
         "compare",
         "finished runs side by side: best and final accuracy, parameters added, speed, validation curves; "
-        "seeds of one variant as mean ± std",
+        "seeds of one variant as mean ± std; with evaluated runs, each variant against a baseline (paired "
+        "95%% intervals, p, verdict)",
         _args_compare,
     ),
 )
@@ -416,6 +459,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 f"early stop on {spec.train.early_stop} once every group that unfreezes has"
             )
         console.print(schedule_rich(schedule_table(spec), [g.name for g in spec.groups], note))
+        if any(g.layer_decay is not None for g in spec.groups):
+            from .model.views import layers_rich
+
+            console.print(layers_rich(built))
         return 0
     if args.features:
         from .deploy.features import discover_stages
@@ -640,6 +687,32 @@ def cmd_export(args: argparse.Namespace) -> int:
     return export_command(args.run_dir, args.format, args.out, args.weights)
 
 
+def cmd_average(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
+    from .average.command import average_runs
+
+    if args.swa_epochs is not None and not args.swa:
+        raise UsageError(
+            "--swa-epochs counts the epochs --swa averages",
+            origin=Origin.flag("--swa-epochs", args.swa_epochs),
+            expected="--swa --swa-epochs K, or no --swa-epochs",
+        )
+    console = _console(stderr=True)
+    out = average_runs(
+        args.run_dirs,
+        args.out,
+        wise_alpha=args.wise,
+        soup_kind=args.soup,
+        swa_on=args.swa,
+        swa_epochs=args.swa_epochs,
+        device=args.device,
+        say=lambda text: console.print(escape(text), soft_wrap=True),
+    )
+    console.print(f"wrote {escape(str(out))}", soft_wrap=True)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -658,7 +731,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .pages.compare import compare_command
 
     return compare_command(
-        args.run_dirs, out=args.out, as_json=args.json, as_markdown=args.markdown, console=_console()
+        args.run_dirs,
+        out=args.out,
+        as_json=args.json,
+        as_markdown=args.markdown,
+        baseline=args.baseline,
+        seed=args.seed,
+        resamples=args.resamples,
+        console=_console(),
     )
 
 
@@ -673,6 +753,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "explain": cmd_explain,
     "export": cmd_export,
+    "average": cmd_average,
     "report": cmd_report,
     "compare": cmd_compare,
 }

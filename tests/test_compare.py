@@ -15,6 +15,7 @@ from urllib.parse import unquote
 import pytest
 import yaml
 from browser import assert_not_blank, keep_screenshot, page_text, render
+from scipy.stats import binomtest
 
 from surgery.cli import main
 from surgery.errors import UsageError
@@ -347,3 +348,174 @@ def test_the_runs_table_fits_1280_px_in_chromium(tiny_run: Path, tmp_path: Path)
     assert width <= 1280, f"the page is {width} px wide"
     assert f'title="{rows[0]}"' in html  # the full folder, where the cell shows an ellipsis
     keep_screenshot(shown.screenshot, "compare-1280.png")
+
+
+# --------------------------------------------------------------------------- paired significance
+def _predictions(run: Path, right: list[bool], *, split: str = "test", start: int = 0) -> Path:
+    """An eval/<split>/predictions.jsonl as `surgery evaluate` writes it: image i's true class is
+    i % 3, predicted right where `right` says."""
+    lines = []
+    for i, ok in enumerate(right, start):
+        true = str(i % 3)
+        lines.append(json.dumps({"index": i, "true": true, "predicted": true if ok else str((i + 1) % 3)}))
+    folder = run / "eval" / split
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "predictions.jsonl").write_text("\n".join(lines) + "\n")
+    return run
+
+
+@pytest.fixture
+def evaluated(tiny_run: Path, tmp_path: Path) -> dict[str, Path]:
+    """A plain variant and two with CBAM, one run each, evaluated on the same 400 test images: the
+    plain one right on 300, cbam4 on those and 60 more (better), cbam34 on 302 (not distinguishable)."""
+    plain = _variant_of(tiny_run, tmp_path, name="plain", seed=0, best=0.60, final=0.60)
+    spec = yaml.safe_load((plain / "spec.yaml").read_text())
+    spec["surgery"] = []
+    (plain / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    runs = {
+        "plain": plain,
+        "cbam4": _variant_of(tiny_run, tmp_path, name="cbam4", seed=0, best=0.70, final=0.69, at="layer4"),
+        "cbam34": _variant_of(tiny_run, tmp_path, name="cbam34", seed=0, best=0.65, final=0.62),
+    }
+    _predictions(runs["plain"], [i < 300 for i in range(400)])
+    _predictions(runs["cbam4"], [i < 360 for i in range(400)])
+    _predictions(runs["cbam34"], [i < 298 or 390 <= i < 394 for i in range(400)])
+    return runs
+
+
+def test_compare_tests_each_variant_against_the_plain_one(evaluated: dict[str, Path], capsys) -> None:
+    assert main(["compare", *map(str, evaluated.values()), "--markdown"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in out.splitlines() if line.startswith("| ")}
+    assert rows["variant"][1:7] == ["rank", "test acc", "Δ acc vs plain [95% CI]", "Δ macro-F1 [95% CI]",
+                                    "p (Holm)", "verdict"]  # fmt: skip
+    assert rows["cbam4"][1:3] == ["1", "0.9000"] and rows["cbam4"][3].startswith("+0.1500 [+")
+    assert rows["cbam4"][5].endswith("(mcnemar)") and rows["cbam4"][6] == "better"
+    assert rows["plain"][1] == "3" and rows["plain"][3] == "baseline"
+    assert rows["cbam34"][6].startswith("not distinguishable (~") and rows["cbam34"][6].endswith(" images)")
+    assert [line.split(" | ")[0][2:] for line in out.splitlines()[2:5]] == ["cbam4", "cbam34", "plain"]
+    assert "Holm-adjusted over 2 comparisons" in out and "nan" not in out.lower()
+    # McNemar's p, Holm-adjusted: cbam4 has 60 discordant images, all its way
+    assert float(rows["cbam4"][5].split()[0]) == pytest.approx(min(1, 2 * binomtest(60, 60, 0.5).pvalue), rel=1e-3)
+
+
+def test_compare_json_carries_intervals_and_verdicts_and_is_deterministic(evaluated: dict[str, Path], capsys) -> None:
+    args = ["compare", *map(str, evaluated.values()), "--json", "--baseline", "cbam34", "--seed", "5"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0 and capsys.readouterr().out == first
+    sig = json.loads(first)["significance"]
+    assert (sig["split"], sig["baseline"], sig["best"], sig["seed"]) == ("test", "cbam34", "cbam4", 5)
+    pairs = {p["variant"]: p for p in sig["pairs"]}
+    assert pairs["cbam4"]["verdict"] == "better" and pairs["plain"]["test"] == "mcnemar"
+    assert pairs["plain"]["verdict_text"].startswith("not distinguishable from the baseline at this sample size")
+    assert "one run a side: these two trained models, not their recipes" in pairs["plain"]["verdict_text"]
+    assert pairs["cbam4"]["accuracy_difference"]["low"] > 0 and "Holm" in sig["procedure"]
+    assert sig["rank"] == {"cbam4": "1", "cbam34": "2", "plain": "3"}
+
+
+def test_variants_not_distinguishable_from_the_best_are_tied(evaluated: dict[str, Path], capsys) -> None:
+    _predictions(evaluated["cbam4"], [i < 302 for i in range(400)])
+    assert main(["compare", *map(str, evaluated.values()), "--json"]) == 0
+    sig = json.loads(capsys.readouterr().out)["significance"]
+    assert sig["best"] == "cbam4" and sig["rank"] == {"cbam4": "1", "cbam34": "tied", "plain": "tied"}
+
+
+@pytest.mark.parametrize(
+    "change, message, located",
+    [
+        (lambda r: _predictions(r["cbam4"], [True] * 400, start=1), "cbam4 was evaluated on images that no",
+         "cbam4"),
+        (lambda r: shutil.rmtree(r["cbam4"] / "eval"), "1 of the 3 runs have no predictions on the test split",
+         "surgery evaluate"),
+        (lambda r: (r["cbam4"] / "eval/test/predictions.jsonl").write_text('{"index": 0}\n'),
+         "predictions.jsonl line 1 is not a prediction record", "cbam4"),
+        (lambda r: (r["plain"] / "eval/test/predictions.jsonl").write_text(""),
+         "predictions.jsonl holds no predictions", "plain"),
+    ],
+)  # fmt: skip
+def test_paired_comparisons_refuse_clearly(evaluated: dict[str, Path], capsys, change, message, located) -> None:
+    change(evaluated)
+    assert main(["compare", *map(str, evaluated.values())]) == 2
+    err = capsys.readouterr().err
+    assert message in err and located in err and "Traceback" not in err
+
+
+def test_a_baseline_that_does_not_exist_is_refused(evaluated: dict[str, Path], capsys) -> None:
+    assert main(["compare", *map(str, evaluated.values()), "--baseline", "cbam5"]) == 2
+    err = capsys.readouterr().err
+    assert "--baseline" in err and "neither a variant nor one of the runs" in err and "cbam4" in err
+    assert main(["compare", *map(str, evaluated.values()), "--resamples", "10"]) == 2
+    assert "--resamples is too small for a 95% interval" in capsys.readouterr().err
+
+
+def test_runs_without_predictions_say_which_command_evaluates_them(runs: dict[str, Path], capsys) -> None:
+    assert main(["compare", *map(str, runs.values()), "--markdown"]) == 0
+    captured = capsys.readouterr()
+    assert "Δ acc" not in captured.out and "no run has predictions to compare pairwise" in captured.err
+    assert f"surgery evaluate {runs['s0']} --split" in captured.err
+    assert main(["compare", *map(str, runs.values()), "--baseline", "cbam34"]) == 2
+    assert "--baseline needs the runs' predictions" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_paired_comparison_of_real_evaluations(tiny_run: Path, tmp_path: Path) -> None:
+    """Two copies of one trained run, evaluated by `surgery evaluate` on the validation split: the same
+    predictions, so a difference of exactly 0 with the interval [0, 0] and no verdict."""
+    from surgery.evaluate.command import evaluate_run
+
+    a = Path(shutil.copytree(tiny_run, tmp_path / "a"))
+    evaluate_run(a, split="val", device="cpu")
+    b = Path(shutil.copytree(a, tmp_path / "b-s0"))
+    spec = yaml.safe_load((b / "spec.yaml").read_text())
+    spec.update(name="b", train={**spec["train"], "epochs": 9})
+    (b / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    from surgery.pages.paired import significance
+
+    variants = aggregate(collect([a, b]))
+    sig = significance(variants, baseline=str(a))
+    other = "tiny-cbam (train.epochs=9)"  # summary.json still names it tiny-cbam
+    assert sig.baseline == "tiny-cbam" and [v.label for v in variants] == ["tiny-cbam", other]
+    pair = sig.pairs[other]
+    assert sig.split == "val" and (pair.accuracy.low, pair.accuracy.high, pair.p) == (0.0, 0.0, 1.0)
+    assert pair.verdict == "not distinguishable from the baseline at this sample size"
+
+
+def test_compare_page_states_the_procedure_in_chromium(evaluated: dict[str, Path], tmp_path: Path) -> None:
+    from surgery.pages.paired import significance
+
+    variants = aggregate(collect(evaluated.values()))
+    page = write_html(tmp_path / "compare.html", variants, significance(variants))
+    shown = render(page, tmp_path, height=1600)
+    assert "Is the difference real?" in shown.text and "Baseline: plain" in shown.text
+    assert "cbam4 : better than plain" in shown.text and "Holm-adjusted" in shown.text
+    assert "paired bootstrap percentile interval (2000 resamples" in shown.text
+    assert "not distinguishable from it (tied)" not in shown.text  # plain and cbam34 are worse than cbam4
+    assert_not_blank(shown.screenshot)
+    keep_screenshot(shown.screenshot, "compare-significance.png")
+
+
+def test_a_sweeps_comparison_shows_intervals_and_verdicts(evaluated: dict[str, Path], tmp_path: Path) -> None:
+    from surgery.sweep import write_comparison
+
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    data = {"variants": [{"run_dir": str(r), "label": k, "state": "COMPLETE"} for k, r in evaluated.items()]}
+    variants, sig, note = write_comparison(folder, data)
+    assert note is None and sig.baseline == "plain" and sig.pairs["cbam4"].verdict == "better"
+    table = (folder / "comparison.md").read_text()
+    assert "Δ acc vs plain [95% CI]" in table and "| better |" in table
+    assert json.loads((folder / "sweep.json").read_text())["significance"]["rank"]["cbam4"] == "1"
+    assert json.loads((folder / "comparison.json").read_text())["significance"]["baseline"] == "plain"
+    shutil.rmtree(evaluated["cbam4"] / "eval")  # one trial not evaluated: the table, and why no test
+    variants, sig, note = write_comparison(folder, data)
+    assert sig is None and "1 of the 3 runs have no predictions" in note and "surgery evaluate" in note
+    assert "Δ acc" not in (folder / "comparison.md").read_text()
+
+
+def test_a_baseline_named_with_a_pipe_keeps_the_markdown_table_whole(evaluated: dict[str, Path], capsys) -> None:
+    summary = json.loads((evaluated["plain"] / "summary.json").read_text())
+    (evaluated["plain"] / "summary.json").write_text(json.dumps({**summary, "name": "pl|ain"}))
+    assert main(["compare", *map(str, evaluated.values()), "--markdown"]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert "Δ acc vs pl\\|ain [95% CI]" in head and head.count(" | ") == 14

@@ -35,7 +35,8 @@ SPEC = {
     "data": {"name": "digits", "image_size": 32, "num_workers": 0, "subset": {"train": 200, "val": 45}},
     "groups": [
         {"name": "head", "params": ["@head"], "lr": 0.01},
-        {"name": "body", "params": ["*"], "lr": 0.01, "unfreeze_at": 1},
+        # with layer_decay: one optimizer param group per layer, all unfrozen by the one re-wrap
+        {"name": "body", "params": ["*"], "lr": 0.01, "unfreeze_at": 1, "layer_decay": 0.8},
     ],
 }
 
@@ -143,6 +144,8 @@ def test_group_unfrozen_mid_run_ends_bit_identical_on_every_rank(ddp):
     assert (summary["world_size"], summary["batch_size_per_process"], summary["global_batch_size"]) == (2, 8, 16)
     rows = read_metrics(ddp / "rewrap" / "metrics.jsonl")
     assert [r["trainable"]["body"] for r in rows] == [False, True]
+    # resnet10t: the stem is layer 0, layer1.0 .. layer4.0 are 1..4, the head (another group) 5
+    assert rows[1]["layer_lr"]["body"] == pytest.approx({str(i): 0.01 * 0.8 ** (5 - i) for i in range(5)})
     # the body really trained after its unfreeze epoch (and identically on both ranks)
     from surgery import build
 

@@ -56,7 +56,19 @@ def test_the_package_root_holds_entry_modules_and_subpackages() -> None:
     modules = {p.stem for p in PACKAGE.glob("*.py")}
     assert modules == ROOT_MODULES, "a new module belongs in the subpackage that says what it holds"
     packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
-    assert packages == {"spec", "model", "data", "train", "runs", "evaluate", "explain", "deploy", "pages", "sweep"}
+    assert packages == {
+        "spec",
+        "model",
+        "data",
+        "train",
+        "runs",
+        "evaluate",
+        "explain",
+        "deploy",
+        "pages",
+        "sweep",
+        "average",
+    }
 
 
 def test_every_function_reads_in_one_screen() -> None:

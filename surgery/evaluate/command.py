@@ -675,7 +675,7 @@ def _files(
     shown = [(_image(run, evalset, m["position"]), m) for m in metrics["mistakes"]]
     return {
         layout.EVAL_METRICS: (json.dumps(metrics, indent=2) + "\n").encode(),
-        "predictions.jsonl": _predictions(evalset, outputs, y_true, run.classes).encode(),
+        layout.EVAL_PREDICTIONS: _predictions(evalset, outputs, y_true, run.classes).encode(),
         PNGS["confusion"]: confusion_png(matrix, run.classes, f"confusion: {title}", normalized=False),
         PNGS["confusion_normalized"]: confusion_png(
             matrix, run.classes, f"confusion, each row / its images: {title}", normalized=True

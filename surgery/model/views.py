@@ -10,7 +10,7 @@ from rich.text import Text
 from rich.tree import Tree
 from torch import nn
 
-from ..train.schedule import trainable_at, unfreeze_epochs
+from ..train.schedule import schedule_table, trainable_at, unfreeze_epochs
 from .builder import Built
 from .insert import Inserted
 from .paths import type_names
@@ -103,26 +103,42 @@ def module_tree(built: Built, depth: int | None = None) -> Tree:
 
 
 def groups_table(built: Built, epoch: int = 0) -> Table:
+    """The groups: patterns, parameters (all, and trainable at `epoch`), lr, unfreeze epoch, state."""
     table = Table(title=f"parameter groups (first match wins); trainable at epoch {epoch}")
-    for col in ("group", "patterns", "params", "lr", "unfreeze_at", f"epoch {epoch}"):
+    for col in ("group", "patterns", "params", "trainable", "lr", "unfreeze_at", f"epoch {epoch}"):
         table.add_column(col)
     params = dict(built.model.named_parameters())
+    starts = unfreeze_epochs(built.spec)
+    trains = {g.name: trainable_at(g.spec, epoch, starts[g.name]) for g in built.groups}
+    counts = {g.name: sum(params[p].numel() for p in g.params) for g in built.groups}
+    total = sum(counts.values())
+    trainable = sum(n for name, n in counts.items() if trains[name])
+    table.caption = f"trainable at epoch {epoch}: {_human(trainable)} of {_human(total)} parameters"
     for g in built.groups:
-        n = sum(params[p].numel() for p in g.params)
+        n = counts[g.name]
         lr = ", ".join(f"{lr:g} from {e}" if len(g.spec.lr) > 1 else f"{lr:g}" for e, lr in g.spec.lr)
-        starts = unfreeze_epochs(built.spec)
+        if g.spec.layer_decay is not None:
+            lr += f" x {g.spec.layer_decay:g}^depth"
         rule = g.spec.unfreeze_rule
         unfreeze = (str(starts[g.name]) if starts[g.name] is not None else "never" if rule is None else str(rule)) + (
             f" ({rule})" if rule is not None and starts[g.name] is not None else ""
         )
         state = (
             Text("trainable", style="green")
-            if trainable_at(g.spec, epoch, starts[g.name])
+            if trains[g.name]
             else Text(
                 "frozen" if rule is None or starts[g.name] is not None else "frozen until its rule fires", style="blue"
             )
         )
-        table.add_row(g.name, ", ".join(str(s) for s in g.spec.params), _human(n), lr, unfreeze, state)
+        table.add_row(
+            g.name,
+            ", ".join(str(s) for s in g.spec.params),
+            _human(n),
+            _human(n) if trains[g.name] else "0",
+            lr,
+            unfreeze,
+            state,
+        )
     return table
 
 
@@ -206,4 +222,77 @@ def schedule_rich(rows: Iterable[Mapping[str, Any]], group_names: list[str], not
             else:
                 cells.append(Text(f"{g['lr']:.3g}", style="green") if g["trainable"] else Text("frozen", style="blue"))
         table.add_row(str(row["epoch"]), *cells)
+    return table
+
+
+def _span(names: list[str]) -> str:
+    """A short name for the modules holding `names`: their common module path, or the few modules
+    just below it ('conv1, bn1'; 'layer3.1, layer3.cbam_after')."""
+    paths = [n.split(".")[:-1] or [n] for n in names]
+    common: list[str] = []
+    for parts in zip(*paths):
+        if len(set(parts)) > 1:
+            break
+        common.append(parts[0])
+    below = list(dict.fromkeys(".".join(p[: len(common) + 1]) for p in paths))
+    if len(below) <= 3:
+        return ", ".join(below)
+    return ".".join(common) if common else f"{', '.join(below[:3])} ... ({len(below)})"
+
+
+def _layer_lr(cell: Mapping[str, Any], scale: float) -> float | None:
+    return None if cell["trainable"] is False else cell["lr"] * scale
+
+
+def layer_rows(built: Built) -> list[dict[str, Any]]:
+    """One record per (group with layer_decay, layer), top layer first: what `inspect --schedule`
+    prints under the schedule. Each has group, layer, modules, params, scale and ``lrs``, the lr
+    at the start of every epoch (the group's lr in the schedule times the scale; None while the
+    group is frozen)."""
+    table = schedule_table(built.spec)
+    params = dict(built.model.named_parameters())
+    rows = []
+    for g in built.groups:
+        if g.spec.layer_decay is None or g.layers is None:
+            continue
+        for layer, scale in sorted(g.lr_scales().items(), reverse=True):
+            names = [p for p in g.params if g.layer_of(p) == layer]
+            rows.append(
+                {
+                    "group": g.name,
+                    "layer": layer,
+                    "modules": _span(names),
+                    "params": sum(params[p].numel() for p in names),
+                    "scale": scale,
+                    "lrs": [_layer_lr(row["groups"][g.name], scale) for row in table],
+                }
+            )
+    return rows
+
+
+def layers_rich(built: Built, max_epochs: int = 6) -> Table:
+    """`layer_rows` as a table: the lr of each layer at the start of each epoch (the first
+    `max_epochs` epochs and the last one)."""
+    rows = layer_rows(built)
+    rule = next(g.layers.rule for g in built.groups if g.spec.layer_decay is not None and g.layers is not None)
+    epochs = built.spec.train.epochs
+    shown = list(range(min(epochs, max_epochs))) + ([epochs - 1] if epochs > max_epochs else [])
+    how = (
+        "timm's group_matcher, as param_groups_layer_decay"
+        if rule == "timm group_matcher"
+        else "structure (no group_matcher): blocks in model order"
+    )
+    table = Table(title=f"layer-wise lr decay; layers by {how}; the head is the top layer")
+    for col in ("group", "layer", "modules", "params", "scale", *(f"epoch {e}" for e in shown)):
+        table.add_column(col, justify="left" if col in ("group", "modules") else "right")
+    for r in rows:
+        table.add_row(
+            r["group"],
+            str(r["layer"]),
+            r["modules"],
+            _human(r["params"]),
+            f"{r['scale']:.4g}",
+            *(Text("frozen", style="blue") if r["lrs"][e] is None else f"{r['lrs'][e]:.3g}" for e in shown),
+        )
+    table.caption = "lr = the group's lr in the schedule above x scale; scale = layer_decay^(top - layer)"
     return table

@@ -31,6 +31,7 @@ from typing import Any
 
 from ..errors import Origin, UsageError, printable
 from ..runs import layout, open_run
+from .paired import Significance
 
 _SEPARATORS = "-_."
 
@@ -384,38 +385,61 @@ def _epoch(stat: Stat) -> str:
     return stat.format(".1f")
 
 
-def _headers(variants: Sequence[VariantRow]) -> list[str]:
+def _headers(variants: Sequence[VariantRow], sig: Significance | None = None) -> list[str]:
     metric = layout.headline_label(variants[0].metric if variants else layout.headline(False))
-    return [c.format(m=metric) for c in _COLUMNS]
+    head = [c.format(m=metric) for c in _COLUMNS]
+    return head if sig is None else [head[0], *sig.headers(), *head[1:]]
 
 
-def to_markdown(variants: Sequence[VariantRow]) -> str:
-    """The comparison as a GitHub-flavoured Markdown table (numbers right-aligned)."""
-    head = _headers(variants)
+def _row(v: VariantRow, sig: Significance | None) -> list[str]:
+    cells = _cells(v)
+    return cells if sig is None else [cells[0], *sig.cells(v.label), *cells[1:]]
+
+
+def ordered(variants: Sequence[VariantRow], sig: Significance | None) -> list[VariantRow]:
+    """With a paired comparison, the variants by their mean accuracy on its split, best first."""
+    if sig is None:
+        return list(variants)
+    return sorted(variants, key=lambda v: -sig.accuracy[v.label])
+
+
+def to_markdown(variants: Sequence[VariantRow], sig: Significance | None = None) -> str:
+    """The comparison as a GitHub-flavoured Markdown table (numbers right-aligned); with `sig`, the
+    paired comparison's columns too, and a note saying how they were computed."""
+    head = [printable(h, newlines=False).replace("|", "\\|") for h in _headers(variants, sig)]  # names a run
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-    for v in variants:
+    for v in ordered(variants, sig):
         cells = [
-            printable(c, newlines=False).replace("|", "\\|") for c in _cells(v)
+            printable(c, newlines=False).replace("|", "\\|") for c in _row(v, sig)
         ]  # written raw: no terminal escapes
         lines.append("| " + " | ".join(cells) + " |")
+    if sig is not None:
+        lines += ["", sig.note()]
     return "\n".join(lines) + "\n"
 
 
-def to_json(variants: Sequence[VariantRow]) -> str:
-    """The comparison as JSON: ``{"variants": [...]}``, each variant with its `Stat`s and its runs."""
-    return json.dumps({"variants": [v.to_dict() for v in variants]}, indent=2) + "\n"
+def to_json(variants: Sequence[VariantRow], sig: Significance | None = None) -> str:
+    """The comparison as JSON: ``{"variants": [...]}``, each variant with its `Stat`s and its runs;
+    with `sig`, also ``"significance"``: the split, baseline, each pair's intervals, p and verdict."""
+    data: dict[str, Any] = {"variants": [v.to_dict() for v in ordered(variants, sig)]}
+    if sig is not None:
+        data["significance"] = sig.to_dict()
+    return json.dumps(data, indent=2) + "\n"
 
 
-def to_table(variants: Sequence[VariantRow]) -> Any:
+def to_table(variants: Sequence[VariantRow], sig: Significance | None = None) -> Any:
     """The comparison as a rich table, for the terminal."""
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title="comparison (mean ± std over seeds), best first")
-    for i, head in enumerate(_headers(variants)):
-        table.add_column(head, justify="left" if i == 0 else "right")
-    for v in variants:  # labels are run names: text, never rich markup
-        table.add_row(*(escape(c) for c in _cells(v)))
+    title = "comparison (mean ± std over seeds), best first"
+    if sig is not None:
+        title = f"comparison on the {sig.split} split against {escape(sig.baseline)}, best first"
+    table = Table(title=title, caption=None if sig is None else escape(sig.note()))
+    for i, head in enumerate(_headers(variants, sig)):
+        table.add_column(escape(head), justify="left" if i == 0 else "right")
+    for v in ordered(variants, sig):  # labels are run names: text, never rich markup
+        table.add_row(*(escape(c) for c in _row(v, sig)))
     return table
 
 
@@ -479,12 +503,20 @@ def curves_png(variants: Sequence[VariantRow]) -> bytes:
     return figure_png(curves_figure(variants))
 
 
-def render_html(variants: Sequence[VariantRow], *, base: Path | None = None) -> str:
+def render_html(
+    variants: Sequence[VariantRow],
+    *,
+    base: Path | None = None,
+    sig: Significance | None = None,
+    missing: Sequence[str] = (),
+) -> str:
     """The comparison page: the table, the overlaid validation curves, every run.
 
     Args:
         base: the folder the page will be written in; each run's report.html is linked relative
             to it, so the links still work when the folders move together.
+        sig: the paired comparison (its columns, verdicts and procedure); missing: without one,
+            the `surgery evaluate` commands that would give it.
     """
     from .. import __version__
     from .run_page import data_uri, duration, environment, human
@@ -516,15 +548,21 @@ def render_html(variants: Sequence[VariantRow], *, base: Path | None = None) -> 
         for i, v in enumerate(variants)
         for r in v.runs
     ]
-    table = [{"cells": _cells(v), "colour": i} for i, v in enumerate(variants)]
+    colour = {v.label: i for i, v in enumerate(variants)}
+    table = [{"cells": _row(v, sig), "colour": colour[v.label]} for v in ordered(variants, sig)]
     seeds = any(len(v.runs) > 1 for v in variants)
     winner = variants[0] if variants and variants[0].best.mean is not None else None
     tied = [v.label for v in variants[1:] if winner is not None and v.best.mean == winner.best.mean]
+    if sig is not None:
+        winner = next(v for v in variants if v.label == sig.best)
+        tied = [v.label for v in variants if sig.rank(v.label) == "tied"]
     return (
         environment()
         .get_template("compare.html.j2")
         .render(
-            headers=_headers(variants),
+            headers=_headers(variants, sig),
+            sig=sig,
+            missing=list(missing),
             table=table,
             runs=runs,
             seeds=seeds,
@@ -547,7 +585,12 @@ def _colour_hex(n: int) -> list[str]:
     return [to_hex(colours[i % len(colours)]) for i in range(n)]
 
 
-def write_html(path: str | Path, variants: Sequence[VariantRow]) -> Path:
+def write_html(
+    path: str | Path,
+    variants: Sequence[VariantRow],
+    sig: Significance | None = None,
+    missing: Sequence[str] = (),
+) -> Path:
     """Write the comparison page to `path` atomically (the old page or the new one, never half).
 
     Raises:
@@ -556,7 +599,7 @@ def write_html(path: str | Path, variants: Sequence[VariantRow]) -> Path:
     from ..files import write_text
 
     path = Path(path)
-    write_text(path, render_html(variants, base=path.parent))
+    write_text(path, render_html(variants, base=path.parent, sig=sig, missing=missing))
     return path
 
 
@@ -566,9 +609,13 @@ def compare_command(
     out: str | None = None,
     as_json: bool = False,
     as_markdown: bool = False,
+    baseline: str | None = None,
+    seed: int = 0,
+    resamples: int = 2000,
     console: Any = None,
 ) -> int:
-    """`surgery compare`: the table on stdout (rich, Markdown or JSON) and, with `out`, the page."""
+    """`surgery compare`: the table on stdout (rich, Markdown or JSON) and, with `out`, the page; with
+    the runs' predictions (`surgery evaluate`), each variant against `baseline` (`surgery.pages.paired`)."""
     import sys
 
     from rich.markup import escape
@@ -582,17 +629,61 @@ def compare_command(
             found=out,
             expected="an HTML file to write, such as compare.html",
         )
+    _check_bootstrap_flags(seed, resamples)
     variants = aggregate(collect(run_dirs))
+    sig, missing = paired_comparison(variants, baseline=baseline, seed=seed, resamples=resamples)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    if missing and len(variants) > 1:
+        err.print(
+            "[yellow]note[/yellow] no run has predictions to compare pairwise (differences are not tested); "
+            + "; ".join(f"`{escape(c)}`" for c in missing)
+        )
     if as_json:
-        sys.stdout.write(to_json(variants))
+        sys.stdout.write(to_json(variants, sig))
     elif as_markdown:
-        sys.stdout.write(to_markdown(variants))
+        sys.stdout.write(to_markdown(variants, sig))
     else:
-        (console or Console(highlight=False)).print(to_table(variants))
+        (console or Console(highlight=False)).print(to_table(variants, sig))
     if out is not None:
-        path = write_html(out, variants)
-        Console(stderr=True, highlight=False, soft_wrap=True).print(f"wrote {escape(str(path))}")
+        path = write_html(out, variants, sig, missing)
+        err.print(f"wrote {escape(str(path))}")
     return 0
+
+
+def paired_comparison(
+    variants: Sequence[VariantRow], *, baseline: str | None = None, seed: int = 0, resamples: int = 2000
+) -> tuple[Significance | None, list[str]]:
+    """(the paired comparison, []) when the runs have predictions; (None, the `surgery evaluate`
+    commands that would give them) when none has; (None, []) for a single variant without --baseline.
+
+    Raises:
+        UsageError: see `surgery.pages.paired.significance`.
+    """
+    from .paired import evaluate_command_for, significance
+
+    if len(variants) < 2 and baseline is None:
+        return None, []
+    sig = significance(variants, baseline=baseline, seed=seed, resamples=resamples)
+    if sig is not None:
+        return sig, []
+    return None, [evaluate_command_for(open_run(r.run_dir, hint=None)) for v in variants for r in v.runs]
+
+
+def _check_bootstrap_flags(seed: int, resamples: int) -> None:
+    if resamples < 100:
+        raise UsageError(
+            "--resamples is too small for a 95% interval",
+            origin=Origin.flag("--resamples", resamples),
+            found=str(resamples),
+            expected="at least 100 (the default, 2000, gives intervals stable to about 0.001)",
+        )
+    if seed < 0:
+        raise UsageError(
+            "--seed must not be negative",
+            origin=Origin.flag("--seed", seed),
+            found=str(seed),
+            expected="0 or a positive integer (numpy's default_rng seed)",
+        )
 
 
 __all__ = [
@@ -612,4 +703,6 @@ __all__ = [
     "render_html",
     "write_html",
     "compare_command",
+    "paired_comparison",
+    "ordered",
 ]

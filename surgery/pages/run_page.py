@@ -28,6 +28,7 @@ from typing import Any
 
 from ..errors import describe_exception
 from ..runs import Run, layout, open_run
+from ..runs.derived import DERIVED
 
 REPORT_NAME = layout.REPORT
 _LOAD_ROWS = (  # load_report.json key, label, what it means
@@ -321,6 +322,8 @@ def _figures(
 def _status(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], total: int | None) -> dict[str, str]:
     if summary.get("stopped"):
         return {"kind": "stopped", "text": f"stopped: {summary['stopped']}"}
+    if summary and _dict(summary.get(DERIVED)):
+        return {"kind": "finished", "text": f"averaged: {origin_line(_dict(summary[DERIVED]))}"}
     if summary:
         return {"kind": "finished", "text": f"finished: {summary.get('epochs', len(rows))} epochs"}
     done = f"{len(rows)} of {total}" if total else str(len(rows))
@@ -328,6 +331,20 @@ def _status(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]], total
         "kind": "unfinished",
         "text": f"unfinished: {done} epochs trained (still running, or interrupted: resume with --resume)",
     }
+
+
+def origin_line(record: Mapping[str, Any]) -> str:
+    """How an averaged run was made (summary.json's `averaged`), in one line."""
+    method = str(record.get("method"))
+    runs = [str(_dict(s).get("run")) for s in _list(record.get("sources"))]
+    if method == "wise":
+        chosen = " (chosen on validation)" if record.get("alpha_chosen_on") else ""
+        return f"WiSE-FT of {', '.join(runs)}, alpha {record.get('alpha')}{chosen}"
+    if method == "swa":
+        epochs = ", ".join(str(e) for e in _list(record.get("epochs")))
+        return f"SWA of {', '.join(runs)} over epochs {epochs}, BatchNorm recomputed"
+    kept = _list(record.get("ingredients"))
+    return f"{method} of {len(kept)} of {len(runs)} runs: {', '.join(str(k) for k in kept)}"
 
 
 def _facts(summary: Mapping[str, Any], spec: Any) -> list[tuple[str, str]]:

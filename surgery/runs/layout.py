@@ -7,6 +7,7 @@ runs/<name>/
   metrics.jsonl, metrics.csv     one record per epoch
   checkpoints/last.pt            everything needed to resume
   checkpoints/best.safetensors   weights of the best epoch
+  checkpoints/epoch-NNNN.safetensors  weights after epoch NNNN (from 1), the last train.keep_epochs of them
   model.safetensors              final weights, loadable into a model rebuilt from spec.yaml
   model_ema.safetensors          the EMA of the weights (train.ema)
   summary.json, plots/curves.png, plots/confusion.png, report.html
@@ -14,6 +15,8 @@ runs/<name>/
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 SPEC = "spec.yaml"
 LOAD_REPORT = "load_report.json"
@@ -25,11 +28,13 @@ LAST = "checkpoints/last.pt"
 BEST = "checkpoints/best.safetensors"
 FINAL = "model.safetensors"
 EMA = "model_ema.safetensors"
+EPOCH_PREFIX = "checkpoints/epoch-"
 CURVES = "plots/curves.png"
 CONFUSION = "plots/confusion.png"
 REPORT = "report.html"
 EVAL = "eval"
 EVAL_METRICS = "metrics.json"  # in eval/<split>/
+EVAL_PREDICTIONS = "predictions.jsonl"  # in eval/<split>/: one line per image
 EVAL_SHIFT = "shift.json"  # in eval/<split>-shift/ (evaluate --shift)
 EXPLAIN = "explain"
 EXPLAIN_PREDICTIONS = "predictions.json"  # in explain/
@@ -39,6 +44,23 @@ EXPORT = "export"
 WEIGHT_CHOICES = {"final": FINAL, "best": BEST, "ema": EMA}
 # without --weights: the final model, else the best epoch of a run that stopped early
 DEFAULT_WEIGHTS = (FINAL, BEST)
+
+
+def epoch_weights(epoch: int) -> str:
+    """The file of the weights after 0-based `epoch` (``train.keep_epochs``): named from 1, as the log counts."""
+    return f"{EPOCH_PREFIX}{epoch + 1:04d}.safetensors"
+
+
+def kept_epochs(folder: Path) -> list[Path]:
+    """The kept epoch weight files in a run directory, oldest first."""
+    found = (Path(folder) / EPOCH_PREFIX).parent.glob(Path(EPOCH_PREFIX).name + "*.safetensors")
+    return sorted(p for p in found if epoch_of(p) >= 0)
+
+
+def epoch_of(path: Path) -> int:
+    """The 0-based epoch a kept weight file holds (-1: not such a file)."""
+    number = Path(path).name.removeprefix(Path(EPOCH_PREFIX).name).removesuffix(".safetensors")
+    return int(number) - 1 if number.isdigit() and Path(path).name.startswith(Path(EPOCH_PREFIX).name) else -1
 
 
 def headline(multi_label: bool) -> str:
@@ -63,11 +85,16 @@ __all__ = [
     "BEST",
     "FINAL",
     "EMA",
+    "EPOCH_PREFIX",
+    "epoch_weights",
+    "kept_epochs",
+    "epoch_of",
     "CURVES",
     "CONFUSION",
     "REPORT",
     "EVAL",
     "EVAL_METRICS",
+    "EVAL_PREDICTIONS",
     "EVAL_SHIFT",
     "EXPLAIN",
     "EXPLAIN_PREDICTIONS",

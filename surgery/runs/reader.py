@@ -22,7 +22,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import Origin, RunDirError, UsageError, UserError, describe_exception, did_you_mean
-from .layout import CLASSES, DEFAULT_WEIGHTS, METRICS, SPEC, SPLITS, SUMMARY, WEIGHT_CHOICES, headline
+from .layout import (
+    CLASSES,
+    DEFAULT_WEIGHTS,
+    EVAL,
+    EVAL_PREDICTIONS,
+    METRICS,
+    SPEC,
+    SPLITS,
+    SUMMARY,
+    WEIGHT_CHOICES,
+    headline,
+)
 
 if TYPE_CHECKING:
     from .loaded import LoadedRun
@@ -436,6 +447,44 @@ class Run:
                 "check that the split's images are those the run trained beside",
             ) from None
         return record if isinstance(record, dict) else None
+
+    def require_predictions(self, split: str) -> list[dict[str, Any]] | None:
+        """``eval/<split>/predictions.jsonl`` (`surgery evaluate`): one dict per image with its id
+        (``path`` or ``index``), ``true`` and ``predicted``; None when the run has not been evaluated so.
+
+        Raises:
+            UsageError: the file cannot be read, or a line is not such a record.
+        """
+        path = self.file(EVAL) / split / EVAL_PREDICTIONS
+        if not path.is_file():
+            return None
+        fix = f"evaluate it again: `surgery evaluate {self.path} --split {split}`"
+        try:
+            rows = metrics_rows(path)
+        except Unreadable as exc:
+            raise self._error(
+                f"{EVAL}/{split}/{EVAL_PREDICTIONS} cannot be read: {exc.reason}", found=str(path), hint=fix
+            ) from None
+        if not rows:
+            raise UsageError(
+                f"{EVAL}/{split}/{EVAL_PREDICTIONS} holds no predictions",
+                origin=Origin.path(path),
+                found="an empty file",
+                expected="one line per image scored",
+                hint=fix,
+            )
+        for line, row in enumerate(rows, 1):
+            if not (
+                isinstance(row, dict) and {"true", "predicted"} <= row.keys() and ("path" in row or "index" in row)
+            ):
+                raise UsageError(
+                    f"{EVAL}/{split}/{EVAL_PREDICTIONS} line {line} is not a prediction record",
+                    origin=Origin.path(path),
+                    found=str(row)[:80],
+                    expected='{"path" or "index": ..., "true": CLASS, "predicted": CLASS, ...}',
+                    hint=fix,
+                )
+        return rows
 
     def require_finished(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(summary, spec as plain YAML) of a finished run, for comparisons.

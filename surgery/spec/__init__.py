@@ -214,6 +214,7 @@ def _typed(data: dict, source: Source) -> Spec:
                 warmup_epochs=g["warmup_epochs"],
                 index=i,
                 unfreeze_rule=rule,
+                layer_decay=g["layer_decay"],
             )
         )
     if default_groups:

@@ -140,6 +140,7 @@ class GroupSpec:
     warmup_epochs: int
     index: int
     unfreeze_rule: UnfreezeRule | None = None  # an event rule; see surgery.train.schedule.Unfreezing
+    layer_decay: float | None = None  # lr x layer_decay^(depth below the head); see surgery.model.groups.layer_map
 
     def base_lr(self, epoch: int) -> float:
         value = self.lr[0][1]
@@ -292,6 +293,7 @@ class TrainSpec(Section):
     label_smoothing: float = 0.0
     mixup: MixupSpec | None = _optional_section(MixupSpec)
     ema: float | None = None
+    keep_epochs: int = 0
     limit_batches: int | None = None
     nonfinite: str = "stop"
     sync_bn: bool = False

@@ -147,22 +147,36 @@ def write_sweep_json(sweep: Sweep, study: Any, folder: Path, storage_url: str) -
     return data
 
 
-def write_comparison(folder: Path, data: Mapping[str, Any]) -> list[Any]:
+def write_comparison(folder: Path, data: Mapping[str, Any]) -> tuple[list[Any], Any, str | None]:
     """The variants that finished, compared (`surgery.pages.compare`: mean ± std over the seeds of each
     label, best first) into comparison.md, comparison.json and comparison.html in the sweep's
-    folder; return the variants compared (empty when none has finished yet)."""
-    from ..files import write_text
-    from ..pages.compare import aggregate, collect, to_json, to_markdown, write_html
+    folder; when their runs have been evaluated (`surgery evaluate`), with the paired comparison
+    (`surgery.pages.paired`), also added to sweep.json as ``significance``.
+
+    Returns:
+        (the variants compared: empty when none has finished yet, the paired comparison or None,
+        a note saying why there is none, or None)
+    """
+    from ..errors import UsageError
+    from ..files import write_json, write_text
+    from ..pages.compare import aggregate, collect, paired_comparison, to_json, to_markdown, write_html
 
     done = {v["run_dir"]: v["label"] for v in data["variants"] if v["state"] == "COMPLETE"}
     rows = collect(list(done), skip_unfinished=True)
     if not rows:
-        return []
+        return [], None, None
     variants = aggregate(rows, labels=done)
-    write_text(folder / "comparison.md", to_markdown(variants))
-    write_text(folder / "comparison.json", to_json(variants))
-    write_html(folder / "comparison.html", variants)
-    return variants
+    try:
+        sig, missing = paired_comparison(variants)
+        note = "differences not tested: evaluate the runs first, e.g. " + missing[0] if missing else None
+    except UsageError as exc:  # some runs evaluated, or on other images: said, the table still written
+        sig, note = None, f"differences not tested: {exc.problem}" + (f" ({exc.hint})" if exc.hint else "")
+    write_text(folder / "comparison.md", to_markdown(variants, sig))
+    write_text(folder / "comparison.json", to_json(variants, sig))
+    write_html(folder / "comparison.html", variants, sig)
+    if sig is not None:
+        write_json(folder / "sweep.json", {**data, "significance": sig.to_dict()})
+    return variants, sig, note
 
 
 def _values(sweep: Sweep, params: dict[str, Any]) -> dict[str, Any]:
@@ -376,15 +390,17 @@ def _report(
     for line in trial_lines(sweep, study, folder):
         say(line)
     say(f"wrote {folder / 'sweep.json'}")
-    variants = write_comparison(folder, data)
+    variants, sig, note = write_comparison(folder, data)
     if variants:
         from ..pages.compare import to_markdown, to_table
 
         # a table drawn for the terminal; piped or logged, the Markdown (a fixed 80-column table wraps every cell)
         if console.is_terminal:
-            console.print(to_table(variants))
+            console.print(to_table(variants, sig))
         else:
-            say(to_markdown(variants).rstrip("\n"))
+            say(to_markdown(variants, sig).rstrip("\n"))
+        if note:
+            say(note)
         say(f"wrote {folder / 'comparison.md'}, comparison.json and comparison.html")
     return data
 

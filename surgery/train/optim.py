@@ -15,6 +15,12 @@ normalization layers and names the model lists in ``no_weight_decay()`` get none
 group sets ``decay_norm_and_bias`` (the model's own ``no_weight_decay()`` list still wins). Every
 param group carries ``"group"`` (the spec group's name), ``"decay"`` (bool) and ``"param_names"``
 (torch keeps these in ``optimizer.state_dict()``), so `set_lrs` can address spec groups.
+
+A group with ``layer_decay`` is split once more, by layer (`surgery.model.groups.layer_map`):
+each param group also carries ``"layer"`` and ``"lr_scale"``, and `set_lrs` gives it its spec
+group's lr times ``lr_scale``, so every schedule, warm-up, plateau factor and lr-find sweep moves
+all layers of a group together and keeps their ratios. The scale lives in the optimizer's
+state dict, so a resumed run gets it back with the rest.
 """
 
 from __future__ import annotations
@@ -258,10 +264,13 @@ def build_param_groups(
     train: TrainSpec,
     no_decay: frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:
-    """The optimizer's param groups: per spec group, one with weight decay and one without.
+    """The optimizer's param groups: per spec group, one with weight decay and one without; a
+    group with ``layer_decay`` has that pair for each of its layers (``layer`` its id,
+    ``lr_scale`` its factor ``layer_decay ** (top - layer)``).
 
     Frozen groups are included. Empty halves are left out. The lr of each is the group's lr at
-    epoch 0 (`surgery.train.schedule.lr_at`); the training loop sets it again every epoch or step.
+    epoch 0 (`surgery.train.schedule.lr_at`) times its ``lr_scale``; the training loop sets it
+    again every epoch or step through `set_lrs`, which keeps the factor.
 
     Args:
         model: the surgered model.
@@ -271,8 +280,9 @@ def build_param_groups(
             pretrained parameters under ``train.regularize.l2_sp``, which pulls them toward w0).
 
     Returns:
-        Dicts with ``params``, ``param_names``, ``lr``, ``weight_decay``, ``group`` and ``decay``,
-        in group order, the decayed half first.
+        Dicts with ``params``, ``param_names``, ``lr``, ``weight_decay``, ``group``, ``decay``,
+        ``layer`` (-1 without layer_decay) and ``lr_scale`` (1 without), in group order, within a
+        group the top layer first (as timm's ``param_groups_layer_decay``), the decayed half first.
 
     Raises:
         ValueError: when `groups` name an unknown parameter, one parameter twice, or miss one
@@ -289,7 +299,7 @@ def build_param_groups(
     out: list[dict[str, Any]] = []
     for g in groups:
         wd = g.spec.weight_decay if g.spec.weight_decay is not None else default_wd
-        halves: dict[bool, list[str]] = {True: [], False: []}
+        parts: dict[tuple[int, bool], list[str]] = {}
         for name in g.params:
             if name not in named:
                 raise ValueError(f"group {g.name!r} names {name!r}, which is not a parameter of the model")
@@ -302,20 +312,23 @@ def build_param_groups(
                 decay = True
             else:
                 decay = not _no_decay(name, named[name], name.rpartition(".")[0] in norm_modules)
-            halves[decay].append(name)
-        lr = lr_at(g.spec, train, 0.0)
-        for decay in (True, False):
-            if halves[decay]:
-                out.append(
-                    {
-                        "params": [named[n] for n in halves[decay]],
-                        "param_names": list(halves[decay]),
-                        "lr": lr,
-                        "weight_decay": wd if decay else 0.0,
-                        "group": g.name,
-                        "decay": decay,
-                    }
-                )
+            parts.setdefault((g.layer_of(name), decay), []).append(name)
+        lr, scales = lr_at(g.spec, train, 0.0), g.lr_scales()
+        # the top layer first, as timm's param groups; decayed before not decayed within a layer
+        for layer, decay in sorted(parts, key=lambda k: (-k[0], not k[1])):
+            names = parts[(layer, decay)]
+            out.append(
+                {
+                    "params": [named[n] for n in names],
+                    "param_names": list(names),
+                    "lr": lr * scales[layer],
+                    "weight_decay": wd if decay else 0.0,
+                    "group": g.name,
+                    "decay": decay,
+                    "layer": layer,
+                    "lr_scale": scales[layer],
+                }
+            )
     unowned = [n for n in named if n not in owner]
     if unowned:
         raise ValueError(f"{len(unowned)} parameters are in no group, e.g. {unowned[:3]}")
@@ -385,7 +398,8 @@ def set_lrs(optimizer: torch.optim.Optimizer, lrs: Mapping[str, float]) -> None:
 
     Args:
         optimizer: built by `build_optimizer`.
-        lrs: lr by spec group name, e.g. ``surgery.train.schedule.lrs_at(spec, t, plateau.current)``.
+        lrs: lr by spec group name, e.g. ``surgery.train.schedule.lrs_at(spec, t, plateau.current)``;
+            each param group gets it times its ``lr_scale`` (layer_decay's factor, else 1).
 
     Raises:
         KeyError: a param group whose spec group is not in `lrs`.
@@ -394,10 +408,34 @@ def set_lrs(optimizer: torch.optim.Optimizer, lrs: Mapping[str, float]) -> None:
         name = pg.get("group")
         if name not in lrs:
             raise KeyError(f"no lr for group {name!r}; lrs has {sorted(lrs)}")
+        lr = lrs[name] * pg.get("lr_scale", 1.0)  # layer_decay: the layer's share of its group's lr
         if isinstance(pg["lr"], torch.Tensor):  # fused/capturable optimizers may hold lr as a tensor
-            pg["lr"].fill_(lrs[name])
+            pg["lr"].fill_(lr)
         else:
-            pg["lr"] = float(lrs[name])
+            pg["lr"] = float(lr)
 
 
-__all__ = ["build_optimizer", "build_param_groups", "check_optimizer", "optimizer_names", "set_lrs"]
+def layer_lrs(groups: Sequence[ResolvedGroup], lrs: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """The lr of every layer of each group with ``layer_decay``, as `set_lrs` gives them.
+
+    Args:
+        groups: the resolved groups.
+        lrs: lr by spec group name (`surgery.train.schedule.lrs_at`).
+
+    Returns:
+        ``{group: {"layer id": lr}}``, top layer first; empty when no group has layer_decay.
+        metrics.jsonl keeps it as ``layer_lr`` (trackers: ``layer_lr/GROUP/ID``).
+
+    Example:
+        >>> layer_lrs(built.groups, {"head": 0.01, "body": 0.001})  # body: layer_decay 0.5
+        {'body': {'8': 0.0005, '7': 0.00025, ...}}
+    """
+    out: dict[str, dict[str, float]] = {}
+    for g in groups:
+        if g.spec.layer_decay is not None and g.layers is not None:
+            scales = g.lr_scales()
+            out[g.name] = {str(i): lrs[g.name] * scales[i] for i in sorted(scales, reverse=True)}
+    return out
+
+
+__all__ = ["build_optimizer", "build_param_groups", "check_optimizer", "layer_lrs", "optimizer_names", "set_lrs"]

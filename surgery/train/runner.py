@@ -45,6 +45,7 @@ from .loop import (
     train_epoch,
 )
 from .mixing import DOMINANT, MULTI_LABEL_ACC
+from .optim import layer_lrs
 from .progress import Progress, epoch_line
 from .runtime import make_runtime
 from .schedule import lrs_at
@@ -271,6 +272,7 @@ def _validate(ctx: Context, epoch: int, flags: Mapping[str, bool], result: Epoch
         "val_acc": val.acc,
         "val_top5": val.top5,
         "lr": lrs,
+        **({"layer_lr": layer} if (layer := layer_lrs(ctx.built.groups, lrs)) else {}),
         "trainable": dict(flags),
         "images_per_sec": result.seen / max(result.seconds, 1e-9),
         "seconds": result.seconds + val.seconds,
@@ -346,11 +348,23 @@ def _save_epoch(ctx: Context, rundir: RunDir, journey: Journey, row: dict[str, A
             save_safetensors(
                 rundir.folder / layout.BEST, ctx.model.state_dict(), {"epoch": str(epoch), key: f"{row[key]:.6f}"}
             )
+        keep = ctx.spec.train.keep_epochs
+        if keep:  # surgery average --swa: the last `keep` epochs' weights, written before last.pt names the epoch done
+            save_safetensors(rundir.folder / layout.epoch_weights(epoch), ctx.model.state_dict(), {"epoch": str(epoch)})
         write_metrics(rundir.folder / layout.METRICS, journey.rows)
         save_torch(rundir.checkpoint, checkpoint)
+        if keep:
+            _drop_epochs_before(rundir.folder, epoch + 1 - keep)
 
     ctx.dist.on_main(write)
     journey.kept = _kept(rundir.checkpoint, epoch + 1, None)
+
+
+def _drop_epochs_before(folder: Path, first: int) -> None:
+    """Delete the kept epoch weights older than 0-based epoch `first` (any a killed run left too)."""
+    for path in layout.kept_epochs(folder):
+        if layout.epoch_of(path) < first:
+            path.unlink(missing_ok=True)
 
 
 def _save_interrupted(ctx: Context, rundir: RunDir, journey: Journey, epoch: int, state: EpochState) -> None:

@@ -55,8 +55,19 @@ METHODS: dict[str, dict[str, Any]] = {
     "distill": {"distill": {"at": "blocks.5", "weight": 1.0}},
 }
 DEFAULT_METHODS = ("plain", "l2sp", "lwf")
-# methods computed from finished runs: name -> f(plain run dir of one seed, output dir) -> a run dir
-DERIVED: dict[str, Callable[[Path, Path], Path]] = {}
+
+
+def _wise(plain: Path, out: Path) -> Path:
+    """WiSE-FT of the plain run of one seed, alpha chosen on its validation split (`surgery average`)."""
+    from surgery.average.command import average_runs
+
+    return average_runs([plain], out, wise_alpha="auto")
+
+
+# methods computed from finished runs: name -> f(plain run dir of one seed, output dir) -> a run dir.
+# The seed draws the training subset and the test split, so anything averaged across runs (a soup)
+# must average runs of one seed (other lrs, say), never runs of different seeds.
+DERIVED: dict[str, Callable[[Path, Path], Path]] = {"wise": _wise}
 TEST_SPLIT = 1 / 60  # of the 60,000 training images: 1,000
 
 

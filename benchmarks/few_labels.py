@@ -9,6 +9,8 @@ shared 2-core CPU can train, not the 60,000 of the full set), each method at sev
     l2sp     the same with train.regularize.l2_sp (the pretrained tensors take no weight decay then)
     lwf      the same with train.regularize.lwf (the ImageNet head's 1000 logits, T = 2)
     distill  the same with train.regularize.distill at blocks.5 (MSE), with --methods ... distill
+    wise     WiSE-FT of each plain run, alpha chosen on its validation split (surgery average), with
+             --methods ... wise (after the plain runs)
 
 Each run is scored on its test split (data.test_split: 1,000 images held out of the 60,000
 training images, stratified, drawn by the seed, so every method of one seed sees the same test
@@ -195,6 +197,8 @@ def table(summary: dict[str, Any]) -> str:
         vs = figures.get("vs_plain")
         if vs is None:
             return main, "-"
+        if vs["pairs"] < 2:
+            return main, f"{100 * vs['mean']:+.2f} (one seed)"
         return main, f"{100 * vs['mean']:+.2f} [{100 * vs['ci95'][0]:+.2f}, {100 * vs['ci95'][1]:+.2f}]"
 
     for fraction, rows in summary.items():

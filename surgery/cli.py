@@ -224,6 +224,13 @@ def _args_evaluate(p: argparse.ArgumentParser) -> None:
         help="also score the mean softmax over a horizontal flip (and corner crops where the eval "
         "transform crops), with the gain over no TTA",
     )
+    p.add_argument(
+        "--shift",
+        default=None,
+        metavar="NAMES",
+        help="score the split (test, else val) clean and under fixed, seeded corruptions: a comma-separated "
+        "list of rotate, blur, noise, or all; writes eval/<split>-shift/shift.json",
+    )
     _add_weights(p)
     p.add_argument("--json", action="store_true", help="print metrics.json as one JSON object")
     p.add_argument("--batch-size", type=int, default=64)
@@ -623,6 +630,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate.command import evaluate_command
 
+    if args.shift is not None:
+        from .evaluate.shift import shift_command
+
+        return shift_command(
+            args.run_dir,
+            args.shift,
+            split=args.split,
+            data=args.data,
+            tta=args.tta,
+            weights=args.weights,
+            as_json=args.json,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
     return evaluate_command(
         args.run_dir,
         split=args.split,

@@ -37,6 +37,7 @@ REPORT = "report.html"
 EVAL = "eval"
 EVAL_METRICS = "metrics.json"  # in eval/<split>/
 EVAL_PREDICTIONS = "predictions.jsonl"  # in eval/<split>/: one line per image
+EVAL_SHIFT = "shift.json"  # in eval/<split>-shift/ (evaluate --shift)
 EXPLAIN = "explain"
 EXPLAIN_PREDICTIONS = "predictions.json"  # in explain/
 EXPORT = "export"
@@ -97,6 +98,7 @@ __all__ = [
     "EVAL",
     "EVAL_METRICS",
     "EVAL_PREDICTIONS",
+    "EVAL_SHIFT",
     "EXPLAIN",
     "EXPLAIN_PREDICTIONS",
     "EXPORT",

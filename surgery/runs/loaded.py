@@ -43,6 +43,7 @@ REBUILD_OVERRIDES = (
     "model.key_map=null",
     "model.checkpoint_key=null",
     "model.reset_head=false",
+    "train.regularize={}",  # training terms toward the pretrained weights: nothing to do with inference
 )
 _SHOWN = 5  # keys named per kind of difference
 

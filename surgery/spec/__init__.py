@@ -43,6 +43,7 @@ from .sections import (
     ModelSpec,
     MonitorSpec,
     OptimizerSpec,
+    RegularizeSpec,
     RemoveSpec,
     ReplaceSpec,
     SchedulerSpec,
@@ -310,6 +311,7 @@ def _check_cross_fields(spec: Spec) -> tuple[str, ...]:
     if sched.warmup_epochs >= epochs:
         warn(("train", "scheduler", "warmup_epochs"), f"the warm-up ({sched.warmup_epochs} epochs) lasts the whole run")
     _check_mixup(spec)
+    _check_regularize(spec)
     _check_multi_label(spec)
     _check_class_names(spec)
     key_map, pretrained = spec.model.key_map, spec.model.pretrained
@@ -322,6 +324,19 @@ def _check_cross_fields(spec: Spec) -> tuple[str, ...]:
             hint="remove key_map, or point model.pretrained at the file whose keys it maps",
         )
     return tuple(warnings)
+
+
+def _check_regularize(spec: Spec) -> None:
+    """A regulariser toward the pretrained model needs one: `pretrained: false` leaves nothing to keep."""
+    terms = spec.train.regularize.needs_pretrained
+    if terms and spec.model.pretrained is False:
+        raise spec.error(
+            ("train", "regularize", terms[0]),
+            f"train.regularize.{terms[0]} pulls the model toward its pretrained weights, and this spec loads none",
+            found="model.pretrained: false",
+            expected="model.pretrained: true, a weight file, pkg:... or run:NAME",
+            hint="l2_new (plain L2 on the new parameters) is the only term that works without pretrained weights",
+        )
 
 
 def _check_mixup(spec: Spec) -> None:
@@ -493,6 +508,7 @@ __all__ = [
     "OptimizerSpec",
     "SchedulerSpec",
     "MixupSpec",
+    "RegularizeSpec",
     "DataSpec",
     "SubsetSpec",
     "AugmentSpec",

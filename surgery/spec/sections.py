@@ -256,6 +256,42 @@ class MixupSpec(Section):
 
 
 @dataclass(frozen=True)
+class LwfSpec(Section):
+    """`train.regularize.lwf`: distillation of the pretrained model's outputs."""
+
+    weight: float = 1.0
+    temperature: float = 2.0
+
+
+@dataclass(frozen=True)
+class DistillSpec(Section):
+    """`train.regularize.distill`: the student's output at a module path against the teacher's."""
+
+    at: str = ""
+    weight: float = 1.0
+    loss: str = "mse"
+
+
+@dataclass(frozen=True)
+class RegularizeSpec(Section):
+    """`train.regularize`: regularisers toward the pretrained model (all off by default)."""
+
+    l2_sp: float = 0.0
+    l2_new: float = 0.0
+    lwf: LwfSpec | None = _optional_section(LwfSpec)
+    distill: DistillSpec | None = _optional_section(DistillSpec)
+
+    @property
+    def needs_pretrained(self) -> tuple[str, ...]:
+        """The terms that pull toward the pretrained model (every one but l2_new), by key."""
+        return tuple(k for k, on in (("l2_sp", self.l2_sp > 0), ("lwf", self.lwf), ("distill", self.distill)) if on)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.needs_pretrained) or self.l2_new > 0
+
+
+@dataclass(frozen=True)
 class TrainSpec(Section):
     epochs: int = 10
     batch_size: int = 64
@@ -276,6 +312,7 @@ class TrainSpec(Section):
     sync_bn: bool = False
     cache_features: str = "auto"
     early_stop: MonitorSpec | None = _optional_section(MonitorSpec)
+    regularize: RegularizeSpec = _section(RegularizeSpec)
 
 
 @dataclass(frozen=True)

@@ -128,10 +128,12 @@ def check_training(spec: Spec, built: Built) -> tuple[str, ...]:
             does not fit the model (see `data_for`).
     """
     from .optim import check_optimizer
+    from .regularize import distill_path
     from .runtime import resolve_device
 
     check_optimizer(spec.train, spec=spec)
     check_compile(spec)
+    distill_path(spec, built)  # train.regularize.distill.at names a module that runs
     data = data_for(spec, built)
     warnings: list[str] = balance_warnings(spec, data)
     batches = max(len(data.train) // spec.train.batch_size, 1)

@@ -20,6 +20,7 @@ from .checks import check_compile, data_for
 from .distributed import DataParallel, Distributed, broadcast_state, convert_sync_bn, setup
 from .mixing import BatchAugment, train_criterion
 from .optim import build_optimizer
+from .regularize import Regularizer, exempt_from_decay, make_regularizer
 from .runtime import Compiled, Runtime, make_runtime, seed_everything
 from .schedule import EarlyStop, Plateau, Unfreezing, trainable_at
 
@@ -56,6 +57,7 @@ class Context:
     dist: Distributed = field(default_factory=Distributed)
     features: FeatureCache | None = None  # head-only stages: the frozen body's outputs, computed once
     tuning: Tuning | None = None  # how channels_last / precision / compile were decided (autotune.py)
+    regularizer: Regularizer | None = None  # train.regularize: its w0, teacher and hooks
 
     @property
     def steps(self) -> int:
@@ -77,6 +79,16 @@ def _place_model(spec: Spec, built: Built, runtime: Runtime, env: Distributed) -
     model = model.to(runtime.device, memory_format=runtime.memory_format)
     broadcast_state(model, env)
     return model
+
+
+def _optimizer(spec: Spec, built: Built, model: nn.Module, runtime: Runtime) -> tuple[Any, Regularizer | None]:
+    """The optimizer (the pretrained tensors out of weight decay under L2-SP) and the regulariser,
+    taken from the step-0 model: a resumed run restores its checkpoint after this."""
+    no_decay = exempt_from_decay(spec, built)
+    optimizer = build_optimizer(
+        model, built.groups, spec.train, device_type=runtime.device.type, spec=spec, no_decay=no_decay
+    )
+    return optimizer, make_regularizer(spec, built, model)
 
 
 def prepare(
@@ -105,7 +117,7 @@ def prepare(
     train_loader, val_loader = _loaders(spec, data, runtime, env)
     runtime, tuning = _tune(spec, built, data, runtime, env, (train_loader, val_loader), settings)
     model = _place_model(spec, built, runtime, env)
-    optimizer = build_optimizer(model, built.groups, spec.train, device_type=runtime.device.type, spec=spec)
+    optimizer, regularizer = _optimizer(spec, built, model, runtime)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision == "fp16")
     ema = None
     if spec.train.ema:
@@ -147,6 +159,7 @@ def prepare(
         class_weights=weights,
         dist=env,
         tuning=tuning,
+        regularizer=regularizer,
     )
 
 

@@ -7,6 +7,7 @@ exactly what a mid-epoch checkpoint keeps.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -81,6 +82,7 @@ class EpochResult:
     per_class: list[float] = field(default_factory=list)  # recall per class; multi-label: F1 per class
     mean_ap: float | None = None  # multi-label only (then `acc` is the exact-match ratio)
     stopped: bool = False  # an interrupt ended the epoch early; `EpochState` says where
+    terms: dict[str, float] = field(default_factory=dict)  # train.regularize: each term's mean per image
 
 
 @dataclass
@@ -98,6 +100,7 @@ class EpochState:
     skipped: int = 0
     seconds: float = 0.0
     data_seconds: float = 0.0
+    terms: dict[str, float] = field(default_factory=dict)  # train.regularize: each term's sum over images
 
 
 # --------------------------------------------------------------------------- batches
@@ -231,7 +234,7 @@ def train_epoch(
     train = ctx.spec.train
     state = state if state is not None else EpochState()
     set_train_mode(ctx.model, ctx.built.groups, flags)
-    any_trainable = any(flags.values())
+    trains = any(flags.values())
     steps, accumulate = ctx.steps, train.accumulate
     set_lrs(ctx.optimizer, lrs_at(ctx.spec, epoch, ctx.plateau.current, ctx.unfreeze.starts))
     ctx.optimizer.zero_grad(set_to_none=True)
@@ -248,7 +251,7 @@ def train_epoch(
         last = step == first + window - 1
         if train.scheduler.per_step and step and step == first:
             set_lrs(ctx.optimizer, lrs_at(ctx.spec, epoch + step / steps, ctx.plateau.current, ctx.unfreeze.starts))
-        logits, loss, y = _forward_loss(ctx, forward, to_device, x, y, epoch, step, sync=last, grad=any_trainable)
+        logits, loss, y, terms = _forward_loss(ctx, forward, to_device, x, y, epoch, step, sync=last, grad=trains)
         nonfinite, asked = _verdict(ctx, loss, stop)
         stopped = stopped or asked
         if nonfinite and train.nonfinite == "stop":
@@ -256,10 +259,11 @@ def train_epoch(
         if nonfinite:  # train.nonfinite: skip; the window's other batches keep their weight 1/window
             state.skipped += 1
         else:
-            if any_trainable:
+            if trains:
                 _backward(ctx, loss, window)
                 good += 1
             loss_sum += loss.detach().double() * y.shape[0]
+            _add_terms(state, terms, y.shape[0])
             correct += _correct(ctx, logits.detach(), y)
             state.seen += y.shape[0]
             if on_step is not None:
@@ -291,15 +295,26 @@ def _forward_loss(
     *,
     sync: bool,
     grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One batch moved to the device, augmented, and through the model: (logits, loss, targets)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """One batch moved to the device, augmented, and through the model: (logits, loss, targets,
+    the regularisers' terms). The loss is the objective: the task's loss plus every term."""
     x, y = to_device(ctx, x, y)
     if ctx.batch_augment is not None and ctx.features is None:
         x, y = ctx.batch_augment(x, y, epoch, step)  # y: soft targets with mixup
+    reg, terms = ctx.regularizer, {}
     with ctx.runtime.autocast(), torch.set_grad_enabled(grad):
-        logits = _call(forward, x, sync=sync)
+        with reg.capture() if reg is not None and grad else contextlib.nullcontext({}) as kept:
+            logits = _call(forward, x, sync=sync)
         loss = ctx.criterion(logits.float(), y)
-    return logits, loss, y
+        if reg is not None and grad:
+            terms = reg.terms(x, kept, ctx.runtime.autocast)
+            loss = loss + sum(terms.values())
+    return logits, loss, y, terms
+
+
+def _add_terms(state: EpochState, terms: Mapping[str, torch.Tensor], n: int) -> None:
+    for name, value in terms.items():  # train.regularize: summed over images, like the loss
+        state.terms[name] = state.terms.get(name, 0.0) + float(value.detach()) * n
 
 
 def _nonfinite_loss(loss: torch.Tensor, epoch: int, step: int, steps: int) -> NonFiniteLoss:
@@ -336,14 +351,15 @@ def _epoch_result(ctx: Context, state: EpochState, *, stopped: bool) -> EpochRes
     if not stopped:
         # BatchNorm statistics moved per process; frozen norms (eval mode) are not touched
         sync_buffers([ctx.model] + ([ctx.ema.module] if ctx.ema is not None else []), trained_norms(ctx.model), env)
+    names = sorted(state.terms)
     totals = env.sum_(
         torch.tensor(
-            [state.loss_sum, state.correct, state.seen, state.skipped],
+            [state.loss_sum, state.correct, state.seen, state.skipped, *(state.terms[k] for k in names)],
             dtype=torch.float64,
             device=env.device if env.enabled else "cpu",
         )
     ).tolist()
-    loss_total, correct_total, seen_total, skipped_total = totals
+    loss_total, correct_total, seen_total, skipped_total = totals[:4]
     return EpochResult(
         loss=loss_total / max(seen_total, 1),
         acc=correct_total / max(seen_total, 1),
@@ -352,6 +368,7 @@ def _epoch_result(ctx: Context, state: EpochState, *, stopped: bool) -> EpochRes
         data_seconds=state.data_seconds,
         skipped=int(skipped_total),
         stopped=stopped,
+        terms={k: v / max(seen_total, 1) for k, v in zip(names, totals[4:])},
     )
 
 

@@ -262,6 +262,7 @@ def build_param_groups(
     model: nn.Module,
     groups: Sequence[ResolvedGroup],
     train: TrainSpec,
+    no_decay: frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:
     """The optimizer's param groups: per spec group, one with weight decay and one without; a
     group with ``layer_decay`` has that pair for each of its layers (``layer`` its id,
@@ -275,6 +276,8 @@ def build_param_groups(
         model: the surgered model.
         groups: the resolved groups, every parameter of `model` in exactly one.
         train: ``spec.train``.
+        no_decay: parameter names that get no weight decay whatever their group says (the
+            pretrained parameters under ``train.regularize.l2_sp``, which pulls them toward w0).
 
     Returns:
         Dicts with ``params``, ``param_names``, ``lr``, ``weight_decay``, ``group``, ``decay``,
@@ -303,7 +306,7 @@ def build_param_groups(
             if name in owner:
                 raise ValueError(f"parameter {name!r} is in two groups: {owner[name]!r} and {g.name!r}")
             owner[name] = g.name
-            if any(fnmatch.fnmatchcase(name, pattern) for pattern in never_decay):
+            if name in no_decay or any(fnmatch.fnmatchcase(name, pattern) for pattern in never_decay):
                 decay = False
             elif g.spec.decay_norm_and_bias:
                 decay = True
@@ -339,6 +342,7 @@ def build_optimizer(
     *,
     device_type: str = "cpu",
     spec: Spec | None = None,
+    no_decay: frozenset[str] = frozenset(),
 ) -> torch.optim.Optimizer:
     """Build the run's one optimizer, frozen groups included (see the module docstring).
 
@@ -348,6 +352,7 @@ def build_optimizer(
         train: ``spec.train``.
         device_type: ``torch.device(...).type``; ``"cuda"`` turns on fused sgd/adam/adamw.
         spec: when given, settings errors point at their line in the spec file.
+        no_decay: parameter names kept out of weight decay (see `build_param_groups`).
 
     Returns:
         A torch optimizer whose param groups carry ``"group"`` and ``"decay"``; drive its lrs with
@@ -362,7 +367,7 @@ def build_optimizer(
         >>> set_lrs(optimizer, lrs_at(spec, epoch))
     """
     check_optimizer(train, spec=spec)
-    param_groups = build_param_groups(model, groups, train)
+    param_groups = build_param_groups(model, groups, train, no_decay)
     opt = train.optimizer
     lookahead, name = _split_name(opt.name)
     kwargs = optimizer_kwargs(opt, device_type)

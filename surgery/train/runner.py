@@ -184,6 +184,8 @@ def _begin(ctx: Context, rundir: RunDir, resume: bool, say: Callable) -> Journey
         say(ctx.tuning.describe(), markup=False, soft_wrap=True)
     for note in ctx.built.notes:
         say(f"note: {note}", markup=False, soft_wrap=True)
+    if ctx.regularizer is not None:
+        say(ctx.regularizer.describe(), markup=False, soft_wrap=True)
     return journey
 
 
@@ -247,8 +249,10 @@ def _train(
                 if flags != flags_before:
                     ctx.trainable_params = [p for p in ctx.model.parameters() if p.requires_grad]
                     flags_before = flags
-                    note = use_feature_cache(ctx, flags, rundir.folder)
-                    if note:
+                    notes = [use_feature_cache(ctx, flags, rundir.folder)]
+                    if ctx.regularizer is not None:  # which distillation terms have a gradient now
+                        notes.append(ctx.regularizer.update(ctx.model))
+                    for note in filter(None, notes):
                         say(f"epoch {epoch + 1}: {note}", markup=False, soft_wrap=True)
                 # --- one epoch of training, resumed mid-epoch if it was interrupted there
                 state, journey.partial = journey.partial or EpochState(), None
@@ -320,6 +324,9 @@ def _validate(
         "data_wait_fraction": result.data_seconds / max(result.seconds, 1e-9),
         "skipped_batches": result.skipped,
     }
+    if ctx.regularizer is not None:  # each term as it entered the loss, per image; None: not computed
+        row.update({f"reg_{k}": result.terms.get(k) for k in ctx.regularizer.names})
+        row["reg_teacher_seconds"] = ctx.regularizer.take_teacher_seconds()
     if val.mean_ap is not None:  # multi-label: acc is the exact-match ratio, the best epoch has the best mAP
         row.update(
             val_map=val.mean_ap,

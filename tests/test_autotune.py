@@ -212,3 +212,6 @@ def test_a_trial_longer_than_its_budget_is_cut_short(cache, monkeypatch):
     ctx = prepare(_spec())
     assert ctx.tuning.source.startswith("fallback: one step takes") and len(calls) == 2  # warm-up, one timed
     assert ctx.tuning.record()["candidates"] == {} and ctx.runtime.channels_last is True
+    # cached like a finished trial: the next run of the set-up makes the same choice, without a step
+    again = prepare(_spec())
+    assert again.tuning.source == "cache" and again.runtime.channels_last is True and len(calls) == 2

@@ -194,6 +194,23 @@ def _write_cache(key: str, record: Mapping[str, Any]) -> None:
         pass
 
 
+def _cached_times(
+    record: Mapping[str, Any] | None, cands: Sequence[Candidate]
+) -> tuple[dict[str, list[float]], dict[str, float], dict[str, list[float]]] | None:
+    """(times to pick from, warm-up seconds, measured times) of a cached decision; None when there
+    is none for these candidates. A cached trial that was cut short has no times: its choice stands."""
+    try:
+        chosen = Candidate(**record["chosen"])  # type: ignore[index]
+        measured = {label: list(v["seconds_per_step"]) for label, v in record["candidates"].items()}  # type: ignore[index]
+    except (TypeError, KeyError, AttributeError):
+        return None
+    if chosen not in cands or (measured and set(measured) != {c.label for c in cands}):
+        return None
+    times = measured or {c.label: [0.0 if c == chosen else 1.0] for c in cands}
+    warm = {label: float((record.get("warm") or {}).get(label, 0.0)) for label in times}  # type: ignore[union-attr]
+    return times, warm, measured
+
+
 # --------------------------------------------------------------------------- the trial
 def _setup(
     model: nn.Module, c: Candidate, x: torch.Tensor, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]
@@ -324,11 +341,10 @@ def tune(
     if len(cands) == 1:
         return Tuning(cands[0], "explicit")
     key = cache_key(model, surgery, x.shape, x.device, cands, total_steps)
-    cached = _read_cache(key)
-    if cached is not None and set(cached.get("candidates", {})) == {c.label for c in cands}:
-        times = {label: v["seconds_per_step"] for label, v in cached["candidates"].items()}
-        warm = {label: (cached.get("warm") or {}).get(label, 0.0) for label in times}
-        tuning = Tuning(cands[0], "cache", times, 0.0, key)
+    cached = _cached_times(_read_cache(key), cands)
+    if cached is not None:
+        times, warm, measured = cached
+        tuning = Tuning(cands[0], "cache", measured, 0.0, key)
     else:
         start = time.perf_counter()
         try:
@@ -348,7 +364,7 @@ def tune(
         fastest = agree(torch.tensor([min(times[c.label]) for c in cands], dtype=torch.float64))
         times = {c.label: [float(m)] for c, m in zip(cands, fastest.tolist())}
     tuning.chosen, tuning.compile_seconds = pick(cands, times, warm, total_steps)
-    if tuning.source == "trial":
+    if tuning.source == "trial" or tuning.source.startswith("fallback: one step"):  # not a failed trial
         _write_cache(key, {**tuning.record(), "warm": warm})
     return tuning
 

@@ -134,6 +134,32 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def partial_table(out: Path, epochs: int = 3) -> str:
+    """Val accuracy after each epoch (mean +- std over the seeds that reached it), from runs that
+    may still be going or were stopped: what there is in OUT/<method>-<seed>/metrics.jsonl, and the
+    optimizer state in the last checkpoint written."""
+    lines = [
+        "| method | " + " | ".join(f"val acc after epoch {e + 1}" for e in range(epochs)) + " | optimizer state |",
+        "|---|" + "---|" * (epochs + 1),
+    ]
+    for method in METHODS:
+        runs = sorted(p for p in out.glob(f"{method}-*") if p.is_dir() and p.name[len(method) + 1 :].isdigit())
+        rows = [
+            [json.loads(line) for line in (r / "metrics.jsonl").read_text().splitlines() if line]
+            if (r / "metrics.jsonl").is_file()
+            else []
+            for r in runs
+        ]
+        cells = []
+        for e in range(epochs):
+            acc = [100 * r[e]["val_acc"] for r in rows if len(r) > e]
+            mean, std = _stats(acc) if acc else (0.0, 0.0)
+            cells.append(f"{mean:.1f} ± {std:.1f} % (n={len(acc)})" if acc else "not reached")
+        state = [_optimizer_state_bytes(r) for r in runs if (r / "checkpoints" / "last.pt").is_file()]
+        lines.append(f"| {method} | " + " | ".join(cells) + (f" | {state[0] / 2**20:.2f} MiB |" if state else " | - |"))
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -141,10 +167,14 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], dest="overrides")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--workers", type=int, default=1, help="runs side by side (images/s then not comparable)")
+    parser.add_argument("--partial", action="store_true", help="per-epoch table of unfinished or stopped runs in --out")
     parser.add_argument("--table", action="store_true", help="only re-print the table of --out/results.json")
     parser.add_argument("--save", action="store_true", help=f"write {RESULTS.relative_to(ROOT)}")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.partial:
+        print(partial_table(args.out))
+        return
     results = (
         json.loads((args.out / "results.json").read_text())
         if args.table

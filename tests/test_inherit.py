@@ -214,7 +214,7 @@ CASES = [
         {"common.yaml": MODEL + "train:\n  epoch: 3  # <-\n", "child.yaml": "base: common.yaml\n"},
         "train.epoch",
         "unknown key 'epoch'",
-        hint="did you mean 'epochs'?",
+        hint="did you mean 'epochs' or 'keep_epochs'?",
     ),
     Case(
         "yaml-in-base",

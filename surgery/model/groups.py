@@ -175,30 +175,27 @@ def _check_layer_decay(spec: Spec, group: GroupSpec, params: Sequence[str], laye
         )
 
 
+# a named selector that matched nothing: why, and what was expected instead
+_EMPTY_SELECTOR = {
+    "@inserted": (
+        "the spec inserts no module with parameters",
+        "a surgery section that inserts modules, or another pattern",
+    ),
+    "@norm": (
+        "the model has no normalization layer with parameters",
+        "a model with BatchNorm, GroupNorm or LayerNorm layers",
+    ),
+    "@head": ("no classifier head was found in this backbone", "a module path of the head (see `surgery inspect`)"),
+}
+
+
 def _selected_nothing(
     spec: Spec, sel: Selector, modules: Mapping[str, nn.Module], inserted: Sequence[str], head: Sequence[str]
 ) -> Exception:
-    if sel.pattern == "@inserted":
-        return spec.error(
-            sel.where,
-            "'@inserted' selects nothing: the spec inserts no module with parameters",
-            found="@inserted",
-            expected="a surgery section that inserts modules, or another pattern",
-        )
-    if sel.pattern == "@norm":
-        return spec.error(
-            sel.where,
-            "'@norm' selects nothing: the model has no normalization layer with parameters",
-            found="@norm",
-            expected="a model with BatchNorm, GroupNorm or LayerNorm layers",
-        )
-    if sel.pattern == "@head":
-        return spec.error(
-            sel.where,
-            "'@head' selects nothing: no classifier head was found in this backbone",
-            found="@head",
-            expected="a module path of the head (see `surgery inspect`)",
-        )
+    if sel.pattern in _EMPTY_SELECTOR:
+        problem, expected = _EMPTY_SELECTOR[sel.pattern]
+        what = f"'{sel.pattern}' selects nothing: {problem}"
+        return spec.error(sel.where, what, found=sel.pattern, expected=expected)
     # modules that hold parameters somewhere below them: the only useful suggestions
     holders = {p for p, m in modules.items() if p and any(True for _ in m.parameters())}
     matched = select_modules(modules, sel.pattern, sel.type)
